@@ -1,0 +1,161 @@
+"""Agent settings: environment variables, an optional config file, defaults.
+
+Every setting has an env name; `AGENT_CONFIG` may point to a JSON file with the same keys in
+lower case (env wins). The table in README.md is generated from SETTINGS below, so keep the
+help strings short and true.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from pathlib import Path
+
+TOKEN_RE = re.compile(r"^[A-Za-z0-9]{32}$")
+
+
+class ConfigError(ValueError):
+    """A setting is missing or malformed; the agent exits with EXIT_CONFIG."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    name: str          # attribute name and lower-case key in the config file
+    env: str
+    default: object
+    kind: type
+    help: str
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("server_address", "SERVER_ADDRESS", None, str, "Base URL of the task server, e.g. http://10.0.0.5:8700"),
+    Setting("access_token", "ACCESS_TOKEN", None, str, "The node's 32-character secret token"),
+    Setting("host_dir", "AGENT_HOST_DIR", None, str, "Storage root as the Docker host sees it (default ~/.supervisely-agent/<token>)"),
+    Setting("agent_dir", "AGENT_DIR", None, str, "Storage root as the agent sees it, when it runs in a container with the host dir mounted elsewhere (default: AGENT_HOST_DIR)"),
+    Setting("max_tasks", "MAX_TASKS", 2, int, "Tasks run at once"),
+    Setting("gpus", "AGENT_GPUS", "all", str, "GPUs the agent may hand out: 'all', 'none' or a comma list of indices"),
+    Setting("poll_wait_s", "POLL_WAIT", 25.0, float, "Long-poll wait in seconds"),
+    Setting("telemetry_interval_s", "TELEMETRY_INTERVAL", 5.0, float, "Seconds between telemetry samples"),
+    Setting("log_batch_lines", "LOG_BATCH_LINES", 5000, int, "Most log lines in one shipped batch"),
+    Setting("log_batch_interval_s", "LOG_BATCH_INTERVAL", 0.2, float, "Longest a log line waits before it is shipped"),
+    Setting("pull_policy", "PULL_POLICY", "if-not-present", str, "Image pull policy: if-not-present, always, never"),
+    Setting("stop_grace_s", "STOP_GRACE", 10.0, float, "Seconds between SIGTERM and SIGKILL when a task is stopped"),
+    Setting("download_workers", "DOWNLOAD_WORKERS", 8, int, "Parallel blob downloads per task"),
+    Setting("min_free_disk_mb", "MIN_FREE_DISK_MB", 2048, int, "Free space under the storage dir below which the cache is evicted and new tasks refused"),
+    Setting("cache_quota_mb", "CACHE_QUOTA_MB", 0, int, "Most space the image/model cache may use (0: no quota)"),
+    Setting("task_dir_cleanup", "TASK_DIR_CLEANUP", "on-success", str, "Delete a finished task's data (logs kept): never, on-success, always"),
+    Setting("restart_max", "CHILD_RESTART_MAX", 5, int, "Quick deaths of a helper process before it is given up (FATAL)"),
+    Setting("restart_window_s", "CHILD_RESTART_WINDOW", 60.0, float, "Window in seconds in which quick deaths are counted"),
+    Setting("log_level", "LOG_LEVEL", "INFO", str, "Agent log level"),
+)
+
+
+@dataclasses.dataclass
+class Config:
+    server_address: str
+    access_token: str
+    host_dir: str
+    agent_dir: str
+    max_tasks: int = 2
+    gpus: str = "all"
+    poll_wait_s: float = 25.0
+    telemetry_interval_s: float = 5.0
+    log_batch_lines: int = 5000
+    log_batch_interval_s: float = 0.2
+    pull_policy: str = "if-not-present"
+    stop_grace_s: float = 10.0
+    download_workers: int = 8
+    min_free_disk_mb: int = 2048
+    cache_quota_mb: int = 0
+    task_dir_cleanup: str = "on-success"
+    restart_max: int = 5
+    restart_window_s: float = 60.0
+    log_level: str = "INFO"
+    config_file: str | None = None
+
+    # --- paths (as the agent sees them) ---
+    @property
+    def root(self) -> Path:
+        return Path(self.agent_dir)
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def images_dir(self) -> Path:
+        return self.root / "storage" / "images"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.root / "storage" / "models"
+
+    @property
+    def tasks_dir(self) -> Path:
+        return self.root / "tasks"
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.root / "tmp"
+
+    @property
+    def state_dir(self) -> Path:
+        """Agent-private state (log cursors, ...)."""
+        return self.root / "state"
+
+    def task_dir(self, task_id: int) -> Path:
+        return self.tasks_dir / str(task_id)
+
+    def host_path(self, path: str | os.PathLike) -> str:
+        """Translate a path under agent_dir into the path the Docker host sees (for bind mounts)."""
+        rel = os.path.relpath(os.path.abspath(path), os.path.abspath(self.agent_dir))
+        if rel.startswith(".."):
+            raise ValueError(f"{path} is not under the agent dir {self.agent_dir}")
+        return os.path.normpath(os.path.join(self.host_dir, rel))
+
+
+def _coerce(setting: Setting, raw) -> object:
+    if raw is None:
+        return None
+    try:
+        return setting.kind(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{setting.env}={raw!r} is not a valid {setting.kind.__name__}") from None
+
+
+def load_config(environ: dict | None = None) -> Config:
+    """Read settings from the config file (AGENT_CONFIG) and the environment; validate them."""
+    env = os.environ if environ is None else environ
+    file_values: dict = {}
+    config_file = env.get("AGENT_CONFIG")
+    if config_file:
+        try:
+            file_values = json.loads(Path(config_file).read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"cannot read config file {config_file}: {e}") from None
+        if not isinstance(file_values, dict):
+            raise ConfigError(f"config file {config_file} must hold a JSON object")
+    values: dict = {}
+    for s in SETTINGS:
+        raw = env.get(s.env)
+        if raw is None or raw == "":
+            raw = file_values.get(s.name, s.default)
+        values[s.name] = _coerce(s, raw)
+    if not values["server_address"]:
+        raise ConfigError("SERVER_ADDRESS is not set")
+    values["server_address"] = values["server_address"].rstrip("/")
+    token = values["access_token"] or ""
+    if not TOKEN_RE.match(token):
+        raise ConfigError("ACCESS_TOKEN is not set or is not 32 letters and digits")
+    if not values["host_dir"]:
+        values["host_dir"] = str(Path.home() / ".supervisely-agent" / token)
+    values["host_dir"] = os.path.abspath(os.path.expanduser(values["host_dir"]))
+    values["agent_dir"] = os.path.abspath(os.path.expanduser(values["agent_dir"] or values["host_dir"]))
+    if values["pull_policy"] not in ("if-not-present", "always", "never"):
+        raise ConfigError(f"PULL_POLICY={values['pull_policy']!r}: use if-not-present, always or never")
+    if values["task_dir_cleanup"] not in ("never", "on-success", "always"):
+        raise ConfigError(f"TASK_DIR_CLEANUP={values['task_dir_cleanup']!r}: use never, on-success or always")
+    if values["max_tasks"] < 1:
+        raise ConfigError("MAX_TASKS must be at least 1")
+    return Config(config_file=config_file, **values)

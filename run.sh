@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# sly-agent launcher. See ./run.sh --help.
+set -euo pipefail
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+VENV=${SLY_VENV:-$HERE/.venv}
+
+usage() {
+  cat <<'TXT'
+Usage: ./run.sh [COMMAND] [ARGS...]
+
+  (none) | agent   run the agent in the foreground (Ctrl-C / SIGTERM as documented in README)
+                   needs SERVER_ADDRESS and ACCESS_TOKEN; optional AGENT_HOST_DIR, MAX_TASKS, ...
+  server [ARGS]    run the reference task server (python -m server ARGS)
+  demo [--exit-when-done]
+                   the whole thing on embedded defaults: server + agent + a train task
+  test [PYTEST ARGS]
+                   install what the tests need (Docker engine, Chromium, busybox) and run them
+
+Creates (or reuses) a virtualenv in .venv (SLY_VENV overrides) with requirements.txt installed.
+Needs Python 3.11+; the agent, the demo and the tests also need a Docker engine.
+TXT
+}
+
+die() { echo "run.sh: $*" >&2; exit 1; }
+
+find_python() {
+  for py in ${PYTHON:-} python3.13 python3.12 python3.11 python3; do
+    if command -v "$py" >/dev/null 2>&1 && "$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+      echo "$py"; return 0
+    fi
+  done
+  return 1
+}
+
+ensure_venv() {  # $1: requirements file
+  local req=$1 py stamp
+  py=$(find_python) || die "Python 3.11 or newer is needed and none was found on PATH (set PYTHON=/path/to/python3)."
+  if [ ! -x "$VENV/bin/python" ]; then
+    "$py" -m venv "$VENV" || die "could not create a virtualenv in $VENV (is the venv module installed?)"
+  fi
+  stamp="$VENV/.installed-$(basename "$req")-$(cat "$HERE/requirements.txt" "$HERE/$req" | sha256sum | cut -c1-16)"
+  if [ ! -f "$stamp" ]; then
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r "$HERE/$req" >&2 \
+      || die "pip could not install $req"
+    touch "$stamp"
+  fi
+}
+
+ensure_docker() {
+  command -v docker >/dev/null 2>&1 || [ -S /var/run/docker.sock ] \
+    || die "Docker is not installed (no docker command and no /var/run/docker.sock)."
+  "$VENV/bin/python" - <<'PY' || die "the Docker daemon does not answer (is dockerd running, and may this user use /var/run/docker.sock?)."
+import sys, docker
+try:
+    docker.from_env(timeout=5).ping()
+except Exception:
+    sys.exit(1)
+PY
+}
+
+ensure_test_system() {
+  # System packages the tests use; installed only when missing (needs root, as CI is).
+  local missing=()
+  command -v dockerd >/dev/null 2>&1 || missing+=(docker.io)
+  [ -x /bin/busybox ] || command -v busybox >/dev/null 2>&1 || missing+=(busybox-static)
+  command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+  command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+  command -v ps >/dev/null 2>&1 || missing+=(procps)
+  if [ ${#missing[@]} -gt 0 ]; then
+    [ "$(id -u)" = 0 ] || die "the tests need: ${missing[*]} (install them, or run as root to let me)."
+    echo "run.sh: installing ${missing[*]}" >&2
+    apt-get update -q >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null
+  fi
+  bash "$HERE/.ci/docker-up.sh"
+}
+
+cmd=${1:-agent}
+case "$cmd" in
+  -h|--help|help) usage ;;
+  agent)
+    [ $# -gt 0 ] && shift
+    ensure_venv requirements.txt
+    ensure_docker
+    cd "$HERE"
+    exec "$VENV/bin/python" -m agent "$@" ;;
+  server)
+    shift
+    ensure_venv requirements.txt
+    cd "$HERE"
+    exec "$VENV/bin/python" -m server "$@" ;;
+  demo)
+    shift
+    ensure_venv requirements.txt
+    ensure_docker
+    cd "$HERE"
+    exec "$VENV/bin/python" -m server.demo "$@" ;;
+  test)
+    shift
+    ensure_test_system
+    ensure_venv requirements-dev.txt
+    cd "$HERE"
+    exec "$VENV/bin/python" -m pytest "$@" ;;
+  *) usage >&2; die "unknown command: $cmd" ;;
+esac

@@ -1,0 +1,61 @@
+"""Shared fixtures: a real server on a free loopback port, a real Docker engine, local images."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from tests.support.server import ServerProcess
+
+
+def pytest_collection_modifyitems(config, items):
+    # Every test gets a hang guard unless it sets its own.
+    for item in items:
+        if item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(120))
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """One server for the whole test session (tests create their own agents/tasks)."""
+    srv = ServerProcess(tmp_path_factory.mktemp("server") / "data").start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def fresh_server(tmp_path):
+    """A server of this test's own, which the test may stop and start again (same port, same data)."""
+    srv = ServerProcess(tmp_path / "server-data").start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def admin(server):
+    return server.admin()
+
+
+@pytest.fixture(scope="session")
+def docker_client():
+    docker = pytest.importorskip("docker")
+    try:
+        client = docker.from_env()
+        client.ping()
+    except Exception as e:  # noqa: BLE001
+        pytest.fail(f"no Docker engine answers ({e}); run .ci/docker-up.sh")
+    return client
+
+
+@pytest.fixture(scope="session")
+def busybox_image(docker_client):
+    from server.demo.images import ensure_busybox_image
+    return ensure_busybox_image(docker_client)
+
+
+@pytest.fixture(scope="session")
+def chromium_path():
+    path = shutil.which("chromium") or "/usr/bin/chromium"
+    if not shutil.which(path):
+        pytest.fail("Debian's chromium is not installed (apt-get install chromium)")
+    return path
