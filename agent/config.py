@@ -74,6 +74,12 @@ class Config:
     log_level: str = "INFO"
     config_file: str | None = None
 
+    @property
+    def identity(self) -> str:
+        """The agent's public identity: a hash of its token (used in container labels, logs)."""
+        import hashlib
+        return hashlib.sha256(self.access_token.encode()).hexdigest()[:16]
+
     # --- paths (as the agent sees them) ---
     @property
     def root(self) -> Path:
