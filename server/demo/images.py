@@ -70,5 +70,118 @@ def ensure_busybox_image(client=None, tag: str = BUSYBOX_IMAGE, rebuild: bool = 
     return tag
 
 
+def main(argv=None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m server.demo.images", description=__doc__.splitlines()[0])
+    ap.add_argument("--python-base", action="store_true",
+                    help=f"build {PYTHON_BASE_IMAGE} from this interpreter with requirements-agent.txt")
+    ap.add_argument("--rebuild", action="store_true")
+    args = ap.parse_args(argv)
+    print(ensure_busybox_image(rebuild=args.rebuild))
+    if args.python_base:
+        import os
+        req = os.path.join(os.path.dirname(__file__), "..", "..", "requirements-agent.txt")
+        print(build_python_base(requirements=os.path.normpath(req), rebuild=args.rebuild))
+    return 0
+
+
 if __name__ == "__main__":
-    print(ensure_busybox_image())
+    raise SystemExit(main())
+
+
+# --- a Python base image made from this machine's own interpreter (for the agent image) ---
+
+PYTHON_BASE_IMAGE = "sly-local/python-base:3.11"
+_SKIP_STDLIB = {"test", "tests", "idlelib", "tkinter", "turtledemo", "lib2to3", "site-packages",
+                "ensurepip", "__phello__"}
+
+
+def _shared_libs(paths: list[str]) -> set[str]:
+    """Every shared library (and the loader) that the given ELF files need, per ldd."""
+    import re
+
+    libs: set[str] = set()
+    for path in paths:
+        out = subprocess.run(["ldd", path], capture_output=True, text=True).stdout
+        for line in out.splitlines():
+            m = re.search(r"(/\S+)\s+\(0x", line)
+            if m:
+                libs.add(m.group(1))
+    return libs
+
+
+def build_python_base(client=None, tag: str = PYTHON_BASE_IMAGE, requirements: str | None = None,
+                      rebuild: bool = False) -> str:
+    """Import an image holding this interpreter, its stdlib, busybox and `requirements` installed.
+
+    Used where no registry is reachable: `docker build --build-arg BASE=<tag> .` then finds every
+    requirement already satisfied and needs no network. The interpreter keeps its absolute
+    prefix (its RUNPATH points there) and /usr/local/bin/python3 links to it.
+    """
+    import os
+    import sys
+    import tempfile
+
+    import docker
+
+    client = client or docker.from_env()
+    if not rebuild:
+        try:
+            client.images.get(tag)
+            return tag
+        except docker.errors.ImageNotFound:
+            pass
+    prefix = sys.base_prefix
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    stdlib = os.path.join(prefix, "lib", version)
+    with tempfile.TemporaryDirectory(prefix="sly-pybase-") as tmp:
+        site = os.path.join(tmp, "site-packages")
+        cmd = [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check",
+               "--target", site, "pip"]
+        if requirements:
+            cmd += ["-r", requirements]
+        subprocess.run(cmd, check=True)
+        elves = [os.path.realpath(sys.executable)]
+        for root, _, files in os.walk(stdlib):
+            elves += [os.path.join(root, f) for f in files if f.endswith(".so")]
+        for root, _, files in os.walk(site):
+            elves += [os.path.join(root, f) for f in files if ".so" in f]
+        libs = _shared_libs(elves)
+        tar_path = os.path.join(tmp, "rootfs.tar")
+        with tarfile.open(tar_path, "w") as tar:
+            base = tarfile.open(fileobj=io.BytesIO(busybox_rootfs_tar()))
+            for member in base.getmembers():
+                tar.addfile(member, base.extractfile(member) if member.isfile() else None)
+            for lib in sorted(libs):
+                if not lib.startswith(prefix + "/"):  # the prefix's own libs are added below
+                    tar.add(os.path.realpath(lib), arcname=lib.lstrip("/"))
+            bindir = os.path.join(prefix, "bin")
+            for name in os.listdir(bindir):
+                if name.startswith("python"):
+                    tar.add(os.path.join(bindir, name), arcname=os.path.join(bindir, name).lstrip("/"))
+            for name in os.listdir(os.path.join(prefix, "lib")):
+                if name.startswith("libpython"):
+                    p = os.path.join(prefix, "lib", name)
+                    tar.add(p, arcname=p.lstrip("/"))
+            for name in os.listdir(stdlib):
+                if name in _SKIP_STDLIB:
+                    continue
+                tar.add(os.path.join(stdlib, name), arcname=os.path.join(stdlib, name).lstrip("/"),
+                        filter=lambda ti: None if "__pycache__" in ti.name else ti)
+            tar.add(site, arcname=os.path.join(stdlib, "site-packages").lstrip("/"),
+                    filter=lambda ti: None if "__pycache__" in ti.name else ti)
+            for link in ("python3", "python"):
+                info = tarfile.TarInfo(f"usr/local/bin/{link}")
+                info.type = tarfile.SYMTYPE
+                info.linkname = os.path.join(prefix, "bin", version)
+                tar.addfile(info)
+            if os.path.exists("/etc/ssl/certs/ca-certificates.crt"):
+                tar.add("/etc/ssl/certs/ca-certificates.crt", arcname="etc/ssl/certs/ca-certificates.crt")
+        repo, _, ver = tag.partition(":")
+        with open(tar_path, "rb") as f:
+            client.api.import_image_from_data(
+                f, repository=repo, tag=ver or "latest",
+                changes=["ENV PATH=/usr/local/bin:/bin", "ENV LANG=C.UTF-8", 'CMD ["python3"]'])
+    client.images.get(tag)
+    return tag
