@@ -86,9 +86,6 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
-
 
 # --- a Python base image made from this machine's own interpreter (for the agent image) ---
 
@@ -185,3 +182,7 @@ def build_python_base(client=None, tag: str = PYTHON_BASE_IMAGE, requirements: s
                 changes=["ENV PATH=/usr/local/bin:/bin", "ENV LANG=C.UTF-8", 'CMD ["python3"]'])
     client.images.get(tag)
     return tag
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
