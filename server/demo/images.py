@@ -87,6 +87,32 @@ def main(argv=None) -> int:
 
 
 
+DEMO_TRAIN_IMAGE = "sly-demo/train:latest"
+
+
+def ensure_demo_train_image(client=None, tag: str = DEMO_TRAIN_IMAGE, rebuild: bool = False) -> str:
+    """The busybox image with the demo's train script as its command."""
+    import os
+
+    import docker
+
+    client = client or docker.from_env()
+    if not rebuild:
+        try:
+            client.images.get(tag)
+            return tag
+        except docker.errors.ImageNotFound:
+            pass
+    with open(os.path.join(os.path.dirname(__file__), "train.sh"), "rb") as f:
+        script = f.read()
+    repo, _, version = tag.partition(":")
+    client.api.import_image_from_data(busybox_rootfs_tar({"bin/sly-train": script}), repository=repo,
+                                      tag=version or "latest",
+                                      changes=["ENV PATH=/bin", 'CMD ["/bin/sly-train"]'])
+    client.images.get(tag)
+    return tag
+
+
 # --- a Python base image made from this machine's own interpreter (for the agent image) ---
 
 PYTHON_BASE_IMAGE = "sly-local/python-base:3.11"
