@@ -1,0 +1,48 @@
+"""Masking of the agent token and secret-looking values in every line the agent writes or sends."""
+from __future__ import annotations
+
+import re
+
+MASK = "***"
+
+# key=value / key: value / "key": "value" where the key names a secret
+_KEYED = r"""(?P<key>(?:passw(?:or)?d|pwd|secret|token|api[_-]?key|access[_-]?key|private[_-]?key|credential)[\w.-]*["']?\s*[:=]\s*["']?)(?P<kval>[^\s"'&,;}]+)"""
+_BEARER = r"(?P<bearer>\b(?:bearer|basic)\s+)(?P<bval>[A-Za-z0-9._~+/=-]{8,})"
+_AWS_ID = r"(?P<aws>\b(?:AKIA|ASIA)[0-9A-Z]{16}\b)"
+_URL_PW = r"(?P<url>[a-z][a-z0-9+.-]*://[^/\s:@]+:)(?P<uval>[^/\s@]+)(?=@)"
+
+_SECRETS = re.compile("|".join((_KEYED, _BEARER, _AWS_ID, _URL_PW)), re.IGNORECASE)
+# cheap pre-filter so that the common line (no secret) costs one scan
+_HINT = re.compile(r"pass|pwd|secret|token|key|bearer|basic|credential|akia|asia|://", re.IGNORECASE)
+
+
+def _replace(m: re.Match) -> str:
+    if m.group("kval") is not None:
+        return m.group("key") + MASK
+    if m.group("bval") is not None:
+        return m.group("bearer") + MASK
+    if m.group("uval") is not None:
+        return m.group("url") + MASK
+    return MASK
+
+
+class Masker:
+    """Masks the given literal secrets (the agent token) and secret-looking values."""
+
+    def __init__(self, *literals: str):
+        self.literals = tuple(s for s in literals if s and len(s) >= 6)
+
+    def __call__(self, text: str) -> str:
+        for lit in self.literals:
+            if lit in text:
+                text = text.replace(lit, MASK)
+        if _HINT.search(text):
+            text = _SECRETS.sub(_replace, text)
+        return text
+
+    def line(self, line: dict) -> dict:
+        """Mask every string field of a log line dict (in place) and return it."""
+        for k, v in line.items():
+            if type(v) is str:
+                line[k] = self(v)
+        return line
