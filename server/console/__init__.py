@@ -1,4 +1,84 @@
-"""Web console (owned by the console work). `router` is mounted by server.app.create_app()."""
-from fastapi import APIRouter
+"""Web console: server-rendered HTML shells plus small vanilla JS, a client of the user API.
 
-router = APIRouter()
+`router` is mounted by server.app.create_app(). The pages carry no data of their own: each
+page's script fetches what that page shows from /api/v1 with the `sly_session` cookie that
+POST /api/v1/session sets at sign-in. No build step, no CDN; static files are served from
+this package by a whitelist (so nothing outside `static/` can be asked for).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+
+HERE = Path(__file__).resolve().parent
+SESSION_COOKIE = "sly_session"
+TASK_TYPES = ("train", "inference", "custom", "cleanup")
+TASK_STATES = ("queued", "assigned", "preparing", "running", "uploading", "finished", "failed", "stopped", "lost")
+
+_env = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]))
+_STATIC_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8"}
+# name -> (bytes, content type); read once at import, so a request never touches the filesystem
+_STATIC = {p.name: (p.read_bytes(), _STATIC_TYPES[p.suffix])
+           for p in (HERE / "static").iterdir() if p.suffix in _STATIC_TYPES}
+
+router = APIRouter(include_in_schema=False)
+
+
+def _page(request: Request, template: str, title: str, nav: str, script: str | None, **ctx) -> Response:
+    """Render a page shell; without a session cookie, go to sign-in first (the API checks validity)."""
+    if SESSION_COOKIE not in request.cookies:
+        return RedirectResponse("/signin", status_code=303)
+    html = _env.get_template(template).render(title=title, nav=nav, script=script,
+                                              task_types=TASK_TYPES, task_states=TASK_STATES, **ctx)
+    return HTMLResponse(html, headers={"cache-control": "no-store"})
+
+
+@router.get("/")
+def index(request: Request):
+    return RedirectResponse("/nodes" if SESSION_COOKIE in request.cookies else "/signin", status_code=303)
+
+
+@router.get("/signin")
+def signin():
+    return HTMLResponse(_env.get_template("signin.html").render(title="Sign in", nav="", script="signin.js"))
+
+
+@router.get("/nodes")
+def nodes(request: Request):
+    return _page(request, "nodes.html", "Nodes", "nodes", "nodes.js")
+
+
+@router.get("/nodes/{agent_id}")
+def node(request: Request, agent_id: int):
+    return _page(request, "node.html", f"Node {agent_id}", "nodes", "node.js", agent_id=agent_id)
+
+
+@router.get("/tasks")
+def tasks(request: Request):
+    return _page(request, "tasks.html", "Tasks", "tasks", "tasks.js")
+
+
+@router.get("/tasks/{task_id}")
+def task(request: Request, task_id: int):
+    return _page(request, "task.html", f"Task {task_id}", "tasks", "task.js", task_id=task_id)
+
+
+@router.get("/projects")
+def projects(request: Request):
+    return _page(request, "collection.html", "Projects", "projects", "collection.js", kind="projects")
+
+
+@router.get("/models")
+def models(request: Request):
+    return _page(request, "collection.html", "Models", "models", "collection.js", kind="models")
+
+
+@router.get("/console/static/{name}")
+def static(name: str):
+    if name not in _STATIC:
+        return Response(status_code=404)
+    body, ctype = _STATIC[name]
+    return Response(body, media_type=ctype, headers={"cache-control": "max-age=300"})

@@ -1,0 +1,120 @@
+// Task page: live log over server-sent events, progress, state timeline, results, metrics.
+"use strict";
+(function () {
+  const id = document.getElementById("task").dataset.id;
+  const log = document.getElementById("log"), followNote = document.getElementById("log-follow");
+  const bar = document.getElementById("t-progress"), barText = document.getElementById("t-progress-text");
+  let lastSeq = -1, source = null, task = null, follow = true, ended = false, resultsKey = "";
+
+  // Auto-scroll only while the reader is at the bottom; scrolling up pauses it, scrolling back resumes.
+  log.addEventListener("scroll", () => {
+    follow = log.scrollHeight - log.scrollTop - log.clientHeight < 8;
+    followNote.textContent = follow ? "" : "(paused: scroll to the bottom to follow)";
+  });
+
+  function setProgress(p) {
+    if (!p || !p.total) { bar.removeAttribute("value"); barText.textContent = ""; return; }
+    bar.max = p.total; bar.value = Math.min(p.current, p.total);
+    barText.textContent = `${p.current} / ${p.total} (${Math.round(100 * p.current / p.total)}%)`;
+  }
+
+  function isProgress(l) { return l.event_type === "progress" || l.event_type === "EventType.PROGRESS"; }
+
+  function addLines(lines) {
+    const frag = document.createDocumentFragment();
+    for (const l of lines) {
+      if (l.seq <= lastSeq) continue;  // never show a line twice (reconnects resend from `after`)
+      lastSeq = l.seq;
+      const stream = l.stream || "stdout", level = l.level || "info";
+      frag.append(SLY.el("div", { class: `line src-${stream} lvl-${level}`, dataset: { seq: l.seq, stream, level } },
+        SLY.el("span", { class: "ts" }, l.ts ? new Date(SLY.ms(l.ts)).toLocaleTimeString() : ""),
+        stream !== "stdout" ? `[${stream}] ` : "", level !== "info" ? `${level.toUpperCase()}: ` : "", l.message ?? ""));
+      if (isProgress(l) && typeof l.total === "number") setProgress({ current: l.current, total: l.total });
+    }
+    log.append(frag);
+    if (follow) log.scrollTop = log.scrollHeight;
+  }
+
+  function openStream() {
+    if (ended) return;
+    source = new EventSource(`/api/v1/tasks/${id}/logs?follow=1&after=${lastSeq}`);
+    source.addEventListener("line", (ev) => addLines([JSON.parse(ev.data)]));
+    source.addEventListener("end", () => { ended = true; source.close(); refresh(); });
+    source.onerror = () => {
+      // Reconnect ourselves from the last seq we drew (the browser's retry would not know it).
+      source.close();
+      if (!ended) setTimeout(openStream, 2000);
+    };
+  }
+
+  function timeline(t) {
+    const ol = document.getElementById("t-states");
+    ol.replaceChildren(...SLY.states(t).map(s => SLY.el("li", { dataset: { state: s.state } },
+      SLY.el("span", { class: "badge " + s.state }, s.state),
+      SLY.el("time", { datetime: SLY.ms(s.ts) ? new Date(SLY.ms(s.ts)).toISOString() : "" }, SLY.time(s.ts)))));
+  }
+
+  function results(t) {
+    const r = t.results || {};
+    const key = JSON.stringify(r);
+    if (key === resultsKey) return;
+    resultsKey = key;
+    const box = document.getElementById("t-results");
+    const parts = [];
+    if (r.model_id) parts.push(SLY.el("p", {}, "Model: ", SLY.el("a", { href: `/models#model-${r.model_id}` }, `#${r.model_id}`)));
+    if (r.project_id) parts.push(SLY.el("p", {}, "Project: ", SLY.el("a", { href: `/projects#project-${r.project_id}` }, `#${r.project_id}`)));
+    const files = r.artifacts || r.files || [];
+    if (files.length) parts.push(SLY.el("ul", { class: "artifacts" }, files.map(f => SLY.el("li", {},
+      SLY.el("a", { href: `/api/v1/blobs/${f.sha256}`, download: (f.path || f.name || f.sha256).split("/").pop() }, f.path || f.name),
+      SLY.el("span", { class: "barlabel" }, SLY.bytes(f.size))))));
+    box.replaceChildren(...(parts.length ? parts : ["—"]));
+  }
+
+  async function metrics() {
+    try {
+      const m = await SLY.api("GET", `/api/v1/tasks/${id}/metrics`);
+      const items = m.items || [];
+      if (!items.length) return;
+      const byName = {};
+      items.forEach((it, i) => {
+        for (const [k, v] of Object.entries(it.metrics || {})) {
+          const key = `${it.type || "train"} ${k}`;
+          (byName[k] = byName[k] || {})[key] = (byName[k][key] || []).concat([[it.epoch ?? i, Number(v)]]);
+        }
+      });
+      const box = document.getElementById("t-metrics");
+      box.replaceChildren(...Object.entries(byName).map(([name, series]) =>
+        SLY.chart(SLY.el("figure", {}), name, Object.entries(series).map(([n, points]) => ({ name: n, points })), null, "")));
+      document.getElementById("metrics-section").hidden = false;
+    } catch (e) { /* metrics are optional */ }
+  }
+
+  async function refresh() {
+    try { task = await SLY.api("GET", `/api/v1/tasks/${id}`); }
+    catch (e) { SLY.flash("Could not load the task: " + e.message, true); return; }
+    const st = document.getElementById("t-state");
+    st.textContent = task.state; st.className = "badge " + task.state;
+    document.getElementById("t-type").textContent = task.type;
+    const node = document.getElementById("t-node");
+    node.replaceChildren(SLY.el("a", { href: `/nodes/${task.agent_id}` }, task.agent_name || `#${task.agent_id}`));
+    document.getElementById("t-image").textContent = task.image || "—";
+    document.getElementById("t-duration").textContent = SLY.span(SLY.duration(task));
+    document.getElementById("t-exit").textContent = task.exit_code ?? "—";
+    document.getElementById("t-error").textContent = task.error || "—";
+    document.getElementById("t-stop").hidden = SLY.FINAL_STATES.includes(task.state);
+    if (task.progress) setProgress(task.progress);
+    timeline(task);
+    results(task);
+    if (["running", "uploading"].includes(task.state) || SLY.FINAL_STATES.includes(task.state)) metrics();
+    if (SLY.FINAL_STATES.includes(task.state)) clearInterval(timer);
+  }
+
+  document.getElementById("t-stop").addEventListener("click", async () => {
+    if (!confirm(`Stop task ${id}?`)) return;
+    try { await SLY.api("POST", `/api/v1/tasks/${id}/stop`); SLY.flash("Stop requested."); refresh(); }
+    catch (e) { SLY.flash("Could not stop: " + e.message, true); }
+  });
+
+  const timer = setInterval(() => { if (!document.hidden) refresh(); }, 2000);
+  refresh().then(openStream);
+})();
