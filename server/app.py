@@ -1,0 +1,75 @@
+"""The FastAPI application: `create_app(settings)`."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from server import blobs, routes_agent, routes_user
+from server.auth import load_admin_token
+from server.core import Core
+from server.errors import BodyLimitMiddleware, install_error_handlers
+from server.settings import Settings
+from server.tasks import reap_lost
+
+log = logging.getLogger("sly-server")
+
+
+async def _reaper(core: Core) -> None:
+    """Turn leased tasks of silent agents into `lost`, checking a few times per lease."""
+    every = max(0.2, min(5.0, core.settings.lease_s / 4))
+    while True:
+        await asyncio.sleep(every)
+        try:
+            lost = reap_lost(core)
+            if lost:
+                log.warning("tasks lost (agent silent past the lease): %s", lost)
+        except Exception:  # noqa: BLE001 - the reaper must outlive a failed round
+            log.exception("lease reaper round failed")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    settings.data_dir = Path(settings.data_dir)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    if not settings.admin_token:
+        settings.admin_token = load_admin_token(settings.data_dir)
+    core = Core(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        reaper = asyncio.create_task(_reaper(core))
+        try:
+            yield
+        finally:
+            reaper.cancel()
+            core.engine.dispose()
+
+    app = FastAPI(title="sly-agent task server", version="1", lifespan=lifespan,
+                  description="Protocol v1: agent side (x-token) and user side (Bearer admin token). See docs/protocol.md.")
+    app.state.core = core
+    install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, settings=settings)
+
+    @app.get("/healthz", tags=["ops"])
+    async def healthz():
+        return {"ok": True}
+
+    @app.get("/metrics", tags=["ops"])
+    async def metrics(request: Request):
+        core.refresh_metrics()
+        return Response(generate_latest(core.registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.include_router(routes_agent.router)
+    app.include_router(blobs.agent_router, prefix="/agent/v1", tags=["agent"])
+    app.include_router(routes_user.session_router)
+    app.include_router(routes_user.router)
+    app.include_router(blobs.user_router, prefix="/api/v1", tags=["user"])
+    from server.console import router as console_router
+    app.include_router(console_router)
+    return app

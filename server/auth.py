@@ -1,0 +1,95 @@
+"""Tokens and the two auth dependencies: `require_admin` (user API) and `require_agent` (agent API).
+
+Agent tokens are 32 letters/digits from `secrets`, stored only as their sha256 and compared in
+constant time. The admin token comes from SERVER_ADMIN_TOKEN, else from DATA_DIR/admin_token
+(mode 0600, generated and printed once on first start). The web console signs in with the admin
+token and gets an HttpOnly cookie `sly_session` holding a random session id kept server-side.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+import string
+import sys
+from pathlib import Path
+
+from fastapi import Request
+
+from server.errors import APIError
+
+TOKEN_ALPHABET = string.ascii_letters + string.digits
+SESSION_COOKIE = "sly_session"
+
+
+def new_token(n: int = 32) -> str:
+    return "".join(secrets.choice(TOKEN_ALPHABET) for _ in range(n))
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def load_admin_token(data_dir: Path, environ=os.environ) -> str:
+    """SERVER_ADMIN_TOKEN, or the token in DATA_DIR/admin_token (generated and printed once)."""
+    env = environ.get("SERVER_ADMIN_TOKEN", "").strip()
+    if env:
+        return env
+    path = Path(data_dir) / "admin_token"
+    if path.exists():
+        return path.read_text().strip()
+    token = new_token()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    print(f"sly-server: generated the admin token (stored in {path}, shown only now): {token}", file=sys.stderr, flush=True)
+    return token
+
+
+class Sessions:
+    """Console sign-in sessions: random ids kept in memory (a restart signs everyone out)."""
+
+    def __init__(self):
+        self._ids: set[str] = set()
+
+    def create(self) -> str:
+        sid = secrets.token_urlsafe(32)
+        self._ids.add(sid)
+        return sid
+
+    def valid(self, sid: str | None) -> bool:
+        return bool(sid) and sid in self._ids
+
+    def drop(self, sid: str | None) -> None:
+        self._ids.discard(sid or "")
+
+
+def check_admin_token(core, token: str) -> bool:
+    return hmac.compare_digest(token.encode(), core.admin_token.encode())
+
+
+async def require_admin(request: Request) -> None:
+    """Dependency: a Bearer admin token or a valid console session cookie, else 401."""
+    core = request.app.state.core
+    auth = request.headers.get("authorization", "")
+    if auth[:7].lower() == "bearer ":
+        if check_admin_token(core, auth[7:].strip()):
+            return
+        raise APIError(401, "unauthorized", "the admin token is wrong")
+    if core.sessions.valid(request.cookies.get(SESSION_COOKIE)):
+        return
+    raise APIError(401, "unauthorized", "send 'Authorization: Bearer <admin token>' or sign in to the console")
+
+
+async def require_agent(request: Request) -> dict:
+    """Dependency: the agent row for the `x-token` header (401 otherwise); renews the agent's leases."""
+    core = request.app.state.core
+    token = request.headers.get("x-token", "")
+    if not token:
+        raise APIError(401, "unauthorized", "the x-token header is missing")
+    agent = core.agent_by_token(token)
+    if agent is None:
+        raise APIError(401, "unauthorized", "the agent token is wrong or was rotated")
+    core.touch_agent(agent["id"])
+    return agent

@@ -1,0 +1,108 @@
+"""Content-addressed blob store: DATA_DIR/blobs/<h[0:2]>/<h[2:5]>/<h>, h = sha256 of the bytes.
+
+An upload streams into blobs/tmp/ while hashing; only a file whose sha256 matches the name it
+was sent under is renamed (atomically) into place, anything else is deleted (400 hash_mismatch).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import FileResponse
+from starlette.requests import ClientDisconnect
+
+from server.auth import require_admin, require_agent
+from server.errors import APIError
+
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+def check_sha256(h: str) -> str:
+    if not isinstance(h, str) or not SHA256_RE.match(h):
+        raise APIError(400, "bad_sha256", "a blob is named by its sha256: 64 lower-case hex digits")
+    return h
+
+
+class BlobStore:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.tmp = self.root / "tmp"
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        for leftover in self.tmp.iterdir():  # partial uploads of a previous run
+            leftover.unlink(missing_ok=True)
+
+    def path(self, h: str) -> Path:
+        return self.root / h[0:2] / h[2:5] / h
+
+    def exists(self, h: str) -> bool:
+        return self.path(h).is_file()
+
+    def size(self, h: str) -> int | None:
+        try:
+            return self.path(h).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    async def put_stream(self, h: str, chunks) -> tuple[int, bool]:
+        """Store the streamed bytes under h; returns (size, created). Raises APIError on a mismatch."""
+        if self.exists(h):
+            return self.path(h).stat().st_size, False
+        fd, tmp = tempfile.mkstemp(dir=self.tmp, prefix=h[:8] + ".")
+        digest, size = hashlib.sha256(), 0
+        try:
+            with os.fdopen(fd, "wb") as f:
+                async for chunk in chunks:
+                    digest.update(chunk)
+                    f.write(chunk)
+                    size += len(chunk)
+            if digest.hexdigest() != h:
+                raise APIError(400, "hash_mismatch", f"the uploaded bytes have sha256 {digest.hexdigest()}, not {h}; nothing was kept")
+            dest = self.path(h)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, dest)
+            return size, True
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def _router(dep) -> APIRouter:
+    router = APIRouter(dependencies=[Depends(dep)])
+
+    @router.put("/blobs/{sha256}")
+    async def put_blob(sha256: str, request: Request):
+        """Upload the bytes of a blob named by its sha256 (raw body, streamed)."""
+        check_sha256(sha256)
+        try:
+            size, created = await request.app.state.core.blobs.put_stream(sha256, request.stream())
+        except ClientDisconnect:
+            raise APIError(400, "incomplete_upload", "the client went away before the upload ended") from None
+        return {"sha256": sha256, "size": size, "created": created}
+
+    @router.head("/blobs/{sha256}")
+    async def head_blob(sha256: str, request: Request):
+        """200 with content-length when the blob exists, else 404."""
+        size = request.app.state.core.blobs.size(sha256) if SHA256_RE.match(sha256) else None
+        if size is None:
+            return Response(status_code=404)
+        return Response(status_code=200, headers={"content-length": str(size), "accept-ranges": "bytes"})
+
+    @router.get("/blobs/{sha256}")
+    async def get_blob(sha256: str, request: Request):
+        """The blob's bytes; `Range: bytes=a-b` gives 206 with that part."""
+        check_sha256(sha256)
+        blobs = request.app.state.core.blobs
+        if not blobs.exists(sha256):
+            raise APIError(404, "blob_not_found", f"no blob {sha256}")
+        return FileResponse(blobs.path(sha256), media_type="application/octet-stream",
+                            headers={"cache-control": "public, max-age=31536000, immutable"})
+
+    return router
+
+
+agent_router = _router(require_agent)
+user_router = _router(require_admin)

@@ -1,0 +1,104 @@
+"""Database schema (SQLAlchemy Core) and engine setup. SQLite in WAL mode by default."""
+from __future__ import annotations
+
+from sqlalchemy import (JSON, Boolean, Column, Float, Integer, MetaData, String, Table, Text, create_engine,
+                        event)
+from sqlalchemy.engine import Engine
+
+metadata = MetaData()
+
+agents = Table(
+    "agents", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("token_hash", String(64), nullable=False, unique=True),  # sha256 hex; the token itself is never stored
+    Column("allowed_task_types", JSON, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("last_seen", Float),
+    Column("system_info", JSON),
+    Column("telemetry", JSON),
+    Column("telemetry_ts", Float),
+)
+
+tasks = Table(
+    "tasks", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("agent_id", Integer, nullable=False, index=True),
+    Column("type", String(32), nullable=False),
+    Column("image", String(500)),
+    Column("command", JSON),
+    Column("config", JSON, nullable=False),
+    Column("project_id", Integer),
+    Column("model_id", Integer),
+    Column("resources", JSON, nullable=False),
+    Column("timeout_s", Float),
+    Column("state", String(16), nullable=False, index=True),
+    Column("progress", JSON),
+    Column("exit_code", Integer),
+    Column("error", Text),
+    Column("stop_requested", Boolean, nullable=False, default=False),
+    Column("lease_until", Float),
+    Column("timeline", JSON, nullable=False),
+    Column("results", JSON, nullable=False),
+    Column("log_acked", Integer, nullable=False, default=-1),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+)
+
+log_lines = Table(
+    "log_lines", metadata,
+    Column("task_id", Integer, primary_key=True),
+    Column("seq", Integer, primary_key=True),
+    Column("ts", Float),
+    Column("level", String(16)),
+    Column("stream", String(16)),
+    Column("message", Text),
+    Column("extra", Text),  # JSON text of the line's other fields, or NULL
+    sqlite_with_rowid=False,
+)
+
+task_metrics = Table(
+    "task_metrics", metadata,
+    Column("task_id", Integer, primary_key=True),
+    Column("seq", Integer, primary_key=True),
+    Column("type", String(32)),
+    Column("epoch", Float),
+    Column("metrics", JSON),
+)
+
+projects = Table(
+    "projects", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("name", String(500), nullable=False),
+    Column("datasets", JSON, nullable=False),
+    Column("task_id", Integer),
+    Column("created_at", Float, nullable=False),
+)
+
+models = Table(
+    "models", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("name", String(500), nullable=False),
+    Column("hash", String(64), nullable=False),
+    Column("files", JSON, nullable=False),
+    Column("task_id", Integer),
+    Column("created_at", Float, nullable=False),
+)
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for `url`; SQLite gets WAL, NORMAL sync and a busy timeout."""
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn, _record):
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA busy_timeout=5000")
+            cur.close()
+    else:
+        engine = create_engine(url, pool_pre_ping=True)
+    metadata.create_all(engine)
+    return engine

@@ -1,0 +1,134 @@
+"""Task log lines: idempotent ingest by seq, the contiguous `acked` frontier, reading, metrics events."""
+from __future__ import annotations
+
+import datetime
+import json
+import time
+
+from sqlalchemy import func, insert, select, update
+
+from server import db
+from server.errors import APIError
+
+CORE_FIELDS = ("ts", "level", "stream", "message", "seq")
+METRICS_EVENTS = ("metrics", "EventType.METRICS")
+ACK_WINDOW = 10000
+
+
+def _insert_ignore(engine, table):
+    name = engine.dialect.name
+    if name == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    elif name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    else:
+        return insert(table)
+    return dialect_insert(table).on_conflict_do_nothing()
+
+
+def _ts(v, now: float) -> float:
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return float(v)
+    if isinstance(v, str):
+        try:
+            d = datetime.datetime.fromisoformat(v.replace("Z", "+00:00"))
+            if d.tzinfo is None:
+                d = d.replace(tzinfo=datetime.timezone.utc)
+            return d.timestamp()
+        except ValueError:
+            pass
+    return now
+
+
+def parse_batch(raw: bytes) -> tuple[int, list]:
+    """The body `{first_seq, lines}`; APIError on malformed JSON or a wrong shape."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise APIError(400, "malformed_json", "the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "invalid_request", "the body must be an object {first_seq, lines}")
+    first, lines = body.get("first_seq"), body.get("lines")
+    if not isinstance(first, int) or isinstance(first, bool) or first < 0:
+        raise APIError(400, "invalid_request", "first_seq must be an integer >= 0")
+    if not isinstance(lines, list):
+        raise APIError(400, "invalid_request", "lines must be a list of objects")
+    return first, lines
+
+
+def ingest(core, conn, task: dict, first_seq: int, lines: list, now: float | None = None) -> tuple[int, int]:
+    """Store lines first_seq.. (re-sent seqs ignored); returns (acked, lines newly stored)."""
+    now = time.time() if now is None else now
+    rows, metric_rows = [], []
+    for i, line in enumerate(lines):
+        if not isinstance(line, dict):
+            raise APIError(400, "invalid_request", f"lines[{i}] is not an object")
+        msg = line.get("message", "")
+        if not isinstance(msg, str):
+            msg = json.dumps(msg) if not isinstance(msg, (int, float)) else str(msg)
+        level, stream = line.get("level") or "info", line.get("stream") or "stdout"
+        if not isinstance(level, str) or not isinstance(stream, str) or len(level) > 16 or len(stream) > 16:
+            raise APIError(400, "invalid_request", f"lines[{i}]: level and stream must be short strings")
+        extra = None
+        if len(line) > 4 or any(k not in CORE_FIELDS for k in line):
+            ex = {k: v for k, v in line.items() if k not in CORE_FIELDS}
+            if ex:
+                extra = json.dumps(ex, separators=(",", ":"))
+                if ex.get("event_type") in METRICS_EVENTS:
+                    epoch = ex.get("epoch")
+                    metric_rows.append({"task_id": task["id"], "seq": first_seq + i, "type": str(ex.get("type") or ""),
+                                        "epoch": epoch if isinstance(epoch, (int, float)) else None,
+                                        "metrics": ex.get("metrics") if isinstance(ex.get("metrics"), dict) else {}})
+        rows.append({"task_id": task["id"], "seq": first_seq + i, "ts": _ts(line.get("ts"), now),
+                     "level": level, "stream": stream, "message": msg, "extra": extra})
+    stored = 0
+    if rows:
+        stored = conn.execute(_insert_ignore(core.engine, db.log_lines), rows).rowcount or 0
+        if metric_rows:
+            conn.execute(_insert_ignore(core.engine, db.task_metrics), metric_rows)
+    acked = task["log_acked"]
+    if rows and first_seq <= acked + 1 < first_seq + len(rows) + 1:
+        acked = advance_acked(conn, task["id"], acked)
+        conn.execute(update(db.tasks).where(db.tasks.c.id == task["id"]).values(log_acked=acked))
+    return acked, max(stored, 0)
+
+
+def advance_acked(conn, task_id: int, acked: int) -> int:
+    """The highest seq s such that every seq 0..s is stored, starting from a known frontier."""
+    ll = db.log_lines.c
+    while True:
+        n = conn.execute(select(func.count()).where(ll.task_id == task_id, ll.seq > acked,
+                                                    ll.seq <= acked + ACK_WINDOW)).scalar_one()
+        if n == ACK_WINDOW:
+            acked += ACK_WINDOW
+            continue
+        if n == 0:
+            return acked
+        for seq in conn.execute(select(ll.seq).where(ll.task_id == task_id, ll.seq > acked,
+                                                     ll.seq <= acked + ACK_WINDOW).order_by(ll.seq)).scalars():
+            if seq != acked + 1:
+                return acked
+            acked = seq
+        return acked
+
+
+def read_lines(conn, task: dict, after: int, limit: int) -> list[dict]:
+    """Stored lines with seq > after, in order, never past the first gap (seq <= acked)."""
+    ll = db.log_lines.c
+    rows = conn.execute(select(ll.seq, ll.ts, ll.level, ll.stream, ll.message, ll.extra)
+                        .where(ll.task_id == task["id"], ll.seq > after, ll.seq <= task["log_acked"])
+                        .order_by(ll.seq).limit(limit)).all()
+    out = []
+    for seq, ts, level, stream, message, extra in rows:
+        line = {"seq": seq, "ts": ts, "level": level, "stream": stream, "message": message}
+        if extra:
+            line.update(json.loads(extra))
+        out.append(line)
+    return out
+
+
+def read_metrics(conn, task_id: int) -> list[dict]:
+    m = db.task_metrics.c
+    rows = conn.execute(select(m.seq, m.type, m.epoch, m.metrics).where(m.task_id == task_id).order_by(m.seq)).all()
+    return [{"seq": seq, "type": typ, "epoch": int(epoch) if epoch is not None and epoch == int(epoch) else epoch,
+             "metrics": metrics} for seq, typ, epoch, metrics in rows]

@@ -1,0 +1,149 @@
+"""Request bodies of protocol v1 (pydantic) and the checks on names, blob references and manifests."""
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator
+
+from server.errors import APIError
+
+MEMORY_RE = re.compile(r"^\d+(\.\d+)?[bkmgBKMG]?$")
+
+
+def check_relpath(p: str, what: str, single: bool = False) -> str:
+    """A safe relative path: not empty, no NUL/backslash, not absolute, no '', '.' or '..' components."""
+    bad = (not isinstance(p, str) or not p or "\x00" in p or "\\" in p or p.startswith("/") or len(p) > 1024
+           or any(c in ("", ".", "..") for c in p.split("/")) or (single and "/" in p))
+    if bad:
+        raise APIError(400, "bad_name", f"{what} {p!r} is not a safe relative name "
+                       f"(no '..', '.', empty parts, leading '/', backslash or NUL{', no /' if single else ''})")
+    return p
+
+
+class FileRef(BaseModel):
+    path: str
+    sha256: str
+    size: int = Field(ge=0)
+
+
+class ItemRef(BaseModel):
+    name: str
+    sha256: str
+    size: int = Field(ge=0)
+
+
+class DatasetIn(BaseModel):
+    name: str
+    items: list[ItemRef] = []
+
+
+class ProjectIn(BaseModel):
+    name: str = Field(min_length=1, max_length=500)
+    datasets: list[DatasetIn] = []
+
+
+class ModelIn(BaseModel):
+    name: str = Field(min_length=1, max_length=500)
+    files: list[FileRef]
+
+
+class AgentIn(BaseModel):
+    name: str = Field(min_length=1, max_length=200)
+    allowed_task_types: list[str] | None = None
+
+
+class AgentPatch(BaseModel):
+    name: str | None = Field(default=None, min_length=1, max_length=200)
+    allowed_task_types: list[str] | None = None
+
+
+class Resources(BaseModel):
+    gpus: int = Field(default=0, ge=0)
+    cpus: float | None = Field(default=None, gt=0)
+    memory: str | int | None = None
+    shm_size: str | int | None = None
+
+    @field_validator("memory", "shm_size")
+    @classmethod
+    def _size(cls, v):
+        if v is None:
+            return v
+        if isinstance(v, int):
+            if v <= 0:
+                raise ValueError("must be a positive byte count")
+            return v
+        if not MEMORY_RE.match(v):
+            raise ValueError("must be bytes or a size like '512m' / '2g'")
+        return v
+
+
+class TaskIn(BaseModel):
+    agent_id: int
+    type: str
+    image: str | None = Field(default=None, min_length=1, max_length=500)
+    command: list[str] | str | None = None
+    config: dict | None = None
+    project_id: int | None = None
+    model_id: int | None = None
+    resources: Resources | None = None
+    timeout_s: float | None = Field(default=None, gt=0)
+
+
+class Progress(BaseModel):
+    current: float = Field(ge=0)
+    total: float | None = Field(default=None, ge=0)
+
+
+class StateIn(BaseModel):
+    state: str
+    progress: Progress | None = None
+    exit_code: int | None = None
+    error: str | None = Field(default=None, max_length=20000)
+
+
+class PollIn(BaseModel):
+    free_slots: int = Field(default=0, ge=0)
+    free_gpus: list[int] = []
+    running: list[int] = []
+
+
+class ResultsIn(BaseModel):
+    kind: Literal["model", "project", "artifacts"]
+    name: str = Field(default="", max_length=500)
+    files: list[FileRef]
+
+
+class SessionIn(BaseModel):
+    token: str
+
+
+def check_files(blobs, refs: list, path_attr: str, what: str) -> None:
+    """Safe names, valid sha256s, no duplicate paths, every blob present with the stated size."""
+    from server.blobs import SHA256_RE
+    seen: set[str] = set()
+    missing: list[str] = []
+    for ref in refs:
+        p = getattr(ref, path_attr)
+        check_relpath(p, what)
+        if p in seen:
+            raise APIError(400, "duplicate_path", f"{what} {p!r} appears twice")
+        seen.add(p)
+        if not SHA256_RE.match(ref.sha256):
+            raise APIError(400, "bad_sha256", f"{what} {p!r}: sha256 must be 64 lower-case hex digits")
+        size = blobs.size(ref.sha256)
+        if size is None:
+            missing.append(ref.sha256)
+        elif size != ref.size:
+            raise APIError(400, "size_mismatch", f"{what} {p!r}: blob {ref.sha256} has {size} bytes, not {ref.size}")
+    if missing:
+        missing = sorted(set(missing))
+        raise APIError(400, "missing_blobs", f"{len(missing)} referenced blob(s) are not uploaded: {', '.join(missing[:10])}",
+                       missing=missing)
+
+
+def model_hash(files: list[dict]) -> str:
+    """sha256 of the manifest: lines '<path> <sha256>\\n' sorted by path."""
+    manifest = "".join(f"{f['path']} {f['sha256']}\n" for f in sorted(files, key=lambda f: f["path"]))
+    return hashlib.sha256(manifest.encode()).hexdigest()

@@ -1,0 +1,32 @@
+"""Server settings (command line options of `python -m server`)."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+TASK_TYPES = ("train", "inference", "custom", "cleanup")
+KIB, MIB = 1024, 1024 * 1024
+
+
+@dataclasses.dataclass
+class Settings:
+    data_dir: Path = Path("server-data")
+    db_url: str | None = None            # default: sqlite:///<data_dir>/server.db
+    lease_s: float = 300.0               # a leased task's agent silent this long -> task lost
+    telemetry_interval_s: float = 5.0    # what agents are told; offline after 3 x this without contact
+    offline_after_s: float | None = None  # default 3 x telemetry_interval_s
+    agent_image: str = "sly-agent:latest"
+    public_url: str | None = None        # server address put in run_command (default: the request's base URL)
+    max_poll_wait_s: float = 60.0
+    json_body_limit: int = 1 * MIB
+    logs_body_limit: int = 32 * MIB
+    telemetry_history: int = 720
+    admin_token: str | None = None       # filled in by load_admin_token()
+
+    @property
+    def database_url(self) -> str:
+        return self.db_url or f"sqlite:///{Path(self.data_dir).resolve() / 'server.db'}"
+
+    @property
+    def offline_after(self) -> float:
+        return self.offline_after_s if self.offline_after_s is not None else 3 * self.telemetry_interval_s

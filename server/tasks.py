@@ -1,0 +1,150 @@
+"""Task rows: state changes (checked against server.states), the poll's hand-out, the lease reaper."""
+from __future__ import annotations
+
+import time
+
+from sqlalchemy import select, update
+
+from server import db
+from server.errors import APIError
+from server.states import FINAL, LEASED, IllegalTransition, TaskState, check_transition
+
+LEASED_VALUES = [s.value for s in LEASED]
+
+
+def public_task(row) -> dict:
+    """A task as the user API shows it."""
+    t = dict(row)
+    t.pop("lease_until", None)
+    t["stop_requested"] = bool(t["stop_requested"])
+    return t
+
+
+def get_task(conn, task_id: int) -> dict | None:
+    row = conn.execute(select(db.tasks).where(db.tasks.c.id == task_id)).mappings().first()
+    return dict(row) if row else None
+
+
+def change_state(conn, task: dict, new: TaskState, now: float | None = None, **values) -> dict:
+    """Move a task to `new` (IllegalTransition if the edge is not allowed); timestamped in `timeline`."""
+    now = time.time() if now is None else now
+    check_transition(TaskState(task["state"]), new)
+    timeline = list(task["timeline"]) + [{"state": new.value, "ts": now}]
+    values.update(state=new.value, timeline=timeline, updated_at=now)
+    if new in FINAL:
+        values["lease_until"] = None
+    conn.execute(update(db.tasks).where(db.tasks.c.id == task["id"]).values(**values))
+    task = dict(task, **values)
+    return task
+
+
+def agent_task(conn, task: dict) -> dict:
+    """A task as a poll answer shows it: project and model expanded with their items/files."""
+    out = {"id": task["id"], "type": task["type"], "image": task["image"], "config": task["config"],
+           "resources": task["resources"]}
+    if task["command"] is not None:
+        out["command"] = task["command"]
+    if task["timeout_s"] is not None:
+        out["timeout_s"] = task["timeout_s"]
+    if task["project_id"] is not None:
+        p = conn.execute(select(db.projects).where(db.projects.c.id == task["project_id"])).mappings().first()
+        if p is not None:
+            out["project"] = {"id": p["id"], "name": p["name"], "datasets": p["datasets"]}
+    if task["model_id"] is not None:
+        m = conn.execute(select(db.models).where(db.models.c.id == task["model_id"])).mappings().first()
+        if m is not None:
+            out["model"] = {"id": m["id"], "name": m["name"], "hash": m["hash"], "files": m["files"]}
+    return out
+
+
+def hand_out(core, conn, agent_id: int, free_slots: int, free_gpus: int, running: list[int], now: float):
+    """One poll's decisions. Returns (tasks for the agent, stop ids, changed task ids).
+
+    - a leased task missing from `running`: stopped if a stop was requested, else handed out again;
+    - queued tasks in id order, as many as free slots, each only if its GPU count fits;
+    - stop: this agent's leased tasks with a stop requested, and `running` ids the server has
+      given up as lost (the agent should kill them).
+    """
+    running_set = set(running)
+    mine = conn.execute(select(db.tasks).where(db.tasks.c.agent_id == agent_id,
+                                               db.tasks.c.state.in_(LEASED_VALUES + [TaskState.LOST.value]))
+                        .order_by(db.tasks.c.id)).mappings().all()
+    stop, again, changed = [], [], []
+    for row in mine:
+        t = dict(row)
+        if t["state"] == TaskState.LOST.value:
+            if t["id"] in running_set:
+                stop.append(t["id"])
+            continue
+        if t["id"] in running_set:
+            if t["stop_requested"]:
+                stop.append(t["id"])
+        elif t["stop_requested"]:
+            change_state(conn, t, TaskState.STOPPED, now, error="stopped before the agent ran it")
+            changed.append(t["id"])
+        else:
+            again.append(t)
+    queued = conn.execute(select(db.tasks).where(db.tasks.c.agent_id == agent_id,
+                                                 db.tasks.c.state == TaskState.QUEUED.value)
+                          .order_by(db.tasks.c.id).limit(200)).mappings().all()
+    out = []
+    slots, gpus = free_slots, free_gpus
+    for t in again + [dict(r) for r in queued]:
+        if slots <= 0:
+            break
+        need = int((t["resources"] or {}).get("gpus") or 0)
+        if need > gpus:
+            continue
+        if t["state"] != TaskState.ASSIGNED.value:
+            t = change_state(conn, t, TaskState.ASSIGNED, now, lease_until=now + core.settings.lease_s)
+            changed.append(t["id"])
+        else:
+            conn.execute(update(db.tasks).where(db.tasks.c.id == t["id"]).values(lease_until=now + core.settings.lease_s))
+        out.append(agent_task(conn, t))
+        slots -= 1
+        gpus -= need
+    return out, stop, changed
+
+
+def reap_lost(core, now: float | None = None) -> list[int]:
+    """Leased tasks whose lease ran out become lost. Returns their ids."""
+    now = time.time() if now is None else now
+    lost = []
+    with core.engine.begin() as conn:
+        rows = conn.execute(select(db.tasks).where(db.tasks.c.state.in_(LEASED_VALUES),
+                                                   db.tasks.c.lease_until < now)).mappings().all()
+        for row in rows:
+            change_state(conn, dict(row), TaskState.LOST, now,
+                         error=f"the agent was silent for more than {core.settings.lease_s:g} s")
+            lost.append(row["id"])
+    for tid in lost:
+        core.wake_task(tid)
+    return lost
+
+
+def agent_change_state(conn, task: dict, body, now: float) -> dict:
+    """An agent's state post: same state = progress update; otherwise a checked transition."""
+    try:
+        new = TaskState(body.state)
+    except ValueError:
+        raise APIError(400, "unknown_state", f"{body.state!r} is not a task state") from None
+    values = {}
+    if body.progress is not None:
+        values["progress"] = body.progress.model_dump()
+    if body.exit_code is not None:
+        values["exit_code"] = body.exit_code
+    if body.error is not None:
+        values["error"] = body.error
+    if new.value == task["state"]:
+        if values:
+            values["updated_at"] = now
+            conn.execute(update(db.tasks).where(db.tasks.c.id == task["id"]).values(**values))
+            task = dict(task, **values)
+        return task
+    from server.states import AGENT_REPORTABLE
+    if new not in AGENT_REPORTABLE:
+        raise APIError(409, "illegal_transition", f"an agent cannot report the state {new.value}")
+    try:
+        return change_state(conn, task, new, now, **values)
+    except IllegalTransition as e:
+        raise APIError(409, "illegal_transition", str(e)) from None
