@@ -57,7 +57,8 @@ SLOT_EDGES: dict[SlotState, frozenset[SlotState]] = {
     # PENDING/RUNNING -> STOPPING: the server or a second SIGTERM asked to stop it
     SlotState.STOPPING: frozenset({SlotState.PENDING, SlotState.RUNNING}),
     # RUNNING/STOPPING -> FINALIZING: task process died without reporting a final state
-    SlotState.FINALIZING: frozenset({SlotState.RUNNING, SlotState.STOPPING}),
+    # PENDING -> FINALIZING: never ran (stopped first, or asks for more GPUs than the agent has)
+    SlotState.FINALIZING: frozenset({SlotState.PENDING, SlotState.RUNNING, SlotState.STOPPING}),
     # RUNNING/STOPPING -> DONE: task process reported the final state itself and exited 0
     # FINALIZING -> DONE: the supervisor reported failed after the log was acked
     # PENDING -> DONE: stopped before it ever ran
@@ -80,23 +81,30 @@ class TaskState(enum.Enum):
 
 
 _ACTIVE = frozenset({TaskState.ASSIGNED, TaskState.PREPARING, TaskState.RUNNING, TaskState.UPLOADING})
+# The same edges as the server's (server/states.py); an agent never reports ASSIGNED itself.
 TASK_EDGES: dict[TaskState, frozenset[TaskState]] = {
     # ASSIGNED -> PREPARING: the handler starts downloads / image checks
-    # PREPARING/RUNNING -> PREPARING: an adopted task re-announces its phase
-    TaskState.PREPARING: frozenset({TaskState.ASSIGNED, TaskState.PREPARING, TaskState.RUNNING}),
-    # ASSIGNED/PREPARING -> RUNNING: container started (ASSIGNED: adopted, no preparation left)
-    TaskState.RUNNING: frozenset({TaskState.ASSIGNED, TaskState.PREPARING, TaskState.RUNNING}),
+    TaskState.PREPARING: frozenset({TaskState.ASSIGNED}),
+    # PREPARING -> RUNNING: container started; ASSIGNED -> RUNNING: adopted, or nothing to prepare
+    TaskState.RUNNING: frozenset({TaskState.ASSIGNED, TaskState.PREPARING}),
     # RUNNING -> UPLOADING: container exited 0, results go up
-    TaskState.UPLOADING: frozenset({TaskState.ASSIGNED, TaskState.RUNNING, TaskState.UPLOADING}),
-    # any active -> FINISHED/FAILED/STOPPED: the handler's outcome
-    TaskState.FINISHED: _ACTIVE,
+    TaskState.UPLOADING: frozenset({TaskState.RUNNING}),
+    # RUNNING/UPLOADING -> FINISHED: done (the task process enters RUNNING first if it has not)
+    TaskState.FINISHED: frozenset({TaskState.RUNNING, TaskState.UPLOADING}),
+    # any active -> FAILED/STOPPED: the handler's outcome, or a dead task process
     TaskState.FAILED: _ACTIVE,
     TaskState.STOPPED: _ACTIVE,
 }
 
 
+# Entering the state one is in: a no-op (the server takes it as a progress update).
+SAME_STATE_OK = frozenset({TaskState.PREPARING, TaskState.RUNNING, TaskState.UPLOADING})
+
+
 def change_state(current: enum.Enum, new: enum.Enum, edges: dict) -> enum.Enum:
     """Return `new` if the machine allows current -> new, else raise TransitionError."""
+    if current is new and new in SAME_STATE_OK:
+        return new
     allowed = edges.get(new, frozenset())
     if current not in allowed:
         raise TransitionError(f"{type(current).__name__}: {current.value} -> {new.value} is not allowed")

@@ -1,7 +1,7 @@
 """The durable per-task log: its file format, its writer (task process) and its cursors (log-shipper).
 
 `tasks/<id>/logs/log_<ts>.txt` holds one JSON object per line, `{"seq": n, "ts", "level", "stream",
-"message", ...}`, seqs 1, 2, 3... with no gap. Exactly one task process writes a task's file at a
+"message", ...}`, seqs 0, 1, 2... with no gap (as the server counts). Exactly one task process writes a task's file at a
 time; a re-spawned one appends to the same file and continues the seqs. A line is complete only
 with its newline: a writer killed mid-line leaves a partial tail, which the next writer cuts off
 (the shipper never reads past the last newline, so that line was never sent).
@@ -12,6 +12,7 @@ final state is reported; `state/logs/<id>.closed` marks that report done.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import threading
@@ -88,7 +89,7 @@ def last_seq(path: Path) -> int:
             return int(json.loads(raw)["seq"])
         except (ValueError, KeyError, TypeError):
             continue
-    return 0
+    return -1
 
 
 def last_cts(path: Path) -> int | None:
@@ -112,9 +113,11 @@ class TaskLogWriter:
         if path is None:
             path = new_log_path(config, task_id)
             path.touch()
-        else:
-            repair_tail(path)
         self.path = path
+        # One writer per task file: a replaced task process waits here until its predecessor is gone.
+        self._lockf = open(path.with_name(".writer.lock"), "w")
+        fcntl.flock(self._lockf, fcntl.LOCK_EX)
+        repair_tail(path)
         self.mask = masker.line
         self.seq = last_seq(path)
         self._lock = threading.Lock()
@@ -140,6 +143,7 @@ class TaskLogWriter:
     def close(self) -> None:
         with self._lock:
             self._f.close()
+            self._lockf.close()
 
 
 # --- cursors and markers (shared by the shipper, the task process and the supervisor) ---
@@ -152,7 +156,7 @@ def read_cursor(config: Config, task_id: int) -> dict:
     try:
         return json.loads(cursor_path(config, task_id).read_text())
     except (OSError, ValueError):
-        return {"file": None, "offset": 0, "seq": 0}
+        return {"file": None, "offset": 0, "seq": -1}
 
 
 def write_cursor(config: Config, task_id: int, cursor: dict) -> None:
@@ -163,7 +167,7 @@ def write_cursor(config: Config, task_id: int, cursor: dict) -> None:
 
 
 def acked_seq(config: Config, task_id: int) -> int:
-    return int(read_cursor(config, task_id).get("seq", 0))
+    return int(read_cursor(config, task_id).get("seq", -1))
 
 
 def active_dir(config: Config) -> Path:

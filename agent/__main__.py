@@ -1,0 +1,68 @@
+"""`python -m agent`: load the settings, prepare storage, connect, run the supervisor.
+
+Exit codes: 0 ok (drained), 2 config error, 3 token refused, 4 server unreachable at start,
+5 a helper process went FATAL (the log-shipper). Start-up errors are one line on stderr.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+EXIT_OK, EXIT_CONFIG, EXIT_AUTH, EXIT_UNREACHABLE = 0, 2, 3, 4
+
+
+def fail(code: int, message: str) -> int:
+    print(f"sly-agent: {message}", file=sys.stderr, flush=True)
+    return code
+
+
+def main() -> int:
+    from agent.api import AgentAPI, APIError, AuthError
+    from agent.config import ConfigError, load_config
+
+    try:
+        config = load_config()
+    except ConfigError as e:
+        return fail(EXIT_CONFIG, f"config error: {e}")
+
+    from agent import storage
+    from agent.agentlog import setup_logging
+    from agent.masking import Masker
+    try:
+        storage.ensure_layout(config)
+        storage.wipe_tmp(config)
+    except OSError as e:
+        return fail(EXIT_CONFIG, f"config error: cannot prepare the storage dir {config.agent_dir}: {e.strerror}")
+    log_path = setup_logging(config, Masker(config.access_token))
+    log = logging.getLogger("agent")
+    log.info("sly-agent starting: server %s, storage %s, log %s", config.server_address, config.agent_dir, log_path)
+
+    from agent.telemetry import system_info
+    api = AgentAPI(config.server_address, config.access_token, timeout=15, retries=2)
+    try:
+        answer = api.connect(system_info(config))
+    except AuthError:
+        log.error("the server refused the token")
+        return fail(EXIT_AUTH, f"the server at {config.server_address} refused the access token (401)")
+    except APIError as e:
+        if e.status is None:
+            log.error("server unreachable: %s", e)
+            return fail(EXIT_UNREACHABLE, f"the server at {config.server_address} is unreachable ({e.detail})")
+        log.error("connect failed: %s", e)
+        return fail(EXIT_UNREACHABLE, f"the server at {config.server_address} answered connect with {e.status} {e.code}")
+    agent_info = answer.get("agent") or {}
+    log.info("connected as agent %s (%s); allowed task types %s", agent_info.get("id"), agent_info.get("name"),
+             agent_info.get("allowed_task_types"))
+
+    from agent.supervisor import Supervisor
+    return Supervisor(config, api, answer).run()
+
+
+if __name__ == "__main__":
+    code = main()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # os._exit: multiprocessing's atexit would join children that are waiting for us to go away.
+    os._exit(code)

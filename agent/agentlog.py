@@ -1,0 +1,48 @@
+"""The agent's own log: `logs/log_<YYYY-MM-DD_HH:MM:SS>.txt` plus stderr, masked, all processes.
+
+Every process of the tree writes through multiprocessing-logging: the supervisor installs it
+before forking, children send records over its queue and the supervisor's receiver thread
+writes them (see docs/architecture.md for why this is safe here and what it costs).
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+from agent.config import Config
+from agent.masking import Masker
+
+FORMAT = "%(asctime)s %(levelname)s %(processName)s[%(process)d] %(name)s: %(message)s"
+
+
+class MaskingFormatter(logging.Formatter):
+    """Formats a record, then masks the token and secret-looking values in the whole text."""
+
+    def __init__(self, masker: Masker, fmt: str = FORMAT):
+        super().__init__(fmt)
+        self.masker = masker
+
+    def format(self, record: logging.LogRecord) -> str:
+        return self.masker(super().format(record))
+
+
+def setup_logging(config: Config, masker: Masker, multiprocess: bool = True) -> Path:
+    """Log to the agent's log file and stderr; return the file's path."""
+    path = config.logs_dir / time.strftime("log_%Y-%m-%d_%H:%M:%S.txt", time.localtime())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fmt = MaskingFormatter(masker)
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    for h in (logging.FileHandler(path, encoding="utf-8"), logging.StreamHandler(sys.stderr)):
+        h.setFormatter(fmt)
+        root.addHandler(h)
+    root.setLevel(getattr(logging, str(config.log_level).upper(), logging.INFO))
+    for noisy in ("urllib3", "docker"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if multiprocess:
+        import multiprocessing_logging
+        multiprocessing_logging.install_mp_handler(root)
+    return path

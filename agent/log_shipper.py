@@ -1,0 +1,181 @@
+"""Log-shipper process (`sly-agent: log-shipper`): durable task logs -> server, exactly once.
+
+It tails `tasks/<id>/logs/log_<ts>.txt` of every task registered in `state/logs/active/` from
+the persisted acked cursor, sends gzip batches of at most config.log_batch_lines lines every
+config.log_batch_interval_s (sooner when nudged), and advances and persists the cursor only from
+the server's `acked`. The server ignores re-sent seqs, so a crash anywhere re-sends at worst a
+batch and loses nothing. While the server is down each task backs off with jitter.
+"""
+from __future__ import annotations
+
+import gzip
+import logging
+import queue
+import random
+import time
+from pathlib import Path
+
+from agent import tasklog
+from agent.child import ChildBase
+from agent.config import Config
+
+log = logging.getLogger("agent.log_shipper")
+
+MAX_BATCH_BYTES = 8 << 20
+BACKOFF_CAP_S = 5.0
+DRAIN_S = 10.0
+
+
+def _seq_of(raw: bytes) -> int:
+    # lines start with {"seq":N, (written by TaskLogWriter)
+    return int(raw[7:raw.index(b",")])
+
+
+class TaskCursor:
+    """Shipping state of one task: its file, the acked seq and the byte offset right after it."""
+
+    def __init__(self, config: Config, task_id: int):
+        self.task_id = task_id
+        saved = tasklog.read_cursor(config, task_id)
+        self.path: Path | None = tasklog.find_log_file(config, task_id)
+        same_file = self.path is not None and saved.get("file") == self.path.name
+        self.offset = int(saved.get("offset", 0)) if same_file else 0
+        self.seq = int(saved.get("seq", -1))
+        self.failures = 0
+        self.retry_at = 0.0
+
+    def as_dict(self) -> dict:
+        return {"file": self.path.name if self.path else None, "offset": self.offset, "seq": self.seq}
+
+
+class LogShipper(ChildBase):
+    title = "log-shipper"
+
+    def __init__(self, config: Config, nudges=None):
+        super().__init__()
+        self.config = config
+        self.nudges = nudges          # multiprocessing.Queue of task ids: a hint to ship now
+        self.cursors: dict[int, TaskCursor] = {}
+        self.api = None
+
+    # --- process body ---
+    def run(self) -> None:
+        self.start_in_child()
+        from agent.api import AgentAPI
+        self.api = AgentAPI(self.config.server_address, self.config.access_token, timeout=30, retries=0)
+        while self.parent_alive() and not self.stopping.is_set():
+            self.wait_for_work(self.loop_once(time.monotonic()))
+        if self.parent_alive():
+            self.drain(time.monotonic() + DRAIN_S)
+
+    def wait_for_work(self, timeout: float) -> None:
+        if timeout <= 0:
+            return
+        if self.nudges is None:
+            self.stopping.wait(timeout)
+            return
+        try:
+            # get() with a timeout never blocks for good, even if a killed writer left the
+            # queue's lock taken; nudges are hints, the active/ directory is the truth.
+            self.nudges.get(timeout=min(timeout, 0.5))
+        except (queue.Empty, OSError, EOFError, ValueError):
+            pass
+
+    def drain(self, deadline: float) -> None:
+        """On SIGTERM: ship what is left, then exit (the supervisor stops us last)."""
+        while time.monotonic() < deadline and self.parent_alive():
+            self.loop_once(time.monotonic(), ignore_backoff=True)
+            if all(not self.pending(c) for c in self.cursors.values()):
+                return
+            time.sleep(0.1)
+
+    # --- one iteration ---
+    def loop_once(self, now: float, ignore_backoff: bool = False) -> float:
+        """Ship every registered task's new lines; return seconds until the next iteration."""
+        active = set(tasklog.active_task_ids(self.config))
+        for tid in list(self.cursors):
+            if tid not in active:
+                del self.cursors[tid]
+        for tid in active:
+            if tid not in self.cursors:
+                self.cursors[tid] = TaskCursor(self.config, tid)
+        wait = self.config.log_batch_interval_s
+        for cur in self.cursors.values():
+            if not ignore_backoff and cur.retry_at > now:
+                wait = min(wait, cur.retry_at - now)
+                continue
+            self.ship_task(cur, now)
+        return wait
+
+    def pending(self, cur: TaskCursor) -> bool:
+        if cur.path is None:
+            return False
+        try:
+            return cur.path.stat().st_size > cur.offset
+        except FileNotFoundError:
+            return False
+
+    def read_batch(self, cur: TaskCursor) -> tuple[list[bytes], list[int]]:
+        """Complete lines after the cursor (seq > acked), at most a batch; and their end offsets."""
+        if cur.path is None:
+            cur.path = tasklog.find_log_file(self.config, cur.task_id)
+            if cur.path is None:
+                return [], []
+        with open(cur.path, "rb") as f:
+            f.seek(cur.offset)
+            data = f.read(MAX_BATCH_BYTES)
+        end = data.rfind(b"\n")
+        if end < 0:
+            return [], []
+        lines, ends = [], []
+        pos = cur.offset
+        for raw in data[:end].split(b"\n"):
+            pos += len(raw) + 1
+            if not raw:
+                continue
+            if _seq_of(raw) <= cur.seq:      # already acked (cursor behind the server)
+                cur.offset = pos
+                continue
+            lines.append(raw)
+            ends.append(pos)
+            if len(lines) >= self.config.log_batch_lines:
+                break
+        return lines, ends
+
+    def ship_task(self, cur: TaskCursor, now: float) -> None:
+        """Send batches until the task's file has no unsent complete line, or a send fails."""
+        from agent.api import APIError
+        while True:
+            lines, ends = self.read_batch(cur)
+            if not lines:
+                return
+            first = _seq_of(lines[0])
+            body = b'{"first_seq":%d,"lines":[%s]}' % (first, b",".join(b"{" + r[r.index(b",") + 1:] for r in lines))
+            try:
+                acked = self.api.send_logs(cur.task_id, first, [], gzip_body=gzip.compress(body, compresslevel=1))
+            except APIError as e:
+                cur.failures += 1
+                delay = min(BACKOFF_CAP_S, 0.25 * 2 ** (cur.failures - 1)) * random.uniform(0.5, 1.5)
+                cur.retry_at = now + delay
+                if cur.failures == 1 or e.status not in (None, 502, 503, 504):
+                    log.warning("task %s: log batch from seq %s not delivered (%s); retrying", cur.task_id, first, e)
+                return
+            if cur.failures:
+                log.info("task %s: log shipping resumed after %d failed tries", cur.task_id, cur.failures)
+            cur.failures, cur.retry_at = 0, 0.0
+            self.advance(cur, acked, first, ends)
+            if acked < first + len(lines) - 1:
+                return      # the server holds a gap; try again next tick from its ack
+
+    def advance(self, cur: TaskCursor, acked: int, first: int, ends: list[int]) -> None:
+        """Move the cursor to the server's ack and persist it."""
+        if acked < first - 1:
+            # The server lacks lines before this batch (its data was reset): rewind and re-send.
+            cur.offset, cur.seq = 0, acked   # acked may be -1: nothing stored
+        elif acked >= first:
+            i = min(acked - first, len(ends) - 1)
+            cur.offset = ends[i]
+            cur.seq = acked
+        else:
+            return
+        tasklog.write_cursor(self.config, cur.task_id, cur.as_dict())

@@ -1,0 +1,290 @@
+"""Task process (`sly-agent: task <id> <type> [<phase>]`): one per running task.
+
+Builds the concrete TaskContext, calls the task type's handler (`workers.<type>.run(ctx)`),
+then reports the final state, but only after the log-shipper has acked every line of the task.
+A handler that raises is a failed task, not a dead process. The supervisor stops a task by
+writing to this process's stop pipe; when the supervisor is gone this process exits at once
+(os._exit), leaving any container running for the next agent to adopt.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import random
+import re
+import select
+import sys
+import threading
+import time
+import traceback
+
+from agent import tasklog
+from agent.child import ChildBase
+from agent.config import Config
+from agent.masking import Masker
+from agent.proctitle import set_title, task_title
+from agent.states import TASK_EDGES, TaskState, change_state
+from workers.base import Outcome, TaskContext
+
+log = logging.getLogger("agent.task")
+
+HANDLER_ENV = "SLY_AGENT_HANDLER"     # tests only: package.module:function replaces every type's handler
+EXIT_ORPHANED = 70                    # the supervisor went away
+PROGRESS_MIN_INTERVAL_S = 0.5         # at most 2 progress posts a second, always the last value
+
+
+def resolve_handler(task_type: str):
+    """The callable run(ctx) -> Outcome for a task type."""
+    spec = os.environ.get(HANDLER_ENV)
+    if spec:
+        mod, _, func = spec.partition(":")
+        return getattr(importlib.import_module(mod), func or "run")
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", task_type or ""):
+        raise LookupError(f"invalid task type {task_type!r}")
+    try:
+        module = importlib.import_module(f"workers.{task_type}")
+    except ModuleNotFoundError as e:
+        if e.name == f"workers.{task_type}":
+            raise LookupError(f"no handler for task type {task_type!r}") from None
+        raise
+    return module.run
+
+
+class StateReporter(threading.Thread):
+    """Posts phase changes in order and the latest progress (throttled); retries through outages."""
+
+    def __init__(self, api, task_id: int, alive):
+        super().__init__(name=f"state-reporter-{task_id}", daemon=True)
+        self.api, self.task_id, self.alive = api, task_id, alive
+        self.cond = threading.Condition()
+        self.phases: list[str] = []
+        self.phase: str | None = None        # last phase posted
+        self.progress: dict | None = None
+        self.progress_dirty = False
+        self.last_progress_post = 0.0
+        self.busy = False
+
+    def put_phase(self, phase: str) -> None:
+        with self.cond:
+            self.phases.append(phase)
+            self.cond.notify()
+
+    def put_progress(self, current, total) -> None:
+        with self.cond:
+            self.progress = {"current": current, "total": total}
+            self.progress_dirty = True
+            self.cond.notify()
+
+    def flush(self) -> None:
+        """Wait until every queued phase and the last progress value are posted."""
+        with self.cond:
+            self.last_progress_post = 0.0
+            self.cond.notify()
+            while (self.phases or self.progress_dirty and self.phase or self.busy) and self.alive():
+                self.cond.wait(0.1)
+
+    def _next(self):
+        """Under the lock: (state, progress) to post now, or a timeout to wait."""
+        if self.phases:
+            return (self.phases[0], self.progress), None
+        if self.progress_dirty and self.phase:
+            wait = self.last_progress_post + PROGRESS_MIN_INTERVAL_S - time.monotonic()
+            if wait <= 0:
+                return (self.phase, self.progress), None
+            return None, wait
+        return None, 1.0
+
+    def run(self) -> None:
+        from agent.api import APIError
+        failures = 0
+        while self.alive():
+            with self.cond:
+                job, wait = self._next()
+                if job is None:
+                    self.cond.wait(wait)
+                    continue
+                self.busy = True
+                is_phase = bool(self.phases)
+                if not is_phase:
+                    self.progress_dirty = False
+                    self.last_progress_post = time.monotonic()
+            state, progress = job
+            try:
+                self.api.set_state(self.task_id, state, progress=progress)
+                ok = True
+            except APIError as e:
+                ok = e.status is not None and 400 <= e.status < 500   # refused: retrying will not help
+                if ok:
+                    log.warning("task %s: server refused state %s: %s", self.task_id, state, e)
+                elif failures == 0:
+                    log.warning("task %s: state %s not delivered (%s); retrying", self.task_id, state, e)
+            with self.cond:
+                self.busy = False
+                if ok:
+                    failures = 0
+                    if is_phase:
+                        self.phases.pop(0)
+                        self.phase = state
+                elif not is_phase:
+                    self.progress_dirty = True
+                self.cond.notify_all()
+            if not ok:
+                failures += 1
+                time.sleep(min(5.0, 0.2 * 2 ** failures) * random.uniform(0.5, 1.5))
+
+
+class AgentTaskContext(TaskContext):
+    """The agent's TaskContext (see workers/base.py for the contract)."""
+
+    def __init__(self, proc: "TaskProcess", api, stop_event: threading.Event):
+        self.task = proc.task
+        self.config = proc.config
+        self.api = api
+        self.gpus = list(proc.gpus)
+        self.stop_event = stop_event
+        self.adopt = proc.adopt
+        self._proc = proc
+        self._state = TaskState(proc.task.get("state")) if proc.adopt and proc.task.get("state") in \
+            {s.value for s in TaskState if not s.final} else TaskState.ASSIGNED
+
+    def emit(self, lines: list[dict]) -> None:
+        self._proc.writer.write(lines)
+        self._proc.nudge()
+
+    def set_phase(self, phase: str) -> None:
+        new = TaskState(phase)
+        if new.final:
+            raise ValueError(f"{phase} is a final state: return it as the handler's Outcome")
+        same = new is self._state
+        self._state = change_state(self._state, new, TASK_EDGES)
+        self._proc.set_phase_title(phase)
+        if not same:
+            self._proc.reporter.put_phase(phase)
+
+    def progress(self, current: float, total: float) -> None:
+        self._proc.reporter.put_progress(current, total)
+
+    def last_log_ts_ns(self) -> int | None:
+        return tasklog.last_cts(self._proc.writer.path)
+
+    @property
+    def state(self) -> TaskState:
+        return self._state
+
+
+class TaskProcess(ChildBase):
+    """Role object: built in the supervisor (config only), run() after the fork."""
+
+    def __init__(self, config: Config, task: dict, gpus: list[int], adopt: bool, stop_fd: int, nudges=None):
+        super().__init__()
+        self.config, self.task, self.gpus, self.adopt = config, task, list(gpus), adopt
+        self.task_id = int(task["id"])
+        self.task_type = str(task.get("type", "?"))
+        self.stop_fd = stop_fd      # read end of the supervisor's stop pipe for this task
+        self.nudges = nudges
+        self.stop_event = threading.Event()
+        self._last_nudge = 0.0
+
+    def set_phase_title(self, phase: str) -> None:
+        set_title(task_title(self.task_id, self.task_type, phase))
+
+    def nudge(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if self.nudges is None or (not force and now - self._last_nudge < self.config.log_batch_interval_s):
+            return
+        self._last_nudge = now
+        try:
+            self.nudges.put_nowait(self.task_id)
+        except Exception:  # noqa: BLE001 - a hint only
+            pass
+
+    def watch(self) -> None:
+        """Thread: stop pipe -> stop_event; supervisor gone -> exit now."""
+        while True:
+            if not self.parent_alive():
+                os._exit(EXIT_ORPHANED)
+            try:
+                ready, _, _ = select.select([self.stop_fd], [], [], 0.25)
+            except (OSError, ValueError):
+                ready = []
+            if ready:
+                try:
+                    data = os.read(self.stop_fd, 64)
+                except OSError:
+                    data = b""
+                if data:
+                    self.stop_event.set()
+                else:   # the supervisor closed its end: it is gone
+                    os._exit(EXIT_ORPHANED)
+
+    def run(self) -> int:
+        self.start_in_child(task_title(self.task_id, self.task_type, "starting"))
+        # The supervisor drives this process through the stop pipe, not through signals.
+        import signal
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        threading.Thread(target=self.watch, name="watch", daemon=True).start()
+        if tasklog.is_closed(self.config, self.task_id):
+            return 0        # the final state was reported by a previous task process
+        masker = Masker(self.config.access_token)
+        self.writer = tasklog.TaskLogWriter(self.config, self.task_id, masker)
+        tasklog.register_active(self.config, self.task_id)
+        self.nudge(force=True)
+        from agent.api import AgentAPI
+        api = AgentAPI(self.config.server_address, self.config.access_token, retries=1)
+        self.reporter = StateReporter(api, self.task_id, self.parent_alive)
+        self.reporter.start()
+        ctx = AgentTaskContext(self, api, self.stop_event)
+        outcome = self.call_handler(ctx)
+        self.finish(api, ctx, outcome)
+        return 0
+
+    def call_handler(self, ctx: AgentTaskContext) -> Outcome:
+        try:
+            handler = resolve_handler(self.task_type)
+            outcome = handler(ctx)
+        except Exception as e:  # noqa: BLE001 - a failing handler fails the task, not the agent
+            tb = traceback.format_exc(limit=8)
+            log.error("task %s: handler raised %s: %s", self.task_id, type(e).__name__, e)
+            ctx.log(f"handler raised {type(e).__name__}: {e}\n{tb}", level="error")
+            return Outcome("failed", error=f"handler raised {type(e).__name__}: {e}")
+        if not isinstance(outcome, Outcome) or outcome.state not in ("finished", "failed", "stopped"):
+            return Outcome("failed", error=f"handler returned {outcome!r}, not an Outcome")
+        return outcome
+
+    def finish(self, api, ctx: AgentTaskContext, outcome: Outcome) -> None:
+        """Final state after every log line is acked; then the closed marker."""
+        from agent.api import APIError
+        if outcome.state == "finished" and ctx.state in (TaskState.ASSIGNED, TaskState.PREPARING):
+            ctx.set_phase("running")    # the server finishes only a task that ran
+        self.set_phase_title("finishing")
+        ctx.log(f"task {outcome.state}" + (f": {outcome.error}" if outcome.error else ""),
+                level="info" if outcome.state == "finished" else "warning")
+        self.writer.close()
+        self.reporter.flush()
+        last = self.writer.seq
+        while tasklog.acked_seq(self.config, self.task_id) < last:
+            if not self.parent_alive():
+                os._exit(EXIT_ORPHANED)
+            self.nudge()
+            time.sleep(0.05)
+        failures = 0
+        while True:
+            try:
+                api.set_state(self.task_id, outcome.state, exit_code=outcome.exit_code, error=outcome.error)
+                break
+            except APIError as e:
+                if e.status is not None and 400 <= e.status < 500:
+                    log.warning("task %s: server refused final state %s: %s", self.task_id, outcome.state, e)
+                    break
+                failures += 1
+                if not self.parent_alive():
+                    os._exit(EXIT_ORPHANED)
+                time.sleep(min(5.0, 0.2 * 2 ** failures) * random.uniform(0.5, 1.5))
+        tasklog.mark_closed(self.config, self.task_id, outcome.state)
+        log.info("task %s: %s", self.task_id, outcome.state)
+
+
+def run_task_process(role: TaskProcess) -> None:
+    """multiprocessing target; the role object was built in the supervisor before the fork."""
+    sys.exit(role.run())
