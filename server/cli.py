@@ -226,11 +226,12 @@ def collection_list(c: UserClient, a, kind: str) -> int:
         return 0
     if kind == "project":
         rows = [[x["id"], x["name"], len(x.get("datasets") or []),
-                 sum(len(d.get("items") or []) for d in x.get("datasets") or [])] for x in items]
+                 sum(d.get("items_count", len(d.get("items") or [])) for d in x.get("datasets") or [])] for x in items]
         print(table(rows, ["ID", "NAME", "DATASETS", "ITEMS"]))
     else:
-        rows = [[x["id"], x["name"], len(x.get("files") or []), (x.get("hash") or "")[:12]] for x in items]
-        print(table(rows, ["ID", "NAME", "FILES", "HASH"]))
+        rows = [[x["id"], x["name"], x.get("files_count", len(x.get("files") or [])), human(x.get("size") or 0),
+                 (x.get("hash") or "")[:12]] for x in items]
+        print(table(rows, ["ID", "NAME", "FILES", "SIZE", "HASH"]))
     return 0
 
 

@@ -11,7 +11,10 @@
     return (x.datasets || []).flatMap(d => (d.items || []).map(i => ({ path: `${d.name}/${i.name}`, sha256: i.sha256, size: i.size })));
   }
   function contents(x) {
-    if (kind === "models") return x.files ? `${x.files.length} files` + (x.hash ? `, hash ${x.hash.slice(0, 12)}…` : "") : (x.hash ? `hash ${x.hash.slice(0, 12)}…` : "");
+    if (kind === "models") {
+      const n = x.files ? x.files.length : x.files_count;
+      return `${n ?? "?"} files` + (x.size !== undefined ? `, ${SLY.bytes(x.size)}` : "") + (x.hash ? `, hash ${x.hash.slice(0, 12)}…` : "");
+    }
     const ds = x.datasets || [];
     return `${ds.length} datasets, ${ds.reduce((n, d) => n + (d.items ? d.items.length : (d.items_count || 0)), 0)} items`;
   }

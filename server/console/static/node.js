@@ -12,7 +12,7 @@
     const add = (k, v) => { if (v !== undefined && v !== null && v !== "") rows.push(SLY.el("dt", {}, k), SLY.el("dd", {}, String(v))); };
     add("Hostname", si.hostname);
     add("OS", si.os || si.platform);
-    add("CPUs", si.cpus ?? si.cpu_count);
+    add("CPUs", si.cpus && typeof si.cpus === "object" ? `${si.cpus.logical ?? "?"} logical, ${si.cpus.physical ?? "?"} physical` : (si.cpus ?? si.cpu_count));
     add("Memory", typeof si.memory === "number" ? SLY.bytes(si.memory) : si.memory && SLY.bytes(si.memory.total));
     add("Docker", si.docker && (si.docker.version || si.docker.server_version || (typeof si.docker === "string" ? si.docker : JSON.stringify(si.docker))));
     add("Agent version", si.agent_version || si.version);
@@ -48,7 +48,7 @@
     const since = lastTs !== null ? lastTs : Date.now() / 1000 - HOUR;
     try {
       const data = await SLY.api("GET", `/api/v1/agents/${id}/telemetry?since=${since}`);
-      const fresh = (data.items || []).filter(s => lastTs === null || SLY.ms(s.ts) > lastTs * 1000);
+      const fresh = (data.items || []).map(s => (s.sample ? Object.assign({ ts: s.ts }, s.sample) : s)).filter(s => lastTs === null || SLY.ms(s.ts) > lastTs * 1000);
       if (fresh.length) { samples = samples.concat(fresh); lastTs = SLY.ms(fresh[fresh.length - 1].ts) / 1000; }
       draw();
     } catch (e) { SLY.flash("Could not load telemetry: " + e.message, true); }

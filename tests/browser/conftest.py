@@ -1,0 +1,66 @@
+"""Playwright driving Debian's Chromium (headless) against the real server subprocess."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.support.fake_agent import FakeAgent
+
+SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture(scope="session")
+def browser(chromium_path):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=chromium_path, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser):
+    ctx = browser.new_context(viewport={"width": 1280, "height": 860})
+    ctx.set_default_timeout(10_000)
+    pg = ctx.new_page()
+    errors: list[str] = []
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    yield pg
+    ctx.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+def sign_in(page, server) -> None:
+    page.goto(server.url + "/signin")
+    page.get_by_label("Admin token").fill(server.admin_token)
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_url("**/nodes")
+
+
+@pytest.fixture
+def console(page, server):
+    """A page signed in to the console."""
+    sign_in(page, server)
+    return page
+
+
+def shot(page, name: str) -> None:
+    """Screenshot of the page for docs/screenshots/<name>.png (overwritten each run)."""
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
+
+
+def online_agent(server, name: str, types: list[str] | None = None, **system_info) -> tuple[dict, FakeAgent]:
+    """Create an agent through the user API and connect a fake agent with its token."""
+    body = {"name": name}
+    if types is not None:
+        body["allowed_task_types"] = types
+    r = server.admin().post(server.url + "/api/v1/agents", json=body, timeout=10)
+    r.raise_for_status()
+    created = r.json()
+    agent = FakeAgent(server.url, created["token"])
+    agent.connect(**system_info)
+    return created, agent
