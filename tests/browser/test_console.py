@@ -15,6 +15,14 @@ pytestmark = pytest.mark.browser
 expect = pytest.importorskip("playwright.sync_api").expect
 
 
+def hide_token(page, token: str) -> None:
+    """Mask the token on the page before a screenshot goes to docs/ (tokens never go to disk)."""
+    page.evaluate("""(t) => {
+        const mask = "•".repeat(32), v = document.getElementById("token-value"); v.value = mask;
+        for (const p of document.querySelectorAll("#run-commands pre")) p.textContent = p.textContent.split(t).join(mask);
+    }""", token)
+
+
 def test_sign_in_then_add_node_shows_a_working_token_once(page, server):
     page.goto(server.url + "/tasks")
     page.wait_for_url("**/signin")                     # no session: pages send you to sign-in
@@ -34,6 +42,7 @@ def test_sign_in_then_add_node_shows_a_working_token_once(page, server):
     commands = page.locator("#run-commands pre.cmd")
     expect(commands.first).to_contain_text(token)
     assert "docker run" in " ".join(commands.all_inner_texts())
+    hide_token(page, token)
     shot(page, "nodes-add")
 
     # The token shown is the node's: the agent API accepts it.

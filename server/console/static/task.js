@@ -96,7 +96,11 @@
     st.textContent = task.state; st.className = "badge " + task.state;
     document.getElementById("t-type").textContent = task.type;
     const node = document.getElementById("t-node");
-    node.replaceChildren(SLY.el("a", { href: `/nodes/${task.agent_id}` }, task.agent_name || `#${task.agent_id}`));
+    if (!node.dataset.id) {   // the node's name, fetched once
+      node.dataset.id = task.agent_id;
+      node.replaceChildren(SLY.el("a", { href: `/nodes/${task.agent_id}` }, `#${task.agent_id}`));
+      SLY.api("GET", `/api/v1/agents/${task.agent_id}`).then(a => { node.firstChild.textContent = a.name; }, () => {});
+    }
     document.getElementById("t-image").textContent = task.image || "—";
     document.getElementById("t-duration").textContent = SLY.span(SLY.duration(task));
     document.getElementById("t-exit").textContent = task.exit_code ?? "—";
