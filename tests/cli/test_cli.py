@@ -1,0 +1,141 @@
+"""`python -m server.cli` against the real server subprocess (the fake agent plays the node)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.support.fake_agent import FakeAgent
+from tests.support.procs import poll_for
+from tests.support.server import REPO
+
+
+def cli_env(server, **extra) -> dict:
+    env = dict(os.environ, SLY_SERVER=server.url, SLY_ADMIN_TOKEN=server.admin_token)
+    env.update(extra)
+    return env
+
+
+def cli(server, *args: str, ok: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    p = subprocess.run([sys.executable, "-m", "server.cli", *args], cwd=REPO, env=env or cli_env(server),
+                       capture_output=True, text=True, timeout=60)
+    if ok:
+        assert p.returncode == 0, f"rc={p.returncode}\nstdout: {p.stdout}\nstderr: {p.stderr}"
+    return p
+
+
+def cli_json(server, *args: str):
+    return json.loads(cli(server, "--json", *args).stdout)
+
+
+def test_nodes_add_list_edit_rotate(server):
+    p = cli(server, "nodes", "add", "cli-node", "--types", "train,custom")
+    token = next(ln.split()[1] for ln in p.stdout.splitlines() if ln.startswith("token:"))
+    assert len(token) == 32
+    assert "docker run" in p.stdout and f"ACCESS_TOKEN={token} ./run.sh" in p.stdout
+    agent = FakeAgent(server.url, token)
+    node_id = agent.connect()["agent"]["id"]
+
+    listing = cli(server, "nodes", "list").stdout
+    row = next(ln for ln in listing.splitlines() if "cli-node" in ln)
+    assert row.split()[0] == str(node_id) and "online" in row and "train,custom" in row
+
+    edited = cli_json(server, "nodes", "edit", str(node_id), "--name", "cli-renamed", "--types", "train")
+    assert edited["name"] == "cli-renamed" and edited["allowed_task_types"] == ["train"]
+    refused = cli(server, "tasks", "submit", "--node", str(node_id), "--type", "custom", "--image", "x", ok=False)
+    assert refused.returncode == 1 and "409" in refused.stderr
+
+    new = cli_json(server, "nodes", "rotate", str(node_id))
+    assert new["token"] != token
+    with pytest.raises(Exception):
+        agent.connect()                          # the old token is refused at once
+    FakeAgent(server.url, new["token"]).connect()
+    cli(server, "nodes", "delete", str(node_id))
+    assert all(a["id"] != node_id for a in cli_json(server, "nodes", "list"))
+
+
+def test_upload_project_and_model_with_progress(server, tmp_path):
+    root = tmp_path / "dogs"
+    (root / "train" / "sub").mkdir(parents=True)
+    (root / "val").mkdir()
+    files = {"train/a.bin": os.urandom(3 << 20), "train/sub/b.txt": b"b" * 10, "val/c.txt": b"c", "top.json": b"{}"}
+    for rel, data in files.items():
+        (root / rel).write_bytes(data)
+
+    p = cli(server, "--json", "projects", "upload", str(root), "--name", "dogs-cli")
+    assert "100%" in p.stderr and "[" + "#" * 30 + "]" in p.stderr          # the bar reached its end
+    proj = json.loads(p.stdout)
+    got = {f"{d['name']}/{i['name']}": (i["sha256"], i["size"]) for d in proj["datasets"] for i in d["items"]}
+    assert got == {("ds0/" + k if "/" not in k else k): (hashlib.sha256(v).hexdigest(), len(v)) for k, v in files.items()}
+    assert server.admin().get(f"{server.url}/api/v1/blobs/{hashlib.sha256(files['train/a.bin']).hexdigest()}",
+                              timeout=10).content == files["train/a.bin"]
+    assert "dogs-cli" in cli(server, "projects", "list").stdout
+
+    # The same files again as a model: blobs the server has are not sent twice.
+    p = cli(server, "--json", "models", "upload", str(root / "train"))
+    model = json.loads(p.stdout)
+    assert model["name"] == "train"
+    assert sorted((f["path"], f["size"]) for f in model["files"]) == [("a.bin", 3 << 20), ("sub/b.txt", 10)]
+    assert "have a.bin" in p.stderr or "have sub/b.txt" in p.stderr
+    assert "train" in cli(server, "models", "list").stdout
+
+
+def test_submit_follow_logs_and_stop(server):
+    created = cli_json(server, "nodes", "add", "cli-runner")
+    agent = FakeAgent(server.url, created["token"])
+    agent.connect()
+    node = str(created["id"])
+
+    t1 = cli_json(server, "tasks", "submit", "--node", node, "--type", "custom", "--image", "sly-test/busybox:latest",
+                  "--config", '{"epochs": 2}', "--gpus", "0", "--timeout", "60")
+    assert t1["state"] == "queued"
+    task = server.admin().get(f"{server.url}/api/v1/tasks/{t1['id']}", timeout=10).json()
+    assert task["config"] == {"epochs": 2} and task["timeout_s"] == 60
+
+    follower = subprocess.Popen([sys.executable, "-m", "server.cli", "tasks", "logs", str(t1["id"]), "--follow"],
+                                cwd=REPO, env=cli_env(server), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert [t["id"] for t in agent.poll_until("tasks")] == [t1["id"]]
+        agent.state(t1["id"], "preparing")
+        agent.state(t1["id"], "running")
+        agent.log(t1["id"], "epoch 1", {"message": "disk almost full", "stream": "stderr", "level": "warning"})
+        agent.log(t1["id"], "epoch 2")
+        agent.state(t1["id"], "uploading")
+        agent.state(t1["id"], "finished", exit_code=0)
+        out, err = follower.communicate(timeout=30)
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+    assert follower.returncode == 0, err
+    lines = out.splitlines()
+    assert [ln.split(" ", 1)[1] for ln in lines] == ["epoch 1", "[stderr] WARNING: disk almost full", "epoch 2"]
+    assert f"task {t1['id']} finished" in err
+
+    listing = cli(server, "tasks", "list", "--node", node).stdout
+    assert any(ln.split()[:2] == [str(t1["id"]), "finished"] for ln in listing.splitlines())
+
+    t2 = cli_json(server, "tasks", "submit", "--node", node, "--type", "custom", "--image", "sly-test/busybox:latest")
+    agent.poll_until("tasks", running=[])
+    agent.state(t2["id"], "running")
+    cli(server, "tasks", "stop", str(t2["id"]))
+    assert agent.poll_until("stop", running=[t2["id"]]) == [t2["id"]]
+    agent.state(t2["id"], "stopped")
+    poll_for(lambda: server.admin().get(f"{server.url}/api/v1/tasks/{t2['id']}", timeout=5).json()["state"] == "stopped",
+             what="task stopped")
+    p = cli(server, "tasks", "logs", str(t2["id"]), "--follow", ok=False)
+    assert p.returncode == 1 and "stopped" in p.stderr          # a task that did not finish: non-zero
+
+
+def test_no_token_and_no_server_are_clear_errors(server, tmp_path):
+    env = cli_env(server)
+    env.pop("SLY_ADMIN_TOKEN")
+    p = cli(server, "nodes", "list", ok=False, env=env)
+    assert p.returncode == 2 and "no admin token" in p.stderr
+    p = cli(server, "--token", "Zq9NotTheAdminToken", "nodes", "list", ok=False)
+    assert p.returncode == 1 and "401" in p.stderr and "Zq9NotTheAdminToken" not in p.stderr
+    p = cli(server, "--server", "http://127.0.0.1:9", "nodes", "list", ok=False)
+    assert p.returncode == 1 and "no answer" in p.stderr
