@@ -9,7 +9,6 @@ import requests
 
 from tests.browser.conftest import online_agent, shot, sign_in
 from tests.support.fake_agent import FakeAgent
-from tests.support.procs import poll_for
 
 pytestmark = pytest.mark.browser
 expect = pytest.importorskip("playwright.sync_api").expect
@@ -149,6 +148,57 @@ def test_task_from_form_live_log_progress_and_stop(console, server):
     page.goto(server.url + f"/tasks/{task_id}")
     expect(page.locator("#t-exit")).to_have_text("137")
     expect(page.locator("#t-states li")).to_have_count(5)    # queued assigned preparing running stopped
+
+
+def test_task_page_shows_results_metrics_and_error(console, server):
+    created, agent = online_agent(server, "trainer", ["train"])
+    task = server.admin().post(server.url + "/api/v1/tasks", json={"agent_id": created["id"], "type": "train",
+                                                                  "image": "sly-test/busybox:latest"}, timeout=10).json()
+    agent.poll_until("tasks")
+    agent.state(task["id"], "running")
+    for epoch, loss in enumerate((0.9, 0.5, 0.3), 1):
+        agent.log(task["id"], {"message": f"epoch {epoch}", "event_type": "EventType.METRICS", "type": "train",
+                               "epoch": epoch, "metrics": {"loss": loss}})
+    agent.state(task["id"], "uploading")
+    report = b"accuracy 0.97\n"
+    agent.results(task["id"], "artifacts", {"report.txt": report})
+    agent.results(task["id"], "model", {"weights.bin": b"W" * 100}, name="trained-model")
+    agent.state(task["id"], "failed", exit_code=3, error="upload of the last checkpoint failed")
+
+    page = console
+    page.goto(f"{server.url}/tasks/{task['id']}")
+    expect(page.locator("#t-state")).to_have_text("failed")
+    expect(page.locator("#t-exit")).to_have_text("3")
+    expect(page.locator("#t-error")).to_have_text("upload of the last checkpoint failed")
+    link = page.get_by_role("link", name="report.txt")
+    assert page.request.get(server.url + link.get_attribute("href")).body() == report
+    expect(page.locator("#t-results")).to_contain_text("Model")
+    expect(page.locator("#t-metrics polyline")).to_have_attribute("data-count", "3")
+    expect(page.locator("#log .line")).to_have_count(3)
+    expect(page.get_by_role("button", name="Stop")).to_be_hidden()
+    shot(page, "task-finished")
+
+
+def test_rotate_and_delete_ask_first(console, server):
+    created, agent = online_agent(server, "doomed")
+    page = console
+    page.reload()
+    row = page.locator("tr.node-row", has_text="doomed")
+    page.once("dialog", lambda d: d.dismiss())
+    row.get_by_role("button", name="Rotate token of doomed").click()
+    expect(page.locator("#token-panel")).to_be_hidden()
+    agent.connect()                                            # dismissed: the old token still works
+    page.once("dialog", lambda d: d.accept())
+    row.get_by_role("button", name="Rotate token of doomed").click()
+    expect(page.locator("#token-value")).to_have_value(re.compile(r"^[A-Za-z0-9]{32}$"))
+    with pytest.raises(requests.HTTPError):
+        agent.connect()                                        # rotated: the old token is refused
+    FakeAgent(server.url, page.locator("#token-value").input_value()).connect()
+    page.get_by_role("button", name="Done").click()
+    page.once("dialog", lambda d: d.accept())
+    row.get_by_role("button", name="Delete doomed").click()
+    expect(page.locator("tr.node-row", has_text="doomed")).to_have_count(0)
+    assert server.admin().get(f"{server.url}/api/v1/agents/{created['id']}", timeout=10).status_code == 404
 
 
 def test_telemetry_charts_drawn_for_a_reporting_agent(console, server):

@@ -5,6 +5,7 @@ states, ship log lines with sequence numbers, post telemetry samples.
 """
 from __future__ import annotations
 
+import hashlib
 import time
 
 import requests
@@ -58,6 +59,17 @@ class FakeAgent:
             out.append(ln)
         self.seq[task_id] = first + len(out)
         return self.post(f"/agent/v1/tasks/{task_id}/logs", {"first_seq": first, "lines": out}).json()["acked"]
+
+    def put_blob(self, data: bytes) -> str:
+        sha = hashlib.sha256(data).hexdigest()
+        r = self.s.put(f"{self.base}/agent/v1/blobs/{sha}", data=data, timeout=30)
+        r.raise_for_status()
+        return sha
+
+    def results(self, task_id: int, kind: str, files: dict[str, bytes], name: str = "") -> dict:
+        """Upload the files as blobs and post them as the task's results."""
+        refs = [{"path": p, "sha256": self.put_blob(d), "size": len(d)} for p, d in files.items()]
+        return self.post(f"/agent/v1/tasks/{task_id}/results", {"kind": kind, "name": name, "files": refs}).json()
 
     def telemetry(self, cpu: float, mem: float, disk: float = 20.0, gpus: list[dict] | None = None) -> None:
         self.post("/agent/v1/telemetry", {
