@@ -1,0 +1,104 @@
+"""run.sh as users run it: from a fresh clone, its errors, and the agent in the foreground."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support.procs import poll_for
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def clone(tmp_path_factory) -> Path:
+    """A fresh clone of the working tree (committed state plus the current files on top)."""
+    dest = tmp_path_factory.mktemp("clone") / "sly-agent"
+    subprocess.run(["git", "clone", "-q", str(REPO), str(dest)], check=True)
+    # Bring uncommitted work along so a developer's run tests what they see.
+    for rel in subprocess.run(["git", "ls-files", "-m", "-o", "--exclude-standard"], cwd=REPO,
+                              capture_output=True, text=True, check=True).stdout.split():
+        src = REPO / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    return dest
+
+
+def _run(clone: Path, *args, env=None, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(clone / "run.sh"), *args], cwd=clone, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_help_says_what_it_takes(clone):
+    r = _run(clone, "--help")
+    assert r.returncode == 0
+    for word in ("SERVER_ADDRESS", "ACCESS_TOKEN", "demo", "test"):
+        assert word in r.stdout
+
+
+def test_unknown_command_fails(clone):
+    r = _run(clone, "frobnicate")
+    assert r.returncode != 0 and "unknown command: frobnicate" in r.stderr
+
+
+def test_missing_python_is_one_clear_sentence(clone, tmp_path):
+    # A PATH with bash and coreutils but no python at all.
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for tool in ("bash", "dirname", "cat", "sha256sum", "cut", "basename", "id"):
+        os.symlink(shutil.which(tool), bindir / tool)
+    env = {"PATH": str(bindir), "HOME": str(tmp_path), "SLY_VENV": str(tmp_path / "venv")}
+    r = subprocess.run([shutil.which("bash"), str(clone / "run.sh")], cwd=clone, env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0
+    assert "Python 3.11 or newer is needed" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.fixture(scope="module")
+def venv(tmp_path_factory, clone) -> Path:
+    """run.sh creates the virtualenv and installs requirements.txt into it (once per module)."""
+    path = tmp_path_factory.mktemp("venv") / "venv"
+    env = dict(os.environ, SLY_VENV=str(path), DOCKER_HOST="unix:///nonexistent/docker.sock")
+    r = _run(clone, "agent", env=env, timeout=600)
+    # With a dead daemon it must stop after installing, with one clear sentence.
+    assert r.returncode != 0, r.stdout + r.stderr
+    assert "the Docker daemon does not answer" in r.stderr, r.stderr[-2000:]
+    assert (path / "bin" / "python").exists()
+    return path
+
+
+@pytest.mark.timeout(600)
+def test_dead_docker_daemon_is_one_clear_sentence(venv):
+    assert any(p.name.startswith(".installed-requirements.txt") for p in venv.iterdir())
+
+
+@pytest.mark.docker
+@pytest.mark.timeout(300)
+def test_agent_runs_in_foreground_and_sigterm_exits_zero(clone, venv, server, tmp_path, docker_client):
+    admin = server.admin()
+    agent = admin.post(server.url + "/api/v1/agents", json={"name": "runsh-node"}).json()
+    env = dict(os.environ, SLY_VENV=str(venv), SERVER_ADDRESS=server.url, ACCESS_TOKEN=agent["token"],
+               AGENT_HOST_DIR=str(tmp_path / "agent"), TELEMETRY_INTERVAL="1", MIN_FREE_DISK_MB="64")
+    proc = subprocess.Popen(["bash", str(clone / "run.sh")], cwd=clone, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        def online():
+            a = admin.get(f"{server.url}/api/v1/agents/{agent['id']}").json()
+            return a.get("status") == "online"
+        poll_for(online, timeout=60, what="the agent started by run.sh to come online")
+        # run.sh execs the agent, so the signal reaches it directly: SIGTERM drains and exits 0.
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0, out[-3000:]
+        assert agent["token"] not in out
+        assert (tmp_path / "agent" / "logs").is_dir()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
