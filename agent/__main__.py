@@ -27,7 +27,7 @@ def main() -> int:
         return fail(EXIT_CONFIG, f"config error: {e}")
 
     from agent import storage
-    from agent.agentlog import setup_logging
+    from agent.agentlog import open_stderr, setup_logging
     from agent.masking import Masker
     try:
         storage.ensure_layout(config)
@@ -51,6 +51,7 @@ def main() -> int:
             return fail(EXIT_UNREACHABLE, f"the server at {config.server_address} is unreachable ({e.detail})")
         log.error("connect failed: %s", e)
         return fail(EXIT_UNREACHABLE, f"the server at {config.server_address} answered connect with {e.status} {e.code}")
+    open_stderr()
     agent_info = answer.get("agent") or {}
     log.info("connected as agent %s (%s); allowed task types %s", agent_info.get("id"), agent_info.get("name"),
              agent_info.get("allowed_task_types"))

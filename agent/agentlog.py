@@ -28,15 +28,30 @@ class MaskingFormatter(logging.Formatter):
         return self.masker(super().format(record))
 
 
+class StderrGate(logging.Filter):
+    """Keeps stderr quiet until the agent has connected: a start-up failure is one line there."""
+
+    open = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return StderrGate.open
+
+
+def open_stderr() -> None:
+    StderrGate.open = True
+
+
 def setup_logging(config: Config, masker: Masker, multiprocess: bool = True) -> Path:
-    """Log to the agent's log file and stderr; return the file's path."""
+    """Log to the agent's log file and (once connected) stderr; return the file's path."""
     path = config.logs_dir / time.strftime("log_%Y-%m-%d_%H:%M:%S.txt", time.localtime())
     path.parent.mkdir(parents=True, exist_ok=True)
     fmt = MaskingFormatter(masker)
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
-    for h in (logging.FileHandler(path, encoding="utf-8"), logging.StreamHandler(sys.stderr)):
+    stderr = logging.StreamHandler(sys.stderr)
+    stderr.addFilter(StderrGate())
+    for h in (logging.FileHandler(path, encoding="utf-8"), stderr):
         h.setFormatter(fmt)
         root.addHandler(h)
     root.setLevel(getattr(logging, str(config.log_level).upper(), logging.INFO))

@@ -1,0 +1,202 @@
+"""The agent's process tree with real processes, real signals and the real server."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.agent.conftest import assert_counter_log
+from tests.support.procs import free_port, poll_for
+from tests.support.server import REPO
+
+
+def cmdline(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+
+
+def test_tree_titles_and_sigterm_drain(server, make_agent):
+    """ps shows the tree while two tasks run; SIGTERM: no new task, both finish, exit 0."""
+    a = make_agent(server).start()
+    t1 = a.create_task(config={"lines": 40, "rate": 10})
+    t2 = a.create_task(config={"lines": 30, "rate": 10})
+    poll_for(lambda: a.task_pid(t1) and a.task_pid(t2), timeout=15, what="two task processes")
+    assert cmdline(a.proc.pid) == "sly-agent: supervisor"
+    titles = sorted(t.strip() for t in a.titles().values())
+    assert titles == ["sly-agent: log-shipper", f"sly-agent: task {t1} custom [running]",
+                      f"sly-agent: task {t2} custom [running]", "sly-agent: telemetry"], titles
+    # children live in their own process groups
+    assert all(os.getpgid(pid) == pid for pid in a.titles())
+
+    a.signal(signal.SIGTERM)
+    t3 = a.create_task(config={"lines": 5, "rate": 0})
+    assert a.wait_exit(60) == 0
+    assert a.task(t1)["state"] == "finished" and a.task(t2)["state"] == "finished"
+    assert a.task(t3)["state"] == "queued"          # no new task taken while draining
+    assert_counter_log(a.logs(t1), 40)
+    assert_counter_log(a.logs(t2), 30)
+    log_files = list((a.root / "logs").glob("log_*.txt"))
+    assert len(log_files) == 1 and "SIGTERM: draining" in log_files[0].read_text()
+
+
+def test_kill_helpers_repeatedly_mid_task(server, make_agent):
+    """kill -9 of telemetry and log-shipper, 10 times each: back within seconds; logs complete."""
+    a = make_agent(server).start(CHILD_RESTART_WINDOW=2, CHILD_RESTART_MAX=100)
+    sup = a.proc.pid
+    t1 = a.create_task(config={"lines": 200, "rate": 25, "batch": 5})
+    t2 = a.create_task(config={"lines": 150, "rate": 20})
+    poll_for(lambda: a.task_pid(t1) and a.task_pid(t2), timeout=15, what="two task processes")
+    for _ in range(10):
+        old = {role: a.child(role) for role in ("telemetry", "log-shipper")}
+        for pid in old.values():
+            os.kill(pid, signal.SIGKILL)
+        for role, pid in old.items():
+            poll_for(lambda: a.child(role) not in (None, pid), timeout=10, what=f"{role} restarted")
+    assert a.proc.poll() is None and a.proc.pid == sup
+    assert a.wait_state(t1)["state"] == "finished"
+    assert a.wait_state(t2)["state"] == "finished"
+    assert_counter_log(a.logs(t1), 200)
+    assert_counter_log(a.logs(t2), 150)
+    log = next((a.root / "logs").glob("log_*.txt")).read_text()
+    assert log.count("log-shipper died (killed by SIGKILL)") == 10
+    assert log.count("telemetry died (killed by SIGKILL)") == 10
+
+
+def test_kill_task_process(server, make_agent):
+    """kill -9 of a task process: the agent lives and the task ends failed, naming the signal."""
+    a = make_agent(server).start()
+    sup = a.proc.pid
+    tid = a.create_task(config={"lines": 1000, "rate": 20})
+    poll_for(lambda: a.task_pid(tid) and a.task(tid)["state"] == "running", timeout=15, what="task running")
+    os.kill(a.task_pid(tid), signal.SIGKILL)
+    t = a.wait_state(tid)
+    assert t["state"] == "failed" and t["error"] == "task process killed by SIGKILL", t
+    # its log up to the kill is on the server, contiguous
+    lines = a.logs(tid)
+    assert [l["seq"] for l in lines] == list(range(len(lines)))
+    assert a.proc.poll() is None and a.proc.pid == sup
+    ok = a.create_task(config={"lines": 5, "rate": 0})
+    assert a.wait_state(ok)["state"] == "finished"
+
+
+@pytest.mark.parametrize("handler, reason", [("segfault", "killed by SIGSEGV"),
+                                             ("raiser", "handler raised RuntimeError")])
+def test_crashing_handlers(server, make_agent, handler, reason):
+    a = make_agent(server).start(handler=handler)
+    tid = a.create_task()
+    t = a.wait_state(tid)
+    assert t["state"] == "failed" and reason in t["error"], t
+    assert a.proc.poll() is None
+    if handler == "raiser":
+        assert any("handler raised RuntimeError" in l["message"] and l["stream"] == "agent" for l in a.logs(tid))
+
+
+def test_kill_supervisor_and_restart_loses_nothing(server, make_agent):
+    """kill -9 of the supervisor mid-task; the restarted agent adopts the task; no line lost or doubled."""
+    a = make_agent(server).start()
+    tid = a.create_task(config={"lines": 80, "rate": 20})
+    poll_for(lambda: len(a.logs(tid)) >= 15, timeout=20, what="some lines shipped")
+    children = list(a.titles())
+    a.proc.kill()
+    a.proc.wait(10)
+    psutil.wait_procs([psutil.Process(p) for p in children if psutil.pid_exists(p)], timeout=10)
+    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in children)
+    a.start()
+    t = a.wait_state(tid, timeout=60)
+    assert t["state"] == "finished", t
+    assert_counter_log(a.logs(tid), 80)
+
+
+def test_server_outage_loses_no_line(fresh_server, make_agent):
+    """The server stops for 6 s (the issue says 30 s; shortened for CI) while a task logs 10 lines/s."""
+    a = make_agent(fresh_server).start()
+    tid = a.create_task(config={"lines": 120, "rate": 10})
+    poll_for(lambda: len(a.logs(tid)) >= 20, timeout=20, what="lines before the outage")
+    fresh_server.stop()
+    import time
+    time.sleep(6)      # the outage itself (not synchronisation)
+    fresh_server.start()
+    t = a.wait_state(tid, timeout=60)
+    assert t["state"] == "finished", t
+    assert_counter_log(a.logs(tid), 120)
+
+
+def test_stop_request_from_the_server(server, make_agent):
+    a = make_agent(server).start(handler="sleeper")
+    tid = a.create_task()
+    a.wait_state(tid, states=("running",), timeout=15)
+    a.admin.post(f"{server.url}/api/v1/tasks/{tid}/stop").raise_for_status()
+    t = a.wait_state(tid, timeout=30)
+    assert t["state"] == "stopped", t
+
+
+def test_second_sigterm_stops_tasks(server, make_agent):
+    a = make_agent(server).start(handler="sleeper")
+    t1, t2 = a.create_task(), a.create_task()
+    poll_for(lambda: all(a.task(t)["state"] == "running" for t in (t1, t2)), timeout=15, what="running")
+    a.signal(signal.SIGTERM)
+    # the same signal twice before the handler runs is one signal (POSIX): wait for the first
+    poll_for(lambda: "SIGTERM: draining" in a.stderr(), timeout=10, what="drain")
+    a.signal(signal.SIGTERM)
+    assert a.wait_exit(30) == 0
+    assert a.task(t1)["state"] == "stopped" and a.task(t2)["state"] == "stopped"
+
+
+def test_secrets_never_reach_disk_or_server(server, make_agent):
+    a = make_agent(server).start(handler="secret_logger")
+    tid = a.create_task()
+    assert a.wait_state(tid)["state"] == "finished"
+    messages = [l["message"] for l in a.logs(tid)]
+    assert "db password=*** connected" in messages and not any(a.token in m for m in messages)
+    a.signal(signal.SIGTERM)
+    assert a.wait_exit(30) == 0
+    for p in a.root.rglob("*"):
+        if p.is_file():
+            assert a.token.encode() not in p.read_bytes(), p
+    assert a.token not in a.stderr()
+
+
+def test_helper_fatal_is_logged_and_reported(server, make_agent):
+    a = make_agent(server).start(CHILD_RESTART_MAX=3, CHILD_RESTART_WINDOW=60)
+    for _ in range(3):
+        pid = poll_for(lambda: a.child("telemetry"), timeout=10, what="telemetry")
+        os.kill(pid, signal.SIGKILL)
+        poll_for(lambda: a.child("telemetry") != pid, timeout=10, what="telemetry gone")
+    log_file = next((a.root / "logs").glob("log_*.txt"))
+    poll_for(lambda: "telemetry died 3 times" in log_file.read_text(), timeout=10, what="FATAL in the log")
+
+    def reported():
+        r = a.admin.get(f"{server.url}/api/v1/agents/{a.id}")
+        return "fatal" in (r.json().get("telemetry") or {})
+    poll_for(reported, timeout=10, what="FATAL reported to the server")
+    assert a.child("telemetry") is None and a.proc.poll() is None
+    tid = a.create_task(config={"lines": 5, "rate": 0})
+    assert a.wait_state(tid)["state"] == "finished"      # the agent still works without telemetry
+
+
+# --- start-up errors: one line on stderr, a distinct exit code ---
+def run_agent(env: dict, timeout: float = 30) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items() if k not in ("SERVER_ADDRESS", "ACCESS_TOKEN", "AGENT_HOST_DIR")}
+    return subprocess.run([sys.executable, "-m", "agent"], cwd=REPO, env={**base, **env}, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_exit_codes(server, tmp_path):
+    root = str(tmp_path / "root")
+    cases = [
+        ({"ACCESS_TOKEN": "x" * 32, "AGENT_HOST_DIR": root}, 2, "SERVER_ADDRESS"),
+        ({"SERVER_ADDRESS": server.url, "ACCESS_TOKEN": "short", "AGENT_HOST_DIR": root}, 2, "ACCESS_TOKEN"),
+        ({"SERVER_ADDRESS": server.url, "ACCESS_TOKEN": "A" * 32, "AGENT_HOST_DIR": root, "MAX_TASKS": "zero"}, 2, "MAX_TASKS"),
+        ({"SERVER_ADDRESS": server.url, "ACCESS_TOKEN": "A" * 32, "AGENT_HOST_DIR": root}, 3, "refused"),
+        ({"SERVER_ADDRESS": f"http://127.0.0.1:{free_port()}", "ACCESS_TOKEN": "A" * 32, "AGENT_HOST_DIR": root}, 4, "unreachable"),
+    ]
+    for env, code, word in cases:
+        r = run_agent(env)
+        assert r.returncode == code, (env, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and word in lines[0] and "Traceback" not in r.stderr, r.stderr
+        assert "A" * 32 not in r.stderr
