@@ -259,9 +259,10 @@ def test_upload_folder_as_project_and_model(console, server, tmp_path):
 
     page.goto(server.url + "/models")
     page.get_by_label("Folder", exact=True).set_input_files(root / "train")
+    page.get_by_label("Name", exact=True).fill("cats-weights")
     page.get_by_role("button", name="Upload").click()
     expect(page.locator("#up-status")).to_contain_text("Uploaded model")
-    expect(page.locator("#items tr", has_text="train")).to_have_count(1)
+    expect(page.locator("#items tr", has_text="cats-weights")).to_contain_text("2 files")
     shot(page, "models")
 
 

@@ -155,7 +155,9 @@ SLY.chart = function (fig, title, series, yMax, unit) {
   fig.replaceChildren();
   fig.className = "chart";
   const all = series.flatMap(s => s.points);
-  const last = series.map(s => s.points.length ? `${s.name} ${Math.round(s.points[s.points.length - 1][1])}${unit || "%"}` : "").filter(Boolean);
+  if (unit === undefined) unit = "%";
+  const fmt = v => unit === "%" ? `${Math.round(v)}%` : `${Number(v.toPrecision(3))}${unit}`;
+  const last = series.map(s => s.points.length ? `${s.name} ${fmt(s.points[s.points.length - 1][1])}` : "").filter(Boolean);
   fig.append(SLY.el("figcaption", {}, title, last.length ? SLY.el("span", { class: "barlabel" }, last.join(", ")) : ""));
   const svg = document.createElementNS(ns, "svg");
   svg.setAttribute("viewBox", `0 0 ${W} ${H}`);

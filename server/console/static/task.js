@@ -4,7 +4,7 @@
   const id = document.getElementById("task").dataset.id;
   const log = document.getElementById("log"), followNote = document.getElementById("log-follow");
   const bar = document.getElementById("t-progress"), barText = document.getElementById("t-progress-text");
-  let lastSeq = -1, source = null, task = null, follow = true, ended = false, resultsKey = "";
+  let lastSeq = -1, liveProgress = false, source = null, task = null, follow = true, ended = false, resultsKey = "";
 
   // Auto-scroll only while the reader is at the bottom; scrolling up pauses it, scrolling back resumes.
   log.addEventListener("scroll", () => {
@@ -13,7 +13,7 @@
   });
 
   function setProgress(p) {
-    if (!p || !p.total) { bar.removeAttribute("value"); barText.textContent = ""; return; }
+    if (!p || !p.total) { bar.value = 0; barText.textContent = "none reported"; return; }
     bar.max = p.total; bar.value = Math.min(p.current, p.total);
     barText.textContent = `${p.current} / ${p.total} (${Math.round(100 * p.current / p.total)}%)`;
   }
@@ -29,7 +29,7 @@
       frag.append(SLY.el("div", { class: `line src-${stream} lvl-${level}`, dataset: { seq: l.seq, stream, level } },
         SLY.el("span", { class: "ts" }, l.ts ? new Date(SLY.ms(l.ts)).toLocaleTimeString() : ""),
         stream !== "stdout" ? `[${stream}] ` : "", level !== "info" ? `${level.toUpperCase()}: ` : "", l.message ?? ""));
-      if (isProgress(l) && typeof l.total === "number") setProgress({ current: l.current, total: l.total });
+      if (isProgress(l) && typeof l.total === "number") { liveProgress = true; setProgress({ current: l.current, total: l.total }); }
     }
     log.append(frag);
     if (follow) log.scrollTop = log.scrollHeight;
@@ -106,7 +106,7 @@
     document.getElementById("t-exit").textContent = task.exit_code ?? "—";
     document.getElementById("t-error").textContent = task.error || "—";
     document.getElementById("t-stop").hidden = SLY.FINAL_STATES.includes(task.state);
-    if (task.progress) setProgress(task.progress);
+    if (task.progress || !liveProgress) setProgress(task.progress);
     timeline(task);
     results(task);
     if (["running", "uploading"].includes(task.state) || SLY.FINAL_STATES.includes(task.state)) metrics();
