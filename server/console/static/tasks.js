@@ -81,7 +81,10 @@
       : [SLY.el("option", { value: "" }, "no online node allows this type")]));
     if (ok.some(a => String(a.id) === keep)) ntNode.value = keep;
   }
-  ntType.addEventListener("change", fillNodes);
+  ntType.addEventListener("change", () => {
+    fillNodes();
+    document.getElementById("nt-image").required = ntType.value !== "cleanup";   // cleanup runs no container
+  });
 
   let formLoaded = false;
   document.getElementById("new-task").addEventListener("toggle", async (ev) => {
@@ -110,7 +113,8 @@
     if (v("nt-cpus") !== "") resources.cpus = Number(v("nt-cpus"));
     if (v("nt-memory")) resources.memory = v("nt-memory");
     if (v("nt-shm")) resources.shm_size = v("nt-shm");
-    const body = { agent_id: Number(ntNode.value), type: ntType.value, image: v("nt-image"), config, resources };
+    const body = { agent_id: Number(ntNode.value), type: ntType.value, config, resources };
+    if (v("nt-image")) body.image = v("nt-image");
     if (v("nt-command")) body.command = v("nt-command");
     if (v("nt-project")) body.project_id = Number(v("nt-project"));
     if (v("nt-model")) body.model_id = Number(v("nt-model"));
