@@ -201,6 +201,22 @@ def test_rotate_and_delete_ask_first(console, server):
     assert server.admin().get(f"{server.url}/api/v1/agents/{created['id']}", timeout=10).status_code == 404
 
 
+def test_long_log_of_an_ended_task_loads_and_keeps_the_newest_lines(console, server):
+    created, agent = online_agent(server, "chatty", ["custom"])
+    task = server.admin().post(server.url + "/api/v1/tasks", json={"agent_id": created["id"], "type": "custom",
+                                                                  "image": "sly-test/busybox:latest"}, timeout=10).json()
+    agent.poll_until("tasks")
+    agent.state(task["id"], "running")
+    agent.log(task["id"], *[f"line {i}" for i in range(5100)])
+    agent.state(task["id"], "finished", exit_code=0)
+    page = console
+    page.goto(f"{server.url}/tasks/{task['id']}")
+    expect(page.locator("#log-trimmed")).to_contain_text("100 earlier lines")
+    expect(page.locator("#log .line")).to_have_count(5000)
+    assert page.locator("#log .line").first.get_attribute("data-seq") == "100"
+    assert page.locator("#log .line").last.inner_text().endswith("line 5099")
+
+
 def test_telemetry_charts_drawn_for_a_reporting_agent(console, server):
     gpus = [{"index": 0, "name": "Fake A100", "memory_total": 40 << 30, "memory_used": 10 << 30, "utilization": 55}]
     created, agent = online_agent(server, "reporter", gpus=gpus)

@@ -20,7 +20,16 @@
 
   function isProgress(l) { return l.event_type === "progress" || l.event_type === "EventType.PROGRESS"; }
 
-  function addLines(lines) {
+  // Lines arrive one SSE event each; draw them in batches so a long log renders in few reflows.
+  const MAX_LINES = 5000;   // the DOM keeps the newest lines only; the API has them all
+  let pending = [], flushTimer = null, trimmed = 0, shown = 0;
+  function queueLine(l) {
+    pending.push(l);
+    if (!flushTimer) flushTimer = setTimeout(flush, 30);
+  }
+  function flush() {
+    flushTimer = null;
+    const lines = pending; pending = [];
     const frag = document.createDocumentFragment();
     for (const l of lines) {
       if (l.seq <= lastSeq) continue;  // never show a line twice (reconnects resend from `after`)
@@ -31,15 +40,22 @@
         stream !== "stdout" ? `[${stream}] ` : "", level !== "info" ? `${level.toUpperCase()}: ` : "", l.message ?? ""));
       if (isProgress(l) && typeof l.total === "number") { liveProgress = true; setProgress({ current: l.current, total: l.total }); }
     }
+    shown += frag.childNodes.length;
     log.append(frag);
+    if (shown > MAX_LINES) {
+      let note = document.getElementById("log-trimmed");
+      if (!note) { note = SLY.el("div", { id: "log-trimmed", class: "hint" }); log.prepend(note); }
+      for (; shown > MAX_LINES; shown--, trimmed++) note.nextSibling.remove();
+      note.textContent = `${trimmed} earlier lines not shown (GET /api/v1/tasks/${id}/logs has them all)`;
+    }
     if (follow) log.scrollTop = log.scrollHeight;
   }
 
   function openStream() {
     if (ended) return;
     source = new EventSource(`/api/v1/tasks/${id}/logs?follow=1&after=${lastSeq}`);
-    source.addEventListener("line", (ev) => addLines([JSON.parse(ev.data)]));
-    source.addEventListener("end", () => { ended = true; source.close(); refresh(); });
+    source.addEventListener("line", (ev) => queueLine(JSON.parse(ev.data)));
+    source.addEventListener("end", () => { ended = true; source.close(); flush(); refresh(); });
     source.onerror = () => {
       // Reconnect ourselves from the last seq we drew (the browser's retry would not know it).
       source.close();
