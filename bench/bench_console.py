@@ -1,0 +1,129 @@
+"""Console benchmark: how fast the task page draws a log, against a plain SSE reader as baseline.
+
+    python bench/bench_console.py [--lines 50000] [--live 50]
+
+- replay: a finished task with --lines lines; time until the page (headless Chromium) has drawn
+  the last line, against `requests` reading the same server-sent events to `end` (baseline).
+- live: one line posted by the agent at a time; time from the POST to the line in the page's DOM,
+  against the time to the same line arriving at a `requests` SSE reader (baseline). p50 / p95.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import requests
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.browser.conftest import CHROMIUM_ARGS  # noqa: E402
+from tests.support.fake_agent import FakeAgent  # noqa: E402
+from tests.support.server import ServerProcess  # noqa: E402
+
+
+def sse_lines(url: str, token: str, task_id: int, on_line=None) -> int:
+    """Read the task's log stream to `end`; returns the number of lines."""
+    n = 0
+    with requests.get(f"{url}/api/v1/tasks/{task_id}/logs", params={"follow": 1, "after": -1},
+                      headers={"Authorization": f"Bearer {token}"}, stream=True, timeout=(10, 120)) as r:
+        event = None
+        for raw in r.iter_lines(decode_unicode=True):
+            if raw.startswith("event:"):
+                event = raw[6:].strip()
+            elif raw.startswith("data:") and event == "line":
+                n += 1
+                if on_line:
+                    on_line(json.loads(raw[5:]))
+            elif raw == "" and event == "end":
+                return n
+    return n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--lines", type=int, default=50000)
+    ap.add_argument("--live", type=int, default=50)
+    args = ap.parse_args()
+    from playwright.sync_api import sync_playwright
+
+    with tempfile.TemporaryDirectory() as tmp:
+        srv = ServerProcess(Path(tmp) / "data").start()
+        admin = srv.admin()
+        try:
+            a = admin.post(srv.url + "/api/v1/agents", json={"name": "bench"}).json()
+            agent = FakeAgent(srv.url, a["token"])
+            agent.connect()
+
+            def new_task() -> int:
+                t = admin.post(srv.url + "/api/v1/tasks", json={"agent_id": a["id"], "type": "custom", "image": "x"}).json()
+                agent.poll_until("tasks")
+                agent.state(t["id"], "running")
+                return t["id"]
+
+            done = new_task()
+            for i in range(0, args.lines, 5000):
+                agent.log(done, *[f"line {j} " + "x" * 60 for j in range(i, min(args.lines, i + 5000))])
+            agent.state(done, "finished", exit_code=0)
+
+            t0 = time.perf_counter()
+            assert sse_lines(srv.url, srv.admin_token, done) == args.lines
+            base_replay = time.perf_counter() - t0
+
+            with sync_playwright() as p:
+                b = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+                page = b.new_page()
+                page.goto(srv.url + "/signin")
+                page.fill("#token", srv.admin_token)
+                page.click("button[type=submit]")
+                page.wait_for_url("**/nodes")
+                t0 = time.perf_counter()
+                page.goto(f"{srv.url}/tasks/{done}")
+                page.wait_for_function("(n) => { const l = document.querySelector('#log .line:last-child');"
+                                       " return l && l.dataset.seq == String(n - 1); }", arg=args.lines, timeout=300_000)
+                page_replay = time.perf_counter() - t0
+
+                live = new_task()
+                page.goto(f"{srv.url}/tasks/{live}")
+                page.wait_for_selector("#t-state:text('running')")
+                arrived: dict[int, float] = {}
+                reader = threading.Thread(target=sse_lines, args=(srv.url, srv.admin_token, live,
+                                                                  lambda ln: arrived.__setitem__(ln["seq"], time.perf_counter())),
+                                          daemon=True)
+                reader.start()
+                time.sleep(0.5)   # let the reader's stream open before the first line
+                lat_page, lat_base = [], []
+                for i in range(args.live):
+                    t0 = time.perf_counter()
+                    agent.log(live, f"live {i}")
+                    page.wait_for_function("(s) => { const l = document.querySelector('#log .line:last-child');"
+                                           " return l && l.dataset.seq == String(s); }", arg=i, polling=2)
+                    lat_page.append(time.perf_counter() - t0)
+                    while i not in arrived:
+                        time.sleep(0.001)
+                    lat_base.append(arrived[i] - t0)
+                agent.state(live, "finished", exit_code=0)
+                b.close()
+        finally:
+            srv.stop()
+
+    def q(xs, p):
+        xs = sorted(xs)
+        return xs[min(len(xs) - 1, int(p / 100 * len(xs)))]
+    print(f"{'measure':<34}{'baseline':>14}{'console':>14}{'ratio':>8}")
+    print(f"{f'replay {args.lines} lines (s)':<34}{base_replay:>14.2f}{page_replay:>14.2f}{page_replay / base_replay:>8.2f}")
+    print(f"{'replay rate (lines/s)':<34}{args.lines / base_replay:>14.0f}{args.lines / page_replay:>14.0f}")
+    for name, p in (("live line p50 (ms)", 50), ("live line p95 (ms)", 95)):
+        bq, pq = q(lat_base, p) * 1000, q(lat_page, p) * 1000
+        print(f"{name:<34}{bq:>14.1f}{pq:>14.1f}{pq / bq:>8.2f}")
+    print(f"(live: {args.live} lines, median of both: {statistics.median(lat_base) * 1000:.1f} / "
+          f"{statistics.median(lat_page) * 1000:.1f} ms; the page's 30 ms draw batching is part of its number)")
+
+
+if __name__ == "__main__":
+    main()
