@@ -15,6 +15,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 @pytest.fixture(scope="session")
 def browser(chromium_path):
     sync_api = pytest.importorskip("playwright.sync_api")
+    sync_api.expect.set_options(timeout=15_000)   # CI shares 2 cores with Docker and other suites
     with sync_api.sync_playwright() as p:
         b = p.chromium.launch(executable_path=chromium_path, args=CHROMIUM_ARGS)
         yield b
@@ -24,7 +25,8 @@ def browser(chromium_path):
 @pytest.fixture
 def page(browser):
     ctx = browser.new_context(viewport={"width": 1280, "height": 860})
-    ctx.set_default_timeout(10_000)
+    ctx.set_default_timeout(15_000)
+    ctx.grant_permissions(["clipboard-read", "clipboard-write"])
     pg = ctx.new_page()
     errors: list[str] = []
     pg.on("pageerror", lambda e: errors.append(str(e)))

@@ -41,6 +41,8 @@ def test_sign_in_then_add_node_shows_a_working_token_once(page, server):
     commands = page.locator("#run-commands pre.cmd")
     expect(commands.first).to_contain_text(token)
     assert "docker run" in " ".join(commands.all_inner_texts())
+    page.locator("#token-panel").get_by_role("button", name="Copy", exact=True).click()
+    assert page.evaluate("navigator.clipboard.readText()") == token
     hide_token(page, token)
     shot(page, "nodes-add")
 
@@ -144,6 +146,12 @@ def test_task_from_form_live_log_progress_and_stop(console, server):
     agent.state(task_id, "stopped", exit_code=137)
     expect(row.locator(".state")).to_have_text("stopped", timeout=10_000)
     expect(row.get_by_role("button", name=f"Stop task {task_id}")).to_have_count(0)
+
+    page.get_by_label("State").select_option("running")
+    expect(row).to_have_count(0)
+    page.get_by_label("State").select_option("stopped")
+    expect(row).to_have_count(1)
+    assert "state=stopped" in page.url            # filters are kept in the URL
 
     page.goto(server.url + f"/tasks/{task_id}")
     expect(page.locator("#t-exit")).to_have_text("137")
