@@ -1,0 +1,119 @@
+"""Fixtures for the handler tests: the real server, the real Docker engine, task images built
+FROM the local busybox image, and a leased task wrapped in a TestContext."""
+from __future__ import annotations
+
+import io
+import tarfile
+
+import pytest
+
+from agent.api import AgentAPI
+from agent.config import Config
+from server.client import UserClient
+from tests.workers.ctx import TestContext
+
+TASK_IMAGE = "sly-test/worker-tasks:latest"
+
+SCRIPTS = {
+    # train-like: reads its config and data, prints SDK-style progress/checkpoint/metrics, writes a model
+    "train.sh": r"""#!/bin/sh
+set -e
+grep -q '"type": "train"' /sly_task_data/task_config.json
+n=$(find /sly_task_data/data/projects -type f | wc -l)
+echo "found $n input files"
+mkdir -p /sly_task_data/results/model /sly_task_data/results/checkpoints
+i=1
+while [ $i -le 3 ]; do
+  echo "{\"message\": \"epoch $i\", \"event_type\": \"EventType.PROGRESS\", \"subtask\": \"train\", \"current\": $i, \"total\": 3}"
+  echo "{\"message\": \"metrics\", \"event_type\": \"EventType.METRICS\", \"type\": \"train\", \"epoch\": $i, \"metrics\": {\"loss\": 0.$i}}"
+  echo "weights of epoch $i" > /sly_task_data/results/checkpoints/ep$i.txt
+  echo "{\"message\": \"checkpoint $i\", \"event_type\": \"EventType.CHECKPOINT\", \"subdir\": \"checkpoints\", \"id\": $i, \"sizeb\": 18, \"best_now\": true}"
+  i=$((i+1))
+done
+echo "a warning on stderr" >&2
+cat $(find /sly_task_data/data/projects -type f | sort) | md5sum > /sly_task_data/results/model/weights.bin
+cp /sly_task_data/data/model/* /sly_task_data/results/model/ 2>/dev/null || true
+echo '{"message": "training done", "level": "WARN", "accuracy": 0.93}'
+""",
+    "infer.sh": r"""#!/bin/sh
+set -e
+cd /sly_task_data/data/projects/*/
+for ds in *; do
+  mkdir -p /sly_task_data/results/project/$ds
+  for f in $ds/*; do
+    wc -c < $f > /sly_task_data/results/project/$ds/$(basename $f).json
+  done
+done
+echo "predicted $(find /sly_task_data/results/project -type f | wc -l) items"
+""",
+    "fail.sh": "#!/bin/sh\necho starting\necho 'something broke' >&2\nexit 3\n",
+    "eat.sh": "#!/bin/sh\necho eating\nhead -c 200m /dev/zero | tail > /dev/null\n",
+    "forever.sh": "#!/bin/sh\ntrap 'echo got SIGTERM; exit 143' TERM\necho running forever\n"
+                  "while true; do sleep 0.1; done\n",
+    "count.sh": "#!/bin/sh\n# count N DELAY: numbered lines, slowly\ni=1\nwhile [ $i -le $1 ]; do echo \"line $i\"; "
+                "i=$((i+1)); sleep $2; done\nmkdir -p /sly_task_data/results\necho ok > /sly_task_data/results/out.txt\n",
+    "weird.sh": "#!/bin/sh\nhead -c 100000 /dev/zero | tr '\\0' a; echo\nprintf 'bad \\377\\376 bytes\\n'\n"
+                "echo 'to stderr' >&2\necho '{\"message\": \"structured\", \"level\": \"error\", \"ts\": 5, \"k\": [1]}'\n"
+                "echo '{not json'\nprintf 'no newline at the end'\n",
+    "env.sh": "#!/bin/sh\necho TASK_ID=$TASK_ID TASK_TYPE=$TASK_TYPE PYTHONUNBUFFERED=$PYTHONUNBUFFERED\n"
+              "grep NoNewPrivs /proc/self/status\nls /sly_task_data\nls /var/run/docker.sock 2>&1 || true\n",
+}
+
+
+def build_task_image(docker_client, busybox_image) -> str:
+    dockerfile = f"FROM {busybox_image}\nCOPY *.sh /bin/\nRUN chmod 755 /bin/*.sh\n"
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, text in {"Dockerfile": dockerfile, **SCRIPTS}.items():
+            data = text.encode()
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), 0o755
+            tar.addfile(info, io.BytesIO(data))
+    buf.seek(0)
+    docker_client.images.build(fileobj=buf, custom_context=True, tag=TASK_IMAGE, rm=True, forcerm=True)
+    return TASK_IMAGE
+
+
+@pytest.fixture(scope="session")
+def task_image(docker_client, busybox_image):
+    return build_task_image(docker_client, busybox_image)
+
+
+@pytest.fixture(scope="session")
+def user(server):
+    return UserClient(server.url, server.admin_token)
+
+
+class Node:
+    """An agent record on the server plus its local storage root; leases tasks like the agent does."""
+
+    def __init__(self, user: UserClient, server, root):
+        body = user.create_agent(f"workers-{root.name}")
+        self.id, self.token, self.user, self.server, self.root = body["id"], body["token"], user, server, root
+        self.api = AgentAPI(server.url, self.token, retries=1)
+        self.leased: list[int] = []
+
+    def config(self, **over) -> Config:
+        values = dict(server_address=self.server.url, access_token=self.token, host_dir=str(self.root),
+                      agent_dir=str(self.root), min_free_disk_mb=1, stop_grace_s=1.0, task_dir_cleanup="never")
+        values.update(over)
+        return Config(**values)
+
+    def lease(self, **task) -> dict:
+        """Create a task on the server and take it from a poll, as the supervisor would."""
+        created = self.user.create_task(self.id, **task)
+        for _ in range(5):
+            answer = self.api.poll(free_slots=8, free_gpus=[], running=list(self.leased), wait=1)
+            for t in answer["tasks"]:
+                if t["id"] == created["id"]:
+                    self.leased.append(t["id"])
+                    return t
+        raise AssertionError(f"task {created['id']} was not handed out")
+
+    def ctx(self, config: Config | None = None, **task) -> TestContext:
+        return TestContext(self.lease(**task), config or self.config())
+
+
+@pytest.fixture
+def node(user, server, tmp_path):
+    return Node(user, server, tmp_path / "agent")

@@ -1,0 +1,250 @@
+"""One task's container through the docker SDK: pull, create, stream its output, stop, inspect.
+
+The output is read from the Engine's log endpoint (`follow=1&timestamps=1`) with large socket
+reads and our own frame decoder (workers/logparse.py): every line gets its container timestamp
+`cts`, so a re-attaching task process resumes right after the last line in the durable log.
+"""
+from __future__ import annotations
+
+import collections
+import shlex
+import threading
+import time
+
+from workers.errors import TaskError
+from workers.logparse import FrameDecoder
+
+LABEL_AGENT = "sly-agent.agent"
+LABEL_TASK = "sly-agent.task"
+BATCH_LINES = 1000
+BATCH_INTERVAL_S = 0.05
+READ_SIZE = 1 << 20
+PULL_LOG_EVERY_S = 1.0
+
+
+def container_name(task_id: int) -> str:
+    return f"sly_task_{task_id}"
+
+
+def docker_client(timeout: float = 120):
+    import docker
+    return docker.from_env(timeout=timeout)
+
+
+def ensure_image(client, image: str, policy: str, log) -> None:
+    """Apply the pull policy (if-not-present, always, never); pull progress goes to `log`."""
+    import docker
+    if not image:
+        raise TaskError("the task has no image")
+    present = True
+    try:
+        client.images.get(image)
+    except docker.errors.ImageNotFound:
+        present = False
+    except docker.errors.APIError as e:
+        raise TaskError(f"image {image}: {e.explanation or e}") from None
+    if policy == "never" or (policy == "if-not-present" and present):
+        if not present:
+            raise TaskError(f"image {image} is not on this node and PULL_POLICY=never forbids pulling it")
+        return
+    repo, tag = _split_image(image)
+    log(f"pulling image {image}")
+    last = 0.0
+    try:
+        for ev in client.api.pull(repo, tag=tag, stream=True, decode=True):
+            if "error" in ev:
+                raise TaskError(f"cannot pull image {image}: {ev['error']}")
+            now = time.monotonic()
+            if now - last >= PULL_LOG_EVERY_S:
+                last = now
+                log(f"pull {image}: {ev.get('id', '')} {ev.get('status', '')} {ev.get('progress', '')}".rstrip())
+    except docker.errors.APIError as e:
+        if policy == "always" and present:
+            log(f"pull of {image} failed ({e.explanation or e}); using the local image", level="warning")
+            return
+        raise TaskError(f"cannot pull image {image}: {e.explanation or e}") from None
+    log(f"pulled image {image}")
+
+
+def _split_image(image: str) -> tuple[str, str]:
+    if "@" in image:
+        return image, None
+    name, _, tag = image.rpartition(":")
+    if name and "/" not in tag:
+        return name, tag
+    return image, "latest"
+
+
+def _size(value):
+    """Resources: an int of bytes, or a docker size string ('512m', '2g')."""
+    if value is None or value == "" or value == 0:
+        return None
+    return value if isinstance(value, (int, str)) else str(value)
+
+
+def create_kwargs(ctx) -> dict:
+    """Everything `containers.create` gets for this task."""
+    task, cfg = ctx.task, ctx.config
+    res = task.get("resources") or {}
+    env = {"TASK_ID": str(ctx.task_id), "TASK_TYPE": str(task.get("type", "")), "PYTHONUNBUFFERED": "1"}
+    kw: dict = {
+        "image": task.get("image"),
+        "name": container_name(ctx.task_id),
+        "labels": {LABEL_AGENT: cfg.identity, LABEL_TASK: str(ctx.task_id)},
+        "environment": env,
+        "volumes": {cfg.host_path(ctx.task_dir): {"bind": "/sly_task_data", "mode": "rw"}},
+        "security_opt": ["no-new-privileges"],
+        "privileged": False,
+        "detach": True,
+    }
+    command = task.get("command")
+    if command:
+        kw["command"] = shlex.split(command) if isinstance(command, str) else [str(c) for c in command]
+    if ctx.gpus:
+        from docker.types import DeviceRequest
+        ids = [str(g) for g in ctx.gpus]
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(ids)
+        kw["device_requests"] = [DeviceRequest(device_ids=ids, capabilities=[["gpu"]])]
+    else:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    if res.get("cpus"):
+        kw["nano_cpus"] = int(float(res["cpus"]) * 1e9)
+    mem = _size(res.get("memory"))
+    if mem is not None:
+        kw["mem_limit"] = mem
+        kw["memswap_limit"] = mem      # no swap beyond the limit: over it is an OOM kill, not thrashing
+    shm = _size(res.get("shm_size"))
+    if shm is not None:
+        kw["shm_size"] = shm
+    return kw
+
+
+def spawn_container(client, ctx):
+    """Create and start the task's container (a stale one of the same name is removed first)."""
+    import docker
+    kw = create_kwargs(ctx)
+    try:
+        client.containers.get(kw["name"]).remove(force=True)
+    except docker.errors.NotFound:
+        pass
+    try:
+        container = client.containers.create(**kw)
+    except docker.errors.ImageNotFound:
+        raise TaskError(f"image {kw['image']} is not on this node") from None
+    except docker.errors.APIError as e:
+        raise TaskError(f"cannot create the container: {e.explanation or e}") from None
+    try:
+        container.start()
+    except docker.errors.APIError as e:
+        container.remove(force=True)
+        raise TaskError(f"cannot start the container: {e.explanation or e}") from None
+    return container
+
+
+def find_container(client, task_id: int):
+    import docker
+    try:
+        return client.containers.get(container_name(task_id))
+    except docker.errors.NotFound:
+        return None
+
+
+class LogPump(threading.Thread):
+    """Thread: the container's output -> ctx.emit batches (<= BATCH_LINES lines, <= 50 ms old)."""
+
+    def __init__(self, ctx, client, container, since_ns: int | None = None, on_event=None, tail_lines: int = 20):
+        super().__init__(name="log-pump", daemon=True)
+        self.ctx, self.client, self.container = ctx, client, container
+        self.since_ns = since_ns
+        self.on_event = on_event
+        self.tail = collections.deque(maxlen=tail_lines)
+        self.lines = 0
+        self.error: BaseException | None = None
+        self.response = None
+
+    def _open(self):
+        api = self.client.api
+        params = {"stdout": 1, "stderr": 1, "timestamps": 1, "follow": 1}
+        if self.since_ns:
+            params["since"] = f"{self.since_ns // 1_000_000_000}.{self.since_ns % 1_000_000_000:09d}"
+        r = api._get(api._url("/containers/{0}/logs", self.container.id), params=params, stream=True, timeout=None)
+        api._raise_for_status(r)
+        return r
+
+    def run(self) -> None:
+        try:
+            self._pump()
+        except BaseException as e:  # noqa: BLE001 - the handler reports it
+            self.error = e
+
+    def _pump(self) -> None:
+        ctx = self.ctx
+
+        def on_event(line):
+            if line.get("event_type") == "progress":
+                cur, tot = line.get("current"), line.get("total")
+                if isinstance(cur, (int, float)) and isinstance(tot, (int, float)):
+                    ctx.progress(cur, tot)
+            if self.on_event is not None:
+                self.on_event(line)
+
+        decoder = FrameDecoder(skip_until_ns=self.since_ns, on_event=on_event)
+        self.response = r = self._open()
+        raw = r.raw
+        read = raw.read1 if hasattr(raw, "read1") else raw.read
+        batch: list = []
+        first_pending = 0.0
+        try:
+            while True:
+                data = read(READ_SIZE)
+                if not data:
+                    break
+                n0 = len(batch)
+                decoder.feed(data, batch)
+                if batch and not n0:
+                    first_pending = time.monotonic()
+                # Flush when the batch is big, old, or we caught up with the container (short read).
+                if batch and (len(batch) >= BATCH_LINES or len(data) < READ_SIZE // 4
+                              or time.monotonic() - first_pending >= BATCH_INTERVAL_S):
+                    self._flush(batch)
+                    batch = []
+        finally:
+            decoder.finish(batch)
+            if batch:
+                self._flush(batch)
+            r.close()
+
+    def _flush(self, batch: list) -> None:
+        self.lines += len(batch)
+        self.tail.extend(line["message"] for line in batch[-self.tail.maxlen:])
+        self.ctx.emit(batch)
+
+
+def stop_container(container, grace_s: float) -> None:
+    """SIGTERM, `grace_s`, SIGKILL (the engine does the escalation)."""
+    import docker
+    try:
+        container.stop(timeout=max(0, int(round(grace_s))))
+    except docker.errors.NotFound:
+        pass
+    except docker.errors.APIError:
+        kill_container(container)
+
+
+def kill_container(container) -> None:
+    import docker
+    try:
+        container.kill()
+    except (docker.errors.NotFound, docker.errors.APIError):
+        pass
+
+
+def remove_container(container) -> None:
+    import docker
+    try:
+        container.remove(force=True)
+    except docker.errors.NotFound:
+        pass
+    except docker.errors.APIError as e:
+        if "already in progress" not in str(e):
+            raise

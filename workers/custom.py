@@ -1,0 +1,14 @@
+"""`custom`: run the container; after exit 0 upload everything under results/ as artifacts."""
+from __future__ import annotations
+
+from workers.base import Outcome
+from workers.docker_task import run_container_task
+from workers.results import upload_tree
+
+
+def upload(ctx) -> None:
+    upload_tree(ctx, ctx.task_dir / "results", "artifacts", f"task {ctx.task_id} results")
+
+
+def run(ctx) -> Outcome:
+    return run_container_task(ctx, upload)

@@ -1,0 +1,210 @@
+"""The lifecycle every container task type shares (train, inference, custom):
+
+    preparing: disk check -> downloads -> task_config.json -> image (pull policy) -> container
+    running:   stream the output, upload checkpoints; stop, deadline, exit code, OOM
+    uploading: the type's result (workers.<type> says what and how)
+
+and `reap_orphan_containers()`, which the supervisor calls after its first poll.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from workers import cache
+from workers.base import Outcome
+from workers.container import (LABEL_AGENT, LABEL_TASK, LogPump, docker_client, ensure_image, find_container,
+                               kill_container, remove_container, spawn_container, stop_container)
+from workers.downloads import Downloader, plan
+from workers.errors import StopRequested, TaskError
+from workers.results import CheckpointUploader
+
+TAIL_IN_ERROR = 10
+STOP_POLL_S = 0.1
+
+
+def write_task_config(ctx) -> Path:
+    task = ctx.task
+    body = {
+        "task_id": ctx.task_id,
+        "type": task.get("type"),
+        "config": task.get("config") or {},
+        "resources": task.get("resources") or {},
+        "gpus": list(ctx.gpus),
+        "project": ({"id": task["project"].get("id"), "name": task["project"].get("name"),
+                     "datasets": [ds.get("name") for ds in task["project"].get("datasets") or []]}
+                    if task.get("project") else None),
+        "model": ({"id": task["model"].get("id"), "name": task["model"].get("name"), "hash": task["model"].get("hash")}
+                  if task.get("model") else None),
+        "paths": {"projects": "/sly_task_data/data/projects", "model": "/sly_task_data/data/model",
+                  "results": "/sly_task_data/results"},
+    }
+    path = ctx.task_dir / "task_config.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(body, indent=2))
+    tmp.replace(path)
+    return path
+
+
+def prepare(ctx) -> dict:
+    """Downloads, task_config.json and results/; returns the download summary."""
+    ctx.task_dir.mkdir(parents=True, exist_ok=True)
+    jobs = plan(ctx)
+    summary = Downloader(ctx).prepare(jobs) if jobs else {"files": 0, "cached": 0, "fetched": 0, "bytes": 0}
+    if jobs:
+        ctx.log(f"data ready: {summary['files']} files ({summary['cached']} cached, {summary['fetched']} downloaded, "
+                f"{summary['bytes'] / cache.MB:.1f} MB)")
+    write_task_config(ctx)
+    (ctx.task_dir / "results").mkdir(exist_ok=True)
+    return summary
+
+
+def run_container_task(ctx, upload) -> Outcome:
+    """The whole life of a container task; `upload(ctx)` uploads the type's result after exit 0."""
+    client = None
+    container = None
+    outcome: Outcome
+    try:
+        client = docker_client()
+        if ctx.adopt:
+            container = find_container(client, ctx.task_id)
+            if container is None:
+                return Outcome("failed", error="container lost while the agent was down")
+            ctx.log(f"re-attached to container {container.name} ({container.status})")
+            since = ctx.last_log_ts_ns()
+        else:
+            ctx.set_phase("preparing")
+            status = cache.disk_status(ctx.config)
+            if not status["ok"]:
+                cache.ensure_space(ctx.config, 0, log=ctx.log)
+            prepare(ctx)
+            _check_stop(ctx)
+            ensure_image(client, ctx.task.get("image"), ctx.config.pull_policy, ctx.log)
+            _check_stop(ctx)
+            container = spawn_container(client, ctx)
+            since = None
+        ctx.set_phase("running")
+        outcome = _supervise(ctx, client, container, since)
+        if outcome.state == "finished":
+            ctx.set_phase("uploading")
+            upload(ctx)
+    except StopRequested:
+        outcome = Outcome("stopped")
+    except (TaskError, cache.DiskError) as e:
+        ctx.log(str(e), level="error")
+        outcome = Outcome("failed", error=str(e))
+    finally:
+        if container is not None:
+            try:
+                remove_container(container)
+            except Exception as e:  # noqa: BLE001 - reported, the outcome stands
+                ctx.log(f"could not remove container {container.name}: {e}", level="warning")
+    clean_task_dir(ctx, outcome)
+    return outcome
+
+
+def _check_stop(ctx) -> None:
+    if ctx.stop_event.is_set():
+        raise StopRequested()
+
+
+def _deadline(ctx, container) -> float | None:
+    """The wall-clock deadline from the task's timeout_s, counted from the container's start."""
+    timeout = ctx.task.get("timeout_s")
+    if not timeout:
+        return None
+    started = container.attrs.get("State", {}).get("StartedAt", "")
+    from datetime import datetime
+    try:
+        t0 = datetime.fromisoformat(started[:26].rstrip("Z") + "+00:00").timestamp()
+    except ValueError:
+        t0 = time.time()
+    if t0 <= 0:
+        t0 = time.time()
+    return t0 + float(timeout)
+
+
+def _supervise(ctx, client, container, since_ns) -> Outcome:
+    """Stream the output until the container exits; apply stop and deadline; read the exit."""
+    checkpoints = CheckpointUploader(ctx, ctx.task_dir / "results").start()
+    pump = LogPump(ctx, client, container, since_ns=since_ns, on_event=checkpoints.on_event)
+    pump.start()
+    container.reload()
+    deadline = _deadline(ctx, container)
+    stopped = timed_out = False
+    try:
+        while pump.is_alive():
+            if not stopped and ctx.stop_event.wait(STOP_POLL_S):
+                ctx.log(f"stopping the container (SIGTERM, {ctx.config.stop_grace_s:g} s grace, SIGKILL)")
+                stopped = True
+                stop_container(container, ctx.config.stop_grace_s)
+            elif stopped:
+                pump.join(STOP_POLL_S)
+            if not timed_out and not stopped and deadline is not None and time.time() >= deadline:
+                ctx.log(f"deadline exceeded ({ctx.task.get('timeout_s')} s): killing the container", level="error")
+                timed_out = True
+                kill_container(container)
+        result = container.wait(timeout=60)
+        container.reload()
+    finally:
+        pump.join(30)
+        checkpoints.stop()
+    if pump.error is not None:
+        ctx.log(f"reading the container's output failed: {pump.error!r}", level="warning")
+    state = container.attrs.get("State", {})
+    code = result.get("StatusCode", state.get("ExitCode"))
+    if stopped:
+        return Outcome("stopped", exit_code=code)
+    if timed_out:
+        return Outcome("failed", exit_code=code, error=f"deadline exceeded ({ctx.task.get('timeout_s')} s)")
+    if state.get("OOMKilled"):
+        return Outcome("failed", exit_code=code, error="out of memory (OOMKilled)")
+    if code != 0:
+        tail = "\n".join(list(pump.tail)[-TAIL_IN_ERROR:])
+        return Outcome("failed", exit_code=code, error=f"exit code {code}; last output:\n{tail}" if tail
+                       else f"exit code {code} (no output)")
+    if checkpoints.errors:
+        return Outcome("failed", exit_code=code, error=checkpoints.errors[0])
+    return Outcome("finished", exit_code=0)
+
+
+def clean_task_dir(ctx, outcome: Outcome) -> None:
+    """TASK_DIR_CLEANUP: never, on-success, always. Logs stay."""
+    policy = ctx.config.task_dir_cleanup
+    if policy == "never" or (policy == "on-success" and outcome.state != "finished"):
+        return
+    remove_task_data(ctx.task_dir)
+
+
+def remove_task_data(task_dir: Path) -> int:
+    """Delete everything in a task dir but its logs/; returns bytes freed (approximately)."""
+    freed = 0
+    if not task_dir.is_dir():
+        return 0
+    for entry in task_dir.iterdir():
+        if entry.name == "logs":
+            continue
+        try:
+            if entry.is_dir() and not entry.is_symlink():
+                freed += sum(p.stat().st_size for p in entry.rglob("*") if p.is_file() and not p.is_symlink())
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                freed += entry.lstat().st_size
+                entry.unlink()
+        except OSError:
+            pass
+    return freed
+
+
+def reap_orphan_containers(config, keep_task_ids) -> list[str]:
+    """Remove containers labelled with this agent's identity whose task is not in keep_task_ids."""
+    keep = {str(int(t)) for t in keep_task_ids}
+    client = docker_client()
+    removed = []
+    for c in client.containers.list(all=True, filters={"label": f"{LABEL_AGENT}={config.identity}"}):
+        if c.labels.get(LABEL_TASK) not in keep:
+            remove_container(c)
+            removed.append(c.name)
+    return removed

@@ -1,0 +1,266 @@
+"""Fetch a task's project and model into the cache, then link them into the task dir.
+
+Each blob is fetched once: into tmp/<sha>.part (resumed with Range after an interruption),
+verified against its sha256, renamed atomically into storage/, then hard-linked (copied across
+filesystems) into tasks/<id>/data/. A per-blob lock file lets two tasks needing the same blob at
+the same moment fetch it once, with no lock shared by anything else.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import os
+import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path, PurePosixPath
+
+import requests
+
+from workers import cache
+from workers.errors import StopRequested, TaskError
+
+BLOB_TRIES = 3
+CHUNK = 1 << 20
+PROGRESS_EVERY_S = 1.0
+
+
+def safe_relpath(name, what: str) -> str:
+    """A relative POSIX path that stays where it is put, or TaskError."""
+    if not isinstance(name, str) or not name:
+        raise TaskError(f"unsafe {what} {name!r}: empty")
+    if "\x00" in name or "\\" in name:
+        raise TaskError(f"unsafe {what} {name!r}: NUL or backslash")
+    p = PurePosixPath(name)
+    if p.is_absolute() or any(part in ("..", ".", "") for part in name.split("/")):
+        raise TaskError(f"unsafe {what} {name!r}: absolute, empty, '.' or '..' component")
+    return name
+
+
+def safe_name(name, what: str) -> str:
+    safe_relpath(name, what)
+    if "/" in name:
+        raise TaskError(f"unsafe {what} {name!r}: contains '/'")
+    return name
+
+
+class Job:
+    """One file the task needs: its blob, where it is cached, where it goes in the task dir."""
+    __slots__ = ("sha", "size", "cache_path", "dest", "label")
+
+    def __init__(self, sha, size, cache_path, dest, label):
+        self.sha, self.size, self.cache_path, self.dest, self.label = sha, size, cache_path, dest, label
+
+
+def plan(ctx) -> list[Job]:
+    """Every file of the task's project and model, with its paths checked."""
+    task, cfg = ctx.task, ctx.config
+    data = ctx.task_dir / "data"
+    jobs: list[Job] = []
+    project = task.get("project")
+    if project:
+        pname = safe_name(project.get("name"), "project name")
+        for ds in project.get("datasets") or []:
+            dname = safe_name(ds.get("name"), "dataset name")
+            for item in ds.get("items") or []:
+                iname = safe_relpath(item.get("name"), "item name")
+                sha = _sha(item.get("sha256"), iname)
+                jobs.append(Job(sha, int(item.get("size") or 0), cache.image_path(cfg, sha, iname),
+                                data / "projects" / pname / dname / iname, f"{dname}/{iname}"))
+    model = task.get("model")
+    if model:
+        mhash = _sha(model.get("hash"), "model hash")
+        mdir = cache.model_dir(cfg, mhash)
+        for f in model.get("files") or []:
+            fpath = safe_relpath(f.get("path"), "model file path")
+            sha = _sha(f.get("sha256"), fpath)
+            jobs.append(Job(sha, int(f.get("size") or 0), mdir / fpath, data / "model" / fpath, f"model/{fpath}"))
+    return jobs
+
+
+def _sha(value, what) -> str:
+    try:
+        return cache.check_sha(value)
+    except ValueError:
+        raise TaskError(f"{what}: {value!r} is not a sha256") from None
+
+
+def link_into(src: Path, dest: Path) -> None:
+    """Hard link src at dest (replacing what is there); copy when they are on different filesystems."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dest)
+    except FileExistsError:
+        os.unlink(dest)
+        os.link(src, dest)
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+            raise
+        shutil.copyfile(src, dest)
+
+
+class Downloader:
+    """Fetch the planned blobs of one task (bounded pool) and link them into its task dir."""
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+        self.cfg = ctx.config
+        self.lock = threading.Lock()
+        self.done_files = 0
+        self.done_bytes = 0          # bytes fetched over the network by this task
+        self.total_files = 0
+        self.last_report = 0.0
+
+    def prepare(self, jobs: list[Job]) -> dict:
+        """Returns {"files", "cached", "fetched", "bytes"}."""
+        ctx = self.ctx
+        self.total_files = len(jobs)
+        missing: list[Job] = []
+        keep = set()
+        for job in jobs:
+            st = _stat(job.cache_path)
+            if st is not None and st.st_size == job.size:
+                keep.add(_entry_of(self.cfg, job.cache_path))
+            else:
+                missing.append(job)
+        need = sum(j.size for j in {j.cache_path: j for j in missing}.values())
+        cache.ensure_space(self.cfg, need, log=ctx.log, keep=keep)
+        cached = len(jobs) - len(missing)
+        if missing:
+            ctx.log(f"downloading {len(missing)} of {len(jobs)} files ({need / cache.MB:.1f} MB); "
+                    f"{cached} cached")
+        # Cached files first, in this thread: a link costs less than a pool hand-off.
+        touched = set()
+        for job in jobs:
+            if job not in missing:
+                self._link(job, touched)
+        self.done_files = cached
+        if missing:
+            self._fetch_all(missing, touched)
+        self._report(force=True)
+        return {"files": len(jobs), "cached": cached, "fetched": len(missing), "bytes": self.done_bytes}
+
+    def _link(self, job: Job, touched: set) -> None:
+        entry = _entry_of(self.cfg, job.cache_path)
+        if entry not in touched:
+            cache.touch(entry)
+            touched.add(entry)
+        link_into(job.cache_path, job.dest)
+
+    def _fetch_all(self, missing: list[Job], touched: set) -> None:
+        errors: list[BaseException] = []
+        by_blob: dict[Path, list[Job]] = {}
+        for job in missing:
+            by_blob.setdefault(job.cache_path, []).append(job)
+
+        def work(group: list[Job]):
+            if errors or self.ctx.stop_event.is_set():
+                return
+            try:
+                self.fetch(group[0])
+                with self.lock:
+                    for job in group:
+                        self._link(job, touched)
+                    self.done_files += len(group)
+                self._report()
+            except BaseException as e:  # noqa: BLE001 - reported once, below
+                errors.append(e)
+
+        with ThreadPoolExecutor(max_workers=max(1, self.cfg.download_workers), thread_name_prefix="dl") as pool:
+            list(pool.map(work, by_blob.values()))
+        if errors:
+            raise errors[0]
+        if self.ctx.stop_event.is_set():
+            raise StopRequested()
+
+    def _report(self, force: bool = False) -> None:
+        now = time.monotonic()
+        with self.lock:
+            if not force and now - self.last_report < PROGRESS_EVERY_S:
+                return
+            self.last_report = now
+            files, mb = self.done_files, self.done_bytes / cache.MB
+        self.ctx.log(f"downloading {files}/{self.total_files} files, {mb:.1f} MB")
+        self.ctx.progress(files, self.total_files)
+
+    def fetch(self, job: Job) -> None:
+        """Blob -> tmp -> verified -> cache path. Safe when another task fetches the same blob."""
+        sha, final = job.sha, job.cache_path
+        tmp_dir = self.cfg.tmp_dir
+        tmp_dir.mkdir(parents=True, exist_ok=True)
+        part = tmp_dir / f"{sha}.part"
+        with open(tmp_dir / f"{sha}.lock", "a") as lockf:
+            fcntl.flock(lockf, fcntl.LOCK_EX)
+            st = _stat(final)
+            if st is not None and st.st_size == job.size:
+                return                      # another task fetched it while we waited
+            mismatches = 0
+            failures = 0
+            while True:
+                if self.ctx.stop_event.is_set():
+                    raise StopRequested()
+                try:
+                    self._download(sha, part, job.size)
+                except (requests.RequestException, OSError, TaskError) as e:
+                    failures += 1
+                    if failures >= BLOB_TRIES + 2:
+                        raise TaskError(f"download of {job.label} (blob {sha[:12]}) failed: {e}") from None
+                    time.sleep(0.2 * failures)
+                    continue                # the .part is kept: the next try resumes with Range
+                if _sha256_file(part) == sha:
+                    break
+                part.unlink(missing_ok=True)
+                mismatches += 1
+                if mismatches >= BLOB_TRIES:
+                    raise TaskError(f"download of {job.label} failed: the server's bytes do not match "
+                                    f"sha256 {sha} ({BLOB_TRIES} tries); nothing was cached")
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(part, final)
+
+    def _download(self, sha: str, part: Path, size: int) -> None:
+        have = part.stat().st_size if part.exists() else 0
+        if have and have >= size:
+            return                          # complete (verified by the caller) or too long (start over)
+        headers = {"Range": f"bytes={have}-"} if have else {}
+        api = self.ctx.api
+        r = api.session.get(f"{api.base}/agent/v1/blobs/{sha}", headers=headers, stream=True, timeout=60)
+        with r:
+            if r.status_code == 416:        # cannot resume: start over
+                part.unlink(missing_ok=True)
+                raise TaskError(f"GET blob {sha[:12]}: range not satisfiable")
+            if r.status_code not in (200, 206):
+                raise TaskError(f"GET blob {sha[:12]}: HTTP {r.status_code} {r.text[:200]}")
+            mode = "ab" if r.status_code == 206 else "wb"
+            with open(part, mode) as f:
+                for chunk in r.iter_content(CHUNK):
+                    f.write(chunk)
+                    with self.lock:
+                        self.done_bytes += len(chunk)
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(CHUNK)
+            if not b:
+                return h.hexdigest()
+            h.update(b)
+
+
+def _stat(path: Path):
+    try:
+        return path.stat()
+    except OSError:
+        return None
+
+
+def _entry_of(cfg, path: Path) -> Path:
+    """The cache entry a cached file belongs to: itself, or its model's folder."""
+    try:
+        rel = path.relative_to(cfg.models_dir)
+    except ValueError:
+        return path
+    return cfg.models_dir.joinpath(*rel.parts[:3])

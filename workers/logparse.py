@@ -1,0 +1,166 @@
+"""Container output -> task log lines.
+
+Reads the Docker Engine's multiplexed log stream (8-byte frame headers, `timestamps=1`) straight
+from the socket in large reads and turns each frame into a line dict
+`{"ts", "cts", "level", "stream", "message", ...}`. A line that is a JSON object is structured:
+`message`, `level` and `event_type` are lifted, every other field is kept; the Supervisely SDK's
+`EventType.PROGRESS`/`CHECKPOINT`/`METRICS` become `progress`/`checkpoint`/`metrics`.
+Lines longer than MAX_LINE bytes are split into pieces marked `split` (nothing is dropped);
+bytes that are not UTF-8 are replaced.
+"""
+from __future__ import annotations
+
+import calendar
+import json
+import struct
+import time
+
+MAX_LINE = 64 * 1024
+SPLIT_MARKER = " [line split: continues in the next line]"
+RESERVED = frozenset({"ts", "cts", "stream", "seq"})   # set by the agent; a container's own are renamed
+STREAMS = {1: "stdout", 2: "stderr"}
+LEVELS = {"debug": "debug", "trace": "debug", "info": "info", "notice": "info", "warn": "warning",
+          "warning": "warning", "error": "error", "err": "error", "critical": "error", "fatal": "error",
+          "exception": "error"}
+_HEADER = struct.Struct(">BxxxL")
+_loads = json.loads
+
+
+def normalize_event_type(value) -> str:
+    """`EventType.PROGRESS` (Supervisely SDK) -> `progress`; other spellings lower-cased."""
+    s = str(value)
+    if s.startswith("EventType."):
+        s = s[len("EventType."):]
+    return s.lower()
+
+
+def normalize_level(value) -> str:
+    return LEVELS.get(str(value).lower(), "info")
+
+
+def structure(line: dict, text: str) -> dict:
+    """Fill `line` from a JSON object line (text starts with '{'); leave it plain when not JSON."""
+    try:
+        obj = _loads(text)
+    except ValueError:
+        return line
+    if not isinstance(obj, dict):
+        return line
+    message = obj.pop("message", None)
+    if message is None:
+        message = obj.pop("msg", "")
+    line["message"] = message if isinstance(message, str) else json.dumps(message)
+    if "level" in obj:
+        line["level"] = normalize_level(obj.pop("level"))
+    if "event_type" in obj:
+        obj["event_type"] = normalize_event_type(obj["event_type"])
+    for k, v in obj.items():
+        line[("data_" + k) if k in RESERVED else k] = v
+    return line
+
+
+class TimestampParser:
+    """RFC 3339 with nanoseconds (Docker's `timestamps=1`) -> ns since the epoch, cached per second."""
+
+    def __init__(self):
+        self._seconds: dict[bytes, int] = {}
+
+    def __call__(self, ts: bytes) -> int:
+        # b"2026-11-29T22:41:11.113116909Z" (trailing zeros of the fraction trimmed; no fraction at all
+        # when it is zero)
+        head = ts[:19]
+        sec = self._seconds.get(head)
+        if sec is None:
+            sec = calendar.timegm(time.strptime(head.decode(), "%Y-%m-%dT%H:%M:%S"))
+            if len(self._seconds) > 4096:
+                self._seconds.clear()
+            self._seconds[head] = sec
+        frac = ts[20:-1] if len(ts) > 20 and ts[19:20] == b"." else b""
+        return sec * 1_000_000_000 + (int(frac.ljust(9, b"0")[:9]) if frac else 0)
+
+
+class FrameDecoder:
+    """Feed raw bytes of a multiplexed, timestamped log stream; get complete line dicts back.
+
+    Docker's json-file driver stores a line longer than 16 KiB as several entries; a frame without
+    a trailing newline is such a partial line and is joined with the next frame of its stream.
+    `skip_until_ns`: lines whose container timestamp is not after it were shipped already (adoption).
+    """
+
+    def __init__(self, skip_until_ns: int | None = None, on_event=None):
+        self.buf = b""
+        self.pending = {1: b"", 2: b""}
+        self.pending_cts = {1: 0, 2: 0}
+        self.skip_until_ns = skip_until_ns
+        self.parse_ts = TimestampParser()
+        self.on_event = on_event      # called with each line that has an event_type
+        self.last_cts: int | None = None
+
+    def feed(self, data: bytes, out: list) -> None:
+        buf = self.buf + data if self.buf else data
+        pos, end = 0, len(buf)
+        unpack = _HEADER.unpack_from
+        while end - pos >= 8:
+            stream, size = unpack(buf, pos)
+            if end - pos - 8 < size:
+                break
+            frame = buf[pos + 8:pos + 8 + size]
+            pos += 8 + size
+            sp = frame.find(b" ")
+            if sp < 0:
+                continue
+            cts = self.parse_ts(frame[:sp])
+            body = frame[sp + 1:]
+            if self.skip_until_ns is not None and cts <= self.skip_until_ns:
+                continue
+            if stream not in STREAMS:
+                stream = 1
+            if body.endswith(b"\n"):
+                body = body[:-1]
+                if self.pending[stream]:
+                    body = self.pending[stream] + body
+                    cts_line = self.pending_cts[stream]
+                    self.pending[stream] = b""
+                else:
+                    cts_line = cts
+                self._emit(stream, body, cts_line, cts, out)
+            else:
+                if not self.pending[stream]:
+                    self.pending_cts[stream] = cts
+                self.pending[stream] += body
+                if len(self.pending[stream]) > MAX_LINE:
+                    self._flush_pending(stream, cts, out)
+        self.buf = buf[pos:]
+
+    def _flush_pending(self, stream: int, cts: int, out: list) -> None:
+        data = self.pending[stream]
+        while len(data) > MAX_LINE:
+            self._emit_piece(stream, data[:MAX_LINE], self.pending_cts[stream], out)
+            data = data[MAX_LINE:]
+        self.pending[stream] = data
+
+    def finish(self, out: list) -> None:
+        """End of stream: a partial line left over is a line of its own."""
+        for stream in (1, 2):
+            if self.pending[stream]:
+                self._emit(stream, self.pending[stream], self.pending_cts[stream], self.pending_cts[stream], out)
+                self.pending[stream] = b""
+
+    def _emit_piece(self, stream: int, piece: bytes, cts: int, out: list) -> None:
+        out.append({"ts": cts / 1e9, "cts": cts, "level": "info", "stream": STREAMS[stream],
+                    "message": piece.decode("utf-8", "replace") + SPLIT_MARKER, "split": True})
+
+    def _emit(self, stream: int, body: bytes, cts: int, last_cts: int, out: list) -> None:
+        # `cts` of a line is the stamp of its last frame: adoption resumes after the last shipped one.
+        cts = last_cts
+        self.last_cts = cts
+        while len(body) > MAX_LINE:
+            self._emit_piece(stream, body[:MAX_LINE], cts, out)
+            body = body[MAX_LINE:]
+        text = body.decode("utf-8", "replace")
+        line = {"ts": cts / 1e9, "cts": cts, "level": "info", "stream": STREAMS[stream], "message": text}
+        if text.startswith("{"):
+            structure(line, text)
+            if "event_type" in line and self.on_event is not None:
+                self.on_event(line)
+        out.append(line)
