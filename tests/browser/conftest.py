@@ -30,6 +30,8 @@ def page(browser):
     pg = ctx.new_page()
     errors: list[str] = []
     pg.on("pageerror", lambda e: errors.append(str(e)))
+    # A Content-Security-Policy refusal means a page needs something the policy forbids.
+    pg.on("console", lambda m: errors.append(m.text) if "Content Security Policy" in m.text else None)
     yield pg
     ctx.close()
     assert not errors, f"JavaScript errors on the page: {errors}"
