@@ -38,11 +38,10 @@ echo '{"message": "training done", "level": "WARN", "accuracy": 0.93}'
     "infer.sh": r"""#!/bin/sh
 set -e
 cd /sly_task_data/data/projects/*/
-for ds in *; do
+find . -type f | while read f; do
+  ds=${f#./}; ds=${ds%%/*}
   mkdir -p /sly_task_data/results/project/$ds
-  for f in $ds/*; do
-    wc -c < $f > /sly_task_data/results/project/$ds/$(basename $f).json
-  done
+  wc -c < "$f" > /sly_task_data/results/project/$ds/$(basename "$f").json
 done
 echo "predicted $(find /sly_task_data/results/project -type f | wc -l) items"
 """,
@@ -110,8 +109,8 @@ class Node:
                     return t
         raise AssertionError(f"task {created['id']} was not handed out")
 
-    def ctx(self, config: Config | None = None, **task) -> TestContext:
-        return TestContext(self.lease(**task), config or self.config())
+    def ctx(self, cfg: Config | None = None, **task) -> TestContext:
+        return TestContext(self.lease(**task), cfg or self.config())
 
 
 @pytest.fixture

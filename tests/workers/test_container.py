@@ -95,7 +95,7 @@ def test_gpus_become_device_requests(node, task_image):
 
 
 def test_missing_image_under_never_and_failed_pull(node):
-    ctx = node.ctx(config=node.config(pull_policy="never"), type="custom", image="sly-test/absent:1")
+    ctx = node.ctx(cfg=node.config(pull_policy="never"), type="custom", image="sly-test/absent:1")
     outcome = custom.run(ctx)
     assert outcome.state == "failed" and "PULL_POLICY=never" in outcome.error
     ctx = node.ctx(type="custom", image="127.0.0.1:9/absent:1")
