@@ -70,12 +70,18 @@ def run_container_task(ctx, upload) -> Outcome:
         client = docker_client()
         if ctx.adopt:
             container = find_container(client, ctx.task_id)
-            if container is None:
-                return Outcome("failed", error="container lost while the agent was down")
-            ctx.log(f"re-attached to container {container.name} ({container.status})")
             since = ctx.last_log_ts_ns()
-        else:
-            ctx.set_phase("preparing")
+            if container is None and since is not None:
+                return Outcome("failed", error="container lost while the agent was down")
+            if container is not None:
+                ctx.log(f"re-attached to container {container.name} ({container.status})")
+                _phase(ctx, "running")      # the server has it running already; the title shows it
+            else:
+                # The previous task process died before its container printed anything (while
+                # preparing, most likely): prepare again; cached blobs make that cheap.
+                ctx.log("no container for this task yet (the agent stopped while preparing); preparing again")
+        if container is None:
+            _phase(ctx, "preparing")
             status = cache.disk_status(ctx.config)
             if not status["ok"]:
                 cache.ensure_space(ctx.config, 0, log=ctx.log)
@@ -85,7 +91,7 @@ def run_container_task(ctx, upload) -> Outcome:
             _check_stop(ctx)
             container = spawn_container(client, ctx)
             since = None
-        ctx.set_phase("running")
+            _phase(ctx, "running")
         outcome = _supervise(ctx, client, container, since)
         if outcome.state == "finished":
             ctx.set_phase("uploading")
@@ -103,6 +109,15 @@ def run_container_task(ctx, upload) -> Outcome:
                 ctx.log(f"could not remove container {container.name}: {e}", level="warning")
     clean_task_dir(ctx, outcome)
     return outcome
+
+
+def _phase(ctx, phase: str) -> None:
+    try:
+        ctx.set_phase(phase)
+    except ValueError:
+        if not ctx.adopt:
+            raise
+        # adopted in a later phase (e.g. uploading): the phases still to come are reported as they come
 
 
 def _check_stop(ctx) -> None:
