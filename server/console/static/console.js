@@ -158,7 +158,13 @@ SLY.chart = function (fig, title, series, yMax, unit) {
   if (unit === undefined) unit = "%";
   const fmt = v => unit === "%" ? `${Math.round(v)}%` : `${Number(v.toPrecision(3))}${unit}`;
   const last = series.map(s => s.points.length ? `${s.name} ${fmt(s.points[s.points.length - 1][1])}` : "").filter(Boolean);
-  fig.append(SLY.el("figcaption", {}, title, last.length ? SLY.el("span", { class: "barlabel" }, last.join(", ")) : ""));
+  let span = "";
+  if (all.length && all[0][0] > 1e12) {   // x is a time: say which window the line covers
+    const t = all.map(p => p[0]), fmt = ms => new Date(ms).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+    span = `${fmt(Math.min(...t))}–${fmt(Math.max(...t))}`;
+  }
+  fig.append(SLY.el("figcaption", {}, title, last.length ? SLY.el("span", { class: "barlabel" }, last.join(", ")) : "",
+    SLY.el("span", { class: "axis-note" }, [yMax ? `0–${yMax}${unit}` : "", span].filter(Boolean).join(", "))));
   const svg = document.createElementNS(ns, "svg");
   svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
   svg.setAttribute("preserveAspectRatio", "none");

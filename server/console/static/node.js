@@ -67,7 +67,8 @@
     } catch (e) { SLY.flash("Could not load the node: " + e.message, true); }
     try {
       const t = await SLY.api("GET", `/api/v1/tasks?agent_id=${id}`);
-      document.querySelector("#node-tasks tbody").replaceChildren(...(t.items || []).map(x => SLY.el("tr", {},
+      const items = t.items || [];
+      document.querySelector("#node-tasks tbody").replaceChildren(...(items.length ? [] : [SLY.el("tr", {}, SLY.el("td", { colspan: 5 }, "No tasks yet."))]), ...items.map(x => SLY.el("tr", {},
         SLY.el("td", {}, SLY.el("a", { href: `/tasks/${x.id}` }, `#${x.id}`)), SLY.el("td", {}, x.type),
         SLY.el("td", {}, SLY.el("span", { class: "badge " + x.state }, x.state)), SLY.el("td", {}, SLY.progress(x.progress)),
         SLY.el("td", {}, SLY.span(SLY.duration(x))))));
