@@ -1,8 +1,11 @@
 """The agent's own log: `logs/log_<YYYY-MM-DD_HH:MM:SS>.txt` plus stderr, masked, all processes.
 
-Every process of the tree writes through multiprocessing-logging: the supervisor installs it
-before forking, children send records over its queue and the supervisor's receiver thread
-writes them (see docs/architecture.md for why this is safe here and what it costs).
+The supervisor opens the file (O_APPEND) and stderr before forking; every child inherits both
+handlers and writes its records itself, one write() per record, which O_APPEND places at the
+end of the file whole. No lock is shared between processes, so a child killed at any moment
+cannot leave the others stuck. multiprocessing-logging is NOT used: its queue's cross-process
+write lock, held by a child that is killed with SIGKILL, makes every later child hang at exit
+(tests/agent/test_agentlog.py shows it; docs/architecture.md explains).
 """
 from __future__ import annotations
 
@@ -41,7 +44,7 @@ def open_stderr() -> None:
     StderrGate.open = True
 
 
-def setup_logging(config: Config, masker: Masker, multiprocess: bool = True) -> Path:
+def setup_logging(config: Config, masker: Masker) -> Path:
     """Log to the agent's log file and (once connected) stderr; return the file's path."""
     path = config.logs_dir / time.strftime("log_%Y-%m-%d_%H:%M:%S.txt", time.localtime())
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -57,7 +60,4 @@ def setup_logging(config: Config, masker: Masker, multiprocess: bool = True) -> 
     root.setLevel(getattr(logging, str(config.log_level).upper(), logging.INFO))
     for noisy in ("urllib3", "docker"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    if multiprocess:
-        import multiprocessing_logging
-        multiprocessing_logging.install_mp_handler(root)
     return path

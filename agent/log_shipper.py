@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import gzip
 import logging
-import queue
+import os
 import random
+import select
 import time
 from pathlib import Path
 
@@ -29,6 +30,37 @@ DRAIN_S = 10.0
 def _seq_of(raw: bytes) -> int:
     # lines start with {"seq":N, (written by TaskLogWriter)
     return int(raw[7:raw.index(b",")])
+
+
+class Nudges:
+    """Wake-ups for the log-shipper: a pipe, many writers (task processes), one reader.
+
+    Not a multiprocessing.Queue: its cross-process write lock, left taken by a writer killed
+    with SIGKILL, would block every other writer's feeder thread and hang them at exit. Writes
+    of a few bytes to a non-blocking pipe are atomic and need no lock; a full pipe drops the
+    nudge, which is only a hint (state/logs/active/ is the truth).
+    """
+
+    def __init__(self):
+        self.r, self.w = os.pipe()
+        os.set_blocking(self.r, False)
+        os.set_blocking(self.w, False)
+
+    def send(self, task_id: int) -> None:
+        try:
+            os.write(self.w, b"%d\n" % task_id)
+        except OSError:      # BlockingIOError: full; the shipper is busy anyway
+            pass
+
+    def wait(self, timeout: float) -> None:
+        """Block until nudged or `timeout` passes; swallow the pending nudges."""
+        try:
+            ready, _, _ = select.select([self.r], [], [], max(0.0, timeout))
+            if ready:
+                while os.read(self.r, 65536):
+                    pass
+        except (BlockingIOError, InterruptedError):
+            pass
 
 
 class TaskCursor:
@@ -54,7 +86,7 @@ class LogShipper(ChildBase):
     def __init__(self, config: Config, nudges=None):
         super().__init__()
         self.config = config
-        self.nudges = nudges          # multiprocessing.Queue of task ids: a hint to ship now
+        self.nudges = nudges          # Nudges: a hint to ship now
         self.cursors: dict[int, TaskCursor] = {}
         self.api = None
 
@@ -73,13 +105,8 @@ class LogShipper(ChildBase):
             return
         if self.nudges is None:
             self.stopping.wait(timeout)
-            return
-        try:
-            # get() with a timeout never blocks for good, even if a killed writer left the
-            # queue's lock taken; nudges are hints, the active/ directory is the truth.
-            self.nudges.get(timeout=min(timeout, 0.5))
-        except (queue.Empty, OSError, EOFError, ValueError):
-            pass
+        else:
+            self.nudges.wait(min(timeout, 0.5))
 
     def drain(self, deadline: float) -> None:
         """On SIGTERM: ship what is left, then exit (the supervisor stops us last)."""

@@ -22,7 +22,7 @@ import time
 from agent import tasklog
 from agent.config import Config, ConfigError, load_config
 from agent.gpus import gpu_pool
-from agent.log_shipper import LogShipper
+from agent.log_shipper import LogShipper, Nudges
 from agent.proctitle import set_title
 from agent.states import CHILD_EDGES, SLOT_EDGES, ChildState, SlotState, change_state
 from agent.task_process import TaskProcess, run_task_process
@@ -115,7 +115,7 @@ class Supervisor:
         self.exit_code: int | None = None
         self.first_poll_done = False
         self.free_slots_shared = MP.RawValue("i", config.max_tasks)   # read by telemetry, lock-free
-        self.nudges = MP.Queue()
+        self.nudges = Nudges()      # task processes -> log-shipper wake-ups (a lock-free pipe)
         self.helpers = {
             "log-shipper": Helper("log-shipper", lambda: LogShipper(self.config, self.nudges),
                                   RestartPolicy(config.restart_max, config.restart_window_s)),
@@ -532,7 +532,7 @@ class Supervisor:
         while not self._threads_stop.is_set():
             with self._snapshot_lock:
                 free_slots, free_gpus, running = self._snapshot
-            wait = self.config.poll_wait_s if free_slots > 0 else min(self.config.poll_wait_s, 2.0)
+            wait = self.config.poll_wait_s if free_slots > 0 else min(self.config.poll_wait_s, 1.0)
             try:
                 answer = self.api.poll(free_slots, free_gpus, running, wait=wait)
             except APIError as e:

@@ -194,10 +194,7 @@ class TaskProcess(ChildBase):
         if self.nudges is None or (not force and now - self._last_nudge < self.config.log_batch_interval_s):
             return
         self._last_nudge = now
-        try:
-            self.nudges.put_nowait(self.task_id)
-        except Exception:  # noqa: BLE001 - a hint only
-            pass
+        self.nudges.send(self.task_id)
 
     def watch(self) -> None:
         """Thread: stop pipe -> stop_event; supervisor gone -> exit now."""

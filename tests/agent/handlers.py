@@ -7,17 +7,21 @@ resumes a container's output with logs(since=...).
 """
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import time
 
 from workers.base import Outcome
 
+log = logging.getLogger("tests.agent.handlers")
+
 
 def counter(ctx) -> Outcome:
     """config: lines (N), rate (lines/s), batch (lines per emit), outcome, exit_code, error."""
     cfg = ctx.task.get("config") or {}
     n, rate, batch = int(cfg.get("lines", 20)), float(cfg.get("rate", 100)), int(cfg.get("batch", 1))
+    pylog = int(cfg.get("pylog", 0))      # agent-log records per batch (multiprocessing-logging)
     last = ctx.last_log_ts_ns() if ctx.adopt else None
     i = 0 if last is None else last + 1
     if not ctx.adopt:
@@ -33,6 +37,8 @@ def counter(ctx) -> Outcome:
         ctx.emit([{"ts": now, "level": "info", "stream": "stdout", "message": f"line {j}", "cts": j}
                   for j in range(i, i + k)])
         i += k
+        for _ in range(pylog):
+            log.info("task %s: chatty placeholder at line %d", ctx.task_id, i)
         ctx.progress(i, n)
         if rate > 0:
             delay = t0 + (i - start) / rate - time.monotonic()
