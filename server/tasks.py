@@ -66,27 +66,29 @@ def hand_out(core, conn, agent_id: int, free_slots: int, free_gpus: int, running
       given up as lost (the agent should kill them).
     """
     running_set = set(running)
-    mine = conn.execute(select(db.tasks).where(db.tasks.c.agent_id == agent_id,
-                                               db.tasks.c.state.in_(LEASED_VALUES + [TaskState.LOST.value]))
-                        .order_by(db.tasks.c.id)).mappings().all()
+    c = db.tasks.c
+    # Only ids and flags here: an agent may hold many leased tasks and a poll must stay cheap.
+    mine = conn.execute(select(c.id, c.state, c.stop_requested).where(
+        c.agent_id == agent_id, c.state.in_(LEASED_VALUES + [TaskState.LOST.value])).order_by(c.id)).all()
     stop, again, changed = [], [], []
-    for row in mine:
-        t = dict(row)
-        if t["state"] == TaskState.LOST.value:
-            if t["id"] in running_set:
-                stop.append(t["id"])
+    for tid, state, stop_requested in mine:
+        if state == TaskState.LOST.value:
+            if tid in running_set:
+                stop.append(tid)
             continue
-        if t["id"] in running_set:
-            if t["stop_requested"]:
-                stop.append(t["id"])
-        elif t["stop_requested"]:
-            change_state(conn, t, TaskState.STOPPED, now, error="stopped before the agent ran it")
-            changed.append(t["id"])
+        if tid in running_set:
+            if stop_requested:
+                stop.append(tid)
+        elif stop_requested:
+            change_state(conn, get_task(conn, tid), TaskState.STOPPED, now, error="stopped before the agent ran it")
+            changed.append(tid)
         else:
-            again.append(t)
-    queued = conn.execute(select(db.tasks).where(db.tasks.c.agent_id == agent_id,
-                                                 db.tasks.c.state == TaskState.QUEUED.value)
-                          .order_by(db.tasks.c.id).limit(200)).mappings().all()
+            again.append(get_task(conn, tid))
+    queued = []
+    if free_slots > 0:
+        queued = conn.execute(select(db.tasks).where(db.tasks.c.agent_id == agent_id,
+                                                     db.tasks.c.state == TaskState.QUEUED.value)
+                              .order_by(db.tasks.c.id).limit(200)).mappings().all()
     out = []
     slots, gpus = free_slots, free_gpus
     for t in again + [dict(r) for r in queued]:
