@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 
 
-class TransitionError(RuntimeError):
+class TransitionError(ValueError):
     """A state change that the machine does not allow (a bug, never a runtime condition)."""
 
 

@@ -200,3 +200,20 @@ def test_exit_codes(server, tmp_path):
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and word in lines[0] and "Traceback" not in r.stderr, r.stderr
         assert "A" * 32 not in r.stderr
+
+
+def test_sighup_reloads_config(server, make_agent, tmp_path):
+    """SIGHUP re-reads the settings: a raised MAX_TASKS admits the waiting task; helpers restart cleanly."""
+    cfg = tmp_path / "agent.json"
+    cfg.write_text('{"max_tasks": 1}')
+    a = make_agent(server).start(handler="sleeper", AGENT_CONFIG=str(cfg))
+    t1, t2 = a.create_task(), a.create_task()
+    a.wait_state(t1, states=("running",), timeout=15)
+    assert a.task(t2)["state"] == "queued"
+    old = {a.child("telemetry"), a.child("log-shipper")}
+    cfg.write_text('{"max_tasks": 2}')
+    a.signal(signal.SIGHUP)
+    a.wait_state(t2, states=("running",), timeout=15)
+    poll_for(lambda: a.child("telemetry") and a.child("log-shipper") and
+             not old & {a.child("telemetry"), a.child("log-shipper")}, timeout=10, what="helpers restarted")
+    assert "config reloaded (max_tasks=2" in a.stderr() and " died " not in a.stderr()

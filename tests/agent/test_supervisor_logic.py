@@ -1,0 +1,80 @@
+"""The supervisor's slot/GPU accounting and poll handling, without forking (spawn is replaced)."""
+from __future__ import annotations
+
+import pytest
+
+from agent.config import load_config
+from agent.states import SlotState
+from agent.storage import ensure_layout
+from agent.supervisor import Supervisor
+
+
+class DrySupervisor(Supervisor):
+    """Records spawns instead of forking (the thin wrapper around the OS call)."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.spawned: list[tuple[int, list[int], bool]] = []
+
+    def spawn_task(self, slot):
+        slot.spawns += 1
+        slot.change(SlotState.RUNNING)
+        self.spawned.append((slot.task_id, list(slot.gpus), slot.adopt))
+
+
+@pytest.fixture
+def sup(tmp_path):
+    c = load_config({"SERVER_ADDRESS": "http://127.0.0.1:1", "ACCESS_TOKEN": "B" * 32,
+                     "AGENT_HOST_DIR": str(tmp_path / "root"), "MAX_TASKS": "3"})
+    ensure_layout(c)
+    s = DrySupervisor(c, api=None)
+    s.gpu_pool = [0, 1, 2]
+    return s
+
+
+def task(tid: int, gpus: int = 0) -> dict:
+    return {"id": tid, "type": "custom", "image": "x", "config": {}, "resources": {"gpus": gpus}}
+
+
+def test_admits_by_slots_and_gpus(sup):
+    sup.handle_answer({"tasks": [task(1, 2), task(2, 2), task(3, 1), task(4, 0)], "stop": []})
+    sup.admit_pending()
+    # task 2 wants 2 GPUs while only 1 is free: it waits; 3 and then the slot limit (3) stop the rest
+    assert sup.spawned == [(1, [0, 1], False), (3, [2], False), (4, [], False)]
+    assert sup.slots[2].state is SlotState.PENDING
+    sup.update_snapshot()
+    free_slots, free_gpus, running = sup._snapshot
+    assert (free_slots, free_gpus, running) == (0, [], [1, 2, 3, 4])
+    sup.release(sup.slots[1], SlotState.DONE)          # task 1 ends: its GPUs come back
+    sup.admit_pending()
+    assert sup.spawned[-1] == (2, [0, 1], False)
+
+
+def test_impossible_gpu_request_and_stop_before_start(sup):
+    sup.handle_answer({"tasks": [task(5, 4), task(6), task(7), task(8), task(9)], "stop": []})
+    sup.admit_pending()
+    assert sup.slots[5].state is SlotState.FINALIZING and "needs 4 GPU(s)" in sup.slots[5].final[1]
+    assert sup.slots[9].state is SlotState.PENDING
+    sup.handle_answer({"tasks": [], "stop": [9]})
+    assert sup.slots[9].state is SlotState.FINALIZING and sup.slots[9].final[0] == "stopped"
+
+
+def test_draining_reports_no_free_slot_and_dedups_tasks(sup):
+    sup.handle_answer({"tasks": [task(10)], "stop": []})
+    sup.handle_answer({"tasks": [task(10)], "stop": []})     # handed out again: still one slot
+    sup.admit_pending()
+    assert [s[0] for s in sup.spawned] == [10]
+    sup.handle_sigterm()
+    sup.update_snapshot()
+    assert sup._snapshot[0] == 0
+
+
+def test_adopts_a_task_with_a_durable_log(sup):
+    from agent import tasklog
+    from agent.masking import Masker
+    w = tasklog.TaskLogWriter(sup.config, 11, Masker("B" * 32))
+    w.write([{"ts": 1.0, "level": "info", "stream": "stdout", "message": "before the restart"}])
+    w.close()
+    sup.handle_answer({"tasks": [task(11), task(12)], "stop": []})
+    sup.admit_pending()
+    assert sup.spawned == [(11, [], True), (12, [], False)]
