@@ -80,6 +80,7 @@
     document.getElementById("token-value").value = "";
     document.getElementById("run-commands").replaceChildren();
     show(null);
+    refresh();   // the agent may have been started meanwhile
   });
   for (const c of document.querySelectorAll(".panel .cancel")) c.addEventListener("click", () => show(null));
 
