@@ -304,3 +304,22 @@ def test_pages_are_served_without_session_only_as_redirects(server):
     r = requests.get(server.url + "/console/static/console.js", timeout=10)
     assert r.status_code == 200 and "SLY" in r.text
     assert requests.get(server.url + "/console/static/nope.py", timeout=10).status_code == 404
+
+
+def test_every_field_is_labelled_and_adding_a_node_works_from_the_keyboard(console, server):
+    page = console
+    unlabelled = """() => [...document.querySelectorAll('input:not([type=hidden]), select, textarea, button')]
+        .filter(e => !(e.labels && e.labels.length) && !e.getAttribute('aria-label') && !e.textContent.trim())
+        .map(e => e.outerHTML)"""
+    for path in ("/nodes", "/tasks", "/projects", "/models"):
+        page.goto(server.url + path)
+        assert page.evaluate(unlabelled) == [], path
+
+    page.goto(server.url + "/nodes")
+    page.get_by_role("button", name="Add node").focus()
+    page.keyboard.press("Enter")                              # opens the form with the name field focused
+    expect(page.locator("#add-name")).to_be_focused()
+    page.keyboard.type("keyboard-node")
+    page.keyboard.press("Enter")                              # submits
+    expect(page.locator("#token-value")).to_have_value(re.compile(r"^[A-Za-z0-9]{32}$"))
+    expect(page.locator("#token-panel button").first).to_be_focused()
