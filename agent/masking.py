@@ -16,6 +16,10 @@ _SECRETS = re.compile("|".join((_KEYED, _BEARER, _AWS_ID, _URL_PW)), re.IGNORECA
 _HINT = re.compile(r"pass|pwd|secret|token|key|bearer|basic|credential|akia|asia|://", re.IGNORECASE)
 
 
+# fields with a fixed vocabulary, never a secret
+_SAFE_KEYS = frozenset({"level", "stream", "event_type"})
+
+
 def _replace(m: re.Match) -> str:
     if m.group("kval") is not None:
         return m.group("key") + MASK
@@ -40,9 +44,21 @@ class Masker:
             text = _SECRETS.sub(_replace, text)
         return text
 
+    def needed(self, text: str) -> bool:
+        """Could `text` hold anything to mask? (one scan; most log text cannot)"""
+        return any(lit in text for lit in self.literals) or _HINT.search(text) is not None
+
     def line(self, line: dict) -> dict:
         """Mask every string field of a log line dict (in place) and return it."""
         for k, v in line.items():
-            if type(v) is str:
+            if type(v) is str and k not in _SAFE_KEYS:
                 line[k] = self(v)
         return line
+
+    def lines(self, lines: list[dict]) -> list[dict]:
+        """Mask a batch of log line dicts in place: one scan of the whole batch decides if any needs it."""
+        text = "\x00".join(v for line in lines for k, v in line.items() if type(v) is str and k not in _SAFE_KEYS)
+        if self.needed(text):
+            for line in lines:
+                self.line(line)
+        return lines

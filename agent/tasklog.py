@@ -118,7 +118,7 @@ class TaskLogWriter:
         self._lockf = open(path.with_name(".writer.lock"), "w")
         fcntl.flock(self._lockf, fcntl.LOCK_EX)
         repair_tail(path)
-        self.mask = masker.line
+        self.mask = masker.lines
         self.seq = last_seq(path)
         self._lock = threading.Lock()
         self._f = open(path, "a", encoding="utf-8")
@@ -127,13 +127,12 @@ class TaskLogWriter:
         """Append lines (each gets the next seq); flushed to the OS before returning the last seq."""
         if not lines:
             return self.seq
+        lines = self.mask([{k: v for k, v in line.items() if k != "seq"} for line in lines])
         with self._lock:
             seq = self.seq
             out = []
             for line in lines:
                 seq += 1
-                line = self.mask(dict(line))
-                line.pop("seq", None)
                 out.append('{"seq":%d,%s\n' % (seq, _dumps(line)[1:]))
             self._f.write("".join(out))
             self._f.flush()
