@@ -196,7 +196,7 @@ def main() -> None:
             c0 = proc.cpu_times()
             time.sleep(3)
             c1 = proc.cpu_times()
-            cpu = (c1.user + c1.system - c0.user - c0.system) / 3 * 100
+            cpu = max(0.0, (c1.user + c1.system - c0.user - c0.system) / 3 * 100)
             rss = proc.memory_info().rss / 2**20
             rtt2 = bench_rtt(url, args.tasks)
             pick2 = bench_pickup(url, client, args.tasks)
