@@ -43,6 +43,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
+        # The agents could not reach a stopped server: give every leased task a full lease to reconnect.
+        core.renew_all_leases()
         reaper = asyncio.create_task(_reaper(core))
         try:
             yield

@@ -90,6 +90,12 @@ class Core:
                                                 db.tasks.c.state.in_([s.value for s in LEASED]))
                          .values(lease_until=now + self.settings.lease_s))
 
+    def renew_all_leases(self, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        with self.engine.begin() as conn:
+            conn.execute(update(db.tasks).where(db.tasks.c.state.in_([s.value for s in LEASED]))
+                         .values(lease_until=now + self.settings.lease_s))
+
     def agent_status(self, last_seen: float | None, now: float | None = None) -> str:
         now = time.time() if now is None else now
         return "online" if last_seen is not None and now - last_seen <= self.settings.offline_after else "offline"

@@ -341,3 +341,28 @@ def test_no_agent_token_on_disk(server, client, make_agent):
     for p in files:
         blob = p.read_bytes()
         assert agent.token.encode() not in blob and rotated.encode() not in blob, p
+
+
+def test_restart_gives_agents_a_full_lease_and_keeps_data(tmp_path):
+    from server.client import UserClient
+    from tests.server.conftest import FakeAgent
+    from tests.support.server import ServerProcess
+    srv = ServerProcess(tmp_path / "data", extra_args=["--lease-s", "2"]).start()
+    try:
+        c = UserClient(srv.url, srv.admin_token)
+        a = c.create_agent("restart")
+        agent = FakeAgent(srv.url, a["token"], a["id"])
+        t = c.create_task(a["id"], "custom", image="x:1")
+        agent.poll()
+        agent.state(t["id"], "running")
+        agent.logs(t["id"], 0, _lines(0, 3))
+        srv.stop()
+        time.sleep(2.5)          # the server is down longer than the lease
+        srv.start()
+        time.sleep(1.0)          # the reaper has run (every lease/4) but the agent still has time
+        assert c.get_task(t["id"])["state"] == "running"
+        assert agent.poll(running=[t["id"]])["tasks"] == []
+        assert [ln["seq"] for ln in c.get_logs(t["id"])["lines"]] == [0, 1, 2]
+        assert agent.logs(t["id"], 2, _lines(2, 4)).json() == {"acked": 3}
+    finally:
+        srv.stop()
