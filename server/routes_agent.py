@@ -15,6 +15,15 @@ from server.tasks import agent_change_state, get_task, hand_out
 
 router = APIRouter(prefix="/agent/v1", tags=["agent"])
 
+# Bodies read by hand (for speed or because they are free-form) are described for /openapi.json here.
+_ANY_OBJECT = {"requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}}}
+_LOG_BATCH = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+    "type": "object", "required": ["first_seq", "lines"],
+    "properties": {"first_seq": {"type": "integer", "minimum": 0},
+                   "lines": {"type": "array", "items": {"type": "object", "properties": {
+                       "ts": {"type": "number"}, "level": {"type": "string"}, "stream": {"type": "string"},
+                       "message": {"type": "string"}}, "additionalProperties": True}}}}}}}}
+
 
 def _core(request: Request):
     return request.app.state.core
@@ -27,7 +36,7 @@ def _own_task(conn, agent: dict, task_id: int) -> dict:
     return task
 
 
-@router.post("/connect")
+@router.post("/connect", openapi_extra=_ANY_OBJECT)
 async def connect(request: Request, agent: dict = Depends(require_agent)):
     """The agent says hello with its system info; answers who it is and the server's options."""
     core = _core(request)
@@ -93,7 +102,7 @@ async def post_state(task_id: int, body: StateIn, request: Request, agent: dict 
             "stop_requested": bool(task["stop_requested"])}
 
 
-@router.post("/tasks/{task_id}/logs")
+@router.post("/tasks/{task_id}/logs", openapi_extra=_LOG_BATCH)
 async def post_logs(task_id: int, request: Request, agent: dict = Depends(require_agent)):
     """`{first_seq, lines}` (gzip accepted): line i gets seq first_seq + i; answers `{acked}`."""
     core = _core(request)
@@ -108,7 +117,7 @@ async def post_logs(task_id: int, request: Request, agent: dict = Depends(requir
     return {"acked": acked}
 
 
-@router.post("/telemetry")
+@router.post("/telemetry", openapi_extra=_ANY_OBJECT)
 async def telemetry(request: Request, agent: dict = Depends(require_agent)):
     """A telemetry sample (cpu, memory, disks, gpus, containers, free slots): kept as latest + history."""
     core = _core(request)
