@@ -11,6 +11,9 @@ import shlex
 import threading
 import time
 
+import docker
+from docker.types import DeviceRequest
+
 from workers.errors import TaskError
 from workers.logparse import FrameDecoder
 
@@ -27,13 +30,11 @@ def container_name(task_id: int) -> str:
 
 
 def docker_client(timeout: float = 120):
-    import docker
     return docker.from_env(timeout=timeout)
 
 
 def ensure_image(client, image: str, policy: str, log) -> None:
     """Apply the pull policy (if-not-present, always, never); pull progress goes to `log`."""
-    import docker
     if not image:
         raise TaskError("the task has no image")
     present = True
@@ -101,7 +102,6 @@ def create_kwargs(ctx) -> dict:
     if command:
         kw["command"] = shlex.split(command) if isinstance(command, str) else [str(c) for c in command]
     if ctx.gpus:
-        from docker.types import DeviceRequest
         ids = [str(g) for g in ctx.gpus]
         env["CUDA_VISIBLE_DEVICES"] = ",".join(ids)
         kw["device_requests"] = [DeviceRequest(device_ids=ids, capabilities=[["gpu"]])]
@@ -121,12 +121,16 @@ def create_kwargs(ctx) -> dict:
 
 def spawn_container(client, ctx):
     """Create and start the task's container (a stale one of the same name is removed first)."""
-    import docker
     kw = create_kwargs(ctx)
     try:
-        client.containers.get(kw["name"]).remove(force=True)
+        stale = client.containers.get(kw["name"])
     except docker.errors.NotFound:
-        pass
+        stale = None
+    if stale is not None:
+        if stale.labels.get(LABEL_AGENT) != kw["labels"][LABEL_AGENT]:
+            raise TaskError(f"a container named {kw['name']} that is not this agent's exists on this host; "
+                            f"refusing to replace it")
+        stale.remove(force=True)    # ours, from an attempt that did not get to run it
     try:
         container = client.containers.create(**kw)
     except docker.errors.ImageNotFound:
@@ -142,7 +146,6 @@ def spawn_container(client, ctx):
 
 
 def find_container(client, task_id: int):
-    import docker
     try:
         return client.containers.get(container_name(task_id))
     except docker.errors.NotFound:
@@ -222,7 +225,6 @@ class LogPump(threading.Thread):
 
 def stop_container(container, grace_s: float) -> None:
     """SIGTERM, `grace_s`, SIGKILL (the engine does the escalation)."""
-    import docker
     try:
         container.stop(timeout=max(0, int(round(grace_s))))
     except docker.errors.NotFound:
@@ -232,7 +234,6 @@ def stop_container(container, grace_s: float) -> None:
 
 
 def kill_container(container) -> None:
-    import docker
     try:
         container.kill()
     except (docker.errors.NotFound, docker.errors.APIError):
@@ -240,7 +241,6 @@ def kill_container(container) -> None:
 
 
 def remove_container(container) -> None:
-    import docker
     try:
         container.remove(force=True)
     except docker.errors.NotFound:

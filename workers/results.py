@@ -11,6 +11,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from watchdog.events import FileSystemEventHandler
+from watchdog.observers import Observer
+
 from agent.api import APIError
 from workers.errors import TaskError
 
@@ -129,9 +132,6 @@ class CheckpointUploader:
         self.thread = threading.Thread(target=self._run, name="checkpoints", daemon=True)
 
     def start(self) -> "CheckpointUploader":
-        from watchdog.events import FileSystemEventHandler
-        from watchdog.observers import Observer
-
         uploader = self
 
         class Handler(FileSystemEventHandler):
