@@ -61,6 +61,7 @@ class Core:
         self.stops_delivered: set[int] = set()   # stop requests an agent has seen in a poll answer
         self.telemetry: dict[int, collections.deque] = {}
         self._touched: dict[int, float] = {}
+        self.polling: collections.Counter = collections.Counter()   # agent id -> long-polls open now
         self.registry = CollectorRegistry()
         self.m_agents_online = Gauge("sly_agents_online", "Agents seen within the offline window", registry=self.registry)
         self.m_agents = Gauge("sly_agents", "Agents registered", registry=self.registry)
@@ -96,8 +97,11 @@ class Core:
             conn.execute(update(db.tasks).where(db.tasks.c.state.in_([s.value for s in LEASED]))
                          .values(lease_until=now + self.settings.lease_s))
 
-    def agent_status(self, last_seen: float | None, now: float | None = None) -> str:
+    def agent_status(self, agent_id: int, last_seen: float | None, now: float | None = None) -> str:
+        """online: a long-poll of it is open, or its last contact is within the offline window."""
         now = time.time() if now is None else now
+        if self.polling.get(agent_id):
+            return "online"
         return "online" if last_seen is not None and now - last_seen <= self.settings.offline_after else "offline"
 
     def add_telemetry(self, agent_id: int, ts: float, sample: dict) -> None:
@@ -118,10 +122,10 @@ class Core:
     def refresh_metrics(self) -> None:
         now = time.time()
         with self.engine.connect() as conn:
-            seen = conn.execute(select(db.agents.c.last_seen)).scalars().all()
+            seen = conn.execute(select(db.agents.c.id, db.agents.c.last_seen)).all()
             by_state = dict(conn.execute(select(db.tasks.c.state, func.count()).group_by(db.tasks.c.state)).all())
         self.m_agents.set(len(seen))
-        self.m_agents_online.set(sum(1 for s in seen if self.agent_status(s, now) == "online"))
+        self.m_agents_online.set(sum(1 for aid, s in seen if self.agent_status(aid, s, now) == "online"))
         from server.states import TaskState
         for st in TaskState:
             self.m_tasks.labels(state=st.value).set(by_state.get(st.value, 0))

@@ -65,6 +65,7 @@ async def poll(body: PollIn, request: Request, wait: float = Query(0, ge=0),
     deadline = time.monotonic() + wait
     version = core.settings_version[aid]
     core.m_polls.inc()
+    core.polling[aid] += 1
     try:
         while True:
             ev = core.agent_waiters.event(aid)   # before reading the database: no wake-up is lost
@@ -85,6 +86,10 @@ async def poll(body: PollIn, request: Request, wait: float = Query(0, ge=0),
             await core.agent_waiters.wait(ev, left)
     finally:
         core.m_polls.dec()
+        core.polling[aid] -= 1
+        if core.polling[aid] <= 0:
+            del core.polling[aid]
+        core.touch_agent(aid)   # a poll that waited was contact all along
 
 
 @router.post("/tasks/{task_id}/state")

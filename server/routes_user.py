@@ -83,7 +83,7 @@ def run_commands(core, request: Request, token: str) -> dict:
 def _agent_out(core, row, running: int, now: float) -> dict:
     a = dict(row)
     a.pop("token_hash", None)
-    a["status"] = core.agent_status(a["last_seen"], now)
+    a["status"] = core.agent_status(a["id"], a["last_seen"], now)
     a["running_tasks"] = running
     return a
 

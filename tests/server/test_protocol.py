@@ -263,7 +263,7 @@ def test_lease_expiry_makes_task_lost(tmp_path):
     from server.client import UserClient
     from tests.server.conftest import FakeAgent
     from tests.support.server import ServerProcess
-    srv = ServerProcess(tmp_path / "data", extra_args=["--lease-s", "1"]).start()
+    srv = ServerProcess(tmp_path / "data", extra_args=["--lease-s", "1", "--offline-after-s", "1"]).start()
     try:
         c = UserClient(srv.url, srv.admin_token)
         a = c.create_agent("silent")
@@ -271,7 +271,9 @@ def test_lease_expiry_makes_task_lost(tmp_path):
         t = c.create_task(a["id"], "custom", image="x:1")
         agent.poll()
         agent.state(t["id"], "running")
+        assert c.get_agent(a["id"])["status"] == "online"
         lost = c.wait_task(t["id"], {"lost"}, timeout=15)
+        poll_for(lambda: c.get_agent(a["id"])["status"] == "offline", what="agent offline")
         assert "silent" in lost["error"] and lost["timeline"][-1]["state"] == "lost"
         # the agent comes back still running it: it is told to stop, and cannot revive it
         assert agent.poll(running=[t["id"]])["stop"] == [t["id"]]
