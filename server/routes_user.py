@@ -1,7 +1,6 @@
 """User side of protocol v1 (Bearer admin token or console session): agents, projects, models, tasks."""
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 
