@@ -25,7 +25,7 @@ from agent.gpus import gpu_pool
 from agent.log_shipper import LogShipper, Nudges
 from agent.proctitle import set_title
 from agent.states import CHILD_EDGES, SLOT_EDGES, ChildState, SlotState, change_state
-from agent.task_process import TaskProcess, run_task_process
+from agent.task_process import HANDLER_ENV, TaskProcess, run_task_process
 from agent.telemetry import Telemetry
 
 log = logging.getLogger("agent.supervisor")
@@ -35,7 +35,8 @@ EXIT_OK = 0
 EXIT_FATAL = 5            # the log-shipper went FATAL: restart the agent (its tasks are re-adopted)
 START_GRACE_S = 1.0       # a helper alive this long is RUNNING
 MAX_RESPAWNS = 3          # task processes re-spawned to re-attach to one task's container
-STOP_KILL_AFTER_S = 15.0  # after stop_grace_s: task processes still alive are killed
+STOP_KILL_AFTER_S = 15.0
+TASK_TYPES = ("train", "inference", "custom", "cleanup")  # after stop_grace_s: task processes still alive are killed
 
 
 class RestartPolicy:
@@ -146,8 +147,24 @@ class Supervisor:
     def _on_signal(self, signum, frame) -> None:
         self._signals.append(signum)       # only enqueue; loop_once dispatches
 
+    def preimport(self) -> None:
+        """Import, in the main thread and before any thread starts, every module the threads and
+        the children use. A module imported for the first time by a thread while the main thread
+        forks leaves its import lock taken in the child, which then hangs on that import."""
+        import importlib
+        names = ["workers.docker_task"] + [f"workers.{t}" for t in TASK_TYPES]
+        spec = os.environ.get(HANDLER_ENV)
+        if spec:
+            names.append(spec.partition(":")[0])
+        for name in names:
+            try:
+                importlib.import_module(name)
+            except Exception as e:  # noqa: BLE001 - a missing type fails its tasks clearly later
+                log.debug("preimport %s: %s", name, e)
+
     def run(self) -> int:
         set_title("supervisor")
+        self.preimport()
         self.install_signals()
         self.update_snapshot()
         for h in self.helpers.values():
