@@ -135,7 +135,7 @@ def test_long_poll_woken_by_new_task_and_stop(server, client, make_agent):
     r1: dict = {}
     th = threading.Thread(target=_waiting_poll, args=(agent, r1))
     th.start()
-    poll_for(lambda: "sly_longpolls_open 1.0" in requests.get(server.url + "/metrics").text, what="poll waiting")
+    poll_for(lambda: client.get_agent(agent.id)["polls_open"] == 1, what="poll waiting")
     t_create = time.monotonic()
     task = client.create_task(agent.id, "custom", image="x:1")
     th.join(10)
@@ -146,7 +146,7 @@ def test_long_poll_woken_by_new_task_and_stop(server, client, make_agent):
     r2: dict = {}
     th = threading.Thread(target=_waiting_poll, args=(agent, r2), kwargs={"running": [task["id"]]})
     th.start()
-    poll_for(lambda: "sly_longpolls_open 1.0" in requests.get(server.url + "/metrics").text, what="poll waiting")
+    poll_for(lambda: client.get_agent(agent.id)["polls_open"] == 1, what="poll waiting")
     t_stop = time.monotonic()
     client.stop_task(task["id"])
     th.join(10)
