@@ -163,7 +163,7 @@ def test_rename_reaches_waiting_poll(client, make_agent):
     r: dict = {}
     th = threading.Thread(target=_waiting_poll, args=(agent, r), kwargs={"free_slots": 0})
     th.start()
-    time.sleep(0.2)  # not synchronisation: the rename is delivered whether the poll waits yet or not
+    poll_for(lambda: client.get_agent(agent.id)["polls_open"] == 1, what="poll waiting")
     client.patch_agent(agent.id, name="after")
     th.join(10)
     assert r["answer"]["settings"]["name"] == "after" and r["elapsed"] < 5
