@@ -160,6 +160,10 @@ class Demo:
         return 0 if ok else 1
 
 
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="./run.sh demo", description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="demo-data", help="folder for the server, the agent and samples")
@@ -168,9 +172,13 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--exit-when-done", action="store_true", help="stop everything when the task ends")
     args = ap.parse_args(argv)
+    # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C so the agent and server are stopped too.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     demo = Demo(args)
     try:
         return demo.run()
+    except KeyboardInterrupt:
+        return 130
     finally:
         demo.stop_all()
 
