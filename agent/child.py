@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 
 from agent.proctitle import set_title
 
@@ -19,6 +20,7 @@ class ChildBase:
     def __init__(self):
         self.parent_pid = os.getpid()   # set before the fork: the supervisor's pid
         self.stopping = threading.Event()
+        self.heartbeat = None           # a shared double (RawValue) the supervisor watches
 
     def start_in_child(self, title: str | None = None) -> None:
         # The supervisor's wakeup fd and handlers came along with the fork; drop them first.
@@ -38,6 +40,11 @@ class ChildBase:
 
     def _on_sigterm(self, signum, frame):  # only sets a flag
         self.stopping.set()
+
+    def beat(self) -> None:
+        """Tell the supervisor this process is not hung (CLOCK_MONOTONIC is system-wide)."""
+        if self.heartbeat is not None:
+            self.heartbeat.value = time.monotonic()
 
     def parent_alive(self) -> bool:
         """False once the supervisor is gone (we were re-parented)."""

@@ -48,6 +48,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("restart_max", "CHILD_RESTART_MAX", 5, int, "Quick deaths of a helper process before it is given up (FATAL)"),
     Setting("restart_window_s", "CHILD_RESTART_WINDOW", 60.0, float, "Window in seconds in which quick deaths are counted"),
     Setting("log_level", "LOG_LEVEL", "INFO", str, "Agent log level"),
+    Setting("helper_hung_s", "HELPER_HUNG_AFTER", 120.0, float, "Seconds without a heartbeat after which telemetry or the log-shipper is killed and restarted"),
 )
 
 
@@ -72,6 +73,7 @@ class Config:
     restart_max: int = 5
     restart_window_s: float = 60.0
     log_level: str = "INFO"
+    helper_hung_s: float = 120.0
     config_file: str | None = None
 
     @property

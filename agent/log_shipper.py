@@ -96,6 +96,7 @@ class LogShipper(ChildBase):
         from agent.api import AgentAPI
         self.api = AgentAPI(self.config.server_address, self.config.access_token, timeout=30, retries=0)
         while self.parent_alive() and not self.stopping.is_set():
+            self.beat()
             self.wait_for_work(self.loop_once(time.monotonic()))
         if self.parent_alive():
             self.drain(time.monotonic() + DRAIN_S)
@@ -173,6 +174,7 @@ class LogShipper(ChildBase):
         """Send batches until the task's file has no unsent complete line, or a send fails."""
         from agent.api import APIError
         while True:
+            self.beat()
             lines, ends = self.read_batch(cur)
             if not lines:
                 return

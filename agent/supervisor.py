@@ -66,6 +66,7 @@ class Helper:
         self.proc: multiprocessing.Process | None = None
         self.started_at = 0.0
         self.start_at = 0.0       # BACKOFF: when to start again
+        self.heartbeat = None     # RawValue("d"): the child's last CLOCK_MONOTONIC beat
         self.restarts = 0
 
     def change(self, new: ChildState) -> None:
@@ -269,6 +270,7 @@ class Supervisor:
     # --- helpers (telemetry, log-shipper)
     def spawn_helper(self, h: Helper, now: float) -> None:
         role = h.factory()
+        role.heartbeat = h.heartbeat = MP.RawValue("d", time.monotonic())
         h.proc = MP.Process(target=role.run, name=h.name, daemon=False)
         h.proc.start()
         h.started_at = now
@@ -280,6 +282,7 @@ class Supervisor:
             if h.proc is None or h.proc.exitcode is None:
                 if h.state == ChildState.STARTING and now - h.started_at >= START_GRACE_S:
                     h.change(ChildState.RUNNING)
+                self.kill_if_hung(h, now)
                 continue
             code = describe_exit(h.proc.exitcode)
             h.proc.join(0)
@@ -299,6 +302,17 @@ class Supervisor:
             h.start_at = now + delay
             h.restarts += 1
             log.warning("%s died (%s); restarting in %.2fs", h.name, code, delay)
+
+    def kill_if_hung(self, h: Helper, now: float) -> None:
+        """Dead and hung are different: no heartbeat for config.helper_hung_s -> SIGKILL (then a
+        normal death and restart). Heartbeats use CLOCK_MONOTONIC, which all processes share."""
+        if h.proc is None or h.state not in (ChildState.STARTING, ChildState.RUNNING) or h.heartbeat is None:
+            return
+        if time.monotonic() - h.heartbeat.value > self.config.helper_hung_s:
+            log.warning("%s (pid %s) sent no heartbeat for %.0fs: hung; killing it", h.name, h.proc.pid,
+                        self.config.helper_hung_s)
+            h.heartbeat = None
+            h.proc.kill()
 
     def restart_helpers(self, now: float) -> None:
         for h in self.helpers.values():

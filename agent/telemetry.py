@@ -105,6 +105,7 @@ class Telemetry(ChildBase):
         failing = False
         next_at = time.monotonic()
         while not self.stopping.is_set() and self.parent_alive():
+            self.beat()
             now = time.monotonic()
             if now >= next_at:
                 next_at = now + self.config.telemetry_interval_s

@@ -217,3 +217,15 @@ def test_sighup_reloads_config(server, make_agent, tmp_path):
     poll_for(lambda: a.child("telemetry") and a.child("log-shipper") and
              not old & {a.child("telemetry"), a.child("log-shipper")}, timeout=10, what="helpers restarted")
     assert "config reloaded (max_tasks=2" in a.stderr() and " died " not in a.stderr()
+
+
+def test_hung_helper_is_killed_and_restarted(server, make_agent):
+    """Dead and hung are different: a stopped (SIGSTOP) log-shipper sends no heartbeat and is replaced."""
+    a = make_agent(server).start(HELPER_HUNG_AFTER=2)
+    pid = a.child("log-shipper")
+    os.kill(pid, signal.SIGSTOP)
+    poll_for(lambda: a.child("log-shipper") not in (None, pid), timeout=15, what="log-shipper replaced")
+    assert "log-shipper (pid %d) sent no heartbeat" % pid in a.stderr()
+    tid = a.create_task(config={"lines": 10, "rate": 0})
+    assert a.wait_state(tid)["state"] == "finished"
+    assert_counter_log(a.logs(tid), 10)
