@@ -167,3 +167,18 @@ def load_config(environ: dict | None = None) -> Config:
     if values["max_tasks"] < 1:
         raise ConfigError("MAX_TASKS must be at least 1")
     return Config(config_file=config_file, **values)
+
+
+def markdown_table() -> str:
+    """The configuration table of README.md (`python -m agent.config` prints it)."""
+    rows = ["| env | default | what |", "|---|---|---|"]
+    for s in SETTINGS:
+        default = "—" if s.default is None else f"`{s.default}`"
+        rows.append(f"| `{s.env}` | {default} | {s.help} |")
+    rows.append("| `AGENT_CONFIG` | — | Path of a JSON file with the same settings in lower case "
+                "(`max_tasks`, ...); the environment wins |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())
