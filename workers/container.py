@@ -163,13 +163,16 @@ class LogPump(threading.Thread):
         self.tail = collections.deque(maxlen=tail_lines)
         self.lines = 0
         self.error: BaseException | None = None
-        self.response = None
+        self.lock = threading.Lock()    # the batch; emits happen under it, so lines stay in order
+        self.batch: list = []
+        self.first_pending = 0.0
+        self.done = False
 
-    def _open(self):
+    def _open(self, since_ns: int | None, follow: bool):
         api = self.client.api
-        params = {"stdout": 1, "stderr": 1, "timestamps": 1, "follow": 1}
-        if self.since_ns:
-            params["since"] = f"{self.since_ns // 1_000_000_000}.{self.since_ns % 1_000_000_000:09d}"
+        params = {"stdout": 1, "stderr": 1, "timestamps": 1, "follow": int(follow)}
+        if since_ns:
+            params["since"] = f"{since_ns // 1_000_000_000}.{since_ns % 1_000_000_000:09d}"
         r = api._get(api._url("/containers/{0}/logs", self.container.id), params=params, stream=True, timeout=None)
         api._raise_for_status(r)
         return r
@@ -192,32 +195,66 @@ class LogPump(threading.Thread):
                 self.on_event(line)
 
         decoder = FrameDecoder(skip_until_ns=self.since_ns, on_event=on_event)
-        self.response = r = self._open()
+        ticker = threading.Thread(target=self._tick, name="log-flush", daemon=True)
+        ticker.start()
+        follow = True
+        try:
+            while True:
+                self._read(self._open(decoder.resume_since(), follow), decoder)
+                if not follow:
+                    break
+                # The engine (20.10, json-file) may end a follow stream when the container exits
+                # before it has sent everything: once the container is down, read the rest plainly.
+                try:
+                    self.container.reload()
+                except docker.errors.NotFound:
+                    break
+                if self.container.status not in ("running", "paused", "restarting"):
+                    follow = False
+        finally:
+            rest: list = []
+            decoder.finish(rest)
+            with self.lock:
+                self.batch.extend(rest)
+                self._flush_locked()
+                self.done = True
+
+    def _read(self, r, decoder: FrameDecoder) -> None:
         raw = r.raw
+        # read1: what has arrived (one HTTP chunk), without waiting for a full buffer
         read = raw.read1 if hasattr(raw, "read1") else raw.read
-        batch: list = []
-        first_pending = 0.0
+        out: list = []
         try:
             while True:
                 data = read(READ_SIZE)
                 if not data:
-                    break
-                n0 = len(batch)
-                decoder.feed(data, batch)
-                if batch and not n0:
-                    first_pending = time.monotonic()
-                # Flush when the batch is big, old, or we caught up with the container (short read).
-                if batch and (len(batch) >= BATCH_LINES or len(data) < READ_SIZE // 4
-                              or time.monotonic() - first_pending >= BATCH_INTERVAL_S):
-                    self._flush(batch)
-                    batch = []
+                    return
+                decoder.feed(data, out)
+                if out:
+                    with self.lock:
+                        if not self.batch:
+                            self.first_pending = time.monotonic()
+                        self.batch.extend(out)
+                        if len(self.batch) >= BATCH_LINES:
+                            self._flush_locked()
+                    out = []
         finally:
-            decoder.finish(batch)
-            if batch:
-                self._flush(batch)
             r.close()
 
-    def _flush(self, batch: list) -> None:
+    def _tick(self) -> None:
+        """Thread: a line never waits more than about BATCH_INTERVAL_S for its batch to fill."""
+        while True:
+            time.sleep(BATCH_INTERVAL_S / 2)
+            with self.lock:
+                if self.done:
+                    return
+                if self.batch and time.monotonic() - self.first_pending >= BATCH_INTERVAL_S:
+                    self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        batch, self.batch = self.batch, []
+        if not batch:
+            return
         self.lines += len(batch)
         self.tail.extend(line["message"] for line in batch[-self.tail.maxlen:])
         self.ctx.emit(batch)

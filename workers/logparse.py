@@ -92,6 +92,15 @@ class FrameDecoder:
         self.pending = {1: b"", 2: b""}
         self.pending_cts = {1: 0, 2: 0}
         self.skip_until_ns = skip_until_ns
+        # Per stream, the newest frame stamp taken in: a re-read of the log (the engine's follow
+        # stream can end early) skips what was seen. Per stream because the engine stamps stdout
+        # and stderr separately, so they may interleave slightly out of stamp order.
+        # Frames of one long line share one stamp, so equal stamps are counted, not just compared.
+        start = -1 if skip_until_ns is None else skip_until_ns
+        self.seen = {1: start, 2: start}
+        self.seen_n = {1: 1 << 62, 2: 1 << 62}     # adoption: every frame at the boundary was shipped
+        self.skip = dict(self.seen)
+        self.skip_n = dict(self.seen_n)
         self.parse_ts = TimestampParser()
         self.on_event = on_event      # called with each line that has an event_type
         self.last_cts: int | None = None
@@ -110,11 +119,19 @@ class FrameDecoder:
             if sp < 0:
                 continue
             cts = self.parse_ts(frame[:sp])
-            body = frame[sp + 1:]
-            if self.skip_until_ns is not None and cts <= self.skip_until_ns:
-                continue
             if stream not in STREAMS:
                 stream = 1
+            if cts <= self.skip[stream]:
+                if cts < self.skip[stream]:
+                    continue
+                if self.skip_n[stream] > 0:
+                    self.skip_n[stream] -= 1
+                    continue
+            if cts == self.seen[stream]:
+                self.seen_n[stream] += 1
+            else:
+                self.seen[stream], self.seen_n[stream] = cts, 1
+            body = frame[sp + 1:]
             if body.endswith(b"\n"):
                 body = body[:-1]
                 if self.pending[stream]:
@@ -131,6 +148,13 @@ class FrameDecoder:
                 if len(self.pending[stream]) > MAX_LINE:
                     self._flush_pending(stream, cts, out)
         self.buf = buf[pos:]
+
+    def resume_since(self) -> int | None:
+        """Before re-opening the log: where the new stream must start so that nothing unseen is
+        missed; frames already taken in are skipped then."""
+        self.skip, self.skip_n = dict(self.seen), dict(self.seen_n)
+        low = min(self.seen.values())
+        return None if low < 0 else low
 
     def _flush_pending(self, stream: int, cts: int, out: list) -> None:
         data = self.pending[stream]
