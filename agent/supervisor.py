@@ -327,21 +327,22 @@ class Supervisor:
                f"(last: {code}); given up (FATAL)")
         log.critical(msg)
         fatal = {"fatal": {"process": h.name, "reason": msg, "ts": time.time()}}
-        self._jobs.put(lambda: self._report_fatal(fatal))
+        reported = threading.Event()
+        self._jobs.put(lambda: self._report_fatal(fatal, reported))
         if h.name == "log-shipper":
             # Without it no task can report a final state; a restarted agent re-adopts the tasks.
             log.critical("the log-shipper is FATAL: the agent exits (code %d) so that it can be restarted", EXIT_FATAL)
-            deadline = time.monotonic() + 5
-            while not self._jobs.empty() and time.monotonic() < deadline:
-                time.sleep(0.05)
+            reported.wait(10)
             self.exit_code = EXIT_FATAL
 
-    def _report_fatal(self, body: dict) -> None:
+    def _report_fatal(self, body: dict, reported: threading.Event) -> None:
         from agent.telemetry import sample
         try:
             self.api.telemetry({**sample(self.config, self.free_slots()), **body})
         except Exception as e:  # noqa: BLE001
             log.error("could not report FATAL to the server: %s", e)
+        finally:
+            reported.set()
 
     def helpers_stopping(self) -> bool:
         return self.stopping_helpers_phase

@@ -237,3 +237,22 @@ def test_hung_helper_is_killed_and_restarted(server, make_agent):
     tid = a.create_task(config={"lines": 10, "rate": 0})
     assert a.wait_state(tid)["state"] == "finished"
     assert_counter_log(a.logs(tid), 10)
+
+
+def test_log_shipper_fatal_exits_5_and_a_restart_finishes_the_task(server, make_agent):
+    """The log-shipper going FATAL ends the agent with code 5; restarted, it ships the log and finishes."""
+    a = make_agent(server).start(CHILD_RESTART_MAX=2, CHILD_RESTART_WINDOW=60)
+    tid = a.create_task(config={"lines": 60, "rate": 20})
+    poll_for(lambda: a.task_pid(tid), timeout=15, what="task process")
+    survivors = [psutil.Process(a.task_pid(tid)), psutil.Process(a.child("telemetry"))]
+    for _ in range(2):
+        pid = poll_for(lambda: a.child("log-shipper"), timeout=10, what="log-shipper")
+        os.kill(pid, signal.SIGKILL)
+        poll_for(lambda: a.child("log-shipper") != pid, timeout=10, what="log-shipper gone")
+    assert a.wait_exit(20) == 5
+    assert "log-shipper died 2 times" in a.stderr()
+    _, alive = psutil.wait_procs(survivors, timeout=10)     # orphaned children leave by themselves
+    assert not alive
+    a.start()
+    assert a.wait_state(tid, timeout=60)["state"] == "finished"
+    assert_counter_log(a.logs(tid), 60)
