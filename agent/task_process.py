@@ -252,6 +252,8 @@ class TaskProcess(ChildBase):
     def finish(self, api, ctx: AgentTaskContext, outcome: Outcome) -> None:
         """Final state after every log line is acked; then the closed marker."""
         from agent.api import APIError
+        if outcome.error:
+            outcome.error = self.writer.masker(str(outcome.error))   # the error is sent too
         if outcome.state == "finished" and ctx.state in (TaskState.ASSIGNED, TaskState.PREPARING):
             ctx.set_phase("running")    # the server finishes only a task that ran
         self.set_phase_title("finishing")

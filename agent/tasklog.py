@@ -118,7 +118,7 @@ class TaskLogWriter:
         self._lockf = open(path.with_name(".writer.lock"), "w")
         fcntl.flock(self._lockf, fcntl.LOCK_EX)
         repair_tail(path)
-        self.mask = masker.lines
+        self.masker = masker
         self.seq = last_seq(path)
         self._lock = threading.Lock()
         self._f = open(path, "a", encoding="utf-8")
@@ -127,14 +127,19 @@ class TaskLogWriter:
         """Append lines (each gets the next seq); flushed to the OS before returning the last seq."""
         if not lines:
             return self.seq
-        lines = self.mask([{k: v for k, v in line.items() if k != "seq"} for line in lines])
+        out = [_dumps(line) for line in lines]
+        text = "\n".join(out)
+        # One scan of the whole batch decides whether any line needs masking (most never do).
+        if self.masker.needed(text) or '"seq":' in text or "{}" in out:
+            lines = self.masker.lines([{k: v for k, v in line.items() if k != "seq"} for line in lines])
+            out = [_dumps(line) for line in lines]
         with self._lock:
             seq = self.seq
-            out = []
-            for line in lines:
+            parts = []
+            for o in out:
                 seq += 1
-                out.append('{"seq":%d,%s\n' % (seq, _dumps(line)[1:]))
-            self._f.write("".join(out))
+                parts.append('{"seq":%d,%s\n' % (seq, o[1:]) if len(o) > 2 else '{"seq":%d}\n' % seq)
+            self._f.write("".join(parts))
             self._f.flush()
             self.seq = seq
             return seq

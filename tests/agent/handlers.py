@@ -60,7 +60,7 @@ def sleeper(ctx) -> Outcome:
 
 def raiser(ctx) -> Outcome:
     ctx.set_phase("running")
-    raise RuntimeError("placeholder handler failed on purpose")
+    raise RuntimeError("placeholder handler failed on purpose (db password=hunter2)")
 
 
 def segfault(ctx) -> Outcome:

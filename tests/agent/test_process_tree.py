@@ -101,6 +101,8 @@ def test_crashing_handlers(server, make_agent, handler, reason):
     assert a.proc.poll() is None
     if handler == "raiser":
         assert any("handler raised RuntimeError" in l["message"] and l["stream"] == "agent" for l in a.logs(tid))
+        assert "password=***" in t["error"] and "hunter2" not in t["error"]      # the error is masked too
+        assert not any("hunter2" in l["message"] for l in a.logs(tid))
 
 
 def test_kill_supervisor_and_restart_loses_nothing(server, make_agent):

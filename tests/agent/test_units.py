@@ -94,6 +94,9 @@ def test_describe_exit():
     ("x-token: Zm9vYmFyYmF6cXV4", "Zm9vYmFyYmF6cXV4"),
     ("git clone https://bob:pa55word@example.com/r.git", "pa55word"),
     ("api_key: 12345678abcdef", "12345678abcdef"),
+    ("ACCESS_TOKEN=abcdefgh12345678", "abcdefgh12345678"),
+    ("db_password: 'p@ss w'", "p@ss"),
+    ("client_secret=xyz12345", "xyz12345"),
 ])
 def test_masking_hides_secrets(text, secret):
     masked = Masker(TOKEN)(text)
@@ -101,7 +104,8 @@ def test_masking_hides_secrets(text, secret):
     assert "***" in masked
 
 
-@pytest.mark.parametrize("text", ["epoch 3/10 loss=0.412 acc=0.91", "tokens processed: 512", "keyboard monkey"])
+@pytest.mark.parametrize("text", ["epoch 3/10 loss=0.412 acc=0.91", "tokens processed: 512", "keyboard monkey",
+                                  "train_token_acc=0.93 keypoints=17", "tokenizer: bert-base"])
 def test_masking_keeps_ordinary_lines(text):
     assert Masker(TOKEN)(text) == text
 
@@ -176,6 +180,17 @@ def test_task_log_seqs_masking_and_cts(config):
     assert [r["seq"] for r in rows] == [0, 1]
     assert TOKEN not in w.path.read_text() and "password=***" in rows[1]["message"]
     assert tasklog.last_cts(w.path) == 5 and tasklog.last_seq(w.path) == 1
+
+
+def test_task_log_masks_json_messages_and_extra_fields(config):
+    w = tasklog.TaskLogWriter(config, 6, Masker(TOKEN))
+    w.write([{"ts": 1.0, "level": "info", "stream": "stdout", "message": "ok"} for _ in range(50)] +
+            [{"ts": 1.0, "level": "info", "stream": "stdout", "message": '{"password": "s3cr3t!", "n": 1}'},
+             {"ts": 1.0, "level": "info", "stream": "stdout", "message": "m", "url": "s3://k:hidden99@bucket"}])
+    w.close()
+    text = w.path.read_text()
+    assert "s3cr3t!" not in text and "hidden99" not in text
+    assert [json.loads(l)["seq"] for l in text.splitlines()] == list(range(52))
 
 
 def test_task_log_cuts_a_partial_line_and_continues(config):
