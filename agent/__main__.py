@@ -20,6 +20,9 @@ def fail(code: int, message: str) -> int:
 def main() -> int:
     from agent.api import AgentAPI, APIError, AuthError
     from agent.config import ConfigError, load_config
+    from agent.proctitle import set_title
+
+    set_title("supervisor")
 
     try:
         config = load_config()
