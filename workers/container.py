@@ -119,20 +119,31 @@ def create_kwargs(ctx) -> dict:
     return kw
 
 
+def _create(client, kw: dict):
+    """containers.create without its follow-up inspect (one round trip less on every pickup)."""
+    from docker.models.containers import _create_container_args
+    args = _create_container_args(dict(kw, detach=True, version=client.api._version))
+    answer = client.api.create_container(**args)
+    return client.containers.prepare_model({"Id": answer["Id"], "Name": "/" + kw["name"],
+                                            "Config": {"Labels": kw["labels"]}, "State": {"Status": "created"}})
+
+
 def spawn_container(client, ctx):
     """Create and start the task's container (a stale one of the same name is removed first)."""
     kw = create_kwargs(ctx)
+    kw.pop("detach", None)
     try:
-        stale = client.containers.get(kw["name"])
-    except docker.errors.NotFound:
-        stale = None
-    if stale is not None:
-        if stale.labels.get(LABEL_AGENT) != kw["labels"][LABEL_AGENT]:
-            raise TaskError(f"a container named {kw['name']} that is not this agent's exists on this host; "
-                            f"refusing to replace it")
-        stale.remove(force=True)    # ours, from an attempt that did not get to run it
-    try:
-        container = client.containers.create(**kw)
+        try:
+            container = _create(client, kw)
+        except docker.errors.APIError as e:
+            if e.status_code != 409:
+                raise
+            stale = client.containers.get(kw["name"])
+            if stale.labels.get(LABEL_AGENT) != kw["labels"][LABEL_AGENT]:
+                raise TaskError(f"a container named {kw['name']} that is not this agent's exists on this host; "
+                                f"refusing to replace it") from None
+            stale.remove(force=True)    # ours, from an attempt that did not get to run it
+            container = _create(client, kw)
     except docker.errors.ImageNotFound:
         raise TaskError(f"image {kw['image']} is not on this node") from None
     except docker.errors.APIError as e:

@@ -65,6 +65,7 @@ def run_container_task(ctx, upload) -> Outcome:
     """The whole life of a container task; `upload(ctx)` uploads the type's result after exit 0."""
     client = None
     container = None
+    just_started = False
     outcome: Outcome
     try:
         client = docker_client()
@@ -91,8 +92,9 @@ def run_container_task(ctx, upload) -> Outcome:
             _check_stop(ctx)
             container = spawn_container(client, ctx)
             since = None
+            just_started = True
             _phase(ctx, "running")
-        outcome = _supervise(ctx, client, container, since)
+        outcome = _supervise(ctx, client, container, since, just_started)
         if outcome.state == "finished":
             ctx.set_phase("uploading")
             upload(ctx)
@@ -125,11 +127,14 @@ def _check_stop(ctx) -> None:
         raise StopRequested()
 
 
-def _deadline(ctx, container) -> float | None:
+def _deadline(ctx, container, just_started: bool) -> float | None:
     """The wall-clock deadline from the task's timeout_s, counted from the container's start."""
     timeout = ctx.task.get("timeout_s")
     if not timeout:
         return None
+    if just_started:
+        return time.time() + float(timeout)
+    container.reload()
     started = container.attrs.get("State", {}).get("StartedAt", "")
     from datetime import datetime
     try:
@@ -141,35 +146,34 @@ def _deadline(ctx, container) -> float | None:
     return t0 + float(timeout)
 
 
-def _supervise(ctx, client, container, since_ns) -> Outcome:
+def _supervise(ctx, client, container, since_ns, just_started: bool = False) -> Outcome:
     """Stream the output until the container exits; apply stop and deadline; read the exit."""
     checkpoints = CheckpointUploader(ctx, ctx.task_dir / "results").start()
     pump = LogPump(ctx, client, container, since_ns=since_ns, on_event=checkpoints.on_event)
     pump.start()
-    container.reload()
-    deadline = _deadline(ctx, container)
+    deadline = _deadline(ctx, container, just_started)
     stopped = timed_out = False
     try:
         while pump.is_alive():
-            if not stopped and ctx.stop_event.wait(STOP_POLL_S):
+            pump.join(STOP_POLL_S)
+            if not stopped and ctx.stop_event.is_set():
                 ctx.log(f"stopping the container (SIGTERM, {ctx.config.stop_grace_s:g} s grace, SIGKILL)")
                 stopped = True
                 stop_container(container, ctx.config.stop_grace_s)
-            elif stopped:
-                pump.join(STOP_POLL_S)
             if not timed_out and not stopped and deadline is not None and time.time() >= deadline:
                 ctx.log(f"deadline exceeded ({ctx.task.get('timeout_s')} s): killing the container", level="error")
                 timed_out = True
                 kill_container(container)
         result = container.wait(timeout=60)
-        container.reload()
     finally:
         pump.join(30)
         checkpoints.stop()
     if pump.error is not None:
         ctx.log(f"reading the container's output failed: {pump.error!r}", level="warning")
-    state = container.attrs.get("State", {})
-    code = result.get("StatusCode", state.get("ExitCode"))
+    code = result.get("StatusCode")
+    if code != 0:
+        container.reload()      # OOMKilled is only in the inspect answer
+    state = container.attrs.get("State", {}) if code != 0 else {}
     if stopped:
         return Outcome("stopped", exit_code=code)
     if timed_out:
