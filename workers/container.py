@@ -231,15 +231,9 @@ class LogPump(threading.Thread):
                 self.done = True
 
     def _read(self, r, decoder: FrameDecoder) -> None:
-        raw = r.raw
-        # read1: what has arrived (one HTTP chunk), without waiting for a full buffer
-        read = raw.read1 if hasattr(raw, "read1") else raw.read
-        out: list = []
         try:
-            while True:
-                data = read(READ_SIZE)
-                if not data:
-                    return
+            for data in _body_chunks(r):
+                out: list = []
                 decoder.feed(data, out)
                 if out:
                     with self.lock:
@@ -248,7 +242,6 @@ class LogPump(threading.Thread):
                         self.batch.extend(out)
                         if len(self.batch) >= BATCH_LINES:
                             self._flush_locked()
-                    out = []
         finally:
             r.close()
 
@@ -269,6 +262,44 @@ class LogPump(threading.Thread):
         self.lines += len(batch)
         self.tail.extend(line["message"] for line in batch[-self.tail.maxlen:])
         self.ctx.emit(batch)
+
+
+def _body_chunks(r):
+    """The body of a streamed HTTP response, as it arrives, in large pieces.
+
+    The engine sends one HTTP chunk per log line; urllib3 hands them out one by one, which costs
+    more than the line itself. With a chunked body this reads the connection in large reads and
+    undoes the chunked encoding here."""
+    fp = getattr(getattr(r.raw, "_fp", None), "fp", None)
+    if fp is None or not getattr(r.raw._fp, "chunked", False) or r.raw._fp.chunk_left is not None:
+        read = r.raw.read1 if hasattr(r.raw, "read1") else r.raw.read
+        while data := read(READ_SIZE):
+            yield data
+        return
+    buf = b""
+    while True:
+        data = fp.read1(READ_SIZE)
+        if not data:
+            return
+        buf = buf + data if buf else data
+        pos, parts, end = 0, [], False
+        while True:
+            i = buf.find(b"\r\n", pos)
+            if i < 0:
+                break
+            size = int(buf[pos:i].split(b";", 1)[0], 16)
+            if size == 0:
+                end = True
+                break
+            if len(buf) < i + 4 + size:
+                break
+            parts.append(buf[i + 2:i + 2 + size])
+            pos = i + 4 + size
+        buf = buf[pos:]
+        if parts:
+            yield b"".join(parts)
+        if end:
+            return
 
 
 def stop_container(container, grace_s: float) -> None:
