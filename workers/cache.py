@@ -127,6 +127,8 @@ def ensure_space(config: Config, need_bytes: int = 0, log=None, keep: set | None
                         f"> CACHE_QUOTA_MB={config.cache_quota_mb}")
         return ""
 
+    if config.cache_quota_mb <= 0 and free_mb(config) >= config.min_free_disk_mb + need_mb:
+        return {"evicted": 0, "freed_bytes": 0}       # the usual case: no need to scan the cache
     entries = cache_entries(config)
     reason = short()
     while reason:

@@ -105,8 +105,6 @@ def create_kwargs(ctx) -> dict:
         ids = [str(g) for g in ctx.gpus]
         env["CUDA_VISIBLE_DEVICES"] = ",".join(ids)
         kw["device_requests"] = [DeviceRequest(device_ids=ids, capabilities=[["gpu"]])]
-    else:
-        env["CUDA_VISIBLE_DEVICES"] = ""
     if res.get("cpus"):
         kw["nano_cpus"] = int(float(res["cpus"]) * 1e9)
     mem = _size(res.get("memory"))

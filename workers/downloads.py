@@ -133,8 +133,9 @@ class Downloader:
                     f"{cached} cached")
         # Cached files first, in this thread: a link costs less than a pool hand-off.
         touched = set()
+        missing_ids = {id(j) for j in missing}
         for job in jobs:
-            if job not in missing:
+            if id(job) not in missing_ids:
                 self._link(job, touched)
         self.done_files = cached
         if missing:
@@ -202,14 +203,14 @@ class Downloader:
                 if self.ctx.stop_event.is_set():
                     raise StopRequested()
                 try:
-                    self._download(sha, part, job.size)
+                    digest = self._download(sha, part, job.size)
                 except (requests.RequestException, OSError, TaskError) as e:
                     failures += 1
                     if failures >= BLOB_TRIES + 2:
                         raise TaskError(f"download of {job.label} (blob {sha[:12]}) failed: {e}") from None
                     time.sleep(0.2 * failures)
                     continue                # the .part is kept: the next try resumes with Range
-                if _sha256_file(part) == sha:
+                if digest == sha:
                     break
                 part.unlink(missing_ok=True)
                 mismatches += 1
@@ -218,11 +219,19 @@ class Downloader:
                                     f"sha256 {sha} ({BLOB_TRIES} tries); nothing was cached")
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(part, final)
+            # Whoever waits on this lock finds the blob in place; a newcomer makes a new lock file.
+            (tmp_dir / f"{sha}.lock").unlink(missing_ok=True)
 
-    def _download(self, sha: str, part: Path, size: int) -> None:
+    def _download(self, sha: str, part: Path, size: int) -> str:
+        """GET the blob into `part` (resuming what is there with Range); returns the file's sha256."""
+        h = hashlib.sha256()
         have = part.stat().st_size if part.exists() else 0
-        if have and have >= size:
-            return                          # complete (verified by the caller) or too long (start over)
+        if have:
+            with open(part, "rb") as f:       # what an interrupted try left: hash it, then resume
+                while b := f.read(CHUNK):
+                    h.update(b)
+            if have >= size:
+                return h.hexdigest()          # complete (or too long: the caller starts over)
         headers = {"Range": f"bytes={have}-"} if have else {}
         api = self.ctx.api
         r = api.session.get(f"{api.base}/agent/v1/blobs/{sha}", headers=headers, stream=True, timeout=60)
@@ -232,22 +241,15 @@ class Downloader:
                 raise TaskError(f"GET blob {sha[:12]}: range not satisfiable")
             if r.status_code not in (200, 206):
                 raise TaskError(f"GET blob {sha[:12]}: HTTP {r.status_code} {r.text[:200]}")
-            mode = "ab" if r.status_code == 206 else "wb"
-            with open(part, mode) as f:
+            if r.status_code == 200 and have:
+                h = hashlib.sha256()          # the server sent it all again
+            with open(part, "ab" if r.status_code == 206 else "wb") as f:
                 for chunk in r.iter_content(CHUNK):
                     f.write(chunk)
+                    h.update(chunk)
                     with self.lock:
                         self.done_bytes += len(chunk)
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(CHUNK)
-            if not b:
-                return h.hexdigest()
-            h.update(b)
+        return h.hexdigest()
 
 
 def _stat(path: Path):

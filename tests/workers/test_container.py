@@ -87,6 +87,8 @@ def test_deadline_exceeded(node, task_image):
 
 def test_gpus_become_device_requests(node, task_image):
     ctx = node.ctx(type="custom", image=task_image, command="env.sh")
+    kw = create_kwargs(ctx)
+    assert "CUDA_VISIBLE_DEVICES" not in kw["environment"] and "device_requests" not in kw
     ctx.gpus = [1, 3]
     kw = create_kwargs(ctx)
     assert kw["environment"]["CUDA_VISIBLE_DEVICES"] == "1,3"
