@@ -10,6 +10,7 @@ write lock, held by a child that is killed with SIGKILL, makes every later child
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -44,6 +45,34 @@ def open_stderr() -> None:
     StderrGate.open = True
 
 
+def _acquire_handlers() -> None:
+    for h in logging.getLogger().handlers:
+        h.acquire()
+
+
+def _release_handlers() -> None:
+    for h in logging.getLogger().handlers:
+        h.release()
+
+
+_fork_hook_installed = False
+
+
+def install_fork_hook() -> None:
+    """Fork only while no thread is inside a handler's write.
+
+    logging re-creates its handler locks in a forked child, but not the lock inside the handler's
+    stream (an io.BufferedWriter): a thread of the supervisor caught mid-write at fork time leaves
+    it taken, and the child hangs on its first log record (tests/agent/test_agentlog.py shows 17
+    of 20 children hung without this). Holding every root handler's lock across the fork makes
+    the forking thread wait for a write in progress to end.
+    """
+    global _fork_hook_installed
+    if not _fork_hook_installed and hasattr(os, "register_at_fork"):
+        os.register_at_fork(before=_acquire_handlers, after_in_parent=_release_handlers)
+        _fork_hook_installed = True
+
+
 def setup_logging(config: Config, masker: Masker) -> Path:
     """Log to the agent's log file and (once connected) stderr; return the file's path."""
     path = config.logs_dir / time.strftime("log_%Y-%m-%d_%H:%M:%S.txt", time.localtime())
@@ -58,6 +87,7 @@ def setup_logging(config: Config, masker: Masker) -> Path:
         h.setFormatter(fmt)
         root.addHandler(h)
     root.setLevel(getattr(logging, str(config.log_level).upper(), logging.INFO))
+    install_fork_hook()
     for noisy in ("urllib3", "docker"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     return path

@@ -72,3 +72,50 @@ os._exit(0)
 """)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split()[0] == "hung" and r.stdout.split()[1] != "None", r.stdout
+
+
+FORK_WHILE_THREADS_LOG = """
+import logging, multiprocessing as mp, os, threading, time
+ctx = mp.get_context("fork")
+stop = False
+def spam():
+    while not stop:
+        logging.info("thread spam " + "y" * 100)
+def child(i):
+    logging.info("child %d", i)
+def fork_many(n, wait):
+    for _ in range(2):
+        threading.Thread(target=spam, daemon=True).start()
+    for i in range(n):
+        p = ctx.Process(target=child, args=(i,)); p.start(); p.join(wait)
+        if p.exitcode is None:
+            p.kill(); p.join()
+            return i
+    return None
+"""
+
+
+def test_fork_while_threads_log_never_hangs_a_child(tmp_path):
+    """The supervisor forks while its threads log: with the agent's logging no child hangs."""
+    r = run_py(FORK_WHILE_THREADS_LOG + f"""
+from agent.agentlog import setup_logging
+from agent.config import load_config
+from agent.masking import Masker
+c = load_config({{"SERVER_ADDRESS": "http://x", "ACCESS_TOKEN": "A" * 32, "AGENT_HOST_DIR": {str(tmp_path)!r}}})
+setup_logging(c, Masker(c.access_token))
+print("hung", fork_many(300, 10))
+os._exit(0)
+""")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["hung", "None"], r.stdout
+
+
+def test_plain_logging_hangs_a_child_forked_mid_write(tmp_path):
+    """The evidence for the fork hook: the same with plain logging handlers hangs a child."""
+    r = run_py(FORK_WHILE_THREADS_LOG + f"""
+logging.basicConfig(filename={str(tmp_path / "plain.log")!r}, level=logging.INFO)
+print("hung", fork_many(100, 2))
+os._exit(0)
+""")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split()[0] == "hung" and r.stdout.split()[1] != "None", r.stdout
