@@ -13,6 +13,9 @@ import shutil
 import time
 from pathlib import Path
 
+import docker
+import requests
+
 from workers import cache
 from workers.base import Outcome
 from workers.container import (LABEL_AGENT, LABEL_TASK, LogPump, docker_client, ensure_image, find_container,
@@ -103,6 +106,9 @@ def run_container_task(ctx, upload) -> Outcome:
     except (TaskError, cache.DiskError) as e:
         ctx.log(str(e), level="error")
         outcome = Outcome("failed", error=str(e))
+    except docker.errors.DockerException as e:
+        ctx.log(f"Docker: {e}", level="error")
+        outcome = Outcome("failed", error=f"Docker: {e}")
     finally:
         if container is not None:
             try:
@@ -154,8 +160,11 @@ def _supervise(ctx, client, container, since_ns, just_started: bool = False) -> 
     deadline = _deadline(ctx, container, just_started)
     stopped = timed_out = False
     try:
-        while pump.is_alive():
-            pump.join(STOP_POLL_S)
+        while pump.is_alive() or (pump.error is not None and _still_running(container)):
+            if pump.is_alive():
+                pump.join(STOP_POLL_S)
+            else:                   # output lost (reported below); still wait for the exit
+                time.sleep(STOP_POLL_S)
             if not stopped and ctx.stop_event.is_set():
                 ctx.log(f"stopping the container (SIGTERM, {ctx.config.stop_grace_s:g} s grace, SIGKILL)")
                 stopped = True
@@ -187,6 +196,17 @@ def _supervise(ctx, client, container, since_ns, just_started: bool = False) -> 
     if checkpoints.errors:
         return Outcome("failed", exit_code=code, error=checkpoints.errors[0])
     return Outcome("finished", exit_code=0)
+
+
+def _still_running(container) -> bool:
+    """Only asked when the log pump has ended early (an error): is the container still up?"""
+    try:
+        container.reload()
+    except docker.errors.NotFound:
+        return False
+    except (docker.errors.APIError, requests.RequestException):
+        return True
+    return container.status in ("running", "paused", "restarting", "created")
 
 
 def clean_task_dir(ctx, outcome: Outcome) -> None:
