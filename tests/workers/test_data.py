@@ -61,7 +61,12 @@ def test_train_downloads_runs_uploads_model_and_checkpoints(node, user, project,
 def test_inference_uploads_project_and_second_task_downloads_nothing(node, user, project, task_image):
     ctx = node.ctx(type="inference", image=task_image, command="infer.sh", project_id=project["id"])
     assert inference.run(ctx).state == "finished"
-    assert "data ready: 6 files (0 cached, 6 downloaded" in " ".join(ctx.messages("agent"))
+    agent_lines = ctx.messages("agent")
+    assert "data ready: 6 files (0 cached, 6 downloaded" in " ".join(agent_lines)
+    assert "downloading 6 of 6 files (0.0 MB); 0 cached" in agent_lines
+    assert agent_lines.index("downloading 6/6 files, 0.0 MB") < agent_lines.index("data ready: 6 files (0 cached, "
+                                                                                  "6 downloaded, 0.0 MB)")
+    assert (6, 6) in ctx.progress_values     # download progress while preparing
     out = user.get_project(user.get_task(ctx.task_id)["results"]["project_id"])
     assert {ds["name"]: sorted(i["name"] for i in ds["items"]) for ds in out["datasets"]} == \
         {"ds1": [f"img{i}.png.json" for i in range(5)], "ds2": ["a.jpg.json"]}
