@@ -17,7 +17,28 @@ def fail(code: int, message: str) -> int:
     return code
 
 
+class _StoppedBeforeStart(BaseException):  # not Exception: no library may swallow it
+    """SIGTERM/SIGINT arrived before the supervisor took over the signals."""
+
+
+def _stop_before_start(signum, frame):
+    # Until the supervisor installs its own handlers no child exists and nothing needs draining,
+    # so unwinding from here is safe and answers `docker stop` during start-up at once.
+    raise _StoppedBeforeStart(signum)
+
+
 def main() -> int:
+    import signal
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _stop_before_start)
+    try:
+        return _main()
+    except _StoppedBeforeStart:
+        print("sly-agent: stopped during start-up", file=sys.stderr, flush=True)
+        return EXIT_OK
+
+
+def _main() -> int:
     from agent.api import AgentAPI, APIError, AuthError
     from agent.config import ConfigError, load_config
     from agent.proctitle import set_title

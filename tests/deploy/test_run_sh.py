@@ -102,3 +102,33 @@ def test_agent_runs_in_foreground_and_sigterm_exits_zero(clone, venv, server, tm
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_during_startup_exits_zero_at_once(tmp_path):
+    """`docker stop` while the agent still tries to reach its server: exit 0, no traceback."""
+    import socket
+    import sys
+    import time
+
+    # A server that accepts the connection and never answers: connect() blocks.
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(8)
+    url = f"http://127.0.0.1:{lsock.getsockname()[1]}"
+    env = dict(os.environ, SERVER_ADDRESS=url, ACCESS_TOKEN="A" * 32, AGENT_HOST_DIR=str(tmp_path / "a"))
+    proc = subprocess.Popen([sys.executable, "-m", "agent"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        poll_for(lambda: (tmp_path / "a" / "logs").is_dir() and any((tmp_path / "a" / "logs").iterdir()),
+                 timeout=30, what="the agent to start connecting")
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+        assert time.monotonic() - t0 < 10
+        assert "Traceback" not in err and "stopped during start-up" in err
+    finally:
+        lsock.close()
+        if proc.poll() is None:
+            proc.kill()
