@@ -52,65 +52,52 @@ def busybox_rootfs_tar(extra_files: dict[str, bytes] | None = None) -> bytes:
     return buf.getvalue()
 
 
-def ensure_busybox_image(client=None, tag: str = BUSYBOX_IMAGE, rebuild: bool = False) -> str:
-    """Import the busybox image under `tag` unless it is already there; return the tag."""
+def _docker_client(client=None):
     import docker  # imported here so the module loads on machines without the SDK
 
-    client = client or docker.from_env()
-    if not rebuild:
-        try:
-            client.images.get(tag)
-            return tag
-        except docker.errors.ImageNotFound:
-            pass
+    return client or docker.from_env()
+
+
+def _have_image(client, tag: str) -> bool:
+    import docker
+
+    try:
+        client.images.get(tag)
+        return True
+    except docker.errors.ImageNotFound:
+        return False
+
+
+def _import_rootfs(client, tag: str, rootfs, changes: list[str]) -> str:
+    """`docker import` a rootfs tar (bytes or a binary file object) under `tag`; return the tag."""
     repo, _, version = tag.partition(":")
-    client.api.import_image_from_data(busybox_rootfs_tar(), repository=repo, tag=version or "latest",
-                                      changes=["ENV PATH=/bin", 'CMD ["/bin/sh"]'])
+    client.api.import_image_from_data(rootfs, repository=repo, tag=version or "latest", changes=changes)
     client.images.get(tag)
     return tag
 
 
-def main(argv=None) -> int:
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="python -m server.demo.images", description=__doc__.splitlines()[0])
-    ap.add_argument("--python-base", action="store_true",
-                    help=f"build {PYTHON_BASE_IMAGE} from this interpreter with requirements-agent.txt")
-    ap.add_argument("--rebuild", action="store_true")
-    args = ap.parse_args(argv)
-    print(ensure_busybox_image(rebuild=args.rebuild))
-    if args.python_base:
-        import os
-        req = os.path.join(os.path.dirname(__file__), "..", "..", "requirements-agent.txt")
-        print(build_python_base(requirements=os.path.normpath(req), rebuild=args.rebuild))
-    return 0
-
+def ensure_busybox_image(client=None, tag: str = BUSYBOX_IMAGE, rebuild: bool = False) -> str:
+    """Import the busybox image under `tag` unless it is already there; return the tag."""
+    client = _docker_client(client)
+    if not rebuild and _have_image(client, tag):
+        return tag
+    return _import_rootfs(client, tag, busybox_rootfs_tar(), ["ENV PATH=/bin", 'CMD ["/bin/sh"]'])
 
 
 DEMO_TRAIN_IMAGE = "sly-demo/train:latest"
 
 
 def ensure_demo_train_image(client=None, tag: str = DEMO_TRAIN_IMAGE, rebuild: bool = False) -> str:
-    """The busybox image with the demo's train script as its command."""
+    """The busybox image with the demo's train script (server/demo/train.sh) as its command."""
     import os
 
-    import docker
-
-    client = client or docker.from_env()
-    if not rebuild:
-        try:
-            client.images.get(tag)
-            return tag
-        except docker.errors.ImageNotFound:
-            pass
+    client = _docker_client(client)
+    if not rebuild and _have_image(client, tag):
+        return tag
     with open(os.path.join(os.path.dirname(__file__), "train.sh"), "rb") as f:
         script = f.read()
-    repo, _, version = tag.partition(":")
-    client.api.import_image_from_data(busybox_rootfs_tar({"bin/sly-train": script}), repository=repo,
-                                      tag=version or "latest",
-                                      changes=["ENV PATH=/bin", 'CMD ["/bin/sly-train"]'])
-    client.images.get(tag)
-    return tag
+    return _import_rootfs(client, tag, busybox_rootfs_tar({"bin/sly-train": script}),
+                          ["ENV PATH=/bin", 'CMD ["/bin/sly-train"]'])
 
 
 # --- a Python base image made from this machine's own interpreter (for the agent image) ---
@@ -146,15 +133,9 @@ def build_python_base(client=None, tag: str = PYTHON_BASE_IMAGE, requirements: s
     import sys
     import tempfile
 
-    import docker
-
-    client = client or docker.from_env()
-    if not rebuild:
-        try:
-            client.images.get(tag)
-            return tag
-        except docker.errors.ImageNotFound:
-            pass
+    client = _docker_client(client)
+    if not rebuild and _have_image(client, tag):
+        return tag
     prefix = sys.base_prefix
     version = f"python{sys.version_info.major}.{sys.version_info.minor}"
     stdlib = os.path.join(prefix, "lib", version)
@@ -201,13 +182,25 @@ def build_python_base(client=None, tag: str = PYTHON_BASE_IMAGE, requirements: s
                 tar.addfile(info)
             if os.path.exists("/etc/ssl/certs/ca-certificates.crt"):
                 tar.add("/etc/ssl/certs/ca-certificates.crt", arcname="etc/ssl/certs/ca-certificates.crt")
-        repo, _, ver = tag.partition(":")
         with open(tar_path, "rb") as f:
-            client.api.import_image_from_data(
-                f, repository=repo, tag=ver or "latest",
-                changes=["ENV PATH=/usr/local/bin:/bin", "ENV LANG=C.UTF-8", 'CMD ["python3"]'])
-    client.images.get(tag)
-    return tag
+            return _import_rootfs(client, tag, f,
+                                  ["ENV PATH=/usr/local/bin:/bin", "ENV LANG=C.UTF-8", 'CMD ["python3"]'])
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m server.demo.images", description=__doc__.splitlines()[0])
+    ap.add_argument("--python-base", action="store_true",
+                    help=f"build {PYTHON_BASE_IMAGE} from this interpreter with requirements-agent.txt")
+    ap.add_argument("--rebuild", action="store_true")
+    args = ap.parse_args(argv)
+    print(ensure_busybox_image(rebuild=args.rebuild))
+    if args.python_base:
+        import os
+        req = os.path.join(os.path.dirname(__file__), "..", "..", "requirements-agent.txt")
+        print(build_python_base(requirements=os.path.normpath(req), rebuild=args.rebuild))
+    return 0
 
 
 if __name__ == "__main__":
