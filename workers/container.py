@@ -7,6 +7,7 @@ reads and our own frame decoder (workers/logparse.py): every line gets its conta
 from __future__ import annotations
 
 import collections
+import os
 import shlex
 import threading
 import time
@@ -22,6 +23,9 @@ LABEL_TASK = "sly-agent.task"
 BATCH_LINES = 1000
 BATCH_INTERVAL_S = 0.05
 READ_SIZE = 1 << 20
+LOG_SOURCE_ENV = "SLY_LOG_SOURCE"   # "api": always read the log through the Engine (tests, debugging)
+FILE_POLL_S = 0.01
+FILE_QUIET_READS = 2          # empty reads 10 ms apart after the exit: the log is complete
 PULL_LOG_EVERY_S = 1.0
 
 
@@ -208,6 +212,11 @@ class LogPump(threading.Thread):
         ticker.start()
         follow = True
         try:
+            path = self._log_file() if os.environ.get(LOG_SOURCE_ENV) != "api" else None
+            if path is not None:
+                decoder.resume_since()
+                self._read_file(path, decoder)
+                return
             while True:
                 self._read(self._open(decoder.resume_since(), follow), decoder)
                 if not follow:
@@ -227,6 +236,63 @@ class LogPump(threading.Thread):
                 self.batch.extend(rest)
                 self._flush_locked()
                 self.done = True
+
+    def _log_file(self) -> str | None:
+        """The container's json-file log, when this process can read it and it never rotates.
+
+        Reading it directly spares the Engine the cost of serving the log over its API (about
+        2 CPU-seconds per 300,000 lines on the test box) and keeps each line's stamp. An agent in
+        a container without the Engine's data dir mounted reads through the API instead."""
+        try:
+            self.container.reload()
+        except docker.errors.APIError:
+            return None
+        attrs = self.container.attrs
+        log_config = (attrs.get("HostConfig") or {}).get("LogConfig") or {}
+        path = attrs.get("LogPath") or ""
+        if log_config.get("Type") != "json-file" or (log_config.get("Config") or {}).get("max-size"):
+            return None
+        if not path or not os.access(path, os.R_OK):
+            return None
+        return path
+
+    def _read_file(self, path: str, decoder: FrameDecoder) -> None:
+        """Follow the log file until the container has exited and the file has stopped growing."""
+        exited = threading.Event()
+
+        def wait_exit():
+            try:
+                self.container.wait()
+            except Exception:  # noqa: BLE001 - the container is gone: nothing more comes
+                pass
+            exited.set()
+        threading.Thread(target=wait_exit, name="log-exit", daemon=True).start()
+        quiet_after_exit = 0
+        with open(path, "rb") as f:
+            while True:
+                data = f.read(READ_SIZE)
+                if data:
+                    quiet_after_exit = 0
+                    out: list = []
+                    decoder.feed_jsonfile(data, out)
+                    if out:
+                        self._push(out)
+                    continue
+                if exited.is_set():
+                    # The Engine writes the last lines while it handles the exit: read until
+                    # the file has been quiet for a while.
+                    quiet_after_exit += 1
+                    if quiet_after_exit >= FILE_QUIET_READS:
+                        return
+                time.sleep(FILE_POLL_S)
+
+    def _push(self, out: list) -> None:
+        with self.lock:
+            if not self.batch:
+                self.first_pending = time.monotonic()
+            self.batch.extend(out)
+            if len(self.batch) >= BATCH_LINES:
+                self._flush_locked()
 
     def _read(self, r, decoder: FrameDecoder) -> None:
         try:

@@ -118,36 +118,55 @@ class FrameDecoder:
             sp = frame.find(b" ")
             if sp < 0:
                 continue
-            cts = self.parse_ts(frame[:sp])
             if stream not in STREAMS:
                 stream = 1
-            if cts <= self.skip[stream]:
-                if cts < self.skip[stream]:
-                    continue
-                if self.skip_n[stream] > 0:
-                    self.skip_n[stream] -= 1
-                    continue
-            if cts == self.seen[stream]:
-                self.seen_n[stream] += 1
-            else:
-                self.seen[stream], self.seen_n[stream] = cts, 1
-            body = frame[sp + 1:]
-            if body.endswith(b"\n"):
-                body = body[:-1]
-                if self.pending[stream]:
-                    body = self.pending[stream] + body
-                    cts_line = self.pending_cts[stream]
-                    self.pending[stream] = b""
-                else:
-                    cts_line = cts
-                self._emit(stream, body, cts_line, cts, out)
-            else:
-                if not self.pending[stream]:
-                    self.pending_cts[stream] = cts
-                self.pending[stream] += body
-                if len(self.pending[stream]) > MAX_LINE:
-                    self._flush_pending(stream, cts, out)
+            self.take(stream, self.parse_ts(frame[:sp]), frame[sp + 1:], out)
         self.buf = buf[pos:]
+
+    def feed_jsonfile(self, data: bytes, out: list) -> None:
+        """Bytes of the json-file driver's log file (`{"log", "stream", "time"}` a line)."""
+        buf = self.buf + data if self.buf else data
+        end = buf.rfind(b"\n")
+        if end < 0:
+            self.buf = buf
+            return
+        self.buf = buf[end + 1:]
+        loads, parse_ts, take = _loads, self.parse_ts, self.take
+        for raw in buf[:end].split(b"\n"):
+            try:
+                e = loads(raw)
+            except ValueError:
+                continue
+            take(2 if e.get("stream") == "stderr" else 1, parse_ts(e["time"].encode()),
+                 e.get("log", "").encode("utf-8", "replace"), out)
+
+    def take(self, stream: int, cts: int, body: bytes, out: list) -> None:
+        """One log entry (a line, or part of a long one when it does not end in a newline)."""
+        if cts <= self.skip[stream]:
+            if cts < self.skip[stream]:
+                return
+            if self.skip_n[stream] > 0:
+                self.skip_n[stream] -= 1
+                return
+        if cts == self.seen[stream]:
+            self.seen_n[stream] += 1
+        else:
+            self.seen[stream], self.seen_n[stream] = cts, 1
+        if body.endswith(b"\n"):
+            body = body[:-1]
+            if self.pending[stream]:
+                body = self.pending[stream] + body
+                cts_line = self.pending_cts[stream]
+                self.pending[stream] = b""
+            else:
+                cts_line = cts
+            self._emit(stream, body, cts_line, cts, out)
+        else:
+            if not self.pending[stream]:
+                self.pending_cts[stream] = cts
+            self.pending[stream] += body
+            if len(self.pending[stream]) > MAX_LINE:
+                self._flush_pending(stream, cts, out)
 
     def resume_since(self) -> int | None:
         """Before re-opening the log: where the new stream must start so that nothing unseen is

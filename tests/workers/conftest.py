@@ -116,3 +116,10 @@ class Node:
 @pytest.fixture
 def node(user, server, tmp_path):
     return Node(user, server, tmp_path / "agent")
+
+
+@pytest.fixture(params=["file", "api"])
+def log_source(request, monkeypatch):
+    """Run the test with the log read from the json-file directly, and through the Engine's API."""
+    monkeypatch.setenv("SLY_LOG_SOURCE", request.param)
+    return request.param

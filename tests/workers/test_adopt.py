@@ -40,7 +40,7 @@ def adopt(first, last_cts):
 
 
 
-def test_adopt_running_container_resumes_without_gap_or_duplicate(node, task_image):
+def test_adopt_running_container_resumes_without_gap_or_duplicate(node, task_image, log_source):
     first, client, container = started_container(node, task_image, 60, 0.02)
     poll_for(lambda: b"line 20" in container.logs(), timeout=20, what="20 lines")
     cts, before = shipped_until(container, 15)
@@ -52,7 +52,7 @@ def test_adopt_running_container_resumes_without_gap_or_duplicate(node, task_ima
     assert {a["path"] for a in node.user.get_task(ctx.task_id)["results"]["artifacts"]} == {"out.txt"}
 
 
-def test_adopt_exited_container_reads_the_rest_and_finishes(node, task_image):
+def test_adopt_exited_container_reads_the_rest_and_finishes(node, task_image, log_source):
     first, client, container = started_container(node, task_image, 10, 0)
     container.wait(timeout=20)
     cts, before = shipped_until(container, 4)

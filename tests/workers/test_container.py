@@ -26,7 +26,7 @@ def test_env_mount_and_no_privileges(node, task_image, docker_client):
     assert not docker_client.containers.list(all=True, filters={"name": container_name(ctx.task_id)})
 
 
-def test_log_lines_split_replaced_structured(node, task_image):
+def test_log_lines_split_replaced_structured(node, task_image, log_source):
     ctx = node.ctx(type="custom", image=task_image, command=["weird.sh"])
     assert custom.run(ctx).state == "finished"
     lines = ctx.container_lines()
