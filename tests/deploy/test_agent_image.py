@@ -48,7 +48,7 @@ def test_agent_container_runs_a_task_with_host_paths(agent_image, server, docker
                                   project_id=project["id"], model_id=model["id"], timeout_s=120)
         final = client.wait_task(task["id"], states=("finished", "failed", "stopped", "lost"), timeout=180)
         logs = container.logs(tail=50).decode(errors="replace")
-        assert final["state"] == "finished", (final, logs)
+        assert final["state"] == "finished", (final.get("error"), final.get("timeline"), logs)
         assert final["results"]["model_id"]
         # The task's files are on the HOST, under the host dir (the bind source was translated).
         tdir = host_dir / "tasks" / str(task["id"])
