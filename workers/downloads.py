@@ -87,9 +87,13 @@ def _sha(value, what) -> str:
         raise TaskError(f"{what}: {value!r} is not a sha256") from None
 
 
-def link_into(src: Path, dest: Path) -> None:
+def link_into(src: Path, dest: Path, made_dirs: set | None = None) -> None:
     """Hard link src at dest (replacing what is there); copy when they are on different filesystems."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    parent = dest.parent
+    if made_dirs is None or parent not in made_dirs:
+        parent.mkdir(parents=True, exist_ok=True)
+        if made_dirs is not None:
+            made_dirs.add(parent)
     try:
         os.link(src, dest)
     except FileExistsError:
@@ -112,6 +116,7 @@ class Downloader:
         self.done_bytes = 0          # bytes fetched over the network by this task
         self.total_files = 0
         self.last_report = 0.0
+        self.made_dirs: set = set()       # folders known to exist (saves a mkdir per file)
 
     def prepare(self, jobs: list[Job]) -> dict:
         """Returns {"files", "cached", "fetched", "bytes"}."""
@@ -148,7 +153,7 @@ class Downloader:
         if entry not in touched:
             cache.touch(entry)
             touched.add(entry)
-        link_into(job.cache_path, job.dest)
+        link_into(job.cache_path, job.dest, self.made_dirs)
 
     def _fetch_all(self, missing: list[Job], touched: set) -> None:
         errors: list[BaseException] = []
@@ -161,14 +166,15 @@ class Downloader:
                 return
             try:
                 self.fetch(group[0])
+                for job in group:
+                    self._link(job, touched)
                 with self.lock:
-                    for job in group:
-                        self._link(job, touched)
                     self.done_files += len(group)
                 self._report()
             except BaseException as e:  # noqa: BLE001 - reported once, below
                 errors.append(e)
 
+        self.cfg.tmp_dir.mkdir(parents=True, exist_ok=True)
         with ThreadPoolExecutor(max_workers=max(1, self.cfg.download_workers), thread_name_prefix="dl") as pool:
             list(pool.map(work, by_blob.values()))
         if errors:
@@ -190,10 +196,15 @@ class Downloader:
         """Blob -> tmp -> verified -> cache path. Safe when another task fetches the same blob."""
         sha, final = job.sha, job.cache_path
         tmp_dir = self.cfg.tmp_dir
-        tmp_dir.mkdir(parents=True, exist_ok=True)
         part = tmp_dir / f"{sha}.part"
-        with open(tmp_dir / f"{sha}.lock", "a") as lockf:
-            fcntl.flock(lockf, fcntl.LOCK_EX)
+        lock_path = tmp_dir / f"{sha}.lock"
+        try:
+            lock_fd = os.open(lock_path, os.O_WRONLY | os.O_CREAT, 0o600)
+        except FileNotFoundError:
+            tmp_dir.mkdir(parents=True, exist_ok=True)
+            lock_fd = os.open(lock_path, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
             st = _stat(final)
             if st is not None and st.st_size == job.size:
                 return                      # another task fetched it while we waited
@@ -217,10 +228,18 @@ class Downloader:
                 if mismatches >= BLOB_TRIES:
                     raise TaskError(f"download of {job.label} failed: the server's bytes do not match "
                                     f"sha256 {sha} ({BLOB_TRIES} tries); nothing was cached")
-            final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(part, final)
+            if final.parent not in self.made_dirs:
+                final.parent.mkdir(parents=True, exist_ok=True)
+                self.made_dirs.add(final.parent)
+            try:
+                os.replace(part, final)
+            except FileNotFoundError:       # its folder was evicted by another task meanwhile
+                final.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(part, final)
             # Whoever waits on this lock finds the blob in place; a newcomer makes a new lock file.
-            (tmp_dir / f"{sha}.lock").unlink(missing_ok=True)
+            lock_path.unlink(missing_ok=True)
+        finally:
+            os.close(lock_fd)
 
     def _download(self, sha: str, part: Path, size: int) -> str:
         """GET the blob into `part` (resuming what is there with Range); returns the file's sha256."""
