@@ -73,8 +73,12 @@ class AgentAPI:
     def connect(self, system_info: dict) -> dict:
         return self.request("POST", "/agent/v1/connect", json=system_info).json()
 
-    def poll(self, free_slots: int, free_gpus: list[int], running: list[int], wait: float) -> dict:
+    def poll(self, free_slots: int, free_gpus: list[int], running: list[int], wait: float,
+             refusing: str = "") -> dict:
+        """`refusing`: why the agent takes no task now (e.g. short of disk); shown on the server."""
         body = {"free_slots": free_slots, "free_gpus": free_gpus, "running": running}
+        if refusing:
+            body["refusing"] = refusing
         return self.request("POST", f"/agent/v1/poll?wait={wait:g}", json=body, timeout=wait + 15).json()
 
     def set_state(self, task_id: int, state: str, **fields) -> dict:

@@ -36,6 +36,7 @@ EXIT_FATAL = 5            # the log-shipper went FATAL: restart the agent (its t
 START_GRACE_S = 1.0       # a helper alive this long is RUNNING
 MAX_RESPAWNS = 3          # task processes re-spawned to re-attach to one task's container
 STOP_KILL_AFTER_S = 15.0
+DISK_CHECK_S = 5.0        # how often the free-disk guard looks
 TASK_TYPES = ("train", "inference", "custom", "cleanup")  # after stop_grace_s: task processes still alive are killed
 
 
@@ -134,9 +135,12 @@ class Supervisor:
         self._jobs: queue.Queue = queue.Queue()      # main -> jobs thread (callables)
         self._done: queue.Queue = queue.Queue()      # jobs thread -> main (callbacks)
         self._snapshot_lock = threading.Lock()
-        self._snapshot = (0, [], [])
+        self._snapshot = (0, [], [], "")
         self._threads_stop = threading.Event()
         self.stopping_helpers_phase = False     # shutdown reached the helpers: no more restarts
+        self.disk_refusal = ""      # why no task is taken now (short of disk), shown on the server
+        self._disk_next = 0.0
+        self._disk_job_pending = False
 
     # ------------------------------------------------------------------ setup / run
     def install_signals(self) -> None:
@@ -219,6 +223,7 @@ class Supervisor:
             callback()
         self.reap_helpers(now)
         self.reap_tasks(now)
+        self.check_disk(now)
         self.restart_helpers(now)
         self.finalize_slots()
         self.admit_pending()
@@ -352,7 +357,7 @@ class Supervisor:
         return sum(1 for s in self.slots.values() if s.state != SlotState.DONE)
 
     def free_slots(self) -> int:
-        if self.draining:
+        if self.draining or self.disk_refusal:
             return 0
         return max(0, self.config.max_tasks - self.active_count())
 
@@ -360,10 +365,48 @@ class Supervisor:
         used = {g for s in self.slots.values() if s.state != SlotState.DONE for g in s.gpus}
         return [g for g in self.gpu_pool if g not in used]
 
+    # --- free-disk guard
+    def check_disk(self, now: float) -> None:
+        """Every DISK_CHECK_S: evict the LRU cache when short (only while no task could be using it),
+        and refuse new tasks, with the reason sent on each poll, while still short."""
+        if self._disk_job_pending or now < self._disk_next:
+            return
+        self._disk_job_pending = True
+        self._disk_next = now + DISK_CHECK_S
+        idle = self.active_count() == 0
+        config = self.config
+        self._jobs.put(lambda: self._disk_job(config, idle))
+
+    def _disk_job(self, config: Config, evict: bool):
+        from workers import cache
+        status = cache.disk_status(config)
+        if not status["ok"] and evict:
+            try:
+                freed = cache.ensure_space(config)
+                if freed.get("evicted"):
+                    log.warning("disk short: evicted %s cache entries (%.0f MB)", freed["evicted"],
+                                freed.get("freed_bytes", 0) / 2**20)
+            except cache.DiskError:
+                pass
+            status = cache.disk_status(config)
+        return lambda: self._set_disk(status)
+
+    def _set_disk(self, status: dict) -> None:
+        self._disk_job_pending = False
+        reason = "" if status["ok"] else status["reason"]
+        if reason != self.disk_refusal:
+            if reason:
+                log.warning("refusing new tasks: %s", reason)
+            else:
+                log.info("disk space is back (%.0f MB free): taking tasks again", status["free_mb"])
+            self.disk_refusal = reason
+            self.update_snapshot()
+            self._wake()
+
     def update_snapshot(self) -> None:
         running = sorted(s.task_id for s in self.slots.values() if s.state != SlotState.DONE)
         with self._snapshot_lock:
-            self._snapshot = (self.free_slots(), self.free_gpus(), running)
+            self._snapshot = (self.free_slots(), self.free_gpus(), running, self.disk_refusal)
         self.free_slots_shared.value = self._snapshot[0]
 
     def handle_answers(self) -> None:
@@ -563,10 +606,10 @@ class Supervisor:
         failures = 0
         while not self._threads_stop.is_set():
             with self._snapshot_lock:
-                free_slots, free_gpus, running = self._snapshot
+                free_slots, free_gpus, running, refusing = self._snapshot
             wait = self.config.poll_wait_s if free_slots > 0 else min(self.config.poll_wait_s, 1.0)
             try:
-                answer = self.api.poll(free_slots, free_gpus, running, wait=wait)
+                answer = self.api.poll(free_slots, free_gpus, running, wait=wait, refusing=refusing)
             except APIError as e:
                 failures += 1
                 delay = min(30.0, 0.5 * 2 ** failures) * random.uniform(0.5, 1.5)

@@ -62,6 +62,7 @@ class Core:
         self.telemetry: dict[int, collections.deque] = {}
         self._touched: dict[int, float] = {}
         self.polling: collections.Counter = collections.Counter()   # agent id -> long-polls open now
+        self.refusing: dict[int, str] = {}   # agent id -> why it takes no task now (its last poll said)
         self.registry = CollectorRegistry()
         self.m_agents_online = Gauge("sly_agents_online", "Agents seen within the offline window", registry=self.registry)
         self.m_agents = Gauge("sly_agents", "Agents registered", registry=self.registry)

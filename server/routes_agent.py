@@ -66,6 +66,10 @@ async def poll(body: PollIn, request: Request, wait: float = Query(0, ge=0),
     version = core.settings_version[aid]
     core.m_polls.inc()
     core.polling[aid] += 1
+    if body.refusing:
+        core.refusing[aid] = body.refusing
+    else:
+        core.refusing.pop(aid, None)
     try:
         while True:
             ev = core.agent_waiters.event(aid)   # before reading the database: no wake-up is lost

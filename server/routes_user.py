@@ -85,6 +85,7 @@ def _agent_out(core, row, running: int, now: float) -> dict:
     a["status"] = core.agent_status(a["id"], a["last_seen"], now)
     a["running_tasks"] = running
     a["polls_open"] = core.polling.get(a["id"], 0)
+    a["refusing"] = core.refusing.get(a["id"], "")
     return a
 
 

@@ -107,6 +107,7 @@ class PollIn(BaseModel):
     free_slots: int = Field(default=0, ge=0)
     free_gpus: list[int] = []
     running: list[int] = []
+    refusing: str = Field(default="", max_length=1000)   # why the agent takes no task now
 
 
 class ResultsIn(BaseModel):

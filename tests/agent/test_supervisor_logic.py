@@ -43,7 +43,7 @@ def test_admits_by_slots_and_gpus(sup):
     assert sup.spawned == [(1, [0, 1], False), (3, [2], False), (4, [], False)]
     assert sup.slots[2].state is SlotState.PENDING
     sup.update_snapshot()
-    free_slots, free_gpus, running = sup._snapshot
+    free_slots, free_gpus, running, refusing = sup._snapshot
     assert (free_slots, free_gpus, running) == (0, [], [1, 2, 3, 4])
     sup.release(sup.slots[1], SlotState.DONE)          # task 1 ends: its GPUs come back
     sup.admit_pending()
@@ -78,3 +78,14 @@ def test_adopts_a_task_with_a_durable_log(sup):
     sup.handle_answer({"tasks": [task(11), task(12)], "stop": []})
     sup.admit_pending()
     assert sup.spawned == [(11, [], True), (12, [], False)]
+
+
+def test_disk_guard_refuses_while_short_and_says_why(sup):
+    import dataclasses
+    short = dataclasses.replace(sup.config, min_free_disk_mb=10**9)
+    sup._disk_job(short, evict=True)()
+    assert sup.free_slots() == 0 and "not enough disk" in sup.disk_refusal
+    sup.update_snapshot()
+    assert sup._snapshot[0] == 0 and sup._snapshot[3] == sup.disk_refusal
+    sup._disk_job(dataclasses.replace(sup.config, min_free_disk_mb=1), evict=True)()
+    assert sup.disk_refusal == "" and sup.free_slots() == 3

@@ -323,3 +323,14 @@ def test_every_field_is_labelled_and_adding_a_node_works_from_the_keyboard(conso
     page.keyboard.press("Enter")                              # submits
     expect(page.locator("#token-value")).to_have_value(re.compile(r"^[A-Za-z0-9]{32}$"))
     expect(page.locator("#token-panel button").first).to_be_focused()
+
+
+def test_nodes_page_says_why_a_node_takes_no_tasks(console, server):
+    created, agent = online_agent(server, "full-disk")
+    agent.poll(free_slots=0, refusing="not enough disk: 120 MB free under /data, 2048 MB required (MIN_FREE_DISK_MB)")
+    console.reload()
+    row = console.locator("tr.node-row", has_text="full-disk")
+    expect(row.locator(".refusing")).to_contain_text("Takes no tasks: not enough disk: 120 MB free")
+    agent.poll(free_slots=2)          # space is back: the note goes
+    console.reload()
+    expect(console.locator("tr.node-row", has_text="full-disk").locator(".refusing")).to_have_count(0)

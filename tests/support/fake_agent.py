@@ -31,9 +31,9 @@ class FakeAgent:
         info.update(system_info)
         return self.post("/agent/v1/connect", info).json()
 
-    def poll(self, running: list[int] | None = None, wait: float = 0, free_slots: int = 2) -> dict:
-        return self.post(f"/agent/v1/poll?wait={wait}", {"free_slots": free_slots, "free_gpus": [], "running": running or []},
-                         timeout=wait + 10).json()
+    def poll(self, running: list[int] | None = None, wait: float = 0, free_slots: int = 2, refusing: str = "") -> dict:
+        body = {"free_slots": free_slots, "free_gpus": [], "running": running or [], "refusing": refusing}
+        return self.post(f"/agent/v1/poll?wait={wait}", body, timeout=wait + 10).json()
 
     def poll_until(self, key: str, timeout: float = 10.0, running: list[int] | None = None) -> list:
         """Poll until the answer's `key` list (tasks / stop) is non-empty; return it."""

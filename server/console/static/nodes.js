@@ -20,7 +20,8 @@
     const online = a.status === "online";
     return SLY.el("tr", { dataset: { id: a.id }, class: "node-row" },
       SLY.el("td", {}, SLY.el("a", { href: `/nodes/${a.id}`, class: "node-name" }, a.name)),
-      SLY.el("td", {}, SLY.el("span", { class: "badge status " + (a.status || "offline") }, a.status || "offline")),
+      SLY.el("td", {}, SLY.el("span", { class: "badge status " + (a.status || "offline") }, a.status || "offline"),
+        online && a.refusing ? SLY.el("div", { class: "refusing", role: "status" }, "Takes no tasks: " + a.refusing) : null),
       SLY.el("td", {}, a.last_seen ? SLY.el("time", { datetime: new Date(SLY.ms(a.last_seen)).toISOString(), title: SLY.time(a.last_seen) }, SLY.ago(a.last_seen)) : "never"),
       SLY.el("td", { class: "running" }, String(running)),
       SLY.el("td", { class: "cpu" }, online ? SLY.bar(SLY.tele.cpu(t)) : "—"),
