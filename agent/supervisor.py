@@ -517,7 +517,7 @@ class Supervisor:
                 continue
             reason = f"task process {describe_exit(code)}"
             log.warning("task %s: %s", slot.task_id, reason)
-            if slot.spawns <= MAX_RESPAWNS and slot.type != "cleanup" and container_running(slot.task_id):
+            if slot.spawns <= MAX_RESPAWNS and slot.type != "cleanup" and container_running(self.config, slot.task_id):
                 log.info("task %s: its container still runs; a new task process re-attaches", slot.task_id)
                 slot.adopt = True
                 self.spawn_task(slot)
@@ -651,13 +651,14 @@ def describe_exit(code: int) -> str:
     return f"exited with code {code}"
 
 
-def container_running(task_id: int) -> bool:
-    """Is the task's container `sly_task_<id>` running? No Docker: no."""
+def container_running(config: Config, task_id: int) -> bool:
+    """Is this agent's container of the task running? No Docker: no."""
     try:
-        import docker
-        client = docker.from_env(timeout=5)
+        from workers.container import docker_client, find_container
+        client = docker_client(timeout=5)
         try:
-            return client.containers.get(f"sly_task_{task_id}").status == "running"
+            container = find_container(client, task_id, config.identity)
+            return container is not None and container.status == "running"
         finally:
             client.close()
     except Exception:  # noqa: BLE001 - no SDK, no engine, no container

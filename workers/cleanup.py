@@ -39,7 +39,7 @@ def run(ctx) -> Outcome:
                 continue
             if client is None:
                 client = docker_client()
-            if find_container(client, int(d.name)) is not None:
+            if find_container(client, int(d.name), cfg.identity) is not None:
                 continue        # its task is still running (or being adopted)
             dfreed += remove_task_data(d)
             dirs += 1

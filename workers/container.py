@@ -131,21 +131,27 @@ def _create(client, kw: dict):
 
 
 def spawn_container(client, ctx):
-    """Create and start the task's container (a stale one of the same name is removed first)."""
+    """Create and start the task's container. A stale one of ours with the same name is removed
+    first; where another agent on this engine (another server's task with the same id) holds
+    the name, ours gets the name with this agent's identity appended instead."""
     kw = create_kwargs(ctx)
     kw.pop("detach", None)
     try:
-        try:
-            container = _create(client, kw)
-        except docker.errors.APIError as e:
-            if e.status_code != 409:
-                raise
-            stale = client.containers.get(kw["name"])
-            if stale.labels.get(LABEL_AGENT) != kw["labels"][LABEL_AGENT]:
-                raise TaskError(f"a container named {kw['name']} that is not this agent's exists on this host; "
-                                f"refusing to replace it") from None
-            stale.remove(force=True)    # ours, from an attempt that did not get to run it
-            container = _create(client, kw)
+        for name in (kw["name"], f"{kw['name']}_{ctx.config.identity[:8]}"):
+            kw["name"] = name
+            try:
+                container = _create(client, kw)
+                break
+            except docker.errors.APIError as e:
+                if e.status_code != 409:
+                    raise
+                stale = client.containers.get(name)
+                if stale.labels.get(LABEL_AGENT) == kw["labels"][LABEL_AGENT]:
+                    stale.remove(force=True)    # ours, from an attempt that did not get to run it
+                    container = _create(client, kw)
+                    break
+        else:
+            raise TaskError(f"containers named {container_name(ctx.task_id)} of other agents exist on this host")
     except docker.errors.ImageNotFound:
         raise TaskError(f"image {kw['image']} is not on this node") from None
     except docker.errors.APIError as e:
@@ -158,11 +164,11 @@ def spawn_container(client, ctx):
     return container
 
 
-def find_container(client, task_id: int):
-    try:
-        return client.containers.get(container_name(task_id))
-    except docker.errors.NotFound:
-        return None
+def find_container(client, task_id: int, identity: str):
+    """This agent's container of the task (found by labels, whatever its name), or None."""
+    found = client.containers.list(all=True, filters={"label": [f"{LABEL_AGENT}={identity}",
+                                                                f"{LABEL_TASK}={task_id}"]})
+    return found[0] if found else None
 
 
 class LogPump(threading.Thread):

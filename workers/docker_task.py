@@ -73,7 +73,7 @@ def run_container_task(ctx, upload) -> Outcome:
     try:
         client = docker_client()
         if ctx.adopt:
-            container = find_container(client, ctx.task_id)
+            container = find_container(client, ctx.task_id, ctx.config.identity)
             since = ctx.last_log_ts_ns()
             if container is None and since is not None:
                 return Outcome("failed", error="container lost while the agent was down")

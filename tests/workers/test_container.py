@@ -119,3 +119,20 @@ def test_reap_orphan_containers(node, task_image, docker_client):
     finally:
         for c in (made[0], other):
             c.remove(force=True)
+
+
+def test_a_container_of_another_agent_with_our_name_is_left_alone(node, task_image, docker_client, busybox_image):
+    """Two agents on one engine (say, of two servers) may both run a task 7: neither breaks the other."""
+    ctx = node.ctx(type="custom", image=task_image, command=["sh", "-c", "echo mine"])
+    theirs = docker_client.containers.run(busybox_image, ["sleep", "60"], detach=True,
+                                          name=container_name(ctx.task_id),
+                                          labels={LABEL_AGENT: "someone-else", LABEL_TASK: str(ctx.task_id)})
+    try:
+        outcome = custom.run(ctx)
+        assert outcome.state == "finished", outcome
+        assert "mine" in ctx.messages("stdout")
+        theirs.reload()
+        assert theirs.status == "running", "the other agent's container was not touched"
+        assert docker_task.reap_orphan_containers(node.config(), []) == []   # not ours to reap either
+    finally:
+        theirs.remove(force=True)
