@@ -9,6 +9,7 @@ batch and loses nothing. While the server is down each task backs off with jitte
 from __future__ import annotations
 
 import gzip
+import itertools
 import logging
 import os
 import random
@@ -23,6 +24,7 @@ from agent.config import Config
 log = logging.getLogger("agent.log_shipper")
 
 MAX_BATCH_BYTES = 8 << 20
+READ_MIN_BYTES = 64 << 10
 BACKOFF_CAP_S = 5.0
 DRAIN_S = 10.0
 
@@ -30,6 +32,23 @@ DRAIN_S = 10.0
 def _seq_of(raw: bytes) -> int:
     # lines start with {"seq":N, (written by TaskLogWriter)
     return int(raw[7:raw.index(b",")])
+
+
+class _Ends:
+    """End offsets of consecutive lines read from `base` (ends[i]: right after line i's newline),
+    computed from the line lengths in C rather than one by one in Python."""
+
+    def __init__(self, base: int, lines: list[bytes]):
+        self.base = base
+        self.acc = list(itertools.accumulate(map(len, lines)))
+
+    def __len__(self) -> int:
+        return len(self.acc)
+
+    def __getitem__(self, i: int) -> int:
+        if i < 0:
+            i += len(self.acc)
+        return self.base + self.acc[i] + i + 1
 
 
 class Nudges:
@@ -75,6 +94,7 @@ class TaskCursor:
         self.seq = int(saved.get("seq", -1))
         self.failures = 0
         self.retry_at = 0.0
+        self.line_bytes = 256       # a guess of a line's length, for the size of the next read
 
     def as_dict(self) -> dict:
         return {"file": self.path.name if self.path else None, "offset": self.offset, "seq": self.seq}
@@ -149,15 +169,33 @@ class LogShipper(ChildBase):
             cur.path = tasklog.find_log_file(self.config, cur.task_id)
             if cur.path is None:
                 return [], []
+        limit = self.config.log_batch_lines
         with open(cur.path, "rb") as f:
             f.seek(cur.offset)
-            data = f.read(MAX_BATCH_BYTES)
+            # Read about a batch, not MAX_BATCH_BYTES every time (a backlog would be read and
+            # split many times over): more only while the lines are longer than guessed.
+            size = min(MAX_BATCH_BYTES, max(READ_MIN_BYTES, limit * cur.line_bytes))
+            data = f.read(size)
+            while len(data) == size < MAX_BATCH_BYTES and data.count(b"\n") < limit:
+                more = f.read(min(size, MAX_BATCH_BYTES - len(data)))
+                if not more:
+                    break
+                data += more
+                size = len(data)
         end = data.rfind(b"\n")
         if end < 0:
             return [], []
+        raws = data[:end].split(b"\n")
+        cur.line_bytes = max(16, 2 * (end + 1) // len(raws))   # twice the mean, for the next read
+        # The usual case: the file continues right after the acked line, seqs without a gap and
+        # no blank line: take the batch as it is (no per-line Python work).
+        if raws[0] and b"" not in raws and _seq_of(raws[0]) == cur.seq + 1:
+            lines = raws[:limit]
+            if _seq_of(lines[-1]) == cur.seq + len(lines):
+                return lines, _Ends(cur.offset, lines)
         lines, ends = [], []
         pos = cur.offset
-        for raw in data[:end].split(b"\n"):
+        for raw in raws:
             pos += len(raw) + 1
             if not raw:
                 continue
@@ -166,7 +204,7 @@ class LogShipper(ChildBase):
                 continue
             lines.append(raw)
             ends.append(pos)
-            if len(lines) >= self.config.log_batch_lines:
+            if len(lines) >= limit:
                 break
         return lines, ends
 
@@ -179,7 +217,8 @@ class LogShipper(ChildBase):
             if not lines:
                 return
             first = _seq_of(lines[0])
-            body = b'{"first_seq":%d,"lines":[%s]}' % (first, b",".join(b"{" + r[r.index(b",") + 1:] for r in lines))
+            # Lines go as written, `seq` included (the server numbers them first_seq + i and ignores it).
+            body = b'{"first_seq":%d,"lines":[%s]}' % (first, b",".join(lines))
             try:
                 acked = self.api.send_logs(cur.task_id, first, [], gzip_body=gzip.compress(body, compresslevel=1))
             except APIError as e:

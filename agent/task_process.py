@@ -32,6 +32,8 @@ log = logging.getLogger("agent.task")
 HANDLER_ENV = "SLY_AGENT_HANDLER"     # tests only: package.module:function replaces every type's handler
 EXIT_ORPHANED = 70                    # the supervisor went away
 PROGRESS_MIN_INTERVAL_S = 0.5         # at most 2 progress posts a second, always the last value
+ACK_POLL_MIN_S = 0.002                # finish(): the cursor is polled at 2 ms, backing off to 50 ms
+ACK_POLL_MAX_S = 0.05
 
 
 def resolve_handler(task_type: str):
@@ -262,11 +264,16 @@ class TaskProcess(ChildBase):
         self.writer.close()
         self.reporter.flush()
         last = self.writer.seq
+        self.nudge(force=True)          # the last lines go now, not at the shipper's next tick
+        delay, nudged = ACK_POLL_MIN_S, time.monotonic()
         while tasklog.acked_seq(self.config, self.task_id) < last:
             if not self.parent_alive():
                 os._exit(EXIT_ORPHANED)
-            self.nudge()
-            time.sleep(0.05)
+            time.sleep(delay)
+            delay = min(ACK_POLL_MAX_S, delay * 1.5)
+            if time.monotonic() - nudged >= self.config.log_batch_interval_s:
+                nudged = time.monotonic()
+                self.nudge(force=True)
         failures = 0
         while True:
             try:

@@ -1,6 +1,7 @@
 """End-to-end figures of task execution, each against a baseline measured in the same run.
 
     python bench/bench_e2e.py [--runs 5] [--lines 1000000] [--files 2000] [--file-kb 16]
+                              [--only pickup,life,logs,download] [--timeline]
 
 Starts the real server (`python -m server`) and the real agent (`python -m agent`, real
 handlers) on loopback, against the local Docker engine, with the locally built busybox image:
@@ -107,20 +108,25 @@ def _get(dc, name):
         return None
 
 
-def bench_life(user, agent, image, runs):
+def bench_life(user, agent, image, runs, timeline=False):
     ours, bare = [], []
     for _ in range(runs):
         t0 = time.perf_counter()
         task = user.create_task(agent.id, "custom", image=image, command=["true"])
-        assert final(user, task["id"])["state"] == "finished"
+        done = final(user, task["id"])
+        assert done["state"] == "finished"
         ours.append(time.perf_counter() - t0)
+        if timeline:
+            tl = done["timeline"]
+            print("    " + "  ".join(f"{b['state']} +{(b['ts'] - a['ts']) * 1000:.0f}" for a, b in zip(tl, tl[1:])),
+                  flush=True)
         t0 = time.perf_counter()
         subprocess.run(["docker", "run", "--rm", image, "true"], check=True)
         bare.append(time.perf_counter() - t0)
     return ours, bare
 
 
-def bench_logs(user, agent, dc, image, n):
+def bench_logs(user, agent, dc, image, n, timeline=False):
     cmd = ["seq", "1", str(n)]
     t0 = time.perf_counter()
     task = user.create_task(agent.id, "custom", image=image, command=cmd)
@@ -131,6 +137,9 @@ def bench_logs(user, agent, dc, image, n):
     assert done["state"] == "finished", done
     # the final state is reported only after every line is acked: the finished timestamp is the end
     end = next(e["ts"] for e in done["timeline"] if e["state"] == "finished")
+    if timeline:
+        tl = done["timeline"]
+        print("    " + "  ".join(f"{b['state']} +{b['ts'] - a['ts']:.2f}s" for a, b in zip(tl, tl[1:])), flush=True)
     total = time.perf_counter() - t0
     # verify: all N lines, in order, once
     after, expect, count = -1, 1, 0
@@ -226,7 +235,10 @@ def main():
     ap.add_argument("--files", type=int, default=2000)
     ap.add_argument("--file-kb", type=int, default=16)
     ap.add_argument("--workers", type=int, default=8)
+    ap.add_argument("--only", default="pickup,life,logs,download", help="comma-separated parts to run")
+    ap.add_argument("--timeline", action="store_true", help="print each trivial task's state timeline (ms)")
     args = ap.parse_args()
+    only = set(args.only.split(","))
     dc = docker.from_env()
     image = ensure_busybox_image(dc)
     tmp = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
@@ -243,29 +255,33 @@ def main():
     try:
         wait(lambda: user.get_agent(agent.id).get("status") == "online", timeout=30, interval=0.1)
         time.sleep(1.0)   # let the agent finish its start-up (orphan reaping, first telemetry)
-        print("pickup ...", flush=True)
-        ours, bare = bench_pickup(user, agent, dc, image, args.runs)
-        po, pb = statistics.median(ours), statistics.median(bare)
-        rows.append(("pickup: task created -> container started (median)", f"{po * 1000:.0f} ms",
-                     f"`docker run -d`: {pb * 1000:.0f} ms", f"{po / pb:.2f}x (+{(po - pb) * 1000:.0f} ms)"))
-        print("whole life ...", flush=True)
-        ours, bare = bench_life(user, agent, image, args.runs)
-        lo, lb = statistics.median(ours), statistics.median(bare)
-        rows.append(("trivial task `true`: created -> finished on the server (median)", f"{lo * 1000:.0f} ms",
-                     f"`docker run --rm`: {lb * 1000:.0f} ms", f"{lo / lb:.2f}x"))
-        print("log throughput ...", flush=True)
-        run_s, total_s, bare_s = bench_logs(user, agent, dc, image, args.lines)
-        rows.append((f"{args.lines:,} log lines: container start -> all stored on the server, in order",
-                     f"{run_s:.2f} s = {args.lines / run_s:,.0f} lines/s",
-                     f"`docker run --rm ... > /dev/null`: {bare_s:.2f} s = {args.lines / bare_s:,.0f} lines/s",
-                     f"{run_s / bare_s:.2f}x time"))
-        print("download ...", flush=True)
-        plain, first, second, mb = bench_download(server, user, tmp / "dl", args.files, args.file_kb, args.workers)
-        rows.append((f"{args.files} files ({mb:.0f} MB): first preparation (fetch, verify, cache, link)",
-                     f"{first:.2f} s = {mb / first:.1f} MB/s", f"plain parallel GET: {plain:.2f} s = {mb / plain:.1f} MB/s",
-                     f"{plain / first:.2f} of the plain fetch's speed"))
-        rows.append((f"{args.files} files: cached second preparation (links only)", f"{second * 1000:.0f} ms",
-                     "", f"{0 if second == 0 else first / second:.0f}x faster than the first"))
+        if "pickup" in only:
+            print("pickup ...", flush=True)
+            ours, bare = bench_pickup(user, agent, dc, image, args.runs)
+            po, pb = statistics.median(ours), statistics.median(bare)
+            rows.append(("pickup: task created -> container started (median)", f"{po * 1000:.0f} ms",
+                         f"`docker run -d`: {pb * 1000:.0f} ms", f"{po / pb:.2f}x (+{(po - pb) * 1000:.0f} ms)"))
+        if "life" in only:
+            print("whole life ...", flush=True)
+            ours, bare = bench_life(user, agent, image, args.runs, args.timeline)
+            lo, lb = statistics.median(ours), statistics.median(bare)
+            rows.append(("trivial task `true`: created -> finished on the server (median)", f"{lo * 1000:.0f} ms",
+                         f"`docker run --rm`: {lb * 1000:.0f} ms", f"{lo / lb:.2f}x"))
+        if "logs" in only:
+            print("log throughput ...", flush=True)
+            run_s, total_s, bare_s = bench_logs(user, agent, dc, image, args.lines, args.timeline)
+            rows.append((f"{args.lines:,} log lines: container start -> all stored on the server, in order",
+                         f"{run_s:.2f} s = {args.lines / run_s:,.0f} lines/s",
+                         f"`docker run --rm ... > /dev/null`: {bare_s:.2f} s = {args.lines / bare_s:,.0f} lines/s",
+                         f"{run_s / bare_s:.2f}x time"))
+        if "download" in only:
+            print("download ...", flush=True)
+            plain, first, second, mb = bench_download(server, user, tmp / "dl", args.files, args.file_kb, args.workers)
+            rows.append((f"{args.files} files ({mb:.0f} MB): first preparation (fetch, verify, cache, link)",
+                         f"{first:.2f} s = {mb / first:.1f} MB/s", f"plain parallel GET: {plain:.2f} s = {mb / plain:.1f} MB/s",
+                         f"{plain / first:.2f} of the plain fetch's speed"))
+            rows.append((f"{args.files} files: cached second preparation (links only)", f"{second * 1000:.0f} ms",
+                         "", f"{0 if second == 0 else first / second:.0f}x faster than the first"))
     finally:
         agent.stop()
         server.stop()

@@ -78,6 +78,18 @@ class TimestampParser:
         frac = ts[20:-1] if len(ts) > 20 and ts[19:20] == b"." else b""
         return sec * 1_000_000_000 + (int(frac.ljust(9, b"0")[:9]) if frac else 0)
 
+    def parse_str(self, ts: str) -> int:
+        """The same for a str stamp (the json-file log's `time`)."""
+        head = ts[:19]
+        sec = self._seconds.get(head)
+        if sec is None:
+            sec = calendar.timegm(time.strptime(head, "%Y-%m-%dT%H:%M:%S"))
+            if len(self._seconds) > 4096:
+                self._seconds.clear()
+            self._seconds[head] = sec
+        frac = ts[20:-1] if len(ts) > 20 and ts[19] == "." else ""
+        return sec * 1_000_000_000 + (int(frac.ljust(9, "0")[:9]) if frac else 0)
+
 
 class FrameDecoder:
     """Feed raw bytes of a multiplexed, timestamped log stream; get complete line dicts back.
@@ -131,8 +143,45 @@ class FrameDecoder:
             self.buf = buf
             return
         self.buf = buf[end + 1:]
+        chunk = buf[:end]
+        try:
+            # One parse for the whole chunk (a JSON array) instead of one per line.
+            entries = _loads(b"[" + chunk.replace(b"\n", b",") + b"]")
+        except ValueError:
+            entries = None
+        if entries is None or len(entries) != chunk.count(b"\n") + 1:
+            self._feed_jsonfile_lines(chunk, out)
+            return
+        parse_ts, take, skip, seen, seen_n, pending = self.parse_ts.parse_str, self.take, self.skip, self.seen, \
+            self.seen_n, self.pending
+        on_event, append = self.on_event, out.append
+        for e in entries:
+            if type(e) is not dict:
+                continue
+            stream = 2 if e.get("stream") == "stderr" else 1
+            cts = parse_ts(e["time"])
+            log = e.get("log", "")
+            if (type(log) is str and log.endswith("\n") and cts > skip[stream] and not pending[stream]
+                    and len(log) <= MAX_LINE and log.isascii()):
+                # The usual line, as take() + _emit() would make it (ASCII: bytes and str agree).
+                if cts == seen[stream]:
+                    seen_n[stream] += 1
+                else:
+                    seen[stream], seen_n[stream] = cts, 1
+                self.last_cts = cts
+                text = log[:-1]
+                line = {"ts": cts / 1e9, "cts": cts, "level": "info", "stream": STREAMS[stream], "message": text}
+                if text.startswith("{"):
+                    structure(line, text)
+                    if "event_type" in line and on_event is not None:
+                        on_event(line)
+                append(line)
+            else:
+                take(stream, cts, log.encode("utf-8", "replace") if type(log) is str else str(log).encode(), out)
+
+    def _feed_jsonfile_lines(self, chunk: bytes, out: list) -> None:
         loads, parse_ts, take = _loads, self.parse_ts, self.take
-        for raw in buf[:end].split(b"\n"):
+        for raw in chunk.split(b"\n"):
             try:
                 e = loads(raw)
             except ValueError:
