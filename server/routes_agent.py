@@ -158,9 +158,13 @@ async def post_results(task_id: int, body: ResultsIn, request: Request, agent: d
         results = dict(task["results"])
         name = body.name or f"task {task_id} {body.kind}"
         if body.kind == "model":
-            mid = conn.execute(insert(db.models).values(name=name, hash=model_hash(files), files=files,
-                                                        task_id=task_id, created_at=now)).inserted_primary_key[0]
-            results["model_id"] = mid
+            # Idempotent per task: an agent restarted mid-upload posts the same model again.
+            h = model_hash(files)
+            same = results.get("model_id") and conn.execute(
+                select(db.models.c.id).where(db.models.c.id == results["model_id"], db.models.c.hash == h)).first()
+            if not same:
+                results["model_id"] = conn.execute(insert(db.models).values(
+                    name=name, hash=h, files=files, task_id=task_id, created_at=now)).inserted_primary_key[0]
         elif body.kind == "project":
             datasets: dict[str, list] = {}
             for f in files:
@@ -169,10 +173,12 @@ async def post_results(task_id: int, body: ResultsIn, request: Request, agent: d
                 ds, item = f["path"].split("/", 1)
                 check_relpath(ds, "dataset name", single=True)
                 datasets.setdefault(ds, []).append({"name": item, "sha256": f["sha256"], "size": f["size"]})
-            pid = conn.execute(insert(db.projects).values(
-                name=name, datasets=[{"name": k, "items": v} for k, v in datasets.items()],
-                task_id=task_id, created_at=now)).inserted_primary_key[0]
-            results["project_id"] = pid
+            ds_list = [{"name": k, "items": v} for k, v in datasets.items()]
+            prev = results.get("project_id") and conn.execute(
+                select(db.projects.c.datasets).where(db.projects.c.id == results["project_id"])).first()
+            if not (prev and prev[0] == ds_list):     # idempotent per task, as for models
+                results["project_id"] = conn.execute(insert(db.projects).values(
+                    name=name, datasets=ds_list, task_id=task_id, created_at=now)).inserted_primary_key[0]
         else:
             arts = {a["path"]: a for a in results.get("artifacts", [])}
             for f in files:

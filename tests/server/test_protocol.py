@@ -368,3 +368,23 @@ def test_restart_gives_agents_a_full_lease_and_keeps_data(tmp_path):
         assert agent.logs(t["id"], 2, _lines(2, 4)).json() == {"acked": 3}
     finally:
         srv.stop()
+
+
+def test_results_posted_again_after_an_agent_restart_make_no_second_model_or_project(client, make_agent):
+    agent = make_agent()
+    t = client.create_task(agent.id, "train", image="x:1")
+    agent.poll()
+    agent.state(t["id"], "running")
+    w1, w2 = client.upload_bytes(b"weights v1"), client.upload_bytes(b"weights v2")
+    body = {"kind": "model", "name": "m", "files": [{"path": "w.bin", "sha256": w1, "size": 10}]}
+    first = agent.post(f"/agent/v1/tasks/{t['id']}/results", json=body).json()["results"]["model_id"]
+    again = agent.post(f"/agent/v1/tasks/{t['id']}/results", json=body).json()["results"]["model_id"]
+    assert again == first
+    models_before = len(client.list_models())
+    body["files"][0]["sha256"] = w2          # different files: a new model, which becomes the task's
+    other = agent.post(f"/agent/v1/tasks/{t['id']}/results", json=body).json()["results"]["model_id"]
+    assert other != first and len(client.list_models()) == models_before + 1
+    proj = {"kind": "project", "name": "p", "files": [{"path": "ds/a.json", "sha256": w1, "size": 10}]}
+    p1 = agent.post(f"/agent/v1/tasks/{t['id']}/results", json=proj).json()["results"]["project_id"]
+    p2 = agent.post(f"/agent/v1/tasks/{t['id']}/results", json=proj).json()["results"]["project_id"]
+    assert p1 == p2
