@@ -165,3 +165,27 @@ def test_plan_rejects_bad_model_hash(node):
     ctx.task["model"] = {"id": 1, "name": "m", "hash": "../x", "files": []}
     with pytest.raises(TaskError, match="model hash"):
         plan(ctx)
+
+
+def test_link_into_copies_across_filesystems(tmp_path):
+    """The task dir on another filesystem than the cache (a tmpfs here): the file is copied."""
+    import subprocess
+
+    from workers.downloads import link_into
+    other_fs = tmp_path / "tmpfs"
+    other_fs.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(other_fs)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        src = tmp_path / "cached.bin"
+        src.write_bytes(b"x" * 1000)
+        dest = other_fs / "task" / "data" / "a.bin"
+        link_into(src, dest)
+        assert dest.read_bytes() == src.read_bytes()
+        assert dest.stat().st_ino != src.stat().st_ino and dest.stat().st_dev != src.stat().st_dev
+        same_fs = tmp_path / "task" / "a.bin"
+        link_into(src, same_fs)
+        assert same_fs.stat().st_ino == src.stat().st_ino      # same filesystem: a hard link
+    finally:
+        subprocess.run(["umount", str(other_fs)], check=False)
