@@ -170,6 +170,9 @@ class AgentTaskContext(TaskContext):
     def last_log_ts_ns(self) -> int | None:
         return tasklog.last_cts(self._proc.writer.path)
 
+    def before_final(self, fn) -> None:
+        self._proc.before_final.append(fn)
+
     @property
     def state(self) -> TaskState:
         return self._state
@@ -187,6 +190,7 @@ class TaskProcess(ChildBase):
         self.nudges = nudges
         self.stop_event = threading.Event()
         self._last_nudge = 0.0
+        self.before_final: list = []    # the handler's work to wait for before the final state
 
     def set_phase_title(self, phase: str) -> None:
         set_title(task_title(self.task_id, self.task_type, phase))
@@ -251,19 +255,10 @@ class TaskProcess(ChildBase):
             return Outcome("failed", error=f"handler returned {outcome!r}, not an Outcome")
         return outcome
 
-    def finish(self, api, ctx: AgentTaskContext, outcome: Outcome) -> None:
-        """Final state after every log line is acked; then the closed marker."""
-        from agent.api import APIError
-        if outcome.error:
-            outcome.error = self.writer.masker(str(outcome.error))   # the error is sent too
-        if outcome.state == "finished" and ctx.state in (TaskState.ASSIGNED, TaskState.PREPARING):
-            ctx.set_phase("running")    # the server finishes only a task that ran
-        self.set_phase_title("finishing")
-        ctx.log(f"task {outcome.state}" + (f": {outcome.error}" if outcome.error else ""),
-                level="info" if outcome.state == "finished" else "warning")
-        self.writer.close()
-        self.reporter.flush()
-        last = self.writer.seq
+    def wait_acked(self, last: int) -> None:
+        """Until the log-shipper has had every line up to seq `last` acked by the server."""
+        if tasklog.acked_seq(self.config, self.task_id) >= last:
+            return
         self.nudge(force=True)          # the last lines go now, not at the shipper's next tick
         delay, nudged = ACK_POLL_MIN_S, time.monotonic()
         while tasklog.acked_seq(self.config, self.task_id) < last:
@@ -274,6 +269,25 @@ class TaskProcess(ChildBase):
             if time.monotonic() - nudged >= self.config.log_batch_interval_s:
                 nudged = time.monotonic()
                 self.nudge(force=True)
+
+    def finish(self, api, ctx: AgentTaskContext, outcome: Outcome) -> None:
+        """Final state after every log line is acked; then the closed marker."""
+        from agent.api import APIError
+        if outcome.error:
+            outcome.error = self.writer.masker(str(outcome.error))   # the error is sent too
+        if outcome.state == "finished" and ctx.state in (TaskState.ASSIGNED, TaskState.PREPARING):
+            ctx.set_phase("running")    # the server finishes only a task that ran
+        self.set_phase_title("finishing")
+        ctx.log(f"task {outcome.state}" + (f": {outcome.error}" if outcome.error else ""),
+                level="info" if outcome.state == "finished" else "warning")
+        self.reporter.flush()
+        self.wait_acked(self.writer.seq)
+        # The handler's work still running (the container's removal) ends before the final
+        # state; what it logged meanwhile is shipped too.
+        while self.before_final:
+            self.before_final.pop(0)()
+        self.writer.close()
+        self.wait_acked(self.writer.seq)
         failures = 0
         while True:
             try:

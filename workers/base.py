@@ -60,6 +60,12 @@ class TaskContext(abc.ABC):
         import time
         self.emit([{"ts": time.time(), "level": level, "stream": "agent", "message": message, **extra}])
 
+    def before_final(self, fn) -> None:
+        """`fn()` must have returned before the task's final state is reported (e.g. the join of
+        the container's removal, started in the background). Here it runs at once; the agent's
+        task process runs it while the task's last log lines are shipped, then reports."""
+        fn()
+
     @abc.abstractmethod
     def set_phase(self, phase: str) -> None:
         """Enter a phase: preparing, running, uploading. Updates the process title and reports

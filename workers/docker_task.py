@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -69,7 +70,7 @@ def run_container_task(ctx, upload) -> Outcome:
     client = None
     container = None
     just_started = False
-    outcome: Outcome
+    outcome: Outcome | None = None
     try:
         client = docker_client()
         if ctx.adopt:
@@ -110,13 +111,28 @@ def run_container_task(ctx, upload) -> Outcome:
         ctx.log(f"Docker: {e}", level="error")
         outcome = Outcome("failed", error=f"Docker: {e}")
     finally:
-        if container is not None:
-            try:
-                remove_container(container)
-            except Exception as e:  # noqa: BLE001 - reported, the outcome stands
-                ctx.log(f"could not remove container {container.name}: {e}", level="warning")
-    clean_task_dir(ctx, outcome)
+        if outcome is None and container is not None:     # leaving with an exception (or a return above)
+            _remove(ctx, container)
+            container = None
+    # The container's removal and the task dir's cleanup overlap the shipping of the last log
+    # lines; both are done before the final state is reported (ctx.before_final).
+    end = threading.Thread(target=_end_of_task, args=(ctx, container, outcome), name="task-end")
+    end.start()
+    ctx.before_final(end.join)
     return outcome
+
+
+def _remove(ctx, container) -> None:
+    try:
+        remove_container(container)
+    except Exception as e:  # noqa: BLE001 - reported, the outcome stands
+        ctx.log(f"could not remove container {container.name}: {e}", level="warning")
+
+
+def _end_of_task(ctx, container, outcome: Outcome) -> None:
+    if container is not None:
+        _remove(ctx, container)
+    clean_task_dir(ctx, outcome)
 
 
 def _phase(ctx, phase: str) -> None:
