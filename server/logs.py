@@ -117,7 +117,9 @@ def ingest(core, conn, task: dict, first_seq: int, lines: list, now: float | Non
             conn.execute(_insert_ignore(core.engine, db.task_metrics), metric_rows)
     acked = task["log_acked"]
     if rows and first_seq <= acked + 1 < first_seq + len(rows) + 1:
-        acked = advance_acked(conn, task["id"], acked)
+        # Every seq of this batch is stored now (inserted or there already) and it touches the
+        # frontier: the frontier is at least its last seq; look for more only beyond it.
+        acked = advance_acked(conn, task["id"], first_seq + len(rows) - 1)
         conn.execute(update(db.tasks).where(db.tasks.c.id == task["id"]).values(log_acked=acked))
     return acked, max(stored, 0)
 
