@@ -32,7 +32,8 @@ log = logging.getLogger("agent.task")
 HANDLER_ENV = "SLY_AGENT_HANDLER"     # tests only: package.module:function replaces every type's handler
 EXIT_ORPHANED = 70                    # the supervisor went away
 PROGRESS_MIN_INTERVAL_S = 0.5         # at most 2 progress posts a second, always the last value
-ACK_POLL_MIN_S = 0.002                # finish(): the cursor is polled at 2 ms, backing off to 50 ms
+ACK_POLL_MIN_S = 0.002                # finish(): the cursor is polled every 2 ms for 0.1 s, then
+ACK_POLL_FAST_S = 0.1                 # backing off to 50 ms
 ACK_POLL_MAX_S = 0.05
 
 
@@ -260,12 +261,14 @@ class TaskProcess(ChildBase):
         if tasklog.acked_seq(self.config, self.task_id) >= last:
             return
         self.nudge(force=True)          # the last lines go now, not at the shipper's next tick
-        delay, nudged = ACK_POLL_MIN_S, time.monotonic()
+        delay = ACK_POLL_MIN_S
+        nudged = start = time.monotonic()
         while tasklog.acked_seq(self.config, self.task_id) < last:
             if not self.parent_alive():
                 os._exit(EXIT_ORPHANED)
             time.sleep(delay)
-            delay = min(ACK_POLL_MAX_S, delay * 1.5)
+            if time.monotonic() - start >= ACK_POLL_FAST_S:     # a backlog: no need to look so often
+                delay = min(ACK_POLL_MAX_S, delay * 1.5)
             if time.monotonic() - nudged >= self.config.log_batch_interval_s:
                 nudged = time.monotonic()
                 self.nudge(force=True)

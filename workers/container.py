@@ -290,7 +290,9 @@ class LogPump(threading.Thread):
                     quiet_after_exit += 1
                     if quiet_after_exit >= FILE_QUIET_READS:
                         return
-                time.sleep(FILE_POLL_S)
+                    time.sleep(FILE_POLL_S)
+                else:
+                    exited.wait(FILE_POLL_S)    # the exit wakes this at once (the quiet reads start)
 
     def _push(self, out: list) -> None:
         with self.lock:
