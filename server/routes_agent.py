@@ -36,16 +36,22 @@ def _own_task(conn, agent: dict, task_id: int) -> dict:
     return task
 
 
+async def _json_object(request: Request, what: str) -> dict:
+    """The body as a JSON object, or a 400 JSON error saying what is wrong with it."""
+    try:
+        body = await request.json()
+    except ValueError:
+        raise APIError(400, "malformed_json", "the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "invalid_request", f"{what} must be a JSON object")
+    return body
+
+
 @router.post("/connect", openapi_extra=_ANY_OBJECT)
 async def connect(request: Request, agent: dict = Depends(require_agent)):
     """The agent says hello with its system info; answers who it is and the server's options."""
     core = _core(request)
-    try:
-        info = await request.json()
-    except ValueError:
-        raise APIError(400, "malformed_json", "the request body is not valid JSON") from None
-    if not isinstance(info, dict):
-        raise APIError(400, "invalid_request", "system info must be a JSON object")
+    info = await _json_object(request, "system info")
     with core.engine.begin() as conn:
         conn.execute(update(db.agents).where(db.agents.c.id == agent["id"]).values(system_info=info, last_seen=time.time()))
     s = core.settings
@@ -130,12 +136,7 @@ async def post_logs(task_id: int, request: Request, agent: dict = Depends(requir
 async def telemetry(request: Request, agent: dict = Depends(require_agent)):
     """A telemetry sample (cpu, memory, disks, gpus, containers, free slots): kept as latest + history."""
     core = _core(request)
-    try:
-        sample = await request.json()
-    except ValueError:
-        raise APIError(400, "malformed_json", "the request body is not valid JSON") from None
-    if not isinstance(sample, dict):
-        raise APIError(400, "invalid_request", "a telemetry sample must be a JSON object")
+    sample = await _json_object(request, "a telemetry sample")
     now = time.time()
     with core.engine.begin() as conn:
         conn.execute(update(db.agents).where(db.agents.c.id == agent["id"])

@@ -308,12 +308,7 @@ class LogPump(threading.Thread):
                 out: list = []
                 decoder.feed(data, out)
                 if out:
-                    with self.lock:
-                        if not self.batch:
-                            self.first_pending = time.monotonic()
-                        self.batch.extend(out)
-                        if len(self.batch) >= BATCH_LINES:
-                            self._flush_locked()
+                    self._push(out)
         finally:
             r.close()
 
