@@ -31,8 +31,11 @@ def test_agent_container_runs_a_task_with_host_paths(agent_image, server, docker
     host_dir = tmp_path / "host-agent-dir"      # the path on the host...
     inside = "/var/lib/sly-agent-inside"        # ...and a different one inside the agent container
     host_dir.mkdir()
+    name = f"sly-agent-test-{agent['id']}"
+    for stale in docker_client.containers.list(all=True, filters={"name": name}):   # an interrupted earlier run
+        stale.remove(force=True)
     container = docker_client.containers.run(
-        agent_image, detach=True, name=f"sly-agent-test-{agent['id']}", network_mode="host",
+        agent_image, detach=True, name=name, network_mode="host",
         volumes={"/var/run/docker.sock": {"bind": "/var/run/docker.sock", "mode": "rw"},
                  str(host_dir): {"bind": inside, "mode": "rw"}},
         environment={"SERVER_ADDRESS": server.url, "ACCESS_TOKEN": agent["token"],
