@@ -26,13 +26,18 @@ def wipe_tmp(config: Config) -> None:
     if not tmp.is_dir():
         return
     for entry in tmp.iterdir():
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            try:
-                entry.unlink()
-            except FileNotFoundError:
-                pass
+        remove_path(entry)
+
+
+def remove_path(path: Path) -> None:
+    """Remove a file, a link or a whole folder; already gone is fine."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
 
 
 def log_state_dir(config: Config) -> Path:

@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 from agent.config import Config
+from agent.storage import remove_path
 
 SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 MB = 1024 * 1024
@@ -98,13 +99,8 @@ def cache_entries(config: Config) -> list[tuple[float, int, Path]]:
 
 
 def remove_entry(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            pass
+    """Remove one cache entry (an image file or a model folder)."""
+    remove_path(path)
 
 
 def ensure_space(config: Config, need_bytes: int = 0, log=None, keep: set | None = None) -> dict:
