@@ -19,6 +19,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lease-s", type=float, default=300.0, help="a leased task whose agent is silent this long becomes lost")
     p.add_argument("--telemetry-interval-s", type=float, default=5.0, help="agents' telemetry interval; offline after 3 missed")
     p.add_argument("--offline-after-s", type=float, default=None, help="override: offline after this many silent seconds")
+    p.add_argument("--telemetry-history", type=int, default=720, help="telemetry samples kept per agent for charts")
     p.add_argument("--agent-image", default="sly-agent:latest", help="image name in the docker run_command")
     p.add_argument("--public-url", default=None, help="server address for agents (run_command); default: the request's URL")
     p.add_argument("--log-level", default="info")
@@ -34,7 +35,8 @@ def main(argv=None) -> None:
     except ImportError:
         pass
     settings = Settings(data_dir=Path(a.data), db_url=a.db, lease_s=a.lease_s, telemetry_interval_s=a.telemetry_interval_s,
-                        offline_after_s=a.offline_after_s, agent_image=a.agent_image, public_url=a.public_url)
+                        offline_after_s=a.offline_after_s, agent_image=a.agent_image, public_url=a.public_url,
+                        telemetry_history=a.telemetry_history)
     from server.app import create_app
     app = create_app(settings)
     # Access logs are off: they would only repeat paths; tokens never travel in URLs anyway.

@@ -13,10 +13,13 @@ import os
 import secrets
 import string
 import sys
+import time
 from pathlib import Path
 
 from fastapi import Request
+from sqlalchemy import delete, insert, select
 
+from server import db
 from server.errors import APIError
 
 TOKEN_ALPHABET = string.ascii_letters + string.digits
@@ -48,21 +51,49 @@ def load_admin_token(data_dir: Path, environ=os.environ) -> str:
 
 
 class Sessions:
-    """Console sign-in sessions: random ids kept in memory (a restart signs everyone out)."""
+    """Console sign-in sessions. The database keeps a sha256 of each id (so the data dir holds no
+    usable cookie) and its expiry; sessions survive a server restart."""
 
-    def __init__(self):
-        self._ids: set[str] = set()
+    TTL_S = 7 * 24 * 3600
+
+    def __init__(self, engine):
+        self.engine = engine
+        self._cache: dict[str, float] = {}     # id hash -> expiry, so most checks skip the database
+
+    @staticmethod
+    def _hash(sid: str) -> str:
+        return hashlib.sha256(sid.encode()).hexdigest()
 
     def create(self) -> str:
         sid = secrets.token_urlsafe(32)
-        self._ids.add(sid)
+        h, expires = self._hash(sid), time.time() + self.TTL_S
+        with self.engine.begin() as conn:
+            conn.execute(delete(db.console_sessions).where(db.console_sessions.c.expires_at < time.time()))
+            conn.execute(insert(db.console_sessions).values(id_hash=h, expires_at=expires))
+        self._cache[h] = expires
         return sid
 
     def valid(self, sid: str | None) -> bool:
-        return bool(sid) and sid in self._ids
+        if not sid:
+            return False
+        h = self._hash(sid)
+        expires = self._cache.get(h)
+        if expires is None:
+            with self.engine.connect() as conn:
+                expires = conn.execute(select(db.console_sessions.c.expires_at)
+                                       .where(db.console_sessions.c.id_hash == h)).scalar()
+            if expires is None:
+                return False
+            self._cache[h] = expires
+        return expires > time.time()
 
     def drop(self, sid: str | None) -> None:
-        self._ids.discard(sid or "")
+        if not sid:
+            return
+        h = self._hash(sid)
+        self._cache.pop(h, None)
+        with self.engine.begin() as conn:
+            conn.execute(delete(db.console_sessions).where(db.console_sessions.c.id_hash == h))
 
 
 def check_admin_token(core, token: str) -> bool:

@@ -85,6 +85,22 @@ models = Table(
     Column("created_at", Float, nullable=False),
 )
 
+# Console sign-in sessions: only a hash of each cookie value is stored.
+console_sessions = Table(
+    "console_sessions", metadata,
+    Column("id_hash", String(64), primary_key=True),
+    Column("expires_at", Float, nullable=False),
+)
+
+# Bounded telemetry history per agent (the console's charts), kept across restarts.
+telemetry = Table(
+    "telemetry", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("agent_id", Integer, nullable=False, index=True),
+    Column("ts", Float, nullable=False),
+    Column("sample", JSON, nullable=False),
+)
+
 
 def make_engine(url: str) -> Engine:
     """An engine for `url`; SQLite gets WAL, NORMAL sync and a busy timeout."""

@@ -141,7 +141,7 @@ async def telemetry(request: Request, agent: dict = Depends(require_agent)):
     with core.engine.begin() as conn:
         conn.execute(update(db.agents).where(db.agents.c.id == agent["id"])
                      .values(telemetry=sample, telemetry_ts=now, last_seen=now))
-    core.add_telemetry(agent["id"], now, sample)
+        core.add_telemetry(conn, agent["id"], now, sample)
     return {"ok": True}
 
 

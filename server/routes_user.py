@@ -168,7 +168,7 @@ async def delete_agent(agent_id: int, request: Request):
             change_state(conn, dict(r), TaskState.FAILED, now, error="its agent was removed")
             failed.append(r["id"])
         conn.execute(delete(db.agents).where(db.agents.c.id == agent_id))
-    core.telemetry.pop(agent_id, None)
+        conn.execute(delete(db.telemetry).where(db.telemetry.c.agent_id == agent_id))
     core.wake_agent(agent_id)
     for tid in failed:
         core.wake_task(tid)
@@ -193,8 +193,7 @@ async def agent_telemetry(agent_id: int, request: Request, since: float | None =
     core = _core(request)
     with core.engine.connect() as conn:
         _agent(conn, agent_id)
-    hist = core.telemetry.get(agent_id, ())
-    return {"items": [s for s in hist if since is None or s["ts"] > since], "next": None}
+        return {"items": core.telemetry_history(conn, agent_id, since), "next": None}
 
 
 # --- projects and models ---

@@ -262,6 +262,7 @@ def test_bad_bodies_are_json_errors(server, client, make_agent):
 def test_lease_expiry_makes_task_lost(tmp_path):
     from server.client import UserClient
     from tests.server.conftest import FakeAgent
+    from tests.server.conftest import FakeAgent
     from tests.support.server import ServerProcess
     srv = ServerProcess(tmp_path / "data", extra_args=["--lease-s", "1", "--offline-after-s", "1"]).start()
     try:
@@ -348,6 +349,7 @@ def test_no_agent_token_on_disk(server, client, make_agent):
 def test_restart_gives_agents_a_full_lease_and_keeps_data(tmp_path):
     from server.client import UserClient
     from tests.server.conftest import FakeAgent
+    from tests.server.conftest import FakeAgent
     from tests.support.server import ServerProcess
     srv = ServerProcess(tmp_path / "data", extra_args=["--lease-s", "2"]).start()
     try:
@@ -388,3 +390,34 @@ def test_results_posted_again_after_an_agent_restart_make_no_second_model_or_pro
     p1 = agent.post(f"/agent/v1/tasks/{t['id']}/results", json=proj).json()["results"]["project_id"]
     p2 = agent.post(f"/agent/v1/tasks/{t['id']}/results", json=proj).json()["results"]["project_id"]
     assert p1 == p2
+
+
+def test_console_sessions_and_telemetry_history_survive_a_restart_and_history_is_bounded(tmp_path):
+    from server.client import UserClient
+    from tests.server.conftest import FakeAgent
+    from tests.support.server import ServerProcess
+    srv = ServerProcess(tmp_path / "data", extra_args=["--telemetry-history", "5"]).start()
+    try:
+        client = UserClient(srv.url, srv.admin_token)
+        a = client.create_agent("keeper")
+        agent = FakeAgent(srv.url, a["token"], a["id"])
+        for i in range(120):
+            assert agent.post("/agent/v1/telemetry", json={"cpu": i}).status_code == 200
+        console = requests.Session()
+        assert console.post(f"{srv.url}/api/v1/session", json={"token": srv.admin_token}).status_code == 200
+        sid = console.cookies.get("sly_session")
+        srv.stop()
+        srv.start()
+        assert console.get(f"{srv.url}/api/v1/agents").status_code == 200, "signed out by a restart"
+        hist = client.agent_telemetry(a["id"])
+        assert [s["sample"]["cpu"] for s in hist] == [115, 116, 117, 118, 119]
+        import sqlite3
+        db = sqlite3.connect(srv.data_dir / "server.db")
+        rows = db.execute("select count(*) from telemetry").fetchone()[0]
+        assert rows <= 5 + 50, rows                 # pruned, not growing without bound
+        assert db.execute("select count(*) from console_sessions").fetchone()[0] == 1
+        assert not db.execute("select 1 from console_sessions where id_hash = ?", (sid,)).fetchall()  # hashed
+        console.delete(f"{srv.url}/api/v1/session")
+        assert console.get(f"{srv.url}/api/v1/agents").status_code == 401
+    finally:
+        srv.stop()
