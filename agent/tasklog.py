@@ -27,6 +27,7 @@ _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str
 _json_str = getattr(json.encoder, "c_encode_basestring", None) or json.encoder.py_encode_basestring
 # The usual line of a container's output (workers/logparse.py); encoded by hand, the same text as _dumps.
 _USUAL_KEYS = ("ts", "cts", "level", "stream", "message")
+FSYNC_EVERY_S = 1.0
 
 
 def _encode(line: dict) -> str:
@@ -141,6 +142,15 @@ class TaskLogWriter:
         self.seq = last_seq(path)
         self._lock = threading.Lock()
         self._f = open(path, "a", encoding="utf-8")
+        self._synced = 0.0     # monotonic time of the last fsync
+
+    def _sync(self, force: bool = False) -> None:
+        # flush() survives a crash of any process; fsync at most every FSYNC_EVERY_S bounds what a
+        # power loss can take to about that much of the log, at the cost of one fsync a second.
+        now = time.monotonic()
+        if force or now - self._synced >= FSYNC_EVERY_S:
+            os.fsync(self._f.fileno())
+            self._synced = now
 
     def write(self, lines: list[dict]) -> int:
         """Append lines (each gets the next seq); flushed to the OS before returning the last seq."""
@@ -160,11 +170,14 @@ class TaskLogWriter:
                 parts.append('{"seq":%d,%s\n' % (seq, o[1:]) if len(o) > 2 else '{"seq":%d}\n' % seq)
             self._f.write("".join(parts))
             self._f.flush()
+            self._sync()
             self.seq = seq
             return seq
 
     def close(self) -> None:
         with self._lock:
+            self._f.flush()
+            self._sync(force=True)
             self._f.close()
             self._lockf.close()
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import logging
 import types
 
@@ -217,3 +218,23 @@ def test_cursor_and_markers(config):
     assert tasklog.fully_acked(config, 9)
     tasklog.mark_closed(config, 9, "finished")
     assert tasklog.is_closed(config, 9) and tasklog.active_task_ids(config) == []
+
+
+def test_task_log_is_fsynced_at_most_once_a_second_and_at_close(config, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(tasklog.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    clock = [100.0]
+    monkeypatch.setattr(tasklog.time, "monotonic", lambda: clock[0])
+    w = tasklog.TaskLogWriter(config, 9, Masker(TOKEN))
+    line = {"ts": 1.0, "level": "info", "stream": "stdout", "message": "x"}
+    w.write([line])
+    assert len(synced) == 1                 # the first write reaches the disk
+    clock[0] += 0.3
+    w.write([line] * 100)
+    assert len(synced) == 1                 # within the second: no fsync per write
+    clock[0] += 1.0
+    w.write([line])
+    assert len(synced) == 2
+    w.close()
+    assert len(synced) == 3                 # closing always syncs
