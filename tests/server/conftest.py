@@ -42,3 +42,21 @@ def make_agent(server, client):
         a = client.create_agent(name, types)
         return FakeAgent(server.url, a["token"], a["id"])
     return make
+
+
+@pytest.fixture
+def own_server(tmp_path):
+    """own_server(*server_args, name=) -> (server, client, agent): a server of the test's own (it may stop
+    and start it), its user client, and one agent on it. Stopped at the end."""
+    from tests.support.server import ServerProcess
+    started = []
+
+    def start(*args: str, name: str = "own"):
+        srv = ServerProcess(tmp_path / "data", extra_args=list(args)).start()
+        started.append(srv)
+        client = UserClient(srv.url, srv.admin_token)
+        a = client.create_agent(name)
+        return srv, client, FakeAgent(srv.url, a["token"], a["id"])
+    yield start
+    for srv in started:
+        srv.stop()

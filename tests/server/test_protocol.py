@@ -259,28 +259,18 @@ def test_bad_bodies_are_json_errors(server, client, make_agent):
     assert r.status_code == 200 and r.json() == {"acked": 2999}
 
 
-def test_lease_expiry_makes_task_lost(tmp_path):
-    from server.client import UserClient
-    from tests.server.conftest import FakeAgent
-    from tests.server.conftest import FakeAgent
-    from tests.support.server import ServerProcess
-    srv = ServerProcess(tmp_path / "data", extra_args=["--lease-s", "1", "--offline-after-s", "1"]).start()
-    try:
-        c = UserClient(srv.url, srv.admin_token)
-        a = c.create_agent("silent")
-        agent = FakeAgent(srv.url, a["token"], a["id"])
-        t = c.create_task(a["id"], "custom", image="x:1")
-        agent.poll()
-        agent.state(t["id"], "running")
-        assert c.get_agent(a["id"])["status"] == "online"
-        lost = c.wait_task(t["id"], {"lost"}, timeout=15)
-        poll_for(lambda: c.get_agent(a["id"])["status"] == "offline", what="agent offline")
-        assert "silent" in lost["error"] and lost["timeline"][-1]["state"] == "lost"
-        # the agent comes back still running it: it is told to stop, and cannot revive it
-        assert agent.poll(running=[t["id"]])["stop"] == [t["id"]]
-        assert agent.state(t["id"], "running").status_code == 409
-    finally:
-        srv.stop()
+def test_lease_expiry_makes_task_lost(own_server):
+    srv, c, agent = own_server("--lease-s", "1", "--offline-after-s", "1", name="silent")
+    t = c.create_task(agent.id, "custom", image="x:1")
+    agent.poll()
+    agent.state(t["id"], "running")
+    assert c.get_agent(agent.id)["status"] == "online"
+    lost = c.wait_task(t["id"], {"lost"}, timeout=15)
+    poll_for(lambda: c.get_agent(agent.id)["status"] == "offline", what="agent offline")
+    assert "silent" in lost["error"] and lost["timeline"][-1]["state"] == "lost"
+    # the agent comes back still running it: it is told to stop, and cannot revive it
+    assert agent.poll(running=[t["id"]])["stop"] == [t["id"]]
+    assert agent.state(t["id"], "running").status_code == 409
 
 
 def test_sse_follow_delivers_lines_live(client, make_agent):
@@ -346,30 +336,20 @@ def test_no_agent_token_on_disk(server, client, make_agent):
         assert agent.token.encode() not in blob and rotated.encode() not in blob, p
 
 
-def test_restart_gives_agents_a_full_lease_and_keeps_data(tmp_path):
-    from server.client import UserClient
-    from tests.server.conftest import FakeAgent
-    from tests.server.conftest import FakeAgent
-    from tests.support.server import ServerProcess
-    srv = ServerProcess(tmp_path / "data", extra_args=["--lease-s", "2"]).start()
-    try:
-        c = UserClient(srv.url, srv.admin_token)
-        a = c.create_agent("restart")
-        agent = FakeAgent(srv.url, a["token"], a["id"])
-        t = c.create_task(a["id"], "custom", image="x:1")
-        agent.poll()
-        agent.state(t["id"], "running")
-        agent.logs(t["id"], 0, _lines(0, 3))
-        srv.stop()
-        time.sleep(2.5)          # the server is down longer than the lease
-        srv.start()
-        time.sleep(1.0)          # the reaper has run (every lease/4) but the agent still has time
-        assert c.get_task(t["id"])["state"] == "running"
-        assert agent.poll(running=[t["id"]])["tasks"] == []
-        assert [ln["seq"] for ln in c.get_logs(t["id"])["lines"]] == [0, 1, 2]
-        assert agent.logs(t["id"], 2, _lines(2, 4)).json() == {"acked": 3}
-    finally:
-        srv.stop()
+def test_restart_gives_agents_a_full_lease_and_keeps_data(own_server):
+    srv, c, agent = own_server("--lease-s", "2")
+    t = c.create_task(agent.id, "custom", image="x:1")
+    agent.poll()
+    agent.state(t["id"], "running")
+    agent.logs(t["id"], 0, _lines(0, 3))
+    srv.stop()
+    time.sleep(2.5)          # the server is down longer than the lease
+    srv.start()
+    time.sleep(1.0)          # the reaper has run (every lease/4) but the agent still has time
+    assert c.get_task(t["id"])["state"] == "running"
+    assert agent.poll(running=[t["id"]])["tasks"] == []
+    assert [ln["seq"] for ln in c.get_logs(t["id"])["lines"]] == [0, 1, 2]
+    assert agent.logs(t["id"], 2, _lines(2, 4)).json() == {"acked": 3}
 
 
 def test_results_posted_again_after_an_agent_restart_make_no_second_model_or_project(client, make_agent):
@@ -392,32 +372,23 @@ def test_results_posted_again_after_an_agent_restart_make_no_second_model_or_pro
     assert p1 == p2
 
 
-def test_console_sessions_and_telemetry_history_survive_a_restart_and_history_is_bounded(tmp_path):
-    from server.client import UserClient
-    from tests.server.conftest import FakeAgent
-    from tests.support.server import ServerProcess
-    srv = ServerProcess(tmp_path / "data", extra_args=["--telemetry-history", "5"]).start()
-    try:
-        client = UserClient(srv.url, srv.admin_token)
-        a = client.create_agent("keeper")
-        agent = FakeAgent(srv.url, a["token"], a["id"])
-        for i in range(120):
-            assert agent.post("/agent/v1/telemetry", json={"cpu": i}).status_code == 200
-        console = requests.Session()
-        assert console.post(f"{srv.url}/api/v1/session", json={"token": srv.admin_token}).status_code == 200
-        sid = console.cookies.get("sly_session")
-        srv.stop()
-        srv.start()
-        assert console.get(f"{srv.url}/api/v1/agents").status_code == 200, "signed out by a restart"
-        hist = client.agent_telemetry(a["id"])
-        assert [s["sample"]["cpu"] for s in hist] == [115, 116, 117, 118, 119]
-        import sqlite3
-        db = sqlite3.connect(srv.data_dir / "server.db")
-        rows = db.execute("select count(*) from telemetry").fetchone()[0]
-        assert rows <= 5 + 50, rows                 # pruned, not growing without bound
-        assert db.execute("select count(*) from console_sessions").fetchone()[0] == 1
-        assert not db.execute("select 1 from console_sessions where id_hash = ?", (sid,)).fetchall()  # hashed
-        console.delete(f"{srv.url}/api/v1/session")
-        assert console.get(f"{srv.url}/api/v1/agents").status_code == 401
-    finally:
-        srv.stop()
+def test_console_sessions_and_telemetry_history_survive_a_restart_and_history_is_bounded(own_server):
+    import sqlite3
+    srv, client, agent = own_server("--telemetry-history", "5")
+    for i in range(120):
+        assert agent.post("/agent/v1/telemetry", json={"cpu": i}).status_code == 200
+    console = requests.Session()
+    assert console.post(f"{srv.url}/api/v1/session", json={"token": srv.admin_token}).status_code == 200
+    sid = console.cookies.get("sly_session")
+    srv.stop()
+    srv.start()
+    assert console.get(f"{srv.url}/api/v1/agents").status_code == 200, "signed out by a restart"
+    hist = client.agent_telemetry(agent.id)
+    assert [s["sample"]["cpu"] for s in hist] == [115, 116, 117, 118, 119]
+    db = sqlite3.connect(srv.data_dir / "server.db")
+    rows = db.execute("select count(*) from telemetry").fetchone()[0]
+    assert rows <= 5 + 50, rows                 # pruned, not growing without bound
+    assert db.execute("select count(*) from console_sessions").fetchone()[0] == 1
+    assert not db.execute("select 1 from console_sessions where id_hash = ?", (sid,)).fetchall()  # hashed
+    console.delete(f"{srv.url}/api/v1/session")
+    assert console.get(f"{srv.url}/api/v1/agents").status_code == 401
