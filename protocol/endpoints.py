@@ -1,0 +1,39 @@
+"""Endpoint paths and headers of protocol v1 (docs/protocol.md)."""
+from __future__ import annotations
+
+AGENT_TOKEN_HEADER = "x-token"
+AUTHORIZATION_HEADER = "authorization"     # "Bearer <admin token>"
+BEARER = "Bearer "
+
+AGENT_PREFIX = "/agent/v1"
+USER_PREFIX = "/api/v1"
+
+# Agent side (header x-token).
+CONNECT = AGENT_PREFIX + "/connect"
+POLL = AGENT_PREFIX + "/poll"
+TELEMETRY = AGENT_PREFIX + "/telemetry"
+AGENT_BLOB = AGENT_PREFIX + "/blobs/{sha256}"
+TASK_STATE = AGENT_PREFIX + "/tasks/{task_id}/state"
+TASK_LOGS = AGENT_PREFIX + "/tasks/{task_id}/logs"
+TASK_RESULTS = AGENT_PREFIX + "/tasks/{task_id}/results"
+TASK_RELEASE = AGENT_PREFIX + "/tasks/{task_id}/release"
+
+# User side (Bearer admin token or console session).
+AGENTS = USER_PREFIX + "/agents"
+AGENT = USER_PREFIX + "/agents/{agent_id}"
+AGENT_TOKEN = USER_PREFIX + "/agents/{agent_id}/token"
+USER_BLOB = USER_PREFIX + "/blobs/{sha256}"
+PROJECTS = USER_PREFIX + "/projects"
+PROJECT = USER_PREFIX + "/projects/{project_id}"
+MODELS = USER_PREFIX + "/models"
+MODEL = USER_PREFIX + "/models/{model_id}"
+TASKS = USER_PREFIX + "/tasks"
+TASK = USER_PREFIX + "/tasks/{task_id}"
+TASK_STOP = USER_PREFIX + "/tasks/{task_id}/stop"
+TASK_METRICS = USER_PREFIX + "/tasks/{task_id}/metrics"
+USER_TASK_LOGS = USER_PREFIX + "/tasks/{task_id}/logs"
+
+
+def path(template: str, **params) -> str:
+    """Fill a path template: path(TASK_STATE, task_id=3) -> '/agent/v1/tasks/3/state'."""
+    return template.format(**params)
