@@ -19,9 +19,11 @@ TASK_RESULTS = AGENT_PREFIX + "/tasks/{task_id}/results"
 TASK_RELEASE = AGENT_PREFIX + "/tasks/{task_id}/release"
 
 # User side (Bearer admin token or console session).
+SESSION = USER_PREFIX + "/session"              # console sign-in (POST) / sign-out (DELETE)
 AGENTS = USER_PREFIX + "/agents"
 AGENT = USER_PREFIX + "/agents/{agent_id}"
 AGENT_TOKEN = USER_PREFIX + "/agents/{agent_id}/token"
+AGENT_TELEMETRY = USER_PREFIX + "/agents/{agent_id}/telemetry"
 USER_BLOB = USER_PREFIX + "/blobs/{sha256}"
 PROJECTS = USER_PREFIX + "/projects"
 PROJECT = USER_PREFIX + "/projects/{project_id}"
@@ -32,6 +34,7 @@ TASK = USER_PREFIX + "/tasks/{task_id}"
 TASK_STOP = USER_PREFIX + "/tasks/{task_id}/stop"
 TASK_METRICS = USER_PREFIX + "/tasks/{task_id}/metrics"
 USER_TASK_LOGS = USER_PREFIX + "/tasks/{task_id}/logs"
+ECHO = USER_PREFIX + "/_echo"                   # benchmark baseline; only on a server started with --echo-endpoint
 
 
 def path(template: str, **params) -> str:

@@ -22,6 +22,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--telemetry-history", type=int, default=720, help="telemetry samples kept per agent for charts")
     p.add_argument("--agent-image", default="sly-agent:latest", help="image name in the docker run_command")
     p.add_argument("--public-url", default=None, help="server address for agents (run_command); default: the request's URL")
+    p.add_argument("--echo-endpoint", action="store_true",
+                   help="mount POST /api/v1/_echo, which reads a body and discards it (benchmarks only)")
     p.add_argument("--log-level", default="info")
     return p.parse_args(argv)
 
@@ -36,7 +38,7 @@ def main(argv=None) -> None:
         pass
     settings = Settings(data_dir=Path(a.data), db_url=a.db, lease_s=a.lease_s, telemetry_interval_s=a.telemetry_interval_s,
                         offline_after_s=a.offline_after_s, agent_image=a.agent_image, public_url=a.public_url,
-                        telemetry_history=a.telemetry_history)
+                        telemetry_history=a.telemetry_history, echo_endpoint=a.echo_endpoint)
     from server.app import create_app
     app = create_app(settings)
     # Access logs are off: they would only repeat paths; tokens never travel in URLs anyway.

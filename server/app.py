@@ -10,7 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from server import blobs, routes_agent, routes_user
+from server import routes
 from server.auth import load_admin_token
 from server.core import Core
 from server.errors import BodyLimitMiddleware, install_error_handlers
@@ -67,11 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         core.refresh_metrics()
         return Response(generate_latest(core.registry), media_type=CONTENT_TYPE_LATEST)
 
-    app.include_router(routes_agent.router)
-    app.include_router(blobs.agent_router, prefix="/agent/v1", tags=["agent"])
-    app.include_router(routes_user.session_router)
-    app.include_router(routes_user.router)
-    app.include_router(blobs.user_router, prefix="/api/v1", tags=["user"])
+    routes.include_all(app, settings)
     from server.console import router as console_router
     app.include_router(console_router)
     return app

@@ -19,8 +19,9 @@ from pathlib import Path
 from fastapi import Request
 from sqlalchemy import delete, insert, select
 
+from protocol.endpoints import AGENT_TOKEN_HEADER, AUTHORIZATION_HEADER, BEARER
+from protocol.errors import APIError
 from server import db
-from server.errors import APIError
 
 TOKEN_ALPHABET = string.ascii_letters + string.digits
 SESSION_COOKIE = "sly_session"
@@ -103,9 +104,9 @@ def check_admin_token(core, token: str) -> bool:
 async def require_admin(request: Request) -> None:
     """Dependency: a Bearer admin token or a valid console session cookie, else 401."""
     core = request.app.state.core
-    auth = request.headers.get("authorization", "")
-    if auth[:7].lower() == "bearer ":
-        if check_admin_token(core, auth[7:].strip()):
+    auth = request.headers.get(AUTHORIZATION_HEADER, "")
+    if auth[:len(BEARER)].lower() == BEARER.lower():
+        if check_admin_token(core, auth[len(BEARER):].strip()):
             return
         raise APIError(401, "unauthorized", "the admin token is wrong")
     if core.sessions.valid(request.cookies.get(SESSION_COOKIE)):
@@ -116,9 +117,9 @@ async def require_admin(request: Request) -> None:
 async def require_agent(request: Request) -> dict:
     """Dependency: the agent row for the `x-token` header (401 otherwise); renews the agent's leases."""
     core = request.app.state.core
-    token = request.headers.get("x-token", "")
+    token = request.headers.get(AGENT_TOKEN_HEADER, "")
     if not token:
-        raise APIError(401, "unauthorized", "the x-token header is missing")
+        raise APIError(401, "unauthorized", f"the {AGENT_TOKEN_HEADER} header is missing")
     agent = core.agent_by_token(token)
     if agent is None:
         raise APIError(401, "unauthorized", "the agent token is wrong or was rotated")

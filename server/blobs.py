@@ -2,6 +2,7 @@
 
 An upload streams into blobs/tmp/ while hashing; only a file whose sha256 matches the name it
 was sent under is renamed (atomically) into place, anything else is deleted (400 hash_mismatch).
+The HTTP side is server.routes.blobs.
 """
 from __future__ import annotations
 
@@ -11,12 +12,7 @@ import re
 import tempfile
 from pathlib import Path
 
-from fastapi import APIRouter, Depends, Request, Response
-from fastapi.responses import FileResponse
-from starlette.requests import ClientDisconnect
-
-from server.auth import require_admin, require_agent
-from server.errors import APIError
+from protocol.errors import APIError
 
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
@@ -68,41 +64,3 @@ class BlobStore:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-
-
-def _router(dep) -> APIRouter:
-    router = APIRouter(dependencies=[Depends(dep)])
-
-    @router.put("/blobs/{sha256}")
-    async def put_blob(sha256: str, request: Request):
-        """Upload the bytes of a blob named by its sha256 (raw body, streamed)."""
-        check_sha256(sha256)
-        try:
-            size, created = await request.app.state.core.blobs.put_stream(sha256, request.stream())
-        except ClientDisconnect:
-            raise APIError(400, "incomplete_upload", "the client went away before the upload ended") from None
-        return {"sha256": sha256, "size": size, "created": created}
-
-    @router.head("/blobs/{sha256}")
-    async def head_blob(sha256: str, request: Request):
-        """200 with content-length when the blob exists, else 404."""
-        size = request.app.state.core.blobs.size(sha256) if SHA256_RE.match(sha256) else None
-        if size is None:
-            return Response(status_code=404)
-        return Response(status_code=200, headers={"content-length": str(size), "accept-ranges": "bytes"})
-
-    @router.get("/blobs/{sha256}")
-    async def get_blob(sha256: str, request: Request):
-        """The blob's bytes; `Range: bytes=a-b` gives 206 with that part."""
-        check_sha256(sha256)
-        blobs = request.app.state.core.blobs
-        if not blobs.exists(sha256):
-            raise APIError(404, "blob_not_found", f"no blob {sha256}")
-        return FileResponse(blobs.path(sha256), media_type="application/octet-stream",
-                            headers={"cache-control": "public, max-age=31536000, immutable"})
-
-    return router
-
-
-agent_router = _router(require_agent)
-user_router = _router(require_admin)

@@ -14,11 +14,11 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from sqlalchemy import delete, func, insert, select, update
 
+from protocol.states import LEASED, TaskState
 from server import db
 from server.auth import Sessions, hash_token
 from server.blobs import BlobStore
 from server.settings import Settings
-from server.states import LEASED
 
 
 class Waiters:
@@ -139,6 +139,5 @@ class Core:
             by_state = dict(conn.execute(select(db.tasks.c.state, func.count()).group_by(db.tasks.c.state)).all())
         self.m_agents.set(len(seen))
         self.m_agents_online.set(sum(1 for aid, s in seen if self.agent_status(aid, s, now) == "online"))
-        from server.states import TaskState
         for st in TaskState:
             self.m_tasks.labels(state=st.value).set(by_state.get(st.value, 0))

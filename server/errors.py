@@ -9,15 +9,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from protocol import endpoints
+from protocol.errors import APIError, error_body
 from server.settings import Settings
 
-
-class APIError(Exception):
-    """Raise anywhere in a handler: becomes a JSON error answer. `extra` fields are added to the body."""
-
-    def __init__(self, status: int, code: str, detail: str, **extra):
-        self.status, self.code, self.detail, self.extra = status, code, detail, extra
-        super().__init__(f"{status} {code}: {detail}")
+__all__ = ["APIError", "BodyLimitMiddleware", "body_limit", "error_response", "install_error_handlers"]
 
 
 class BodyTooLarge(StarletteHTTPException):
@@ -26,7 +22,7 @@ class BodyTooLarge(StarletteHTTPException):
 
 
 def error_response(status: int, code: str, detail: str, **extra) -> JSONResponse:
-    return JSONResponse({"error": code, "detail": detail, **extra}, status_code=status)
+    return JSONResponse(error_body(code, detail, **extra), status_code=status)
 
 
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
@@ -36,7 +32,7 @@ _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_req: Request, exc: APIError):
-        return error_response(exc.status, exc.code, exc.detail, **exc.extra)
+        return error_response(exc.status or 500, exc.code, exc.detail, **exc.extra)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_req: Request, exc: RequestValidationError):
@@ -64,15 +60,21 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(500, "internal", f"the server failed on this request ({type(exc).__name__})")
 
 
-_LOGS_RE = re.compile(r"^/agent/v1/tasks/[^/]+/logs$")
-_BLOB_RE = re.compile(r"^/(agent|api)/v1/blobs/[^/]+$")
+def _template_re(*templates: str) -> re.Pattern:
+    """A regex matching the concrete paths of endpoint templates ('{task_id}' matches one segment)."""
+    alts = (re.sub(r"\\{\w+\\}", "[^/]+", re.escape(t)) for t in templates)
+    return re.compile("^(?:" + "|".join(alts) + ")$")
+
+
+_BLOB_RE = _template_re(endpoints.AGENT_BLOB, endpoints.USER_BLOB)
+_LARGE_RE = _template_re(endpoints.TASK_LOGS, endpoints.ECHO)
 
 
 def body_limit(settings: Settings, method: str, path: str) -> int | None:
     """The most bytes a request body may have on this route; None: streamed, unlimited (blob PUT)."""
     if method == "PUT" and _BLOB_RE.match(path):
         return None
-    if _LOGS_RE.match(path) or path == "/api/v1/_echo":
+    if _LARGE_RE.match(path):
         return settings.logs_body_limit
     return settings.json_body_limit
 
@@ -141,7 +143,7 @@ class BodyLimitMiddleware:
 
 async def _send_error(send, status: int, code: str, detail: str) -> None:
     import json
-    body = json.dumps({"error": code, "detail": detail}).encode()
+    body = json.dumps(error_body(code, detail)).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             (b"connection", b"close")]})

@@ -8,7 +8,7 @@ import time
 from sqlalchemy import func, insert, select, update
 
 from server import db
-from server.errors import APIError
+from protocol.errors import APIError
 
 CORE_FIELDS = ("ts", "level", "stream", "message", "seq")
 METRICS_EVENTS = ("metrics", "EventType.METRICS")

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 
-from server.errors import APIError
+from protocol.errors import APIError
 
 MEMORY_RE = re.compile(r"^\d+(\.\d+)?[bkmgBKMG]?$")
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-TASK_TYPES = ("train", "inference", "custom", "cleanup")
 KIB, MIB = 1024, 1024 * 1024
 
 
@@ -21,6 +20,7 @@ class Settings:
     json_body_limit: int = 1 * MIB
     logs_body_limit: int = 32 * MIB
     telemetry_history: int = 720
+    echo_endpoint: bool = False          # mount POST /api/v1/_echo (the benchmark's ingest baseline)
     admin_token: str | None = None       # filled in by load_admin_token()
 
     @property

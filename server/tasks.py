@@ -1,4 +1,4 @@
-"""Task rows: state changes (checked against server.states), the poll's hand-out, the lease reaper."""
+"""Task rows: state changes (checked against protocol.states), the poll's hand-out, the lease reaper."""
 from __future__ import annotations
 
 import time
@@ -6,8 +6,8 @@ import time
 from sqlalchemy import select, update
 
 from server import db
-from server.errors import APIError
-from server.states import FINAL, LEASED, IllegalTransition, TaskState, check_transition
+from protocol.errors import APIError
+from protocol.states import AGENT_REPORTABLE, FINAL, LEASED, IllegalTransition, TaskState, check_transition
 
 LEASED_VALUES = [s.value for s in LEASED]
 
@@ -143,10 +143,29 @@ def agent_change_state(conn, task: dict, body, now: float) -> dict:
             conn.execute(update(db.tasks).where(db.tasks.c.id == task["id"]).values(**values))
             task = dict(task, **values)
         return task
-    from server.states import AGENT_REPORTABLE
     if new not in AGENT_REPORTABLE:
         raise APIError(409, "illegal_transition", f"an agent cannot report the state {new.value}")
     try:
         return change_state(conn, task, new, now, **values)
     except IllegalTransition as e:
         raise APIError(409, "illegal_transition", str(e)) from None
+
+
+def release_task(conn, task: dict, now: float) -> dict:
+    """A draining agent returns a task it was given: assigned -> queued, lease cleared.
+
+    Already queued: nothing to do (a retried release). A stop requested meanwhile wins: the task
+    is stopped, since handing it out again would only deliver the stop. Any other state: 409
+    (`task_final` for a final one, `illegal_transition` for one the agent has begun).
+    """
+    state = TaskState(task["state"])
+    if state is TaskState.QUEUED:
+        return task
+    if state in FINAL:
+        raise APIError(409, "task_final", f"task {task['id']} is already {state.value}")
+    if state is not TaskState.ASSIGNED:
+        raise APIError(409, "illegal_transition",
+                       f"task {task['id']} is {state.value}; only an assigned task can be released")
+    if task["stop_requested"]:
+        return change_state(conn, task, TaskState.STOPPED, now, error="stopped before the agent ran it")
+    return change_state(conn, task, TaskState.QUEUED, now, lease_until=None)

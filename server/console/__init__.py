@@ -13,10 +13,12 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
+from protocol.states import TaskState
+from protocol.tasks import TASK_TYPES
+
 HERE = Path(__file__).resolve().parent
 SESSION_COOKIE = "sly_session"
-TASK_TYPES = ("train", "inference", "custom", "cleanup")
-TASK_STATES = ("queued", "assigned", "preparing", "running", "uploading", "finished", "failed", "stopped", "lost")
+TASK_STATES = tuple(s.value for s in TaskState)
 
 _env = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]))
 _STATIC_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8"}

@@ -44,7 +44,7 @@ def test_task_edges_follow_the_server():
 
 
 def test_task_edges_match_server_states():
-    from server.states import ALLOWED_SOURCES, TaskState as ServerState
+    from protocol.states import EDGES as ALLOWED_SOURCES, TaskState as ServerState
     for new, sources in TASK_EDGES.items():
         allowed = {s.value for s in ALLOWED_SOURCES[ServerState(new.value)]}
         assert {s.value for s in sources} <= allowed, new

@@ -1,0 +1,57 @@
+"""What the route modules share: the Core of a request, JSON object bodies, paging, reading one row."""
+from __future__ import annotations
+
+from fastapi import Request
+from sqlalchemy import select
+
+from protocol.errors import APIError
+
+
+def core_of(request: Request):
+    return request.app.state.core
+
+
+async def json_object(request: Request, what: str) -> dict:
+    """The body as a JSON object, or a 400 JSON error saying what is wrong with it."""
+    try:
+        body = await request.json()
+    except ValueError:
+        raise APIError(400, "malformed_json", "the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "invalid_request", f"{what} must be a JSON object")
+    return body
+
+
+def page(items: list[dict], limit: int) -> dict:
+    """One page of a list answer; `next` is the last id when more rows exist (rows fetched: limit + 1)."""
+    more = len(items) > limit
+    items = items[:limit]
+    return {"items": items, "next": str(items[-1]["id"]) if more else None}
+
+
+def cursor_id(cursor: str | None) -> int | None:
+    if cursor in (None, ""):
+        return None
+    if not cursor.isdigit():
+        raise APIError(400, "bad_cursor", "cursor must be the `next` value of a previous page")
+    return int(cursor)
+
+
+def get_row(core, table, oid: int, what: str) -> dict:
+    """One row by id as a dict, or 404 `<what>_not_found`."""
+    with core.engine.connect() as conn:
+        row = conn.execute(select(table).where(table.c.id == oid)).mappings().first()
+    if row is None:
+        raise APIError(404, f"{what}_not_found", f"no {what} {oid}")
+    return dict(row)
+
+
+def list_rows(core, table, limit: int, cursor: str | None, summary) -> dict:
+    """A page of a table, newest first, each row passed through `summary`."""
+    c = cursor_id(cursor)
+    q = select(table).order_by(table.c.id.desc()).limit(limit + 1)
+    if c is not None:
+        q = q.where(table.c.id < c)
+    with core.engine.connect() as conn:
+        rows = conn.execute(q).mappings().all()
+    return page([summary(dict(r)) for r in rows], limit)
