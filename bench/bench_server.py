@@ -173,7 +173,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=5000)
     ap.add_argument("--idle-polls", type=int, default=1000)
     args = ap.parse_args()
-    srv = ServerProcess(Path(tempfile.mkdtemp(prefix="bench-server-")) / "data").start()
+    srv = ServerProcess(Path(tempfile.mkdtemp(prefix="bench-server-")) / "data", extra_args=["--echo-endpoint"]).start()
     try:
         url = srv.url
         client = UserClient(url, srv.admin_token)

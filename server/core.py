@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from sqlalchemy import delete, func, insert, select, update
 
 from protocol.states import LEASED, TaskState
-from server import db
+from server import db, migrate
 from server.auth import Sessions, hash_token
 from server.blobs import BlobStore
 from server.settings import Settings
@@ -52,6 +52,7 @@ class Core:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.engine = db.make_engine(settings.database_url)
+        migrate.upgrade(self.engine)
         self.blobs = BlobStore(settings.data_dir / "blobs")
         self.sessions = Sessions(self.engine)
         self.admin_token: str = settings.admin_token or ""

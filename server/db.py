@@ -1,4 +1,9 @@
-"""Database schema (SQLAlchemy Core) and engine setup. SQLite in WAL mode by default."""
+"""Database schema (SQLAlchemy Core) and engine setup. SQLite in WAL mode by default.
+
+The tables here are what the queries use; the database itself is made and changed only by the
+migrations in server/migrations (server/migrate.py runs them at start). A change here goes with
+a new revision there, and a test checks that the two agree.
+"""
 from __future__ import annotations
 
 from sqlalchemy import (JSON, Boolean, Column, Float, Integer, MetaData, String, Table, Text, create_engine,
@@ -116,5 +121,4 @@ def make_engine(url: str) -> Engine:
             cur.close()
     else:
         engine = create_engine(url, pool_pre_ping=True)
-    metadata.create_all(engine)
     return engine

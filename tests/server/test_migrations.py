@@ -1,0 +1,171 @@
+"""Schema migrations: head matches the tables the server queries, and a database made before
+migrations existed is adopted (stamped, upgraded) by a starting server with its rows kept."""
+from __future__ import annotations
+
+import io
+import json
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import inspect
+
+from server import db, migrate
+from server.auth import hash_token
+from tests.server.conftest import FakeAgent
+from tests.support.server import ServerProcess
+
+PRE_ALEMBIC_SQL = Path(__file__).parent / "data" / "pre_alembic_schema.sql"
+
+
+def _engine(path: Path):
+    return db.make_engine(f"sqlite:///{path}")
+
+
+def _schema(path: Path) -> dict:
+    """The parts of a SQLite schema that matter: per table its columns, keys, indexes and rowid-ness."""
+    engine = _engine(path)
+    try:
+        with engine.connect() as conn:
+            insp = inspect(conn)
+            out = {}
+            for t in sorted(set(insp.get_table_names()) - {"alembic_version"}):
+                sql = conn.exec_driver_sql("SELECT sql FROM sqlite_master WHERE name = ?", (t,)).scalar()
+                out[t] = {
+                    "columns": [(c["name"], str(c["type"]), c["nullable"]) for c in insp.get_columns(t)],
+                    "pk": insp.get_pk_constraint(t)["constrained_columns"],
+                    "unique": sorted(tuple(u["column_names"]) for u in insp.get_unique_constraints(t)),
+                    "indexes": sorted((i["name"], tuple(i["column_names"]), bool(i["unique"]))
+                                      for i in insp.get_indexes(t)),
+                    "without_rowid": "WITHOUT ROWID" in sql.upper(),
+                }
+            return out
+    finally:
+        engine.dispose()
+
+
+def _pre_alembic_db(path: Path) -> None:
+    with sqlite3.connect(path) as conn:
+        conn.executescript(PRE_ALEMBIC_SQL.read_text())
+
+
+def test_head_matches_the_tables_the_server_queries(tmp_path):
+    engine = _engine(tmp_path / "head.db")
+    migrate.upgrade(engine)
+    with engine.connect() as conn:
+        assert migrate.current(conn) == migrate.head()
+        assert compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), db.metadata) == []
+    engine.dispose()
+
+
+def test_revision_0001_is_the_schema_create_all_made_before_migrations(tmp_path):
+    _pre_alembic_db(tmp_path / "old.db")
+    engine = _engine(tmp_path / "new.db")
+    with engine.begin() as conn:
+        command.upgrade(migrate.alembic_config(conn), migrate.INITIAL)
+    engine.dispose()
+    old, new = _schema(tmp_path / "old.db"), _schema(tmp_path / "new.db")
+    assert set(old) == migrate.INITIAL_TABLES
+    assert new == old
+    assert old["log_lines"]["without_rowid"] and old["tasks"]["indexes"]
+
+
+def test_upgrade_is_idempotent_and_refuses_a_database_it_did_not_make(tmp_path):
+    engine = _engine(tmp_path / "twice.db")
+    migrate.upgrade(engine)
+    migrate.upgrade(engine)
+    engine.dispose()
+    with sqlite3.connect(tmp_path / "twice.db") as conn:
+        assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [(migrate.head(),)]
+
+    with sqlite3.connect(tmp_path / "half.db") as conn:
+        conn.execute("CREATE TABLE agents (id INTEGER PRIMARY KEY)")
+    engine = _engine(tmp_path / "half.db")
+    with pytest.raises(migrate.SchemaError):
+        migrate.upgrade(engine)
+    engine.dispose()
+
+
+def test_postgresql_sql_renders(tmp_path):
+    out = io.StringIO()
+    cfg = migrate.alembic_config()
+    cfg.output_buffer = out
+    cfg.set_main_option("sqlalchemy.url", "postgresql://sly@db.invalid/sly")
+    command.upgrade(cfg, "head", sql=True)
+    sql = out.getvalue()
+    for table in migrate.INITIAL_TABLES:
+        assert f"CREATE TABLE {table} " in sql
+    assert "CREATE INDEX ix_tasks_state ON tasks (state)" in sql
+    assert f"UPDATE alembic_version SET version_num='{migrate.head()}'" in sql or \
+        f"INSERT INTO alembic_version (version_num) VALUES ('{migrate.head()}')" in sql
+
+
+def test_server_adopts_a_pre_migration_database_and_keeps_its_data(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    dbfile = data / "server.db"
+    _pre_alembic_db(dbfile)
+    now = time.time()
+    token = "A" * 32
+    j = json.dumps
+    with sqlite3.connect(dbfile) as conn:
+        conn.execute("INSERT INTO agents (id, name, token_hash, allowed_task_types, created_at, last_seen, system_info,"
+                     " telemetry, telemetry_ts) VALUES (?,?,?,?,?,?,?,?,?)",
+                     (1, "old-node", hash_token(token), j(["train", "custom"]), now - 100, now - 5,
+                      j({"hostname": "h1"}), j({"cpu": 12.5}), now - 5))
+        conn.execute("INSERT INTO projects (id, name, datasets, task_id, created_at) VALUES (?,?,?,?,?)",
+                     (1, "old-project", j([{"name": "ds0", "items": [{"name": "a.jpg", "sha256": "0" * 64, "size": 3}]}]),
+                      None, now - 90))
+        conn.execute("INSERT INTO models (id, name, hash, files, task_id, created_at) VALUES (?,?,?,?,?,?)",
+                     (1, "old-model", "f" * 64, j([{"path": "w.bin", "sha256": "1" * 64, "size": 4}]), None, now - 80))
+        timeline = [{"state": "queued", "ts": now - 60}, {"state": "assigned", "ts": now - 59},
+                    {"state": "running", "ts": now - 58}]
+        conn.execute("INSERT INTO tasks (id, agent_id, type, image, command, config, project_id, model_id, resources,"
+                     " timeout_s, state, progress, exit_code, error, stop_requested, lease_until, timeline, results,"
+                     " log_acked, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                     (7, 1, "train", "img:1", j(["python", "t.py"]), j({"epochs": 3}), 1, 1,
+                      j({"gpus": 0, "cpus": None, "memory": None, "shm_size": None}), None, "running",
+                      j({"current": 1, "total": 3}), None, None, 0, now - 1, j(timeline), j({"artifacts": []}),
+                      2, now - 60, now - 58))
+        conn.executemany("INSERT INTO log_lines (task_id, seq, ts, level, stream, message, extra) VALUES (?,?,?,?,?,?,?)",
+                         [(7, s, now - 50 + s, "info", "stdout", f"old line {s}", j({"cts": s})) for s in range(3)])
+        conn.execute("INSERT INTO telemetry (agent_id, ts, sample) VALUES (?,?,?)", (1, now - 5, j({"cpu": 12.5})))
+
+    srv = ServerProcess(data).start()
+    try:
+        admin = srv.admin()
+        agents = admin.get(srv.url + "/api/v1/agents", timeout=10).json()["items"]
+        assert [(a["id"], a["name"], a["system_info"], a["running_tasks"]) for a in agents] == \
+            [(1, "old-node", {"hostname": "h1"}, 1)]
+        task = admin.get(srv.url + "/api/v1/tasks/7", timeout=10).json()
+        assert task["state"] == "running" and task["config"] == {"epochs": 3}
+        assert [s["state"] for s in task["timeline"]] == ["queued", "assigned", "running"]
+        lines = admin.get(srv.url + "/api/v1/tasks/7/logs", timeout=10).json()["lines"]
+        assert [(ln["seq"], ln["message"], ln["cts"]) for ln in lines] == [(s, f"old line {s}", s) for s in range(3)]
+        assert admin.get(srv.url + "/api/v1/projects/1", timeout=10).json()["name"] == "old-project"
+        assert admin.get(srv.url + "/api/v1/models/1", timeout=10).json()["name"] == "old-model"
+        assert len(admin.get(srv.url + "/api/v1/agents/1/telemetry", timeout=10).json()["items"]) == 1
+
+        agent = FakeAgent(srv.url, token, 1)                       # the stored token hash still works
+        assert agent.poll(free_slots=1, running=[7])["tasks"] == []
+        assert agent.logs(7, 3, [{"message": "new line"}]).json() == {"acked": 3}
+        new_task = admin.post(srv.url + "/api/v1/tasks", json={"agent_id": 1, "type": "custom", "image": "x"},
+                              timeout=10).json()
+        assert new_task["id"] == 8                                  # ids continue after the old rows
+    finally:
+        srv.stop()
+    with sqlite3.connect(dbfile) as conn:
+        assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [(migrate.head(),)]
+        assert conn.execute("SELECT count(*) FROM log_lines WHERE task_id = 7").fetchone() == (4,)
+
+    srv.start()                                                     # a second start has nothing to do
+    try:
+        r = requests.get(srv.url + "/api/v1/tasks/7", headers={"Authorization": f"Bearer {srv.admin_token}"}, timeout=10)
+        assert r.json()["log_acked"] == 3
+    finally:
+        srv.stop()
