@@ -3,7 +3,7 @@
 #
 #   docker build -t sly-agent:latest .
 #   # where no registry is reachable, build a base from this machine's Python first:
-#   python3 -m server.demo.images --python-base && docker build --build-arg BASE=sly-local/python-base:3.11 -t sly-agent .
+#   python3 -m tools.images --python-base && docker build --build-arg BASE=sly-local/python-base:3.11 -t sly-agent .
 ARG BASE=python:3.11-slim
 FROM ${BASE}
 

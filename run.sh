@@ -94,7 +94,7 @@ case "$cmd" in
     ensure_venv requirements.txt
     ensure_docker
     cd "$HERE"
-    exec "$VENV/bin/python" -m server.demo "$@" ;;
+    exec "$VENV/bin/python" -m tools.demo "$@" ;;
   test)
     shift
     ensure_test_system
