@@ -15,8 +15,11 @@ COPY requirements-agent.txt ./
 # On a local base that already has the requirements this is a no-op that needs no network.
 RUN python3 -m pip install --no-cache-dir --disable-pip-version-check -r requirements-agent.txt
 
-COPY agent/ agent/
+# The agent's layers and nothing else (no server/, client/ or tools/): agent -> workers -> node -> protocol.
+COPY protocol/ protocol/
+COPY node/ node/
 COPY workers/ workers/
+COPY agent/ agent/
 
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1
