@@ -3,7 +3,7 @@
 #
 #   docker build -t sly-agent:latest .
 #   # where no registry is reachable, build a base from this machine's Python first:
-#   python3 -m server.demo.images --python-base && docker build --build-arg BASE=sly-local/python-base:3.11 -t sly-agent .
+#   python3 -m tools.images --python-base && docker build --build-arg BASE=sly-local/python-base:3.11 -t sly-agent .
 ARG BASE=python:3.11-slim
 FROM ${BASE}
 
@@ -15,8 +15,11 @@ COPY requirements-agent.txt ./
 # On a local base that already has the requirements this is a no-op that needs no network.
 RUN python3 -m pip install --no-cache-dir --disable-pip-version-check -r requirements-agent.txt
 
-COPY agent/ agent/
+# The agent's layers and nothing else (no server/, client/ or tools/): agent -> workers -> node -> protocol.
+COPY protocol/ protocol/
+COPY node/ node/
 COPY workers/ workers/
+COPY agent/ agent/
 
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1

@@ -15,8 +15,11 @@ Usage: ./run.sh [COMMAND] [ARGS...]
                    the whole thing on embedded defaults: server + agent + a train task
   test [PYTEST ARGS]
                    install what the tests need (Docker engine, Chromium, busybox) and run them
+  screenshots      run the console's browser tests and save their screenshots in docs/screenshots/
+                   (plain test runs write them to a temporary dir)
 
-Creates (or reuses) a virtualenv in .venv (SLY_VENV overrides) with requirements.txt installed.
+Creates (or reuses) a virtualenv in .venv (SLY_VENV overrides) with requirements.txt installed
+(requirements-dev.txt for test and screenshots).
 Needs Python 3.11+; the agent, the demo and the tests also need a Docker engine.
 TXT
 }
@@ -32,13 +35,27 @@ find_python() {
   return 1
 }
 
+req_files() {  # $1: a requirements file; prints it and every file it includes (-r), depth first
+  local file=$1 line
+  echo "$file"
+  while IFS= read -r line || [ -n "$line" ]; do
+    case "$line" in
+      -r\ *|--requirement\ *) req_files "$(dirname "$file")/${line#* }" ;;
+    esac
+  done <"$file"
+}
+
+req_hash() {  # $1: a requirements file; keyed by every file it includes, so editing one reinstalls
+  req_files "$1" | while IFS= read -r f; do cat "$f"; done | sha256sum | cut -c1-16
+}
+
 ensure_venv() {  # $1: requirements file
   local req=$1 py stamp
   py=$(find_python) || die "Python 3.11 or newer is needed and none was found on PATH (set PYTHON=/path/to/python3)."
   if [ ! -x "$VENV/bin/python" ]; then
     "$py" -m venv "$VENV" || die "could not create a virtualenv in $VENV (is the venv module installed?)"
   fi
-  stamp="$VENV/.installed-$(basename "$req")-$(cat "$HERE/requirements.txt" "$HERE/$req" | sha256sum | cut -c1-16)"
+  stamp="$VENV/.installed-$(basename "$req")-$(req_hash "$HERE/$req")"
   if [ ! -f "$stamp" ]; then
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r "$HERE/$req" >&2 \
       || die "pip could not install $req"
@@ -94,12 +111,18 @@ case "$cmd" in
     ensure_venv requirements.txt
     ensure_docker
     cd "$HERE"
-    exec "$VENV/bin/python" -m server.demo "$@" ;;
+    exec "$VENV/bin/python" -m tools.demo "$@" ;;
   test)
     shift
     ensure_test_system
     ensure_venv requirements-dev.txt
     cd "$HERE"
     exec "$VENV/bin/python" -m pytest "$@" ;;
+  screenshots)
+    shift
+    ensure_test_system
+    ensure_venv requirements-dev.txt
+    cd "$HERE"
+    SLY_SCREENSHOTS="$HERE/docs/screenshots" exec "$VENV/bin/python" -m pytest -q tests/browser "$@" ;;
   *) usage >&2; die "unknown command: $cmd" ;;
 esac

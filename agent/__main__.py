@@ -84,10 +84,15 @@ def _main() -> int:
     return Supervisor(config, api, answer).run()
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """`python -m agent` and the `sly-agent` console script."""
     code = main()
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
     # os._exit: multiprocessing's atexit would join children that are waiting for us to go away.
     os._exit(code)
+
+
+if __name__ == "__main__":
+    run()

@@ -35,8 +35,8 @@ sys.path.insert(0, str(REPO))
 
 from agent.api import AgentAPI  # noqa: E402
 from agent.config import Config  # noqa: E402
-from server.client import UserClient  # noqa: E402
-from server.demo.images import ensure_busybox_image  # noqa: E402
+from client import UserClient  # noqa: E402
+from tools.images import ensure_busybox_image  # noqa: E402
 from tests.support.server import ServerProcess  # noqa: E402
 from workers.base import TaskContext  # noqa: E402
 from workers.docker_task import prepare  # noqa: E402

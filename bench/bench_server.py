@@ -26,7 +26,7 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from server.client import UserClient  # noqa: E402
+from client import UserClient  # noqa: E402
 from tests.support.server import ServerProcess  # noqa: E402
 
 

@@ -49,7 +49,7 @@ def docker_client():
 
 @pytest.fixture(scope="session")
 def busybox_image(docker_client):
-    from server.demo.images import ensure_busybox_image
+    from tools.images import ensure_busybox_image
     return ensure_busybox_image(docker_client)
 
 

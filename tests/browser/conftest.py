@@ -1,15 +1,27 @@
 """Playwright driving Debian's Chromium (headless) against the real server subprocess."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from tests.support.fake_agent import FakeAgent
 
-SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
+# Where shot() writes: a temporary dir, unless SLY_SCREENSHOTS names one (`./run.sh screenshots`
+# points it at docs/screenshots/), so a test run never rewrites the committed images.
+SCREENSHOTS_ENV = "SLY_SCREENSHOTS"
+_screenshots: Path | None = None
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def screenshots_dir(tmp_path_factory) -> Path:
+    global _screenshots
+    _screenshots = Path(os.environ[SCREENSHOTS_ENV]) if os.environ.get(SCREENSHOTS_ENV) \
+        else tmp_path_factory.mktemp("screenshots")
+    return _screenshots
 
 
 @pytest.fixture(scope="session")
@@ -52,9 +64,10 @@ def console(page, server):
 
 
 def shot(page, name: str) -> None:
-    """Screenshot of the page for docs/screenshots/<name>.png (overwritten each run)."""
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
+    """Screenshot of the page as <name>.png in the screenshot dir (see SCREENSHOTS_ENV)."""
+    assert _screenshots is not None, "the screenshots_dir fixture sets the dir"
+    _screenshots.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(_screenshots / f"{name}.png"), full_page=True)
 
 
 def online_agent(server, name: str, types: list[str] | None = None, **system_info) -> tuple[dict, FakeAgent]:

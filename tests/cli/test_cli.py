@@ -1,4 +1,5 @@
-"""`python -m server.cli` against the real server subprocess (the fake agent plays the node)."""
+"""The CLI (`python -m client`, also `python -m server.cli`) against the real server subprocess (the
+fake agent plays the node), and the upload path it shares with the Python client."""
 from __future__ import annotations
 
 import hashlib
@@ -6,9 +7,11 @@ import json
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 
+from client import UserClient
 from tests.support.fake_agent import FakeAgent
 from tests.support.procs import poll_for
 from tests.support.server import REPO
@@ -21,7 +24,7 @@ def cli_env(server, **extra) -> dict:
 
 
 def cli(server, *args: str, ok: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
-    p = subprocess.run([sys.executable, "-m", "server.cli", *args], cwd=REPO, env=env or cli_env(server),
+    p = subprocess.run([sys.executable, "-m", "client", *args], cwd=REPO, env=env or cli_env(server),
                        capture_output=True, text=True, timeout=60)
     if ok:
         assert p.returncode == 0, f"rc={p.returncode}\nstdout: {p.stdout}\nstderr: {p.stderr}"
@@ -66,7 +69,7 @@ def test_upload_project_and_model_with_progress(server, tmp_path):
     for rel, data in files.items():
         (root / rel).write_bytes(data)
 
-    p = cli(server, "--json", "projects", "upload", str(root), "--name", "dogs-cli")
+    p = cli(server, "--json", "--progress", "projects", "upload", str(root), "--name", "dogs-cli")
     assert "100%" in p.stderr and "[" + "#" * 30 + "]" in p.stderr          # the bar reached its end
     proj = json.loads(p.stdout)
     got = {f"{d['name']}/{i['name']}": (i["sha256"], i["size"]) for d in proj["datasets"] for i in d["items"]}
@@ -76,12 +79,82 @@ def test_upload_project_and_model_with_progress(server, tmp_path):
     assert "dogs-cli" in cli(server, "projects", "list").stdout
 
     # The same files again as a model: blobs the server has are not sent twice.
-    p = cli(server, "--json", "models", "upload", str(root / "train"))
+    p = cli(server, "--json", "--progress", "models", "upload", str(root / "train"))
     model = json.loads(p.stdout)
     assert model["name"] == "train"
     assert sorted((f["path"], f["size"]) for f in model["files"]) == [("a.bin", 3 << 20), ("sub/b.txt", 10)]
     assert "have a.bin" in p.stderr or "have sub/b.txt" in p.stderr
     assert "train" in cli(server, "models", "list").stdout
+
+
+def _project_shape(project: dict) -> dict:
+    return {d["name"]: sorted((i["name"], i["sha256"], i["size"]) for i in d["items"]) for d in project["datasets"]}
+
+
+def test_cli_and_client_upload_the_same_project(server, tmp_path):
+    root = tmp_path / "cats"
+    (root / "train" / "deep").mkdir(parents=True)
+    (root / "val").mkdir()
+    files = {"top.txt": b"top", "train/a.bin": os.urandom(1 << 20), "train/deep/b.txt": b"b", "val/c.txt": b"c"}
+    for rel, data in files.items():
+        (root / rel).write_bytes(data)
+
+    via_cli = json.loads(cli(server, "--json", "projects", "upload", str(root), "--name", "cats-cli").stdout)
+    seen: list[tuple[int, int, str]] = []
+    via_client = UserClient(server.url, server.admin_token).upload_project_dir(
+        root, "cats-client", progress=lambda done, total, note: seen.append((done, total, note)))
+
+    assert _project_shape(via_cli) == _project_shape(via_client)
+    assert sorted(_project_shape(via_client)) == ["ds0", "train", "val"]
+    assert [i[0] for i in _project_shape(via_client)["ds0"]] == ["top.txt"]
+    assert ("deep/b.txt", hashlib.sha256(b"b").hexdigest(), 1) in _project_shape(via_client)["train"]
+    # The client's upload came second: every blob was there, so nothing was sent, and the
+    # callback's count went up to its total.
+    dones = [d for d, _, _ in seen]
+    assert dones == sorted(dones) and seen[-1][0] == seen[-1][1] == 2 * sum(map(len, files.values()))
+    assert not any(note.startswith("sending") for _, _, note in seen)
+    assert {note for _, _, note in seen} >= {f"have {rel}" for rel in files}
+
+
+def test_progress_bar_only_on_a_terminal(server, tmp_path):
+    root = tmp_path / "tiny"
+    root.mkdir()
+    (root / "x.bin").write_bytes(os.urandom(4096))
+    # stderr a pipe: no bar, the answer alone.
+    p = cli(server, "projects", "upload", str(root))
+    assert p.stderr == "" and p.stdout.startswith("project ")
+    # stderr a terminal: the bar is drawn and ends at 100%.
+    master, slave = os.openpty()
+    chunks: list[bytes] = []
+
+    def drain():
+        while True:
+            try:
+                b = os.read(master, 4096)
+            except OSError:          # EIO once the child closed the terminal
+                return
+            if not b:
+                return
+            chunks.append(b)
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        p = subprocess.run([sys.executable, "-m", "client", "models", "upload", str(root)], cwd=REPO,
+                           env=cli_env(server), stdout=subprocess.PIPE, stderr=slave, text=True, timeout=60)
+    finally:
+        os.close(slave)
+    reader.join(10)
+    os.close(master)
+    tty = b"".join(chunks).decode(errors="replace")
+    assert p.returncode == 0 and p.stdout.startswith("model ")
+    assert "100%" in tty and "[" + "#" * 30 + "]" in tty
+
+
+def test_entry_points_run_the_same_cli(server):
+    for module in ("client", "server.cli"):
+        p = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True, text=True,
+                           timeout=60)
+        assert p.returncode == 0 and "projects" in p.stdout and "usage: sly" in p.stdout, (module, p.stderr)
 
 
 def test_submit_follow_logs_and_stop(server):
@@ -96,7 +169,7 @@ def test_submit_follow_logs_and_stop(server):
     task = server.admin().get(f"{server.url}/api/v1/tasks/{t1['id']}", timeout=10).json()
     assert task["config"] == {"epochs": 2} and task["timeout_s"] == 60
 
-    follower = subprocess.Popen([sys.executable, "-m", "server.cli", "tasks", "logs", str(t1["id"]), "--follow"],
+    follower = subprocess.Popen([sys.executable, "-m", "client", "tasks", "logs", str(t1["id"]), "--follow"],
                                 cwd=REPO, env=cli_env(server), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert [t["id"] for t in agent.poll_until("tasks")] == [t1["id"]]

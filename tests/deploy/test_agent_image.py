@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from server.demo.__main__ import make_sample_data
-from server.demo.images import build_python_base, ensure_demo_train_image
+from tools.demo.__main__ import make_sample_data
+from tools.images import build_python_base, ensure_demo_train_image
 from tests.support.procs import poll_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -23,7 +23,7 @@ def agent_image(docker_client):
 
 
 def test_agent_container_runs_a_task_with_host_paths(agent_image, server, docker_client, tmp_path):
-    from server.client import UserClient
+    from client import UserClient
 
     client = UserClient(server.url, server.admin_token)
     agent = client.create_agent("image-node")

@@ -23,7 +23,7 @@ def test_demo_runs_the_whole_lifecycle(tmp_path, docker_client):
         cmd = ["bash", str(REPO / "run.sh"), *args]
         env = dict(os.environ, SLY_VENV=sys.prefix)
     else:
-        cmd = [sys.executable, "-m", "server.demo", *args[1:]]
+        cmd = [sys.executable, "-m", "tools.demo", *args[1:]]
         env = dict(os.environ)
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=360)
     out = r.stdout + r.stderr

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import requests
 
-from server.client import UserClient
+from client import UserClient
 
 
 class FakeAgent:

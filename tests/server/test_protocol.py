@@ -10,7 +10,7 @@ import time
 import pytest
 import requests
 
-from server.client import ServerError
+from protocol.errors import APIError
 from tests.support.procs import poll_for
 
 
@@ -173,7 +173,7 @@ def test_stop_queued_and_slots_gpus_rehand(client, make_agent):
     agent = make_agent()
     q = client.create_task(agent.id, "custom", image="x:1")
     assert client.stop_task(q["id"])["state"] == "stopped"
-    with pytest.raises(ServerError) as e:
+    with pytest.raises(APIError) as e:
         client.stop_task(q["id"])
     assert e.value.status == 409
     big = client.create_task(agent.id, "train", image="x:1", resources={"gpus": 2})

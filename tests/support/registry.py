@@ -12,7 +12,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from server.demo.images import busybox_rootfs_tar
+from tools.images import busybox_rootfs_tar
 
 MANIFEST_V2 = "application/vnd.docker.distribution.manifest.v2+json"
 

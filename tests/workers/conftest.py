@@ -9,7 +9,7 @@ import pytest
 
 from agent.api import AgentAPI
 from agent.config import Config
-from server.client import UserClient
+from client import UserClient
 from tests.workers.ctx import TestContext
 
 TASK_IMAGE = "sly-test/worker-tasks:latest"

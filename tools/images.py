@@ -88,13 +88,13 @@ DEMO_TRAIN_IMAGE = "sly-demo/train:latest"
 
 
 def ensure_demo_train_image(client=None, tag: str = DEMO_TRAIN_IMAGE, rebuild: bool = False) -> str:
-    """The busybox image with the demo's train script (server/demo/train.sh) as its command."""
+    """The busybox image with the demo's train script (tools/demo/train.sh) as its command."""
     import os
 
     client = _docker_client(client)
     if not rebuild and _have_image(client, tag):
         return tag
-    with open(os.path.join(os.path.dirname(__file__), "train.sh"), "rb") as f:
+    with open(os.path.join(os.path.dirname(__file__), "demo", "train.sh"), "rb") as f:
         script = f.read()
     return _import_rootfs(client, tag, busybox_rootfs_tar({"bin/sly-train": script}),
                           ["ENV PATH=/bin", 'CMD ["/bin/sly-train"]'])
@@ -190,7 +190,7 @@ def build_python_base(client=None, tag: str = PYTHON_BASE_IMAGE, requirements: s
 def main(argv=None) -> int:
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m server.demo.images", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m tools.images", description=__doc__.splitlines()[0])
     ap.add_argument("--python-base", action="store_true",
                     help=f"build {PYTHON_BASE_IMAGE} from this interpreter with requirements-agent.txt")
     ap.add_argument("--rebuild", action="store_true")
@@ -198,7 +198,7 @@ def main(argv=None) -> int:
     print(ensure_busybox_image(rebuild=args.rebuild))
     if args.python_base:
         import os
-        req = os.path.join(os.path.dirname(__file__), "..", "..", "requirements-agent.txt")
+        req = os.path.join(os.path.dirname(__file__), "..", "requirements-agent.txt")
         print(build_python_base(requirements=os.path.normpath(req), rebuild=args.rebuild))
     return 0
 

@@ -1,4 +1,4 @@
-"""The whole lifecycle on embedded defaults: `./run.sh demo` (python -m server.demo).
+"""The whole lifecycle on embedded defaults: `./run.sh demo` (python -m tools.demo).
 
 Starts the reference server on SQLite in ./demo-data, adds a node, starts the agent, uploads a
 small project and a model made on the spot, builds a tiny task image locally (no registry),
@@ -22,7 +22,8 @@ from pathlib import Path
 
 import requests
 
-from server.demo.images import ensure_demo_train_image
+from client import UserClient
+from tools.images import ensure_demo_train_image
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -114,8 +115,6 @@ class Demo:
                 p.kill()
 
     def run(self) -> int:
-        from server.client import UserClient
-
         say = lambda *a: print("demo:", *a, flush=True)  # noqa: E731
         url, admin = self.start_server()
         say(f"server on {url} (data in {self.data})")

@@ -1,10 +1,13 @@
-"""A small Python client of the server's USER API (admin token). Used by the CLI, demo, tests, benches.
+"""A Python client of the server's user API (admin token), used by the CLI, the demo, tests and benches.
 
     c = UserClient("http://127.0.0.1:8700", admin_token)
     agent = c.create_agent("gpu-1")                 # {"id", "name", "token", "run_command"}
     project = c.upload_project_dir("data/proj", "my project")
     task = c.create_task(agent["id"], "train", image="sly-test/busybox:latest", project_id=project["id"])
     c.wait_task(task["id"], {"finished"}, timeout=300)
+
+Every method returns decoded JSON or raises `protocol.errors.APIError` (`AuthError` for a
+refused token).
 """
 from __future__ import annotations
 
@@ -17,47 +20,30 @@ from typing import Iterable, Iterator
 
 import requests
 
-FINAL_STATES = frozenset({"finished", "failed", "stopped", "lost"})
+from client import upload
+from protocol import endpoints as ep
+from protocol.errors import decode_error
+from protocol.states import FINAL
 
-
-class ServerError(Exception):
-    """The server answered with an error: `status`, `code` (the JSON `error`) and `detail`."""
-
-    def __init__(self, method: str, path: str, status: int, code: str = "", detail: str = ""):
-        self.method, self.path, self.status, self.code, self.detail = method, path, status, code, detail
-        super().__init__(f"{method} {path}: {status} {code} {detail}".strip())
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                return h.hexdigest()
-            h.update(b)
+FINAL_STATES = frozenset(s.value for s in FINAL)
+BLOB_TIMEOUT = 600.0      # a blob may be gigabytes; the per-call timeout is for small JSON answers
+OCTETS = {"content-type": "application/octet-stream"}
 
 
 class UserClient:
-    """User-side API of protocol v1. Every method returns decoded JSON or raises ServerError."""
+    """User-side API of protocol v1."""
 
     def __init__(self, url: str, admin_token: str, timeout: float = 30.0):
         self.base = url.rstrip("/")
         self.timeout = timeout
         self.session = requests.Session()
-        self.session.headers["Authorization"] = f"Bearer {admin_token}"
+        self.session.headers["Authorization"] = ep.BEARER + admin_token
 
     # --- plumbing ---
     def request(self, method: str, path: str, *, expect=(200,), timeout: float | None = None, **kw) -> requests.Response:
         r = self.session.request(method, self.base + path, timeout=timeout or self.timeout, **kw)
         if r.status_code not in expect:
-            code, detail = "", r.text[:300]
-            try:
-                body = r.json()
-                code, detail = body.get("error", ""), body.get("detail", "")
-            except ValueError:
-                pass
-            raise ServerError(method, path, r.status_code, code, detail)
+            raise decode_error(r.status_code, r.content, method=method, path=path)
         return r
 
     def _json(self, method: str, path: str, body=None, **kw):
@@ -79,51 +65,52 @@ class UserClient:
         body = {"name": name}
         if allowed_task_types is not None:
             body["allowed_task_types"] = allowed_task_types
-        return self._json("POST", "/api/v1/agents", body)
+        return self._json("POST", ep.AGENTS, body)
 
     def list_agents(self) -> list[dict]:
-        return self._list("/api/v1/agents")
+        return self._list(ep.AGENTS)
 
     def get_agent(self, agent_id: int) -> dict:
-        return self._json("GET", f"/api/v1/agents/{agent_id}")
+        return self._json("GET", ep.path(ep.AGENT, agent_id=agent_id))
 
     def patch_agent(self, agent_id: int, name: str | None = None, allowed_task_types: list[str] | None = None) -> dict:
         body = {k: v for k, v in {"name": name, "allowed_task_types": allowed_task_types}.items() if v is not None}
-        return self._json("PATCH", f"/api/v1/agents/{agent_id}", body)
+        return self._json("PATCH", ep.path(ep.AGENT, agent_id=agent_id), body)
 
     def delete_agent(self, agent_id: int) -> dict:
-        return self._json("DELETE", f"/api/v1/agents/{agent_id}")
+        return self._json("DELETE", ep.path(ep.AGENT, agent_id=agent_id))
 
     def rotate_token(self, agent_id: int) -> dict:
         """A new token for the agent (the old one stops working at once): {id, name, token, run_command}."""
-        return self._json("POST", f"/api/v1/agents/{agent_id}/token")
+        return self._json("POST", ep.path(ep.AGENT_TOKEN, agent_id=agent_id))
 
     def agent_telemetry(self, agent_id: int, since: float | None = None) -> list[dict]:
         params = {"since": since} if since is not None else None
-        return self.request("GET", f"/api/v1/agents/{agent_id}/telemetry", params=params).json()["items"]
+        return self.request("GET", ep.path(ep.AGENT, agent_id=agent_id) + "/telemetry", params=params).json()["items"]
 
     # --- blobs ---
     def blob_exists(self, sha256: str) -> bool:
-        return self.request("HEAD", f"/api/v1/blobs/{sha256}", expect=(200, 404)).status_code == 200
+        return self.request("HEAD", ep.path(ep.USER_BLOB, sha256=sha256), expect=(200, 404)).status_code == 200
+
+    def put_blob(self, sha256: str, data) -> None:
+        """PUT bytes or a readable object (give it a __len__ to send a Content-Length) as blob `sha256`."""
+        self.request("PUT", ep.path(ep.USER_BLOB, sha256=sha256), data=data,
+                     timeout=max(self.timeout, BLOB_TIMEOUT), headers=OCTETS)
 
     def upload_file(self, path: str | os.PathLike) -> str:
         """Upload a file as a blob unless the server has it already; return its sha256."""
-        sha = sha256_file(path)
-        if not self.blob_exists(sha):
-            with open(path, "rb") as f:
-                self.request("PUT", f"/api/v1/blobs/{sha}", data=f, timeout=max(self.timeout, 600),
-                             headers={"content-type": "application/octet-stream"})
-        return sha
+        return upload.upload_one(self, Path(path))
 
     def upload_bytes(self, data: bytes) -> str:
         sha = hashlib.sha256(data).hexdigest()
         if not self.blob_exists(sha):
-            self.request("PUT", f"/api/v1/blobs/{sha}", data=data, headers={"content-type": "application/octet-stream"})
+            self.put_blob(sha, data)
         return sha
 
     def download_blob(self, sha256: str, dest: str | os.PathLike | None = None) -> bytes | Path:
         """The blob's bytes, or (with dest) write them to dest and return its Path."""
-        r = self.request("GET", f"/api/v1/blobs/{sha256}", stream=dest is not None, timeout=max(self.timeout, 600))
+        r = self.request("GET", ep.path(ep.USER_BLOB, sha256=sha256), stream=dest is not None,
+                         timeout=max(self.timeout, BLOB_TIMEOUT))
         if dest is None:
             return r.content
         dest = Path(dest)
@@ -135,40 +122,32 @@ class UserClient:
 
     # --- projects and models ---
     def create_project(self, name: str, datasets: list[dict]) -> dict:
-        return self._json("POST", "/api/v1/projects", {"name": name, "datasets": datasets})
+        return self._json("POST", ep.PROJECTS, {"name": name, "datasets": datasets})
 
-    def upload_project_dir(self, directory: str | os.PathLike, name: str | None = None) -> dict:
-        """Upload a folder as a project: each subfolder is a dataset, each file in it an item."""
-        root = Path(directory)
-        datasets = []
-        for ds in sorted(p for p in root.iterdir() if p.is_dir()):
-            items = []
-            for f in sorted(p for p in ds.rglob("*") if p.is_file()):
-                items.append({"name": f.relative_to(ds).as_posix(), "sha256": self.upload_file(f), "size": f.stat().st_size})
-            datasets.append({"name": ds.name, "items": items})
-        return self.create_project(name or root.name, datasets)
+    def upload_project_dir(self, directory: str | os.PathLike, name: str | None = None,
+                           progress: upload.Progress | None = None) -> dict:
+        """Upload a folder as a project: each sub-folder is a dataset, files at the top go to `ds0`."""
+        return upload.upload_project(self, Path(directory), name, progress)
 
     def list_projects(self) -> list[dict]:
-        return self._list("/api/v1/projects")
+        return self._list(ep.PROJECTS)
 
     def get_project(self, project_id: int) -> dict:
-        return self._json("GET", f"/api/v1/projects/{project_id}")
+        return self._json("GET", ep.path(ep.PROJECT, project_id=project_id))
 
     def create_model(self, name: str, files: list[dict]) -> dict:
-        return self._json("POST", "/api/v1/models", {"name": name, "files": files})
+        return self._json("POST", ep.MODELS, {"name": name, "files": files})
 
-    def upload_model_dir(self, directory: str | os.PathLike, name: str | None = None) -> dict:
+    def upload_model_dir(self, directory: str | os.PathLike, name: str | None = None,
+                         progress: upload.Progress | None = None) -> dict:
         """Upload every file under a folder as a model (paths relative to the folder)."""
-        root = Path(directory)
-        files = [{"path": f.relative_to(root).as_posix(), "sha256": self.upload_file(f), "size": f.stat().st_size}
-                 for f in sorted(p for p in root.rglob("*") if p.is_file())]
-        return self.create_model(name or root.name, files)
+        return upload.upload_model(self, Path(directory), name, progress)
 
     def list_models(self) -> list[dict]:
-        return self._list("/api/v1/models")
+        return self._list(ep.MODELS)
 
     def get_model(self, model_id: int) -> dict:
-        return self._json("GET", f"/api/v1/models/{model_id}")
+        return self._json("GET", ep.path(ep.MODEL, model_id=model_id))
 
     # --- tasks ---
     def create_task(self, agent_id: int, type: str, image: str | None = None, *, command=None, config: dict | None = None,
@@ -176,19 +155,19 @@ class UserClient:
                     timeout_s: float | None = None) -> dict:
         body = {"agent_id": agent_id, "type": type, "image": image, "command": command, "config": config,
                 "project_id": project_id, "model_id": model_id, "resources": resources, "timeout_s": timeout_s}
-        return self._json("POST", "/api/v1/tasks", {k: v for k, v in body.items() if v is not None})
+        return self._json("POST", ep.TASKS, {k: v for k, v in body.items() if v is not None})
 
     def get_task(self, task_id: int) -> dict:
-        return self._json("GET", f"/api/v1/tasks/{task_id}")
+        return self._json("GET", ep.path(ep.TASK, task_id=task_id))
 
     def list_tasks(self, agent_id: int | None = None, state: str | None = None) -> list[dict]:
-        return self._list("/api/v1/tasks", {"agent_id": agent_id, "state": state})
+        return self._list(ep.TASKS, {"agent_id": agent_id, "state": state})
 
     def stop_task(self, task_id: int) -> dict:
-        return self._json("POST", f"/api/v1/tasks/{task_id}/stop")
+        return self._json("POST", ep.path(ep.TASK_STOP, task_id=task_id))
 
     def task_metrics(self, task_id: int) -> list[dict]:
-        return self._json("GET", f"/api/v1/tasks/{task_id}/metrics")["items"]
+        return self._json("GET", ep.path(ep.TASK_METRICS, task_id=task_id))["items"]
 
     def wait_task(self, task_id: int, states: Iterable[str] = FINAL_STATES, timeout: float = 60.0,
                   interval: float = 0.2) -> dict:
@@ -205,7 +184,7 @@ class UserClient:
 
     def get_logs(self, task_id: int, after: int = -1, limit: int = 1000) -> dict:
         """One page: {"lines": [...], "next": seq to pass as `after` for more, or null}."""
-        return self._json("GET", f"/api/v1/tasks/{task_id}/logs", params={"after": after, "limit": limit})
+        return self._json("GET", ep.path(ep.USER_TASK_LOGS, task_id=task_id), params={"after": after, "limit": limit})
 
     def iter_logs(self, task_id: int, follow: bool = True, after: int = -1, timeout: float | None = None) -> Iterator[dict]:
         """Every log line of the task in seq order. follow=True: live (server-sent events) until the task is final."""
@@ -217,7 +196,7 @@ class UserClient:
                     after = page["lines"][-1]["seq"]
                 if not page.get("next"):
                     return
-        r = self.request("GET", f"/api/v1/tasks/{task_id}/logs", params={"after": after, "follow": 1},
+        r = self.request("GET", ep.path(ep.USER_TASK_LOGS, task_id=task_id), params={"after": after, "follow": 1},
                          stream=True, timeout=(self.timeout, timeout))
         event = None
         with r:

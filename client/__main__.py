@@ -1,0 +1,4 @@
+"""`python -m client ...`: the CLI."""
+from client.cli import main
+
+raise SystemExit(main())

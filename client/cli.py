@@ -1,0 +1,329 @@
+"""Command-line client of the server's user API: `sly [--server URL] [--token T] ...`.
+
+Also runs as `python -m client` and `python -m server.cli`.
+
+    nodes add NAME [--types train,custom]      create a node; prints its token (once) and run commands
+    nodes list | nodes edit ID [--name N] [--types T,...] | nodes rotate ID | nodes delete ID
+    projects upload DIR [--name N] | projects list      (each sub-folder of DIR is a dataset; top files: ds0)
+    models upload DIR [--name N] | models list
+    tasks submit --node ID --type T [--image I --project ID --model ID --config JSON --gpus N --timeout S]
+    tasks list [--node ID] [--state S] | tasks logs ID [--follow] | tasks stop ID
+
+The server and admin token come from --server/--token or SLY_SERVER/SLY_ADMIN_TOKEN. Progress bars
+go to stderr when it is a terminal (or with --progress), results to stdout (`--json` prints the
+server's answers as JSON). It speaks only the user API, through client.UserClient.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+from client import upload
+from client.api import UserClient
+from protocol.errors import APIError
+from protocol.tasks import TASK_TYPES
+
+DEFAULT_SERVER = "http://127.0.0.1:8700"
+
+
+class TextBar:
+    """A one-line text progress bar on stderr, redrawn at most every 0.1 s (and once at the end).
+
+    Call it as an upload progress callback: bar(done, total, note).
+    """
+
+    def __init__(self, label: str, stream=sys.stderr, width: int = 30):
+        self.label, self.stream, self.width = label, stream, width
+        self.done, self.total, self._drawn = 0, 1, 0.0
+
+    def __call__(self, done: int, total: int, note: str = "") -> None:
+        self.done, self.total = done, max(total, 1)
+        now = time.monotonic()
+        if now - self._drawn >= 0.1 or self.done >= self.total:
+            self._drawn = now
+            self.draw(note)
+
+    def draw(self, note: str = "") -> None:
+        frac = self.done / self.total
+        fill = int(frac * self.width)
+        self.stream.write(f"\r{self.label} [{'#' * fill}{'.' * (self.width - fill)}] {frac:4.0%} "
+                          f"{human(self.done)}/{human(self.total)} {note[:40]:<40}")
+        self.stream.flush()
+
+    def close(self) -> None:
+        self.stream.write("\n")
+        self.stream.flush()
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def types_arg(s: str) -> list[str]:
+    types = [t.strip() for t in s.split(",") if t.strip()]
+    bad = [t for t in types if t not in TASK_TYPES]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown task type(s) {', '.join(bad)}; known: {', '.join(TASK_TYPES)}")
+    return types
+
+
+def table(rows: list[list], header: list[str]) -> str:
+    rows = [[("" if c is None else str(c)) for c in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([fmt.format(*header)] + [fmt.format(*r) for r in rows])
+
+
+def pct(x) -> str:
+    if isinstance(x, (int, float)):
+        return f"{x:.0f}%"
+    if isinstance(x, dict):
+        for k in ("percent", "usage_percent"):
+            if isinstance(x.get(k), (int, float)):
+                return f"{x[k]:.0f}%"
+        if x.get("total"):
+            return f"{100 * x.get('used', 0) / x['total']:.0f}%"
+    return "-"
+
+
+def fmt_ts(ts) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(ts)) if isinstance(ts, (int, float)) else str(ts or "")
+
+
+# --- commands: each takes (client, args) and returns an exit status ---
+
+def show_token(answer: dict) -> None:
+    print(f"node {answer['id']} {answer.get('name', '')}")
+    print(f"token: {answer['token']}   (shown only now)")
+    rc = answer.get("run_command")
+    for label, cmd in (rc.items() if isinstance(rc, dict) else [("run", rc)] if rc else []):
+        print(f"\n# {label}\n{cmd}")
+
+
+def nodes_add(c: UserClient, a) -> int:
+    answer = c.create_agent(a.name, a.types)
+    print(json.dumps(answer)) if a.json else show_token(answer)
+    return 0
+
+
+def nodes_list(c: UserClient, a) -> int:
+    agents = c.list_agents()
+    if a.json:
+        print(json.dumps(agents))
+        return 0
+    rows = []
+    for x in agents:
+        t = x.get("telemetry") or {}
+        running = x.get("running_tasks")
+        rows.append([x["id"], x["name"], x.get("status", "?"), fmt_ts(x.get("last_seen")) or "never",
+                     len(running) if isinstance(running, list) else (running or 0),
+                     pct(t.get("cpu")), pct(t.get("memory")), ",".join(x.get("allowed_task_types") or [])])
+    print(table(rows, ["ID", "NAME", "STATUS", "LAST SEEN", "RUNNING", "CPU", "MEM", "TYPES"]))
+    return 0
+
+
+def nodes_edit(c: UserClient, a) -> int:
+    if a.name is None and a.types is None:
+        raise SystemExit("error: nothing to change (give --name and/or --types)")
+    x = c.patch_agent(a.id, name=a.name, allowed_task_types=a.types)
+    print(json.dumps(x) if a.json else f"node {x['id']} {x['name']}: {','.join(x.get('allowed_task_types') or [])}")
+    return 0
+
+
+def nodes_rotate(c: UserClient, a) -> int:
+    answer = c.rotate_token(a.id)
+    print(json.dumps(answer)) if a.json else show_token(answer)
+    return 0
+
+
+def nodes_delete(c: UserClient, a) -> int:
+    c.delete_agent(a.id)
+    print(f"deleted node {a.id}")
+    return 0
+
+
+def upload_dir(c: UserClient, a, kind: str) -> int:
+    root = Path(a.dir).resolve()
+    name = a.name or root.name
+    bar = TextBar(f"{kind} {name}") if a.progress else None
+    try:
+        if kind == "project":
+            x = upload.upload_project(c, root, name, bar)
+        else:
+            x = upload.upload_model(c, root, name, bar)
+    finally:
+        if bar:
+            bar.close()
+    count = sum(len(d.get("items") or []) for d in x.get("datasets") or []) if kind == "project" \
+        else len(x.get("files") or [])
+    print(json.dumps(x) if a.json else f"{kind} {x['id']} {x.get('name', '')}: {count} files")
+    return 0
+
+
+def collection_list(c: UserClient, a, kind: str) -> int:
+    items = c.list_projects() if kind == "project" else c.list_models()
+    if a.json:
+        print(json.dumps(items))
+        return 0
+    if kind == "project":
+        rows = [[x["id"], x["name"], len(x.get("datasets") or []),
+                 sum(d.get("items_count", len(d.get("items") or [])) for d in x.get("datasets") or [])] for x in items]
+        print(table(rows, ["ID", "NAME", "DATASETS", "ITEMS"]))
+    else:
+        rows = [[x["id"], x["name"], x.get("files_count", len(x.get("files") or [])), human(x.get("size") or 0),
+                 (x.get("hash") or "")[:12]] for x in items]
+        print(table(rows, ["ID", "NAME", "FILES", "SIZE", "HASH"]))
+    return 0
+
+
+def tasks_submit(c: UserClient, a) -> int:
+    try:
+        config = json.loads(a.config) if a.config else None
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"error: --config is not JSON: {e}")
+    resources = {k: v for k, v in {"gpus": a.gpus, "cpus": a.cpus, "memory": a.memory, "shm_size": a.shm_size}.items()
+                 if v is not None} or None
+    t = c.create_task(a.node, a.type, a.image, command=a.command, config=config, project_id=a.project,
+                      model_id=a.model, resources=resources, timeout_s=a.timeout)
+    print(json.dumps(t) if a.json else f"task {t['id']} {t['state']}")
+    return 0
+
+
+def tasks_list(c: UserClient, a) -> int:
+    tasks = c.list_tasks(agent_id=a.node, state=a.state)
+    if a.json:
+        print(json.dumps(tasks))
+        return 0
+    rows = []
+    for t in tasks:
+        p = t.get("progress") or {}
+        rows.append([t["id"], t["state"], t["agent_id"], t["type"], t.get("image") or "",
+                     f"{p.get('current')}/{p.get('total')}" if p.get("total") else ""])
+    print(table(rows, ["ID", "STATE", "NODE", "TYPE", "IMAGE", "PROGRESS"]))
+    return 0
+
+
+def tasks_logs(c: UserClient, a) -> int:
+    for line in c.iter_logs(a.id, follow=a.follow):
+        if a.json:
+            print(json.dumps(line), flush=True)
+            continue
+        stream = line.get("stream", "stdout")
+        level = line.get("level", "info")
+        tag = ("" if stream == "stdout" else f"[{stream}] ") + ("" if level == "info" else f"{level.upper()}: ")
+        print(f"{fmt_ts(line.get('ts'))} {tag}{line.get('message', '')}", flush=True)
+    if not a.follow:
+        return 0
+    t = c.get_task(a.id)
+    extra = f" exit_code={t['exit_code']}" if t.get("exit_code") is not None else ""
+    print(f"task {a.id} {t['state']}{extra}" + (f": {t['error']}" if t.get("error") else ""), file=sys.stderr)
+    return 0 if t["state"] == "finished" else 1
+
+
+def tasks_stop(c: UserClient, a) -> int:
+    t = c.stop_task(a.id)
+    print(json.dumps(t) if a.json else f"task {a.id}: stop requested ({t.get('state', '')})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sly", description="Client of the sly-agent server's user API.")
+    p.add_argument("--server", default=os.environ.get("SLY_SERVER", DEFAULT_SERVER),
+                   help="server URL (env SLY_SERVER; default %(default)s)")
+    p.add_argument("--token", default=None, help="admin token (env SLY_ADMIN_TOKEN; prefer the env: argv is visible in ps)")
+    p.add_argument("--json", action="store_true", help="print the server's answers as JSON")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="show upload progress bars on stderr (default: when stderr is a terminal)")
+    top = p.add_subparsers(dest="group", required=True)
+
+    nodes = top.add_parser("nodes", help="agents (nodes)").add_subparsers(dest="cmd", required=True)
+    x = nodes.add_parser("add", help="create a node; prints its token once and the run commands")
+    x.add_argument("name")
+    x.add_argument("--types", type=types_arg, default=None, help="allowed task types, comma-separated (default: all)")
+    x.set_defaults(func=nodes_add)
+    nodes.add_parser("list", help="list nodes").set_defaults(func=nodes_list)
+    x = nodes.add_parser("edit", help="rename a node or change its allowed task types")
+    x.add_argument("id", type=int)
+    x.add_argument("--name")
+    x.add_argument("--types", type=types_arg, help="allowed task types, comma-separated ('' for none)")
+    x.set_defaults(func=nodes_edit)
+    x = nodes.add_parser("rotate", help="give a node a new token (the old one stops working)")
+    x.add_argument("id", type=int)
+    x.set_defaults(func=nodes_rotate)
+    x = nodes.add_parser("delete", help="remove a node")
+    x.add_argument("id", type=int)
+    x.set_defaults(func=nodes_delete)
+
+    for kind in ("project", "model"):
+        g = top.add_parser(kind + "s", help=kind + "s").add_subparsers(dest="cmd", required=True)
+        x = g.add_parser("upload", help=f"upload a folder as a {kind}")
+        x.add_argument("dir")
+        x.add_argument("--name", help="(default: the folder's name)")
+        x.set_defaults(func=lambda c, a, k=kind: upload_dir(c, a, k))
+        g.add_parser("list", help=f"list {kind}s").set_defaults(func=lambda c, a, k=kind: collection_list(c, a, k))
+
+    tasks = top.add_parser("tasks", help="tasks").add_subparsers(dest="cmd", required=True)
+    x = tasks.add_parser("submit", help="start a task on a node")
+    x.add_argument("--node", type=int, required=True, help="node (agent) id")
+    x.add_argument("--type", required=True, choices=TASK_TYPES)
+    x.add_argument("--image", help="docker image (not needed for cleanup)")
+    x.add_argument("--command", help="command, split as a shell would (default: the image's own)")
+    x.add_argument("--project", type=int, help="input project id")
+    x.add_argument("--model", type=int, help="input model id")
+    x.add_argument("--config", help="task config as JSON")
+    x.add_argument("--gpus", type=int)
+    x.add_argument("--cpus", type=float)
+    x.add_argument("--memory", help="memory limit, e.g. 2g")
+    x.add_argument("--shm-size", dest="shm_size", help="shared memory, e.g. 1g")
+    x.add_argument("--timeout", type=float, help="seconds")
+    x.set_defaults(func=tasks_submit)
+    x = tasks.add_parser("list", help="list tasks")
+    x.add_argument("--node", type=int)
+    x.add_argument("--state")
+    x.set_defaults(func=tasks_list)
+    x = tasks.add_parser("logs", help="print a task's log; --follow streams it until the task ends")
+    x.add_argument("id", type=int)
+    x.add_argument("--follow", "-f", action="store_true")
+    x.set_defaults(func=tasks_logs)
+    x = tasks.add_parser("stop", help="stop a task")
+    x.add_argument("id", type=int)
+    x.set_defaults(func=tasks_stop)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.progress is None:
+        args.progress = sys.stderr.isatty()
+    token = args.token or os.environ.get("SLY_ADMIN_TOKEN")
+    if not token:
+        print("error: no admin token (give --token or set SLY_ADMIN_TOKEN)", file=sys.stderr)
+        return 2
+    client = UserClient(args.server, token)
+    try:
+        return args.func(client, args)
+    except APIError as e:
+        print(f"error: {e.status} {e.code}: {e.detail}", file=sys.stderr)
+        return 1
+    except upload.NotAFolder as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except requests.ConnectionError:
+        print(f"error: no answer from {args.server}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,1 +1,0 @@
-"""Tools for the one-command demo and for tests: local task images, sample data."""
