@@ -31,11 +31,16 @@ def container_running(config: Config, task_id: int) -> bool:
         return False
 
 
-def reap_orphans(config: Config, keep_task_ids: list[int]) -> list[str]:
-    """Remove this agent's labelled containers whose task is not in `keep_task_ids`; their names."""
+def reap_orphans(config: Config, keep_task_ids: list[int]) -> None:
+    """Remove this agent's labelled containers whose task is not in `keep_task_ids`.
+
+    Returns None: the supervisor runs it as a job, where a returned value is a callback."""
     try:
         from workers.docker_task import reap_orphan_containers
-        return reap_orphan_containers(config, keep_task_ids)
+        removed = reap_orphan_containers(config, keep_task_ids)
     except Exception as e:  # noqa: BLE001 - no SDK or no engine: nothing to reap
         log.warning("could not reap orphan containers: %s", e)
-        return []
+        return None
+    if removed:
+        log.info("removed %d orphan containers: %s", len(removed), ", ".join(removed))
+    return None
