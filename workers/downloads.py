@@ -16,6 +16,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 
+from protocol.backoff import backoff_delay
 from protocol.errors import APIError
 from workers import cache
 from workers.errors import StopRequested, TaskError
@@ -216,7 +217,7 @@ class Downloader:
                     failures += 1
                     if failures >= BLOB_TRIES + 2:
                         raise TaskError(f"download of {job.label} (blob {sha[:12]}) failed: {e}") from None
-                    time.sleep(0.2 * failures)
+                    time.sleep(backoff_delay(failures, base=0.2, cap=2.0))
                     continue                # the .part is kept: the next try resumes with Range
                 if digest == sha:
                     break

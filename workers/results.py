@@ -14,6 +14,7 @@ from pathlib import Path
 from watchdog.events import FileSystemEventHandler
 from watchdog.observers import Observer
 
+from protocol.backoff import backoff_delay
 from protocol.errors import APIError
 from workers.errors import TaskError
 
@@ -82,7 +83,7 @@ def upload_blob(api, path: Path) -> dict:
             return {"sha256": sha, "size": size}
         except APIError as e:
             last = e
-            time.sleep(0.2 * 2 ** attempt)
+            time.sleep(backoff_delay(attempt + 1, base=0.2, cap=5.0))
     raise TaskError(f"upload of {path.name} failed after {UPLOAD_TRIES} tries: {last}")
 
 
