@@ -1,2 +1,2 @@
 """sly-agent: the node agent (supervisor process tree)."""
-__version__ = "0.1.0"
+from node import __version__  # noqa: F401 - one version for the agent and its workers

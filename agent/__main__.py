@@ -39,8 +39,9 @@ def main() -> int:
 
 
 def _main() -> int:
-    from agent.api import AgentAPI, APIError, AuthError
-    from agent.config import ConfigError, load_config
+    from node.api import AgentAPI
+    from protocol.errors import APIError, AuthError
+    from node.config import ConfigError, load_config
     from agent.proctitle import set_title
 
     set_title("supervisor")
@@ -50,9 +51,9 @@ def _main() -> int:
     except ConfigError as e:
         return fail(EXIT_CONFIG, f"config error: {e}")
 
-    from agent import storage
+    from node import storage
     from agent.agentlog import open_stderr, setup_logging
-    from agent.masking import Masker
+    from node.masking import Masker
     try:
         storage.ensure_layout(config)
         storage.wipe_tmp(config)

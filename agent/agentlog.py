@@ -15,8 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-from agent.config import Config
-from agent.masking import Masker
+from node.config import Config
+from node.masking import Masker
 
 FORMAT = "%(asctime)s %(levelname)s %(processName)s[%(process)d] %(name)s: %(message)s"
 

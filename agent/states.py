@@ -1,10 +1,11 @@
 """Agent-side states and their checked transitions (standard library only).
 
-Three machines:
+Two machines:
 - `ChildState`: a long-lived helper process (telemetry, log-shipper) as the supervisor sees it.
 - `SlotState`: one task as the supervisor sees it (its task process, its slot and GPUs).
-- `TaskState`: the task's state as the task process reports it to the server (DESIGN.md).
 Every transition names its allowed source states here; `change_state()` refuses the rest.
+The task's own state, as the task process reports it to the server, is `protocol.states.TaskState`
+with its edges checked by `protocol.states.check_transition`.
 """
 from __future__ import annotations
 
@@ -66,45 +67,8 @@ SLOT_EDGES: dict[SlotState, frozenset[SlotState]] = {
 }
 
 
-class TaskState(enum.Enum):
-    ASSIGNED = "assigned"
-    PREPARING = "preparing"
-    RUNNING = "running"
-    UPLOADING = "uploading"
-    FINISHED = "finished"
-    FAILED = "failed"
-    STOPPED = "stopped"
-
-    @property
-    def final(self) -> bool:
-        return self in (TaskState.FINISHED, TaskState.FAILED, TaskState.STOPPED)
-
-
-_ACTIVE = frozenset({TaskState.ASSIGNED, TaskState.PREPARING, TaskState.RUNNING, TaskState.UPLOADING})
-# The same edges as the server's (server/states.py); an agent never reports ASSIGNED itself.
-TASK_EDGES: dict[TaskState, frozenset[TaskState]] = {
-    # ASSIGNED -> PREPARING: the handler starts downloads / image checks
-    TaskState.PREPARING: frozenset({TaskState.ASSIGNED}),
-    # PREPARING -> RUNNING: container started; ASSIGNED -> RUNNING: adopted, or nothing to prepare
-    TaskState.RUNNING: frozenset({TaskState.ASSIGNED, TaskState.PREPARING}),
-    # RUNNING -> UPLOADING: container exited 0, results go up
-    TaskState.UPLOADING: frozenset({TaskState.RUNNING}),
-    # RUNNING/UPLOADING -> FINISHED: done (the task process enters RUNNING first if it has not)
-    TaskState.FINISHED: frozenset({TaskState.RUNNING, TaskState.UPLOADING}),
-    # any active -> FAILED/STOPPED: the handler's outcome, or a dead task process
-    TaskState.FAILED: _ACTIVE,
-    TaskState.STOPPED: _ACTIVE,
-}
-
-
-# Entering the state one is in: a no-op (the server takes it as a progress update).
-SAME_STATE_OK = frozenset({TaskState.PREPARING, TaskState.RUNNING, TaskState.UPLOADING})
-
-
 def change_state(current: enum.Enum, new: enum.Enum, edges: dict) -> enum.Enum:
     """Return `new` if the machine allows current -> new, else raise TransitionError."""
-    if current is new and new in SAME_STATE_OK:
-        return new
     allowed = edges.get(new, frozenset())
     if current not in allowed:
         raise TransitionError(f"{type(current).__name__}: {current.value} -> {new.value} is not allowed")

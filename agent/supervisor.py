@@ -19,14 +19,16 @@ import signal
 import threading
 import time
 
-from agent import tasklog
-from agent.config import Config, ConfigError, load_config
+import workers
 from agent.gpus import gpu_pool
 from agent.log_shipper import LogShipper, Nudges
 from agent.proctitle import set_title
 from agent.states import CHILD_EDGES, SLOT_EDGES, ChildState, SlotState, change_state
 from agent.task_process import HANDLER_ENV, TaskProcess, run_task_process
 from agent.telemetry import Telemetry
+from node import tasklog
+from node.config import Config, ConfigError, load_config
+from workers import engine
 
 log = logging.getLogger("agent.supervisor")
 MP = multiprocessing.get_context("fork")
@@ -37,7 +39,6 @@ START_GRACE_S = 1.0       # a helper alive this long is RUNNING
 MAX_RESPAWNS = 3          # task processes re-spawned to re-attach to one task's container
 STOP_KILL_AFTER_S = 15.0
 DISK_CHECK_S = 5.0        # how often the free-disk guard looks
-TASK_TYPES = ("train", "inference", "custom", "cleanup")  # after stop_grace_s: task processes still alive are killed
 
 
 class RestartPolicy:
@@ -157,7 +158,8 @@ class Supervisor:
         the children use. A module imported for the first time by a thread while the main thread
         forks leaves its import lock taken in the child, which then hangs on that import."""
         import importlib
-        names = ["workers.docker_task"] + [f"workers.{t}" for t in TASK_TYPES]
+        workers.preload()
+        names = []
         spec = os.environ.get(HANDLER_ENV)
         if spec:
             names.append(spec.partition(":")[0])
@@ -378,17 +380,16 @@ class Supervisor:
         self._jobs.put(lambda: self._disk_job(config, idle))
 
     def _disk_job(self, config: Config, evict: bool):
-        from workers import cache
-        status = cache.disk_status(config)
+        status = engine.disk_status(config)
         if not status["ok"] and evict:
             try:
-                freed = cache.ensure_space(config)
+                freed = engine.ensure_space(config)
                 if freed.get("evicted"):
                     log.warning("disk short: evicted %s cache entries (%.0f MB)", freed["evicted"],
                                 freed.get("freed_bytes", 0) / 2**20)
-            except cache.DiskError:
+            except engine.DiskError:
                 pass
-            status = cache.disk_status(config)
+            status = engine.disk_status(config)
         return lambda: self._set_disk(status)
 
     def _set_disk(self, status: dict) -> None:
@@ -444,7 +445,7 @@ class Supervisor:
             self.stop_task(slot)
         if first:
             keep = [int(t["id"]) for t in answer.get("tasks") or []]
-            self._jobs.put(lambda: reap_orphans(self.config, keep))
+            self._jobs.put(lambda: engine.reap_orphans(self.config, keep))
 
     def admit_pending(self) -> None:
         if self.stopping:
@@ -517,7 +518,7 @@ class Supervisor:
                 continue
             reason = f"task process {describe_exit(code)}"
             log.warning("task %s: %s", slot.task_id, reason)
-            if slot.spawns <= MAX_RESPAWNS and slot.type != "cleanup" and container_running(self.config, slot.task_id):
+            if slot.spawns <= MAX_RESPAWNS and slot.type != "cleanup" and engine.container_running(self.config, slot.task_id):
                 log.info("task %s: its container still runs; a new task process re-attaches", slot.task_id)
                 slot.adopt = True
                 self.spawn_task(slot)
@@ -536,7 +537,7 @@ class Supervisor:
             self._jobs.put(lambda slot=slot: self._report_final(slot))
 
     def _report_final(self, slot: Slot):
-        from agent.api import APIError
+        from protocol.errors import APIError
         state, error = slot.final
         failures = 0
         while not self._threads_stop.is_set():
@@ -602,7 +603,7 @@ class Supervisor:
             pass
 
     def _poll_loop(self) -> None:
-        from agent.api import APIError, AuthError
+        from protocol.errors import APIError, AuthError
         failures = 0
         while not self._threads_stop.is_set():
             with self._snapshot_lock:
@@ -649,30 +650,3 @@ def describe_exit(code: int) -> str:
         except ValueError:
             return f"killed by signal {-code}"
     return f"exited with code {code}"
-
-
-def container_running(config: Config, task_id: int) -> bool:
-    """Is this agent's container of the task running? No Docker: no."""
-    try:
-        from workers.container import docker_client, find_container
-        client = docker_client(timeout=5)
-        try:
-            container = find_container(client, task_id, config.identity)
-            return container is not None and container.status == "running"
-        finally:
-            client.close()
-    except Exception:  # noqa: BLE001 - no SDK, no engine, no container
-        return False
-
-
-def reap_orphans(config: Config, keep_task_ids: list[int]) -> None:
-    """Remove labelled containers of tasks the server did not hand back (workers.docker_task)."""
-    try:
-        from workers.docker_task import reap_orphan_containers
-    except Exception:  # noqa: BLE001 - not written yet / no Docker SDK
-        return None
-    try:
-        reap_orphan_containers(config, keep_task_ids)
-    except Exception as e:  # noqa: BLE001
-        log.warning("could not reap orphan containers: %s", e)
-    return None

@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-import random
 import re
 import select
 import sys
@@ -19,12 +18,15 @@ import threading
 import time
 import traceback
 
-from agent import tasklog
 from agent.child import ChildBase
-from agent.config import Config
-from agent.masking import Masker
 from agent.proctitle import set_title, task_title
-from agent.states import TASK_EDGES, TaskState, change_state
+from node import tasklog
+from node.api import AgentAPI
+from node.config import Config
+from node.masking import Masker
+from protocol.backoff import backoff_delay
+from protocol.errors import APIError
+from protocol.states import AGENT_REPORTABLE, LEASED, TaskState, check_transition
 from workers.base import Outcome, TaskContext
 
 log = logging.getLogger("agent.task")
@@ -35,6 +37,8 @@ PROGRESS_MIN_INTERVAL_S = 0.5         # at most 2 progress posts a second, alway
 ACK_POLL_MIN_S = 0.002                # finish(): the cursor is polled every 2 ms for 0.1 s, then
 ACK_POLL_FAST_S = 0.1                 # backing off to 50 ms
 ACK_POLL_MAX_S = 0.05
+# What a handler may end with (LOST is the server's to set).
+FINAL_STATES = (TaskState.FINISHED.value, TaskState.FAILED.value, TaskState.STOPPED.value)
 
 
 def resolve_handler(task_type: str):
@@ -99,7 +103,6 @@ class StateReporter(threading.Thread):
         return None, 1.0
 
     def run(self) -> None:
-        from agent.api import APIError
         failures = 0
         while self.alive():
             with self.cond:
@@ -134,7 +137,7 @@ class StateReporter(threading.Thread):
                 self.cond.notify_all()
             if not ok:
                 failures += 1
-                time.sleep(min(5.0, 0.2 * 2 ** failures) * random.uniform(0.5, 1.5))
+                time.sleep(backoff_delay(failures, base=0.4, cap=5.0))
 
 
 class AgentTaskContext(TaskContext):
@@ -148,8 +151,8 @@ class AgentTaskContext(TaskContext):
         self.stop_event = stop_event
         self.adopt = proc.adopt
         self._proc = proc
-        self._state = TaskState(proc.task.get("state")) if proc.adopt and proc.task.get("state") in \
-            {s.value for s in TaskState if not s.final} else TaskState.ASSIGNED
+        self._state = TaskState(proc.task["state"]) if proc.adopt and proc.task.get("state") in \
+            {s.value for s in LEASED} else TaskState.ASSIGNED
 
     def emit(self, lines: list[dict]) -> None:
         self._proc.writer.write(lines)
@@ -159,8 +162,11 @@ class AgentTaskContext(TaskContext):
         new = TaskState(phase)
         if new.final:
             raise ValueError(f"{phase} is a final state: return it as the handler's Outcome")
+        if new not in AGENT_REPORTABLE:
+            raise ValueError(f"{phase} is not a state an agent reports")
         same = new is self._state
-        self._state = change_state(self._state, new, TASK_EDGES)
+        check_transition(self._state, new)
+        self._state = new
         self._proc.set_phase_title(phase)
         if not same:
             self._proc.reporter.put_phase(phase)
@@ -234,7 +240,6 @@ class TaskProcess(ChildBase):
         self.writer = tasklog.TaskLogWriter(self.config, self.task_id, masker)
         tasklog.register_active(self.config, self.task_id)
         self.nudge(force=True)
-        from agent.api import AgentAPI
         api = AgentAPI(self.config.server_address, self.config.access_token, retries=1)
         self.reporter = StateReporter(api, self.task_id, self.parent_alive)
         self.reporter.start()
@@ -252,8 +257,9 @@ class TaskProcess(ChildBase):
             log.error("task %s: handler raised %s: %s", self.task_id, type(e).__name__, e)
             ctx.log(f"handler raised {type(e).__name__}: {e}\n{tb}", level="error")
             return Outcome("failed", error=f"handler raised {type(e).__name__}: {e}")
-        if not isinstance(outcome, Outcome) or outcome.state not in ("finished", "failed", "stopped"):
+        if not isinstance(outcome, Outcome) or getattr(outcome.state, "value", outcome.state) not in FINAL_STATES:
             return Outcome("failed", error=f"handler returned {outcome!r}, not an Outcome")
+        outcome.state = getattr(outcome.state, "value", outcome.state)
         return outcome
 
     def wait_acked(self, last: int) -> None:
@@ -275,11 +281,10 @@ class TaskProcess(ChildBase):
 
     def finish(self, api, ctx: AgentTaskContext, outcome: Outcome) -> None:
         """Final state after every log line is acked; then the closed marker."""
-        from agent.api import APIError
         if outcome.error:
             outcome.error = self.writer.masker(str(outcome.error))   # the error is sent too
-        if outcome.state == "finished" and ctx.state in (TaskState.ASSIGNED, TaskState.PREPARING):
-            ctx.set_phase("running")    # the server finishes only a task that ran
+        if outcome.state == TaskState.FINISHED and ctx.state in (TaskState.ASSIGNED, TaskState.PREPARING):
+            ctx.set_phase(TaskState.RUNNING.value)    # the server finishes only a task that ran
         self.set_phase_title("finishing")
         ctx.log(f"task {outcome.state}" + (f": {outcome.error}" if outcome.error else ""),
                 level="info" if outcome.state == "finished" else "warning")
@@ -303,7 +308,7 @@ class TaskProcess(ChildBase):
                 failures += 1
                 if not self.parent_alive():
                     os._exit(EXIT_ORPHANED)
-                time.sleep(min(5.0, 0.2 * 2 ** failures) * random.uniform(0.5, 1.5))
+                time.sleep(backoff_delay(failures, base=0.4, cap=5.0))
         tasklog.mark_closed(self.config, self.task_id, outcome.state)
         log.info("task %s: %s", self.task_id, outcome.state)
 

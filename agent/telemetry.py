@@ -9,9 +9,9 @@ import time
 
 import psutil
 
-from agent import __version__
+from node import __version__
 from agent.child import ChildBase
-from agent.config import Config
+from node.config import Config
 from agent.gpus import list_gpus
 
 log = logging.getLogger("agent.telemetry")
@@ -99,7 +99,7 @@ class Telemetry(ChildBase):
 
     def run(self) -> None:
         self.start_in_child()
-        from agent.api import AgentAPI
+        from node.api import AgentAPI
         api = AgentAPI(self.config.server_address, self.config.access_token, timeout=10, retries=1)
         psutil.cpu_percent(percpu=True)   # the first call only primes the counters
         failing = False

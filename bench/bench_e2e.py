@@ -33,8 +33,8 @@ import requests
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from agent.api import AgentAPI  # noqa: E402
-from agent.config import Config  # noqa: E402
+from node.api import AgentAPI  # noqa: E402
+from node.config import Config  # noqa: E402
 from client import UserClient  # noqa: E402
 from tools.images import ensure_busybox_image  # noqa: E402
 from tests.support.server import ServerProcess  # noqa: E402

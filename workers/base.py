@@ -14,9 +14,11 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from protocol.tasks import AGENT
+
 if TYPE_CHECKING:  # pragma: no cover
-    from agent.api import AgentAPI
-    from agent.config import Config
+    from node.api import AgentAPI
+    from node.config import Config
 
 
 @dataclasses.dataclass
@@ -58,7 +60,7 @@ class TaskContext(abc.ABC):
     def log(self, message: str, level: str = "info", **extra) -> None:
         """One line of what the agent itself says about the task (stream "agent")."""
         import time
-        self.emit([{"ts": time.time(), "level": level, "stream": "agent", "message": message, **extra}])
+        self.emit([{"ts": time.time(), "level": level, "stream": AGENT, "message": message, **extra}])
 
     def before_final(self, fn) -> None:
         """`fn()` must have returned before the task's final state is reported (e.g. the join of

@@ -14,8 +14,8 @@ import re
 import shutil
 from pathlib import Path
 
-from agent.config import Config
-from agent.storage import remove_path
+from node.config import Config
+from node.storage import remove_path
 
 SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 MB = 1024 * 1024

@@ -4,7 +4,7 @@
     running:   stream the output, upload checkpoints; stop, deadline, exit code, OOM
     uploading: the type's result (workers.<type> says what and how)
 
-and `reap_orphan_containers()`, which the supervisor calls after its first poll.
+and `reap_orphan_containers()`, which the supervisor calls after its first poll (through workers.engine).
 """
 from __future__ import annotations
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import os
 import shutil
 import threading
@@ -17,13 +16,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 
-import requests
-
+from protocol.backoff import backoff_delay
+from protocol.errors import APIError
 from workers import cache
 from workers.errors import StopRequested, TaskError
 
 BLOB_TRIES = 3
-CHUNK = 1 << 20
 PROGRESS_EVERY_S = 1.0
 
 
@@ -215,11 +213,11 @@ class Downloader:
                     raise StopRequested()
                 try:
                     digest = self._download(sha, part, job.size)
-                except (requests.RequestException, OSError, TaskError) as e:
+                except (APIError, OSError) as e:
                     failures += 1
                     if failures >= BLOB_TRIES + 2:
                         raise TaskError(f"download of {job.label} (blob {sha[:12]}) failed: {e}") from None
-                    time.sleep(0.2 * failures)
+                    time.sleep(backoff_delay(failures, base=0.2, cap=2.0))
                     continue                # the .part is kept: the next try resumes with Range
                 if digest == sha:
                     break
@@ -243,32 +241,15 @@ class Downloader:
 
     def _download(self, sha: str, part: Path, size: int) -> str:
         """GET the blob into `part` (resuming what is there with Range); returns the file's sha256."""
-        h = hashlib.sha256()
-        have = part.stat().st_size if part.exists() else 0
-        if have:
-            with open(part, "rb") as f:       # what an interrupted try left: hash it, then resume
-                while b := f.read(CHUNK):
-                    h.update(b)
-            if have >= size:
-                return h.hexdigest()          # complete (or too long: the caller starts over)
-        headers = {"Range": f"bytes={have}-"} if have else {}
-        api = self.ctx.api
-        r = api.session.get(f"{api.base}/agent/v1/blobs/{sha}", headers=headers, stream=True, timeout=60)
-        with r:
-            if r.status_code == 416:        # cannot resume: start over
+        def count(n: int) -> None:
+            with self.lock:
+                self.done_bytes += n
+        try:
+            return self.ctx.api.get_blob(sha, part, size=size, on_bytes=count)
+        except APIError as e:
+            if e.status == 416:             # cannot resume: start over
                 part.unlink(missing_ok=True)
-                raise TaskError(f"GET blob {sha[:12]}: range not satisfiable")
-            if r.status_code not in (200, 206):
-                raise TaskError(f"GET blob {sha[:12]}: HTTP {r.status_code} {r.text[:200]}")
-            if r.status_code == 200 and have:
-                h = hashlib.sha256()          # the server sent it all again
-            with open(part, "ab" if r.status_code == 206 else "wb") as f:
-                for chunk in r.iter_content(CHUNK):
-                    f.write(chunk)
-                    h.update(chunk)
-                    with self.lock:
-                        self.done_bytes += len(chunk)
-        return h.hexdigest()
+            raise
 
 
 def _stat(path: Path):

@@ -15,10 +15,12 @@ import json
 import struct
 import time
 
-MAX_LINE = 64 * 1024
-SPLIT_MARKER = " [line split: continues in the next line]"
-RESERVED = frozenset({"ts", "cts", "stream", "seq"})   # set by the agent; a container's own are renamed
-STREAMS = {1: "stdout", 2: "stderr"}
+from protocol.logline import MAX_LINE, RESERVED, SPLIT_MARKER, container_stream
+from protocol.tasks import STDERR, STDOUT
+
+# The engine's stream numbers. A container's line gets one of these two and nothing else: its own
+# "stream" field is renamed (RESERVED), so container output never claims the agent's stream.
+STREAMS = {1: STDOUT, 2: STDERR}
 LEVELS = {"debug": "debug", "trace": "debug", "info": "info", "notice": "info", "warn": "warning",
           "warning": "warning", "error": "error", "err": "error", "critical": "error", "fatal": "error",
           "exception": "error"}
@@ -158,7 +160,7 @@ class FrameDecoder:
         for e in entries:
             if type(e) is not dict:
                 continue
-            stream = 2 if e.get("stream") == "stderr" else 1
+            stream = 2 if container_stream(e.get("stream")) == STDERR else 1
             cts = parse_ts(e["time"])
             log = e.get("log", "")
             if (type(log) is str and log.endswith("\n") and cts > skip[stream] and not pending[stream]
@@ -186,7 +188,7 @@ class FrameDecoder:
                 e = loads(raw)
             except ValueError:
                 continue
-            take(2 if e.get("stream") == "stderr" else 1, parse_ts(e["time"].encode()),
+            take(2 if container_stream(e.get("stream")) == STDERR else 1, parse_ts(e["time"].encode()),
                  e.get("log", "").encode("utf-8", "replace"), out)
 
     def take(self, stream: int, cts: int, body: bytes, out: list) -> None:

@@ -14,7 +14,8 @@ from pathlib import Path
 from watchdog.events import FileSystemEventHandler
 from watchdog.observers import Observer
 
-from agent.api import APIError
+from protocol.backoff import backoff_delay
+from protocol.errors import APIError
 from workers.errors import TaskError
 
 UPLOAD_TRIES = 4
@@ -78,13 +79,11 @@ def upload_blob(api, path: Path) -> dict:
     for attempt in range(UPLOAD_TRIES):
         try:
             if not api.blob_exists(sha):
-                with open(path, "rb") as f:
-                    api.request("PUT", f"/agent/v1/blobs/{sha}", data=f, timeout=max(api.timeout, 600),
-                                headers={"content-type": "application/octet-stream"}, expect=(200, 201, 204))
+                api.put_blob(sha, path)
             return {"sha256": sha, "size": size}
         except APIError as e:
             last = e
-            time.sleep(0.2 * 2 ** attempt)
+            time.sleep(backoff_delay(attempt + 1, base=0.2, cap=5.0))
     raise TaskError(f"upload of {path.name} failed after {UPLOAD_TRIES} tries: {last}")
 
 

@@ -77,3 +77,38 @@ def secret_logger(ctx) -> Outcome:
     ctx.emit([{"ts": time.time(), "level": "info", "stream": "stdout", "message": f"token is {ctx.config.access_token}"},
               {"ts": time.time(), "level": "info", "stream": "stdout", "message": "db password=hunter2 connected"}])
     return Outcome("finished", exit_code=0)
+
+
+# Lines that are not log lines, appended straight to the task's durable log between its own lines.
+GARBAGE = (b"garbage-without-seq", b'{"seq":', b'{"seq":"3"}', b'{"seq":1x}', b"\xff\xfe not utf-8",
+           b'{"seq":999999,"message":"a seq from nowhere"}', b'{"seq":0,"message":"a repeated seq"}')
+
+
+def garbler(ctx) -> Outcome:
+    """Like `counter` (config: lines, rate), but after every `every`-th line it appends a line that is
+    not a log line to its own durable log, and halfway it emits an empty line dict (`emit([{}])`)."""
+    from node import tasklog
+    cfg = ctx.task.get("config") or {}
+    n, rate, every = int(cfg.get("lines", 40)), float(cfg.get("rate", 50)), int(cfg.get("every", 3))
+    path = tasklog.find_log_file(ctx.config, ctx.task_id)
+    ctx.set_phase("running")
+    bad = 0
+    for i in range(n):
+        ctx.emit([{"ts": time.time(), "level": "info", "stream": "stdout", "message": f"line {i}", "cts": i}])
+        if i % every == every - 1:
+            with open(path, "ab") as f:          # O_APPEND, one write: lands between two whole lines
+                f.write(GARBAGE[bad % len(GARBAGE)] + b"\n")
+            bad += 1
+        if i == n // 2:
+            ctx.emit([{}])
+        if rate > 0:
+            ctx.stop_event.wait(1 / rate)
+    ctx.log(f"appended {bad} bad lines")
+    return Outcome("finished", exit_code=0)
+
+
+def dispatch(ctx) -> Outcome:
+    """Runs the handler of this module that the task's config names (`handler`), so that tasks of one
+    agent can run different placeholders."""
+    name = (ctx.task.get("config") or {}).get("handler", "counter")
+    return globals()[name](ctx)

@@ -45,8 +45,8 @@ def test_agent_log_survives_children_killed_mid_record(tmp_path):
     """Children killed with SIGKILL while logging never stop the others: every later child logs and exits."""
     r = run_py(CHATTY_ROUNDS + f"""
 from agent.agentlog import setup_logging
-from agent.config import load_config
-from agent.masking import Masker
+from node.config import load_config
+from node.masking import Masker
 c = load_config({{"SERVER_ADDRESS": "http://x", "ACCESS_TOKEN": "A" * 32, "AGENT_HOST_DIR": {str(tmp_path)!r}}})
 path = setup_logging(c, Masker(c.access_token))
 hung = rounds(20)
@@ -99,8 +99,8 @@ def test_fork_while_threads_log_never_hangs_a_child(tmp_path):
     """The supervisor forks while its threads log: with the agent's logging no child hangs."""
     r = run_py(FORK_WHILE_THREADS_LOG + f"""
 from agent.agentlog import setup_logging
-from agent.config import load_config
-from agent.masking import Masker
+from node.config import load_config
+from node.masking import Masker
 c = load_config({{"SERVER_ADDRESS": "http://x", "ACCESS_TOKEN": "A" * 32, "AGENT_HOST_DIR": {str(tmp_path)!r}}})
 setup_logging(c, Masker(c.access_token))
 print("hung", fork_many(300, 10))

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from agent.config import load_config
+from node.config import load_config
 from agent.states import SlotState
-from agent.storage import ensure_layout
+from node.storage import ensure_layout
 from agent.supervisor import Supervisor
 
 
@@ -70,8 +70,8 @@ def test_draining_reports_no_free_slot_and_dedups_tasks(sup):
 
 
 def test_adopts_a_task_with_a_durable_log(sup):
-    from agent import tasklog
-    from agent.masking import Masker
+    from node import tasklog
+    from node.masking import Masker
     w = tasklog.TaskLogWriter(sup.config, 11, Masker("B" * 32))
     w.write([{"ts": 1.0, "level": "info", "stream": "stdout", "message": "before the restart"}])
     w.close()

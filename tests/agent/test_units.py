@@ -8,15 +8,14 @@ import types
 
 import pytest
 
-from agent import tasklog
 from agent.agentlog import MaskingFormatter
-from agent.config import load_config
 from agent.gpus import gpu_pool, list_gpus
-from agent.masking import Masker
-from agent.states import (CHILD_EDGES, SLOT_EDGES, TASK_EDGES, ChildState, SlotState, TaskState, TransitionError,
-                          change_state)
-from agent.storage import ensure_layout, wipe_tmp
+from agent.states import CHILD_EDGES, SLOT_EDGES, ChildState, SlotState, TransitionError, change_state
 from agent.supervisor import RestartPolicy, describe_exit
+from node import tasklog
+from node.config import load_config
+from node.masking import Masker
+from node.storage import ensure_layout, wipe_tmp
 
 TOKEN = "Tok3nTok3nTok3nTok3nTok3nTok3n12"
 
@@ -29,27 +28,6 @@ def config(tmp_path):
 
 
 # --- states ---
-def test_task_edges_follow_the_server():
-    s = change_state(TaskState.ASSIGNED, TaskState.PREPARING, TASK_EDGES)
-    s = change_state(s, TaskState.RUNNING, TASK_EDGES)
-    s = change_state(s, TaskState.RUNNING, TASK_EDGES)          # same state: a progress update
-    s = change_state(s, TaskState.UPLOADING, TASK_EDGES)
-    assert change_state(s, TaskState.FINISHED, TASK_EDGES) is TaskState.FINISHED
-    with pytest.raises(TransitionError):
-        change_state(TaskState.RUNNING, TaskState.PREPARING, TASK_EDGES)
-    with pytest.raises(TransitionError):
-        change_state(TaskState.ASSIGNED, TaskState.FINISHED, TASK_EDGES)
-    with pytest.raises(TransitionError):
-        change_state(TaskState.FINISHED, TaskState.FAILED, TASK_EDGES)
-
-
-def test_task_edges_match_server_states():
-    from protocol.states import EDGES as ALLOWED_SOURCES, TaskState as ServerState
-    for new, sources in TASK_EDGES.items():
-        allowed = {s.value for s in ALLOWED_SOURCES[ServerState(new.value)]}
-        assert {s.value for s in sources} <= allowed, new
-
-
 def test_child_and_slot_edges():
     s = change_state(ChildState.STOPPED, ChildState.STARTING, CHILD_EDGES)
     s = change_state(s, ChildState.RUNNING, CHILD_EDGES)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import SETTINGS, markdown_table
+from node.config import SETTINGS, markdown_table
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
@@ -29,7 +29,7 @@ def _inside(base: Path, target: str) -> Path | None:
 def test_every_setting_is_in_the_readme_table():
     missing = [s.env for s in SETTINGS if f"| `{s.env}` |" not in README]
     assert not missing, f"README's configuration table lacks {missing}"
-    assert markdown_table() in README, "regenerate README's table: python -m agent.config"
+    assert markdown_table() in README, "regenerate README's table: python -m node.config"
 
 
 def test_first_screen_has_the_two_commands_and_ci_runs_the_second():

@@ -7,8 +7,8 @@ import tarfile
 
 import pytest
 
-from agent.api import AgentAPI
-from agent.config import Config
+from node.api import AgentAPI
+from node.config import Config
 from client import UserClient
 from tests.workers.ctx import TestContext
 

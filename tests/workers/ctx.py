@@ -1,11 +1,11 @@
 """A TaskContext for testing the handlers directly: lines go into a list, phases and progress
-go to the real server through agent.api.AgentAPI with a real agent token."""
+go to the real server through node.api.AgentAPI with a real agent token."""
 from __future__ import annotations
 
 import threading
 
-from agent.api import AgentAPI
-from agent.config import Config
+from node.api import AgentAPI
+from node.config import Config
 from workers.base import TaskContext
 
 

@@ -5,7 +5,7 @@ import os
 import shutil
 from pathlib import Path
 
-from agent.config import Config
+from node.config import Config
 
 
 def ensure_layout(config: Config) -> None:

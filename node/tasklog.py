@@ -1,7 +1,7 @@
 """The durable per-task log: its file format, its writer (task process) and its cursors (log-shipper).
 
 `tasks/<id>/logs/log_<ts>.txt` holds one JSON object per line, `{"seq": n, "ts", "level", "stream",
-"message", ...}`, seqs 0, 1, 2... with no gap (as the server counts). Exactly one task process writes a task's file at a
+"message", ...}` (encoded and read as `protocol.logline` says), seqs 0, 1, 2... with no gap (as the server counts). Exactly one task process writes a task's file at a
 time; a re-spawned one appends to the same file and continues the seqs. A line is complete only
 with its newline: a writer killed mid-line leaves a partial tail, which the next writer cuts off
 (the shipper never reads past the last newline, so that line was never sent).
@@ -19,31 +19,12 @@ import threading
 import time
 from pathlib import Path
 
-from agent.config import Config
-from agent.masking import Masker
-from agent.storage import log_state_dir, task_logs_dir
+from node.config import Config
+from node.masking import Masker
+from node.storage import log_state_dir, task_logs_dir
+from protocol import logline
 
-_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str).encode
-_json_str = getattr(json.encoder, "c_encode_basestring", None) or json.encoder.py_encode_basestring
-# The usual line of a container's output (workers/logparse.py); encoded by hand, the same text as _dumps.
-_USUAL_KEYS = ("ts", "cts", "level", "stream", "message")
 FSYNC_EVERY_S = 1.0
-
-
-def _encode(line: dict) -> str:
-    """_dumps(line), faster for the usual line (exactly the keys above, in that order, plain types)."""
-    if len(line) == 5:
-        keys = tuple(line)
-        if keys == _USUAL_KEYS:
-            ts, cts, level, stream, message = line.values()
-            if type(ts) is float and type(cts) is int and type(level) is str and type(stream) is str \
-                    and type(message) is str and ts == ts and ts not in _INF:
-                return '{"ts":%r,"cts":%d,"level":%s,"stream":%s,"message":%s}' % (
-                    ts, cts, _json_str(level), _json_str(stream), _json_str(message))
-    return _dumps(line)
-
-
-_INF = (float("inf"), float("-inf"))
 
 
 def find_log_file(config: Config, task_id: int) -> Path | None:
@@ -104,10 +85,11 @@ def repair_tail(path: Path) -> None:
 
 
 def last_seq(path: Path) -> int:
+    """The seq of the file's last line that has one (a line that is not ours is passed over)."""
     for raw in iter_lines_backwards(path):
         try:
-            return int(json.loads(raw)["seq"])
-        except (ValueError, KeyError, TypeError):
+            return logline.seq_of(raw)
+        except logline.BadLine:
             continue
     return -1
 
@@ -156,18 +138,21 @@ class TaskLogWriter:
         """Append lines (each gets the next seq); flushed to the OS before returning the last seq."""
         if not lines:
             return self.seq
-        out = [_encode(line) for line in lines]
+        dumps = logline.dumps
+        out = [dumps(line) for line in lines]
         text = "\n".join(out)
-        # One scan of the whole batch decides whether any line needs masking (most never do).
-        if self.masker.needed(text) or '"seq":' in text or "{}" in out:
+        # One scan of the whole batch decides whether any line needs masking (most never do); a
+        # line's own "seq" is dropped, the writer's goes first.
+        if self.masker.needed(text) or '"seq":' in text:
             lines = self.masker.lines([{k: v for k, v in line.items() if k != "seq"} for line in lines])
-            out = [_dumps(line) for line in lines]
+            out = [dumps(line) for line in lines]
+        with_seq = logline.with_seq
         with self._lock:
             seq = self.seq
             parts = []
             for o in out:
                 seq += 1
-                parts.append('{"seq":%d,%s\n' % (seq, o[1:]) if len(o) > 2 else '{"seq":%d}\n' % seq)
+                parts.append(with_seq(seq, o))
             self._f.write("".join(parts))
             self._f.flush()
             self._sync()

@@ -1,7 +1,7 @@
 """Agent settings: environment variables, an optional config file, defaults.
 
 Every setting has an env name; `AGENT_CONFIG` may point to a JSON file with the same keys in
-lower case (env wins). The table in README.md is generated from SETTINGS below, so keep the
+lower case (env wins). The table in README.md is generated from SETTINGS below (`python -m node.config` prints it), so keep the
 help strings short and true.
 """
 from __future__ import annotations
@@ -170,7 +170,7 @@ def load_config(environ: dict | None = None) -> Config:
 
 
 def markdown_table() -> str:
-    """The configuration table of README.md (`python -m agent.config` prints it)."""
+    """The configuration table of README.md (`python -m node.config` prints it)."""
     rows = ["| env | default | what |", "|---|---|---|"]
     for s in SETTINGS:
         default = "—" if s.default is None else f"`{s.default}`"

@@ -1,0 +1,142 @@
+"""HTTP client for the agent side of protocol v1 (see docs/protocol.md).
+
+One `AgentAPI` per process, created after the fork (a requests.Session must not cross a fork).
+Transient failures (connection errors, 502/503/504) of idempotent calls are retried by urllib3's
+`Retry` with backoff; every call has a timeout. The token travels only in the `x-token` header
+and never appears in an exception message (`protocol.errors.APIError` carries method, path,
+status, code and detail only). Paths and headers come from `protocol.endpoints`.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
+
+from node import __version__
+from protocol import endpoints as ep
+from protocol.errors import APIError, decode_error
+
+BLOB_CHUNK = 1 << 20
+
+
+def make_session(token: str, retries: int = 3, pool: int = 16) -> requests.Session:
+    s = requests.Session()
+    retry = Retry(total=retries, connect=retries, read=retries, backoff_factor=0.2, backoff_jitter=0.2,
+                  status_forcelist=(502, 503, 504),
+                  # The protocol makes every agent call safe to repeat (seqs, sha256, states).
+                  allowed_methods=frozenset({"GET", "HEAD", "PUT", "POST", "DELETE"}),
+                  raise_on_status=False, respect_retry_after_header=True)
+    adapter = HTTPAdapter(max_retries=retry, pool_connections=pool, pool_maxsize=pool)
+    s.mount("http://", adapter)
+    s.mount("https://", adapter)
+    s.headers.update({ep.AGENT_TOKEN_HEADER: token, "user-agent": f"sly-agent/{__version__}"})
+    return s
+
+
+def _no_answer(method: str, path: str, e: BaseException) -> APIError:
+    return decode_error(None, type(e).__name__, method=method, path=path)
+
+
+class AgentAPI:
+    """Thin wrapper over the agent endpoints. Methods return decoded JSON or raise APIError."""
+
+    def __init__(self, server_address: str, token: str, timeout: float = 30.0, retries: int = 3):
+        self.base = server_address.rstrip("/")
+        self.timeout = timeout
+        self.session = make_session(token, retries=retries)
+
+    def url(self, path: str) -> str:
+        return self.base + path
+
+    def request(self, method: str, path: str, *, json=None, timeout: float | None = None,
+                expect=(200,), **kw) -> requests.Response:
+        try:
+            r = self.session.request(method, self.url(path), json=json, timeout=timeout or self.timeout, **kw)
+        except requests.RequestException as e:
+            raise _no_answer(method, path, e) from None
+        if r.status_code not in expect:
+            raise decode_error(r.status_code, r.content, method=method, path=path)
+        return r
+
+    # --- protocol v1, agent side ---
+    def connect(self, system_info: dict) -> dict:
+        return self.request("POST", ep.CONNECT, json=system_info).json()
+
+    def poll(self, free_slots: int, free_gpus: list[int], running: list[int], wait: float,
+             refusing: str = "") -> dict:
+        """`refusing`: why the agent takes no task now (e.g. short of disk); shown on the server."""
+        body = {"free_slots": free_slots, "free_gpus": free_gpus, "running": running}
+        if refusing:
+            body["refusing"] = refusing
+        return self.request("POST", f"{ep.POLL}?wait={wait:g}", json=body, timeout=wait + 15).json()
+
+    def set_state(self, task_id: int, state: str, **fields) -> dict:
+        body = {"state": str(getattr(state, "value", state)), **{k: v for k, v in fields.items() if v is not None}}
+        return self.request("POST", ep.path(ep.TASK_STATE, task_id=task_id), json=body).json()
+
+    def send_logs(self, task_id: int, first_seq: int, lines: list[dict], gzip_body: bytes | None = None) -> int:
+        """Ship lines first_seq.. ; returns the server's `acked` (highest contiguous seq stored)."""
+        path = ep.path(ep.TASK_LOGS, task_id=task_id)
+        if gzip_body is not None:
+            r = self.request("POST", path, data=gzip_body,
+                             headers={"content-type": "application/json", "content-encoding": "gzip"})
+        else:
+            r = self.request("POST", path, json={"first_seq": first_seq, "lines": lines})
+        return int(r.json()["acked"])
+
+    def telemetry(self, sample: dict) -> None:
+        self.request("POST", ep.TELEMETRY, json=sample, timeout=10)
+
+    def post_results(self, task_id: int, kind: str, name: str, files: list[dict]) -> dict:
+        body = {"kind": kind, "name": name, "files": files}
+        return self.request("POST", ep.path(ep.TASK_RESULTS, task_id=task_id), json=body).json()
+
+    # --- blobs ---
+    def blob_exists(self, sha256: str) -> bool:
+        r = self.request("HEAD", ep.path(ep.AGENT_BLOB, sha256=sha256), expect=(200, 404))
+        return r.status_code == 200
+
+    def put_blob(self, sha256: str, path: str | Path) -> None:
+        """Upload the file at `path` as blob `sha256` (the server checks the hash, keeps nothing on mismatch)."""
+        with open(path, "rb") as f:
+            self.request("PUT", ep.path(ep.AGENT_BLOB, sha256=sha256), data=f, timeout=max(self.timeout, 600),
+                         headers={"content-type": "application/octet-stream"}, expect=(200, 201, 204))
+
+    def get_blob(self, sha256: str, dest: str | Path, *, size: int | None = None, on_bytes=None,
+                 timeout: float = 60) -> str:
+        """Stream blob `sha256` into the file `dest` and return the sha256 of the whole file.
+
+        What `dest` already holds is kept and the rest is asked for with a Range request (a
+        server that answers 200 instead rewrites the file). `size`: the blob's size, when known;
+        a `dest` that long already is not fetched again. `on_bytes(n)` is called for every chunk
+        received. Raises APIError: status None when the connection failed (mid-stream too; the
+        bytes received so far stay in `dest` for the next try), 416 when the range cannot be served.
+        """
+        dest = Path(dest)
+        path = ep.path(ep.AGENT_BLOB, sha256=sha256)
+        h = hashlib.sha256()
+        have = dest.stat().st_size if dest.exists() else 0
+        if have:
+            with open(dest, "rb") as f:       # what an interrupted try left: hash it, then resume
+                while b := f.read(BLOB_CHUNK):
+                    h.update(b)
+            if size is not None and have >= size:
+                return h.hexdigest()          # complete (or too long: the caller starts over)
+        headers = {"Range": f"bytes={have}-"} if have else {}
+        r = self.request("GET", path, headers=headers, stream=True, timeout=timeout, expect=(200, 206))
+        try:
+            with r:
+                if r.status_code == 200 and have:
+                    h = hashlib.sha256()      # the server sent it all again
+                with open(dest, "ab" if r.status_code == 206 else "wb") as f:
+                    for chunk in r.iter_content(BLOB_CHUNK):
+                        f.write(chunk)
+                        h.update(chunk)
+                        if on_bytes is not None:
+                            on_bytes(len(chunk))
+        except requests.RequestException as e:
+            raise _no_answer("GET", path, e) from None
+        return h.hexdigest()

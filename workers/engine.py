@@ -1,0 +1,46 @@
+"""What the supervisor asks of the workers' side of the node: the one module it imports from `workers`.
+
+Docker questions (is a task's container running? remove the containers of tasks the server did
+not hand back) and the cache's disk questions (room for a new task? evict to make room). Light
+to import: the docker SDK is loaded on the first Docker question (the supervisor has it preloaded
+by `workers.preload()` anyway). No Docker SDK or no engine is an answer, never an exception.
+"""
+from __future__ import annotations
+
+import logging
+
+from node.config import Config
+from workers.cache import DiskError, disk_status, ensure_space
+
+log = logging.getLogger("workers.engine")
+
+__all__ = ["DiskError", "container_running", "disk_status", "ensure_space", "reap_orphans"]
+
+
+def container_running(config: Config, task_id: int) -> bool:
+    """Is this agent's container of the task running? No Docker: no."""
+    try:
+        from workers.container import docker_client, find_container
+        client = docker_client(timeout=5)
+        try:
+            container = find_container(client, task_id, config.identity)
+            return container is not None and container.status == "running"
+        finally:
+            client.close()
+    except Exception:  # noqa: BLE001 - no SDK, no engine, no container
+        return False
+
+
+def reap_orphans(config: Config, keep_task_ids: list[int]) -> None:
+    """Remove this agent's labelled containers whose task is not in `keep_task_ids`.
+
+    Returns None: the supervisor runs it as a job, where a returned value is a callback."""
+    try:
+        from workers.docker_task import reap_orphan_containers
+        removed = reap_orphan_containers(config, keep_task_ids)
+    except Exception as e:  # noqa: BLE001 - no SDK or no engine: nothing to reap
+        log.warning("could not reap orphan containers: %s", e)
+        return None
+    if removed:
+        log.info("removed %d orphan containers: %s", len(removed), ", ".join(removed))
+    return None
