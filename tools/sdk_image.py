@@ -53,6 +53,10 @@ class BuildError(RuntimeError):
     """The image could not be built; the message says which step failed and why."""
 
 
+class SiteUnavailable(BuildError):
+    """pip could not install the SDK (most often: no route to PyPI)."""
+
+
 def cache_dir() -> str:
     """Where pip's SITE folders are kept between runs."""
     env = os.environ.get("SLY_CI_CACHE")
@@ -85,7 +89,7 @@ def ensure_site(version: str = SDK_VERSION, cache: str | None = None, log=print)
                           capture_output=True, text=True)
     if proc.returncode != 0:
         tail = "\n".join(line for line in proc.stderr.splitlines() if "is ignored" not in line)[-2000:]
-        raise BuildError(f"pip install supervisely=={version} failed (exit {proc.returncode}):\n{tail}")
+        raise SiteUnavailable(f"pip install supervisely=={version} failed (exit {proc.returncode}):\n{tail}")
     # A rename is atomic, so an interrupted install never looks like a cached one.
     os.rename(partial, site)
     log(f"sdk_image: pip install took {time.monotonic() - t0:.0f} s")
