@@ -88,7 +88,8 @@ def ensure_site(version: str = SDK_VERSION, cache: str | None = None, log=print)
                            "--no-warn-script-location", "--target", partial, f"supervisely=={version}"],
                           capture_output=True, text=True)
     if proc.returncode != 0:
-        tail = "\n".join(line for line in proc.stderr.splitlines() if "is ignored" not in line)[-2000:]
+        lines = [line for line in proc.stderr.splitlines() if "is ignored" not in line]
+        tail = "\n".join(line if len(line) < 300 else line[:300] + " ..." for line in lines[-8:])
         raise SiteUnavailable(f"pip install supervisely=={version} failed (exit {proc.returncode}):\n{tail}")
     # A rename is atomic, so an interrupted install never looks like a cached one.
     os.rename(partial, site)
@@ -228,17 +229,14 @@ def ensure_sdk_image(client=None, version: str = SDK_VERSION, tag: str | None = 
         except BuildError:
             client.images.remove(tag, force=True)  # a broken image must not count as cached
             raise
-    if old and old != client.images.get(tag).id:
-        try:  # the replaced image is now untagged: ~1 GB nobody will use
-            client.images.remove(old)
-        except Exception:  # noqa: BLE001 - a container may still use it; then it stays
-            pass
+    # The old image is ~1 GB; while the old plugin image is built on it, it goes with that one.
+    _remove_replaced(client, tag, old)
     return tag
 
 
-def plugin_src_hash(src: str = PLUGIN_SRC) -> str:
-    """sha256 over the plugin's file names and contents."""
-    h = hashlib.sha256()
+def plugin_src_hash(src: str = PLUGIN_SRC, base_id: str = "") -> str:
+    """sha256 over the base image's id and the plugin's file names and contents."""
+    h = hashlib.sha256(base_id.encode() + b"\0")
     for root, dirs, files in os.walk(src):
         dirs[:] = sorted(d for d in dirs if d != "__pycache__")
         for name in sorted(files):
@@ -251,18 +249,23 @@ def plugin_src_hash(src: str = PLUGIN_SRC) -> str:
 
 def ensure_plugin_image(client=None, src: str = PLUGIN_SRC, base: str = SDK_IMAGE,
                         tag: str = PLUGIN_IMAGE, rebuild: bool = False, log=print) -> str:
-    """Build `tag` FROM `base` with `src` at /workdir/src, no CMD; skip when the sources match."""
+    """Build `tag` FROM `base` with `src` at /workdir/src, no CMD.
+
+    Skipped when an image with this tag was built from the same base image and sources.
+    """
     import docker
 
     client = _docker_client(client)
-    digest = plugin_src_hash(src)
-    if not rebuild:
-        try:
-            if (client.images.get(tag).labels or {}).get(SRC_HASH_LABEL) == digest:
-                log(f"sdk_image: {tag} exists with these sources")
-                return tag
-        except docker.errors.ImageNotFound:
-            pass
+    digest = plugin_src_hash(src, client.images.get(base).id)
+    old = None
+    try:
+        image = client.images.get(tag)
+        old = image.id
+        if not rebuild and (image.labels or {}).get(SRC_HASH_LABEL) == digest:
+            log(f"sdk_image: {tag} exists with these sources")
+            return tag
+    except docker.errors.ImageNotFound:
+        pass
     dockerfile = (f"FROM {base}\nCOPY src /workdir/src\n"
                   "ENV PYTHONPATH=/workdir:/workdir/src\nWORKDIR /workdir/src\n"
                   f"LABEL {SRC_HASH_LABEL}={digest}\n").encode()
@@ -277,8 +280,18 @@ def ensure_plugin_image(client=None, src: str = PLUGIN_SRC, base: str = SDK_IMAG
         client.images.build(fileobj=buf, custom_context=True, tag=tag, rm=True, forcerm=True)
     except docker.errors.BuildError as e:
         raise BuildError(f"docker build {tag} failed: {e}") from e
+    _remove_replaced(client, tag, old)
     log(f"sdk_image: built {tag}")
     return tag
+
+
+def _remove_replaced(client, tag: str, old: str | None) -> None:
+    """Remove the image that `tag` named before a rebuild (with its untagged parents)."""
+    if old and old != client.images.get(tag).id:
+        try:
+            client.images.remove(old)
+        except Exception:  # noqa: BLE001 - in use by a container or a child image: it stays
+            pass
 
 
 def main(argv=None) -> int:
