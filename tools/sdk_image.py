@@ -30,10 +30,7 @@ import sys
 import tarfile
 import time
 
-try:  # the image helpers are moving from server/demo/images.py to tools/images.py
-    from tools.images import _SKIP_STDLIB, _docker_client, _have_image, _shared_libs, busybox_rootfs_tar
-except ImportError:
-    from server.demo.images import _SKIP_STDLIB, _docker_client, _have_image, _shared_libs, busybox_rootfs_tar
+from tools.images import _SKIP_STDLIB, _docker_client, _have_image, _shared_libs, busybox_rootfs_tar
 
 SDK_VERSION = "6.74.51"
 SDK_IMAGE = f"sly-test/supervisely-sdk:{SDK_VERSION}"
