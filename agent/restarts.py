@@ -2,10 +2,11 @@
 
 Each helper follows `ChildState` (agent/states.py). A helper alive `START_GRACE_S` after its
 spawn is RUNNING, and its next death backs off from the base delay again. A death backs off
-exponentially with jitter; `max_deaths` deaths within `window_s` (quick or not: a helper that
-keeps dying is flapping) make it FATAL, and so does one exit with `CHILD_CONFIG` (restarting
-into the same broken settings cannot help). FATAL is reported through `on_fatal`, which must
-not block. Time comes from the caller (`now`), processes from the injected spawner.
+exponentially, in the deaths that are recent (within `window_s`) and quick (no start grace
+lived through since), with jitter. `max_deaths` deaths within `window_s`, quick or not (a
+helper that keeps dying is flapping), make it FATAL, and so does one exit with `CHILD_CONFIG`
+(restarting into the same broken settings cannot help). FATAL is reported through `on_fatal`,
+which must not block. Time comes from the caller (`now`), processes from the injected spawner.
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ class RestartPolicy:
         self.failures += 1
         if len(self.deaths) >= self.max_deaths:
             return None
-        return backoff_delay(self.failures, self.base_s, self.cap_s, self.rng)
+        return backoff_delay(min(self.failures, len(self.deaths)), self.base_s, self.cap_s, self.rng)
 
     def reset(self) -> None:
         """It lived past the start grace: the next death backs off from the base delay."""

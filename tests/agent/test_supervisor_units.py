@@ -136,6 +136,13 @@ def test_deaths_spread_wider_than_the_window_never_go_fatal(tmp_path):
     assert sup.helpers["telemetry"].state is ChildState.STARTING
 
 
+def test_only_deaths_within_the_window_grow_the_backoff(tmp_path):
+    sup = make_sup(tmp_path, CHILD_RESTART_MAX=100, CHILD_RESTART_WINDOW=0.25)
+    sup.helpers["telemetry"].policy.rng = lambda lo, hi: 1.0
+    delays = [kill_and_restart(sup, "telemetry") for _ in range(8)]      # each killed at once
+    assert delays == pytest.approx([0.1] + [0.2] * 7)     # never more than two deaths in 0.25 s
+
+
 def test_log_shipper_fatal_exits_5_after_the_report(tmp_path):
     sup = make_sup(tmp_path, CHILD_RESTART_MAX=2)
     kill_and_restart(sup, "log-shipper")
