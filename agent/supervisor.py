@@ -418,7 +418,16 @@ class Supervisor:
         takes the usual path: replaced to re-attach to a running container, else failed."""
         limit = self.config.helper_hung_s
         for slot in self.slots.values():
-            if slot.child is None or slot.escalation is not None:
+            if slot.child is None:
+                continue
+            if slot.hung and not slot.escalation.killed and self.spawner.last_beat(slot.child) > slot.escalation.since:
+                # It beats again (it ignores SIGTERM): it was only frozen (e.g. the whole agent
+                # was paused); killing it now would only make its replacement re-attach.
+                log.info("task %s: task process beats again; not killing it", slot.task_id)
+                slot.escalation, slot.hung = None, ""
+                if self.stopping and slot.stop_requested:
+                    slot.escalation = self.stop_escalation(slot.stop_at)
+            if slot.escalation is not None:
                 continue
             silent = silent_for(self.spawner, slot.child, now)
             if silent > limit:

@@ -231,6 +231,18 @@ def test_a_hung_task_process_is_killed_and_replaced_to_reattach_to_its_container
     assert sup.spawner.signals_sent() == [("terminate", "task-7"), ("kill", "task-7")]
 
 
+def test_a_task_process_that_beats_again_within_the_grace_is_spared(sup):
+    run_task(sup, 9)
+    tick(sup, HUNG_S + 1, silent=("task-9",))               # e.g. the whole agent was paused
+    assert sup.spawner.signals_sent() == [("terminate", "task-9")]
+    tick(sup, 1)                                             # it beats again
+    tick(sup, HUNG_KILL_AFTER_S * 2)
+    assert sup.spawner.signals_sent() == [("terminate", "task-9")] and sup.slots[9].state is SlotState.RUNNING
+    tick(sup, HUNG_S + 1, silent=("task-9",))               # silent again: the watch starts over
+    tick(sup, HUNG_KILL_AFTER_S, silent=("task-9",))
+    assert sup.spawner.signals_sent()[-1] == ("kill", "task-9")
+
+
 def test_a_hung_task_process_without_a_container_fails_the_task_saying_why(sup):
     run_task(sup, 8)
     tick(sup, HUNG_S + 1, silent=("task-8",))
