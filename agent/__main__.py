@@ -1,7 +1,7 @@
 """`python -m agent`: load the settings, prepare storage, connect, run the supervisor.
 
-Exit codes: 0 ok (drained), 2 config error, 3 token refused, 4 server unreachable at start,
-5 a helper process went FATAL (the log-shipper). Start-up errors are one line on stderr.
+Exit codes (agent/exitcodes.py): 0 ok (drained), 2 config error, 3 token refused, 4 server
+unreachable at start, 5 the log-shipper went FATAL. Start-up errors are one line on stderr.
 """
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 
-EXIT_OK, EXIT_CONFIG, EXIT_AUTH, EXIT_UNREACHABLE = 0, 2, 3, 4
+from agent.exitcodes import EXIT_AUTH, EXIT_CONFIG, EXIT_OK, EXIT_UNREACHABLE
 
 
 def fail(code: int, message: str) -> int:

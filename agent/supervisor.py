@@ -1,82 +1,57 @@
-"""Supervisor process (`sly-agent: supervisor`): signals, slots and GPUs, the long-poll, children.
+"""Supervisor process (`sly-agent: supervisor`): the loop over signals, slots and GPUs, children.
 
 The main thread only waits (children's sentinels, a self-pipe for signals, a wake pipe from the
-two helper threads) and runs `loop_once(now)`. HTTP happens in two threads: the poller
-(long-poll) and the jobs thread (final states of dead task processes, FATAL reports, orphan
-container reaping). Children are forked from the main thread with the "fork" context; see
-docs/architecture.md for why that cannot hang (and the stress test that shows it).
+two threads) and runs `loop_once(now)`. Its parts, one module each:
+- agent/spawner.py: fork, signals to children, heartbeats and the clock (injected; tests fake it);
+- agent/restarts.py: telemetry and log-shipper: start grace, BACKOFF, FATAL, planned restarts;
+- agent/escalation.py: heartbeat deadlines and the ask -> grace -> SIGKILL escalation;
+- agent/admission.py: which pending tasks start, on which GPUs (pure logic);
+- agent/poller.py, agent/jobs.py: the `poller` (long-poll) and `jobs` (blocking work) threads;
+- agent/disk_guard.py: no new task while short of disk;
+- agent/reports.py: final states of dead task processes and FATAL reports (jobs thread);
+- workers/engine.py: the Docker and disk questions (the one workers module the supervisor imports).
+Children are forked from the main thread with the "fork" context; see docs/architecture.md for
+why that cannot hang (and the stress test that shows it).
 """
 from __future__ import annotations
 
-import collections
 import logging
 import multiprocessing
 import multiprocessing.connection
 import os
-import queue
-import random
 import signal
 import threading
 import time
 
-import workers
+from agent import admission
+from agent.disk_guard import DiskGuard
+from agent.escalation import HUNG_KILL_AFTER_S, Escalation, escalate, silent_for
+from agent.exitcodes import EXIT_FATAL, EXIT_OK, describe_exit
 from agent.gpus import gpu_pool
+from agent.jobs import Jobs
 from agent.log_shipper import LogShipper, Nudges
+from agent.poller import Poller, Snapshot
 from agent.proctitle import set_title
-from agent.states import CHILD_EDGES, SLOT_EDGES, ChildState, SlotState, change_state
+from agent.reports import report_fatal, report_final
+from agent.restarts import Helper, Helpers, RestartPolicy
+from agent.spawner import Spawner
+from agent.states import SLOT_EDGES, SlotState, change_state
 from agent.task_process import HANDLER_ENV, TaskProcess, run_task_process
 from agent.telemetry import Telemetry
 from node import tasklog
 from node.config import Config, ConfigError, load_config
-from workers import engine
+from protocol.tasks import CONTAINER_TYPES
+from workers import engine as docker_engine   # the one workers module the supervisor asks
+
+__all__ = ["Supervisor", "Slot", "RestartPolicy", "describe_exit"]
 
 log = logging.getLogger("agent.supervisor")
-MP = multiprocessing.get_context("fork")
 
-EXIT_OK = 0
-EXIT_FATAL = 5            # the log-shipper went FATAL: restart the agent (its tasks are re-adopted)
-START_GRACE_S = 1.0       # a helper alive this long is RUNNING
 MAX_RESPAWNS = 3          # task processes re-spawned to re-attach to one task's container
-STOP_KILL_AFTER_S = 15.0
-DISK_CHECK_S = 5.0        # how often the free-disk guard looks
-
-
-class RestartPolicy:
-    """Exponential backoff with jitter; FATAL after `max_deaths` deaths within `window_s`."""
-
-    def __init__(self, max_deaths: int, window_s: float, base_s: float = 0.1, cap_s: float = 10.0):
-        self.max_deaths, self.window_s, self.base_s, self.cap_s = max_deaths, window_s, base_s, cap_s
-        self.deaths: collections.deque[float] = collections.deque()
-
-    def record_death(self, now: float) -> float | None:
-        """Delay before the next start, or None: give up (FATAL)."""
-        self.deaths.append(now)
-        while self.deaths and self.deaths[0] < now - self.window_s:
-            self.deaths.popleft()
-        n = len(self.deaths)
-        if n >= self.max_deaths:
-            return None
-        return min(self.cap_s, self.base_s * 2 ** (n - 1)) * random.uniform(0.5, 1.5)
-
-
-class Helper:
-    """A long-lived child (telemetry, log-shipper) and its state."""
-
-    def __init__(self, name: str, factory, policy: RestartPolicy):
-        self.name, self.factory, self.policy = name, factory, policy
-        self.state = ChildState.STOPPED
-        self.proc: multiprocessing.Process | None = None
-        self.started_at = 0.0
-        self.start_at = 0.0       # BACKOFF: when to start again
-        self.heartbeat = None     # RawValue("d"): the child's last CLOCK_MONOTONIC beat
-        self.restarts = 0
-
-    def change(self, new: ChildState) -> None:
-        self.state = change_state(self.state, new, CHILD_EDGES)
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc else None
+STOP_KILL_AFTER_S = 15.0  # after stop_grace_s: task processes still alive are killed (agent stop)
+FATAL_REPORT_WAIT_S = 10.0  # a FATAL log-shipper: the agent exits once reported, or after this long
+HELPER_ORDER = ("telemetry", "log-shipper")   # shutdown order: the log-shipper last, it drains
+BUSY = (SlotState.RUNNING, SlotState.STOPPING, SlotState.FINALIZING)
 
 
 class Slot:
@@ -88,12 +63,14 @@ class Slot:
         self.type = str(task.get("type", "?"))
         self.adopt = adopt
         self.state = SlotState.PENDING
-        self.proc: multiprocessing.Process | None = None
+        self.child = None                   # spawner.Child of its task process
         self.stop_w: int | None = None
         self.gpus: list[int] = []
         self.spawns = 0
         self.stop_requested = False
         self.stop_at = 0.0
+        self.escalation: Escalation | None = None    # asked to go (stop, hung): SIGKILL when due
+        self.hung = ""                      # why its task process was found hung
         self.final: tuple[str, str] | None = None   # FINALIZING: (state, error)
         self.final_sent = False
 
@@ -107,41 +84,41 @@ class Slot:
 
 
 class Supervisor:
-    def __init__(self, config: Config, api, connect_answer: dict | None = None):
+    def __init__(self, config: Config, api, connect_answer: dict | None = None, *, spawner=None, engine=None):
         self.config = config
         self.api = api
         self.connect_answer = connect_answer or {}
+        self.spawner = spawner or Spawner()
+        self.engine = engine or docker_engine
         self.gpu_pool = gpu_pool(config.gpus)
         self.slots: dict[int, Slot] = {}
         self.draining = False       # SIGTERM: no new tasks
         self.stopping = False       # second SIGTERM / SIGINT: stop tasks
-        self.stop_started = 0.0
         self.exit_code: int | None = None
+        self.fatal_exit_at: float | None = None   # the log-shipper is FATAL: exit by then at the latest
         self.first_poll_done = False
-        self.free_slots_shared = MP.RawValue("i", config.max_tasks)   # read by telemetry, lock-free
+        self.free_slots_shared = multiprocessing.get_context("fork").RawValue("i", config.max_tasks)  # telemetry reads it
         self.nudges = Nudges()      # task processes -> log-shipper wake-ups (a lock-free pipe)
-        self.helpers = {
-            "log-shipper": Helper("log-shipper", lambda: LogShipper(self.config, self.nudges),
-                                  RestartPolicy(config.restart_max, config.restart_window_s)),
-            "telemetry": Helper("telemetry", lambda: Telemetry(self.config, self.free_slots_shared),
-                                RestartPolicy(config.restart_max, config.restart_window_s)),
-        }
+        self.helpers = Helpers(self.spawner, [
+            Helper("log-shipper", lambda: LogShipper(self.config, self.nudges),
+                   RestartPolicy(config.restart_max, config.restart_window_s)),
+            Helper("telemetry", lambda: Telemetry(self.config, self.free_slots_shared),
+                   RestartPolicy(config.restart_max, config.restart_window_s)),
+        ], on_fatal=self.helper_fatal)
         self._signals: list[int] = []
         self._sig_r, self._sig_w = os.pipe()
         self._wake_r, self._wake_w = os.pipe()
         for fd in (self._sig_r, self._sig_w, self._wake_r, self._wake_w):
             os.set_blocking(fd, False)
-        self._answers: queue.Queue = queue.Queue()   # poller -> main
-        self._answer_done = threading.Event()
-        self._jobs: queue.Queue = queue.Queue()      # main -> jobs thread (callables)
-        self._done: queue.Queue = queue.Queue()      # jobs thread -> main (callbacks)
-        self._snapshot_lock = threading.Lock()
-        self._snapshot = (0, [], [], "")
         self._threads_stop = threading.Event()
-        self.stopping_helpers_phase = False     # shutdown reached the helpers: no more restarts
-        self.disk_refusal = ""      # why no task is taken now (short of disk), shown on the server
-        self._disk_next = 0.0
-        self._disk_job_pending = False
+        self.poller = Poller(api, lambda: self.config, self._wake, self._threads_stop)
+        self.jobs = Jobs(self._wake)
+        self.disk = DiskGuard(self.engine)
+
+    @property
+    def disk_refusal(self) -> str:
+        """Why no task is taken now (short of disk), sent on each poll; "" when there is room."""
+        return self.disk.refusal
 
     # ------------------------------------------------------------------ setup / run
     def install_signals(self) -> None:
@@ -158,8 +135,9 @@ class Supervisor:
         the children use. A module imported for the first time by a thread while the main thread
         forks leaves its import lock taken in the child, which then hangs on that import."""
         import importlib
+        import workers
         workers.preload()
-        names = []
+        names = ["node.api"]
         spec = os.environ.get(HANDLER_ENV)
         if spec:
             names.append(spec.partition(":")[0])
@@ -174,23 +152,32 @@ class Supervisor:
         self.preimport()
         self.install_signals()
         self.update_snapshot()
-        for h in self.helpers.values():
-            self.spawn_helper(h, time.monotonic())
-        threading.Thread(target=self._poll_loop, name="poller", daemon=True).start()
-        threading.Thread(target=self._jobs_loop, name="jobs", daemon=True).start()
+        self.start_helpers(self.spawner.now())
+        threading.Thread(target=self.poller.run, name="poller", daemon=True).start()
+        threading.Thread(target=self.jobs.run, name="jobs", daemon=True).start()
         log.info("supervisor running: max_tasks=%s gpus=%s identity=%s", self.config.max_tasks, self.gpu_pool,
                  self.config.identity)
         while self.exit_code is None:
-            self.wait(self.next_timeout(time.monotonic()))
-            self.loop_once(time.monotonic())
+            self.wait(self.next_timeout(self.spawner.now()))
+            self.loop_once(self.spawner.now())
         self._threads_stop.set()
         log.info("supervisor exits with code %s", self.exit_code)
         return self.exit_code
 
+    def start_helpers(self, now: float) -> None:
+        for h in self.helpers:
+            self.helpers.spawn(h, now)
+
+    def children(self):
+        for h in self.helpers:
+            if h.child is not None:
+                yield h.child
+        for s in self.slots.values():
+            if s.child is not None:
+                yield s.child
+
     def wait(self, timeout: float) -> None:
-        objs = [self._sig_r, self._wake_r]
-        objs += [h.proc.sentinel for h in self.helpers.values() if h.proc is not None]
-        objs += [s.proc.sentinel for s in self.slots.values() if s.proc is not None]
+        objs = [self._sig_r, self._wake_r] + [self.spawner.sentinel(c) for c in self.children()]
         ready = multiprocessing.connection.wait(objs, timeout=max(0.0, timeout))
         for fd in (self._sig_r, self._wake_r):
             if fd in ready:
@@ -201,62 +188,58 @@ class Supervisor:
                     pass
 
     def next_timeout(self, now: float) -> float:
-        t = 1.0
-        for h in self.helpers.values():
-            if h.state == ChildState.BACKOFF:
-                t = min(t, h.start_at - now)
-            elif h.state == ChildState.STARTING:
-                t = min(t, h.started_at + START_GRACE_S - now)
+        deadlines = list(self.helpers.deadlines())
+        deadlines += [s.escalation.deadline for s in self.slots.values()
+                      if s.escalation is not None and not s.escalation.killed]
+        if self.fatal_exit_at is not None:
+            deadlines.append(self.fatal_exit_at)
+        t = min([1.0] + [d - now for d in deadlines])
         if any(s.state == SlotState.FINALIZING for s in self.slots.values()):
             t = min(t, 0.1)
         return t
 
     # ------------------------------------------------------------------ the loop
     def loop_once(self, now: float) -> None:
-        """One iteration: signals, poll answers, job results, deaths, restarts, admissions, exit."""
+        """One iteration: signals, poll answers, job results, deaths, hangs, restarts, admissions, exit."""
         while self._signals:
-            self.dispatch_signal(self._signals.pop(0))
-        self.handle_answers()
-        while True:
-            try:
-                callback = self._done.get_nowait()
-            except queue.Empty:
-                break
-            callback()
-        self.reap_helpers(now)
+            self.dispatch_signal(self._signals.pop(0), now)
+        self.handle_answers(now)
+        self.jobs.run_callbacks()
+        self.helpers.reap(now)
         self.reap_tasks(now)
+        self.helpers.check_hung(now, self.config.helper_hung_s)
+        self.check_hung_tasks(now)
         self.check_disk(now)
-        self.restart_helpers(now)
+        self.helpers.restart_due(now)
         self.finalize_slots()
-        self.admit_pending()
-        self.escalate_stop(now)
+        self.admit_pending(now)
+        self.escalate(now)
         self.update_snapshot()
         self.check_exit(now)
 
     # --- signals
-    def dispatch_signal(self, signum: int) -> None:
+    def dispatch_signal(self, signum: int, now: float) -> None:
         name = signal.Signals(signum).name
         handler = getattr(self, f"handle_{name.lower()}", None)
         if handler:
-            handler()
+            handler(now)
 
-    def handle_sigterm(self) -> None:
+    def handle_sigterm(self, now: float) -> None:
         if self.draining:
-            self.handle_sigint()
+            self.handle_sigint(now)
             return
         log.info("SIGTERM: draining (no new tasks; %d running finish first)", self.active_count())
         self.draining = True
 
-    def handle_sigint(self) -> None:
+    def handle_sigint(self, now: float) -> None:
         if self.stopping:
             return
         log.info("stopping: asking %d task(s) to stop", self.active_count())
         self.draining = self.stopping = True
-        self.stop_started = time.monotonic()
-        for slot in self.slots.values():
-            self.stop_task(slot)
+        for slot in list(self.slots.values()):
+            self.stop_task(slot, now)
 
-    def handle_sighup(self) -> None:
+    def handle_sighup(self, now: float) -> None:
         try:
             new = load_config()
         except ConfigError as e:
@@ -265,164 +248,79 @@ class Supervisor:
         self.config = new
         self.gpu_pool = gpu_pool(new.gpus)
         logging.getLogger().setLevel(getattr(logging, new.log_level.upper(), logging.INFO))
-        for h in self.helpers.values():
+        for h in self.helpers:
             h.policy.max_deaths, h.policy.window_s = new.restart_max, new.restart_window_s
-            # planned restart so the helper picks up the new settings
-            if h.state in (ChildState.STARTING, ChildState.RUNNING):
-                h.change(ChildState.STOPPING)
-                h.proc.terminate()
+            self.helpers.stop(h, now)       # a planned restart: it comes back with the new settings
+        self.disk.next_at = now             # the guard looks again at once (MIN_FREE_DISK_MB may have changed)
         log.info("SIGHUP: config reloaded (max_tasks=%s, poll_wait_s=%s, gpus=%s)", new.max_tasks,
                  new.poll_wait_s, self.gpu_pool)
 
     # --- helpers (telemetry, log-shipper)
-    def spawn_helper(self, h: Helper, now: float) -> None:
-        role = h.factory()
-        role.heartbeat = h.heartbeat = MP.RawValue("d", time.monotonic())
-        h.proc = MP.Process(target=role.run, name=h.name, daemon=False)
-        h.proc.start()
-        h.started_at = now
-        h.change(ChildState.STARTING)
-        log.info("%s started (pid %s)", h.name, h.proc.pid)
-
-    def reap_helpers(self, now: float) -> None:
-        for h in self.helpers.values():
-            if h.proc is None or h.proc.exitcode is None:
-                if h.state == ChildState.STARTING and now - h.started_at >= START_GRACE_S:
-                    h.change(ChildState.RUNNING)
-                self.kill_if_hung(h, now)
-                continue
-            code = describe_exit(h.proc.exitcode)
-            h.proc.join(0)
-            h.proc.close()
-            h.proc = None
-            if h.state == ChildState.STOPPING:
-                h.change(ChildState.STOPPED)
-                if not self.helpers_stopping():
-                    self.spawn_helper(h, now)     # planned restart (SIGHUP)
-                continue
-            delay = h.policy.record_death(now)
-            if delay is None:
-                h.change(ChildState.FATAL)
-                self.helper_fatal(h, code)
-                continue
-            h.change(ChildState.BACKOFF)
-            h.start_at = now + delay
-            h.restarts += 1
-            log.warning("%s died (%s); restarting in %.2fs", h.name, code, delay)
-
-    def kill_if_hung(self, h: Helper, now: float) -> None:
-        """Dead and hung are different: no heartbeat for config.helper_hung_s -> SIGKILL (then a
-        normal death and restart). Heartbeats use CLOCK_MONOTONIC, which all processes share."""
-        if h.proc is None or h.state not in (ChildState.STARTING, ChildState.RUNNING) or h.heartbeat is None:
-            return
-        if time.monotonic() - h.heartbeat.value > self.config.helper_hung_s:
-            log.warning("%s (pid %s) sent no heartbeat for %.0fs: hung; killing it", h.name, h.proc.pid,
-                        self.config.helper_hung_s)
-            h.heartbeat = None
-            h.proc.kill()
-
-    def restart_helpers(self, now: float) -> None:
-        for h in self.helpers.values():
-            if h.state == ChildState.BACKOFF and now >= h.start_at:
-                if self.helpers_stopping():
-                    h.change(ChildState.STOPPED)
-                else:
-                    self.spawn_helper(h, now)
-
-    def helper_fatal(self, h: Helper, code: str) -> None:
-        msg = (f"{h.name} died {h.policy.max_deaths} times within {h.policy.window_s:g}s "
-               f"(last: {code}); given up (FATAL)")
-        log.critical(msg)
-        fatal = {"fatal": {"process": h.name, "reason": msg, "ts": time.time()}}
-        reported = threading.Event()
-        self._jobs.put(lambda: self._report_fatal(fatal, reported))
+    def helper_fatal(self, h: Helper, message: str, now: float) -> None:
+        """Log and report a FATAL helper without blocking the loop (the report runs in the jobs thread)."""
+        log.critical(message)
+        fatal = {"process": h.name, "reason": message, "ts": time.time()}
+        config, free = self.config, self.free_slots()
+        then = None
         if h.name == "log-shipper":
             # Without it no task can report a final state; a restarted agent re-adopts the tasks.
             log.critical("the log-shipper is FATAL: the agent exits (code %d) so that it can be restarted", EXIT_FATAL)
-            reported.wait(10)
-            self.exit_code = EXIT_FATAL
+            self.fatal_exit_at = now + FATAL_REPORT_WAIT_S
+            then = self._exit_fatal
 
-    def _report_fatal(self, body: dict, reported: threading.Event) -> None:
-        from agent.telemetry import sample
-        try:
-            self.api.telemetry({**sample(self.config, self.free_slots()), **body})
-        except Exception as e:  # noqa: BLE001
-            log.error("could not report FATAL to the server: %s", e)
-        finally:
-            reported.set()
+        def job():
+            from agent.telemetry import sample
+            report_fatal(self.api, lambda: {**sample(config, free), "fatal": fatal})
+            return then
+        self.jobs.submit(job)
 
-    def helpers_stopping(self) -> bool:
-        return self.stopping_helpers_phase
+    def _exit_fatal(self) -> None:
+        self.exit_code = EXIT_FATAL
 
     # --- tasks
     def active_count(self) -> int:
         return sum(1 for s in self.slots.values() if s.state != SlotState.DONE)
 
     def free_slots(self) -> int:
-        if self.draining or self.disk_refusal:
-            return 0
-        return max(0, self.config.max_tasks - self.active_count())
+        refusing = self.draining or bool(self.disk.refusal) or self.fatal_exit_at is not None
+        return admission.free_slots(self.config.max_tasks, self.active_count(), refusing)
+
+    def used_gpus(self) -> set[int]:
+        return {g for s in self.slots.values() if s.state != SlotState.DONE for g in s.gpus}
 
     def free_gpus(self) -> list[int]:
-        used = {g for s in self.slots.values() if s.state != SlotState.DONE for g in s.gpus}
-        return [g for g in self.gpu_pool if g not in used]
+        return admission.free_gpus(self.gpu_pool, self.used_gpus())
 
-    # --- free-disk guard
     def check_disk(self, now: float) -> None:
-        """Every DISK_CHECK_S: evict the LRU cache when short (only while no task could be using it),
-        and refuse new tasks, with the reason sent on each poll, while still short."""
-        if self._disk_job_pending or now < self._disk_next:
+        if not self.disk.due(now):
             return
-        self._disk_job_pending = True
-        self._disk_next = now + DISK_CHECK_S
-        idle = self.active_count() == 0
-        config = self.config
-        self._jobs.put(lambda: self._disk_job(config, idle))
+        config, idle = self.config, self.active_count() == 0
 
-    def _disk_job(self, config: Config, evict: bool):
-        status = engine.disk_status(config)
-        if not status["ok"] and evict:
-            try:
-                freed = engine.ensure_space(config)
-                if freed.get("evicted"):
-                    log.warning("disk short: evicted %s cache entries (%.0f MB)", freed["evicted"],
-                                freed.get("freed_bytes", 0) / 2**20)
-            except engine.DiskError:
-                pass
-            status = engine.disk_status(config)
-        return lambda: self._set_disk(status)
+        def job():
+            status = self.disk.check(config, evict=idle)
+            return lambda: self._apply_disk(status)
+        self.jobs.submit(job)
 
-    def _set_disk(self, status: dict) -> None:
-        self._disk_job_pending = False
-        reason = "" if status["ok"] else status["reason"]
-        if reason != self.disk_refusal:
-            if reason:
-                log.warning("refusing new tasks: %s", reason)
-            else:
-                log.info("disk space is back (%.0f MB free): taking tasks again", status["free_mb"])
-            self.disk_refusal = reason
+    def _apply_disk(self, status: dict) -> None:
+        if self.disk.apply(status):
             self.update_snapshot()
             self._wake()
 
     def update_snapshot(self) -> None:
         running = sorted(s.task_id for s in self.slots.values() if s.state != SlotState.DONE)
-        with self._snapshot_lock:
-            self._snapshot = (self.free_slots(), self.free_gpus(), running, self.disk_refusal)
-        self.free_slots_shared.value = self._snapshot[0]
+        snap = Snapshot(self.free_slots(), self.free_gpus(), running, self.disk.refusal)
+        self.poller.publish(snap)
+        self.free_slots_shared.value = snap.free_slots
 
-    def handle_answers(self) -> None:
-        while True:
+    def handle_answers(self, now: float) -> None:
+        while (answer := self.poller.next_answer()) is not None:
             try:
-                answer = self._answers.get_nowait()
-            except queue.Empty:
-                return
-            try:
-                self.handle_answer(answer)
+                self.handle_answer(answer, now)
             finally:
                 self.update_snapshot()
-                self._answer_done.set()
+                self.poller.answered()
 
-    def handle_answer(self, answer: dict) -> None:
+    def handle_answer(self, answer: dict, now: float) -> None:
         first = not self.first_poll_done
         self.first_poll_done = True
         for task in answer.get("tasks") or []:
@@ -442,61 +340,73 @@ class Supervisor:
             if slot is None:
                 log.warning("stop request for task %s, which this agent does not run", tid)
                 continue
-            self.stop_task(slot)
+            self.stop_task(slot, now)
         if first:
-            keep = [int(t["id"]) for t in answer.get("tasks") or []]
-            self._jobs.put(lambda: engine.reap_orphans(self.config, keep))
+            config, keep = self.config, [int(t["id"]) for t in answer.get("tasks") or []]
+            self.jobs.submit(lambda: self.engine.reap_orphans(config, keep))
 
-    def admit_pending(self) -> None:
-        if self.stopping:
+    def admit_pending(self, now: float) -> None:
+        if self.stopping or self.fatal_exit_at is not None:
             return
-        for slot in sorted(self.slots.values(), key=lambda s: s.task_id):
-            if slot.state != SlotState.PENDING:
-                continue
-            running = sum(1 for s in self.slots.values() if s.state in (SlotState.RUNNING, SlotState.STOPPING, SlotState.FINALIZING))
-            if running >= self.config.max_tasks:
-                return
-            want = slot.gpus_wanted
-            if want > len(self.gpu_pool):
-                slot.final = ("failed", f"the task needs {want} GPU(s); this agent has {len(self.gpu_pool)}")
-                slot.change(SlotState.FINALIZING)
-                continue
-            free = self.free_gpus()
-            if want > len(free):
-                continue
-            slot.gpus = free[:want]
-            self.spawn_task(slot)
+        pending = [(s.task_id, s.gpus_wanted) for s in self.slots.values() if s.state == SlotState.PENDING]
+        if not pending:
+            return
+        busy = sum(1 for s in self.slots.values() if s.state in BUSY)
+        decided = admission.admit(pending, busy, self.config.max_tasks, self.gpu_pool, self.used_gpus())
+        for tid, reason in decided.refuse:
+            slot = self.slots[tid]
+            slot.final = ("failed", reason)
+            slot.change(SlotState.FINALIZING)
+        for tid, gpus in decided.start:
+            slot = self.slots[tid]
+            slot.gpus = gpus
+            self.spawn_task(slot, now)
 
-    def spawn_task(self, slot: Slot) -> None:
+    def spawn_task(self, slot: Slot, now: float) -> None:
         if slot.stop_w is not None:
             os.close(slot.stop_w)
+            slot.stop_w = None
         r, w = os.pipe()
         os.set_blocking(w, False)
-        role = TaskProcess(self.config, slot.task, slot.gpus, slot.adopt, r, self.nudges)
-        proc = MP.Process(target=run_task_process, args=(role,), name=f"task-{slot.task_id}", daemon=False)
-        proc.start()
-        os.close(r)
-        slot.proc, slot.stop_w = proc, w
+        try:
+            role = TaskProcess(self.config, slot.task, slot.gpus, slot.adopt, r, self.nudges)
+            slot.child = self.spawner.spawn(f"task-{slot.task_id}", role, run_task_process, (role,))
+        except BaseException:
+            os.close(w)
+            raise
+        finally:
+            os.close(r)
+        slot.stop_w = w
         slot.spawns += 1
+        slot.escalation, slot.hung = None, ""
         slot.change(SlotState.RUNNING)
         if slot.stop_requested:
             self._write_stop(slot)
-        log.info("task %s: task process %s started (gpus %s%s)", slot.task_id, proc.pid, slot.gpus,
+            if self.stopping:
+                slot.escalation = self.stop_escalation(now)
+        log.info("task %s: task process %s started (gpus %s%s)", slot.task_id, slot.child.pid, slot.gpus,
                  ", adopting" if slot.adopt else "")
 
-    def stop_task(self, slot: Slot) -> None:
+    def stop_escalation(self, since: float) -> Escalation:
+        return Escalation(since, self.config.stop_grace_s + STOP_KILL_AFTER_S, "its stop request")
+
+    def stop_task(self, slot: Slot, now: float) -> None:
+        """Ask a task to stop: through its stop pipe (the handler stops the container and reports
+        `stopped`). While the agent itself stops, a task process that outlives
+        stop_grace_s + STOP_KILL_AFTER_S is killed."""
         if slot.state == SlotState.PENDING:
             slot.stop_requested = True
             slot.final = ("stopped", "stopped before it started")
             slot.change(SlotState.FINALIZING)
             return
-        if slot.state != SlotState.RUNNING:
-            return
-        slot.stop_requested = True
-        slot.stop_at = time.monotonic()
-        slot.change(SlotState.STOPPING)
-        self._write_stop(slot)
-        log.info("task %s: stop requested", slot.task_id)
+        if slot.state == SlotState.RUNNING:
+            slot.stop_requested = True
+            slot.stop_at = now
+            slot.change(SlotState.STOPPING)
+            self._write_stop(slot)
+            log.info("task %s: stop requested", slot.task_id)
+        if self.stopping and slot.stop_requested and slot.child is not None and slot.escalation is None:
+            slot.escalation = self.stop_escalation(slot.stop_at)
 
     def _write_stop(self, slot: Slot) -> None:
         try:
@@ -504,52 +414,69 @@ class Supervisor:
         except OSError:
             pass
 
+    def check_hung_tasks(self, now: float) -> None:
+        """A task process beats from its `watch` thread; silent past the deadline it is asked to go
+        (it ignores SIGTERM by design, so in effect it is killed after the grace) and its death
+        takes the usual path: replaced to re-attach to a running container, else failed."""
+        limit = self.config.helper_hung_s
+        for slot in self.slots.values():
+            if slot.child is None:
+                continue
+            if slot.hung and not slot.escalation.killed and self.spawner.last_beat(slot.child) > slot.escalation.since:
+                # It beats again (it ignores SIGTERM): it was only frozen (e.g. the whole agent
+                # was paused); killing it now would only make its replacement re-attach.
+                log.info("task %s: task process beats again; not killing it", slot.task_id)
+                slot.escalation, slot.hung = None, ""
+                if self.stopping and slot.stop_requested:
+                    slot.escalation = self.stop_escalation(slot.stop_at)
+            if slot.escalation is not None:
+                continue
+            silent = silent_for(self.spawner, slot.child, now)
+            if silent > limit:
+                slot.hung = f"hung: no heartbeat for {silent:.0f}s"
+                log.warning("task %s: task process (pid %s) sent no heartbeat for %.0fs: hung; stopping it",
+                            slot.task_id, slot.child.pid, silent)
+                slot.escalation = Escalation(now, HUNG_KILL_AFTER_S, "SIGTERM for a missed heartbeat")
+                self.spawner.terminate(slot.child)
+
     def reap_tasks(self, now: float) -> None:
         for slot in list(self.slots.values()):
-            if slot.proc is None or slot.proc.exitcode is None:
+            if slot.child is None:
                 continue
-            code = slot.proc.exitcode
-            slot.proc.join(0)
-            slot.proc.close()
-            slot.proc = None
+            code = self.spawner.exitcode(slot.child)
+            if code is None:
+                continue
+            self.spawner.reap(slot.child)
+            slot.child, slot.escalation = None, None
             if code == 0 or tasklog.is_closed(self.config, slot.task_id):
                 self.release(slot, SlotState.DONE)
                 log.info("task %s: task process done", slot.task_id)
                 continue
-            reason = f"task process {describe_exit(code)}"
+            reason = f"task process {describe_exit(code)}" + (f" ({slot.hung})" if slot.hung else "")
             log.warning("task %s: %s", slot.task_id, reason)
-            if slot.spawns <= MAX_RESPAWNS and slot.type != "cleanup" and engine.container_running(self.config, slot.task_id):
+            if slot.spawns <= MAX_RESPAWNS and slot.type in CONTAINER_TYPES and \
+                    self.engine.container_running(self.config, slot.task_id):
                 log.info("task %s: its container still runs; a new task process re-attaches", slot.task_id)
                 slot.adopt = True
-                self.spawn_task(slot)
+                self.spawn_task(slot, now)
                 continue
             slot.final = ("stopped" if slot.stop_requested and code == -signal.SIGKILL else "failed", reason)
             slot.change(SlotState.FINALIZING)
 
     def finalize_slots(self) -> None:
-        """Report failed for dead task processes once their log is fully acked."""
+        """Report the final state of dead task processes once their log is fully acked."""
         for slot in self.slots.values():
             if slot.state != SlotState.FINALIZING or slot.final_sent:
                 continue
             if not tasklog.fully_acked(self.config, slot.task_id):
                 continue
             slot.final_sent = True
-            self._jobs.put(lambda slot=slot: self._report_final(slot))
+            self.jobs.submit(lambda slot=slot: self._report_final(slot))
 
     def _report_final(self, slot: Slot):
-        from protocol.errors import APIError
+        """Jobs thread: post the final state (retrying), mark the log closed; the slot is freed in main."""
         state, error = slot.final
-        failures = 0
-        while not self._threads_stop.is_set():
-            try:
-                self.api.set_state(slot.task_id, state, error=error)
-                break
-            except APIError as e:
-                if e.status is not None and 400 <= e.status < 500:
-                    log.warning("task %s: server refused %s: %s", slot.task_id, state, e)
-                    break
-                failures += 1
-                time.sleep(min(5.0, 0.2 * 2 ** failures) * random.uniform(0.5, 1.5))
+        report_final(self.api, slot.task_id, state, error, self._threads_stop)
         tasklog.mark_closed(self.config, slot.task_id, state)
         log.info("task %s: reported %s (%s)", slot.task_id, state, error)
         return lambda: self.release(slot, SlotState.DONE)
@@ -562,38 +489,27 @@ class Supervisor:
             slot.stop_w = None
         del self.slots[slot.task_id]
 
-    def escalate_stop(self, now: float) -> None:
-        if not self.stopping:
-            return
-        limit = self.config.stop_grace_s + STOP_KILL_AFTER_S
+    def escalate(self, now: float) -> None:
+        self.helpers.escalate(now)
         for slot in self.slots.values():
-            if slot.proc is not None and slot.stop_requested and now - slot.stop_at > limit:
-                log.warning("task %s: task process did not stop within %.0fs; killing it", slot.task_id, limit)
-                slot.proc.kill()
+            escalate(self.spawner, slot.child, slot.escalation, now, log, f"task {slot.task_id}: task process")
 
     def check_exit(self, now: float) -> None:
-        if self.exit_code is not None or not self.draining:
+        if self.exit_code is not None:
             return
-        if any(s.state in (SlotState.RUNNING, SlotState.STOPPING, SlotState.FINALIZING) for s in self.slots.values()):
+        if self.fatal_exit_at is not None:
+            if now >= self.fatal_exit_at:
+                log.error("FATAL not reported within %.0fs; exiting anyway", FATAL_REPORT_WAIT_S)
+                self.exit_code = EXIT_FATAL
+            return
+        if not self.draining or any(s.state in BUSY for s in self.slots.values()):
             return
         # Tasks first, then telemetry, the log-shipper last (it drains).
-        if not self.stopping_helpers_phase:
-            self.stopping_helpers_phase = True
+        if not self.helpers.shutting_down:
+            self.helpers.shutting_down = True
             log.info("no task runs: stopping telemetry, then the log-shipper")
-        for name in ("telemetry", "log-shipper"):
-            h = self.helpers[name]
-            if h.state in (ChildState.STARTING, ChildState.RUNNING):
-                h.change(ChildState.STOPPING)
-                h.proc.terminate()
-                h.stop_deadline = now + 15
-                return
-            if h.state == ChildState.STOPPING:
-                if now > getattr(h, "stop_deadline", now + 1):
-                    h.proc.kill()
-                return
-            if h.state == ChildState.BACKOFF:
-                h.change(ChildState.STOPPED)
-        self.exit_code = EXIT_OK
+        if self.helpers.stop_in_order(HELPER_ORDER, now):
+            self.exit_code = EXIT_OK
 
     # ------------------------------------------------------------------ threads
     def _wake(self) -> None:
@@ -601,52 +517,3 @@ class Supervisor:
             os.write(self._wake_w, b"w")
         except OSError:
             pass
-
-    def _poll_loop(self) -> None:
-        from protocol.errors import APIError, AuthError
-        failures = 0
-        while not self._threads_stop.is_set():
-            with self._snapshot_lock:
-                free_slots, free_gpus, running, refusing = self._snapshot
-            wait = self.config.poll_wait_s if free_slots > 0 else min(self.config.poll_wait_s, 1.0)
-            try:
-                answer = self.api.poll(free_slots, free_gpus, running, wait=wait, refusing=refusing)
-            except APIError as e:
-                failures += 1
-                delay = min(30.0, 0.5 * 2 ** failures) * random.uniform(0.5, 1.5)
-                if failures == 1 or isinstance(e, AuthError):
-                    log.error("poll failed: %s; retrying in %.1fs", e, delay)
-                self._threads_stop.wait(delay)
-                continue
-            if failures:
-                log.info("poll works again after %d failures", failures)
-            failures = 0
-            self._answer_done.clear()
-            self._answers.put(answer)
-            self._wake()
-            # The next poll must carry the running list this answer produced.
-            while not self._answer_done.wait(0.5):
-                if self._threads_stop.is_set():
-                    return
-
-    def _jobs_loop(self) -> None:
-        while True:
-            job = self._jobs.get()
-            try:
-                callback = job()
-            except Exception:  # noqa: BLE001
-                log.exception("background job failed")
-                callback = None
-            if callback is not None:
-                self._done.put(callback)
-                self._wake()
-
-
-def describe_exit(code: int) -> str:
-    """`killed by SIGKILL` / `exited with code 3`."""
-    if code is not None and code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exited with code {code}"

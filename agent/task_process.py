@@ -19,6 +19,7 @@ import time
 import traceback
 
 from agent.child import ChildBase
+from agent.exitcodes import CHILD_OK, CHILD_ORPHANED
 from agent.proctitle import set_title, task_title
 from node import tasklog
 from node.api import AgentAPI
@@ -32,7 +33,6 @@ from workers.base import Outcome, TaskContext
 log = logging.getLogger("agent.task")
 
 HANDLER_ENV = "SLY_AGENT_HANDLER"     # tests only: package.module:function replaces every type's handler
-EXIT_ORPHANED = 70                    # the supervisor went away
 PROGRESS_MIN_INTERVAL_S = 0.5         # at most 2 progress posts a second, always the last value
 ACK_POLL_MIN_S = 0.002                # finish(): the cursor is polled every 2 ms for 0.1 s, then
 ACK_POLL_FAST_S = 0.1                 # backing off to 50 ms
@@ -210,10 +210,14 @@ class TaskProcess(ChildBase):
         self.nudges.send(self.task_id)
 
     def watch(self) -> None:
-        """Thread: stop pipe -> stop_event; supervisor gone -> exit now."""
+        """Thread: stop pipe -> stop_event; supervisor gone -> exit now; the heartbeat.
+
+        The heartbeat comes from here, not from the handler's thread, which may block on a
+        container for hours: it says the process is alive and its interpreter not stuck."""
         while True:
+            self.beat()
             if not self.parent_alive():
-                os._exit(EXIT_ORPHANED)
+                os._exit(CHILD_ORPHANED)
             try:
                 ready, _, _ = select.select([self.stop_fd], [], [], 0.25)
             except (OSError, ValueError):
@@ -226,7 +230,7 @@ class TaskProcess(ChildBase):
                 if data:
                     self.stop_event.set()
                 else:   # the supervisor closed its end: it is gone
-                    os._exit(EXIT_ORPHANED)
+                    os._exit(CHILD_ORPHANED)
 
     def run(self) -> int:
         self.start_in_child(task_title(self.task_id, self.task_type, "starting"))
@@ -235,7 +239,7 @@ class TaskProcess(ChildBase):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         threading.Thread(target=self.watch, name="watch", daemon=True).start()
         if tasklog.is_closed(self.config, self.task_id):
-            return 0        # the final state was reported by a previous task process
+            return CHILD_OK  # the final state was reported by a previous task process
         masker = Masker(self.config.access_token)
         self.writer = tasklog.TaskLogWriter(self.config, self.task_id, masker)
         tasklog.register_active(self.config, self.task_id)
@@ -246,7 +250,7 @@ class TaskProcess(ChildBase):
         ctx = AgentTaskContext(self, api, self.stop_event)
         outcome = self.call_handler(ctx)
         self.finish(api, ctx, outcome)
-        return 0
+        return CHILD_OK
 
     def call_handler(self, ctx: AgentTaskContext) -> Outcome:
         try:
@@ -271,7 +275,7 @@ class TaskProcess(ChildBase):
         nudged = start = time.monotonic()
         while tasklog.acked_seq(self.config, self.task_id) < last:
             if not self.parent_alive():
-                os._exit(EXIT_ORPHANED)
+                os._exit(CHILD_ORPHANED)
             time.sleep(delay)
             if time.monotonic() - start >= ACK_POLL_FAST_S:     # a backlog: no need to look so often
                 delay = min(ACK_POLL_MAX_S, delay * 1.5)
@@ -307,7 +311,7 @@ class TaskProcess(ChildBase):
                     break
                 failures += 1
                 if not self.parent_alive():
-                    os._exit(EXIT_ORPHANED)
+                    os._exit(CHILD_ORPHANED)
                 time.sleep(backoff_delay(failures, base=0.4, cap=5.0))
         tasklog.mark_closed(self.config, self.task_id, outcome.state)
         log.info("task %s: %s", self.task_id, outcome.state)

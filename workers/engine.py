@@ -14,7 +14,7 @@ from workers.cache import DiskError, disk_status, ensure_space
 
 log = logging.getLogger("workers.engine")
 
-__all__ = ["DiskError", "container_running", "disk_status", "ensure_space", "reap_orphans"]
+__all__ = ["DiskError", "container_running", "disk_status", "ensure_space", "free_disk", "reap_orphans"]
 
 
 def container_running(config: Config, task_id: int) -> bool:
@@ -44,3 +44,11 @@ def reap_orphans(config: Config, keep_task_ids: list[int]) -> None:
     if removed:
         log.info("removed %d orphan containers: %s", len(removed), ", ".join(removed))
     return None
+
+
+def free_disk(config: Config) -> dict:
+    """Evict least-recently-used cache entries until enough disk is free; a summary ({} if it cannot)."""
+    try:
+        return ensure_space(config)
+    except DiskError:
+        return {}

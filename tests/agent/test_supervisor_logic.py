@@ -1,4 +1,4 @@
-"""The supervisor's slot/GPU accounting and poll handling, without forking (spawn is replaced)."""
+"""The supervisor's slot/GPU accounting and poll handling, without forking (a fake spawner)."""
 from __future__ import annotations
 
 import pytest
@@ -7,19 +7,22 @@ from node.config import load_config
 from agent.states import SlotState
 from node.storage import ensure_layout
 from agent.supervisor import Supervisor
+from tests.agent.fakes import FakeSpawner
 
 
 class DrySupervisor(Supervisor):
-    """Records spawns instead of forking (the thin wrapper around the OS call)."""
+    """The real supervisor on a fake spawner; `spawned` lists (task id, GPUs, adopt) in spawn order."""
 
-    def __init__(self, *a, **kw):
-        super().__init__(*a, **kw)
-        self.spawned: list[tuple[int, list[int], bool]] = []
+    @property
+    def spawned(self) -> list[tuple[int, list[int], bool]]:
+        return [(int(c.name.split("-")[1]), c.role.gpus, c.role.adopt) for c in self.spawner.children
+                if c.name.startswith("task-")]
 
-    def spawn_task(self, slot):
-        slot.spawns += 1
-        slot.change(SlotState.RUNNING)
-        self.spawned.append((slot.task_id, list(slot.gpus), slot.adopt))
+    def handle_answer(self, answer, now=None):
+        super().handle_answer(answer, self.spawner.now() if now is None else now)
+
+    def admit_pending(self, now=None):
+        super().admit_pending(self.spawner.now() if now is None else now)
 
 
 @pytest.fixture
@@ -27,7 +30,7 @@ def sup(tmp_path):
     c = load_config({"SERVER_ADDRESS": "http://127.0.0.1:1", "ACCESS_TOKEN": "B" * 32,
                      "AGENT_HOST_DIR": str(tmp_path / "root"), "MAX_TASKS": "3"})
     ensure_layout(c)
-    s = DrySupervisor(c, api=None)
+    s = DrySupervisor(c, api=None, spawner=FakeSpawner())
     s.gpu_pool = [0, 1, 2]
     return s
 
@@ -43,7 +46,7 @@ def test_admits_by_slots_and_gpus(sup):
     assert sup.spawned == [(1, [0, 1], False), (3, [2], False), (4, [], False)]
     assert sup.slots[2].state is SlotState.PENDING
     sup.update_snapshot()
-    free_slots, free_gpus, running, refusing = sup._snapshot
+    free_slots, free_gpus, running, refusing = sup.poller.snapshot
     assert (free_slots, free_gpus, running) == (0, [], [1, 2, 3, 4])
     sup.release(sup.slots[1], SlotState.DONE)          # task 1 ends: its GPUs come back
     sup.admit_pending()
@@ -64,9 +67,9 @@ def test_draining_reports_no_free_slot_and_dedups_tasks(sup):
     sup.handle_answer({"tasks": [task(10)], "stop": []})     # handed out again: still one slot
     sup.admit_pending()
     assert [s[0] for s in sup.spawned] == [10]
-    sup.handle_sigterm()
+    sup.handle_sigterm(sup.spawner.now())
     sup.update_snapshot()
-    assert sup._snapshot[0] == 0
+    assert sup.poller.snapshot.free_slots == 0
 
 
 def test_adopts_a_task_with_a_durable_log(sup):
@@ -83,9 +86,9 @@ def test_adopts_a_task_with_a_durable_log(sup):
 def test_disk_guard_refuses_while_short_and_says_why(sup):
     import dataclasses
     short = dataclasses.replace(sup.config, min_free_disk_mb=10**9)
-    sup._disk_job(short, evict=True)()
+    sup._apply_disk(sup.disk.check(short, evict=True))
     assert sup.free_slots() == 0 and "not enough disk" in sup.disk_refusal
     sup.update_snapshot()
-    assert sup._snapshot[0] == 0 and sup._snapshot[3] == sup.disk_refusal
-    sup._disk_job(dataclasses.replace(sup.config, min_free_disk_mb=1), evict=True)()
+    assert sup.poller.snapshot.free_slots == 0 and sup.poller.snapshot.refusing == sup.disk_refusal
+    sup._apply_disk(sup.disk.check(dataclasses.replace(sup.config, min_free_disk_mb=1), evict=True))
     assert sup.disk_refusal == "" and sup.free_slots() == 3
