@@ -61,7 +61,8 @@
     caption() {
       const d = this.data, last = d[0].length - 1;
       const parts = this.o.series.map((s, i) => {
-        for (let j = last; j >= 0; j--) if (d[i + 1][j] !== null && d[i + 1][j] !== undefined) return `${s.label} ${SLY.num(d[i + 1][j], this.o.unit)}`;
+        const name = this.o.series.length > 1 ? `${s.label} ` : "";   // a single line is named by the title
+        for (let j = last; j >= 0; j--) if (d[i + 1][j] !== null && d[i + 1][j] !== undefined) return name + SLY.num(d[i + 1][j], this.o.unit);
         return null;
       }).filter(Boolean);
       this.now.textContent = parts.join(" · ");
