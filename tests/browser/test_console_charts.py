@@ -37,6 +37,14 @@ CHART_STATE = """(fig) => {
 }"""
 
 
+def poll_page(page, predicate, timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll while letting Playwright dispatch the page's events (a plain sleep would hold them)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
+        page.wait_for_timeout(20)
+
+
 def chart_state(page, selector: str) -> dict:
     return page.locator(selector).evaluate(CHART_STATE)
 
@@ -252,16 +260,17 @@ def test_remove_stale_nodes_deletes_only_offline_nodes_older_than_the_threshold(
     age.select_option(label="7 days")
     expect(listed).to_have_count(2)
 
-    page.once("dialog", lambda d: d.dismiss())                # cancelled: nothing is removed
+    # The confirmation comes after the page has loaded the node list again: answer it from a
+    # handler (a dialog blocks the click that opens it), first "cancel", then "OK".
+    answers, prompts = ["dismiss", "accept"], []
+    page.on("dialog", lambda d: (prompts.append(d.message), getattr(d, answers.pop(0))()))
     page.get_by_role("button", name="Remove 2 nodes").click()
-    assert len(admin.get(srv.url + "/api/v1/agents", timeout=10).json()["items"]) == 5
-
-    prompts: list[str] = []
-    page.once("dialog", lambda d: (prompts.append(d.message), d.accept()))
+    poll_page(page, lambda: len(prompts) == 1, what="the first confirmation")
+    assert len(admin.get(srv.url + "/api/v1/agents", timeout=10).json()["items"]) == 5   # cancelled: none removed
     page.get_by_role("button", name="Remove 2 nodes").click()
     expect(page.locator("#stale-status")).to_have_text("2 / 2 removed")
+    assert "Remove 2 offline nodes last seen more than 7 days ago" in prompts[1]
     assert page.locator("#stale-progress").get_attribute("value") == "2"
-    assert "Remove 2 offline nodes last seen more than 7 days ago" in prompts[0]
     expect(page.locator("#flash")).to_contain_text("Removed 2 offline nodes")
     left = {a["id"] for a in admin.get(srv.url + "/api/v1/agents", timeout=10).json()["items"]}
     assert left == {recent, never_new, alive}

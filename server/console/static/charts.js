@@ -27,10 +27,10 @@
     /**
      * fig: a <figure> to draw into. opts: {title, x: "time" | "epoch", series: [{label, color?}],
      * unit ("%" or ""), range ([lo, hi] for a fixed y range), height, window (() => seconds or null:
-     * the time span shown up to now), fill (shade under single lines)}.
+     * the time span shown up to now; null fits the data), fill (shade under single lines)}.
      */
     constructor(fig, opts) {
-      this.fig = fig; this.o = opts; this.u = null; this.data = null; this.marks = [];
+      this.fig = fig; this.o = opts; this.u = null; this.data = null; this.marks = []; this.zoomed = false;
       fig.classList.add("chart");
       this.now = SLY.el("span", { class: "now" });
       this.note = SLY.el("span", { class: "hint cp-note", hidden: true });
@@ -47,8 +47,23 @@
       this.marks = marks || [];
       Object.assign(this.fig.dataset, { points: data[0].length, series: data.length - 1, marks: this.marks.length });
       if (!this.u) this.build();
-      else this.u.setData(data);
+      else this.u.setData(data, !this.zoomed);   // a zoomed chart keeps its x range while data comes in
+      if (!this.zoomed) this.applyWindow();
       this.caption();
+    }
+
+    /** Show the chosen window (the last N seconds up to now) on a time axis; else fit the data. */
+    applyWindow() {
+      const w = this.o.window && this.o.window();
+      if (!this.u || this.o.x !== "time" || !w) return;
+      const xs = this.data[0], now = Date.now() / 1000;
+      this.u.setScale("x", { min: now - w, max: Math.max(now, xs.length ? xs[xs.length - 1] : now) });
+    }
+
+    /** Drop a drag zoom and show the window (or all data) again. */
+    unzoom() {
+      this.zoomed = false;
+      if (this.u) { this.u.setData(this.data, true); this.applyWindow(); }
     }
 
     setMarks(marks) {
@@ -99,7 +114,7 @@
         legend: { live: false },
         cursor: { drag: { x: true, y: false, setScale: true }, points: { size: 7 } },
         scales: {
-          x: { time, range: (u, min, max) => this.xRange(min, max) },
+          x: { time, range: (u, min, max) => (min === null || min === undefined ? [0, 1] : min === max ? [min - 1, max + 1] : [min, max]) },
           y: o.range ? { range: () => o.range } : { auto: true },
         },
         axes: [xAxis, yAxis],
@@ -109,25 +124,25 @@
           points: { size: 5, fill: this.colors[i] },
           value: (u, v) => SLY.num(v, o.unit),
         }))),
-        plugins: [this.tooltip(), this.markPlugin(p)],
+        plugins: [this.tooltip(), this.markPlugin(p), this.zoomPlugin()],
       };
       this.u = new uPlot(opts, this.data, this.plot);
       this.fig.uplot = this.u;   // for tests and the benchmark: the drawn data and series
-    }
-
-    xRange(min, max) {
-      const w = this.o.window && this.o.window();
-      if (this.o.x === "time" && w) {
-        const now = Date.now() / 1000;
-        return [now - w, Math.max(now, max || now)];
-      }
-      if (min === null || min === undefined) return [0, 1];
-      return min === max ? [min - 1, max + 1] : [min, max];
+      this.applyWindow();
     }
 
     resize() {
       const w = this.plot.clientWidth;
       if (this.u && w > 0 && Math.abs(w - this.u.width) > 1) this.u.setSize({ width: w, height: this.u.height });
+    }
+
+    /** A drag along x zooms in (uPlot); remember it, so refreshes keep it; a double-click undoes it. */
+    zoomPlugin() {
+      const self = this;
+      return { hooks: {
+        init(u) { u.over.addEventListener("dblclick", () => self.unzoom()); },
+        setSelect(u) { if (u.select.width > 0) self.zoomed = true; },
+      } };
     }
 
     /** A box beside the cursor with x, every shown series' value, and a checkpoint there. */

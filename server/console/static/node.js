@@ -61,6 +61,7 @@
     windowS = s;
     localStorage.setItem(WINDOW_KEY, String(s));
     for (const b of document.querySelectorAll("#window button")) b.setAttribute("aria-pressed", String(Number(b.dataset.s) === s));
+    for (const c of Object.values(charts)) c.zoomed = false;
     draw();
   }
   for (const b of document.querySelectorAll("#window button")) b.addEventListener("click", () => pickWindow(Number(b.dataset.s)));
