@@ -1,11 +1,14 @@
-"""Console benchmark: how fast the task page draws a log, against a plain SSE reader as baseline.
+"""Console benchmark: how fast the task page draws a log and a chart, each against a baseline.
 
-    python bench/bench_console.py [--lines 50000] [--live 50]
+    python bench/bench_console.py [--lines 50000] [--live 50] [--only log|chart]
 
 - replay: a finished task with --lines lines; time until the page (headless Chromium) has drawn
   the last line, against `requests` reading the same server-sent events to `end` (baseline).
 - live: one line posted by the agent at a time; time from the POST to the line in the page's DOM,
   against the time to the same line arriving at a `requests` SSE reader (baseline). p50 / p95.
+- chart: a 1,000-point, 4-series uPlot chart built and drawn in the task page (SLY.Chart, the
+  code the metric and telemetry charts use), against loading the nodes page with its one node
+  (baseline: navigation to the page's first data drawn). Medians of --repeat runs.
 """
 from __future__ import annotations
 
@@ -45,12 +48,118 @@ def sse_lines(url: str, token: str, task_id: int, on_line=None) -> int:
     return n
 
 
+def sign_in(page, srv) -> None:
+    page.goto(srv.url + "/signin")
+    page.fill("#token", srv.admin_token)
+    page.click("button[type=submit]")
+    page.wait_for_url("**/nodes")
+
+
+def bench_log(args, srv, agent, new_task):
+    """Replay and live latency of the task log; returns (base_replay, page_replay, lat_base, lat_page)."""
+    from playwright.sync_api import sync_playwright
+    done = new_task()
+    for i in range(0, args.lines, 5000):
+        agent.log(done, *[f"line {j} " + "x" * 60 for j in range(i, min(args.lines, i + 5000))])
+    agent.state(done, "finished", exit_code=0)
+
+    t0 = time.perf_counter()
+    assert sse_lines(srv.url, srv.admin_token, done) == args.lines
+    base_replay = time.perf_counter() - t0
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        page = b.new_page()
+        sign_in(page, srv)
+        t0 = time.perf_counter()
+        page.goto(f"{srv.url}/tasks/{done}")
+        page.wait_for_function("(n) => { const l = document.querySelector('#log .line:last-child');"
+                               " return l && l.dataset.seq == String(n - 1); }", arg=args.lines, timeout=300_000)
+        page_replay = time.perf_counter() - t0
+
+        live = new_task()
+        page.goto(f"{srv.url}/tasks/{live}")
+        page.wait_for_selector("#t-state:text('running')")
+        arrived: dict[int, float] = {}
+        reader = threading.Thread(target=sse_lines, args=(srv.url, srv.admin_token, live,
+                                                          lambda ln: arrived.__setitem__(ln["seq"], time.perf_counter())),
+                                  daemon=True)
+        reader.start()
+        time.sleep(0.5)   # let the reader's stream open before the first line
+        lat_page, lat_base = [], []
+        for i in range(args.live):
+            t0 = time.perf_counter()
+            agent.log(live, f"live {i}")
+            page.wait_for_function("(s) => { const l = document.querySelector('#log .line:last-child');"
+                                   " return l && l.dataset.seq == String(s); }", arg=i, polling=2)
+            lat_page.append(time.perf_counter() - t0)
+            while i not in arrived:
+                time.sleep(0.001)
+            lat_base.append(arrived[i] - t0)
+        agent.state(live, "finished", exit_code=0)
+        b.close()
+    return base_replay, page_replay, lat_base, lat_page
+
+
+CHART_JS = """async (n) => {
+    const t0 = Date.now() / 1000, xs = Array.from({length: n}, (_, i) => t0 - (n - i) * 5);
+    const data = [xs, ...[0, 1, 2, 3].map(k => xs.map((_, i) => 50 + 40 * Math.sin(i / (20 + 7 * k) + k)))];
+    const fig = SLY.el("figure", {style: "width:900px"});
+    document.getElementById("task").append(fig);
+    const start = performance.now();
+    const c = new SLY.Chart(fig, {title: "bench", x: "time", unit: "%", range: [0, 100],
+                                  series: ["a", "b", "c", "d"].map(label => ({label}))});
+    c.set(data);
+    await new Promise(r => setTimeout(r, 0));        // uPlot commits its first draw in a microtask
+    fig.getBoundingClientRect();                     // and the layout of its legend and axes
+    const ms = performance.now() - start;
+    if (fig.uplot.data[1].length !== n) throw new Error("chart not drawn");
+    c.destroy(); fig.remove();
+    return ms;
+}"""
+
+
+def bench_chart(args, srv, new_task):
+    """Median seconds to load the nodes page (baseline) and to build and draw a 4 x 1,000-point chart."""
+    from playwright.sync_api import sync_playwright
+    task = new_task()
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        page = b.new_page(viewport={"width": 1440, "height": 900})
+        sign_in(page, srv)
+        loads = []
+        for _ in range(args.repeat):
+            t0 = time.perf_counter()
+            page.goto(srv.url + "/nodes")
+            page.wait_for_selector("tr.node-row")
+            loads.append(time.perf_counter() - t0)
+        page.goto(f"{srv.url}/tasks/{task}")
+        page.wait_for_selector("#t-state:text('running')")
+        draws = [page.evaluate(CHART_JS, 1000) / 1000 for _ in range(args.repeat)]
+        b.close()
+    return statistics.median(loads), statistics.median(draws)
+
+
+def report_log(args, base_replay, page_replay, lat_base, lat_page):
+    def q(xs, p):
+        xs = sorted(xs)
+        return xs[min(len(xs) - 1, int(p / 100 * len(xs)))]
+    print(f"{f'replay {args.lines} lines (s)':<34}{base_replay:>14.2f}{page_replay:>14.2f}{page_replay / base_replay:>8.2f}")
+    print(f"{'replay rate (lines/s)':<34}{args.lines / base_replay:>14.0f}{args.lines / page_replay:>14.0f}")
+    for name, p in (("live line p50 (ms)", 50), ("live line p95 (ms)", 95)):
+        bq, pq = q(lat_base, p) * 1000, q(lat_page, p) * 1000
+        print(f"{name:<34}{bq:>14.1f}{pq:>14.1f}{pq / bq:>8.2f}")
+    print(f"(live: {args.live} lines, median of both: {statistics.median(lat_base) * 1000:.1f} / "
+          f"{statistics.median(lat_page) * 1000:.1f} ms; the page's 30 ms draw batching is part of its number)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--lines", type=int, default=50000)
     ap.add_argument("--live", type=int, default=50)
+    ap.add_argument("--repeat", type=int, default=10)
+    ap.add_argument("--only", choices=["log", "chart"])
     args = ap.parse_args()
-    from playwright.sync_api import sync_playwright
 
     with tempfile.TemporaryDirectory() as tmp:
         srv = ServerProcess(Path(tmp) / "data").start()
@@ -66,63 +175,19 @@ def main() -> None:
                 agent.state(t["id"], "running")
                 return t["id"]
 
-            done = new_task()
-            for i in range(0, args.lines, 5000):
-                agent.log(done, *[f"line {j} " + "x" * 60 for j in range(i, min(args.lines, i + 5000))])
-            agent.state(done, "finished", exit_code=0)
-
-            t0 = time.perf_counter()
-            assert sse_lines(srv.url, srv.admin_token, done) == args.lines
-            base_replay = time.perf_counter() - t0
-
-            with sync_playwright() as p:
-                b = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
-                page = b.new_page()
-                page.goto(srv.url + "/signin")
-                page.fill("#token", srv.admin_token)
-                page.click("button[type=submit]")
-                page.wait_for_url("**/nodes")
-                t0 = time.perf_counter()
-                page.goto(f"{srv.url}/tasks/{done}")
-                page.wait_for_function("(n) => { const l = document.querySelector('#log .line:last-child');"
-                                       " return l && l.dataset.seq == String(n - 1); }", arg=args.lines, timeout=300_000)
-                page_replay = time.perf_counter() - t0
-
-                live = new_task()
-                page.goto(f"{srv.url}/tasks/{live}")
-                page.wait_for_selector("#t-state:text('running')")
-                arrived: dict[int, float] = {}
-                reader = threading.Thread(target=sse_lines, args=(srv.url, srv.admin_token, live,
-                                                                  lambda ln: arrived.__setitem__(ln["seq"], time.perf_counter())),
-                                          daemon=True)
-                reader.start()
-                time.sleep(0.5)   # let the reader's stream open before the first line
-                lat_page, lat_base = [], []
-                for i in range(args.live):
-                    t0 = time.perf_counter()
-                    agent.log(live, f"live {i}")
-                    page.wait_for_function("(s) => { const l = document.querySelector('#log .line:last-child');"
-                                           " return l && l.dataset.seq == String(s); }", arg=i, polling=2)
-                    lat_page.append(time.perf_counter() - t0)
-                    while i not in arrived:
-                        time.sleep(0.001)
-                    lat_base.append(arrived[i] - t0)
-                agent.state(live, "finished", exit_code=0)
-                b.close()
+            log = None if args.only == "chart" else bench_log(args, srv, agent, new_task)
+            chart = None if args.only == "log" else bench_chart(args, srv, new_task)
         finally:
             srv.stop()
 
-    def q(xs, p):
-        xs = sorted(xs)
-        return xs[min(len(xs) - 1, int(p / 100 * len(xs)))]
     print(f"{'measure':<34}{'baseline':>14}{'console':>14}{'ratio':>8}")
-    print(f"{f'replay {args.lines} lines (s)':<34}{base_replay:>14.2f}{page_replay:>14.2f}{page_replay / base_replay:>8.2f}")
-    print(f"{'replay rate (lines/s)':<34}{args.lines / base_replay:>14.0f}{args.lines / page_replay:>14.0f}")
-    for name, p in (("live line p50 (ms)", 50), ("live line p95 (ms)", 95)):
-        bq, pq = q(lat_base, p) * 1000, q(lat_page, p) * 1000
-        print(f"{name:<34}{bq:>14.1f}{pq:>14.1f}{pq / bq:>8.2f}")
-    print(f"(live: {args.live} lines, median of both: {statistics.median(lat_base) * 1000:.1f} / "
-          f"{statistics.median(lat_page) * 1000:.1f} ms; the page's 30 ms draw batching is part of its number)")
+    if log:
+        report_log(args, *log)
+    if chart:
+        base, drawn = chart
+        print(f"{'chart 4 x 1,000 points (ms)':<34}{base * 1000:>14.1f}{drawn * 1000:>14.1f}{drawn / base:>8.2f}")
+        print("(chart: baseline is loading the nodes page until its node is drawn; medians of "
+              f"{args.repeat} runs)")
 
 
 if __name__ == "__main__":

@@ -21,33 +21,40 @@ SESSION_COOKIE = "sly_session"
 TASK_STATES = tuple(s.value for s in TaskState)
 
 _env = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]))
-_STATIC_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8"}
-# name -> (bytes, content type); read once at import, so a request never touches the filesystem
-_STATIC = {p.name: (p.read_bytes(), _STATIC_TYPES[p.suffix])
-           for p in (HERE / "static").iterdir() if p.suffix in _STATIC_TYPES}
+_STATIC_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8",
+                 ".svg": "image/svg+xml", ".ico": "image/x-icon"}
+# relative path -> (bytes, content type); read once at import, so a request never touches the
+# filesystem. vendor/ holds third-party files copied by vendor.sh (uPlot); LICENSE and README stay unserved.
+_STATIC = {p.relative_to(HERE / "static").as_posix(): (p.read_bytes(), _STATIC_TYPES[p.suffix])
+           for p in sorted((HERE / "static").rglob("*")) if p.is_file() and p.suffix in _STATIC_TYPES}
+# Scripts a page with charts loads before its own.
+CHART_SCRIPTS = ("vendor/uplot/uPlot.iife.min.js", "charts.js")
 
 router = APIRouter(include_in_schema=False)
 
-# Scripts only from this server (no inline script can run); no framing (clickjacking the token form).
+# Scripts and styles only from this server: no inline script can run and no style attribute is
+# applied (the scripts set styles through CSSOM, which the policy allows; uPlot does the same and
+# needs no eval). No framing (clickjacking the token form).
 SECURITY_HEADERS = {
     "cache-control": "no-store",
-    "content-security-policy": "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+    "content-security-policy": "default-src 'self'; script-src 'self'; style-src 'self'; "
                                "img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; form-action 'self'",
     "x-content-type-options": "nosniff",
     "referrer-policy": "same-origin",
 }
 
 
-def _html(template: str, **ctx) -> HTMLResponse:
-    return HTMLResponse(_env.get_template(template).render(task_types=TASK_TYPES, task_states=TASK_STATES, **ctx),
+def _html(template: str, scripts: tuple[str, ...] = (), **ctx) -> HTMLResponse:
+    return HTMLResponse(_env.get_template(template).render(task_types=TASK_TYPES, task_states=TASK_STATES,
+                                                           scripts=scripts, **ctx),
                         headers=SECURITY_HEADERS)
 
 
-def _page(request: Request, template: str, title: str, nav: str, script: str | None, **ctx) -> Response:
+def _page(request: Request, template: str, title: str, nav: str, *scripts: str, **ctx) -> Response:
     """Render a page shell; without a session cookie, go to sign-in first (the API checks validity)."""
     if SESSION_COOKIE not in request.cookies:
         return RedirectResponse("/signin", status_code=303)
-    return _html(template, title=title, nav=nav, script=script, **ctx)
+    return _html(template, scripts=scripts, title=title, nav=nav, **ctx)
 
 
 @router.get("/")
@@ -57,7 +64,7 @@ def index(request: Request):
 
 @router.get("/signin")
 def signin():
-    return _html("signin.html", title="Sign in", nav="", script="signin.js")
+    return _html("signin.html", ("signin.js",), title="Sign in", nav="")
 
 
 @router.get("/nodes")
@@ -67,7 +74,7 @@ def nodes(request: Request):
 
 @router.get("/nodes/{agent_id}")
 def node(request: Request, agent_id: int):
-    return _page(request, "node.html", f"Node {agent_id}", "nodes", "node.js", agent_id=agent_id)
+    return _page(request, "node.html", f"Node {agent_id}", "nodes", *CHART_SCRIPTS, "node.js", agent_id=agent_id)
 
 
 @router.get("/tasks")
@@ -77,7 +84,7 @@ def tasks(request: Request):
 
 @router.get("/tasks/{task_id}")
 def task(request: Request, task_id: int):
-    return _page(request, "task.html", f"Task {task_id}", "tasks", "task.js", task_id=task_id)
+    return _page(request, "task.html", f"Task {task_id}", "tasks", *CHART_SCRIPTS, "task.js", task_id=task_id)
 
 
 @router.get("/projects")
@@ -90,7 +97,13 @@ def models(request: Request):
     return _page(request, "collection.html", "Models", "models", "collection.js", kind="models")
 
 
-@router.get("/console/static/{name}")
+@router.get("/favicon.ico")
+def favicon():
+    body, ctype = _STATIC["favicon.ico"]
+    return Response(body, media_type=ctype, headers={"cache-control": "max-age=86400"})
+
+
+@router.get("/console/static/{name:path}")
 def static(name: str):
     if name not in _STATIC:
         return Response(status_code=404)

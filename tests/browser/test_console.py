@@ -181,7 +181,7 @@ def test_task_page_shows_results_metrics_and_error(console, server):
     link = page.get_by_role("link", name="report.txt")
     assert page.request.get(server.url + link.get_attribute("href")).body() == report
     expect(page.locator("#t-results")).to_contain_text("Model")
-    expect(page.locator("#t-metrics polyline")).to_have_attribute("data-count", "3")
+    expect(page.locator("#t-metrics figure[data-metric='loss']")).to_have_attribute("data-points", "3")
     expect(page.locator("#log .line")).to_have_count(3)
     expect(page.get_by_role("button", name="Stop")).to_be_hidden()
     shot(page, "task-finished")
@@ -225,7 +225,7 @@ def test_long_log_of_an_ended_task_loads_and_keeps_the_newest_lines(console, ser
     assert page.locator("#log .line").last.inner_text().endswith("line 5099")
 
 
-def test_telemetry_charts_drawn_for_a_reporting_agent(console, server):
+def test_telemetry_bars_on_the_nodes_page(console, server):
     gpus = [{"index": 0, "name": "Fake A100", "memory_total": 40 << 30, "memory_used": 10 << 30, "utilization": 55}]
     created, agent = online_agent(server, "reporter", gpus=gpus)
     for i in range(5):
@@ -236,19 +236,11 @@ def test_telemetry_charts_drawn_for_a_reporting_agent(console, server):
     row = page.locator("tr.node-row", has_text="reporter")
     expect(row.locator(".cpu .bar")).to_have_attribute("data-pct", "70.0")
     expect(row.locator(".gpu .bar")).to_have_attribute("data-pct", "80.0")
-    shot(page, "nodes")
-
+    expect(row.locator(".disk .usage-tag")).to_have_attribute("title", "/data")
     row.get_by_role("link", name="reporter").click()
     page.wait_for_url(f"**/nodes/{created['id']}")
-    for chart in ("cpu", "memory", "disk", "gpu-util", "gpu-mem"):
-        expect(page.locator(f"#chart-{chart} polyline").first).to_have_attribute("data-count", "5")
-    points = page.locator("#chart-cpu polyline").get_attribute("points").split()
-    ys = [float(p.split(",")[1]) for p in points]
-    assert ys == sorted(ys, reverse=True) and ys[0] > ys[-1]   # CPU rose, so the line climbs
     expect(page.locator("#sysinfo")).to_contain_text("fake-node")
-    agent.telemetry(cpu=5, mem=31)
-    expect(page.locator("#chart-cpu polyline")).to_have_attribute("data-count", "6", timeout=10_000)
-    shot(page, "node")
+    expect(page.locator("#chart-cpu")).to_have_attribute("data-points", "5")   # charts: test_console_charts.py
 
 
 def test_upload_folder_as_project_and_model(console, server, tmp_path):

@@ -1,5 +1,5 @@
 // Shared helpers of the console pages: API calls with the session cookie, DOM building,
-// formatting, usage bars, SVG line charts and SHA-256 for uploads. No dependencies.
+// formatting, usage bars, icons and SHA-256 for uploads. No dependencies (charts: charts.js).
 "use strict";
 const SLY = {};
 
@@ -38,6 +38,7 @@ SLY.el = function (tag, attrs, ...children) {
   for (const [k, v] of Object.entries(attrs || {})) {
     if (v === null || v === undefined || v === false) continue;
     if (k === "class") e.className = v;
+    else if (k === "style") e.style.cssText = v;   // CSSOM: the CSP refuses style attributes
     else if (k === "dataset") Object.assign(e.dataset, v);
     else if (k.startsWith("on")) e.addEventListener(k.slice(2), v);
     else e.setAttribute(k, v === true ? "" : v);
@@ -99,7 +100,8 @@ SLY.duration = function (task) {
   return fin ? (fin - start) / 1000 : null;
 };
 
-/** A small horizontal usage bar with an accessible label. pct: 0..100 or null. */
+/** A usage bar with its number in a fixed-width column (so bars line up row to row).
+ * pct: 0..100 or null; label: the accessible text and tooltip (default "N%"). */
 SLY.bar = function (pct, label) {
   if (pct === null || pct === undefined || isNaN(pct)) return SLY.el("span", { class: "hint" }, "—");
   const p = Math.max(0, Math.min(100, pct));
@@ -107,7 +109,29 @@ SLY.bar = function (pct, label) {
   return SLY.el("span", { class: "usage", title: text },
     SLY.el("span", { class: "bar" + (p >= 90 ? " hot" : ""), role: "img", "aria-label": text, dataset: { pct: p.toFixed(1) } },
       SLY.el("span", { style: `width:${p}%` })),
-    SLY.el("span", { class: "barlabel" }, text));
+    SLY.el("span", { class: "barlabel" }, `${Math.round(p)}%`));
+};
+
+/** A small caption under usage bars (a disk path, a GPU model), cut to one line. */
+SLY.barTag = function (text) { return SLY.el("span", { class: "usage-tag trunc", title: text }, text); };
+
+/** One line of text cut with an ellipsis; the whole text in its title (hover). */
+SLY.trunc = function (text, tag, attrs) {
+  return SLY.el(tag || "span", Object.assign({ class: "trunc", title: text }, attrs || {}), text);
+};
+
+const ICONS = {
+  edit: "M4 20h4L19 9l-4-4L4 16zM13.5 6.5l4 4",
+  key: "M14.5 9.5a4 4 0 1 0-3.3 3.9L13 15h2v2h2v2h3v-3l-5.6-5.6a4 4 0 0 0 .1-.9zM8.5 9h.01",
+  trash: "M4 7h16M10 11v6M14 11v6M6 7l1 13h10l1-13M9 7V4h6v3",
+  broom: "M4 20l7-7M14 4l6 6-6 6-6-6zM3 21h6",
+};
+/** An inline SVG icon (stroke drawn, currentColor), hidden from assistive technology. */
+SLY.icon = function (name) {
+  const ns = "http://www.w3.org/2000/svg", svg = document.createElementNS(ns, "svg"), path = document.createElementNS(ns, "path");
+  svg.setAttribute("viewBox", "0 0 24 24"); svg.setAttribute("class", "icon"); svg.setAttribute("aria-hidden", "true");
+  path.setAttribute("d", ICONS[name]); svg.append(path);
+  return svg;
 };
 
 /** A progress element from {current, total}. */
@@ -146,46 +170,6 @@ SLY.tele = {
       return { index: g.index ?? i, name: g.name || `GPU ${g.index ?? i}`, util, mem };
     });
   },
-};
-
-// --- charts: inline SVG polylines, x = time, y = 0..yMax ---
-/** Draw (or redraw) a line chart into `fig` (a <figure>). series: [{name, points: [[ms, y], ...]}]. */
-SLY.chart = function (fig, title, series, yMax, unit) {
-  const W = 600, H = 120, ns = "http://www.w3.org/2000/svg";
-  fig.replaceChildren();
-  fig.className = "chart";
-  const all = series.flatMap(s => s.points);
-  if (unit === undefined) unit = "%";
-  const fmt = v => unit === "%" ? `${Math.round(v)}%` : `${Number(v.toPrecision(3))}${unit}`;
-  const last = series.map(s => s.points.length ? `${s.name} ${fmt(s.points[s.points.length - 1][1])}` : "").filter(Boolean);
-  let span = "";
-  if (all.length && all[0][0] > 1e12) {   // x is a time: say which window the line covers
-    const t = all.map(p => p[0]), fmt = ms => new Date(ms).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
-    span = `${fmt(Math.min(...t))}–${fmt(Math.max(...t))}`;
-  }
-  fig.append(SLY.el("figcaption", {}, title, last.length ? SLY.el("span", { class: "barlabel" }, last.join(", ")) : "",
-    SLY.el("span", { class: "axis-note" }, [yMax ? `0–${yMax}${unit}` : "", span].filter(Boolean).join(", "))));
-  const svg = document.createElementNS(ns, "svg");
-  svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
-  svg.setAttribute("preserveAspectRatio", "none");
-  svg.setAttribute("role", "img");
-  svg.setAttribute("aria-label", `${title}: ${last.join(", ") || "no data"}`);
-  if (all.length) {
-    const x0 = Math.min(...all.map(p => p[0])), x1 = Math.max(...all.map(p => p[0]));
-    const ymax = yMax || Math.max(1, ...all.map(p => p[1]));
-    const sx = x => x1 > x0 ? (x - x0) / (x1 - x0) * W : W / 2, sy = y => H - Math.max(0, Math.min(ymax, y)) / ymax * (H - 4) - 2;
-    series.forEach((s, i) => {
-      if (!s.points.length) return;
-      const pl = document.createElementNS(ns, "polyline");
-      pl.setAttribute("class", "s" + (i % 4));
-      pl.setAttribute("points", s.points.map(p => `${sx(p[0]).toFixed(1)},${sy(p[1]).toFixed(1)}`).join(" "));
-      pl.dataset.count = s.points.length;
-      const t = document.createElementNS(ns, "title"); t.textContent = s.name; pl.append(t);
-      svg.append(pl);
-    });
-  }
-  fig.append(svg);
-  return fig;
 };
 
 /** Copy text to the clipboard (falls back to a selection where the Clipboard API is absent). */

@@ -1,15 +1,16 @@
-// Node page: system info, telemetry charts over the last hour (inline SVG), the node's tasks.
+// Node page: telemetry charts over a chosen window (uPlot), system info, the node's tasks.
 "use strict";
 (function () {
   const id = document.getElementById("node").dataset.id;
-  const HOUR = 3600;
-  let samples = [], lastTs = null;
+  const WINDOW_KEY = "sly.node.window";
+  let windowS = Number(localStorage.getItem(WINDOW_KEY) ?? 3600);
+  let samples = [], lastTs = null;   // every sample the server keeps (its history bound), oldest first
 
   function sysinfo(si) {
     const dl = document.getElementById("sysinfo");
     si = si || {};
     const rows = [];
-    const add = (k, v) => { if (v !== undefined && v !== null && v !== "") rows.push(SLY.el("dt", {}, k), SLY.el("dd", {}, String(v))); };
+    const add = (k, v) => { if (v !== undefined && v !== null && v !== "") rows.push(SLY.el("dt", {}, k), SLY.el("dd", {}, SLY.trunc(String(v)))); };
     add("Hostname", si.hostname);
     add("OS", si.os || si.platform);
     add("CPUs", si.cpus && typeof si.cpus === "object" ? `${si.cpus.logical ?? "?"} logical, ${si.cpus.physical ?? "?"} physical` : (si.cpus ?? si.cpu_count));
@@ -21,35 +22,57 @@
     dl.replaceChildren(...rows);
   }
 
-  const figs = {};
-  function fig(key) {
-    if (!figs[key]) { figs[key] = SLY.el("figure", { id: "chart-" + key }); document.getElementById("charts").append(figs[key]); }
-    return figs[key];
+  // One chart per quantity; rebuilt only when its set of series (disks, GPUs) changes.
+  const charts = {};
+  function chart(key, title, labels) {
+    const sig = labels.join("\n");
+    let c = charts[key];
+    if (c && c.sig === sig) return c;
+    let fig = document.getElementById("chart-" + key);
+    if (!fig) { fig = SLY.el("figure", { id: "chart-" + key }); document.getElementById("charts").append(fig); }
+    if (c) c.destroy();
+    c = charts[key] = new SLY.Chart(fig, { title, x: "time", unit: "%", range: [0, 100], fill: true,
+      series: labels.map(label => ({ label })), window: () => windowS || null });
+    c.sig = sig;
+    return c;
   }
+
   function draw() {
-    const cutoff = Date.now() - HOUR * 1000;
-    samples = samples.filter(s => SLY.ms(s.ts) >= cutoff);
+    const cutoff = windowS ? Date.now() / 1000 - windowS : -Infinity;
+    const shown = samples.filter(s => s.t >= cutoff);
     document.getElementById("charts-empty").hidden = samples.length > 0;
     if (!samples.length) return;
-    const pts = f => samples.map(s => [SLY.ms(s.ts), f(s)]).filter(p => p[1] !== null && p[1] !== undefined && !isNaN(p[1]));
-    SLY.chart(fig("cpu"), "CPU", [{ name: "cpu", points: pts(SLY.tele.cpu) }], 100);
-    SLY.chart(fig("memory"), "Memory", [{ name: "memory", points: pts(SLY.tele.memory) }], 100);
-    const diskNames = [...new Set(samples.flatMap(s => SLY.tele.disks(s).map(d => d.name)))];
-    SLY.chart(fig("disk"), "Disk", diskNames.map(n => ({ name: n, points: pts(s => (SLY.tele.disks(s).find(d => d.name === n) || {}).pct ?? null) })), 100);
+    const xs = shown.map(s => s.t);
+    const col = f => shown.map(s => { const v = f(s); return v === null || v === undefined || isNaN(v) ? null : v; });
+    chart("cpu", "CPU", ["CPU"]).set([xs, col(SLY.tele.cpu)]);
+    chart("memory", "Memory", ["Memory"]).set([xs, col(SLY.tele.memory)]);
+    const disks = [...new Set(samples.flatMap(s => SLY.tele.disks(s).map(d => d.name)))];
+    chart("disk", "Disk", disks).set([xs, ...disks.map(n => col(s => (SLY.tele.disks(s).find(d => d.name === n) || {}).pct ?? null))]);
     const gpuIdx = [...new Set(samples.flatMap(s => SLY.tele.gpus(s).map(g => g.index)))];
     if (gpuIdx.length) {
       const g = (s, i) => SLY.tele.gpus(s).find(x => x.index === i) || {};
-      SLY.chart(fig("gpu-util"), "GPU utilisation", gpuIdx.map(i => ({ name: `GPU ${i}`, points: pts(s => g(s, i).util ?? null) })), 100);
-      SLY.chart(fig("gpu-mem"), "GPU memory", gpuIdx.map(i => ({ name: `GPU ${i}`, points: pts(s => g(s, i).mem ?? null) })), 100);
+      const labels = gpuIdx.map(i => `GPU ${i}`);
+      chart("gpu-util", "GPU utilisation", labels).set([xs, ...gpuIdx.map(i => col(s => g(s, i).util ?? null))]);
+      chart("gpu-mem", "GPU memory", labels).set([xs, ...gpuIdx.map(i => col(s => g(s, i).mem ?? null))]);
     }
   }
 
+  function pickWindow(s) {
+    windowS = s;
+    localStorage.setItem(WINDOW_KEY, String(s));
+    for (const b of document.querySelectorAll("#window button")) b.setAttribute("aria-pressed", String(Number(b.dataset.s) === s));
+    for (const c of Object.values(charts)) c.zoomed = false;
+    draw();
+  }
+  for (const b of document.querySelectorAll("#window button")) b.addEventListener("click", () => pickWindow(Number(b.dataset.s)));
+  if (![...document.querySelectorAll("#window button")].some(b => Number(b.dataset.s) === windowS)) windowS = 3600;
+
   async function refreshTelemetry() {
-    const since = lastTs !== null ? lastTs : Date.now() / 1000 - HOUR;
     try {
-      const data = await SLY.api("GET", `/api/v1/agents/${id}/telemetry?since=${since}`);
-      const fresh = (data.items || []).map(s => (s.sample ? Object.assign({ ts: s.ts }, s.sample) : s)).filter(s => lastTs === null || SLY.ms(s.ts) > lastTs * 1000);
-      if (fresh.length) { samples = samples.concat(fresh); lastTs = SLY.ms(fresh[fresh.length - 1].ts) / 1000; }
+      const data = await SLY.api("GET", `/api/v1/agents/${id}/telemetry` + (lastTs !== null ? `?since=${lastTs}` : ""));
+      const fresh = (data.items || []).map(s => Object.assign({}, s.sample || s, { t: SLY.ms(s.ts) / 1000 }))
+        .filter(s => lastTs === null || s.t > lastTs);
+      if (fresh.length) { samples = samples.concat(fresh); lastTs = fresh[fresh.length - 1].t; }
       draw();
     } catch (e) { SLY.flash("Could not load telemetry: " + e.message, true); }
   }
@@ -68,13 +91,14 @@
     try {
       const t = await SLY.api("GET", `/api/v1/tasks?agent_id=${id}`);
       const items = t.items || [];
-      document.querySelector("#node-tasks tbody").replaceChildren(...(items.length ? [] : [SLY.el("tr", {}, SLY.el("td", { colspan: 5 }, "No tasks yet."))]), ...items.map(x => SLY.el("tr", {},
+      document.querySelector("#node-tasks tbody").replaceChildren(...(items.length ? [] : [SLY.el("tr", {}, SLY.el("td", { colspan: 5, class: "hint" }, "No tasks yet."))]), ...items.map(x => SLY.el("tr", {},
         SLY.el("td", {}, SLY.el("a", { href: `/tasks/${x.id}` }, `#${x.id}`)), SLY.el("td", {}, x.type),
         SLY.el("td", {}, SLY.el("span", { class: "badge " + x.state }, x.state)), SLY.el("td", {}, SLY.progress(x.progress)),
         SLY.el("td", {}, SLY.span(SLY.duration(x))))));
     } catch (e) { /* shown by the flash above if the API is down */ }
   }
 
+  pickWindow(windowS);
   refreshNode(); refreshTelemetry();
   setInterval(() => { if (!document.hidden) { refreshNode(); refreshTelemetry(); } }, 5000);
 })();

@@ -1,4 +1,5 @@
-// Nodes page: list with live status and usage bars; add (token shown once), edit, rotate, delete.
+// Nodes page: summary strip, dense rows with live status and usage bars; add (token shown once),
+// edit, rotate, delete, and removal of stale offline nodes.
 "use strict";
 (function () {
   const tbody = document.querySelector("#nodes-table tbody");
@@ -6,33 +7,64 @@
   const editPanel = document.getElementById("edit-panel");
   let agents = [];
 
+  const stalePanel = document.getElementById("stale-panel");
+  const LEASED = ["assigned", "preparing", "running", "uploading"];
+
   function show(panel) {
-    for (const p of [addPanel, tokenPanel, editPanel]) p.hidden = p !== panel;
-    if (panel) (panel.querySelector("input:not([type=hidden]):not([readonly])") || panel.querySelector("button")).focus();
+    for (const p of [addPanel, tokenPanel, editPanel, stalePanel]) p.hidden = p !== panel;
+    if (panel) (panel.querySelector("input:not([type=hidden]):not([readonly]), select") || panel.querySelector("button")).focus();
   }
+
+  const dash = () => SLY.el("span", { class: "hint" }, "—");
 
   function row(a) {
     const t = a.telemetry || {};
     const gpus = SLY.tele.gpus(t);
-    const disk = SLY.tele.disks(t);
-    const diskMax = disk.reduce((m, d) => (d.pct !== null && (m === null || d.pct > m.pct) ? d : m), null);
+    const disks = SLY.tele.disks(t).filter(d => d.pct !== null);
     const running = Array.isArray(a.running_tasks) ? a.running_tasks.length : (a.running_tasks ?? 0);
-    const online = a.status === "online";
-    return SLY.el("tr", { dataset: { id: a.id }, class: "node-row" },
-      SLY.el("td", {}, SLY.el("a", { href: `/nodes/${a.id}`, class: "node-name" }, a.name)),
-      SLY.el("td", {}, SLY.el("span", { class: "badge status " + (a.status || "offline") }, a.status || "offline"),
-        online && a.refusing ? SLY.el("div", { class: "refusing", role: "status" }, "Takes no tasks: " + a.refusing) : null),
-      SLY.el("td", {}, a.last_seen ? SLY.el("time", { datetime: new Date(SLY.ms(a.last_seen)).toISOString(), title: SLY.time(a.last_seen) }, SLY.ago(a.last_seen)) : "never"),
-      SLY.el("td", { class: "running" }, String(running)),
-      SLY.el("td", { class: "cpu" }, online ? SLY.bar(SLY.tele.cpu(t)) : "—"),
-      SLY.el("td", { class: "mem" }, online ? SLY.bar(SLY.tele.memory(t)) : "—"),
-      SLY.el("td", { class: "disk" }, online && diskMax ? SLY.bar(diskMax.pct, `${Math.round(diskMax.pct)}% ${diskMax.name}`) : "—"),
-      SLY.el("td", { class: "gpu" }, online && gpus.length ? gpus.map(g => SLY.bar(g.util, `${g.util === null ? "?" : Math.round(g.util)}% ${g.name}`)) : "—"),
-      SLY.el("td", { class: "types" }, (a.allowed_task_types || []).join(", ")),
+    const status = a.status || "offline", online = status === "online";
+    const seen = a.last_seen
+      ? SLY.el("time", { datetime: new Date(SLY.ms(a.last_seen)).toISOString(), title: SLY.time(a.last_seen) }, SLY.ago(a.last_seen))
+      : SLY.el("span", {}, "never seen");
+    const types = a.allowed_task_types || [];
+    return SLY.el("tr", { dataset: { id: a.id, status }, class: "node-row" },
+      SLY.el("td", { class: "node" },
+        SLY.el("a", { href: `/nodes/${a.id}`, class: "node-name trunc", title: a.name }, a.name),
+        SLY.el("div", { class: "node-meta" }, SLY.el("span", { class: "dot " + status }),
+          SLY.el("span", { class: "badge status " + status }, status), seen),
+        SLY.el("div", { class: "types", title: "Task types it may run" }, types.length
+          ? types.flatMap((x, i) => [i ? " " : "", SLY.el("span", { class: "chip" }, x)]) : SLY.el("span", { class: "hint" }, "no task types")),
+        online && a.refusing ? SLY.el("div", { class: "refusing", role: "status", title: a.refusing }, "Takes no tasks: " + a.refusing) : null),
+      SLY.el("td", { class: "running num" }, String(running)),
+      SLY.el("td", { class: "cpu" }, online ? SLY.bar(SLY.tele.cpu(t)) : dash()),
+      SLY.el("td", { class: "mem" }, online ? SLY.bar(SLY.tele.memory(t)) : dash()),
+      SLY.el("td", { class: "disk" }, online && disks.length ? disks.flatMap(d => [SLY.bar(d.pct, `${Math.round(d.pct)}% of ${d.name}`), SLY.barTag(d.name)]) : dash()),
+      SLY.el("td", { class: "gpu" }, online && gpus.length
+        ? [...gpus.map(g => SLY.bar(g.util, `GPU ${g.index} ${g.name}: ${g.util === null ? "?" : Math.round(g.util)}% busy` +
+            (g.mem !== null ? `, ${Math.round(g.mem)}% memory` : ""))),
+           SLY.barTag([...new Set(gpus.map(g => g.name))].map(n => `${gpus.filter(g => g.name === n).length}× ${n}`).join(", "))]
+        : online ? SLY.el("span", { class: "hint" }, "none") : dash()),
       SLY.el("td", { class: "actions" },
-        SLY.el("button", { type: "button", class: "edit", "aria-label": `Edit ${a.name}`, onclick: () => edit(a) }, "Edit"), " ",
-        SLY.el("button", { type: "button", class: "rotate", "aria-label": `Rotate token of ${a.name}`, onclick: () => rotate(a) }, "Rotate token"), " ",
-        SLY.el("button", { type: "button", class: "delete danger", "aria-label": `Delete ${a.name}`, onclick: () => remove(a) }, "Delete")));
+        SLY.el("button", { type: "button", class: "edit icon-btn", "aria-label": `Edit ${a.name}`, title: "Edit", onclick: () => edit(a) }, SLY.icon("edit")), " ",
+        SLY.el("button", { type: "button", class: "rotate icon-btn", "aria-label": `Rotate token of ${a.name}`, title: "Rotate token", onclick: () => rotate(a) }, SLY.icon("key")), " ",
+        SLY.el("button", { type: "button", class: "delete danger icon-btn", "aria-label": `Delete ${a.name}`, title: "Delete", onclick: () => remove(a) }, SLY.icon("trash"))));
+  }
+
+  /** GPUs on online nodes less those held by leased tasks (the agents' own free lists stay on the server). */
+  async function summary() {
+    const online = agents.filter(a => a.status === "online");
+    document.getElementById("sum-online").textContent = online.length;
+    document.getElementById("sum-offline").textContent = agents.length - online.length;
+    document.getElementById("sum-running").textContent = agents.reduce((n, a) => n + (Number(a.running_tasks) || 0), 0);
+    const total = online.reduce((n, a) => n + (SLY.tele.gpus(a.telemetry).length || ((a.system_info || {}).gpus || []).length), 0);
+    let held = 0;
+    try {
+      const pages = await Promise.all(LEASED.map(st => SLY.api("GET", `/api/v1/tasks?state=${st}&limit=1000`)));
+      const onlineIds = new Set(online.map(a => a.id));
+      held = pages.flatMap(p => p.items || []).filter(t => onlineIds.has(t.agent_id))
+        .reduce((n, t) => n + (Number((t.resources || {}).gpus) || 0), 0);
+    } catch (e) { /* the counts above still stand */ }
+    document.getElementById("sum-gpus").textContent = total ? `${Math.max(0, total - held)} / ${total}` : "0";
   }
 
   async function refresh() {
@@ -41,8 +73,66 @@
       agents = data.items || [];
       tbody.replaceChildren(...agents.map(row));
       document.getElementById("nodes-empty").hidden = agents.length > 0;
+      if (!stalePanel.hidden && !removing) previewStale();
+      summary();
     } catch (e) { SLY.flash("Could not load nodes: " + e.message, true); }
   }
+
+  // --- remove stale nodes: offline ones last seen (or, never seen, added) before the threshold ---
+  const staleAge = document.getElementById("stale-age");
+  let removing = false;
+  function stale(list) {
+    const cutoff = Date.now() - Number(staleAge.value) * 1000;
+    return list.filter(a => a.status !== "online" && (SLY.ms(a.last_seen ?? a.created_at) ?? 0) < cutoff);
+  }
+  function previewStale() {
+    const hit = stale(agents), label = staleAge.selectedOptions[0].textContent;
+    document.getElementById("stale-count").textContent = hit.length
+      ? `${hit.length} offline node${hit.length === 1 ? "" : "s"} last seen more than ${label} ago:`
+      : `No offline node was last seen more than ${label} ago.`;
+    document.getElementById("stale-list").replaceChildren(...hit.map(a => SLY.el("li", { dataset: { id: a.id } },
+      a.name, " ", SLY.el("span", { class: "hint" }, a.last_seen ? `last seen ${SLY.ago(a.last_seen)}` : `never seen, added ${SLY.ago(a.created_at)}`))));
+    const go = document.getElementById("stale-go");
+    go.disabled = !hit.length;
+    go.textContent = hit.length ? `Remove ${hit.length} node${hit.length === 1 ? "" : "s"}` : "Remove";
+  }
+  document.getElementById("stale-open").addEventListener("click", () => {
+    document.getElementById("stale-run").hidden = true;
+    previewStale();
+    show(stalePanel);
+  });
+  staleAge.addEventListener("change", previewStale);
+  document.getElementById("stale-form").addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    if (removing) return;
+    const label = staleAge.selectedOptions[0].textContent;
+    // Decide on a fresh list: a node may have come back since the preview was drawn.
+    let hit;
+    try { hit = stale((await SLY.api("GET", "/api/v1/agents")).items || []); }
+    catch (e) { SLY.flash("Could not load nodes: " + e.message, true); return; }
+    if (!hit.length) { refresh(); return; }
+    if (!confirm(`Remove ${hit.length} offline node${hit.length === 1 ? "" : "s"} last seen more than ${label} ago? ` +
+                 "Their tokens stop working; a removed node's agent must be added again.")) return;
+    removing = true;
+    const prog = document.getElementById("stale-progress"), status = document.getElementById("stale-status");
+    document.getElementById("stale-run").hidden = false;
+    document.getElementById("stale-go").disabled = true;
+    prog.max = hit.length; prog.value = 0;
+    const failed = [];
+    for (const [i, a] of hit.entries()) {
+      status.textContent = `${i} / ${hit.length}: ${a.name}`;
+      try { await SLY.api("DELETE", `/api/v1/agents/${a.id}`); }
+      catch (e) { if (e.status !== 404) failed.push(`${a.name} (${e.message})`); }   // 404: removed meanwhile
+      prog.value = i + 1;
+    }
+    const done = hit.length - failed.length;
+    status.textContent = `${done} / ${hit.length} removed`;
+    removing = false;
+    SLY.flash(failed.length ? `Removed ${done} of ${hit.length} nodes; not removed: ${failed.join(", ")}`
+      : `Removed ${done} offline node${done === 1 ? "" : "s"}.`, failed.length > 0);
+    await refresh();
+    previewStale();
+  });
 
   function commands(rc) {
     // run_command is a string or {docker: "...", run_sh: "..."}

@@ -1,4 +1,5 @@
-// Task page: live log over server-sent events, progress, state timeline, results, metrics.
+// Task page: live log over server-sent events, progress, state timeline, results, and one chart
+// per metric (train and val as two series) with the checkpoints from the log marked on it.
 "use strict";
 (function () {
   const id = document.getElementById("task").dataset.id;
@@ -19,6 +20,8 @@
   }
 
   function isProgress(l) { return l.event_type === "progress" || l.event_type === "EventType.PROGRESS"; }
+  function isCheckpoint(l) { return l.event_type === "checkpoint" || l.event_type === "EventType.CHECKPOINT"; }
+  const checkpoints = [];   // checkpoint log lines, kept apart from the (trimmed) log view
 
   // Lines arrive one SSE event each; draw them in batches so a long log renders in few reflows.
   const MAX_LINES = 5000;   // the DOM keeps the newest lines only; the API has them all
@@ -39,7 +42,9 @@
         SLY.el("span", { class: "ts" }, l.ts ? new Date(SLY.ms(l.ts)).toLocaleTimeString() : ""),
         stream !== "stdout" ? `[${stream}] ` : "", level !== "info" ? `${level.toUpperCase()}: ` : "", l.message ?? ""));
       if (isProgress(l) && typeof l.total === "number") { liveProgress = true; setProgress({ current: l.current, total: l.total }); }
+      if (isCheckpoint(l)) checkpoints.push(l);
     }
+    if (checkpoints.length !== marked) markCheckpoints();
     shown += frag.childNodes.length;
     log.append(frag);
     if (shown > MAX_LINES) {
@@ -86,23 +91,62 @@
     box.replaceChildren(...(parts.length ? parts : ["—"]));
   }
 
+  // --- metrics: {seq, type, epoch, metrics} items -> one chart per metric name, one series per type ---
+  const charts = {};
+  let metricItems = [], metricsKey = "", marked = 0;
+  const TYPE_ORDER = ["train", "val", "test"];
+
+  /** Where a checkpoint sits on the epoch axis: its own epoch if it says, else the last epoch reported before it. */
+  function checkpointEpoch(c) {
+    for (const v of [c.epoch, (c.optional || {}).epoch, (c.optional_data || {}).epoch]) if (typeof v === "number") return v;
+    let x = null;
+    for (const [i, it] of metricItems.entries()) { if (it.seq > c.seq) break; x = it.epoch ?? i; }
+    return x;
+  }
+  function marks() {
+    return checkpoints.map(c => ({ x: checkpointEpoch(c), label: `checkpoint ${c.id ?? c.subdir ?? c.seq}` + (c.best_now ? " (best)" : "") }))
+      .filter(m => m.x !== null);
+  }
+  function markCheckpoints() {
+    marked = checkpoints.length;
+    const m = marks();
+    for (const c of Object.values(charts)) c.setMarks(m.filter(k => c.data[0].includes(k.x)));
+  }
+
   async function metrics() {
     try {
       const m = await SLY.api("GET", `/api/v1/tasks/${id}/metrics`);
-      const items = m.items || [];
-      if (!items.length) return;
-      const byName = {};
-      items.forEach((it, i) => {
-        for (const [k, v] of Object.entries(it.metrics || {})) {
-          const key = `${it.type || "train"} ${k}`;
-          (byName[k] = byName[k] || {})[key] = (byName[k][key] || []).concat([[it.epoch ?? i, Number(v)]]);
-        }
-      });
-      const box = document.getElementById("t-metrics");
-      box.replaceChildren(...Object.entries(byName).map(([name, series]) =>
-        SLY.chart(SLY.el("figure", {}), name, Object.entries(series).map(([n, points]) => ({ name: n, points })), null, "")));
-      document.getElementById("metrics-section").hidden = false;
-    } catch (e) { /* metrics are optional */ }
+      metricItems = m.items || [];
+    } catch (e) { return; /* metrics are optional */ }
+    const key = metricItems.length + ":" + (metricItems.length ? metricItems[metricItems.length - 1].seq : "");
+    if (!metricItems.length || key === metricsKey) return;
+    metricsKey = key;
+    // name -> type -> epoch -> value (a later report of the same epoch wins)
+    const byName = {};
+    metricItems.forEach((it, i) => {
+      const x = it.epoch ?? i, type = it.type || "train";
+      for (const [k, v] of Object.entries(it.metrics || {})) {
+        if (typeof v !== "number" && isNaN(Number(v))) continue;
+        ((byName[k] = byName[k] || {})[type] = byName[k][type] || new Map()).set(x, Number(v));
+      }
+    });
+    const box = document.getElementById("t-metrics"), m = marks();
+    for (const [name, types] of Object.entries(byName)) {
+      const order = Object.keys(types).sort((a, b) => ((TYPE_ORDER.indexOf(a) + 1) || 99) - ((TYPE_ORDER.indexOf(b) + 1) || 99) || a.localeCompare(b));
+      const xs = [...new Set(order.flatMap(t => [...types[t].keys()]))].sort((a, b) => a - b);
+      const data = [xs, ...order.map(t => xs.map(x => (types[t].has(x) ? types[t].get(x) : null)))];
+      const sig = order.join("\n");
+      if (!charts[name] || charts[name].sig !== sig) {
+        if (charts[name]) charts[name].destroy();
+        let fig = box.querySelector(`figure[data-metric="${CSS.escape(name)}"]`);
+        if (!fig) { fig = SLY.el("figure", { dataset: { metric: name } }); box.append(fig); }
+        charts[name] = new SLY.Chart(fig, { title: name, x: "epoch", unit: "", series: order.map(label => ({ label })) });
+        charts[name].sig = sig;
+      }
+      charts[name].set(data, m.filter(k => xs.includes(k.x)));
+    }
+    marked = checkpoints.length;
+    document.getElementById("metrics-section").hidden = false;
   }
 
   async function refresh() {
@@ -117,7 +161,8 @@
       node.replaceChildren(SLY.el("a", { href: `/nodes/${task.agent_id}` }, `#${task.agent_id}`));
       SLY.api("GET", `/api/v1/agents/${task.agent_id}`).then(a => { node.firstChild.textContent = a.name; }, () => {});
     }
-    document.getElementById("t-image").textContent = task.image || "—";
+    const image = document.getElementById("t-image");
+    image.textContent = task.image || "—"; image.title = task.image || "";
     document.getElementById("t-duration").textContent = SLY.span(SLY.duration(task));
     document.getElementById("t-exit").textContent = task.exit_code ?? "—";
     document.getElementById("t-error").textContent = task.error || "—";

@@ -15,7 +15,7 @@
       SLY.el("td", {}, SLY.el("span", { class: "badge state " + t.state }, t.state)),
       SLY.el("td", {}, a ? SLY.el("a", { href: `/nodes/${a.id}` }, a.name) : String(t.agent_id)),
       SLY.el("td", {}, t.type),
-      SLY.el("td", {}, SLY.el("code", {}, t.image || "—")),
+      SLY.el("td", { class: "image" }, SLY.trunc(t.image || "—", "code")),
       SLY.el("td", { class: "progress" }, SLY.progress(t.progress)),
       SLY.el("td", {}, SLY.span(SLY.duration(t))),
       SLY.el("td", { class: "actions" }, stoppable
