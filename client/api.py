@@ -20,13 +20,13 @@ from typing import Iterable, Iterator
 
 import requests
 
-from client import upload
+from client import download, upload
+from client.download import BLOB_TIMEOUT
 from protocol import endpoints as ep
 from protocol.errors import decode_error
 from protocol.states import FINAL
 
 FINAL_STATES = frozenset(s.value for s in FINAL)
-BLOB_TIMEOUT = 600.0      # a blob may be gigabytes; the per-call timeout is for small JSON answers
 OCTETS = {"content-type": "application/octet-stream"}
 
 
@@ -108,26 +108,29 @@ class UserClient:
         return sha
 
     def download_blob(self, sha256: str, dest: str | os.PathLike | None = None) -> bytes | Path:
-        """The blob's bytes, or (with dest) write them to dest and return its Path."""
-        r = self.request("GET", ep.path(ep.USER_BLOB, sha256=sha256), stream=dest is not None,
-                         timeout=max(self.timeout, BLOB_TIMEOUT))
-        if dest is None:
-            return r.content
-        dest = Path(dest)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        with open(dest, "wb") as f:
-            for chunk in r.iter_content(1 << 20):
-                f.write(chunk)
-        return dest
+        """The blob's bytes, or (with dest) write them to dest, verified against sha256, and return its Path."""
+        if dest is not None:
+            return download.fetch_blob(self, sha256, Path(dest))
+        return self.request("GET", ep.path(ep.USER_BLOB, sha256=sha256), timeout=max(self.timeout, BLOB_TIMEOUT)).content
 
     # --- projects and models ---
-    def create_project(self, name: str, datasets: list[dict]) -> dict:
-        return self._json("POST", ep.PROJECTS, {"name": name, "datasets": datasets})
+    def create_project(self, name: str, datasets: list[dict], meta: dict | None = None) -> dict:
+        """datasets: [{name, items: [{name, sha256, size, ann?}]}]; meta: the Supervisely meta.json object."""
+        body = {"name": name, "datasets": datasets}
+        if meta is not None:
+            body["meta"] = meta
+        return self._json("POST", ep.PROJECTS, body)
 
     def upload_project_dir(self, directory: str | os.PathLike, name: str | None = None,
                            progress: upload.Progress | None = None) -> dict:
-        """Upload a folder as a project: each sub-folder is a dataset, files at the top go to `ds0`."""
+        """Upload a folder as a project: a Supervisely project (meta.json at its top) with its meta and
+        annotations, else each sub-folder is a dataset and files at the top go to `ds0`."""
         return upload.upload_project(self, Path(directory), name, progress)
+
+    def download_project(self, project_id: int, directory: str | os.PathLike, force: bool = False,
+                         progress: download.Progress | None = None) -> dict:
+        """Write the project into `directory` as a Supervisely project folder; refuses a non-empty one unless force."""
+        return download.download_project(self, project_id, Path(directory), force, progress)
 
     def list_projects(self) -> list[dict]:
         return self._list(ep.PROJECTS)
@@ -142,6 +145,11 @@ class UserClient:
                          progress: upload.Progress | None = None) -> dict:
         """Upload every file under a folder as a model (paths relative to the folder)."""
         return upload.upload_model(self, Path(directory), name, progress)
+
+    def download_model(self, model_id: int, directory: str | os.PathLike, force: bool = False,
+                       progress: download.Progress | None = None) -> dict:
+        """Write the model's files into `directory` (paths kept); refuses a non-empty one unless force."""
+        return download.download_model(self, model_id, Path(directory), force, progress)
 
     def list_models(self) -> list[dict]:
         return self._list(ep.MODELS)

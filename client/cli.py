@@ -4,14 +4,18 @@ Also runs as `python -m client` and `python -m server.cli`.
 
     nodes add NAME [--types train,custom]      create a node; prints its token (once) and run commands
     nodes list | nodes edit ID [--name N] [--types T,...] | nodes rotate ID | nodes delete ID
-    projects upload DIR [--name N] | projects list      (each sub-folder of DIR is a dataset; top files: ds0)
-    models upload DIR [--name N] | models list
+    projects upload DIR [--name N] | projects download ID DIR [--force] | projects list
+    models upload DIR [--name N] | models download ID DIR [--force] | models list
     tasks submit --node ID --type T [--image I --project ID --model ID --config JSON --gpus N --timeout S]
     tasks list [--node ID] [--state S] | tasks logs ID [--follow] | tasks stop ID
 
 The server and admin token come from --server/--token or SLY_SERVER/SLY_ADMIN_TOKEN. Progress bars
 go to stderr when it is a terminal (or with --progress), results to stdout (`--json` prints the
 server's answers as JSON). It speaks only the user API, through client.UserClient.
+
+`projects upload` sends a Supervisely project folder (meta.json at its top, <ds>/img/, <ds>/ann/)
+with its meta and annotations; any other folder is plain (each sub-folder a dataset, top files:
+ds0). `projects download` writes a Supervisely project folder the SDK opens.
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ from pathlib import Path
 
 import requests
 
-from client import upload
+from client import download, sly_format, upload
 from client.api import UserClient
 from protocol.errors import APIError
 from protocol.tasks import TASK_TYPES
@@ -170,6 +174,21 @@ def upload_dir(c: UserClient, a, kind: str) -> int:
     return 0
 
 
+def download_dir(c: UserClient, a, kind: str) -> int:
+    bar = TextBar(f"{kind} {a.id}") if a.progress else None
+    try:
+        if kind == "project":
+            x = download.download_project(c, a.id, Path(a.dir), a.force, bar)
+        else:
+            x = download.download_model(c, a.id, Path(a.dir), a.force, bar)
+    finally:
+        if bar:
+            bar.close()
+    count = sum(len(d["items"]) for d in x["datasets"]) if kind == "project" else len(x.get("files") or [])
+    print(json.dumps(x) if a.json else f"{kind} {x['id']} {x.get('name', '')}: {count} files -> {x['dir']}")
+    return 0
+
+
 def collection_list(c: UserClient, a, kind: str) -> int:
     items = c.list_projects() if kind == "project" else c.list_models()
     if a.json:
@@ -243,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", default=None, help="admin token (env SLY_ADMIN_TOKEN; prefer the env: argv is visible in ps)")
     p.add_argument("--json", action="store_true", help="print the server's answers as JSON")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="show upload progress bars on stderr (default: when stderr is a terminal)")
+                   help="show upload and download progress bars on stderr (default: when stderr is a terminal)")
     top = p.add_subparsers(dest="group", required=True)
 
     nodes = top.add_parser("nodes", help="agents (nodes)").add_subparsers(dest="cmd", required=True)
@@ -270,6 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
         x.add_argument("dir")
         x.add_argument("--name", help="(default: the folder's name)")
         x.set_defaults(func=lambda c, a, k=kind: upload_dir(c, a, k))
+        x = g.add_parser("download", help=f"download a {kind} into a folder" +
+                         (" as a Supervisely project" if kind == "project" else ""))
+        x.add_argument("id", type=int)
+        x.add_argument("dir")
+        x.add_argument("--force", action="store_true", help="write into DIR even if it is not empty")
+        x.set_defaults(func=lambda c, a, k=kind: download_dir(c, a, k))
         g.add_parser("list", help=f"list {kind}s").set_defaults(func=lambda c, a, k=kind: collection_list(c, a, k))
 
     tasks = top.add_parser("tasks", help="tasks").add_subparsers(dest="cmd", required=True)
@@ -315,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     except APIError as e:
         print(f"error: {e.status} {e.code}: {e.detail}", file=sys.stderr)
         return 1
-    except upload.NotAFolder as e:
+    except (upload.NotAFolder, sly_format.BadProject, download.DownloadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except requests.ConnectionError:

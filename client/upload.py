@@ -1,7 +1,9 @@
 """The one way a folder becomes a project or a model on the server (the CLI and UserClient use it).
 
-Project layout: each top-level sub-folder is a dataset and its files (at any depth) are items;
-files directly in the folder go to dataset `ds0`, as the console does. Model layout: every file
+Project layout: a folder with `meta.json` at its top is a Supervisely project (client/sly_format.py:
+`<dataset>/img/<item>` and `<dataset>/ann/<item>.json`), sent with its meta and annotations. Any
+other folder is plain: each top-level sub-folder is a dataset and its files (at any depth) are
+items; files directly in the folder go to dataset `ds0`, as the console does. Model layout: every file
 keeps its path relative to the folder. Each file is hashed, then sent with `PUT` only when the
 server does not have that sha256 yet (`HEAD`), so a blob crosses the wire at most once.
 """
@@ -10,6 +12,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 from typing import Callable
+
+from client import sly_format
 
 CHUNK = 1 << 20
 TOP_DATASET = "ds0"
@@ -109,9 +113,28 @@ def project_datasets(entries: list[dict]) -> list[dict]:
     return [{"name": n, "items": items} for n, items in datasets.items()]
 
 
+def supervisely_datasets(client, root: Path, progress: Progress | None = None) -> tuple[dict, list[dict]]:
+    """Upload a Supervisely project folder's images; return its meta and the datasets to create."""
+    meta, datasets = sly_format.read_folder(root)
+    entries = iter(upload_files(client, root, [i.path for ds in datasets for i in ds.items], progress))
+    out = []
+    for ds in datasets:
+        items = []
+        for item in ds.items:
+            e = next(entries)
+            items.append({"name": item.name, "sha256": e["sha256"], "size": e["size"]})
+            if item.ann is not None:
+                items[-1]["ann"] = item.ann
+        out.append({"name": ds.name, "items": items})
+    return meta, out
+
+
 def upload_project(client, directory: Path, name: str | None = None, progress: Progress | None = None) -> dict:
-    """Upload a folder as a project; return the server's project."""
+    """Upload a folder (Supervisely or plain) as a project; return the server's project."""
     root = Path(directory).resolve()
+    if root.is_dir() and sly_format.is_supervisely(root):
+        meta, datasets = supervisely_datasets(client, root, progress)
+        return client.create_project(name or root.name, datasets, meta=meta)
     entries = upload_files(client, root, list_files(root), progress)
     return client.create_project(name or root.name, project_datasets(entries))
 

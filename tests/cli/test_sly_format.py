@@ -1,0 +1,131 @@
+"""Reading and writing the Supervisely project folder (client/sly_format.py), without a server."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from client import download, sly_format
+from client.sly_format import BadProject
+from tests.cli.sly_sample import META, ann, png, write_sample
+
+
+def test_reads_meta_datasets_items_and_annotations(tmp_path):
+    files = write_sample(tmp_path)
+    (tmp_path / "README.md").write_text("not part of the project")
+    (tmp_path / "notes").mkdir()                         # a folder without img/ or ann/ is no dataset
+    (tmp_path / "train" / "img" / ".DS_Store").write_bytes(b"\0")   # not an image: the SDK skips it too
+    meta, datasets = sly_format.read_folder(tmp_path)
+    assert meta == META and list(meta) == list(META)     # key order kept
+    assert [(d.name, [i.name for i in d.items]) for d in datasets] == \
+        [("train", ["a.png", "b.png"]), ("val", ["bare.png", "c.png"])]
+    by_name = {(d.name, i.name): i for d in datasets for i in d.items}
+    assert by_name["val", "bare.png"].ann is None
+    a = by_name["train", "a.png"]
+    assert a.path == tmp_path / "train" / "img" / "a.png"
+    assert sly_format.dumps(a.ann).encode() == files["train/ann/a.png.json"]
+    assert [o["shape"] for o in a.ann["objects"]] == ["rectangle", "polygon", "bitmap"]
+    assert a.ann["tags"] == [{"name": "sunny"}, {"name": "weather", "value": "snow"}]
+
+
+def test_dumps_writes_what_the_sdk_writes():
+    # supervisely.io.json.dump_json_file: json.dump(data, f, indent=4): ASCII escapes, no newline at the end
+    text = sly_format.dumps({"description": "caf\u00e9", "size": {"height": 1, "width": 2}})
+    assert text == '{\n    "description": "caf\\u00e9",\n    "size": {\n        "height": 1,\n        "width": 2\n    }\n}'
+
+
+def test_old_style_annotation_name_is_read(tmp_path):
+    (tmp_path / "meta.json").write_text(json.dumps(META))
+    (tmp_path / "ds" / "img").mkdir(parents=True)
+    (tmp_path / "ds" / "ann").mkdir()
+    (tmp_path / "ds" / "img" / "x.png").write_bytes(png(4, 5))
+    (tmp_path / "ds" / "ann" / "x.json").write_text(json.dumps(ann(4, 5)))
+    _, [ds] = sly_format.read_folder(tmp_path)
+    assert ds.items[0].ann == ann(4, 5)
+
+
+@pytest.mark.parametrize("rel, content, expected", [
+    ("meta.json", "{\"classes\": [", "meta.json: not valid JSON"),
+    ("meta.json", "[1, 2]", "meta.json: a JSON object was expected, not list"),
+    ("train/ann/a.png.json", "{\"size\": }", "train/ann/a.png.json: not valid JSON"),
+    ("train/ann/b.png.json", b"\xff\xfe{}", "train/ann/b.png.json: not UTF-8"),
+])
+def test_broken_json_names_the_file(tmp_path, rel, content, expected):
+    write_sample(tmp_path)
+    (tmp_path / rel).write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(BadProject, match=expected.replace(".", r"\.")):
+        sly_format.read_folder(tmp_path)
+
+
+def test_nested_datasets_are_refused_with_a_reason(tmp_path):
+    write_sample(tmp_path)
+    (tmp_path / "train" / "datasets" / "child" / "img").mkdir(parents=True)
+    with pytest.raises(BadProject, match="train/datasets/: nested datasets are not supported"):
+        sly_format.read_folder(tmp_path)
+
+
+def test_project_without_images_is_refused(tmp_path):
+    (tmp_path / "meta.json").write_text("{}")
+    (tmp_path / "ds" / "img").mkdir(parents=True)
+    with pytest.raises(BadProject, match="no images"):
+        sly_format.read_folder(tmp_path)
+
+
+def test_is_supervisely_needs_meta_at_the_top(tmp_path):
+    assert not sly_format.is_supervisely(tmp_path)
+    (tmp_path / "meta.json").mkdir()
+    assert not sly_format.is_supervisely(tmp_path)
+    (tmp_path / "meta.json").rmdir()
+    (tmp_path / "meta.json").write_text("{}")
+    assert sly_format.is_supervisely(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "../evil.png", "a/b.png", "/etc/passwd", "a\\b.png", "C:x.png",
+                                  "x\x00.png", None, 7])
+def test_unsafe_names_are_refused(name):
+    with pytest.raises(BadProject):
+        sly_format.check_name(name, "item name")
+    with pytest.raises(BadProject):
+        download.check_project_names([{"name": "ds", "items": [{"name": name}]}])
+    with pytest.raises(BadProject):
+        download.check_project_names([{"name": name, "items": []}])
+
+
+def test_project_names_may_not_collide_or_shadow_meta():
+    with pytest.raises(BadProject, match="meta file"):
+        download.check_project_names([{"name": "meta.json", "items": []}])
+    with pytest.raises(BadProject, match="twice"):
+        download.check_project_names([{"name": "a", "items": []}, {"name": "a", "items": []}])
+    with pytest.raises(BadProject, match="twice"):
+        download.check_project_names([{"name": "a", "items": [{"name": "x.png"}, {"name": "x.png"}]}])
+    download.check_project_names([{"name": "a", "items": [{"name": "x.png"}, {"name": "..x.png"}]}])
+
+
+@pytest.mark.parametrize("path", ["../w.bin", "a/../../w.bin", "/abs/w.bin", "a//w.bin", "", "a/./w.bin"])
+def test_unsafe_model_paths_are_refused(path):
+    with pytest.raises(BadProject):
+        sly_format.check_relpath(path, "model file")
+
+
+def test_model_subfolders_are_fine():
+    assert sly_format.check_relpath("checkpoints/epoch_1/w.pth", "model file") == "checkpoints/epoch_1/w.pth"
+
+
+def test_empty_annotation_takes_the_size_from_the_image_header(tmp_path):
+    (tmp_path / "x.png").write_bytes(png(13, 17))
+    assert sly_format.empty_ann(*sly_format.image_size(tmp_path / "x.png")) == {
+        "description": "", "size": {"height": 13, "width": 17}, "tags": [], "objects": [], "customBigData": {}}
+    (tmp_path / "y.png").write_bytes(b"not an image")
+    with pytest.raises(BadProject, match="y.png: cannot read the image size"):
+        sly_format.image_size(tmp_path / "y.png")
+
+
+def test_prepare_dir_refuses_a_non_empty_folder_unless_forced(tmp_path):
+    assert download.prepare_dir(tmp_path / "new" / "deep", force=False).is_dir()
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    with pytest.raises(download.DownloadError, match="not empty"):
+        download.prepare_dir(tmp_path / "full", force=False)
+    assert download.prepare_dir(tmp_path / "full", force=True) == (tmp_path / "full").resolve()
+    with pytest.raises(download.DownloadError, match="not a folder"):
+        download.prepare_dir(tmp_path / "full" / "x", force=True)
