@@ -93,6 +93,10 @@ def _post_model(conn, task_id: int, body: ResultsIn, results: dict, now: float) 
     m = db.models.c
     mid = conn.execute(select(m.id).where(m.task_id == task_id, m.hash == h).order_by(m.id).limit(1)).scalar()
     replay = mid is not None
+    if replay and ck is not None and ck["final"]:
+        stored = conn.execute(select(m.checkpoint).where(m.id == mid)).scalar()
+        if stored is not None and not stored.get("final"):   # the same checkpoint, now marked final
+            conn.execute(update(db.models).where(m.id == mid).values(checkpoint=ck))
     if not replay:
         mid = conn.execute(insert(db.models).values(name=body.name or f"task {task_id} model", hash=h, files=files,
                                                     task_id=task_id, checkpoint=ck,
