@@ -31,7 +31,7 @@ async def connect(request: Request, agent: dict = Depends(require_agent)):
     return {"agent": {"id": agent["id"], "name": agent["name"], "allowed_task_types": agent["allowed_task_types"]},
             "options": {"lease_s": s.lease_s, "telemetry_interval_s": s.telemetry_interval_s,
                         "max_poll_wait_s": s.max_poll_wait_s, "logs_body_limit": s.logs_body_limit,
-                        "json_body_limit": s.json_body_limit}}
+                        "json_body_limit": s.json_body_limit, "project_body_limit": s.project_body_limit}}
 
 
 @router.post(endpoints.POLL)
