@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 
 from fastapi import APIRouter, Depends, Request
+from starlette.concurrency import run_in_threadpool
 from sqlalchemy import insert, select, update
 
 from protocol import endpoints
@@ -158,7 +159,7 @@ async def post_results(task_id: int, body: ResultsIn, request: Request, agent: d
             raise APIError(400, "invalid_request", f"meta, datasets and ann belong to a project result, not {body.kind}")
         check_files(core.blobs, body.files, "path", "result file")
     else:
-        prepared = _prepare_project(core, body)   # blob reads before the transaction
+        prepared = await run_in_threadpool(_prepare_project, core, body)   # off the loop, before the transaction
     if body.checkpoint is not None and body.kind != "model":
         raise APIError(400, "invalid_request", "checkpoint belongs to a model result")
     now = time.time()
