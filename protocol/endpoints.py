@@ -27,6 +27,7 @@ AGENT_TELEMETRY = USER_PREFIX + "/agents/{agent_id}/telemetry"
 USER_BLOB = USER_PREFIX + "/blobs/{sha256}"
 PROJECTS = USER_PREFIX + "/projects"
 PROJECT = USER_PREFIX + "/projects/{project_id}"
+PROJECT_ITEMS = USER_PREFIX + "/projects/{project_id}/items"   # ?dataset=&cursor=&limit=: items with annotations
 MODELS = USER_PREFIX + "/models"
 MODEL = USER_PREFIX + "/models/{model_id}"
 TASKS = USER_PREFIX + "/tasks"

@@ -6,8 +6,8 @@ a new revision there, and a test checks that the two agree.
 """
 from __future__ import annotations
 
-from sqlalchemy import (JSON, Boolean, Column, Float, Integer, MetaData, String, Table, Text, create_engine,
-                        event)
+from sqlalchemy import (JSON, BigInteger, Boolean, Column, Float, Index, Integer, MetaData, String, Table, Text,
+                        create_engine, event)
 from sqlalchemy.engine import Engine
 
 metadata = MetaData()
@@ -71,13 +71,29 @@ task_metrics = Table(
     Column("metrics", JSON),
 )
 
+# A Supervisely project: its meta (classes, tag metas) here, its items in project_items.
 projects = Table(
     "projects", metadata,
     Column("id", Integer, primary_key=True),
     Column("name", String(500), nullable=False),
-    Column("datasets", JSON, nullable=False),
+    Column("datasets", JSON, nullable=False),   # [{name, items_count}] in order: the listing needs no join
     Column("task_id", Integer),
     Column("created_at", Float, nullable=False),
+    Column("meta", JSON, nullable=False),
+)
+
+# One row per image: its blob and its annotation (Supervisely JSON). Rows of a project are
+# inserted in dataset and item order, so `id` orders them and pages them.
+project_items = Table(
+    "project_items", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("project_id", Integer, nullable=False),
+    Column("dataset", String(500), nullable=False),
+    Column("name", String(1024), nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("ann", JSON, nullable=False),
+    Index("ix_project_items_project_id_dataset", "project_id", "dataset"),
 )
 
 models = Table(
@@ -86,8 +102,9 @@ models = Table(
     Column("name", String(500), nullable=False),
     Column("hash", String(64), nullable=False),
     Column("files", JSON, nullable=False),
-    Column("task_id", Integer),
+    Column("task_id", Integer, index=True),
     Column("created_at", Float, nullable=False),
+    Column("checkpoint", JSON),   # {epoch?, metrics?, final} when a task posted it as a checkpoint
 )
 
 # Console sign-in sessions: only a hash of each cookie value is stored.

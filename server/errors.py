@@ -68,6 +68,7 @@ def _template_re(*templates: str) -> re.Pattern:
 
 _BLOB_RE = _template_re(endpoints.AGENT_BLOB, endpoints.USER_BLOB)
 _LARGE_RE = _template_re(endpoints.TASK_LOGS, endpoints.ECHO)
+_PROJECT_RE = _template_re(endpoints.PROJECTS, endpoints.TASK_RESULTS)
 
 
 def body_limit(settings: Settings, method: str, path: str) -> int | None:
@@ -76,6 +77,8 @@ def body_limit(settings: Settings, method: str, path: str) -> int | None:
         return None
     if _LARGE_RE.match(path):
         return settings.logs_body_limit
+    if _PROJECT_RE.match(path):
+        return settings.project_body_limit
     return settings.json_body_limit
 
 

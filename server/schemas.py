@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
@@ -32,6 +32,7 @@ class ItemRef(BaseModel):
     name: str
     sha256: str
     size: int = Field(ge=0)
+    ann: Any = None     # Supervisely annotation JSON, checked by server.sly_format (errors name the item)
 
 
 class DatasetIn(BaseModel):
@@ -41,6 +42,7 @@ class DatasetIn(BaseModel):
 
 class ProjectIn(BaseModel):
     name: str = Field(min_length=1, max_length=500)
+    meta: Any = None    # Supervisely project meta; absent: the empty meta
     datasets: list[DatasetIn] = []
 
 
@@ -110,10 +112,26 @@ class PollIn(BaseModel):
     refusing: str = Field(default="", max_length=1000)   # why the agent takes no task now
 
 
+class ResultFileRef(FileRef):
+    ann: Any = None     # kind=project, files form: the item's annotation
+
+
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class CheckpointIn(BaseModel):
+    epoch: FiniteFloat | None = Field(default=None, ge=0)
+    metrics: dict[str, FiniteFloat] | None = Field(default=None, max_length=100)
+    final: bool = False
+
+
 class ResultsIn(BaseModel):
     kind: Literal["model", "project", "artifacts"]
     name: str = Field(default="", max_length=500)
-    files: list[FileRef]
+    files: list[ResultFileRef] = []
+    meta: Any = None                        # kind=project
+    datasets: list[DatasetIn] | None = None  # kind=project: the POST /api/v1/projects form, instead of files
+    checkpoint: CheckpointIn | None = None  # kind=model: this model is a checkpoint of the task
 
 
 class SessionIn(BaseModel):

@@ -19,6 +19,7 @@ class Settings:
     max_poll_wait_s: float = 60.0
     json_body_limit: int = 1 * MIB
     logs_body_limit: int = 32 * MIB
+    project_body_limit: int = 64 * MIB   # POST of a project or a task result: annotations travel inline
     telemetry_history: int = 720
     echo_endpoint: bool = False          # mount POST /api/v1/_echo (the benchmark's ingest baseline)
     admin_token: str | None = None       # filled in by load_admin_token()

@@ -6,6 +6,7 @@ import time
 from sqlalchemy import select, update
 
 from server import db
+from server.projects import read_project
 from protocol.errors import APIError
 from protocol.states import AGENT_REPORTABLE, FINAL, LEASED, IllegalTransition, TaskState, check_transition
 
@@ -47,9 +48,10 @@ def agent_task(conn, task: dict) -> dict:
     if task["timeout_s"] is not None:
         out["timeout_s"] = task["timeout_s"]
     if task["project_id"] is not None:
-        p = conn.execute(select(db.projects).where(db.projects.c.id == task["project_id"])).mappings().first()
+        p = read_project(conn, task["project_id"], anns=True)
         if p is not None:
-            out["project"] = {"id": p["id"], "name": p["name"], "datasets": p["datasets"]}
+            out["project"] = {"id": p["id"], "name": p["name"], "meta": p["meta"],
+                              "datasets": p["datasets"]}
     if task["model_id"] is not None:
         m = conn.execute(select(db.models).where(db.models.c.id == task["model_id"])).mappings().first()
         if m is not None:

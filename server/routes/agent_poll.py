@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 
 from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse
 from sqlalchemy import select, update
 
 from protocol import endpoints
@@ -31,7 +32,7 @@ async def connect(request: Request, agent: dict = Depends(require_agent)):
     return {"agent": {"id": agent["id"], "name": agent["name"], "allowed_task_types": agent["allowed_task_types"]},
             "options": {"lease_s": s.lease_s, "telemetry_interval_s": s.telemetry_interval_s,
                         "max_poll_wait_s": s.max_poll_wait_s, "logs_body_limit": s.logs_body_limit,
-                        "json_body_limit": s.json_body_limit}}
+                        "json_body_limit": s.json_body_limit, "project_body_limit": s.project_body_limit}}
 
 
 @router.post(endpoints.POLL)
@@ -64,8 +65,9 @@ async def poll(body: PollIn, request: Request, wait: float = Query(0, ge=0),
             left = deadline - time.monotonic()
             if tasks or new_stop or left <= 0 or core.settings_version[aid] != version:
                 core.stops_delivered.update(stop)
-                return {"tasks": tasks, "stop": stop,
-                        "settings": {"name": row["name"], "allowed_task_types": row["allowed_task_types"]}}
+                # A task's project carries every annotation: plain JSON, so FastAPI's slow encoder is skipped.
+                return JSONResponse({"tasks": tasks, "stop": stop,
+                                     "settings": {"name": row["name"], "allowed_task_types": row["allowed_task_types"]}})
             await core.agent_waiters.wait(ev, left)
     finally:
         core.m_polls.dec()

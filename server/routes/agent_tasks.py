@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 
 from fastapi import APIRouter, Depends, Request
+from starlette.concurrency import run_in_threadpool
 from sqlalchemy import insert, select, update
 
 from protocol import endpoints
@@ -12,7 +13,8 @@ from protocol.states import FINAL, TaskState
 from server import db, logs
 from server.auth import require_agent
 from server.routes.common import core_of
-from server.schemas import ResultsIn, StateIn, check_files, check_relpath, model_hash
+from server.projects import insert_project, prepare, same_project
+from server.schemas import DatasetIn, ItemRef, ResultsIn, StateIn, check_files, model_hash
 from server.tasks import agent_change_state, get_task, release_task
 
 router = APIRouter(tags=["agent"])
@@ -82,46 +84,103 @@ async def post_logs(task_id: int, request: Request, agent: dict = Depends(requir
     return {"acked": acked}
 
 
+def _post_model(conn, task_id: int, body: ResultsIn, results: dict, now: float) -> int:
+    """Store a model result (idempotent per task: the same files again are the same model) and
+    decide `results.model_id`: a plain model (results/model) wins over a checkpoint marked final,
+    which wins over the latest checkpoint."""
+    files = [{"path": f.path, "sha256": f.sha256, "size": f.size} for f in body.files]
+    h = model_hash(files)
+    ck = body.checkpoint.model_dump() if body.checkpoint is not None else None
+    m = db.models.c
+    mid = conn.execute(select(m.id).where(m.task_id == task_id, m.hash == h).order_by(m.id).limit(1)).scalar()
+    replay = mid is not None
+    if replay and ck is not None and ck["final"]:
+        stored = conn.execute(select(m.checkpoint).where(m.id == mid)).scalar()
+        if stored is not None and not stored.get("final"):   # the same checkpoint, now marked final
+            conn.execute(update(db.models).where(m.id == mid).values(checkpoint=ck))
+    if not replay:
+        mid = conn.execute(insert(db.models).values(name=body.name or f"task {task_id} model", hash=h, files=files,
+                                                    task_id=task_id, checkpoint=ck,
+                                                    created_at=now)).inserted_primary_key[0]
+    if ck is not None and mid not in results.setdefault("checkpoints", []):
+        results["checkpoints"].append(mid)
+
+    def rank(checkpoint) -> int:
+        return 2 if checkpoint is None else 1 if checkpoint.get("final") else 0
+    current = results.get("model_id")
+    if current is None:
+        results["model_id"] = mid
+    elif current != mid:
+        cur_ck = conn.execute(select(m.checkpoint).where(m.id == current)).scalar()
+        # A replay (an agent re-posting after a restart) never moves model_id back to an older
+        # checkpoint; it may only promote (a plain model equal to a checkpoint's files).
+        if rank(ck) > rank(cur_ck) or (not replay and rank(ck) == rank(cur_ck)):
+            results["model_id"] = mid
+    return mid
+
+
+def _prepare_project(core, body: ResultsIn) -> tuple[dict, list[dict]]:
+    """A project result checked as POST /api/v1/projects checks one; from `datasets` or from `files`."""
+    if body.datasets is not None:
+        if body.files:
+            raise APIError(400, "invalid_request", "a project result has either datasets or files, not both")
+        ds_in = body.datasets
+    else:
+        by_ds: dict[str, list] = {}
+        for f in body.files:
+            if "/" not in f.path:
+                raise APIError(400, "bad_name", f"project result file {f.path!r} must be '<dataset>/<item name>'")
+            ds, item = f.path.split("/", 1)
+            by_ds.setdefault(ds, []).append(ItemRef(name=item, sha256=f.sha256, size=f.size, ann=f.ann))
+        ds_in = [DatasetIn(name=k, items=v) for k, v in by_ds.items()]
+    return prepare(core.blobs, body.meta, ds_in)
+
+
+def _post_project(conn, task_id: int, name: str, prepared: tuple, results: dict, now: float) -> int:
+    """Store a checked project result; the same project posted again by the task is not stored twice."""
+    meta, datasets = prepared
+    prev = results.get("project_id")
+    if prev is not None and same_project(conn, prev, meta, datasets):
+        return prev
+    pid = insert_project(conn, name or f"task {task_id} project", meta, datasets, now, task_id=task_id)
+    results["project_id"] = pid
+    return pid
+
+
 @router.post(endpoints.TASK_RESULTS)
 async def post_results(task_id: int, body: ResultsIn, request: Request, agent: dict = Depends(require_agent)):
-    """Results of a task: a new model, a new project (paths '<dataset>/<item>') or artifacts."""
+    """Results of a task: a model (or a checkpoint), a project (Supervisely, with annotations) or artifacts.
+
+    Answers `{"results": the task's results, "id": the model or project id}` (no id for artifacts).
+    """
     core = core_of(request)
-    check_files(core.blobs, body.files, "path", "result file")
-    files = [f.model_dump() for f in body.files]
+    if body.kind != "project":
+        if body.datasets is not None or body.meta is not None or any(f.ann is not None for f in body.files):
+            raise APIError(400, "invalid_request", f"meta, datasets and ann belong to a project result, not {body.kind}")
+        check_files(core.blobs, body.files, "path", "result file")
+    else:
+        prepared = await run_in_threadpool(_prepare_project, core, body)   # off the loop, before the transaction
+    if body.checkpoint is not None and body.kind != "model":
+        raise APIError(400, "invalid_request", "checkpoint belongs to a model result")
     now = time.time()
+    oid = None
     with core.engine.begin() as conn:
         task = _own_task(conn, agent, task_id)
         if TaskState(task["state"]) in FINAL:
             raise APIError(409, "task_final", f"task {task_id} is {task['state']}; results come before the final state")
         results = dict(task["results"])
-        name = body.name or f"task {task_id} {body.kind}"
         if body.kind == "model":
-            # Idempotent per task: an agent restarted mid-upload posts the same model again.
-            h = model_hash(files)
-            same = results.get("model_id") and conn.execute(
-                select(db.models.c.id).where(db.models.c.id == results["model_id"], db.models.c.hash == h)).first()
-            if not same:
-                results["model_id"] = conn.execute(insert(db.models).values(
-                    name=name, hash=h, files=files, task_id=task_id, created_at=now)).inserted_primary_key[0]
+            oid = _post_model(conn, task_id, body, results, now)
         elif body.kind == "project":
-            datasets: dict[str, list] = {}
-            for f in files:
-                if "/" not in f["path"]:
-                    raise APIError(400, "bad_name", f"project result file {f['path']!r} must be '<dataset>/<item name>'")
-                ds, item = f["path"].split("/", 1)
-                check_relpath(ds, "dataset name", single=True)
-                datasets.setdefault(ds, []).append({"name": item, "sha256": f["sha256"], "size": f["size"]})
-            ds_list = [{"name": k, "items": v} for k, v in datasets.items()]
-            prev = results.get("project_id") and conn.execute(
-                select(db.projects.c.datasets).where(db.projects.c.id == results["project_id"])).first()
-            if not (prev and prev[0] == ds_list):     # idempotent per task, as for models
-                results["project_id"] = conn.execute(insert(db.projects).values(
-                    name=name, datasets=ds_list, task_id=task_id, created_at=now)).inserted_primary_key[0]
+            oid = _post_project(conn, task_id, body.name, prepared, results, now)
         else:
             arts = {a["path"]: a for a in results.get("artifacts", [])}
-            for f in files:
-                arts[f["path"]] = f   # a re-uploaded checkpoint replaces the earlier one
+            for f in body.files:
+                arts[f.path] = {"path": f.path, "sha256": f.sha256, "size": f.size}   # a re-upload replaces
             results["artifacts"] = list(arts.values())
         results.setdefault("artifacts", [])
         conn.execute(update(db.tasks).where(db.tasks.c.id == task_id).values(results=results, updated_at=now))
-    return {"results": results}
+    out = {"results": results}
+    if oid is not None:
+        out["id"] = oid
+    return out

@@ -1,10 +1,11 @@
 """User side: models (a manifest of files, each a blob; `hash` names the manifest)."""
 from __future__ import annotations
 
+import json
 import time
 
 from fastapi import APIRouter, Depends, Query, Request
-from sqlalchemy import insert
+from sqlalchemy import insert, select
 
 from protocol import endpoints
 from server import db
@@ -39,6 +40,31 @@ async def list_models(request: Request, limit: int = Query(100, ge=1, le=1000), 
     return list_rows(core_of(request), db.models, limit, cursor, _summary)
 
 
+CONFIG_MAX_BYTES = 256 * 1024
+
+
+def _config(blobs, files: list[dict]):
+    """The parsed content of the model's root config.json (small and valid JSON), else None."""
+    f = next((f for f in files if f["path"] == "config.json"), None)
+    if f is None or f["size"] > CONFIG_MAX_BYTES:
+        return None
+    try:
+        return json.loads(blobs.path(f["sha256"]).read_bytes())
+    except (OSError, ValueError):
+        return None
+
+
 @router.get(endpoints.MODEL)
 async def read_model(model_id: int, request: Request):
-    return get_row(core_of(request), db.models, model_id, "model")
+    """The model with `task` (the task that made it: id, type, state), `checkpoint` ({epoch, metrics,
+    final} or null) and `config` (its config.json parsed, or null; every file's bytes: GET /api/v1/blobs/{sha256})."""
+    core = core_of(request)
+    m = get_row(core, db.models, model_id, "model")
+    m["task"] = None
+    if m["task_id"] is not None:
+        t = db.tasks.c
+        with core.engine.connect() as conn:
+            row = conn.execute(select(t.id, t.type, t.state).where(t.id == m["task_id"])).mappings().first()
+        m["task"] = dict(row) if row else None
+    m["config"] = _config(core.blobs, m["files"])
+    return m

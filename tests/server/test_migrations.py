@@ -169,3 +169,57 @@ def test_server_adopts_a_pre_migration_database_and_keeps_its_data(tmp_path):
         assert r.json()["log_acked"] == 3
     finally:
         srv.stop()
+
+
+def test_0002_moves_existing_project_items_into_project_items_with_empty_annotations(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    engine = _engine(data / "server.db")
+    with engine.begin() as conn:
+        command.upgrade(migrate.alembic_config(conn), migrate.INITIAL)
+    j = json.dumps
+    datasets = [{"name": "ds0", "items": [{"name": "a.jpg", "sha256": "0" * 64, "size": 3},
+                                          {"name": "b.jpg", "sha256": "1" * 64, "size": 5}]},
+                {"name": "empty", "items": []},
+                {"name": "ds1", "items": [{"name": "c.jpg", "sha256": "2" * 64, "size": 7}]}]
+    with engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO projects (id, name, datasets, task_id, created_at) VALUES (?,?,?,?,?)",
+                             (4, "old-project", j(datasets), None, 1.0))
+        conn.exec_driver_sql("INSERT INTO models (id, name, hash, files, task_id, created_at) VALUES (?,?,?,?,?,?)",
+                             (2, "old-model", "f" * 64, j([{"path": "w.bin", "sha256": "3" * 64, "size": 4}]), 9, 2.0))
+    migrate.upgrade(engine)
+    empty_ann = {"description": "", "size": {"height": None, "width": None}, "tags": [], "objects": [],
+                 "customBigData": {}}
+    with engine.connect() as conn:
+        assert migrate.current(conn) == migrate.head()
+        row = conn.exec_driver_sql("SELECT datasets, meta FROM projects WHERE id = 4").one()
+        assert json.loads(row[0]) == [{"name": "ds0", "items_count": 2}, {"name": "empty", "items_count": 0},
+                                      {"name": "ds1", "items_count": 1}]
+        assert json.loads(row[1]) == {"classes": [], "tags": [], "projectType": "images"}
+        items = conn.exec_driver_sql("SELECT project_id, dataset, name, sha256, size, ann FROM project_items"
+                                     " ORDER BY id").all()
+        assert [tuple(r[:5]) for r in items] == [(4, "ds0", "a.jpg", "0" * 64, 3), (4, "ds0", "b.jpg", "1" * 64, 5),
+                                                 (4, "ds1", "c.jpg", "2" * 64, 7)]
+        assert all(json.loads(r[5]) == empty_ann for r in items)
+        assert conn.exec_driver_sql("SELECT checkpoint, task_id FROM models WHERE id = 2").one() == (None, 9)
+    engine.dispose()
+
+    srv = ServerProcess(data).start()                         # the API reads the moved rows
+    try:
+        admin = srv.admin()
+        p = admin.get(srv.url + "/api/v1/projects/4", timeout=10).json()
+        assert p["datasets"] == datasets and p["meta"]["classes"] == []
+        page = admin.get(srv.url + "/api/v1/projects/4/items", params={"limit": 2}, timeout=10).json()
+        assert [i["name"] for i in page["items"]] == ["a.jpg", "b.jpg"] and page["next"] is not None
+        m = admin.get(srv.url + "/api/v1/models/2", timeout=10).json()
+        assert m["checkpoint"] is None and m["task"] is None and m["config"] is None
+    finally:
+        srv.stop()
+
+    engine = _engine(data / "server.db")                      # and back: downgrade restores the old form
+    with engine.begin() as conn:
+        command.downgrade(migrate.alembic_config(conn), migrate.INITIAL)
+    with engine.connect() as conn:
+        assert json.loads(conn.exec_driver_sql("SELECT datasets FROM projects WHERE id = 4").scalar()) == datasets
+        assert "project_items" not in inspect(conn).get_table_names()
+    engine.dispose()

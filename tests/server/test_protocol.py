@@ -33,7 +33,11 @@ def test_task_flow_end_to_end(client, make_agent):
     ans = agent.poll(free_slots=2, wait=5)
     [got] = ans["tasks"]
     assert got["id"] == task["id"] and got["command"] == ["sh", "-c", "echo hi"] and got["config"] == {"epochs": 2}
-    assert got["project"]["datasets"] == [{"name": "ds1", "items": [{"name": "a.jpg", "sha256": img, "size": 6}]}]
+    empty_ann = {"description": "", "size": {"height": None, "width": None}, "tags": [], "objects": [],
+                 "customBigData": {}}    # b"pixels" is no image: its size stays unknown
+    assert got["project"]["meta"] == {"classes": [], "tags": [], "projectType": "images"}
+    assert got["project"]["datasets"] == [{"name": "ds1", "items": [{"name": "a.jpg", "sha256": img, "size": 6,
+                                                                     "ann": empty_ann}]}]
     assert got["model"]["files"] == [{"path": "w.bin", "sha256": w, "size": 7}] and got["model"]["hash"] == model["hash"]
     assert got["resources"] == {"gpus": 0, "cpus": None, "memory": "512m", "shm_size": 1048576}
     assert ans["settings"]["name"] == "flow"
