@@ -17,8 +17,9 @@ in turn. Measured, p50 / p99 / max:
 - server CPU (% of one core over the load phase) and peak RSS per replica, and PostgreSQL's CPU;
 - the simulator itself: its event-loop lag and its CPU, to tell a slow server from a slow simulator.
 
---db sqlite: a fresh data dir. --db pg: `.ci/pg-up.sh`'s cluster. --db URL: a PostgreSQL server;
-either way the bench creates a fresh database on it and drops it at the end.
+--db sqlite: a fresh data dir. --db pg: a durable cluster that `.ci/pg-up.sh` starts on port 55433
+(SLY_PG_PORT overrides). --db URL: a PostgreSQL server; either way the bench creates a fresh
+database on it and drops it at the end.
 --replicas N: N separate `python -m server` processes sharing the data dir and the database, no
 balancer: node i talks to replica i mod N, and tasks are created on the replicas in turn.
 """
@@ -124,7 +125,9 @@ class Fleet:
         per = -(-self.a.nodes // len(self.urls))
         for url in self.urls:
             # A node holds a poll, a telemetry POST and up to two task requests at once.
-            conn = aiohttp.TCPConnector(limit=per * 4 + 64, limit_per_host=0, ttl_dns_cache=None)
+            # Idle connections are closed before uvicorn's 5 s keep-alive ends, so that no request
+            # goes out on a connection the server is closing (a reset that is no server fault).
+            conn = aiohttp.TCPConnector(limit=per * 4 + 64, limit_per_host=0, keepalive_timeout=3.0)
             self.sessions.append(aiohttp.ClientSession(url, connector=conn, timeout=self.timeout))
 
     async def close(self) -> None:
@@ -348,6 +351,7 @@ async def run(args, urls, admin_token, servers: list[ServerProcess], pg: psutil.
         pg0, me0 = cpu_seconds(pg_procs), cpu_seconds([me])
         rss_peak = [0] * len(srv_procs)
         fleet.measuring = True
+        load0 = os.getloadavg()[0]
         w0 = time.monotonic()
         creator = asyncio.create_task(fleet.creator([a for a, _ in agents]))
 
@@ -383,7 +387,7 @@ async def run(args, urls, admin_token, servers: list[ServerProcess], pg: psutil.
         await fleet.close()
     pickup = [fleet.delivered[t] - c for t, c in fleet.created.items() if t in fleet.delivered]
     return {"fleet": fleet, "pickup": pickup, "wall": wall, "cpu": cpu, "rss": rss_peak, "pg_cpu": pg_cpu,
-            "me_cpu": me_cpu, "lag": lag}
+            "me_cpu": me_cpu, "lag": lag, "load": (load0, os.getloadavg()[0])}
 
 
 def report(args, db_label: str, r: dict) -> dict:
@@ -416,6 +420,8 @@ def report(args, db_label: str, r: dict) -> dict:
           f"p99 {fmt_ms(pct(lag, 99))} max {fmt_ms(max(lag) if lag else float('nan'))} -> "
           + ("not the bottleneck" if ok else "MAY BE THE BOTTLENECK (lag p99 >= 50 ms or CPU >= 70 %): read the "
              "latencies as upper bounds"))
+    # Other work on the machine takes CPU from the server and the simulator alike.
+    print(f"machine: {os.cpu_count()} cores, load average {r['load'][0]:.1f} at the start, {r['load'][1]:.1f} at the end")
     return {"nodes": args.nodes, "tasks": args.tasks, "rate": args.rate, "db": db_label, "replicas": args.replicas,
             "console": args.console, "wall_s": r["wall"],
             "latency": {name: {"n": len(xs), "p50": pct(xs, 50), "p99": pct(xs, 99), "max": max(xs) if xs else None}
@@ -423,7 +429,7 @@ def report(args, db_label: str, r: dict) -> dict:
             "created": len(f.created), "delivered": len(f.delivered), "finished": f.finished,
             "handed_twice": f.handed_twice, "errors": dict(st.errors), "timeouts": dict(st.timeouts),
             "server_cpu_pct": r["cpu"], "server_rss_peak": r["rss"], "pg_cpu_pct": r["pg_cpu"],
-            "sim_cpu_pct": r["me_cpu"], "sim_lag_p99": pct(lag, 99), "sim_ok": ok}
+            "sim_cpu_pct": r["me_cpu"], "sim_lag_p99": pct(lag, 99), "sim_ok": ok, "loadavg": r["load"]}
 
 
 def main(argv=None) -> None:
@@ -454,8 +460,10 @@ def main(argv=None) -> None:
         if args.db != "sqlite":
             base = args.db
             if base == "pg":
+                # A cluster of its own, durable (fsync on), unlike the tests' (SLY_PG_FAST=1).
+                env = dict(os.environ, SLY_PG_PORT=os.environ.get("SLY_PG_PORT", "55433"), SLY_PG_FAST="0")
                 base = subprocess.run(["bash", str(REPO / ".ci/pg-up.sh")], check=True, capture_output=True,
-                                      text=True).stdout.strip()
+                                      text=True, env=env).stdout.strip()
             name = f"sly_bench_{os.getpid()}"
             db_url, drop, db_label = pg_database(base, name), (base, name), "postgresql"
         servers: list[ServerProcess] = []
