@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from tests.support.server import ServerProcess, db_kind, drop_test_databases
+from tests.support.server import ServerProcess, db_kind
 
 
 def pytest_report_header(config):
@@ -22,10 +22,6 @@ def pytest_collection_modifyitems(config, items):
         if mark is not None and not on_sqlite:
             why = mark.args[0] if mark.args else "a fact of the SQLite file"
             item.add_marker(pytest.mark.skip(reason=f"SQLite only: {why}"))
-
-
-def pytest_sessionfinish(session, exitstatus):
-    drop_test_databases()     # whatever a crashed fixture left on SLY_TEST_DB_URL's cluster
 
 
 @pytest.fixture(scope="session")

@@ -3,10 +3,11 @@
 The database: SQLite in the server's data dir, unless `SLY_TEST_DB_URL` names a PostgreSQL
 database (`postgresql+psycopg://postgres@127.0.0.1:55432/sly`, as `.ci/pg-up.sh` prints). Then
 every ServerProcess gets a fresh database of its own on that cluster, created on its first start
-and dropped by close() (or at the end of the test session, by drop_test_databases()).
+and dropped by close() (or, at the latest, when the process exits).
 """
 from __future__ import annotations
 
+import atexit
 import itertools
 import os
 import secrets
@@ -37,41 +38,49 @@ def _admin_engine():
     return create_engine(TEST_DB_URL, isolation_level="AUTOCOMMIT", poolclass=NullPool)
 
 
+def _url(name: str) -> str:
+    from sqlalchemy.engine import make_url
+    return make_url(TEST_DB_URL).set(database=name).render_as_string(hide_password=False)
+
+
+def _drop(conn, name: str) -> None:
+    from sqlalchemy import text
+    # FORCE: a server killed mid-request may leave a connection behind for a moment.
+    conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
 def create_test_database() -> str:
     """A new empty database on the SLY_TEST_DB_URL cluster; its URL."""
     from sqlalchemy import text
-    from sqlalchemy.engine import make_url
     name = f"sly_test_{os.getpid()}_{next(_db_names)}"
     engine = _admin_engine()
     try:
         with engine.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            _drop(conn, name)
             conn.execute(text(f'CREATE DATABASE "{name}"'))
     finally:
         engine.dispose()
     _created.add(name)
-    return make_url(TEST_DB_URL).set(database=name).render_as_string(hide_password=False)
+    return _url(name)
 
 
-def drop_test_database(url: str) -> None:
-    from sqlalchemy import text
-    from sqlalchemy.engine import make_url
-    name = make_url(url).database
+def drop_test_databases(names=None) -> None:
+    """Drop the given databases (default: every one this process created and has not dropped yet)."""
+    names = list(_created if names is None else names)
+    if not names:
+        return
     engine = _admin_engine()
     try:
         with engine.connect() as conn:
-            # FORCE: a server killed mid-request may leave a connection behind for a moment.
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            for name in names:
+                _drop(conn, name)
+                _created.discard(name)
     finally:
         engine.dispose()
-    _created.discard(name)
 
 
-def drop_test_databases() -> None:
-    """Drop every database this process created and has not dropped yet."""
-    from sqlalchemy.engine import make_url
-    for name in list(_created):
-        drop_test_database(make_url(TEST_DB_URL).set(database=name).render_as_string(hide_password=False))
+if TEST_DB_URL:
+    atexit.register(drop_test_databases)     # what a bench or a crashed fixture did not close()
 
 
 class ServerProcess:
@@ -86,7 +95,7 @@ class ServerProcess:
         self.env = env or {}
         self.proc: subprocess.Popen | None = None
         self.log_path = self.data_dir.parent / f"server-{self.port}.log"
-        self._own_db: str | None = None     # a database created for this server (SLY_TEST_DB_URL)
+        self._own_db: str | None = None     # the URL of a database made for this server (SLY_TEST_DB_URL)
 
     @property
     def db_url(self) -> str:
@@ -140,7 +149,8 @@ class ServerProcess:
         """stop(), then drop the database made for this server (its data is gone for good)."""
         self.stop()
         if self._own_db is not None:
-            drop_test_database(self._own_db)
+            from sqlalchemy.engine import make_url
+            drop_test_databases([make_url(self._own_db).database])
             self._own_db = None
 
     def admin(self) -> requests.Session:
