@@ -14,7 +14,9 @@ Usage: ./run.sh [COMMAND] [ARGS...]
   demo [--exit-when-done]
                    the whole thing on embedded defaults: server + agent + a train task
   test [PYTEST ARGS]
-                   install what the tests need (Docker engine, Chromium, busybox) and run them
+                   install what the tests need (Docker engine, Chromium, busybox) and run them;
+                   without named tests, the server and CLI tests run again on a throwaway
+                   PostgreSQL (.ci/pg-up.sh; SLY_TEST_DB_URL=URL picks the database, SLY_TEST_PG=0 skips)
   screenshots      run the console's browser tests and save their screenshots in docs/screenshots/
                    (plain test runs write them to a temporary dir)
 
@@ -92,6 +94,14 @@ ensure_test_system() {
   bash "$HERE/.ci/docker-up.sh"
 }
 
+names_tests() {  # do the pytest arguments name tests (a path or node id under tests/)?
+  local a
+  for a in "$@"; do
+    case "${a#./}" in tests|tests/*|tests::*) return 0 ;; esac
+  done
+  return 1
+}
+
 cmd=${1:-agent}
 case "$cmd" in
   -h|--help|help) usage ;;
@@ -117,7 +127,18 @@ case "$cmd" in
     ensure_test_system
     ensure_venv requirements-dev.txt
     cd "$HERE"
-    exec "$VENV/bin/python" -m pytest "$@" ;;
+    # Named tests, a database given in SLY_TEST_DB_URL, or SLY_TEST_PG=0: one pytest run.
+    if [ -n "${SLY_TEST_DB_URL:-}" ] || [ "${SLY_TEST_PG:-1}" = 0 ] || names_tests "$@"; then
+      exec "$VENV/bin/python" -m pytest "$@"
+    fi
+    # The whole suite on SQLite, then the server and CLI tests again on PostgreSQL.
+    rc=0
+    "$VENV/bin/python" -m pytest "$@" || rc=$?
+    pg_url=$(SLY_PG_FAST=1 bash "$HERE/.ci/pg-up.sh") \
+      || die "could not start PostgreSQL for the tests (.ci/pg-up.sh); SLY_TEST_PG=0 skips that pass"
+    echo "run.sh: the server and CLI tests on PostgreSQL ($pg_url)" >&2
+    SLY_TEST_DB_URL=$pg_url "$VENV/bin/python" -m pytest "$@" tests/server tests/cli || rc=$?
+    exit $rc ;;
   screenshots)
     shift
     ensure_test_system

@@ -5,14 +5,23 @@ import shutil
 
 import pytest
 
-from tests.support.server import ServerProcess
+from tests.support.server import ServerProcess, db_kind
+
+
+def pytest_report_header(config):
+    return f"server database: {db_kind()} (SLY_TEST_DB_URL)"
 
 
 def pytest_collection_modifyitems(config, items):
-    # Every test gets a hang guard unless it sets its own.
+    on_sqlite = db_kind() == "sqlite"
     for item in items:
+        # Every test gets a hang guard unless it sets its own.
         if item.get_closest_marker("timeout") is None:
             item.add_marker(pytest.mark.timeout(120))
+        mark = item.get_closest_marker("sqlite_only")
+        if mark is not None and not on_sqlite:
+            why = mark.args[0] if mark.args else "a fact of the SQLite file"
+            item.add_marker(pytest.mark.skip(reason=f"SQLite only: {why}"))
 
 
 @pytest.fixture(scope="session")
@@ -20,7 +29,7 @@ def server(tmp_path_factory):
     """One server for the whole test session (tests create their own agents/tasks)."""
     srv = ServerProcess(tmp_path_factory.mktemp("server") / "data").start()
     yield srv
-    srv.stop()
+    srv.close()
 
 
 @pytest.fixture
@@ -28,7 +37,7 @@ def fresh_server(tmp_path):
     """A server of this test's own, which the test may stop and start again (same port, same data)."""
     srv = ServerProcess(tmp_path / "server-data").start()
     yield srv
-    srv.stop()
+    srv.close()
 
 
 @pytest.fixture

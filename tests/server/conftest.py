@@ -59,4 +59,4 @@ def own_server(tmp_path):
         return srv, client, FakeAgent(srv.url, a["token"], a["id"])
     yield start
     for srv in started:
-        srv.stop()
+        srv.close()

@@ -326,6 +326,7 @@ def test_telemetry_status_session_and_metrics(server, client, make_agent):
     assert requests.get(f"{server.url}/openapi.json").json()["paths"]["/agent/v1/poll"]
 
 
+@pytest.mark.sqlite_only("reads the server's data dir, where only SQLite keeps the database")
 def test_no_agent_token_on_disk(server, client, make_agent):
     agent = make_agent("secret")
     t = client.create_task(agent.id, "custom", image="x:1")
@@ -377,7 +378,7 @@ def test_results_posted_again_after_an_agent_restart_make_no_second_model_or_pro
 
 
 def test_console_sessions_and_telemetry_history_survive_a_restart_and_history_is_bounded(own_server):
-    import sqlite3
+    from sqlalchemy import create_engine, text
     srv, client, agent = own_server("--telemetry-history", "5")
     for i in range(120):
         assert agent.post("/agent/v1/telemetry", json={"cpu": i}).status_code == 200
@@ -389,10 +390,14 @@ def test_console_sessions_and_telemetry_history_survive_a_restart_and_history_is
     assert console.get(f"{srv.url}/api/v1/agents").status_code == 200, "signed out by a restart"
     hist = client.agent_telemetry(agent.id)
     assert [s["sample"]["cpu"] for s in hist] == [115, 116, 117, 118, 119]
-    db = sqlite3.connect(srv.data_dir / "server.db")
-    rows = db.execute("select count(*) from telemetry").fetchone()[0]
-    assert rows <= 5 + 50, rows                 # pruned, not growing without bound
-    assert db.execute("select count(*) from console_sessions").fetchone()[0] == 1
-    assert not db.execute("select 1 from console_sessions where id_hash = ?", (sid,)).fetchall()  # hashed
+    engine = create_engine(srv.db_url)
+    try:
+        with engine.connect() as db:
+            rows = db.execute(text("select count(*) from telemetry")).scalar()
+            assert rows <= 5 + 50, rows                 # pruned, not growing without bound
+            assert db.execute(text("select count(*) from console_sessions")).scalar() == 1
+            assert not db.execute(text("select 1 from console_sessions where id_hash = :s"), {"s": sid}).fetchall()  # hashed
+    finally:
+        engine.dispose()
     console.delete(f"{srv.url}/api/v1/session")
     assert console.get(f"{srv.url}/api/v1/agents").status_code == 401
