@@ -32,7 +32,7 @@ def empty_ann(height: int | None, width: int | None) -> dict:
 
 
 def image_size(head: bytes) -> tuple[int, int] | None:
-    """(height, width) from the first bytes of a PNG, JPEG, GIF, BMP, WebP or TIFF; None if unknown."""
+    """(height, width) from the first bytes of a PNG, JPEG, GIF, BMP, WebP, TIFF or PPM; None if unknown."""
     try:
         if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
             w, h = struct.unpack(">II", head[16:24])
@@ -49,7 +49,10 @@ def image_size(head: bytes) -> tuple[int, int] | None:
             return _jpeg(head)
         if head[:4] in (b"II*\x00", b"MM\x00*"):
             return _tiff(head)
-    except (struct.error, IndexError):
+        if head[:2] in (b"P3", b"P6") and head[2:3].isspace():
+            w, h = (int(v) for v in head[2:64].split(maxsplit=2)[:2])
+            return h, w
+    except (struct.error, IndexError, ValueError):
         return None
     return None
 
