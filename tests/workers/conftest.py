@@ -22,7 +22,6 @@ SCRIPTS = {
 set -e
 D=/sly_task_data
 cmp -s $D/task_config.json $D/task_settings.json
-grep -q '"model_name"' $D/task_config.json
 n=$(find $D/data/*/*/img -type f | wc -l)
 echo "found $n input files"
 i=1
