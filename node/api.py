@@ -90,8 +90,9 @@ class AgentAPI:
     def telemetry(self, sample: dict) -> None:
         self.request("POST", ep.TELEMETRY, json=sample, timeout=10)
 
-    def post_results(self, task_id: int, kind: str, name: str, files: list[dict]) -> dict:
-        body = {"kind": kind, "name": name, "files": files}
+    def post_results(self, task_id: int, kind: str, name: str, files: list[dict], **extra) -> dict:
+        """`extra`: more fields of the body (a project's `meta`, a model's `checkpoint`)."""
+        body = {"kind": kind, "name": name, "files": files, **{k: v for k, v in extra.items() if v is not None}}
         return self.request("POST", ep.path(ep.TASK_RESULTS, task_id=task_id), json=body).json()
 
     # --- blobs ---
@@ -99,11 +100,19 @@ class AgentAPI:
         r = self.request("HEAD", ep.path(ep.AGENT_BLOB, sha256=sha256), expect=(200, 404))
         return r.status_code == 200
 
-    def put_blob(self, sha256: str, path: str | Path) -> None:
-        """Upload the file at `path` as blob `sha256` (the server checks the hash, keeps nothing on mismatch)."""
+    def put_blob(self, sha256: str, path) -> None:
+        """Upload the file at `path` (or an open binary file, from its start) as blob `sha256`
+        (the server checks the hash, keeps nothing on mismatch)."""
+        if not isinstance(path, (str, Path)):
+            path.seek(0)
+            self._put_blob(sha256, path)
+            return
         with open(path, "rb") as f:
-            self.request("PUT", ep.path(ep.AGENT_BLOB, sha256=sha256), data=f, timeout=max(self.timeout, 600),
-                         headers={"content-type": "application/octet-stream"}, expect=(200, 201, 204))
+            self._put_blob(sha256, f)
+
+    def _put_blob(self, sha256: str, f) -> None:
+        self.request("PUT", ep.path(ep.AGENT_BLOB, sha256=sha256), data=f, timeout=max(self.timeout, 600),
+                     headers={"content-type": "application/octet-stream"}, expect=(200, 201, 204))
 
     def get_blob(self, sha256: str, dest: str | Path, *, size: int | None = None, on_bytes=None,
                  timeout: float = 60) -> str:

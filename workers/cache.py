@@ -1,17 +1,29 @@
-"""The content-addressed cache under storage/: where a blob lives, its last use, disk space, eviction.
+"""The content-addressed cache under storage/: where a blob lives, its record, last use, eviction.
 
     storage/images/<h[0:2]>/<h[2:5]>/<h><.ext>    one file per blob (h = its sha256)
     storage/models/<h[0:2]>/<h[2:5]>/<h>/...      one folder per model (h = the model's hash)
+    storage/records/images/...  records/models/...  one record per cached file, same relative path
 
-A cache entry's last use is its mtime (touched each time it is linked into a task dir; atime is
-unreliable under relatime/noatime). Evicting an entry never breaks a running task: its files are
-hard links (or copies) in the task dir, so the bytes stay until the task dir goes.
+Cached files are read-only (0444) and are only ever hard-linked into a task's data/ and model/,
+which the container gets read-only; results are copied into the cache, never linked. A file's
+record (`{sha256, size, mtime_ns, ino, dev}`, written when it was stored) is checked before the
+file is reused: a file whose size, mtime, inode or mode differ, or that has no record, is
+treated as missing and fetched again into a new inode (a task dir still linking the old one
+keeps it). Records are written under the blob's fetch lock, after the file is in place.
+
+A cache entry's last use is the mtime of its record (an image) or of its folder (a model),
+touched each time it is linked into a task dir; the file's own mtime is part of its record and
+is never touched. Evicting an entry never breaks a running task: its files are hard links (or
+copies) in the task dir, so the bytes stay until the task dir goes.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import shutil
+import stat
 from pathlib import Path
 
 from node.config import Config
@@ -45,12 +57,60 @@ def model_dir(config: Config, model_hash: str) -> Path:
     return config.models_dir / model_hash[0:2] / model_hash[2:5] / model_hash
 
 
-def touch(path: Path) -> None:
-    """Mark a cache entry as used now (LRU)."""
+def record_path(config: Config, path: Path) -> Path:
+    """Where the record of a cached file (under images/ or models/) is kept."""
+    storage = config.images_dir.parent
+    return storage / "records" / path.relative_to(storage)
+
+
+def write_record(config: Config, path: Path, sha: str) -> dict:
+    """Record what a file just stored in the cache looks like; make it read-only first."""
+    os.chmod(path, 0o444)
+    st = os.lstat(path)
+    rec = {"sha256": sha, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino, "dev": st.st_dev}
+    rp = record_path(config, path)
+    rp.parent.mkdir(parents=True, exist_ok=True)
+    tmp = rp.with_name(rp.name + f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(rec))
+    os.replace(tmp, rp)
+    return rec
+
+
+def verify(config: Config, path: Path, sha: str, size: int | None = None) -> bool:
+    """Whether the cached file at `path` is the one stored for blob `sha`, unchanged since."""
     try:
-        os.utime(path)
+        st = os.lstat(path)
+        rec = json.loads(record_path(config, path).read_text())
+    except (OSError, ValueError):
+        return False
+    return (isinstance(rec, dict) and stat.S_ISREG(st.st_mode) and not st.st_mode & 0o222
+            and rec.get("sha256") == sha and st.st_size == rec.get("size")
+            and (size is None or st.st_size == size)
+            and st.st_mtime_ns == rec.get("mtime_ns") and st.st_ino == rec.get("ino") and st.st_dev == rec.get("dev"))
+
+
+def touch(config: Config, entry: Path) -> None:
+    """Mark a cache entry as used now (LRU): its record (an image) or its folder (a model)."""
+    target = entry if entry.is_dir() else record_path(config, entry)
+    try:
+        os.utime(target)
     except OSError:
         pass
+
+
+def last_use(config: Config, entry: Path) -> float:
+    if entry.is_dir():
+        return entry.stat().st_mtime
+    try:
+        return record_path(config, entry).stat().st_mtime
+    except OSError:
+        return entry.stat().st_mtime
+
+
+def manifest_hash(files: list[dict]) -> str:
+    """A model's hash: sha256 of the lines '<path> <sha256>\\n' sorted by path (the server's)."""
+    manifest = "".join(f"{f['path']} {f['sha256']}\n" for f in sorted(files, key=lambda f: f["path"]))
+    return hashlib.sha256(manifest.encode()).hexdigest()
 
 
 def _existing(path: Path) -> Path:
@@ -84,23 +144,19 @@ def _entry_size(path: Path) -> int:
 def cache_entries(config: Config) -> list[tuple[float, int, Path]]:
     """Every cache entry as (last use, bytes, path), least recently used first."""
     entries = []
-    for p in config.images_dir.glob("??/???/*"):
+    for p in list(config.images_dir.glob("??/???/*")) + list(config.models_dir.glob("??/???/*")):
         try:
-            entries.append((p.stat().st_mtime, _entry_size(p), p))
-        except OSError:
-            pass
-    for p in config.models_dir.glob("??/???/*"):
-        try:
-            entries.append((p.stat().st_mtime, _entry_size(p), p))
+            entries.append((last_use(config, p), _entry_size(p), p))
         except OSError:
             pass
     entries.sort(key=lambda e: e[0])
     return entries
 
 
-def remove_entry(path: Path) -> None:
-    """Remove one cache entry (an image file or a model folder)."""
+def remove_entry(config: Config, path: Path) -> None:
+    """Remove one cache entry (an image file or a model folder) and its records."""
     remove_path(path)
+    remove_path(record_path(config, path))
 
 
 def ensure_space(config: Config, need_bytes: int = 0, log=None, keep: set | None = None) -> dict:
@@ -133,10 +189,46 @@ def ensure_space(config: Config, need_bytes: int = 0, log=None, keep: set | None
             raise DiskError(reason)
         victim = victims[0]
         entries.remove(victim)
-        remove_entry(victim[2])
+        remove_entry(config, victim[2])
         evicted += 1
         freed += victim[1]
         reason = short()
     if evicted and log:
         log(f"cache: evicted {evicted} least recently used entries ({freed / MB:.1f} MB)")
     return {"evicted": evicted, "freed_bytes": freed}
+
+
+def store_model(config: Config, files, chunk: int = 1 << 20) -> tuple[str, list[dict], Path]:
+    """Copy (relative path, open binary file) pairs into the cache as one model entry (each
+    file is closed once copied).
+
+    The bytes are copied, never linked: the source is a task's results/, which its container may
+    still write. Returns (model hash, [{path, sha256, size}], entry folder). Files already in the
+    entry and unchanged since stored are kept as they are."""
+    staging = Path(config.tmp_dir) / f"model-{os.getpid()}-{os.urandom(4).hex()}"
+    entries: list[dict] = []
+    try:
+        for rel, f in files:
+            dest = staging / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            h = hashlib.sha256()
+            size = 0
+            with f, open(dest, "xb") as out:
+                while b := f.read(chunk):
+                    h.update(b)
+                    out.write(b)
+                    size += len(b)
+            entries.append({"path": rel, "sha256": h.hexdigest(), "size": size})
+        mhash = manifest_hash(entries)
+        final = model_dir(config, mhash)
+        for e in entries:
+            target = final / e["path"]
+            if verify(config, target, e["sha256"], e["size"]):
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staging / e["path"], target)
+            write_record(config, target, e["sha256"])
+        touch(config, final)
+        return mhash, sorted(entries, key=lambda e: e["path"]), final
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

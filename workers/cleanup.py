@@ -25,7 +25,7 @@ def run(ctx) -> Outcome:
     if opts.get("cache", True):
         for mtime, size, path in cache.cache_entries(cfg):
             if now - mtime >= older:
-                cache.remove_entry(path)
+                cache.remove_entry(cfg, path)
                 removed += 1
                 freed += size
         ctx.log(f"cleanup: removed {removed} cache entries ({freed / cache.MB:.1f} MB)")

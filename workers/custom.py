@@ -3,11 +3,11 @@ from __future__ import annotations
 
 from workers.base import Outcome
 from workers.docker_task import run_container_task
-from workers.results import upload_tree
+from workers.results import upload_artifacts
 
 
-def upload(ctx) -> None:
-    upload_tree(ctx, ctx.task_dir / "results", "artifacts", f"task {ctx.task_id} results")
+def upload(ctx, live) -> None:
+    upload_artifacts(ctx, f"task {ctx.task_id} results")
 
 
 def run(ctx) -> Outcome:

@@ -1,6 +1,6 @@
 """The lifecycle every container task type shares (train, inference, custom):
 
-    preparing: disk check -> downloads -> task_config.json -> image (pull policy) -> container
+    preparing: disk check -> downloads -> the task dir (data/, model/, config files) -> image -> container
     running:   stream the output, upload checkpoints; stop, deadline, exit code, OOM
     uploading: the type's result (workers.<type> says what and how)
 
@@ -21,52 +21,76 @@ from workers import cache
 from workers.base import Outcome
 from workers.container import (LABEL_AGENT, LABEL_TASK, LogPump, docker_client, ensure_image, find_container,
                                kill_container, remove_container, spawn_container, stop_container)
-from workers.downloads import Downloader, plan
+from workers.downloads import Downloader, plan, write_project_files
 from workers.errors import StopRequested, TaskError
-from workers.results import CheckpointUploader
+from workers.results import CHECKPOINTS_FILE, CheckpointUploader
 
 TAIL_IN_ERROR = 10
 STOP_POLL_S = 0.1
 
 
-def write_task_config(ctx) -> Path:
+AGENT_FILE = "agent.json"       # tasks/<id>/agent.json: the agent's own fields; never mounted
+CONFIG_FILES = ("task_config.json", "task_settings.json")
+
+
+def write_task_config(ctx) -> list[Path]:
+    """task_config.json and task_settings.json: both exactly the task's `config` (the real agent
+    writes both, `task_settings.json` being the legacy name), as the SDK's dump_json_file
+    writes JSON; and agent.json with what the agent itself knows of the task."""
     task = ctx.task
-    body = {
+    config = task.get("config")
+    paths = []
+    for name in CONFIG_FILES:
+        paths.append(_write_json(ctx.task_dir / name, config if config is not None else {}))
+    project = task.get("project")
+    model = task.get("model")
+    _write_json(ctx.task_dir / AGENT_FILE, {
         "task_id": ctx.task_id,
         "type": task.get("type"),
-        "config": task.get("config") or {},
+        "image": task.get("image"),
         "resources": task.get("resources") or {},
         "gpus": list(ctx.gpus),
-        "project": ({"id": task["project"].get("id"), "name": task["project"].get("name"),
-                     "datasets": [ds.get("name") for ds in task["project"].get("datasets") or []]}
-                    if task.get("project") else None),
-        "model": ({"id": task["model"].get("id"), "name": task["model"].get("name"), "hash": task["model"].get("hash")}
-                  if task.get("model") else None),
-        "paths": {"projects": "/sly_task_data/data/projects", "model": "/sly_task_data/data/model",
-                  "results": "/sly_task_data/results"},
-    }
-    path = ctx.task_dir / "task_config.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(body, indent=2))
+        "project": ({"id": project.get("id"), "name": project.get("name"),
+                     "datasets": [ds.get("name") for ds in project.get("datasets") or []]} if project else None),
+        "model": ({"id": model.get("id"), "name": model.get("name"), "hash": model.get("hash")} if model else None),
+    })
+    return paths
+
+
+def _write_json(path: Path, obj) -> Path:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=4))
     tmp.replace(path)
     return path
 
 
 def prepare(ctx) -> dict:
-    """Downloads, task_config.json and results/; returns the download summary."""
+    """The task dir as the real agent lays it out; returns the download summary.
+
+    data/<project>/ and model/ are made anew (a task prepared again after a restart finds
+    no stale link); results/ and tmp/ exist and are empty when the container starts."""
     ctx.task_dir.mkdir(parents=True, exist_ok=True)
+    for sub in ("data", "model", "results", "tmp"):
+        d = ctx.task_dir / sub
+        if d.is_symlink() or d.is_file():
+            d.unlink()
+        elif d.is_dir():
+            shutil.rmtree(d)
+        d.mkdir()
+    (ctx.task_dir / CHECKPOINTS_FILE).unlink(missing_ok=True)
     jobs = plan(ctx)
     summary = Downloader(ctx).prepare(jobs) if jobs else {"files": 0, "cached": 0, "fetched": 0, "bytes": 0}
+    summary["empty_anns"] = write_project_files(ctx, jobs)
     if jobs:
         ctx.log(f"data ready: {summary['files']} files ({summary['cached']} cached, {summary['fetched']} downloaded, "
                 f"{summary['bytes'] / cache.MB:.1f} MB)")
     write_task_config(ctx)
-    (ctx.task_dir / "results").mkdir(exist_ok=True)
     return summary
 
 
 def run_container_task(ctx, upload) -> Outcome:
-    """The whole life of a container task; `upload(ctx)` uploads the type's result after exit 0."""
+    """The whole life of a container task; `upload(ctx, live)` uploads the type's result after
+    exit 0 (`live`: the CheckpointUploader that ran alongside the container)."""
     client = None
     container = None
     just_started = False
@@ -98,10 +122,10 @@ def run_container_task(ctx, upload) -> Outcome:
             since = None
             just_started = True
             _phase(ctx, "running")
-        outcome = _supervise(ctx, client, container, since, just_started)
+        outcome, live = _supervise(ctx, client, container, since, just_started)
         if outcome.state == "finished":
             ctx.set_phase("uploading")
-            upload(ctx)
+            upload(ctx, live)
     except StopRequested:
         outcome = Outcome("stopped")
     except (TaskError, cache.DiskError) as e:
@@ -168,9 +192,10 @@ def _deadline(ctx, container, just_started: bool) -> float | None:
     return t0 + float(timeout)
 
 
-def _supervise(ctx, client, container, since_ns, just_started: bool = False) -> Outcome:
-    """Stream the output until the container exits; apply stop and deadline; read the exit."""
-    checkpoints = CheckpointUploader(ctx, ctx.task_dir / "results").start()
+def _supervise(ctx, client, container, since_ns, just_started: bool = False):
+    """Stream the output until the container exits; apply stop and deadline; read the exit.
+    Returns (Outcome, the CheckpointUploader)."""
+    checkpoints = CheckpointUploader(ctx).start()
     pump = LogPump(ctx, client, container, since_ns=since_ns, on_event=checkpoints.on_event)
     pump.start()
     deadline = _deadline(ctx, container, just_started)
@@ -199,6 +224,10 @@ def _supervise(ctx, client, container, since_ns, just_started: bool = False) -> 
     if code != 0:
         container.reload()      # OOMKilled is only in the inspect answer
     state = container.attrs.get("State", {}) if code != 0 else {}
+    return _exit_outcome(ctx, pump, code, state, stopped, timed_out), checkpoints
+
+
+def _exit_outcome(ctx, pump, code, state: dict, stopped: bool, timed_out: bool) -> Outcome:
     if stopped:
         return Outcome("stopped", exit_code=code)
     if timed_out:
@@ -209,8 +238,6 @@ def _supervise(ctx, client, container, since_ns, just_started: bool = False) -> 
         tail = "\n".join(list(pump.tail)[-TAIL_IN_ERROR:])
         return Outcome("failed", exit_code=code, error=f"exit code {code}; last output:\n{tail}" if tail
                        else f"exit code {code} (no output)")
-    if checkpoints.errors:
-        return Outcome("failed", exit_code=code, error=checkpoints.errors[0])
     return Outcome("finished", exit_code=0)
 
 

@@ -1,9 +1,17 @@
-"""Fetch a task's project and model into the cache, then link them into the task dir.
+"""Fetch a task's project and model into the cache, then lay them out in the task dir.
 
 Each blob is fetched once: into tmp/<sha>.part (resumed with Range after an interruption),
-verified against its sha256, renamed atomically into storage/, then hard-linked (copied across
-filesystems) into tasks/<id>/data/. A per-blob lock file lets two tasks needing the same blob at
-the same moment fetch it once, with no lock shared by anything else.
+verified against its sha256, made read-only, renamed atomically into storage/ and recorded
+(workers/cache.py), then hard-linked (copied across filesystems) into the task dir, as the real
+Supervisely agent lays it out:
+
+    data/<project name>/meta.json, <ds>/img/<item>, <ds>/ann/<item>.json
+    model/<path>                     the model's files at model/'s root
+
+Hard links go only under data/ and model/, which the container gets read-only. A cached file is
+reused only while it matches its record; otherwise it is fetched again. A per-blob lock file
+lets two tasks needing the same blob at the same moment fetch it once, with no lock shared by
+anything else.
 """
 from __future__ import annotations
 
@@ -18,7 +26,7 @@ from pathlib import Path, PurePosixPath
 
 from protocol.backoff import backoff_delay
 from protocol.errors import APIError
-from workers import cache
+from workers import cache, sly_format
 from workers.errors import StopRequested, TaskError
 
 BLOB_TRIES = 3
@@ -46,27 +54,39 @@ def safe_name(name, what: str) -> str:
 
 class Job:
     """One file the task needs: its blob, where it is cached, where it goes in the task dir."""
-    __slots__ = ("sha", "size", "cache_path", "dest", "label")
+    __slots__ = ("sha", "size", "cache_path", "dest", "label", "ann")
 
-    def __init__(self, sha, size, cache_path, dest, label):
+    def __init__(self, sha, size, cache_path, dest, label, ann=None):
         self.sha, self.size, self.cache_path, self.dest, self.label = sha, size, cache_path, dest, label
+        self.ann = ann          # a project item: the annotation JSON the server sent (None: none)
+
+
+def project_dir(ctx) -> Path | None:
+    """tasks/<id>/data/<project name>, or None when the task has no project."""
+    project = ctx.task.get("project")
+    if not project:
+        return None
+    return ctx.task_dir / "data" / safe_name(project.get("name"), "project name")
 
 
 def plan(ctx) -> list[Job]:
     """Every file of the task's project and model, with its paths checked."""
     task, cfg = ctx.task, ctx.config
-    data = ctx.task_dir / "data"
     jobs: list[Job] = []
     project = task.get("project")
     if project:
-        pname = safe_name(project.get("name"), "project name")
+        pdir = project_dir(ctx)
+        seen_ds: set[str] = set()
         for ds in project.get("datasets") or []:
             dname = safe_name(ds.get("name"), "dataset name")
+            if dname in seen_ds:
+                raise TaskError(f"dataset {dname!r} appears twice in project {project.get('name')!r}")
+            seen_ds.add(dname)
             for item in ds.get("items") or []:
-                iname = safe_relpath(item.get("name"), "item name")
+                iname = safe_name(item.get("name"), "item name")
                 sha = _sha(item.get("sha256"), iname)
                 jobs.append(Job(sha, int(item.get("size") or 0), cache.image_path(cfg, sha, iname),
-                                data / "projects" / pname / dname / iname, f"{dname}/{iname}"))
+                                pdir / dname / "img" / iname, f"{dname}/{iname}", ann=item.get("ann")))
     model = task.get("model")
     if model:
         mhash = _sha(model.get("hash"), "model hash")
@@ -74,8 +94,45 @@ def plan(ctx) -> list[Job]:
         for f in model.get("files") or []:
             fpath = safe_relpath(f.get("path"), "model file path")
             sha = _sha(f.get("sha256"), fpath)
-            jobs.append(Job(sha, int(f.get("size") or 0), mdir / fpath, data / "model" / fpath, f"model/{fpath}"))
+            jobs.append(Job(sha, int(f.get("size") or 0), mdir / fpath, ctx.task_dir / "model" / fpath,
+                            f"model/{fpath}"))
     return jobs
+
+
+def write_project_files(ctx, jobs: list[Job]) -> int:
+    """meta.json and every item's ann/<item>.json; returns how many items got an empty annotation."""
+    pdir = project_dir(ctx)
+    if pdir is None:
+        return 0
+    pdir.mkdir(parents=True, exist_ok=True)
+    meta = ctx.task["project"].get("meta")
+    _write_text(pdir / "meta.json", sly_format.dumps(meta if isinstance(meta, dict) else sly_format.EMPTY_META))
+    for ds in ctx.task["project"].get("datasets") or []:
+        (pdir / ds["name"] / "img").mkdir(parents=True, exist_ok=True)
+        (pdir / ds["name"] / "ann").mkdir(parents=True, exist_ok=True)
+    unknown, empty = [], 0
+    for job in jobs:
+        if job.ann is not None or not job.dest.is_relative_to(pdir):
+            if job.ann is not None:
+                _write_text(job.dest.parent.parent / "ann" / (job.dest.name + ".json"), sly_format.dumps(job.ann))
+            continue
+        with open(job.dest, "rb") as f:
+            size = sly_format.image_size(f.read(sly_format.HEADER_BYTES))
+        if size is None:
+            unknown.append(job.label)
+        empty += 1
+        ann = sly_format.empty_ann(*(size or (None, None)))
+        _write_text(job.dest.parent.parent / "ann" / (job.dest.name + ".json"), sly_format.dumps(ann))
+    if unknown:
+        ctx.log(f"{len(unknown)} items without an annotation are not images whose size could be read "
+                f"(e.g. {unknown[0]}); their empty annotations have no size", level="warning")
+    return empty
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
 
 
 def _sha(value, what) -> str:
@@ -101,6 +158,7 @@ def link_into(src: Path, dest: Path, made_dirs: set | None = None) -> None:
         if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
             raise
         shutil.copyfile(src, dest)
+        os.chmod(dest, 0o444)
 
 
 class Downloader:
@@ -122,12 +180,21 @@ class Downloader:
         self.total_files = len(jobs)
         missing: list[Job] = []
         keep = set()
+        changed = []
+        verdicts: dict[Path, bool] = {}
         for job in jobs:
-            st = _stat(job.cache_path)
-            if st is not None and st.st_size == job.size:
+            ok = verdicts.get(job.cache_path)
+            if ok is None:
+                ok = verdicts[job.cache_path] = cache.verify(self.cfg, job.cache_path, job.sha, job.size)
+                if not ok and job.cache_path.exists():
+                    changed.append(job.label)
+            if ok:
                 keep.add(_entry_of(self.cfg, job.cache_path))
             else:
                 missing.append(job)
+        if changed:
+            ctx.log(f"cache: {len(changed)} cached files changed since they were stored or have no record "
+                    f"(e.g. {changed[0]}); downloading them again", level="warning")
         need = sum(j.size for j in {j.cache_path: j for j in missing}.values())
         cache.ensure_space(self.cfg, need, log=ctx.log, keep=keep)
         cached = len(jobs) - len(missing)
@@ -149,7 +216,7 @@ class Downloader:
     def _link(self, job: Job, touched: set) -> None:
         entry = _entry_of(self.cfg, job.cache_path)
         if entry not in touched:
-            cache.touch(entry)
+            cache.touch(self.cfg, entry)
             touched.add(entry)
         link_into(job.cache_path, job.dest, self.made_dirs)
 
@@ -203,8 +270,7 @@ class Downloader:
             lock_fd = os.open(lock_path, os.O_WRONLY | os.O_CREAT, 0o600)
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX)
-            st = _stat(final)
-            if st is not None and st.st_size == job.size:
+            if cache.verify(self.cfg, final, sha, job.size):
                 return                      # another task fetched it while we waited
             mismatches = 0
             failures = 0
@@ -229,11 +295,13 @@ class Downloader:
             if final.parent not in self.made_dirs:
                 final.parent.mkdir(parents=True, exist_ok=True)
                 self.made_dirs.add(final.parent)
+            os.chmod(part, 0o444)
             try:
-                os.replace(part, final)
+                os.replace(part, final)     # a new inode: task dirs linking a changed one keep theirs
             except FileNotFoundError:       # its folder was evicted by another task meanwhile
                 final.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(part, final)
+            cache.write_record(self.cfg, final, sha)
             # Whoever waits on this lock finds the blob in place; a newcomer makes a new lock file.
             lock_path.unlink(missing_ok=True)
         finally:
@@ -250,13 +318,6 @@ class Downloader:
             if e.status == 416:             # cannot resume: start over
                 part.unlink(missing_ok=True)
             raise
-
-
-def _stat(path: Path):
-    try:
-        return path.stat()
-    except OSError:
-        return None
 
 
 def _entry_of(cfg, path: Path) -> Path:

@@ -1,16 +1,15 @@
-"""`train`: run the container; after exit 0 upload results/model/ as a new model."""
+"""`train`: run the container; each CHECKPOINT becomes a model while it runs (workers/results.py);
+after exit 0 the task's model is results/model/ when the task wrote one, else the last
+checkpoint; neither fails the task."""
 from __future__ import annotations
 
 from workers.base import Outcome
 from workers.docker_task import run_container_task
-from workers.errors import TaskError
-from workers.results import upload_tree
+from workers.results import finish_train
 
 
-def upload(ctx) -> None:
-    name = (ctx.task.get("config") or {}).get("model_name") or f"task {ctx.task_id} model"
-    if upload_tree(ctx, ctx.task_dir / "results" / "model", "model", str(name)) is None:
-        raise TaskError("train: the task wrote no model (results/model/ is empty)")
+def upload(ctx, live) -> None:
+    finish_train(ctx, live)
 
 
 def run(ctx) -> Outcome:

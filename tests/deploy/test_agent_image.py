@@ -56,8 +56,8 @@ def test_agent_container_runs_a_task_with_host_paths(agent_image, server, docker
         # The task's files are on the HOST, under the host dir (the bind source was translated).
         tdir = host_dir / "tasks" / str(task["id"])
         cfg = json.loads((tdir / "task_config.json").read_text())
-        assert cfg["type"] == "train"
-        items = sorted(p.name for p in (tdir / "data" / "projects").rglob("*.ppm"))
+        assert cfg == {"epochs": 2, "epoch_seconds": 0.1}
+        items = sorted(p.name for p in (tdir / "data" / "image-project").rglob("*.ppm"))
         assert len(items) == 6
         assert (tdir / "results" / "model" / "weights.bin").stat().st_size == 4096
         assert list((host_dir / "storage" / "images").rglob("*.ppm")), "downloads went to the host cache"

@@ -15,35 +15,49 @@ from tests.workers.ctx import TestContext
 TASK_IMAGE = "sly-test/worker-tasks:latest"
 
 SCRIPTS = {
-    # train-like: reads its config and data, prints SDK-style progress/checkpoint/metrics, writes a model
+    # train-like, the legacy plugin way: config files, data/<project>/<ds>/img, model/ at its root;
+    # a checkpoint folder per epoch (results/0000000N) announced with an SDK CHECKPOINT line;
+    # `train.sh model` also writes results/model/
     "train.sh": r"""#!/bin/sh
 set -e
-grep -q '"type": "train"' /sly_task_data/task_config.json
-n=$(find /sly_task_data/data/projects -type f | wc -l)
+D=/sly_task_data
+cmp -s $D/task_config.json $D/task_settings.json
+n=$(find $D/data/*/*/img -type f | wc -l)
 echo "found $n input files"
-mkdir -p /sly_task_data/results/model /sly_task_data/results/checkpoints
 i=1
 while [ $i -le 3 ]; do
-  echo "{\"message\": \"epoch $i\", \"event_type\": \"EventType.PROGRESS\", \"subtask\": \"train\", \"current\": $i, \"total\": 3}"
+  c=$(printf '%08d' $((i-1)))
+  mkdir -p $D/results/$c
+  echo "{\"message\": \"progress\", \"event_type\": \"EventType.PROGRESS\", \"subtask\": \"Epochs\", \"current\": $i, \"total\": 3}"
   echo "{\"message\": \"metrics\", \"event_type\": \"EventType.METRICS\", \"type\": \"train\", \"epoch\": $i, \"metrics\": {\"loss\": 0.$i}}"
-  echo "weights of epoch $i" > /sly_task_data/results/checkpoints/ep$i.txt
-  echo "{\"message\": \"checkpoint $i\", \"event_type\": \"EventType.CHECKPOINT\", \"subdir\": \"checkpoints\", \"id\": $i, \"sizeb\": 18, \"best_now\": true}"
+  cp -r $D/model/. $D/results/$c/
+  echo "weights of epoch $i" > $D/results/$c/weights.bin
+  echo "{\"message\": \"checkpoint\", \"event_type\": \"EventType.CHECKPOINT\", \"subdir\": \"$c\", \"id\": $((i-1)), \"sizeb\": 18, \"best_now\": true, \"optional\": {\"epoch\": $i, \"val_loss\": 0.$i}}"
   i=$((i+1))
 done
+mkdir -p $D/results/$(printf '%08d' 3)
 echo "a warning on stderr" >&2
-cat $(find /sly_task_data/data/projects -type f | sort) | md5sum > /sly_task_data/results/model/weights.bin
-cp /sly_task_data/data/model/* /sly_task_data/results/model/ 2>/dev/null || true
+if [ "$1" = model ]; then
+  mkdir -p $D/results/model
+  cat $(find $D/data/*/*/img -type f | sort) | md5sum > $D/results/model/weights.bin
+fi
 echo '{"message": "training done", "level": "WARN", "accuracy": 0.93}'
 """,
+    # inference-like: results/<input project name>/ = a copy of the input project
     "infer.sh": r"""#!/bin/sh
 set -e
-cd /sly_task_data/data/projects/*/
-find . -type f | while read f; do
-  ds=${f#./}; ds=${ds%%/*}
-  mkdir -p /sly_task_data/results/project/$ds
-  wc -c < "$f" > /sly_task_data/results/project/$ds/$(basename "$f").json
+cd /sly_task_data/data/*/
+R=/sly_task_data/results/$(basename "$PWD")
+mkdir -p "$R"
+cp meta.json "$R/"
+for ds in */; do
+  ds=${ds%/}
+  mkdir -p "$R/$ds/img" "$R/$ds/ann"
+  cp "$ds"/img/* "$R/$ds/img/"
+  cp "$ds"/ann/*.json "$R/$ds/ann/"
 done
-echo "predicted $(find /sly_task_data/results/project -type f | wc -l) items"
+echo "predicted $(find "$R" -path '*/img/*' -type f | wc -l) items"
+echo '{"message": "model applied", "event_type": "EventType.MODEL_APPLIED"}'
 """,
     "fail.sh": "#!/bin/sh\necho starting\necho 'something broke' >&2\nexit 3\n",
     "eat.sh": "#!/bin/sh\necho eating\nhead -c 200m /dev/zero | tail > /dev/null\n",

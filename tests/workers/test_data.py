@@ -1,16 +1,28 @@
-"""Downloads into the cache, results uploads, disk limits, cleanup: handlers against the real server."""
+"""Downloads into the cache, the task dir's layout, results uploads, disk limits, cleanup:
+handlers against the real server."""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import secrets
+import stat
+import zlib
 
 import pytest
 
-from workers import cache, cleanup, custom, inference, train
+from tools.sample_project import png_bytes
+from workers import cache, cleanup, custom, inference, sly_format, train
 from workers.downloads import Downloader, Job, plan
 from workers.errors import TaskError
 
 pytestmark = pytest.mark.docker
+
+
+def png(width: int, height: int, tag: str) -> bytes:
+    """A real PNG of that size whose pixels depend on `tag` (so each test's blobs are new)."""
+    seed = zlib.crc32(tag.encode())
+    return png_bytes(width, height, [bytes((seed + x + y) % 256 for x in range(width * 3)) for y in range(height)], 2)
 
 
 def make_project(user, name, files: dict[str, dict[str, bytes]]) -> dict:
@@ -26,53 +38,127 @@ def make_model(user, name, files: dict[str, bytes]) -> dict:
 @pytest.fixture
 def project(user):
     tag = secrets.token_hex(4)
-    return make_project(user, f"p-{tag}", {"ds1": {f"img{i}.png": f"{tag} image {i}".encode() for i in range(5)},
-                                           "ds2": {"sub/a.jpg": f"{tag} deep".encode()}})
+    return make_project(user, f"p-{tag}", {"ds1": {f"img{i}.png": png(10 + i, 20 + i, tag) for i in range(5)},
+                                           "ds2": {"a.png": png(7, 3, tag + "a")}})
 
 
-def test_train_downloads_runs_uploads_model_and_checkpoints(node, user, project, task_image):
+def test_task_dir_is_the_real_agents(node, user, project, task_image):
+    """task_config.json = task_settings.json = the config; data/<project>/ a Supervisely project
+    (meta.json, <ds>/img hard-linked read-only from the cache, <ds>/ann); model/ at its root."""
     model = make_model(user, f"m-{project['name']}", {"cfg/model.json": b'{"arch": "tiny"}', "w.bin": b"\x00" * 1000})
+    config = {"model_name": "trained", "lr": 0.5, "nested": {"a": [1, 2]}}
+    ctx = node.ctx(type="train", image=task_image, command="train.sh", project_id=project["id"],
+                   model_id=model["id"], config=config)
+    ann = {"description": "", "size": {"height": 20, "width": 10}, "tags": [{"name": "weather", "value": "sunny"}],
+           "objects": [], "customBigData": {}}
+    ctx.task["project"]["datasets"][0]["items"][0]["ann"] = ann      # as the server sends a stored one
+    ctx.task["project"]["meta"] = {"classes": [], "tags": [{"name": "weather", "value_type": "any_string",
+                                                            "color": "#F9A825"}]}
+    assert train.run(ctx).state == "finished", ctx.messages()[-10:]
+    tdir = ctx.task_dir
+    for name in ("task_config.json", "task_settings.json"):
+        assert json.loads((tdir / name).read_text()) == config
+    agent = json.loads((tdir / "agent.json").read_text())
+    assert agent["task_id"] == ctx.task_id and agent["type"] == "train" and agent["model"]["hash"] == model["hash"]
+    assert sorted(p.name for p in (tdir / "data").iterdir()) == [project["name"]]
+    pdir = tdir / "data" / project["name"]
+    assert json.loads((pdir / "meta.json").read_text()) == ctx.task["project"]["meta"]
+    assert (pdir / "meta.json").read_text() == sly_format.dumps(ctx.task["project"]["meta"])
+    assert sorted(p.name for p in pdir.iterdir()) == ["ds1", "ds2", "meta.json"]
+    assert sorted(p.name for p in (pdir / "ds1" / "img").iterdir()) == [f"img{i}.png" for i in range(5)]
+    assert json.loads((pdir / "ds1" / "ann" / "img0.png.json").read_text()) == ann
+    # no annotation from the server: the SDK's empty annotation, with the size read from the image
+    assert (pdir / "ds1" / "ann" / "img3.png.json").read_text() == sly_format.dumps(sly_format.empty_ann(23, 13))
+    assert json.loads((pdir / "ds2" / "ann" / "a.png.json").read_text())["size"] == {"height": 3, "width": 7}
+    item = pdir / "ds2" / "img" / "a.png"
+    cached = cache.image_path(node.config(), project["datasets"][1]["items"][0]["sha256"], "a.png")
+    assert item.read_bytes() == cached.read_bytes() and item.stat().st_ino == cached.stat().st_ino
+    assert stat.S_IMODE(item.stat().st_mode) == 0o444, "a link into the cache is never writable"
+    assert (tdir / "model" / "cfg" / "model.json").read_bytes() == b'{"arch": "tiny"}'
+    assert stat.S_IMODE((tdir / "model" / "w.bin").stat().st_mode) == 0o444
+    assert (cache.model_dir(node.config(), model["hash"]) / "w.bin").stat().st_size == 1000
+    assert (tdir / "tmp").is_dir() and (tdir / "results").is_dir()
+    assert "found 6 input files" in ctx.messages("stdout")
+
+
+def test_train_checkpoints_become_models_and_the_last_is_the_tasks(node, user, project, task_image):
+    model = make_model(user, f"m2-{project['name']}", {"cfg/model.json": b'{"arch": "tiny"}', "w.bin": b"\x01" * 99})
     ctx = node.ctx(type="train", image=task_image, command="train.sh", project_id=project["id"],
                    model_id=model["id"], config={"model_name": "trained"})
     outcome = train.run(ctx)
     assert outcome.state == "finished", (outcome, ctx.messages()[-10:])
-    assert "found 6 input files" in ctx.messages("stdout")
-    data = ctx.task_dir / "data"
-    item = data / "projects" / project["name"] / "ds2" / "sub" / "a.jpg"
-    cached = cache.image_path(node.config(), project["datasets"][1]["items"][0]["sha256"], "a.jpg")
-    assert item.read_bytes() == cached.read_bytes() and item.stat().st_ino == cached.stat().st_ino
-    assert (data / "model" / "cfg" / "model.json").read_bytes() == b'{"arch": "tiny"}'
-    assert (cache.model_dir(node.config(), model["hash"]) / "w.bin").stat().st_size == 1000
     assert [p for p in ctx.progress_values if p == (3, 3)], "progress events become task progress"
     events = [ln for ln in ctx.container_lines() if ln.get("event_type")]
     assert {e["event_type"] for e in events} == {"progress", "metrics", "checkpoint"}
-    assert next(e for e in events if e["event_type"] == "checkpoint")["subdir"] == "checkpoints"
     done = next(ln for ln in ctx.container_lines() if ln["message"] == "training done")
     assert done["level"] == "warning" and done["accuracy"] == 0.93
+    saved = [m for m in ctx.messages("agent") if m.startswith("model 'trained checkpoint ")]
+    assert [m.split()[3].rstrip("'") for m in saved] == ["00000000", "00000001", "00000002"], saved
+    # each checkpoint is in the node's model cache under its hash, copied (not linked) from results/
+    cfg = node.config()
+    hashes = []
+    for i in range(3):
+        files = [{"path": p, "sha256": hashlib.sha256(b).hexdigest()} for p, b in
+                 {"weights.bin": f"weights of epoch {i + 1}\n".encode(), "w.bin": b"\x01" * 99,
+                  "cfg/model.json": b'{"arch": "tiny"}'}.items()]
+        h = cache.manifest_hash(files)
+        hashes.append(h)
+        entry = cache.model_dir(cfg, h)
+        assert (entry / "weights.bin").read_bytes() == f"weights of epoch {i + 1}\n".encode()
+        assert cache.verify(cfg, entry / "weights.bin", files[0]["sha256"])
+        src = ctx.task_dir / "results" / f"{i:08d}" / "weights.bin"
+        assert src.stat().st_ino != (entry / "weights.bin").stat().st_ino
     task = user.get_task(ctx.task_id)
-    results = task["results"]
-    arts = {a["path"] for a in results["artifacts"]}
-    assert {"checkpoints/ep1.txt", "checkpoints/ep2.txt", "checkpoints/ep3.txt"} <= arts
-    m = user.get_model(results["model_id"])
-    assert m["name"] == "trained" and {f["path"] for f in m["files"]} == {"weights.bin", "w.bin"}
-    assert user.download_blob(next(f["sha256"] for f in m["files"] if f["path"] == "w.bin")) == b"\x00" * 1000
+    final = user.get_model(task["results"]["model_id"])
+    assert final["hash"] == hashes[-1], "the task's model is the last checkpoint"
+    assert {f["path"] for f in final["files"]} == {"weights.bin", "w.bin", "cfg/model.json"}
+    assert any(m.startswith("the task's model is its last checkpoint, results/00000002") for m in ctx.messages("agent"))
+    # the empty folder the SDK leaves behind (no CHECKPOINT line names it) is not a model
+    assert not any("00000003" in m for m in ctx.messages("agent"))
+
+
+def test_results_model_folder_wins(node, user, project, task_image):
+    ctx = node.ctx(type="train", image=task_image, command=["train.sh", "model"], project_id=project["id"],
+                   config={"model_name": "own"})
+    assert train.run(ctx).state == "finished", ctx.messages()[-10:]
+    m = user.get_model(user.get_task(ctx.task_id)["results"]["model_id"])
+    assert m["name"] == "own" and {f["path"] for f in m["files"]} == {"weights.bin"}
+    assert (cache.model_dir(ctx.config, m["hash"]) / "weights.bin").exists()
+
+
+def test_train_without_a_checkpoint_fails(node, project, task_image):
+    ctx = node.ctx(type="train", image=task_image, project_id=project["id"], command=[
+        "sh", "-c", "mkdir -p /sly_task_data/results/00000000; "
+                    "echo '{\"message\": \"checkpoint\", \"event_type\": \"EventType.CHECKPOINT\", "
+                    "\"subdir\": \"00000000\"}'"])
+    outcome = train.run(ctx)
+    assert outcome.state == "failed" and outcome.error.startswith("train: no checkpoint was produced"), outcome
+    assert "results: 00000000 holds no regular file; no model made of it" in ctx.messages("agent")
 
 
 def test_inference_uploads_project_and_second_task_downloads_nothing(node, user, project, task_image):
     ctx = node.ctx(type="inference", image=task_image, command="infer.sh", project_id=project["id"])
-    assert inference.run(ctx).state == "finished"
+    assert inference.run(ctx).state == "finished", ctx.messages()[-10:]
     agent_lines = ctx.messages("agent")
     assert "data ready: 6 files (0 cached, 6 downloaded" in " ".join(agent_lines)
-    assert "downloading 6 of 6 files (0.0 MB); 0 cached" in agent_lines
     assert agent_lines.index("downloading 6/6 files, 0.0 MB") < agent_lines.index("data ready: 6 files (0 cached, "
                                                                                   "6 downloaded, 0.0 MB)")
     assert (6, 6) in ctx.progress_values     # download progress while preparing
+    assert f"uploading project '{project['name']} (task {ctx.task_id})' from results/{project['name']}/: " \
+           f"6 items, 6 annotations" in agent_lines
     out = user.get_project(user.get_task(ctx.task_id)["results"]["project_id"])
     assert {ds["name"]: sorted(i["name"] for i in ds["items"]) for ds in out["datasets"]} == \
-        {"ds1": [f"img{i}.png.json" for i in range(5)], "ds2": ["a.jpg.json"]}
+        {"ds1": [f"img{i}.png" for i in range(5)], "ds2": ["a.png"]}
     again = node.ctx(type="inference", image=task_image, command="infer.sh", project_id=project["id"])
     assert inference.run(again).state == "finished"
     assert "data ready: 6 files (6 cached, 0 downloaded, 0.0 MB)" in again.messages("agent")
+
+
+def test_inference_without_a_project_fails(node, project, task_image):
+    ctx = node.ctx(type="inference", image=task_image, project_id=project["id"],
+                   command=["sh", "-c", "mkdir -p /sly_task_data/results/x; echo hi > /sly_task_data/results/x/f"])
+    outcome = inference.run(ctx)
+    assert outcome.state == "failed" and outcome.error.startswith("inference: the task wrote no project"), outcome
 
 
 def test_corrupt_blob_fails_after_retries_and_caches_nothing(node, user, server, task_image):
@@ -132,11 +218,20 @@ def test_not_enough_disk_and_quota_eviction(node, user, task_image):
     assert outcome.state == "failed" and "cache quota exceeded" in outcome.error
 
 
-def test_symlink_in_results_is_refused(node, task_image):
-    ctx = node.ctx(type="custom", image=task_image,
-                   command=["sh", "-c", "ln -s /etc/passwd /sly_task_data/results/leak"])
+def test_symlink_fifo_device_in_results_are_skipped(node, user, task_image):
+    ctx = node.ctx(type="custom", image=task_image, command=["sh", "-c", """
+        cd /sly_task_data/results && echo fine > ok.txt && ln -s /etc/passwd leak && mkfifo pipe
+        mkdir -p sub && ln -s /etc sub/dirlink && mknod sub/null c 1 3 || true"""])
     outcome = custom.run(ctx)
-    assert outcome.state == "failed" and "leak is a symlink; refused" in outcome.error, outcome
+    assert outcome.state == "finished", (outcome, ctx.messages()[-10:])
+    arts = {a["path"] for a in user.get_task(ctx.task_id)["results"]["artifacts"]}
+    assert arts == {"ok.txt"}
+    said = ctx.messages("agent")
+    for line in ("results: leak is a symlink; skipped", "results: pipe is a fifo; skipped",
+                 "results: sub/dirlink is a symlink; skipped"):
+        assert any(m.startswith(line) for m in said), (line, said)
+    if (ctx.task_dir / "results" / "sub" / "null").exists():
+        assert any(m.startswith("results: sub/null is a device; skipped") for m in said), said
 
 
 def test_task_dir_cleanup_keeps_logs(node, project, task_image):
@@ -158,6 +253,7 @@ def test_cleanup_task_clears_cache_and_old_task_dirs(node, project, task_image):
     assert cache.cache_entries(ctx.config) == []
     assert not (ctx.task_dir / "data").exists() and (ctx.task_dir / "task_config.json").exists() is False
     assert any(m.startswith("cleanup: removed 6 cache entries") for m in clean.messages("agent"))
+    assert not list((ctx.config.images_dir.parent / "records" / "images").rglob("*.png")), "records go too"
 
 
 def test_plan_rejects_bad_model_hash(node):
@@ -184,6 +280,7 @@ def test_link_into_copies_across_filesystems(tmp_path):
         link_into(src, dest)
         assert dest.read_bytes() == src.read_bytes()
         assert dest.stat().st_ino != src.stat().st_ino and dest.stat().st_dev != src.stat().st_dev
+        assert stat.S_IMODE(dest.stat().st_mode) == 0o444, "a copy of a cached file is read-only too"
         same_fs = tmp_path / "task" / "a.bin"
         link_into(src, same_fs)
         assert same_fs.stat().st_ino == src.stat().st_ino      # same filesystem: a hard link

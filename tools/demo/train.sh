@@ -8,8 +8,8 @@ EPOCHS=$(sed -n 's/.*"epochs": *\([0-9][0-9]*\).*/\1/p' "$D/task_config.json" | 
 EPOCHS=${EPOCHS:-5}
 STEP=$(sed -n 's/.*"epoch_seconds": *\([0-9.][0-9.]*\).*/\1/p' "$D/task_config.json" | head -n 1)
 STEP=${STEP:-0.5}
-IMAGES=$(find "$D/data/projects" -type f | wc -l)
-echo "{\"message\": \"dataset: $IMAGES images, model files: $(find "$D/data/model" -type f 2>/dev/null | wc -l)\", \"level\": \"info\"}"
+IMAGES=$(find "$D/data" -path "*/img/*" -type f | wc -l)
+echo "{\"message\": \"dataset: $IMAGES images, model files: $(find "$D/model" -type f 2>/dev/null | wc -l)\", \"level\": \"info\"}"
 mkdir -p "$D/results/model" "$D/results/checkpoints"
 loss=1000
 e=1
@@ -24,6 +24,6 @@ while [ "$e" -le "$EPOCHS" ]; do
   echo "stderr: epoch $e done" >&2
   e=$((e + 1))
 done
-cat "$D/data/model/config.json" > "$D/results/model/config.json" 2>/dev/null || echo '{}' > "$D/results/model/config.json"
+cat "$D/model/config.json" > "$D/results/model/config.json" 2>/dev/null || echo '{}' > "$D/results/model/config.json"
 head -c 4096 /dev/urandom > "$D/results/model/weights.bin"
 echo "{\"message\": \"model saved\", \"level\": \"info\"}"
