@@ -11,6 +11,7 @@ from protocol.errors import APIError
 from protocol.states import FINAL, TaskState
 from server import db, logs
 from server.auth import require_agent
+from server.strict import RowId
 from server.routes.common import core_of
 from server.schemas import ResultsIn, StateIn, check_files, check_relpath, model_hash
 from server.tasks import agent_change_state, get_task, release_task
@@ -40,7 +41,7 @@ def _state_answer(task: dict) -> dict:
 
 
 @router.post(endpoints.TASK_STATE)
-async def post_state(task_id: int, body: StateIn, request: Request, agent: dict = Depends(require_agent)):
+async def post_state(task_id: RowId, body: StateIn, request: Request, agent: dict = Depends(require_agent)):
     """The agent reports a state (or, with the same state, new progress / exit_code / error)."""
     core = core_of(request)
     now = time.time()
@@ -54,7 +55,7 @@ async def post_state(task_id: int, body: StateIn, request: Request, agent: dict 
 
 
 @router.post(endpoints.TASK_RELEASE)
-async def release(task_id: int, request: Request, agent: dict = Depends(require_agent)):
+async def release(task_id: RowId, request: Request, agent: dict = Depends(require_agent)):
     """A draining agent hands back a task it was given but will not run: assigned -> queued."""
     core = core_of(request)
     with core.engine.begin() as conn:
@@ -68,7 +69,7 @@ async def release(task_id: int, request: Request, agent: dict = Depends(require_
 
 
 @router.post(endpoints.TASK_LOGS, openapi_extra=_LOG_BATCH)
-async def post_logs(task_id: int, request: Request, agent: dict = Depends(require_agent)):
+async def post_logs(task_id: RowId, request: Request, agent: dict = Depends(require_agent)):
     """`{first_seq, lines}` (gzip accepted): line i gets seq first_seq + i; answers `{acked}`."""
     core = core_of(request)
     first_seq, lines = logs.parse_batch(await request.body())
@@ -83,9 +84,11 @@ async def post_logs(task_id: int, request: Request, agent: dict = Depends(requir
 
 
 @router.post(endpoints.TASK_RESULTS)
-async def post_results(task_id: int, body: ResultsIn, request: Request, agent: dict = Depends(require_agent)):
+async def post_results(task_id: RowId, body: ResultsIn, request: Request, agent: dict = Depends(require_agent)):
     """Results of a task: a new model, a new project (paths '<dataset>/<item>') or artifacts."""
     core = core_of(request)
+    if body.name and body.kind != "artifacts":      # it names a project or model: never path-like
+        check_relpath(body.name, "name", single=True)
     check_files(core.blobs, body.files, "path", "result file")
     files = [f.model_dump() for f in body.files]
     now = time.time()

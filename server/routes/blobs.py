@@ -32,7 +32,10 @@ def _router(path: str, dep, tag: str) -> APIRouter:
             return Response(status_code=404)
         return Response(status_code=200, headers={"content-length": str(size), "accept-ranges": "bytes"})
 
-    @router.get(path)
+    @router.get(path, responses={200: {"description": "the blob's bytes (206 with a Range)",
+                                       "content": {"application/octet-stream": {}}},
+                                  206: {"description": "the requested range", "content": {"application/octet-stream": {}}},
+                                  416: {"description": "the range is outside the blob"}})
     async def get_blob(sha256: str, request: Request):
         """The blob's bytes; `Range: bytes=a-b` gives 206 with that part."""
         check_sha256(sha256)

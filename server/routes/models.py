@@ -9,6 +9,7 @@ from sqlalchemy import insert
 from protocol import endpoints
 from server import db
 from server.auth import require_admin
+from server.strict import RowId
 from server.routes.common import core_of, get_row, list_rows
 from server.schemas import ModelIn, check_files, model_hash
 
@@ -40,5 +41,5 @@ async def list_models(request: Request, limit: int = Query(100, ge=1, le=1000), 
 
 
 @router.get(endpoints.MODEL)
-async def read_model(model_id: int, request: Request):
+async def read_model(model_id: RowId, request: Request):
     return get_row(core_of(request), db.models, model_id, "model")

@@ -10,6 +10,7 @@ from protocol import endpoints
 from protocol.errors import APIError
 from server import db
 from server.auth import require_admin
+from server.strict import RowId
 from server.routes.common import core_of, get_row, list_rows
 from server.schemas import ProjectIn, check_files, check_relpath
 
@@ -48,5 +49,5 @@ async def list_projects(request: Request, limit: int = Query(100, ge=1, le=1000)
 
 
 @router.get(endpoints.PROJECT)
-async def read_project(project_id: int, request: Request):
+async def read_project(project_id: RowId, request: Request):
     return get_row(core_of(request), db.projects, project_id, "project")
