@@ -36,6 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     a = parse_args(argv)
+    if a.telemetry_history < 1:
+        raise SystemExit("python -m server: --telemetry-history must be at least 1")
     os.umask(0o077)     # every file and directory the server makes is its own user's only
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

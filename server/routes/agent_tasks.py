@@ -11,9 +11,9 @@ from protocol.errors import APIError
 from protocol.states import FINAL, TaskState
 from server import db, logs
 from server.auth import require_agent
-from server.strict import RowId
 from server.routes.common import core_of
 from server.schemas import ResultsIn, StateIn, check_files, check_relpath, model_hash
+from server.strict import INT64_MAX, RowId
 from server.tasks import agent_change_state, get_task, release_task
 
 router = APIRouter(tags=["agent"])
@@ -21,7 +21,7 @@ router = APIRouter(tags=["agent"])
 # The log batch is read by hand (for speed); its shape is described for /openapi.json here.
 _LOG_BATCH = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
     "type": "object", "required": ["first_seq", "lines"],
-    "properties": {"first_seq": {"type": "integer", "minimum": 0},
+    "properties": {"first_seq": {"type": "integer", "minimum": 0, "maximum": INT64_MAX},
                    "lines": {"type": "array", "items": {"type": "object", "properties": {
                        "ts": {"type": "number"}, "level": {"type": "string"}, "stream": {"type": "string"},
                        "message": {"type": "string"}}, "additionalProperties": True}}}}}}}}

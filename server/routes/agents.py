@@ -12,9 +12,9 @@ from protocol.states import FINAL, LEASED, TaskState
 from protocol.tasks import TASK_TYPES
 from server import db
 from server.auth import hash_token, new_token, require_admin
-from server.strict import RowId
 from server.routes.common import core_of
 from server.schemas import AgentIn, AgentPatch
+from server.strict import RowId
 from server.tasks import change_state
 
 router = APIRouter(tags=["user"], dependencies=[Depends(require_admin)])

@@ -9,9 +9,9 @@ from sqlalchemy import insert
 from protocol import endpoints
 from server import db
 from server.auth import require_admin
-from server.strict import RowId
 from server.routes.common import core_of, get_row, list_rows
 from server.schemas import ModelIn, check_files, model_hash
+from server.strict import RowId
 
 router = APIRouter(tags=["user"], dependencies=[Depends(require_admin)])
 

@@ -10,9 +10,9 @@ from protocol import endpoints
 from protocol.errors import APIError
 from server import db
 from server.auth import require_admin
-from server.strict import RowId
 from server.routes.common import core_of, get_row, list_rows
 from server.schemas import ProjectIn, check_files, check_relpath
+from server.strict import RowId
 
 router = APIRouter(tags=["user"], dependencies=[Depends(require_admin)])
 

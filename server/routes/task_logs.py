@@ -9,9 +9,9 @@ from protocol import endpoints
 from protocol.states import FINAL, TaskState
 from server import logs
 from server.auth import require_admin
-from server.strict import INT64_MAX, RowId, dumps
 from server.routes.common import core_of
 from server.routes.tasks import task_or_404
+from server.strict import INT64_MAX, RowId, dumps
 from server.tasks import get_task
 
 router = APIRouter(tags=["user"], dependencies=[Depends(require_admin)])

@@ -13,9 +13,9 @@ from protocol.tasks import CONTAINER_TYPES, TASK_TYPES
 from server import db, logs
 from server.auth import require_admin
 from server.routes.agents import agent_row
-from server.strict import RowId, query_id
 from server.routes.common import core_of, cursor_id, page
 from server.schemas import TaskIn
+from server.strict import RowId, query_id
 from server.tasks import change_state, get_task, public_task
 
 router = APIRouter(tags=["user"], dependencies=[Depends(require_admin)])
