@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 
 import uvicorn
@@ -24,12 +25,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--public-url", default=None, help="server address for agents (run_command); default: the request's URL")
     p.add_argument("--echo-endpoint", action="store_true",
                    help="mount POST /api/v1/_echo, which reads a body and discards it (benchmarks only)")
+    p.add_argument("--metrics-token", default=os.environ.get("SERVER_METRICS_TOKEN") or None,
+                   help="/metrics answers only 'Authorization: Bearer <this>' (env SERVER_METRICS_TOKEN); "
+                        "default: /metrics is open")
+    p.add_argument("--docs", action="store_true",
+                   help="serve the Swagger UI at /docs (it loads its assets from a CDN); /openapi.json is always served")
     p.add_argument("--log-level", default="info")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> None:
     a = parse_args(argv)
+    if a.telemetry_history < 1:
+        raise SystemExit("python -m server: --telemetry-history must be at least 1")
+    os.umask(0o077)     # every file and directory the server makes is its own user's only
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         from setproctitle import setproctitle
@@ -38,7 +47,8 @@ def main(argv=None) -> None:
         pass
     settings = Settings(data_dir=Path(a.data), db_url=a.db, lease_s=a.lease_s, telemetry_interval_s=a.telemetry_interval_s,
                         offline_after_s=a.offline_after_s, agent_image=a.agent_image, public_url=a.public_url,
-                        telemetry_history=a.telemetry_history, echo_endpoint=a.echo_endpoint)
+                        telemetry_history=a.telemetry_history, echo_endpoint=a.echo_endpoint,
+                        metrics_token=a.metrics_token, docs=a.docs)
     from server.app import create_app
     app = create_app(settings)
     # Access logs are off: they would only repeat paths; tokens never travel in URLs anyway.

@@ -3,18 +3,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
+import os
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import Response
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from protocol.endpoints import AUTHORIZATION_HEADER, BEARER
+from protocol.errors import APIError
 from server import routes
 from server.auth import load_admin_token
 from server.core import Core
-from server.errors import BodyLimitMiddleware, install_error_handlers
+from server.errors import ERROR_RESPONSES, BodyLimitMiddleware, install_error_handlers
 from server.settings import Settings
+from server.strict import SafeJSONResponse
 from server.tasks import reap_lost
 
 log = logging.getLogger("sly-server")
@@ -33,13 +39,41 @@ async def _reaper(core: Core) -> None:
             log.exception("lease reaper round failed")
 
 
+def restrict_data_dir(data_dir: Path) -> None:
+    """The data dir 0700 and the files in it 0600 (db, WAL, admin_token), also those of older runs.
+    Blob files are made 0600 by mkstemp, and the 0700 data dir closes everything under it."""
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(data_dir, 0o700)
+    for entry in data_dir.iterdir():
+        if entry.is_symlink():
+            continue
+        os.chmod(entry, 0o700 if entry.is_dir() else 0o600)
+
+
+def _openapi(app: FastAPI):
+    """The schema as the server really answers: errors are 400 {error, detail}, never FastAPI's 422."""
+    def build():
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                                 routes=app.routes)
+            for ops in schema.get("paths", {}).values():
+                for op in ops.values():
+                    op.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+    return build
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     settings.data_dir = Path(settings.data_dir)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    restrict_data_dir(settings.data_dir)
     if not settings.admin_token:
         settings.admin_token = load_admin_token(settings.data_dir)
     core = Core(settings)
+    restrict_data_dir(settings.data_dir)      # again: the database files exist now
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
@@ -52,8 +86,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             reaper.cancel()
             core.engine.dispose()
 
+    # /docs (Swagger UI) loads its assets from a CDN: off unless asked for; /openapi.json is always served.
     app = FastAPI(title="sly-agent task server", version="1", lifespan=lifespan,
-                  description="Protocol v1: agent side (x-token) and user side (Bearer admin token). See docs/protocol.md.")
+                  description="Protocol v1: agent side (x-token) and user side (Bearer admin token). See docs/protocol.md.",
+                  default_response_class=SafeJSONResponse, docs_url="/docs" if settings.docs else None,
+                  redoc_url=None, swagger_ui_oauth2_redirect_url=None)
+    app.openapi = _openapi(app)
     app.state.core = core
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, settings=settings)
@@ -62,8 +100,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def healthz():
         return {"ok": True}
 
-    @app.get("/metrics", tags=["ops"])
+    @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse,
+             responses={401: ERROR_RESPONSES[401]} if settings.metrics_token else None)
     async def metrics(request: Request):
+        """Prometheus text format; with --metrics-token, only for `Authorization: Bearer <that token>`."""
+        if settings.metrics_token:
+            auth = request.headers.get(AUTHORIZATION_HEADER, "")
+            given = auth[len(BEARER):].strip() if auth[:len(BEARER)].lower() == BEARER.lower() else ""
+            if not hmac.compare_digest(given.encode(), settings.metrics_token.encode()):
+                raise APIError(401, "unauthorized", "/metrics needs 'Authorization: Bearer <metrics token>'")
         core.refresh_metrics()
         return Response(generate_latest(core.registry), media_type=CONTENT_TYPE_LATEST)
 

@@ -106,14 +106,17 @@ class Core:
         return "online" if last_seen is not None and now - last_seen <= self.settings.offline_after else "offline"
 
     def add_telemetry(self, conn, agent_id: int, ts: float, sample: dict) -> None:
-        """Append to the agent's history (in `conn`'s transaction), keeping the newest N samples."""
+        """Append to the agent's history (in `conn`'s transaction), keeping its newest N samples.
+
+        Pruned on every sample of this agent: one indexed lookup per sample (a few per minute per
+        agent) keeps every agent at N rows at most. Pruning on a global id (`id % 50 == 0`) let an
+        agent whose ids never hit the modulus keep every row."""
         t = db.telemetry.c
-        new_id = conn.execute(insert(db.telemetry).values(agent_id=agent_id, ts=ts, sample=sample)).inserted_primary_key[0]
-        if new_id % 50 == 0:   # prune now and then: a bounded table at the cost of one delete per 50 samples
-            cutoff = conn.execute(select(t.id).where(t.agent_id == agent_id).order_by(t.id.desc())
-                                  .offset(self.settings.telemetry_history).limit(1)).scalar()
-            if cutoff is not None:
-                conn.execute(delete(db.telemetry).where(t.agent_id == agent_id, t.id <= cutoff))
+        conn.execute(insert(db.telemetry).values(agent_id=agent_id, ts=ts, sample=sample))
+        cutoff = conn.execute(select(t.id).where(t.agent_id == agent_id).order_by(t.id.desc())
+                              .offset(self.settings.telemetry_history).limit(1)).scalar()
+        if cutoff is not None:
+            conn.execute(delete(db.telemetry).where(t.agent_id == agent_id, t.id <= cutoff))
 
     def telemetry_history(self, conn, agent_id: int, since: float | None = None) -> list[dict]:
         """The newest samples (at most the history bound), oldest first, after `since` when given."""

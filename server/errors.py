@@ -7,18 +7,37 @@ import zlib
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from protocol import endpoints
 from protocol.errors import APIError, error_body
+from server import strict
 from server.settings import Settings
 
-__all__ = ["APIError", "BodyLimitMiddleware", "body_limit", "error_response", "install_error_handlers"]
+__all__ = ["APIError", "BodyLimitMiddleware", "ERROR_RESPONSES", "ErrorOut", "body_limit", "error_response", "install_error_handlers"]
 
 
 class BodyTooLarge(StarletteHTTPException):
     def __init__(self, limit: int):
         super().__init__(413, f"the request body is larger than this route's limit of {limit} bytes")
+
+
+class ErrorOut(BaseModel):
+    """Every error answer: a code and a sentence (some codes add fields, e.g. `missing`)."""
+    model_config = ConfigDict(extra="allow")
+    error: str
+    detail: str
+
+
+# Declared on every route of the protocol (/openapi.json); 422 is never answered (400 instead).
+ERROR_RESPONSES = {
+    400: {"model": ErrorOut, "description": "invalid request (see `error`)"},
+    401: {"model": ErrorOut, "description": "missing or wrong credentials"},
+    404: {"model": ErrorOut, "description": "no such object"},
+    409: {"model": ErrorOut, "description": "conflicts with the object's state"},
+    413: {"model": ErrorOut, "description": "body over the route's limit"},
+}
 
 
 def error_response(status: int, code: str, detail: str, **extra) -> JSONResponse:
@@ -43,7 +62,9 @@ def install_error_handlers(app: FastAPI) -> None:
         for e in errs[:5]:
             loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
             parts.append(f"{loc or 'body'}: {e.get('msg', 'invalid')}")
-        return error_response(400, "invalid_request", "; ".join(parts))
+        # A name refused as path-like keeps its own code (schemas.SafeName raises it).
+        code = "bad_name" if errs and all(e.get("type") == "bad_name" for e in errs) else "invalid_request"
+        return error_response(400, code, "; ".join(parts))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_req: Request, exc: StarletteHTTPException):
@@ -83,7 +104,12 @@ def body_limit(settings: Settings, method: str, path: str) -> int | None:
 
 
 class BodyLimitMiddleware:
-    """Refuse oversized bodies with 413 and undo `content-encoding: gzip` (bounded) for JSON routes."""
+    """Refuse oversized bodies with 413, undo `content-encoding: gzip` (bounded), and hold every
+    JSON route's body to server.strict's rules (400 before the route runs).
+
+    A JSON route's body (at most `json_body_limit`) is read whole here, checked and replayed; the
+    log batch and the echo route stream through with their bytes counted (the log batch applies
+    the strict rules itself, see server.logs.parse_batch)."""
 
     def __init__(self, app, settings: Settings):
         self.app, self.settings = app, settings
@@ -99,20 +125,25 @@ class BodyLimitMiddleware:
         if length is not None and length.isdigit() and int(length) > limit:
             return await _send_error(send, 413, "body_too_large",
                                      f"the request body is larger than this route's limit of {limit} bytes")
-        if headers.get(b"content-encoding", b"").lower() == b"gzip":
-            body = bytearray()
-            while True:
-                msg = await receive()
-                if msg["type"] == "http.disconnect":
-                    return
-                body += msg.get("body", b"")
-                if len(body) > limit:
-                    return await _send_error(send, 413, "body_too_large", f"the request body is larger than {limit} bytes")
-                if not msg.get("more_body"):
-                    break
+        gzipped = headers.get(b"content-encoding", b"").lower() == b"gzip"
+        whole = gzipped or not _LARGE_RE.match(scope["path"])
+        if not whole:
+            return await self.app(scope, _counting(receive, limit), send)
+        body = bytearray()
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return
+            body += msg.get("body", b"")
+            if len(body) > limit:
+                return await _send_error(send, 413, "body_too_large", f"the request body is larger than {limit} bytes")
+            if not msg.get("more_body"):
+                break
+        plain = bytes(body)
+        if gzipped:
             try:
                 d = zlib.decompressobj(16 + zlib.MAX_WBITS)
-                plain = d.decompress(bytes(body), limit + 1)
+                plain = d.decompress(plain, limit + 1)
                 if len(plain) > limit or d.unconsumed_tail:
                     return await _send_error(send, 413, "body_too_large",
                                              f"the decompressed body is larger than this route's limit of {limit} bytes")
@@ -121,33 +152,42 @@ class BodyLimitMiddleware:
             new_headers = [(k, v) for k, v in scope["headers"] if k not in (b"content-encoding", b"content-length")]
             new_headers.append((b"content-length", str(len(plain)).encode()))
             scope = dict(scope, headers=new_headers)
-            sent = False
+        if not _LARGE_RE.match(scope["path"]):
+            try:
+                strict.check_body(plain)
+            except strict.NotStrictJSON as e:
+                return await _send_error(send, 400, e.code, e.detail, close=False)
+        sent = False
 
-            async def replay():
-                nonlocal sent
-                if sent:
-                    return await receive()
-                sent = True
-                return {"type": "http.request", "body": plain, "more_body": False}
-            return await self.app(scope, replay, send)
-
-        seen = 0
-
-        async def counting_receive():
-            nonlocal seen
-            msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > limit:
-                    raise BodyTooLarge(limit)
-            return msg
-        return await self.app(scope, counting_receive, send)
+        async def replay():
+            nonlocal sent
+            if sent:
+                return await receive()
+            sent = True
+            return {"type": "http.request", "body": plain, "more_body": False}
+        return await self.app(scope, replay, send)
 
 
-async def _send_error(send, status: int, code: str, detail: str) -> None:
+def _counting(receive, limit: int):
+    seen = 0
+
+    async def counting_receive():
+        nonlocal seen
+        msg = await receive()
+        if msg["type"] == "http.request":
+            seen += len(msg.get("body", b""))
+            if seen > limit:
+                raise BodyTooLarge(limit)
+        return msg
+    return counting_receive
+
+
+async def _send_error(send, status: int, code: str, detail: str, close: bool = True) -> None:
+    """An error answer from a middleware; `close` when the body was left unread."""
     import json
     body = json.dumps(error_body(code, detail)).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close")]})
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import time
 
 from sqlalchemy import func, insert, select, update
 
-from server import db
 from protocol.errors import APIError
+from server import db, strict
 
 CORE_FIELDS = ("ts", "level", "stream", "message", "seq")
 METRICS_EVENTS = ("metrics", "EventType.METRICS")
@@ -28,6 +29,8 @@ def _insert_ignore(engine, table):
 
 def _ts(v, now: float) -> float:
     if isinstance(v, (int, float)) and not isinstance(v, bool):
+        if isinstance(v, int) and not strict.INT64_MIN <= v <= strict.INT64_MAX:
+            raise APIError(400, "integer_out_of_range", "a line's ts is outside int64")
         return float(v)
     if isinstance(v, str):
         try:
@@ -35,16 +38,25 @@ def _ts(v, now: float) -> float:
             if d.tzinfo is None:
                 d = d.replace(tzinfo=datetime.timezone.utc)
             return d.timestamp()
-        except ValueError:
+        except (ValueError, OverflowError):
             pass
     return now
 
 
 def parse_batch(raw: bytes) -> tuple[int, list]:
-    """The body `{first_seq, lines}`; APIError on malformed JSON or a wrong shape."""
+    """The body `{first_seq, lines}`; APIError on malformed JSON, a wrong shape or a value the
+    server does not store (server.strict), except that a non-finite metric value of a `metrics`
+    event becomes null (a diverging loss is common and must not cost the task its log)."""
+    constants: list[str] = []
+
+    def constant(name: str) -> float:
+        constants.append(name)
+        return math.nan
     try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+        body = strict.loads(raw, on_constant=constant)
+    except strict.NotStrictJSON as e:
+        raise e.api_error() from None
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise APIError(400, "malformed_json", "the request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise APIError(400, "invalid_request", "the body must be an object {first_seq, lines}")
@@ -53,10 +65,28 @@ def parse_batch(raw: bytes) -> tuple[int, list]:
         raise APIError(400, "invalid_request", "first_seq must be an integer >= 0")
     if not isinstance(lines, list):
         raise APIError(400, "invalid_request", "lines must be a list of objects")
+    if first + len(lines) > strict.INT64_MAX:
+        raise APIError(400, "integer_out_of_range", "first_seq + len(lines) is outside int64")
+    if constants:      # rare: look where they stand
+        if any(strict.has_nonfinite(v) for k, v in body.items() if k != "lines"):
+            raise APIError(400, "non_finite_number", "the body holds NaN or Infinity outside a metrics event")
+        lines = [_nonfinite_line(i, ln) if isinstance(ln, dict) and strict.has_nonfinite(ln) else ln
+                 for i, ln in enumerate(lines)]
     return first, lines
 
 
-_extra_json = json.JSONEncoder(separators=(",", ":")).encode     # = json.dumps(x, separators=(",", ":"))
+def _nonfinite_line(i: int, line: dict) -> dict:
+    """A line with a non-finite number: its metric values become null; anywhere else is a 400."""
+    if line.get("event_type") in METRICS_EVENTS and isinstance(line.get("metrics"), dict):
+        line = dict(line, metrics=strict.finite(line["metrics"]))
+    bad = [k for k, v in line.items() if strict.has_nonfinite(v)]
+    if bad:
+        raise APIError(400, "non_finite_number", f"lines[{i}].{bad[0]} holds NaN or Infinity; only the metric "
+                       "values of a metrics event may (they are stored as null)")
+    return line
+
+
+_extra_json = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
 # The agent's usual line: its keys are exactly these; its only extra field is the int `cts`.
 _USUAL_KEYS = frozenset({"ts", "cts", "level", "stream", "message"})
 _USUAL_KEYS_SEQ = frozenset({"seq", "ts", "cts", "level", "stream", "message"})
@@ -77,7 +107,9 @@ def ingest(core, conn, task: dict, first_seq: int, lines: list, now: float | Non
             raise APIError(400, "invalid_request", f"lines[{seq - first_seq}] is not an object")
         msg = line.get("message", "")
         if type(msg) is not str:
-            msg = json.dumps(msg) if not isinstance(msg, (int, float)) else str(msg)
+            msg = strict.dumps(msg) if not isinstance(msg, (int, float)) else str(msg)
+            if msg in ("inf", "-inf", "nan"):
+                _nonfinite_line(seq - first_seq, line)
         level, stream = line.get("level") or "info", line.get("stream") or "stdout"
         if type(level) is not str or type(stream) is not str or len(level) > 16 or len(stream) > 16:
             if not (isinstance(level, str) and isinstance(stream, str) and len(level) <= 16 and len(stream) <= 16):
@@ -86,6 +118,8 @@ def ingest(core, conn, task: dict, first_seq: int, lines: list, now: float | Non
         ts = line.get("ts")
         if type(ts) is not float:
             ts = _ts(ts, now)
+        elif ts - ts != 0.0:            # inf or nan: a number too large for a float (1e400)
+            _nonfinite_line(seq - first_seq, line)
         keys = line.keys()
         if (keys == usual or keys == usual_seq) and type(line["cts"]) is int:
             extra = '{"cts":%d}' % line["cts"]          # what _extra_json({"cts": n}) gives, without its cost
@@ -93,11 +127,18 @@ def ingest(core, conn, task: dict, first_seq: int, lines: list, now: float | Non
             ex = {k: v for k, v in line.items() if k not in CORE_FIELDS}
             extra = None
             if ex:
-                extra = _extra_json(ex)
+                try:
+                    extra = _extra_json(ex)
+                except ValueError:      # a non-finite number (1e400): null in a metric, else a 400
+                    ex = _nonfinite_line(seq - first_seq, ex)
+                    extra = _extra_json(ex)
                 if ex.get("event_type") in METRICS_EVENTS:
                     epoch = ex.get("epoch")
-                    metric_rows.append({"task_id": task_id, "seq": seq, "type": str(ex.get("type") or ""),
-                                        "epoch": epoch if isinstance(epoch, (int, float)) else None,
+                    if isinstance(epoch, int) and not strict.INT64_MIN <= epoch <= strict.INT64_MAX:
+                        raise APIError(400, "integer_out_of_range", f"lines[{seq - first_seq}].epoch is outside int64")
+                    metric_rows.append({"task_id": task_id, "seq": seq, "type": str(ex.get("type") or "")[:32],
+                                        "epoch": epoch if isinstance(epoch, (int, float))
+                                        and not isinstance(epoch, bool) else None,
                                         "metrics": ex.get("metrics") if isinstance(ex.get("metrics"), dict) else {}})
         else:
             extra = None
@@ -152,8 +193,13 @@ def read_lines(conn, task: dict, after: int, limit: int) -> list[dict]:
     out = []
     for seq, ts, level, stream, message, extra in rows:
         line = {"seq": seq, "ts": ts, "level": level, "stream": stream, "message": message}
+        if ts is not None and not math.isfinite(ts):
+            line["ts"] = None           # a row stored before the strict checks
         if extra:
-            line.update(json.loads(extra))
+            try:
+                line.update(json.loads(extra, parse_constant=lambda _c: None))
+            except ValueError:
+                line["extra_unreadable"] = True
         out.append(line)
     return out
 
@@ -161,5 +207,12 @@ def read_lines(conn, task: dict, after: int, limit: int) -> list[dict]:
 def read_metrics(conn, task_id: int) -> list[dict]:
     m = db.task_metrics.c
     rows = conn.execute(select(m.seq, m.type, m.epoch, m.metrics).where(m.task_id == task_id).order_by(m.seq)).all()
-    return [{"seq": seq, "type": typ, "epoch": int(epoch) if epoch is not None and epoch == int(epoch) else epoch,
-             "metrics": metrics} for seq, typ, epoch, metrics in rows]
+    out = []
+    for seq, typ, epoch, metrics in rows:
+        if epoch is not None and not math.isfinite(epoch):
+            epoch = None                # rows stored before the strict checks: never a 500
+        elif epoch is not None and epoch == int(epoch):
+            epoch = int(epoch)
+        out.append({"seq": seq, "type": typ, "epoch": epoch,
+                    "metrics": strict.finite(metrics) if isinstance(metrics, dict) else {}})
+    return out

@@ -5,20 +5,69 @@ import hashlib
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import AfterValidator, BaseModel, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 from protocol.errors import APIError
 
 MEMORY_RE = re.compile(r"^\d+(\.\d+)?[bkmgBKMG]?$")
 
 
+NAME_MAX = 255          # bytes of one path component (Linux NAME_MAX): an agent makes a directory of it
+PATH_MAX = 1024         # bytes of a relative path in a manifest
+# Documented bounds of a task's numbers (docs/protocol.md "Tasks").
+TIMEOUT_MAX_S = 366 * 24 * 3600
+CPUS_MAX = 4096
+GPUS_MAX = 1024
+MEMORY_MAX = 1 << 50    # 1 PiB, for memory and shm_size
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def _path_problem(p: str, single: bool) -> str | None:
+    """Why `p` is not a safe relative name (None when it is)."""
+    if not p:
+        return "empty"
+    if "\x00" in p or "\\" in p:
+        return "NUL or backslash"
+    if p.startswith("/"):
+        return "absolute"
+    if single and "/" in p:
+        return "contains '/'"
+    parts = p.split("/")
+    if any(c in ("", ".", "..") for c in parts):
+        return "an empty, '.' or '..' component"
+    if len(p.encode()) > PATH_MAX or any(len(c.encode()) > NAME_MAX for c in parts):
+        return f"over {NAME_MAX} bytes in a component or {PATH_MAX} in all"
+    return None
+
+
+def _safe_name(v: str) -> str:
+    why = _path_problem(v, single=True)
+    if why:
+        raise PydanticCustomError("bad_name", "{name!r} is not a safe name ({why})", {"name": v[:100], "why": why})
+    return v
+
+
+def _safe_path(v: str) -> str:
+    why = _path_problem(v, single=False)
+    if why:
+        raise PydanticCustomError("bad_name", "{name!r} is not a safe relative path ({why})",
+                                  {"name": v[:100], "why": why})
+    return v
+
+
+# A project, dataset or model name: one path component (the agent makes a directory of it).
+SafeName = Annotated[str, AfterValidator(_safe_name)]
+# An item name or a file path: a relative path that stays where it is put.
+SafePath = Annotated[str, AfterValidator(_safe_path)]
+
+
 def check_relpath(p: str, what: str, single: bool = False) -> str:
-    """A safe relative path: not empty, no NUL/backslash, not absolute, no '', '.' or '..' components."""
-    bad = (not isinstance(p, str) or not p or "\x00" in p or "\\" in p or p.startswith("/") or len(p) > 1024
-           or any(c in ("", ".", "..") for c in p.split("/")) or (single and "/" in p))
-    if bad:
-        raise APIError(400, "bad_name", f"{what} {p!r} is not a safe relative name "
-                       f"(no '..', '.', empty parts, leading '/', backslash or NUL{', no /' if single else ''})")
+    """A safe relative path (one component when `single`), else a 400 bad_name naming `what`."""
+    why = _path_problem(p, single) if isinstance(p, str) else "not a string"
+    if why:
+        raise APIError(400, "bad_name", f"{what} {p!r} is not a safe relative name ({why}): no '..', '.', "
+                       f"empty parts, leading '/', backslash or NUL{', no /' if single else ''}")
     return p
 
 
@@ -29,25 +78,25 @@ class FileRef(BaseModel):
 
 
 class ItemRef(BaseModel):
-    name: str
+    name: SafePath
     sha256: str
     size: int = Field(ge=0)
     ann: Any = None     # Supervisely annotation JSON, checked by server.sly_format (errors name the item)
 
 
 class DatasetIn(BaseModel):
-    name: str
+    name: SafeName
     items: list[ItemRef] = []
 
 
 class ProjectIn(BaseModel):
-    name: str = Field(min_length=1, max_length=500)
+    name: SafeName
     meta: Any = None    # Supervisely project meta; absent: the empty meta
     datasets: list[DatasetIn] = []
 
 
 class ModelIn(BaseModel):
-    name: str = Field(min_length=1, max_length=500)
+    name: SafeName
     files: list[FileRef]
 
 
@@ -62,8 +111,8 @@ class AgentPatch(BaseModel):
 
 
 class Resources(BaseModel):
-    gpus: int = Field(default=0, ge=0)
-    cpus: float | None = Field(default=None, gt=0)
+    gpus: int = Field(default=0, ge=0, le=GPUS_MAX)
+    cpus: float | None = Field(default=None, gt=0, le=CPUS_MAX, allow_inf_nan=False)
     memory: str | int | None = None
     shm_size: str | int | None = None
 
@@ -73,11 +122,14 @@ class Resources(BaseModel):
         if v is None:
             return v
         if isinstance(v, int):
-            if v <= 0:
-                raise ValueError("must be a positive byte count")
-            return v
-        if not MEMORY_RE.match(v):
+            n = v
+        elif MEMORY_RE.match(v):
+            num, unit = re.match(r"^([\d.]+)(\w?)$", v).groups()
+            n = float(num) * _UNITS[unit.lower()]
+        else:
             raise ValueError("must be bytes or a size like '512m' / '2g'")
+        if not 0 < n <= MEMORY_MAX:
+            raise ValueError(f"must be more than 0 and at most {MEMORY_MAX} bytes (1 PiB)")
         return v
 
 
@@ -90,12 +142,12 @@ class TaskIn(BaseModel):
     project_id: int | None = None
     model_id: int | None = None
     resources: Resources | None = None
-    timeout_s: float | None = Field(default=None, gt=0)
+    timeout_s: float | None = Field(default=None, gt=0, le=TIMEOUT_MAX_S, allow_inf_nan=False)
 
 
 class Progress(BaseModel):
-    current: float = Field(ge=0)
-    total: float | None = Field(default=None, ge=0)
+    current: float = Field(ge=0, allow_inf_nan=False)
+    total: float | None = Field(default=None, ge=0, allow_inf_nan=False)
 
 
 class StateIn(BaseModel):

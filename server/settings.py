@@ -23,6 +23,8 @@ class Settings:
     telemetry_history: int = 720
     echo_endpoint: bool = False          # mount POST /api/v1/_echo (the benchmark's ingest baseline)
     admin_token: str | None = None       # filled in by load_admin_token()
+    metrics_token: str | None = None     # /metrics needs 'Authorization: Bearer <it>' when set
+    docs: bool = False                   # serve /docs (Swagger UI, whose assets come from a CDN)
 
     @property
     def database_url(self) -> str:

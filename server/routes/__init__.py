@@ -17,9 +17,10 @@ def include_all(app: FastAPI, settings: Settings) -> None:
     """Mount every router of the protocol on `app` (the echo endpoint only when enabled)."""
     from server.routes import (agent_poll, agent_tasks, agent_telemetry, agents, blobs, debug, models, projects,
                                sessions, task_logs, tasks)
+    from server.errors import ERROR_RESPONSES
     for module in (agent_poll, agent_tasks, agent_telemetry, sessions, agents, projects, models, tasks, task_logs):
-        app.include_router(module.router)
-    app.include_router(blobs.agent_router)
-    app.include_router(blobs.user_router)
+        app.include_router(module.router, responses=ERROR_RESPONSES)
+    app.include_router(blobs.agent_router, responses=ERROR_RESPONSES)
+    app.include_router(blobs.user_router, responses=ERROR_RESPONSES)
     if settings.echo_endpoint:
         app.include_router(debug.router)

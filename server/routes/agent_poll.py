@@ -36,7 +36,7 @@ async def connect(request: Request, agent: dict = Depends(require_agent)):
 
 
 @router.post(endpoints.POLL)
-async def poll(body: PollIn, request: Request, wait: float = Query(0, ge=0),
+async def poll(body: PollIn, request: Request, wait: float = Query(0, ge=0, allow_inf_nan=False),
                agent: dict = Depends(require_agent)):
     """Long-poll: answers at once when a task or a new stop request is pending, else after `wait` s."""
     core = core_of(request)

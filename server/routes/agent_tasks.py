@@ -14,7 +14,8 @@ from server import db, logs
 from server.auth import require_agent
 from server.routes.common import core_of
 from server.projects import insert_project, prepare, same_project
-from server.schemas import DatasetIn, ItemRef, ResultsIn, StateIn, check_files, model_hash
+from server.schemas import DatasetIn, ItemRef, ResultsIn, StateIn, check_files, check_relpath, model_hash
+from server.strict import INT64_MAX, RowId
 from server.tasks import agent_change_state, get_task, release_task
 
 router = APIRouter(tags=["agent"])
@@ -22,7 +23,7 @@ router = APIRouter(tags=["agent"])
 # The log batch is read by hand (for speed); its shape is described for /openapi.json here.
 _LOG_BATCH = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
     "type": "object", "required": ["first_seq", "lines"],
-    "properties": {"first_seq": {"type": "integer", "minimum": 0},
+    "properties": {"first_seq": {"type": "integer", "minimum": 0, "maximum": INT64_MAX},
                    "lines": {"type": "array", "items": {"type": "object", "properties": {
                        "ts": {"type": "number"}, "level": {"type": "string"}, "stream": {"type": "string"},
                        "message": {"type": "string"}}, "additionalProperties": True}}}}}}}}
@@ -42,7 +43,7 @@ def _state_answer(task: dict) -> dict:
 
 
 @router.post(endpoints.TASK_STATE)
-async def post_state(task_id: int, body: StateIn, request: Request, agent: dict = Depends(require_agent)):
+async def post_state(task_id: RowId, body: StateIn, request: Request, agent: dict = Depends(require_agent)):
     """The agent reports a state (or, with the same state, new progress / exit_code / error)."""
     core = core_of(request)
     now = time.time()
@@ -56,7 +57,7 @@ async def post_state(task_id: int, body: StateIn, request: Request, agent: dict 
 
 
 @router.post(endpoints.TASK_RELEASE)
-async def release(task_id: int, request: Request, agent: dict = Depends(require_agent)):
+async def release(task_id: RowId, request: Request, agent: dict = Depends(require_agent)):
     """A draining agent hands back a task it was given but will not run: assigned -> queued."""
     core = core_of(request)
     with core.engine.begin() as conn:
@@ -70,7 +71,7 @@ async def release(task_id: int, request: Request, agent: dict = Depends(require_
 
 
 @router.post(endpoints.TASK_LOGS, openapi_extra=_LOG_BATCH)
-async def post_logs(task_id: int, request: Request, agent: dict = Depends(require_agent)):
+async def post_logs(task_id: RowId, request: Request, agent: dict = Depends(require_agent)):
     """`{first_seq, lines}` (gzip accepted): line i gets seq first_seq + i; answers `{acked}`."""
     core = core_of(request)
     first_seq, lines = logs.parse_batch(await request.body())
@@ -148,12 +149,14 @@ def _post_project(conn, task_id: int, name: str, prepared: tuple, results: dict,
 
 
 @router.post(endpoints.TASK_RESULTS)
-async def post_results(task_id: int, body: ResultsIn, request: Request, agent: dict = Depends(require_agent)):
+async def post_results(task_id: RowId, body: ResultsIn, request: Request, agent: dict = Depends(require_agent)):
     """Results of a task: a model (or a checkpoint), a project (Supervisely, with annotations) or artifacts.
 
     Answers `{"results": the task's results, "id": the model or project id}` (no id for artifacts).
     """
     core = core_of(request)
+    if body.name and body.kind != "artifacts":      # it names a project or model: never path-like
+        check_relpath(body.name, "name", single=True)
     if body.kind != "project":
         if body.datasets is not None or body.meta is not None or any(f.ann is not None for f in body.files):
             raise APIError(400, "invalid_request", f"meta, datasets and ann belong to a project result, not {body.kind}")

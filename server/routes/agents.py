@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from sqlalchemy import delete, func, insert, select, update
 
 from protocol import endpoints
@@ -14,6 +14,7 @@ from server import db
 from server.auth import hash_token, new_token, require_admin
 from server.routes.common import core_of
 from server.schemas import AgentIn, AgentPatch
+from server.strict import RowId
 from server.tasks import change_state
 
 router = APIRouter(tags=["user"], dependencies=[Depends(require_admin)])
@@ -87,7 +88,7 @@ async def list_agents(request: Request):
 
 
 @router.get(endpoints.AGENT)
-async def read_agent(agent_id: int, request: Request):
+async def read_agent(agent_id: RowId, request: Request):
     core = core_of(request)
     with core.engine.connect() as conn:
         row = agent_row(conn, agent_id)
@@ -96,7 +97,7 @@ async def read_agent(agent_id: int, request: Request):
 
 
 @router.patch(endpoints.AGENT)
-async def patch_agent(agent_id: int, body: AgentPatch, request: Request):
+async def patch_agent(agent_id: RowId, body: AgentPatch, request: Request):
     """Rename / change allowed task types; the agent sees it in its next poll answer (woken at once)."""
     core = core_of(request)
     values = {}
@@ -115,7 +116,7 @@ async def patch_agent(agent_id: int, body: AgentPatch, request: Request):
 
 
 @router.delete(endpoints.AGENT)
-async def delete_agent(agent_id: int, request: Request):
+async def delete_agent(agent_id: RowId, request: Request):
     """Remove an agent; its unfinished tasks fail with 'agent removed'."""
     core = core_of(request)
     now = time.time()
@@ -136,7 +137,7 @@ async def delete_agent(agent_id: int, request: Request):
 
 
 @router.post(endpoints.AGENT_TOKEN)
-async def rotate_token(agent_id: int, request: Request):
+async def rotate_token(agent_id: RowId, request: Request):
     """A new token for the agent; the old one stops working at once."""
     core = core_of(request)
     token = new_token()
@@ -148,7 +149,7 @@ async def rotate_token(agent_id: int, request: Request):
 
 
 @router.get(endpoints.AGENT_TELEMETRY)
-async def agent_telemetry(agent_id: int, request: Request, since: float | None = None):
+async def agent_telemetry(agent_id: RowId, request: Request, since: float | None = Query(None, allow_inf_nan=False)):
     """Recent telemetry samples `{ts, sample}` (oldest first), those after `since` when given."""
     core = core_of(request)
     with core.engine.connect() as conn:

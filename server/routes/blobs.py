@@ -24,15 +24,20 @@ def _router(path: str, dep, tag: str) -> APIRouter:
             raise APIError(400, "incomplete_upload", "the client went away before the upload ended") from None
         return {"sha256": sha256, "size": size, "created": created}
 
-    @router.head(path)
+    @router.head(path, responses={200: {"description": "the blob exists; content-length is its size",
+                                        "content": {"application/octet-stream": {}}}})
     async def head_blob(sha256: str, request: Request):
-        """200 with content-length when the blob exists, else 404."""
+        """200 with content-length when the blob exists, else 404 (the headers a GET would have)."""
         size = request.app.state.core.blobs.size(sha256) if SHA256_RE.match(sha256) else None
         if size is None:
-            return Response(status_code=404)
-        return Response(status_code=200, headers={"content-length": str(size), "accept-ranges": "bytes"})
+            return Response(status_code=404, media_type="application/json")
+        return Response(status_code=200, media_type="application/octet-stream",
+                        headers={"content-length": str(size), "accept-ranges": "bytes"})
 
-    @router.get(path)
+    @router.get(path, responses={200: {"description": "the blob's bytes (206 with a Range)",
+                                       "content": {"application/octet-stream": {}}},
+                                  206: {"description": "the requested range", "content": {"application/octet-stream": {}}},
+                                  416: {"description": "the range is outside the blob"}})
     async def get_blob(sha256: str, request: Request):
         """The blob's bytes; `Range: bytes=a-b` gives 206 with that part."""
         check_sha256(sha256)

@@ -5,6 +5,7 @@ from fastapi import Request
 from sqlalchemy import select
 
 from protocol.errors import APIError
+from server.strict import INT64_MAX
 
 
 def core_of(request: Request):
@@ -32,7 +33,8 @@ def page(items: list[dict], limit: int) -> dict:
 def cursor_id(cursor: str | None) -> int | None:
     if cursor in (None, ""):
         return None
-    if not cursor.isdigit():
+    # isascii: str.isdigit() also takes digits such as '²' that int() refuses.
+    if not (cursor.isascii() and cursor.isdigit() and len(cursor) <= 19 and int(cursor) <= INT64_MAX):
         raise APIError(400, "bad_cursor", "cursor must be the `next` value of a previous page")
     return int(cursor)
 

@@ -12,6 +12,7 @@ from server import db
 from server.auth import require_admin
 from server.routes.common import core_of, get_row, list_rows
 from server.schemas import ModelIn, check_files, model_hash
+from server.strict import RowId
 
 router = APIRouter(tags=["user"], dependencies=[Depends(require_admin)])
 
@@ -55,7 +56,7 @@ def _config(blobs, files: list[dict]):
 
 
 @router.get(endpoints.MODEL)
-async def read_model(model_id: int, request: Request):
+async def read_model(model_id: RowId, request: Request):
     """The model with `task` (the task that made it: id, type, state), `checkpoint` ({epoch, metrics,
     final} or null) and `config` (its config.json parsed, or null; every file's bytes: GET /api/v1/blobs/{sha256})."""
     core = core_of(request)

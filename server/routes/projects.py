@@ -15,6 +15,7 @@ from server.auth import require_admin
 from server.projects import insert_project, items_page, prepare, read_project
 from server.routes.common import core_of, cursor_id, list_rows, page
 from server.schemas import ProjectIn
+from server.strict import RowId
 
 router = APIRouter(tags=["user"], dependencies=[Depends(require_admin)])
 
@@ -50,13 +51,13 @@ async def list_projects(request: Request, limit: int = Query(100, ge=1, le=1000)
 
 
 @router.get(endpoints.PROJECT)
-async def read_one(project_id: int, request: Request):
+async def read_one(project_id: RowId, request: Request):
     """The project with its meta and every item's {name, sha256, size}; annotations: GET .../items."""
     return _project(core_of(request), project_id)
 
 
 @router.get(endpoints.PROJECT_ITEMS)
-async def list_items(project_id: int, request: Request, dataset: str | None = None,
+async def list_items(project_id: RowId, request: Request, dataset: str | None = None,
                      limit: int = Query(100, ge=1, le=1000), cursor: str | None = None):
     """A page of the project's items in order, each with its annotation (`ann`); `dataset=` filters."""
     core = core_of(request)

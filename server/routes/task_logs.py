@@ -1,7 +1,6 @@
 """User side: a task's log, as pages or followed live as server-sent events."""
 from __future__ import annotations
 
-import json
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
@@ -12,6 +11,7 @@ from server import logs
 from server.auth import require_admin
 from server.routes.common import core_of
 from server.routes.tasks import task_or_404
+from server.strict import INT64_MAX, RowId, dumps
 from server.tasks import get_task
 
 router = APIRouter(tags=["user"], dependencies=[Depends(require_admin)])
@@ -21,11 +21,12 @@ KEEPALIVE_S = 15.0          # a comment this often keeps proxies from closing an
 
 
 def _sse(event: str, data) -> str:
-    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+    return f"event: {event}\ndata: {dumps(data)}\n\n"
 
 
-@router.get(endpoints.USER_TASK_LOGS)
-async def task_logs(task_id: int, request: Request, after: int = Query(-1, ge=-1),
+@router.get(endpoints.USER_TASK_LOGS, responses={200: {"description": "a page of lines; with follow=1 an event stream",
+                                                       "content": {"application/json": {}, "text/event-stream": {}}}})
+async def task_logs(task_id: RowId, request: Request, after: int = Query(-1, ge=-1, le=INT64_MAX),
                     limit: int = Query(1000, ge=1, le=10000), follow: bool = False):
     """Lines with seq > after in order (never past a gap). follow=1: server-sent events, live."""
     core = core_of(request)

@@ -15,6 +15,7 @@ from server.auth import require_admin
 from server.routes.agents import agent_row
 from server.routes.common import core_of, cursor_id, page
 from server.schemas import TaskIn
+from server.strict import RowId, query_id
 from server.tasks import change_state, get_task, public_task
 
 router = APIRouter(tags=["user"], dependencies=[Depends(require_admin)])
@@ -61,7 +62,7 @@ async def create_task(body: TaskIn, request: Request):
 
 
 @router.get(endpoints.TASKS)
-async def list_tasks(request: Request, agent_id: int | None = None, state: str | None = None,
+async def list_tasks(request: Request, agent_id: int | None = query_id(), state: str | None = Query(None, max_length=16),
                      limit: int = Query(100, ge=1, le=1000), cursor: str | None = None):
     """Tasks, newest first, optionally of one agent and/or in one state."""
     core = core_of(request)
@@ -80,13 +81,13 @@ async def list_tasks(request: Request, agent_id: int | None = None, state: str |
 
 
 @router.get(endpoints.TASK)
-async def read_task(task_id: int, request: Request):
+async def read_task(task_id: RowId, request: Request):
     """State, timeline [{state, ts}], progress, exit_code, error, results, log_acked."""
     return public_task(task_or_404(core_of(request), task_id))
 
 
 @router.post(endpoints.TASK_STOP)
-async def stop_task(task_id: int, request: Request):
+async def stop_task(task_id: RowId, request: Request):
     """Stop a task: a queued one at once, a leased one through its agent's next poll answer."""
     core = core_of(request)
     with core.engine.begin() as conn:
@@ -108,7 +109,7 @@ async def stop_task(task_id: int, request: Request):
 
 
 @router.get(endpoints.TASK_METRICS)
-async def task_metrics(task_id: int, request: Request):
+async def task_metrics(task_id: RowId, request: Request):
     """Training metrics from the task's `metrics` log events: [{seq, type, epoch, metrics}]."""
     core = core_of(request)
     task_or_404(core, task_id)

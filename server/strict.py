@@ -1,0 +1,141 @@
+"""Strict input and safe output: the server's one JSON decoding rule and its second line of defence.
+
+Input: a request body is JSON without NaN/Infinity (Python's json takes them by default; they are
+not JSON), every number finite and every integer within int64 (what the database can hold).
+`check_body` applies this to every JSON body before a route sees it
+(server.errors.BodyLimitMiddleware calls it); the log batch, parsed by hand for speed, applies it
+through `loads` itself, with the one documented exception that a non-finite metric value in a
+`metrics` event is stored as null.
+
+Output: `SafeJSONResponse` answers null for a non-finite float instead of failing, so a row
+written before these checks (or by hand) can never turn a read into a 500.
+"""
+from __future__ import annotations
+
+import json
+import math
+from typing import Annotated, Any
+
+from fastapi import Path, Query
+from fastapi.responses import JSONResponse
+
+from protocol.errors import APIError
+
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+# Ids in paths and queries: what a database row id can be.
+RowId = Annotated[int, Path(ge=0, le=INT64_MAX)]
+
+
+def query_id(default=None, **kw):
+    """A Query() for an id-like integer (agent_id, after ...): bounded to int64."""
+    kw.setdefault("ge", 0)
+    kw.setdefault("le", INT64_MAX)
+    return Query(default, **kw)
+
+
+class NotStrictJSON(ValueError):
+    """Valid for Python's json module, not for this server: NaN/Infinity, a non-finite or huge number."""
+
+    def __init__(self, code: str, detail: str):
+        super().__init__(detail)
+        self.code, self.detail = code, detail
+
+    def api_error(self) -> APIError:
+        return APIError(400, self.code, self.detail)
+
+
+def _constant(name: str):
+    raise NotStrictJSON("non_finite_number", f"the body holds {name}, which is not JSON; send finite numbers "
+                        "(or null)")
+
+
+def _float(text: str) -> float:
+    v = float(text)
+    if not math.isfinite(v):
+        raise NotStrictJSON("non_finite_number", f"the number {text[:40]} is too large to be finite")
+    return v
+
+
+def check_int64(v: int, what: str) -> int:
+    if not INT64_MIN <= v <= INT64_MAX:
+        raise NotStrictJSON("integer_out_of_range", f"{what} is outside int64 [{INT64_MIN}, {INT64_MAX}]")
+    return v
+
+
+def _int(text: str) -> int:
+    if len(text) > 20:       # cheap: int64 has at most 19 digits and a sign
+        raise NotStrictJSON("integer_out_of_range", f"the integer {text[:25]}... is outside int64")
+    v = int(text)
+    if not INT64_MIN <= v <= INT64_MAX:
+        raise NotStrictJSON("integer_out_of_range", f"the integer {text} is outside int64 "
+                            f"[{INT64_MIN}, {INT64_MAX}]")
+    return v
+
+
+def loads(raw: bytes | str, *, on_constant=None) -> Any:
+    """Decode a body strictly: NotStrictJSON for NaN/Infinity, a non-finite number, an integer
+    outside int64; json.JSONDecodeError for what is not JSON at all.
+
+    With `on_constant` (the log batch), NaN/Infinity tokens are passed to it (its result is the
+    value), an overflowing float decodes to inf and integers are not checked: the caller decides
+    where such values may stand and checks what it stores in typed columns; a batch of thousands
+    of lines costs no extra call per number that way."""
+    if on_constant is not None:
+        return json.loads(raw, parse_constant=on_constant)
+    return json.loads(raw, parse_constant=_constant, parse_float=_float, parse_int=_int)
+
+
+def check_body(raw: bytes) -> None:
+    """Raise NotStrictJSON when `raw` is JSON only by Python's lax rules; anything else passes
+    (a body that is not JSON at all gets the route's own 400)."""
+    if not raw:
+        return
+    try:
+        loads(raw)
+    except NotStrictJSON:
+        raise
+    except (ValueError, RecursionError):
+        pass
+
+
+def finite(obj: Any) -> Any:
+    """`obj` with every non-finite float replaced by None (lists and dicts copied only if needed)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
+def has_nonfinite(obj: Any) -> bool:
+    if isinstance(obj, float):
+        return not math.isfinite(obj)
+    if isinstance(obj, dict):
+        return any(has_nonfinite(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return any(has_nonfinite(v) for v in obj)
+    return False
+
+
+_compact = json.JSONEncoder(separators=(",", ":"), allow_nan=False, ensure_ascii=False).encode
+
+
+def dumps(obj: Any) -> str:
+    """Compact JSON; a non-finite float becomes null."""
+    try:
+        return _compact(obj)
+    except ValueError:
+        return _compact(finite(obj))
+
+
+class SafeJSONResponse(JSONResponse):
+    """JSONResponse that answers null for NaN/Infinity instead of raising (the read paths' guard)."""
+
+    def render(self, content: Any) -> bytes:
+        try:
+            return super().render(content)
+        except ValueError:
+            return super().render(finite(content))
