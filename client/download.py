@@ -148,11 +148,14 @@ def download_project(client, project_id: int, directory: Path, force: bool = Fal
         for item in ds["items"]:
             tick.note = f"{ds['name']}/{item['name']}"
             img = fetch_blob(client, item["sha256"], _inside(root, img_dir / item["name"]), tick)
+            if not sly_format.is_image_name(item["name"]):
+                continue              # the SDK lists only images as items; a plain file needs no annotation
             ann = item.get("ann")
-            if ann is None:
-                if not sly_format.is_image_name(item["name"]):
-                    continue          # the SDK lists only images as items; a plain file needs no annotation
-                ann = sly_format.empty_ann(*sly_format.image_size(img))
+            size = (ann or {}).get("size") or {}
+            if ann is None or size.get("height") is None or size.get("width") is None:
+                # the server's empty annotation of a plain item whose size it could not read: read it here
+                ann = dict(ann or {}, **sly_format.empty_ann(*sly_format.image_size(img))) if ann is None else \
+                    dict(ann, size=sly_format.empty_ann(*sly_format.image_size(img))["size"])
             ann_path = _inside(root, ann_dir / (item["name"] + sly_format.ANN_EXT))
             ann_path.write_text(sly_format.dumps(ann))
             count += 1
