@@ -173,6 +173,8 @@ def test_large_view_lists_labels_and_tags(console, server, annotated):
     labels.nth(0).hover()
     expect(page.locator("#v-stage svg.ann .lbl.hl")).to_have_count(1)
     page.wait_for_function("() => document.querySelector('#v-stage svg.ann').dataset.ready === '1'")
+    page.locator("#v-info").hover()
+    expect(page.locator("#v-stage svg.ann .lbl.hl")).to_have_count(0)
     shot(page, "project-viewer-1440")
     page.keyboard.press("ArrowLeft")
     expect(page.locator("#v-title")).to_have_text("train_003.png")

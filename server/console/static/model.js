@@ -95,7 +95,7 @@
     const table = document.getElementById("m-checkpoints");
     table.tHead.replaceChildren(SLY.el("tr", {},
       SLY.el("th", { scope: "col" }, "Model"), SLY.el("th", { scope: "col", class: "num" }, "Epoch"),
-      names.map(n => SLY.el("th", { scope: "col", class: "num" }, n)), SLY.el("th", { scope: "col" }, "")));
+      names.map(n => SLY.el("th", { scope: "col", class: "num metric" }, n)), SLY.el("th", { scope: "col" }, "")));
     // the best value per metric column is bold (lowest for loss-like names, else highest)
     const best = {};
     for (const n of names) {

@@ -52,7 +52,7 @@
       const box = SLY.el("input", { type: "checkbox", checked: !hiddenClasses.has(c.title), "aria-label": `Show ${c.title}` });
       box.addEventListener("change", () => { box.checked ? hiddenClasses.delete(c.title) : hiddenClasses.add(c.title); applyHidden(); });
       return SLY.el("tr", { dataset: { class: c.title } },
-        SLY.el("td", { class: "cls" }, SLY.Ann.swatch(c.color), SLY.trunc(c.title)),
+        SLY.el("td", {}, SLY.el("span", { class: "cls" }, SLY.Ann.swatch(c.color), SLY.trunc(c.title))),
         SLY.el("td", {}, SLY.el("span", { class: "chip" }, c.shape)),
         SLY.el("td", { class: "num objects" }, stats ? k.objects : "…"),
         SLY.el("td", { class: "num" }, stats ? k.items : "…"),
@@ -66,8 +66,8 @@
     const meta = (project.meta && project.meta.tags) || [];
     const imgs = (stats && stats.tags) || {}, objs = (stats && stats.object_tags) || {};
     tbody.replaceChildren(...meta.map(t => SLY.el("tr", { dataset: { tag: t.name } },
-      SLY.el("td", { class: "cls" }, SLY.Ann.swatch(t.color || "#888888"), SLY.trunc(t.name)),
-      SLY.el("td", {}, SLY.trunc(t.value_type === "oneof_string" ? (t.values || []).join(", ") : (t.value_type || "").replace("_", " "), "span", { class: "hint" })),
+      SLY.el("td", {}, SLY.el("span", { class: "cls" }, SLY.Ann.swatch(t.color || "#888888"), SLY.trunc(t.name))),
+      SLY.el("td", {}, SLY.trunc(t.value_type === "oneof_string" ? (t.values || []).join(", ") : (t.value_type || "").replace("_", " "), "span", { class: "trunc hint values" })),
       SLY.el("td", { class: "num" }, stats ? imgs[t.name] || 0 : "…"),
       SLY.el("td", { class: "num" }, stats ? objs[t.name] || 0 : "…"))));
     document.getElementById("p-tags-empty").hidden = meta.length > 0;
@@ -93,7 +93,7 @@
           SLY.el("span", { class: "count", title: `${objs.length} labels` }, String(objs.length))),
         SLY.el("span", { class: "meta" },
           SLY.el("span", { class: "dots" }, used.slice(0, 6).map(t => SLY.Ann.swatch(classes.colorOf(t)))),
-          SLY.trunc(it.dataset + ((ann.tags || []).length ? " · " + ann.tags.map(SLY.Ann.tagText).join(", ") : ""), "span", { class: "hint" }))));
+          SLY.trunc(it.dataset + ((ann.tags || []).length ? " · " + ann.tags.map(SLY.Ann.tagText).join(", ") : ""), "span", { class: "trunc hint" }))));
     svg.ready.then(() => { li.dataset.ready = "1"; });
     return li;
   }
@@ -110,8 +110,7 @@
       cursors[pageNo + 1] = data.next;
       grid.replaceChildren(...items.map(card));
       applyHidden();
-      const total = ds ? (project.datasets.find(d => d.name === ds) || { items: [] }).items.length
-        : project.datasets.reduce((n, d) => n + d.items.length, 0);
+      const total = shownTotal();
       const first = pageNo * PAGE;
       range.textContent = items.length ? `${first + 1}–${first + items.length} of ${total}` : "";
       prev.disabled = pageNo === 0; next.disabled = !data.next;
@@ -132,6 +131,13 @@
   });
   labelsBox.addEventListener("change", () => grid.classList.toggle("no-labels", !labelsBox.checked));
 
+  /** Items in the chosen dataset, or in the project. */
+  function shownTotal() {
+    const ds = dsSelect.value;
+    return ds ? (project.datasets.find(d => d.name === ds) || { items: [] }).items.length
+      : project.datasets.reduce((n, d) => n + d.items.length, 0);
+  }
+
   // --- the large view ---
   const dlg = document.getElementById("viewer");
   let shown = -1;
@@ -140,7 +146,7 @@
     const it = items[index], ann = it.ann || {}, objs = ann.objects || [];
     document.getElementById("v-title").textContent = it.name;
     document.getElementById("v-title").title = it.name;
-    document.getElementById("v-pos").textContent = `${pageNo * PAGE + index + 1} of page ${pageNo + 1}`;
+    document.getElementById("v-pos").textContent = `${pageNo * PAGE + index + 1} of ${shownTotal()}`;
     const img = SLY.el("img", { src: thumb(it.sha256, PREVIEW), alt: it.name });
     const svg = SLY.Ann.overlay(ann, classes);
     document.getElementById("v-stage").replaceChildren(SLY.el("span", { class: "frame" }, img, svg));
