@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request, Response
-from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
 from protocol import endpoints
@@ -41,8 +40,14 @@ async def get_thumb(sha256: str, request: Request, size: int = GRID_SIZE):
     headers = {"cache-control": CACHE_CONTROL, "etag": etag}
     if etag in request.headers.get("if-none-match", ""):
         return Response(status_code=304, headers=headers)
+    store = _store(request)
     try:
-        path = await run_in_threadpool(_store(request).get, sha256, size)
-    except NotAnImage as e:
-        raise APIError(415, "not_an_image", f"blob {sha256} is not an image the server can read: {e}") from None
-    return FileResponse(path, media_type="image/jpeg", headers=headers)
+        # A made thumbnail is a few KiB in the page cache: read it here, without a trip to a thread
+        # (a grid page asks for dozens at once).
+        body = store.path(sha256, size).read_bytes()
+    except FileNotFoundError:
+        try:
+            body = (await run_in_threadpool(store.get, sha256, size)).read_bytes()
+        except NotAnImage as e:
+            raise APIError(415, "not_an_image", f"blob {sha256} is not an image the server can read: {e}") from None
+    return Response(body, media_type="image/jpeg", headers=headers)
