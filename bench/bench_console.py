@@ -9,6 +9,11 @@
 - chart: a 1,000-point, 4-series uPlot chart built and drawn in the task page (SLY.Chart, the
   code the metric and telemetry charts use), against loading the nodes page with its one node
   (baseline: navigation to the page's first data drawn). Medians of --repeat runs.
+- gallery: first paint of a 200-image annotated project page (640 x 480 images, 3 labels each:
+  rectangle, polygon, bitmap): navigation until every card of the first page shows its thumbnail
+  and its labels (bitmaps decoded), against the same nodes-page baseline. "cold" is the first
+  visit (the server makes the thumbnails); "warm" a new browser context each run (thumbnails from
+  the server's disk cache, none from the browser's).
 """
 from __future__ import annotations
 
@@ -140,6 +145,76 @@ def bench_chart(args, srv, new_task):
     return statistics.median(loads), statistics.median(draws)
 
 
+GALLERY_IMAGES = 200
+GALLERY_DONE = """() => {
+    const cards = [...document.querySelectorAll('#gallery li.tile')];
+    return cards.length > 0 && cards.every(c => c.dataset.ready && c.querySelector('img').complete
+                                           && c.querySelector('img').naturalWidth > 0);
+}"""
+
+
+def gallery_project(srv) -> int:
+    """A 200-image project with three labels an image, made through the user API; returns its id."""
+    import hashlib
+    import io
+    import random
+
+    from PIL import Image, ImageDraw
+
+    from tools.sample_project import bitmap_data
+    admin = srv.admin()
+    meta = {"classes": [{"title": "car", "shape": "rectangle", "color": "#E53935"},
+                        {"title": "road", "shape": "polygon", "color": "#43A047"},
+                        {"title": "sky", "shape": "bitmap", "color": "#1E88E5"}], "tags": []}
+    disc = bitmap_data([[(x - 20) ** 2 + (y - 20) ** 2 <= 400 for x in range(41)] for y in range(41)])
+    rng, items = random.Random(0), []
+    for i in range(GALLERY_IMAGES):
+        im = Image.merge("RGB", [Image.effect_noise((640, 480), 30 + 5 * k) for k in range(3)])
+        x, y = rng.randint(10, 400), rng.randint(10, 300)
+        ImageDraw.Draw(im).rectangle([x, y, x + 120, y + 80], fill=(220, 40, 40))
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=90)
+        data = buf.getvalue()
+        sha = hashlib.sha256(data).hexdigest()
+        admin.put(f"{srv.url}/api/v1/blobs/{sha}", data=data).raise_for_status()
+        objs = [{"classTitle": "car", "geometryType": "rectangle", "tags": [],
+                 "points": {"exterior": [[x, y], [x + 120, y + 80]], "interior": []}},
+                {"classTitle": "road", "geometryType": "polygon", "tags": [],
+                 "points": {"exterior": [[0, 479], [639, 479], [320, 300]], "interior": []}},
+                {"classTitle": "sky", "geometryType": "bitmap", "tags": [], "bitmap": {"data": disc, "origin": [500, 40]}}]
+        items.append({"name": f"img_{i:04d}.jpg", "sha256": sha, "size": len(data),
+                      "ann": {"size": {"height": 480, "width": 640}, "tags": [], "objects": objs}})
+    r = admin.post(srv.url + "/api/v1/projects", json={"name": "bench-gallery", "meta": meta,
+                                                      "datasets": [{"name": "ds0", "items": items}]})
+    r.raise_for_status()
+    return r.json()["id"]
+
+
+def bench_gallery(args, srv):
+    """Seconds: median nodes-page load (baseline), the first (cold) gallery paint, median warm paints."""
+    from playwright.sync_api import sync_playwright
+    pid = gallery_project(srv)
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+
+        def visit(path: str, done: str) -> float:
+            ctx = b.new_context(viewport={"width": 1440, "height": 900})   # nothing in the browser's cache
+            page = ctx.new_page()
+            sign_in(page, srv)
+            t0 = time.perf_counter()
+            page.goto(srv.url + path)
+            page.wait_for_function(done, timeout=120_000, polling=10)
+            took = time.perf_counter() - t0
+            ctx.close()
+            return took
+
+        base = statistics.median(visit("/nodes", "() => !!document.querySelector('tr.node-row')") for _ in range(args.repeat))
+        cold = visit(f"/projects/{pid}", GALLERY_DONE)
+        warm = statistics.median(visit(f"/projects/{pid}", GALLERY_DONE) for _ in range(args.repeat))
+        b.close()
+    return base, cold, warm
+
+
 def report_log(args, base_replay, page_replay, lat_base, lat_page):
     def q(xs, p):
         xs = sorted(xs)
@@ -158,7 +233,7 @@ def main() -> None:
     ap.add_argument("--lines", type=int, default=50000)
     ap.add_argument("--live", type=int, default=50)
     ap.add_argument("--repeat", type=int, default=10)
-    ap.add_argument("--only", choices=["log", "chart"])
+    ap.add_argument("--only", choices=["log", "chart", "gallery"])
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -175,8 +250,9 @@ def main() -> None:
                 agent.state(t["id"], "running")
                 return t["id"]
 
-            log = None if args.only == "chart" else bench_log(args, srv, agent, new_task)
-            chart = None if args.only == "log" else bench_chart(args, srv, new_task)
+            log = bench_log(args, srv, agent, new_task) if args.only in (None, "log") else None
+            chart = bench_chart(args, srv, new_task) if args.only in (None, "chart") else None
+            gallery = bench_gallery(args, srv) if args.only in (None, "gallery") else None
         finally:
             srv.stop()
 
@@ -188,6 +264,12 @@ def main() -> None:
         print(f"{'chart 4 x 1,000 points (ms)':<34}{base * 1000:>14.1f}{drawn * 1000:>14.1f}{drawn / base:>8.2f}")
         print("(chart: baseline is loading the nodes page until its node is drawn; medians of "
               f"{args.repeat} runs)")
+    if gallery:
+        base, cold, warm = gallery
+        for name, v in (("gallery first paint, cold (ms)", cold), ("gallery first paint, warm (ms)", warm)):
+            print(f"{name:<34}{base * 1000:>14.1f}{v * 1000:>14.1f}{v / base:>8.2f}")
+        print(f"(gallery: {GALLERY_IMAGES}-image project, first page of 48 cards with thumbnails and labels; baseline "
+              f"is the nodes page in a new browser context; warm: median of {args.repeat})")
 
 
 if __name__ == "__main__":

@@ -25,9 +25,11 @@ AGENT = USER_PREFIX + "/agents/{agent_id}"
 AGENT_TOKEN = USER_PREFIX + "/agents/{agent_id}/token"
 AGENT_TELEMETRY = USER_PREFIX + "/agents/{agent_id}/telemetry"
 USER_BLOB = USER_PREFIX + "/blobs/{sha256}"
+USER_BLOB_THUMB = USER_PREFIX + "/blobs/{sha256}/thumb"   # ?size=256|1024|...: an image blob scaled down (JPEG)
 PROJECTS = USER_PREFIX + "/projects"
 PROJECT = USER_PREFIX + "/projects/{project_id}"
 PROJECT_ITEMS = USER_PREFIX + "/projects/{project_id}/items"   # ?dataset=&cursor=&limit=: items with annotations
+PROJECT_STATS = USER_PREFIX + "/projects/{project_id}/stats"   # objects per class, tags per name
 MODELS = USER_PREFIX + "/models"
 MODEL = USER_PREFIX + "/models/{model_id}"
 TASKS = USER_PREFIX + "/tasks"

@@ -97,6 +97,17 @@ def models(request: Request):
     return _page(request, "collection.html", "Models", "models", "collection.js", kind="models")
 
 
+@router.get("/projects/{project_id}")
+def project(request: Request, project_id: int):
+    return _page(request, "project.html", f"Project {project_id}", "projects", "annotations.js", "project.js",
+                 project_id=project_id)
+
+
+@router.get("/models/{model_id}")
+def model(request: Request, model_id: int):
+    return _page(request, "model.html", f"Model {model_id}", "models", "model.js", model_id=model_id)
+
+
 @router.get("/favicon.ico")
 def favicon():
     body, ctype = _STATIC["favicon.ico"]

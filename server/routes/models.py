@@ -10,7 +10,7 @@ from sqlalchemy import insert, select
 from protocol import endpoints
 from server import db
 from server.auth import require_admin
-from server.routes.common import core_of, get_row, list_rows
+from server.routes.common import core_of, cursor_id, get_row, list_rows, page
 from server.schemas import ModelIn, check_files, model_hash
 from server.strict import RowId
 
@@ -36,9 +36,21 @@ async def create_model(body: ModelIn, request: Request):
 
 
 @router.get(endpoints.MODELS)
-async def list_models(request: Request, limit: int = Query(100, ge=1, le=1000), cursor: str | None = None):
-    """Models, newest first (files summarised: files_count, size)."""
-    return list_rows(core_of(request), db.models, limit, cursor, _summary)
+async def list_models(request: Request, limit: int = Query(100, ge=1, le=1000), cursor: str | None = None,
+                      task_id: int | None = None):
+    """Models, newest first (files summarised: files_count, size); `task_id=` keeps the models that task
+    made (a train task's checkpoints, each with its `checkpoint`)."""
+    core = core_of(request)
+    if task_id is None:
+        return list_rows(core, db.models, limit, cursor, _summary)
+    m = db.models.c
+    q = select(db.models).where(m.task_id == task_id).order_by(m.id.desc()).limit(limit + 1)
+    c = cursor_id(cursor)
+    if c is not None:
+        q = q.where(m.id < c)
+    with core.engine.connect() as conn:
+        rows = conn.execute(q).mappings().all()
+    return page([_summary(dict(r)) for r in rows], limit)
 
 
 CONFIG_MAX_BYTES = 256 * 1024

@@ -12,6 +12,7 @@ from protocol import endpoints
 from protocol.errors import APIError
 from server import db
 from server.auth import require_admin
+from server.project_stats import StatsCache
 from server.projects import insert_project, items_page, prepare, read_project
 from server.routes.common import core_of, cursor_id, list_rows, page
 from server.schemas import ProjectIn
@@ -68,3 +69,17 @@ async def list_items(project_id: RowId, request: Request, dataset: str | None = 
         rows = items_page(conn, project_id, dataset, after, limit)
     # Annotations are plain JSON already: skip FastAPI's per-value encoder (10x slower on big anns).
     return JSONResponse(page(rows, limit))
+
+
+@router.get(endpoints.PROJECT_STATS)
+async def project_stats(project_id: int, request: Request):
+    """Objects per class (`classes: {title: {objects, items}}`), images per image tag (`tags`), objects per
+    object tag (`object_tags`), and `items`, `labelled` (items with an object), `objects` in all."""
+    core = core_of(request)
+    with core.engine.connect() as conn:
+        if conn.execute(select(db.projects.c.id).where(db.projects.c.id == project_id)).first() is None:
+            raise APIError(404, "project_not_found", f"no project {project_id}")
+    cache = getattr(request.app.state, "project_stats", None)
+    if cache is None:
+        cache = request.app.state.project_stats = StatsCache()
+    return await run_in_threadpool(cache.get, core.engine, project_id)

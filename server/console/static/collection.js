@@ -32,7 +32,8 @@
       } catch (e) { det.append(SLY.el("p", { class: "error" }, e.message)); }
     });
     return SLY.el("tr", { id: `${one}-${x.id}`, dataset: { id: x.id } },
-      SLY.el("td", {}, `#${x.id}`), SLY.el("td", { class: "name" }, x.name), SLY.el("td", {}, contents(x)), SLY.el("td", {}, det));
+      SLY.el("td", {}, `#${x.id}`), SLY.el("td", { class: "name" }, SLY.el("a", { href: `/${kind}/${x.id}` }, x.name),
+        kind === "projects" && x.task_id ? SLY.el("span", { class: "badge predicted" }, "predictions") : ""), SLY.el("td", {}, contents(x)), SLY.el("td", {}, det));
   }
 
   async function refresh() {

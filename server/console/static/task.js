@@ -82,8 +82,12 @@
     resultsKey = key;
     const box = document.getElementById("t-results");
     const parts = [];
-    if (r.model_id) parts.push(SLY.el("p", {}, "Model: ", SLY.el("a", { href: `/models#model-${r.model_id}` }, `#${r.model_id}`)));
-    if (r.project_id) parts.push(SLY.el("p", {}, "Project: ", SLY.el("a", { href: `/projects#project-${r.project_id}` }, `#${r.project_id}`)));
+    if (r.model_id) parts.push(SLY.el("p", {}, "Model: ", SLY.el("a", { href: `/models/${r.model_id}`, id: "t-model" }, `#${r.model_id}`)));
+    const cks = (r.checkpoints || []).filter(c => c !== r.model_id);
+    if (cks.length) parts.push(SLY.el("p", { id: "t-checkpoints" }, "Checkpoints: ",
+      cks.map((c, i) => [i ? ", " : "", SLY.el("a", { href: `/models/${c}` }, `#${c}`)])));
+    if (r.project_id) parts.push(SLY.el("p", {}, "Project: ", SLY.el("a", { href: `/projects/${r.project_id}`, id: "t-project" }, `#${r.project_id}`),
+      " (browse its images and labels)"));
     const files = r.artifacts || r.files || [];
     if (files.length) parts.push(SLY.el("ul", { class: "artifacts" }, files.map(f => SLY.el("li", {},
       SLY.el("a", { href: `/api/v1/blobs/${f.sha256}`, download: (f.path || f.name || f.sha256).split("/").pop() }, f.path || f.name),
