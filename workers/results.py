@@ -447,7 +447,7 @@ class CheckpointUploader:
 
     def _checkpoint_model(self, rel: str, line: dict) -> None:
         info = checkpoint_info(line)
-        done = store_and_upload_model(self.ctx, self.res, rel, f"{model_name(self.ctx)} checkpoint {rel}",
+        done = store_and_upload_model(self.ctx, self.res, rel, f"{model_name(self.ctx)} checkpoint {rel.replace('/', '-')}",
                                       checkpoint=info or None)
         if done is None:
             return
@@ -503,7 +503,9 @@ class CheckpointUploader:
 
 
 def model_name(ctx) -> str:
-    return str((ctx.task.get("config") or {}).get("model_name") or f"task {ctx.task_id} model")
+    name = str((ctx.task.get("config") or {}).get("model_name") or f"task {ctx.task_id} model")
+    # The server takes a model name as one path component (it names a folder on download).
+    return name.replace("/", "-").replace("\\", "-").strip(". ")[:200] or f"task {ctx.task_id} model"
 
 
 def finish_train(ctx, live: CheckpointUploader) -> dict:

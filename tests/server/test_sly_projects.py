@@ -328,7 +328,7 @@ def test_checkpoints_are_models_of_the_task_and_reposts_make_no_duplicates(clien
     assert final["results"]["model_id"] == ids[1]
     later = _results(agent, tid, {"kind": "model", "files": files("e4"), "checkpoint": {"epoch": 4}}).json()
     assert later["results"]["model_id"] == ids[1]               # a checkpoint marked final outranks a later one
-    plain = _results(agent, tid, {"kind": "model", "name": "results/model", "files": files("final")}).json()
+    plain = _results(agent, tid, {"kind": "model", "name": "final-model", "files": files("final")}).json()
     assert plain["results"]["model_id"] == plain["id"]          # results/model written by the task wins
     assert plain["id"] not in plain["results"]["checkpoints"]
 
