@@ -11,6 +11,7 @@ import json
 import os
 import re
 from pathlib import Path
+from urllib.parse import urlsplit
 
 TOKEN_RE = re.compile(r"^[A-Za-z0-9]{32}$")
 
@@ -132,6 +133,20 @@ def _coerce(setting: Setting, raw) -> object:
         raise ConfigError(f"{setting.env}={raw!r} is not a valid {setting.kind.__name__}") from None
 
 
+def check_server_address(address: str) -> str:
+    """The address without a trailing slash; ConfigError unless it is an http(s) URL with a host.
+
+    Without this, `10.0.0.5:8700` would reach requests as an unknown scheme and be reported,
+    retried and backed off as "server unreachable".
+    """
+    address = address.strip().rstrip("/")
+    parts = urlsplit(address)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(f"SERVER_ADDRESS={address!r} is not a URL: it must start with http:// or https:// "
+                          f"(e.g. http://10.0.0.5:8700)")
+    return address
+
+
 def load_config(environ: dict | None = None) -> Config:
     """Read settings from the config file (AGENT_CONFIG) and the environment; validate them."""
     env = os.environ if environ is None else environ
@@ -152,7 +167,7 @@ def load_config(environ: dict | None = None) -> Config:
         values[s.name] = _coerce(s, raw)
     if not values["server_address"]:
         raise ConfigError("SERVER_ADDRESS is not set")
-    values["server_address"] = values["server_address"].rstrip("/")
+    values["server_address"] = check_server_address(values["server_address"])
     token = values["access_token"] or ""
     if not TOKEN_RE.match(token):
         raise ConfigError("ACCESS_TOKEN is not set or is not 32 letters and digits")

@@ -20,6 +20,8 @@ TASK_RELEASE = AGENT_PREFIX + "/tasks/{task_id}/release"
 
 # User side (Bearer admin token or console session).
 SESSION = USER_PREFIX + "/session"              # console sign-in (POST) / sign-out (DELETE)
+SESSION_LINKS = USER_PREFIX + "/session/links"  # POST (admin): a one-time sign-in link
+SIGNIN_LINK = "/signin/{token}"                 # GET: spend a one-time link, set the session cookie
 AGENTS = USER_PREFIX + "/agents"
 AGENT = USER_PREFIX + "/agents/{agent_id}"
 AGENT_TOKEN = USER_PREFIX + "/agents/{agent_id}/token"

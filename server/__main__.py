@@ -52,8 +52,22 @@ def main(argv=None) -> None:
     from server.app import create_app
     app = create_app(settings)
     # Access logs are off: they would only repeat paths; tokens never travel in URLs anyway.
-    uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level, access_log=False,
-                timeout_graceful_shutdown=3)
+    config = uvicorn.Config(app, host=a.host, port=a.port, log_level=a.log_level, access_log=False,
+                            timeout_graceful_shutdown=3)
+    _Server(config, app.state.core).run()
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, which first releases the requests that wait (long-polls, log followers)
+    when it shuts down: otherwise they run into the graceful-shutdown timeout and are cancelled."""
+
+    def __init__(self, config: uvicorn.Config, core):
+        super().__init__(config)
+        self.core = core
+
+    async def shutdown(self, sockets=None) -> None:
+        self.core.close_waits()
+        await super().shutdown(sockets)
 
 
 if __name__ == "__main__":

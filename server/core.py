@@ -39,6 +39,11 @@ class Waiters:
         if ev is not None:
             ev.set()
 
+    def wake_all(self) -> None:
+        events, self._events = self._events, {}
+        for ev in events.values():
+            ev.set()
+
     @staticmethod
     async def wait(ev: asyncio.Event, timeout: float) -> bool:
         try:
@@ -57,6 +62,7 @@ class Core:
         self.sessions = Sessions(self.engine)
         self.admin_token: str = settings.admin_token or ""
         self.agent_waiters = Waiters()
+        self.closing = False       # set at shutdown: long-polls and log followers answer now
         self.task_waiters = Waiters()
         self.settings_version: dict[int, int] = collections.defaultdict(int)
         self.stops_delivered: set[int] = set()   # stop requests an agent has seen in a poll answer
@@ -134,6 +140,13 @@ class Core:
 
     def wake_task(self, task_id: int) -> None:
         self.task_waiters.wake(task_id)
+
+    def close_waits(self) -> None:
+        """Shutdown: every waiting long-poll answers and every log follower ends now, so the
+        server's graceful stop has no request left to cancel (and logs no error)."""
+        self.closing = True
+        self.agent_waiters.wake_all()
+        self.task_waiters.wake_all()
 
     # --- metrics ---
     def refresh_metrics(self) -> None:

@@ -100,6 +100,41 @@ def ensure_demo_train_image(client=None, tag: str = DEMO_TRAIN_IMAGE, rebuild: b
                           ["ENV PATH=/bin", 'CMD ["/bin/sly-train"]'])
 
 
+
+DEMO_IMAGE_REPO = "sly-demo/tasks"
+DEMO_SCRIPTS = ("train.sh", "inference.sh")
+
+
+def demo_image_tag() -> str:
+    """`sly-demo/tasks:<hash of the scripts>`: an edited script makes a new tag, a re-run reuses the old."""
+    import hashlib
+    import os
+
+    h = hashlib.sha256()
+    for name in DEMO_SCRIPTS:
+        with open(os.path.join(os.path.dirname(__file__), "demo", "task", name), "rb") as f:
+            h.update(name.encode() + b"\0" + f.read())
+    return f"{DEMO_IMAGE_REPO}:{h.hexdigest()[:12]}"
+
+
+def ensure_demo_image(client=None, rebuild: bool = False) -> str:
+    """The demo's task image: busybox with /workdir/src/train.sh and inference.sh (tools/demo/task/).
+
+    The scripts sit where the real agent's entry points (`/workdir/src/train.py`, ...) do; tasks
+    run them with an explicit command (`sh /workdir/src/train.sh`), since the image has no Python.
+    """
+    import os
+
+    client = _docker_client(client)
+    tag = demo_image_tag()
+    if not rebuild and _have_image(client, tag):
+        return tag
+    files = {}
+    for name in DEMO_SCRIPTS:
+        with open(os.path.join(os.path.dirname(__file__), "demo", "task", name), "rb") as f:
+            files[f"workdir/src/{name}"] = f.read()
+    return _import_rootfs(client, tag, busybox_rootfs_tar(files), ["ENV PATH=/bin", "WORKDIR /workdir"])
+
 # --- a Python base image made from this machine's own interpreter (for the agent image) ---
 
 PYTHON_BASE_IMAGE = "sly-local/python-base:3.11"

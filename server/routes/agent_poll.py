@@ -63,7 +63,7 @@ async def poll(body: PollIn, request: Request, wait: float = Query(0, ge=0, allo
                 core.wake_task(tid)
             new_stop = [t for t in stop if t not in core.stops_delivered]
             left = deadline - time.monotonic()
-            if tasks or new_stop or left <= 0 or core.settings_version[aid] != version:
+            if tasks or new_stop or left <= 0 or core.settings_version[aid] != version or core.closing:
                 core.stops_delivered.update(stop)
                 # A task's project carries every annotation: plain JSON, so FastAPI's slow encoder is skipped.
                 return JSONResponse({"tasks": tasks, "stop": stop,

@@ -30,10 +30,18 @@ def check_types(types: list[str] | None) -> list[str]:
     return list(dict.fromkeys(types))
 
 
-def run_commands(core, request: Request, token: str) -> dict:
+def run_commands(core, request: Request, agent_id: int, token: str) -> dict:
+    """Ready-to-paste lines that start this agent: in a container (`docker`) and bare metal (`run_sh`).
+
+    The container shares the host's network (`--network host`), so a server address that only
+    the host can reach (127.0.0.1) works as it is; docs/deployment.md gives the bridge-network
+    form. The host dir is named by the agent's id, never its token: a path ends up in
+    `docker inspect`, mount tables and shell history.
+    """
     url = (core.settings.public_url or str(request.base_url)).rstrip("/")
-    host_dir = f"$HOME/.supervisely-agent/{token}"
-    docker = (f'docker run -d --name sly-agent --restart unless-stopped -v /var/run/docker.sock:/var/run/docker.sock '
+    host_dir = f"$HOME/.supervisely-agent/node-{agent_id}"
+    docker = (f'docker run -d --name sly-agent --restart unless-stopped --network host '
+              f'-v /var/run/docker.sock:/var/run/docker.sock '
               f'-v "{host_dir}":"{host_dir}" -e AGENT_HOST_DIR="{host_dir}" -e SERVER_ADDRESS={url} '
               f'-e ACCESS_TOKEN={token} {core.settings.agent_image}')
     return {"docker": docker, "run_sh": f"SERVER_ADDRESS={url} ACCESS_TOKEN={token} ./run.sh"}
@@ -73,7 +81,7 @@ async def create_agent(body: AgentIn, request: Request):
         aid = conn.execute(insert(db.agents).values(name=body.name, token_hash=hash_token(token),
                                                     allowed_task_types=types, created_at=time.time())).inserted_primary_key[0]
     return {"id": aid, "name": body.name, "allowed_task_types": types, "token": token,
-            "run_command": run_commands(core, request, token)}
+            "run_command": run_commands(core, request, aid, token)}
 
 
 @router.get(endpoints.AGENTS)
@@ -145,7 +153,7 @@ async def rotate_token(agent_id: RowId, request: Request):
         row = agent_row(conn, agent_id)
         conn.execute(update(db.agents).where(db.agents.c.id == agent_id).values(token_hash=hash_token(token)))
     core.wake_agent(agent_id)
-    return {"id": agent_id, "name": row["name"], "token": token, "run_command": run_commands(core, request, token)}
+    return {"id": agent_id, "name": row["name"], "token": token, "run_command": run_commands(core, request, agent_id, token)}
 
 
 @router.get(endpoints.AGENT_TELEMETRY)

@@ -1,13 +1,15 @@
 """User side: console sign-in and sign-out (the only user route that takes no admin credentials)."""
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import RedirectResponse
 
 from protocol import endpoints
 from protocol.errors import APIError
-from server.auth import SESSION_COOKIE, check_admin_token
+from server.auth import SESSION_COOKIE, check_admin_token, require_admin
 from server.routes.common import core_of
 from server.schemas import SessionIn
+from server.signin_links import create_link, spend_link
 
 router = APIRouter(tags=["user"])
 
@@ -30,3 +32,23 @@ async def sign_out(request: Request, response: Response):
     core_of(request).sessions.drop(request.cookies.get(SESSION_COOKIE))
     response.delete_cookie(SESSION_COOKIE, path="/")
     return {"ok": True}
+
+
+@router.post(endpoints.SESSION_LINKS, dependencies=[Depends(require_admin)])
+async def new_signin_link(request: Request):
+    """A one-time console sign-in link (`path`, relative to the server) valid until `expires_at`."""
+    token, expires = create_link(core_of(request).engine)
+    return {"path": endpoints.path(endpoints.SIGNIN_LINK, token=token), "expires_at": expires}
+
+
+@router.get(endpoints.SIGNIN_LINK, include_in_schema=False)
+async def spend_signin_link(token: str, request: Request):
+    """Spend a one-time link: session cookie and on to the nodes page; a used or expired one goes to sign-in."""
+    core = core_of(request)
+    headers = {"cache-control": "no-store", "referrer-policy": "no-referrer"}
+    if not spend_link(core.engine, token):
+        return RedirectResponse("/signin", status_code=303, headers=headers)
+    response = RedirectResponse("/nodes", status_code=303, headers=headers)
+    response.set_cookie(SESSION_COOKIE, core.sessions.create(), httponly=True, samesite="strict", path="/",
+                        secure=request.url.scheme == "https")
+    return response

@@ -50,6 +50,8 @@ async def task_logs(task_id: RowId, request: Request, after: int = Query(-1, ge=
             if t is None or (TaskState(t["state"]) in FINAL and cursor >= t["log_acked"]):
                 yield _sse("end", {"state": t["state"] if t else None, "acked": t["log_acked"] if t else cursor})
                 return
+            if core.closing:   # the server stops; a client re-attaches with after=<last seq>
+                return
             if not await core.task_waiters.wait(ev, KEEPALIVE_S):
                 yield ": keep-alive\n\n"
 

@@ -82,7 +82,7 @@ def test_wheel_holds_every_package_and_the_console_files(wheel):
     if (REPO / "node" / "__init__.py").exists():
         assert "node/__init__.py" in names
     assert "server/console/templates/base.html" in names and "server/console/static/console.js" in names
-    assert "tools/demo/train.sh" in names
+    assert "tools/demo/train.sh" in names and "tools/demo/task/inference.sh" in names
     for migration in (REPO / "server" / "migrations").rglob("*.py"):
         assert migration.relative_to(REPO).as_posix() in names
     assert not any("__pycache__" in n or n.startswith("tests/") for n in names)

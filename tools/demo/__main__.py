@@ -1,20 +1,23 @@
 """The whole lifecycle on embedded defaults: `./run.sh demo` (python -m tools.demo).
 
-Starts the reference server on SQLite in ./demo-data, adds a node, starts the agent, uploads a
-small project and a model made on the spot, builds a tiny task image locally (no registry),
-runs a `train` task while printing its live log and progress, prints the resulting model, and
-leaves the server (and agent) running with the console's address, until Ctrl-C.
-`--exit-when-done` stops everything once the task ends (exit 0 only if it finished with a model).
+Starts the reference server on SQLite in ./demo-data and prints the console's address with a
+one-time sign-in link; adds a node (or reuses `demo-node`) and starts its agent; uploads an
+annotated sample project and a base model (or reuses `demo-project` and `demo-base-model`);
+builds a tiny task image locally (busybox, no registry, no SDK); trains on the project while
+printing the live log (SDK-style progress, train and val metrics, checkpoints); runs inference
+with the trained model and prints where to see the predictions. Then it leaves the server and
+the agent running until Ctrl-C, which stops the agent (its tasks first), then the server.
+
+`--exit-when-done` stops everything once inference ends (exit 0 only if training made a model and
+inference made a project). `--signin-link` prints a fresh one-time link for a running demo.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import secrets
 import signal
 import socket
-import string
 import subprocess
 import sys
 import time
@@ -23,28 +26,35 @@ from pathlib import Path
 import requests
 
 from client import UserClient
-from tools.images import ensure_demo_train_image
+from protocol import endpoints
+from server.auth import new_token
+from server.signin_links import LINK_TTL_S
+from tools.images import ensure_demo_image
+from tools.sample_project import write_sample_project
 
 REPO = Path(__file__).resolve().parents[2]
+NODE, PROJECT, BASE_MODEL = "demo-node", "demo-project", "demo-base-model"
+FINAL = ("finished", "failed", "stopped", "lost")
 
 
-def _free_port(preferred: int) -> int:
+def pick_port(host: str, preferred: int) -> int:
+    """`preferred` when nothing listens on it, else a free one the kernel picks."""
     for port in (preferred, 0):
         with socket.socket() as s:
+            # The server binds with SO_REUSEADDR too, so the port of the previous run, whose
+            # closed connections sit in TIME_WAIT, is free for it; a listening socket still refuses.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
-                s.bind(("127.0.0.1", port))
+                s.bind((host, port))
                 return s.getsockname()[1]
             except OSError:
                 continue
     raise RuntimeError("no free port")
 
 
-def _token() -> str:
-    return "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(32))
-
-
 def make_sample_data(root: Path, images: int = 12) -> tuple[Path, Path]:
-    """A project of tiny PPM images in two datasets, and a model folder, made on the spot."""
+    """A plain project of tiny PPM images in two datasets, and a model folder (the old task contract;
+    tests/deploy/test_agent_image.py still uses it with tools/demo/train.sh)."""
     project = root / "sample-project"
     model = root / "sample-model"
     for i in range(images):
@@ -58,105 +68,260 @@ def make_sample_data(root: Path, images: int = 12) -> tuple[Path, Path]:
     return project, model
 
 
+def write_base_model(root: Path) -> Path:
+    """The starting point of training: the same bytes on every run, so a re-upload changes nothing."""
+    model = root / "base-model"
+    model.mkdir(parents=True, exist_ok=True)
+    (model / "config.json").write_text(json.dumps({"arch": "demo-box", "epoch": 0, "box": {"width": 16, "height": 16}}))
+    (model / "weights.bin").write_bytes(bytes(range(256)) * 8)
+    return model
+
+
 def _bar(current: float, total: float, width: int = 30) -> str:
     frac = 0.0 if not total else max(0.0, min(1.0, current / total))
     done = int(frac * width)
     return f"[{'#' * done}{'.' * (width - done)}] {current:g}/{total:g}"
 
 
+def _event(line: dict) -> str:
+    """`EventType.PROGRESS` and `progress` alike -> `progress`."""
+    return str(line.get("event_type") or "").removeprefix("EventType.").lower()
+
+
+def show_line(line: dict) -> None:
+    ev = _event(line)
+    if ev == "progress":
+        current, total = line.get("current", 0), line.get("total", 0)
+        if total > 10 and current != total and current % (total // 5 or 1):
+            return   # a long run shows about five steps
+        print(f"  {line.get('subtask') or 'progress'} {_bar(line.get('current', 0), line.get('total', 0))}", flush=True)
+    elif ev == "metrics":
+        values = " ".join(f"{k} {v:g}" if isinstance(v, (int, float)) else f"{k} {v}"
+                          for k, v in (line.get("metrics") or {}).items())
+        print(f"  metrics {line.get('type', '?'):5} epoch {line.get('epoch', '?')}: {values}", flush=True)
+    elif ev == "checkpoint":
+        print(f"  checkpoint {line.get('subdir') or line.get('path', '')} ({line.get('sizeb', '?')} bytes)", flush=True)
+    else:
+        print(f"  [{line.get('stream', '?'):6}] {line.get('message', '')}", flush=True)
+
+
+def say(*parts) -> None:
+    print("demo:", *parts, flush=True)
+
+
 class Demo:
     def __init__(self, args):
         self.args = args
         self.data = Path(args.data).resolve()
-        self.procs: list[subprocess.Popen] = []
+        self.server: subprocess.Popen | None = None
+        self.agent: subprocess.Popen | None = None
+
+    # --- processes
+    def _log(self, name: str):
+        """This run's log file; the previous run's is kept as <name>.1."""
+        path = self.data / name
+        if path.exists():
+            path.replace(path.with_name(name + ".1"))
+        return open(path, "wb")
 
     def start_server(self) -> tuple[str, str]:
         self.data.mkdir(parents=True, exist_ok=True)
         token_file = self.data / "admin_token"
         if not token_file.exists():
-            token_file.write_text(_token())
-            token_file.chmod(0o600)
+            fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(new_token() + "\n")
         admin = token_file.read_text().strip()
-        port = _free_port(self.args.port)
-        url = f"http://127.0.0.1:{port}"
-        log = open(self.data / "server.log", "ab")
+        port = pick_port(self.args.host, self.args.port)
+        if port != self.args.port:
+            say(f"port {self.args.port} is taken; using {port}")
+        host = "127.0.0.1" if self.args.host in ("0.0.0.0", "") else self.args.host
+        url = f"http://{host}:{port}"
         env = dict(os.environ, SERVER_ADMIN_TOKEN=admin, PYTHONUNBUFFERED="1")
-        self.procs.append(subprocess.Popen(
+        # Its own session: a terminal's Ctrl-C reaches only the demo, which stops the agent first.
+        self.server = subprocess.Popen(
             [sys.executable, "-m", "server", "--host", self.args.host, "--port", str(port),
-             "--data", str(self.data / "server")], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
-        deadline = time.monotonic() + 30
+             "--data", str(self.data / "server")], cwd=REPO, env=env, stdout=self._log("server.log"),
+            stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
                 if requests.get(url + "/healthz", timeout=1).ok:
+                    (self.data / "url").write_text(url + "\n")
                     return url, admin
             except requests.RequestException:
                 pass
-            if self.procs[-1].poll() is not None:
+            if self.server.poll() is not None:
                 break
             time.sleep(0.1)
         raise SystemExit(f"demo: the server did not start; see {self.data / 'server.log'}")
 
     def start_agent(self, url: str, token: str) -> None:
         env = dict(os.environ, SERVER_ADDRESS=url, ACCESS_TOKEN=token, PYTHONUNBUFFERED="1",
-                   AGENT_HOST_DIR=str(self.data / "agent"), TELEMETRY_INTERVAL="2",
+                   AGENT_HOST_DIR=str(self.data / "agent"), TELEMETRY_INTERVAL="2", STOP_GRACE="3",
                    MIN_FREE_DISK_MB=os.environ.get("MIN_FREE_DISK_MB", "256"))
-        log = open(self.data / "agent.log", "ab")
-        self.procs.append(subprocess.Popen([sys.executable, "-m", "agent"], cwd=REPO, env=env,
-                                           stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        self.agent = subprocess.Popen([sys.executable, "-m", "agent"], cwd=REPO, env=env, stdout=self._log("agent.log"),
+                                      stderr=subprocess.STDOUT, start_new_session=True)
 
     def stop_all(self) -> None:
-        for p in reversed(self.procs):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in reversed(self.procs):
+        """The agent first (SIGINT: it stops its tasks, reports them and exits), then the server."""
+        for proc, sig in ((self.agent, signal.SIGINT), (self.server, signal.SIGTERM)):
+            if proc is None or proc.poll() is not None:
+                continue
+            proc.send_signal(sig)
             try:
-                p.wait(30)
+                proc.wait(60)
             except subprocess.TimeoutExpired:
-                p.kill()
+                proc.kill()
+                proc.wait()
+
+    # --- things on the server, reused by name
+    def ensure_node(self, client: UserClient, url: str) -> tuple[dict, str]:
+        token_file = self.data / "node_token"
+        nodes = sorted((a for a in client.list_agents() if a["name"] == NODE), key=lambda a: a["id"])
+        if not nodes:
+            made = client.create_agent(NODE, ["train", "inference"])
+            node, token, how = made, made["token"], "added"
+        else:
+            node = nodes[0]
+            token = token_file.read_text().strip() if token_file.exists() else ""
+            how = "reused"
+            if not token or not _agent_token_works(url, token):
+                token, how = client.rotate_token(node["id"])["token"], "reused (new token)"
+            missing = [t for t in ("train", "inference") if t not in node["allowed_task_types"]]
+            if missing:
+                client.patch_agent(node["id"], allowed_task_types=node["allowed_task_types"] + missing)
+        fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+        say(f"node {NODE} (id {node['id']}) {how}; starting its agent (log: {self.data / 'agent.log'})")
+        return node, token
+
+    def ensure_project(self, client: UserClient) -> dict:
+        mine = [p for p in client.list_projects() if p["name"] == PROJECT and p.get("task_id") is None]
+        if mine:
+            project = min(mine, key=lambda p: p["id"])
+            say(f"project {PROJECT} (id {project['id']}) reused")
+            return project
+        sample = write_sample_project(str(self.data / "samples"), PROJECT, {"train": 9, "val": 3})
+        project = client.upload_project_dir(sample["path"], name=PROJECT)
+        say(f"project {PROJECT} (id {project['id']}) uploaded: {len(sample['items'])} annotated images "
+            f"(rectangles, polygons, bitmaps; image and object tags)")
+        return project
+
+    def ensure_base_model(self, client: UserClient) -> dict:
+        mine = [m for m in client.list_models() if m["name"] == BASE_MODEL and m.get("task_id") is None]
+        if mine:
+            model = min(mine, key=lambda m: m["id"])
+            say(f"model {BASE_MODEL} (id {model['id']}) reused")
+            return model
+        model = client.upload_model_dir(write_base_model(self.data / "samples"), name=BASE_MODEL)
+        say(f"model {BASE_MODEL} (id {model['id']}) uploaded")
+        return model
+
+    # --- tasks
+    def run_task(self, client: UserClient, url: str, **spec) -> dict:
+        task = client.create_task(timeout_s=600, **spec)
+        say(f"{spec['type']} task {task['id']} ({url}/tasks/{task['id']}); its live log:")
+        for line in client.iter_logs(task["id"], follow=True):
+            show_line(line)
+        final = client.wait_task(task["id"], states=FINAL, timeout=120)
+        say(f"{spec['type']} task {task['id']} ended {final['state']}"
+            + (f": {final.get('error')}" if final.get("error") else ""))
+        return final
+
+    def train(self, client: UserClient, url: str, node: dict, project: dict, base: dict, image: str) -> int | None:
+        final = self.run_task(client, url, agent_id=node["id"], type="train", image=image,
+                              command=["sh", "/workdir/src/train.sh"],
+                              config={"epochs": self.args.epochs, "epoch_seconds": 0.5},
+                              project_id=project["id"], model_id=base["id"])
+        results = final.get("results") or {}
+        for mid in results.get("checkpoints") or []:
+            m = client.get_model(mid)
+            print(f"  checkpoint model {mid} '{m['name']}' epoch {(m.get('config') or {}).get('epoch', '?')}", flush=True)
+        model_id = results.get("model_id")
+        if final["state"] != "finished" or not model_id:
+            return None
+        model = client.get_model(model_id)
+        say(f"trained model {model_id} '{model['name']}' ({url}/models): "
+            + ", ".join(f"{f['path']} {f['size']} bytes" for f in model.get("files", [])))
+        return model_id
+
+    def infer(self, client: UserClient, url: str, node: dict, project: dict, model_id: int, image: str) -> int | None:
+        final = self.run_task(client, url, agent_id=node["id"], type="inference", image=image,
+                              command=["sh", "/workdir/src/inference.sh"], config={},
+                              project_id=project["id"], model_id=model_id)
+        pid = (final.get("results") or {}).get("project_id")
+        if final["state"] != "finished" or not pid:
+            return None
+        result = client.get_project(pid)
+        items = list(project_items(client, pid))
+        labelled = sum(any(o.get("classTitle") == "prediction" for o in (it.get("ann") or {}).get("objects", []))
+                       for it in items)
+        say(f"predictions: project {pid} '{result['name']}', {labelled} of {len(items)} images with a "
+            f"'prediction' label; see them at {url}/projects/{pid}")
+        return pid
 
     def run(self) -> int:
-        say = lambda *a: print("demo:", *a, flush=True)  # noqa: E731
         url, admin = self.start_server()
-        say(f"server on {url} (data in {self.data})")
+        say(f"server on {url} (data in {self.data}, log: {self.data / 'server.log'})")
         client = UserClient(url, admin)
-        agent = client.create_agent("demo-node")
-        say(f"added node {agent['name']} (id {agent['id']}); starting the agent")
-        self.start_agent(url, agent["token"])
-        image = ensure_demo_train_image()
-        say(f"built task image {image} locally")
-        project_dir, model_dir = make_sample_data(self.data / "samples")
-        project = client.upload_project_dir(project_dir, name="demo-project")
-        model = client.upload_model_dir(model_dir, name="demo-base-model")
-        say(f"uploaded project {project['id']} and model {model['id']}")
-        task = client.create_task(agent_id=agent["id"], type="train", image=image,
-                                  config={"epochs": self.args.epochs, "epoch_seconds": 0.5},
-                                  project_id=project["id"], model_id=model["id"], timeout_s=600)
-        say(f"task {task['id']} created; its live log:")
-        for line in client.iter_logs(task["id"], follow=True):
-            ev = line.get("event_type")
-            if ev == "progress":
-                print(f"  progress {_bar(line.get('current', 0), line.get('total', 0))}", flush=True)
-            else:
-                print(f"  [{line.get('stream', '?'):6}] {line.get('message', '')}", flush=True)
-        final = client.wait_task(task["id"], states=("finished", "failed", "stopped", "lost"), timeout=120)
-        say(f"task {task['id']} ended {final['state']}" + (f": {final.get('error')}" if final.get("error") else ""))
-        model_id = (final.get("results") or {}).get("model_id")
-        if model_id:
-            new_model = client.get_model(model_id)
-            say(f"new model {new_model['id']} '{new_model['name']}':")
-            for f in new_model.get("files", []):
-                print(f"  {f['path']:24} {f['size']:>8} bytes  sha256 {f['sha256'][:16]}...")
-        ok = final["state"] == "finished" and bool(model_id)
+        say(f"console: {url}/")
+        say(f"sign in once with this link (valid {LINK_TTL_S // 60} minutes): {signin_link(client, url)}")
+        say(f"  or with the admin token: cat {self.data / 'admin_token'}")
+        node, token = self.ensure_node(client, url)
+        self.start_agent(url, token)
+        image = ensure_demo_image()
+        say(f"task image {image} ready (busybox, built locally)")
+        project = self.ensure_project(client)
+        base = self.ensure_base_model(client)
+        model_id = self.train(client, url, node, project, base, image)
+        predictions = self.infer(client, url, node, project, model_id, image) if model_id else None
+        ok = bool(model_id and predictions)
         if self.args.exit_when_done:
             return 0 if ok else 1
-        say(f"console: {url}/  (sign in with the admin token in {self.data / 'admin_token'})")
+        say(f"console: {url}/ (a fresh sign-in link: ./run.sh demo --signin-link --data {self.args.data})")
         say("the server and the agent keep running; Ctrl-C stops both")
-        try:
-            while all(p.poll() is None for p in self.procs):
-                time.sleep(1)
-        except KeyboardInterrupt:
-            pass
-        return 0 if ok else 1
+        while self.server.poll() is None and self.agent.poll() is None:
+            time.sleep(1)
+        say("the server or the agent exited; see their logs")
+        return 1
+
+
+def project_items(client: UserClient, project_id: int):
+    """Every item of the project with its annotation (`ann`), page by page."""
+    cursor = None
+    while True:
+        params = {"limit": 1000, **({"cursor": cursor} if cursor else {})}
+        page = client.request("GET", endpoints.path(endpoints.PROJECT_ITEMS, project_id=project_id), params=params).json()
+        yield from page["items"]
+        cursor = page.get("next")
+        if not cursor:
+            return
+
+
+def _agent_token_works(url: str, token: str) -> bool:
+    """Whether the server still takes this agent token (it answers 401 to a wrong or rotated one)."""
+    r = requests.head(url + endpoints.path(endpoints.AGENT_BLOB, sha256="0" * 64),
+                      headers={endpoints.AGENT_TOKEN_HEADER: token}, timeout=10)
+    return r.status_code != 401
+
+
+def signin_link(client: UserClient, url: str) -> str:
+    """A one-time console sign-in link (POST /api/v1/session/links with the admin token)."""
+    return url + client.request("POST", endpoints.SESSION_LINKS).json()["path"]
+
+
+def print_signin_link(data: Path) -> int:
+    """For a running demo: a fresh one-time link from the URL and admin token in its data dir."""
+    try:
+        url = (data / "url").read_text().strip()
+        client = UserClient(url, (data / "admin_token").read_text().strip())
+        print(signin_link(client, url))
+    except (OSError, requests.RequestException) as e:
+        print(f"demo: no demo answers from {data} ({e}); start one with ./run.sh demo", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _raise_interrupt(signum, frame):
@@ -167,19 +332,30 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="./run.sh demo", description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="demo-data", help="folder for the server, the agent and samples")
     ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=8700, help="server port (the next free one if taken)")
+    ap.add_argument("--port", type=int, default=8700, help="server port (a free one if it is taken)")
     ap.add_argument("--epochs", type=int, default=5)
-    ap.add_argument("--exit-when-done", action="store_true", help="stop everything when the task ends")
+    ap.add_argument("--exit-when-done", action="store_true", help="stop everything when inference ends")
+    ap.add_argument("--signin-link", action="store_true", help="print a fresh one-time sign-in link for a running demo")
     args = ap.parse_args(argv)
-    # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C so the agent and server are stopped too.
+    if args.signin_link:
+        return print_signin_link(Path(args.data).resolve())
+    # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C so the agent and the server are stopped too.
     signal.signal(signal.SIGTERM, _raise_interrupt)
     demo = Demo(args)
+    code = 0
     try:
-        return demo.run()
+        code = demo.run()
     except KeyboardInterrupt:
-        return 130
+        print(flush=True)
+        say("stopping: the agent (and its tasks), then the server")
     finally:
+        # A second Ctrl-C must not cut the ordered stop short.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         demo.stop_all()
+    if code == 0 and demo.server is not None:
+        say("stopped")
+    return code
 
 
 if __name__ == "__main__":
