@@ -28,8 +28,6 @@ EPOCHS = 2
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(600)]
 # What "looks like an error" in a log: a traceback, or a line at ERROR/CRITICAL level.
 ERROR_LINE = re.compile(r"Traceback|\bERROR\b|\bCRITICAL\b|Exception\b")
-AGENT_SIDE = ("checkpoint models and the inference project need the agent side of the Supervisely "
-              "task dir (CHECKPOINT subdirs become models, results/<project>/ a project)")
 
 
 class DemoRun:
@@ -150,7 +148,6 @@ def test_no_token_is_printed_or_logged(first_run):
             assert secret not in text, f"the {name} token is in the {where}"
 
 
-@pytest.mark.xfail(strict=False, reason=AGENT_SIDE)
 def test_the_first_run_trained_and_predicted(first_run):
     assert first_run["code"] == 0, first_run["run"].out[-4000:]
     out = first_run["run"].out
@@ -173,7 +170,6 @@ def test_a_rerun_reuses_node_project_model_and_port(first_run, second_run):
     poll_for(lambda: client.get_agent(node["id"])["status"] == "online", timeout=60, what="the reused node online")
 
 
-@pytest.mark.xfail(strict=False, reason=AGENT_SIDE)
 def test_training_made_checkpoint_models_and_inference_a_result_project(second_run):
     from tools.demo.__main__ import project_items
     client = second_run["client"]

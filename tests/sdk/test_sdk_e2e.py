@@ -171,10 +171,12 @@ def test_plugin_through_the_handlers(user, server, tmp_path, plugin_image, sdk_i
 def test_sdk_end_to_end(user, server, tmp_path, plugin_image, sdk_image, sample_project, original):
     from tests.agent.conftest import AgentProcess
 
-    project = upload_sly_project(user, sample_project["path"], "sample")
-    stored = user.get_project(project["id"])
-    if not stored.get("meta") or not all("ann" in i for ds in stored["datasets"] for i in ds["items"]):
-        pytest.xfail("the server does not store Supervisely projects (meta, annotations) yet: issue 10, part 1")
+    from tests.cli.test_cli import cli, cli_json
+
+    # Uploaded and (below) downloaded with the CLI, as a user would.
+    project = cli_json(server, "projects", "upload", sample_project["path"], "--name", "sample")
+    items = user._list(ep.path(ep.PROJECT_ITEMS, project_id=project["id"]))
+    assert items and all(i.get("ann", {}).get("objects") is not None for i in items)
 
     agent = AgentProcess(server, tmp_path / "agent", "sdk-e2e")
     agent.start(handler=None, MIN_FREE_DISK_MB=1, STOP_GRACE=1, TASK_DIR_CLEANUP="never")
@@ -208,7 +210,8 @@ def test_sdk_end_to_end(user, server, tmp_path, plugin_image, sdk_image, sample_
     finally:
         agent.kill_tree()
 
-    result = download_sly_project(user, done3["results"]["project_id"], tmp_path / "download")
+    result = tmp_path / "download"
+    cli(server, "projects", "download", str(done3["results"]["project_id"]), str(result))
     predicted = project_summary(str(result), sdk_image)
     check_predictions(predicted, original)
     assert all(item["roundtrip"] for item in predicted["items"].values())
