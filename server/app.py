@@ -26,7 +26,7 @@ async def _reaper(core: Core) -> None:
     while True:
         await asyncio.sleep(every)
         try:
-            lost = reap_lost(core)
+            lost = await core.run(reap_lost, core)
             if lost:
                 log.warning("tasks lost (agent silent past the lease): %s", lost)
         except Exception:  # noqa: BLE001 - the reaper must outlive a failed round
@@ -44,12 +44,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_app):
         # The agents could not reach a stopped server: give every leased task a full lease to reconnect.
-        core.renew_all_leases()
-        reaper = asyncio.create_task(_reaper(core))
+        await core.run(core.renew_all_leases)
+        core.wakeups.loop = asyncio.get_running_loop()
+        background = [asyncio.create_task(_reaper(core))]
+        if core.wakeups.shared:
+            background.append(asyncio.create_task(core.wakeups.listen()))
         try:
             yield
         finally:
-            reaper.cancel()
+            for t in background:
+                t.cancel()
             core.engine.dispose()
 
     app = FastAPI(title="sly-agent task server", version="1", lifespan=lifespan,
@@ -64,7 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/metrics", tags=["ops"])
     async def metrics(request: Request):
-        core.refresh_metrics()
+        await core.run(core.refresh_metrics)
         return Response(generate_latest(core.registry), media_type=CONTENT_TYPE_LATEST)
 
     routes.include_all(app, settings)
