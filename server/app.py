@@ -49,6 +49,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         background = [asyncio.create_task(_reaper(core))]
         if core.wakeups.shared:
             background.append(asyncio.create_task(core.wakeups.listen()))
+            # Answer only once other replicas' changes can reach this one (it retries if not yet).
+            try:
+                await asyncio.wait_for(core.wakeups.listening.wait(), 10)
+            except asyncio.TimeoutError:
+                log.warning("the wake-up listener is not connected yet; polls wake at their timeout until it is")
         try:
             yield
         finally:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import logging
 
 from protocol.states import FINAL, TaskState
 from server import logs
@@ -20,6 +21,7 @@ from server.wakeups import Waiters
 
 FOLLOW_BATCH = 2000         # lines per read and per SSE write at most (the byte bound usually comes first)
 KEEPALIVE_S = 15.0          # a comment this often keeps proxies from closing an idle stream
+log = logging.getLogger("sly-server")
 QUEUED_BATCHES = 4          # per follower; past it the follower re-reads from the database
 
 
@@ -30,17 +32,17 @@ def sse(event: str, data) -> str:
 class Batch:
     """Lines first..last, read once; their SSE text is made once for every follower."""
 
-    __slots__ = ("first", "last", "lines", "_text")
+    __slots__ = ("first", "last", "lines", "text")
 
     def __init__(self, lines: list[dict]):
         self.lines = lines
         self.first, self.last = lines[0]["seq"], lines[-1]["seq"]
-        self._text: str | None = None
+        # Made on the database thread that read the lines: encoding MiBs of text would hold the loop.
+        self.text = encode(lines)
 
-    def text(self) -> str:
-        if self._text is None:
-            self._text = "".join(sse("line", ln) for ln in self.lines)
-        return self._text
+
+def encode(lines: list[dict]) -> str:
+    return "".join(sse("line", ln) for ln in lines)
 
 
 class Follower:
@@ -72,15 +74,14 @@ class Feed:
             if task is None:
                 return None, [], False
             lines, more = logs.read_lines(conn, task, self.cursor, FOLLOW_BATCH, core.settings.log_page_bytes)
-            return task, lines, more
+            return task, Batch(lines) if lines else None, more
 
     async def run(self) -> None:
         core = self.hub.core
         while True:
             ev = core.wakeups.tasks.event(self.task_id)   # before the read: no wake-up is lost
-            task, lines, more = await core.run(self._read)
-            if lines:
-                batch = Batch(lines)
+            task, batch, more = await core.run(self._read)
+            if batch is not None:
                 self.cursor = batch.last
                 for f in self.followers:
                     f.offer(batch)
@@ -108,9 +109,19 @@ class LogHub:
         if feed is None:
             feed = self.feeds[task_id] = Feed(self, task_id, log_acked)
             feed.runner = asyncio.get_running_loop().create_task(feed.run())
+            feed.runner.add_done_callback(self._reap)
         f = Follower(feed)
         feed.followers.add(f)
         return f
+
+    def _reap(self, runner: asyncio.Task) -> None:
+        if not runner.cancelled() and runner.exception() is not None:
+            log.error("live log feed failed", exc_info=runner.exception())
+            for feed in [f for f in self.feeds.values() if f.runner is runner]:
+                del self.feeds[feed.task_id]
+                feed.end = {"state": None, "acked": feed.cursor, "error": "the server's log feed failed"}
+                for f in feed.followers:
+                    f.event.set()
 
     def leave(self, f: Follower) -> None:
         feed = f.feed
@@ -131,21 +142,21 @@ class LogHub:
                 # follower's full queue dropped. Read them here, up to the next batch held.
                 target = f.queue[0].first - 1 if f.queue else f.feed.cursor
                 if cursor < target:
-                    lines, _ = await core.run(self._read_upto, task["id"], cursor, target)
-                    if not lines:
+                    batch = await core.run(self._read_upto, task["id"], cursor, target)
+                    if batch is None:
                         cursor = target   # the task is gone: there is nothing to read up to the feed
                         continue
-                    cursor = lines[-1]["seq"]
-                    yield "".join(sse("line", ln) for ln in lines)
+                    cursor = batch.last
+                    yield batch.text
                     continue
                 if f.queue:
                     batch = f.queue.popleft()
                     if batch.last <= cursor:
                         continue
                     if batch.first == cursor + 1:
-                        yield batch.text()
+                        yield batch.text
                     else:
-                        yield "".join(sse("line", ln) for ln in batch.lines if ln["seq"] > cursor)
+                        yield encode([ln for ln in batch.lines if ln["seq"] > cursor])
                     cursor = batch.last
                     continue
                 if f.feed.end is not None and cursor >= target:
@@ -165,6 +176,7 @@ class LogHub:
         with self.core.engine.connect() as conn:
             task = get_task(conn, task_id)
             if task is None:
-                return [], False
+                return None
             task = dict(task, log_acked=min(task["log_acked"], upto))
-            return logs.read_lines(conn, task, after, FOLLOW_BATCH, self.core.settings.log_page_bytes)
+            lines, _ = logs.read_lines(conn, task, after, FOLLOW_BATCH, self.core.settings.log_page_bytes)
+            return Batch(lines) if lines else None

@@ -75,9 +75,10 @@ async def release(task_id: int, request: Request, agent: dict = Depends(require_
 async def post_logs(task_id: int, request: Request, agent: dict = Depends(require_agent)):
     """`{first_seq, lines}` (gzip accepted): line i gets seq first_seq + i; answers `{acked}`."""
     core = core_of(request)
-    first_seq, lines = logs.parse_batch(await request.body())
+    raw = await request.body()
 
     def store():
+        first_seq, lines = logs.parse_batch(raw)   # here, off the loop: a batch may be MiBs of JSON
         with core.transaction() as conn:
             task = _own_task(conn, agent, task_id)
             acked, stored = logs.ingest(core, conn, task, first_seq, lines)

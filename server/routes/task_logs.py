@@ -1,8 +1,10 @@
 """User side: a task's log, as pages or followed live as server-sent events (through server.logfeed)."""
 from __future__ import annotations
 
+import json
+
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from protocol import endpoints
 from protocol.errors import APIError
@@ -29,10 +31,12 @@ async def task_logs(task_id: int, request: Request, after: int = Query(-1, ge=-1
                 raise APIError(404, "task_not_found", f"no task {task_id}")
             if follow:
                 return task, None
-            return task, logs.read_lines(conn, task, after, limit, core.settings.log_page_bytes)
-    task, read = await core.run(page)
+            lines, more = logs.read_lines(conn, task, after, limit, core.settings.log_page_bytes)
+        # Encoded here, on the database thread: a page of MiBs would hold the event loop.
+        return task, json.dumps({"lines": lines, "next": lines[-1]["seq"] if more and lines else None},
+                                separators=(",", ":"))
+    task, body = await core.run(page)
     if not follow:
-        lines, more = read
-        return {"lines": lines, "next": lines[-1]["seq"] if more and lines else None}
+        return Response(body, media_type="application/json")
     return StreamingResponse(core.log_hub.follow(task, after), media_type="text/event-stream",
                              headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
