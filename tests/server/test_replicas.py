@@ -166,19 +166,20 @@ def test_no_task_is_handed_out_twice_when_two_nodes_race_on_two_replicas(replica
     a, b = replicas
     ca, on_a, on_b = _agent(a, b)
     n = 60
-    ids: list[int] = []
+    ids = list(range(1, n + 1))   # a fresh database numbers the tasks from 1
     got: dict[str, list[int]] = {"a": [], "b": []}
     stop = threading.Event()
 
     def node(name, agent):
         while not stop.is_set():
-            # Every task the test made counts as running: only a fresh claim can hand one out.
+            # Every task counts as running (so none is handed out again as missing from `running`):
+            # only a fresh claim of a queued task can hand one out.
             answer = agent.poll(free_slots=3, wait=2, running=list(ids))
             got[name].extend(t["id"] for t in answer["tasks"])
     nodes = [Background(node, "a", on_a), Background(node, "b", on_b)]
     _wait_poll_open(ca, on_a.id, 2)
-    for i in range(n):
-        ids.append(ca.create_task(on_a.id, "custom", "busybox:latest")["id"])
+    made = [ca.create_task(on_a.id, "custom", "busybox:latest")["id"] for _ in range(n)]
+    assert made == ids
     poll_for(lambda: len(got["a"]) + len(got["b"]) >= n, timeout=30, what="every task handed out")
     stop.set()
     for t in nodes:
@@ -295,3 +296,30 @@ def test_huge_lines_are_read_a_page_at_a_time_and_healthz_stays_fast(own_server)
           f"p50 {health[len(health) // 2] * 1000:.1f} ms, max {health[-1] * 1000:.1f} ms")
     assert growth < 400
     assert health[-1] < 1.0   # measured far lower; generous for a loaded 2-core box
+
+
+@needs_pg
+def test_workers_serve_one_port_and_wake_each_other(pg_db, tmp_path):
+    """--workers 2: two processes on one port; a poll and the task for it meet, whichever took each."""
+    srv = ServerProcess(tmp_path / "data", extra_args=["--db", pg_db, "--workers", "2"]).start()
+    try:
+        client = UserClient(srv.url, srv.admin_token)
+        for i in range(4):   # new connections: the kernel spreads them over both workers
+            info = client.create_agent(f"w{i}")
+            agent = FakeAgent(srv.url, info["token"], info["id"])
+            poll = Background(agent.poll, wait=20)
+            _wait_poll_open(client, agent.id)
+            t0 = time.monotonic()
+            task = client.create_task(agent.id, "custom", "busybox:latest")
+            assert [t["id"] for t in poll.result()["tasks"]] == [task["id"]] and poll.done_at - t0 < WAKE_S
+    finally:
+        srv.stop()
+
+
+def test_workers_above_one_on_sqlite_are_refused(tmp_path):
+    import subprocess
+    import sys
+    from tests.support.server import REPO
+    p = subprocess.run([sys.executable, "-m", "server", "--data", str(tmp_path / "d"), "--workers", "2"],
+                       cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert p.returncode != 0 and "--workers above 1 needs PostgreSQL" in p.stderr
