@@ -202,15 +202,13 @@ class UserClient:
                 yield from page["lines"]
                 if page["lines"]:
                     after = page["lines"][-1]["seq"]
-                if not page.get("next"):
+                if page.get("next") is None:   # seq 0 is a valid `next`
                     return
         r = self.request("GET", ep.path(ep.USER_TASK_LOGS, task_id=task_id), params={"after": after, "follow": 1},
                          stream=True, timeout=(self.timeout, timeout))
         event = None
         with r:
-            for raw in r.iter_lines(decode_unicode=True):
-                if raw is None:
-                    continue
+            for raw in _sse_lines(r):
                 if raw.startswith("event:"):
                     event = raw[6:].strip()
                 elif raw.startswith("data:") and event == "line":
@@ -219,3 +217,22 @@ class UserClient:
                     return
                 elif raw == "":
                     event = None
+
+
+def _sse_lines(response) -> Iterator[str]:
+    """The text lines of a streamed answer, in linear time even for a line of many MiB
+    (requests' iter_lines re-scans the whole pending line at every chunk)."""
+    buf, scanned = bytearray(), 0
+    for chunk in response.iter_content(chunk_size=256 * 1024):
+        buf += chunk
+        start = 0
+        while True:
+            i = buf.find(b"\n", max(start, scanned))
+            if i < 0:
+                break
+            yield buf[start:i].rstrip(b"\r").decode()
+            start = i + 1
+        del buf[:start]
+        scanned = len(buf)
+    if buf:
+        yield buf.decode()

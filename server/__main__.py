@@ -1,14 +1,19 @@
-"""`python -m server --host 127.0.0.1 --port 8700 --data DIR [--db URL] [--lease-s 300]`"""
+"""`python -m server --host 127.0.0.1 --port 8700 --data DIR [--db URL] [--workers N]`"""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import os
+import sys
 from pathlib import Path
 
 import uvicorn
 
 from server.settings import Settings
+
+SETTINGS_ENV = "SLY_SERVER_SETTINGS"   # how a --workers parent hands its settings to the worker processes
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -17,6 +22,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=8700)
     p.add_argument("--data", default="server-data", help="data dir: SQLite db, blobs, admin_token (default ./server-data)")
     p.add_argument("--db", default=None, help="SQLAlchemy database URL (default: SQLite in the data dir)")
+    p.add_argument("--db-pool-size", type=int, default=10,
+                   help="database connections per process, and threads doing database work (default 10)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="server processes on this port (more than 1 needs PostgreSQL: --db postgresql+psycopg://...)")
+    p.add_argument("--log-page-bytes", type=int, default=Settings.log_page_bytes,
+                   help="a log page or live-log batch stops past this many bytes (at least one line; default 1 MiB)")
     p.add_argument("--lease-s", type=float, default=300.0, help="a leased task whose agent is silent this long becomes lost")
     p.add_argument("--telemetry-interval-s", type=float, default=5.0, help="agents' telemetry interval; offline after 3 missed")
     p.add_argument("--offline-after-s", type=float, default=None, help="override: offline after this many silent seconds")
@@ -34,6 +45,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def worker_app():
+    """The app of one `--workers` process, made from the settings its parent put in the environment."""
+    raw = json.loads(os.environ[SETTINGS_ENV])
+    raw["data_dir"] = Path(raw["data_dir"])
+    from server.app import create_app
+    return create_app(Settings(**raw))
+
+
 def main(argv=None) -> None:
     a = parse_args(argv)
     if a.telemetry_history < 1:
@@ -48,13 +67,32 @@ def main(argv=None) -> None:
     settings = Settings(data_dir=Path(a.data), db_url=a.db, lease_s=a.lease_s, telemetry_interval_s=a.telemetry_interval_s,
                         offline_after_s=a.offline_after_s, agent_image=a.agent_image, public_url=a.public_url,
                         telemetry_history=a.telemetry_history, echo_endpoint=a.echo_endpoint,
-                        metrics_token=a.metrics_token, docs=a.docs)
-    from server.app import create_app
-    app = create_app(settings)
+                        metrics_token=a.metrics_token, docs=a.docs,
+                        db_pool_size=a.db_pool_size, workers=a.workers, log_page_bytes=a.log_page_bytes)
+    if a.db_pool_size < 1 or a.workers < 1 or a.log_page_bytes < 1:
+        sys.exit("sly-server: --db-pool-size, --workers and --log-page-bytes must be at least 1")
     # Access logs are off: they would only repeat paths; tokens never travel in URLs anyway.
-    config = uvicorn.Config(app, host=a.host, port=a.port, log_level=a.log_level, access_log=False,
-                            timeout_graceful_shutdown=3)
-    _Server(config, app.state.core).run()
+    common = dict(host=a.host, port=a.port, log_level=a.log_level, access_log=False, timeout_graceful_shutdown=3)
+    if a.workers == 1:
+        from server.app import create_app
+        app = create_app(settings)
+        _Server(uvicorn.Config(app, **common), app.state.core).run()
+        return
+    if settings.database_url.startswith("sqlite"):
+        sys.exit("sly-server: --workers above 1 needs PostgreSQL (--db postgresql+psycopg://...); SQLite serves "
+                 "one process, and wake-ups between processes go through PostgreSQL's LISTEN/NOTIFY")
+    # Once, here, before the workers exist: the admin token (generated on first start) and the schema.
+    from server import db, migrate
+    from server.auth import load_admin_token
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    settings.admin_token = settings.admin_token or load_admin_token(settings.data_dir)
+    engine = db.make_engine(settings.database_url, pool_size=1)
+    migrate.upgrade(engine)
+    engine.dispose()
+    raw = dataclasses.asdict(settings)
+    raw.update(data_dir=str(settings.data_dir), migrate=False, admin_token=None)   # each worker reads it as the parent did
+    os.environ[SETTINGS_ENV] = json.dumps(raw)
+    uvicorn.run("server.__main__:worker_app", factory=True, workers=a.workers, **common)
 
 
 class _Server(uvicorn.Server):

@@ -32,7 +32,7 @@ async def _reaper(core: Core) -> None:
     while True:
         await asyncio.sleep(every)
         try:
-            lost = reap_lost(core)
+            lost = await core.run(reap_lost, core)
             if lost:
                 log.warning("tasks lost (agent silent past the lease): %s", lost)
         except Exception:  # noqa: BLE001 - the reaper must outlive a failed round
@@ -78,12 +78,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_app):
         # The agents could not reach a stopped server: give every leased task a full lease to reconnect.
-        core.renew_all_leases()
-        reaper = asyncio.create_task(_reaper(core))
+        await core.run(core.renew_all_leases)
+        core.wakeups.loop = asyncio.get_running_loop()
+        background = [asyncio.create_task(_reaper(core))]
+        if core.wakeups.shared:
+            background.append(asyncio.create_task(core.wakeups.listen()))
+            # Answer only once other replicas' changes can reach this one (it retries if not yet).
+            try:
+                await asyncio.wait_for(core.wakeups.listening.wait(), 10)
+            except asyncio.TimeoutError:
+                log.warning("the wake-up listener is not connected yet; polls wake at their timeout until it is")
         try:
             yield
         finally:
-            reaper.cancel()
+            for t in background:
+                t.cancel()
             core.engine.dispose()
 
     # /docs (Swagger UI) loads its assets from a CDN: off unless asked for; /openapi.json is always served.
@@ -109,7 +118,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             given = auth[len(BEARER):].strip() if auth[:len(BEARER)].lower() == BEARER.lower() else ""
             if not hmac.compare_digest(given.encode(), settings.metrics_token.encode()):
                 raise APIError(401, "unauthorized", "/metrics needs 'Authorization: Bearer <metrics token>'")
-        core.refresh_metrics()
+        await core.run(core.refresh_metrics)
         return Response(generate_latest(core.registry), media_type=CONTENT_TYPE_LATEST)
 
     routes.include_all(app, settings)

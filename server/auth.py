@@ -120,8 +120,7 @@ async def require_agent(request: Request) -> dict:
     token = request.headers.get(AGENT_TOKEN_HEADER, "")
     if not token:
         raise APIError(401, "unauthorized", f"the {AGENT_TOKEN_HEADER} header is missing")
-    agent = core.agent_by_token(token)
+    agent = await core.run(core.agent_by_token, token, True)
     if agent is None:
         raise APIError(401, "unauthorized", "the agent token is wrong or was rotated")
-    core.touch_agent(agent["id"])
     return agent

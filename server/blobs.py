@@ -6,10 +6,12 @@ The HTTP side is server.routes.blobs.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
 import tempfile
+import time
 from pathlib import Path
 
 from protocol.errors import APIError
@@ -23,13 +25,21 @@ def check_sha256(h: str) -> str:
     return h
 
 
+STALE_UPLOAD_S = 3600.0   # an upload untouched this long is abandoned
+
+
 class BlobStore:
     def __init__(self, root: Path):
         self.root = Path(root)
         self.tmp = self.root / "tmp"
         self.tmp.mkdir(parents=True, exist_ok=True)
-        for leftover in self.tmp.iterdir():  # partial uploads of a previous run
-            leftover.unlink(missing_ok=True)
+        # Partial uploads of a previous run; only old ones, since replicas sharing this data dir
+        # may be writing theirs right now.
+        stale = time.time() - STALE_UPLOAD_S
+        for leftover in self.tmp.iterdir():
+            with contextlib.suppress(OSError):
+                if leftover.stat().st_mtime < stale:
+                    leftover.unlink()
 
     def path(self, h: str) -> Path:
         return self.root / h[0:2] / h[2:5] / h

@@ -1,16 +1,19 @@
-"""The server's shared state: settings, database engine, blob store, sessions, waiters, metrics.
+"""The server's shared state: settings, database engine, blob store, sessions, wake-ups, metrics.
 
-All database work runs in short synchronous calls on the event loop's thread, so the requests
-never race each other on the database and a wake-up (`wake_agent`, `wake_task`) is seen at once
-by the long-polls and log followers waiting in the same loop. Waiting costs one asyncio.Event.
+Database work runs in a bounded pool of threads (`await core.run(fn, ...)`), never on the
+event loop, so a big read does not stall other requests (`/healthz` included). The pool has
+as many threads as the engine has connections (`--db-pool-size`). What several replicas must
+agree on lives in the database: stops delivered (`tasks.stop_delivered`), open polls (`polls`),
+refusals (`agents.refusing`) and settings versions (`agents.settings_version`). Wake-ups of
+long-polls and log followers go through `server.wakeups` (in process, and across replicas on
+PostgreSQL with LISTEN/NOTIFY).
 """
 from __future__ import annotations
 
-import asyncio
-import collections
 import hmac
 import time
 
+import anyio
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from sqlalchemy import delete, func, insert, select, update
 
@@ -18,57 +21,25 @@ from protocol.states import LEASED, TaskState
 from server import db, migrate
 from server.auth import Sessions, hash_token
 from server.blobs import BlobStore
+from server.logfeed import LogHub
 from server.settings import Settings
-
-
-class Waiters:
-    """One asyncio.Event per key; `wake(key)` releases everyone waiting on that key right now."""
-
-    def __init__(self):
-        self._events: dict[int, asyncio.Event] = {}
-
-    def event(self, key: int) -> asyncio.Event:
-        """Take the event BEFORE looking at the database, then wait on it: no wake-up is lost."""
-        ev = self._events.get(key)
-        if ev is None:
-            ev = self._events[key] = asyncio.Event()
-        return ev
-
-    def wake(self, key: int) -> None:
-        ev = self._events.pop(key, None)
-        if ev is not None:
-            ev.set()
-
-    def wake_all(self) -> None:
-        events, self._events = self._events, {}
-        for ev in events.values():
-            ev.set()
-
-    @staticmethod
-    async def wait(ev: asyncio.Event, timeout: float) -> bool:
-        try:
-            await asyncio.wait_for(ev.wait(), timeout)
-            return True
-        except asyncio.TimeoutError:
-            return False
+from server.wakeups import AGENT, TASK, Wakeups
 
 
 class Core:
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.engine = db.make_engine(settings.database_url)
-        migrate.upgrade(self.engine)
+        self.engine = db.make_engine(settings.database_url, pool_size=settings.db_pool_size)
+        if settings.migrate:
+            migrate.upgrade(self.engine)
+        self.limiter = anyio.CapacityLimiter(settings.db_pool_size)
         self.blobs = BlobStore(settings.data_dir / "blobs")
         self.sessions = Sessions(self.engine)
         self.admin_token: str = settings.admin_token or ""
-        self.agent_waiters = Waiters()
+        self.wakeups = Wakeups(self.engine)
+        self.log_hub = LogHub(self)
         self.closing = False       # set at shutdown: long-polls and log followers answer now
-        self.task_waiters = Waiters()
-        self.settings_version: dict[int, int] = collections.defaultdict(int)
-        self.stops_delivered: set[int] = set()   # stop requests an agent has seen in a poll answer
         self._touched: dict[int, float] = {}
-        self.polling: collections.Counter = collections.Counter()   # agent id -> long-polls open now
-        self.refusing: dict[int, str] = {}   # agent id -> why it takes no task now (its last poll said)
         self.registry = CollectorRegistry()
         self.m_agents_online = Gauge("sly_agents_online", "Agents seen within the offline window", registry=self.registry)
         self.m_agents = Gauge("sly_agents", "Agents registered", registry=self.registry)
@@ -76,27 +47,65 @@ class Core:
         self.m_polls = Gauge("sly_longpolls_open", "Agent long-polls waiting now", registry=self.registry)
         self.m_lines = Counter("sly_log_lines_ingested", "Log lines stored (re-sent ones not counted)", registry=self.registry)
 
+    def close_waits(self) -> None:
+        """Shutdown: every waiting long-poll answers and every log follower ends now, so the
+        server's graceful stop has no request left to cancel (and logs no error)."""
+        self.closing = True
+        self.wakeups.agents.wake_all()
+        self.wakeups.tasks.wake_all()
+        self.log_hub.close()
+
+    async def run(self, fn, *args):
+        """`fn(*args)` on one of the database threads; the request waits without holding the loop."""
+        return await anyio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+
+    def transaction(self):
+        """A write transaction whose `notify()` wake-ups fire after it commits (here and on every replica)."""
+        return self.wakeups.transaction()
+
+    @staticmethod
+    def notify_agent(conn, agent_id: int) -> None:
+        """Wake the agent's open long-polls (new task, stop, settings, token) once `conn` commits."""
+        Wakeups.notify(conn, AGENT, agent_id)
+
+    @staticmethod
+    def notify_task(conn, task_id: int) -> None:
+        """Wake the task's log followers (new lines, new state) once `conn` commits."""
+        Wakeups.notify(conn, TASK, task_id)
+
     # --- agents ---
-    def agent_by_token(self, token: str) -> dict | None:
+    def agent_by_token(self, token: str, touch: bool = False) -> dict | None:
+        """The agent row of `token` (None if no agent has it); `touch` records the contact too."""
         h = hash_token(token)
         with self.engine.connect() as conn:
             row = conn.execute(select(db.agents).where(db.agents.c.token_hash == h)).mappings().first()
         if row is None or not hmac.compare_digest(row["token_hash"], h):
             return None
+        if touch:
+            self.touch_agent(row["id"])
         return dict(row)
 
-    def touch_agent(self, agent_id: int, now: float | None = None) -> None:
-        """Record contact: last_seen and the leases of the agent's tasks (written at most every ~second)."""
+    def touch_agent(self, agent_id: int, now: float | None = None, conn=None) -> None:
+        """Record contact: last_seen and the leases of the agent's tasks (written at most every ~second).
+
+        In `conn`'s transaction when given (one round trip less), else in a transaction of its own.
+        """
         now = time.time() if now is None else now
         every = min(1.0, self.settings.lease_s / 4)
         if now - self._touched.get(agent_id, 0.0) < every:
             return
         self._touched[agent_id] = now
-        with self.engine.begin() as conn:
-            conn.execute(update(db.agents).where(db.agents.c.id == agent_id).values(last_seen=now))
-            conn.execute(update(db.tasks).where(db.tasks.c.agent_id == agent_id,
-                                                db.tasks.c.state.in_([s.value for s in LEASED]))
-                         .values(lease_until=now + self.settings.lease_s))
+        if conn is None:
+            with self.engine.begin() as conn:
+                self._touch(conn, agent_id, now)
+        else:
+            self._touch(conn, agent_id, now)
+
+    def _touch(self, conn, agent_id: int, now: float) -> None:
+        conn.execute(update(db.agents).where(db.agents.c.id == agent_id).values(last_seen=now))
+        conn.execute(update(db.tasks).where(db.tasks.c.agent_id == agent_id,
+                                            db.tasks.c.state.in_([s.value for s in LEASED]))
+                     .values(lease_until=now + self.settings.lease_s))
 
     def renew_all_leases(self, now: float | None = None) -> None:
         now = time.time() if now is None else now
@@ -104,12 +113,21 @@ class Core:
             conn.execute(update(db.tasks).where(db.tasks.c.state.in_([s.value for s in LEASED]))
                          .values(lease_until=now + self.settings.lease_s))
 
-    def agent_status(self, agent_id: int, last_seen: float | None, now: float | None = None) -> str:
-        """online: a long-poll of it is open, or its last contact is within the offline window."""
+    def agent_status(self, polls_open: int, last_seen: float | None, now: float | None = None) -> str:
+        """online: a long-poll of it is open (on any replica), or its last contact is within the offline window."""
         now = time.time() if now is None else now
-        if self.polling.get(agent_id):
+        if polls_open:
             return "online"
         return "online" if last_seen is not None and now - last_seen <= self.settings.offline_after else "offline"
+
+    @staticmethod
+    def polls_open(conn, now: float, agent_id: int | None = None) -> dict[int, int]:
+        """Agent id -> long-polls open now on every replica (rows of polls that died with a replica expire)."""
+        p = db.polls.c
+        q = select(p.agent_id, func.count()).where(p.expires_at > now).group_by(p.agent_id)
+        if agent_id is not None:
+            q = q.where(p.agent_id == agent_id)
+        return dict(conn.execute(q).all())
 
     def add_telemetry(self, conn, agent_id: int, ts: float, sample: dict) -> None:
         """Append to the agent's history (in `conn`'s transaction), keeping its newest N samples.
@@ -133,28 +151,14 @@ class Core:
         rows = conn.execute(q.order_by(t.id.desc()).limit(self.settings.telemetry_history)).all()
         return [{"ts": ts, "sample": sample} for ts, sample in reversed(rows)]
 
-    def wake_agent(self, agent_id: int, settings_changed: bool = False) -> None:
-        if settings_changed:
-            self.settings_version[agent_id] += 1
-        self.agent_waiters.wake(agent_id)
-
-    def wake_task(self, task_id: int) -> None:
-        self.task_waiters.wake(task_id)
-
-    def close_waits(self) -> None:
-        """Shutdown: every waiting long-poll answers and every log follower ends now, so the
-        server's graceful stop has no request left to cancel (and logs no error)."""
-        self.closing = True
-        self.agent_waiters.wake_all()
-        self.task_waiters.wake_all()
-
     # --- metrics ---
     def refresh_metrics(self) -> None:
         now = time.time()
         with self.engine.connect() as conn:
             seen = conn.execute(select(db.agents.c.id, db.agents.c.last_seen)).all()
             by_state = dict(conn.execute(select(db.tasks.c.state, func.count()).group_by(db.tasks.c.state)).all())
+            polls = self.polls_open(conn, now)
         self.m_agents.set(len(seen))
-        self.m_agents_online.set(sum(1 for aid, s in seen if self.agent_status(aid, s, now) == "online"))
+        self.m_agents_online.set(sum(1 for aid, s in seen if self.agent_status(polls.get(aid, 0), s, now) == "online"))
         for st in TaskState:
             self.m_tasks.labels(state=st.value).set(by_state.get(st.value, 0))

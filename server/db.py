@@ -7,7 +7,7 @@ a new revision there, and a test checks that the two agree.
 from __future__ import annotations
 
 from sqlalchemy import (JSON, BigInteger, Boolean, Column, Float, Index, Integer, MetaData, String, Table, Text,
-                        create_engine, event)
+                        create_engine, event, false)
 from sqlalchemy.engine import Engine
 
 metadata = MetaData()
@@ -23,6 +23,10 @@ agents = Table(
     Column("system_info", JSON),
     Column("telemetry", JSON),
     Column("telemetry_ts", Float),
+    # Shared by every replica (revision 0004): bumped when name or allowed types change, so an
+    # open poll on any replica answers at once; why the agent's last poll took no task.
+    Column("settings_version", Integer, nullable=False, default=0, server_default="0"),
+    Column("refusing", Text),
 )
 
 tasks = Table(
@@ -42,6 +46,8 @@ tasks = Table(
     Column("exit_code", Integer),
     Column("error", Text),
     Column("stop_requested", Boolean, nullable=False, default=False),
+    # A poll answer carried the stop: later polls still list it but do not answer early for it.
+    Column("stop_delivered", Boolean, nullable=False, default=False, server_default=false()),
     Column("lease_until", Float),
     Column("timeline", JSON, nullable=False),
     Column("results", JSON, nullable=False),
@@ -123,11 +129,26 @@ telemetry = Table(
     Column("sample", JSON, nullable=False),
 )
 
+# Long-polls open now, one row each, on whichever replica holds them (revision 0004). A replica
+# that dies leaves rows behind; `expires_at` (the poll's deadline plus a margin) retires them.
+polls = Table(
+    "polls", metadata,
+    Column("id", String(32), primary_key=True),
+    Column("agent_id", Integer, nullable=False, index=True),
+    Column("replica", String(32), nullable=False),
+    Column("expires_at", Float, nullable=False),
+)
 
-def make_engine(url: str) -> Engine:
-    """An engine for `url`; SQLite gets WAL, NORMAL sync and a busy timeout."""
+
+def make_engine(url: str, pool_size: int = 10) -> Engine:
+    """An engine for `url`; SQLite gets WAL, NORMAL sync and a busy timeout.
+
+    `pool_size` connections at most (no overflow): the server's database threads are bounded by
+    the same number, so a thread never waits for a connection.
+    """
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False})
+        engine = create_engine(url, connect_args={"check_same_thread": False},
+                               pool_size=pool_size, max_overflow=0)
 
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn, _record):
@@ -137,5 +158,5 @@ def make_engine(url: str) -> Engine:
             cur.execute("PRAGMA busy_timeout=5000")
             cur.close()
     else:
-        engine = create_engine(url, pool_pre_ping=True)
+        engine = create_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=0, pool_timeout=60)
     return engine

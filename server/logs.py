@@ -6,7 +6,7 @@ import json
 import math
 import time
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import LargeBinary, cast, func, insert, select, update
 
 from protocol.errors import APIError
 from server import db, strict
@@ -161,7 +161,9 @@ def ingest(core, conn, task: dict, first_seq: int, lines: list, now: float | Non
         # Every seq of this batch is stored now (inserted or there already) and it touches the
         # frontier: the frontier is at least its last seq; look for more only beyond it.
         acked = advance_acked(conn, task["id"], first_seq + len(rows) - 1)
-        conn.execute(update(db.tasks).where(db.tasks.c.id == task["id"]).values(log_acked=acked))
+        # Never backwards: a retried batch of the same task may commit after this one.
+        t = db.tasks.c
+        conn.execute(update(db.tasks).where(t.id == task["id"], t.log_acked < acked).values(log_acked=acked))
     return acked, max(stored, 0)
 
 
@@ -184,12 +186,38 @@ def advance_acked(conn, task_id: int, acked: int) -> int:
         return acked
 
 
-def read_lines(conn, task: dict, after: int, limit: int) -> list[dict]:
-    """Stored lines with seq > after, in order, never past the first gap (seq <= acked)."""
+def _size(conn, col):
+    """The stored size of a text column in bytes, computed by the database."""
+    if conn.dialect.name == "postgresql":
+        return func.octet_length(col)
+    if conn.dialect.name == "sqlite":
+        return func.length(cast(col, LargeBinary))
+    return func.length(col)
+
+
+def read_lines(conn, task: dict, after: int, limit: int, max_bytes: int) -> tuple[list[dict], bool]:
+    """Stored lines with seq > after, in order, never past the first gap (seq <= acked).
+
+    Returns (lines, more). A page stops at `limit` lines or once it holds `max_bytes` of message
+    and extra fields, whichever comes first, but always holds at least one line; `more` says
+    lines beyond the page exist. The sizes are read first, without the text, so a page of huge
+    lines never reaches memory whole.
+    """
     ll = db.log_lines.c
+    # Seqs up to `log_acked` have no gaps: the range (after, after + limit] holds exactly the page.
+    top = min(task["log_acked"], after + limit)
+    if top <= after:
+        return [], False
+    in_range = (ll.task_id == task["id"], ll.seq > after, ll.seq <= top)
+    sizes = conn.execute(select(ll.seq, _size(conn, ll.message) + func.coalesce(_size(conn, ll.extra), 0))
+                         .where(*in_range).order_by(ll.seq)).all()
+    last, total = after, 0
+    for seq, size in sizes:
+        if last > after and total + (size or 0) > max_bytes:
+            break
+        last, total = seq, total + (size or 0)
     rows = conn.execute(select(ll.seq, ll.ts, ll.level, ll.stream, ll.message, ll.extra)
-                        .where(ll.task_id == task["id"], ll.seq > after, ll.seq <= task["log_acked"])
-                        .order_by(ll.seq).limit(limit)).all()
+                        .where(ll.task_id == task["id"], ll.seq > after, ll.seq <= last).order_by(ll.seq)).all()
     out = []
     for seq, ts, level, stream, message, extra in rows:
         line = {"seq": seq, "ts": ts, "level": level, "stream": stream, "message": message}
@@ -201,7 +229,7 @@ def read_lines(conn, task: dict, after: int, limit: int) -> list[dict]:
             except ValueError:
                 line["extra_unreadable"] = True
         out.append(line)
-    return out
+    return out, last < task["log_acked"]
 
 
 def read_metrics(conn, task_id: int) -> list[dict]:

@@ -21,6 +21,10 @@ class Settings:
     logs_body_limit: int = 32 * MIB
     project_body_limit: int = 64 * MIB   # POST of a project or a task result: annotations travel inline
     telemetry_history: int = 720
+    db_pool_size: int = 10               # database connections (and threads doing database work) per process
+    workers: int = 1                     # uvicorn worker processes (more than one needs PostgreSQL)
+    log_page_bytes: int = 1 * MIB        # a log page or SSE batch stops past this many bytes (always >= 1 line)
+    migrate: bool = True                 # upgrade the schema at start (a --workers parent does it once for all)
     echo_endpoint: bool = False          # mount POST /api/v1/_echo (the benchmark's ingest baseline)
     admin_token: str | None = None       # filled in by load_admin_token()
     metrics_token: str | None = None     # /metrics needs 'Authorization: Bearer <it>' when set

@@ -13,6 +13,24 @@ from protocol.states import AGENT_REPORTABLE, FINAL, LEASED, IllegalTransition, 
 LEASED_VALUES = [s.value for s in LEASED]
 
 
+class StateRace(APIError):
+    """The task left the state it was read in before the change was written (another request,
+    thread or replica changed it first); the change was not made."""
+
+    def __init__(self, task_id: int):
+        super().__init__(409, "state_changed", f"task {task_id} changed meanwhile; read it again and retry")
+
+
+def retry_race(fn, *args, tries: int = 5):
+    """`fn(*args)` again (it reads afresh) while it loses a StateRace; the last loss is raised."""
+    for i in range(tries):
+        try:
+            return fn(*args)
+        except StateRace:
+            if i == tries - 1:
+                raise
+
+
 def public_task(row) -> dict:
     """A task as the user API shows it."""
     t = dict(row)
@@ -27,14 +45,21 @@ def get_task(conn, task_id: int) -> dict | None:
 
 
 def change_state(conn, task: dict, new: TaskState, now: float | None = None, **values) -> dict:
-    """Move a task to `new` (IllegalTransition if the edge is not allowed); timestamped in `timeline`."""
+    """Move a task to `new` (IllegalTransition if the edge is not allowed); timestamped in `timeline`.
+
+    The write applies only if the task is still in the state it was read in: concurrent requests
+    (threads, replicas) never both make a transition from the same state; the loser gets StateRace.
+    """
     now = time.time() if now is None else now
     check_transition(TaskState(task["state"]), new)
     timeline = list(task["timeline"]) + [{"state": new.value, "ts": now}]
     values.update(state=new.value, timeline=timeline, updated_at=now)
     if new in FINAL:
         values["lease_until"] = None
-    conn.execute(update(db.tasks).where(db.tasks.c.id == task["id"]).values(**values))
+    done = conn.execute(update(db.tasks).where(db.tasks.c.id == task["id"], db.tasks.c.state == task["state"])
+                        .values(**values)).rowcount
+    if done != 1:
+        raise StateRace(task["id"])
     task = dict(task, **values)
     return task
 
@@ -59,70 +84,98 @@ def agent_task(conn, task: dict) -> dict:
     return out
 
 
-def hand_out(core, conn, agent_id: int, free_slots: int, free_gpus: int, running: list[int], now: float):
-    """One poll's decisions. Returns (tasks for the agent, stop ids, changed task ids).
+def hand_out(core, conn, agent: dict, free_slots: int, free_gpus: int, running: list[int], now: float):
+    """One poll's decisions. Returns (tasks for the agent, stop ids, stop ids not yet delivered).
 
     - a leased task missing from `running`: stopped if a stop was requested, else handed out again;
     - queued tasks in id order, as many as free slots, each only if its GPU count fits;
     - stop: this agent's leased tasks with a stop requested, and `running` ids the server has
       given up as lost (the agent should kill them).
+
+    A queued task is claimed with a guarded update (and, on PostgreSQL, rows locked with SKIP
+    LOCKED), so two polls racing on two replicas never both take it. Before anything is handed
+    out, the agent's token is checked again in this transaction: a poll whose token was rotated
+    or whose agent was deleted while it waited delivers nothing (401).
     """
+    agent_id = agent["id"]
     running_set = set(running)
     c = db.tasks.c
     # Only ids and flags here: an agent may hold many leased tasks and a poll must stay cheap.
-    mine = conn.execute(select(c.id, c.state, c.stop_requested).where(
+    mine = conn.execute(select(c.id, c.state, c.stop_requested, c.stop_delivered).where(
         c.agent_id == agent_id, c.state.in_(LEASED_VALUES + [TaskState.LOST.value])).order_by(c.id)).all()
-    stop, again, changed = [], [], []
-    for tid, state, stop_requested in mine:
+    stop, new_stop, again = [], [], []
+    for tid, state, stop_requested, stop_delivered in mine:
         if state == TaskState.LOST.value:
             if tid in running_set:
                 stop.append(tid)
+                if not stop_delivered:
+                    new_stop.append(tid)
             continue
         if tid in running_set:
             if stop_requested:
                 stop.append(tid)
+                if not stop_delivered:
+                    new_stop.append(tid)
         elif stop_requested:
-            change_state(conn, get_task(conn, tid), TaskState.STOPPED, now, error="stopped before the agent ran it")
-            changed.append(tid)
+            try:
+                change_state(conn, get_task(conn, tid), TaskState.STOPPED, now, error="stopped before the agent ran it")
+                core.notify_task(conn, tid)
+            except StateRace:
+                pass
         else:
             again.append(get_task(conn, tid))
     queued = []
     if free_slots > 0:
         queued = conn.execute(select(db.tasks).where(db.tasks.c.agent_id == agent_id,
                                                      db.tasks.c.state == TaskState.QUEUED.value)
-                              .order_by(db.tasks.c.id).limit(200)).mappings().all()
+                              .order_by(db.tasks.c.id).limit(200)
+                              .with_for_update(skip_locked=True)).mappings().all()
     out = []
     slots, gpus = free_slots, free_gpus
     for t in again + [dict(r) for r in queued]:
+        if t is None:
+            continue
         if slots <= 0:
             break
         need = int((t["resources"] or {}).get("gpus") or 0)
         if need > gpus:
             continue
         if t["state"] != TaskState.ASSIGNED.value:
-            t = change_state(conn, t, TaskState.ASSIGNED, now, lease_until=now + core.settings.lease_s)
-            changed.append(t["id"])
+            try:
+                t = change_state(conn, t, TaskState.ASSIGNED, now, lease_until=now + core.settings.lease_s)
+            except StateRace:
+                continue   # another poll claimed it (or a user stopped it) first
+            core.notify_task(conn, t["id"])
         else:
             conn.execute(update(db.tasks).where(db.tasks.c.id == t["id"]).values(lease_until=now + core.settings.lease_s))
         out.append(agent_task(conn, t))
         slots -= 1
         gpus -= need
-    return out, stop, changed
+    if out:
+        # FOR SHARE on PostgreSQL: a rotation waits for this transaction, or this read sees it.
+        valid = conn.execute(select(db.agents.c.id).where(db.agents.c.id == agent_id,
+                                                          db.agents.c.token_hash == agent["token_hash"])
+                             .with_for_update(read=True)).first()
+        if valid is None:
+            raise APIError(401, "unauthorized", "the agent token was rotated or the agent removed")
+    return out, stop, new_stop
 
 
 def reap_lost(core, now: float | None = None) -> list[int]:
     """Leased tasks whose lease ran out become lost. Returns their ids."""
     now = time.time() if now is None else now
     lost = []
-    with core.engine.begin() as conn:
+    with core.transaction() as conn:
         rows = conn.execute(select(db.tasks).where(db.tasks.c.state.in_(LEASED_VALUES),
                                                    db.tasks.c.lease_until < now)).mappings().all()
         for row in rows:
-            change_state(conn, dict(row), TaskState.LOST, now,
-                         error=f"the agent was silent for more than {core.settings.lease_s:g} s")
+            try:
+                change_state(conn, dict(row), TaskState.LOST, now,
+                             error=f"the agent was silent for more than {core.settings.lease_s:g} s")
+            except StateRace:
+                continue   # the agent reported meanwhile, or another replica's reaper was first
+            core.notify_task(conn, row["id"])
             lost.append(row["id"])
-    for tid in lost:
-        core.wake_task(tid)
     return lost
 
 
@@ -170,4 +223,4 @@ def release_task(conn, task: dict, now: float) -> dict:
                        f"task {task['id']} is {state.value}; only an assigned task can be released")
     if task["stop_requested"]:
         return change_state(conn, task, TaskState.STOPPED, now, error="stopped before the agent ran it")
-    return change_state(conn, task, TaskState.QUEUED, now, lease_until=None)
+    return change_state(conn, task, TaskState.QUEUED, now, lease_until=None, stop_delivered=False)

@@ -16,7 +16,7 @@ from server.routes.common import core_of
 from server.projects import insert_project, prepare, same_project
 from server.schemas import DatasetIn, ItemRef, ResultsIn, StateIn, check_files, check_relpath, model_hash
 from server.strict import INT64_MAX, RowId
-from server.tasks import agent_change_state, get_task, release_task
+from server.tasks import agent_change_state, get_task, release_task, retry_race
 
 router = APIRouter(tags=["agent"])
 
@@ -46,42 +46,51 @@ def _state_answer(task: dict) -> dict:
 async def post_state(task_id: RowId, body: StateIn, request: Request, agent: dict = Depends(require_agent)):
     """The agent reports a state (or, with the same state, new progress / exit_code / error)."""
     core = core_of(request)
-    now = time.time()
-    with core.engine.begin() as conn:
-        task = _own_task(conn, agent, task_id)
-        task = agent_change_state(conn, task, body, now)
-    if TaskState(task["state"]) in FINAL:
-        core.stops_delivered.discard(task_id)
-    core.wake_task(task_id)
-    return _state_answer(task)
+
+    def change():
+        with core.transaction() as conn:
+            task = _own_task(conn, agent, task_id)
+            before = task["state"]
+            task = agent_change_state(conn, task, body, time.time())
+            if task["state"] != before:   # followers end on a final state; progress alone wakes no one
+                core.notify_task(conn, task_id)
+            return task
+    return _state_answer(await core.run(retry_race, change))
 
 
 @router.post(endpoints.TASK_RELEASE)
 async def release(task_id: RowId, request: Request, agent: dict = Depends(require_agent)):
     """A draining agent hands back a task it was given but will not run: assigned -> queued."""
     core = core_of(request)
-    with core.engine.begin() as conn:
-        task = _own_task(conn, agent, task_id)
-        before = task["state"]
-        task = release_task(conn, task, time.time())
-    core.stops_delivered.discard(task_id)
-    if task["state"] != before:
-        core.wake_task(task_id)
-    return _state_answer(task)
+
+    def give_back():
+        with core.transaction() as conn:
+            task = _own_task(conn, agent, task_id)
+            before = task["state"]
+            task = release_task(conn, task, time.time())
+            if task["state"] != before:
+                core.notify_task(conn, task_id)
+            return task
+    return _state_answer(await core.run(retry_race, give_back))
 
 
 @router.post(endpoints.TASK_LOGS, openapi_extra=_LOG_BATCH)
 async def post_logs(task_id: RowId, request: Request, agent: dict = Depends(require_agent)):
     """`{first_seq, lines}` (gzip accepted): line i gets seq first_seq + i; answers `{acked}`."""
     core = core_of(request)
-    first_seq, lines = logs.parse_batch(await request.body())
-    with core.engine.begin() as conn:
-        task = _own_task(conn, agent, task_id)
-        acked, stored = logs.ingest(core, conn, task, first_seq, lines)
+    raw = await request.body()
+
+    def store():
+        first_seq, lines = logs.parse_batch(raw)   # here, off the loop: a batch may be MiBs of JSON
+        with core.transaction() as conn:
+            task = _own_task(conn, agent, task_id)
+            acked, stored = logs.ingest(core, conn, task, first_seq, lines)
+            if acked != task["log_acked"]:
+                core.notify_task(conn, task_id)   # the followers of this task, on every replica
+            return acked, stored
+    acked, stored = await core.run(store)
     if stored:
         core.m_lines.inc(stored)
-    if acked != task["log_acked"]:
-        core.wake_task(task_id)
     return {"acked": acked}
 
 

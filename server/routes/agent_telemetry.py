@@ -21,8 +21,11 @@ async def telemetry(request: Request, agent: dict = Depends(require_agent)):
     core = core_of(request)
     sample = await json_object(request, "a telemetry sample")
     now = time.time()
-    with core.engine.begin() as conn:
-        conn.execute(update(db.agents).where(db.agents.c.id == agent["id"])
-                     .values(telemetry=sample, telemetry_ts=now, last_seen=now))
-        core.add_telemetry(conn, agent["id"], now, sample)
+
+    def store():
+        with core.engine.begin() as conn:
+            conn.execute(update(db.agents).where(db.agents.c.id == agent["id"])
+                         .values(telemetry=sample, telemetry_ts=now, last_seen=now))
+            core.add_telemetry(conn, agent["id"], now, sample)
+    await core.run(store)
     return {"ok": True}

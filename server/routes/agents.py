@@ -15,7 +15,7 @@ from server.auth import hash_token, new_token, require_admin
 from server.routes.common import core_of
 from server.schemas import AgentIn, AgentPatch
 from server.strict import RowId
-from server.tasks import change_state
+from server.tasks import change_state, retry_race
 
 router = APIRouter(tags=["user"], dependencies=[Depends(require_admin)])
 
@@ -47,13 +47,14 @@ def run_commands(core, request: Request, agent_id: int, token: str) -> dict:
     return {"docker": docker, "run_sh": f"SERVER_ADDRESS={url} ACCESS_TOKEN={token} ./run.sh"}
 
 
-def _agent_out(core, row, running: int, now: float) -> dict:
+def _agent_out(core, row, running: int, polls: int, now: float) -> dict:
     a = dict(row)
     a.pop("token_hash", None)
-    a["status"] = core.agent_status(a["id"], a["last_seen"], now)
+    a.pop("settings_version", None)
+    a["status"] = core.agent_status(polls, a["last_seen"], now)
     a["running_tasks"] = running
-    a["polls_open"] = core.polling.get(a["id"], 0)
-    a["refusing"] = core.refusing.get(a["id"], "")
+    a["polls_open"] = polls
+    a["refusing"] = a["refusing"] or ""
     return a
 
 
@@ -77,9 +78,13 @@ async def create_agent(body: AgentIn, request: Request):
     core = core_of(request)
     types = check_types(body.allowed_task_types)
     token = new_token()
-    with core.engine.begin() as conn:
-        aid = conn.execute(insert(db.agents).values(name=body.name, token_hash=hash_token(token),
-                                                    allowed_task_types=types, created_at=time.time())).inserted_primary_key[0]
+
+    def create():
+        with core.engine.begin() as conn:
+            return conn.execute(insert(db.agents).values(name=body.name, token_hash=hash_token(token),
+                                                         allowed_task_types=types, created_at=time.time())
+                                ).inserted_primary_key[0]
+    aid = await core.run(create)
     return {"id": aid, "name": body.name, "allowed_task_types": types, "token": token,
             "run_command": run_commands(core, request, aid, token)}
 
@@ -89,19 +94,30 @@ async def list_agents(request: Request):
     """Every agent with status online/offline, last_seen, running_tasks, latest telemetry, system_info."""
     core = core_of(request)
     now = time.time()
-    with core.engine.connect() as conn:
-        counts = _running_counts(conn)
-        rows = conn.execute(select(db.agents).order_by(db.agents.c.id)).mappings().all()
-    return {"items": [_agent_out(core, r, counts.get(r["id"], 0), now) for r in rows], "next": None}
+
+    def read():
+        with core.engine.connect() as conn:
+            counts = _running_counts(conn)
+            polls = core.polls_open(conn, now)
+            rows = conn.execute(select(db.agents).order_by(db.agents.c.id)).mappings().all()
+        return [_agent_out(core, r, counts.get(r["id"], 0), polls.get(r["id"], 0), now) for r in rows]
+    return {"items": await core.run(read), "next": None}
 
 
 @router.get(endpoints.AGENT)
 async def read_agent(agent_id: RowId, request: Request):
     core = core_of(request)
-    with core.engine.connect() as conn:
-        row = agent_row(conn, agent_id)
-        counts = _running_counts(conn)
-    return _agent_out(core, row, counts.get(agent_id, 0), time.time())
+    return await core.run(_read_one, core, agent_id)
+
+
+def _read_one(core, agent_id: int, conn=None) -> dict:
+    if conn is None:
+        with core.engine.connect() as conn:
+            return _read_one(core, agent_id, conn)
+    now = time.time()
+    row = agent_row(conn, agent_id)
+    running = _running_counts(conn).get(agent_id, 0)
+    return _agent_out(core, row, running, core.polls_open(conn, now, agent_id).get(agent_id, 0), now)
 
 
 @router.patch(endpoints.AGENT)
@@ -113,14 +129,16 @@ async def patch_agent(agent_id: RowId, body: AgentPatch, request: Request):
         values["name"] = body.name
     if body.allowed_task_types is not None:
         values["allowed_task_types"] = check_types(body.allowed_task_types)
-    with core.engine.begin() as conn:
-        agent_row(conn, agent_id)
-        if values:
-            conn.execute(update(db.agents).where(db.agents.c.id == agent_id).values(**values))
-        row = agent_row(conn, agent_id)
-        counts = _running_counts(conn)
-    core.wake_agent(agent_id, settings_changed=True)
-    return _agent_out(core, row, counts.get(agent_id, 0), time.time())
+
+    def change():
+        with core.transaction() as conn:
+            agent_row(conn, agent_id)
+            # The version tells an open poll (on any replica) that the settings changed: it answers now.
+            conn.execute(update(db.agents).where(db.agents.c.id == agent_id)
+                         .values(settings_version=db.agents.c.settings_version + 1, **values))
+            core.notify_agent(conn, agent_id)
+            return _read_one(core, agent_id, conn)
+    return await core.run(change)
 
 
 @router.delete(endpoints.AGENT)
@@ -128,20 +146,22 @@ async def delete_agent(agent_id: RowId, request: Request):
     """Remove an agent; its unfinished tasks fail with 'agent removed'."""
     core = core_of(request)
     now = time.time()
-    failed = []
-    with core.engine.begin() as conn:
-        agent_row(conn, agent_id)
-        rows = conn.execute(select(db.tasks).where(db.tasks.c.agent_id == agent_id,
-                                                   db.tasks.c.state.notin_([s.value for s in FINAL]))).mappings().all()
-        for r in rows:
-            change_state(conn, dict(r), TaskState.FAILED, now, error="its agent was removed")
-            failed.append(r["id"])
-        conn.execute(delete(db.agents).where(db.agents.c.id == agent_id))
-        conn.execute(delete(db.telemetry).where(db.telemetry.c.agent_id == agent_id))
-    core.wake_agent(agent_id)
-    for tid in failed:
-        core.wake_task(tid)
-    return {"ok": True, "failed_tasks": failed}
+
+    def remove():
+        failed = []
+        with core.transaction() as conn:
+            agent_row(conn, agent_id)
+            rows = conn.execute(select(db.tasks).where(db.tasks.c.agent_id == agent_id,
+                                                       db.tasks.c.state.notin_([s.value for s in FINAL]))).mappings().all()
+            for r in rows:
+                change_state(conn, dict(r), TaskState.FAILED, now, error="its agent was removed")
+                core.notify_task(conn, r["id"])
+                failed.append(r["id"])
+            conn.execute(delete(db.agents).where(db.agents.c.id == agent_id))
+            conn.execute(delete(db.telemetry).where(db.telemetry.c.agent_id == agent_id))
+            core.notify_agent(conn, agent_id)   # its open polls, on every replica, end with 401
+        return failed
+    return {"ok": True, "failed_tasks": await core.run(retry_race, remove)}
 
 
 @router.post(endpoints.AGENT_TOKEN)
@@ -149,10 +169,14 @@ async def rotate_token(agent_id: RowId, request: Request):
     """A new token for the agent; the old one stops working at once."""
     core = core_of(request)
     token = new_token()
-    with core.engine.begin() as conn:
-        row = agent_row(conn, agent_id)
-        conn.execute(update(db.agents).where(db.agents.c.id == agent_id).values(token_hash=hash_token(token)))
-    core.wake_agent(agent_id)
+
+    def rotate():
+        with core.transaction() as conn:
+            row = agent_row(conn, agent_id)
+            conn.execute(update(db.agents).where(db.agents.c.id == agent_id).values(token_hash=hash_token(token)))
+            core.notify_agent(conn, agent_id)   # its open polls, on every replica, end with 401 now
+            return row
+    row = await core.run(rotate)
     return {"id": agent_id, "name": row["name"], "token": token, "run_command": run_commands(core, request, agent_id, token)}
 
 
@@ -160,6 +184,9 @@ async def rotate_token(agent_id: RowId, request: Request):
 async def agent_telemetry(agent_id: RowId, request: Request, since: float | None = Query(None, allow_inf_nan=False)):
     """Recent telemetry samples `{ts, sample}` (oldest first), those after `since` when given."""
     core = core_of(request)
-    with core.engine.connect() as conn:
-        agent_row(conn, agent_id)
-        return {"items": core.telemetry_history(conn, agent_id, since), "next": None}
+
+    def read():
+        with core.engine.connect() as conn:
+            agent_row(conn, agent_id)
+            return core.telemetry_history(conn, agent_id, since)
+    return {"items": await core.run(read), "next": None}

@@ -1,59 +1,42 @@
-"""User side: a task's log, as pages or followed live as server-sent events."""
+"""User side: a task's log, as pages or followed live as server-sent events (through server.logfeed)."""
 from __future__ import annotations
 
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from protocol import endpoints
-from protocol.states import FINAL, TaskState
+from protocol.errors import APIError
 from server import logs
 from server.auth import require_admin
 from server.routes.common import core_of
-from server.routes.tasks import task_or_404
 from server.strict import INT64_MAX, RowId, dumps
 from server.tasks import get_task
 
 router = APIRouter(tags=["user"], dependencies=[Depends(require_admin)])
-
-FOLLOW_BATCH = 2000         # lines per SSE write
-KEEPALIVE_S = 15.0          # a comment this often keeps proxies from closing an idle stream
-
-
-def _sse(event: str, data) -> str:
-    return f"event: {event}\ndata: {dumps(data)}\n\n"
 
 
 @router.get(endpoints.USER_TASK_LOGS, responses={200: {"description": "a page of lines; with follow=1 an event stream",
                                                        "content": {"application/json": {}, "text/event-stream": {}}}})
 async def task_logs(task_id: RowId, request: Request, after: int = Query(-1, ge=-1, le=INT64_MAX),
                     limit: int = Query(1000, ge=1, le=10000), follow: bool = False):
-    """Lines with seq > after in order (never past a gap). follow=1: server-sent events, live."""
+    """Lines with seq > after in order (never past a gap), at most `limit` lines and about
+    `--log-page-bytes` bytes (at least one line); `next` is set when more lines exist.
+    follow=1: server-sent events, live."""
     core = core_of(request)
-    task = task_or_404(core, task_id)
-    if not follow:
+
+    def page():
         with core.engine.connect() as conn:
-            lines = logs.read_lines(conn, task, after, limit)
-        return {"lines": lines, "next": lines[-1]["seq"] if len(lines) == limit else None}
-
-    async def events():
-        cursor = after
-        while True:
-            ev = core.task_waiters.event(task_id)
-            with core.engine.connect() as conn:
-                t = get_task(conn, task_id)
-                lines = logs.read_lines(conn, t, cursor, FOLLOW_BATCH) if t else []
-            if lines:
-                cursor = lines[-1]["seq"]
-                yield "".join(_sse("line", ln) for ln in lines)
-                continue
-            if t is None or (TaskState(t["state"]) in FINAL and cursor >= t["log_acked"]):
-                yield _sse("end", {"state": t["state"] if t else None, "acked": t["log_acked"] if t else cursor})
-                return
-            if core.closing:   # the server stops; a client re-attaches with after=<last seq>
-                return
-            if not await core.task_waiters.wait(ev, KEEPALIVE_S):
-                yield ": keep-alive\n\n"
-
-    return StreamingResponse(events(), media_type="text/event-stream",
+            task = get_task(conn, task_id)
+            if task is None:
+                raise APIError(404, "task_not_found", f"no task {task_id}")
+            if follow:
+                return task, None
+            lines, more = logs.read_lines(conn, task, after, limit, core.settings.log_page_bytes)
+        # Encoded here, on the database thread: a page of MiBs would hold the event loop.
+        return task, dumps({"lines": lines, "next": lines[-1]["seq"] if more and lines else None})
+    task, body = await core.run(page)
+    if not follow:
+        return Response(body, media_type="application/json")
+    return StreamingResponse(core.log_hub.follow(task, after), media_type="text/event-stream",
                              headers={"cache-control": "no-cache", "x-accel-buffering": "no"})

@@ -16,7 +16,7 @@ from server.routes.agents import agent_row
 from server.routes.common import core_of, cursor_id, page
 from server.schemas import TaskIn
 from server.strict import RowId, query_id
-from server.tasks import change_state, get_task, public_task
+from server.tasks import change_state, get_task, public_task, retry_race
 
 router = APIRouter(tags=["user"], dependencies=[Depends(require_admin)])
 
@@ -40,25 +40,27 @@ async def create_task(body: TaskIn, request: Request):
     if isinstance(body.command, str) and not body.command.strip() or body.command == []:
         raise APIError(400, "invalid_request", "command must not be empty (leave it out for the image's own)")
     now = time.time()
-    with core.engine.begin() as conn:
-        agent = agent_row(conn, body.agent_id)
-        if body.type not in agent["allowed_task_types"]:
-            raise APIError(409, "type_not_allowed", f"agent {agent['id']} does not run {body.type} tasks "
-                           f"(allowed: {agent['allowed_task_types']})")
-        for oid, table, what in ((body.project_id, db.projects, "project"), (body.model_id, db.models, "model")):
-            if oid is not None and conn.execute(select(table.c.id).where(table.c.id == oid)).first() is None:
-                raise APIError(404, f"{what}_not_found", f"no {what} {oid}")
-        resources = (body.resources.model_dump() if body.resources else
-                     {"gpus": 0, "cpus": None, "memory": None, "shm_size": None})
-        tid = conn.execute(insert(db.tasks).values(
-            agent_id=agent["id"], type=body.type, image=body.image, command=body.command, config=body.config or {},
-            project_id=body.project_id, model_id=body.model_id, resources=resources, timeout_s=body.timeout_s,
-            state=TaskState.QUEUED.value, stop_requested=False,
-            timeline=[{"state": TaskState.QUEUED.value, "ts": now}],
-            results={"artifacts": []}, log_acked=-1, created_at=now, updated_at=now)).inserted_primary_key[0]
-        task = get_task(conn, tid)
-    core.wake_agent(agent["id"])
-    return public_task(task)
+
+    def create():
+        with core.transaction() as conn:
+            agent = agent_row(conn, body.agent_id)
+            if body.type not in agent["allowed_task_types"]:
+                raise APIError(409, "type_not_allowed", f"agent {agent['id']} does not run {body.type} tasks "
+                               f"(allowed: {agent['allowed_task_types']})")
+            for oid, table, what in ((body.project_id, db.projects, "project"), (body.model_id, db.models, "model")):
+                if oid is not None and conn.execute(select(table.c.id).where(table.c.id == oid)).first() is None:
+                    raise APIError(404, f"{what}_not_found", f"no {what} {oid}")
+            resources = (body.resources.model_dump() if body.resources else
+                         {"gpus": 0, "cpus": None, "memory": None, "shm_size": None})
+            tid = conn.execute(insert(db.tasks).values(
+                agent_id=agent["id"], type=body.type, image=body.image, command=body.command, config=body.config or {},
+                project_id=body.project_id, model_id=body.model_id, resources=resources, timeout_s=body.timeout_s,
+                state=TaskState.QUEUED.value, stop_requested=False,
+                timeline=[{"state": TaskState.QUEUED.value, "ts": now}],
+                results={"artifacts": []}, log_acked=-1, created_at=now, updated_at=now)).inserted_primary_key[0]
+            core.notify_agent(conn, agent["id"])   # its poll, waiting on any replica, answers with the task
+            return get_task(conn, tid)
+    return public_task(await core.run(create))
 
 
 @router.get(endpoints.TASKS)
@@ -75,43 +77,52 @@ async def list_tasks(request: Request, agent_id: int | None = query_id(), state:
     c = cursor_id(cursor)
     if c is not None:
         q = q.where(t.c.id < c)
-    with core.engine.connect() as conn:
-        rows = conn.execute(q).mappings().all()
-    return page([public_task(r) for r in rows], limit)
+
+    def read():
+        with core.engine.connect() as conn:
+            return conn.execute(q).mappings().all()
+    return page([public_task(r) for r in await core.run(read)], limit)
 
 
 @router.get(endpoints.TASK)
 async def read_task(task_id: RowId, request: Request):
     """State, timeline [{state, ts}], progress, exit_code, error, results, log_acked."""
-    return public_task(task_or_404(core_of(request), task_id))
+    core = core_of(request)
+    return public_task(await core.run(task_or_404, core, task_id))
 
 
 @router.post(endpoints.TASK_STOP)
 async def stop_task(task_id: RowId, request: Request):
     """Stop a task: a queued one at once, a leased one through its agent's next poll answer."""
     core = core_of(request)
-    with core.engine.begin() as conn:
-        task = get_task(conn, task_id)
-        if task is None:
-            raise APIError(404, "task_not_found", f"no task {task_id}")
-        if TaskState(task["state"]) in FINAL:
-            raise APIError(409, "task_final", f"task {task_id} is already {task['state']}")
-        if task["state"] == TaskState.QUEUED.value:
-            task = change_state(conn, task, TaskState.STOPPED, error="stopped by a user before it started",
-                                stop_requested=True)
-        else:
-            conn.execute(update(db.tasks).where(db.tasks.c.id == task_id).values(stop_requested=True,
-                                                                                 updated_at=time.time()))
-            task = dict(task, stop_requested=True)
-    core.wake_agent(task["agent_id"])
-    core.wake_task(task_id)
-    return public_task(task)
+
+    def stop():
+        with core.transaction() as conn:
+            task = get_task(conn, task_id)
+            if task is None:
+                raise APIError(404, "task_not_found", f"no task {task_id}")
+            if TaskState(task["state"]) in FINAL:
+                raise APIError(409, "task_final", f"task {task_id} is already {task['state']}")
+            if task["state"] == TaskState.QUEUED.value:
+                task = change_state(conn, task, TaskState.STOPPED, error="stopped by a user before it started",
+                                    stop_requested=True)
+            else:
+                conn.execute(update(db.tasks).where(db.tasks.c.id == task_id).values(stop_requested=True,
+                                                                                     updated_at=time.time()))
+                task = dict(task, stop_requested=True)
+            core.notify_agent(conn, task["agent_id"])
+            core.notify_task(conn, task_id)
+            return task
+    return public_task(await core.run(retry_race, stop))
 
 
 @router.get(endpoints.TASK_METRICS)
 async def task_metrics(task_id: RowId, request: Request):
     """Training metrics from the task's `metrics` log events: [{seq, type, epoch, metrics}]."""
     core = core_of(request)
-    task_or_404(core, task_id)
-    with core.engine.connect() as conn:
-        return {"items": logs.read_metrics(conn, task_id), "next": None}
+
+    def read():
+        task_or_404(core, task_id)
+        with core.engine.connect() as conn:
+            return logs.read_metrics(conn, task_id)
+    return {"items": await core.run(read), "next": None}
