@@ -1,8 +1,8 @@
 """Several server replicas on one PostgreSQL database, and revocation of open long-polls.
 
-The replica tests need a PostgreSQL server: set SLY_TEST_PG_URL to an admin URL such as
-`postgresql+psycopg://postgres@127.0.0.1:55439/postgres`; each test makes a database of its own
-there and drops it after. Without it they are skipped. The last tests run on SQLite.
+The replica tests need a PostgreSQL server: the one SLY_TEST_DB_URL names (as `./run.sh test`
+sets it for its PostgreSQL pass), or SLY_TEST_PG_URL; each test makes a database of its own there
+and drops it after. Without either they are skipped. The last tests run on SQLite.
 """
 from __future__ import annotations
 
@@ -20,9 +20,10 @@ from tests.server.conftest import FakeAgent
 from tests.support.procs import poll_for
 from tests.support.server import ServerProcess
 
-PG_URL = os.environ.get("SLY_TEST_PG_URL", "")
-needs_pg = pytest.mark.skipif(not PG_URL, reason="no PostgreSQL: set SLY_TEST_PG_URL to an admin URL "
-                                                  "(postgresql+psycopg://user@host:port/db) to run the replica tests")
+PG_URL = os.environ.get("SLY_TEST_PG_URL", "") or \
+    (os.environ.get("SLY_TEST_DB_URL", "") if os.environ.get("SLY_TEST_DB_URL", "").startswith("postgresql") else "")
+needs_pg = pytest.mark.skipif(not PG_URL, reason="no PostgreSQL: set SLY_TEST_DB_URL (or SLY_TEST_PG_URL) to a "
+                                                  "postgresql+psycopg:// URL to run the replica tests")
 WAKE_S = 1.0   # the contract: a change on one replica reaches a waiter on another within this
 
 
