@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 import uvicorn
@@ -40,7 +41,12 @@ def main(argv=None) -> None:
                         offline_after_s=a.offline_after_s, agent_image=a.agent_image, public_url=a.public_url,
                         telemetry_history=a.telemetry_history, echo_endpoint=a.echo_endpoint)
     from server.app import create_app
-    app = create_app(settings)
+    from server.auth import ConfigError
+    try:
+        app = create_app(settings)
+    except ConfigError as e:
+        print(f"sly-server: cannot start: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     # Access logs are off: they would only repeat paths; tokens never travel in URLs anyway.
     uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level, access_log=False,
                 timeout_graceful_shutdown=3)

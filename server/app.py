@@ -11,7 +11,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server import routes
-from server.auth import load_admin_token
+from server.auth import check_admin_token_length, load_admin_token
 from server.core import Core
 from server.errors import BodyLimitMiddleware, install_error_handlers
 from server.settings import Settings
@@ -39,6 +39,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     if not settings.admin_token:
         settings.admin_token = load_admin_token(settings.data_dir)
+    check_admin_token_length(settings.admin_token, "the admin token")
     core = Core(settings)
 
     @contextlib.asynccontextmanager

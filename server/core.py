@@ -16,7 +16,7 @@ from sqlalchemy import delete, func, insert, select, update
 
 from protocol.states import LEASED, TaskState
 from server import db, migrate
-from server.auth import Sessions, hash_token
+from server.auth import Sessions, SignInThrottle, hash_token
 from server.blobs import BlobStore
 from server.settings import Settings
 
@@ -54,8 +54,9 @@ class Core:
         self.engine = db.make_engine(settings.database_url)
         migrate.upgrade(self.engine)
         self.blobs = BlobStore(settings.data_dir / "blobs")
-        self.sessions = Sessions(self.engine)
         self.admin_token: str = settings.admin_token or ""
+        self.sessions = Sessions(self.engine, self.admin_token)
+        self.signin_throttle = SignInThrottle()
         self.agent_waiters = Waiters()
         self.task_waiters = Waiters()
         self.settings_version: dict[int, int] = collections.defaultdict(int)
@@ -69,6 +70,8 @@ class Core:
         self.m_tasks = Gauge("sly_tasks", "Tasks by state", ["state"], registry=self.registry)
         self.m_polls = Gauge("sly_longpolls_open", "Agent long-polls waiting now", registry=self.registry)
         self.m_lines = Counter("sly_log_lines_ingested", "Log lines stored (re-sent ones not counted)", registry=self.registry)
+        self.m_signin_failures = Counter("sly_admin_token_failures", "Wrong admin tokens (sign-in or Bearer)",
+                                         registry=self.registry)
 
     # --- agents ---
     def agent_by_token(self, token: str) -> dict | None:
