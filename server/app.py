@@ -10,7 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from server import routes
+from server import blob_refs, routes
 from server.auth import check_admin_token_length, load_admin_token
 from server.core import Core
 from server.errors import BodyLimitMiddleware, install_error_handlers
@@ -33,6 +33,16 @@ async def _reaper(core: Core) -> None:
             log.exception("lease reaper round failed")
 
 
+async def _blob_collector(core: Core) -> None:
+    """Delete unreferenced blobs and partial uploads older than the grace period, now and then."""
+    while True:
+        await asyncio.sleep(core.settings.blob_gc_every_s)
+        try:
+            await blob_refs.collect(core)
+        except Exception:  # noqa: BLE001 - the collector must outlive a failed round
+            log.exception("blob collector round failed")
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     settings.data_dir = Path(settings.data_dir)
@@ -46,11 +56,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(_app):
         # The agents could not reach a stopped server: give every leased task a full lease to reconnect.
         core.renew_all_leases()
-        reaper = asyncio.create_task(_reaper(core))
+        jobs = [asyncio.create_task(_reaper(core)), asyncio.create_task(_blob_collector(core))]
         try:
             yield
         finally:
-            reaper.cancel()
+            for job in jobs:
+                job.cancel()
             core.engine.dispose()
 
     app = FastAPI(title="sly-agent task server", version="1", lifespan=lifespan,

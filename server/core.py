@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from sqlalchemy import delete, func, insert, select, update
 
 from protocol.states import LEASED, TaskState
-from server import db, migrate
+from server import blob_refs, db, migrate
 from server.auth import Sessions, SignInThrottle, hash_token
 from server.blobs import BlobStore
 from server.settings import Settings
@@ -53,7 +53,9 @@ class Core:
         self.settings = settings
         self.engine = db.make_engine(settings.database_url)
         migrate.upgrade(self.engine)
-        self.blobs = BlobStore(settings.data_dir / "blobs")
+        self.blobs = BlobStore(settings.data_dir / "blobs", quota=settings.blob_quota_bytes)
+        with self.engine.begin() as conn:
+            blob_refs.fill_if_empty(conn)
         self.admin_token: str = settings.admin_token or ""
         self.sessions = Sessions(self.engine, self.admin_token)
         self.signin_throttle = SignInThrottle()
@@ -70,6 +72,14 @@ class Core:
         self.m_tasks = Gauge("sly_tasks", "Tasks by state", ["state"], registry=self.registry)
         self.m_polls = Gauge("sly_longpolls_open", "Agent long-polls waiting now", registry=self.registry)
         self.m_lines = Counter("sly_log_lines_ingested", "Log lines stored (re-sent ones not counted)", registry=self.registry)
+        self.m_log_bytes = Counter("sly_log_bytes_stored", "Bytes of log lines stored (message + fields)",
+                                   registry=self.registry)
+        self.m_log_dropped = Counter("sly_log_lines_dropped", "Log lines acked but not stored: the task's log quota "
+                                     "was reached", registry=self.registry)
+        self.m_log_cut = Counter("sly_log_lines_cut", "Log lines cut to the line-size limit by the server",
+                                 registry=self.registry)
+        self.m_blobs_collected = Counter("sly_blobs_collected", "Unreferenced blobs deleted by the collector",
+                                         registry=self.registry)
         self.m_signin_failures = Counter("sly_admin_token_failures", "Wrong admin tokens (sign-in or Bearer)",
                                          registry=self.registry)
 

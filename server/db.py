@@ -6,7 +6,7 @@ a new revision there, and a test checks that the two agree.
 """
 from __future__ import annotations
 
-from sqlalchemy import (JSON, Boolean, Column, Float, Integer, MetaData, String, Table, Text, create_engine,
+from sqlalchemy import (JSON, BigInteger, Boolean, Column, Float, Integer, MetaData, String, Table, Text, create_engine,
                         event)
 from sqlalchemy.engine import Engine
 
@@ -46,6 +46,8 @@ tasks = Table(
     Column("timeline", JSON, nullable=False),
     Column("results", JSON, nullable=False),
     Column("log_acked", Integer, nullable=False, default=-1),
+    # Bytes of log stored for the task (message + extra fields); the log quota is checked against it.
+    Column("log_bytes", BigInteger, nullable=False, default=0, server_default="0"),
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
 )
@@ -95,6 +97,18 @@ console_sessions = Table(
     "console_sessions", metadata,
     Column("id_hash", String(64), primary_key=True),
     Column("expires_at", Float, nullable=False),
+)
+
+# Which blob each project item, model file, task result and agent upload names: who may download
+# a blob (an agent: those of its leased tasks and its own uploads) and which blobs the collector
+# keeps (those of projects, models and results). kind: project | model | result (owner = task id)
+# | upload (owner = agent id).
+blob_refs = Table(
+    "blob_refs", metadata,
+    Column("sha256", String(64), primary_key=True),
+    Column("kind", String(8), primary_key=True),
+    Column("owner_id", Integer, primary_key=True),
+    sqlite_with_rowid=False,
 )
 
 # Bounded telemetry history per agent (the console's charts), kept across restarts.

@@ -9,7 +9,7 @@ from sqlalchemy import insert, select, update
 from protocol import endpoints
 from protocol.errors import APIError
 from protocol.states import FINAL, TaskState
-from server import db, logs
+from server import blob_refs, db, logs
 from server.auth import require_agent
 from server.routes.common import core_of
 from server.schemas import ResultsIn, StateIn, check_files, check_relpath, model_hash
@@ -76,7 +76,7 @@ async def post_logs(task_id: int, request: Request, agent: dict = Depends(requir
         task = _own_task(conn, agent, task_id)
         acked, stored = logs.ingest(core, conn, task, first_seq, lines)
     if stored:
-        core.m_lines.inc(stored)
+        core.m_lines.inc(stored)   # the bytes, cut lines and lines over the quota are counted in logs.ingest
     if acked != task["log_acked"]:
         core.wake_task(task_id)
     return {"acked": acked}
@@ -103,6 +103,7 @@ async def post_results(task_id: int, body: ResultsIn, request: Request, agent: d
             if not same:
                 results["model_id"] = conn.execute(insert(db.models).values(
                     name=name, hash=h, files=files, task_id=task_id, created_at=now)).inserted_primary_key[0]
+                blob_refs.add(conn, blob_refs.MODEL, results["model_id"], [f["sha256"] for f in files])
         elif body.kind == "project":
             datasets: dict[str, list] = {}
             for f in files:
@@ -117,11 +118,13 @@ async def post_results(task_id: int, body: ResultsIn, request: Request, agent: d
             if not (prev and prev[0] == ds_list):     # idempotent per task, as for models
                 results["project_id"] = conn.execute(insert(db.projects).values(
                     name=name, datasets=ds_list, task_id=task_id, created_at=now)).inserted_primary_key[0]
+                blob_refs.add(conn, blob_refs.PROJECT, results["project_id"], [f["sha256"] for f in files])
         else:
             arts = {a["path"]: a for a in results.get("artifacts", [])}
             for f in files:
                 arts[f["path"]] = f   # a re-uploaded checkpoint replaces the earlier one
             results["artifacts"] = list(arts.values())
+            blob_refs.add(conn, blob_refs.RESULT, task_id, [f["sha256"] for f in files])
         results.setdefault("artifacts", [])
         conn.execute(update(db.tasks).where(db.tasks.c.id == task_id).values(results=results, updated_at=now))
     return {"results": results}

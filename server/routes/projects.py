@@ -8,7 +8,7 @@ from sqlalchemy import insert
 
 from protocol import endpoints
 from protocol.errors import APIError
-from server import db
+from server import blob_refs, db
 from server.auth import require_admin
 from server.routes.common import core_of, get_row, list_rows
 from server.schemas import ProjectIn, check_files, check_relpath
@@ -38,6 +38,7 @@ async def create_project(body: ProjectIn, request: Request):
     with core.engine.begin() as conn:
         pid = conn.execute(insert(db.projects).values(name=body.name, datasets=datasets,
                                                       created_at=time.time())).inserted_primary_key[0]
+        blob_refs.add(conn, blob_refs.PROJECT, pid, [i["sha256"] for ds in datasets for i in ds["items"]])
     return get_row(core, db.projects, pid, "project")
 
 

@@ -113,6 +113,11 @@ def test_blobs_hash_check_range_head(server, client, make_agent):
     assert client.upload_bytes(data) == sha
     assert (blob_root / sha[:2] / sha[2:5] / sha).read_bytes() == data
     agent = make_agent()
+    assert agent.s.head(f"{server.url}/agent/v1/blobs/{sha}").status_code == 404   # not one of its tasks' blobs
+    model = client.session.post(f"{server.url}/api/v1/models", json={"name": "m", "files": [
+        {"path": "w", "sha256": sha, "size": len(data)}]}).json()
+    client.create_task(agent.id, "train", image="x:1", model_id=model["id"])
+    agent.poll()
     r = agent.s.get(f"{server.url}/agent/v1/blobs/{sha}", headers={"Range": "bytes=10-19"})
     assert r.status_code == 206 and r.content == data[10:20]
     assert agent.s.head(f"{server.url}/agent/v1/blobs/{sha}").status_code == 200
