@@ -28,10 +28,9 @@ COLLECT_BATCH = 500          # blobs looked at per step; the event loop runs oth
 
 def add(conn, kind: str, owner_id: int, hashes) -> None:
     """Record that `owner_id` (a project, model or task id, or an agent id for UPLOAD) names these blobs."""
-    from server.logs import _insert_ignore
     rows = [{"sha256": h, "kind": kind, "owner_id": owner_id} for h in sorted(set(hashes))]
     if rows:
-        conn.execute(_insert_ignore(conn.engine, db.blob_refs), rows)
+        conn.execute(db.insert_ignore(conn.engine, db.blob_refs), rows)
 
 
 def agent_may_read(conn, agent_id: int, sha256: str) -> bool:

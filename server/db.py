@@ -7,7 +7,7 @@ a new revision there, and a test checks that the two agree.
 from __future__ import annotations
 
 from sqlalchemy import (JSON, BigInteger, Boolean, Column, Float, Integer, MetaData, String, Table, Text, create_engine,
-                        event)
+                        event, insert)
 from sqlalchemy.engine import Engine
 
 metadata = MetaData()
@@ -136,3 +136,15 @@ def make_engine(url: str) -> Engine:
     else:
         engine = create_engine(url, pool_pre_ping=True)
     return engine
+
+
+def insert_ignore(engine: Engine, table: Table):
+    """INSERT that skips rows whose key exists (SQLite and PostgreSQL; a plain INSERT elsewhere)."""
+    name = engine.dialect.name
+    if name == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    elif name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    else:
+        return insert(table)
+    return dialect_insert(table).on_conflict_do_nothing()

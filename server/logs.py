@@ -6,7 +6,7 @@ import datetime
 import json
 import time
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import func, select, update
 
 from protocol.errors import APIError
 from protocol.logline import MAX_LINE
@@ -16,17 +16,6 @@ from server import db
 CORE_FIELDS = ("ts", "level", "stream", "message", "seq")
 METRICS_EVENTS = ("metrics", "EventType.METRICS")
 ACK_WINDOW = 10000
-
-
-def _insert_ignore(engine, table):
-    name = engine.dialect.name
-    if name == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert as dialect_insert
-    elif name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as dialect_insert
-    else:
-        return insert(table)
-    return dialect_insert(table).on_conflict_do_nothing()
 
 
 def _ts(v, now: float) -> float:
@@ -101,8 +90,9 @@ def ingest(core, conn, task: dict, first_seq: int, lines: list, now: float | Non
     full = bool(quota) and used >= quota
     last_seq = first_seq + len(lines) - 1
     existing: set[int] = set()
-    if quota and lines and not full:
-        # Re-sent lines (an agent restarted, an answer lost) are neither stored nor charged again.
+    if lines and not full:
+        # Re-sent lines (an agent restarted, an answer lost) are neither stored nor charged again;
+        # one range read on the primary key, which finds nothing in the usual case.
         ll = db.log_lines.c
         existing = set(conn.execute(select(ll.seq).where(ll.task_id == task_id, ll.seq >= first_seq,
                                                          ll.seq <= last_seq)).scalars())
@@ -177,10 +167,10 @@ def ingest(core, conn, task: dict, first_seq: int, lines: list, now: float | Non
                 rows)
             stored = cur.rowcount or 0
         else:
-            stored = conn.execute(_insert_ignore(core.engine, db.log_lines),
+            stored = conn.execute(db.insert_ignore(core.engine, db.log_lines),
                                   [dict(zip(_COLUMNS, r)) for r in rows]).rowcount or 0
         if metric_rows:
-            conn.execute(_insert_ignore(core.engine, db.task_metrics), metric_rows)
+            conn.execute(db.insert_ignore(core.engine, db.task_metrics), metric_rows)
     values = {}
     if added:
         values["log_bytes"] = used

@@ -11,7 +11,7 @@ import requests
 
 from server.auth import MIN_ADMIN_TOKEN, SignInThrottle
 from tests.support.procs import free_port, poll_for
-from tests.support.server import REPO, ServerProcess
+from tests.support.server import REPO
 
 
 def _signed_in(srv) -> requests.Session:
