@@ -32,6 +32,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--telemetry-interval-s", type=float, default=5.0, help="agents' telemetry interval; offline after 3 missed")
     p.add_argument("--offline-after-s", type=float, default=None, help="override: offline after this many silent seconds")
     p.add_argument("--telemetry-history", type=int, default=720, help="telemetry samples kept per agent for charts")
+    p.add_argument("--log-quota-bytes", type=int, default=256 * 1024 * 1024,
+                   help="log bytes stored per task; past it one marker line, later lines dropped (0: none; default 256 MiB)")
+    p.add_argument("--blob-quota-bytes", type=int, default=0,
+                   help="bytes the blob store may hold; an upload past it gets 507 (default 0: no quota)")
+    p.add_argument("--blob-grace-s", type=float, default=24 * 3600.0,
+                   help="unreferenced blobs and partial uploads older than this are deleted (default 86400)")
     p.add_argument("--agent-image", default="sly-agent:latest", help="image name in the docker run_command")
     p.add_argument("--public-url", default=None, help="server address for agents (run_command); default: the request's URL")
     p.add_argument("--echo-endpoint", action="store_true",
@@ -68,9 +74,21 @@ def main(argv=None) -> None:
                         offline_after_s=a.offline_after_s, agent_image=a.agent_image, public_url=a.public_url,
                         telemetry_history=a.telemetry_history, echo_endpoint=a.echo_endpoint,
                         metrics_token=a.metrics_token, docs=a.docs,
-                        db_pool_size=a.db_pool_size, workers=a.workers, log_page_bytes=a.log_page_bytes)
+                        db_pool_size=a.db_pool_size, workers=a.workers, log_page_bytes=a.log_page_bytes,
+                        log_quota_bytes=a.log_quota_bytes, blob_quota_bytes=a.blob_quota_bytes,
+                        blob_grace_s=a.blob_grace_s)
     if a.db_pool_size < 1 or a.workers < 1 or a.log_page_bytes < 1:
         sys.exit("sly-server: --db-pool-size, --workers and --log-page-bytes must be at least 1")
+    from server.auth import ConfigError
+    try:
+        serve(a, settings)
+    except ConfigError as e:
+        print(f"sly-server: cannot start: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+def serve(a, settings: Settings) -> None:
+    """Run the app in this process, or in `--workers` uvicorn processes (PostgreSQL only)."""
     # Access logs are off: they would only repeat paths; tokens never travel in URLs anyway.
     common = dict(host=a.host, port=a.port, log_level=a.log_level, access_log=False, timeout_graceful_shutdown=3)
     if a.workers == 1:

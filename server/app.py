@@ -15,8 +15,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from protocol.endpoints import AUTHORIZATION_HEADER, BEARER
 from protocol.errors import APIError
-from server import routes
-from server.auth import load_admin_token
+from server import blob_refs, routes
+from server.auth import check_admin_token_length, load_admin_token
 from server.core import Core
 from server.errors import ERROR_RESPONSES, BodyLimitMiddleware, install_error_handlers
 from server.settings import Settings
@@ -66,12 +66,23 @@ def _openapi(app: FastAPI):
     return build
 
 
+async def _blob_collector(core: Core) -> None:
+    """Delete unreferenced blobs and partial uploads older than the grace period, now and then."""
+    while True:
+        await asyncio.sleep(core.settings.blob_gc_every_s)
+        try:
+            await blob_refs.collect(core)
+        except Exception:  # noqa: BLE001 - the collector must outlive a failed round
+            log.exception("blob collector round failed")
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     settings.data_dir = Path(settings.data_dir)
     restrict_data_dir(settings.data_dir)
     if not settings.admin_token:
         settings.admin_token = load_admin_token(settings.data_dir)
+    check_admin_token_length(settings.admin_token, "the admin token")
     core = Core(settings)
     restrict_data_dir(settings.data_dir)      # again: the database files exist now
 
@@ -80,7 +91,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # The agents could not reach a stopped server: give every leased task a full lease to reconnect.
         await core.run(core.renew_all_leases)
         core.wakeups.loop = asyncio.get_running_loop()
-        background = [asyncio.create_task(_reaper(core))]
+        background = [asyncio.create_task(_reaper(core)), asyncio.create_task(_blob_collector(core))]
         if core.wakeups.shared:
             background.append(asyncio.create_task(core.wakeups.listen()))
             # Answer only once other replicas' changes can reach this one (it retries if not yet).

@@ -2,7 +2,9 @@
 
 An upload streams into blobs/tmp/ while hashing; only a file whose sha256 matches the name it
 was sent under is renamed (atomically) into place, anything else is deleted (400 hash_mismatch).
-The HTTP side is server.routes.blobs.
+With a quota, an upload that would take the store past it is refused (507) before or while it
+streams, and nothing of it is kept. Uploading a blob that exists refreshes its mtime, which the
+collector (server.blob_refs.collect) reads as its age. The HTTP side is server.routes.blobs.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ STALE_UPLOAD_S = 3600.0   # an upload untouched this long is abandoned
 
 
 class BlobStore:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, quota: int = 0):
         self.root = Path(root)
         self.tmp = self.root / "tmp"
         self.tmp.mkdir(parents=True, exist_ok=True)
@@ -40,6 +42,9 @@ class BlobStore:
             with contextlib.suppress(OSError):
                 if leftover.stat().st_mtime < stale:
                     leftover.unlink()
+        self.quota = quota
+        self.reserved = 0                    # bytes of uploads streaming now
+        self.used = sum(self.path(h).stat().st_size for h in self.names_older_than(float("inf"))) if quota else 0
 
     def path(self, h: str) -> Path:
         return self.root / h[0:2] / h[2:5] / h
@@ -53,24 +58,91 @@ class BlobStore:
         except FileNotFoundError:
             return None
 
-    async def put_stream(self, h: str, chunks) -> tuple[int, bool]:
-        """Store the streamed bytes under h; returns (size, created). Raises APIError on a mismatch."""
-        if self.exists(h):
-            return self.path(h).stat().st_size, False
+    def _over_quota(self, more: int) -> APIError:
+        return APIError(507, "blob_quota_exceeded",
+                        f"the blob store holds {self.used} bytes of its quota of {self.quota}; this upload "
+                        f"({more} bytes so far) would pass it, so nothing of it was kept")
+
+    async def put_stream(self, h: str, chunks, length: int | None = None) -> tuple[int, bool]:
+        """Store the streamed bytes under h; returns (size, created). Raises APIError on a mismatch,
+        507 blob_quota_exceeded when the store's quota would be passed."""
+        dest = self.path(h)
+        if dest.is_file():
+            os.utime(dest)                   # uploaded again: young again for the collector
+            return dest.stat().st_size, False
+        if self.quota and length is not None and self.used + self.reserved + length > self.quota:
+            raise self._over_quota(length)
         fd, tmp = tempfile.mkstemp(dir=self.tmp, prefix=h[:8] + ".")
         digest, size = hashlib.sha256(), 0
         try:
             with os.fdopen(fd, "wb") as f:
                 async for chunk in chunks:
+                    if self.quota:
+                        self.reserved += len(chunk)
+                        size += len(chunk)
+                        if self.used + self.reserved > self.quota:
+                            raise self._over_quota(size)
+                    else:
+                        size += len(chunk)
                     digest.update(chunk)
                     f.write(chunk)
-                    size += len(chunk)
             if digest.hexdigest() != h:
                 raise APIError(400, "hash_mismatch", f"the uploaded bytes have sha256 {digest.hexdigest()}, not {h}; nothing was kept")
-            dest = self.path(h)
+            if dest.is_file():                # the same bytes came in another upload meanwhile
+                Path(tmp).unlink(missing_ok=True)
+                return size, False
             dest.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp, dest)
+            if self.quota:
+                self.used += size
             return size, True
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        finally:
+            if self.quota:
+                self.reserved -= size
+
+    def names_older_than(self, cutoff: float):
+        """The blobs whose mtime is before `cutoff` (a generator walking the store)."""
+        for top in _dirs(self.root):
+            if top.name == "tmp":
+                continue
+            for mid in _dirs(top):
+                with os.scandir(mid) as it:
+                    for e in it:
+                        if SHA256_RE.match(e.name) and e.is_file(follow_symlinks=False) \
+                                and e.stat(follow_symlinks=False).st_mtime < cutoff:
+                            yield e.name
+
+    def delete_if_older(self, h: str, cutoff: float) -> bool:
+        """Delete blob h unless it was (re)written since `cutoff`; True when deleted."""
+        p = self.path(h)
+        try:
+            st = p.stat()
+            if st.st_mtime >= cutoff:
+                return False
+            p.unlink()
+        except FileNotFoundError:
+            return False
+        if self.quota:
+            self.used -= st.st_size
+        return True
+
+    def remove_partials(self, cutoff: float) -> int:
+        """Delete partial uploads in tmp/ not written to since `cutoff` (a client that vanished)."""
+        n = 0
+        with os.scandir(self.tmp) as it:
+            for e in it:
+                try:
+                    if e.stat(follow_symlinks=False).st_mtime < cutoff:
+                        os.unlink(e.path)
+                        n += 1
+                except FileNotFoundError:
+                    pass
+        return n
+
+
+def _dirs(p: Path):
+    with os.scandir(p) as it:
+        return sorted((Path(e.path) for e in it if e.is_dir(follow_symlinks=False)), key=lambda x: x.name)

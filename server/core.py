@@ -18,8 +18,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from sqlalchemy import delete, func, insert, select, update
 
 from protocol.states import LEASED, TaskState
-from server import db, migrate
-from server.auth import Sessions, hash_token
+from server import blob_refs, db, migrate
+from server.auth import Sessions, SignInThrottle, hash_token
 from server.blobs import BlobStore
 from server.logfeed import LogHub
 from server.settings import Settings
@@ -33,9 +33,12 @@ class Core:
         if settings.migrate:
             migrate.upgrade(self.engine)
         self.limiter = anyio.CapacityLimiter(settings.db_pool_size)
-        self.blobs = BlobStore(settings.data_dir / "blobs")
-        self.sessions = Sessions(self.engine)
+        self.blobs = BlobStore(settings.data_dir / "blobs", quota=settings.blob_quota_bytes)
+        with self.engine.begin() as conn:
+            blob_refs.fill_if_empty(conn)
         self.admin_token: str = settings.admin_token or ""
+        self.sessions = Sessions(self.engine, self.admin_token)
+        self.signin_throttle = SignInThrottle()
         self.wakeups = Wakeups(self.engine)
         self.log_hub = LogHub(self)
         self.closing = False       # set at shutdown: long-polls and log followers answer now
@@ -46,6 +49,16 @@ class Core:
         self.m_tasks = Gauge("sly_tasks", "Tasks by state", ["state"], registry=self.registry)
         self.m_polls = Gauge("sly_longpolls_open", "Agent long-polls waiting now", registry=self.registry)
         self.m_lines = Counter("sly_log_lines_ingested", "Log lines stored (re-sent ones not counted)", registry=self.registry)
+        self.m_log_bytes = Counter("sly_log_bytes_stored", "Bytes of log lines stored (message + fields)",
+                                   registry=self.registry)
+        self.m_log_dropped = Counter("sly_log_lines_dropped", "Log lines acked but not stored: the task's log quota "
+                                     "was reached", registry=self.registry)
+        self.m_log_cut = Counter("sly_log_lines_cut", "Log lines cut to the line-size limit by the server",
+                                 registry=self.registry)
+        self.m_blobs_collected = Counter("sly_blobs_collected", "Unreferenced blobs deleted by the collector",
+                                         registry=self.registry)
+        self.m_signin_failures = Counter("sly_admin_token_failures", "Wrong admin tokens (sign-in or Bearer)",
+                                         registry=self.registry)
 
     def close_waits(self) -> None:
         """Shutdown: every waiting long-poll answers and every log follower ends now, so the

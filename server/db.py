@@ -7,7 +7,7 @@ a new revision there, and a test checks that the two agree.
 from __future__ import annotations
 
 from sqlalchemy import (JSON, BigInteger, Boolean, Column, Float, Index, Integer, MetaData, String, Table, Text,
-                        create_engine, event, false)
+                        create_engine, event, false, insert)
 from sqlalchemy.engine import Engine
 
 metadata = MetaData()
@@ -23,7 +23,7 @@ agents = Table(
     Column("system_info", JSON),
     Column("telemetry", JSON),
     Column("telemetry_ts", Float),
-    # Shared by every replica (revision 0004): bumped when name or allowed types change, so an
+    # Shared by every replica (revision 0003): bumped when name or allowed types change, so an
     # open poll on any replica answers at once; why the agent's last poll took no task.
     Column("settings_version", Integer, nullable=False, default=0, server_default="0"),
     Column("refusing", Text),
@@ -52,6 +52,8 @@ tasks = Table(
     Column("timeline", JSON, nullable=False),
     Column("results", JSON, nullable=False),
     Column("log_acked", Integer, nullable=False, default=-1),
+    # Bytes of log stored for the task (message + extra fields); the log quota is checked against it.
+    Column("log_bytes", BigInteger, nullable=False, default=0, server_default="0"),
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
 )
@@ -120,6 +122,18 @@ console_sessions = Table(
     Column("expires_at", Float, nullable=False),
 )
 
+# Which blob each project item, model file, task result and agent upload names: who may download
+# a blob (an agent: those of its leased tasks and its own uploads) and which blobs the collector
+# keeps (those of projects, models and results). kind: project | model | result (owner = task id)
+# | upload (owner = agent id).
+blob_refs = Table(
+    "blob_refs", metadata,
+    Column("sha256", String(64), primary_key=True),
+    Column("kind", String(8), primary_key=True),
+    Column("owner_id", Integer, primary_key=True),
+    sqlite_with_rowid=False,
+)
+
 # Bounded telemetry history per agent (the console's charts), kept across restarts.
 telemetry = Table(
     "telemetry", metadata,
@@ -129,7 +143,7 @@ telemetry = Table(
     Column("sample", JSON, nullable=False),
 )
 
-# Long-polls open now, one row each, on whichever replica holds them (revision 0004). A replica
+# Long-polls open now, one row each, on whichever replica holds them (revision 0003). A replica
 # that dies leaves rows behind; `expires_at` (the poll's deadline plus a margin) retires them.
 polls = Table(
     "polls", metadata,
@@ -160,3 +174,15 @@ def make_engine(url: str, pool_size: int = 10) -> Engine:
     else:
         engine = create_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=0, pool_timeout=60)
     return engine
+
+
+def insert_ignore(engine: Engine, table: Table):
+    """INSERT that skips rows whose key exists (SQLite and PostgreSQL; a plain INSERT elsewhere)."""
+    name = engine.dialect.name
+    if name == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    elif name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    else:
+        return insert(table)
+    return dialect_insert(table).on_conflict_do_nothing()

@@ -51,7 +51,10 @@ _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_req: Request, exc: APIError):
-        return error_response(exc.status or 500, exc.code, exc.detail, **exc.extra)
+        resp = error_response(exc.status or 500, exc.code, exc.detail, **exc.extra)
+        if "retry_after" in exc.extra:
+            resp.headers["retry-after"] = str(exc.extra["retry_after"])
+        return resp
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_req: Request, exc: RequestValidationError):

@@ -87,6 +87,8 @@ class Feed:
                     f.offer(batch)
             if more:
                 continue
+            if task is not None:   # none stored up to acked: lines dropped over the task's log quota
+                self.cursor = max(self.cursor, task["log_acked"])
             if task is None or (TaskState(task["state"]) in FINAL and self.cursor >= task["log_acked"]):
                 self.end = {"state": task["state"] if task else None,
                             "acked": task["log_acked"] if task else self.cursor}

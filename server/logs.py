@@ -1,4 +1,5 @@
-"""Task log lines: idempotent ingest by seq, the contiguous `acked` frontier, reading, metrics events."""
+"""Task log lines: idempotent, bounded ingest by seq (line size, per-task quota), the contiguous `acked`
+frontier, reading, metrics events."""
 from __future__ import annotations
 
 import datetime
@@ -6,25 +7,16 @@ import json
 import math
 import time
 
-from sqlalchemy import LargeBinary, cast, func, insert, select, update
+from sqlalchemy import LargeBinary, cast, func, select, update
 
 from protocol.errors import APIError
+from protocol.logline import MAX_LINE
+from protocol.tasks import AGENT
 from server import db, strict
 
 CORE_FIELDS = ("ts", "level", "stream", "message", "seq")
 METRICS_EVENTS = ("metrics", "EventType.METRICS")
 ACK_WINDOW = 10000
-
-
-def _insert_ignore(engine, table):
-    name = engine.dialect.name
-    if name == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert as dialect_insert
-    elif name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as dialect_insert
-    else:
-        return insert(table)
-    return dialect_insert(table).on_conflict_do_nothing()
 
 
 def _ts(v, now: float) -> float:
@@ -93,16 +85,59 @@ _USUAL_KEYS_SEQ = frozenset({"seq", "ts", "cts", "level", "stream", "message"})
 _COLUMNS = ("task_id", "seq", "ts", "level", "stream", "message", "extra")
 
 
+CUT_MARKER = " [line cut by the server: %d more bytes dropped; a line holds at most %d bytes]"
+FIELDS_MARKER = " [fields dropped by the server: %d bytes of JSON; a line holds at most %d bytes]"
+QUOTA_MARKER = "log quota of %d bytes reached; later lines are dropped"
+_CUT_CHARS = MAX_LINE // 4       # a str this long or shorter is at most MAX_LINE bytes in UTF-8
+
+
+def _bounded_message(msg: str) -> tuple[str, bool]:
+    """The message cut to MAX_LINE bytes with CUT_MARKER, and whether it was cut.
+
+    The agent splits long lines into pieces of their own seqs; a line that still arrives longer
+    was not sent by a conforming agent. The server cannot split it: seqs are the agent's, so a
+    piece has no seq to take. It keeps the first MAX_LINE bytes and says how much went."""
+    if len(msg) <= _CUT_CHARS:
+        return msg, False
+    raw = msg.encode("utf-8", "surrogatepass")
+    if len(raw) <= MAX_LINE:
+        return msg, False
+    head = raw[:MAX_LINE].decode("utf-8", "ignore")
+    return head + CUT_MARKER % (len(raw) - len(head.encode("utf-8", "surrogatepass")), MAX_LINE), True
+
+
 def ingest(core, conn, task: dict, first_seq: int, lines: list, now: float | None = None) -> tuple[int, int]:
-    """Store lines first_seq.. (re-sent seqs ignored); returns (acked, lines newly stored)."""
+    """Store lines first_seq.. (re-sent seqs ignored); returns (acked, lines newly stored).
+
+    Every line is bounded (`_bounded_message`, fields over MAX_LINE dropped) and charged to the
+    task's log quota (bytes of message + extra fields JSON). The line that would pass the quota
+    is stored as QUOTA_MARKER instead, and later lines are acked but not stored.
+    """
     now = time.time() if now is None else now
     task_id = task["id"]
+    quota = core.settings.log_quota_bytes
+    used = task.get("log_bytes") or 0
+    full = bool(quota) and used >= quota
+    last_seq = first_seq + len(lines) - 1
+    existing: set[int] = set()
+    if lines and not full:
+        # Re-sent lines (an agent restarted, an answer lost) are neither stored nor charged again;
+        # one range read on the primary key, which finds nothing in the usual case.
+        ll = db.log_lines.c
+        existing = set(conn.execute(select(ll.seq).where(ll.task_id == task_id, ll.seq >= first_seq,
+                                                         ll.seq <= last_seq)).scalars())
     rows, metric_rows = [], []
     append = rows.append
     usual, usual_seq = _USUAL_KEYS, _USUAL_KEYS_SEQ
     seq = first_seq - 1
+    added = dropped = cut = 0
     for line in lines:
         seq += 1
+        if full:
+            dropped += 1
+            continue
+        if existing and seq in existing:
+            continue
         if type(line) is not dict and not isinstance(line, dict):
             raise APIError(400, "invalid_request", f"lines[{seq - first_seq}] is not an object")
         msg = line.get("message", "")
@@ -110,6 +145,9 @@ def ingest(core, conn, task: dict, first_seq: int, lines: list, now: float | Non
             msg = strict.dumps(msg) if not isinstance(msg, (int, float)) else str(msg)
             if msg in ("inf", "-inf", "nan"):
                 _nonfinite_line(seq - first_seq, line)
+        if len(msg) > _CUT_CHARS:
+            msg, was_cut = _bounded_message(msg)
+            cut += was_cut
         level, stream = line.get("level") or "info", line.get("stream") or "stdout"
         if type(level) is not str or type(stream) is not str or len(level) > 16 or len(stream) > 16:
             if not (isinstance(level, str) and isinstance(stream, str) and len(level) <= 16 and len(stream) <= 16):
@@ -121,6 +159,7 @@ def ingest(core, conn, task: dict, first_seq: int, lines: list, now: float | Non
         elif ts - ts != 0.0:            # inf or nan: a number too large for a float (1e400)
             _nonfinite_line(seq - first_seq, line)
         keys = line.keys()
+        metric = None
         if (keys == usual or keys == usual_seq) and type(line["cts"]) is int:
             extra = '{"cts":%d}' % line["cts"]          # what _extra_json({"cts": n}) gives, without its cost
         elif len(line) > 4 or any(k not in CORE_FIELDS for k in line):
@@ -132,16 +171,32 @@ def ingest(core, conn, task: dict, first_seq: int, lines: list, now: float | Non
                 except ValueError:      # a non-finite number (1e400): null in a metric, else a 400
                     ex = _nonfinite_line(seq - first_seq, ex)
                     extra = _extra_json(ex)
-                if ex.get("event_type") in METRICS_EVENTS:
+                if len(extra) > MAX_LINE:
+                    msg += FIELDS_MARKER % (len(extra), MAX_LINE)
+                    extra = None
+                    cut += 1
+                elif ex.get("event_type") in METRICS_EVENTS:
                     epoch = ex.get("epoch")
                     if isinstance(epoch, int) and not strict.INT64_MIN <= epoch <= strict.INT64_MAX:
                         raise APIError(400, "integer_out_of_range", f"lines[{seq - first_seq}].epoch is outside int64")
-                    metric_rows.append({"task_id": task_id, "seq": seq, "type": str(ex.get("type") or "")[:32],
-                                        "epoch": epoch if isinstance(epoch, (int, float))
-                                        and not isinstance(epoch, bool) else None,
-                                        "metrics": ex.get("metrics") if isinstance(ex.get("metrics"), dict) else {}})
+                    metric = {"task_id": task_id, "seq": seq, "type": str(ex.get("type") or "")[:32],
+                              "epoch": epoch if isinstance(epoch, (int, float)) and not isinstance(epoch, bool) else None,
+                              "metrics": ex.get("metrics") if isinstance(ex.get("metrics"), dict) else {}}
         else:
             extra = None
+        size = (len(msg) if msg.isascii() else len(msg.encode("utf-8", "surrogatepass"))) + (len(extra) if extra else 0)
+        if quota and used + size > quota:
+            # This line would pass the quota: the marker takes its seq, and the task is full.
+            dropped += 1
+            msg, level, stream, extra, metric = QUOTA_MARKER % quota, "warning", AGENT, None, None
+            size = len(msg)
+            used = max(used + size, quota)
+            full = True
+        else:
+            used += size
+        added += size
+        if metric is not None:
+            metric_rows.append(metric)
         append((task_id, seq, ts, level, stream, msg, extra))
     stored = 0
     if rows:
@@ -152,18 +207,29 @@ def ingest(core, conn, task: dict, first_seq: int, lines: list, now: float | Non
                 rows)
             stored = cur.rowcount or 0
         else:
-            stored = conn.execute(_insert_ignore(core.engine, db.log_lines),
+            stored = conn.execute(db.insert_ignore(core.engine, db.log_lines),
                                   [dict(zip(_COLUMNS, r)) for r in rows]).rowcount or 0
         if metric_rows:
-            conn.execute(_insert_ignore(core.engine, db.task_metrics), metric_rows)
+            conn.execute(db.insert_ignore(core.engine, db.task_metrics), metric_rows)
+    values = {}
+    if added:
+        values["log_bytes"] = used
     acked = task["log_acked"]
-    if rows and first_seq <= acked + 1 < first_seq + len(rows) + 1:
-        # Every seq of this batch is stored now (inserted or there already) and it touches the
-        # frontier: the frontier is at least its last seq; look for more only beyond it.
-        acked = advance_acked(conn, task["id"], first_seq + len(rows) - 1)
+    if lines and first_seq <= acked + 1 <= last_seq + 1:
+        # Every seq of this batch is stored now (inserted, there already, or dropped over the quota)
+        # and it touches the frontier: the frontier is at least its last seq; look for more beyond it.
+        acked = advance_acked(conn, task_id, last_seq)
         # Never backwards: a retried batch of the same task may commit after this one.
         t = db.tasks.c
-        conn.execute(update(db.tasks).where(t.id == task["id"], t.log_acked < acked).values(log_acked=acked))
+        conn.execute(update(db.tasks).where(t.id == task_id, t.log_acked < acked).values(log_acked=acked))
+    if values:
+        conn.execute(update(db.tasks).where(db.tasks.c.id == task_id).values(**values))
+    if added:
+        core.m_log_bytes.inc(added)
+    if dropped:
+        core.m_log_dropped.inc(dropped)
+    if cut:
+        core.m_log_cut.inc(cut)
     return acked, max(stored, 0)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from sqlalchemy import insert, select
 
 from protocol.errors import APIError
-from server import db
+from server import blob_refs, db
 from server.schemas import check_files, check_relpath
 from server.sly_format import check_ann, check_meta, empty_ann, empty_meta, image_size
 
@@ -50,6 +50,7 @@ def insert_project(conn, name: str, meta: dict, datasets: list[dict], now: float
     rows = [{"project_id": pid, "dataset": ds["name"], **it} for ds in datasets for it in ds["items"]]
     if rows:
         conn.execute(insert(db.project_items), rows)
+    blob_refs.add(conn, blob_refs.PROJECT, pid, [r["sha256"] for r in rows])
     return pid
 
 

@@ -25,6 +25,9 @@ class Settings:
     workers: int = 1                     # uvicorn worker processes (more than one needs PostgreSQL)
     log_page_bytes: int = 1 * MIB        # a log page or SSE batch stops past this many bytes (always >= 1 line)
     migrate: bool = True                 # upgrade the schema at start (a --workers parent does it once for all)
+    log_quota_bytes: int = 256 * MIB     # log bytes stored per task; later lines are dropped (0: no quota)
+    blob_quota_bytes: int = 0            # bytes the blob store may hold; a PUT past it gets 507 (0: no quota)
+    blob_grace_s: float = 24 * 3600.0    # an unreferenced blob (or partial upload) this old is collected
     echo_endpoint: bool = False          # mount POST /api/v1/_echo (the benchmark's ingest baseline)
     admin_token: str | None = None       # filled in by load_admin_token()
     metrics_token: str | None = None     # /metrics needs 'Authorization: Bearer <it>' when set
@@ -33,6 +36,11 @@ class Settings:
     @property
     def database_url(self) -> str:
         return self.db_url or f"sqlite:///{Path(self.data_dir).resolve() / 'server.db'}"
+
+    @property
+    def blob_gc_every_s(self) -> float:
+        """How often the blob collector runs: a quarter of the grace, between 1 s and an hour."""
+        return max(1.0, min(3600.0, self.blob_grace_s / 4))
 
     @property
     def offline_after(self) -> float:

@@ -10,7 +10,7 @@ from sqlalchemy import insert, select, update
 from protocol import endpoints
 from protocol.errors import APIError
 from protocol.states import FINAL, TaskState
-from server import db, logs
+from server import blob_refs, db, logs
 from server.auth import require_agent
 from server.routes.common import core_of
 from server.projects import insert_project, prepare, same_project
@@ -112,6 +112,7 @@ def _post_model(conn, task_id: int, body: ResultsIn, results: dict, now: float) 
         mid = conn.execute(insert(db.models).values(name=body.name or f"task {task_id} model", hash=h, files=files,
                                                     task_id=task_id, checkpoint=ck,
                                                     created_at=now)).inserted_primary_key[0]
+        blob_refs.add(conn, blob_refs.MODEL, mid, [f["sha256"] for f in files])
     if ck is not None and mid not in results.setdefault("checkpoints", []):
         results["checkpoints"].append(mid)
 
@@ -190,6 +191,7 @@ async def post_results(task_id: RowId, body: ResultsIn, request: Request, agent:
             for f in body.files:
                 arts[f.path] = {"path": f.path, "sha256": f.sha256, "size": f.size}   # a re-upload replaces
             results["artifacts"] = list(arts.values())
+            blob_refs.add(conn, blob_refs.RESULT, task_id, [f.sha256 for f in body.files])
         results.setdefault("artifacts", [])
         conn.execute(update(db.tasks).where(db.tasks.c.id == task_id).values(results=results, updated_at=now))
     out = {"results": results}

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from sqlalchemy import insert, select
 
 from protocol import endpoints
-from server import db
+from server import blob_refs, db
 from server.auth import require_admin
 from server.routes.common import core_of, cursor_id, get_row, list_rows, page
 from server.schemas import ModelIn, check_files, model_hash
@@ -32,6 +32,7 @@ async def create_model(body: ModelIn, request: Request):
     with core.engine.begin() as conn:
         mid = conn.execute(insert(db.models).values(name=body.name, hash=model_hash(files), files=files,
                                                     created_at=time.time())).inserted_primary_key[0]
+        blob_refs.add(conn, blob_refs.MODEL, mid, [f["sha256"] for f in files])
     return get_row(core, db.models, mid, "model")
 
 

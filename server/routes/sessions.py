@@ -5,8 +5,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import RedirectResponse
 
 from protocol import endpoints
-from protocol.errors import APIError
-from server.auth import SESSION_COOKIE, check_admin_token, require_admin
+from server.auth import SESSION_COOKIE, check_browser_write, require_admin, verify_admin_token
 from server.routes.common import core_of
 from server.schemas import SessionIn
 from server.signin_links import create_link, spend_link
@@ -16,10 +15,10 @@ router = APIRouter(tags=["user"])
 
 @router.post(endpoints.SESSION)
 async def sign_in(body: SessionIn, request: Request, response: Response):
-    """Console sign-in with the admin token: sets the HttpOnly cookie `sly_session`."""
+    """Console sign-in with the admin token: sets the HttpOnly cookie `sly_session`.
+    Wrong tokens are throttled per client address (429 with Retry-After)."""
     core = core_of(request)
-    if not check_admin_token(core, body.token):
-        raise APIError(401, "unauthorized", "the admin token is wrong")
+    verify_admin_token(core, request, body.token)
     sid = core.sessions.create()
     response.set_cookie(SESSION_COOKIE, sid, httponly=True, samesite="strict", path="/",
                         secure=request.url.scheme == "https")
@@ -28,8 +27,11 @@ async def sign_in(body: SessionIn, request: Request, response: Response):
 
 @router.delete(endpoints.SESSION)
 async def sign_out(request: Request, response: Response):
-    """Sign out of the console (drops the session and the cookie)."""
-    core_of(request).sessions.drop(request.cookies.get(SESSION_COOKIE))
+    """Sign out of the console (drops the session and the cookie); from the console's own origin only."""
+    sid = request.cookies.get(SESSION_COOKIE)
+    if sid:
+        check_browser_write(request)
+    core_of(request).sessions.drop(sid)
     response.delete_cookie(SESSION_COOKIE, path="/")
     return {"ok": True}
 

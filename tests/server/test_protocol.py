@@ -117,6 +117,11 @@ def test_blobs_hash_check_range_head(server, client, make_agent):
     assert client.upload_bytes(data) == sha
     assert (blob_root / sha[:2] / sha[2:5] / sha).read_bytes() == data
     agent = make_agent()
+    assert agent.s.head(f"{server.url}/agent/v1/blobs/{sha}").status_code == 404   # not one of its tasks' blobs
+    model = client.session.post(f"{server.url}/api/v1/models", json={"name": "m", "files": [
+        {"path": "w", "sha256": sha, "size": len(data)}]}).json()
+    client.create_task(agent.id, "train", image="x:1", model_id=model["id"])
+    agent.poll()
     r = agent.s.get(f"{server.url}/agent/v1/blobs/{sha}", headers={"Range": "bytes=10-19"})
     assert r.status_code == 206 and r.content == data[10:20]
     assert agent.s.head(f"{server.url}/agent/v1/blobs/{sha}").status_code == 200
@@ -314,6 +319,7 @@ def test_telemetry_status_session_and_metrics(server, client, make_agent):
     assert client.agent_telemetry(agent.id, since=hist[1]["ts"])[0]["sample"]["cpu"] == 2
     # console sign-in: cookie instead of bearer
     s = requests.Session()
+    s.headers["Origin"] = server.url           # as the console's own pages send it
     assert s.post(f"{server.url}/api/v1/session", json={"token": "wrong"}).status_code == 401
     r = s.post(f"{server.url}/api/v1/session", json={"token": server.admin_token})
     assert r.status_code == 200 and "httponly" in r.headers["set-cookie"].lower()
@@ -383,6 +389,7 @@ def test_console_sessions_and_telemetry_history_survive_a_restart_and_history_is
     for i in range(120):
         assert agent.post("/agent/v1/telemetry", json={"cpu": i}).status_code == 200
     console = requests.Session()
+    console.headers["Origin"] = srv.url
     assert console.post(f"{srv.url}/api/v1/session", json={"token": srv.admin_token}).status_code == 200
     sid = console.cookies.get("sly_session")
     srv.stop()

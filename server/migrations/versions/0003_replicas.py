@@ -3,7 +3,7 @@
 `agents.settings_version` and `agents.refusing`, `tasks.stop_delivered`, and `polls` (one row
 per open long-poll, with the replica holding it) replace what one process kept in memory.
 
-Revision ID: 0004_replicas
+Revision ID: 0003_replicas
 Revises: 0001
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Sequence, Union
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0004_replicas"
+revision: str = "0003_replicas"
 down_revision: Union[str, Sequence[str], None] = "0002_sly_projects"
 branch_labels: Union[str, Sequence[str], None] = None
 depends_on: Union[str, Sequence[str], None] = None
