@@ -36,7 +36,11 @@ ERROR_RESPONSES = {
     401: {"model": ErrorOut, "description": "missing or wrong credentials"},
     404: {"model": ErrorOut, "description": "no such object"},
     409: {"model": ErrorOut, "description": "conflicts with the object's state"},
+    403: {"model": ErrorOut, "description": "a console-cookie write from another origin"},
     413: {"model": ErrorOut, "description": "body over the route's limit"},
+    415: {"model": ErrorOut, "description": "not a kind of content this route serves (a thumbnail of a non-image)"},
+    429: {"model": ErrorOut, "description": "too many wrong admin tokens from this address (see Retry-After)"},
+    507: {"model": ErrorOut, "description": "the blob store's quota would be exceeded"},
 }
 
 

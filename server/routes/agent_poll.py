@@ -6,11 +6,11 @@ import uuid
 
 import anyio
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import JSONResponse
 from sqlalchemy import delete, insert, select, update
 
 from protocol import endpoints
 from protocol.errors import APIError
+from server.strict import SafeJSONResponse
 from server import db
 from server.auth import require_agent
 from server.routes.common import core_of, json_object
@@ -111,7 +111,7 @@ async def poll(body: PollIn, request: Request, wait: float = Query(0, ge=0, allo
             first = False
             if answer is not None:
                 # A task's project carries every annotation: plain JSON, so FastAPI's slow encoder is skipped.
-                return JSONResponse(answer)
+                return SafeJSONResponse(answer)
             await Waiters.wait(ev, deadline - time.monotonic())
     finally:
         core.m_polls.dec()

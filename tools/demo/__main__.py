@@ -16,8 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import signal
 import socket
+import string
 import subprocess
 import sys
 import time
@@ -27,8 +29,6 @@ import requests
 
 from client import UserClient
 from protocol import endpoints
-from server.auth import new_token
-from server.signin_links import LINK_TTL_S
 from tools.images import ensure_demo_image
 from tools.sample_project import write_sample_project
 
@@ -130,7 +130,7 @@ class Demo:
         if not token_file.exists():
             fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as f:
-                f.write(new_token() + "\n")
+                f.write("".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(32)) + "\n")
         admin = token_file.read_text().strip()
         port = pick_port(self.args.host, self.args.port)
         if port != self.args.port:
@@ -267,7 +267,7 @@ class Demo:
         say(f"server on {url} (data in {self.data}, log: {self.data / 'server.log'})")
         client = UserClient(url, admin)
         say(f"console: {url}/")
-        say(f"sign in once with this link (valid {LINK_TTL_S // 60} minutes): {signin_link(client, url)}")
+        say(f"sign in once with this link (valid 15 minutes): {signin_link(client, url)}")
         say(f"  or with the admin token: cat {self.data / 'admin_token'}")
         node, token = self.ensure_node(client, url)
         self.start_agent(url, token)
