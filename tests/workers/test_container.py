@@ -71,7 +71,11 @@ def test_stop_reaches_container_and_resources_applied(node, task_image, docker_c
     hc = c.attrs["HostConfig"]
     assert hc["NanoCpus"] == 500_000_000 and hc["Memory"] == 64 * 2**20 and hc["ShmSize"] == 16 * 2**20
     assert hc["SecurityOpt"] == ["no-new-privileges"] and not hc["Privileged"]
-    assert hc["Binds"] == [f"{ctx.task_dir}:/sly_task_data:rw"]
+    mounts = {m["Target"]: (m["Source"], m.get("ReadOnly", False)) for m in hc["Mounts"]}
+    assert mounts == {f"/sly_task_data/{name}": (str(ctx.task_dir / name), ro) for name, ro in
+                      [("task_config.json", True), ("task_settings.json", True), ("data", True), ("model", True),
+                       ("results", False), ("tmp", False)]}
+    assert not hc.get("Binds"), "the task dir itself (its log) is never mounted"
     ctx.stop_event.set()
     poll_for(lambda: "got SIGTERM" in ctx.messages("stdout"), timeout=2, what="SIGTERM in the container")
     t.join(20)
@@ -91,7 +95,7 @@ def test_gpus_become_device_requests(node, task_image):
     assert "CUDA_VISIBLE_DEVICES" not in kw["environment"] and "device_requests" not in kw
     ctx.gpus = [1, 3]
     kw = create_kwargs(ctx)
-    assert kw["environment"]["CUDA_VISIBLE_DEVICES"] == "1,3"
+    assert kw["environment"]["CUDA_VISIBLE_DEVICES"] == "0,1"    # inside, the two GPUs are 0 and 1
     (req,) = kw["device_requests"]
     assert req["DeviceIDs"] == ["1", "3"] and req["Capabilities"] == [["gpu"]]
 
