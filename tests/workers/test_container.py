@@ -7,7 +7,7 @@ import pytest
 
 from tests.support.procs import poll_for
 from workers import custom, docker_task
-from workers.container import LABEL_AGENT, LABEL_TASK, container_name, create_kwargs
+from workers.container import LABEL_AGENT, LABEL_TASK, container_name, create_kwargs, find_container
 from workers.logparse import MAX_LINE, SPLIT_MARKER
 
 pytestmark = pytest.mark.docker
@@ -23,7 +23,7 @@ def test_env_mount_and_no_privileges(node, task_image, docker_client):
     assert "task_config.json" in out and "results" in out
     assert any("No such file" in line for line in ctx.messages()), "the docker socket must not be mounted"
     assert ctx.phases == ["preparing", "running", "uploading"]
-    assert not docker_client.containers.list(all=True, filters={"name": container_name(ctx.task_id)})
+    assert find_container(docker_client, ctx.task_id, ctx.config.identity) is None
 
 
 def test_log_lines_split_replaced_structured(node, task_image, log_source):
@@ -66,7 +66,8 @@ def test_stop_reaches_container_and_resources_applied(node, task_image, docker_c
     t = threading.Thread(target=lambda: result.update(o=custom.run(ctx)))
     t.start()
     poll_for(lambda: "running forever" in ctx.messages("stdout"), timeout=30, what="the container's first line")
-    c = docker_client.containers.get(container_name(ctx.task_id))
+    # by label: other agents on this engine may have a task with the same id
+    c = find_container(docker_client, ctx.task_id, node.config().identity)
     assert c.labels == {LABEL_AGENT: node.config().identity, LABEL_TASK: str(ctx.task_id)}
     hc = c.attrs["HostConfig"]
     assert hc["NanoCpus"] == 500_000_000 and hc["Memory"] == 64 * 2**20 and hc["ShmSize"] == 16 * 2**20
@@ -80,7 +81,7 @@ def test_stop_reaches_container_and_resources_applied(node, task_image, docker_c
     poll_for(lambda: "got SIGTERM" in ctx.messages("stdout"), timeout=2, what="SIGTERM in the container")
     t.join(20)
     assert result["o"].state == "stopped"
-    assert not docker_client.containers.list(all=True, filters={"name": container_name(ctx.task_id)})
+    assert find_container(docker_client, ctx.task_id, ctx.config.identity) is None
 
 
 def test_deadline_exceeded(node, task_image):
