@@ -1,6 +1,7 @@
 """User side: agents (the console's nodes): register, list, read, change, remove, rotate a token, telemetry."""
 from __future__ import annotations
 
+import hashlib
 import time
 
 from fastapi import APIRouter, Depends, Request
@@ -31,7 +32,9 @@ def check_types(types: list[str] | None) -> list[str]:
 
 def run_commands(core, request: Request, token: str) -> dict:
     url = (core.settings.public_url or str(request.base_url)).rstrip("/")
-    host_dir = f"$HOME/.supervisely-agent/{token}"
+    # The storage dir is named by a hash of the token, never the token: task containers see it in
+    # their mount table (the agent's own default, node.config.hashed_root_name).
+    host_dir = f"$HOME/.supervisely-agent/n-{hashlib.sha256(token.encode()).hexdigest()[:16]}"
     docker = (f'docker run -d --name sly-agent --restart unless-stopped -v /var/run/docker.sock:/var/run/docker.sock '
               f'-v "{host_dir}":"{host_dir}" -e AGENT_HOST_DIR="{host_dir}" -e SERVER_ADDRESS={url} '
               f'-e ACCESS_TOKEN={token} {core.settings.agent_image}')
