@@ -155,7 +155,12 @@ class AgentTaskContext(TaskContext):
             {s.value for s in LEASED} else TaskState.ASSIGNED
 
     def emit(self, lines: list[dict]) -> None:
-        self._proc.writer.write(lines)
+        try:
+            self._proc.writer.write(lines)
+        except tasklog.LogWriteError:
+            # The output can no longer be recorded (a full disk): stop the task; finish() fails
+            # it with writer.error once the lines that did get in are acked.
+            self.stop_event.set()
         self._proc.nudge()
 
     def set_phase(self, phase: str) -> None:
@@ -285,6 +290,8 @@ class TaskProcess(ChildBase):
 
     def finish(self, api, ctx: AgentTaskContext, outcome: Outcome) -> None:
         """Final state after every log line is acked; then the closed marker."""
+        if self.writer.error:
+            outcome = Outcome("failed", exit_code=outcome.exit_code, error=self.writer.error)
         if outcome.error:
             outcome.error = self.writer.masker(str(outcome.error))   # the error is sent too
         if outcome.state == TaskState.FINISHED and ctx.state in (TaskState.ASSIGNED, TaskState.PREPARING):
@@ -298,6 +305,8 @@ class TaskProcess(ChildBase):
         # state; what it logged meanwhile is shipped too.
         while self.before_final:
             self.before_final.pop(0)()
+        if self.writer.error:       # the container's removal may have been what failed the writer
+            outcome = Outcome("failed", exit_code=outcome.exit_code, error=self.writer.masker(self.writer.error))
         self.writer.close()
         self.wait_acked(self.writer.seq)
         failures = 0

@@ -7,6 +7,7 @@ help strings short and true.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -32,7 +33,7 @@ class Setting:
 SETTINGS: tuple[Setting, ...] = (
     Setting("server_address", "SERVER_ADDRESS", None, str, "Base URL of the task server, e.g. http://10.0.0.5:8700"),
     Setting("access_token", "ACCESS_TOKEN", None, str, "The node's 32-character secret token"),
-    Setting("host_dir", "AGENT_HOST_DIR", None, str, "Storage root as the Docker host sees it (default ~/.supervisely-agent/<token>)"),
+    Setting("host_dir", "AGENT_HOST_DIR", None, str, "Storage root as the Docker host sees it (default ~/.supervisely-agent/n-<hash of token>, with ~/.supervisely-agent/<token> a link to it); must not contain the token"),
     Setting("agent_dir", "AGENT_DIR", None, str, "Storage root as the agent sees it, when it runs in a container with the host dir mounted elsewhere (default: AGENT_HOST_DIR)"),
     Setting("max_tasks", "MAX_TASKS", 2, int, "Tasks run at once"),
     Setting("gpus", "AGENT_GPUS", "all", str, "GPUs the agent may hand out: 'all', 'none' or a comma list of indices"),
@@ -50,6 +51,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("restart_window_s", "CHILD_RESTART_WINDOW", 60.0, float, "Window in seconds in which quick deaths are counted"),
     Setting("log_level", "LOG_LEVEL", "INFO", str, "Agent log level"),
     Setting("helper_hung_s", "HELPER_HUNG_AFTER", 120.0, float, "Seconds without a heartbeat after which telemetry or the log-shipper is killed and restarted"),
+    # --- task containers (docs/security-agent.md says what each one defends) ---
+    Setting("task_log_level", "TASK_LOG_LEVEL", "DEBUG", str, "LOG_LEVEL given to task containers (DEBUG, like the Supervisely agent: the SDK then prints a crash's traceback)"),
+    Setting("task_shm_size", "TASK_SHM_SIZE", "5g", str, "/dev/shm size of a task that asks none (the Supervisely agent's SHM_SIZE default)"),
+    Setting("task_memory", "TASK_MEMORY", "0", str, "Memory limit of a task that asks none, e.g. 16g (0: none)"),
+    Setting("task_pids_limit", "TASK_PIDS_LIMIT", 4096, int, "Most processes and threads in one task container (0: no limit)"),
+    Setting("task_cap_drop", "TASK_CAP_DROP", "NET_RAW,MKNOD,SYS_CHROOT,AUDIT_WRITE,SETFCAP,SETPCAP", str, "Capabilities removed from task containers (comma list; 'ALL' drops every one)"),
+    Setting("task_network", "TASK_NETWORK", "bridge", str, "Network of task containers: bridge, or none (no network at all)"),
+    Setting("task_user", "TASK_USER", "", str, "User task containers run as, e.g. 1000:1000 (empty: the image's own, as Supervisely images expect)"),
+    Setting("task_read_only_root", "TASK_READ_ONLY_ROOT", False, bool, "Read-only root filesystem for task containers (a tmpfs /tmp is added)"),
 )
 
 
@@ -75,13 +85,26 @@ class Config:
     restart_window_s: float = 60.0
     log_level: str = "INFO"
     helper_hung_s: float = 120.0
+    task_log_level: str = "DEBUG"
+    task_shm_size: str = "5g"
+    task_memory: str = "0"
+    task_pids_limit: int = 4096
+    task_cap_drop: str = "NET_RAW,MKNOD,SYS_CHROOT,AUDIT_WRITE,SETFCAP,SETPCAP"
+    task_network: str = "bridge"
+    task_user: str = ""
+    task_read_only_root: bool = False
     config_file: str | None = None
+    # The documented default root named by the token: a link to root (node/storage.py makes it).
+    token_link: str | None = None
 
     @property
     def identity(self) -> str:
         """The agent's public identity: a hash of its token (used in container labels, logs)."""
-        import hashlib
         return hashlib.sha256(self.access_token.encode()).hexdigest()[:16]
+
+    @property
+    def cap_drop(self) -> list[str]:
+        return [c.strip().upper() for c in self.task_cap_drop.split(",") if c.strip()]
 
     # --- paths (as the agent sees them) ---
     @property
@@ -124,9 +147,17 @@ class Config:
         return os.path.normpath(os.path.join(self.host_dir, rel))
 
 
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+
+
 def _coerce(setting: Setting, raw) -> object:
     if raw is None:
         return None
+    if setting.kind is bool and not isinstance(raw, bool):
+        word = str(raw).strip().lower()
+        if word in _TRUE or word in _FALSE:
+            return word in _TRUE
+        raise ConfigError(f"{setting.env}={raw!r}: use true or false")
     try:
         return setting.kind(raw)
     except (TypeError, ValueError):
@@ -171,17 +202,44 @@ def load_config(environ: dict | None = None) -> Config:
     token = values["access_token"] or ""
     if not TOKEN_RE.match(token):
         raise ConfigError("ACCESS_TOKEN is not set or is not 32 letters and digits")
-    if not values["host_dir"]:
-        values["host_dir"] = str(Path.home() / ".supervisely-agent" / token)
-    values["host_dir"] = os.path.abspath(os.path.expanduser(values["host_dir"]))
-    values["agent_dir"] = os.path.abspath(os.path.expanduser(values["agent_dir"] or values["host_dir"]))
+    values.update(_roots(values["host_dir"], values["agent_dir"], token))
     if values["pull_policy"] not in ("if-not-present", "always", "never"):
         raise ConfigError(f"PULL_POLICY={values['pull_policy']!r}: use if-not-present, always or never")
     if values["task_dir_cleanup"] not in ("never", "on-success", "always"):
         raise ConfigError(f"TASK_DIR_CLEANUP={values['task_dir_cleanup']!r}: use never, on-success or always")
     if values["max_tasks"] < 1:
         raise ConfigError("MAX_TASKS must be at least 1")
+    if values["task_network"] not in ("bridge", "none"):
+        raise ConfigError(f"TASK_NETWORK={values['task_network']!r}: use bridge or none")
+    if values["task_pids_limit"] < 0:
+        raise ConfigError("TASK_PIDS_LIMIT must be 0 (no limit) or more")
     return Config(config_file=config_file, **values)
+
+
+def hashed_root_name(token: str) -> str:
+    """The default root's real name: a hash of the token, never the token itself."""
+    return "n-" + hashlib.sha256(token.encode()).hexdigest()[:16]
+
+
+def _roots(host_dir: str | None, agent_dir: str | None, token: str) -> dict:
+    """host_dir, agent_dir and token_link. Bind sources are resolved by Docker and shown in every
+    task container's /proc/self/mountinfo, so no root may name the token. The documented default
+    `~/.supervisely-agent/<token>` stays usable as a link to `~/.supervisely-agent/n-<hash>`; an
+    explicit root that contains the token is refused rather than silently moved."""
+    default_link = str(Path.home() / ".supervisely-agent" / token)
+    expand = lambda p: os.path.abspath(os.path.expanduser(p)) if p else None  # noqa: E731
+    host, agent = expand(host_dir), expand(agent_dir)
+    link = None
+    if host in (None, default_link) and agent in (None, host):
+        link = default_link
+        host = agent = str(Path(default_link).with_name(hashed_root_name(token)))
+    agent = agent or host
+    for env, path in (("AGENT_HOST_DIR", host), ("AGENT_DIR", agent)):
+        if token in path:
+            raise ConfigError(f"{env} contains the node's token; task containers see the storage path in "
+                              f"their mount table, so use a path without it (e.g. {env}="
+                              f"{Path(path).parent / hashed_root_name(token)})".replace(token, "<token>"))
+    return {"host_dir": host, "agent_dir": agent, "token_link": link}
 
 
 def markdown_table() -> str:

@@ -1,6 +1,7 @@
 """The agent's local storage layout (DESIGN.md "Local storage") and its start-up cleaning."""
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from pathlib import Path
@@ -10,14 +11,36 @@ from node.config import Config
 
 def ensure_layout(config: Config) -> None:
     """Create logs/, storage/images, storage/models, tasks/, tmp/ and state/ under the root."""
+    if config.token_link:
+        link_token_root(Path(config.token_link), config.root)
     for d in (config.logs_dir, config.images_dir, config.models_dir, config.tasks_dir,
               config.tmp_dir, config.state_dir, log_state_dir(config)):
         d.mkdir(parents=True, exist_ok=True)
-    # The token is part of the default root's name; keep the tree private to this user.
+    # Task logs and cursors live here; keep the tree private to this user.
     try:
         os.chmod(config.root, 0o700)
     except OSError:
         pass
+
+
+def link_token_root(link: Path, root: Path) -> None:
+    """Make the documented `~/.supervisely-agent/<token>` a link to the token-free root.
+
+    A real directory there (an older agent's storage) is renamed to the root, keeping its cache
+    and task logs; the link is relative, so the pair can be moved together."""
+    root.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink():
+        if os.path.realpath(link) == os.path.realpath(root):
+            return
+        link.unlink()
+    elif link.is_dir():
+        if root.exists():
+            raise OSError(errno.EEXIST, f"both {link.parent}/<token> and {root} exist; move one away")
+        os.rename(link, root)
+    elif link.exists():
+        raise OSError(errno.ENOTDIR, f"{link.parent}/<token> is a file, not the agent's storage")
+    root.mkdir(parents=True, exist_ok=True)
+    os.symlink(root.name, link)
 
 
 def wipe_tmp(config: Config) -> None:

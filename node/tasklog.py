@@ -12,6 +12,7 @@ final state is reported; `state/logs/<id>.closed` marks that report done.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -106,8 +107,23 @@ def last_cts(path: Path) -> int | None:
     return None
 
 
+class LogWriteError(OSError):
+    """The durable log could not take a batch (disk full, most likely); the file stays whole."""
+
+
+def write_error_message(e: OSError) -> str:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"disk full: the task's log cannot be written ({errno.errorcode[e.errno]}); the task was stopped"
+    return f"the task's log cannot be written: {e.strerror or e}"
+
+
 class TaskLogWriter:
-    """Appends masked lines with seqs to the task's durable log. Thread-safe; one per task process."""
+    """Appends masked lines with seqs to the task's durable log. Thread-safe; one per task process.
+
+    Writes go straight to the file (no userspace buffer): a buffer that failed to flush would be
+    written again with the next batch, so a disk that filled and freed up again would get the
+    same seqs twice. A failed write keeps the complete lines that reached the file, cuts the
+    partial one, and the next seq follows the last kept line; `error` then says why."""
 
     def __init__(self, config: Config, task_id: int, masker: Masker):
         task_logs_dir(config, task_id).mkdir(parents=True, exist_ok=True)
@@ -122,20 +138,46 @@ class TaskLogWriter:
         repair_tail(path)
         self.masker = masker
         self.seq = last_seq(path)
+        self.error: str | None = None      # the first write failure, as the task's error
         self._lock = threading.Lock()
-        self._f = open(path, "a", encoding="utf-8")
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
         self._synced = 0.0     # monotonic time of the last fsync
 
     def _sync(self, force: bool = False) -> None:
-        # flush() survives a crash of any process; fsync at most every FSYNC_EVERY_S bounds what a
-        # power loss can take to about that much of the log, at the cost of one fsync a second.
+        # A write reaches the OS at once (any process may crash); fsync at most every
+        # FSYNC_EVERY_S bounds what a power loss can take to about that much of the log.
         now = time.monotonic()
         if force or now - self._synced >= FSYNC_EVERY_S:
-            os.fsync(self._f.fileno())
+            try:
+                os.fsync(self._fd)
+            except OSError:
+                pass        # the lines are in the page cache for the shipper; only power-loss safety is lost
             self._synced = now
 
+    def _append(self, data: bytes, lines: int) -> None:
+        """Append whole lines; on a failure keep the complete ones that got in and count them."""
+        view = memoryview(data)
+        start = os.fstat(self._fd).st_size      # O_APPEND and one writer (the flock): our bytes go here
+        done = 0
+        try:
+            while done < len(data):
+                done += os.write(self._fd, view[done:])
+        except OSError as e:
+            keep = data.rfind(b"\n", 0, done) + 1
+            try:
+                os.ftruncate(self._fd, start + keep)     # shrinking needs no space
+                self.seq += data.count(b"\n", 0, keep)
+            except OSError:
+                repair_tail(self.path)
+                self.seq = last_seq(self.path)
+            message = write_error_message(e)
+            self.error = self.error or message
+            raise LogWriteError(e.errno, message) from None
+        self.seq += lines
+
     def write(self, lines: list[dict]) -> int:
-        """Append lines (each gets the next seq); flushed to the OS before returning the last seq."""
+        """Append lines (each gets the next seq); in the OS before returning the last seq.
+        LogWriteError: some or none of them got in (self.seq says up to where)."""
         if not lines:
             return self.seq
         dumps = logline.dumps
@@ -153,17 +195,17 @@ class TaskLogWriter:
             for o in out:
                 seq += 1
                 parts.append(with_seq(seq, o))
-            self._f.write("".join(parts))
-            self._f.flush()
+            self._append("".join(parts).encode("utf-8", "replace"), len(parts))
             self._sync()
-            self.seq = seq
-            return seq
+            return self.seq
 
     def close(self) -> None:
         with self._lock:
-            self._f.flush()
+            if self._fd < 0:
+                return
             self._sync(force=True)
-            self._f.close()
+            os.close(self._fd)
+            self._fd = -1
             self._lockf.close()
 
 
@@ -181,10 +223,31 @@ def read_cursor(config: Config, task_id: int) -> dict:
 
 
 def write_cursor(config: Config, task_id: int, cursor: dict) -> None:
+    """Replace the cursor atomically; on a full disk, rewrite the existing file in place.
+
+    In place needs no new block (a cursor is far smaller than one), so acks still advance while
+    the disk is full; a crash mid-rewrite leaves an unreadable cursor, read as "nothing acked",
+    and the lines are sent again (the server ignores seqs it has)."""
     path = cursor_path(config, task_id)
+    data = json.dumps(cursor).encode()
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(cursor))
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        return
+    except OSError as e:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT) or not path.exists():
+            raise
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, data, 0)
+        os.ftruncate(fd, len(data))
+    finally:
+        os.close(fd)
 
 
 def acked_seq(config: Config, task_id: int) -> int:
@@ -215,7 +278,11 @@ def closed_marker(config: Config, task_id: int) -> Path:
 
 def mark_closed(config: Config, task_id: int, state: str) -> None:
     """The final state is reported: the shipper may forget the task."""
-    closed_marker(config, task_id).write_text(state)
+    marker = closed_marker(config, task_id)
+    try:
+        marker.write_text(state)
+    except OSError:
+        marker.touch()      # a full disk still takes an empty file: its existence is the mark
     try:
         (active_dir(config) / str(task_id)).unlink()
     except FileNotFoundError:

@@ -1,6 +1,7 @@
 """User side: agents (the console's nodes): register, list, read, change, remove, rotate a token, telemetry."""
 from __future__ import annotations
 
+import hashlib
 import time
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -39,7 +40,9 @@ def run_commands(core, request: Request, agent_id: int, token: str) -> dict:
     `docker inspect`, mount tables and shell history.
     """
     url = (core.settings.public_url or str(request.base_url)).rstrip("/")
-    host_dir = f"$HOME/.supervisely-agent/node-{agent_id}"
+    # The storage dir is named by a hash of the token, never the token: task containers see it in
+    # their mount table (the agent's own default, node.config.hashed_root_name).
+    host_dir = f"$HOME/.supervisely-agent/n-{hashlib.sha256(token.encode()).hexdigest()[:16]}"
     docker = (f'docker run -d --name sly-agent --restart unless-stopped --network host '
               f'-v /var/run/docker.sock:/var/run/docker.sock '
               f'-v "{host_dir}":"{host_dir}" -e AGENT_HOST_DIR="{host_dir}" -e SERVER_ADDRESS={url} '

@@ -224,6 +224,8 @@ def test_auth_and_ownership_errors(server, client, make_agent):
     # rotation: the old token stops working at once
     new = client.rotate_token(a2.id)
     assert new["token"] != a2.token and new["token"] in new["run_command"]["run_sh"]
+    # ... and only as ACCESS_TOKEN: no path names it (task containers see the storage path)
+    assert new["run_command"]["docker"].count(new["token"]) == 1 and f"ACCESS_TOKEN={new['token']}" in new["run_command"]["docker"]
     assert a2.post("/agent/v1/poll", json={}).status_code == 401
 
 

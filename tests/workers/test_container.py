@@ -7,7 +7,7 @@ import pytest
 
 from tests.support.procs import poll_for
 from workers import custom, docker_task
-from workers.container import LABEL_AGENT, LABEL_TASK, container_name, create_kwargs
+from workers.container import LABEL_AGENT, LABEL_TASK, container_name, create_kwargs, find_container
 from workers.logparse import MAX_LINE, SPLIT_MARKER
 
 pytestmark = pytest.mark.docker
@@ -23,7 +23,7 @@ def test_env_mount_and_no_privileges(node, task_image, docker_client):
     assert "task_config.json" in out and "results" in out
     assert any("No such file" in line for line in ctx.messages()), "the docker socket must not be mounted"
     assert ctx.phases == ["preparing", "running", "uploading"]
-    assert not docker_client.containers.list(all=True, filters={"name": container_name(ctx.task_id)})
+    assert find_container(docker_client, ctx.task_id, ctx.config.identity) is None
 
 
 def test_log_lines_split_replaced_structured(node, task_image, log_source):
@@ -66,17 +66,22 @@ def test_stop_reaches_container_and_resources_applied(node, task_image, docker_c
     t = threading.Thread(target=lambda: result.update(o=custom.run(ctx)))
     t.start()
     poll_for(lambda: "running forever" in ctx.messages("stdout"), timeout=30, what="the container's first line")
-    c = docker_client.containers.get(container_name(ctx.task_id))
+    # by label: other agents on this engine may have a task with the same id
+    c = find_container(docker_client, ctx.task_id, node.config().identity)
     assert c.labels == {LABEL_AGENT: node.config().identity, LABEL_TASK: str(ctx.task_id)}
     hc = c.attrs["HostConfig"]
     assert hc["NanoCpus"] == 500_000_000 and hc["Memory"] == 64 * 2**20 and hc["ShmSize"] == 16 * 2**20
     assert hc["SecurityOpt"] == ["no-new-privileges"] and not hc["Privileged"]
-    assert hc["Binds"] == [f"{ctx.task_dir}:/sly_task_data:rw"]
+    mounts = {m["Target"]: (m["Source"], m.get("ReadOnly", False)) for m in hc["Mounts"]}
+    assert mounts == {f"/sly_task_data/{name}": (str(ctx.task_dir / name), ro) for name, ro in
+                      [("task_config.json", True), ("task_settings.json", True), ("data", True), ("model", True),
+                       ("results", False), ("tmp", False)]}
+    assert not hc.get("Binds"), "the task dir itself (its log) is never mounted"
     ctx.stop_event.set()
     poll_for(lambda: "got SIGTERM" in ctx.messages("stdout"), timeout=2, what="SIGTERM in the container")
     t.join(20)
     assert result["o"].state == "stopped"
-    assert not docker_client.containers.list(all=True, filters={"name": container_name(ctx.task_id)})
+    assert find_container(docker_client, ctx.task_id, ctx.config.identity) is None
 
 
 def test_deadline_exceeded(node, task_image):
@@ -91,7 +96,7 @@ def test_gpus_become_device_requests(node, task_image):
     assert "CUDA_VISIBLE_DEVICES" not in kw["environment"] and "device_requests" not in kw
     ctx.gpus = [1, 3]
     kw = create_kwargs(ctx)
-    assert kw["environment"]["CUDA_VISIBLE_DEVICES"] == "1,3"
+    assert kw["environment"]["CUDA_VISIBLE_DEVICES"] == "0,1"    # inside, the two GPUs are 0 and 1
     (req,) = kw["device_requests"]
     assert req["DeviceIDs"] == ["1", "3"] and req["Capabilities"] == [["gpu"]]
 
