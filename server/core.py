@@ -12,7 +12,7 @@ import hmac
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import func, select, update
 
 from protocol.states import LEASED, TaskState
 from server import db, migrate
@@ -104,25 +104,6 @@ class Core:
         if self.polling.get(agent_id):
             return "online"
         return "online" if last_seen is not None and now - last_seen <= self.settings.offline_after else "offline"
-
-    def add_telemetry(self, conn, agent_id: int, ts: float, sample: dict) -> None:
-        """Append to the agent's history (in `conn`'s transaction), keeping the newest N samples."""
-        t = db.telemetry.c
-        new_id = conn.execute(insert(db.telemetry).values(agent_id=agent_id, ts=ts, sample=sample)).inserted_primary_key[0]
-        if new_id % 50 == 0:   # prune now and then: a bounded table at the cost of one delete per 50 samples
-            cutoff = conn.execute(select(t.id).where(t.agent_id == agent_id).order_by(t.id.desc())
-                                  .offset(self.settings.telemetry_history).limit(1)).scalar()
-            if cutoff is not None:
-                conn.execute(delete(db.telemetry).where(t.agent_id == agent_id, t.id <= cutoff))
-
-    def telemetry_history(self, conn, agent_id: int, since: float | None = None) -> list[dict]:
-        """The newest samples (at most the history bound), oldest first, after `since` when given."""
-        t = db.telemetry.c
-        q = select(t.ts, t.sample).where(t.agent_id == agent_id)
-        if since is not None:
-            q = q.where(t.ts > since)
-        rows = conn.execute(q.order_by(t.id.desc()).limit(self.settings.telemetry_history)).all()
-        return [{"ts": ts, "sample": sample} for ts, sample in reversed(rows)]
 
     def wake_agent(self, agent_id: int, settings_changed: bool = False) -> None:
         if settings_changed:

@@ -20,13 +20,21 @@ class Settings:
     json_body_limit: int = 1 * MIB
     logs_body_limit: int = 32 * MIB
     project_body_limit: int = 64 * MIB   # POST of a project or a task result: annotations travel inline
-    telemetry_history: int = 720
+    telemetry_full_s: float = 3600.0     # history: every point this long, then one a minute
+    telemetry_keep_s: float = 86400.0    # history: nothing older than this
+    telemetry_min_gap_s: float | None = None  # history: at most one point per this (default interval / 2)
+    log_retention_days: float = 0.0      # log lines of tasks final this long ago are deleted; 0: kept forever
+    housekeeping_s: float = 60.0         # how often the retention job runs (server/retention.py)
     echo_endpoint: bool = False          # mount POST /api/v1/_echo (the benchmark's ingest baseline)
     admin_token: str | None = None       # filled in by load_admin_token()
 
     @property
     def database_url(self) -> str:
         return self.db_url or f"sqlite:///{Path(self.data_dir).resolve() / 'server.db'}"
+
+    @property
+    def telemetry_min_gap(self) -> float:
+        return self.telemetry_min_gap_s if self.telemetry_min_gap_s is not None else self.telemetry_interval_s / 2
 
     @property
     def offline_after(self) -> float:

@@ -27,7 +27,10 @@ async def connect(request: Request, agent: dict = Depends(require_agent)):
     core = core_of(request)
     info = await json_object(request, "system info")
     with core.engine.begin() as conn:
-        conn.execute(update(db.agents).where(db.agents.c.id == agent["id"]).values(system_info=info, last_seen=time.time()))
+        values = {"last_seen": time.time()}
+        if info != agent.get("system_info"):   # it changes rarely (a new GPU, a Docker upgrade): rewrite it only then
+            values["system_info"] = info
+        conn.execute(update(db.agents).where(db.agents.c.id == agent["id"]).values(**values))
     s = core.settings
     return {"agent": {"id": agent["id"], "name": agent["name"], "allowed_task_types": agent["allowed_task_types"]},
             "options": {"lease_s": s.lease_s, "telemetry_interval_s": s.telemetry_interval_s,
