@@ -10,11 +10,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from server import routes
+from server import logfilter, routes
 from server.auth import load_admin_token
 from server.core import Core
 from server.errors import BodyLimitMiddleware, install_error_handlers
 from server.settings import Settings
+from server.retention import run_housekeeper
 from server.tasks import reap_lost
 
 log = logging.getLogger("sly-server")
@@ -40,16 +41,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if not settings.admin_token:
         settings.admin_token = load_admin_token(settings.data_dir)
     core = Core(settings)
+    logfilter.install()   # here, not in __main__: every worker process builds its own app
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
         # The agents could not reach a stopped server: give every leased task a full lease to reconnect.
         core.renew_all_leases()
         reaper = asyncio.create_task(_reaper(core))
+        housekeeper = asyncio.create_task(run_housekeeper(core))
         try:
             yield
         finally:
             reaper.cancel()
+            housekeeper.cancel()
             core.engine.dispose()
 
     app = FastAPI(title="sly-agent task server", version="1", lifespan=lifespan,

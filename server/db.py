@@ -45,6 +45,7 @@ tasks = Table(
     Column("timeline", JSON, nullable=False),
     Column("results", JSON, nullable=False),
     Column("log_acked", Integer, nullable=False, default=-1),
+    Column("logs_expired_at", Float),   # its log lines were deleted by the retention setting then
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
 )

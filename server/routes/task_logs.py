@@ -46,7 +46,7 @@ async def task_logs(task_id: int, request: Request, after: int = Query(-1, ge=-1
                 cursor = lines[-1]["seq"]
                 yield "".join(_sse("line", ln) for ln in lines)
                 continue
-            if t is None or (TaskState(t["state"]) in FINAL and cursor >= t["log_acked"]):
+            if t is None or (TaskState(t["state"]) in FINAL and (cursor >= t["log_acked"] or t["logs_expired_at"])):
                 yield _sse("end", {"state": t["state"] if t else None, "acked": t["log_acked"] if t else cursor})
                 return
             if not await core.task_waiters.wait(ev, KEEPALIVE_S):

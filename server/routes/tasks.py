@@ -1,4 +1,4 @@
-"""User side: tasks: create, list, read, stop, training metrics."""
+"""User side: tasks: create, list, read, stop, delete, training metrics."""
 from __future__ import annotations
 
 import time
@@ -10,7 +10,7 @@ from protocol import endpoints
 from protocol.errors import APIError
 from protocol.states import FINAL, TaskState
 from protocol.tasks import CONTAINER_TYPES, TASK_TYPES
-from server import db, logs
+from server import db, logs, retention
 from server.auth import require_admin
 from server.routes.agents import agent_row
 from server.routes.common import core_of, cursor_id, page
@@ -105,6 +105,18 @@ async def stop_task(task_id: int, request: Request):
     core.wake_agent(task["agent_id"])
     core.wake_task(task_id)
     return public_task(task)
+
+
+@router.delete(endpoints.TASK)
+async def delete_task(task_id: int, request: Request):
+    """Delete a final task with its log lines and metrics (409 task_not_final otherwise); the models
+    and projects it made are kept, and the answer lists them."""
+    core = core_of(request)
+    with core.engine.begin() as conn:
+        answer = retention.delete_task(conn, task_id)
+    core.wake_task(task_id)   # a follower of its log ends now
+    retention.after_delete(core, answer["deleted"]["log_lines"])
+    return answer
 
 
 @router.get(endpoints.TASK_METRICS)

@@ -1,4 +1,4 @@
-"""Telemetry in a small latest row per node and a compact, downsampled history.
+"""Telemetry in a small latest row per node and a compact, downsampled history; log expiry.
 
 `telemetry_latest` (one row per agent: cpu, memory, disks and GPUs summaries, containers count,
 free slots) replaces `agents.telemetry` (the agent's whole ~4 KB sample), and
@@ -6,7 +6,8 @@ free slots) replaces `agents.telemetry` (the agent's whole ~4 KB sample), and
 replaces `telemetry` (every sample whole). The old samples are dropped, not converted: the
 latest row refills with each node's next sample, seconds after the server starts, and the
 history was an hour of chart data. `agents.telemetry_ts` now holds the time of the agent's
-newest history point.
+newest history point. `tasks.logs_expired_at` says when the log retention setting deleted a
+task's log lines.
 
 Revision ID: 0005_telemetry
 Revises: 0002_sly_projects
@@ -59,9 +60,13 @@ def upgrade() -> None:
     with op.batch_alter_table("agents") as batch:
         batch.drop_column("telemetry")
     op.execute(sa.text("UPDATE agents SET telemetry_ts = NULL"))
+    with op.batch_alter_table("tasks") as batch:
+        batch.add_column(sa.Column("logs_expired_at", sa.Float(), nullable=True))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("tasks") as batch:
+        batch.drop_column("logs_expired_at")
     with op.batch_alter_table("agents") as batch:
         batch.add_column(sa.Column("telemetry", sa.JSON(), nullable=True))
     op.create_table(
