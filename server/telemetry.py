@@ -111,11 +111,16 @@ def _gpu_mem_pct(g: dict) -> float | None:
     return None
 
 
+def _whole(x: float | None) -> int | None:
+    return None if x is None else int(round(x))
+
+
 def point_values(latest: dict) -> dict:
-    """The numbers a history point keeps: cpu, mem, [disk %], [[gpu util, gpu mem %]]."""
+    """The numbers a history point keeps: cpu, mem (0.1 %), [disk %], [[gpu util %, gpu mem %]] (whole %:
+    a chart's pixel is coarser, and a node with 8 GPUs writes 16 of them per point)."""
     return {"cpu": latest["cpu"], "mem": latest["mem"],
-            "disks": [d.get("percent") for d in latest["disks"]],
-            "gpus": [[g.get("utilization"), _gpu_mem_pct(g)] for g in latest["gpus"]]}
+            "disks": [_whole(d.get("percent")) for d in latest["disks"]],
+            "gpus": [[_whole(g.get("utilization")), _whole(_gpu_mem_pct(g))] for g in latest["gpus"]]}
 
 
 def public_latest(row) -> dict | None:
