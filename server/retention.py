@@ -68,11 +68,16 @@ def expire_logs(conn, settings, now: float) -> tuple[list[int], int]:
     return ids, lines
 
 
-def sqlite_incremental_vacuum(conn) -> bool:
+def sqlite_incremental_vacuum(engine) -> bool:
     """Give free pages back to the filesystem, when the database was made with auto_vacuum=INCREMENTAL."""
-    if conn.dialect.name != "sqlite" or conn.exec_driver_sql("PRAGMA auto_vacuum").scalar() != 2:
+    if engine.dialect.name != "sqlite":
         return False
-    conn.exec_driver_sql("PRAGMA incremental_vacuum").fetchall()
+    with engine.connect() as conn:
+        if conn.exec_driver_sql("PRAGMA auto_vacuum").scalar() != 2:
+            return False
+        conn.commit()
+        # sqlite3's execute() steps the pragma once, which frees one page; executescript runs it to the end.
+        conn.connection.driver_connection.executescript("PRAGMA incremental_vacuum;")
     return True
 
 
@@ -92,16 +97,14 @@ def housekeep(core, now: float | None = None) -> dict:
             if len(ids) < EXPIRE_BATCH:
                 break
     if done["telemetry_points"] + done["log_lines"] >= VACUUM_AFTER_ROWS:
-        with core.engine.begin() as conn:
-            done["vacuumed"] = sqlite_incremental_vacuum(conn)
+        done["vacuumed"] = sqlite_incremental_vacuum(core.engine)
     return done
 
 
 def after_delete(core, rows: int) -> None:
     """A user's delete of `rows` rows: vacuum now if that was a large one."""
     if rows >= VACUUM_AFTER_ROWS:
-        with core.engine.begin() as conn:
-            sqlite_incremental_vacuum(conn)
+        sqlite_incremental_vacuum(core.engine)
 
 
 async def run_housekeeper(core) -> None:
