@@ -22,6 +22,7 @@ agents = Table(
     Column("last_seen", Float),
     Column("system_info", JSON),      # as the agent last said at connect; rewritten only when it changes
     Column("telemetry_ts", Float),    # the time of its newest telemetry history point (server clock)
+    sqlite_autoincrement=True,        # ids are never reused: tasks of a deleted node keep naming it alone
 )
 
 tasks = Table(
@@ -48,6 +49,7 @@ tasks = Table(
     Column("logs_expired_at", Float),   # its log lines were deleted by the retention setting then
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
+    sqlite_autoincrement=True,        # ids are never reused: an agent's task dir, its models' task_id
 )
 
 log_lines = Table(

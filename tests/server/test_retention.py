@@ -164,6 +164,11 @@ def test_deleting_a_node_fails_its_active_tasks_and_keeps_its_final_ones(own_ser
     finally:
         eng.dispose()
     assert client.delete_task(done["id"])["deleted"]["log_lines"] == 5     # and can be deleted afterwards
+    # Ids are never given again: the kept tasks name the deleted node alone, models their deleted task.
+    client.delete_task(queued["id"])                                          # the newest task
+    newer = client.create_agent("successor")
+    assert newer["id"] > agent.id
+    assert client.create_task(newer["id"], "custom", image="x:1")["id"] > queued["id"]
 
 
 @pytest.mark.sqlite_only("SQLite's auto_vacuum and page counts")

@@ -7,7 +7,8 @@ replaces `telemetry` (every sample whole). The old samples are dropped, not conv
 latest row refills with each node's next sample, seconds after the server starts, and the
 history was an hour of chart data. `agents.telemetry_ts` now holds the time of the agent's
 newest history point. `tasks.logs_expired_at` says when the log retention setting deleted a
-task's log lines.
+task's log lines. On SQLite, `agents` and `tasks` become AUTOINCREMENT tables: now that rows are
+deleted, a new row must not take the id of a deleted one.
 
 Revision ID: 0005_telemetry
 Revises: 0002_sly_projects
@@ -57,10 +58,14 @@ def upgrade() -> None:
     op.create_index("ix_telemetry_history_ts", "telemetry_history", ["ts"])
     op.drop_index("ix_telemetry_agent_id", table_name="telemetry")
     op.drop_table("telemetry")
-    with op.batch_alter_table("agents") as batch:
+    # On SQLite the two tables are rebuilt with AUTOINCREMENT: a deleted row's id is never given
+    # again (PostgreSQL's sequences never reuse one anyway).
+    autoinc = {"recreate": "always", "table_kwargs": {"sqlite_autoincrement": True}} \
+        if op.get_bind().dialect.name == "sqlite" else {}
+    with op.batch_alter_table("agents", **autoinc) as batch:
         batch.drop_column("telemetry")
     op.execute(sa.text("UPDATE agents SET telemetry_ts = NULL"))
-    with op.batch_alter_table("tasks") as batch:
+    with op.batch_alter_table("tasks", **autoinc) as batch:
         batch.add_column(sa.Column("logs_expired_at", sa.Float(), nullable=True))
 
 
