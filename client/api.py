@@ -85,6 +85,7 @@ class UserClient:
         return self._json("POST", ep.path(ep.AGENT_TOKEN, agent_id=agent_id))
 
     def agent_telemetry(self, agent_id: int, since: float | None = None) -> list[dict]:
+        """History points {ts, cpu, mem, disks: [%], gpus: [[util, mem %]]}, oldest first."""
         params = {"since": since} if since is not None else None
         return self.request("GET", ep.path(ep.AGENT, agent_id=agent_id) + "/telemetry", params=params).json()["items"]
 
@@ -173,6 +174,10 @@ class UserClient:
 
     def stop_task(self, task_id: int) -> dict:
         return self._json("POST", ep.path(ep.TASK_STOP, task_id=task_id))
+
+    def delete_task(self, task_id: int) -> dict:
+        """Delete a final task with its log (409 task_not_final otherwise): {deleted, kept: {models, projects}}."""
+        return self._json("DELETE", ep.path(ep.TASK, task_id=task_id))
 
     def task_metrics(self, task_id: int) -> list[dict]:
         return self._json("GET", ep.path(ep.TASK_METRICS, task_id=task_id))["items"]

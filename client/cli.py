@@ -151,8 +151,13 @@ def nodes_rotate(c: UserClient, a) -> int:
 
 
 def nodes_delete(c: UserClient, a) -> int:
-    c.delete_agent(a.id)
-    print(f"deleted node {a.id}")
+    answer = c.delete_agent(a.id)
+    if a.json:
+        print(json.dumps(answer))
+        return 0
+    failed = answer.get("failed_tasks") or []
+    print(f"deleted node {a.id}" + (f"; tasks failed with 'node deleted': {', '.join(map(str, failed))}" if failed else "")
+          + (f"; {answer['kept_tasks']} final tasks kept" if answer.get("kept_tasks") else ""))
     return 0
 
 
@@ -255,6 +260,19 @@ def tasks_stop(c: UserClient, a) -> int:
     return 0
 
 
+def tasks_delete(c: UserClient, a) -> int:
+    answer = c.delete_task(a.id)
+    if a.json:
+        print(json.dumps(answer))
+        return 0
+    d, kept = answer.get("deleted", {}), answer.get("kept", {})
+    print(f"deleted task {a.id} ({d.get('log_lines', 0)} log lines, {d.get('metrics', 0)} metrics points)")
+    for kind in ("models", "projects"):
+        if kept.get(kind):
+            print(f"kept {kind}: {', '.join(str(i) for i in kept[kind])}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sly", description="Client of the sly-agent server's user API.")
     p.add_argument("--server", default=os.environ.get("SLY_SERVER", DEFAULT_SERVER),
@@ -323,6 +341,10 @@ def build_parser() -> argparse.ArgumentParser:
     x = tasks.add_parser("stop", help="stop a task")
     x.add_argument("id", type=int)
     x.set_defaults(func=tasks_stop)
+    x = tasks.add_parser("delete", help="delete a finished, failed, stopped or lost task and its log "
+                         "(the models and projects it made are kept)")
+    x.add_argument("id", type=int)
+    x.set_defaults(func=tasks_delete)
     return p
 
 

@@ -31,7 +31,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lease-s", type=float, default=300.0, help="a leased task whose agent is silent this long becomes lost")
     p.add_argument("--telemetry-interval-s", type=float, default=5.0, help="agents' telemetry interval; offline after 3 missed")
     p.add_argument("--offline-after-s", type=float, default=None, help="override: offline after this many silent seconds")
-    p.add_argument("--telemetry-history", type=int, default=720, help="telemetry samples kept per agent for charts")
+    p.add_argument("--telemetry-full-s", type=float, default=3600.0, help="telemetry history: every point for this long")
+    p.add_argument("--telemetry-keep-s", type=float, default=86400.0,
+                   help="telemetry history: one point a minute after --telemetry-full-s, until this age")
+    p.add_argument("--telemetry-min-gap-s", type=float, default=None,
+                   help="telemetry history: at most one point per node per this (default: half the interval)")
+    p.add_argument("--log-retention-days", type=float, default=0.0,
+                   help="delete the log lines of tasks that ended this many days ago (0: keep forever)")
+    p.add_argument("--housekeeping-s", type=float, default=60.0, help="how often retention and pruning run")
     p.add_argument("--log-quota-bytes", type=int, default=256 * 1024 * 1024,
                    help="log bytes stored per task; past it one marker line, later lines dropped (0: none; default 256 MiB)")
     p.add_argument("--blob-quota-bytes", type=int, default=0,
@@ -61,8 +68,6 @@ def worker_app():
 
 def main(argv=None) -> None:
     a = parse_args(argv)
-    if a.telemetry_history < 1:
-        raise SystemExit("python -m server: --telemetry-history must be at least 1")
     os.umask(0o077)     # every file and directory the server makes is its own user's only
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -72,7 +77,9 @@ def main(argv=None) -> None:
         pass
     settings = Settings(data_dir=Path(a.data), db_url=a.db, lease_s=a.lease_s, telemetry_interval_s=a.telemetry_interval_s,
                         offline_after_s=a.offline_after_s, agent_image=a.agent_image, public_url=a.public_url,
-                        telemetry_history=a.telemetry_history, echo_endpoint=a.echo_endpoint,
+                        echo_endpoint=a.echo_endpoint, telemetry_full_s=a.telemetry_full_s,
+                        telemetry_keep_s=a.telemetry_keep_s, telemetry_min_gap_s=a.telemetry_min_gap_s,
+                        log_retention_days=a.log_retention_days, housekeeping_s=a.housekeeping_s,
                         metrics_token=a.metrics_token, docs=a.docs,
                         db_pool_size=a.db_pool_size, workers=a.workers, log_page_bytes=a.log_page_bytes,
                         log_quota_bytes=a.log_quota_bytes, blob_quota_bytes=a.blob_quota_bytes,

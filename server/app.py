@@ -15,12 +15,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from protocol.endpoints import AUTHORIZATION_HEADER, BEARER
 from protocol.errors import APIError
-from server import blob_refs, routes
+from server import blob_refs, logfilter, routes
 from server.auth import check_admin_token_length, load_admin_token
 from server.core import Core
 from server.errors import ERROR_RESPONSES, BodyLimitMiddleware, install_error_handlers
 from server.settings import Settings
 from server.strict import SafeJSONResponse
+from server.retention import run_housekeeper
 from server.tasks import reap_lost
 
 log = logging.getLogger("sly-server")
@@ -85,13 +86,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     check_admin_token_length(settings.admin_token, "the admin token")
     core = Core(settings)
     restrict_data_dir(settings.data_dir)      # again: the database files exist now
+    logfilter.install()   # here, not in __main__: every worker process builds its own app
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
         # The agents could not reach a stopped server: give every leased task a full lease to reconnect.
         await core.run(core.renew_all_leases)
         core.wakeups.loop = asyncio.get_running_loop()
-        background = [asyncio.create_task(_reaper(core)), asyncio.create_task(_blob_collector(core))]
+        background = [asyncio.create_task(_reaper(core)), asyncio.create_task(_blob_collector(core)),
+                      asyncio.create_task(run_housekeeper(core))]
         if core.wakeups.shared:
             background.append(asyncio.create_task(core.wakeups.listen()))
             # Answer only once other replicas' changes can reach this one (it retries if not yet).

@@ -15,7 +15,7 @@ import time
 
 import anyio
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import func, select, update
 
 from protocol.states import LEASED, TaskState
 from server import blob_refs, db, migrate
@@ -142,27 +142,6 @@ class Core:
             q = q.where(p.agent_id == agent_id)
         return dict(conn.execute(q).all())
 
-    def add_telemetry(self, conn, agent_id: int, ts: float, sample: dict) -> None:
-        """Append to the agent's history (in `conn`'s transaction), keeping its newest N samples.
-
-        Pruned on every sample of this agent: one indexed lookup per sample (a few per minute per
-        agent) keeps every agent at N rows at most. Pruning on a global id (`id % 50 == 0`) let an
-        agent whose ids never hit the modulus keep every row."""
-        t = db.telemetry.c
-        conn.execute(insert(db.telemetry).values(agent_id=agent_id, ts=ts, sample=sample))
-        cutoff = conn.execute(select(t.id).where(t.agent_id == agent_id).order_by(t.id.desc())
-                              .offset(self.settings.telemetry_history).limit(1)).scalar()
-        if cutoff is not None:
-            conn.execute(delete(db.telemetry).where(t.agent_id == agent_id, t.id <= cutoff))
-
-    def telemetry_history(self, conn, agent_id: int, since: float | None = None) -> list[dict]:
-        """The newest samples (at most the history bound), oldest first, after `since` when given."""
-        t = db.telemetry.c
-        q = select(t.ts, t.sample).where(t.agent_id == agent_id)
-        if since is not None:
-            q = q.where(t.ts > since)
-        rows = conn.execute(q.order_by(t.id.desc()).limit(self.settings.telemetry_history)).all()
-        return [{"ts": ts, "sample": sample} for ts, sample in reversed(rows)]
 
     # --- metrics ---
     def refresh_metrics(self) -> None:

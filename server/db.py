@@ -20,13 +20,13 @@ agents = Table(
     Column("allowed_task_types", JSON, nullable=False),
     Column("created_at", Float, nullable=False),
     Column("last_seen", Float),
-    Column("system_info", JSON),
-    Column("telemetry", JSON),
-    Column("telemetry_ts", Float),
+    Column("system_info", JSON),      # as the agent last said at connect; rewritten only when it changes
+    Column("telemetry_ts", Float),    # the time of its newest telemetry history point (server clock)
     # Shared by every replica (revision 0003): bumped when name or allowed types change, so an
     # open poll on any replica answers at once; why the agent's last poll took no task.
     Column("settings_version", Integer, nullable=False, default=0, server_default="0"),
     Column("refusing", Text),
+    sqlite_autoincrement=True,        # ids are never reused: tasks of a deleted node keep naming it alone
 )
 
 tasks = Table(
@@ -54,8 +54,10 @@ tasks = Table(
     Column("log_acked", Integer, nullable=False, default=-1),
     # Bytes of log stored for the task (message + extra fields); the log quota is checked against it.
     Column("log_bytes", BigInteger, nullable=False, default=0, server_default="0"),
+    Column("logs_expired_at", Float),   # its log lines were deleted by the retention setting then
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
+    sqlite_autoincrement=True,        # ids are never reused: an agent's task dir, its models' task_id
 )
 
 log_lines = Table(
@@ -134,13 +136,36 @@ blob_refs = Table(
     sqlite_with_rowid=False,
 )
 
-# Bounded telemetry history per agent (the console's charts), kept across restarts.
-telemetry = Table(
-    "telemetry", metadata,
-    Column("id", Integer, primary_key=True),
-    Column("agent_id", Integer, nullable=False, index=True),
+# The latest telemetry sample of each agent, small: what the nodes list shows (server/telemetry.py).
+telemetry_latest = Table(
+    "telemetry_latest", metadata,
+    Column("agent_id", Integer, primary_key=True, autoincrement=False),
     Column("ts", Float, nullable=False),
-    Column("sample", JSON, nullable=False),
+    Column("cpu", Float),
+    Column("mem", Float),
+    Column("mem_used", BigInteger),
+    Column("mem_total", BigInteger),
+    Column("disks", JSON),            # [{path, used, total, percent}]
+    Column("gpus", JSON),             # [{index, name, utilization, memory_used, memory_total}]
+    Column("gpu_count", Integer, nullable=False, default=0),
+    Column("containers", Integer),
+    Column("free_slots", Integer),
+)
+
+# Telemetry history per agent for the console's charts: a few numbers per point, every point for
+# an hour, then one a minute (`minute`), then dropped (server/telemetry.py). Stored clustered by
+# agent on SQLite, so one node's chart reads adjacent pages.
+telemetry_history = Table(
+    "telemetry_history", metadata,
+    Column("agent_id", Integer, primary_key=True, autoincrement=False),
+    Column("ts", Float, primary_key=True),
+    Column("minute", Boolean, nullable=False),
+    Column("cpu", Float),
+    Column("mem", Float),
+    Column("disks", JSON),            # [percent per disk], in the order of telemetry_latest.disks
+    Column("gpus", JSON),             # [[utilization, memory percent] per GPU]
+    Index("ix_telemetry_history_ts", "ts"),
+    sqlite_with_rowid=False,
 )
 
 # Long-polls open now, one row each, on whichever replica holds them (revision 0003). A replica
@@ -167,6 +192,9 @@ def make_engine(url: str, pool_size: int = 10) -> Engine:
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn, _record):
             cur = dbapi_conn.cursor()
+            # Takes effect only on a new, empty database (before its first table): freed pages can
+            # then be returned to the filesystem by `PRAGMA incremental_vacuum` (server/retention.py).
+            cur.execute("PRAGMA auto_vacuum=INCREMENTAL")
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA busy_timeout=5000")

@@ -89,7 +89,8 @@ class Feed:
                 continue
             if task is not None:   # none stored up to acked: lines dropped over the task's log quota
                 self.cursor = max(self.cursor, task["log_acked"])
-            if task is None or (TaskState(task["state"]) in FINAL and self.cursor >= task["log_acked"]):
+            if task is None or (TaskState(task["state"]) in FINAL and
+                                (self.cursor >= task["log_acked"] or task.get("logs_expired_at"))):
                 self.end = {"state": task["state"] if task else None,
                             "acked": task["log_acked"] if task else self.cursor}
                 self.hub.feeds.pop(self.task_id, None)   # a follower joining from now on starts a new feed

@@ -20,7 +20,6 @@ class Settings:
     json_body_limit: int = 1 * MIB
     logs_body_limit: int = 32 * MIB
     project_body_limit: int = 64 * MIB   # POST of a project or a task result: annotations travel inline
-    telemetry_history: int = 720
     db_pool_size: int = 10               # database connections (and threads doing database work) per process
     workers: int = 1                     # uvicorn worker processes (more than one needs PostgreSQL)
     log_page_bytes: int = 1 * MIB        # a log page or SSE batch stops past this many bytes (always >= 1 line)
@@ -28,6 +27,11 @@ class Settings:
     log_quota_bytes: int = 256 * MIB     # log bytes stored per task; later lines are dropped (0: no quota)
     blob_quota_bytes: int = 0            # bytes the blob store may hold; a PUT past it gets 507 (0: no quota)
     blob_grace_s: float = 24 * 3600.0    # an unreferenced blob (or partial upload) this old is collected
+    telemetry_full_s: float = 3600.0     # history: every point this long, then one a minute
+    telemetry_keep_s: float = 86400.0    # history: nothing older than this
+    telemetry_min_gap_s: float | None = None  # history: at most one point per this (default interval / 2)
+    log_retention_days: float = 0.0      # log lines of tasks final this long ago are deleted; 0: kept forever
+    housekeeping_s: float = 60.0         # how often the retention job runs (server/retention.py)
     echo_endpoint: bool = False          # mount POST /api/v1/_echo (the benchmark's ingest baseline)
     admin_token: str | None = None       # filled in by load_admin_token()
     metrics_token: str | None = None     # /metrics needs 'Authorization: Bearer <it>' when set
@@ -41,6 +45,10 @@ class Settings:
     def blob_gc_every_s(self) -> float:
         """How often the blob collector runs: a quarter of the grace, between 1 s and an hour."""
         return max(1.0, min(3600.0, self.blob_grace_s / 4))
+
+    @property
+    def telemetry_min_gap(self) -> float:
+        return self.telemetry_min_gap_s if self.telemetry_min_gap_s is not None else self.telemetry_interval_s / 2
 
     @property
     def offline_after(self) -> float:

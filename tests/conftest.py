@@ -27,7 +27,8 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def server(tmp_path_factory):
     """One server for the whole test session (tests create their own agents/tasks)."""
-    srv = ServerProcess(tmp_path_factory.mktemp("server") / "data").start()
+    # Every telemetry sample a test posts becomes a history point (by default, one per half interval).
+    srv = ServerProcess(tmp_path_factory.mktemp("server") / "data", extra_args=["--telemetry-min-gap-s", "0"]).start()
     yield srv
     srv.close()
 

@@ -32,7 +32,10 @@ async def connect(request: Request, agent: dict = Depends(require_agent)):
 
     def store():
         with core.engine.begin() as conn:
-            conn.execute(update(db.agents).where(db.agents.c.id == agent["id"]).values(system_info=info, last_seen=time.time()))
+            values = {"last_seen": time.time()}
+            if info != agent.get("system_info"):   # it changes rarely (a new GPU, a Docker upgrade): rewrite it only then
+                values["system_info"] = info
+            conn.execute(update(db.agents).where(db.agents.c.id == agent["id"]).values(**values))
     await core.run(store)
     s = core.settings
     return {"agent": {"id": agent["id"], "name": agent["name"], "allowed_task_types": agent["allowed_task_types"]},

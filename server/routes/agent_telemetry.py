@@ -1,4 +1,4 @@
-"""Agent side: telemetry samples (kept as the agent's latest sample and in its bounded history)."""
+"""Agent side: telemetry samples (kept as the agent's small latest row and in its bounded history)."""
 from __future__ import annotations
 
 import time
@@ -7,7 +7,7 @@ from fastapi import APIRouter, Depends, Request
 from sqlalchemy import update
 
 from protocol import endpoints
-from server import db
+from server import db, telemetry as tele
 from server.auth import require_agent
 from server.routes.agent_poll import ANY_OBJECT
 from server.routes.common import core_of, json_object
@@ -24,8 +24,9 @@ async def telemetry(request: Request, agent: dict = Depends(require_agent)):
 
     def store():
         with core.engine.begin() as conn:
-            conn.execute(update(db.agents).where(db.agents.c.id == agent["id"])
-                         .values(telemetry=sample, telemetry_ts=now, last_seen=now))
-            core.add_telemetry(conn, agent["id"], now, sample)
+            values = {"last_seen": now}
+            if tele.record(conn, core.settings, agent["id"], agent.get("telemetry_ts"), now, sample):
+                values["telemetry_ts"] = now
+            conn.execute(update(db.agents).where(db.agents.c.id == agent["id"]).values(**values))
     await core.run(store)
     return {"ok": True}

@@ -11,9 +11,9 @@ from protocol import endpoints
 from protocol.errors import APIError
 from protocol.states import FINAL, LEASED, TaskState
 from protocol.tasks import TASK_TYPES
-from server import db
+from server import db, telemetry as tele
 from server.auth import hash_token, new_token, require_admin
-from server.routes.common import core_of
+from server.routes.common import conditional_json, core_of, cursor_id, page
 from server.schemas import AgentIn, AgentPatch
 from server.strict import RowId
 from server.tasks import change_state, retry_race
@@ -50,21 +50,43 @@ def run_commands(core, request: Request, agent_id: int, token: str) -> dict:
     return {"docker": docker, "run_sh": f"SERVER_ADDRESS={url} ACCESS_TOKEN={token} ./run.sh"}
 
 
-def _agent_out(core, row, running: int, polls: int, now: float) -> dict:
-    a = dict(row)
-    a.pop("token_hash", None)
-    a.pop("settings_version", None)
+def _agent_out(core, row, latest, running: int, polls: int, now: float) -> dict:
+    """An agent as the API shows it; `row` without system_info gives the nodes list's compact row."""
+    a = {k: v for k, v in dict(row).items() if k not in ("token_hash", "telemetry_ts", "settings_version")}
     a["status"] = core.agent_status(polls, a["last_seen"], now)
     a["running_tasks"] = running
     a["polls_open"] = polls
-    a["refusing"] = a["refusing"] or ""
+    a["refusing"] = a.get("refusing") or ""
+    a["telemetry"] = tele.public_latest(latest)
     return a
 
 
-def _running_counts(conn) -> dict[int, int]:
+def _running_counts(conn, agent_ids=None) -> dict[int, int]:
     t = db.tasks.c
-    return dict(conn.execute(select(t.agent_id, func.count()).where(t.state.in_([s.value for s in LEASED]))
-                             .group_by(t.agent_id)).all())
+    q = select(t.agent_id, func.count()).where(t.state.in_([s.value for s in LEASED]))
+    if agent_ids is not None:
+        q = q.where(t.agent_id.in_(agent_ids))
+    return dict(conn.execute(q.group_by(t.agent_id)).all())
+
+
+def _latest(conn, agent_ids) -> dict:
+    lt = db.telemetry_latest
+    return {r["agent_id"]: r for r in conn.execute(select(lt).where(lt.c.agent_id.in_(agent_ids))).mappings()}
+
+
+def _summary(core, conn, now: float) -> dict:
+    """The whole fleet in a few numbers: nodes online/offline, GPUs on online nodes (free: less
+    those held by leased tasks), leased tasks."""
+    a, lt, t = db.agents.c, db.telemetry_latest.c, db.tasks.c
+    nodes = conn.execute(select(a.id, a.last_seen, lt.gpu_count)
+                         .select_from(db.agents.outerjoin(db.telemetry_latest, lt.agent_id == a.id))).all()
+    polls = core.polls_open(conn, now)
+    online = {aid: gpus or 0 for aid, seen, gpus in nodes if core.agent_status(polls.get(aid, 0), seen, now) == "online"}
+    leased = conn.execute(select(t.agent_id, t.resources).where(t.state.in_([s.value for s in LEASED]))).all()
+    held = sum(int((res or {}).get("gpus") or 0) for aid, res in leased if aid in online)
+    total = sum(online.values())
+    return {"nodes": len(nodes), "online": len(online), "offline": len(nodes) - len(online),
+            "gpus_total": total, "gpus_free": max(0, total - held), "tasks_running": len(leased)}
 
 
 def agent_row(conn, agent_id: int):
@@ -92,23 +114,38 @@ async def create_agent(body: AgentIn, request: Request):
             "run_command": run_commands(core, request, aid, token)}
 
 
+LIST_COLUMNS = [c for c in db.agents.c if c.name not in ("token_hash", "system_info", "telemetry_ts")]
+
+
 @router.get(endpoints.AGENTS)
-async def list_agents(request: Request):
-    """Every agent with status online/offline, last_seen, running_tasks, latest telemetry, system_info."""
+async def list_agents(request: Request, limit: int = Query(100, ge=1, le=1000), cursor: str | None = None):
+    """A page of agents by id: compact rows (status, last_seen, running_tasks, latest telemetry, no
+    system_info) and the fleet's `summary`. ETag / If-None-Match: 304 when the page is unchanged."""
     core = core_of(request)
     now = time.time()
+    c = cursor_id(cursor)
+    q = select(*LIST_COLUMNS).order_by(db.agents.c.id).limit(limit + 1)
+    if c is not None:
+        q = q.where(db.agents.c.id > c)
 
     def read():
         with core.engine.connect() as conn:
-            counts = _running_counts(conn)
+            rows = conn.execute(q).mappings().all()
+            ids = [r["id"] for r in rows[:limit]]
+            counts = _running_counts(conn, ids)
+            latest = _latest(conn, ids)
             polls = core.polls_open(conn, now)
-            rows = conn.execute(select(db.agents).order_by(db.agents.c.id)).mappings().all()
-        return [_agent_out(core, r, counts.get(r["id"], 0), polls.get(r["id"], 0), now) for r in rows]
-    return {"items": await core.run(read), "next": None}
+            summary = _summary(core, conn, now)
+        body = page([_agent_out(core, r, latest.get(r["id"]), counts.get(r["id"], 0), polls.get(r["id"], 0), now)
+                     for r in rows], limit)
+        body["summary"] = summary
+        return body
+    return conditional_json(request, await core.run(read))
 
 
 @router.get(endpoints.AGENT)
 async def read_agent(agent_id: RowId, request: Request):
+    """One agent in full: the list's fields and its system_info."""
     core = core_of(request)
     return await core.run(_read_one, core, agent_id)
 
@@ -119,8 +156,10 @@ def _read_one(core, agent_id: int, conn=None) -> dict:
             return _read_one(core, agent_id, conn)
     now = time.time()
     row = agent_row(conn, agent_id)
-    running = _running_counts(conn).get(agent_id, 0)
-    return _agent_out(core, row, running, core.polls_open(conn, now, agent_id).get(agent_id, 0), now)
+    counts = _running_counts(conn, [agent_id])
+    latest = _latest(conn, [agent_id])
+    polls = core.polls_open(conn, now, agent_id).get(agent_id, 0)
+    return _agent_out(core, row, latest.get(agent_id), counts.get(agent_id, 0), polls, now)
 
 
 @router.patch(endpoints.AGENT)
@@ -144,9 +183,14 @@ async def patch_agent(agent_id: RowId, body: AgentPatch, request: Request):
     return await core.run(change)
 
 
+NODE_DELETED = "node deleted"
+
+
 @router.delete(endpoints.AGENT)
 async def delete_agent(agent_id: RowId, request: Request):
-    """Remove an agent; its unfinished tasks fail with 'agent removed'."""
+    """Remove an agent and its telemetry. Its unfinished tasks fail with "node deleted"; its final
+    tasks are kept, their agent_id naming a node that no longer exists (the console shows "deleted
+    node"). Delete those with DELETE /api/v1/tasks/{id}."""
     core = core_of(request)
     now = time.time()
 
@@ -157,14 +201,18 @@ async def delete_agent(agent_id: RowId, request: Request):
             rows = conn.execute(select(db.tasks).where(db.tasks.c.agent_id == agent_id,
                                                        db.tasks.c.state.notin_([s.value for s in FINAL]))).mappings().all()
             for r in rows:
-                change_state(conn, dict(r), TaskState.FAILED, now, error="its agent was removed")
+                change_state(conn, dict(r), TaskState.FAILED, now, error=NODE_DELETED)
                 core.notify_task(conn, r["id"])
                 failed.append(r["id"])
+            kept = conn.execute(select(func.count()).select_from(db.tasks).where(db.tasks.c.agent_id == agent_id)).scalar()
             conn.execute(delete(db.agents).where(db.agents.c.id == agent_id))
-            conn.execute(delete(db.telemetry).where(db.telemetry.c.agent_id == agent_id))
+            tele.forget(conn, agent_id)
             core.notify_agent(conn, agent_id)   # its open polls, on every replica, end with 401
-        return failed
-    return {"ok": True, "failed_tasks": await core.run(retry_race, remove)}
+        return failed, kept
+    failed, kept = await core.run(retry_race, remove)
+    return {"ok": True, "failed_tasks": failed, "kept_tasks": kept,
+            "tasks": f"unfinished tasks failed with {NODE_DELETED!r}; final tasks are kept and still name agent "
+                     f"{agent_id}, which no longer exists (DELETE /api/v1/tasks/{{id}} removes them)"}
 
 
 @router.post(endpoints.AGENT_TOKEN)
@@ -185,11 +233,13 @@ async def rotate_token(agent_id: RowId, request: Request):
 
 @router.get(endpoints.AGENT_TELEMETRY)
 async def agent_telemetry(agent_id: RowId, request: Request, since: float | None = Query(None, allow_inf_nan=False)):
-    """Recent telemetry samples `{ts, sample}` (oldest first), those after `since` when given."""
+    """The node's telemetry history, oldest first (after `since` when given): compact points
+    `{ts, cpu, mem, disks: [%], gpus: [[util %, memory %]]}` and the series' names in `disks`
+    and `gpus`. Every point of the last hour, then one a minute (docs/protocol.md)."""
     core = core_of(request)
 
     def read():
         with core.engine.connect() as conn:
             agent_row(conn, agent_id)
-            return core.telemetry_history(conn, agent_id, since)
-    return {"items": await core.run(read), "next": None}
+            return tele.history(conn, agent_id, since)
+    return conditional_json(request, await core.run(read))

@@ -1,7 +1,12 @@
 """What the route modules share: the Core of a request, JSON object bodies, paging, reading one row."""
 from __future__ import annotations
 
+import gzip
+import hashlib
+import json
+
 from fastapi import Request
+from fastapi.responses import Response
 from sqlalchemy import select
 
 from protocol.errors import APIError
@@ -57,3 +62,17 @@ def list_rows(core, table, limit: int, cursor: str | None, summary) -> dict:
     with core.engine.connect() as conn:
         rows = conn.execute(q).mappings().all()
     return page([summary(dict(r)) for r in rows], limit)
+
+
+def conditional_json(request: Request, body: dict) -> Response:
+    """`body` as JSON with a weak ETag of its bytes: 304 when If-None-Match names it, gzipped when
+    the client accepts it (a nodes page of 1,000 rows shrinks about tenfold)."""
+    data = json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+    etag = 'W/"' + hashlib.sha256(data).hexdigest()[:32] + '"'
+    headers = {"ETag": etag, "Vary": "Accept-Encoding", "Cache-Control": "no-cache"}
+    if etag in {t.strip() for t in request.headers.get("if-none-match", "").split(",")}:
+        return Response(status_code=304, headers=headers)
+    if len(data) > 1400 and "gzip" in request.headers.get("accept-encoding", ""):
+        data = gzip.compress(data, compresslevel=5)
+        headers["Content-Encoding"] = "gzip"
+    return Response(data, media_type="application/json", headers=headers)

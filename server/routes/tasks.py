@@ -1,4 +1,4 @@
-"""User side: tasks: create, list, read, stop, training metrics."""
+"""User side: tasks: create, list, read, stop, delete, training metrics."""
 from __future__ import annotations
 
 import time
@@ -10,7 +10,7 @@ from protocol import endpoints
 from protocol.errors import APIError
 from protocol.states import FINAL, TaskState
 from protocol.tasks import CONTAINER_TYPES, TASK_TYPES
-from server import db, logs
+from server import db, logs, retention
 from server.auth import require_admin
 from server.routes.agents import agent_row
 from server.routes.common import core_of, cursor_id, page
@@ -114,6 +114,21 @@ async def stop_task(task_id: RowId, request: Request):
             core.notify_task(conn, task_id)
             return task
     return public_task(await core.run(retry_race, stop))
+
+
+@router.delete(endpoints.TASK)
+async def delete_task(task_id: RowId, request: Request):
+    """Delete a final task with its log lines and metrics (409 task_not_final otherwise); the models
+    and projects it made are kept, and the answer lists them."""
+    core = core_of(request)
+
+    def remove():
+        with core.transaction() as conn:
+            answer = retention.delete_task(conn, task_id)
+            core.notify_task(conn, task_id)   # a follower of its log ends now
+        retention.after_delete(core, answer["deleted"]["log_lines"])
+        return answer
+    return await core.run(remove)
 
 
 @router.get(endpoints.TASK_METRICS)

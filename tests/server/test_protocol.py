@@ -315,10 +315,10 @@ def test_telemetry_status_session_and_metrics(server, client, make_agent):
     for i in range(3):
         assert agent.post("/agent/v1/telemetry", json={"cpu": i}).status_code == 200
     a = client.get_agent(agent.id)
-    assert a["status"] == "online" and a["telemetry"] == {"cpu": 2} and a["system_info"]["hostname"] == "h1"
+    assert a["status"] == "online" and a["telemetry"]["cpu"] == {"percent": 2} and a["system_info"]["hostname"] == "h1"
     hist = client.agent_telemetry(agent.id)
-    assert [s["sample"]["cpu"] for s in hist] == [0, 1, 2]
-    assert client.agent_telemetry(agent.id, since=hist[1]["ts"])[0]["sample"]["cpu"] == 2
+    assert [s["cpu"] for s in hist] == [0, 1, 2]
+    assert client.agent_telemetry(agent.id, since=hist[1]["ts"])[0]["cpu"] == 2
     # console sign-in: cookie instead of bearer
     s = requests.Session()
     s.headers["Origin"] = server.url           # as the console's own pages send it
@@ -385,10 +385,10 @@ def test_results_posted_again_after_an_agent_restart_make_no_second_model_or_pro
     assert p1 == p2
 
 
-def test_console_sessions_and_telemetry_history_survive_a_restart_and_history_is_bounded(own_server):
+def test_console_sessions_and_telemetry_history_survive_a_restart(own_server):
     from sqlalchemy import create_engine, text
-    srv, client, agent = own_server("--telemetry-history", "5")
-    for i in range(120):
+    srv, client, agent = own_server("--telemetry-min-gap-s", "0")
+    for i in range(5):
         assert agent.post("/agent/v1/telemetry", json={"cpu": i}).status_code == 200
     console = requests.Session()
     console.headers["Origin"] = srv.url
@@ -397,13 +397,10 @@ def test_console_sessions_and_telemetry_history_survive_a_restart_and_history_is
     srv.stop()
     srv.start()
     assert console.get(f"{srv.url}/api/v1/agents").status_code == 200, "signed out by a restart"
-    hist = client.agent_telemetry(agent.id)
-    assert [s["sample"]["cpu"] for s in hist] == [115, 116, 117, 118, 119]
+    assert [s["cpu"] for s in client.agent_telemetry(agent.id)] == [0, 1, 2, 3, 4]
     engine = create_engine(srv.db_url)
     try:
         with engine.connect() as db:
-            rows = db.execute(text("select count(*) from telemetry")).scalar()
-            assert rows <= 5 + 50, rows                 # pruned, not growing without bound
             assert db.execute(text("select count(*) from console_sessions")).scalar() == 1
             assert not db.execute(text("select 1 from console_sessions where id_hash = :s"), {"s": sid}).fetchall()  # hashed
     finally:

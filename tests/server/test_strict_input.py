@@ -52,17 +52,19 @@ def test_non_finite_telemetry_is_refused_and_nothing_is_stored(server, client, m
 
 
 def test_a_stored_nan_telemetry_sample_does_not_break_the_nodes_list(own_server):
-    srv, client, agent = own_server()
-    assert agent.post(endpoints.TELEMETRY, json={"cpu": {"percent": 1.0}}).status_code == 200
-    with _db(srv) as db:     # what an older server stored: SQLAlchemy's JSON writes NaN as NaN
-        db.execute("UPDATE agents SET telemetry = ? WHERE id = ?", ('{"cpu": {"percent": NaN}, "t": Infinity}', agent.id))
-        db.execute("UPDATE telemetry SET sample = ? WHERE agent_id = ?", ('{"cpu": {"percent": NaN}}', agent.id))
+    srv, client, agent = own_server("--telemetry-min-gap-s", "0")
+    sample = {"cpu": {"percent": 1.0}, "disks": [{"path": "/", "used": 1, "total": 2, "percent": 50.0}]}
+    assert agent.post(endpoints.TELEMETRY, json=sample).status_code == 200
+    with _db(srv) as db:     # what an older server could store: SQLAlchemy's JSON writes NaN as NaN
+        db.execute("UPDATE telemetry_latest SET disks = ? WHERE agent_id = ?",
+                   ('[{"path": "/", "used": 1, "total": 2, "percent": NaN}]', agent.id))
+        db.execute("UPDATE telemetry_history SET disks = ? WHERE agent_id = ?", ("[Infinity]", agent.id))
     r = client.session.get(srv.url + endpoints.AGENTS)
     assert r.status_code == 200, r.text
     [node] = [a for a in r.json()["items"] if a["id"] == agent.id]
-    assert node["telemetry"] == {"cpu": {"percent": None}, "t": None}
+    assert node["telemetry"]["disks"][0]["percent"] is None
     r = client.session.get(f"{srv.url}/api/v1/agents/{agent.id}/telemetry")
-    assert r.status_code == 200 and r.json()["items"][0]["sample"] == {"cpu": {"percent": None}}
+    assert r.status_code == 200 and r.json()["items"][0]["disks"] == [None]
 
 
 # --- a NaN metric, then the task's logs and metrics ---
@@ -307,18 +309,3 @@ def test_the_data_dir_is_0700_and_the_servers_files_0600(tmp_path, own_server):
             assert _mode(data / extra) & 0o077 == 0, extra
     blob = data / "blobs" / sha[:2] / sha[2:5] / sha
     assert _mode(blob) == 0o600 and _mode(blob.parent) == 0o700
-
-
-def test_telemetry_pruning_keeps_at_most_the_limit_for_every_node(own_server):
-    srv, client, first = own_server("--telemetry-history", "5")
-    from tests.server.conftest import FakeAgent
-    nodes = [first] + [FakeAgent(srv.url, a["token"], a["id"]) for a in
-                       (client.create_agent(f"n{i}") for i in range(3))]
-    for i in range(40):               # interleaved: no node's ids are consecutive
-        for n in nodes:
-            assert n.post(endpoints.TELEMETRY, json={"i": i}).status_code == 200
-    with _db(srv) as db:
-        counts = dict(db.execute("SELECT agent_id, count(*) FROM telemetry GROUP BY agent_id").fetchall())
-    assert counts == {n.id: 5 for n in nodes}
-    items = client.session.get(f"{srv.url}/api/v1/agents/{nodes[2].id}/telemetry").json()["items"]
-    assert [s["sample"]["i"] for s in items] == [35, 36, 37, 38, 39]

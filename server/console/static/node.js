@@ -4,7 +4,7 @@
   const id = document.getElementById("node").dataset.id;
   const WINDOW_KEY = "sly.node.window";
   let windowS = Number(localStorage.getItem(WINDOW_KEY) ?? 3600);
-  let samples = [], lastTs = null;   // every sample the server keeps (its history bound), oldest first
+  let samples = [], lastTs = null;   // every point the server keeps (docs/protocol.md: telemetry), oldest first
 
   function sysinfo(si) {
     const dl = document.getElementById("sysinfo");
@@ -37,6 +37,9 @@
     return c;
   }
 
+  // History points are compact: {t, cpu, mem, disks: [%], gpus: [[util %, memory %]]}; the series'
+  // names (disk paths, GPU indices) come with each answer, in the order of the points' lists.
+  let diskNames = [], gpuIdx = [];
   function draw() {
     const cutoff = windowS ? Date.now() / 1000 - windowS : -Infinity;
     const shown = samples.filter(s => s.t >= cutoff);
@@ -44,16 +47,16 @@
     if (!samples.length) return;
     const xs = shown.map(s => s.t);
     const col = f => shown.map(s => { const v = f(s); return v === null || v === undefined || isNaN(v) ? null : v; });
-    chart("cpu", "CPU", ["CPU"]).set([xs, col(SLY.tele.cpu)]);
-    chart("memory", "Memory", ["Memory"]).set([xs, col(SLY.tele.memory)]);
-    const disks = [...new Set(samples.flatMap(s => SLY.tele.disks(s).map(d => d.name)))];
-    chart("disk", "Disk", disks).set([xs, ...disks.map(n => col(s => (SLY.tele.disks(s).find(d => d.name === n) || {}).pct ?? null))]);
-    const gpuIdx = [...new Set(samples.flatMap(s => SLY.tele.gpus(s).map(g => g.index)))];
-    if (gpuIdx.length) {
-      const g = (s, i) => SLY.tele.gpus(s).find(x => x.index === i) || {};
-      const labels = gpuIdx.map(i => `GPU ${i}`);
-      chart("gpu-util", "GPU utilisation", labels).set([xs, ...gpuIdx.map(i => col(s => g(s, i).util ?? null))]);
-      chart("gpu-mem", "GPU memory", labels).set([xs, ...gpuIdx.map(i => col(s => g(s, i).mem ?? null))]);
+    chart("cpu", "CPU", ["CPU"]).set([xs, col(s => s.cpu)]);
+    chart("memory", "Memory", ["Memory"]).set([xs, col(s => s.mem)]);
+    const nDisks = Math.max(0, ...samples.map(s => (s.disks || []).length));
+    const disks = Array.from({ length: nDisks }, (_, i) => diskNames[i] || `disk ${i + 1}`);
+    chart("disk", "Disk", disks).set([xs, ...disks.map((_, i) => col(s => (s.disks || [])[i]))]);
+    const nGpus = Math.max(0, ...samples.map(s => (s.gpus || []).length));
+    if (nGpus) {
+      const labels = Array.from({ length: nGpus }, (_, i) => `GPU ${gpuIdx[i] ?? i}`);
+      chart("gpu-util", "GPU utilisation", labels).set([xs, ...labels.map((_, i) => col(s => ((s.gpus || [])[i] || [])[0]))]);
+      chart("gpu-mem", "GPU memory", labels).set([xs, ...labels.map((_, i) => col(s => ((s.gpus || [])[i] || [])[1]))]);
     }
   }
 
@@ -70,7 +73,9 @@
   async function refreshTelemetry() {
     try {
       const data = await SLY.api("GET", `/api/v1/agents/${id}/telemetry` + (lastTs !== null ? `?since=${lastTs}` : ""));
-      const fresh = (data.items || []).map(s => Object.assign({}, s.sample || s, { t: SLY.ms(s.ts) / 1000 }))
+      diskNames = data.disks || diskNames;
+      gpuIdx = (data.gpus || []).map(g => g.index);
+      const fresh = (data.items || []).map(s => Object.assign({}, s, { t: SLY.ms(s.ts) / 1000 }))
         .filter(s => lastTs === null || s.t > lastTs);
       if (fresh.length) { samples = samples.concat(fresh); lastTs = fresh[fresh.length - 1].t; }
       draw();

@@ -8,7 +8,6 @@
   let agents = [];
 
   const stalePanel = document.getElementById("stale-panel");
-  const LEASED = ["assigned", "preparing", "running", "uploading"];
 
   function show(panel) {
     for (const p of [addPanel, tokenPanel, editPanel, stalePanel]) p.hidden = p !== panel;
@@ -50,33 +49,61 @@
         SLY.el("button", { type: "button", class: "delete danger icon-btn", "aria-label": `Delete ${a.name}`, title: "Delete", onclick: () => remove(a) }, SLY.icon("trash"))));
   }
 
-  /** GPUs on online nodes less those held by leased tasks (the agents' own free lists stay on the server). */
-  async function summary() {
-    const online = agents.filter(a => a.status === "online");
-    document.getElementById("sum-online").textContent = online.length;
-    document.getElementById("sum-offline").textContent = agents.length - online.length;
-    document.getElementById("sum-running").textContent = agents.reduce((n, a) => n + (Number(a.running_tasks) || 0), 0);
-    const total = online.reduce((n, a) => n + (SLY.tele.gpus(a.telemetry).length || ((a.system_info || {}).gpus || []).length), 0);
-    let held = 0;
-    try {
-      const pages = await Promise.all(LEASED.map(st => SLY.api("GET", `/api/v1/tasks?state=${st}&limit=1000`)));
-      const onlineIds = new Set(online.map(a => a.id));
-      held = pages.flatMap(p => p.items || []).filter(t => onlineIds.has(t.agent_id))
-        .reduce((n, t) => n + (Number((t.resources || {}).gpus) || 0), 0);
-    } catch (e) { /* the counts above still stand */ }
-    document.getElementById("sum-gpus").textContent = total ? `${Math.max(0, total - held)} / ${total}` : "0";
+  // The fleet in numbers, as the server counts it (one page of rows need not hold every node).
+  function summary(sum) {
+    if (!sum) return;
+    document.getElementById("sum-online").textContent = sum.online;
+    document.getElementById("sum-offline").textContent = sum.offline;
+    document.getElementById("sum-running").textContent = sum.tasks_running;
+    document.getElementById("sum-gpus").textContent = sum.gpus_total ? `${sum.gpus_free} / ${sum.gpus_total}` : "0";
   }
 
-  async function refresh() {
+  // One page of PAGE nodes at a time. The server answers 304 to If-None-Match when the page is
+  // unchanged, so a quiet fleet costs a few hundred bytes per refresh and no redraw.
+  const PAGE = 100;
+  let cursors = [null], pageNo = 0, etag = null, total = 0;
+  async function fetchPage(cursor, lastEtag) {
+    const qs = `?limit=${PAGE}` + (cursor ? `&cursor=${encodeURIComponent(cursor)}` : "");
+    const headers = lastEtag ? { "If-None-Match": lastEtag } : {};
+    const r = await fetch("/api/v1/agents" + qs, { credentials: "same-origin", cache: "no-store", headers });
+    if (r.status === 401) { location.assign("/signin"); throw new Error("not signed in"); }
+    if (r.status === 304) return null;
+    const data = await r.json().catch(() => null);
+    if (!r.ok) throw new Error((data && (data.detail || data.error)) || `${r.status} ${r.statusText}`);
+    return { data, etag: r.headers.get("etag") };
+  }
+  /** Every node, page by page (the stale-node removal decides on the whole fleet). */
+  async function allAgents() {
+    let out = [], cursor = null;
+    do {
+      const data = await SLY.api("GET", "/api/v1/agents?limit=1000" + (cursor ? `&cursor=${encodeURIComponent(cursor)}` : ""));
+      out = out.concat(data.items || []);
+      cursor = data.next;
+    } while (cursor);
+    return out;
+  }
+
+  async function refresh(force) {
     try {
-      const data = await SLY.api("GET", "/api/v1/agents");
-      agents = data.items || [];
+      const got = await fetchPage(cursors[pageNo], force ? null : etag);
+      if (!got) return;   // unchanged since the last answer
+      etag = got.etag;
+      agents = got.data.items || [];
+      if (!agents.length && pageNo > 0) { pageNo = 0; cursors = [null]; etag = null; return refresh(true); }
+      cursors[pageNo + 1] = got.data.next;
       tbody.replaceChildren(...agents.map(row));
-      document.getElementById("nodes-empty").hidden = agents.length > 0;
-      if (!stalePanel.hidden && !removing) previewStale();
-      summary();
+      summary(got.data.summary);
+      total = got.data.summary ? got.data.summary.nodes : agents.length;
+      document.getElementById("nodes-empty").hidden = total > 0;
+      const first = pageNo * PAGE;
+      document.getElementById("nodes-pager").hidden = !(pageNo > 0 || got.data.next);
+      document.getElementById("nodes-range").textContent = `${first + 1}–${first + agents.length} of ${total}`;
+      document.getElementById("nodes-prev").disabled = pageNo === 0;
+      document.getElementById("nodes-next").disabled = !got.data.next;
     } catch (e) { SLY.flash("Could not load nodes: " + e.message, true); }
   }
+  document.getElementById("nodes-prev").addEventListener("click", () => { if (pageNo > 0) { pageNo--; refresh(true); } });
+  document.getElementById("nodes-next").addEventListener("click", () => { if (cursors[pageNo + 1]) { pageNo++; refresh(true); } });
 
   // --- remove stale nodes: offline ones last seen (or, never seen, added) before the threshold ---
   const staleAge = document.getElementById("stale-age");
@@ -85,8 +112,13 @@
     const cutoff = Date.now() - Number(staleAge.value) * 1000;
     return list.filter(a => a.status !== "online" && (SLY.ms(a.last_seen ?? a.created_at) ?? 0) < cutoff);
   }
+  let everyone = [];
+  async function loadStale() {
+    try { everyone = await allAgents(); } catch (e) { SLY.flash("Could not load nodes: " + e.message, true); return; }
+    previewStale();
+  }
   function previewStale() {
-    const hit = stale(agents), label = staleAge.selectedOptions[0].textContent;
+    const hit = stale(everyone), label = staleAge.selectedOptions[0].textContent;
     document.getElementById("stale-count").textContent = hit.length
       ? `${hit.length} offline node${hit.length === 1 ? "" : "s"} last seen more than ${label} ago:`
       : `No offline node was last seen more than ${label} ago.`;
@@ -98,8 +130,8 @@
   }
   document.getElementById("stale-open").addEventListener("click", () => {
     document.getElementById("stale-run").hidden = true;
-    previewStale();
     show(stalePanel);
+    loadStale();
   });
   staleAge.addEventListener("change", previewStale);
   document.getElementById("stale-form").addEventListener("submit", async (ev) => {
@@ -108,7 +140,7 @@
     const label = staleAge.selectedOptions[0].textContent;
     // Decide on a fresh list: a node may have come back since the preview was drawn.
     let hit;
-    try { hit = stale((await SLY.api("GET", "/api/v1/agents")).items || []); }
+    try { hit = stale(await allAgents()); }
     catch (e) { SLY.flash("Could not load nodes: " + e.message, true); return; }
     if (!hit.length) { refresh(); return; }
     if (!confirm(`Remove ${hit.length} offline node${hit.length === 1 ? "" : "s"} last seen more than ${label} ago? ` +
@@ -130,8 +162,8 @@
     removing = false;
     SLY.flash(failed.length ? `Removed ${done} of ${hit.length} nodes; not removed: ${failed.join(", ")}`
       : `Removed ${done} offline node${done === 1 ? "" : "s"}.`, failed.length > 0);
-    await refresh();
-    previewStale();
+    await refresh(true);
+    await loadStale();
   });
 
   function commands(rc) {
@@ -163,7 +195,7 @@
     try {
       const answer = await SLY.api("POST", "/api/v1/agents", body);
       showToken(answer.name || body.name, answer);
-      refresh();
+      refresh(true);
     } catch (e) { SLY.flash("Could not add the node: " + e.message, true); }
   });
   document.querySelector("#token-panel .copy").addEventListener("click", (ev) => SLY.copy(document.getElementById("token-value").value, ev.target));
@@ -171,7 +203,7 @@
     document.getElementById("token-value").value = "";
     document.getElementById("run-commands").replaceChildren();
     show(null);
-    refresh();   // the agent may have been started meanwhile
+    refresh(true);   // the agent may have been started meanwhile
   });
   for (const c of document.querySelectorAll(".panel .cancel")) c.addEventListener("click", () => show(null));
 
@@ -190,7 +222,7 @@
       await SLY.api("PATCH", `/api/v1/agents/${document.getElementById("edit-id").value}`, body);
       show(null);
       SLY.flash(`Saved ${body.name}.`);
-      refresh();
+      refresh(true);
     } catch (e) { SLY.flash("Could not save: " + e.message, true); }
   });
 
@@ -206,10 +238,17 @@
     try {
       await SLY.api("DELETE", `/api/v1/agents/${a.id}`);
       SLY.flash(`Deleted ${a.name}.`);
-      refresh();
+      refresh(true);
     } catch (e) { SLY.flash("Could not delete: " + e.message, true); }
   }
 
-  refresh();
-  setInterval(() => { if (!document.hidden) refresh(); }, 5000);
+  // At most every 5 s, and only while the tab is visible; at once when it becomes visible again.
+  let timer = null;
+  async function tick() {
+    clearTimeout(timer);
+    if (document.visibilityState === "visible") await refresh(false);
+    timer = setTimeout(tick, 5000);
+  }
+  document.addEventListener("visibilitychange", () => { if (document.visibilityState === "visible") tick(); else clearTimeout(timer); });
+  refresh(true).then(() => { timer = setTimeout(tick, 5000); });
 })();

@@ -163,7 +163,8 @@
     if (!node.dataset.id) {   // the node's name, fetched once
       node.dataset.id = task.agent_id;
       node.replaceChildren(SLY.el("a", { href: `/nodes/${task.agent_id}` }, `#${task.agent_id}`));
-      SLY.api("GET", `/api/v1/agents/${task.agent_id}`).then(a => { node.firstChild.textContent = a.name; }, () => {});
+      SLY.api("GET", `/api/v1/agents/${task.agent_id}`).then(a => { node.firstChild.textContent = a.name; },
+        e => { if (e.status === 404) node.replaceChildren(SLY.el("span", { class: "hint", title: `node #${task.agent_id}` }, "deleted node")); });
     }
     const image = document.getElementById("t-image");
     image.textContent = task.image || "—"; image.title = task.image || "";
@@ -171,6 +172,7 @@
     document.getElementById("t-exit").textContent = task.exit_code ?? "—";
     document.getElementById("t-error").textContent = task.error || "—";
     document.getElementById("t-stop").hidden = SLY.FINAL_STATES.includes(task.state);
+    document.getElementById("t-delete").hidden = !SLY.FINAL_STATES.includes(task.state);
     if (task.progress || !liveProgress) setProgress(task.progress);
     timeline(task);
     results(task);
@@ -182,6 +184,18 @@
     if (!confirm(`Stop task ${id}?`)) return;
     try { await SLY.api("POST", `/api/v1/tasks/${id}/stop`); SLY.flash("Stop requested."); refresh(); }
     catch (e) { SLY.flash("Could not stop: " + e.message, true); }
+  });
+
+  document.getElementById("t-delete").addEventListener("click", async () => {
+    if (!confirm(`Delete task ${id} and its log? The models and projects it made are kept.`)) return;
+    try {
+      const a = await SLY.api("DELETE", `/api/v1/tasks/${id}`);
+      const kept = [["model", a.kept.models], ["project", a.kept.projects]].filter(([, ids]) => ids.length)
+        .map(([k, ids]) => `${k}${ids.length > 1 ? "s" : ""} ${ids.map(i => "#" + i).join(", ")}`);
+      clearInterval(timer);
+      SLY.flash(`Deleted task ${id}` + (kept.length ? `; kept ${kept.join(" and ")}.` : "."));
+      setTimeout(() => location.assign("/tasks"), 1500);
+    } catch (e) { SLY.flash("Could not delete: " + e.message, true); }
   });
 
   const timer = setInterval(() => { if (!document.hidden) refresh(); }, 2000);

@@ -4,7 +4,7 @@
   const tbody = document.querySelector("#tasks-table tbody");
   const fNode = document.getElementById("f-node"), fState = document.getElementById("f-state");
   const q = new URLSearchParams(location.search);
-  let agents = [], agentsById = {};
+  let agents = [], agentsById = {}, agentsComplete = false;   // complete: every node is in `agents`
   let next = null, extra = [];
 
   function row(t) {
@@ -13,7 +13,8 @@
     return SLY.el("tr", { dataset: { id: t.id, state: t.state }, class: "task-row" },
       SLY.el("td", {}, SLY.el("a", { href: `/tasks/${t.id}` }, `#${t.id}`)),
       SLY.el("td", {}, SLY.el("span", { class: "badge state " + t.state }, t.state)),
-      SLY.el("td", {}, a ? SLY.el("a", { href: `/nodes/${a.id}` }, a.name) : String(t.agent_id)),
+      SLY.el("td", {}, a ? SLY.el("a", { href: `/nodes/${a.id}` }, a.name) : agentsComplete
+        ? SLY.el("span", { class: "hint", title: `node #${t.agent_id}` }, "deleted node") : SLY.el("a", { href: `/nodes/${t.agent_id}` }, `#${t.agent_id}`)),
       SLY.el("td", {}, t.type),
       SLY.el("td", { class: "image" }, SLY.trunc(t.image || "—", "code")),
       SLY.el("td", { class: "progress" }, SLY.progress(t.progress)),
@@ -37,8 +38,9 @@
   }
 
   async function loadAgents() {
-    const data = await SLY.api("GET", "/api/v1/agents");
+    const data = await SLY.api("GET", "/api/v1/agents?limit=1000");
     agents = data.items || [];
+    agentsComplete = !data.next;
     agentsById = Object.fromEntries(agents.map(a => [a.id, a]));
     const keep = fNode.value || q.get("agent_id") || "";
     fNode.replaceChildren(SLY.el("option", { value: "" }, "all"),

@@ -1,0 +1,190 @@
+"""Telemetry storage: the latest sample per node in a small row, and a downsampled, bounded history.
+
+An agent's sample (agent/telemetry.py) is about 4 KB: per-core CPU, network, GPU processes and so
+on. The server keeps only what the console shows:
+
+- `telemetry_latest`, one row per node: cpu %, memory, a disks summary, a GPUs summary, the
+  containers count, free slots and the time. The nodes list reads only this.
+- `telemetry_history`, a few numbers per point: cpu %, memory %, each disk's %, each GPU's
+  utilisation and memory %. Every point is kept for `telemetry_full_s` (an hour); after that only
+  the first point of each minute, until `telemetry_keep_s` (a day); then none. A node that posts
+  faster than `telemetry_min_gap_s` (default: half the interval) adds history no faster than
+  that, so a node holds at most full_s / min_gap + keep_s / 60 points, whatever it sends.
+
+The system info an agent gives at connect (hostname, CPUs, GPU models, Docker) is stored once in
+`agents.system_info` and rewritten only when it changes.
+"""
+from __future__ import annotations
+
+import math
+
+from sqlalchemy import and_, delete, insert, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from server import db
+
+
+def _num(x) -> float | None:
+    ok = isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    return float(x) if ok else None
+
+
+def _pct(x) -> float | None:
+    """A percentage from a number or a dict (percent, or used/total), as the agent may send either."""
+    if _num(x) is not None:
+        return float(x)
+    if isinstance(x, dict):
+        for k in ("percent", "usage_percent", "used_percent", "util", "utilization"):
+            if _num(x.get(k)) is not None:
+                return float(x[k])
+        used, total = _num(x.get("used")), _num(x.get("total"))
+        if used is not None and total:
+            return 100.0 * used / total
+    return None
+
+
+def _r(x: float | None) -> float | None:
+    return None if x is None else round(x, 1)
+
+
+def _int(x) -> int | None:
+    return int(x) if _num(x) is not None else None
+
+
+def _disks(sample: dict) -> list[dict]:
+    d = sample.get("disks")
+    if isinstance(d, dict):
+        d = [dict(v, path=k) if isinstance(v, dict) else {"path": k, "percent": v} for k, v in d.items()]
+    out = []
+    for x in d if isinstance(d, list) else []:
+        if not isinstance(x, dict):
+            continue
+        name = x.get("path") or x.get("mount") or x.get("mountpoint") or x.get("name") or "disk"
+        row = {"path": str(name)[:200], "used": _int(x.get("used")), "total": _int(x.get("total")), "percent": _r(_pct(x))}
+        out.append({k: v for k, v in row.items() if v is not None})
+    return out[:32]
+
+
+def _gpus(sample: dict) -> list[dict]:
+    out = []
+    for i, g in enumerate(sample.get("gpus") if isinstance(sample.get("gpus"), list) else []):
+        if _num(g) is not None:
+            out.append({"index": i, "utilization": _r(float(g))})
+            continue
+        if not isinstance(g, dict):
+            continue
+        util = next((_num(g.get(k)) for k in ("utilization_percent", "util_percent", "gpu_util", "utilization", "util")
+                     if _num(g.get(k)) is not None), None)
+        mem = g.get("memory") if isinstance(g.get("memory"), dict) else {}
+        row = {"index": _int(g.get("index")) if _int(g.get("index")) is not None else i,
+               "name": str(g["name"])[:100] if g.get("name") else None, "utilization": _r(util),
+               "memory_used": _int(g.get("memory_used", mem.get("used"))),
+               "memory_total": _int(g.get("memory_total", mem.get("total"))),
+               "memory_percent": _r(_num(g.get("memory_percent")))}
+        out.append({k: v for k, v in row.items() if v is not None})
+    return out[:64]
+
+
+def latest_values(sample: dict) -> dict:
+    """The columns of a node's telemetry_latest row, taken from an agent's sample of any size."""
+    mem = sample.get("memory", sample.get("memory_percent"))
+    containers = sample.get("containers")
+    gpus = _gpus(sample)
+    return {
+        "cpu": _r(_pct(sample.get("cpu", sample.get("cpu_percent")))),
+        "mem": _r(_pct(mem)),
+        "mem_used": _int(mem.get("used")) if isinstance(mem, dict) else None,
+        "mem_total": _int(mem.get("total")) if isinstance(mem, dict) else None,
+        "disks": _disks(sample),
+        "gpus": gpus,
+        "gpu_count": len(gpus),
+        "containers": len(containers) if isinstance(containers, list) else _int(containers),
+        "free_slots": _int(sample.get("free_slots")),
+    }
+
+
+def _gpu_mem_pct(g: dict) -> float | None:
+    if "memory_percent" in g:
+        return g["memory_percent"]
+    if g.get("memory_total"):
+        return round(100.0 * g.get("memory_used", 0) / g["memory_total"], 1)
+    return None
+
+
+def _whole(x: float | None) -> int | None:
+    return None if x is None else int(round(x))
+
+
+def point_values(latest: dict) -> dict:
+    """The numbers a history point keeps: cpu, mem (0.1 %), [disk %], [[gpu util %, gpu mem %]] (whole %:
+    a chart's pixel is coarser, and a node with 8 GPUs writes 16 of them per point)."""
+    return {"cpu": latest["cpu"], "mem": latest["mem"],
+            "disks": [_whole(d.get("percent")) for d in latest["disks"]],
+            "gpus": [[_whole(g.get("utilization")), _whole(_gpu_mem_pct(g))] for g in latest["gpus"]]}
+
+
+def public_latest(row) -> dict | None:
+    """A telemetry_latest row as the API shows it: the shape of an agent's sample, only smaller."""
+    if row is None or row["ts"] is None:
+        return None
+    memory = {k: v for k, v in (("percent", row["mem"]), ("used", row["mem_used"]), ("total", row["mem_total"]))
+              if v is not None}
+    out = {"ts": row["ts"], "cpu": {"percent": row["cpu"]} if row["cpu"] is not None else None,
+           "memory": memory or None, "disks": row["disks"] or [], "gpus": row["gpus"] or [],
+           "containers": row["containers"], "free_slots": row["free_slots"]}
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _upsert(conn, table, key: str, values: dict) -> None:
+    """INSERT or, when the key exists, UPDATE: one statement on SQLite and PostgreSQL alike."""
+    dialect = {"sqlite": sqlite, "postgresql": postgresql}.get(conn.dialect.name)
+    if dialect is not None:
+        stmt = dialect.insert(table).values(**values)
+        conn.execute(stmt.on_conflict_do_update(index_elements=[key],
+                                                set_={k: v for k, v in values.items() if k != key}))
+        return
+    if conn.execute(update(table).where(table.c[key] == values[key]).values(**values)).rowcount == 0:
+        conn.execute(insert(table).values(**values))
+
+
+def record(conn, settings, agent_id: int, last_point: float | None, now: float, sample: dict) -> bool:
+    """Store a sample taken at `now` (in `conn`'s transaction). `last_point`: the time of the node's
+    newest history point (agents.telemetry_ts). True when the sample also became a history point."""
+    latest = latest_values(sample)
+    _upsert(conn, db.telemetry_latest, "agent_id", dict(latest, agent_id=agent_id, ts=now))
+    if last_point is not None and now - last_point < settings.telemetry_min_gap:
+        return False   # faster than the history keeps: the latest row has it
+    minute = last_point is None or int(last_point // 60) != int(now // 60)   # first point of its minute: kept longer
+    conn.execute(insert(db.telemetry_history).values(agent_id=agent_id, ts=now, minute=minute, **point_values(latest)))
+    return True
+
+
+def prune(conn, settings, now: float) -> int:
+    """Drop the points past their resolution's window, every node at once; the number dropped."""
+    h = db.telemetry_history.c
+    return conn.execute(delete(db.telemetry_history).where(or_(
+        and_(h.minute.is_(False), h.ts < now - settings.telemetry_full_s),
+        h.ts < now - settings.telemetry_keep_s))).rowcount
+
+
+def history(conn, agent_id: int, since: float | None = None) -> dict:
+    """The node's points, oldest first (after `since` when given), with the names of their series."""
+    h = db.telemetry_history.c
+    q = select(h.ts, h.cpu, h.mem, h.disks, h.gpus).where(h.agent_id == agent_id)
+    if since is not None:
+        q = q.where(h.ts > since)
+    items = [{"ts": ts, "cpu": cpu, "mem": mem, "disks": disks or [], "gpus": gpus or []}
+             for ts, cpu, mem, disks, gpus in conn.execute(q.order_by(h.ts))]
+    lt = db.telemetry_latest.c
+    row = conn.execute(select(lt.disks, lt.gpus).where(lt.agent_id == agent_id)).first()
+    disks, gpus = (row if row is not None else ([], []))
+    return {"items": items, "next": None,
+            "disks": [d.get("path", "disk") for d in disks or []],
+            "gpus": [{"index": g.get("index", i), "name": g.get("name") or f"GPU {g.get('index', i)}"}
+                     for i, g in enumerate(gpus or [])]}
+
+
+def forget(conn, agent_id: int) -> None:
+    """Remove a node's telemetry (the node is being deleted)."""
+    conn.execute(delete(db.telemetry_history).where(db.telemetry_history.c.agent_id == agent_id))
+    conn.execute(delete(db.telemetry_latest).where(db.telemetry_latest.c.agent_id == agent_id))
