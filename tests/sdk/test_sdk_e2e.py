@@ -170,7 +170,6 @@ def test_plugin_through_the_handlers(user, server, tmp_path, plugin_image, sdk_i
 
 def test_sdk_end_to_end(user, server, tmp_path, plugin_image, sdk_image, sample_project, original):
     from tests.agent.conftest import AgentProcess
-
     from tests.cli.test_cli import cli, cli_json
 
     # Uploaded and (below) downloaded with the CLI, as a user would.
@@ -181,7 +180,7 @@ def test_sdk_end_to_end(user, server, tmp_path, plugin_image, sdk_image, sample_
     agent = AgentProcess(server, tmp_path / "agent", "sdk-e2e")
     agent.start(handler=None, MIN_FREE_DISK_MB=1, STOP_GRACE=1, TASK_DIR_CLEANUP="never")
     try:
-        task = user.create_task(agent.id, "train", image=plugin_image, command=TRAIN, project_id=project["id"],
+        task = user.create_task(agent.id, "train", image=plugin_image, project_id=project["id"],
                                 config={"epochs": EPOCHS, "lr": 0.5, "model_name": "colours"})
         done = agent.wait_state(task["id"], timeout=300)
         assert done["state"] == "finished", (done.get("error"), agent.stderr()[-3000:])
@@ -196,14 +195,14 @@ def test_sdk_end_to_end(user, server, tmp_path, plugin_image, sdk_image, sample_
         config = json.loads(user.download_blob(next(f["sha256"] for f in model["files"] if f["path"] == "config.json")))
         assert config["epochs_done"] == EPOCHS, "the task's model is the last checkpoint"
 
-        more = user.create_task(agent.id, "train", image=plugin_image, command=TRAIN, project_id=project["id"],
+        more = user.create_task(agent.id, "train", image=plugin_image, project_id=project["id"],
                                 model_id=model["id"], config={"epochs": 1})
         done2 = agent.wait_state(more["id"], timeout=300)
         assert done2["state"] == "finished", (done2.get("error"), agent.stderr()[-3000:])
         loaded = [ln for ln in agent.logs(more["id"]) if ln["message"] == "Model weights loaded"]
         assert loaded and loaded[0]["epochs_done"] == EPOCHS
 
-        infer = user.create_task(agent.id, "inference", image=plugin_image, command=INFER,
+        infer = user.create_task(agent.id, "inference", image=plugin_image,
                                  project_id=project["id"], model_id=model["id"])
         done3 = agent.wait_state(infer["id"], timeout=300)
         assert done3["state"] == "finished", (done3.get("error"), agent.stderr()[-3000:])

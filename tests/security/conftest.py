@@ -3,12 +3,12 @@ image, each attack a script in the image. After every attack the same agent must
 next task and deliver each of its lines exactly once (`assert_serves_next`)."""
 from __future__ import annotations
 
-import io
 import os
-import tarfile
 from pathlib import Path
 
 import pytest
+
+from tests.support.images import build_script_image
 
 from client import UserClient
 from tests.agent.conftest import AgentProcess
@@ -89,17 +89,7 @@ i=0; while [ $i -lt 200000 ]; do echo "line $i"; i=$((i+1)); done
 
 
 def build_attack_image(docker_client, busybox_image) -> str:
-    dockerfile = f"FROM {busybox_image}\nCOPY *.sh /bin/\nRUN chmod 755 /bin/*.sh\n"
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, text in {"Dockerfile": dockerfile, **SCRIPTS}.items():
-            data = text.encode()
-            info = tarfile.TarInfo(name)
-            info.size, info.mode = len(data), 0o755
-            tar.addfile(info, io.BytesIO(data))
-    buf.seek(0)
-    docker_client.images.build(fileobj=buf, custom_context=True, tag=ATTACK_IMAGE, rm=True, forcerm=True)
-    return ATTACK_IMAGE
+    return build_script_image(docker_client, busybox_image, ATTACK_IMAGE, SCRIPTS)
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import hashlib
 
 import pytest
 
-from tests.security.conftest import (ATTACK_IMAGE, AGENT_ENV, assert_serves_next, hashed_root, run_task, stdout,
+from tests.security.conftest import (AGENT_ENV, assert_serves_next, hashed_root, run_task, stdout,
                                      tmpfs)
 from tests.support.procs import poll_for
 from tests.workers.test_data import make_model, make_project

@@ -2,10 +2,10 @@
 FROM the local busybox image, and a leased task wrapped in a TestContext."""
 from __future__ import annotations
 
-import io
-import tarfile
 
 import pytest
+
+from tests.support.images import build_script_image
 
 from node.api import AgentAPI
 from node.config import Config
@@ -74,17 +74,7 @@ echo '{"message": "model applied", "event_type": "EventType.MODEL_APPLIED"}'
 
 
 def build_task_image(docker_client, busybox_image) -> str:
-    dockerfile = f"FROM {busybox_image}\nCOPY *.sh /bin/\nRUN chmod 755 /bin/*.sh\n"
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, text in {"Dockerfile": dockerfile, **SCRIPTS}.items():
-            data = text.encode()
-            info = tarfile.TarInfo(name)
-            info.size, info.mode = len(data), 0o755
-            tar.addfile(info, io.BytesIO(data))
-    buf.seek(0)
-    docker_client.images.build(fileobj=buf, custom_context=True, tag=TASK_IMAGE, rm=True, forcerm=True)
-    return TASK_IMAGE
+    return build_script_image(docker_client, busybox_image, TASK_IMAGE, SCRIPTS)
 
 
 @pytest.fixture(scope="session")
