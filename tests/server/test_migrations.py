@@ -105,6 +105,7 @@ def test_postgresql_sql_renders(tmp_path):
         f"INSERT INTO alembic_version (version_num) VALUES ('{migrate.head()}')" in sql
 
 
+@pytest.mark.sqlite_only("it reads or writes the SQLite file in the data dir directly")
 def test_server_adopts_a_pre_migration_database_and_keeps_its_data(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
@@ -174,6 +175,7 @@ def test_server_adopts_a_pre_migration_database_and_keeps_its_data(tmp_path):
         srv.stop()
 
 
+@pytest.mark.sqlite_only("it reads or writes the SQLite file in the data dir directly")
 def test_0002_moves_existing_project_items_into_project_items_with_empty_annotations(tmp_path):
     data = tmp_path / "data"
     data.mkdir()

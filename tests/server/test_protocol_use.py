@@ -51,6 +51,7 @@ def test_echo_endpoint_only_when_enabled(server, own_server):
     assert requests.post(srv.url + endpoints.ECHO, data=b"x", timeout=10).status_code == 401
 
 
+@pytest.mark.sqlite_only("it reads or writes the SQLite file in the data dir directly")
 def test_every_stored_and_shown_state_is_a_protocol_state(server, client, make_agent):
     agent = make_agent("states")
     done = client.create_task(agent.id, "custom", image="img")["id"]

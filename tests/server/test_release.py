@@ -1,6 +1,8 @@
 """POST /agent/v1/tasks/{id}/release: a draining agent hands back a task it was given but will not run."""
 from __future__ import annotations
 
+import pytest
+
 import sqlite3
 
 from protocol import endpoints
@@ -15,6 +17,7 @@ def _lease_until(server, task_id: int):
         return db.execute("SELECT lease_until FROM tasks WHERE id = ?", (task_id,)).fetchone()[0]
 
 
+@pytest.mark.sqlite_only("it reads or writes the SQLite file in the data dir directly")
 def test_release_requeues_clears_the_lease_and_hands_out_again(server, client, make_agent):
     agent = make_agent("drainer")
     tid = client.create_task(agent.id, "custom", image="img")["id"]

@@ -1,6 +1,10 @@
 """One-time console sign-in links and the node run command."""
 from __future__ import annotations
 
+import pytest
+
+import hashlib
+
 import sqlite3
 
 import requests
@@ -38,6 +42,7 @@ def test_making_a_link_needs_the_admin(server):
     assert r.status_code == 401
 
 
+@pytest.mark.sqlite_only("it reads or writes the SQLite file in the data dir directly")
 def test_unknown_expired_and_cookie_forms_are_refused(own_server):
     srv, client, _ = own_server()
     for bad in ("nope", "x" * 300):
@@ -67,7 +72,8 @@ def test_run_command_uses_host_network_and_names_no_path_by_the_token(server, cl
     assert "--network host" in docker
     assert f"-e ACCESS_TOKEN={a['token']} " in docker
     assert docker.count(a["token"]) == 1, "the token is only the env value, never part of a path"
-    assert f"$HOME/.supervisely-agent/node-{a['id']}" in docker
+    # named by a hash of the token, the agent's own token-free default (node.config)
+    assert f"$HOME/.supervisely-agent/n-{hashlib.sha256(a['token'].encode()).hexdigest()[:16]}" in docker
     rotated = client.rotate_token(a["id"])
     assert rotated["run_command"]["docker"].count(rotated["token"]) == 1
-    assert f"node-{a['id']}" in rotated["run_command"]["docker"]
+    assert "$HOME/.supervisely-agent/n-" in rotated["run_command"]["docker"]

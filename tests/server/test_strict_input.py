@@ -51,6 +51,7 @@ def test_non_finite_telemetry_is_refused_and_nothing_is_stored(server, client, m
     assert r.status_code == 200 and r.json()["items"] == []
 
 
+@pytest.mark.sqlite_only("it reads or writes the SQLite file in the data dir directly")
 def test_a_stored_nan_telemetry_sample_does_not_break_the_nodes_list(own_server):
     srv, client, agent = own_server("--telemetry-min-gap-s", "0")
     sample = {"cpu": {"percent": 1.0}, "disks": [{"path": "/", "used": 1, "total": 2, "percent": 50.0}]}
@@ -106,6 +107,7 @@ def test_a_non_finite_number_outside_the_metric_values_refuses_the_batch(server,
     assert client.get_task(tid)["log_acked"] == -1          # nothing of the batch was kept
 
 
+@pytest.mark.sqlite_only("it reads or writes the SQLite file in the data dir directly")
 def test_stored_non_finite_log_rows_read_as_null_in_pages_stream_and_metrics(own_server):
     srv, client, agent = own_server()
     tid = _leased_task(client, agent)
@@ -146,6 +148,7 @@ def test_a_huge_or_non_finite_timeout_is_refused_and_nothing_is_stored(server, c
     assert agent.poll(free_slots=1)["tasks"] == []
 
 
+@pytest.mark.sqlite_only("it reads or writes the SQLite file in the data dir directly")
 def test_a_stored_infinite_timeout_neither_breaks_the_list_nor_the_nodes_poll(own_server):
     srv, client, agent = own_server()
     tid = client.create_task(agent.id, "custom", image="img", timeout_s=60)["id"]
@@ -291,6 +294,7 @@ def _mode(p) -> int:
     return stat.S_IMODE(os.stat(p).st_mode)
 
 
+@pytest.mark.sqlite_only("it reads or writes the SQLite file in the data dir directly")
 def test_the_data_dir_is_0700_and_the_servers_files_0600(tmp_path, own_server):
     data = tmp_path / "data"
     data.mkdir(mode=0o755)

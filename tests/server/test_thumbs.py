@@ -5,7 +5,6 @@ import io
 import json
 import random
 
-import pytest
 import requests
 from PIL import Image
 
