@@ -8,7 +8,8 @@ two threads) and runs `loop_once(now)`. Its parts, one module each:
 - agent/admission.py: which pending tasks start, on which GPUs (pure logic);
 - agent/poller.py, agent/jobs.py: the `poller` (long-poll) and `jobs` (blocking work) threads;
 - agent/disk_guard.py: no new task while short of disk;
-- agent/reports.py: final states of dead task processes and FATAL reports (jobs thread);
+- agent/reports.py: final states of dead task processes, tasks handed back while draining, and
+  FATAL reports (jobs thread);
 - workers/engine.py: the Docker and disk questions (the one workers module the supervisor imports).
 Children are forked from the main thread with the "fork" context; see docs/architecture.md for
 why that cannot hang (and the stress test that shows it).
@@ -32,7 +33,7 @@ from agent.jobs import Jobs
 from agent.log_shipper import LogShipper, Nudges
 from agent.poller import Poller, Snapshot
 from agent.proctitle import set_title
-from agent.reports import report_fatal, report_final
+from agent.reports import hand_back, report_fatal, report_final
 from agent.restarts import Helper, Helpers, RestartPolicy
 from agent.spawner import Spawner
 from agent.states import SLOT_EDGES, SlotState, change_state
@@ -92,6 +93,7 @@ class Supervisor:
         self.engine = engine or docker_engine
         self.gpu_pool = gpu_pool(config.gpus)
         self.slots: dict[int, Slot] = {}
+        self.handing_back: set[int] = set()   # task ids whose release (jobs thread) is not through yet
         self.draining = False       # SIGTERM: no new tasks
         self.stopping = False       # second SIGTERM / SIGINT: stop tasks
         self.exit_code: int | None = None
@@ -117,8 +119,13 @@ class Supervisor:
 
     @property
     def disk_refusal(self) -> str:
-        """Why no task is taken now (short of disk), sent on each poll; "" when there is room."""
+        """Why no task is taken now (short of disk); "" when there is room."""
         return self.disk.refusal
+
+    @property
+    def refusal(self) -> str:
+        """Why no task is taken now, sent on each poll (the server shows it); "" when tasks are welcome."""
+        return "draining" if self.draining else self.disk.refusal
 
     # ------------------------------------------------------------------ setup / run
     def install_signals(self) -> None:
@@ -228,14 +235,16 @@ class Supervisor:
         if self.draining:
             self.handle_sigint(now)
             return
-        log.info("SIGTERM: draining (no new tasks; %d running finish first)", self.active_count())
-        self.draining = True
+        log.info("SIGTERM: draining (no new tasks; %d running finish first)",
+                 sum(1 for s in self.slots.values() if s.state in BUSY))
+        self.start_draining()
 
     def handle_sigint(self, now: float) -> None:
         if self.stopping:
             return
         log.info("stopping: asking %d task(s) to stop", self.active_count())
-        self.draining = self.stopping = True
+        self.start_draining()
+        self.stopping = True
         for slot in list(self.slots.values()):
             self.stop_task(slot, now)
 
@@ -254,6 +263,29 @@ class Supervisor:
         self.disk.next_at = now             # the guard looks again at once (MIN_FREE_DISK_MB may have changed)
         log.info("SIGHUP: config reloaded (max_tasks=%s, poll_wait_s=%s, gpus=%s)", new.max_tasks,
                  new.poll_wait_s, self.gpu_pool)
+
+    def start_draining(self) -> None:
+        """No new task from now on: tasks leased but not started yet are handed back."""
+        if self.draining:
+            return
+        self.draining = True
+        for slot in list(self.slots.values()):
+            if slot.state == SlotState.PENDING and not slot.adopt:
+                self.release(slot, SlotState.DONE)
+                self.hand_back(slot.task_id, "leased but not started")
+
+    def hand_back(self, task_id: int, why: str) -> None:
+        """Return a task this draining agent will not run to the server (`POST .../release`, in the
+        jobs thread): it is queued again for this node's next run. It never gets a slot here."""
+        if task_id in self.handing_back:
+            return
+        log.info("task %s (%s): draining, so it is handed back to the server, never run", task_id, why)
+        self.handing_back.add(task_id)
+
+        def job():
+            hand_back(self.api, task_id, self._threads_stop)
+            return lambda: self.handing_back.discard(task_id)
+        self.jobs.submit(job)
 
     # --- helpers (telemetry, log-shipper)
     def helper_fatal(self, h: Helper, message: str, now: float) -> None:
@@ -308,7 +340,7 @@ class Supervisor:
 
     def update_snapshot(self) -> None:
         running = sorted(s.task_id for s in self.slots.values() if s.state != SlotState.DONE)
-        snap = Snapshot(self.free_slots(), self.free_gpus(), running, self.disk.refusal)
+        snap = Snapshot(self.free_slots(), self.free_gpus(), running, self.refusal)
         self.poller.publish(snap)
         self.free_slots_shared.value = snap.free_slots
 
@@ -331,6 +363,12 @@ class Supervisor:
             # A task that already has a durable log here was started by an earlier task process
             # or agent run: its new task process adopts (re-attaches to) it.
             adopt = tasklog.find_log_file(self.config, tid) is not None
+            if self.draining and not adopt:
+                # A poll sent before the SIGTERM (free slots offered) answered after it. A task
+                # with a durable log here was begun on this node already: it is re-attached
+                # and finishes like the running ones.
+                self.hand_back(tid, "arrived after SIGTERM")
+                continue
             if tasklog.is_closed(self.config, tid):
                 log.warning("task %s handed out again but its final state was already reported", tid)
             self.slots[tid] = Slot(task, adopt)
@@ -502,7 +540,7 @@ class Supervisor:
                 log.error("FATAL not reported within %.0fs; exiting anyway", FATAL_REPORT_WAIT_S)
                 self.exit_code = EXIT_FATAL
             return
-        if not self.draining or any(s.state in BUSY for s in self.slots.values()):
+        if not self.draining or self.handing_back or any(s.state in BUSY for s in self.slots.values()):
             return
         # Tasks first, then telemetry, the log-shipper last (it drains).
         if not self.helpers.shutting_down:

@@ -77,6 +77,11 @@ class AgentAPI:
         body = {"state": str(getattr(state, "value", state)), **{k: v for k, v in fields.items() if v is not None}}
         return self.request("POST", ep.path(ep.TASK_STATE, task_id=task_id), json=body).json()
 
+    def release(self, task_id: int) -> dict:
+        """Hand back a task this agent was given but will not run (it is draining): the server
+        returns it to `queued`. Answer: `{id, state, progress, stop_requested}`."""
+        return self.request("POST", ep.path(ep.TASK_RELEASE, task_id=task_id)).json()
+
     def send_logs(self, task_id: int, first_seq: int, lines: list[dict], gzip_body: bytes | None = None) -> int:
         """Ship lines first_seq.. ; returns the server's `acked` (highest contiguous seq stored)."""
         path = ep.path(ep.TASK_LOGS, task_id=task_id)

@@ -118,6 +118,14 @@ class FakeAPI:
     def __init__(self):
         self.states: list[tuple[int, str, str | None]] = []
         self.telemetry_posts: list[dict] = []
+        self.releases: list[int] = []               # every release call, failed ones included
+        self.release_errors: list[Exception] = []   # raised by the next release calls, in order
+
+    def release(self, task_id):
+        self.releases.append(task_id)
+        if self.release_errors:
+            raise self.release_errors.pop(0)
+        return {"id": task_id, "state": "queued", "progress": None, "stop_requested": False}
 
     def set_state(self, task_id, state, error=None, **kw):
         self.states.append((task_id, state, error))

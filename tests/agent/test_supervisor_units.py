@@ -347,3 +347,82 @@ def test_the_loop_admits_by_slots_and_gpus_and_frees_them(tmp_path):
     assert sup.spawner.live("task-2").role.gpus == [0]
     assert sup.api.states == [(4, "failed", "the task needs 3 GPU(s); this agent has 2")]
     assert sup.engine.reaped == [[1, 2, 3, 4]]                 # the first answer reaps orphans
+
+
+# --- draining: tasks that arrive after SIGTERM are handed back ------------------------------------
+def finish_helpers(sup: Supervisor) -> None:
+    """The helpers obey their TERM in order (telemetry, then the log-shipper); the agent exits."""
+    for name in ("telemetry", "log-shipper"):
+        assert sup.spawner.signals_sent()[-1] == ("terminate", name)
+        sup.spawner.live(name).code = 0
+        tick(sup, 0.1)
+
+
+@pytest.mark.parametrize("answer", ["queued", "409"])
+def test_a_task_arriving_after_sigterm_is_handed_back_never_run(sup, answer):
+    from protocol.errors import APIError
+    if answer == "409":      # the task moved on meanwhile (a user stopped it): fine, nothing to retry
+        sup.api.release_errors = [APIError(409, "task_final", "task 2 is already stopped")]
+    one = run_task(sup, 1)
+    sup._signals.append(signal.SIGTERM)
+    tick(sup)
+    assert sup.draining and not sup.stopping
+    snap = sup.poller.snapshot
+    assert (snap.free_slots, snap.running, snap.refusing) == (0, [1], "draining")
+    # the poll sent before the SIGTERM (one slot free) answers now, with a new task
+    sup.handle_answer({"tasks": [task(1), task(2)], "stop": []}, sup.spawner.now())
+    tick(sup)
+    assert 2 not in sup.slots and sup.spawner.spawned("task-2") == []
+    snap = sup.poller.snapshot
+    assert (snap.free_slots, snap.running, snap.refusing) == (0, [1], "draining")   # not counted
+    assert sup.api.releases == [] and sup.handing_back == {2}        # the release waits for the jobs thread
+    one.code = 0                                                     # task 1 ends
+    tick(sup)
+    assert not sup.slots and sup.spawner.signals_sent() == []        # no exit before the hand-back is through
+    sup.jobs.run_pending()
+    tick(sup)
+    assert sup.api.releases == [2] and not sup.handing_back
+    finish_helpers(sup)
+    assert sup.exit_code == EXIT_OK
+    assert [c.name for c in sup.spawner.children if c.name.startswith("task-")] == ["task-1"]
+    assert sup.api.states == []                                      # no final state invented for task 2
+
+
+def test_tasks_leased_but_not_started_at_sigterm_are_handed_back(sup):
+    from node import tasklog
+    from node.masking import Masker
+    w = tasklog.TaskLogWriter(sup.config, 3, Masker("B" * 32))      # task 3 was begun here before a restart
+    w.write([{"ts": 1.0, "level": "info", "stream": "stdout", "message": "before the restart"}])
+    w.close()
+    sup.handle_answer({"tasks": [task(1, 2), task(2, 1), task(3, 1)], "stop": []}, sup.spawner.now())
+    tick(sup)
+    one = sup.spawner.live("task-1")                                 # both GPUs: 2 and 3 wait for one
+    assert sup.slots[2].state is SlotState.PENDING and sup.slots[3].state is SlotState.PENDING
+    sup._signals.append(signal.SIGTERM)
+    tick(sup)
+    assert 2 not in sup.slots and sup.slots[3].state is SlotState.PENDING   # 3 re-attaches, 2 goes back
+    sup.jobs.run_pending()
+    assert sup.api.releases == [2]
+    one.code = 0
+    tick(sup)
+    assert sup.spawner.spawned("task-2") == [] and sup.spawner.live("task-3").role.adopt
+    sup.spawner.live("task-3").code = 0
+    tick(sup)
+    finish_helpers(sup)
+    assert sup.exit_code == EXIT_OK
+
+
+def test_hand_back_retries_outages_and_takes_a_refusal_as_final(monkeypatch):
+    import threading
+    from agent import reports
+    from protocol.errors import APIError
+    from tests.agent.fakes import FakeAPI
+    monkeypatch.setattr(reports, "FINAL_BACKOFF_BASE_S", 0.001)
+    monkeypatch.setattr(reports, "FINAL_BACKOFF_CAP_S", 0.002)
+    api, stop = FakeAPI(), threading.Event()
+    api.release_errors = [APIError(503, "http_error", "busy"), APIError(None, "no_answer", "ConnectionError")]
+    assert reports.hand_back(api, 5, stop) is True and api.releases == [5, 5, 5]
+    api.releases, api.release_errors = [], [APIError(409, "illegal_transition", "task 6 is running")]
+    assert reports.hand_back(api, 6, stop) is False and api.releases == [6]      # no retry of a 409
+    api.releases, api.release_errors = [], [APIError(503, "http_error", "busy")] * 1000
+    assert reports.hand_back(api, 7, stop, give_up_s=0.05) is False and 1 < len(api.releases) < 1000
