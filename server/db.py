@@ -150,6 +150,7 @@ telemetry_latest = Table(
     Column("gpu_count", Integer, nullable=False, default=0),
     Column("containers", Integer),
     Column("free_slots", Integer),
+    Column("fatal", JSON),            # what the agent reported it gave up on (a helper FATAL), while it says so
 )
 
 # Telemetry history per agent for the console's charts: a few numbers per point, every point for

@@ -100,6 +100,8 @@ def latest_values(sample: dict) -> dict:
         "gpu_count": len(gpus),
         "containers": len(containers) if isinstance(containers, list) else _int(containers),
         "free_slots": _int(sample.get("free_slots")),
+        # A helper the agent gave up on (FATAL): kept whole, small, for the nodes page to show.
+        "fatal": sample.get("fatal") if isinstance(sample.get("fatal"), (dict, str)) else None,
     }
 
 
@@ -131,7 +133,7 @@ def public_latest(row) -> dict | None:
               if v is not None}
     out = {"ts": row["ts"], "cpu": {"percent": row["cpu"]} if row["cpu"] is not None else None,
            "memory": memory or None, "disks": row["disks"] or [], "gpus": row["gpus"] or [],
-           "containers": row["containers"], "free_slots": row["free_slots"]}
+           "containers": row["containers"], "free_slots": row["free_slots"], "fatal": row["fatal"]}
     return {k: v for k, v in out.items() if v is not None}
 
 

@@ -33,12 +33,13 @@ def test_tree_titles_and_sigterm_drain(server, make_agent):
     assert all(os.getpgid(pid) == pid for pid in a.titles())
     # system info at connect, telemetry samples every TELEMETRY_INTERVAL (1 s here)
     info = a.admin.get(f"{server.url}/api/v1/agents/{a.id}").json()
-    assert info["system_info"]["hostname"] and info["system_info"]["gpus"] == []
+    assert info["system_info"]["hostname"] and isinstance(info["system_info"]["gpus"], list)   # a GPU node too
     assert info["system_info"]["cpus"]["logical"] >= 1 and "docker" in info["system_info"]
     sample = poll_for(lambda: a.admin.get(f"{server.url}/api/v1/agents/{a.id}").json().get("telemetry"),
                       timeout=10, what="a telemetry sample")
-    assert len(sample["cpu"]["per_core"]) == psutil.cpu_count() and sample["memory"]["total"] > 0
-    assert sample["disks"][0]["path"] == str(a.root) and sample["gpus"] == [] and "load" in sample
+    # the server keeps the compact sample (docs/protocol.md, telemetry)
+    assert 0 <= sample["cpu"]["percent"] <= 100 and sample["memory"]["total"] == psutil.virtual_memory().total
+    assert sample["disks"][0]["path"] == str(a.root) and len(sample["gpus"]) == len(info["system_info"]["gpus"])
 
     a.signal(signal.SIGTERM)
     t3 = a.create_task(config={"lines": 5, "rate": 0})

@@ -41,6 +41,7 @@ def upgrade() -> None:
         sa.Column("gpu_count", sa.Integer(), nullable=False),
         sa.Column("containers", sa.Integer(), nullable=True),
         sa.Column("free_slots", sa.Integer(), nullable=True),
+        sa.Column("fatal", sa.JSON(), nullable=True),
         sa.PrimaryKeyConstraint("agent_id"),
     )
     op.create_table(
