@@ -46,7 +46,8 @@ def test_agent_container_runs_a_task_with_host_paths(agent_image, server, docker
         project_dir, model_dir = make_sample_data(tmp_path / "samples", images=6)
         project = client.upload_project_dir(project_dir, name="image-project")
         model = client.upload_model_dir(model_dir, name="image-model")
-        task = client.create_task(agent_id=agent["id"], type="train", image=image,
+        # The image's own command: a train task without one would run the Supervisely entry point.
+        task = client.create_task(agent_id=agent["id"], type="train", image=image, command=["/bin/sly-train"],
                                   config={"epochs": 2, "epoch_seconds": 0.1},
                                   project_id=project["id"], model_id=model["id"], timeout_s=120)
         final = client.wait_task(task["id"], states=("finished", "failed", "stopped", "lost"), timeout=180)

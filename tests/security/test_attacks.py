@@ -61,7 +61,7 @@ def test_inputs_are_read_only(agent, user, attack_image):
     assert '"epochs": 1' in (task_dir / "task_config.json").read_text()
     # Every cached blob still hashes to its name: nothing reached the cache through a hard link.
     cached = [p for p in (agent.root / "storage").rglob("*") if p.is_file()]
-    images = [p for p in cached if "images" in p.parts]
+    images = [p for p in cached if p.is_relative_to(agent.root / "storage" / "images")]
     assert len(images) == len(blobs)
     for p in images:
         assert hashlib.sha256(p.read_bytes()).hexdigest() == p.name.split(".")[0], p

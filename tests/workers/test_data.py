@@ -3,6 +3,7 @@ handlers against the real server."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import secrets
@@ -185,8 +186,9 @@ def test_unsafe_names_fail_the_task(node, user, project, task_image):
 
 def test_interrupted_download_resumes_with_range(node, user):
     data = os.urandom(300_000)
-    sha = user.upload_bytes(data)
+    sha = hashlib.sha256(data).hexdigest()
     ctx = node.ctx(type="custom", image="none")
+    ctx.api.put_blob(sha, io.BytesIO(data))      # this node's own upload: a blob it may read
     cfg = ctx.config
     cfg.tmp_dir.mkdir(parents=True)
     (cfg.tmp_dir / f"{sha}.part").write_bytes(data[:200_000])     # what an interrupted fetch left
