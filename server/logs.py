@@ -57,8 +57,8 @@ def parse_batch(raw: bytes) -> tuple[int, list]:
         raise APIError(400, "invalid_request", "first_seq must be an integer >= 0")
     if not isinstance(lines, list):
         raise APIError(400, "invalid_request", "lines must be a list of objects")
-    if first + len(lines) > strict.INT64_MAX:
-        raise APIError(400, "integer_out_of_range", "first_seq + len(lines) is outside int64")
+    if first + len(lines) > strict.ID_MAX:
+        raise APIError(400, "integer_out_of_range", f"first_seq + len(lines) is past the highest seq {strict.ID_MAX}")
     if constants:      # rare: look where they stand
         if any(strict.has_nonfinite(v) for k, v in body.items() if k != "lines"):
             raise APIError(400, "non_finite_number", "the body holds NaN or Infinity outside a metrics event")
@@ -148,11 +148,15 @@ def ingest(core, conn, task: dict, first_seq: int, lines: list, now: float | Non
         if len(msg) > _CUT_CHARS:
             msg, was_cut = _bounded_message(msg)
             cut += was_cut
+        if "\x00" in msg:     # container output may hold NUL bytes; no text column takes them
+            msg = msg.replace("\x00", "\ufffd")
         level, stream = line.get("level") or "info", line.get("stream") or "stdout"
         if type(level) is not str or type(stream) is not str or len(level) > 16 or len(stream) > 16:
             if not (isinstance(level, str) and isinstance(stream, str) and len(level) <= 16 and len(stream) <= 16):
                 raise APIError(400, "invalid_request",
                                f"lines[{seq - first_seq}]: level and stream must be short strings")
+        if "\x00" in level or "\x00" in stream:
+            level, stream = level.replace("\x00", ""), stream.replace("\x00", "")
         ts = line.get("ts")
         if type(ts) is not float:
             ts = _ts(ts, now)

@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, Field, field_validator
 from pydantic_core import PydanticCustomError
 
+from server.strict import ID_MAX
 from protocol.errors import APIError
 
 MEMORY_RE = re.compile(r"^\d+(\.\d+)?[bkmgBKMG]?$")
@@ -134,13 +135,13 @@ class Resources(BaseModel):
 
 
 class TaskIn(BaseModel):
-    agent_id: int
+    agent_id: int = Field(ge=0, le=ID_MAX)
     type: str
     image: str | None = Field(default=None, min_length=1, max_length=500)
     command: list[str] | str | None = None
     config: dict | None = None
-    project_id: int | None = None
-    model_id: int | None = None
+    project_id: int | None = Field(default=None, ge=0, le=ID_MAX)
+    model_id: int | None = Field(default=None, ge=0, le=ID_MAX)
     resources: Resources | None = None
     timeout_s: float | None = Field(default=None, gt=0, le=TIMEOUT_MAX_S, allow_inf_nan=False)
 
@@ -153,12 +154,12 @@ class Progress(BaseModel):
 class StateIn(BaseModel):
     state: str
     progress: Progress | None = None
-    exit_code: int | None = None
+    exit_code: int | None = Field(default=None, ge=-ID_MAX, le=ID_MAX)
     error: str | None = Field(default=None, max_length=20000)
 
 
 class PollIn(BaseModel):
-    free_slots: int = Field(default=0, ge=0)
+    free_slots: int = Field(default=0, ge=0, le=ID_MAX)
     free_gpus: list[int] = []
     running: list[int] = []
     refusing: str = Field(default="", max_length=1000)   # why the agent takes no task now

@@ -23,14 +23,18 @@ from protocol.errors import APIError
 
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
+# Row ids and log seqs are INTEGER columns, 32-bit on PostgreSQL: a larger id names no row and a
+# larger seq could not be stored, so both are refused at the door (400) on every database.
+ID_MAX = (1 << 31) - 1
+
 # Ids in paths and queries: what a database row id can be.
-RowId = Annotated[int, Path(ge=0, le=INT64_MAX)]
+RowId = Annotated[int, Path(ge=0, le=ID_MAX)]
 
 
 def query_id(default=None, **kw):
     """A Query() for an id-like integer (agent_id, after ...): bounded to int64."""
     kw.setdefault("ge", 0)
-    kw.setdefault("le", INT64_MAX)
+    kw.setdefault("le", ID_MAX)
     return Query(default, **kw)
 
 
@@ -96,7 +100,10 @@ def check_body(raw: bytes) -> None:
     except NotStrictJSON:
         raise
     except (ValueError, RecursionError):
-        pass
+        return
+    if b"\\u0000" in raw:   # a NUL in a string: no text column takes it (PostgreSQL refuses it)
+        raise NotStrictJSON("nul_character", "a string in the body holds a NUL character (\\u0000), which "
+                            "no text field may hold")
 
 
 def finite(obj: Any) -> Any:

@@ -15,7 +15,7 @@ from server.auth import require_agent
 from server.routes.common import core_of
 from server.projects import insert_project, prepare, same_project
 from server.schemas import DatasetIn, ItemRef, ResultsIn, StateIn, check_files, check_relpath, model_hash
-from server.strict import INT64_MAX, RowId
+from server.strict import ID_MAX, RowId
 from server.tasks import agent_change_state, get_task, release_task, retry_race
 
 router = APIRouter(tags=["agent"])
@@ -23,7 +23,7 @@ router = APIRouter(tags=["agent"])
 # The log batch is read by hand (for speed); its shape is described for /openapi.json here.
 _LOG_BATCH = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
     "type": "object", "required": ["first_seq", "lines"],
-    "properties": {"first_seq": {"type": "integer", "minimum": 0, "maximum": INT64_MAX},
+    "properties": {"first_seq": {"type": "integer", "minimum": 0, "maximum": ID_MAX},
                    "lines": {"type": "array", "items": {"type": "object", "properties": {
                        "ts": {"type": "number"}, "level": {"type": "string"}, "stream": {"type": "string"},
                        "message": {"type": "string"}}, "additionalProperties": True}}}}}}}}

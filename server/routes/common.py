@@ -9,7 +9,7 @@ from fastapi.responses import Response
 from sqlalchemy import select
 
 from protocol.errors import APIError
-from server.strict import INT64_MAX, dumps
+from server.strict import ID_MAX, dumps
 
 
 def core_of(request: Request):
@@ -38,7 +38,7 @@ def cursor_id(cursor: str | None) -> int | None:
     if cursor in (None, ""):
         return None
     # isascii: str.isdigit() also takes digits such as '²' that int() refuses.
-    if not (cursor.isascii() and cursor.isdigit() and len(cursor) <= 19 and int(cursor) <= INT64_MAX):
+    if not (cursor.isascii() and cursor.isdigit() and len(cursor) <= 19 and int(cursor) <= ID_MAX):
         raise APIError(400, "bad_cursor", "cursor must be the `next` value of a previous page")
     return int(cursor)
 

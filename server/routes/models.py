@@ -12,7 +12,7 @@ from server import blob_refs, db
 from server.auth import require_admin
 from server.routes.common import core_of, cursor_id, get_row, list_rows, page
 from server.schemas import ModelIn, check_files, model_hash
-from server.strict import RowId
+from server.strict import RowId, query_id
 
 router = APIRouter(tags=["user"], dependencies=[Depends(require_admin)])
 
@@ -38,7 +38,7 @@ async def create_model(body: ModelIn, request: Request):
 
 @router.get(endpoints.MODELS)
 async def list_models(request: Request, limit: int = Query(100, ge=1, le=1000), cursor: str | None = None,
-                      task_id: int | None = None):
+                      task_id: int | None = query_id()):
     """Models, newest first (files summarised: files_count, size); `task_id=` keeps the models that task
     made (a train task's checkpoints, each with its `checkpoint`)."""
     core = core_of(request)

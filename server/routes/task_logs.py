@@ -10,7 +10,7 @@ from protocol.errors import APIError
 from server import logs
 from server.auth import require_admin
 from server.routes.common import core_of
-from server.strict import INT64_MAX, RowId, dumps
+from server.strict import ID_MAX, RowId, dumps
 from server.tasks import get_task
 
 router = APIRouter(tags=["user"], dependencies=[Depends(require_admin)])
@@ -18,7 +18,7 @@ router = APIRouter(tags=["user"], dependencies=[Depends(require_admin)])
 
 @router.get(endpoints.USER_TASK_LOGS, responses={200: {"description": "a page of lines; with follow=1 an event stream",
                                                        "content": {"application/json": {}, "text/event-stream": {}}}})
-async def task_logs(task_id: RowId, request: Request, after: int = Query(-1, ge=-1, le=INT64_MAX),
+async def task_logs(task_id: RowId, request: Request, after: int = Query(-1, ge=-1, le=ID_MAX),
                     limit: int = Query(1000, ge=1, le=10000), follow: bool = False):
     """Lines with seq > after in order (never past a gap), at most `limit` lines and about
     `--log-page-bytes` bytes (at least one line); `next` is set when more lines exist.

@@ -243,8 +243,9 @@ def test_path_like_project_dataset_and_model_names_are_refused(server, client, b
     for what, body, field in cases:
         before = len(client.session.get(f"{server.url}/api/v1/{what}").json()["items"])
         r = client.session.post(f"{server.url}/api/v1/{what}", json=body)
-        assert r.status_code == 400 and r.json()["error"] in ("bad_name", "invalid_request"), (what, body, r.text)
-        assert r.json()["detail"].startswith(field + ":") or field in r.json()["detail"], r.json()
+        assert r.status_code == 400 and r.json()["error"] in ("bad_name", "invalid_request", "nul_character"), (what, body, r.text)
+        if r.json()["error"] != "nul_character":     # refused before the route: a NUL anywhere
+            assert r.json()["detail"].startswith(field + ":") or field in r.json()["detail"], r.json()
         assert len(client.session.get(f"{server.url}/api/v1/{what}").json()["items"]) == before
 
 
@@ -256,13 +257,13 @@ def test_path_like_result_names_and_item_paths_are_refused(server, client, make_
     url = endpoints.path(endpoints.TASK_RESULTS, task_id=tid)
     for kind in ("model", "project"):
         r = agent.post(url, json={"kind": kind, "name": bad, "files": [{"path": "ds/a.json", "sha256": sha, "size": 6}]})
-        assert r.status_code == 400 and r.json()["error"] == "bad_name", r.text
+        assert r.status_code == 400 and r.json()["error"] in ("bad_name", "nul_character"), r.text
     r = client.session.post(f"{server.url}/api/v1/projects", json={"name": "p", "datasets": [
         {"name": "ds", "items": [{"name": f"sub/{bad}", "sha256": sha, "size": 6}]}]})
     if bad == "a/b":
         assert r.status_code == 200, r.text          # items may sit in sub-folders, as the agent allows
     else:
-        assert r.status_code == 400 and r.json()["error"] == "bad_name", r.text
+        assert r.status_code == 400 and r.json()["error"] in ("bad_name", "nul_character"), r.text
     assert client.get_task(tid)["results"] == {"artifacts": []}
 
 
