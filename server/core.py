@@ -42,7 +42,8 @@ class Core:
         self.wakeups = Wakeups(self.engine)
         self.log_hub = LogHub(self)
         self.closing = False       # set at shutdown: long-polls and log followers answer now
-        self._touched: dict[int, float] = {}
+        self._touched: dict[int, float] = {}   # agent id -> when last_seen was last written
+        self._leased: dict[int, float] = {}    # agent id -> when its tasks' leases were last renewed
         self.registry = CollectorRegistry()
         self.m_agents_online = Gauge("sly_agents_online", "Agents seen within the offline window", registry=self.registry)
         self.m_agents = Gauge("sly_agents", "Agents registered", registry=self.registry)
@@ -99,26 +100,36 @@ class Core:
         return dict(row)
 
     def touch_agent(self, agent_id: int, now: float | None = None, conn=None) -> None:
-        """Record contact: last_seen and the leases of the agent's tasks (written at most every ~second).
+        """Record contact: `last_seen` (at most every few seconds, well inside the offline window)
+        and the leases of the agent's tasks (at most every quarter of the lease).
 
-        In `conn`'s transaction when given (one round trip less), else in a transaction of its own.
+        Every request of a node is a contact, a thousand nodes make hundreds a second, and each
+        write is a round trip: what is written is only as fresh as the offline window and the
+        lease need. In `conn`'s transaction when given (one round trip less), else its own.
         """
         now = time.time() if now is None else now
-        every = min(1.0, self.settings.lease_s / 4)
-        if now - self._touched.get(agent_id, 0.0) < every:
+        seen_every = min(5.0, self.settings.offline_after / 3)
+        lease_every = self.settings.lease_s / 4
+        seen = now - self._touched.get(agent_id, 0.0) >= seen_every
+        lease = now - self._leased.get(agent_id, 0.0) >= lease_every
+        if not (seen or lease):
             return
-        self._touched[agent_id] = now
+        if seen:
+            self._touched[agent_id] = now
+        if lease:
+            self._leased[agent_id] = now
         if conn is None:
             with self.engine.begin() as conn:
-                self._touch(conn, agent_id, now)
+                self._touch(conn, agent_id, now, lease)
         else:
-            self._touch(conn, agent_id, now)
+            self._touch(conn, agent_id, now, lease)
 
-    def _touch(self, conn, agent_id: int, now: float) -> None:
+    def _touch(self, conn, agent_id: int, now: float, lease: bool = True) -> None:
         conn.execute(update(db.agents).where(db.agents.c.id == agent_id).values(last_seen=now))
-        conn.execute(update(db.tasks).where(db.tasks.c.agent_id == agent_id,
-                                            db.tasks.c.state.in_([s.value for s in LEASED]))
-                     .values(lease_until=now + self.settings.lease_s))
+        if lease:
+            conn.execute(update(db.tasks).where(db.tasks.c.agent_id == agent_id,
+                                                db.tasks.c.state.in_([s.value for s in LEASED]))
+                         .values(lease_until=now + self.settings.lease_s))
 
     def renew_all_leases(self, now: float | None = None) -> None:
         now = time.time() if now is None else now
