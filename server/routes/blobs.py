@@ -17,15 +17,24 @@ from server.auth import require_admin, require_agent
 from server.blobs import SHA256_RE, check_sha256
 
 
-def _visible(request: Request, who, sha256: str) -> bool:
+async def _visible(request: Request, who, sha256: str) -> bool:
     """The blob exists and the caller may see it (an agent: only the blobs of its own tasks)."""
     core = request.app.state.core
     if not core.blobs.exists(sha256):
         return False
     if isinstance(who, dict):
-        with core.engine.connect() as conn:
-            return blob_refs.agent_may_read(conn, who["id"], sha256)
+        return await core.run(_agent_may_read, core, who["id"], sha256)
     return True
+
+
+def _agent_may_read(core, agent_id: int, sha256: str) -> bool:
+    with core.engine.connect() as conn:
+        return blob_refs.agent_may_read(conn, agent_id, sha256)
+
+
+def _record_upload(core, agent_id: int, sha256: str) -> None:
+    with core.engine.begin() as conn:
+        blob_refs.add(conn, blob_refs.UPLOAD, agent_id, [sha256])
 
 
 def _length(request: Request) -> int | None:
@@ -46,15 +55,14 @@ def _router(path: str, dep, tag: str) -> APIRouter:
         except ClientDisconnect:
             raise APIError(400, "incomplete_upload", "the client went away before the upload ended") from None
         if isinstance(who, dict):
-            with core.engine.begin() as conn:
-                blob_refs.add(conn, blob_refs.UPLOAD, who["id"], [sha256])
+            await core.run(_record_upload, core, who["id"], sha256)
         return {"sha256": sha256, "size": size, "created": created}
 
     @router.head(path, responses={200: {"description": "the blob exists; content-length is its size",
                                         "content": {"application/octet-stream": {}}}})
     async def head_blob(sha256: str, request: Request, who=Depends(dep)):
         """200 with content-length when the blob exists (and, for an agent, is one of its tasks'), else 404."""
-        if not SHA256_RE.match(sha256) or not _visible(request, who, sha256):
+        if not SHA256_RE.match(sha256) or not await _visible(request, who, sha256):
             return Response(status_code=404, media_type="application/json")
         size = request.app.state.core.blobs.size(sha256)
         if size is None:
@@ -70,7 +78,7 @@ def _router(path: str, dep, tag: str) -> APIRouter:
         """The blob's bytes; `Range: bytes=a-b` gives 206 with that part. An agent: its tasks' blobs only."""
         check_sha256(sha256)
         blobs = request.app.state.core.blobs
-        if not _visible(request, who, sha256):
+        if not await _visible(request, who, sha256):
             raise APIError(404, "blob_not_found", f"no blob {sha256}")
         return FileResponse(blobs.path(sha256), media_type="application/octet-stream",
                             headers={"cache-control": "private, max-age=31536000, immutable"})
