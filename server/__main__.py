@@ -38,6 +38,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="telemetry history: at most one point per node per this (default: half the interval)")
     p.add_argument("--log-retention-days", type=float, default=0.0,
                    help="delete the log lines of tasks that ended this many days ago (0: keep forever)")
+    p.add_argument("--contact-flush-s", type=float, default=1.0,
+                   help="nodes' contact, lease renewals, telemetry and open-poll rows are written in one batch this "
+                        "often (default 1 s; a crash loses at most this much of them)")
     p.add_argument("--housekeeping-s", type=float, default=60.0, help="how often retention and pruning run")
     p.add_argument("--log-quota-bytes", type=int, default=256 * 1024 * 1024,
                    help="log bytes stored per task; past it one marker line, later lines dropped (0: none; default 256 MiB)")
@@ -80,12 +83,15 @@ def main(argv=None) -> None:
                         echo_endpoint=a.echo_endpoint, telemetry_full_s=a.telemetry_full_s,
                         telemetry_keep_s=a.telemetry_keep_s, telemetry_min_gap_s=a.telemetry_min_gap_s,
                         log_retention_days=a.log_retention_days, housekeeping_s=a.housekeeping_s,
+                        contact_flush_s=a.contact_flush_s,
                         metrics_token=a.metrics_token, docs=a.docs,
                         db_pool_size=a.db_pool_size, workers=a.workers, log_page_bytes=a.log_page_bytes,
                         log_quota_bytes=a.log_quota_bytes, blob_quota_bytes=a.blob_quota_bytes,
                         blob_grace_s=a.blob_grace_s)
     if a.db_pool_size < 1 or a.workers < 1 or a.log_page_bytes < 1:
         sys.exit("sly-server: --db-pool-size, --workers and --log-page-bytes must be at least 1")
+    if not 0.01 <= a.contact_flush_s <= 5:
+        sys.exit("sly-server: --contact-flush-s must be between 0.01 and 5 (the offline window is seconds)")
     from server.auth import ConfigError
     try:
         serve(a, settings)

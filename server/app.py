@@ -40,6 +40,20 @@ async def _reaper(core: Core) -> None:
             log.exception("lease reaper round failed")
 
 
+async def _contact_writer(core: Core) -> None:
+    """Write the batched contact, leases, telemetry and poll rows (server/contact.py) every interval."""
+    failures = 0
+    while True:
+        await asyncio.sleep(core.settings.contact_flush_s)
+        try:
+            await core.run(core.contacts.flush)
+            failures = 0
+        except Exception:  # noqa: BLE001 - the batch is kept and written at a later round
+            failures += 1
+            if failures in (1, 10) or failures % 100 == 0:   # a database away for long logs now and then
+                log.exception("writing the contact batch failed (%d in a row); it is kept and retried", failures)
+
+
 def restrict_data_dir(data_dir: Path) -> None:
     """The data dir 0700 and the files in it 0600 (db, WAL, admin_token), also those of older runs.
     Blob files are made 0600 by mkstemp, and the 0700 data dir closes everything under it."""
@@ -94,7 +108,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await core.run(core.renew_all_leases)
         core.wakeups.loop = asyncio.get_running_loop()
         background = [asyncio.create_task(_reaper(core)), asyncio.create_task(_blob_collector(core)),
-                      asyncio.create_task(run_housekeeper(core))]
+                      asyncio.create_task(run_housekeeper(core)), asyncio.create_task(_contact_writer(core))]
         if core.wakeups.shared:
             background.append(asyncio.create_task(core.wakeups.listen()))
             # Answer only once other replicas' changes can reach this one (it retries if not yet).
@@ -107,6 +121,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             for t in background:
                 t.cancel()
+            try:
+                await core.run(core.contacts.flush)   # the last batch: open polls' rows go, contact is kept
+            except Exception:  # noqa: BLE001 - a database away at shutdown loses only this batch
+                log.exception("writing the last contact batch failed")
             core.engine.dispose()
 
     # /docs (Swagger UI) loads its assets from a CDN: off unless asked for; /openapi.json is always served.

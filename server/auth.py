@@ -254,12 +254,15 @@ async def require_admin(request: Request) -> None:
 
 
 async def require_agent(request: Request) -> dict:
-    """Dependency: the agent row for the `x-token` header (401 otherwise); renews the agent's leases."""
+    """Dependency: the agent row for the `x-token` header (401 otherwise); the request counts as
+    the agent's contact (written in the next batch: server/contact.py)."""
     core = request.app.state.core
     token = request.headers.get(AGENT_TOKEN_HEADER, "")
     if not token:
         raise APIError(401, "unauthorized", f"the {AGENT_TOKEN_HEADER} header is missing")
-    agent = await core.run(core.agent_by_token, token, True)
+    h = hash_token(token)
+    agent = core.cached_agent(h) or await core.run(core.load_agent, h)
     if agent is None:
         raise APIError(401, "unauthorized", "the agent token is wrong or was rotated")
+    core.contacts.seen(agent["id"])
     return agent

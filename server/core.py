@@ -6,11 +6,19 @@ as many threads as the engine has connections (`--db-pool-size`). What several r
 agree on lives in the database: stops delivered (`tasks.stop_delivered`), open polls (`polls`),
 refusals (`agents.refusing`) and settings versions (`agents.settings_version`). Wake-ups of
 long-polls and log followers go through `server.wakeups` (in process, and across replicas on
-PostgreSQL with LISTEN/NOTIFY).
+PostgreSQL with LISTEN/NOTIFY). Contact, lease renewals, telemetry and open-poll rows are
+recorded in memory and written in batches (`server.contact`).
+
+A node's token is looked up once, then its agent row is kept in memory (`agent_by_token`): every
+change of an agent row (rename, allowed types, token rotation, removal) wakes the agent's key at
+commit, here and through NOTIFY on every replica, and that drops the row from every replica's
+cache. `AGENT_CACHE_S` bounds how long a row may be kept if a notification were lost (a replica's
+listener reconnecting also drops them all).
 """
 from __future__ import annotations
 
 import hmac
+import threading
 import time
 
 import anyio
@@ -21,9 +29,13 @@ from protocol.states import LEASED, TaskState
 from server import blob_refs, db, migrate
 from server.auth import Sessions, SignInThrottle, hash_token
 from server.blobs import BlobStore
+from server.contact import Contacts
 from server.logfeed import LogHub
 from server.settings import Settings
 from server.wakeups import AGENT, TASK, Wakeups
+
+
+AGENT_CACHE_S = 60.0
 
 
 class Core:
@@ -40,10 +52,14 @@ class Core:
         self.sessions = Sessions(self.engine, self.admin_token)
         self.signin_throttle = SignInThrottle()
         self.wakeups = Wakeups(self.engine)
+        self.wakeups.agent_changed = self.forget_agent
+        self.contacts = Contacts(self.engine, settings)
+        self._agents: dict[str, tuple[dict, float]] = {}   # token hash -> (agent row, kept until)
+        self._agent_hash: dict[int, str] = {}               # agent id -> its token hash in _agents
+        self._agents_lock = threading.Lock()
+        self._agents_epoch = 0       # bumped by every forget: a row read before it is not kept
         self.log_hub = LogHub(self)
         self.closing = False       # set at shutdown: long-polls and log followers answer now
-        self._touched: dict[int, float] = {}   # agent id -> when last_seen was last written
-        self._leased: dict[int, float] = {}    # agent id -> when its tasks' leases were last renewed
         self.registry = CollectorRegistry()
         self.m_agents_online = Gauge("sly_agents_online", "Agents seen within the offline window", registry=self.registry)
         self.m_agents = Gauge("sly_agents", "Agents registered", registry=self.registry)
@@ -88,48 +104,43 @@ class Core:
         Wakeups.notify(conn, TASK, task_id)
 
     # --- agents ---
-    def agent_by_token(self, token: str, touch: bool = False) -> dict | None:
-        """The agent row of `token` (None if no agent has it); `touch` records the contact too."""
+    def agent_by_token(self, token: str) -> dict | None:
+        """The agent row of `token` (None if no agent has it), from memory when it is there.
+        The row is shared: callers must not change it."""
         h = hash_token(token)
+        return self.cached_agent(h) or self.load_agent(h)
+
+    def cached_agent(self, h: str) -> dict | None:
+        hit = self._agents.get(h)
+        if hit is not None and hit[1] > time.monotonic():
+            return hit[0]
+        return None
+
+    def load_agent(self, h: str) -> dict | None:
+        """Read the agent of token hash `h` (a database thread) and keep it, unless it changed meanwhile."""
+        epoch = self._agents_epoch
         with self.engine.connect() as conn:
             row = conn.execute(select(db.agents).where(db.agents.c.token_hash == h)).mappings().first()
         if row is None or not hmac.compare_digest(row["token_hash"], h):
             return None
-        if touch:
-            self.touch_agent(row["id"])
-        return dict(row)
+        agent = dict(row)
+        with self._agents_lock:
+            if self._agents_epoch == epoch:   # no change committed since the read began
+                self._agents[h] = (agent, time.monotonic() + AGENT_CACHE_S)
+                self._agent_hash[agent["id"]] = h
+        return agent
 
-    def touch_agent(self, agent_id: int, now: float | None = None, conn=None) -> None:
-        """Record contact: `last_seen` (at most every few seconds, well inside the offline window)
-        and the leases of the agent's tasks (at most every quarter of the lease).
-
-        Every request of a node is a contact, a thousand nodes make hundreds a second, and each
-        write is a round trip: what is written is only as fresh as the offline window and the
-        lease need. In `conn`'s transaction when given (one round trip less), else its own.
-        """
-        now = time.time() if now is None else now
-        seen_every = min(5.0, self.settings.offline_after / 3)
-        lease_every = self.settings.lease_s / 4
-        seen = now - self._touched.get(agent_id, 0.0) >= seen_every
-        lease = now - self._leased.get(agent_id, 0.0) >= lease_every
-        if not (seen or lease):
-            return
-        if seen:
-            self._touched[agent_id] = now
-        if lease:
-            self._leased[agent_id] = now
-        if conn is None:
-            with self.engine.begin() as conn:
-                self._touch(conn, agent_id, now, lease)
-        else:
-            self._touch(conn, agent_id, now, lease)
-
-    def _touch(self, conn, agent_id: int, now: float, lease: bool = True) -> None:
-        conn.execute(update(db.agents).where(db.agents.c.id == agent_id).values(last_seen=now))
-        if lease:
-            conn.execute(update(db.tasks).where(db.tasks.c.agent_id == agent_id,
-                                                db.tasks.c.state.in_([s.value for s in LEASED]))
-                         .values(lease_until=now + self.settings.lease_s))
+    def forget_agent(self, agent_id: int | None) -> None:
+        """Agent `agent_id` changed (None: any may have): its row is read afresh next time."""
+        with self._agents_lock:
+            self._agents_epoch += 1
+            if agent_id is None:
+                self._agents.clear()
+                self._agent_hash.clear()
+                return
+            h = self._agent_hash.pop(agent_id, None)
+            if h is not None:
+                self._agents.pop(h, None)
 
     def renew_all_leases(self, now: float | None = None) -> None:
         now = time.time() if now is None else now
@@ -156,6 +167,7 @@ class Core:
 
     # --- metrics ---
     def refresh_metrics(self) -> None:
+        self.contacts.flush()
         now = time.time()
         with self.engine.connect() as conn:
             seen = conn.execute(select(db.agents.c.id, db.agents.c.last_seen)).all()

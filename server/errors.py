@@ -161,9 +161,11 @@ class BodyLimitMiddleware:
             scope = dict(scope, headers=new_headers)
         if not _LARGE_RE.match(scope["path"]):
             try:
-                strict.check_body(plain)
+                value = strict.check_body(plain)
             except strict.NotStrictJSON as e:
                 return await _send_error(send, 400, e.code, e.detail, close=False)
+            if value is not strict.NOT_JSON:
+                scope = dict(scope, **{"sly.json": value})   # routes that read JSON by hand take it from here
         sent = False
 
         async def replay():

@@ -31,6 +31,7 @@ class Settings:
     telemetry_keep_s: float = 86400.0    # history: nothing older than this
     telemetry_min_gap_s: float | None = None  # history: at most one point per this (default interval / 2)
     log_retention_days: float = 0.0      # log lines of tasks final this long ago are deleted; 0: kept forever
+    contact_flush_s: float = 1.0         # contact, leases, telemetry and poll rows are written this often (batched)
     housekeeping_s: float = 60.0         # how often the retention job runs (server/retention.py)
     echo_endpoint: bool = False          # mount POST /api/v1/_echo (the benchmark's ingest baseline)
     admin_token: str | None = None       # filled in by load_admin_token()

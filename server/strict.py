@@ -90,20 +90,25 @@ def loads(raw: bytes | str, *, on_constant=None) -> Any:
     return json.loads(raw, parse_constant=_constant, parse_float=_float, parse_int=_int)
 
 
-def check_body(raw: bytes) -> None:
+NOT_JSON = object()
+
+
+def check_body(raw: bytes) -> Any:
     """Raise NotStrictJSON when `raw` is JSON only by Python's lax rules; anything else passes
-    (a body that is not JSON at all gets the route's own 400)."""
+    (a body that is not JSON at all gets the route's own 400). Returns what `raw` decodes to, so
+    a route need not decode it again, or NOT_JSON."""
     if not raw:
-        return
+        return NOT_JSON
     try:
-        loads(raw)
+        value = loads(raw)
     except NotStrictJSON:
         raise
     except (ValueError, RecursionError):
-        return
+        return NOT_JSON
     if b"\\u0000" in raw:   # a NUL in a string: no text column takes it (PostgreSQL refuses it)
         raise NotStrictJSON("nul_character", "a string in the body holds a NUL character (\\u0000), which "
                             "no text field may hold")
+    return value
 
 
 def finite(obj: Any) -> Any:

@@ -149,24 +149,43 @@ def _upsert(conn, table, key: str, values: dict) -> None:
         conn.execute(insert(table).values(**values))
 
 
+def history_point(settings, agent_id: int, last_point: float | None, now: float, latest: dict) -> dict | None:
+    """The telemetry_history row a sample taken at `now` becomes, or None when the node's newest
+    point (`last_point`) is nearer than the minimum gap (the latest row has the sample then)."""
+    if last_point is not None and now - last_point < settings.telemetry_min_gap:
+        return None
+    minute = last_point is None or int(last_point // 60) != int(now // 60)   # first point of its minute: kept longer
+    return dict(agent_id=agent_id, ts=now, minute=minute, **point_values(latest))
+
+
 def record(conn, settings, agent_id: int, last_point: float | None, now: float, sample: dict) -> bool:
-    """Store a sample taken at `now` (in `conn`'s transaction). `last_point`: the time of the node's
-    newest history point (agents.telemetry_ts). True when the sample also became a history point."""
+    """Store a sample taken at `now` in `conn`'s transaction (the server batches them instead:
+    server/contact.py). `last_point`: the time of the node's newest history point
+    (agents.telemetry_ts). True when the sample also became a history point."""
     latest = latest_values(sample)
     _upsert(conn, db.telemetry_latest, "agent_id", dict(latest, agent_id=agent_id, ts=now))
-    if last_point is not None and now - last_point < settings.telemetry_min_gap:
-        return False   # faster than the history keeps: the latest row has it
-    minute = last_point is None or int(last_point // 60) != int(now // 60)   # first point of its minute: kept longer
-    conn.execute(insert(db.telemetry_history).values(agent_id=agent_id, ts=now, minute=minute, **point_values(latest)))
+    point = history_point(settings, agent_id, last_point, now, latest)
+    if point is None:
+        return False
+    conn.execute(insert(db.telemetry_history).values(**point))
     return True
 
 
 def prune(conn, settings, now: float) -> int:
-    """Drop the points past their resolution's window, every node at once; the number dropped."""
+    """Drop the points past their resolution's window, every node at once, and the telemetry of
+    nodes deleted while a batch of theirs was being written (server/contact.py); the number of
+    points dropped."""
     h = db.telemetry_history.c
-    return conn.execute(delete(db.telemetry_history).where(or_(
+    n = conn.execute(delete(db.telemetry_history).where(or_(
         and_(h.minute.is_(False), h.ts < now - settings.telemetry_full_s),
         h.ts < now - settings.telemetry_keep_s))).rowcount
+    lt = db.telemetry_latest.c
+    # The latest row is written with every batch of points: an orphan point has an orphan latest row.
+    orphans = list(conn.execute(select(lt.agent_id).where(lt.agent_id.not_in(select(db.agents.c.id)))).scalars())
+    if orphans:
+        conn.execute(delete(db.telemetry_latest).where(lt.agent_id.in_(orphans)))
+        n += conn.execute(delete(db.telemetry_history).where(h.agent_id.in_(orphans))).rowcount
+    return n
 
 
 def history(conn, agent_id: int, since: float | None = None) -> dict:

@@ -72,6 +72,9 @@ class Wakeups:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.shared = engine.dialect.name == "postgresql"
         self.listening = asyncio.Event()   # set while the listener connection is up (tests wait on it)
+        # Told of every agent key woken (None: any agent may have changed), here at commit and from
+        # other replicas' notifications: the Core drops its kept copy of that agent's row.
+        self.agent_changed = None
 
     @contextlib.contextmanager
     def transaction(self):
@@ -85,6 +88,7 @@ class Wakeups:
                     self._pg_notify(conn, keys)
             finally:
                 conn.info.pop("sly_wake", None)
+        self._changed(keys)
         if keys and self.loop is not None:
             self.loop.call_soon_threadsafe(self.wake_local, keys)
 
@@ -92,6 +96,12 @@ class Wakeups:
     def notify(conn, kind: str, key: int) -> None:
         """Wake `key` (AGENT or TASK) when `conn`'s transaction (one from `transaction()`) commits."""
         conn.info["sly_wake"].add((kind, int(key)))
+
+    def _changed(self, keys) -> None:
+        if self.agent_changed is not None:
+            for kind, key in keys:
+                if kind == AGENT:
+                    self.agent_changed(key)
 
     def wake_local(self, keys) -> None:
         for kind, key in keys:
@@ -119,6 +129,7 @@ class Wakeups:
             kind, _, key = item.partition(":")
             if kind in (AGENT, TASK) and key.isdigit():
                 keys.append((kind, int(key)))
+        self._changed(keys)
         self.wake_local(keys)
 
     async def listen(self) -> None:
@@ -134,6 +145,8 @@ class Wakeups:
                         log.warning("wake-up listener reconnected; waking every waiter to re-read")
                     failures = 0
                     self.listening.set()
+                    if self.agent_changed is not None:
+                        self.agent_changed(None)   # changes made while away were not heard
                     self.agents.wake_all()
                     self.tasks.wake_all()
                     async for n in aconn.notifies():

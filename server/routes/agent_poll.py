@@ -4,9 +4,8 @@ from __future__ import annotations
 import time
 import uuid
 
-import anyio
 from fastapi import APIRouter, Depends, Query, Request
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import select, update
 
 from protocol import endpoints
 from protocol.errors import APIError
@@ -37,6 +36,7 @@ async def connect(request: Request, agent: dict = Depends(require_agent)):
                 values["system_info"] = info
             conn.execute(update(db.agents).where(db.agents.c.id == agent["id"]).values(**values))
     await core.run(store)
+    core.forget_agent(agent["id"])   # its kept row has the old system info
     s = core.settings
     return {"agent": {"id": agent["id"], "name": agent["name"], "allowed_task_types": agent["allowed_task_types"]},
             "options": {"lease_s": s.lease_s, "telemetry_interval_s": s.telemetry_interval_s,
@@ -47,17 +47,17 @@ async def connect(request: Request, agent: dict = Depends(require_agent)):
 POLL_ROW_MARGIN_S = 30.0   # a poll's row outlives its deadline this long, in case its replica dies
 
 
-def _poll_round(core, agent: dict, body: PollIn, first: bool, last: bool, poll_id: str, registered: bool,
-                expires_at: float) -> tuple[dict | None, bool]:
-    """One look at the database for a poll: (the answer or None to keep waiting, poll row written).
+def _poll_round(core, agent: dict, body: PollIn, first: bool, last: bool) -> dict | None:
+    """One look at the database for a poll: the answer, or None to keep waiting.
 
     Runs in one transaction: the agent's row (gone or with another token: 401), its refusal
-    (first round), the hand-out, stops marked delivered when answering, and the poll's row in
-    `polls` when it is about to wait for the first time.
+    (first round), the hand-out, and stops marked delivered when answering.
     """
     aid = agent["id"]
     with core.transaction() as conn:
-        row = conn.execute(select(db.agents).where(db.agents.c.id == aid)).mappings().first()
+        a = db.agents.c
+        row = conn.execute(select(a.token_hash, a.refusing, a.settings_version, a.name, a.allowed_task_types)
+                           .where(a.id == aid)).mappings().first()
         if row is None:
             raise APIError(401, "unauthorized", "this agent was removed")
         if row["token_hash"] != agent["token_hash"]:
@@ -69,24 +69,9 @@ def _poll_round(core, agent: dict, body: PollIn, first: bool, last: bool, poll_i
         if tasks or new_stop or last or row["settings_version"] != agent["settings_version"]:
             if new_stop:
                 conn.execute(update(db.tasks).where(db.tasks.c.id.in_(new_stop)).values(stop_delivered=True))
-            return ({"tasks": tasks, "stop": stop,
-                     "settings": {"name": row["name"], "allowed_task_types": row["allowed_task_types"]}}, registered)
-        if not registered:
-            conn.execute(insert(db.polls).values(id=poll_id, agent_id=aid, replica=core.wakeups.replica,
-                                                 expires_at=expires_at))
-            registered = True
-        return None, registered
-
-
-def _poll_end(core, aid: int, poll_id: str, registered: bool) -> None:
-    """The poll is over: its row goes, and the wait counts as contact (one transaction)."""
-    now = time.time()
-    if not registered:
-        core.touch_agent(aid, now)
-        return
-    with core.engine.begin() as conn:
-        conn.execute(delete(db.polls).where(db.polls.c.id == poll_id))
-        core.touch_agent(aid, now, conn=conn)
+            return {"tasks": tasks, "stop": stop,
+                    "settings": {"name": row["name"], "allowed_task_types": row["allowed_task_types"]}}
+        return None
 
 
 @router.post(endpoints.POLL)
@@ -95,7 +80,9 @@ async def poll(body: PollIn, request: Request, wait: float = Query(0, ge=0, allo
     """Long-poll: answers at once when a task or a new stop request is pending, else after `wait` s.
 
     Woken (on any replica) by a new task, a stop, a settings change, a rotated token or a
-    removed agent; the last two end it with 401 and no task.
+    removed agent; the last two end it with 401 and no task. While it waits, a row in `polls`
+    says so to every replica (written with the contact batch: a poll answered within the
+    batch interval never writes one).
     """
     core = core_of(request)
     aid = agent["id"]
@@ -109,14 +96,17 @@ async def poll(body: PollIn, request: Request, wait: float = Query(0, ge=0, allo
         while True:
             ev = core.wakeups.agents.event(aid)   # before reading the database: no wake-up is lost
             last = deadline - time.monotonic() <= 0 or core.closing
-            answer, registered = await core.run(_poll_round, core, agent, body, first, last, poll_id, registered,
-                                                expires_at)
+            answer = await core.run(_poll_round, core, agent, body, first, last)
             first = False
             if answer is not None:
                 # A task's project carries every annotation: plain JSON, so FastAPI's slow encoder is skipped.
                 return SafeJSONResponse(answer)
+            if not registered:
+                core.contacts.poll_open(poll_id, aid, core.wakeups.replica, expires_at)
+                registered = True
             await Waiters.wait(ev, deadline - time.monotonic())
     finally:
         core.m_polls.dec()
-        with anyio.CancelScope(shield=True):   # a client that hung up still has its poll row removed
-            await core.run(_poll_end, core, aid, poll_id, registered)
+        if registered:   # also when the client hung up
+            core.contacts.poll_closed(poll_id)
+        core.contacts.seen(aid)   # the wait was contact

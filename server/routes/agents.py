@@ -129,6 +129,7 @@ async def list_agents(request: Request, limit: int = Query(100, ge=1, le=1000), 
         q = q.where(db.agents.c.id > c)
 
     def read():
+        core.contacts.flush()   # this replica's latest contact and telemetry are shown
         with core.engine.connect() as conn:
             rows = conn.execute(q).mappings().all()
             ids = [r["id"] for r in rows[:limit]]
@@ -152,6 +153,7 @@ async def read_agent(agent_id: RowId, request: Request):
 
 def _read_one(core, agent_id: int, conn=None) -> dict:
     if conn is None:
+        core.contacts.flush()
         with core.engine.connect() as conn:
             return _read_one(core, agent_id, conn)
     now = time.time()
@@ -210,6 +212,7 @@ async def delete_agent(agent_id: RowId, request: Request):
             core.notify_agent(conn, agent_id)   # its open polls, on every replica, end with 401
         return failed, kept
     failed, kept = await core.run(retry_race, remove)
+    core.contacts.forget(agent_id)
     return {"ok": True, "failed_tasks": failed, "kept_tasks": kept,
             "tasks": f"unfinished tasks failed with {NODE_DELETED!r}; final tasks are kept and still name agent "
                      f"{agent_id}, which no longer exists (DELETE /api/v1/tasks/{{id}} removes them)"}
@@ -239,6 +242,7 @@ async def agent_telemetry(agent_id: RowId, request: Request, since: float | None
     core = core_of(request)
 
     def read():
+        core.contacts.flush()
         with core.engine.connect() as conn:
             agent_row(conn, agent_id)
             return tele.history(conn, agent_id, since)

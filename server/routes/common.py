@@ -19,7 +19,8 @@ def core_of(request: Request):
 async def json_object(request: Request, what: str) -> dict:
     """The body as a JSON object, or a 400 JSON error saying what is wrong with it."""
     try:
-        body = await request.json()
+        # Decoded once already by the strict check (server/errors.py), which left it here.
+        body = request.scope["sly.json"] if "sly.json" in request.scope else await request.json()
     except ValueError:
         raise APIError(400, "malformed_json", "the request body is not valid JSON") from None
     if not isinstance(body, dict):

@@ -1,0 +1,189 @@
+"""What nodes say all the time, written in batches: contact (`last_seen`), lease renewals,
+telemetry samples and the rows of open long-polls.
+
+Every request of a node is a contact, and a node sends a telemetry sample every few seconds: a
+thousand nodes make hundreds of these a second. Written one transaction per request, they were
+most of the server's database work (and on SQLite each one waits for the single writer). None
+of them needs to be in the database at the instant it happens: the offline window is 15 s, a
+lease is minutes, a chart point is seconds apart. So a request only records them here, in
+memory, and `flush()` writes everything pending in one transaction, a statement per kind run
+with many rows (executemany): every `contact_flush_s` (1 s) from a background task, before a
+read on this replica that shows them (the agents list and page, a node's chart, `/metrics`), and
+at shutdown.
+
+What a crash loses: at most the last flush interval of last_seen, telemetry and open-poll rows,
+each of which the nodes renew within seconds. Task states, log lines and results never go
+through here: they are written before their request is answered.
+
+A write that fails (the database away) puts the batch back, newer values first, and is retried
+at the next flush; nothing is lost while the server runs.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from sqlalchemy import bindparam, delete, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from protocol.states import LEASED
+from server import db, telemetry as tele
+
+log = logging.getLogger("sly-server")
+
+LEASED_VALUES = [s.value for s in LEASED]
+
+
+class Contacts:
+    def __init__(self, engine, settings):
+        self.engine = engine
+        self.settings = settings
+        self._lock = threading.Lock()          # the pending maps: written by the loop, taken by a flush
+        self._flushing = threading.Lock()      # one flush at a time, in order
+        self._seen: dict[int, float] = {}      # agent id -> newest contact
+        self._lease: dict[int, float] = {}     # agent id -> when its leases were renewed (pending)
+        self._latest: dict[int, dict] = {}     # agent id -> its telemetry_latest row
+        self._points: list[dict] = []          # telemetry_history rows
+        self._polls_new: dict[str, dict] = {}  # poll id -> polls row not written yet
+        self._polls_gone: list[str] = []       # poll ids written earlier, over now
+        self._leased_at: dict[int, float] = {}  # agent id -> when its leases were last renewed
+        self._point_at: dict[int, float] = {}   # agent id -> its newest history point (written or pending)
+        self.flushes = 0
+        self.rows_written = 0
+
+    # --- recording (any thread; cheap) ---
+    def seen(self, agent_id: int, now: float | None = None) -> None:
+        """A contact: `last_seen`, and the agent's task leases renewed every quarter of the lease."""
+        now = time.time() if now is None else now
+        with self._lock:
+            self._seen_locked(agent_id, now)
+
+    def _seen_locked(self, agent_id: int, now: float) -> None:
+        if self._seen.get(agent_id, 0.0) < now:
+            self._seen[agent_id] = now
+        if now - self._leased_at.get(agent_id, 0.0) >= self.settings.lease_s / 4:
+            self._leased_at[agent_id] = now
+            self._lease[agent_id] = now
+
+    def telemetry(self, agent: dict, now: float, sample: dict) -> bool:
+        """A telemetry sample (and the contact it is). True when it also becomes a history point."""
+        latest = tele.latest_values(sample)
+        aid = agent["id"]
+        with self._lock:
+            self._seen_locked(aid, now)
+            self._latest[aid] = dict(latest, agent_id=aid, ts=now)
+            point = tele.history_point(self.settings, aid, self._point_at.get(aid, agent.get("telemetry_ts")),
+                                       now, latest)
+            if point is not None:
+                self._point_at[aid] = now
+                self._points.append(point)
+        return point is not None
+
+    def poll_open(self, poll_id: str, agent_id: int, replica: str, expires_at: float) -> None:
+        with self._lock:
+            self._polls_new[poll_id] = {"id": poll_id, "agent_id": agent_id, "replica": replica,
+                                        "expires_at": expires_at}
+
+    def poll_closed(self, poll_id: str) -> None:
+        """The poll is over: a row not written yet never will be; a written one goes at the next flush."""
+        with self._lock:
+            if self._polls_new.pop(poll_id, None) is None:
+                self._polls_gone.append(poll_id)
+
+    def forget(self, agent_id: int) -> None:
+        """The agent was deleted: nothing of it is written any more."""
+        with self._lock:
+            for m in (self._seen, self._lease, self._latest, self._leased_at, self._point_at):
+                m.pop(agent_id, None)
+            self._points = [p for p in self._points if p["agent_id"] != agent_id]
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._seen or self._latest or self._points or self._polls_new or self._polls_gone)
+
+    # --- writing (a database thread) ---
+    def flush(self) -> int:
+        """Write what is pending in one transaction; the number of rows written."""
+        with self._flushing:
+            with self._lock:
+                if not self.pending:
+                    return 0
+                batch = (self._seen, self._lease, self._latest, self._points, self._polls_new, self._polls_gone)
+                self._seen, self._lease, self._latest, self._points = {}, {}, {}, []
+                self._polls_new, self._polls_gone = {}, []
+            try:
+                n = self._write(*batch)
+            except Exception:
+                self._put_back(*batch)
+                raise
+            self.flushes += 1
+            self.rows_written += n
+            return n
+
+    def _put_back(self, seen, lease, latest, points, polls_new, polls_gone) -> None:
+        with self._lock:
+            for aid, ts in seen.items():
+                if self._seen.get(aid, 0.0) < ts:
+                    self._seen[aid] = ts
+            for aid, ts in lease.items():
+                self._lease.setdefault(aid, ts)
+            for aid, row in latest.items():
+                self._latest.setdefault(aid, row)         # a newer sample taken meanwhile wins
+            self._points[:0] = points
+            for pid, row in polls_new.items():
+                self._polls_new.setdefault(pid, row)
+            self._polls_gone[:0] = polls_gone             # deleted after the inserts: a closed poll stays closed
+
+    def _write(self, seen, lease, latest, points, polls_new, polls_gone) -> int:
+        a, t, lt = db.agents.c, db.tasks.c, db.telemetry_latest
+        n = 0
+        with self.engine.begin() as conn:
+            ids = set(seen) | set(latest) | {r["agent_id"] for r in polls_new.values()}
+            # Rows of an agent deleted meanwhile are dropped, not written back as orphans.
+            alive = set(conn.execute(select(a.id).where(a.id.in_(ids))).scalars()) if ids else set()
+            rows = [{"b_id": aid, "b_ts": ts} for aid, ts in seen.items() if aid in alive]
+            if rows:
+                # Never backwards: another replica may have written a newer contact.
+                conn.execute(update(db.agents).where(a.id == bindparam("b_id"),
+                                                     or_(a.last_seen.is_(None), a.last_seen < bindparam("b_ts")))
+                             .values(last_seen=bindparam("b_ts")), rows)
+                n += len(rows)
+            rows = [{"b_id": aid, "b_until": ts + self.settings.lease_s} for aid, ts in lease.items() if aid in alive]
+            if rows:
+                # IN (...) expands per execution, which executemany cannot take: the states as plain binds.
+                conn.execute(update(db.tasks).where(t.agent_id == bindparam("b_id"),
+                                                    or_(*(t.state == v for v in LEASED_VALUES)))
+                             .values(lease_until=bindparam("b_until")), rows)
+                n += len(rows)
+            rows = [r for aid, r in latest.items() if aid in alive]
+            if rows:
+                conn.execute(_upsert_latest(conn, lt), rows)
+                n += len(rows)
+            points = [p for p in points if p["agent_id"] in alive]
+            if points:
+                conn.execute(db.insert_ignore(self.engine, db.telemetry_history), points)
+                newest: dict[int, float] = {}
+                for p in points:
+                    newest[p["agent_id"]] = max(newest.get(p["agent_id"], 0.0), p["ts"])
+                conn.execute(update(db.agents).where(a.id == bindparam("b_id"),
+                                                     or_(a.telemetry_ts.is_(None), a.telemetry_ts < bindparam("b_ts")))
+                             .values(telemetry_ts=bindparam("b_ts")),
+                             [{"b_id": aid, "b_ts": ts} for aid, ts in newest.items()])
+                n += len(points)
+            rows = [r for r in polls_new.values() if r["agent_id"] in alive]
+            if rows:
+                conn.execute(db.insert_ignore(self.engine, db.polls), rows)
+                n += len(rows)
+            if polls_gone:
+                conn.execute(delete(db.polls).where(db.polls.c.id == bindparam("b_id")),
+                             [{"b_id": pid} for pid in polls_gone])
+                n += len(polls_gone)
+        return n
+
+
+def _upsert_latest(conn, table):
+    """INSERT of telemetry_latest rows that replaces a node's existing row (SQLite and PostgreSQL)."""
+    stmt = (sqlite if conn.dialect.name == "sqlite" else postgresql).insert(table)
+    return stmt.on_conflict_do_update(index_elements=["agent_id"],
+                                      set_={c.name: stmt.excluded[c.name] for c in table.c if c.name != "agent_id"})
