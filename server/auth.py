@@ -99,7 +99,16 @@ class Sessions:
         self._cache[h] = expires
         return sid
 
+    def cached(self, sid: str | None) -> bool | None:
+        """`valid(sid)` when it needs no database (no cookie, or a session seen before), else None."""
+        if not sid:
+            return False
+        expires = self._cache.get(self._hash(sid))
+        return None if expires is None else expires > time.time()
+
     def valid(self, sid: str | None) -> bool:
+        """Blocking on a cache miss (a database read): from async code, `cached()` first, then
+        this through `core.run`."""
         if not sid:
             return False
         h = self._hash(sid)
@@ -247,7 +256,11 @@ async def require_admin(request: Request) -> None:
     if auth[:len(BEARER)].lower() == BEARER.lower():
         verify_admin_token(core, request, auth[len(BEARER):].strip())
         return
-    if core.sessions.valid(request.cookies.get(SESSION_COOKIE)):
+    sid = request.cookies.get(SESSION_COOKIE)
+    ok = core.sessions.cached(sid)
+    if ok is None:
+        ok = await core.run(core.sessions.valid, sid)
+    if ok:
         check_browser_write(request)
         return
     raise APIError(401, "unauthorized", "send 'Authorization: Bearer <admin token>' or sign in to the console")

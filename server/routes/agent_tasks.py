@@ -176,24 +176,29 @@ async def post_results(task_id: RowId, body: ResultsIn, request: Request, agent:
     if body.checkpoint is not None and body.kind != "model":
         raise APIError(400, "invalid_request", "checkpoint belongs to a model result")
     now = time.time()
-    oid = None
-    with core.engine.begin() as conn:
-        task = _own_task(conn, agent, task_id)
-        if TaskState(task["state"]) in FINAL:
-            raise APIError(409, "task_final", f"task {task_id} is {task['state']}; results come before the final state")
-        results = dict(task["results"])
-        if body.kind == "model":
-            oid = _post_model(conn, task_id, body, results, now)
-        elif body.kind == "project":
-            oid = _post_project(conn, task_id, body.name, prepared, results, now)
-        else:
-            arts = {a["path"]: a for a in results.get("artifacts", [])}
-            for f in body.files:
-                arts[f.path] = {"path": f.path, "sha256": f.sha256, "size": f.size}   # a re-upload replaces
-            results["artifacts"] = list(arts.values())
-            blob_refs.add(conn, blob_refs.RESULT, task_id, [f.sha256 for f in body.files])
-        results.setdefault("artifacts", [])
-        conn.execute(update(db.tasks).where(db.tasks.c.id == task_id).values(results=results, updated_at=now))
+
+    def store() -> tuple[dict, int | None]:
+        oid = None
+        with core.engine.begin() as conn:
+            task = _own_task(conn, agent, task_id)
+            if TaskState(task["state"]) in FINAL:
+                raise APIError(409, "task_final",
+                               f"task {task_id} is {task['state']}; results come before the final state")
+            results = dict(task["results"])
+            if body.kind == "model":
+                oid = _post_model(conn, task_id, body, results, now)
+            elif body.kind == "project":
+                oid = _post_project(conn, task_id, body.name, prepared, results, now)
+            else:
+                arts = {a["path"]: a for a in results.get("artifacts", [])}
+                for f in body.files:
+                    arts[f.path] = {"path": f.path, "sha256": f.sha256, "size": f.size}   # a re-upload replaces
+                results["artifacts"] = list(arts.values())
+                blob_refs.add(conn, blob_refs.RESULT, task_id, [f.sha256 for f in body.files])
+            results.setdefault("artifacts", [])
+            conn.execute(update(db.tasks).where(db.tasks.c.id == task_id).values(results=results, updated_at=now))
+        return results, oid
+    results, oid = await core.run(store)
     out = {"results": results}
     if oid is not None:
         out["id"] = oid

@@ -1,4 +1,6 @@
-"""What the route modules share: the Core of a request, JSON object bodies, paging, reading one row."""
+"""What the route modules share: the Core of a request, JSON object bodies, paging, reading one row.
+
+`get_row` and `list_rows` block on the database: a route calls them through `core.run`."""
 from __future__ import annotations
 
 import gzip

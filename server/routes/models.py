@@ -29,11 +29,14 @@ async def create_model(body: ModelIn, request: Request):
     core = core_of(request)
     check_files(core.blobs, body.files, "path", "model file")
     files = [f.model_dump() for f in body.files]
-    with core.engine.begin() as conn:
-        mid = conn.execute(insert(db.models).values(name=body.name, hash=model_hash(files), files=files,
-                                                    created_at=time.time())).inserted_primary_key[0]
-        blob_refs.add(conn, blob_refs.MODEL, mid, [f["sha256"] for f in files])
-    return get_row(core, db.models, mid, "model")
+
+    def create() -> dict:
+        with core.engine.begin() as conn:
+            mid = conn.execute(insert(db.models).values(name=body.name, hash=model_hash(files), files=files,
+                                                        created_at=time.time())).inserted_primary_key[0]
+            blob_refs.add(conn, blob_refs.MODEL, mid, [f["sha256"] for f in files])
+        return get_row(core, db.models, mid, "model")
+    return await core.run(create)
 
 
 @router.get(endpoints.MODELS)
@@ -43,15 +46,17 @@ async def list_models(request: Request, limit: int = Query(100, ge=1, le=1000), 
     made (a train task's checkpoints, each with its `checkpoint`)."""
     core = core_of(request)
     if task_id is None:
-        return list_rows(core, db.models, limit, cursor, _summary)
+        return await core.run(list_rows, core, db.models, limit, cursor, _summary)
     m = db.models.c
     q = select(db.models).where(m.task_id == task_id).order_by(m.id.desc()).limit(limit + 1)
     c = cursor_id(cursor)
     if c is not None:
         q = q.where(m.id < c)
-    with core.engine.connect() as conn:
-        rows = conn.execute(q).mappings().all()
-    return page([_summary(dict(r)) for r in rows], limit)
+
+    def read() -> list:
+        with core.engine.connect() as conn:
+            return conn.execute(q).mappings().all()
+    return page([_summary(dict(r)) for r in await core.run(read)], limit)
 
 
 CONFIG_MAX_BYTES = 256 * 1024
@@ -73,12 +78,16 @@ async def read_model(model_id: RowId, request: Request):
     """The model with `task` (the task that made it: id, type, state), `checkpoint` ({epoch, metrics,
     final} or null) and `config` (its config.json parsed, or null; every file's bytes: GET /api/v1/blobs/{sha256})."""
     core = core_of(request)
-    m = get_row(core, db.models, model_id, "model")
-    m["task"] = None
-    if m["task_id"] is not None:
-        t = db.tasks.c
-        with core.engine.connect() as conn:
-            row = conn.execute(select(t.id, t.type, t.state).where(t.id == m["task_id"])).mappings().first()
-        m["task"] = dict(row) if row else None
+
+    def read() -> dict:
+        m = get_row(core, db.models, model_id, "model")
+        m["task"] = None
+        if m["task_id"] is not None:
+            t = db.tasks.c
+            with core.engine.connect() as conn:
+                row = conn.execute(select(t.id, t.type, t.state).where(t.id == m["task_id"])).mappings().first()
+            m["task"] = dict(row) if row else None
+        return m
+    m = await core.run(read)
     m["config"] = _config(core.blobs, m["files"])
     return m

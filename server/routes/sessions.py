@@ -19,7 +19,7 @@ async def sign_in(body: SessionIn, request: Request, response: Response):
     Wrong tokens are throttled per client address (429 with Retry-After)."""
     core = core_of(request)
     verify_admin_token(core, request, body.token)
-    sid = core.sessions.create()
+    sid = await core.run(core.sessions.create)
     response.set_cookie(SESSION_COOKIE, sid, httponly=True, samesite="strict", path="/",
                         secure=request.url.scheme == "https")
     return {"ok": True}
@@ -28,10 +28,11 @@ async def sign_in(body: SessionIn, request: Request, response: Response):
 @router.delete(endpoints.SESSION)
 async def sign_out(request: Request, response: Response):
     """Sign out of the console (drops the session and the cookie); from the console's own origin only."""
+    core = core_of(request)
     sid = request.cookies.get(SESSION_COOKIE)
     if sid:
         check_browser_write(request)
-    core_of(request).sessions.drop(sid)
+        await core.run(core.sessions.drop, sid)
     response.delete_cookie(SESSION_COOKIE, path="/")
     return {"ok": True}
 
@@ -39,7 +40,8 @@ async def sign_out(request: Request, response: Response):
 @router.post(endpoints.SESSION_LINKS, dependencies=[Depends(require_admin)])
 async def new_signin_link(request: Request):
     """A one-time console sign-in link (`path`, relative to the server) valid until `expires_at`."""
-    token, expires = create_link(core_of(request).engine)
+    core = core_of(request)
+    token, expires = await core.run(create_link, core.engine)
     return {"path": endpoints.path(endpoints.SIGNIN_LINK, token=token), "expires_at": expires}
 
 
@@ -48,9 +50,13 @@ async def spend_signin_link(token: str, request: Request):
     """Spend a one-time link: session cookie and on to the nodes page; a used or expired one goes to sign-in."""
     core = core_of(request)
     headers = {"cache-control": "no-store", "referrer-policy": "no-referrer"}
-    if not spend_link(core.engine, token):
+
+    def spend() -> str | None:
+        return core.sessions.create() if spend_link(core.engine, token) else None
+    sid = await core.run(spend)
+    if sid is None:
         return RedirectResponse("/signin", status_code=303, headers=headers)
     response = RedirectResponse("/nodes", status_code=303, headers=headers)
-    response.set_cookie(SESSION_COOKIE, core.sessions.create(), httponly=True, samesite="strict", path="/",
+    response.set_cookie(SESSION_COOKIE, sid, httponly=True, samesite="strict", path="/",
                         secure=request.url.scheme == "https")
     return response
