@@ -23,7 +23,7 @@ import time
 
 import anyio
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, select, update
 
 from protocol.states import LEASED, TaskState
 from server import blob_refs, db, migrate
@@ -36,6 +36,7 @@ from server.wakeups import AGENT, TASK, Wakeups
 
 
 AGENT_CACHE_S = 60.0
+_AGENT_BY_HASH = select(db.agents).where(db.agents.c.token_hash == bindparam("h"))
 
 
 class Core:
@@ -120,7 +121,7 @@ class Core:
         """Read the agent of token hash `h` (a database thread) and keep it, unless it changed meanwhile."""
         epoch = self._agents_epoch
         with self.engine.connect() as conn:
-            row = conn.execute(select(db.agents).where(db.agents.c.token_hash == h)).mappings().first()
+            row = conn.execute(_AGENT_BY_HASH, {"h": h}).mappings().first()
         if row is None or not hmac.compare_digest(row["token_hash"], h):
             return None
         agent = dict(row)

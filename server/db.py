@@ -6,6 +6,9 @@ a new revision there, and a test checks that the two agree.
 """
 from __future__ import annotations
 
+import json
+
+import orjson
 from sqlalchemy import (JSON, BigInteger, Boolean, Column, Float, Index, Integer, MetaData, String, Table, Text,
                         create_engine, event, false, insert)
 from sqlalchemy.engine import Engine
@@ -180,6 +183,20 @@ polls = Table(
 )
 
 
+def _json_out(value) -> str:
+    """JSON columns are written by orjson (a non-finite float becomes null: no engine stores NaN in JSON)."""
+    from server.strict import dumps
+    return dumps(value)
+
+
+def _json_in(text: str):
+    """Read by orjson; a value written by an older server (NaN in it) by the json module."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text)
+
+
 def make_engine(url: str, pool_size: int = 10) -> Engine:
     """An engine for `url`; SQLite gets WAL, NORMAL sync and a busy timeout.
 
@@ -188,7 +205,8 @@ def make_engine(url: str, pool_size: int = 10) -> Engine:
     """
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"check_same_thread": False},
-                               pool_size=pool_size, max_overflow=0)
+                               pool_size=pool_size, max_overflow=0, json_serializer=_json_out,
+                               json_deserializer=_json_in)
 
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn, _record):
@@ -201,7 +219,8 @@ def make_engine(url: str, pool_size: int = 10) -> Engine:
             cur.execute("PRAGMA busy_timeout=5000")
             cur.close()
     else:
-        engine = create_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=0, pool_timeout=60)
+        engine = create_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=0, pool_timeout=60,
+                               json_serializer=_json_out, json_deserializer=_json_in)
     return engine
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 
 from server import db
 from server.projects import read_project
@@ -11,6 +11,16 @@ from protocol.errors import APIError
 from protocol.states import AGENT_REPORTABLE, FINAL, LEASED, IllegalTransition, TaskState, check_transition
 
 LEASED_VALUES = [s.value for s in LEASED]
+
+# The poll's statements, built once: a statement made per call costs its construction and its
+# cache key every time, and a poll runs them hundreds of times a second.
+_c = db.tasks.c
+_TASK = select(db.tasks).where(_c.id == bindparam("tid"))
+# Only ids and flags here: an agent may hold many leased tasks and a poll must stay cheap.
+_MINE = (select(_c.id, _c.state, _c.stop_requested, _c.stop_delivered)
+         .where(_c.agent_id == bindparam("aid"), _c.state.in_(LEASED_VALUES + [TaskState.LOST.value])).order_by(_c.id))
+_QUEUED = (select(db.tasks).where(_c.agent_id == bindparam("aid"), _c.state == TaskState.QUEUED.value)
+           .order_by(_c.id).limit(200).with_for_update(skip_locked=True))
 
 
 class StateRace(APIError):
@@ -40,7 +50,7 @@ def public_task(row) -> dict:
 
 
 def get_task(conn, task_id: int) -> dict | None:
-    row = conn.execute(select(db.tasks).where(db.tasks.c.id == task_id)).mappings().first()
+    row = conn.execute(_TASK, {"tid": task_id}).mappings().first()
     return dict(row) if row else None
 
 
@@ -99,10 +109,7 @@ def hand_out(core, conn, agent: dict, free_slots: int, free_gpus: int, running: 
     """
     agent_id = agent["id"]
     running_set = set(running)
-    c = db.tasks.c
-    # Only ids and flags here: an agent may hold many leased tasks and a poll must stay cheap.
-    mine = conn.execute(select(c.id, c.state, c.stop_requested, c.stop_delivered).where(
-        c.agent_id == agent_id, c.state.in_(LEASED_VALUES + [TaskState.LOST.value])).order_by(c.id)).all()
+    mine = conn.execute(_MINE, {"aid": agent_id}).all()
     stop, new_stop, again = [], [], []
     for tid, state, stop_requested, stop_delivered in mine:
         if state == TaskState.LOST.value:
@@ -126,10 +133,7 @@ def hand_out(core, conn, agent: dict, free_slots: int, free_gpus: int, running: 
             again.append(get_task(conn, tid))
     queued = []
     if free_slots > 0:
-        queued = conn.execute(select(db.tasks).where(db.tasks.c.agent_id == agent_id,
-                                                     db.tasks.c.state == TaskState.QUEUED.value)
-                              .order_by(db.tasks.c.id).limit(200)
-                              .with_for_update(skip_locked=True)).mappings().all()
+        queued = conn.execute(_QUEUED, {"aid": agent_id}).mappings().all()
     out = []
     slots, gpus = free_slots, free_gpus
     for t in again + [dict(r) for r in queued]:

@@ -5,7 +5,7 @@ import time
 import uuid
 
 from fastapi import APIRouter, Depends, Query, Request
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 
 from protocol import endpoints
 from protocol.errors import APIError
@@ -47,6 +47,11 @@ async def connect(request: Request, agent: dict = Depends(require_agent)):
 POLL_ROW_MARGIN_S = 30.0   # a poll's row outlives its deadline this long, in case its replica dies
 
 
+_a = db.agents.c
+_POLL_AGENT = select(_a.token_hash, _a.refusing, _a.settings_version, _a.name, _a.allowed_task_types).where(
+    _a.id == bindparam("aid"))
+
+
 def _poll_round(core, agent: dict, body: PollIn, first: bool, last: bool) -> dict | None:
     """One look at the database for a poll: the answer, or None to keep waiting.
 
@@ -55,9 +60,7 @@ def _poll_round(core, agent: dict, body: PollIn, first: bool, last: bool) -> dic
     """
     aid = agent["id"]
     with core.transaction() as conn:
-        a = db.agents.c
-        row = conn.execute(select(a.token_hash, a.refusing, a.settings_version, a.name, a.allowed_task_types)
-                           .where(a.id == aid)).mappings().first()
+        row = conn.execute(_POLL_AGENT, {"aid": aid}).mappings().first()
         if row is None:
             raise APIError(401, "unauthorized", "this agent was removed")
         if row["token_hash"] != agent["token_hash"]:
