@@ -42,10 +42,10 @@ _AGENT_BY_HASH = select(db.agents).where(db.agents.c.token_hash == bindparam("h"
 class Core:
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.engine = db.make_engine(settings.database_url, pool_size=settings.db_pool_size)
+        self.engine = db.make_engine(settings.database_url, pool_size=settings.pool_size)
         if settings.migrate:
             migrate.upgrade(self.engine)
-        self.limiter = anyio.CapacityLimiter(settings.db_pool_size)
+        self.limiter = anyio.CapacityLimiter(settings.pool_size)
         self.blobs = BlobStore(settings.data_dir / "blobs", quota=settings.blob_quota_bytes)
         with self.engine.begin() as conn:
             blob_refs.fill_if_empty(conn)

@@ -20,7 +20,8 @@ class Settings:
     json_body_limit: int = 1 * MIB
     logs_body_limit: int = 32 * MIB
     project_body_limit: int = 64 * MIB   # POST of a project or a task result: annotations travel inline
-    db_pool_size: int = 10               # database connections (and threads doing database work) per process
+    db_pool_size: int | None = None      # database connections (and threads doing database work) per process;
+                                         # default: 1 on SQLite, 10 on PostgreSQL (pool_size)
     workers: int = 1                     # uvicorn worker processes (more than one needs PostgreSQL)
     log_page_bytes: int = 1 * MIB        # a log page or SSE batch stops past this many bytes (always >= 1 line)
     migrate: bool = True                 # upgrade the schema at start (a --workers parent does it once for all)
@@ -41,6 +42,15 @@ class Settings:
     @property
     def database_url(self) -> str:
         return self.db_url or f"sqlite:///{Path(self.data_dir).resolve() / 'server.db'}"
+
+    @property
+    def pool_size(self) -> int:
+        """SQLite takes one writer at a time: with several threads, writers wait in SQLite's busy
+        handler, which sleeps in steps of up to 100 ms, and the fleet benchmark's pickup p50 was
+        twice one thread's (docs/benchmarks.md). PostgreSQL serves many connections at once."""
+        if self.db_pool_size is not None:
+            return self.db_pool_size
+        return 1 if self.database_url.startswith("sqlite") else 10
 
     @property
     def blob_gc_every_s(self) -> float:
