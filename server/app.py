@@ -20,6 +20,7 @@ from server import blob_refs, logfilter, routes
 from server.auth import check_admin_token_length, load_admin_token
 from server.core import Core
 from server.errors import ERROR_RESPONSES, BodyLimitMiddleware, install_error_handlers
+from server.fastpath import TelemetryFastPath
 from server.settings import Settings
 from server.strict import SafeJSONResponse
 from server.retention import run_housekeeper
@@ -142,6 +143,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.openapi = _openapi(app)
     app.state.core = core
     install_error_handlers(app)
+    app.add_middleware(TelemetryFastPath, core=core)             # inside the body check: it reads its result
     app.add_middleware(BodyLimitMiddleware, settings=settings)
 
     @app.get("/healthz", tags=["ops"])

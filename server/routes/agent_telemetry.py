@@ -1,12 +1,11 @@
 """Agent side: telemetry samples (kept as the agent's small latest row and in its bounded history)."""
 from __future__ import annotations
 
-import time
-
 from fastapi import APIRouter, Depends, Request
 
 from protocol import endpoints
 from server.auth import require_agent
+from server.fastpath import accept_sample
 from server.routes.agent_poll import ANY_OBJECT
 from server.routes.common import core_of, json_object
 
@@ -18,8 +17,8 @@ async def telemetry(request: Request, agent: dict = Depends(require_agent)):
     """A telemetry sample (cpu, memory, disks, gpus, containers, free slots): kept as latest + history.
 
     Written with the next batch (server/contact.py, within a second), not before the answer: a
-    sample is worth only its place in a chart, and a thousand nodes send hundreds a second."""
-    core = core_of(request)
+    sample is worth only its place in a chart, and a thousand nodes send hundreds a second. The
+    ordinary case is answered before FastAPI by server/fastpath.py; this route answers the rest."""
     sample = await json_object(request, "a telemetry sample")
-    core.contacts.telemetry(agent, time.time(), sample)
+    accept_sample(core_of(request), agent, sample)
     return {"ok": True}
