@@ -484,6 +484,10 @@ def main(argv=None) -> None:
         finally:
             for s in servers:
                 s.stop()
+                log = s.log_path.read_text(errors="replace") if s.log_path.exists() else ""
+                if "Traceback" in log or " ERROR " in log or " CRITICAL " in log:
+                    print(f"--- server {s.port} logged errors; its log's end:\n" + "\n".join(log.splitlines()[-40:]),
+                          file=sys.stderr)
             if drop:
                 pg_database(drop[0], drop[1], drop=True)
 

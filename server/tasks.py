@@ -179,6 +179,7 @@ def reap_lost(core, now: float | None = None) -> list[int]:
             except StateRace:
                 continue   # the agent reported meanwhile, or another replica's reaper was first
             core.notify_task(conn, row["id"])
+            core.notify_agent(conn, row["agent_id"])   # its waiting poll answers: the lost task goes in `stop`
             lost.append(row["id"])
     return lost
 

@@ -52,8 +52,9 @@ _POLL_AGENT = select(_a.token_hash, _a.refusing, _a.settings_version, _a.name, _
     _a.id == bindparam("aid"))
 
 
-def _poll_round(core, agent: dict, body: PollIn, first: bool, last: bool) -> dict | None:
-    """One look at the database for a poll: the answer, or None to keep waiting.
+def _poll_round(core, agent: dict, body: PollIn, first: bool, last: bool) -> tuple[dict | None, dict]:
+    """One look at the database for a poll: (the answer or None to keep waiting, the answer this
+    round would give at the poll's end).
 
     Runs in one transaction: the agent's row (gone or with another token: 401), its refusal
     (first round), the hand-out, and stops marked delivered when answering.
@@ -69,12 +70,13 @@ def _poll_round(core, agent: dict, body: PollIn, first: bool, last: bool) -> dic
             conn.execute(update(db.agents).where(db.agents.c.id == aid).values(refusing=body.refusing or None))
         tasks, stop, new_stop = hand_out(core, conn, agent, body.free_slots, len(body.free_gpus), body.running,
                                          time.time())
+        answer = {"tasks": tasks, "stop": stop,
+                  "settings": {"name": row["name"], "allowed_task_types": row["allowed_task_types"]}}
         if tasks or new_stop or last or row["settings_version"] != agent["settings_version"]:
             if new_stop:
                 conn.execute(update(db.tasks).where(db.tasks.c.id.in_(new_stop)).values(stop_delivered=True))
-            return {"tasks": tasks, "stop": stop,
-                    "settings": {"name": row["name"], "allowed_task_types": row["allowed_task_types"]}}
-        return None
+            return answer, answer
+        return None, answer
 
 
 @router.post(endpoints.POLL)
@@ -82,10 +84,15 @@ async def poll(body: PollIn, request: Request, wait: float = Query(0, ge=0, allo
                agent: dict = Depends(require_agent)):
     """Long-poll: answers at once when a task or a new stop request is pending, else after `wait` s.
 
-    Woken (on any replica) by a new task, a stop, a settings change, a rotated token or a
-    removed agent; the last two end it with 401 and no task. While it waits, a row in `polls`
-    says so to every replica (written with the contact batch: a poll answered within the
+    Woken (on any replica) by a new task, a stop, a settings change, a lost task, a rotated token
+    or a removed agent; the last two end it with 401 and no task. While it waits, a row in
+    `polls` says so to every replica (written with the contact batch: a poll answered within the
     batch interval never writes one).
+
+    A poll that was not woken answers at its end with what its last look found, without looking
+    again: everything that changes a poll's answer wakes it (the list above), on every replica,
+    and a replica whose listener reconnects wakes every poll. That halves the database work of
+    a fleet of idle nodes.
     """
     core = core_of(request)
     aid = agent["id"]
@@ -99,7 +106,7 @@ async def poll(body: PollIn, request: Request, wait: float = Query(0, ge=0, allo
         while True:
             ev = core.wakeups.agents.event(aid)   # before reading the database: no wake-up is lost
             last = deadline - time.monotonic() <= 0 or core.closing
-            answer = await core.run(_poll_round, core, agent, body, first, last)
+            answer, at_end = await core.run(_poll_round, core, agent, body, first, last)
             first = False
             if answer is not None:
                 # A task's project carries every annotation: plain JSON, so FastAPI's slow encoder is skipped.
@@ -107,7 +114,8 @@ async def poll(body: PollIn, request: Request, wait: float = Query(0, ge=0, allo
             if not registered:
                 core.contacts.poll_open(poll_id, aid, core.wakeups.replica, expires_at)
                 registered = True
-            await Waiters.wait(ev, deadline - time.monotonic())
+            if not await Waiters.wait(ev, deadline - time.monotonic()) and not core.closing:
+                return SafeJSONResponse(at_end)   # nothing changed since the last look
     finally:
         core.m_polls.dec()
         if registered:   # also when the client hung up
