@@ -7,7 +7,7 @@ import json
 import math
 import time
 
-from sqlalchemy import LargeBinary, cast, func, select, update
+from sqlalchemy import LargeBinary, case, cast, func, select, update
 
 from protocol.errors import APIError
 from protocol.logline import MAX_LINE
@@ -210,6 +210,9 @@ def ingest(core, conn, task: dict, first_seq: int, lines: list, now: float | Non
                 "INSERT OR IGNORE INTO log_lines (task_id, seq, ts, level, stream, message, extra) VALUES (?,?,?,?,?,?,?)",
                 rows)
             stored = cur.rowcount or 0
+        elif core.engine.dialect.name == "postgresql":
+            # One statement for the whole batch: each column as an array, unnested into rows.
+            stored = conn.exec_driver_sql(_PG_INSERT_LINES, tuple(list(col) for col in zip(*rows))).rowcount or 0
         else:
             stored = conn.execute(db.insert_ignore(core.engine, db.log_lines),
                                   [dict(zip(_COLUMNS, r)) for r in rows]).rowcount or 0
@@ -219,15 +222,15 @@ def ingest(core, conn, task: dict, first_seq: int, lines: list, now: float | Non
     if added:
         values["log_bytes"] = used
     acked = task["log_acked"]
+    t = db.tasks.c
     if lines and first_seq <= acked + 1 <= last_seq + 1:
         # Every seq of this batch is stored now (inserted, there already, or dropped over the quota)
         # and it touches the frontier: the frontier is at least its last seq; look for more beyond it.
         acked = advance_acked(conn, task_id, last_seq)
         # Never backwards: a retried batch of the same task may commit after this one.
-        t = db.tasks.c
-        conn.execute(update(db.tasks).where(t.id == task_id, t.log_acked < acked).values(log_acked=acked))
-    if values:
-        conn.execute(update(db.tasks).where(db.tasks.c.id == task_id).values(**values))
+        values["log_acked"] = case((t.log_acked < acked, acked), else_=t.log_acked)
+    if values:     # one statement for both
+        conn.execute(update(db.tasks).where(t.id == task_id).values(**values))
     if added:
         core.m_log_bytes.inc(added)
     if dropped:
@@ -235,6 +238,11 @@ def ingest(core, conn, task: dict, first_seq: int, lines: list, now: float | Non
     if cut:
         core.m_log_cut.inc(cut)
     return acked, max(stored, 0)
+
+
+_PG_INSERT_LINES = ("INSERT INTO log_lines (task_id, seq, ts, level, stream, message, extra) "
+                    "SELECT * FROM unnest(%s::integer[], %s::integer[], %s::float8[], %s::text[], %s::text[], "
+                    "%s::text[], %s::text[]) ON CONFLICT DO NOTHING")
 
 
 def advance_acked(conn, task_id: int, acked: int) -> int:

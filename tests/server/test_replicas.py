@@ -113,7 +113,8 @@ def test_task_created_on_a_wakes_a_poll_waiting_on_b(replicas):
     print(f"cross-replica task wake-up: {took * 1000:.0f} ms")
     assert [t["id"] for t in answer["tasks"]] == [task["id"]]
     assert took < WAKE_S
-    assert ca.get_agent(on_b.id)["polls_open"] == 0
+    # B writes the end of its poll with its next contact batch (--contact-flush-s, 1 s): A sees it then.
+    poll_for(lambda: ca.get_agent(on_b.id)["polls_open"] == 0, timeout=3, what="A to see B's poll end")
 
 
 @needs_pg
@@ -210,6 +211,23 @@ def test_token_rotation_on_a_ends_the_open_poll_on_b_with_401_and_no_task(replic
     assert _raw_poll(on_b, 0).status_code == 401
     assert ca.get_task(task["id"])["state"] == "queued"
     assert [t["id"] for t in FakeAgent(b.url, new["token"], on_b.id).poll()["tasks"]] == [task["id"]]
+
+
+@needs_pg
+def test_b_drops_its_kept_agent_row_when_a_rotates_the_token(replicas):
+    """B keeps the agent row it looked up (server/core.py); A's rotation must reach it by NOTIFY,
+    also for the telemetry fast path, which reads nothing else."""
+    a, b = replicas
+    ca, _, on_b = _agent(a, b)
+    assert on_b.post("/agent/v1/telemetry", json={"cpu": 1}).status_code == 200   # B keeps the row now
+    t0 = time.monotonic()
+    new = ca.rotate_token(on_b.id)
+    poll_for(lambda: on_b.post("/agent/v1/telemetry", json={"cpu": 2}).status_code == 401, timeout=WAKE_S,
+             what="B to refuse the rotated token")
+    print(f"cross-replica token revocation (kept row dropped): {(time.monotonic() - t0) * 1000:.0f} ms")
+    assert FakeAgent(b.url, new["token"], on_b.id).post("/agent/v1/telemetry", json={"cpu": 3}).status_code == 200
+    poll_for(lambda: (ca.get_agent(on_b.id)["telemetry"] or {}).get("cpu") == {"percent": 3.0}, timeout=3,
+             what="A to show the sample B batched")
 
 
 @needs_pg
