@@ -42,10 +42,14 @@ _AGENT_BY_HASH = select(db.agents).where(db.agents.c.token_hash == bindparam("h"
 class Core:
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.engine = db.make_engine(settings.database_url, pool_size=settings.pool_size)
+        sqlite = settings.database_url.startswith("sqlite")
+        # On SQLite one more connection and thread, for the console's big reads only (`run_read`):
+        # in WAL mode a read never waits for the writer, and the writer's queue never waits for it.
+        self.engine = db.make_engine(settings.database_url, pool_size=settings.pool_size + (1 if sqlite else 0))
         if settings.migrate:
             migrate.upgrade(self.engine)
         self.limiter = anyio.CapacityLimiter(settings.pool_size)
+        self.read_limiter = anyio.CapacityLimiter(1) if sqlite else self.limiter
         self.blobs = BlobStore(settings.data_dir / "blobs", quota=settings.blob_quota_bytes)
         with self.engine.begin() as conn:
             blob_refs.fill_if_empty(conn)
@@ -89,6 +93,17 @@ class Core:
     async def run(self, fn, *args):
         """`fn(*args)` on one of the database threads; the request waits without holding the loop."""
         return await anyio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+
+    async def run_read(self, fn, *args):
+        """`fn(*args)`, which only reads, on the read thread (SQLite) or a database thread (PostgreSQL).
+        The nodes list, a node's chart and the task list use it: a console refreshing them does not
+        hold up the fleet's writes."""
+        return await anyio.to_thread.run_sync(fn, *args, limiter=self.read_limiter)
+
+    async def read_shown(self, fn, *args):
+        """`run_read` after this process's contact batch is written, so the read shows it."""
+        await self.run(self.contacts.flush)
+        return await self.run_read(fn, *args)
 
     def transaction(self):
         """A write transaction whose `notify()` wake-ups fire after it commits (here and on every replica)."""

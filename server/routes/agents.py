@@ -129,7 +129,6 @@ async def list_agents(request: Request, limit: int = Query(100, ge=1, le=1000), 
         q = q.where(db.agents.c.id > c)
 
     def read():
-        core.contacts.flush()   # this replica's latest contact and telemetry are shown
         with core.engine.connect() as conn:
             rows = conn.execute(q).mappings().all()
             ids = [r["id"] for r in rows[:limit]]
@@ -141,19 +140,18 @@ async def list_agents(request: Request, limit: int = Query(100, ge=1, le=1000), 
                      for r in rows], limit)
         body["summary"] = summary
         return body
-    return conditional_json(request, await core.run(read))
+    return conditional_json(request, await core.read_shown(read))   # this replica's latest contact shown
 
 
 @router.get(endpoints.AGENT)
 async def read_agent(agent_id: RowId, request: Request):
     """One agent in full: the list's fields and its system_info."""
     core = core_of(request)
-    return await core.run(_read_one, core, agent_id)
+    return await core.read_shown(_read_one, core, agent_id)
 
 
 def _read_one(core, agent_id: int, conn=None) -> dict:
     if conn is None:
-        core.contacts.flush()
         with core.engine.connect() as conn:
             return _read_one(core, agent_id, conn)
     now = time.time()
@@ -242,8 +240,7 @@ async def agent_telemetry(agent_id: RowId, request: Request, since: float | None
     core = core_of(request)
 
     def read():
-        core.contacts.flush()
         with core.engine.connect() as conn:
             agent_row(conn, agent_id)
             return tele.history(conn, agent_id, since)
-    return conditional_json(request, await core.run(read))
+    return conditional_json(request, await core.read_shown(read))

@@ -81,7 +81,7 @@ async def list_tasks(request: Request, agent_id: int | None = query_id(), state:
     def read():
         with core.engine.connect() as conn:
             return conn.execute(q).mappings().all()
-    return page([public_task(r) for r in await core.run(read)], limit)
+    return page([public_task(r) for r in await core.run_read(read)], limit)
 
 
 @router.get(endpoints.TASK)

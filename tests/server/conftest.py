@@ -60,3 +60,18 @@ def own_server(tmp_path):
     yield start
     for srv in started:
         srv.close()
+
+
+@pytest.fixture
+def engine(tmp_path):
+    """A migrated database of this test's own: SQLite in tmp_path, or a fresh one on SLY_TEST_DB_URL."""
+    from server import db, migrate
+    from tests.support.server import TEST_DB_URL, create_test_database, drop_test_databases
+    url = create_test_database() if TEST_DB_URL else f"sqlite:///{tmp_path / 'server.db'}"
+    eng = db.make_engine(url)
+    migrate.upgrade(eng)
+    yield eng
+    eng.dispose()
+    if TEST_DB_URL:
+        from sqlalchemy.engine import make_url
+        drop_test_databases([make_url(url).database])

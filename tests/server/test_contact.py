@@ -7,22 +7,9 @@ import pytest
 from sqlalchemy import event, select, text
 
 from protocol import endpoints
-from server import db, migrate
+from server import db
 from server.contact import Contacts
 from server.settings import Settings
-from tests.support.server import TEST_DB_URL, create_test_database, drop_test_databases
-
-
-@pytest.fixture
-def engine(tmp_path):
-    url = create_test_database() if TEST_DB_URL else f"sqlite:///{tmp_path / 'server.db'}"
-    eng = db.make_engine(url)
-    migrate.upgrade(eng)
-    yield eng
-    eng.dispose()
-    if TEST_DB_URL:
-        from sqlalchemy.engine import make_url
-        drop_test_databases([make_url(url).database])
 
 
 def add_agents(engine, n: int) -> list[int]:

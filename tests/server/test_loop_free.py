@@ -49,7 +49,7 @@ class CheckoutWatch:
 
     def __init__(self, core):
         self.core = core
-        self.pool_size = POOL_SIZE
+        self.pool_size = core.engine.pool.size()   # POOL_SIZE, and on SQLite the read thread's one
         self.lock = threading.Lock()
         self.local = threading.local()
         self.loop_threads: set[int] = set()
@@ -60,12 +60,16 @@ class CheckoutWatch:
         self.outside_run: list[str] = []
         event.listen(core.engine, "checkout", self._checkout)
         event.listen(core.engine, "checkin", self._checkin)
-        run = core.run
+        run, run_read = core.run, core.run_read
 
         async def watched_run(fn, *args, **kw):
             self.loop_threads.add(threading.get_ident())   # core.run is awaited on the loop
             return await run(self._marked(fn), *args, **kw)
-        core.run = watched_run
+
+        async def watched_run_read(fn, *args, **kw):
+            self.loop_threads.add(threading.get_ident())
+            return await run_read(self._marked(fn), *args, **kw)
+        core.run, core.run_read = watched_run, watched_run_read
 
     def _marked(self, fn):
         def inside(*args, **kw):

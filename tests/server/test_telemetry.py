@@ -5,15 +5,13 @@ from __future__ import annotations
 import json
 import random
 
-import pytest
 import requests
 from sqlalchemy import func, select, text
 
-from server import db, migrate, telemetry
+from server import db, telemetry
 from server.settings import Settings
 from tests.server.conftest import FakeAgent
 from tests.support.procs import poll_for
-from tests.support.server import TEST_DB_URL, create_test_database, drop_test_databases
 
 HOUR, DAY = 3600.0, 86400.0
 
@@ -34,19 +32,6 @@ def big_sample(free_slots: int = 1) -> dict:
         "containers": [{"id": "c" * 64, "name": f"sly-task-{i}", "status": "running"} for i in range(2)],
         "free_slots": free_slots,
     }
-
-
-@pytest.fixture
-def engine(tmp_path):
-    """A migrated database of this test's own: SQLite in tmp_path, or a fresh one on SLY_TEST_DB_URL."""
-    url = create_test_database() if TEST_DB_URL else f"sqlite:///{tmp_path / 'server.db'}"
-    eng = db.make_engine(url)
-    migrate.upgrade(eng)
-    yield eng
-    eng.dispose()
-    if TEST_DB_URL:
-        from sqlalchemy.engine import make_url
-        drop_test_databases([make_url(url).database])
 
 
 def simulate(engine, settings, agent_id: int, start: float, end: float, every: float, prune_every: float = 60.0):
