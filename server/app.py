@@ -16,7 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from protocol.endpoints import AUTHORIZATION_HEADER, BEARER
 from protocol.errors import APIError
-from server import blob_refs, logfilter, routes
+from server import blob_refs, db, logfilter, routes
 from server.auth import check_admin_token_length, load_admin_token
 from server.core import Core
 from server.errors import ERROR_RESPONSES, BodyLimitMiddleware, install_error_handlers
@@ -54,6 +54,16 @@ async def _contact_writer(core: Core) -> None:
             failures += 1
             if failures in (1, 10) or failures % 100 == 0:   # a database away for long logs now and then
                 log.exception("writing the contact batch failed (%d in a row); it is kept and retried", failures)
+
+
+async def _checkpointer(core: Core) -> None:
+    """SQLite: checkpoint the WAL every second on the read thread, never at a writer's commit."""
+    while True:
+        await asyncio.sleep(1.0)
+        try:
+            await core.run_read(db.checkpoint, core.engine)
+        except Exception:  # noqa: BLE001 - a failed round is retried a second later
+            log.exception("WAL checkpoint failed")
 
 
 def restrict_data_dir(data_dir: Path) -> None:
@@ -117,6 +127,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         core.wakeups.loop = asyncio.get_running_loop()
         background = [asyncio.create_task(_reaper(core)), asyncio.create_task(_blob_collector(core)),
                       asyncio.create_task(run_housekeeper(core)), asyncio.create_task(_contact_writer(core))]
+        if core.engine.dialect.name == "sqlite":
+            background.append(asyncio.create_task(_checkpointer(core)))
         if core.wakeups.shared:
             background.append(asyncio.create_task(core.wakeups.listen()))
             # Answer only once other replicas' changes can reach this one (it retries if not yet).

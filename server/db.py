@@ -217,11 +217,21 @@ def make_engine(url: str, pool_size: int = 10) -> Engine:
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA busy_timeout=5000")
+            # No checkpoint at commit: the writer would copy the WAL into the database file and
+            # sync it while every other write waits. `checkpoint()` does it from the read thread.
+            cur.execute("PRAGMA wal_autocheckpoint=0")
             cur.close()
     else:
         engine = create_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=0, pool_timeout=60,
                                json_serializer=_json_out, json_deserializer=_json_in)
     return engine
+
+
+def checkpoint(engine: Engine) -> None:
+    """SQLite: copy the WAL's committed pages into the database file, without waiting for readers
+    or the writer (PASSIVE); what it cannot copy now, a later call does."""
+    with engine.connect() as conn:
+        conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
 
 
 def insert_ignore(engine: Engine, table: Table):

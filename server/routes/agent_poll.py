@@ -31,12 +31,12 @@ async def connect(request: Request, agent: dict = Depends(require_agent)):
 
     def store():
         with core.engine.begin() as conn:
-            values = {"last_seen": time.time()}
-            if info != agent.get("system_info"):   # it changes rarely (a new GPU, a Docker upgrade): rewrite it only then
-                values["system_info"] = info
-            conn.execute(update(db.agents).where(db.agents.c.id == agent["id"]).values(**values))
-    await core.run(store)
-    core.forget_agent(agent["id"])   # its kept row has the old system info
+            conn.execute(update(db.agents).where(db.agents.c.id == agent["id"]).values(system_info=info))
+    # It changes rarely (a new GPU, a Docker upgrade): written only then, so a fleet reconnecting
+    # after a server restart writes nothing here (the contact goes with the batch, as for any request).
+    if info != agent.get("system_info"):
+        await core.run(store)
+        core.forget_agent(agent["id"])   # its kept row has the old system info
     s = core.settings
     return {"agent": {"id": agent["id"], "name": agent["name"], "allowed_task_types": agent["allowed_task_types"]},
             "options": {"lease_s": s.lease_s, "telemetry_interval_s": s.telemetry_interval_s,
