@@ -33,6 +33,7 @@ from server import db, telemetry as tele
 log = logging.getLogger("sly-server")
 
 LEASED_VALUES = [s.value for s in LEASED]
+MAX_KEPT = 100_000      # history points (and poll-row deletions) kept while batches fail
 
 
 class Contacts:
@@ -130,10 +131,14 @@ class Contacts:
                 self._lease.setdefault(aid, ts)
             for aid, row in latest.items():
                 self._latest.setdefault(aid, row)         # a newer sample taken meanwhile wins
+            # While the database is away the kept batch is bounded: the oldest chart points go
+            # first, and so do deletions of poll rows, which expire on their own anyway.
             self._points[:0] = points
+            del self._points[:max(0, len(self._points) - MAX_KEPT)]
             for pid, row in polls_new.items():
                 self._polls_new.setdefault(pid, row)
             self._polls_gone[:0] = polls_gone             # deleted after the inserts: a closed poll stays closed
+            del self._polls_gone[:max(0, len(self._polls_gone) - MAX_KEPT)]
 
     def _write(self, seen, lease, latest, points, polls_new, polls_gone) -> int:
         a, t, lt = db.agents.c, db.tasks.c, db.telemetry_latest

@@ -108,6 +108,25 @@ def test_a_failed_batch_is_kept_and_written_by_the_next(engine):
         assert conn.execute(select(db.polls.c.id)).scalars().all() == ["p1"]
 
 
+def test_a_batch_kept_while_the_database_is_away_is_bounded(engine, monkeypatch):
+    monkeypatch.setattr("server.contact.MAX_KEPT", 10)
+    [aid] = add_agents(engine, 1)
+    c = Contacts(engine, Settings(telemetry_min_gap_s=1.0))
+    with engine.begin() as conn:
+        conn.execute(text("ALTER TABLE telemetry_latest RENAME TO telemetry_latest_away"))
+    for k in range(30):
+        c.telemetry({"id": aid, "telemetry_ts": None}, 1000.0 + k, sample(float(k)))
+        with pytest.raises(Exception):
+            c.flush()
+    with engine.begin() as conn:
+        conn.execute(text("ALTER TABLE telemetry_latest_away RENAME TO telemetry_latest"))
+    c.flush()
+    with engine.connect() as conn:
+        kept = conn.execute(select(db.telemetry_history.c.ts).order_by(db.telemetry_history.c.ts)).scalars().all()
+        assert kept == [1000.0 + k for k in range(20, 30)]        # the newest ten points
+        assert conn.execute(select(db.telemetry_latest.c.cpu)).scalar() == 29.0
+
+
 def test_a_poll_over_before_the_batch_writes_nothing_and_a_written_one_goes(engine):
     [aid] = add_agents(engine, 1)
     c = Contacts(engine, Settings())
