@@ -16,7 +16,8 @@ each of which the nodes renew within seconds. Task states, log lines and results
 through here: they are written before their request is answered.
 
 A write that fails (the database away) puts the batch back, newer values first, and is retried
-at the next flush; nothing is lost while the server runs.
+at the next flush: nothing is lost while the server runs, except, past `MAX_KEPT`, the oldest
+chart points.
 """
 from __future__ import annotations
 
