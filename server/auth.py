@@ -274,7 +274,7 @@ async def require_agent(request: Request) -> dict:
     if not token:
         raise APIError(401, "unauthorized", f"the {AGENT_TOKEN_HEADER} header is missing")
     h = hash_token(token)
-    agent = core.cached_agent(h) or await core.run(core.load_agent, h)
+    agent = await core.agent_of(h)
     if agent is None:
         raise APIError(401, "unauthorized", "the agent token is wrong or was rotated")
     core.contacts.seen(agent["id"])

@@ -9,7 +9,7 @@ long-polls and log followers go through `server.wakeups` (in process, and across
 PostgreSQL with LISTEN/NOTIFY). Contact, lease renewals, telemetry and open-poll rows are
 recorded in memory and written in batches (`server.contact`).
 
-A node's token is looked up once, then its agent row is kept in memory (`agent_by_token`): every
+A node's token is looked up once, then its agent row is kept in memory (`agent_of`): every
 change of an agent row (rename, allowed types, token rotation, removal) wakes the agent's key at
 commit, here and through NOTIFY on every replica, and that drops the row from every replica's
 cache. `AGENT_CACHE_S` bounds how long a row may be kept if a notification were lost (a replica's
@@ -27,7 +27,7 @@ from sqlalchemy import bindparam, func, select, update
 
 from protocol.states import LEASED, TaskState
 from server import blob_refs, db, migrate
-from server.auth import Sessions, SignInThrottle, hash_token
+from server.auth import Sessions, SignInThrottle
 from server.blobs import BlobStore
 from server.contact import Contacts
 from server.logfeed import LogHub
@@ -120,11 +120,10 @@ class Core:
         Wakeups.notify(conn, TASK, task_id)
 
     # --- agents ---
-    def agent_by_token(self, token: str) -> dict | None:
-        """The agent row of `token` (None if no agent has it), from memory when it is there.
-        The row is shared: callers must not change it."""
-        h = hash_token(token)
-        return self.cached_agent(h) or self.load_agent(h)
+    async def agent_of(self, h: str) -> dict | None:
+        """The agent row of token hash `h` (None if no agent has it), from memory when it is there,
+        else read on a database thread. The row is shared: callers must not change it."""
+        return self.cached_agent(h) or await self.run(self.load_agent, h)
 
     def cached_agent(self, h: str) -> dict | None:
         hit = self._agents.get(h)

@@ -13,6 +13,8 @@ from sqlalchemy import (JSON, BigInteger, Boolean, Column, Float, Index, Integer
                         create_engine, event, false, insert)
 from sqlalchemy.engine import Engine
 
+from server import strict
+
 metadata = MetaData()
 
 agents = Table(
@@ -185,8 +187,7 @@ polls = Table(
 
 def _json_out(value) -> str:
     """JSON columns are written by orjson (a non-finite float becomes null: no engine stores NaN in JSON)."""
-    from server.strict import dumps
-    return dumps(value)
+    return strict.dumps(value)
 
 
 def _json_in(text: str):

@@ -43,7 +43,7 @@ class TelemetryFastPath:
         except UnicodeDecodeError:
             return await self.app(scope, receive, send)
         core = self.core
-        agent = core.cached_agent(h) or await core.run(core.load_agent, h)
+        agent = await core.agent_of(h)
         if agent is None:
             return await self.app(scope, receive, send)
         core.contacts.seen(agent["id"])

@@ -29,15 +29,9 @@ class FakeCore:
         self.contacts = FakeContacts()
         self.loaded = 0
 
-    def cached_agent(self, h):
-        return None
-
-    def load_agent(self, h):
+    async def agent_of(self, h):
         self.loaded += 1
         return self.by_hash.get(h)
-
-    async def run(self, fn, *args):
-        return fn(*args)
 
 
 def call(core, headers: dict, scope_json=..., path=endpoints.TELEMETRY, method="POST"):
