@@ -39,6 +39,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import aiohttp
+import orjson
 import psutil
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,11 +76,13 @@ def fmt_ms(x: float) -> str:
     return f"{x * 1000:.0f} ms" if x < 10 else f"{x:.1f} s"
 
 
-def telemetry_sample(free_slots: int) -> dict:
-    """About 4 KB, the shape of agent/telemetry.py's sample on an 8-GPU box."""
+def telemetry_sample(free_slots: int, per_core: list[float] | None = None) -> dict:
+    """About 4 KB, the shape of agent/telemetry.py's sample on an 8-GPU box. A node draws its
+    per-core figures once (`per_core`): the server's work does not depend on them."""
     return {
         "ts": time.time(),
-        "cpu": {"percent": 37.5, "per_core": [round(random.random() * 100, 1) for _ in range(128)], "count": 128},
+        "cpu": {"percent": 37.5, "count": 128,
+                "per_core": per_core or [round(random.random() * 100, 1) for _ in range(128)]},
         "memory": {"total": 540_000_000_000, "available": 300_000_000_000, "used": 240_000_000_000, "percent": 44.4},
         "swap": {"total": 0, "used": 0, "percent": 0.0},
         "disks": [{"path": p, "total": 4_000_000_000_000, "used": 1_000_000_000_000, "free": 3_000_000_000_000,
@@ -139,7 +142,10 @@ class Fleet:
         """One request; its latency recorded under `kind`; None on failure (counted)."""
         t0 = time.perf_counter()
         try:
-            async with sess.request(method, path, json=json_body, headers=headers,
+            # orjson, not aiohttp's json.dumps: the simulator must stay cheaper than the servers it loads.
+            data = orjson.dumps(json_body) if json_body is not None else None
+            headers = {**(headers or {}), "content-type": "application/json"} if data is not None else headers
+            async with sess.request(method, path, data=data, headers=headers,
                                     timeout=aiohttp.ClientTimeout(total=timeout) if timeout else None) as r:
                 body = await r.read()
                 dt = time.perf_counter() - t0
@@ -149,7 +155,7 @@ class Fleet:
                 if record and self.measuring:
                     self.st.lat[kind].append(dt)
                     self.st.bytes[kind] += len(body)
-                return json.loads(body) if body else {}
+                return orjson.loads(body) if body else {}
         except TIMEOUT_KINDS as e:
             if not self.stopping:
                 self.st.error(kind, f"timeout {e!r}", timeout=True)
@@ -208,10 +214,11 @@ class Fleet:
 
     async def telemetry(self, sess, h, running) -> None:
         await asyncio.sleep(random.random() * self.a.telemetry_s)
+        per_core = [round(random.random() * 100, 1) for _ in range(128)]
         while not self.stopping:
             t0 = time.monotonic()
             await self.call("telemetry POST", sess, "POST", "/agent/v1/telemetry", headers=h,
-                            json_body=telemetry_sample(self.a.slots - len(running)))
+                            json_body=telemetry_sample(self.a.slots - len(running), per_core))
             await asyncio.sleep(max(0.0, self.a.telemetry_s - (time.monotonic() - t0)))
 
     async def must(self, kind, sess, path, h, body) -> bool:
@@ -432,6 +439,15 @@ def report(args, db_label: str, r: dict) -> dict:
             "sim_cpu_pct": r["me_cpu"], "sim_lag_p99": pct(lag, 99), "sim_ok": ok, "loadavg": r["load"]}
 
 
+def run_loop(coro):
+    """uvloop when installed (the server's loop too): the simulator's own cost stays small."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--nodes", type=int, default=200)
@@ -477,7 +493,7 @@ def main(argv=None) -> None:
                 servers.append(s.start(timeout=60))
             print(f"{len(servers)} server(s) up ({db_label}); ulimit -n {nofile}", file=sys.stderr)
             pg = postmaster(db_url) if db_url else None
-            r = asyncio.run(run(args, [s.url for s in servers], token, servers, pg))
+            r = run_loop(run(args, [s.url for s in servers], token, servers, pg))
             out = report(args, db_label, r)
             if args.json:
                 Path(args.json).write_text(json.dumps(out, indent=1))

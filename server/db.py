@@ -7,10 +7,11 @@ a new revision there, and a test checks that the two agree.
 from __future__ import annotations
 
 import json
+import time
 
 import orjson
 from sqlalchemy import (JSON, BigInteger, Boolean, Column, Float, Index, Integer, MetaData, String, Table, Text,
-                        create_engine, event, false, insert)
+                        create_engine, event, exc, false, insert)
 from sqlalchemy.engine import Engine
 
 from server import strict
@@ -223,9 +224,37 @@ def make_engine(url: str, pool_size: int = 10) -> Engine:
             cur.execute("PRAGMA wal_autocheckpoint=0")
             cur.close()
     else:
-        engine = create_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=0, pool_timeout=60,
+        engine = create_engine(url, pool_size=pool_size, max_overflow=0, pool_timeout=60,
                                json_serializer=_json_out, json_deserializer=_json_in)
+        _ping_when_idle(engine)
     return engine
+
+
+PING_IDLE_S = 1.0
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    """Check a pooled connection at checkout only if it sat unused for PING_IDLE_S or more.
+
+    SQLAlchemy's `pool_pre_ping` pings at every checkout: one more round trip for every request,
+    a sixth of a busy server's statements. A connection used a moment ago is very likely alive;
+    one that sat idle (a quiet server, a database restarted meanwhile) is pinged, and a dead one
+    is replaced before the request sees it. A connection that dies between two busy moments fails
+    that one request, and SQLAlchemy then replaces every connection of the pool.
+    """
+    @event.listens_for(engine, "connect")
+    @event.listens_for(engine, "checkin")
+    def _used(_dbapi_conn, record):   # a new connection counts as used now
+        record.info["sly_used"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _ping(dbapi_conn, record, _proxy):
+        if time.monotonic() - record.info.get("sly_used", 0.0) < PING_IDLE_S:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_conn)
+        except Exception as e:  # noqa: BLE001 - any failure: the pool replaces the connection and retries
+            raise exc.DisconnectionError(f"pooled connection failed its ping: {e}") from e
 
 
 def checkpoint(engine: Engine) -> None:

@@ -26,6 +26,9 @@ log = logging.getLogger("sly-server")
 
 CHANNEL = "sly_wake"
 AGENT, TASK = "a", "t"
+# An agent's row changed (rename, allowed types, token, removal): every replica drops its kept
+# copy. Sent with the agent's own key; a new task or a stop wakes the agent but keeps its row.
+ROW = "r"
 _PAYLOAD_MAX = 7000   # PostgreSQL refuses a payload of 8000 bytes or more
 
 
@@ -94,18 +97,20 @@ class Wakeups:
 
     @staticmethod
     def notify(conn, kind: str, key: int) -> None:
-        """Wake `key` (AGENT or TASK) when `conn`'s transaction (one from `transaction()`) commits."""
+        """Wake `key` (AGENT or TASK; ROW: the agent's row changed) when `conn`'s transaction (one
+        from `transaction()`) commits."""
         conn.info["sly_wake"].add((kind, int(key)))
 
     def _changed(self, keys) -> None:
         if self.agent_changed is not None:
             for kind, key in keys:
-                if kind == AGENT:
+                if kind == ROW:
                     self.agent_changed(key)
 
     def wake_local(self, keys) -> None:
         for kind, key in keys:
-            (self.agents if kind == AGENT else self.tasks).wake(key)
+            if kind != ROW:
+                (self.agents if kind == AGENT else self.tasks).wake(key)
 
     def _pg_notify(self, conn, keys) -> None:
         # One notification per transaction (split only past the payload limit): "<replica> a:1 t:5 ..."
@@ -127,7 +132,7 @@ class Wakeups:
         keys = []
         for item in rest.split():
             kind, _, key = item.partition(":")
-            if kind in (AGENT, TASK) and key.isdigit():
+            if kind in (AGENT, TASK, ROW) and key.isdigit():
                 keys.append((kind, int(key)))
         self._changed(keys)
         self.wake_local(keys)

@@ -5,16 +5,17 @@ import time
 import uuid
 
 from fastapi import APIRouter, Depends, Query, Request
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import and_, bindparam, exists, select, update
 
 from protocol import endpoints
 from protocol.errors import APIError
+from protocol.states import TaskState
 from server.strict import SafeJSONResponse
 from server import db
 from server.auth import require_agent
 from server.routes.common import core_of, json_object
 from server.schemas import PollIn
-from server.tasks import hand_out
+from server.tasks import LEASED_VALUES, hand_out
 from server.wakeups import Waiters
 
 router = APIRouter(tags=["agent"])
@@ -48,24 +49,74 @@ POLL_ROW_MARGIN_S = 30.0   # a poll's row outlives its deadline this long, in ca
 
 
 _a = db.agents.c
+_t = db.tasks.c
 _POLL_AGENT = select(_a.token_hash, _a.refusing, _a.settings_version, _a.name, _a.allowed_task_types).where(
     _a.id == bindparam("aid"))
+# The first look, one statement and no transaction: the agent's row, whether a task waits for it,
+# and one row per task it holds (leased, or lost and still to be stopped). Most polls stop there.
+_q = db.tasks.alias("queued_task")
+_PEEK = (select(_a.token_hash, _a.refusing, _a.settings_version, _a.name, _a.allowed_task_types,
+                exists().where(_q.c.agent_id == _a.id, _q.c.state == TaskState.QUEUED.value).label("queued"),
+                _t.id, _t.state, _t.stop_requested, _t.stop_delivered)
+         .select_from(db.agents.outerjoin(db.tasks, and_(_t.agent_id == _a.id,
+                                                         _t.state.in_(LEASED_VALUES + [TaskState.LOST.value]))))
+         .where(_a.id == bindparam("aid")).order_by(_t.id))
+
+
+def _quiet_answer(rows, body: PollIn, first: bool) -> list[int] | None:
+    """From the first look: the stop list when the poll needs no transaction (nothing to hand out,
+    claim or mark delivered, no refusal to write), else None. What `hand_out` would decide."""
+    head = rows[0]
+    if head["queued"] and body.free_slots > 0:
+        return None
+    if first and (head["refusing"] or "") != body.refusing:
+        return None
+    running = set(body.running)
+    stop = []
+    for r in rows:
+        if r["id"] is None:
+            continue   # the agent holds no task
+        if r["id"] not in running:
+            return None    # handed out again, or stopped before it ran
+        if r["state"] == TaskState.LOST.value or r["stop_requested"]:
+            if not r["stop_delivered"]:
+                return None
+            stop.append(r["id"])
+    return stop
+
+
+def _check_token(row, agent: dict) -> None:
+    if row is None:
+        raise APIError(401, "unauthorized", "this agent was removed")
+    if row["token_hash"] != agent["token_hash"]:
+        raise APIError(401, "unauthorized", "the agent token was rotated")
 
 
 def _poll_round(core, agent: dict, body: PollIn, first: bool, last: bool) -> tuple[dict | None, dict]:
     """One look at the database for a poll: (the answer or None to keep waiting, the answer this
     round would give at the poll's end).
 
-    Runs in one transaction: the agent's row (gone or with another token: 401), its refusal
-    (first round), the hand-out, and stops marked delivered when answering.
+    First one statement outside any transaction (`Core.reader`, `_PEEK`). When it shows nothing
+    to hand out, claim or mark delivered, and no refusal to write (`_quiet_answer`: a node
+    running its tasks, or an idle one), that is the answer and nothing is written. Otherwise one
+    transaction: the agent's row again (gone or with another token: 401), its refusal (first
+    round), the hand-out, and stops marked delivered when answering.
     """
     aid = agent["id"]
+    with core.reader() as conn:
+        rows = conn.execute(_PEEK, {"aid": aid}).mappings().all()
+    _check_token(rows[0] if rows else None, agent)
+    stop = _quiet_answer(rows, body, first)
+    if stop is not None:
+        head = rows[0]
+        answer = {"tasks": [], "stop": stop,
+                  "settings": {"name": head["name"], "allowed_task_types": head["allowed_task_types"]}}
+        if last or head["settings_version"] != agent["settings_version"]:
+            return answer, answer
+        return None, answer
     with core.transaction() as conn:
         row = conn.execute(_POLL_AGENT, {"aid": aid}).mappings().first()
-        if row is None:
-            raise APIError(401, "unauthorized", "this agent was removed")
-        if row["token_hash"] != agent["token_hash"]:
-            raise APIError(401, "unauthorized", "the agent token was rotated")
+        _check_token(row, agent)
         if first and (row["refusing"] or "") != body.refusing:
             conn.execute(update(db.agents).where(db.agents.c.id == aid).values(refusing=body.refusing or None))
         tasks, stop, new_stop = hand_out(core, conn, agent, body.free_slots, len(body.free_gpus), body.running,

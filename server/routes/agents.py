@@ -178,7 +178,7 @@ async def patch_agent(agent_id: RowId, body: AgentPatch, request: Request):
             # The version tells an open poll (on any replica) that the settings changed: it answers now.
             conn.execute(update(db.agents).where(db.agents.c.id == agent_id)
                          .values(settings_version=db.agents.c.settings_version + 1, **values))
-            core.notify_agent(conn, agent_id)
+            core.notify_agent(conn, agent_id, row_changed=True)
             return _read_one(core, agent_id, conn)
     return await core.run(change)
 
@@ -207,7 +207,7 @@ async def delete_agent(agent_id: RowId, request: Request):
             kept = conn.execute(select(func.count()).select_from(db.tasks).where(db.tasks.c.agent_id == agent_id)).scalar()
             conn.execute(delete(db.agents).where(db.agents.c.id == agent_id))
             tele.forget(conn, agent_id)
-            core.notify_agent(conn, agent_id)   # its open polls, on every replica, end with 401
+            core.notify_agent(conn, agent_id, row_changed=True)   # its open polls, on every replica, end with 401
         return failed, kept
     failed, kept = await core.run(retry_race, remove)
     core.contacts.forget(agent_id)
@@ -226,7 +226,7 @@ async def rotate_token(agent_id: RowId, request: Request):
         with core.transaction() as conn:
             row = agent_row(conn, agent_id)
             conn.execute(update(db.agents).where(db.agents.c.id == agent_id).values(token_hash=hash_token(token)))
-            core.notify_agent(conn, agent_id)   # its open polls, on every replica, end with 401 now
+            core.notify_agent(conn, agent_id, row_changed=True)   # its open polls, on every replica, end with 401 now
             return row
     row = await core.run(rotate)
     return {"id": agent_id, "name": row["name"], "token": token, "run_command": run_commands(core, request, agent_id, token)}
