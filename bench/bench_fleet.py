@@ -214,11 +214,12 @@ class Fleet:
 
     async def telemetry(self, sess, h, running) -> None:
         await asyncio.sleep(random.random() * self.a.telemetry_s)
-        per_core = [round(random.random() * 100, 1) for _ in range(128)]
+        # Drawn once: the server's work does not depend on the figures, and the simulator stays cheap.
+        base = telemetry_sample(self.a.slots, [round(random.random() * 100, 1) for _ in range(128)])
         while not self.stopping:
             t0 = time.monotonic()
             await self.call("telemetry POST", sess, "POST", "/agent/v1/telemetry", headers=h,
-                            json_body=telemetry_sample(self.a.slots - len(running), per_core))
+                            json_body=dict(base, ts=time.time(), free_slots=self.a.slots - len(running)))
             await asyncio.sleep(max(0.0, self.a.telemetry_s - (time.monotonic() - t0)))
 
     async def must(self, kind, sess, path, h, body) -> bool:
@@ -397,6 +398,19 @@ async def run(args, urls, admin_token, servers: list[ServerProcess], pg: psutil.
             "me_cpu": me_cpu, "lag": lag, "load": (load0, os.getloadavg()[0])}
 
 
+def pickup_windows(f: "Fleet", width: float = 10.0) -> list[float]:
+    """Pickup p99 of the tasks created in each `width` seconds of the run: a slow start (every
+    node's first requests at once) shows apart from a steady state."""
+    if not f.created:
+        return []
+    t0 = min(f.created.values())
+    by: dict[int, list[float]] = defaultdict(list)
+    for t, c in f.created.items():
+        if t in f.delivered:
+            by[int((c - t0) // width)].append(f.delivered[t] - c)
+    return [pct(by[k], 99) for k in sorted(by)]
+
+
 def report(args, db_label: str, r: dict) -> dict:
     f: Fleet = r["fleet"]
     st = f.st
@@ -411,6 +425,9 @@ def report(args, db_label: str, r: dict) -> dict:
     if "console GET /agents" in st.lat:
         n = len(st.lat["console GET /agents"])
         print(f"{'':22} console answer {st.bytes['console GET /agents'] / max(1, n) / 1e6:.2f} MB")
+    windows = pickup_windows(f)
+    if windows:
+        print("pickup p99 by 10 s of task creation: " + ", ".join(fmt_ms(w) for w in windows))
     kinds = sorted(set(st.errors) | set(st.timeouts))
     print(f"tasks: {len(f.created)} created, {len(f.delivered)} delivered, {f.finished} finished, "
           f"{f.handed_twice} handed out twice")
@@ -433,6 +450,7 @@ def report(args, db_label: str, r: dict) -> dict:
             "console": args.console, "wall_s": r["wall"],
             "latency": {name: {"n": len(xs), "p50": pct(xs, 50), "p99": pct(xs, 99), "max": max(xs) if xs else None}
                         for name, xs in rows},
+            "pickup_p99_by_10s": pickup_windows(f),
             "created": len(f.created), "delivered": len(f.delivered), "finished": f.finished,
             "handed_twice": f.handed_twice, "errors": dict(st.errors), "timeouts": dict(st.timeouts),
             "server_cpu_pct": r["cpu"], "server_rss_peak": r["rss"], "pg_cpu_pct": r["pg_cpu"],

@@ -115,8 +115,30 @@ def loads(raw: bytes | str, *, on_constant=None) -> Any:
     if value is not _SLOW:
         return value
     if on_constant is not None:
-        return json.loads(raw, parse_constant=on_constant)
-    return json.loads(raw, parse_constant=_constant, parse_float=_float, parse_int=_int)
+        value = json.loads(raw, parse_constant=on_constant)
+    else:
+        value = json.loads(raw, parse_constant=_constant, parse_float=_float, parse_int=_int)
+    surrogate = _SURROGATE_B if isinstance(raw, (bytes, bytearray)) else _SURROGATE_S
+    return _replace_lone_surrogates(value) if surrogate.search(raw) else value
+
+
+# A lone UTF-16 surrogate escape ("\ud800" without its pair) decodes to a str that is not text:
+# no database column takes it. orjson refuses it; on the standard library's path it becomes
+# U+FFFD, as a UTF-8 decoder does with a broken sequence, so a log line keeps its place.
+_SURROGATE_B = re.compile(rb"\\u[dD][89a-fA-F]")
+_SURROGATE_S = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _replace_lone_surrogates(obj: Any) -> Any:
+    if isinstance(obj, str):
+        if any("\ud800" <= c <= "\udfff" for c in obj):
+            return "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in obj)
+        return obj
+    if isinstance(obj, dict):
+        return {_replace_lone_surrogates(k): _replace_lone_surrogates(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_replace_lone_surrogates(v) for v in obj]
+    return obj
 
 
 NOT_JSON = object()

@@ -5,7 +5,7 @@ import time
 
 from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
-from sqlalchemy import insert, select, update
+from sqlalchemy import bindparam, insert, select, update
 
 from protocol import endpoints
 from protocol.errors import APIError
@@ -29,9 +29,19 @@ _LOG_BATCH = {"requestBody": {"required": True, "content": {"application/json": 
                        "message": {"type": "string"}}, "additionalProperties": True}}}}}}}}
 
 
-def _own_task(conn, agent: dict, task_id: int) -> dict:
-    """The task if it belongs to this agent; another agent's task is answered as missing (404)."""
-    task = get_task(conn, task_id)
+_t = db.tasks.c
+# What a log batch needs of its task: not the config, project or timeline JSON a full row decodes.
+_LOG_TASK = select(_t.id, _t.agent_id, _t.log_acked, _t.log_bytes).where(_t.id == bindparam("tid"))
+
+
+def _own_task(conn, agent: dict, task_id: int, columns=None) -> dict:
+    """The task if it belongs to this agent; another agent's task is answered as missing (404).
+    `columns`: a prepared select of some of its columns, by `tid`, instead of the whole row."""
+    if columns is None:
+        task = get_task(conn, task_id)
+    else:
+        row = conn.execute(columns, {"tid": task_id}).mappings().first()
+        task = dict(row) if row is not None else None
     if task is None or task["agent_id"] != agent["id"]:
         raise APIError(404, "task_not_found", f"no task {task_id} for this agent")
     return task
@@ -83,7 +93,7 @@ async def post_logs(task_id: RowId, request: Request, agent: dict = Depends(requ
     def store():
         first_seq, lines = logs.parse_batch(raw)   # here, off the loop: a batch may be MiBs of JSON
         with core.transaction() as conn:
-            task = _own_task(conn, agent, task_id)
+            task = _own_task(conn, agent, task_id, _LOG_TASK)
             acked, stored = logs.ingest(core, conn, task, first_seq, lines)
             if acked != task["log_acked"]:
                 core.notify_task(conn, task_id)   # the followers of this task, on every replica

@@ -90,6 +90,20 @@ def test_a_nan_metric_is_stored_as_null_and_the_logs_and_metrics_read_fine(serve
                                   "metrics": {"loss": None, "acc": 0.5, "grad": None, "big": None}}]
 
 
+def test_a_lone_surrogate_in_a_line_becomes_a_replacement_character_and_the_batch_is_kept(server, client,
+                                                                                        make_agent):
+    # "\ud800" alone is valid JSON but not text: no database column takes it (it was a 500).
+    agent = make_agent("surrogate")
+    tid = _leased_task(client, agent)
+    body = ('{"first_seq": 0, "lines": [{"message": "loss \\ud800 0.5", "level": "info\\udfff"},'
+            '{"message": "pair \\ud83d\\ude00 kept"}]}')
+    r = _raw(agent, server.url + endpoints.path(endpoints.TASK_LOGS, task_id=tid), body)
+    assert r.status_code == 200 and r.json() == {"acked": 1}, r.text
+    lines = client.session.get(f"{server.url}/api/v1/tasks/{tid}/logs").json()["lines"]
+    assert [ln["message"] for ln in lines] == ["loss \ufffd 0.5", "pair \U0001F600 kept"]
+    assert lines[0]["level"] == "info\ufffd"
+
+
 @pytest.mark.parametrize("line", [
     '{"ts": NaN, "message": "x"}',
     '{"ts": 1e400, "message": "x"}',
