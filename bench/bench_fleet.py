@@ -120,6 +120,7 @@ class Fleet:
         self.timeout = aiohttp.ClientTimeout(total=args.req_timeout)
         self.sessions: list[aiohttp.ClientSession] = []
         self.measuring = False
+        self.connected = 0
 
     def session(self, i: int) -> aiohttp.ClientSession:
         return self.sessions[i % len(self.sessions)]
@@ -187,6 +188,7 @@ class Fleet:
         while not self.stopping and await self.call("connect", sess, "POST", "/agent/v1/connect", headers=h,
                                                     json_body=SYSTEM_INFO) is None:
             await asyncio.sleep(1)
+        self.connected += 1
         tele = asyncio.create_task(self.telemetry(sess, h, running))
         try:
             while not self.stopping:
@@ -347,7 +349,13 @@ async def run(args, urls, admin_token, servers: list[ServerProcess], pg: psutil.
         agents = await fleet.create_agents()
         print(f"{len(agents)} nodes created in {time.monotonic() - t0:.1f} s", file=sys.stderr)
         nodes = [asyncio.create_task(fleet.node(i, tok)) for i, (_aid, tok) in enumerate(agents)]
-        await asyncio.sleep(args.warmup)                   # every node connected and waiting in its poll
+        # Every node connected (the burst of a fleet starting at once is over), then --warmup more:
+        # the load phase measures the steady state.
+        t1 = time.monotonic()
+        while fleet.connected < len(agents) and time.monotonic() - t1 < 120:
+            await asyncio.sleep(0.2)
+        print(f"{fleet.connected} nodes connected in {time.monotonic() - t1:.1f} s", file=sys.stderr)
+        await asyncio.sleep(args.warmup)
         lag: list[float] = []
         stop_lag = asyncio.Event()
         side = [asyncio.create_task(loop_lag(lag, stop_lag)), asyncio.create_task(fleet.healthz())]
@@ -480,7 +488,7 @@ def main(argv=None) -> None:
     ap.add_argument("--lines", type=int, default=200, help="log lines per task")
     ap.add_argument("--batches", type=int, default=4, help="log POSTs per task")
     ap.add_argument("--task-s", type=float, default=2.0, help="how long a task runs (its log batches spread over it)")
-    ap.add_argument("--warmup", type=float, default=5.0, help="seconds between starting the nodes and the first task")
+    ap.add_argument("--warmup", type=float, default=5.0, help="seconds between the last node's connect and the first task")
     ap.add_argument("--drain", type=float, default=60.0, help="seconds after the last creation to wait for the rest")
     ap.add_argument("--req-timeout", type=float, default=10.0, help="client timeout of one request (a poll: wait + this)")
     ap.add_argument("--server-arg", action="append", default=[], help="extra argument for python -m server (repeatable)")

@@ -8,7 +8,7 @@ import math
 import time
 
 import orjson
-from sqlalchemy import LargeBinary, case, cast, func, select, update
+from sqlalchemy import LargeBinary, bindparam, case, cast, func, select, update
 
 from protocol.errors import APIError
 from protocol.logline import MAX_LINE
@@ -124,9 +124,7 @@ def ingest(core, conn, task: dict, first_seq: int, lines: list, now: float | Non
     if lines and not full:
         # Re-sent lines (an agent restarted, an answer lost) are neither stored nor charged again;
         # one range read on the primary key, which finds nothing in the usual case.
-        ll = db.log_lines.c
-        existing = set(conn.execute(select(ll.seq).where(ll.task_id == task_id, ll.seq >= first_seq,
-                                                         ll.seq <= last_seq)).scalars())
+        existing = set(conn.execute(_SEQS_IN, {"tid": task_id, "lo": first_seq, "hi": last_seq}).scalars())
     rows, metric_rows = [], []
     append = rows.append
     usual, usual_seq = _USUAL_KEYS, _USUAL_KEYS_SEQ
@@ -218,19 +216,19 @@ def ingest(core, conn, task: dict, first_seq: int, lines: list, now: float | Non
                                   [dict(zip(_COLUMNS, r)) for r in rows]).rowcount or 0
         if metric_rows:
             conn.execute(db.insert_ignore(core.engine, db.task_metrics), metric_rows)
-    values = {}
-    if added:
-        values["log_bytes"] = used
     acked = task["log_acked"]
-    t = db.tasks.c
+    moved = False
     if lines and first_seq <= acked + 1 <= last_seq + 1:
         # Every seq of this batch is stored now (inserted, there already, or dropped over the quota)
         # and it touches the frontier: the frontier is at least its last seq; look for more beyond it.
         acked = advance_acked(conn, task_id, last_seq)
-        # Never backwards: a retried batch of the same task may commit after this one.
-        values["log_acked"] = case((t.log_acked < acked, acked), else_=t.log_acked)
-    if values:     # one statement for both
-        conn.execute(update(db.tasks).where(t.id == task_id).values(**values))
+        moved = True
+    if added and moved:     # one statement for both
+        conn.execute(_SET_BYTES_ACKED, {"tid": task_id, "bytes": used, "acked": acked})
+    elif added:
+        conn.execute(_SET_BYTES, {"tid": task_id, "bytes": used})
+    elif moved:
+        conn.execute(_SET_ACKED, {"tid": task_id, "acked": acked})
     if added:
         core.m_log_bytes.inc(added)
     if dropped:
@@ -259,19 +257,32 @@ def _pg_insert_lines(conn, rows: list[tuple]) -> int:
     return conn.exec_driver_sql(_PG_INSERT_LINES_JSON, (payload,)).rowcount or 0
 
 
+# The ingest's statements, built once (a statement built per call costs its construction and
+# cache key every time). Seqs in [lo, hi] of a task; the task's log counters.
+_ll = db.log_lines.c
+_t = db.tasks.c
+_IN_RANGE = (_ll.task_id == bindparam("tid"), _ll.seq >= bindparam("lo"), _ll.seq <= bindparam("hi"))
+_SEQS_IN = select(_ll.seq).where(*_IN_RANGE).order_by(_ll.seq)
+_COUNT_IN = select(func.count()).where(*_IN_RANGE)
+# Never backwards: a retried batch of the same task may commit after this one.
+_ACKED = case((_t.log_acked < bindparam("acked"), bindparam("acked")), else_=_t.log_acked)
+_SET_BYTES_ACKED = update(db.tasks).where(_t.id == bindparam("tid")).values(log_bytes=bindparam("bytes"),
+                                                                            log_acked=_ACKED)
+_SET_BYTES = update(db.tasks).where(_t.id == bindparam("tid")).values(log_bytes=bindparam("bytes"))
+_SET_ACKED = update(db.tasks).where(_t.id == bindparam("tid")).values(log_acked=_ACKED)
+
+
 def advance_acked(conn, task_id: int, acked: int) -> int:
     """The highest seq s such that every seq 0..s is stored, starting from a known frontier."""
-    ll = db.log_lines.c
     while True:
-        n = conn.execute(select(func.count()).where(ll.task_id == task_id, ll.seq > acked,
-                                                    ll.seq <= acked + ACK_WINDOW)).scalar_one()
+        window = {"tid": task_id, "lo": acked + 1, "hi": acked + ACK_WINDOW}
+        n = conn.execute(_COUNT_IN, window).scalar_one()
         if n == ACK_WINDOW:
             acked += ACK_WINDOW
             continue
         if n == 0:
             return acked
-        for seq in conn.execute(select(ll.seq).where(ll.task_id == task_id, ll.seq > acked,
-                                                     ll.seq <= acked + ACK_WINDOW).order_by(ll.seq)).scalars():
+        for seq in conn.execute(_SEQS_IN, window).scalars():
             if seq != acked + 1:
                 return acked
             acked = seq
