@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import random
@@ -282,6 +283,32 @@ class Fleet:
             await asyncio.sleep(1.0)
 
 
+async def server_lag(sess: aiohttp.ClientSession) -> dict[float, float]:
+    """The server's event-loop lag histogram (`sly_event_loop_lag_seconds`): upper bound -> count."""
+    from prometheus_client.parser import text_string_to_metric_families
+    try:
+        async with sess.get("/metrics", timeout=aiohttp.ClientTimeout(total=30)) as r:
+            text = await r.text()
+    except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
+        return {}
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        if fam.name == "sly_event_loop_lag_seconds":
+            for smp in fam.samples:
+                if smp.name.endswith("_bucket"):
+                    out[float(smp.labels["le"])] = smp.value
+    return out
+
+
+def lag_counts(before: dict, after: dict) -> tuple[int, int, int]:
+    """(timer checks, checks over 250 ms late, over 1 s late) between two histograms."""
+    def above(h, le):
+        return h.get(float("inf"), 0) - h.get(le, 0)
+    d = lambda h: (h.get(float("inf"), 0), above(h, 0.25), above(h, 1.0))   # noqa: E731
+    b, a = d(before), d(after)
+    return int(a[0] - b[0]), int(a[1] - b[1]), int(a[2] - b[2])
+
+
 async def loop_lag(out: list[float], stop: asyncio.Event, every: float = 0.1) -> None:
     while not stop.is_set():
         t0 = time.perf_counter()
@@ -348,6 +375,12 @@ async def run(args, urls, admin_token, servers: list[ServerProcess], pg: psutil.
         t0 = time.monotonic()
         agents = await fleet.create_agents()
         print(f"{len(agents)} nodes created in {time.monotonic() - t0:.1f} s", file=sys.stderr)
+        # The server's collector settings here too (server/__main__.py): with the default ones a full
+        # collection of the simulator's heap stalled its loop for up to a second, which the
+        # latencies it measures would include.
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(50_000, 20, 100)
         nodes = [asyncio.create_task(fleet.node(i, tok)) for i, (_aid, tok) in enumerate(agents)]
         # Every node connected (the burst of a fleet starting at once is over), then --warmup more:
         # the load phase measures the steady state.
@@ -366,6 +399,7 @@ async def run(args, urls, admin_token, servers: list[ServerProcess], pg: psutil.
         cpu0 = [cpu_seconds([p]) for p in srv_procs]
         pg0, me0 = cpu_seconds(pg_procs), cpu_seconds([me])
         rss_peak = [0] * len(srv_procs)
+        lag0 = [await server_lag(sess) for sess in fleet.sessions]
         fleet.measuring = True
         load0 = os.getloadavg()[0]
         w0 = time.monotonic()
@@ -387,6 +421,7 @@ async def run(args, urls, admin_token, servers: list[ServerProcess], pg: psutil.
             print(f"not every task finished within {deadline:.0f} s", file=sys.stderr)
         wall = time.monotonic() - w0
         fleet.measuring = False
+        srv_lag = [lag_counts(b, await server_lag(sess)) for b, sess in zip(lag0, fleet.sessions)]
         if pg:      # backends that started during the run count from zero
             pg_procs = [pg] + pg.children()
         cpu = [(cpu_seconds([p]) - c) / wall * 100 for p, c in zip(srv_procs, cpu0)]
@@ -403,7 +438,7 @@ async def run(args, urls, admin_token, servers: list[ServerProcess], pg: psutil.
         await fleet.close()
     pickup = [fleet.delivered[t] - c for t, c in fleet.created.items() if t in fleet.delivered]
     return {"fleet": fleet, "pickup": pickup, "wall": wall, "cpu": cpu, "rss": rss_peak, "pg_cpu": pg_cpu,
-            "me_cpu": me_cpu, "lag": lag, "load": (load0, os.getloadavg()[0])}
+            "me_cpu": me_cpu, "lag": lag, "srv_lag": srv_lag, "load": (load0, os.getloadavg()[0])}
 
 
 def pickup_windows(f: "Fleet", width: float = 10.0) -> list[float]:
@@ -442,8 +477,9 @@ def report(args, db_label: str, r: dict) -> dict:
     print("errors: " + (", ".join(f"{k} {st.errors.get(k, 0)} + {st.timeouts.get(k, 0)} timeouts" for k in kinds) or "0"))
     for k in kinds:
         print(f"  e.g. {k}: {st.samples[k][:160]}")
-    for i, (c, m) in enumerate(zip(r["cpu"], r["rss"])):
-        print(f"server {i}: CPU {c:.0f} % of a core, peak RSS {m / 2 ** 20:.0f} MiB")
+    for i, (c, m, lg) in enumerate(zip(r["cpu"], r["rss"], r["srv_lag"])):
+        print(f"server {i}: CPU {c:.0f} % of a core, peak RSS {m / 2 ** 20:.0f} MiB, event loop late by over "
+              f"250 ms {lg[1]} and over 1 s {lg[2]} of {lg[0]} checks")
     if r["pg_cpu"] is not None:
         print(f"postgresql: CPU {r['pg_cpu']:.0f} % of a core")
     lag = r["lag"]
@@ -461,6 +497,7 @@ def report(args, db_label: str, r: dict) -> dict:
             "pickup_p99_by_10s": pickup_windows(f),
             "created": len(f.created), "delivered": len(f.delivered), "finished": f.finished,
             "handed_twice": f.handed_twice, "errors": dict(st.errors), "timeouts": dict(st.timeouts),
+            "server_loop_late": [{"checks": a, "over_250ms": b, "over_1s": c} for a, b, c in r["srv_lag"]],
             "server_cpu_pct": r["cpu"], "server_rss_peak": r["rss"], "pg_cpu_pct": r["pg_cpu"],
             "sim_cpu_pct": r["me_cpu"], "sim_lag_p99": pct(lag, 99), "sim_ok": ok, "loadavg": r["load"]}
 

@@ -93,6 +93,26 @@ def _openapi(app: FastAPI):
     return build
 
 
+LAG_EVERY_S = 0.25
+LAG_WARN_S = 1.0
+
+
+async def _loop_watch(core: Core) -> None:
+    """How late the event loop runs a timer (`sly_event_loop_lag_seconds`): every request and
+    wake-up of this process waits that long too. A lag past LAG_WARN_S is logged, once a minute
+    at most, since a stalled loop is what makes pickups and answers slow."""
+    loop = asyncio.get_running_loop()
+    warned = 0.0
+    while True:
+        t0 = loop.time()
+        await asyncio.sleep(LAG_EVERY_S)
+        lag = max(0.0, loop.time() - t0 - LAG_EVERY_S)
+        core.m_loop_lag.observe(lag)
+        if lag >= LAG_WARN_S and loop.time() - warned >= 60:
+            warned = loop.time()
+            log.warning("the event loop ran %.1f s late (CPU starved, or a blocking call on it)", lag)
+
+
 async def _blob_collector(core: Core) -> None:
     """Delete unreferenced blobs and partial uploads older than the grace period, now and then."""
     while True:
@@ -126,7 +146,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await core.run(core.renew_all_leases)
         core.wakeups.loop = asyncio.get_running_loop()
         background = [asyncio.create_task(_reaper(core)), asyncio.create_task(_blob_collector(core)),
-                      asyncio.create_task(run_housekeeper(core)), asyncio.create_task(_contact_writer(core))]
+                      asyncio.create_task(run_housekeeper(core)), asyncio.create_task(_contact_writer(core)),
+                      asyncio.create_task(_loop_watch(core))]
         if core.engine.dialect.name == "sqlite":
             background.append(asyncio.create_task(_checkpointer(core)))
         if core.wakeups.shared:

@@ -24,7 +24,7 @@ import threading
 import time
 
 import anyio
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from sqlalchemy import bindparam, func, select, update
 
 from protocol.states import LEASED, TaskState
@@ -74,6 +74,8 @@ class Core:
         self.m_agents_online = Gauge("sly_agents_online", "Agents seen within the offline window", registry=self.registry)
         self.m_agents = Gauge("sly_agents", "Agents registered", registry=self.registry)
         self.m_tasks = Gauge("sly_tasks", "Tasks by state", ["state"], registry=self.registry)
+        self.m_loop_lag = Histogram("sly_event_loop_lag_seconds", "How late the event loop ran a 250 ms timer",
+                                    buckets=(0.005, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0), registry=self.registry)
         self.m_polls = Gauge("sly_longpolls_open", "Agent long-polls waiting now", registry=self.registry)
         self.m_lines = Counter("sly_log_lines_ingested", "Log lines stored (re-sent ones not counted)", registry=self.registry)
         self.m_log_bytes = Counter("sly_log_bytes_stored", "Bytes of log lines stored (message + fields)",

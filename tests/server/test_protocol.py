@@ -329,7 +329,8 @@ def test_telemetry_status_session_and_metrics(server, client, make_agent):
     s.delete(f"{server.url}/api/v1/session")
     assert s.get(f"{server.url}/api/v1/agents").status_code == 401
     text = requests.get(f"{server.url}/metrics").text
-    for name in ("sly_agents_online", "sly_tasks{state=\"queued\"}", "sly_longpolls_open", "sly_log_lines_ingested_total"):
+    for name in ("sly_agents_online", "sly_tasks{state=\"queued\"}", "sly_longpolls_open", "sly_log_lines_ingested_total",
+                 "sly_event_loop_lag_seconds_count"):
         assert name in text
     assert requests.get(f"{server.url}/openapi.json").json()["paths"]["/agent/v1/poll"]
 
