@@ -187,12 +187,15 @@ class Core:
         return "online" if last_seen is not None and now - last_seen <= self.settings.offline_after else "offline"
 
     @staticmethod
-    def polls_open(conn, now: float, agent_id: int | None = None) -> dict[int, int]:
-        """Agent id -> long-polls open now on every replica (rows of polls that died with a replica expire)."""
+    def polls_open(conn, now: float, agent_id: int | None = None, agent_ids=None) -> dict[int, int]:
+        """Agent id -> long-polls open now on every replica (rows of polls that died with a replica
+        expire); of one agent, of some, or of all."""
         p = db.polls.c
         q = select(p.agent_id, func.count()).where(p.expires_at > now).group_by(p.agent_id)
         if agent_id is not None:
             q = q.where(p.agent_id == agent_id)
+        if agent_ids is not None:
+            q = q.where(p.agent_id.in_(agent_ids))
         return dict(conn.execute(q).all())
 
 

@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import math
 
-from sqlalchemy import and_, delete, insert, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import and_, delete, or_, select
 
 from server import db
 
@@ -149,18 +148,6 @@ def public_latest(row) -> dict | None:
     return {k: v for k, v in out.items() if v is not None}
 
 
-def _upsert(conn, table, key: str, values: dict) -> None:
-    """INSERT or, when the key exists, UPDATE: one statement on SQLite and PostgreSQL alike."""
-    dialect = {"sqlite": sqlite, "postgresql": postgresql}.get(conn.dialect.name)
-    if dialect is not None:
-        stmt = dialect.insert(table).values(**values)
-        conn.execute(stmt.on_conflict_do_update(index_elements=[key],
-                                                set_={k: v for k, v in values.items() if k != key}))
-        return
-    if conn.execute(update(table).where(table.c[key] == values[key]).values(**values)).rowcount == 0:
-        conn.execute(insert(table).values(**values))
-
-
 def history_point(settings, agent_id: int, last_point: float | None, now: float, latest: dict) -> dict | None:
     """The telemetry_history row a sample taken at `now` becomes, or None when the node's newest
     point (`last_point`) is nearer than the minimum gap (the latest row has the sample then)."""
@@ -168,19 +155,6 @@ def history_point(settings, agent_id: int, last_point: float | None, now: float,
         return None
     minute = last_point is None or int(last_point // 60) != int(now // 60)   # first point of its minute: kept longer
     return dict(agent_id=agent_id, ts=now, minute=minute, **point_values(latest))
-
-
-def record(conn, settings, agent_id: int, last_point: float | None, now: float, sample: dict) -> bool:
-    """Store a sample taken at `now` in `conn`'s transaction (the server batches them instead:
-    server/contact.py). `last_point`: the time of the node's newest history point
-    (agents.telemetry_ts). True when the sample also became a history point."""
-    latest = latest_values(sample)
-    _upsert(conn, db.telemetry_latest, "agent_id", dict(latest, agent_id=agent_id, ts=now))
-    point = history_point(settings, agent_id, last_point, now, latest)
-    if point is None:
-        return False
-    conn.execute(insert(db.telemetry_history).values(**point))
-    return True
 
 
 def prune(conn, settings, now: float) -> int:

@@ -1,6 +1,7 @@
 """Agent side: connect (hello with system info) and the long-poll that hands out tasks and stops."""
 from __future__ import annotations
 
+import random
 import time
 import uuid
 
@@ -45,6 +46,7 @@ async def connect(request: Request, agent: dict = Depends(require_agent)):
                         "json_body_limit": s.json_body_limit, "project_body_limit": s.project_body_limit}}
 
 
+POLL_JITTER = 0.2          # an idle poll answers after (1 - POLL_JITTER * U(0, 1)) x wait
 POLL_ROW_MARGIN_S = 30.0   # a poll's row outlives its deadline this long, in case its replica dies
 
 
@@ -133,7 +135,8 @@ def _poll_round(core, agent: dict, body: PollIn, first: bool, last: bool) -> tup
 @router.post(endpoints.POLL)
 async def poll(body: PollIn, request: Request, wait: float = Query(0, ge=0, allow_inf_nan=False),
                agent: dict = Depends(require_agent)):
-    """Long-poll: answers at once when a task or a new stop request is pending, else after `wait` s.
+    """Long-poll: answers at once when a task or a new stop request is pending, else after 0.8 x
+    `wait` to `wait` s (a random point, so that polls of nodes that started together spread out).
 
     Woken (on any replica) by a new task, a stop, a settings change, a lost task, a rotated token
     or a removed agent; the last two end it with 401 and no task. While it waits, a row in
@@ -147,7 +150,10 @@ async def poll(body: PollIn, request: Request, wait: float = Query(0, ge=0, allo
     """
     core = core_of(request)
     aid = agent["id"]
-    wait = min(wait, core.settings.max_poll_wait_s)
+    # Ends at a random point of the wait's last fifth: a fleet that started together (after a server
+    # restart, every node reconnects at once) would otherwise keep polling in step, every node's
+    # poll answering and coming back in the same second, wait after wait.
+    wait = min(wait, core.settings.max_poll_wait_s) * (1.0 - POLL_JITTER * random.random())
     deadline = time.monotonic() + wait
     expires_at = time.time() + wait + POLL_ROW_MARGIN_S
     poll_id = uuid.uuid4().hex

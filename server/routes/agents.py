@@ -5,7 +5,7 @@ import hashlib
 import time
 
 from fastapi import APIRouter, Depends, Query, Request
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import case, delete, exists, func, insert, or_, select, update
 
 from protocol import endpoints
 from protocol.errors import APIError
@@ -76,17 +76,23 @@ def _latest(conn, agent_ids) -> dict:
 
 def _summary(core, conn, now: float) -> dict:
     """The whole fleet in a few numbers: nodes online/offline, GPUs on online nodes (free: less
-    those held by leased tasks), leased tasks."""
-    a, lt, t = db.agents.c, db.telemetry_latest.c, db.tasks.c
-    nodes = conn.execute(select(a.id, a.last_seen, lt.gpu_count)
-                         .select_from(db.agents.outerjoin(db.telemetry_latest, lt.agent_id == a.id))).all()
-    polls = core.polls_open(conn, now)
-    online = {aid: gpus or 0 for aid, seen, gpus in nodes if core.agent_status(polls.get(aid, 0), seen, now) == "online"}
-    leased = conn.execute(select(t.agent_id, t.resources).where(t.state.in_([s.value for s in LEASED]))).all()
-    held = sum(int((res or {}).get("gpus") or 0) for aid, res in leased if aid in online)
-    total = sum(online.values())
-    return {"nodes": len(nodes), "online": len(online), "offline": len(nodes) - len(online),
-            "gpus_total": total, "gpus_free": max(0, total - held), "tasks_running": len(leased)}
+    those held by leased tasks), leased tasks. Counted by the database, two rows back: the
+    console asks every few seconds, and a fleet has thousands of nodes."""
+    a, lt, t, p = db.agents.c, db.telemetry_latest.c, db.tasks.c, db.polls.c
+    # What Core.agent_status says, as SQL: a poll open on any replica, or contact within the window.
+    online = or_(a.last_seen >= now - core.settings.offline_after,
+                 exists().where(p.agent_id == a.id, p.expires_at > now))
+    nodes, up, gpus = conn.execute(
+        select(func.count(), func.sum(case((online, 1), else_=0)),
+               func.sum(case((online, func.coalesce(lt.gpu_count, 0)), else_=0)))
+        .select_from(db.agents.outerjoin(db.telemetry_latest, lt.agent_id == a.id))).one()
+    leased = conn.execute(select(t.resources, online)
+                          .select_from(db.tasks.outerjoin(db.agents, a.id == t.agent_id))
+                          .where(t.state.in_([s.value for s in LEASED]))).all()
+    held = sum(int((res or {}).get("gpus") or 0) for res, on in leased if on)
+    up, gpus = int(up or 0), int(gpus or 0)
+    return {"nodes": nodes, "online": up, "offline": nodes - up,
+            "gpus_total": gpus, "gpus_free": max(0, gpus - held), "tasks_running": len(leased)}
 
 
 def agent_row(conn, agent_id: int):
@@ -134,7 +140,7 @@ async def list_agents(request: Request, limit: int = Query(100, ge=1, le=1000), 
             ids = [r["id"] for r in rows[:limit]]
             counts = _running_counts(conn, ids)
             latest = _latest(conn, ids)
-            polls = core.polls_open(conn, now)
+            polls = core.polls_open(conn, now, agent_ids=ids)
             summary = _summary(core, conn, now)
         body = page([_agent_out(core, r, latest.get(r["id"]), counts.get(r["id"], 0), polls.get(r["id"], 0), now)
                      for r in rows], limit)

@@ -9,6 +9,7 @@ import requests
 from sqlalchemy import func, select, text
 
 from server import db, telemetry
+from server.contact import Contacts
 from server.settings import Settings
 from tests.server.conftest import FakeAgent
 from tests.support.procs import poll_for
@@ -35,23 +36,24 @@ def big_sample(free_slots: int = 1) -> dict:
 
 
 def simulate(engine, settings, agent_id: int, start: float, end: float, every: float, prune_every: float = 60.0):
-    """Post a sample every `every` seconds of simulated time from start to end, pruning as the job would."""
-    last_point, next_prune, ts = None, start + prune_every, start
+    """Post a sample every `every` seconds of simulated time from start to end, through the
+    server's batches (server/contact.py), pruning as the job would."""
+    contacts = Contacts(engine, settings)
+    next_prune, ts = start + prune_every, start
     with engine.begin() as conn:
         conn.execute(db.agents.insert().values(id=agent_id, name=f"n{agent_id}", token_hash=f"{agent_id:064d}",
                                                allowed_task_types=[], created_at=start))
+    agent = {"id": agent_id, "telemetry_ts": None}
     while ts < end:
-        with engine.begin() as conn:
-            batch_end = min(end, ts + 600)
-            while ts < batch_end:
-                if telemetry.record(conn, settings, agent_id, last_point, ts, {"cpu": ts % 100, "memory": 50,
-                                                                                 "disks": [{"path": "/", "percent": 1}],
-                                                                                 "gpus": [{"utilization": 5}]}):
-                    last_point = ts
-                if ts >= next_prune:
-                    telemetry.prune(conn, settings, ts)
-                    next_prune += prune_every
-                ts += every
+        contacts.telemetry(agent, ts, {"cpu": ts % 100, "memory": 50, "disks": [{"path": "/", "percent": 1}],
+                                       "gpus": [{"utilization": 5}]})
+        if ts >= next_prune:
+            contacts.flush()
+            with engine.begin() as conn:
+                telemetry.prune(conn, settings, ts)
+            next_prune += prune_every
+        ts += every
+    contacts.flush()
     return ts - every
 
 
@@ -102,11 +104,11 @@ def test_stored_bytes_per_sample_are_a_small_fraction_of_the_posted_sample(engin
         for agent_id in (1, 2):
             conn.execute(db.agents.insert().values(id=agent_id, name="n", token_hash=f"{agent_id:064d}",
                                                    allowed_task_types=[], created_at=t0))
-        last = {1: None, 2: None}
-        for i in range(n):
-            aid = 1 + i % 2
-            if telemetry.record(conn, s, aid, last[aid], t0 + 5 * i, sample):
-                last[aid] = t0 + 5 * i
+    contacts = Contacts(engine, s)
+    for i in range(n):
+        contacts.telemetry({"id": 1 + i % 2, "telemetry_ts": None}, t0 + 5 * i, sample)
+        if i % 500 == 499:
+            contacts.flush()
     with engine.connect() as conn:
         rows = conn.execute(select(func.count()).select_from(db.telemetry_history)).scalar()
         assert rows == n
