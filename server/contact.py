@@ -25,7 +25,7 @@ import logging
 import threading
 import time
 
-from sqlalchemy import bindparam, delete, or_, select, text, update
+from sqlalchemy import bindparam, delete, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from protocol.states import LEASED
@@ -144,13 +144,10 @@ class Contacts:
     def _write(self, seen, lease, latest, points, polls_new, polls_gone) -> int:
         if self.engine.dialect.name == "postgresql":
             return self._write_pg(seen, lease, latest, points, polls_new, polls_gone)
+        # SQLite: sqlite3's executemany is C all the way, one statement per kind.
         a, t, lt = db.agents.c, db.tasks.c, db.telemetry_latest
         n = 0
         with self.engine.begin() as conn:
-            if conn.dialect.name == "postgresql":
-                # What a batch holds may be lost in a crash anyway (the module's docstring), so its
-                # commit need not wait for the WAL to reach the disk: the other commits still do.
-                conn.execute(text("SET LOCAL synchronous_commit = off"))
             ids = set(seen) | set(latest) | {r["agent_id"] for r in polls_new.values()}
             # Rows of an agent deleted meanwhile are dropped, not written back as orphans.
             alive = set(conn.execute(select(a.id).where(a.id.in_(ids))).scalars()) if ids else set()
@@ -170,18 +167,15 @@ class Contacts:
                 n += len(rows)
             rows = [r for aid, r in latest.items() if aid in alive]
             if rows:
-                conn.execute(_upsert_latest(conn, lt), rows)
+                conn.execute(_upsert_latest(lt), rows)
                 n += len(rows)
             points = [p for p in points if p["agent_id"] in alive]
             if points:
                 conn.execute(db.insert_ignore(self.engine, db.telemetry_history), points)
-                newest: dict[int, float] = {}
-                for p in points:
-                    newest[p["agent_id"]] = max(newest.get(p["agent_id"], 0.0), p["ts"])
                 conn.execute(update(db.agents).where(a.id == bindparam("b_id"),
                                                      or_(a.telemetry_ts.is_(None), a.telemetry_ts < bindparam("b_ts")))
                              .values(telemetry_ts=bindparam("b_ts")),
-                             [{"b_id": aid, "b_ts": ts} for aid, ts in newest.items()])
+                             [{"b_id": aid, "b_ts": ts} for aid, ts in _newest(points).items()])
                 n += len(points)
             rows = [r for r in polls_new.values() if r["agent_id"] in alive]
             if rows:
@@ -193,21 +187,17 @@ class Contacts:
                 n += len(polls_gone)
         return n
 
-
     def _write_pg(self, seen, lease, latest, points, polls_new, polls_gone) -> int:
         """PostgreSQL: one statement per kind whose one parameter is its rows as JSON text.
         As an executemany, psycopg's pipeline spent Python work on every row: the batch was a
         seventh of a busy replica's CPU. Rows of agents deleted meanwhile are dropped by the
         statements themselves (the join with `agents`)."""
-        newest: dict[int, float] = {}
-        for p in points:
-            newest[p["agent_id"]] = max(newest.get(p["agent_id"], 0.0), p["ts"])
         work = [
             (_PG_SEEN, [{"id": aid, "ts": ts} for aid, ts in seen.items()]),
             (_PG_LEASE, [{"id": aid, "until": ts + self.settings.lease_s} for aid, ts in lease.items()]),
             (_PG_LATEST, list(latest.values())),
             (_PG_HISTORY, points),
-            (_PG_TELEMETRY_TS, [{"id": aid, "ts": ts} for aid, ts in newest.items()]),
+            (_PG_TELEMETRY_TS, [{"id": aid, "ts": ts} for aid, ts in _newest(points).items()]),
             (_PG_POLLS_NEW, list(polls_new.values())),
             (_PG_POLLS_GONE, polls_gone),
         ]
@@ -238,10 +228,15 @@ def _pg_insert(table, conflict: str) -> str:
 
 
 _LEASED_SQL = ", ".join(f"'{v}'" for v in LEASED_VALUES)
-_PG_SEEN = ("UPDATE agents SET last_seen = r.ts FROM json_to_recordset(%s::json) AS r(id integer, ts float8) "
-            "WHERE agents.id = r.id AND (agents.last_seen IS NULL OR agents.last_seen < r.ts)")
-_PG_TELEMETRY_TS = ("UPDATE agents SET telemetry_ts = r.ts FROM json_to_recordset(%s::json) AS r(id integer, ts float8) "
-                    "WHERE agents.id = r.id AND (agents.telemetry_ts IS NULL OR agents.telemetry_ts < r.ts)")
+def _pg_newer(column: str) -> str:
+    """UPDATE of agents.<column> from {id, ts} rows, never backwards (another replica may have
+    written a newer one)."""
+    return (f"UPDATE agents SET {column} = r.ts FROM json_to_recordset(%s::json) AS r(id integer, ts float8) "
+            f"WHERE agents.id = r.id AND (agents.{column} IS NULL OR agents.{column} < r.ts)")
+
+
+_PG_SEEN = _pg_newer("last_seen")
+_PG_TELEMETRY_TS = _pg_newer("telemetry_ts")
 _PG_LEASE = ("UPDATE tasks SET lease_until = r.until FROM json_to_recordset(%s::json) AS r(id integer, until float8) "
              f"WHERE tasks.agent_id = r.id AND tasks.state IN ({_LEASED_SQL})")
 _PG_LATEST = _pg_insert(db.telemetry_latest, "ON CONFLICT (agent_id) DO UPDATE SET " + ", ".join(
@@ -251,8 +246,17 @@ _PG_POLLS_NEW = _pg_insert(db.polls, "ON CONFLICT DO NOTHING")
 _PG_POLLS_GONE = "DELETE FROM polls WHERE id IN (SELECT json_array_elements_text(%s::json))"
 
 
-def _upsert_latest(conn, table):
-    """INSERT of telemetry_latest rows that replaces a node's existing row (SQLite and PostgreSQL)."""
-    stmt = (sqlite if conn.dialect.name == "sqlite" else postgresql).insert(table)
+def _newest(points: list[dict]) -> dict[int, float]:
+    """Agent id -> the time of its newest point among `points`."""
+    newest: dict[int, float] = {}
+    for p in points:
+        newest[p["agent_id"]] = max(newest.get(p["agent_id"], 0.0), p["ts"])
+    return newest
+
+
+def _upsert_latest(table):
+    """INSERT of telemetry_latest rows that replaces a node's existing row (SQLite; PostgreSQL
+    writes them with `_PG_LATEST`)."""
+    stmt = sqlite.insert(table)
     return stmt.on_conflict_do_update(index_elements=["agent_id"],
                                       set_={c.name: stmt.excluded[c.name] for c in table.c if c.name != "agent_id"})

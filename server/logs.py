@@ -7,7 +7,6 @@ import json
 import math
 import time
 
-import orjson
 from sqlalchemy import LargeBinary, bindparam, case, cast, func, select, update
 
 from protocol.errors import APIError
@@ -239,22 +238,15 @@ def ingest(core, conn, task: dict, first_seq: int, lines: list, now: float | Non
 
 
 _PG_INSERT_LINES = ("INSERT INTO log_lines (task_id, seq, ts, level, stream, message, extra) "
-                    "SELECT * FROM unnest(%s::integer[], %s::integer[], %s::float8[], %s::text[], %s::text[], "
-                    "%s::text[], %s::text[]) ON CONFLICT DO NOTHING")
-_PG_INSERT_LINES_JSON = ("INSERT INTO log_lines (task_id, seq, ts, level, stream, message, extra) "
-                         "SELECT * FROM json_to_recordset(%s::json) AS r(task_id integer, seq integer, ts float8, "
-                         "level text, stream text, message text, extra text) ON CONFLICT DO NOTHING")
+                    "SELECT * FROM json_to_recordset(%s::json) AS r(task_id integer, seq integer, ts float8, "
+                    "level text, stream text, message text, extra text) ON CONFLICT DO NOTHING")
 
 
 def _pg_insert_lines(conn, rows: list[tuple]) -> int:
-    """PostgreSQL: the whole batch in one statement whose one parameter is the rows as JSON text
-    (orjson, in C). As seven arrays, psycopg's Python array dumper took a quarter of a log POST's
-    CPU. A string orjson refuses (a lone surrogate) takes the arrays."""
-    try:
-        payload = orjson.dumps([dict(zip(_COLUMNS, r)) for r in rows]).decode()
-    except TypeError:
-        return conn.exec_driver_sql(_PG_INSERT_LINES, tuple(list(col) for col in zip(*rows))).rowcount or 0
-    return conn.exec_driver_sql(_PG_INSERT_LINES_JSON, (payload,)).rowcount or 0
+    """PostgreSQL: the whole batch in one statement whose one parameter is the rows as JSON text.
+    As seven arrays, psycopg's Python array dumper took a quarter of a log POST's CPU."""
+    payload = strict.dumps([dict(zip(_COLUMNS, r)) for r in rows])
+    return conn.exec_driver_sql(_PG_INSERT_LINES, (payload,)).rowcount or 0
 
 
 # The ingest's statements, built once (a statement built per call costs its construction and

@@ -49,8 +49,9 @@ def public_task(row) -> dict:
     return t
 
 
-def get_task(conn, task_id: int) -> dict | None:
-    row = conn.execute(_TASK, {"tid": task_id}).mappings().first()
+def get_task(conn, task_id: int, stmt=None) -> dict | None:
+    """The task's row; `stmt`: a prepared select of some of its columns by `tid` instead of all."""
+    row = conn.execute(_TASK if stmt is None else stmt, {"tid": task_id}).mappings().first()
     return dict(row) if row else None
 
 

@@ -34,14 +34,10 @@ _t = db.tasks.c
 _LOG_TASK = select(_t.id, _t.agent_id, _t.log_acked, _t.log_bytes).where(_t.id == bindparam("tid"))
 
 
-def _own_task(conn, agent: dict, task_id: int, columns=None) -> dict:
+def _own_task(conn, agent: dict, task_id: int, stmt=None) -> dict:
     """The task if it belongs to this agent; another agent's task is answered as missing (404).
-    `columns`: a prepared select of some of its columns, by `tid`, instead of the whole row."""
-    if columns is None:
-        task = get_task(conn, task_id)
-    else:
-        row = conn.execute(columns, {"tid": task_id}).mappings().first()
-        task = dict(row) if row is not None else None
+    `stmt`: as for get_task, a select of some of its columns."""
+    task = get_task(conn, task_id, stmt)
     if task is None or task["agent_id"] != agent["id"]:
         raise APIError(404, "task_not_found", f"no task {task_id} for this agent")
     return task
