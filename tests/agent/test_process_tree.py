@@ -24,11 +24,12 @@ def test_tree_titles_and_sigterm_drain(server, make_agent):
     a = make_agent(server).start()
     t1 = a.create_task(config={"lines": 40, "rate": 10})
     t2 = a.create_task(config={"lines": 30, "rate": 10})
-    poll_for(lambda: a.task_pid(t1) and a.task_pid(t2), timeout=15, what="two task processes")
+    want = ["sly-agent: log-shipper", f"sly-agent: task {t1} custom [running]",
+            f"sly-agent: task {t2} custom [running]", "sly-agent: telemetry"]
+    # a task process is titled [preparing] before [running]: wait for both to run
+    titles = lambda: sorted(t.strip() for t in a.titles().values())   # noqa: E731
+    poll_for(lambda: titles() == want, timeout=15, what="both task processes titled [running]")
     assert cmdline(a.proc.pid) == "sly-agent: supervisor"
-    titles = sorted(t.strip() for t in a.titles().values())
-    assert titles == ["sly-agent: log-shipper", f"sly-agent: task {t1} custom [running]",
-                      f"sly-agent: task {t2} custom [running]", "sly-agent: telemetry"], titles
     # children live in their own process groups
     assert all(os.getpgid(pid) == pid for pid in a.titles())
     # system info at connect, telemetry samples every TELEMETRY_INTERVAL (1 s here)
