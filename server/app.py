@@ -151,7 +151,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if core.engine.dialect.name == "sqlite":
             background.append(asyncio.create_task(_checkpointer(core)))
         if core.wakeups.shared:
-            background.append(asyncio.create_task(core.wakeups.listen()))
+            background += [asyncio.create_task(core.wakeups.listen()), asyncio.create_task(core.wakeups.send())]
             # Answer only once other replicas' changes can reach this one (it retries if not yet).
             try:
                 await asyncio.wait_for(core.wakeups.listening.wait(), 10)
@@ -160,6 +160,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            if core.wakeups.shared and not await core.wakeups.drain(2.0):
+                log.warning("shutting down with wake-ups not sent to the other replicas; their waiters "
+                            "find those changes at their timeout")
             for t in background:
                 t.cancel()
             try:

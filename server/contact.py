@@ -191,15 +191,19 @@ class Contacts:
         """PostgreSQL: one statement per kind whose one parameter is its rows as JSON text.
         As an executemany, psycopg's pipeline spent Python work on every row: the batch was a
         seventh of a busy replica's CPU. Rows of agents deleted meanwhile are dropped by the
-        statements themselves (the join with `agents`)."""
+        statements themselves (the join with `agents`).
+
+        The rows that requests also lock go last, so the batch holds their locks only for its
+        last statements: `agents` (a node's connect writes its system_info) and the leased
+        tasks (every state report and log batch updates its task's row)."""
         work = [
-            (_PG_SEEN, [{"id": aid, "ts": ts} for aid, ts in seen.items()]),
-            (_PG_LEASE, [{"id": aid, "until": ts + self.settings.lease_s} for aid, ts in lease.items()]),
             (_PG_LATEST, list(latest.values())),
             (_PG_HISTORY, points),
-            (_PG_TELEMETRY_TS, [{"id": aid, "ts": ts} for aid, ts in _newest(points).items()]),
             (_PG_POLLS_NEW, list(polls_new.values())),
             (_PG_POLLS_GONE, polls_gone),
+            (_PG_SEEN, [{"id": aid, "ts": ts} for aid, ts in seen.items()]),
+            (_PG_TELEMETRY_TS, [{"id": aid, "ts": ts} for aid, ts in _newest(points).items()]),
+            (_PG_LEASE, [{"id": aid, "until": ts + self.settings.lease_s} for aid, ts in lease.items()]),
         ]
         n = 0
         with self.engine.begin() as conn:

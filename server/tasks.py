@@ -19,6 +19,8 @@ _TASK = select(db.tasks).where(_c.id == bindparam("tid"))
 # Only ids and flags here: an agent may hold many leased tasks and a poll must stay cheap.
 _MINE = (select(_c.id, _c.state, _c.stop_requested, _c.stop_delivered)
          .where(_c.agent_id == bindparam("aid"), _c.state.in_(LEASED_VALUES + [TaskState.LOST.value])).order_by(_c.id))
+_VALID_TOKEN = (select(db.agents.c.id).where(db.agents.c.id == bindparam("aid"), db.agents.c.token_hash == bindparam("h"))
+                .with_for_update(read=True, key_share=True))
 _QUEUED = (select(db.tasks).where(_c.agent_id == bindparam("aid"), _c.state == TaskState.QUEUED.value)
            .order_by(_c.id).limit(200).with_for_update(skip_locked=True))
 
@@ -157,10 +159,11 @@ def hand_out(core, conn, agent: dict, free_slots: int, free_gpus: int, running: 
         slots -= 1
         gpus -= need
     if out:
-        # FOR SHARE on PostgreSQL: a rotation waits for this transaction, or this read sees it.
-        valid = conn.execute(select(db.agents.c.id).where(db.agents.c.id == agent_id,
-                                                          db.agents.c.token_hash == agent["token_hash"])
-                             .with_for_update(read=True)).first()
+        # FOR KEY SHARE on PostgreSQL: a rotation (an UPDATE of token_hash, a unique column) or a
+        # removal waits for this transaction, or this read sees it. The contact batch's UPDATEs
+        # of last_seen and telemetry_ts touch no unique column and do not conflict with it: a
+        # hand-out never waits for them (FOR SHARE did, for as long as the batch's transaction).
+        valid = conn.execute(_VALID_TOKEN, {"aid": agent_id, "h": agent["token_hash"]}).first()
         if valid is None:
             raise APIError(401, "unauthorized", "the agent token was rotated or the agent removed")
     return out, stop, new_stop

@@ -4,11 +4,22 @@ Whoever waits (a long-poll on an agent, a log follower on a task) takes an async
 its key, reads the database, and waits on the event; a change wakes the key after it commits,
 and the waiter reads again. Within one process that is all (SQLite, or any single replica).
 
-On PostgreSQL the transaction that makes a change also calls `pg_notify('sly_wake', ...)`.
-PostgreSQL delivers the notification at commit, and never for a rolled-back transaction, to
-every replica's listener connection (`listen()`), which wakes the same keys there. A listener
-that lost its connection wakes every waiter after reconnecting, since notifications sent while
-it was away are gone; each waiter then re-reads the database and finds what it missed.
+On PostgreSQL the keys a transaction woke also go to every other replica, as `pg_notify` on
+the channel `sly_wake`, which each replica's listener connection (`listen()`) hears. They are
+sent after the change has committed, by one sender per process (`send()`) on a connection of
+its own, and not by the changing transaction itself: PostgreSQL makes every transaction that
+notifies take one cluster-wide lock at commit and hold it until its commit record is on disk,
+so notifying commits queue behind each other's WAL flush. With task creations, state reports
+and log batches all notifying, that queue was where a busy fleet's requests stalled together
+(docs/benchmarks.md, Fleet). The sender's transactions write nothing else and commit without
+waiting for the disk (`synchronous_commit = off`), so they hold the lock for microseconds,
+and the keys that piled up while one was in flight go together in the next.
+
+A rolled-back transaction sends nothing. A process that dies between a commit and its sending
+loses those wake-ups: the other replicas' polls then answer at their timeout and followers
+read at their keep-alive, and find the change. A listener that lost its connection wakes every
+waiter after reconnecting, since notifications sent while it was away are gone; each waiter
+then re-reads the database and finds what it missed.
 """
 from __future__ import annotations
 
@@ -75,6 +86,10 @@ class Wakeups:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.shared = engine.dialect.name == "postgresql"
         self.listening = asyncio.Event()   # set while the listener connection is up (tests wait on it)
+        # Keys committed here and not yet sent to the other replicas (the loop's; `send()` empties it).
+        self._outbox: set[tuple[str, int]] = set()
+        self._outbox_ready = asyncio.Event()
+        self._sending = False
         # Told of every agent key woken (None: any agent may have changed), here at commit and from
         # other replicas' notifications: the Core drops its kept copy of that agent's row.
         self.agent_changed = None
@@ -87,13 +102,15 @@ class Wakeups:
             conn.info["sly_wake"] = keys
             try:
                 yield conn
-                if keys and self.shared:
-                    self._pg_notify(conn, keys)
+                if keys and self.shared and self.loop is None:
+                    # No server loop to send them after the commit (a command-line tool): in the transaction.
+                    conn.execute(text("SELECT pg_notify(:c, p) FROM unnest(CAST(:ps AS text[])) AS p"),
+                                 {"c": CHANNEL, "ps": self._payloads(keys)})
             finally:
                 conn.info.pop("sly_wake", None)
         self._changed(keys)
         if keys and self.loop is not None:
-            self.loop.call_soon_threadsafe(self.wake_local, keys)
+            self.loop.call_soon_threadsafe(self._committed, keys)
 
     @staticmethod
     def notify(conn, kind: str, key: int) -> None:
@@ -112,17 +129,72 @@ class Wakeups:
             if kind != ROW:
                 (self.agents if kind == AGENT else self.tasks).wake(key)
 
-    def _pg_notify(self, conn, keys) -> None:
-        # One notification per transaction (split only past the payload limit): "<replica> a:1 t:5 ..."
-        parts, size = [], 0
+    def _committed(self, keys) -> None:
+        """On the loop, once a transaction committed: wake its keys here, and queue them for the others."""
+        self.wake_local(keys)
+        if self.shared:
+            self._outbox |= keys
+            self._outbox_ready.set()
+
+    def _payloads(self, keys) -> list[str]:
+        """The notifications for `keys`: "<replica> a:1 t:5 ...", split only past the payload limit."""
+        out, parts, size = [], [], 0
         for kind, key in sorted(keys):
             item = f"{kind}:{key}"
-            if size + len(item) > _PAYLOAD_MAX:
-                conn.execute(text("SELECT pg_notify(:c, :p)"), {"c": CHANNEL, "p": " ".join([self.replica] + parts)})
+            if parts and size + len(item) > _PAYLOAD_MAX:
+                out.append(" ".join([self.replica] + parts))
                 parts, size = [], 0
             parts.append(item)
             size += len(item) + 1
-        conn.execute(text("SELECT pg_notify(:c, :p)"), {"c": CHANNEL, "p": " ".join([self.replica] + parts)})
+        out.append(" ".join([self.replica] + parts))
+        return out
+
+    async def send(self) -> None:
+        """PostgreSQL only: send the committed keys to the other replicas for as long as the server
+        runs, all that piled up in one transaction, on a connection of its own."""
+        import psycopg
+        failures = 0
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(self._conninfo(), autocommit=True) as aconn:
+                    await aconn.execute("SET synchronous_commit = off")
+                    failures = 0
+                    while True:
+                        await self._outbox_ready.wait()
+                        self._outbox_ready.clear()
+                        keys, self._outbox = self._outbox, set()
+                        if not keys:
+                            continue
+                        self._sending = True
+                        try:
+                            await aconn.execute("SELECT pg_notify(%s, p) FROM unnest(%s::text[]) AS p",
+                                                (CHANNEL, self._payloads(keys)))
+                        except BaseException:
+                            self._outbox |= keys          # sent with the next ones, once reconnected
+                            self._outbox_ready.set()
+                            raise
+                        finally:
+                            self._sending = False
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - the sender must outlive a lost connection
+                failures += 1
+                delay = backoff_delay(failures, 0.5, 10.0)
+                log.warning("wake-up sender lost its connection (%s); retrying in %.1f s", e, delay)
+                await asyncio.sleep(delay)
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait (at most `timeout` s) until every committed key was sent; False if some were not."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self._outbox or self._sending:
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(0.01)
+        return True
+
+    def _conninfo(self) -> str:
+        return make_url(self.engine.url).set(drivername="postgresql").render_as_string(hide_password=False)
 
     def dispatch(self, payload: str) -> None:
         """A notification from the listener: wake its keys here, unless this replica sent it."""
@@ -140,7 +212,7 @@ class Wakeups:
     async def listen(self) -> None:
         """PostgreSQL only: LISTEN on one connection of its own for as long as the server runs."""
         import psycopg
-        conninfo = make_url(self.engine.url).set(drivername="postgresql").render_as_string(hide_password=False)
+        conninfo = self._conninfo()
         failures = 0
         while True:
             try:
