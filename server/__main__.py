@@ -42,7 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="delete the log lines of tasks that ended this many days ago (0: keep forever)")
     p.add_argument("--contact-flush-s", type=float, default=1.0,
                    help="nodes' contact, lease renewals, telemetry and open-poll rows are written in one batch this "
-                        "often (default 1 s; a crash loses at most this much of them)")
+                        "often (default 1 s; at most 5 s, or a third of the offline window and of the lease where "
+                        "those are longer; a crash loses at most this much of them)")
     p.add_argument("--housekeeping-s", type=float, default=60.0, help="how often retention and pruning run")
     p.add_argument("--log-quota-bytes", type=int, default=256 * 1024 * 1024,
                    help="log bytes stored per task; past it one marker line, later lines dropped (0: none; default 256 MiB)")
@@ -115,8 +116,10 @@ def main(argv=None) -> None:
                         blob_grace_s=a.blob_grace_s)
     if (a.db_pool_size is not None and a.db_pool_size < 1) or a.workers < 1 or a.log_page_bytes < 1:
         sys.exit("sly-server: --db-pool-size, --workers and --log-page-bytes must be at least 1")
-    if not 0.01 <= a.contact_flush_s <= 5:
-        sys.exit("sly-server: --contact-flush-s must be between 0.01 and 5 (the offline window is seconds)")
+    most = max(5.0, min(settings.offline_after, settings.lease_s) / 3)   # 5 s with the defaults
+    if not 0.01 <= a.contact_flush_s <= most:
+        sys.exit(f"sly-server: --contact-flush-s must be between 0.01 and {most:g}: 5 s, or a third of the offline "
+                 f"window (--offline-after-s) and of the lease (--lease-s) where those are longer")
     from server.auth import ConfigError
     try:
         serve(a, settings)

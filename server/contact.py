@@ -7,9 +7,14 @@ most of the server's database work (and on SQLite each one waits for the single 
 of them needs to be in the database at the instant it happens: the offline window is 15 s, a
 lease is minutes, a chart point is seconds apart. So a request only records them here, in
 memory, and `flush()` writes everything pending in one transaction, a statement per kind run
-with many rows (executemany): every `contact_flush_s` (1 s) from a background task, before a
-read on this replica that shows them (the agents list and page, a node's chart, `/metrics`), and
-at shutdown.
+with many rows (executemany): every `contact_flush_s` (1 s) from a background task, before
+`/metrics` counts the nodes, and at shutdown.
+
+A read that shows them (the nodes list and a node's page and chart) writes nothing: it takes
+`shown()`, what this process holds and has not written yet (or is writing now), before it reads
+the database, and shows the newer of the two. So a console refreshing every few seconds costs
+the fleet a read, not a write, and it still shows every contact this process received before
+the read began; another replica's, once that replica wrote them (within a second).
 
 What a crash loses: at most the last flush interval of last_seen, telemetry and open-poll rows,
 each of which the nodes renew within seconds. Task states, log lines and results never go
@@ -24,6 +29,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
+from dataclasses import dataclass, field
 
 from sqlalchemy import bindparam, delete, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -51,6 +58,8 @@ class Contacts:
         self._polls_gone: list[str] = []       # poll ids written earlier, over now
         self._leased_at: dict[int, float] = {}  # agent id -> when its leases were last renewed
         self._point_at: dict[int, float] = {}   # agent id -> its newest history point (written or pending)
+        self._open: dict[str, int] = {}        # poll id -> agent id: the long-polls open on this process
+        self._inflight: tuple | None = None    # the batch a flush is writing now
         self.flushes = 0
         self.rows_written = 0
 
@@ -84,12 +93,14 @@ class Contacts:
 
     def poll_open(self, poll_id: str, agent_id: int, replica: str, expires_at: float) -> None:
         with self._lock:
+            self._open[poll_id] = agent_id
             self._polls_new[poll_id] = {"id": poll_id, "agent_id": agent_id, "replica": replica,
                                         "expires_at": expires_at}
 
     def poll_closed(self, poll_id: str) -> None:
         """The poll is over: a row not written yet never will be; a written one goes at the next flush."""
         with self._lock:
+            self._open.pop(poll_id, None)
             if self._polls_new.pop(poll_id, None) is None:
                 self._polls_gone.append(poll_id)
 
@@ -99,6 +110,25 @@ class Contacts:
             for m in (self._seen, self._lease, self._latest, self._leased_at, self._point_at):
                 m.pop(agent_id, None)
             self._points = [p for p in self._points if p["agent_id"] != agent_id]
+
+    def shown(self) -> Shown:
+        """What a read shows on top of the database: the contact, telemetry and chart points this
+        process holds and has not written yet, or is writing now, and its open long-polls. Take
+        it before reading the database: a batch written in between is then in both, never in neither."""
+        with self._lock:
+            batches = [(self._seen, self._latest, self._points)]
+            if self._inflight is not None:
+                seen, _lease, latest, points = self._inflight[:4]
+                batches.append((seen, latest, points))
+            out = Shown(polls=Counter(self._open.values()))
+            for seen, latest, points in batches:          # the pending batch first: it is the newer
+                for aid, ts in seen.items():
+                    if out.seen.get(aid, 0.0) < ts:
+                        out.seen[aid] = ts
+                for aid, row in latest.items():
+                    out.latest.setdefault(aid, row)
+                out.points.extend(points)
+        return out
 
     @property
     def pending(self) -> bool:
@@ -114,11 +144,15 @@ class Contacts:
                 batch = (self._seen, self._lease, self._latest, self._points, self._polls_new, self._polls_gone)
                 self._seen, self._lease, self._latest, self._points = {}, {}, {}, []
                 self._polls_new, self._polls_gone = {}, []
+                self._inflight = batch
             try:
                 n = self._write(*batch)
             except Exception:
                 self._put_back(*batch)
                 raise
+            finally:
+                with self._lock:
+                    self._inflight = None
             self.flushes += 1
             self.rows_written += n
             return n
@@ -214,6 +248,30 @@ class Contacts:
                 if rows:
                     n += max(0, conn.exec_driver_sql(sql, (strict.dumps(rows),)).rowcount or 0)
         return n
+
+
+@dataclass
+class Shown:
+    """`Contacts.shown()`: what this process knows of its nodes and has not written yet."""
+    seen: dict[int, float] = field(default_factory=dict)      # agent id -> newest contact
+    latest: dict[int, dict] = field(default_factory=dict)     # agent id -> its newest telemetry_latest row
+    points: list[dict] = field(default_factory=list)          # telemetry_history rows
+    polls: Counter = field(default_factory=Counter)           # agent id -> long-polls open on this process
+
+    def last_seen(self, agent_id: int, stored: float | None) -> float | None:
+        here = self.seen.get(agent_id)
+        return stored if here is None or (stored is not None and stored >= here) else here
+
+    def latest_of(self, agent_id: int, stored):
+        """The node's telemetry_latest row: this process's unwritten one, else the stored one."""
+        return self.latest.get(agent_id, stored)
+
+    def online_here(self, since: float) -> list[int]:
+        """Nodes this process heard from at or after `since`, or holds a long-poll of."""
+        return sorted({aid for aid, ts in self.seen.items() if ts >= since} | set(self.polls))
+
+    def points_of(self, agent_id: int, since: float | None) -> list[dict]:
+        return [p for p in self.points if p["agent_id"] == agent_id and (since is None or p["ts"] > since)]
 
 
 def _pg_recordset(table) -> tuple[str, str]:

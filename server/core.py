@@ -107,11 +107,6 @@ class Core:
         hold up the fleet's writes."""
         return await anyio.to_thread.run_sync(fn, *args, limiter=self.read_limiter)
 
-    async def read_shown(self, fn, *args):
-        """`run_read` after this process's contact batch is written, so the read shows it."""
-        await self.run(self.contacts.flush)
-        return await self.run_read(fn, *args)
-
     def reader(self):
         """A connection for reads that need no transaction of their own (each statement sees what
         was committed when it ran): no BEGIN and no ROLLBACK around them."""
@@ -187,11 +182,15 @@ class Core:
         return "online" if last_seen is not None and now - last_seen <= self.settings.offline_after else "offline"
 
     @staticmethod
-    def polls_open(conn, now: float, agent_id: int | None = None, agent_ids=None) -> dict[int, int]:
+    def polls_open(conn, now: float, agent_id: int | None = None, agent_ids=None,
+                   elsewhere: str | None = None) -> dict[int, int]:
         """Agent id -> long-polls open now on every replica (rows of polls that died with a replica
-        expire); of one agent, of some, or of all."""
+        expire); of one agent, of some, or of all. `elsewhere`: on replicas other than this one
+        (whose own open polls `Contacts.shown()` knows exactly)."""
         p = db.polls.c
         q = select(p.agent_id, func.count()).where(p.expires_at > now).group_by(p.agent_id)
+        if elsewhere is not None:
+            q = q.where(p.replica != elsewhere)
         if agent_id is not None:
             q = q.where(p.agent_id == agent_id)
         if agent_ids is not None:

@@ -5,7 +5,8 @@ import hashlib
 import time
 
 from fastapi import APIRouter, Depends, Query, Request
-from sqlalchemy import case, delete, exists, func, insert, or_, select, update
+from sqlalchemy import Integer, any_, case, delete, func, insert, literal, or_, select, update
+from sqlalchemy.dialects import postgresql
 
 from protocol import endpoints
 from protocol.errors import APIError
@@ -50,9 +51,15 @@ def run_commands(core, request: Request, agent_id: int, token: str) -> dict:
     return {"docker": docker, "run_sh": f"SERVER_ADDRESS={url} ACCESS_TOKEN={token} ./run.sh"}
 
 
-def _agent_out(core, row, latest, running: int, polls: int, now: float) -> dict:
-    """An agent as the API shows it; `row` without system_info gives the nodes list's compact row."""
+def _agent_out(core, shown, row, latest, running: int, polls: int, now: float) -> dict:
+    """An agent as the API shows it; `row` without system_info gives the nodes list's compact row.
+    `shown`: what this process holds and has not written yet (server/contact.py), on top of the
+    stored row; `polls`: the node's long-polls open on the other replicas."""
     a = {k: v for k, v in dict(row).items() if k not in ("token_hash", "telemetry_ts", "settings_version")}
+    aid = a["id"]
+    a["last_seen"] = shown.last_seen(aid, a["last_seen"])
+    latest = shown.latest_of(aid, latest)
+    polls += shown.polls.get(aid, 0)
     a["status"] = core.agent_status(polls, a["last_seen"], now)
     a["running_tasks"] = running
     a["polls_open"] = polls
@@ -74,20 +81,41 @@ def _latest(conn, agent_ids) -> dict:
     return {r["agent_id"]: r for r in conn.execute(select(lt).where(lt.c.agent_id.in_(agent_ids))).mappings()}
 
 
-def _summary(core, conn, now: float) -> dict:
+def _among(core, column, ids: list[int]):
+    """`column IN ids` as one parameter on PostgreSQL (an array: a few hundred ids of this
+    process's unwritten contacts would be as many parameters); an IN list on SQLite, whose
+    parameters cost nothing to pass."""
+    if core.engine.dialect.name == "postgresql":
+        return column == any_(literal(ids, postgresql.ARRAY(Integer)))
+    return column.in_(ids)
+
+
+def _summary(core, conn, shown, now: float) -> dict:
     """The whole fleet in a few numbers: nodes online/offline, GPUs on online nodes (free: less
     those held by leased tasks), leased tasks. Counted by the database, two rows back: the
-    console asks every few seconds, and a fleet has thousands of nodes."""
+    console asks every few seconds, and a fleet has thousands of nodes. `shown`: what this
+    process holds and has not written yet (server/contact.py)."""
     a, lt, t, p = db.agents.c, db.telemetry_latest.c, db.tasks.c, db.polls.c
-    # What Core.agent_status says, as SQL: a poll open on any replica, or contact within the window.
-    online = or_(a.last_seen >= now - core.settings.offline_after,
-                 exists().where(p.agent_id == a.id, p.expires_at > now))
+    since = now - core.settings.offline_after
+    # What Core.agent_status says, as SQL: a poll open on any replica, or contact within the
+    # window, stored or heard here.
+    here = shown.online_here(since)
+    polling = select(p.agent_id).where(p.expires_at > now).distinct().subquery()   # one scan, joined
+    online = or_(a.last_seen >= since, polling.c.agent_id.is_not(None), *([_among(core, a.id, here)] if here else []))
+    # GPUs of the nodes whose newest sample this process holds: from that sample, not the stored
+    # one. A sample is a contact, so such a node is online while its sample is within the window.
+    newer = shown.latest
+    gpu_count = func.coalesce(lt.gpu_count, 0)
+    if newer:
+        gpu_count = case((_among(core, a.id, sorted(newer)), 0), else_=gpu_count)
     nodes, up, gpus = conn.execute(
-        select(func.count(), func.sum(case((online, 1), else_=0)),
-               func.sum(case((online, func.coalesce(lt.gpu_count, 0)), else_=0)))
-        .select_from(db.agents.outerjoin(db.telemetry_latest, lt.agent_id == a.id))).one()
+        select(func.count(), func.sum(case((online, 1), else_=0)), func.sum(case((online, gpu_count), else_=0)))
+        .select_from(db.agents.outerjoin(db.telemetry_latest, lt.agent_id == a.id)
+                     .outerjoin(polling, polling.c.agent_id == a.id))).one()
+    gpus = int(gpus or 0) + sum(row.get("gpu_count") or 0 for row in newer.values() if row["ts"] >= since)
     leased = conn.execute(select(t.resources, online)
-                          .select_from(db.tasks.outerjoin(db.agents, a.id == t.agent_id))
+                          .select_from(db.tasks.outerjoin(db.agents, a.id == t.agent_id)
+                                       .outerjoin(polling, polling.c.agent_id == a.id))
                           .where(t.state.in_([s.value for s in LEASED]))).all()
     held = sum(int((res or {}).get("gpus") or 0) for res, on in leased if on)
     up, gpus = int(up or 0), int(gpus or 0)
@@ -135,28 +163,30 @@ async def list_agents(request: Request, limit: int = Query(100, ge=1, le=1000), 
         q = q.where(db.agents.c.id > c)
 
     def read():
+        shown = core.contacts.shown()   # before the read: a batch written meanwhile is in one or both
         with core.engine.connect() as conn:
             rows = conn.execute(q).mappings().all()
             ids = [r["id"] for r in rows[:limit]]
             counts = _running_counts(conn, ids)
             latest = _latest(conn, ids)
-            polls = core.polls_open(conn, now, agent_ids=ids)
-            summary = _summary(core, conn, now)
-        body = page([_agent_out(core, r, latest.get(r["id"]), counts.get(r["id"], 0), polls.get(r["id"], 0), now)
-                     for r in rows], limit)
+            polls = core.polls_open(conn, now, agent_ids=ids, elsewhere=core.wakeups.replica)
+            summary = _summary(core, conn, shown, now)
+        body = page([_agent_out(core, shown, r, latest.get(r["id"]), counts.get(r["id"], 0), polls.get(r["id"], 0),
+                                now) for r in rows], limit)
         body["summary"] = summary
         return body
-    return conditional_json(request, await core.read_shown(read))   # this replica's latest contact shown
+    return conditional_json(request, await core.run_read(read))
 
 
 @router.get(endpoints.AGENT)
 async def read_agent(agent_id: RowId, request: Request):
     """One agent in full: the list's fields and its system_info."""
     core = core_of(request)
-    return await core.read_shown(_read_one, core, agent_id)
+    return await core.run_read(_read_one, core, agent_id)
 
 
 def _read_one(core, agent_id: int, conn=None) -> dict:
+    shown = core.contacts.shown()   # before the read: a batch written meanwhile is in one or both
     if conn is None:
         with core.engine.connect() as conn:
             return _read_one(core, agent_id, conn)
@@ -164,8 +194,8 @@ def _read_one(core, agent_id: int, conn=None) -> dict:
     row = agent_row(conn, agent_id)
     counts = _running_counts(conn, [agent_id])
     latest = _latest(conn, [agent_id])
-    polls = core.polls_open(conn, now, agent_id).get(agent_id, 0)
-    return _agent_out(core, row, latest.get(agent_id), counts.get(agent_id, 0), polls, now)
+    polls = core.polls_open(conn, now, agent_id, elsewhere=core.wakeups.replica).get(agent_id, 0)
+    return _agent_out(core, shown, row, latest.get(agent_id), counts.get(agent_id, 0), polls, now)
 
 
 @router.patch(endpoints.AGENT)
@@ -246,7 +276,8 @@ async def agent_telemetry(agent_id: RowId, request: Request, since: float | None
     core = core_of(request)
 
     def read():
+        shown = core.contacts.shown()
         with core.engine.connect() as conn:
             agent_row(conn, agent_id)
-            return tele.history(conn, agent_id, since)
-    return conditional_json(request, await core.read_shown(read))
+            return tele.history(conn, agent_id, since, shown)
+    return conditional_json(request, await core.run_read(read))

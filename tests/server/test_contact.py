@@ -144,6 +144,38 @@ def test_a_poll_over_before_the_batch_writes_nothing_and_a_written_one_goes(engi
         assert conn.execute(select(db.polls.c.id)).scalars().all() == []
 
 
+def test_shown_holds_what_is_pending_and_what_a_flush_is_writing_and_nothing_once_written(engine, monkeypatch):
+    """A read takes `shown()` before it reads the database: a batch being written must be in it
+    (it may not be committed yet), the newer value wins, and a written batch leaves it."""
+    a, b = add_agents(engine, 2)
+    c = Contacts(engine, Settings(telemetry_min_gap_s=0.0))
+    c.telemetry({"id": a, "telemetry_ts": None}, 1000.0, sample(1.0))
+    c.seen(b, 1001.0)
+    c.poll_open("p1", a, "r1", 2000.0)
+    c.poll_open("p2", a, "r1", 2000.0)
+    during = []
+    real = c._write
+
+    def writing(*batch):
+        # Mid-write: newer contact arrives; the read sees the batch in flight and the newer values.
+        c.telemetry({"id": a, "telemetry_ts": 1000.0}, 1002.0, sample(2.0))
+        during.append(c.shown())
+        return real(*batch)
+    monkeypatch.setattr(c, "_write", writing)
+    c.flush()
+    [mid] = during
+    assert mid.seen == {a: 1002.0, b: 1001.0}
+    assert mid.latest[a]["cpu"] == 2.0 and mid.latest[a]["ts"] == 1002.0       # the pending one, newer
+    assert [p["ts"] for p in mid.points_of(a, None)] == [1002.0, 1000.0] and mid.points_of(a, 1000.0)[0]["ts"] == 1002.0
+    assert mid.polls == {a: 2} and mid.online_here(1001.0) == [a, b] and mid.online_here(1001.5) == [a]
+    assert mid.last_seen(a, 999.0) == 1002.0 and mid.last_seen(a, 2000.0) == 2000.0 and mid.last_seen(9, None) is None
+    c.poll_closed("p1")
+    monkeypatch.setattr(c, "_write", real)
+    c.flush()
+    after = c.shown()
+    assert after.seen == {} and after.latest == {} and after.points == [] and after.polls == {a: 1}
+
+
 # --- through the server: the kept agent rows ---
 
 def test_a_rotated_token_and_a_removed_agent_are_refused_at_once(server, client, make_agent):

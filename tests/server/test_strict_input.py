@@ -16,6 +16,7 @@ import pytest
 import requests
 
 from protocol import endpoints
+from tests.support.procs import poll_for
 
 BIG = 2 ** 63
 JSON = {"content-type": "application/json"}
@@ -56,7 +57,11 @@ def test_a_stored_nan_telemetry_sample_does_not_break_the_nodes_list(own_server)
     srv, client, agent = own_server("--telemetry-min-gap-s", "0")
     sample = {"cpu": {"percent": 1.0}, "disks": [{"path": "/", "used": 1, "total": 2, "percent": 50.0}]}
     assert agent.post(endpoints.TELEMETRY, json=sample).status_code == 200
-    assert client.get_agent(agent.id)["telemetry"]["cpu"] == {"percent": 1.0}   # a read writes the batch
+    assert client.get_agent(agent.id)["telemetry"]["cpu"] == {"percent": 1.0}
+    def written():   # the contact batch is written within --contact-flush-s (a read writes nothing)
+        with _db(srv) as db:
+            return db.execute("SELECT count(*) FROM telemetry_history WHERE agent_id = ?", (agent.id,)).fetchone()[0]
+    poll_for(written, timeout=10, what="the contact batch written")
     with _db(srv) as db:     # what an older server could store: SQLAlchemy's JSON writes NaN as NaN
         db.execute("UPDATE telemetry_latest SET disks = ? WHERE agent_id = ?",
                    ('[{"path": "/", "used": 1, "total": 2, "percent": NaN}]', agent.id))

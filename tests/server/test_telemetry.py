@@ -166,6 +166,10 @@ def test_history_is_pruned_by_the_periodic_job(own_server):
     assert [p["cpu"] for p in client.agent_telemetry(agent.id)] == [1, 2, 3]
     eng = create_engine(srv.db_url)
     try:
+        def written():   # the chart shows the batch at once; it is written within --contact-flush-s
+            with eng.connect() as conn:
+                return conn.execute(text("SELECT count(*) FROM telemetry_history")).scalar() == 3
+        poll_for(written, timeout=10, what="the contact batch written")
         with eng.begin() as conn:   # two hours ago: only the minute's first point stays
             conn.execute(text("UPDATE telemetry_history SET ts = ts - 7200"))
         poll_for(lambda: [p["cpu"] for p in client.agent_telemetry(agent.id)] == [1], timeout=20,
@@ -222,3 +226,45 @@ def test_nodes_list_is_paged_summarised_and_answers_304_when_unchanged(own_serve
     assert raw.headers.get("content-encoding") == "gzip" and "Accept-Encoding" in raw.headers["vary"]
     assert admin.get(url, params={"cursor": "x"}, timeout=10).status_code == 400
     assert admin.get(url, params={"limit": 0}, timeout=10).status_code in (400, 422)
+
+
+def test_a_read_shows_the_unwritten_batch_writes_nothing_and_answers_the_same_once_written(own_server):
+    """The nodes list, a node's page and its chart show what this process holds and has not
+    written yet (server/contact.py, `shown()`), and the read writes none of it: the console
+    costs the fleet a read. Once the batch is written, every answer is the same."""
+    from sqlalchemy import create_engine
+    import threading
+    srv, client, node = own_server("--offline-after-s", "900", "--contact-flush-s", "90", "--telemetry-min-gap-s", "0")
+    client.create_agent("never seen")
+    gpus = [{"index": i, "name": "A100", "utilization": 10 * i, "memory_total": 4, "memory_used": 1} for i in range(2)]
+    for cpu in (7, 8):
+        assert node.post("/agent/v1/telemetry", json={"cpu": cpu, "gpus": gpus}).status_code == 200
+    poll = threading.Thread(target=node.poll, kwargs={"wait": 4})   # a long-poll open on this process
+    poll.start()
+    admin, url = srv.admin(), f"{srv.url}/api/v1/agents"
+
+    def answers():
+        return (admin.get(url, timeout=10).json(), admin.get(f"{url}/{node.id}", timeout=10).json(),
+                admin.get(f"{url}/{node.id}/telemetry", timeout=10).json())
+    eng = create_engine(srv.db_url)
+    try:
+        poll_for(lambda: answers()[1]["polls_open"] == 1, timeout=5, what="the open poll shown")
+        listed, page, chart = answers()
+        assert listed["summary"] == {"nodes": 2, "online": 1, "offline": 1, "gpus_total": 2, "gpus_free": 2,
+                                     "tasks_running": 0}
+        [row] = [a for a in listed["items"] if a["id"] == node.id]
+        assert row["status"] == "online" and row["telemetry"]["cpu"] == {"percent": 8} and row["polls_open"] == 1
+        assert page["telemetry"] == row["telemetry"] and page["last_seen"] == row["last_seen"] is not None
+        assert [p["cpu"] for p in chart["items"]] == [7, 8] and len(chart["gpus"]) == 2
+        with eng.connect() as conn:   # the reads wrote nothing
+            assert conn.execute(text("SELECT count(*) FROM telemetry_latest")).scalar() == 0
+            assert conn.execute(text("SELECT count(*) FROM telemetry_history")).scalar() == 0
+            assert conn.execute(text("SELECT count(*) FROM polls")).scalar() == 0
+        assert admin.get(f"{srv.url}/metrics", timeout=10).status_code == 200   # /metrics writes the batch
+        with eng.connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM telemetry_history")).scalar() == 2
+            assert conn.execute(text("SELECT count(*) FROM polls")).scalar() == 1
+        assert answers() == (listed, page, chart)
+    finally:
+        poll.join()
+        eng.dispose()
