@@ -537,23 +537,14 @@ def main(argv=None) -> None:
         data = Path(tmp) / "data"
         db_url, drop, db_label = None, None, "sqlite"
         if args.db != "sqlite":
-            base = args.db
-            if base == "pg":
-                # A cluster of its own, durable (fsync on), unlike the tests' (SLY_PG_FAST=1).
-                env = dict(os.environ, SLY_PG_PORT=os.environ.get("SLY_PG_PORT", "55433"), SLY_PG_FAST="0")
-                base = subprocess.run(["bash", str(REPO / ".ci/pg-up.sh")], check=True, capture_output=True,
-                                      text=True, env=env).stdout.strip()
+            base = bench_cluster() if args.db == "pg" else args.db
             name = f"sly_bench_{os.getpid()}"
             db_url, drop, db_label = pg_database(base, name), (base, name), "postgresql"
         servers: list[ServerProcess] = []
         try:
             extra = (["--db", db_url] if db_url else []) + args.server_arg + ["--log-level", "warning"]
-            token = None
-            for _ in range(args.replicas):
-                s = ServerProcess(data, port=free_port(), extra_args=extra)
-                token = token or s.admin_token
-                s.admin_token = token                    # the replicas share one admin token
-                servers.append(s.start(timeout=60))
+            start_replicas(servers, data, args.replicas, extra)
+            token = servers[0].admin_token
             print(f"{len(servers)} server(s) up ({db_label}); ulimit -n {nofile}", file=sys.stderr)
             pg = postmaster(db_url) if db_url else None
             r = run_loop(run(args, [s.url for s in servers], token, servers, pg))
@@ -561,14 +552,37 @@ def main(argv=None) -> None:
             if args.json:
                 Path(args.json).write_text(json.dumps(out, indent=1))
         finally:
-            for s in servers:
-                s.stop()
-                log = s.log_path.read_text(errors="replace") if s.log_path.exists() else ""
-                if "Traceback" in log or " ERROR " in log or " CRITICAL " in log:
-                    print(f"--- server {s.port} logged errors; its log's end:\n" + "\n".join(log.splitlines()[-40:]),
-                          file=sys.stderr)
+            stop_servers(servers)
             if drop:
                 pg_database(drop[0], drop[1], drop=True)
+
+
+def bench_cluster() -> str:
+    """The benchmarks' PostgreSQL cluster (.ci/pg-up.sh on SLY_PG_PORT, default 55433), durable
+    (fsync on), unlike the tests' (SLY_PG_FAST=1); its URL."""
+    env = dict(os.environ, SLY_PG_PORT=os.environ.get("SLY_PG_PORT", "55433"), SLY_PG_FAST="0")
+    return subprocess.run(["bash", str(REPO / ".ci/pg-up.sh")], check=True, capture_output=True,
+                          text=True, env=env).stdout.strip()
+
+
+def start_replicas(servers: list, data: Path, n: int, extra: list[str]) -> None:
+    """Start `n` server processes on one data dir and `extra` arguments, sharing one admin token;
+    each is appended to `servers` once up (so that the caller stops what did start)."""
+    for _ in range(n):
+        s = ServerProcess(data, port=free_port(), extra_args=extra)
+        if servers:
+            s.admin_token = servers[0].admin_token
+        servers.append(s.start(timeout=60))
+
+
+def stop_servers(servers: list) -> None:
+    """Stop them; print the end of the log of any that logged an error."""
+    for s in servers:
+        s.stop()
+        log = s.log_path.read_text(errors="replace") if s.log_path.exists() else ""
+        if "Traceback" in log or " ERROR " in log or " CRITICAL " in log:
+            print(f"--- server {s.port} logged errors; its log's end:\n" + "\n".join(log.splitlines()[-40:]),
+                  file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -209,10 +209,10 @@ def main() -> None:
     finally:
         srv.stop()
 
-    base50, base99 = statistics.median(rtt), pct(rtt, 99)
+    base50 = statistics.median(rtt)
     print(f"\n## pickup over the long-poll ({args.tasks} tasks, loopback)\n")
-    print(f"| what | p50 | p99 | p50 / baseline p50 |")
-    print(f"|---|---|---|---|")
+    print("| what | p50 | p99 | p50 / baseline p50 |")
+    print("|---|---|---|---|")
     for name, xs in rows:
         print(f"| {name} | {ms(statistics.median(xs))} | {ms(pct(xs, 99))} | {statistics.median(xs) / base50:.2f}x |")
     if idle_info:

@@ -44,7 +44,6 @@ import asyncio
 import json
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -55,9 +54,9 @@ import aiohttp
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.bench_fleet import SYSTEM_INFO, pct, pg_database, run_loop  # noqa: E402
+from bench.bench_fleet import (SYSTEM_INFO, bench_cluster, pct, pg_database, run_loop,  # noqa: E402
+                               start_replicas, stop_servers)
 from protocol import endpoints as ep  # noqa: E402
-from tests.support.procs import free_port  # noqa: E402
 from tests.support.server import ServerProcess  # noqa: E402
 
 KINDS = ("task", "stop", "log line")
@@ -339,11 +338,7 @@ def main(argv=None) -> None:
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
 
-    base = args.db
-    if base == "pg":
-        env = dict(os.environ, SLY_PG_PORT=os.environ.get("SLY_PG_PORT", "55433"), SLY_PG_FAST="0")
-        base = subprocess.run(["bash", str(REPO / ".ci/pg-up.sh")], check=True, capture_output=True,
-                              text=True, env=env).stdout.strip()
+    base = bench_cluster() if args.db == "pg" else args.db
     if not base.startswith("postgresql"):
         ap.error("--db must be pg or a postgresql URL: replicas share a PostgreSQL database")
     name = f"sly_bench_wake_{os.getpid()}"
@@ -354,11 +349,7 @@ def main(argv=None) -> None:
             data = Path(tmp) / "data"
             extra = ["--db", db_url, "--log-level", "warning"] + args.server_arg
             try:
-                for _ in range(2):
-                    s = ServerProcess(data, port=free_port(), extra_args=extra)
-                    if servers:
-                        s.admin_token = servers[0].admin_token      # the replicas share one admin token
-                    servers.append(s.start(timeout=60))
+                start_replicas(servers, data, 2, extra)
                 a, b = servers
                 print(f"replicas up: A {a.url}, B {b.url}", file=sys.stderr)
                 r = run_loop(run(args, a.url, b.url, a.admin_token))
@@ -366,12 +357,7 @@ def main(argv=None) -> None:
                 if args.json:
                     Path(args.json).write_text(json.dumps(out, indent=1))
             finally:
-                for s in servers:
-                    s.stop()
-                    log = s.log_path.read_text(errors="replace") if s.log_path.exists() else ""
-                    if "Traceback" in log or " ERROR " in log or " CRITICAL " in log:
-                        print(f"--- server {s.port} logged errors; its log's end:\n"
-                              + "\n".join(log.splitlines()[-40:]), file=sys.stderr)
+                stop_servers(servers)
     finally:
         pg_database(base, name, drop=True)
 
