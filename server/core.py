@@ -12,10 +12,10 @@ recorded in memory and written in batches (`server.contact`).
 A node's token is looked up once, then its agent row is kept in memory (`agent_of`): every
 change of an agent row (rename, allowed types, token rotation, removal) sends the agent's ROW
 key once it commits, here and through NOTIFY on every replica, and that drops the row from
-every replica's cache. A new task or a stop wakes the agent without dropping its row. `AGENT_CACHE_S` bounds how
-long a row may be kept if a notification were lost (a replica's listener reconnecting also drops
-them all); it is long, since reloading every node's row that often would be a steady read load
-of its own (2,000 nodes: 7 reads a second).
+every replica's cache. A new task or a stop wakes the agent without dropping its row.
+`AGENT_CACHE_S` bounds how long a row may be kept if a notification were lost (a replica's
+listener reconnecting also drops them all); it is long, since reloading every node's row that
+often would be a steady read load of its own (2,000 nodes: 7 reads a second).
 """
 from __future__ import annotations
 

@@ -186,10 +186,10 @@ async def read_agent(agent_id: RowId, request: Request):
 
 
 def _read_one(core, agent_id: int, conn=None) -> dict:
-    shown = core.contacts.shown()   # before the read: a batch written meanwhile is in one or both
     if conn is None:
         with core.engine.connect() as conn:
             return _read_one(core, agent_id, conn)
+    shown = core.contacts.shown()   # before the reads: a batch written meanwhile is in one or both
     now = time.time()
     row = agent_row(conn, agent_id)
     counts = _running_counts(conn, [agent_id])

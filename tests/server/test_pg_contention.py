@@ -175,3 +175,19 @@ def test_a_sender_that_lost_its_connection_sends_the_pending_keys_when_back(pg_e
     finally:
         listener.close()
     assert keys == {"t:1", "t:2"}
+
+
+def test_without_a_server_loop_the_changing_transaction_notifies_at_its_commit(pg_engine):
+    """A command-line tool has no loop and no sender: its transaction notifies, at its commit."""
+    w = Wakeups(pg_engine)
+    listener = _Listener(pg_engine)
+    try:
+        with w.transaction() as conn:
+            changer = conn.execute(text("SELECT pg_backend_pid()")).scalar()
+            for i in range(1000):                        # past one payload's limit: several notifications
+                w.notify(conn, TASK, 10_000 + i)
+        heard = listener.heard(2)
+    finally:
+        listener.close()
+    assert {pid for pid, _ in heard} == {changer} and len(heard) >= 2
+    assert {item for _, p in heard for item in p.split()[1:]} == {f"t:{10_000 + i}" for i in range(1000)}
