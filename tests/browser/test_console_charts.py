@@ -234,8 +234,12 @@ def test_remove_stale_nodes_deletes_only_offline_nodes_older_than_the_threshold(
         body = admin.post(srv.url + "/api/v1/agents", json={"name": name}, timeout=10).json()
         if connect:
             FakeAgent(srv.url, body["token"]).connect()
-            # A read writes the server's contact batch now, so the aging below is not overwritten by it.
-            admin.get(f"{srv.url}/api/v1/agents/{body['id']}", timeout=10).raise_for_status()
+            # The contact goes to the database with the server's next batch (--contact-flush-s, 1 s):
+            # wait for it, so that the aging below is not overwritten by it.
+            def written():
+                with sqlite3.connect(db_path, timeout=10) as db:
+                    return db.execute("SELECT last_seen FROM agents WHERE id = ?", (body["id"],)).fetchone()[0]
+            poll_for(written, timeout=10, what=f"{name}'s contact written")
         return body["id"]
 
     old = add("gone-10-days", True)
