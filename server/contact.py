@@ -259,8 +259,9 @@ class Shown:
     polls: Counter = field(default_factory=Counter)           # agent id -> long-polls open on this process
 
     def last_seen(self, agent_id: int, stored: float | None) -> float | None:
+        """The newer of the stored contact and this process's unwritten one."""
         here = self.seen.get(agent_id)
-        return stored if here is None or (stored is not None and stored >= here) else here
+        return stored if here is None else here if stored is None else max(stored, here)
 
     def latest_of(self, agent_id: int, stored):
         """The node's telemetry_latest row: this process's unwritten one, else the stored one."""

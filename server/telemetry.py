@@ -174,25 +174,25 @@ def prune(conn, settings, now: float) -> int:
     return n
 
 
-def history(conn, agent_id: int, since: float | None = None, shown=None) -> dict:
-    """The node's points, oldest first (after `since` when given), with the names of their series.
-    `shown`: what this process holds and has not written yet (server/contact.py), added."""
+def history(conn, agent_id: int, since: float | None, shown) -> dict:
+    """The node's points, oldest first (after `since` when given), with the names of their series;
+    `shown`: what this process holds and has not written yet (server/contact.py), on top."""
     h = db.telemetry_history.c
     q = select(h.ts, h.cpu, h.mem, h.disks, h.gpus).where(h.agent_id == agent_id)
     if since is not None:
         q = q.where(h.ts > since)
     points = {ts: (cpu, mem, disks, gpus) for ts, cpu, mem, disks, gpus in conn.execute(q)}
-    lt = db.telemetry_latest.c
-    row = conn.execute(select(lt.disks, lt.gpus).where(lt.agent_id == agent_id)).first()
-    if shown is not None:
-        for p in shown.points_of(agent_id, since):     # one written meanwhile is in both: kept once
-            points.setdefault(p["ts"], (p["cpu"], p["mem"], p["disks"], p["gpus"]))
-        row = shown.latest_of(agent_id, row)
-        if isinstance(row, dict):
-            row = (row["disks"], row["gpus"])
+    for p in shown.points_of(agent_id, since):     # one written meanwhile is in both: kept once
+        points.setdefault(p["ts"], (p["cpu"], p["mem"], p["disks"], p["gpus"]))
     items = [{"ts": ts, "cpu": cpu, "mem": mem, "disks": disks or [], "gpus": gpus or []}
              for ts, (cpu, mem, disks, gpus) in sorted(points.items())]
-    disks, gpus = (row if row is not None else ([], []))
+    latest = shown.latest.get(agent_id)
+    if latest is not None:             # the series' names from the unwritten sample: no read
+        disks, gpus = latest["disks"], latest["gpus"]
+    else:
+        lt = db.telemetry_latest.c
+        row = conn.execute(select(lt.disks, lt.gpus).where(lt.agent_id == agent_id)).first()
+        disks, gpus = row if row is not None else ([], [])
     return {"items": items, "next": None,
             "disks": [d.get("path", "disk") for d in disks or []],
             "gpus": [{"index": g.get("index", i), "name": g.get("name") or f"GPU {g.get('index', i)}"}
