@@ -30,6 +30,7 @@ import requests
 
 from client import download, sly_format, upload
 from client.api import UserClient
+from client.term import safe
 from protocol.errors import APIError
 from protocol.tasks import TASK_TYPES
 
@@ -82,7 +83,7 @@ def types_arg(s: str) -> list[str]:
 
 
 def table(rows: list[list], header: list[str]) -> str:
-    rows = [[("" if c is None else str(c)) for c in r] for r in rows]
+    rows = [[safe(c) for c in r] for r in rows]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return "\n".join([fmt.format(*header)] + [fmt.format(*r) for r in rows])
@@ -107,7 +108,7 @@ def fmt_ts(ts) -> str:
 # --- commands: each takes (client, args) and returns an exit status ---
 
 def show_token(answer: dict) -> None:
-    print(f"node {answer['id']} {answer.get('name', '')}")
+    print(f"node {answer['id']} {safe(answer.get('name'))}")
     print(f"token: {answer['token']}   (shown only now)")
     rc = answer.get("run_command")
     for label, cmd in (rc.items() if isinstance(rc, dict) else [("run", rc)] if rc else []):
@@ -140,7 +141,7 @@ def nodes_edit(c: UserClient, a) -> int:
     if a.name is None and a.types is None:
         raise SystemExit("error: nothing to change (give --name and/or --types)")
     x = c.patch_agent(a.id, name=a.name, allowed_task_types=a.types)
-    print(json.dumps(x) if a.json else f"node {x['id']} {x['name']}: {','.join(x.get('allowed_task_types') or [])}")
+    print(json.dumps(x) if a.json else f"node {x['id']} {safe(x['name'])}: {safe(','.join(x.get('allowed_task_types') or []))}")
     return 0
 
 
@@ -175,7 +176,7 @@ def upload_dir(c: UserClient, a, kind: str) -> int:
             bar.close()
     count = sum(len(d.get("items") or []) for d in x.get("datasets") or []) if kind == "project" \
         else len(x.get("files") or [])
-    print(json.dumps(x) if a.json else f"{kind} {x['id']} {x.get('name', '')}: {count} files")
+    print(json.dumps(x) if a.json else f"{kind} {x['id']} {safe(x.get('name'))}: {count} files")
     return 0
 
 
@@ -190,7 +191,7 @@ def download_dir(c: UserClient, a, kind: str) -> int:
         if bar:
             bar.close()
     count = sum(len(d["items"]) for d in x["datasets"]) if kind == "project" else len(x.get("files") or [])
-    print(json.dumps(x) if a.json else f"{kind} {x['id']} {x.get('name', '')}: {count} files -> {x['dir']}")
+    print(json.dumps(x) if a.json else f"{kind} {x['id']} {safe(x.get('name'))}: {count} files -> {safe(x['dir'])}")
     return 0
 
 
@@ -219,7 +220,7 @@ def tasks_submit(c: UserClient, a) -> int:
                  if v is not None} or None
     t = c.create_task(a.node, a.type, a.image, command=a.command, config=config, project_id=a.project,
                       model_id=a.model, resources=resources, timeout_s=a.timeout)
-    print(json.dumps(t) if a.json else f"task {t['id']} {t['state']}")
+    print(json.dumps(t) if a.json else f"task {t['id']} {safe(t['state'])}")
     return 0
 
 
@@ -245,18 +246,18 @@ def tasks_logs(c: UserClient, a) -> int:
         stream = line.get("stream", "stdout")
         level = line.get("level", "info")
         tag = ("" if stream == "stdout" else f"[{stream}] ") + ("" if level == "info" else f"{level.upper()}: ")
-        print(f"{fmt_ts(line.get('ts'))} {tag}{line.get('message', '')}", flush=True)
+        print(safe(f"{fmt_ts(line.get('ts'))} {tag}{line.get('message', '')}"), flush=True)
     if not a.follow:
         return 0
     t = c.get_task(a.id)
     extra = f" exit_code={t['exit_code']}" if t.get("exit_code") is not None else ""
-    print(f"task {a.id} {t['state']}{extra}" + (f": {t['error']}" if t.get("error") else ""), file=sys.stderr)
+    print(safe(f"task {a.id} {t['state']}{extra}" + (f": {t['error']}" if t.get("error") else "")), file=sys.stderr)
     return 0 if t["state"] == "finished" else 1
 
 
 def tasks_stop(c: UserClient, a) -> int:
     t = c.stop_task(a.id)
-    print(json.dumps(t) if a.json else f"task {a.id}: stop requested ({t.get('state', '')})")
+    print(json.dumps(t) if a.json else f"task {a.id}: stop requested ({safe(t.get('state'))})")
     return 0
 
 
@@ -360,10 +361,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(client, args)
     except APIError as e:
-        print(f"error: {e.status} {e.code}: {e.detail}", file=sys.stderr)
+        print(safe(f"error: {e.status} {e.code}: {e.detail}"), file=sys.stderr)
         return 1
     except (upload.NotAFolder, sly_format.BadProject, download.DownloadError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(safe(f"error: {e}"), file=sys.stderr)
         return 1
     except requests.ConnectionError:
         print(f"error: no answer from {args.server}", file=sys.stderr)

@@ -41,7 +41,7 @@ async def sign_out(request: Request, response: Response):
 async def new_signin_link(request: Request):
     """A one-time console sign-in link (`path`, relative to the server) valid until `expires_at`."""
     core = core_of(request)
-    token, expires = await core.run(create_link, core.engine)
+    token, expires = await core.run(create_link, core.engine, core.admin_token)
     return {"path": endpoints.path(endpoints.SIGNIN_LINK, token=token), "expires_at": expires}
 
 
@@ -52,7 +52,7 @@ async def spend_signin_link(token: str, request: Request):
     headers = {"cache-control": "no-store", "referrer-policy": "no-referrer"}
 
     def spend() -> str | None:
-        return core.sessions.create() if spend_link(core.engine, token) else None
+        return core.sessions.create() if spend_link(core.engine, core.admin_token, token) else None
     sid = await core.run(spend)
     if sid is None:
         return RedirectResponse("/signin", status_code=303, headers=headers)

@@ -9,7 +9,7 @@ import sqlite3
 
 import requests
 
-from server.signin_links import spend_link
+from server.signin_links import create_link, spend_link
 
 
 def _link(server) -> str:
@@ -63,7 +63,31 @@ def test_unknown_expired_and_cookie_forms_are_refused(own_server):
 
 
 def test_spend_link_ignores_empty_and_oversized_tokens():
-    assert spend_link(None, "") is False and spend_link(None, "a" * 129) is False
+    assert spend_link(None, "k" * 32, "") is False and spend_link(None, "k" * 32, "a" * 129) is False
+
+
+def test_an_unspent_link_dies_with_the_admin_token_that_made_it(engine):
+    """A link is keyed by the admin token: after the token changes, a link made before (and not yet
+    spent) no longer signs anyone in, as sessions made before do not."""
+    old, new = "O" * 32, "N" * 32
+    token, _ = create_link(engine, old)
+    assert spend_link(engine, new, token) is False, "a link made under the old admin token still works"
+    assert spend_link(engine, old, token) is True      # it was only refused, not spent
+    assert spend_link(engine, old, token) is False     # once
+
+
+@pytest.mark.slow
+def test_a_link_survives_a_restart_but_not_an_admin_token_change(fresh_server):
+    srv = fresh_server
+    kept, dropped = _link(srv), _link(srv)
+    srv.stop()
+    srv.start()
+    assert requests.get(kept, allow_redirects=False).headers["location"] == "/nodes"
+    srv.stop()
+    srv.admin_token = "N" * 40
+    srv.start()
+    r = requests.get(dropped, allow_redirects=False)
+    assert r.headers["location"] == "/signin" and "set-cookie" not in r.headers
 
 
 def test_run_command_uses_host_network_and_names_no_path_by_the_token(server, client):
