@@ -10,7 +10,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from alembic import command
+# Alembic names each of its built-in plugins at INFO as it imports them: seven lines of noise
+# before the server's own at every start. Set before the import below.
+logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+
+from alembic import command  # noqa: E402
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
