@@ -1,6 +1,6 @@
 """Command-line client of the server's user API: `sly [--server URL] [--token T] ...`.
 
-Also runs as `python -m client` and `python -m server.cli`.
+Also runs as `python -m client`.
 
     nodes add NAME [--types train,custom]      create a node; prints its token (once) and run commands
     nodes list | nodes edit ID [--name N] [--types T,...] | nodes rotate ID | nodes delete ID

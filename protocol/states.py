@@ -24,7 +24,6 @@ Q, A, P, R, U = TaskState.QUEUED, TaskState.ASSIGNED, TaskState.PREPARING, TaskS
 FINAL = frozenset({TaskState.FINISHED, TaskState.FAILED, TaskState.STOPPED, TaskState.LOST})
 # A task in one of these is leased to its agent (handed out, not final).
 LEASED = frozenset({A, P, R, U})
-ACTIVE = LEASED
 
 # target state -> the states it may be entered from.
 EDGES: dict[TaskState, frozenset[TaskState]] = {

@@ -1,17 +1,8 @@
 """Task types, log streams and log levels."""
 from __future__ import annotations
 
-import enum
-
-
-class TaskType(str, enum.Enum):
-    TRAIN = "train"
-    INFERENCE = "inference"
-    CUSTOM = "custom"
-    CLEANUP = "cleanup"        # agent-side cache and task-dir cleanup, no container
-
-
-TASK_TYPES: tuple[str, ...] = tuple(t.value for t in TaskType)
+# `cleanup`: the agent's cache and task-dir cleanup, run in the task process, no container.
+TASK_TYPES: tuple[str, ...] = ("train", "inference", "custom", "cleanup")
 # Types that run a container (the rest run inside the agent's task process).
 CONTAINER_TYPES = frozenset({"train", "inference", "custom"})
 # A train/inference task without a command runs the real Supervisely agent's entry point.

@@ -95,7 +95,7 @@ def test_cli_deletes_a_task_and_says_what_it_kept(server, client, make_agent):
     env = dict(os.environ, SLY_SERVER=server.url, SLY_ADMIN_TOKEN=server.admin_token)
 
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "server.cli", *args], cwd=REPO, env=env,
+        return subprocess.run([sys.executable, "-m", "client", *args], cwd=REPO, env=env,
                               capture_output=True, text=True, timeout=60)
     p = cli("tasks", "delete", str(done["id"]))
     assert p.returncode == 0, p.stderr
