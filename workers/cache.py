@@ -1,15 +1,18 @@
-"""The content-addressed cache under storage/: where a blob lives, its record, last use, eviction.
+"""The content-addressed cache under storage/: where a blob lives, storing it, handing it to a task, eviction.
 
     storage/images/<h[0:2]>/<h[2:5]>/<h><.ext>    one file per blob (h = its sha256)
     storage/models/<h[0:2]>/<h[2:5]>/<h>/...      one folder per model (h = the model's hash)
     storage/records/images/...  records/models/...  one record per cached file, same relative path
 
-Cached files are read-only (0444) and are only ever hard-linked into a task's data/ and model/,
-which the container gets read-only; results are copied into the cache, never linked. A file's
-record (`{sha256, size, mtime_ns, ino, dev}`, written when it was stored) is checked before the
-file is reused: a file whose size, mtime, inode or mode differ, or that has no record, is
-treated as missing and fetched again into a new inode (a task dir still linking the old one
-keeps it). Records are written under the blob's fetch lock, after the file is in place.
+A blob is stored once: fetched into tmp/<sha>.part under its own lock file (`blob_lock`, so two
+tasks needing it at the same moment fetch it once, with no lock shared by anything else), then
+made read-only, renamed into place and recorded (`store_blob`). Cached files are read-only (0444)
+and are only ever hard-linked (copied across filesystems) into a task's data/ and model/, which
+the container gets read-only (`link_to_task`); results are copied into the cache, never linked.
+A file's record (`{sha256, size, mtime_ns, ino, dev}`, written when it was stored) is checked
+before the file is reused: a file whose size, mtime, inode or mode differ, or that has no record,
+is treated as missing and fetched again into a new inode (a task dir still linking the old one
+keeps it).
 
 A cache entry's last use is the mtime of its record (an image) or of its folder (a model),
 touched each time it is linked into a task dir; the file's own mtime is part of its record and
@@ -18,6 +21,9 @@ copies) in the task dir, so the bytes stay until the task dir goes.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -87,6 +93,81 @@ def verify(config: Config, path: Path, sha: str, size: int | None = None) -> boo
             and rec.get("sha256") == sha and st.st_size == rec.get("size")
             and (size is None or st.st_size == size)
             and st.st_mtime_ns == rec.get("mtime_ns") and st.st_ino == rec.get("ino") and st.st_dev == rec.get("dev"))
+
+
+def entry_of(config: Config, path: Path) -> Path:
+    """The cache entry a cached file belongs to: itself, or its model's folder."""
+    try:
+        rel = path.relative_to(config.models_dir)
+    except ValueError:
+        return path
+    return config.models_dir.joinpath(*rel.parts[:3])
+
+
+def part_path(config: Config, sha: str) -> Path:
+    """Where blob `sha` is fetched to (kept across tries, so a fetch resumes) before `store_blob`."""
+    return config.tmp_dir / f"{sha}.part"
+
+
+def _lock_path(config: Config, sha: str) -> Path:
+    return config.tmp_dir / f"{sha}.lock"
+
+
+@contextlib.contextmanager
+def blob_lock(config: Config, sha: str):
+    """Hold blob `sha`'s fetch lock; check `verify` once inside, another task may have stored it."""
+    lock_path = _lock_path(config, sha)
+    try:
+        lock_fd = os.open(lock_path, os.O_WRONLY | os.O_CREAT, 0o600)
+    except FileNotFoundError:
+        config.tmp_dir.mkdir(parents=True, exist_ok=True)
+        lock_fd = os.open(lock_path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(lock_fd)
+
+
+def store_blob(config: Config, part: Path, final: Path, sha: str) -> None:
+    """Under `blob_lock(sha)`: the verified download `part` becomes the cached file `final`."""
+    os.chmod(part, 0o444)
+    try:
+        os.replace(part, final)     # a new inode: task dirs linking a changed one keep theirs
+    except FileNotFoundError:       # its folder is new, or was evicted by another task meanwhile
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(part, final)
+    write_record(config, final, sha)
+    # Whoever waits on this lock finds the blob in place; a newcomer makes a new lock file.
+    _lock_path(config, sha).unlink(missing_ok=True)
+
+
+def link_to_task(config: Config, path: Path, dest: Path, touched: set, made_dirs: set | None = None) -> None:
+    """Give a task the cached file at `path` at `dest`; its entry is marked used once per `touched`."""
+    entry = entry_of(config, path)
+    if entry not in touched:
+        touch(config, entry)
+        touched.add(entry)
+    link_into(path, dest, made_dirs)
+
+
+def link_into(src: Path, dest: Path, made_dirs: set | None = None) -> None:
+    """Hard link src at dest (replacing what is there); copy when they are on different filesystems."""
+    parent = dest.parent
+    if made_dirs is None or parent not in made_dirs:
+        parent.mkdir(parents=True, exist_ok=True)
+        if made_dirs is not None:
+            made_dirs.add(parent)
+    try:
+        os.link(src, dest)
+    except FileExistsError:
+        os.unlink(dest)
+        os.link(src, dest)
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+            raise
+        shutil.copyfile(src, dest)
+        os.chmod(dest, 0o444)
 
 
 def touch(config: Config, entry: Path) -> None:
@@ -198,7 +279,7 @@ def ensure_space(config: Config, need_bytes: int = 0, log=None, keep: set | None
     return {"evicted": evicted, "freed_bytes": freed}
 
 
-def store_model(config: Config, files, chunk: int = 1 << 20) -> tuple[str, list[dict], Path]:
+def store_model(config: Config, files, chunk: int = 1 << 20, charge=None) -> tuple[str, list[dict], Path]:
     """Copy (relative path, open binary file) pairs into the cache as one model entry (each
     file is closed once copied).
 
@@ -215,6 +296,8 @@ def store_model(config: Config, files, chunk: int = 1 << 20) -> tuple[str, list[
             size = 0
             with f, open(dest, "xb") as out:
                 while b := f.read(chunk):
+                    if charge is not None:
+                        charge(len(b))
                     h.update(b)
                     out.write(b)
                     size += len(b)

@@ -19,10 +19,13 @@ import requests
 
 from workers import cache
 from workers.base import Outcome
-from workers.container import (LABEL_AGENT, LABEL_TASK, LogPump, docker_client, ensure_image, find_container,
-                               kill_container, remove_container, spawn_container, stop_container)
+from workers.container import (docker_client, find_container, kill_container, remove_container, spawn_container,
+                               stop_container)
+from workers.container_spec import LABEL_AGENT, LABEL_TASK
 from workers.downloads import Downloader, plan, write_project_files
 from workers.errors import StopRequested, TaskError
+from workers.image_pull import ensure_image
+from workers.log_pump import LogPump
 from workers.results import CHECKPOINTS_FILE, CheckpointUploader
 
 TAIL_IN_ERROR = 10

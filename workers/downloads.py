@@ -1,24 +1,14 @@
-"""Fetch a task's project and model into the cache, then lay them out in the task dir.
-
-Each blob is fetched once: into tmp/<sha>.part (resumed with Range after an interruption),
-verified against its sha256, made read-only, renamed atomically into storage/ and recorded
-(workers/cache.py), then hard-linked (copied across filesystems) into the task dir, as the real
-Supervisely agent lays it out:
+"""A task's project and model files: planned from the task, fetched when the cache lacks them,
+laid out in the task dir as the real Supervisely agent lays it out:
 
     data/<project name>/meta.json, <ds>/img/<item>, <ds>/ann/<item>.json
     model/<path>                     the model's files at model/'s root
 
-Hard links go only under data/ and model/, which the container gets read-only. A cached file is
-reused only while it matches its record; otherwise it is fetched again. A per-blob lock file
-lets two tasks needing the same blob at the same moment fetch it once, with no lock shared by
-anything else.
+Every name from the server is path-checked here. Storing, verifying and linking cached files is
+workers/cache.py's: this module calls the cache, never the other way round.
 """
 from __future__ import annotations
 
-import errno
-import fcntl
-import os
-import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -142,25 +132,6 @@ def _sha(value, what) -> str:
         raise TaskError(f"{what}: {value!r} is not a sha256") from None
 
 
-def link_into(src: Path, dest: Path, made_dirs: set | None = None) -> None:
-    """Hard link src at dest (replacing what is there); copy when they are on different filesystems."""
-    parent = dest.parent
-    if made_dirs is None or parent not in made_dirs:
-        parent.mkdir(parents=True, exist_ok=True)
-        if made_dirs is not None:
-            made_dirs.add(parent)
-    try:
-        os.link(src, dest)
-    except FileExistsError:
-        os.unlink(dest)
-        os.link(src, dest)
-    except OSError as e:
-        if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
-            raise
-        shutil.copyfile(src, dest)
-        os.chmod(dest, 0o444)
-
-
 class Downloader:
     """Fetch the planned blobs of one task (bounded pool) and link them into its task dir."""
 
@@ -189,7 +160,7 @@ class Downloader:
                 if not ok and job.cache_path.exists():
                     changed.append(job.label)
             if ok:
-                keep.add(_entry_of(self.cfg, job.cache_path))
+                keep.add(cache.entry_of(self.cfg, job.cache_path))
             else:
                 missing.append(job)
         if changed:
@@ -206,19 +177,12 @@ class Downloader:
         missing_ids = {id(j) for j in missing}
         for job in jobs:
             if id(job) not in missing_ids:
-                self._link(job, touched)
+                cache.link_to_task(self.cfg, job.cache_path, job.dest, touched, self.made_dirs)
         self.done_files = cached
         if missing:
             self._fetch_all(missing, touched)
         self._report(force=True)
         return {"files": len(jobs), "cached": cached, "fetched": len(missing), "bytes": self.done_bytes}
-
-    def _link(self, job: Job, touched: set) -> None:
-        entry = _entry_of(self.cfg, job.cache_path)
-        if entry not in touched:
-            cache.touch(self.cfg, entry)
-            touched.add(entry)
-        link_into(job.cache_path, job.dest, self.made_dirs)
 
     def _fetch_all(self, missing: list[Job], touched: set) -> None:
         errors: list[BaseException] = []
@@ -232,14 +196,13 @@ class Downloader:
             try:
                 self.fetch(group[0])
                 for job in group:
-                    self._link(job, touched)
+                    cache.link_to_task(self.cfg, job.cache_path, job.dest, touched, self.made_dirs)
                 with self.lock:
                     self.done_files += len(group)
                 self._report()
             except BaseException as e:  # noqa: BLE001 - reported once, below
                 errors.append(e)
 
-        self.cfg.tmp_dir.mkdir(parents=True, exist_ok=True)
         with ThreadPoolExecutor(max_workers=max(1, self.cfg.download_workers), thread_name_prefix="dl") as pool:
             list(pool.map(work, by_blob.values()))
         if errors:
@@ -260,16 +223,8 @@ class Downloader:
     def fetch(self, job: Job) -> None:
         """Blob -> tmp -> verified -> cache path. Safe when another task fetches the same blob."""
         sha, final = job.sha, job.cache_path
-        tmp_dir = self.cfg.tmp_dir
-        part = tmp_dir / f"{sha}.part"
-        lock_path = tmp_dir / f"{sha}.lock"
-        try:
-            lock_fd = os.open(lock_path, os.O_WRONLY | os.O_CREAT, 0o600)
-        except FileNotFoundError:
-            tmp_dir.mkdir(parents=True, exist_ok=True)
-            lock_fd = os.open(lock_path, os.O_WRONLY | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+        part = cache.part_path(self.cfg, sha)
+        with cache.blob_lock(self.cfg, sha):
             if cache.verify(self.cfg, final, sha, job.size):
                 return                      # another task fetched it while we waited
             mismatches = 0
@@ -292,20 +247,7 @@ class Downloader:
                 if mismatches >= BLOB_TRIES:
                     raise TaskError(f"download of {job.label} failed: the server's bytes do not match "
                                     f"sha256 {sha} ({BLOB_TRIES} tries); nothing was cached")
-            if final.parent not in self.made_dirs:
-                final.parent.mkdir(parents=True, exist_ok=True)
-                self.made_dirs.add(final.parent)
-            os.chmod(part, 0o444)
-            try:
-                os.replace(part, final)     # a new inode: task dirs linking a changed one keep theirs
-            except FileNotFoundError:       # its folder was evicted by another task meanwhile
-                final.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(part, final)
-            cache.write_record(self.cfg, final, sha)
-            # Whoever waits on this lock finds the blob in place; a newcomer makes a new lock file.
-            lock_path.unlink(missing_ok=True)
-        finally:
-            os.close(lock_fd)
+            cache.store_blob(self.cfg, part, final, sha)
 
     def _download(self, sha: str, part: Path, size: int) -> str:
         """GET the blob into `part` (resuming what is there with Range); returns the file's sha256."""
@@ -319,11 +261,3 @@ class Downloader:
                 part.unlink(missing_ok=True)
             raise
 
-
-def _entry_of(cfg, path: Path) -> Path:
-    """The cache entry a cached file belongs to: itself, or its model's folder."""
-    try:
-        rel = path.relative_to(cfg.models_dir)
-    except ValueError:
-        return path
-    return cfg.models_dir.joinpath(*rel.parts[:3])

@@ -14,7 +14,7 @@ from node.config import ConfigError, Config, hashed_root_name, load_config
 from node.masking import Masker
 from protocol import logline
 from tests.security.conftest import tmpfs
-from workers.container import create_kwargs
+from workers.container_spec import create_kwargs
 from workers.errors import TaskError
 
 TOKEN = "Tok3n" + "x" * 27

@@ -8,7 +8,7 @@ import pytest
 from tests.agent.conftest import AgentProcess
 from tests.support.procs import poll_for
 from tests.workers.test_data import make_project
-from workers.container import container_name
+from workers.container_spec import container_name
 
 pytestmark = pytest.mark.docker
 

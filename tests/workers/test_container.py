@@ -7,7 +7,8 @@ import pytest
 
 from tests.support.procs import poll_for
 from workers import custom, docker_task
-from workers.container import LABEL_AGENT, LABEL_TASK, container_name, create_kwargs, find_container
+from workers.container import find_container
+from workers.container_spec import LABEL_AGENT, LABEL_TASK, container_name, create_kwargs
 from workers.logparse import MAX_LINE, SPLIT_MARKER
 
 pytestmark = pytest.mark.docker

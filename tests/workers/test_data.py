@@ -269,7 +269,7 @@ def test_link_into_copies_across_filesystems(tmp_path):
     """The task dir on another filesystem than the cache (a tmpfs here): the file is copied."""
     import subprocess
 
-    from workers.downloads import link_into
+    from workers.cache import link_into
     other_fs = tmp_path / "tmpfs"
     other_fs.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(other_fs)],
