@@ -23,6 +23,12 @@ through here: they are written before their request is answered.
 A write that fails (the database away) puts the batch back, newer values first, and is retried
 at the next flush: nothing is lost while the server runs, except, past `MAX_KEPT`, the oldest
 chart points.
+
+A write the database refuses for its data (a value out of its column's range: server/telemetry.py
+keeps every value within range, so this is the second line) never holds back the other nodes:
+the batch is halved by agent until the refused rows stand alone, a node's rows at most, and those
+are dropped (a warning names the agent; `sly_contact_rows_dropped_total` counts them) while the
+rest is written. A batch with one bad node among n costs about 2 log2(n) transactions, not n.
 """
 from __future__ import annotations
 
@@ -32,7 +38,9 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+from prometheus_client import Counter as Metric
 from sqlalchemy import bindparam, delete, or_, select, update
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
 
 from protocol.states import LEASED
@@ -62,6 +70,9 @@ class Contacts:
         self._inflight: tuple | None = None    # the batch a flush is writing now
         self.flushes = 0
         self.rows_written = 0
+        # Not in any registry here: Core registers it with its own (the one /metrics shows).
+        self.m_rows_dropped = Metric("sly_contact_rows_dropped", "Contact batch rows (contact, lease, telemetry, "
+                                     "poll) the database refused for their data, dropped", registry=None)
 
     # --- recording (any thread; cheap) ---
     def seen(self, agent_id: int, now: float | None = None) -> None:
@@ -146,16 +157,43 @@ class Contacts:
                 self._polls_new, self._polls_gone = {}, []
                 self._inflight = batch
             try:
-                n = self._write(*batch)
-            except Exception:
-                self._put_back(*batch)
-                raise
+                n = self._write_isolating(batch)
             finally:
                 with self._lock:
                     self._inflight = None
             self.flushes += 1
             self.rows_written += n
             return n
+
+    def _write_isolating(self, batch: tuple) -> int:
+        """Write `batch`; rows the database refuses for their data are dropped, an agent's at a
+        time, and the rest written (halving the batch by agent). Any other failure (the database
+        away, locked, a conflict) puts back what is not written yet and raises."""
+        parts, n = [batch], 0
+        while parts:
+            part = parts.pop()
+            try:
+                n += self._write(*part)
+            except Exception as e:
+                if not _refused_data(e):
+                    for p in (part, *parts):
+                        self._put_back(*p)
+                    raise
+                keys = _keys(part)
+                if len(keys) > 1:
+                    parts.extend(_split(part, keys))
+                else:
+                    self._drop(part, keys[0], e)
+        return n
+
+    def _drop(self, part: tuple, key: int | None, e: Exception) -> None:
+        rows = sum(len(x) for x in part)
+        self.m_rows_dropped.inc(rows)
+        why = str(getattr(e, "orig", None) or e).strip().splitlines()[:1]
+        # The rows' values are the node's; the message is the database's first line (no token is in either).
+        log.warning("contact batch: the database refused the rows of %s (%s: %s); %d row(s) dropped, the rest written",
+                    f"agent {key}" if key is not None else "closed polls", type(e).__name__,
+                    (why[0] if why else "")[:200], rows)
 
     def _put_back(self, seen, lease, latest, points, polls_new, polls_gone) -> None:
         with self._lock:
@@ -307,6 +345,37 @@ _PG_LATEST = _pg_insert(db.telemetry_latest, "ON CONFLICT (agent_id) DO UPDATE S
 _PG_HISTORY = _pg_insert(db.telemetry_history, "ON CONFLICT DO NOTHING")
 _PG_POLLS_NEW = _pg_insert(db.polls, "ON CONFLICT DO NOTHING")
 _PG_POLLS_GONE = "DELETE FROM polls WHERE id IN (SELECT json_array_elements_text(%s::json))"
+
+
+def _refused_data(e: Exception) -> bool:
+    """The database (or its driver, binding a value) refused a row's data; not an outage, a lock
+    or a conflict, which keep the batch for the next flush."""
+    if isinstance(e, sa_exc.StatementError) and not isinstance(e, sa_exc.DBAPIError):
+        e = e.orig    # a driver's bind error (sqlite3: "Python int too large to convert")
+    return isinstance(e, (sa_exc.DataError, sa_exc.IntegrityError, OverflowError, ValueError, TypeError))
+
+
+def _keys(batch: tuple) -> list:
+    """The agents with rows in `batch`, and None for its closed polls (which name no agent)."""
+    seen, lease, latest, points, polls_new, polls_gone = batch
+    ids = set(seen) | set(lease) | set(latest) | {p["agent_id"] for p in points} | {
+        r["agent_id"] for r in polls_new.values()}
+    return sorted(ids) + ([None] if polls_gone else [])
+
+
+def _split(batch: tuple, keys: list) -> list[tuple]:
+    """`batch` in two, by the first and second half of its `keys`."""
+    first = set(keys[:len(keys) // 2])
+    seen, lease, latest, points, polls_new, polls_gone = batch
+
+    def half(inside: bool) -> tuple:
+        return ({a: v for a, v in seen.items() if (a in first) == inside},
+                {a: v for a, v in lease.items() if (a in first) == inside},
+                {a: v for a, v in latest.items() if (a in first) == inside},
+                [p for p in points if (p["agent_id"] in first) == inside],
+                {i: r for i, r in polls_new.items() if (r["agent_id"] in first) == inside},
+                polls_gone if (None in first) == inside else [])
+    return [half(True), half(False)]
 
 
 def _newest(points: list[dict]) -> dict[int, float]:

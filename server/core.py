@@ -71,6 +71,7 @@ class Core:
         self.log_hub = LogHub(self)
         self.closing = False       # set at shutdown: long-polls and log followers answer now
         self.registry = CollectorRegistry()
+        self.registry.register(self.contacts.m_rows_dropped)
         self.m_agents_online = Gauge("sly_agents_online", "Agents seen within the offline window", registry=self.registry)
         self.m_agents = Gauge("sly_agents", "Agents registered", registry=self.registry)
         self.m_tasks = Gauge("sly_tasks", "Tasks by state", ["state"], registry=self.registry)

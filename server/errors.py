@@ -65,10 +65,16 @@ def install_error_handlers(app: FastAPI) -> None:
         errs = exc.errors()
         if any(e.get("type") == "json_invalid" for e in errs):
             return error_response(400, "malformed_json", "the request body is not valid JSON")
-        parts = []
-        for e in errs[:5]:
-            loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
-            parts.append(f"{loc or 'body'}: {e.get('msg', 'invalid')}")
+        # The user API's bodies refuse fields they do not know (server/schemas.py UserIn): most
+        # often a typo, said first and with its own code, whatever else is wrong.
+        unknown = [_where(e) for e in errs if e.get("type") == "extra_forbidden"]
+        if unknown:
+            others = [f"{_where(e)}: {e.get('msg', 'invalid')}" for e in errs if e.get("type") != "extra_forbidden"]
+            shown = ", ".join(unknown[:10]) + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
+            return error_response(400, "unknown_field", "; ".join([
+                f"unknown field(s) {shown}: the user API refuses fields it does not know (a typo?); "
+                "/openapi.json lists the known ones", *others[:5]]), fields=unknown[:10])
+        parts = [f"{_where(e)}: {e.get('msg', 'invalid')}" for e in errs[:5]]
         # A name refused as path-like keeps its own code (schemas.SafeName raises it).
         code = "bad_name" if errs and all(e.get("type") == "bad_name" for e in errs) else "invalid_request"
         return error_response(400, code, "; ".join(parts))
@@ -86,6 +92,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _internal(_req: Request, exc: Exception):
         return error_response(500, "internal", f"the server failed on this request ({type(exc).__name__})")
+
+
+def _where(e: dict) -> str:
+    """Where a validation error stands in the body (`datasets.0.name`), cut short: a field's name is the sender's."""
+    return ".".join(str(x)[:100] for x in e.get("loc", ()) if x != "body")[:300] or "body"
 
 
 def _template_re(*templates: str) -> re.Pattern:

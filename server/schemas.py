@@ -1,17 +1,25 @@
-"""Request bodies of protocol v1 (pydantic) and the checks on names, blob references and manifests."""
+"""Request bodies of protocol v1 (pydantic) and the checks on names, blob references and manifests.
+
+The user API's bodies (`UserIn`) refuse a field they do not know (400 `unknown_field`): a typo such
+as `projcet_id` would otherwise be dropped and the task run without it. The agent protocol's
+bodies ignore unknown fields, so an agent and a server of neighbouring versions still talk.
+Numbers are bounded by what their column holds (server/db.py: Integer is int4 on PostgreSQL).
+"""
 from __future__ import annotations
 
 import hashlib
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
-from server.strict import ID_MAX
+from server.strict import ID_MAX, INT64_MAX
 from protocol.errors import APIError
 
 MEMORY_RE = re.compile(r"^\d+(\.\d+)?[bkmgBKMG]?$")
+# C0, DEL and C1 controls: in a name they rewrite a terminal (the CLI's listings) or split a log line.
+CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 NAME_MAX = 255          # bytes of one path component (Linux NAME_MAX): an agent makes a directory of it
@@ -28,8 +36,10 @@ def _path_problem(p: str, single: bool) -> str | None:
     """Why `p` is not a safe relative name (None when it is)."""
     if not p:
         return "empty"
-    if "\x00" in p or "\\" in p:
-        return "NUL or backslash"
+    if "\\" in p:
+        return "backslash"
+    if CONTROL_RE.search(p):
+        return "a control character"
     if p.startswith("/"):
         return "absolute"
     if single and "/" in p:
@@ -45,15 +55,15 @@ def _path_problem(p: str, single: bool) -> str | None:
 def _safe_name(v: str) -> str:
     why = _path_problem(v, single=True)
     if why:
-        raise PydanticCustomError("bad_name", "{name!r} is not a safe name ({why})", {"name": v[:100], "why": why})
+        raise PydanticCustomError("bad_name", "{name} is not a safe name ({why})", {"name": repr(v[:100]), "why": why})
     return v
 
 
 def _safe_path(v: str) -> str:
     why = _path_problem(v, single=False)
     if why:
-        raise PydanticCustomError("bad_name", "{name!r} is not a safe relative path ({why})",
-                                  {"name": v[:100], "why": why})
+        raise PydanticCustomError("bad_name", "{name} is not a safe relative path ({why})",
+                                  {"name": repr(v[:100]), "why": why})
     return v
 
 
@@ -63,25 +73,44 @@ SafeName = Annotated[str, AfterValidator(_safe_name)]
 SafePath = Annotated[str, AfterValidator(_safe_path)]
 
 
+def _plain_name(v: str) -> str:
+    if CONTROL_RE.search(v):
+        raise PydanticCustomError("bad_name", "{name} holds a control character", {"name": repr(v[:100])})
+    return v
+
+
+# A name shown to people only (an agent's): any text but control characters.
+PlainName = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(_plain_name)]
+
+
 def check_relpath(p: str, what: str, single: bool = False) -> str:
     """A safe relative path (one component when `single`), else a 400 bad_name naming `what`."""
     why = _path_problem(p, single) if isinstance(p, str) else "not a string"
     if why:
         raise APIError(400, "bad_name", f"{what} {p!r} is not a safe relative name ({why}): no '..', '.', "
-                       f"empty parts, leading '/', backslash or NUL{', no /' if single else ''}")
+                       f"empty parts, leading '/', backslash or control characters{', no /' if single else ''}")
     return p
+
+
+class UserIn(BaseModel):
+    """A user-API body: an unknown field is refused (server/errors.py answers 400 unknown_field)."""
+    model_config = ConfigDict(extra="forbid")
+
+
+# Sizes are BigInteger columns (project_items.size) or JSON numbers: int64 either way.
+Size = Annotated[int, Field(ge=0, le=INT64_MAX)]
 
 
 class FileRef(BaseModel):
     path: str
     sha256: str
-    size: int = Field(ge=0)
+    size: Size
 
 
 class ItemRef(BaseModel):
     name: SafePath
     sha256: str
-    size: int = Field(ge=0)
+    size: Size
     ann: Any = None     # Supervisely annotation JSON, checked by server.sly_format (errors name the item)
 
 
@@ -90,28 +119,41 @@ class DatasetIn(BaseModel):
     items: list[ItemRef] = []
 
 
-class ProjectIn(BaseModel):
+# The user API's forms of the three above (the agent's results use the tolerant ones).
+class UserFileRef(FileRef, UserIn):
+    pass
+
+
+class UserItemRef(ItemRef, UserIn):
+    pass
+
+
+class UserDatasetIn(DatasetIn, UserIn):
+    items: list[UserItemRef] = []
+
+
+class ProjectIn(UserIn):
     name: SafeName
     meta: Any = None    # Supervisely project meta; absent: the empty meta
-    datasets: list[DatasetIn] = []
+    datasets: list[UserDatasetIn] = []
 
 
-class ModelIn(BaseModel):
+class ModelIn(UserIn):
     name: SafeName
-    files: list[FileRef]
+    files: list[UserFileRef]
 
 
-class AgentIn(BaseModel):
-    name: str = Field(min_length=1, max_length=200)
+class AgentIn(UserIn):
+    name: PlainName
     allowed_task_types: list[str] | None = None
 
 
-class AgentPatch(BaseModel):
-    name: str | None = Field(default=None, min_length=1, max_length=200)
+class AgentPatch(UserIn):
+    name: PlainName | None = None
     allowed_task_types: list[str] | None = None
 
 
-class Resources(BaseModel):
+class Resources(UserIn):
     gpus: int = Field(default=0, ge=0, le=GPUS_MAX)
     cpus: float | None = Field(default=None, gt=0, le=CPUS_MAX, allow_inf_nan=False)
     memory: str | int | None = None
@@ -134,7 +176,7 @@ class Resources(BaseModel):
         return v
 
 
-class TaskIn(BaseModel):
+class TaskIn(UserIn):
     agent_id: int = Field(ge=0, le=ID_MAX)
     type: str
     image: str | None = Field(default=None, min_length=1, max_length=500)
@@ -158,10 +200,13 @@ class StateIn(BaseModel):
     error: str | None = Field(default=None, max_length=20000)
 
 
+RowIdInt = Annotated[int, Field(ge=0, le=ID_MAX)]
+
+
 class PollIn(BaseModel):
     free_slots: int = Field(default=0, ge=0, le=ID_MAX)
-    free_gpus: list[int] = []
-    running: list[int] = []
+    free_gpus: list[RowIdInt] = []     # GPU indices
+    running: list[RowIdInt] = []       # task ids
     refusing: str = Field(default="", max_length=1000)   # why the agent takes no task now
 
 
@@ -180,14 +225,14 @@ class CheckpointIn(BaseModel):
 
 class ResultsIn(BaseModel):
     kind: Literal["model", "project", "artifacts"]
-    name: str = Field(default="", max_length=500)
+    name: Annotated[str, AfterValidator(_plain_name)] = Field(default="", max_length=500)
     files: list[ResultFileRef] = []
     meta: Any = None                        # kind=project
     datasets: list[DatasetIn] | None = None  # kind=project: the POST /api/v1/projects form, instead of files
     checkpoint: CheckpointIn | None = None  # kind=model: this model is a checkpoint of the task
 
 
-class SessionIn(BaseModel):
+class SessionIn(UserIn):
     token: str
 
 

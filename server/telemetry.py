@@ -13,6 +13,11 @@ on. The server keeps only what the console shows:
 
 The system info an agent gives at connect (hostname, CPUs, GPU models, Docker) is stored once in
 `agents.system_info` and rewritten only when it changes.
+
+A sample is the node's word, so every number taken from it must fit where it goes: finite, and
+within its column's type (Integer is int4 on PostgreSQL, BigInteger int8). A value that does not
+is dropped (null) and the rest of the sample kept: one row the database refused used to fail the
+contact batch of every node (server/contact.py), and with it every lease renewal.
 """
 from __future__ import annotations
 
@@ -21,6 +26,9 @@ import math
 from sqlalchemy import and_, delete, or_, select
 
 from server import db
+from server.strict import INT64_MAX, INT64_MIN
+
+INT4 = (-(1 << 31), (1 << 31) - 1)      # an Integer column on PostgreSQL
 
 
 def _num(x) -> float | None:
@@ -28,22 +36,24 @@ def _num(x) -> float | None:
     if t is float:          # the usual case first: a sample holds hundreds of numbers
         return x if x - x == 0.0 else None      # inf - inf and nan - nan are nan
     if t is int:
-        return float(x)
+        return float(x) if -1e308 < x < 1e308 else None    # float() of a longer one raises
     ok = isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
     return float(x) if ok else None
 
 
 def _pct(x) -> float | None:
     """A percentage from a number or a dict (percent, or used/total), as the agent may send either."""
-    if _num(x) is not None:
-        return float(x)
+    v = _num(x)
+    if v is not None:
+        return v
     if isinstance(x, dict):
         for k in ("percent", "usage_percent", "used_percent", "util", "utilization"):
-            if _num(x.get(k)) is not None:
-                return float(x[k])
+            v = _num(x.get(k))
+            if v is not None:
+                return v
         used, total = _num(x.get("used")), _num(x.get("total"))
         if used is not None and total:
-            return 100.0 * used / total
+            return _num(100.0 * used / total)     # overflows to inf for used=1e308, total=1e-308
     return None
 
 
@@ -51,8 +61,14 @@ def _r(x: float | None) -> float | None:
     return None if x is None else round(x, 1)
 
 
-def _int(x) -> int | None:
-    return int(x) if _num(x) is not None else None
+def _int(x, lo: int = INT64_MIN, hi: int = INT64_MAX) -> int | None:
+    """`x` as a whole number for a column of [lo, hi] (BigInteger unless told), else None."""
+    if type(x) is not int:
+        f = _num(x)
+        if f is None or not lo <= f <= hi:    # float against int compares exactly: 2.0**63 is out
+            return None
+        x = int(f)
+    return x if lo <= x <= hi else None
 
 
 def _disks(sample: dict) -> list[dict]:
@@ -86,7 +102,7 @@ def _gpus(sample: dict) -> list[dict]:
             if util is not None:
                 break
         mem = g.get("memory") if isinstance(g.get("memory"), dict) else {}
-        index = _int(g.get("index"))
+        index = _int(g.get("index"), *INT4)
         row = {"index": index if index is not None else i,
                "name": str(g["name"])[:100] if g.get("name") else None, "utilization": _r(util),
                "memory_used": _int(g.get("memory_used", mem.get("used"))),
@@ -109,8 +125,8 @@ def latest_values(sample: dict) -> dict:
         "disks": _disks(sample),
         "gpus": gpus,
         "gpu_count": len(gpus),
-        "containers": len(containers) if isinstance(containers, list) else _int(containers),
-        "free_slots": _int(sample.get("free_slots")),
+        "containers": _int(len(containers) if isinstance(containers, list) else containers, *INT4),
+        "free_slots": _int(sample.get("free_slots"), *INT4),
         # A helper the agent gave up on (FATAL): kept whole, small, for the nodes page to show.
         "fatal": sample.get("fatal") if isinstance(sample.get("fatal"), (dict, str)) else None,
     }
@@ -120,12 +136,12 @@ def _gpu_mem_pct(g: dict) -> float | None:
     if "memory_percent" in g:
         return g["memory_percent"]
     if g.get("memory_total"):
-        return round(100.0 * g.get("memory_used", 0) / g["memory_total"], 1)
+        return _r(_num(100.0 * g.get("memory_used", 0) / g["memory_total"]))
     return None
 
 
 def _whole(x: float | None) -> int | None:
-    return None if x is None else int(round(x))
+    return None if x is None else _int(round(x))
 
 
 def point_values(latest: dict) -> dict:
