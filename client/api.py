@@ -179,6 +179,17 @@ class UserClient:
         """Delete a final task with its log (409 task_not_final otherwise): {deleted, kept: {models, projects}}."""
         return self._json("DELETE", ep.path(ep.TASK, task_id=task_id))
 
+    def task_artifacts(self, task_id: int, page_size: int = 1000) -> Iterator[dict]:
+        """The task's artifacts {path, sha256, size}, by path, a page at a time."""
+        path = ep.path(ep.TASK_ARTIFACTS, task_id=task_id)
+        params: dict = {"limit": page_size}
+        while True:
+            page = self.request("GET", path, params=params).json()
+            yield from page["items"]
+            if page["next"] is None:
+                return
+            params["after"] = page["next"]
+
     def task_metrics(self, task_id: int) -> list[dict]:
         return self._json("GET", ep.path(ep.TASK_METRICS, task_id=task_id))["items"]
 

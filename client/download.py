@@ -1,7 +1,7 @@
 """The one way a project or a model on the server becomes a folder (the CLI and UserClient use it).
 
 A project is written as a Supervisely project folder that `sly.Project(DIR, sly.OpenMode.READ)`
-opens (client/sly_format.py); a model as its files at the folder's root, subfolders kept. Every
+opens (protocol/sly_format.py); a model as its files at the folder's root, subfolders kept. Every
 blob is hashed while it streams into `<file>.part` and renamed into place only when its sha256
 matches. Names from the server are checked before anything is written, so nothing lands outside
 DIR, and a non-empty DIR is refused unless the caller forces it.
@@ -9,15 +9,17 @@ DIR, and a non-empty DIR is refused unless the caller forces it.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from pathlib import Path
 from typing import Callable
 
-from client import sly_format
-from client.sly_format import BadProject
+from client.sly_format import BadProject, check_name, check_relpath
 from protocol import endpoints as ep
+from protocol import sly_format
 from protocol.errors import APIError
 
+log = logging.getLogger(__name__)
 CHUNK = 1 << 20
 BLOB_TIMEOUT = 600.0      # a blob may be gigabytes; a client's own timeout is for small JSON answers
 # progress(done, total, note): bytes written out of the total size, and what is being fetched.
@@ -115,7 +117,7 @@ def check_project_names(datasets: list[dict]) -> None:
     """Every dataset and item name is one plain path component, and no two collide."""
     seen = set()
     for ds in datasets:
-        name = sly_format.check_name(ds["name"], "dataset name")
+        name = check_name(ds["name"], "dataset name")
         if name == sly_format.META_FILE:
             raise BadProject(f"dataset name {name!r} is the project's meta file; refusing to write it")
         if name in seen:
@@ -123,7 +125,7 @@ def check_project_names(datasets: list[dict]) -> None:
         seen.add(name)
         items = set()
         for item in ds["items"]:
-            iname = sly_format.check_name(item.get("name"), f"item name in dataset {name!r}:")
+            iname = check_name(item.get("name"), f"item name in dataset {name!r}:")
             if iname in items:
                 raise BadProject(f"item {iname!r} appears twice in dataset {name!r}")
             items.add(iname)
@@ -138,8 +140,9 @@ def download_project(client, project_id: int, directory: Path, force: bool = Fal
     root = prepare_dir(directory, force)
     tick = _Ticker(sum(int(i.get("size") or 0) for ds in datasets for i in ds["items"]), progress)
     _inside(root, root / sly_format.META_FILE)
-    (root / sly_format.META_FILE).write_text(sly_format.dumps(project.get("meta") or sly_format.EMPTY_META))
+    (root / sly_format.META_FILE).write_text(sly_format.dumps(project.get("meta") or sly_format.empty_meta()))
     count = 0
+    warnings: list[str] = []
     for ds in datasets:
         img_dir = root / ds["name"] / sly_format.IMG_DIR
         ann_dir = root / ds["name"] / sly_format.ANN_DIR
@@ -154,13 +157,21 @@ def download_project(client, project_id: int, directory: Path, force: bool = Fal
             size = (ann or {}).get("size") or {}
             if ann is None or size.get("height") is None or size.get("width") is None:
                 # the server's empty annotation of a plain item whose size it could not read: read it here
-                ann = dict(ann or {}, **sly_format.empty_ann(*sly_format.image_size(img))) if ann is None else \
-                    dict(ann, size=sly_format.empty_ann(*sly_format.image_size(img))["size"])
-            ann_path = _inside(root, ann_dir / (item["name"] + sly_format.ANN_EXT))
+                hw = sly_format.read_image_size(img)
+                if hw is None:
+                    # Not an image after all (a task may name any file .png): its bytes are kept, and
+                    # its annotation says the size is unknown, which the SDK accepts.
+                    why = (f"{ds['name']}/{item['name']}: its header gives no image size; "
+                           "kept as it is, with an annotation without a size")
+                    log.warning("%s", why)
+                    warnings.append(why)
+                    hw = (None, None)
+                ann = sly_format.empty_ann(*hw) if ann is None else dict(ann, size=sly_format.empty_ann(*hw)["size"])
+            ann_path = _inside(root, ann_dir / sly_format.ann_name(item["name"]))
             ann_path.write_text(sly_format.dumps(ann))
             count += 1
     tick.finish(f"{count} items")
-    return {**project, "datasets": datasets, "dir": str(root)}
+    return {**project, "datasets": datasets, "dir": str(root), **({"warnings": warnings} if warnings else {})}
 
 
 def download_model(client, model_id: int, directory: Path, force: bool = False,
@@ -169,7 +180,7 @@ def download_model(client, model_id: int, directory: Path, force: bool = False,
     model = client.get_model(model_id)
     files = model.get("files") or []
     for f in files:
-        sly_format.check_relpath(f.get("path"), "model file")
+        check_relpath(f.get("path"), "model file")
     root = prepare_dir(directory, force)
     tick = _Ticker(sum(int(f.get("size") or 0) for f in files), progress)
     for f in files:

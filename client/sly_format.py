@@ -1,17 +1,11 @@
-"""The Supervisely project folder, as the SDK reads and writes it (`supervisely/project/project.py`).
-
-    meta.json                  the project meta: {"classes": [...], "tags": [...], ...}
-    <dataset>/img/<item>       the image
-    <dataset>/ann/<item>.json  its annotation: {"description", "size", "tags", "objects", ...}
+"""Reading a Supervisely project folder on the user's side; the format itself (layout names, JSON
+dump, empty meta and annotation, image sizes, the checks) is protocol/sly_format.py.
 
 Annotation files are named after the whole item name (`a.png.json`); the SDK still reads the old
 form without the image extension (`a.json`), and so does `read_folder`. Items are the files
 directly in `img/` with an image extension the SDK knows; other folders of a dataset (`img_info/`,
 `meta/`, `seg/`, `blob/`) are not part of a project here. Nested datasets (`<ds>/datasets/<child>/`,
 newer SDKs) are refused with an error rather than flattened.
-
-JSON is written as the SDK's `dump_json_file` does (`json.dump(obj, f, indent=4)`), so a meta or
-an annotation that the SDK wrote comes back byte-identical after an upload and a download.
 """
 from __future__ import annotations
 
@@ -19,12 +13,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-META_FILE = "meta.json"
-IMG_DIR, ANN_DIR, NESTED_DIR = "img", "ann", "datasets"
-ANN_EXT = ".json"
-# supervisely/imaging/image.py SUPPORTED_IMG_EXTS: what the SDK lists as items of img/
-IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".mpo", ".bmp", ".png", ".webp", ".tiff", ".tif", ".nrrd", ".jfif"})
-EMPTY_META = {"classes": [], "tags": []}
+from protocol.sly_format import (ANN_DIR, ANN_EXT, IMG_DIR, META_FILE, NESTED_DIR, BadFormat, Budget, ann_name,
+                                 check_ann, check_meta, is_image_name)
 
 
 class BadProject(ValueError):
@@ -36,6 +26,7 @@ class Item:
     name: str
     path: Path
     ann: dict | None = None
+    ann_file: str | None = None      # its annotation file, relative to the project (posix)
 
 
 @dataclass
@@ -47,15 +38,6 @@ class Dataset:
 def is_supervisely(root: Path) -> bool:
     """A folder is a Supervisely project when meta.json sits at its top."""
     return (root / META_FILE).is_file()
-
-
-def is_image_name(name: str) -> bool:
-    return Path(name).suffix.lower() in IMAGE_EXTS
-
-
-def dumps(obj) -> str:
-    """JSON text exactly as the SDK writes meta.json and annotation files."""
-    return json.dumps(obj, indent=4)
 
 
 def load_object(path: Path, root: Path) -> dict:
@@ -73,7 +55,7 @@ def load_object(path: Path, root: Path) -> dict:
 
 
 def _ann_file(ann_dir: Path, item: str) -> Path | None:
-    for name in (item + ANN_EXT, Path(item).stem + ANN_EXT):
+    for name in (ann_name(item), Path(item).stem + ANN_EXT):
         p = ann_dir / name
         if p.is_file():
             return p
@@ -98,14 +80,29 @@ def read_folder(root: Path) -> tuple[dict, list[Dataset]]:
             af = _ann_file(ann, f.name) if ann.is_dir() else None
             if af is not None and af in used:
                 raise BadProject(f"{af.relative_to(root).as_posix()}: matches two images, "
-                                 f"{used[af]!r} and {f.name!r}; name it {f.name}{ANN_EXT}")
+                                 f"{used[af]!r} and {f.name!r}; name it {ann_name(f.name)}")
             if af is not None:
                 used[af] = f.name
-            ds.items.append(Item(f.name, f, load_object(af, root) if af is not None else None))
+            rel = af.relative_to(root).as_posix() if af is not None else None
+            ds.items.append(Item(f.name, f, load_object(af, root) if af is not None else None, rel))
         datasets.append(ds)
     if not any(ds.items for ds in datasets):
         raise BadProject(f"{root}: a Supervisely project (it has {META_FILE}) with no images in any <dataset>/{IMG_DIR}/")
     return meta, datasets
+
+
+def check_folder(meta: dict, datasets: list[Dataset]) -> None:
+    """The server's checks of the meta and of every annotation, run here so that a bad file is
+    named by its path before anything is sent; BadProject names the first one."""
+    try:
+        checked = check_meta(meta, META_FILE)
+        budget = Budget()            # the whole project goes to the server in one request
+        for ds in datasets:
+            for item in ds.items:
+                if item.ann is not None:
+                    check_ann(item.ann, checked, item.ann_file, budget)
+    except BadFormat as e:
+        raise BadProject(str(e)) from None
 
 
 def check_name(name, what: str) -> str:
@@ -124,20 +121,3 @@ def check_relpath(path, what: str) -> str:
         check_name(part, f"{what} {path!r}: part")
     return path
 
-
-def empty_ann(height: int, width: int) -> dict:
-    """What the SDK writes for an image without labels (`sly.Annotation((h, w)).to_json()`)."""
-    return {"description": "", "size": {"height": height, "width": width}, "tags": [], "objects": [],
-            "customBigData": {}}
-
-
-def image_size(path: Path) -> tuple[int, int]:
-    """(height, width) from the image's header."""
-    from PIL import Image, UnidentifiedImageError        # only downloads of plain projects need it
-
-    try:
-        with Image.open(path) as im:
-            width, height = im.size
-    except (UnidentifiedImageError, OSError) as e:
-        raise BadProject(f"{path.name}: cannot read the image size for its empty annotation: {e}") from None
-    return height, width

@@ -1,11 +1,12 @@
 """The one way a folder becomes a project or a model on the server (the CLI and UserClient use it).
 
-Project layout: a folder with `meta.json` at its top is a Supervisely project (client/sly_format.py:
-`<dataset>/img/<item>` and `<dataset>/ann/<item>.json`), sent with its meta and annotations. Any
-other folder is plain: each top-level sub-folder is a dataset and its files (at any depth) are
-items; files directly in the folder go to dataset `ds0`, as the console does. Model layout: every file
-keeps its path relative to the folder. Each file is hashed, then sent with `PUT` only when the
-server does not have that sha256 yet (`HEAD`), so a blob crosses the wire at most once.
+Project layout: a folder with `meta.json` at its top is a Supervisely project (protocol/sly_format.py:
+`<dataset>/img/<item>` and `<dataset>/ann/<item>.json`), checked as the server checks it, then sent
+with its meta and annotations. Any other folder is plain: each top-level sub-folder is a dataset and
+its files (at any depth) are items; files directly in the folder go to dataset `ds0`, as the
+console does. Model layout: every file keeps its path relative to the folder. Each file is hashed,
+then sent with `PUT` only when the server does not have that sha256 yet (`HEAD`), so a blob
+crosses the wire at most once.
 """
 from __future__ import annotations
 
@@ -116,6 +117,7 @@ def project_datasets(entries: list[dict]) -> list[dict]:
 def supervisely_datasets(client, root: Path, progress: Progress | None = None) -> tuple[dict, list[dict]]:
     """Upload a Supervisely project folder's images; return its meta and the datasets to create."""
     meta, datasets = sly_format.read_folder(root)
+    sly_format.check_folder(meta, datasets)
     entries = iter(upload_files(client, root, [i.path for ds in datasets for i in ds.items], progress))
     out = []
     for ds in datasets:

@@ -38,6 +38,7 @@ TASKS = USER_PREFIX + "/tasks"
 TASK = USER_PREFIX + "/tasks/{task_id}"
 TASK_STOP = USER_PREFIX + "/tasks/{task_id}/stop"
 TASK_METRICS = USER_PREFIX + "/tasks/{task_id}/metrics"
+TASK_ARTIFACTS = USER_PREFIX + "/tasks/{task_id}/artifacts"
 USER_TASK_LOGS = USER_PREFIX + "/tasks/{task_id}/logs"
 ECHO = USER_PREFIX + "/_echo"                   # benchmark baseline; only on a server started with --echo-endpoint
 

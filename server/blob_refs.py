@@ -4,7 +4,8 @@ A row of `blob_refs` says that a project item, a model file, a task's result or 
 upload names a blob. The rows decide two things:
 - who may download a blob on the agent side: an agent gets the blobs of the project and model of
   its leased tasks, the results of its own tasks and what it uploaded itself; any other blob is
-  answered 404, exactly as a missing one, so its existence is not revealed;
+  answered 404, exactly as a missing one, so its existence is not revealed. A result may name only
+  blobs its agent may read already (server.routes.agent_tasks), so naming one grants nothing;
 - which blobs are kept: a blob that no project, model or result names (an upload alone does not
   count), older than the grace period, is deleted by `collect`, and so is a partial upload.
 """
@@ -24,10 +25,12 @@ log = logging.getLogger("sly-server")
 PROJECT, MODEL, RESULT, UPLOAD = "project", "model", "result", "upload"
 KEEPING = (PROJECT, MODEL, RESULT)
 COLLECT_BATCH = 500          # blobs looked at per step; the event loop runs other requests between steps
+READ_BATCH = 500             # hashes per query of `readable` (SQLite takes a bounded number of parameters)
 
 
 def add(conn, kind: str, owner_id: int, hashes) -> None:
-    """Record that `owner_id` (a project, model or task id, or an agent id for UPLOAD) names these blobs."""
+    """Record that `owner_id` (a project, model or task id, or an agent id for UPLOAD) names these blobs.
+    RESULT: the task's artifact rows (db.task_artifacts) name them."""
     rows = [{"sha256": h, "kind": kind, "owner_id": owner_id} for h in sorted(set(hashes))]
     if rows:
         conn.execute(db.insert_ignore(conn.engine, db.blob_refs), rows)
@@ -35,17 +38,36 @@ def add(conn, kind: str, owner_id: int, hashes) -> None:
 
 def agent_may_read(conn, agent_id: int, sha256: str) -> bool:
     """True when one of the agent's leased tasks, its results or its uploads name the blob."""
+    return bool(readable(conn, agent_id, [sha256]))
+
+
+def readable(conn, agent_id: int, hashes) -> set[str]:
+    """Those of `hashes` the agent may read: named by one of its leased tasks' project or model,
+    by one of its tasks' results, or uploaded by it (a few indexed queries per READ_BATCH)."""
     r, t = db.blob_refs.c, db.tasks.c
     leased = [s.value for s in LEASED]
     mine = select(t.id).where(t.agent_id == agent_id)
     projects = select(t.project_id).where(t.agent_id == agent_id, t.state.in_(leased), t.project_id.is_not(None))
     models = select(t.model_id).where(t.agent_id == agent_id, t.state.in_(leased), t.model_id.is_not(None))
-    q = select(r.sha256).where(r.sha256 == sha256, (
-        ((r.kind == UPLOAD) & (r.owner_id == agent_id))
-        | ((r.kind == RESULT) & r.owner_id.in_(mine))
-        | ((r.kind == PROJECT) & r.owner_id.in_(projects))
-        | ((r.kind == MODEL) & r.owner_id.in_(models)))).limit(1)
-    return conn.execute(q).first() is not None
+    hashes = sorted(set(hashes))
+    out: set[str] = set()
+    for i in range(0, len(hashes), READ_BATCH):
+        q = select(r.sha256).distinct().where(r.sha256.in_(hashes[i:i + READ_BATCH]), (
+            ((r.kind == UPLOAD) & (r.owner_id == agent_id))
+            | ((r.kind == RESULT) & r.owner_id.in_(mine))
+            | ((r.kind == PROJECT) & r.owner_id.in_(projects))
+            | ((r.kind == MODEL) & r.owner_id.in_(models))))
+        out.update(conn.execute(q).scalars())
+    return out
+
+
+def drop_results(conn, task_id: int, hashes) -> None:
+    """The task's results name these blobs no more (an artifact replaced, the task deleted)."""
+    r = db.blob_refs.c
+    hashes = sorted(set(hashes))
+    for i in range(0, len(hashes), READ_BATCH):
+        conn.execute(delete(db.blob_refs).where(r.kind == RESULT, r.owner_id == task_id,
+                                                r.sha256.in_(hashes[i:i + READ_BATCH])))
 
 
 def referenced(conn, hashes: list[str]) -> set[str]:
@@ -72,10 +94,12 @@ def fill_if_empty(conn) -> int:
     for mid, files in conn.execute(select(db.models.c.id, db.models.c.files)).all():
         add(conn, MODEL, mid, [f["sha256"] for f in files or []])
         n += len(files or [])
-    for tid, results in conn.execute(select(db.tasks.c.id, db.tasks.c.results)).all():
-        arts = (results or {}).get("artifacts", [])
-        add(conn, RESULT, tid, [a["sha256"] for a in arts])
-        n += len(arts)
+    by_task: dict[int, list[str]] = {}
+    for tid, sha in conn.execute(select(db.task_artifacts.c.task_id, db.task_artifacts.c.sha256)).all():
+        by_task.setdefault(tid, []).append(sha)
+    for tid, hashes in by_task.items():
+        add(conn, RESULT, tid, hashes)
+        n += len(set(hashes))
     if n:
         log.warning("blob references filled from %d stored references (a database from before blob_refs)", n)
     return n

@@ -2,6 +2,8 @@
 
 An upload streams into blobs/tmp/ while hashing; only a file whose sha256 matches the name it
 was sent under is renamed (atomically) into place, anything else is deleted (400 hash_mismatch).
+The bytes of a blob that exists are read and hashed too (and not written): an agent's upload
+counts as proof that it holds the bytes (server.routes.blobs records it), so it must send them.
 With a quota, an upload that would take the store past it is refused (507) before or while it
 streams, and nothing of it is kept. Uploading a blob that exists refreshes its mtime, which the
 collector (server.blob_refs.collect) reads as its age. The HTTP side is server.routes.blobs.
@@ -12,6 +14,7 @@ import contextlib
 import hashlib
 import os
 import re
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -28,13 +31,23 @@ def check_sha256(h: str) -> str:
 
 
 STALE_UPLOAD_S = 3600.0   # an upload untouched this long is abandoned
+AUTO_QUOTA_SHARE = 0.8    # quota None: this share of the blob store's filesystem, measured at start
+
+
+def auto_quota(root: Path) -> int:
+    """The default quota: 80% of the size of the filesystem that holds `root`. The rest stays for
+    the database, the logs and the system on the same disk: blobs alone never fill it."""
+    return int(shutil.disk_usage(root).total * AUTO_QUOTA_SHARE)
 
 
 class BlobStore:
-    def __init__(self, root: Path, quota: int = 0):
+    def __init__(self, root: Path, quota: int | None = 0):
+        """`quota`: bytes the store may hold; 0: no quota; None: auto_quota(root)."""
         self.root = Path(root)
         self.tmp = self.root / "tmp"
         self.tmp.mkdir(parents=True, exist_ok=True)
+        if quota is None:
+            quota = auto_quota(self.root)
         # Partial uploads of a previous run; only old ones, since replicas sharing this data dir
         # may be writing theirs right now.
         stale = time.time() - STALE_UPLOAD_S
@@ -67,9 +80,12 @@ class BlobStore:
         """Store the streamed bytes under h; returns (size, created). Raises APIError on a mismatch,
         507 blob_quota_exceeded when the store's quota would be passed."""
         dest = self.path(h)
-        if dest.is_file():
-            os.utime(dest)                   # uploaded again: young again for the collector
-            return dest.stat().st_size, False
+        try:
+            os.utime(dest)     # stored already: young again, so the collector leaves it while the bytes come
+        except FileNotFoundError:
+            pass
+        else:
+            return await self._hash_only(h, chunks), False
         if self.quota and length is not None and self.used + self.reserved + length > self.quota:
             raise self._over_quota(length)
         fd, tmp = tempfile.mkstemp(dir=self.tmp, prefix=h[:8] + ".")
@@ -87,7 +103,7 @@ class BlobStore:
                     digest.update(chunk)
                     f.write(chunk)
             if digest.hexdigest() != h:
-                raise APIError(400, "hash_mismatch", f"the uploaded bytes have sha256 {digest.hexdigest()}, not {h}; nothing was kept")
+                raise _mismatch(digest.hexdigest(), h)
             if dest.is_file():                # the same bytes came in another upload meanwhile
                 Path(tmp).unlink(missing_ok=True)
                 return size, False
@@ -102,6 +118,17 @@ class BlobStore:
         finally:
             if self.quota:
                 self.reserved -= size
+
+    @staticmethod
+    async def _hash_only(h: str, chunks) -> int:
+        """The size of the sent bytes of a blob stored already, checked against h (nothing is written)."""
+        digest, size = hashlib.sha256(), 0
+        async for chunk in chunks:
+            size += len(chunk)
+            digest.update(chunk)
+        if digest.hexdigest() != h:
+            raise _mismatch(digest.hexdigest(), h)   # the same answer as for a blob not stored: no hint
+        return size
 
     def names_older_than(self, cutoff: float):
         """The blobs whose mtime is before `cutoff` (a generator walking the store)."""
@@ -141,6 +168,10 @@ class BlobStore:
                 except FileNotFoundError:
                     pass
         return n
+
+
+def _mismatch(got: str, h: str) -> APIError:
+    return APIError(400, "hash_mismatch", f"the uploaded bytes have sha256 {got}, not {h}; nothing was kept")
 
 
 def _dirs(p: Path):

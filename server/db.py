@@ -66,6 +66,20 @@ tasks = Table(
     sqlite_autoincrement=True,        # ids are never reused: an agent's task dir, its models' task_id
 )
 
+# A task's artifacts (results of kind "artifacts"), one row per path: a post upserts its entries,
+# whatever the task holds already; the task's `results` keeps only their count and bytes. Stored
+# clustered by task and path on SQLite, the order in which they are paged (GET .../artifacts).
+task_artifacts = Table(
+    "task_artifacts", metadata,
+    Column("task_id", Integer, primary_key=True, autoincrement=False),
+    Column("path", String(1024), primary_key=True),
+    Column("sha256", String(64), nullable=False),
+    Column("size", BigInteger, nullable=False),
+    # Is a replaced blob still named by another of the task's paths (blob_refs.drop_results)?
+    Index("ix_task_artifacts_task_id_sha256", "task_id", "sha256"),
+    sqlite_with_rowid=False,
+)
+
 log_lines = Table(
     "log_lines", metadata,
     Column("task_id", Integer, primary_key=True),
@@ -274,3 +288,13 @@ def insert_ignore(engine: Engine, table: Table):
     else:
         return insert(table)
     return dialect_insert(table).on_conflict_do_nothing()
+
+
+def upsert(engine: Engine, table: Table, keys: list[str], update: list[str]):
+    """INSERT whose rows replace the `update` columns of a row with the same `keys` (SQLite, PostgreSQL)."""
+    if engine.dialect.name == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    else:
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    stmt = dialect_insert(table)
+    return stmt.on_conflict_do_update(index_elements=keys, set_={c: stmt.excluded[c] for c in update})

@@ -5,20 +5,63 @@ per image (blob + annotation), inserted in order so that the item id orders and 
 """
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
+
 from sqlalchemy import insert, select
 
 from protocol.errors import APIError
+from protocol.sly_format import BadFormat, Budget, check_ann, check_meta, empty_ann, empty_meta
 from server import blob_refs, db
 from server.schemas import check_files, check_relpath
-from server.sly_format import check_ann, check_meta, empty_ann, empty_meta, image_size
+from server.sly_format import image_size
+
+# Checks running at once per `who` (a node): a check is seconds of CPU in a worker thread, so one
+# node posting many at once would take the thread pool and the cores from everyone else.
+CHECKS_PER_WHO = 1
+CHECK_RETRY_AFTER_S = 5
+_running: dict[str, int] = {}
+_running_lock = threading.Lock()
 
 
-def prepare(blobs, meta, datasets: list) -> tuple[dict, list[dict]]:
+@contextmanager
+def _check_slot(who: str | None):
+    """A slot of `who`'s checks, or 429 `too_many_checks` at once (waiting would hold a thread too)."""
+    if who is None:
+        yield
+        return
+    with _running_lock:
+        if _running.get(who, 0) >= CHECKS_PER_WHO:
+            raise APIError(429, "too_many_checks",
+                           f"{who} has {CHECKS_PER_WHO} project check(s) running already; retry when it is done",
+                           retry_after=CHECK_RETRY_AFTER_S)
+        _running[who] = _running.get(who, 0) + 1
+    try:
+        yield
+    finally:
+        with _running_lock:
+            if _running[who] <= 1:
+                del _running[who]
+            else:
+                _running[who] -= 1
+
+
+def prepare(blobs, meta, datasets: list, *, who: str | None = None) -> tuple[dict, list[dict]]:
     """Check a posted project; returns (meta, datasets with every item's annotation filled in).
 
     `datasets` is a list of DatasetIn. An item without `ann` gets the empty annotation with the
-    size read from its image's header. A 400 names the dataset and the item at fault.
+    size read from its image's header. A 400 names the dataset and the item at fault. `who` (e.g.
+    "agent:7") may run CHECKS_PER_WHO checks at once; one more is a 429 `too_many_checks`.
+    Blocking, CPU-bound: call it in a thread.
     """
+    with _check_slot(who):
+        try:
+            return _prepare(blobs, meta, datasets)
+        except BadFormat as e:
+            raise APIError(400, e.code, str(e)) from None
+
+
+def _prepare(blobs, meta, datasets: list) -> tuple[dict, list[dict]]:
     checked = check_meta(meta if meta is not None else empty_meta())
     meta = meta if meta is not None else empty_meta()
     names = set()
@@ -27,15 +70,19 @@ def prepare(blobs, meta, datasets: list) -> tuple[dict, list[dict]]:
         if ds.name in names:
             raise APIError(400, "duplicate_path", f"dataset {ds.name!r} appears twice")
         names.add(ds.name)
+    budget = Budget()
+    sizes: dict[str, tuple] = {}    # items may share a blob: read each header once
     out = []
     for ds in datasets:
         check_files(blobs, ds.items, "name", f"dataset {ds.name}, item")
         items = []
         for it in ds.items:
             if it.ann is None:
-                ann = empty_ann(*image_size(blobs.path(it.sha256)))
+                if it.sha256 not in sizes:
+                    sizes[it.sha256] = image_size(blobs.path(it.sha256))
+                ann = empty_ann(*sizes[it.sha256])
             else:
-                check_ann(it.ann, checked, f"dataset {ds.name}, item {it.name}")
+                check_ann(it.ann, checked, f"dataset {ds.name}, item {it.name}", budget)
                 ann = it.ann
             items.append({"name": it.name, "sha256": it.sha256, "size": it.size, "ann": ann})
         out.append({"name": ds.name, "items": items})

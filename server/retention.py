@@ -16,7 +16,7 @@ from sqlalchemy import delete, select, text, update
 
 from protocol.errors import APIError
 from protocol.states import FINAL, TaskState
-from server import db, telemetry
+from server import blob_refs, db, telemetry
 
 log = logging.getLogger("sly-server")
 
@@ -27,7 +27,7 @@ _PG_LOCK_KEY = 0x736C7972   # any constant other than migrate's
 
 
 def delete_task(conn, task_id: int) -> dict:
-    """Delete a final task, its log lines and metrics (in `conn`'s transaction); what went, what stayed.
+    """Delete a final task, its log lines, metrics and artifacts (in `conn`'s transaction); what went, what stayed.
 
     404 for an unknown task, 409 task_not_final for one that may still run: stop it first. The
     models and projects the task made stay, still naming it in their task_id."""
@@ -40,12 +40,18 @@ def delete_task(conn, task_id: int) -> dict:
                        f"({', '.join(FINAL_VALUES)}) before deleting it")
     lines = conn.execute(delete(db.log_lines).where(db.log_lines.c.task_id == task_id)).rowcount
     metrics = conn.execute(delete(db.task_metrics).where(db.task_metrics.c.task_id == task_id)).rowcount
+    # Its artifacts go, and with them its claim on their blobs: the collector may take those no
+    # project or model names.
+    a = db.task_artifacts.c
+    arts = conn.execute(select(a.sha256).where(a.task_id == task_id)).scalars().all()
+    blob_refs.drop_results(conn, task_id, arts)
+    conn.execute(delete(db.task_artifacts).where(a.task_id == task_id))
     models = [r[0] for r in conn.execute(select(db.models.c.id).where(db.models.c.task_id == task_id)
                                          .order_by(db.models.c.id))]
     projects = [r[0] for r in conn.execute(select(db.projects.c.id).where(db.projects.c.task_id == task_id)
                                            .order_by(db.projects.c.id))]
     conn.execute(delete(db.tasks).where(t.id == task_id))
-    return {"ok": True, "id": task_id, "deleted": {"log_lines": lines, "metrics": metrics},
+    return {"ok": True, "id": task_id, "deleted": {"log_lines": lines, "metrics": metrics, "artifacts": len(arts)},
             "kept": {"models": models, "projects": projects},
             "detail": f"task {task_id} and its log are deleted; the models and projects it made are kept "
                       f"(their task_id still names it)"}

@@ -111,7 +111,7 @@ class ItemRef(BaseModel):
     name: SafePath
     sha256: str
     size: Size
-    ann: Any = None     # Supervisely annotation JSON, checked by server.sly_format (errors name the item)
+    ann: Any = None     # Supervisely annotation JSON, checked by protocol.sly_format (errors name the item)
 
 
 class DatasetIn(BaseModel):

@@ -4,6 +4,10 @@ DATA_DIR/thumbs/<h[0:2]>/<h>-<size>.jpg is the image of blob h scaled to fit siz
 (never enlarged), as JPEG. A blob is content-addressed, so its thumbnail never changes: the
 file is its own cache entry for ever, and the HTTP side answers with an immutable ETag.
 Only a few sizes exist (SIZES), so the cache is bounded by blobs x sizes.
+
+A blob may come from a task, so decoding is bounded: only the formats in FORMATS are opened (never
+EPS/PDF, which Pillow hands to Ghostscript), an image over MAX_SOURCE_PIXELS is refused from its
+header, the image is shrunk before it is rotated, and at most RENDERS images are decoded at once.
 """
 from __future__ import annotations
 
@@ -19,9 +23,13 @@ from protocol.errors import APIError
 GRID_SIZE = 256       # a gallery card
 PREVIEW_SIZE = 1024   # the large view
 SIZES = (128, GRID_SIZE, 512, PREVIEW_SIZE)
-# An image above this many pixels is refused rather than decoded (a decompression bomb would
-# hold a worker thread and gigabytes of memory); Pillow's own guard warns at 89 Mpx.
-MAX_SOURCE_PIXELS = 200_000_000
+# An image above this many pixels is refused from its header, not decoded: a 650 KB PNG may claim
+# 13000 x 13000 pixels (676 MB as RGBA); Pillow's own guard (179 Mpx) is far above this.
+MAX_SOURCE_PIXELS = 50_000_000
+# The decoders a task's file may reach; Image.open tries no other plugin.
+FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+# Images decoded at once (each up to MAX_SOURCE_PIXELS x 4 bytes); other requests wait their turn.
+RENDERS = 2
 JPEG_QUALITY = 82
 
 
@@ -66,12 +74,14 @@ class ThumbStore:
 def render(src: Path, size: int) -> bytes:
     """JPEG bytes of the image at `src` scaled to fit size x size (EXIF rotation applied)."""
     try:
-        with Image.open(src) as im:
+        with Image.open(src, formats=FORMATS) as im:
             if im.width * im.height > MAX_SOURCE_PIXELS:
                 raise NotAnImage(f"the image is {im.width}x{im.height}, more than {MAX_SOURCE_PIXELS} pixels")
-            im.draft("RGB", (size, size))       # JPEG: decode at 1/2, 1/4 or 1/8 scale, much faster
+            # Shrink first (JPEG: decoded at 1/2 to 1/8 scale by draft; others: reduce, then resample),
+            # rotate the small image after: exif_transpose on the full one would copy it whole.
+            # A quarter turn swaps the sides, but the box is square: the fit is the same.
+            im.thumbnail((size, size), Image.Resampling.LANCZOS, reducing_gap=2.0)
             im = ImageOps.exif_transpose(im)
-            im.thumbnail((size, size), Image.Resampling.LANCZOS)
             if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
                 im = im.convert("RGBA")
                 bg = Image.new("RGB", im.size, (255, 255, 255))
@@ -84,7 +94,8 @@ def render(src: Path, size: int) -> bytes:
             return out.getvalue()
     except NotAnImage:
         raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        # Pillow says "cannot identify image file" (OSError) for non-images, SyntaxError for some
-        # broken headers, ValueError for odd modes: to the user all are "not an image".
-        raise NotAnImage(str(e)) from None
+    except Exception as e:
+        # A hostile file reaches corners of the decoders that raise almost anything (OSError for
+        # "cannot identify", SyntaxError, ValueError, struct.error, EOFError...): to the user all
+        # are "not an image", never a 500.
+        raise NotAnImage(f"{type(e).__name__}: {e}") from None

@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # package -> top-level packages of this repository it must never import
 FORBIDDEN = {
+    "protocol": {"agent", "workers", "node", "server", "client"},
     "agent": {"server", "client"},
     "workers": {"agent", "server", "client"},
     "node": {"agent", "workers", "server", "client"},

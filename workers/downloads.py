@@ -14,9 +14,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 
+from protocol import sly_format
 from protocol.backoff import backoff_delay
 from protocol.errors import APIError
-from workers import cache, sly_format
+from workers import cache
 from workers.errors import StopRequested, TaskError
 
 BLOB_TRIES = 3
@@ -76,7 +77,7 @@ def plan(ctx) -> list[Job]:
                 iname = safe_name(item.get("name"), "item name")
                 sha = _sha(item.get("sha256"), iname)
                 jobs.append(Job(sha, int(item.get("size") or 0), cache.image_path(cfg, sha, iname),
-                                pdir / dname / "img" / iname, f"{dname}/{iname}", ann=item.get("ann")))
+                                pdir / dname / sly_format.IMG_DIR / iname, f"{dname}/{iname}", ann=item.get("ann")))
     model = task.get("model")
     if model:
         mhash = _sha(model.get("hash"), "model hash")
@@ -96,23 +97,24 @@ def write_project_files(ctx, jobs: list[Job]) -> int:
         return 0
     pdir.mkdir(parents=True, exist_ok=True)
     meta = ctx.task["project"].get("meta")
-    _write_text(pdir / "meta.json", sly_format.dumps(meta if isinstance(meta, dict) else sly_format.EMPTY_META))
+    meta = meta if isinstance(meta, dict) else sly_format.empty_meta()
+    _write_text(pdir / sly_format.META_FILE, sly_format.dumps(meta))
     for ds in ctx.task["project"].get("datasets") or []:
-        (pdir / ds["name"] / "img").mkdir(parents=True, exist_ok=True)
-        (pdir / ds["name"] / "ann").mkdir(parents=True, exist_ok=True)
+        (pdir / ds["name"] / sly_format.IMG_DIR).mkdir(parents=True, exist_ok=True)
+        (pdir / ds["name"] / sly_format.ANN_DIR).mkdir(parents=True, exist_ok=True)
     unknown, empty = [], 0
     for job in jobs:
+        ann_path = job.dest.parent.parent / sly_format.ANN_DIR / sly_format.ann_name(job.dest.name)
         if job.ann is not None or not job.dest.is_relative_to(pdir):
             if job.ann is not None:
-                _write_text(job.dest.parent.parent / "ann" / (job.dest.name + ".json"), sly_format.dumps(job.ann))
+                _write_text(ann_path, sly_format.dumps(job.ann))
             continue
-        with open(job.dest, "rb") as f:
-            size = sly_format.image_size(f.read(sly_format.HEADER_BYTES))
+        size = sly_format.read_image_size(job.dest)
         if size is None:
             unknown.append(job.label)
         empty += 1
         ann = sly_format.empty_ann(*(size or (None, None)))
-        _write_text(job.dest.parent.parent / "ann" / (job.dest.name + ".json"), sly_format.dumps(ann))
+        _write_text(ann_path, sly_format.dumps(ann))
     if unknown:
         ctx.log(f"{len(unknown)} items without an annotation are not images whose size could be read "
                 f"(e.g. {unknown[0]}); their empty annotations have no size", level="warning")

@@ -2,7 +2,8 @@
 
 The user side reaches every blob. The agent side reaches only the blobs of its own tasks
 (server.blob_refs.agent_may_read); any other answers 404 as if it did not exist. An agent's
-upload is recorded, so it may read back what it sent.
+upload is recorded, so it may read back what it sent, only once its bytes were read and hashed to
+the name, also for a blob stored already: a PUT without the bytes proves nothing.
 """
 from __future__ import annotations
 

@@ -20,6 +20,9 @@ from server.tasks import change_state, get_task, public_task, retry_race
 
 router = APIRouter(tags=["user"], dependencies=[Depends(require_admin)])
 
+# A new task's results: small totals only; its artifacts are rows, paged by TASK_ARTIFACTS.
+EMPTY_RESULTS = {"artifacts_count": 0, "artifacts_bytes": 0, "result_files": 0, "result_bytes": 0}
+
 
 def task_or_404(core, task_id: int) -> dict:
     with core.engine.connect() as conn:
@@ -57,7 +60,7 @@ async def create_task(body: TaskIn, request: Request):
                 project_id=body.project_id, model_id=body.model_id, resources=resources, timeout_s=body.timeout_s,
                 state=TaskState.QUEUED.value, stop_requested=False,
                 timeline=[{"state": TaskState.QUEUED.value, "ts": now}],
-                results={"artifacts": []}, log_acked=-1, created_at=now, updated_at=now)).inserted_primary_key[0]
+                results=dict(EMPTY_RESULTS), log_acked=-1, created_at=now, updated_at=now)).inserted_primary_key[0]
             core.notify_agent(conn, agent["id"])   # its poll, waiting on any replica, answers with the task
             return get_task(conn, tid)
     return public_task(await core.run(create))
@@ -129,6 +132,30 @@ async def delete_task(task_id: RowId, request: Request):
         retention.after_delete(core, answer["deleted"]["log_lines"])
         return answer
     return await core.run(remove)
+
+
+@router.get(endpoints.TASK_ARTIFACTS)
+async def task_artifacts(task_id: RowId, request: Request, after: str | None = Query(None, max_length=1024),
+                         limit: int = Query(1000, ge=1, le=10000)):
+    """The task's artifacts `{items: [{path, sha256, size}], next}` by path; `next` (the last path
+    of this page, null on the last page) goes in `after` for the next page."""
+    core = core_of(request)
+    if after is not None and "\x00" in after:     # no path holds one, and PostgreSQL refuses it in a query
+        raise APIError(400, "bad_cursor", "after must be the `next` value of a previous page")
+    a = db.task_artifacts.c
+    q = select(a.path, a.sha256, a.size).where(a.task_id == task_id).order_by(a.path).limit(limit + 1)
+    if after:
+        q = q.where(a.path > after)
+
+    def read():
+        with core.engine.connect() as conn:
+            if conn.execute(select(db.tasks.c.id).where(db.tasks.c.id == task_id)).first() is None:
+                raise APIError(404, "task_not_found", f"no task {task_id}")
+            return [dict(r) for r in conn.execute(q).mappings()]
+    items = await core.run_read(read)
+    more = len(items) > limit
+    items = items[:limit]
+    return {"items": items, "next": items[-1]["path"] if more else None}
 
 
 @router.get(endpoints.TASK_METRICS)

@@ -1,15 +1,15 @@
 """User side: thumbnails and previews of image blobs (the console's gallery), made once and cached."""
 from __future__ import annotations
 
+import anyio
 from fastapi import APIRouter, Depends, Request, Response
-from starlette.concurrency import run_in_threadpool
 
 from protocol import endpoints
 from protocol.errors import APIError
 from server.auth import require_admin
 from server.blobs import check_sha256
 from server.routes.common import core_of
-from server.thumbs import GRID_SIZE, SIZES, NotAnImage, ThumbStore
+from server.thumbs import GRID_SIZE, RENDERS, SIZES, NotAnImage, ThumbStore
 
 router = APIRouter(tags=["user"], dependencies=[Depends(require_admin)])
 
@@ -23,6 +23,9 @@ def _store(request: Request) -> ThumbStore:
     if store is None:
         core = core_of(request)
         store = state.thumbs = ThumbStore(core.settings.data_dir / "thumbs", core.blobs)
+        # A gallery page asks for 48 thumbnails at once: the ones past RENDERS wait here, on the
+        # loop, rather than each in a thread with an image decoded in memory.
+        state.thumb_renders = anyio.CapacityLimiter(RENDERS)
     return store
 
 
@@ -47,7 +50,8 @@ async def get_thumb(sha256: str, request: Request, size: int = GRID_SIZE):
         body = store.path(sha256, size).read_bytes()
     except FileNotFoundError:
         try:
-            body = (await run_in_threadpool(store.get, sha256, size)).read_bytes()
+            made = await anyio.to_thread.run_sync(store.get, sha256, size, limiter=request.app.state.thumb_renders)
+            body = made.read_bytes()
         except NotAnImage as e:
             raise APIError(415, "not_an_image", f"blob {sha256} is not an image the server can read: {e}") from None
     return Response(body, media_type="image/jpeg", headers=headers)

@@ -182,6 +182,50 @@ def test_large_view_lists_labels_and_tags(console, server, annotated):
     expect(dlg).to_be_hidden()
 
 
+def _mask_data(w: int, h: int) -> str:
+    """A bitmap's data as the SDK writes it: base64(zlib(PNG)); a 1-bit mask with a frame of ones."""
+    import base64
+    import zlib
+    im = Image.new("1", (w, h), 0)
+    im.paste(1, (0, 0, w, 4))
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return base64.b64encode(zlib.compress(buf.getvalue())).decode()
+
+
+def test_large_masks_are_drawn_at_tile_scale(console, server):
+    client = UserClient(server.url, server.admin_token)
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), (90, 90, 90)).save(buf, format="PNG")
+    ref = {"sha256": client.upload_bytes(buf.getvalue()), "size": len(buf.getvalue())}
+    meta = {"classes": [{"title": "mask", "shape": "bitmap", "color": "#FF00FF"}], "tags": []}
+
+    def item(name: str, w: int, h: int) -> dict:
+        obj = {"classTitle": "mask", "geometryType": "bitmap", "tags": [],
+               "bitmap": {"data": _mask_data(w, h), "origin": [0, 0]}}
+        return dict(ref, name=name, ann={"size": {"height": h, "width": w}, "tags": [], "objects": [obj]})
+    # The server takes a mask as large as its image; a task's image may claim 13000 x 13000.
+    p = client.create_project("masks", [{"name": "m", "items": [item("big.png", 4000, 3000), item("huge.png", 13000, 13000),
+                                                                 item("small.png", 40, 30)]}], meta=meta)
+    page = console
+    page.goto(f"{server.url}/projects/{p['id']}")
+    _wait_drawn(page, 3)
+
+    def label(name: str):
+        return page.locator(f"#gallery li.tile[data-item='{name}'] svg.ann .lbl")
+    # decoded and tinted at most 1024 pixels a side, drawn over the image's full extent
+    assert label("big.png").get_attribute("data-px") == str(1024 * 768)
+    im = label("big.png").locator("image")
+    assert (im.get_attribute("width"), im.get_attribute("height")) == ("4000", "3000")
+    assert im.evaluate("i => new Promise(ok => { const x = new Image(); x.onload = () => ok([x.width, x.height]); "
+                       "x.src = i.getAttribute('href'); })") == [1024, 768]
+    assert label("small.png").get_attribute("data-px") == str(40 * 30)
+    # 169 Mpx: not decoded at all, its outline stands for it
+    assert label("huge.png").get_attribute("data-px") == "0"
+    expect(label("huge.png")).to_have_class(re.compile("too-large"))
+    assert label("huge.png").locator("rect").get_attribute("width") == "13000"
+
+
 def test_predicted_project_is_browsable_from_its_task(console, server, annotated):
     created, agent = online_agent(server, "predictor", ["inference"])
     task = server.admin().post(server.url + "/api/v1/tasks", json={"agent_id": created["id"], "type": "inference",

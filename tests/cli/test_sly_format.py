@@ -1,13 +1,19 @@
-"""Reading and writing the Supervisely project folder (client/sly_format.py), without a server."""
+"""Reading and writing the Supervisely project folder (client/sly_format.py) without a server, and
+`projects upload` refusing a folder the server would refuse before it sends anything (loopback stub)."""
 from __future__ import annotations
 
+import base64
 import json
+import zlib
 
 import pytest
 
 from client import download, sly_format
 from client.sly_format import BadProject
+from protocol.sly_format import dumps
 from tests.cli.sly_sample import META, ann, png, write_sample
+from tests.cli.stub_server import StubServer
+from tests.cli.test_cli import cli
 
 
 def test_reads_meta_datasets_items_and_annotations(tmp_path):
@@ -23,15 +29,10 @@ def test_reads_meta_datasets_items_and_annotations(tmp_path):
     assert by_name["val", "bare.png"].ann is None
     a = by_name["train", "a.png"]
     assert a.path == tmp_path / "train" / "img" / "a.png"
-    assert sly_format.dumps(a.ann).encode() == files["train/ann/a.png.json"]
+    assert dumps(a.ann).encode() == files["train/ann/a.png.json"]
+    assert (a.ann_file, by_name["val", "bare.png"].ann_file) == ("train/ann/a.png.json", None)
     assert [o["shape"] for o in a.ann["objects"]] == ["rectangle", "polygon", "bitmap"]
     assert a.ann["tags"] == [{"name": "sunny"}, {"name": "weather", "value": "snow"}]
-
-
-def test_dumps_writes_what_the_sdk_writes():
-    # supervisely.io.json.dump_json_file: json.dump(data, f, indent=4): ASCII escapes, no newline at the end
-    text = sly_format.dumps({"description": "caf\u00e9", "size": {"height": 1, "width": 2}})
-    assert text == '{\n    "description": "caf\\u00e9",\n    "size": {\n        "height": 1,\n        "width": 2\n    }\n}'
 
 
 def test_old_style_annotation_name_is_read(tmp_path):
@@ -111,15 +112,6 @@ def test_model_subfolders_are_fine():
     assert sly_format.check_relpath("checkpoints/epoch_1/w.pth", "model file") == "checkpoints/epoch_1/w.pth"
 
 
-def test_empty_annotation_takes_the_size_from_the_image_header(tmp_path):
-    (tmp_path / "x.png").write_bytes(png(13, 17))
-    assert sly_format.empty_ann(*sly_format.image_size(tmp_path / "x.png")) == {
-        "description": "", "size": {"height": 13, "width": 17}, "tags": [], "objects": [], "customBigData": {}}
-    (tmp_path / "y.png").write_bytes(b"not an image")
-    with pytest.raises(BadProject, match="y.png: cannot read the image size"):
-        sly_format.image_size(tmp_path / "y.png")
-
-
 def test_prepare_dir_refuses_a_non_empty_folder_unless_forced(tmp_path):
     assert download.prepare_dir(tmp_path / "new" / "deep", force=False).is_dir()
     (tmp_path / "full").mkdir()
@@ -129,3 +121,40 @@ def test_prepare_dir_refuses_a_non_empty_folder_unless_forced(tmp_path):
     assert download.prepare_dir(tmp_path / "full", force=True) == (tmp_path / "full").resolve()
     with pytest.raises(download.DownloadError, match="not a folder"):
         download.prepare_dir(tmp_path / "full" / "x", force=True)
+
+
+def _edit(root, rel: str, change) -> None:
+    obj = json.loads((root / rel).read_text())
+    change(obj)
+    (root / rel).write_text(dumps(obj))
+
+
+@pytest.mark.parametrize("rel, change, words", [
+    ("val/ann/c.png.json", lambda a: a["objects"][0].update(classTitle="dog"),
+     "val/ann/c.png.json, object 1: classTitle 'dog' is not a class of the meta"),
+    ("train/ann/b.png.json", lambda a: a["objects"][2]["bitmap"].update(
+        data=base64.b64encode(zlib.compress(png(40, 40))).decode()),
+     "train/ann/b.png.json, object 3: bitmap PNG is 40x40, larger than its image (30x21)"),
+    ("train/ann/a.png.json", lambda a: a["tags"].append({"name": "weather", "value": "hail"}),
+     "train/ann/a.png.json: tag 3 ('weather', oneof_string) cannot have the value 'hail'"),
+    ("train/ann/a.png.json", lambda a: a.update(size={"height": 0, "width": 30}),
+     "train/ann/a.png.json: the annotation's size must be"),
+    ("meta.json", lambda m: m["classes"][0].update(color="red"), "meta.json: class 'car': color 'red' is not '#RRGGBB'"),
+])
+def test_upload_checks_every_file_before_sending_anything(tmp_path, rel, change, words):
+    src = tmp_path / "roads"
+    write_sample(src)
+    _edit(src, rel, change)
+    with StubServer() as stub:
+        p = cli(stub, "projects", "upload", str(src), ok=False)
+    assert p.returncode == 1 and p.stderr.startswith(f"error: {words}"), p.stderr
+    assert stub.requests == [] and stub.blobs == {} and stub.posted == []
+
+
+def test_upload_names_the_first_bad_file(tmp_path):
+    write_sample(tmp_path)
+    for rel in ("val/ann/c.png.json", "train/ann/b.png.json"):
+        _edit(tmp_path, rel, lambda a: a["objects"].append({"classTitle": "dog", "tags": []}))
+    meta, datasets = sly_format.read_folder(tmp_path)
+    with pytest.raises(BadProject, match=r"^train/ann/b\.png\.json, object 4: classTitle 'dog'"):
+        sly_format.check_folder(meta, datasets)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from client import UserClient
-from client.sly_format import dumps, empty_ann
+from protocol.sly_format import dumps, empty_ann
 from tests.cli.sly_sample import META, ann, png, write_sample
 from tests.cli.stub_server import StubServer
 from tests.cli.test_cli import cli, cli_json
@@ -185,6 +185,26 @@ def test_download_pages_items_when_they_are_not_inline(tmp_path):
     got = tree(tmp_path / "out")
     assert got["ds/ann/a.png.json"] == dumps(a1).encode() and got["ds/ann/b.png.json"] == dumps(a2).encode()
     assert got["ds/img/b.png"] == png(4, 4, 2)
+
+
+def test_items_named_png_that_are_not_images_download_with_a_warning(tmp_path):
+    import struct
+    import zlib
+    ihdr = struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)    # a header claiming 400 Mpx
+    huge = b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
+    with StubServer() as stub:
+        _stub_project(stub, [("ds", [("fake.png", b"not an image", None), ("huge.png", huge, None),
+                                     ("drawing.png", eps[:20], None), ("real.png", png(3, 2), None)])])
+        p = cli(stub, "--json", "projects", "download", "1", str(tmp_path / "out"))
+    got = tree(tmp_path / "out")
+    assert got["ds/img/fake.png"] == b"not an image" and got["ds/img/huge.png"] == huge
+    assert got["ds/img/drawing.png"] == eps[:20]
+    for name in ("fake.png", "huge.png", "drawing.png"):
+        assert json.loads(got[f"ds/ann/{name}.json"]) == empty_ann(None, None)
+        assert f"ds/{name}: " in p.stderr
+    assert json.loads(got["ds/ann/real.png.json"]) == empty_ann(3, 2)
+    assert len(json.loads(p.stdout)["warnings"]) == 3
 
 
 @pytest.mark.parametrize("ds, item", [("ds", "../../escaped.png"), ("../up", "x.png"), ("ds", "/tmp/abs.png"),

@@ -47,6 +47,7 @@ def _follow(srv, task_id: int, got: list, done: threading.Event) -> None:
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.server_process("measures the server process's memory")
 def test_three_10_mib_lines_are_cut_to_the_line_limit_and_server_memory_stays_bounded(own_server):
     srv, client, agent = own_server()
     t = client.create_task(agent.id, "custom", image="x:1")

@@ -216,6 +216,7 @@ def _drive(url: str, token: str) -> None:
     _ok(agent.post(u(endpoints.TASK_RESULTS, task_id=tid), json={"kind": "model", "files": weights}, timeout=10))
     _ok(agent.post(u(endpoints.TASK_RESULTS, task_id=tid), json={"kind": "artifacts", "files": weights},
                    timeout=10))
+    _ok(agent.put(u(endpoints.AGENT_BLOB, sha256=_sha(png)), data=png, timeout=10))   # results name its own blobs
     _ok(agent.post(u(endpoints.TASK_RESULTS, task_id=tid),
                    json={"kind": "project", "name": "out", "datasets": [{"name": "ds", "items": [item]}]},
                    timeout=30))
@@ -223,6 +224,7 @@ def _drive(url: str, token: str) -> None:
                    timeout=10), 404)
     _ok(admin.get(u(endpoints.MODELS), params={"task_id": tid}, timeout=10))
     _ok(admin.get(u(endpoints.TASK_METRICS, task_id=tid), timeout=10))
+    _ok(admin.get(u(endpoints.TASK_ARTIFACTS, task_id=tid), timeout=10))
     _ok(admin.get(u(endpoints.USER_TASK_LOGS, task_id=tid), timeout=10))
     for st in ("uploading", "finished"):
         _ok(agent.post(u(endpoints.TASK_STATE, task_id=tid), json={"state": st}, timeout=10))

@@ -228,3 +228,50 @@ def test_0002_moves_existing_project_items_into_project_items_with_empty_annotat
         assert json.loads(conn.exec_driver_sql("SELECT datasets FROM projects WHERE id = 4").scalar()) == datasets
         assert "project_items" not in inspect(conn).get_table_names()
     engine.dispose()
+
+
+def test_0006_moves_each_tasks_artifacts_into_rows_and_totals_its_results(tmp_path):
+    from server import blob_refs
+    from tests.support.server import TEST_DB_URL, create_test_database, drop_test_databases
+    url = create_test_database() if TEST_DB_URL else f"sqlite:///{tmp_path / 'old.db'}"
+    engine = db.make_engine(url)
+    with engine.begin() as conn:
+        command.upgrade(migrate.alembic_config(conn), "0005_telemetry")
+    a, b, c = "a" * 64, "b" * 64, "c" * 64
+    arts = [{"path": "x.txt", "sha256": a, "size": 3}, {"path": "y/z.bin", "sha256": b, "size": 5}]
+    task = dict(agent_id=1, type="train", config={}, resources={}, state="running", stop_requested=False,
+                timeline=[], log_acked=-1, created_at=1.0, updated_at=1.0)
+    with engine.begin() as conn:
+        conn.execute(db.tasks.insert(), [dict(task, id=1, results={"model_id": 4, "artifacts": arts}),
+                                         dict(task, id=2, results={"artifacts": []}), dict(task, id=3, results={})])
+        conn.execute(db.models.insert().values(id=4, name="m", hash="f" * 64, task_id=1, created_at=1.0,
+                                               files=[{"path": "w", "sha256": c, "size": 7}]))
+        conn.execute(db.projects.insert().values(id=5, name="p", datasets=[], meta={}, task_id=1, created_at=1.0))
+        conn.execute(db.project_items.insert(), [dict(project_id=5, dataset="ds", name=f"{i}.jpg", sha256=c, size=11,
+                                                      ann={}) for i in range(2)])
+    try:
+        migrate.upgrade(engine)
+        t = db.task_artifacts.c
+        with engine.begin() as conn:
+            assert [tuple(r) for r in conn.execute(db.task_artifacts.select().order_by(t.task_id, t.path))] == \
+                [(1, "x.txt", a, 3), (1, "y/z.bin", b, 5)]
+            results = dict(conn.execute(db.tasks.select().order_by(db.tasks.c.id)).mappings().all()[0])["results"]
+            assert results == {"model_id": 4, "artifacts_count": 2, "artifacts_bytes": 8,
+                               "result_files": 5, "result_bytes": 8 + 7 + 22}
+            empty = {"artifacts_count": 0, "artifacts_bytes": 0, "result_files": 0, "result_bytes": 0}
+            assert [r for (r,) in conn.execute(db.tasks.select().with_only_columns(db.tasks.c.results)
+                                               .where(db.tasks.c.id > 1).order_by(db.tasks.c.id))] == [empty, empty]
+            conn.execute(db.blob_refs.delete())     # a database from before blob_refs: filled from the rows
+            blob_refs.fill_if_empty(conn)
+            assert blob_refs.readable(conn, 1, [a, b, c]) == {a, b}   # task 1 is agent 1's
+        with engine.begin() as conn:
+            command.downgrade(migrate.alembic_config(conn), "0005_telemetry")
+        with engine.connect() as conn:
+            back = conn.execute(db.tasks.select().with_only_columns(db.tasks.c.results).where(db.tasks.c.id == 1)).scalar()
+            assert back == {"model_id": 4, "artifacts": arts}
+            assert "task_artifacts" not in inspect(conn).get_table_names()
+    finally:
+        engine.dispose()
+        if TEST_DB_URL:
+            from sqlalchemy.engine import make_url
+            drop_test_databases([make_url(url).database])

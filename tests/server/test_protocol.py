@@ -14,6 +14,14 @@ from protocol.errors import APIError
 from tests.support.procs import poll_for
 
 
+def _upload(agent, data: bytes) -> str:
+    """The agent uploads the bytes itself: its results may name only blobs it may read."""
+    sha = hashlib.sha256(data).hexdigest()
+    r = agent.s.put(f"{agent.url}/agent/v1/blobs/{sha}", data=data, timeout=30)
+    assert r.status_code == 200, r.text
+    return sha
+
+
 def _lines(n0, n1, prefix="line"):
     return [{"ts": 1700000000.0 + i, "level": "info", "stream": "stdout", "message": f"{prefix} {i}"} for i in range(n0, n1)]
 
@@ -70,12 +78,12 @@ def test_task_flow_end_to_end(client, make_agent):
     assert client.task_metrics(tid) == [{"seq": 12, "type": "train", "epoch": 1, "metrics": {"loss": 0.5}}]
 
     # results: a model, then artifacts twice (a checkpoint replaced by a newer one)
-    out = client.upload_bytes(b"trained weights")
+    out = _upload(agent, b"trained weights")
     assert agent.state(tid, "uploading").status_code == 200
     r = agent.post(f"/agent/v1/tasks/{tid}/results", json={"kind": "model", "name": "trained",
                                                            "files": [{"path": "model/w.bin", "sha256": out, "size": 15}]})
     assert r.status_code == 200, r.text
-    ck1, ck2 = client.upload_bytes(b"ck1"), client.upload_bytes(b"ck2")
+    ck1, ck2 = _upload(agent, b"ck1"), _upload(agent, b"ck2")
     for ck in (ck1, ck2):
         r = agent.post(f"/agent/v1/tasks/{tid}/results", json={"kind": "artifacts", "files": [{"path": "ck/best.pt", "sha256": ck, "size": 3}]})
         assert r.status_code == 200
@@ -87,7 +95,9 @@ def test_task_flow_end_to_end(client, make_agent):
     assert ts == sorted(ts)
     new_model = client.get_model(done["results"]["model_id"])
     assert new_model["name"] == "trained" and new_model["files"] == [{"path": "model/w.bin", "sha256": out, "size": 15}]
-    assert done["results"]["artifacts"] == [{"path": "ck/best.pt", "sha256": ck2, "size": 3}]
+    assert list(client.task_artifacts(tid)) == [{"path": "ck/best.pt", "sha256": ck2, "size": 3}]
+    assert done["results"] == {"model_id": new_model["id"], "artifacts_count": 1, "artifacts_bytes": 3,
+                               "result_files": 2, "result_bytes": 18}
     r = agent.state(tid, "running")
     assert r.status_code == 409 and r.json()["error"] == "illegal_transition"   # finished -> running
 
@@ -96,7 +106,7 @@ def test_project_results_and_inference_files(client, make_agent):
     agent = make_agent()
     t = client.create_task(agent.id, "inference", image="x:1")
     agent.poll()
-    sha = client.upload_bytes(b"pred")
+    sha = _upload(agent, b"pred")
     agent.state(t["id"], "running")
     r = agent.post(f"/agent/v1/tasks/{t['id']}/results", json={"kind": "project", "name": "preds",
                                                                "files": [{"path": "ds/a.json", "sha256": sha, "size": 4}]})
@@ -231,19 +241,20 @@ def test_auth_and_ownership_errors(server, client, make_agent):
 
 @pytest.mark.parametrize("bad", ["../x", "/etc/passwd", "a\\b", "a\x00b", "", "a/../../b", "./a"])
 def test_path_like_names_rejected(server, client, make_agent, bad):
-    sha = client.upload_bytes(b"item")
+    agent = make_agent()
+    sha = _upload(agent, b"item")
     r = client.session.post(f"{server.url}/api/v1/projects",
                             json={"name": "p", "datasets": [{"name": "ds", "items": [{"name": bad, "sha256": sha, "size": 4}]}]})
     assert r.status_code == 400 and r.json()["error"] in ("bad_name", "nul_character")
     r = client.session.post(f"{server.url}/api/v1/projects",
                             json={"name": "p", "datasets": [{"name": bad or "..", "items": []}]})
     assert r.status_code == 400 and r.json()["error"] in ("bad_name", "nul_character")
-    agent = make_agent()
     t = client.create_task(agent.id, "custom", image="x:1")
     agent.poll()
     r = agent.post(f"/agent/v1/tasks/{t['id']}/results", json={"kind": "artifacts", "files": [{"path": bad, "sha256": sha, "size": 4}]})
     assert r.status_code == 400 and r.json()["error"] in ("bad_name", "nul_character")
-    assert client.get_task(t["id"])["results"]["artifacts"] == []     # nothing half-written
+    assert client.get_task(t["id"])["results"]["artifacts_count"] == 0     # nothing half-written
+    assert list(client.task_artifacts(t["id"])) == []
 
 
 def test_bad_bodies_are_json_errors(server, client, make_agent):
@@ -336,8 +347,9 @@ def test_telemetry_status_session_and_metrics(server, client, make_agent):
 
 
 @pytest.mark.sqlite_only("reads the server's data dir, where only SQLite keeps the database")
-def test_no_agent_token_on_disk(server, client, make_agent):
-    agent = make_agent("secret")
+@pytest.mark.server_process("reads the server's log file")
+def test_no_agent_token_on_disk(own_server):
+    server, client, agent = own_server(name="secret")
     t = client.create_task(agent.id, "custom", image="x:1")
     agent.post("/agent/v1/connect", json={"hostname": "h"})
     agent.poll()
@@ -371,7 +383,7 @@ def test_results_posted_again_after_an_agent_restart_make_no_second_model_or_pro
     t = client.create_task(agent.id, "train", image="x:1")
     agent.poll()
     agent.state(t["id"], "running")
-    w1, w2 = client.upload_bytes(b"weights v1"), client.upload_bytes(b"weights v2")
+    w1, w2 = _upload(agent, b"weights v1"), _upload(agent, b"weights v2")
     body = {"kind": "model", "name": "m", "files": [{"path": "w.bin", "sha256": w1, "size": 10}]}
     first = agent.post(f"/agent/v1/tasks/{t['id']}/results", json=body).json()["results"]["model_id"]
     again = agent.post(f"/agent/v1/tasks/{t['id']}/results", json=body).json()["results"]["model_id"]

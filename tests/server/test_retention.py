@@ -48,7 +48,7 @@ def test_delete_a_final_task_takes_its_log_and_metrics_and_keeps_its_model(serve
     agent.poll()
     agent.state(t["id"], "running")
     agent.logs(t["id"], 0, lines(0, 4) + [METRICS])
-    blob = client.upload_bytes(b"weights")
+    blob = agent.upload(b"weights")
     model = agent.post(f"/agent/v1/tasks/{t['id']}/results",
                        json={"kind": "model", "name": "m", "files": [{"path": "w.bin", "sha256": blob, "size": 7}]}
                        ).json()["results"]["model_id"]
@@ -59,7 +59,7 @@ def test_delete_a_final_task_takes_its_log_and_metrics_and_keeps_its_model(serve
     agent.state(t["id"], "finished", exit_code=0)
 
     answer = client.delete_task(t["id"])
-    assert answer["deleted"] == {"log_lines": 5, "metrics": 1}
+    assert answer["deleted"] == {"log_lines": 5, "metrics": 1, "artifacts": 0}
     assert answer["kept"] == {"models": [model], "projects": []} and "kept" in answer["detail"]
     for path in (f"/api/v1/tasks/{t['id']}", f"/api/v1/tasks/{t['id']}/logs", f"/api/v1/tasks/{t['id']}/metrics"):
         r = requests.get(server.url + path, headers={"Authorization": f"Bearer {server.admin_token}"}, timeout=10)
@@ -106,6 +106,7 @@ def test_cli_deletes_a_task_and_says_what_it_kept(server, client, make_agent):
     client.get_task(running["id"])                          # still there
 
 
+@pytest.mark.server_process("reads the server's log file")
 def test_log_lines_of_tasks_final_longer_than_the_setting_expire(own_server):
     srv, client, agent = own_server("--log-retention-days", "1", "--housekeeping-s", "0.2")
     old = finished_task(client, agent)

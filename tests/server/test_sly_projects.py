@@ -269,6 +269,7 @@ def _results(agent, tid, body):
 def test_results_project_with_annotations_both_forms_and_idempotent(admin, client, images, make_agent):
     agent = make_agent("predictor")
     tid = _task_for_results(client, agent)
+    agent.upload(_png(60, 40))            # a.png: a node's results name only blobs it may read
     preds = _ann()
     body = {"kind": "project", "name": "preds", "meta": META,
             "files": [dict(path="ds0/" + images["a.png"]["name"], sha256=images["a.png"]["sha256"],
@@ -304,8 +305,8 @@ def test_checkpoints_are_models_of_the_task_and_reposts_make_no_duplicates(clien
     def files(tag: str) -> list[dict]:
         cfg = json.dumps({"epochs": 3, "tag": tag}).encode()
         w = f"weights {tag}".encode()
-        return [{"path": "config.json", "sha256": client.upload_bytes(cfg), "size": len(cfg)},
-                {"path": "model.pt", "sha256": client.upload_bytes(w), "size": len(w)}]
+        return [{"path": "config.json", "sha256": agent.upload(cfg), "size": len(cfg)},
+                {"path": "model.pt", "sha256": agent.upload(w), "size": len(w)}]
 
     ck = []
     for epoch in (1, 2, 3):

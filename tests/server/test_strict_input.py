@@ -249,9 +249,11 @@ def test_integers_outside_int64_get_a_400_on_one_kept_alive_connection(server, c
 # --- path-like names ---
 
 BAD_NAMES = ["../../x", "/abs", "a/b", "a\\b", "a\x00b", ".", "..", "", "x" * 256]
+# C0, DEL and C1 controls: a terminal escape rewrites the CLI's listing, a newline forges a log line.
+CONTROL_NAMES = ["a\x1b[2Jb", "a\nb", "a\rb", "a\tb", "a\x7fb", "a\x85b", "a\x9bb"]
 
 
-@pytest.mark.parametrize("bad", BAD_NAMES)
+@pytest.mark.parametrize("bad", BAD_NAMES + CONTROL_NAMES)
 def test_path_like_project_dataset_and_model_names_are_refused(server, client, bad):
     sha = client.upload_bytes(b"named")
     item = {"name": "a.jpg", "sha256": sha, "size": 5}
@@ -284,7 +286,35 @@ def test_path_like_result_names_and_item_paths_are_refused(server, client, make_
         assert r.status_code == 200, r.text          # items may sit in sub-folders, as the agent allows
     else:
         assert r.status_code == 400 and r.json()["error"] in ("bad_name", "nul_character"), r.text
-    assert client.get_task(tid)["results"] == {"artifacts": []}
+    assert client.get_task(tid)["results"] == {"artifacts_count": 0, "artifacts_bytes": 0, "result_files": 0,
+                                               "result_bytes": 0}
+
+
+@pytest.mark.parametrize("bad", CONTROL_NAMES)
+def test_names_with_control_characters_are_refused(server, client, make_agent, bad):
+    s = client.session
+    r = s.post(f"{server.url}/api/v1/agents", json={"name": bad})
+    assert r.status_code == 400 and r.json()["error"] == "bad_name" and "control character" in r.json()["detail"], r.text
+    agent = make_agent("plain")
+    r = s.patch(f"{server.url}/api/v1/agents/{agent.id}", json={"name": bad})
+    assert r.status_code == 400 and r.json()["error"] == "bad_name", r.text
+    assert client.get_agent(agent.id)["name"] == "plain"
+    sha = client.upload_bytes(b"ctl")
+    for body in ({"name": "p", "datasets": [{"name": "ds", "items": [{"name": bad, "sha256": sha, "size": 3}]}]},
+                 {"name": "p", "datasets": [{"name": "ds", "items": [{"name": f"sub/{bad}", "sha256": sha, "size": 3}]}]}):
+        r = s.post(f"{server.url}/api/v1/projects", json=body)
+        assert r.status_code == 400 and r.json()["error"] == "bad_name", r.text
+    r = s.post(f"{server.url}/api/v1/models", json={"name": "m", "files": [{"path": bad, "sha256": sha, "size": 3}]})
+    assert r.status_code == 400 and r.json()["error"] == "bad_name", r.text
+    tid = _leased_task(client, agent)
+    for kind in ("model", "artifacts"):
+        r = agent.post(endpoints.path(endpoints.TASK_RESULTS, task_id=tid), json={"kind": kind, "name": bad, "files": []})
+        assert r.status_code == 400 and r.json()["error"] == "bad_name", r.text
+
+
+def test_names_in_any_script_are_kept(server, client):
+    name = "Узел ü 東京 🚀 (gpu-1)"
+    assert client.create_agent(name)["name"] == name
 
 
 # --- /metrics token, /docs, file modes, telemetry pruning ---
@@ -316,6 +346,7 @@ def _mode(p) -> int:
 
 
 @pytest.mark.sqlite_only("it reads or writes the SQLite file in the data dir directly")
+@pytest.mark.server_process("the server process sets its own umask")
 def test_the_data_dir_is_0700_and_the_servers_files_0600(tmp_path, own_server):
     data = tmp_path / "data"
     data.mkdir(mode=0o755)

@@ -110,7 +110,7 @@ def test_models_listed_by_the_task_that_made_them(server, client, make_agent):
     ids = []
     for epoch in (1, 2):
         w = f"w{epoch}".encode()
-        ref = {"path": "model.pt", "sha256": client.upload_bytes(w), "size": len(w)}
+        ref = {"path": "model.pt", "sha256": agent.upload(w), "size": len(w)}
         r = agent.post(endpoints.path(endpoints.TASK_RESULTS, task_id=task["id"]),
                        json={"kind": "model", "files": [ref], "checkpoint": {"epoch": epoch, "final": epoch == 2}})
         assert r.status_code == 200, r.text

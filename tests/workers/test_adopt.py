@@ -49,7 +49,7 @@ def test_adopt_running_container_resumes_without_gap_or_duplicate(node, task_ima
     assert outcome.state == "finished", outcome
     assert before + ctx.messages("stdout") == [f"line {i}" for i in range(1, 61)]
     assert any(m.startswith("re-attached to container") for m in ctx.messages("agent"))
-    assert {a["path"] for a in node.user.get_task(ctx.task_id)["results"]["artifacts"]} == {"out.txt"}
+    assert {a["path"] for a in node.user.task_artifacts(ctx.task_id)} == {"out.txt"}
 
 
 def test_adopt_exited_container_reads_the_rest_and_finishes(node, task_image, log_source):

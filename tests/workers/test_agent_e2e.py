@@ -67,5 +67,5 @@ def test_agent_restart_readopts_running_container(agent, user, task_image, docke
     done = agent.wait_state(task["id"], timeout=60)
     assert done["state"] == "finished", (done, agent.stderr()[-2000:])
     assert stdout(agent, task["id"]) == [f"line {i}" for i in range(1, 151)]
-    assert {a["path"] for a in done["results"]["artifacts"]} == {"out.txt"}
+    assert {a["path"] for a in user.task_artifacts(task["id"])} == {"out.txt"}
     assert not docker_client.containers.list(all=True, filters={"name": container_name(task["id"])})

@@ -12,8 +12,9 @@ import zlib
 
 import pytest
 
+from protocol import sly_format
 from tools.sample_project import png_bytes
-from workers import cache, cleanup, custom, inference, sly_format, train
+from workers import cache, cleanup, custom, inference, train
 from workers.downloads import Downloader, Job, plan
 from workers.errors import TaskError
 
@@ -226,7 +227,7 @@ def test_symlink_fifo_device_in_results_are_skipped(node, user, task_image):
         mkdir -p sub && ln -s /etc sub/dirlink && mknod sub/null c 1 3 || true"""])
     outcome = custom.run(ctx)
     assert outcome.state == "finished", (outcome, ctx.messages()[-10:])
-    arts = {a["path"] for a in user.get_task(ctx.task_id)["results"]["artifacts"]}
+    arts = {a["path"] for a in user.task_artifacts(ctx.task_id)}
     assert arts == {"ok.txt"}
     said = ctx.messages("agent")
     for line in ("results: leak is a symlink; skipped", "results: pipe is a fifo; skipped",

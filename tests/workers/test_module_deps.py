@@ -12,7 +12,7 @@ WORKERS = Path(__file__).resolve().parents[2] / "workers"
 # module -> the only workers modules it may import
 ALLOWED = {
     "cache": set(),
-    "downloads": {"cache", "errors", "sly_format"},
+    "downloads": {"cache", "errors"},
     "container_spec": {"errors"},
     "image_pull": {"errors"},
     "http_stream": set(),

@@ -3,12 +3,17 @@
 // Each label is one <g class="lbl"> (rectangle, polygon with holes, line, point, bitmap), in its
 // class colour. Bitmaps are base64(zlib(PNG)): inflated in the browser (DecompressionStream),
 // decoded (createImageBitmap) and tinted on a canvas; the result is a data: URL (img-src allows it).
+// A mask is decoded straight to at most MASK_SIDE pixels a side and tinted at that size (a task's
+// 13000 x 13000 mask took 7.7 s per tile at full size); one over MASK_MAX_PIXELS is not decoded:
+// its outline is drawn.
 "use strict";
 SLY.Ann = (function () {
   const NS = "http://www.w3.org/2000/svg";
   const BITMAPS = ["bitmap", "alpha_mask"];
   const DRAWN = ["rectangle", "polygon", "line", "point", ...BITMAPS];
   const FALLBACK = ["#e8772e", "#2f7ed8", "#1a9c5b", "#9b51e0", "#d6336c", "#8a6d00"];
+  const MASK_SIDE = 1024;           // the large view's size; the grid's tiles are smaller
+  const MASK_MAX_PIXELS = 25e6;
 
   function svgEl(tag, attrs) {
     const e = document.createElementNS(NS, tag);
@@ -45,9 +50,16 @@ SLY.Ann = (function () {
   async function decodeMask(b64, color) {
     const bin = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
     const png = await new Response(new Blob([bin]).stream().pipeThrough(new DecompressionStream("deflate"))).blob();
-    const bmp = await createImageBitmap(new Blob([png], { type: "image/png" }), { premultiplyAlpha: "none" });
+    const ihdr = new DataView(await png.slice(0, 24).arrayBuffer());
+    const width = ihdr.getUint32(16), height = ihdr.getUint32(20);
+    if (width * height > MASK_MAX_PIXELS) return { url: null, width, height, pixels: 0 };
+    const scale = Math.min(1, MASK_SIDE / Math.max(width, height));
+    const w = Math.max(1, Math.round(width * scale)), h = Math.max(1, Math.round(height * scale));
+    // Smoothing keeps a one-pixel line of a large mask visible once shrunk (any alpha counts as on).
+    const bmp = await createImageBitmap(new Blob([png], { type: "image/png" }),
+      { premultiplyAlpha: "none", resizeWidth: w, resizeHeight: h, resizeQuality: "medium" });
     const cv = document.createElement("canvas");
-    cv.width = bmp.width; cv.height = bmp.height;
+    cv.width = w; cv.height = h;
     const ctx = cv.getContext("2d");
     ctx.drawImage(bmp, 0, 0);
     const img = ctx.getImageData(0, 0, cv.width, cv.height), px = img.data;
@@ -60,7 +72,8 @@ SLY.Ann = (function () {
       px[i] = r; px[i + 1] = g; px[i + 2] = b; px[i + 3] = on ? 255 : 0;
     }
     ctx.putImageData(img, 0, 0);
-    return { url: cv.toDataURL("image/png"), width: bmp.width, height: bmp.height };
+    bmp.close();
+    return { url: cv.toDataURL("image/png"), width, height, pixels: w * h };
   }
 
   /** The SVG elements of one label (a <g class="lbl">); a bitmap's image is filled in when decoded. */
@@ -85,7 +98,14 @@ SLY.Ann = (function () {
       const im = svgEl("image", { x: ox, y: oy, preserveAspectRatio: "none" });
       g.append(im);
       pending.push(maskURL(o.bitmap.data, color).then(m => {
-        im.setAttribute("width", m.width); im.setAttribute("height", m.height); im.setAttribute("href", m.url);
+        g.dataset.px = m.pixels;      // pixels decoded and tinted for this label
+        if (m.url) {
+          im.setAttribute("width", m.width); im.setAttribute("height", m.height); im.setAttribute("href", m.url);
+        } else {
+          g.classList.add("too-large");
+          g.append(svgEl("rect", { x: ox, y: oy, width: m.width, height: m.height, fill: "none", "stroke-dasharray": "8 4",
+            "vector-effect": "non-scaling-stroke" }));
+        }
       }, () => { g.classList.add("broken"); }));
     } else {
       return null;

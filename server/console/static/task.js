@@ -75,11 +75,19 @@
       SLY.el("time", { datetime: SLY.ms(s.ts) ? new Date(SLY.ms(s.ts)).toISOString() : "" }, SLY.time(s.ts)))));
   }
 
-  function results(t) {
+  const ARTIFACTS_SHOWN = 200;   // the first page of the task's artifacts; the API pages the rest
+
+  async function results(t) {
     const r = t.results || {};
     const key = JSON.stringify(r);
     if (key === resultsKey) return;
     resultsKey = key;
+    let files = [];
+    if (r.artifacts_count) {
+      try { files = (await SLY.api("GET", `/api/v1/tasks/${id}/artifacts?limit=${ARTIFACTS_SHOWN}`)).items; }
+      catch (e) { resultsKey = ""; return; }   // the next refresh tries again
+      if (key !== resultsKey) return;          // a newer refresh drew them meanwhile
+    }
     const box = document.getElementById("t-results");
     const parts = [];
     if (r.model_id) parts.push(SLY.el("p", {}, "Model: ", SLY.el("a", { href: `/models/${r.model_id}`, id: "t-model" }, `#${r.model_id}`)));
@@ -88,10 +96,13 @@
       cks.map((c, i) => [i ? ", " : "", SLY.el("a", { href: `/models/${c}` }, `#${c}`)])));
     if (r.project_id) parts.push(SLY.el("p", {}, "Project: ", SLY.el("a", { href: `/projects/${r.project_id}`, id: "t-project" }, `#${r.project_id}`),
       " (browse its images and labels)"));
-    const files = r.artifacts || r.files || [];
-    if (files.length) parts.push(SLY.el("ul", { class: "artifacts" }, files.map(f => SLY.el("li", {},
-      SLY.el("a", { href: `/api/v1/blobs/${f.sha256}`, download: (f.path || f.name || f.sha256).split("/").pop() }, f.path || f.name),
-      SLY.el("span", { class: "barlabel" }, SLY.bytes(f.size))))));
+    if (files.length) {
+      parts.push(SLY.el("p", { id: "t-artifacts" }, `Artifacts: ${r.artifacts_count}, ${SLY.bytes(r.artifacts_bytes || 0)}`,
+        r.artifacts_count > files.length ? ` (the first ${files.length} by path)` : ""));
+      parts.push(SLY.el("ul", { class: "artifacts" }, files.map(f => SLY.el("li", {},
+        SLY.el("a", { href: `/api/v1/blobs/${f.sha256}`, download: f.path.split("/").pop() }, f.path),
+        SLY.el("span", { class: "barlabel" }, SLY.bytes(f.size))))));
+    }
     box.replaceChildren(...(parts.length ? parts : ["—"]));
   }
 

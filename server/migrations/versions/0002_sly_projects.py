@@ -22,7 +22,7 @@ down_revision: Union[str, Sequence[str], None] = "0001"
 branch_labels: Union[str, Sequence[str], None] = None
 depends_on: Union[str, Sequence[str], None] = None
 
-# Frozen copies (a revision must not change when server code does): server.sly_format.empty_meta()
+# Frozen copies (a revision must not change when server code does): protocol.sly_format.empty_meta()
 # and empty_ann(None, None).
 EMPTY_META = {"classes": [], "tags": [], "projectType": "images"}
 EMPTY_ANN = {"description": "", "size": {"height": None, "width": None}, "tags": [], "objects": [],
