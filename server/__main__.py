@@ -12,56 +12,36 @@ from pathlib import Path
 
 import uvicorn
 
-from server.settings import Settings
+from server.settings import Settings, options
 
 SETTINGS_ENV = "SLY_SERVER_SETTINGS"   # how a --workers parent hands its settings to the worker processes
 
 
+_TYPES = {"int": int, "float": float, "str": str, "Path": Path}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
+    """The command line: --host, --port and --log-level, then one option per setting (server.settings)."""
     p = argparse.ArgumentParser(prog="python -m server", description="sly-agent reference task server")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8700)
-    p.add_argument("--data", default="server-data", help="data dir: SQLite db, blobs, admin_token (default ./server-data)")
-    p.add_argument("--db", default=None, help="SQLAlchemy database URL (default: SQLite in the data dir)")
-    p.add_argument("--db-pool-size", type=int, default=None,
-                   help="database connections per process, and threads doing database work (default: 1 on SQLite, "
-                        "which takes one writer at a time, 10 on PostgreSQL)")
-    p.add_argument("--workers", type=int, default=1,
-                   help="server processes on this port (more than 1 needs PostgreSQL: --db postgresql+psycopg://...)")
-    p.add_argument("--log-page-bytes", type=int, default=Settings.log_page_bytes,
-                   help="a log page or live-log batch stops past this many bytes (at least one line; default 1 MiB)")
-    p.add_argument("--lease-s", type=float, default=300.0, help="a leased task whose agent is silent this long becomes lost")
-    p.add_argument("--telemetry-interval-s", type=float, default=5.0, help="agents' telemetry interval; offline after 3 missed")
-    p.add_argument("--offline-after-s", type=float, default=None, help="override: offline after this many silent seconds")
-    p.add_argument("--telemetry-full-s", type=float, default=3600.0, help="telemetry history: every point for this long")
-    p.add_argument("--telemetry-keep-s", type=float, default=86400.0,
-                   help="telemetry history: one point a minute after --telemetry-full-s, until this age")
-    p.add_argument("--telemetry-min-gap-s", type=float, default=None,
-                   help="telemetry history: at most one point per node per this (default: half the interval)")
-    p.add_argument("--log-retention-days", type=float, default=0.0,
-                   help="delete the log lines of tasks that ended this many days ago (0: keep forever)")
-    p.add_argument("--contact-flush-s", type=float, default=1.0,
-                   help="nodes' contact, lease renewals, telemetry and open-poll rows are written in one batch this "
-                        "often (default 1 s; at most 5 s, or a third of the offline window and of the lease where "
-                        "those are longer; a crash loses at most this much of them)")
-    p.add_argument("--housekeeping-s", type=float, default=60.0, help="how often retention and pruning run")
-    p.add_argument("--log-quota-bytes", type=int, default=256 * 1024 * 1024,
-                   help="log bytes stored per task; past it one marker line, later lines dropped (0: none; default 256 MiB)")
-    p.add_argument("--blob-quota-bytes", type=int, default=0,
-                   help="bytes the blob store may hold; an upload past it gets 507 (default 0: no quota)")
-    p.add_argument("--blob-grace-s", type=float, default=24 * 3600.0,
-                   help="unreferenced blobs and partial uploads older than this are deleted (default 86400)")
-    p.add_argument("--agent-image", default="sly-agent:latest", help="image name in the docker run_command")
-    p.add_argument("--public-url", default=None, help="server address for agents (run_command); default: the request's URL")
-    p.add_argument("--echo-endpoint", action="store_true",
-                   help="mount POST /api/v1/_echo, which reads a body and discards it (benchmarks only)")
-    p.add_argument("--metrics-token", default=os.environ.get("SERVER_METRICS_TOKEN") or None,
-                   help="/metrics answers only 'Authorization: Bearer <this>' (env SERVER_METRICS_TOKEN); "
-                        "default: /metrics is open")
-    p.add_argument("--docs", action="store_true",
-                   help="serve the Swagger UI at /docs (it loads its assets from a CDN); /openapi.json is always served")
+    for f in options():
+        flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
+        env = f.metadata["env"]
+        default = (os.environ.get(env) if env else None) or f.default
+        kind = f.type.split(" | ")[0]    # "int | None" -> "int" (annotations are strings here)
+        if kind == "bool":
+            p.add_argument(flag, dest=f.name, action="store_true", help=f.metadata["help"])
+        else:
+            p.add_argument(flag, dest=f.name, type=_TYPES[kind], default=default, help=f.metadata["help"],
+                           metavar=flag[2:].upper().replace("-", "_"))
     p.add_argument("--log-level", default="info")
     return p.parse_args(argv)
+
+
+def settings_of(a: argparse.Namespace) -> Settings:
+    """The settings a parsed command line gives."""
+    return Settings(**{f.name: getattr(a, f.name) for f in options()})
 
 
 def tune_runtime() -> None:
@@ -104,22 +84,9 @@ def main(argv=None) -> None:
         setproctitle(f"sly-server: {a.host}:{a.port}")
     except ImportError:
         pass
-    settings = Settings(data_dir=Path(a.data), db_url=a.db, lease_s=a.lease_s, telemetry_interval_s=a.telemetry_interval_s,
-                        offline_after_s=a.offline_after_s, agent_image=a.agent_image, public_url=a.public_url,
-                        echo_endpoint=a.echo_endpoint, telemetry_full_s=a.telemetry_full_s,
-                        telemetry_keep_s=a.telemetry_keep_s, telemetry_min_gap_s=a.telemetry_min_gap_s,
-                        log_retention_days=a.log_retention_days, housekeeping_s=a.housekeeping_s,
-                        contact_flush_s=a.contact_flush_s,
-                        metrics_token=a.metrics_token, docs=a.docs,
-                        db_pool_size=a.db_pool_size, workers=a.workers, log_page_bytes=a.log_page_bytes,
-                        log_quota_bytes=a.log_quota_bytes, blob_quota_bytes=a.blob_quota_bytes,
-                        blob_grace_s=a.blob_grace_s)
-    if (a.db_pool_size is not None and a.db_pool_size < 1) or a.workers < 1 or a.log_page_bytes < 1:
-        sys.exit("sly-server: --db-pool-size, --workers and --log-page-bytes must be at least 1")
-    most = max(5.0, min(settings.offline_after, settings.lease_s) / 3)   # 5 s with the defaults
-    if not 0.01 <= a.contact_flush_s <= most:
-        sys.exit(f"sly-server: --contact-flush-s must be between 0.01 and {most:g}: 5 s, or a third of the offline "
-                 f"window (--offline-after-s) and of the lease (--lease-s) where those are longer")
+    settings = settings_of(a)
+    for problem in settings.problems():
+        sys.exit(f"sly-server: {problem}")
     from server.auth import ConfigError
     try:
         serve(a, settings)

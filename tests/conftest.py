@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from tests.support.server import ServerProcess, db_kind
+from tests.support.server import db_kind, fixture_server
 
 
 def pytest_report_header(config):
@@ -24,19 +24,24 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason=f"SQLite only: {why}"))
 
 
+def _wants_process(request) -> bool:
+    return request.node.get_closest_marker("server_process") is not None
+
+
 @pytest.fixture(scope="session")
 def server(tmp_path_factory):
     """One server for the whole test session (tests create their own agents/tasks)."""
     # Every telemetry sample a test posts becomes a history point (by default, one per half interval).
-    srv = ServerProcess(tmp_path_factory.mktemp("server") / "data", extra_args=["--telemetry-min-gap-s", "0"]).start()
+    srv = fixture_server(tmp_path_factory.mktemp("server") / "data", extra_args=["--telemetry-min-gap-s", "0"]).start()
     yield srv
     srv.close()
 
 
 @pytest.fixture
-def fresh_server(tmp_path):
-    """A server of this test's own, which the test may stop and start again (same port, same data)."""
-    srv = ServerProcess(tmp_path / "server-data").start()
+def fresh_server(tmp_path, request):
+    """A server of this test's own, which the test may stop and start again (same port, same data);
+    a subprocess where the test is marked `server_process`."""
+    srv = fixture_server(tmp_path / "server-data", process=_wants_process(request)).start()
     yield srv
     srv.close()
 

@@ -1,6 +1,8 @@
 """Helpers for the server conformance tests: a UserClient and an agent speaking plain HTTP."""
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 import requests
 
@@ -17,6 +19,13 @@ class FakeAgent:
 
     def post(self, path: str, **kw) -> requests.Response:
         return self.s.post(self.url + path, timeout=kw.pop("timeout", 30), **kw)
+
+    def upload(self, data: bytes) -> str:
+        """PUT the bytes as this agent (its results may name only blobs it may read); their sha256."""
+        sha = hashlib.sha256(data).hexdigest()
+        r = self.s.put(f"{self.url}/agent/v1/blobs/{sha}", data=data, timeout=30)
+        assert r.status_code == 200, r.text
+        return sha
 
     def poll(self, free_slots=1, free_gpus=(), running=(), wait=0.0) -> dict:
         r = self.post(f"/agent/v1/poll?wait={wait}", json={"free_slots": free_slots, "free_gpus": list(free_gpus),
@@ -45,14 +54,16 @@ def make_agent(server, client):
 
 
 @pytest.fixture
-def own_server(tmp_path):
+def own_server(tmp_path, request):
     """own_server(*server_args, name=) -> (server, client, agent): a server of the test's own (it may stop
-    and start it), its user client, and one agent on it. Stopped at the end."""
-    from tests.support.server import ServerProcess
+    and start it), its user client, and one agent on it; a subprocess where the test is marked
+    `server_process`. Stopped at the end."""
+    from tests.support.server import fixture_server
+    process = request.node.get_closest_marker("server_process") is not None
     started = []
 
     def start(*args: str, name: str = "own"):
-        srv = ServerProcess(tmp_path / "data", extra_args=list(args)).start()
+        srv = fixture_server(tmp_path / "data", process=process, extra_args=list(args)).start()
         started.append(srv)
         client = UserClient(srv.url, srv.admin_token)
         a = client.create_agent(name)

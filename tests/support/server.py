@@ -1,4 +1,6 @@
-"""Run the real reference server as a subprocess on a free loopback port.
+"""Run the real reference server on a free loopback port: on a thread of the test process
+(ServerThread, the default: no interpreter start, no imports, about 0.1 s) or as a subprocess
+(ServerProcess: where a test signals, kills or measures the process itself, or sets its environment).
 
 The database: SQLite in the server's data dir, unless `SLY_TEST_DB_URL` names a PostgreSQL
 database (`postgresql+psycopg://postgres@127.0.0.1:55432/sly`, as `.ci/pg-up.sh` prints). Then
@@ -14,6 +16,7 @@ import secrets
 import string
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import requests
@@ -157,3 +160,76 @@ class ServerProcess:
         s = requests.Session()
         s.headers["Authorization"] = f"Bearer {self.admin_token}"
         return s
+
+
+class ServerThread(ServerProcess):
+    """The real app (server.app.create_app) served by uvicorn on a thread of this process, with the
+    settings `python -m server` would take from the same arguments. stop()/start() keep the port and
+    the data. What it cannot do: a separate environment (`env`), signals, a process to kill or to
+    measure; use ServerProcess for those."""
+
+    def __init__(self, data_dir: Path, port: int | None = None, extra_args: list[str] | None = None,
+                 env: dict | None = None):
+        if env:
+            raise ValueError("ServerThread shares this process's environment: use ServerProcess for env")
+        super().__init__(data_dir, port=port, extra_args=extra_args)
+        self._server = None
+        self._thread: threading.Thread | None = None
+
+    def start(self, timeout: float = 30.0) -> "ServerThread":
+        import uvicorn
+
+        from server.__main__ import _Server, parse_args, settings_of
+        from server.app import create_app
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        args = parse_args(["--host", "127.0.0.1", "--port", str(self.port), "--data", str(self.data_dir),
+                           *self._db_args(), *self.extra_args])
+        settings = settings_of(args)
+        problems = settings.problems()
+        if problems:
+            raise ValueError("; ".join(problems))
+        settings.admin_token = self.admin_token
+        app = create_app(settings)
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_config=None, access_log=False,
+                                timeout_graceful_shutdown=3, lifespan="on")
+        self._server = _Server(config, app.state.core)
+        self._thread = threading.Thread(target=self._server.run, name=f"server-{self.port}", daemon=True)
+        self._thread.start()
+
+        def up():
+            if not self._thread.is_alive():
+                raise RuntimeError("the server thread ended before it served (see the captured log)")
+            return self._server.started
+        poll_for(up, timeout=timeout, what="server started")
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._thread is not None:
+            self._server.should_exit = True
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                self._server.force_exit = True
+                self._thread.join(timeout)
+        self._thread = self._server = None
+
+    @property
+    def proc(self):
+        """No process of its own (ServerProcess's `proc`)."""
+        return None
+
+    @proc.setter
+    def proc(self, value) -> None:
+        if value is not None:
+            raise AttributeError("a ServerThread has no process")
+
+
+# ServerThread unless SLY_TEST_SERVER=process (then every fixture server is a subprocess, as a
+# deployment runs it: a check that the thread and the process behave alike).
+IN_THREAD = os.environ.get("SLY_TEST_SERVER", "process") != "process"
+
+
+def fixture_server(data_dir: Path, *, process: bool = False, **kw) -> ServerProcess:
+    """A server for a fixture: a ServerThread, or a ServerProcess where `process` (the test is marked
+    `server_process`), an `env` is given, or SLY_TEST_SERVER=process."""
+    use_process = process or kw.get("env") or not IN_THREAD
+    return (ServerProcess if use_process else ServerThread)(data_dir, **kw)
