@@ -80,12 +80,16 @@ class BlobStore:
         """Store the streamed bytes under h; returns (size, created). Raises APIError on a mismatch,
         507 blob_quota_exceeded when the store's quota would be passed."""
         dest = self.path(h)
-        try:
-            os.utime(dest)     # stored already: young again, so the collector leaves it while the bytes come
-        except FileNotFoundError:
-            pass
-        else:
-            return await self._hash_only(h, chunks), False
+        if dest.is_file():
+            size = await self._hash_only(h, chunks)
+            # Young again only once the right bytes came: a wrong body must not keep an
+            # unreferenced blob from the collector.
+            try:
+                os.utime(dest)
+            except FileNotFoundError:    # collected while the bytes came: the sender sends them again
+                raise APIError(503, "blob_collected", "the blob was collected during the upload; send it again",
+                               retry_after=1) from None
+            return size, False
         if self.quota and length is not None and self.used + self.reserved + length > self.quota:
             raise self._over_quota(length)
         fd, tmp = tempfile.mkstemp(dir=self.tmp, prefix=h[:8] + ".")

@@ -119,3 +119,31 @@ def test_results_may_name_the_blobs_of_the_tasks_inputs_and_of_the_nodes_earlier
 
 def _fill(body: dict, h: str) -> dict:
     return json.loads(json.dumps(body).replace("{h}", h))
+
+
+def test_a_wrong_body_does_not_keep_an_unreferenced_blob_young(tmp_path):
+    """Only the right bytes refresh a stored blob's age: a node that merely knows a sha256 cannot
+    keep an unreferenced blob from the collector with empty PUTs."""
+    import asyncio
+    import os
+
+    import pytest
+
+    from protocol.errors import APIError
+    from server.blobs import BlobStore
+    store = BlobStore(tmp_path / "blobs")
+    data = b"someone else's bytes"
+    h = _sha(data)
+
+    async def put(body: bytes):
+        async def chunks():
+            yield body
+        return await store.put_stream(h, chunks())
+    assert asyncio.run(put(data)) == (len(data), True)
+    os.utime(store.path(h), (1000, 1000))
+    with pytest.raises(APIError) as e:
+        asyncio.run(put(b""))
+    assert e.value.code == "hash_mismatch"
+    assert store.path(h).stat().st_mtime == 1000, "a wrong body made the blob young again"
+    assert asyncio.run(put(data)) == (len(data), False)
+    assert store.path(h).stat().st_mtime > 1000
