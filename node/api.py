@@ -9,6 +9,9 @@ status, code and detail only). Paths and headers come from `protocol.endpoints`.
 from __future__ import annotations
 
 import hashlib
+import itertools
+import random
+import time
 from pathlib import Path
 
 import requests
@@ -20,6 +23,8 @@ from protocol import endpoints as ep
 from protocol.errors import APIError, decode_error
 
 BLOB_CHUNK = 1 << 20
+RESULTS_BUSY_WAIT_S = 600.0                           # how long a results post waits out a busy server
+BUSY_CODES = frozenset({"too_many_checks", "server_busy"})
 
 
 def make_session(token: str, retries: int = 3, pool: int = 16) -> requests.Session:
@@ -96,9 +101,22 @@ class AgentAPI:
         self.request("POST", ep.TELEMETRY, json=sample, timeout=10)
 
     def post_results(self, task_id: int, kind: str, name: str, files: list[dict], **extra) -> dict:
-        """`extra`: more fields of the body (a project's `meta`, a model's `checkpoint`)."""
+        """`extra`: more fields of the body (a project's `meta`, a model's `checkpoint`).
+
+        A server busy with this node's other checks (429 `too_many_checks`: one project check per
+        node at a time) or with other large bodies (503 `server_busy`) is asked again, with
+        backoff, for up to RESULTS_BUSY_WAIT_S: two tasks of one node that finish together both
+        get their results in."""
         body = {"kind": kind, "name": name, "files": files, **{k: v for k, v in extra.items() if v is not None}}
-        return self.request("POST", ep.path(ep.TASK_RESULTS, task_id=task_id), json=body).json()
+        deadline = time.monotonic() + RESULTS_BUSY_WAIT_S
+        for attempt in itertools.count():
+            try:
+                return self.request("POST", ep.path(ep.TASK_RESULTS, task_id=task_id), json=body).json()
+            except APIError as e:
+                wait = min(30.0, 2.0 * 2 ** attempt) * (0.5 + random.random() / 2)
+                if e.code not in BUSY_CODES or time.monotonic() + wait > deadline:
+                    raise
+                time.sleep(wait)
 
     # --- blobs ---
     def blob_exists(self, sha256: str) -> bool:

@@ -60,6 +60,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("task_network", "TASK_NETWORK", "bridge", str, "Network of task containers: bridge, or none (no network at all)"),
     Setting("task_user", "TASK_USER", "", str, "User task containers run as, e.g. 1000:1000 (empty: the image's own, as Supervisely images expect)"),
     Setting("task_read_only_root", "TASK_READ_ONLY_ROOT", False, bool, "Read-only root filesystem for task containers (a tmpfs /tmp is added)"),
+    Setting("task_results_max_files", "TASK_RESULTS_MAX_FILES", 100000, int, "Most result files one task may upload; past it the upload fails the task (0: no limit)"),
+    Setting("task_results_max_mb", "TASK_RESULTS_MAX_MB", 102400, int, "Most MB the agent may read from one task's results/ to hash or copy them, over the task's life (an unchanged file is not read again); past it the upload fails the task (0: no limit)"),
 )
 
 
@@ -93,6 +95,8 @@ class Config:
     task_network: str = "bridge"
     task_user: str = ""
     task_read_only_root: bool = False
+    task_results_max_files: int = 100000
+    task_results_max_mb: int = 102400
     config_file: str | None = None
     # The documented default root named by the token: a link to root (node/storage.py makes it).
     token_link: str | None = None
@@ -213,6 +217,9 @@ def load_config(environ: dict | None = None) -> Config:
         raise ConfigError(f"TASK_NETWORK={values['task_network']!r}: use bridge or none")
     if values["task_pids_limit"] < 0:
         raise ConfigError("TASK_PIDS_LIMIT must be 0 (no limit) or more")
+    for name in ("task_results_max_files", "task_results_max_mb"):
+        if values[name] < 0:
+            raise ConfigError(f"{name.upper()} must be 0 (no limit) or more")
     return Config(config_file=config_file, **values)
 
 

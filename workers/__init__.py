@@ -1,7 +1,7 @@
 """Task-type handlers. One module per type; each runs inside a task process (see workers/base.py).
 
 Importing the package loads nothing heavy: the handler contract (`workers.base`) needs neither
-docker, watchdog nor requests. The supervisor calls `preload()` itself (see there).
+docker, inotify nor requests. The supervisor calls `preload()` itself (see there).
 """
 from protocol.tasks import TASK_TYPES
 

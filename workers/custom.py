@@ -7,7 +7,7 @@ from workers.results import upload_artifacts
 
 
 def upload(ctx, live) -> None:
-    upload_artifacts(ctx, f"task {ctx.task_id} results")
+    upload_artifacts(ctx, f"task {ctx.task_id} results", live)
 
 
 def run(ctx) -> Outcome:

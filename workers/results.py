@@ -5,11 +5,17 @@
                `results/model/` folder wins); neither -> failed
     inference  results/<project>/ (a Supervisely project) -> a new project with meta and anns
     custom     results/ -> the task's artifacts; files closed while the container runs are
-               uploaded at once (watchdog, inotify)
+               uploaded in batches (inotify on a capped number of folders, else a periodic scan:
+               workers/results_watch.py)
 
 Everything is read through workers/safefs.py: from a directory fd, without following links, each
 file checked with fstat and hashed and uploaded from that same fd. A symlink, fifo, socket or
-device anywhere under results/ is skipped with a line in the task log.
+device anywhere under results/ is skipped with a line in the task log, and so is a sparse file
+(its size on the server would be what its holes pretend, not what the node holds).
+
+What a task's results cost the agent is bounded (`Budget`): TASK_RESULTS_MAX_FILES files and
+TASK_RESULTS_MAX_MB read to hash or copy them over the task's life. A file or checkpoint folder
+unchanged since its upload (same paths, sizes, mtimes, inodes) is not read again.
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ from protocol.backoff import backoff_delay
 from protocol.errors import APIError
 from workers import cache, safefs
 from workers.errors import TaskError
+from workers.results_watch import WATCH_DIRS, ResultsWatch
 
 UPLOAD_TRIES = 4
 CHUNK = 1 << 20
@@ -33,45 +40,105 @@ IN_FLIGHT = 8                       # files open at once while uploading
 MAX_JSON_BYTES = 64 << 20           # a result's meta.json or annotation
 CONTAINER_RESULTS = "/sly_task_data/results"
 CHECKPOINTS_FILE = "checkpoints.json"   # tasks/<id>/, not mounted: what this task uploaded so far
+POST_FILES = 1000                   # artifacts in one POST (each post costs the server per entry)
+BATCH_S = 1.0                       # a closed file waits at most this long for others to share its post
+SCAN_S = 5.0                        # results/ is walked this often once it has too many folders to watch
+PENDING_MAX = 10000                 # closed files remembered before the next post; past it: one walk
+SKIP_LOG_MAX = 100                  # skipped paths logged one by one; the rest are counted
+SPARSE_MIN = 1 << 20                # a file is sparse when over this and less than half of it is on disk
+NO_RETRY = (401, 403, 413)          # blob uploads the server will refuse again
 
 
-def hash_file(f) -> tuple[str, int]:
-    """sha256 and size of an open binary file, read from its start."""
+class ResultsLimit(TaskError):
+    """A task's results went past TASK_RESULTS_MAX_FILES / _MB, or the server's limit (413)."""
+
+
+class Budget:
+    """What one task's results may cost the agent: files uploaded, bytes read to hash or copy them.
+    Once past a limit every later charge fails at once, so uploads in flight stop quickly."""
+
+    def __init__(self, config):
+        self.max_files = int(getattr(config, "task_results_max_files", 0) or 0)
+        self.max_bytes = int(getattr(config, "task_results_max_mb", 0) or 0) * cache.MB
+        self.files = 0
+        self.bytes = 0
+        self.exceeded: str | None = None
+        self.lock = threading.Lock()
+
+    def refuse(self, why: str) -> None:
+        with self.lock:
+            self.exceeded = self.exceeded or why
+        raise ResultsLimit(self.exceeded)
+
+    def check(self) -> None:
+        if self.exceeded:
+            raise ResultsLimit(self.exceeded)
+
+    def add_files(self, n: int = 1) -> None:
+        with self.lock:
+            self.files += n
+            over = self.max_files and self.files > self.max_files
+        self.check()
+        if over:
+            self.refuse(f"results: more than {self.max_files} files (TASK_RESULTS_MAX_FILES); upload refused")
+
+    def add_bytes(self, n: int) -> None:
+        with self.lock:
+            self.bytes += n
+            over = self.max_bytes and self.bytes > self.max_bytes
+        self.check()
+        if over:
+            self.refuse(f"results: more than {self.max_bytes // cache.MB} MB read from results/ "
+                        f"(TASK_RESULTS_MAX_MB); upload refused")
+
+
+def server_refused(e: APIError, what: str) -> TaskError:
+    if e.status == 413:
+        return ResultsLimit(f"results: the server refused {what}: over its limit ({e.code}: {e.detail})")
+    return TaskError(f"results: the server refused {what}: {e}")
+
+
+def hash_file(f, charge=None) -> tuple[str, int]:
+    """sha256 and size of an open binary file, read from its start; `charge(n)` for every chunk."""
     f.seek(0)
     h = hashlib.sha256()
     size = 0
     while b := f.read(CHUNK):
+        if charge is not None:
+            charge(len(b))
         h.update(b)
         size += len(b)
     return h.hexdigest(), size
 
 
-def upload_blob(api, f, label: str) -> dict:
+def upload_blob(api, f, label: str, charge=None) -> dict:
     """PUT one open file unless the server has its sha256; retried. Returns {sha256, size}.
 
     The server checks the hash: a file changed between hashing and sending is refused, and sent
     again hashed anew."""
     last = None
     for attempt in range(UPLOAD_TRIES):
-        sha, size = hash_file(f)
+        sha, size = hash_file(f, charge)
         try:
             if not api.blob_exists(sha):
                 api.put_blob(sha, f)
             return {"sha256": sha, "size": size}
         except APIError as e:
+            if e.status in NO_RETRY:
+                raise server_refused(e, label) from None
             last = e
             time.sleep(backoff_delay(attempt + 1, base=0.2, cap=5.0))
     raise TaskError(f"upload of {label} failed after {UPLOAD_TRIES} tries: {last}")
 
 
-def upload_open_files(api, files, workers: int = 4) -> list[dict]:
+def upload_open_files(api, files, workers: int = 4, charge=None) -> list[dict]:
     """Upload (relative path, open file) pairs (closing each); returns [{path, sha256, size}] by path."""
     out: list[dict] = []
     gate = threading.BoundedSemaphore(IN_FLIGHT)
 
     def one(rel, f):
         try:
-            return {"path": rel, **upload_blob(api, f, rel)}
+            return {"path": rel, **upload_blob(api, f, rel, charge)}
         finally:
             f.close()
             gate.release()
@@ -85,6 +152,23 @@ def upload_open_files(api, files, workers: int = 4) -> list[dict]:
     return sorted(out, key=lambda e: e["path"])
 
 
+def post_artifacts(api, task_id: int, name: str, entries: list[dict]) -> dict | None:
+    """Artifacts in posts of at most POST_FILES entries (the server merges them by path)."""
+    answer = None
+    for i in range(0, len(entries), POST_FILES):
+        answer = api.post_results(task_id, "artifacts", name, entries[i:i + POST_FILES])
+    return answer
+
+
+def stamp(st) -> int:
+    """A compact fingerprint of a file's state: what says it is unchanged since it was read."""
+    return hash((st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev))
+
+
+def is_sparse(st) -> bool:
+    return st.st_size > SPARSE_MIN and st.st_blocks * 512 < st.st_size // 2
+
+
 def container_rel(path: str) -> str:
     """A results path as a task names it (`00000002`, `/sly_task_data/results/x`) -> relative."""
     if path == CONTAINER_RESULTS or path.startswith(CONTAINER_RESULTS + "/"):
@@ -93,14 +177,17 @@ def container_rel(path: str) -> str:
 
 
 class ResultsDir:
-    """results/ of one task, opened once without following links; skips are logged once each."""
+    """results/ of one task, opened once without following links; skips are logged once each
+    (the first SKIP_LOG_MAX of them: a task making a million links gets no million log lines)."""
 
     def __init__(self, ctx):
         self.ctx = ctx
         self.path = ctx.task_dir / "results"
         self.skipped: set[str] = set()
+        self.unnamed_skips = 0
         self.lock = threading.Lock()
         self.fd: int | None = None
+        self.walked = self.unchanged = 0
 
     def open(self) -> "ResultsDir":
         self.path.mkdir(parents=True, exist_ok=True)
@@ -115,13 +202,47 @@ class ResultsDir:
             os.close(self.fd)
             self.fd = None
 
-    def skip(self, rel: str, reason: str) -> None:
+    def skip(self, rel: str, reason: str, rule: str = "only regular files and folders are read") -> None:
         with self.lock:
             if rel in self.skipped:
                 return
-            self.skipped.add(rel)
-        self.ctx.log(f"results: {rel} {reason}; skipped (only regular files and folders are read)",
-                     level="warning")
+            if len(self.skipped) >= SKIP_LOG_MAX:
+                self.unnamed_skips += 1
+                if self.unnamed_skips > 1:
+                    return
+                message = f"results: more than {SKIP_LOG_MAX} paths skipped; the others are not named"
+            else:
+                self.skipped.add(rel)
+                message = f"results: {rel} {reason}; skipped ({rule})"
+        self.ctx.log(message, level="warning")
+
+    def admit(self, files, budget: Budget, seen: dict | None = None, staged: dict | None = None):
+        """The files worth reading, each new one counted against `budget`: a sparse file is
+        skipped; with `seen` (path -> stamp() of what was posted), so is a file unchanged since.
+        `staged` gets the stamp of every file let through (posted, they go into `seen`)."""
+        for rel, f in files:
+            self.walked += 1
+            try:
+                st = os.fstat(f.fileno())
+                if is_sparse(st):
+                    self.skip(rel, f"is sparse ({st.st_size} bytes, {st.st_blocks * 512} on disk)",
+                              "its holes would be uploaded as bytes")
+                    f.close()
+                    continue
+                key = stamp(st)
+                old = None if seen is None else seen.get(rel)
+                if old == key or (staged is not None and rel in staged):   # or twice in one batch
+                    self.unchanged += 1
+                    f.close()
+                    continue
+                if old is None:
+                    budget.add_files()
+                if staged is not None:
+                    staged[rel] = key
+            except BaseException:
+                f.close()
+                raise
+            yield rel, f
 
     def files(self, rel: str = ""):
         """(path relative to `rel`, open file) for every regular file under results/<rel>."""
@@ -155,21 +276,27 @@ class ResultsDir:
 
 # --- custom ---------------------------------------------------------------------------------
 
-def upload_artifacts(ctx, name: str) -> dict | None:
-    """Everything under results/ as the task's artifacts; None when there is nothing."""
+def upload_artifacts(ctx, name: str, live: "CheckpointUploader | None" = None) -> dict | None:
+    """Everything under results/ as the task's artifacts; None when there is nothing. With `live`
+    (the uploader that ran alongside the container) the files it posted and that have not changed
+    since are not read again, and its budget goes on."""
+    budget = live.budget if live is not None else Budget(ctx.config)
+    budget.check()
+    seen = live.seen if live is not None else None
     res = ResultsDir(ctx).open()
     try:
-        entries = upload_open_files(ctx.api, res.files())
+        entries = upload_open_files(ctx.api, res.admit(res.files(), budget, seen), charge=budget.add_bytes)
     finally:
         res.close()
-    if not entries:
+    if not res.walked:
         ctx.log("results: nothing under results/ to upload as artifacts", level="warning")
         return None
     try:
-        answer = ctx.api.post_results(ctx.task_id, "artifacts", name, entries)
+        answer = post_artifacts(ctx.api, ctx.task_id, name, entries)
     except APIError as e:
-        raise TaskError(f"results: the server refused the artifacts: {e}") from None
-    ctx.log(f"uploaded {len(entries)} files ({sum(e['size'] for e in entries) / 1048576:.1f} MB) as artifacts")
+        raise server_refused(e, "the artifacts") from None
+    kept = f"; {res.unchanged} unchanged since uploaded while the task ran" if res.unchanged else ""
+    ctx.log(f"uploaded {len(entries)} files ({sum(e['size'] for e in entries) / 1048576:.1f} MB) as artifacts{kept}")
     return answer
 
 
@@ -218,7 +345,9 @@ def upload_project(ctx, name: str) -> dict:
             meta = res.read_json(pfd, "meta.json", f"{folder}/meta.json")
             if not isinstance(meta, dict):
                 raise TaskError(f"results: {folder}/meta.json is not a project meta (a JSON object)")
-            entries = upload_open_files(ctx.api, _project_items(res, pfd, folder, anns))
+            budget = Budget(ctx.config)
+            entries = upload_open_files(ctx.api, res.admit(_project_items(res, pfd, folder, anns), budget),
+                                        charge=budget.add_bytes)
         finally:
             os.close(pfd)
     finally:
@@ -233,7 +362,7 @@ def upload_project(ctx, name: str) -> dict:
     try:
         answer = ctx.api.post_results(ctx.task_id, "project", name, entries, meta=meta)
     except APIError as e:
-        raise TaskError(f"results: the server refused the project: {e}") from None
+        raise server_refused(e, "the project") from None
     ctx.log(f"uploaded project {name!r}: {len(entries)} items")
     return answer
 
@@ -283,26 +412,51 @@ def _project_items(res: ResultsDir, pfd: int, folder: str, anns: dict):
 
 # --- train: checkpoints -> models -----------------------------------------------------------
 
-def store_and_upload_model(ctx, res: ResultsDir, rel: str, name: str, **extra) -> dict | None:
+def checkpoint_files(res: ResultsDir, rel: str):
+    """(path inside, open file) for results/<rel>: each file of a folder, or the one file."""
+    try:
+        dir_fd = safefs.open_rel_dir(res.fd, rel)
+    except safefs.Skipped as s:
+        if "regular file" not in str(s):
+            raise
+        yield rel.rsplit("/", 1)[-1], safefs.open_rel_file(res.fd, rel)
+        return
+    try:
+        yield from safefs.walk_files(dir_fd, lambda r, why: res.skip(f"{rel}/{r}", why))
+    finally:
+        os.close(dir_fd)
+
+
+def _printed(files, h):
+    """The files, each one's path, size, mtime and inode added to the hash `h` on the way."""
+    for rel, f in files:
+        st = os.fstat(f.fileno())
+        h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\0{st.st_dev}\n".encode())
+        yield rel, f
+
+
+def checkpoint_print(res: ResultsDir, rel: str) -> str:
+    """What results/<rel> looks like (paths, sizes, mtimes, inodes), no file's content read."""
+    h = hashlib.sha256()
+    for _, f in _printed(checkpoint_files(res, rel), h):
+        f.close()
+    return h.hexdigest()
+
+
+def store_and_upload_model(ctx, res: ResultsDir, rel: str, name: str, budget: Budget | None = None,
+                           **extra) -> dict | None:
     """results/<rel> (a folder, or one file) -> the model cache -> the server as a model.
 
-    Returns {"subdir", "hash", "files", "name", "model_id", ...extra} or None when there was
-    nothing to store (missing, empty, or skipped: logged)."""
+    Returns {"subdir", "hash", "files", "name", "model_id", "print", ...extra} or None when there
+    was nothing to store (missing, empty, or skipped: logged). `print`: checkpoint_print() of
+    what was stored."""
     label = rel
-    dir_fd = None
+    budget = budget or Budget(ctx.config)
+    budget.check()
+    printed = hashlib.sha256()
     try:
-        try:
-            dir_fd = safefs.open_rel_dir(res.fd, rel)
-            files = safefs.walk_files(dir_fd, lambda r, why: res.skip(f"{rel}/{r}", why))
-        except safefs.Skipped as s:
-            if "regular file" not in str(s):
-                raise
-            files = iter([(rel.rsplit("/", 1)[-1], safefs.open_rel_file(res.fd, rel))])
-        try:
-            mhash, entries, entry = cache.store_model(ctx.config, files)
-        finally:
-            if dir_fd is not None:
-                os.close(dir_fd)
+        files = res.admit(_printed(checkpoint_files(res, rel), printed), budget)
+        mhash, entries, entry = cache.store_model(ctx.config, files, charge=budget.add_bytes)
     except FileNotFoundError:
         ctx.log(f"results: {label} does not exist; no model made of it", level="warning")
         return None
@@ -319,11 +473,12 @@ def store_and_upload_model(ctx, res: ResultsDir, rel: str, name: str, **extra) -
     try:
         answer = ctx.api.post_results(ctx.task_id, "model", name, entries, checkpoint=checkpoint)
     except APIError as e:
-        raise TaskError(f"results: the server refused the model {name!r}: {e}") from None
+        raise server_refused(e, f"the model {name!r}") from None
     model_id = (answer.get("results") or {}).get("model_id")
     ctx.log(f"model {name!r} from results/{label}: {len(entries)} files, "
             f"{sum(e['size'] for e in entries) / 1048576:.1f} MB, hash {mhash[:12]}, cached; id {model_id}")
-    return {"subdir": rel, "hash": mhash, "files": entries, "name": name, "model_id": model_id, **extra}
+    return {"subdir": rel, "hash": mhash, "files": entries, "name": name, "model_id": model_id,
+            "print": printed.hexdigest(), **extra}
 
 
 def checkpoint_info(line: dict) -> dict:
@@ -344,10 +499,12 @@ class CheckpointUploader:
     """While the container runs: `checkpoint` events and (custom tasks) files closed under results/.
 
     train: each checkpoint's folder becomes a model (cached, uploaded, listed on the task); the
-    list is kept in tasks/<id>/checkpoints.json so that a task process that re-attaches after a
-    restart still knows the last one. custom: checkpoints and closed files become artifacts (a
-    file again only when its size or mtime changed). Created in the handler (threads and the
-    inotify watch belong to the task process).
+    last one is kept in tasks/<id>/checkpoints.json so that a task process that re-attaches after
+    a restart still knows it. A folder announced again unchanged is not copied again: it just
+    becomes the last checkpoint again. custom: checkpoints and closed files become artifacts,
+    posted in batches (a file closed waits up to BATCH_S for others); a file is read again only
+    when it changed. What is kept per file is one int (`seen`). Created in the handler (threads
+    and the inotify watch belong to the task process).
     """
 
     def __init__(self, ctx, results_dir: Path | None = None):
@@ -355,13 +512,23 @@ class CheckpointUploader:
         self.kind = str(ctx.task.get("type") or "custom")
         self.res = ResultsDir(ctx)
         self.q: queue.Queue = queue.Queue()
-        self.seen: dict[str, tuple] = {}
+        self.budget = Budget(ctx.config)
+        self.seen: dict[str, int] = {}       # path -> stamp() of what was posted
+        self.pending: dict[str, bool] = {}   # closed (False) or new folders (True) not posted yet
+        self.pending_since = 0.0
+        self.rescan = False
+        self.scan_said = False
+        self.last_scan = 0.0
+        self.watch: ResultsWatch | None = None
         self.uploaded = 0
-        self.errors: list[str] = []
+        self.posts = 0
         self.failed: list[str] = []
-        self.checkpoints: list[dict] = self._load()
-        self.observer = None
+        self.stored: dict[str, dict] = {r["subdir"]: r for r in self._load()}   # subdir -> model record
         self.thread = threading.Thread(target=self._run, name="checkpoints", daemon=True)
+
+    @property
+    def checkpoints(self) -> list[dict]:
+        return list(self.stored.values())
 
     @property
     def state_path(self) -> Path:
@@ -372,38 +539,24 @@ class CheckpointUploader:
             data = json.loads(self.state_path.read_text())
         except (OSError, ValueError):
             return []
-        return data if isinstance(data, list) else []
+        return [r for r in data if isinstance(r, dict) and isinstance(r.get("subdir"), str)] \
+            if isinstance(data, list) else []
 
     def _save(self) -> None:
+        # Only the last: writing every checkpoint each time would cost the square of their number.
         tmp = self.state_path.with_name(CHECKPOINTS_FILE + ".tmp")
-        tmp.write_text(json.dumps(self.checkpoints))
+        tmp.write_text(json.dumps([self.last_checkpoint()]))
         tmp.replace(self.state_path)
 
     def last_checkpoint(self) -> dict | None:
-        return self.checkpoints[-1] if self.checkpoints else None
+        return next(reversed(self.stored.values()), None)
 
     def start(self) -> "CheckpointUploader":
         self.res.open()
         if self.kind == "custom":
-            self._watch()
+            self.watch = ResultsWatch(self.res.fd)
         self.thread.start()
         return self
-
-    def _watch(self) -> None:
-        from watchdog.events import FileSystemEventHandler
-        from watchdog.observers import Observer
-        uploader, root = self, str(self.res.path)
-
-        class Handler(FileSystemEventHandler):
-            def on_closed(self, event):
-                if not event.is_directory:
-                    rel = os.path.relpath(os.fsdecode(event.src_path), root)
-                    if not rel.startswith(".."):
-                        uploader.q.put(("file", rel, None))
-
-        self.observer = Observer()
-        self.observer.schedule(Handler(), root, recursive=True)
-        self.observer.start()
 
     def on_event(self, line: dict) -> None:
         """A parsed log line with an event_type (called from the log reader)."""
@@ -414,92 +567,162 @@ class CheckpointUploader:
             self.q.put(("checkpoint", container_rel(rel), line))
 
     def stop(self) -> None:
-        if self.observer is not None:
-            self.observer.stop()
-            self.observer.join(5)
         self.q.put(None)
         if self.thread.is_alive():
             self.thread.join(600)
+        if self.watch is not None:
+            self.watch.close()
         self.res.close()
 
+    # --- the thread ---
     def _run(self) -> None:
         while True:
-            job = self.q.get()
+            try:
+                job = self.q.get(timeout=min(BATCH_S, 0.2))
+            except queue.Empty:
+                job = ()
             if job is None:
                 return
-            kind, rel, line = job
+            self._guard("results/", self._collect)
+            if job:
+                self._guard("results/", self._flush)        # what was closed before the event goes first
+                self._guard(job[1], self._checkpoint, job)
+            elif self._due():
+                self._guard("results/", self._flush)
+
+    def _guard(self, rel: str, fn, *args) -> None:
+        """One upload failing does not stop the task; past a limit nothing more is uploaded."""
+        if self.budget.exceeded:
+            return
+        try:
+            fn(*args)
+        except ResultsLimit as e:
+            with self.budget.lock:
+                self.budget.exceeded = self.budget.exceeded or str(e)
+            self.ctx.log(f"{self.budget.exceeded}; nothing more is uploaded while the task runs", level="error")
+        except TaskError as e:
+            self._failed(rel)
+            self.ctx.log(str(e), level="error")
+        except Exception as e:  # noqa: BLE001
+            self._failed(rel)
+            self.ctx.log(f"results: upload of {rel} failed: {type(e).__name__}: {e}", level="warning")
+
+    def _failed(self, rel: str) -> None:
+        if len(self.failed) < 10:
+            self.failed.append(rel)
+
+    def _collect(self) -> None:
+        """Closed files from the watch into `pending` (bounded: past PENDING_MAX, one walk instead)."""
+        if self.watch is None:
+            return
+        changes = [] if self.watch.scanning else self.watch.changes()
+        if self.watch.overflowed:                   # events were lost: walk everything once
+            self.watch.overflowed, self.rescan = False, True
+        if self.watch.scanning and not self.scan_said:
+            self.scan_said = True
+            self.ctx.log(f"results: {self.watch.why} under results/ (at most {WATCH_DIRS} are watched); "
+                         f"results/ is scanned every {SCAN_S:g} s instead", level="warning")
+        for rel, is_dir in changes:
+            if self.rescan or len(self.pending) >= PENDING_MAX:
+                self.rescan = True
+                self.pending.clear()
+                break
+            if not self.pending:
+                self.pending_since = time.monotonic()
+            self.pending[rel] = self.pending.get(rel, False) or is_dir
+
+    def _due(self) -> bool:
+        now = time.monotonic()
+        if self.rescan or (self.watch is not None and self.watch.scanning):
+            return now - self.last_scan >= (BATCH_S if self.rescan else SCAN_S)
+        return bool(self.pending) and (now - self.pending_since >= BATCH_S or len(self.pending) >= POST_FILES)
+
+    def _flush(self) -> None:
+        if self.rescan or (self.watch is not None and self.watch.scanning):
+            self.rescan, self.last_scan = False, time.monotonic()
+            self.pending.clear()
+            self._post_artifacts(self.res.files())
+            return
+        if self.pending:
+            items, self.pending = self.pending, {}
+            self._post_artifacts(self._pending_files(items))
+
+    def _pending_files(self, items: dict[str, bool]):
+        for rel, is_dir in items.items():
+            if is_dir:
+                try:
+                    yield from ((f"{rel}/{r}", f) for r, f in self.res.files(rel))
+                except (FileNotFoundError, safefs.Skipped):
+                    pass
+                continue
             try:
-                if not rel:
-                    self.ctx.log("results: a checkpoint event names no folder under results/; ignored",
-                                 level="warning")
-                elif kind == "file":
-                    self._upload_artifact_file(rel)
-                elif self.kind == "train":
-                    self._checkpoint_model(rel, line)
-                else:
-                    self._checkpoint_artifacts(rel)
-            except TaskError as e:
-                self.failed.append(rel)
-                self.ctx.log(str(e), level="error")
-            except Exception as e:  # noqa: BLE001 - one checkpoint failing does not stop the task
-                self.failed.append(rel)
-                self.ctx.log(f"checkpoint {rel}: upload failed: {type(e).__name__}: {e}", level="warning")
+                yield rel, safefs.open_rel_file(self.res.fd, rel)
+            except FileNotFoundError:
+                pass
+            except safefs.Skipped as s:
+                if "a folder" not in str(s):
+                    self.res.skip(rel, str(s))
+
+    def _checkpoint(self, job) -> None:
+        _, rel, line = job
+        if not rel:
+            self.ctx.log("results: a checkpoint event names no folder under results/; ignored", level="warning")
+        elif self.kind == "train":
+            self._checkpoint_model(rel, line)
+        else:
+            self._checkpoint_artifacts(rel)
 
     def _checkpoint_model(self, rel: str, line: dict) -> None:
         info = checkpoint_info(line)
-        done = store_and_upload_model(self.ctx, self.res, rel, f"{model_name(self.ctx)} checkpoint {rel.replace('/', '-')}",
-                                      checkpoint=info or None)
+        old = self.stored.get(rel)
+        if old is not None and old.get("print"):
+            try:
+                same = checkpoint_print(self.res, rel) == old["print"]
+            except (OSError, safefs.Skipped):
+                same = False
+            if same:
+                self.stored[rel] = self.stored.pop(rel)      # the last checkpoint again
+                self._save()
+                self.ctx.log(f"results: checkpoint {rel} is unchanged since its upload (model id "
+                             f"{old.get('model_id')}); not copied again")
+                return
+        done = store_and_upload_model(self.ctx, self.res, rel,
+                                      f"{model_name(self.ctx)} checkpoint {rel.replace('/', '-')}",
+                                      self.budget, checkpoint=info or None)
         if done is None:
             return
         done["checkpoint"] = info
-        self.checkpoints.append(done)
+        self.stored.pop(rel, None)
+        self.stored[rel] = done
         self._save()
 
     def _checkpoint_artifacts(self, rel: str) -> None:
         try:
-            d = safefs.open_rel_dir(self.res.fd, rel)
+            files = ((f"{rel}/{r}", f) for r, f in self.res.files(rel))
+            self._post_artifacts(files, f"checkpoint {rel}")
         except FileNotFoundError:
             return
         except safefs.Skipped as s:
             if "regular file" in str(s):
-                self._upload_artifact_file(rel)
+                self._post_artifacts(self._pending_files({rel: False}), rel)
             else:
                 self.res.skip(rel, str(s))
-            return
-        try:
-            files = safefs.walk_files(d, lambda r, why: self.res.skip(f"{rel}/{r}", why))
-            self._post_artifacts(((f"{rel}/{r}", f) for r, f in files), f"checkpoint {rel}")
-        finally:
-            os.close(d)
 
-    def _upload_artifact_file(self, rel: str) -> None:
-        try:
-            f = safefs.open_rel_file(self.res.fd, rel)
-        except FileNotFoundError:
-            return
-        except safefs.Skipped as s:
-            self.res.skip(rel, str(s))
-            return
-        self._post_artifacts([(rel, f)], rel)
-
-    def _changed(self, files):
-        """Only the files whose size or mtime differ from when they were last uploaded."""
-        for rel, f in files:
-            st = os.fstat(f.fileno())
-            key = (st.st_size, st.st_mtime_ns)
-            if self.seen.get(rel) == key:
-                f.close()
-                continue
-            self.seen[rel] = key
-            yield rel, f
-
-    def _post_artifacts(self, files, name: str) -> None:
-        entries = upload_open_files(self.ctx.api, self._changed(files), workers=2)
-        if not entries:
-            return
-        self.ctx.api.post_results(self.ctx.task_id, "artifacts", name, entries)
-        self.uploaded += len(entries)
-        self.ctx.log(f"uploaded {name}: {len(entries)} files as artifacts")
+    def _post_artifacts(self, files, name: str = "live results") -> None:
+        staged: dict[str, int] = {}
+        entries = upload_open_files(self.ctx.api, self.res.admit(files, self.budget, self.seen, staged),
+                                    workers=2, charge=self.budget.add_bytes)
+        for i in range(0, len(entries), POST_FILES):
+            part = entries[i:i + POST_FILES]
+            try:
+                self.ctx.api.post_results(self.ctx.task_id, "artifacts", name, part)
+            except APIError as e:
+                raise server_refused(e, "the artifacts") from None
+            self.posts += 1
+            self.seen.update((e["path"], staged[e["path"]]) for e in part)
+            self.uploaded += len(part)
+        if entries:
+            self.ctx.log(f"uploaded {name}: {len(entries)} files as artifacts")
 
 
 def model_name(ctx) -> str:
@@ -510,12 +733,13 @@ def model_name(ctx) -> str:
 
 def finish_train(ctx, live: CheckpointUploader) -> dict:
     """After exit 0: results/model/ (when the task wrote one) or the last checkpoint is the task's model."""
+    live.budget.check()
     res = ResultsDir(ctx).open()
     try:
         own = None
         try:
             os.stat("model", dir_fd=res.fd, follow_symlinks=False)
-            own = store_and_upload_model(ctx, res, "model", model_name(ctx))
+            own = store_and_upload_model(ctx, res, "model", model_name(ctx), live.budget)
         except FileNotFoundError:
             pass
     finally:
@@ -531,6 +755,6 @@ def finish_train(ctx, live: CheckpointUploader) -> dict:
         ctx.api.post_results(ctx.task_id, "model", last["name"], last["files"],
                              checkpoint={**(last.get("checkpoint") or {}), "final": True})
     except APIError as e:
-        raise TaskError(f"results: the server refused the final model: {e}") from None
+        raise server_refused(e, "the final model") from None
     ctx.log(f"the task's model is its last checkpoint, results/{last['subdir']} (model id {last.get('model_id')})")
     return last

@@ -120,14 +120,37 @@ def _parts(rel: str) -> list[str]:
     parts = [p for p in rel.split("/") if p not in ("", ".")]
     if not parts or ".." in parts:
         raise Skipped("is not a path inside results/")
+    for p in parts:
+        bad = unsendable(p)
+        if bad:
+            raise Skipped(bad)
     return parts
+
+
+_CONTROL = frozenset([*range(0x00, 0x20), 0x7F, *range(0x80, 0xA0)])
+
+
+def unsendable(name: str) -> str | None:
+    """Why the server would refuse `name` as part of a result's path (a control character, a
+    backslash, bytes that are not UTF-8), else None: such a file is skipped, not posted, so one
+    odd name cannot fail the whole result."""
+    if "\\" in name:
+        return "has a backslash in its name"
+    if any(ord(c) in _CONTROL for c in name):
+        return "has a control character in its name"
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "has a name that is not UTF-8"
+    return None
 
 
 def walk_files(dir_fd: int, on_skip: Callable[[str, str], None], prefix: str = "") -> Iterator[tuple[str, object]]:
     """Every regular file under dir_fd as (relative posix path, open binary file), sorted by name.
 
     The caller closes each file (it may keep a few open at once). Symlinks, fifos, sockets
-    and devices, files and folders alike, go to `on_skip(rel, reason)` and are not entered."""
+    and devices, files and folders alike, and names the server refuses (`unsendable`), go to
+    `on_skip(rel, reason)` and are not entered."""
     try:
         with os.scandir(dir_fd) as it:
             names = sorted((e.name, e.is_dir(follow_symlinks=False)) for e in it)
@@ -136,6 +159,10 @@ def walk_files(dir_fd: int, on_skip: Callable[[str, str], None], prefix: str = "
         return
     for name, is_dir in names:
         rel = prefix + name
+        bad = unsendable(name)
+        if bad:
+            on_skip(rel, bad)
+            continue
         if is_dir:
             try:
                 sub = open_dir(None, name, dir_fd=dir_fd)
