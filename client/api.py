@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
 
 from client import download, upload
 from client.download import BLOB_TIMEOUT
@@ -38,6 +40,13 @@ class UserClient:
         self.timeout = timeout
         self.session = requests.Session()
         self.session.headers["Authorization"] = ep.BEARER + admin_token
+        # 503 `server_busy` (the server is decoding other large bodies; nothing was stored) is asked
+        # again after its Retry-After. A PUT's body may be a file already read, so it is not.
+        busy = Retry(total=6, connect=0, read=0, other=0, status=6, status_forcelist=(503,),
+                     allowed_methods=frozenset({"GET", "HEAD", "POST", "PATCH", "DELETE"}), backoff_factor=0.5,
+                     respect_retry_after_header=True, raise_on_status=False)
+        self.session.mount("http://", HTTPAdapter(max_retries=busy))
+        self.session.mount("https://", HTTPAdapter(max_retries=busy))
 
     # --- plumbing ---
     def request(self, method: str, path: str, *, expect=(200,), timeout: float | None = None, **kw) -> requests.Response:

@@ -1,6 +1,7 @@
 """JSON errors everywhere ({"error": code, "detail": sentence}) and per-route request body limits."""
 from __future__ import annotations
 
+import asyncio
 import re
 import zlib
 
@@ -8,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from protocol import endpoints
@@ -40,6 +42,7 @@ ERROR_RESPONSES = {
     413: {"model": ErrorOut, "description": "body over the route's limit"},
     415: {"model": ErrorOut, "description": "not a kind of content this route serves (a thumbnail of a non-image)"},
     429: {"model": ErrorOut, "description": "too many wrong admin tokens from this address (see Retry-After)"},
+    503: {"model": ErrorOut, "description": "`server_busy`: too many large bodies at once (see Retry-After)"},
     507: {"model": ErrorOut, "description": "the blob store's quota would be exceeded"},
 }
 
@@ -121,16 +124,29 @@ def body_limit(settings: Settings, method: str, path: str) -> int | None:
     return settings.json_body_limit
 
 
+# Large bodies (over Settings.json_body_limit) read, decoded and served at once in one server
+# process: a project body of 64 MiB is ~10 times that as Python objects while its request runs, so
+# several nodes posting results at once must not add up. The others wait for a slot (their bodies
+# stay unread in the socket, which costs nothing here) up to LARGE_WAIT_S, less than a client's
+# usual 30 s timeout, then get 503 `server_busy` with Retry-After, which the node's client honours.
+LARGE_AT_ONCE = 2
+LARGE_WAIT_S = 20.0
+BUSY_RETRY_AFTER_S = 5
+
+
 class BodyLimitMiddleware:
     """Refuse oversized bodies with 413, undo `content-encoding: gzip` (bounded), and hold every
     JSON route's body to server.strict's rules (400 before the route runs).
 
     A JSON route's body (at most `json_body_limit`) is read whole here, checked and replayed; the
     log batch and the echo route stream through with their bytes counted (the log batch applies
-    the strict rules itself, see server.logs.parse_batch)."""
+    the strict rules itself, see server.logs.parse_batch). A body over `json_body_limit` (the
+    project routes', the log batch's) holds one of LARGE_AT_ONCE slots until its request ends and
+    is decoded in a thread, off the event loop."""
 
-    def __init__(self, app, settings: Settings):
+    def __init__(self, app, settings: Settings, large_at_once: int = LARGE_AT_ONCE, large_wait_s: float = LARGE_WAIT_S):
         self.app, self.settings = app, settings
+        self.large, self.large_wait_s = asyncio.Semaphore(large_at_once), large_wait_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
@@ -138,57 +154,131 @@ class BodyLimitMiddleware:
         limit = body_limit(self.settings, scope["method"], scope["path"])
         if limit is None:
             return await self.app(scope, receive, send)
+        slot = _Slot(self.large, self.large_wait_s)
+        try:
+            try:
+                scope, receive = await self._checked(scope, receive, limit, slot)
+            except _Refused as e:
+                return await _send_error(send, e.status, e.code, e.detail, e.close, e.retry_after)
+            if receive is not None:          # None: the client left
+                await self.app(scope, receive, send)
+        finally:
+            slot.release()
+
+    async def _checked(self, scope, receive, limit: int, slot: _Slot):
+        """(scope, receive) for the route: the body checked and replayed, or counted as it streams.
+        This frame ends before the route runs, so no copy of the body outlives the route's own."""
+        small = self.settings.json_body_limit
         headers = dict(scope["headers"])
         length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > limit:
-            return await _send_error(send, 413, "body_too_large",
-                                     f"the request body is larger than this route's limit of {limit} bytes")
+        length = int(length) if length is not None and length.isdigit() else None
+        if length is not None and length > limit:
+            raise _Refused(413, "body_too_large",
+                           f"the request body is larger than this route's limit of {limit} bytes")
+        if length is not None and length > small:
+            await slot.take()
         gzipped = headers.get(b"content-encoding", b"").lower() == b"gzip"
-        whole = gzipped or not _LARGE_RE.match(scope["path"])
-        if not whole:
-            return await self.app(scope, _counting(receive, limit), send)
-        body = bytearray()
-        while True:
-            msg = await receive()
-            if msg["type"] == "http.disconnect":
-                return
-            body += msg.get("body", b"")
-            if len(body) > limit:
-                return await _send_error(send, 413, "body_too_large", f"the request body is larger than {limit} bytes")
-            if not msg.get("more_body"):
-                break
-        plain = bytes(body)
+        if not gzipped and _LARGE_RE.match(scope["path"]):
+            return scope, _counting(receive, limit, small, slot)
+        plain = await _read(receive, limit, small, slot)
+        if plain is None:
+            return scope, None
         if gzipped:
-            try:
-                d = zlib.decompressobj(16 + zlib.MAX_WBITS)
-                plain = d.decompress(plain, limit + 1)
-                if len(plain) > limit or d.unconsumed_tail:
-                    return await _send_error(send, 413, "body_too_large",
-                                             f"the decompressed body is larger than this route's limit of {limit} bytes")
-            except zlib.error:
-                return await _send_error(send, 400, "bad_gzip", "the body is not valid gzip data")
+            plain = await _gunzip(plain, limit, small, slot)
             new_headers = [(k, v) for k, v in scope["headers"] if k not in (b"content-encoding", b"content-length")]
             new_headers.append((b"content-length", str(len(plain)).encode()))
             scope = dict(scope, headers=new_headers)
         if not _LARGE_RE.match(scope["path"]):
             try:
-                value = strict.check_body(plain)
+                if len(plain) > small:
+                    value = await run_in_threadpool(strict.check_body, plain, True)
+                else:
+                    value = strict.check_body(plain)
             except strict.NotStrictJSON as e:
-                return await _send_error(send, 400, e.code, e.detail, close=False)
+                raise _Refused(400, e.code, e.detail, close=False) from None
             if value is not strict.NOT_JSON:
                 scope = dict(scope, **{"sly.json": value})   # routes that read JSON by hand take it from here
-        sent = False
-
-        async def replay():
-            nonlocal sent
-            if sent:
-                return await receive()
-            sent = True
-            return {"type": "http.request", "body": plain, "more_body": False}
-        return await self.app(scope, replay, send)
+        return scope, _replay(receive, plain)
 
 
-def _counting(receive, limit: int):
+class _Refused(Exception):
+    """The middleware's answer instead of the route's; `close`: the body was left unread."""
+
+    def __init__(self, status: int, code: str, detail: str, close: bool = True, retry_after: int | None = None):
+        super().__init__(detail)
+        self.status, self.code, self.detail, self.close, self.retry_after = status, code, detail, close, retry_after
+
+
+_BUSY = "the server is reading as many large bodies as it reads at once; try again after Retry-After seconds"
+
+
+class _Slot:
+    """A request's hold on one of its process's large-body slots, taken once the body is known large."""
+
+    def __init__(self, slots: asyncio.Semaphore, wait_s: float):
+        self.slots, self.wait_s, self.held = slots, wait_s, False
+
+    async def take(self, close: bool = True) -> None:
+        """Wait for a slot, or _Refused 503 `server_busy` after wait_s (`close`: the body is unread)."""
+        if not self.held:
+            try:
+                await asyncio.wait_for(self.slots.acquire(), self.wait_s)
+            except TimeoutError:
+                raise _Refused(503, "server_busy", _BUSY, close, BUSY_RETRY_AFTER_S) from None
+            self.held = True
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.slots.release()
+
+
+def _replay(receive, body: bytes):
+    pending = [body]      # handed over, then dropped: the route's copy is the only one
+
+    async def replay():
+        if not pending:
+            return await receive()
+        return {"type": "http.request", "body": pending.pop(), "more_body": False}
+    return replay
+
+
+async def _read(receive, limit: int, small: int, slot: _Slot) -> bytes | None:
+    """The whole body (its chunks joined once), or None: the client left."""
+    chunks, size = [], 0
+    while True:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            return None
+        chunk = msg.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise _Refused(413, "body_too_large", f"the request body is larger than {limit} bytes")
+        if chunk:
+            chunks.append(chunk)
+        if size > small:
+            await slot.take()
+        if not msg.get("more_body"):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def _gunzip(packed: bytes, limit: int, small: int, slot: _Slot) -> bytes:
+    """`packed` decompressed; a slot is taken before it grows past `small`."""
+    d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        plain = d.decompress(packed, min(small, limit) + 1)
+        if small < len(plain) <= limit:      # so the next max_length is at least 1 (0: no limit)
+            await slot.take(close=False)
+            plain = b"".join((plain, d.decompress(d.unconsumed_tail, limit + 1 - len(plain))))
+    except zlib.error:
+        raise _Refused(400, "bad_gzip", "the body is not valid gzip data", close=False) from None
+    if len(plain) > limit or d.unconsumed_tail:
+        raise _Refused(413, "body_too_large",
+                       f"the decompressed body is larger than this route's limit of {limit} bytes", close=False)
+    return plain
+
+
+def _counting(receive, limit: int, small: int, slot: _Slot):
     seen = 0
 
     async def counting_receive():
@@ -198,16 +288,24 @@ def _counting(receive, limit: int):
             seen += len(msg.get("body", b""))
             if seen > limit:
                 raise BodyTooLarge(limit)
+            if seen > small:
+                try:
+                    await slot.take()
+                except _Refused as e:
+                    raise APIError(503, e.code, e.detail, retry_after=e.retry_after) from None
         return msg
     return counting_receive
 
 
-async def _send_error(send, status: int, code: str, detail: str, close: bool = True) -> None:
+async def _send_error(send, status: int, code: str, detail: str, close: bool = True,
+                      retry_after: int | None = None) -> None:
     """An error answer from a middleware; `close` when the body was left unread."""
     import json
     body = json.dumps(error_body(code, detail)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if close:
         headers.append((b"connection", b"close"))
+    if retry_after is not None:
+        headers.append((b"retry-after", str(retry_after).encode()))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

@@ -63,13 +63,15 @@ class Settings:
     metrics_token: str | None = option(None, "/metrics answers only 'Authorization: Bearer <this>' (env "
                                              "SERVER_METRICS_TOKEN); default: /metrics is open",
                                        env="SERVER_METRICS_TOKEN")
+    project_body_limit: int = option(64 * MIB, "bytes of one project upload or task results body, after gzip "
+                                               "(annotations travel inline); at most 2 bodies over 1 MiB are "
+                                               "decoded at once per process (default 64 MiB)")
     docs: bool = option(False, "serve the Swagger UI at /docs (it loads its assets from a CDN); /openapi.json is "
                                "always served")
     # Fixed, or filled in at start:
     max_poll_wait_s: float = 60.0
     json_body_limit: int = 1 * MIB
     logs_body_limit: int = 32 * MIB
-    project_body_limit: int = 64 * MIB   # POST of a project or a task result: annotations travel inline
     migrate: bool = True                 # upgrade the schema at start (a --workers parent does it once for all)
     admin_token: str | None = None       # filled in by load_admin_token()
 

@@ -13,13 +13,15 @@ from protocol.states import FINAL, TaskState
 from server import blob_refs, db, logs
 from server.auth import require_agent
 from server.blobs import SHA256_RE
-from server.routes.common import core_of
+from server.routes.common import ParsedJSONRoute, core_of
 from server.projects import insert_project, prepare, same_project
 from server.schemas import DatasetIn, ItemRef, ResultsIn, StateIn, check_files, check_relpath, model_hash
 from server.strict import ID_MAX, RowId
 from server.tasks import agent_change_state, get_task, release_task, retry_race
 
-router = APIRouter(tags=["agent"])
+# The results route takes the body the middleware decoded: decoding a project result again
+# would double its memory (64 MiB of annotations are hundreds of MB as Python objects).
+router = APIRouter(tags=["agent"], route_class=ParsedJSONRoute)
 
 # The log batch is read by hand (for speed); its shape is described for /openapi.json here.
 _LOG_BATCH = {"requestBody": {"required": True, "content": {"application/json": {"schema": {

@@ -1,4 +1,5 @@
-"""What the route modules share: the Core of a request, JSON object bodies, paging, reading one row.
+"""What the route modules share: the Core of a request, the decoded body (ParsedJSONRoute), JSON object
+bodies, paging, reading one row.
 
 `get_row` and `list_rows` block on the database: a route calls them through `core.run`."""
 from __future__ import annotations
@@ -8,6 +9,7 @@ import hashlib
 
 from fastapi import Request
 from fastapi.responses import Response
+from fastapi.routing import APIRoute
 from sqlalchemy import select
 
 from protocol.errors import APIError
@@ -28,6 +30,35 @@ async def json_object(request: Request, what: str) -> dict:
     if not isinstance(body, dict):
         raise APIError(400, "invalid_request", f"{what} must be a JSON object")
     return body
+
+
+class ParsedRequest(Request):
+    async def json(self):
+        # BodyLimitMiddleware decoded the body already (server/errors.py): a project body of 64 MiB
+        # is hundreds of MB as Python objects, so a second decoding would double the request's memory.
+        if "sly.json" in self.scope:
+            return self.scope["sly.json"]
+        return await super().json()
+
+    async def body(self) -> bytes:
+        # Starlette joins the chunks it reads with an empty last one: a copy of the whole body,
+        # which the request would keep as long as it runs. The middleware replays it in one chunk.
+        if not hasattr(self, "_body"):
+            chunks = [c async for c in self.stream() if c]
+            self._body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        return self._body
+
+
+class ParsedJSONRoute(APIRoute):
+    """A route whose body model is validated from the middleware's decoded body (FastAPI's documented
+    custom Request class); the annotations are the same objects, not copies."""
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def parsed(request: Request):
+            return await handler(ParsedRequest(request.scope, request.receive))
+        return parsed
 
 
 def page(items: list[dict], limit: int) -> dict:

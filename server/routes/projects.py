@@ -5,7 +5,6 @@ import time
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
 from sqlalchemy import select
 
@@ -15,30 +14,9 @@ from server import db
 from server.auth import require_admin
 from server.project_stats import StatsCache
 from server.projects import insert_project, items_page, prepare, read_project
-from server.routes.common import core_of, cursor_id, list_rows, page
+from server.routes.common import ParsedJSONRoute, core_of, cursor_id, list_rows, page
 from server.schemas import ProjectIn
 from server.strict import RowId
-
-
-class ParsedRequest(Request):
-    async def json(self):
-        # BodyLimitMiddleware decoded the body already (server/errors.py): a project body of 64 MiB
-        # is hundreds of MB as Python objects, so a second decoding would double the request's memory.
-        if "sly.json" in self.scope:
-            return self.scope["sly.json"]
-        return await super().json()
-
-
-class ParsedJSONRoute(APIRoute):
-    """A route whose body model is validated from the middleware's decoded body (FastAPI's documented
-    custom Request class); the annotations are the same objects, not copies."""
-
-    def get_route_handler(self):
-        handler = super().get_route_handler()
-
-        async def parsed(request: Request):
-            return await handler(ParsedRequest(request.scope, request.receive))
-        return parsed
 
 
 router = APIRouter(tags=["user"], dependencies=[Depends(require_admin)], route_class=ParsedJSONRoute)
