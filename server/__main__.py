@@ -87,7 +87,7 @@ def main(argv=None) -> None:
     settings = settings_of(a)
     for problem in settings.problems():
         sys.exit(f"sly-server: {problem}")
-    from server.auth import ConfigError
+    from server.auth.service import ConfigError
     try:
         serve(a, settings)
     except ConfigError as e:
@@ -109,8 +109,9 @@ def serve(a, settings: Settings) -> None:
         sys.exit("sly-server: --workers above 1 needs PostgreSQL (--db postgresql+psycopg://...); SQLite serves "
                  "one process, and wake-ups between processes go through PostgreSQL's LISTEN/NOTIFY")
     # Once, here, before the workers exist: the admin token (generated on first start) and the schema.
-    from server import db, migrate
-    from server.auth import load_admin_token
+    from server import db
+    from server.db import migrate
+    from server.auth.service import load_admin_token
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     settings.admin_token = settings.admin_token or load_admin_token(settings.data_dir)
     engine = db.make_engine(settings.database_url, pool_size=1)

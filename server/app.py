@@ -16,15 +16,18 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from protocol.endpoints import AUTHORIZATION_HEADER, BEARER
 from protocol.errors import APIError
-from server import blob_refs, db, logfilter, routes
-from server.auth import check_admin_token_length, load_admin_token
+from server import db
+from server.blobs import refs as blob_refs
+from server.http import logfilter
+from server import routers
+from server.auth.service import check_admin_token_length, load_admin_token
 from server.core import Core
-from server.errors import ERROR_RESPONSES, BodyLimitMiddleware, install_error_handlers
-from server.fastpath import TelemetryFastPath
+from server.http.errors import ERROR_RESPONSES, BodyLimitMiddleware, install_error_handlers
+from server.http.fastpath import TelemetryFastPath
 from server.settings import Settings
-from server.strict import SafeJSONResponse
-from server.retention import run_housekeeper
-from server.tasks import reap_lost
+from server.http.strict import SafeJSONResponse
+from server.tasks.retention import run_housekeeper
+from server.tasks.service import reap_lost
 
 log = logging.getLogger("sly-server")
 
@@ -52,7 +55,7 @@ def _warm_routes(app) -> None:
 
 
 async def _contact_writer(core: Core) -> None:
-    """Write the batched contact, leases, telemetry and poll rows (server/contact.py) every interval."""
+    """Write the batched contact, leases, telemetry and poll rows (server/agents/contact.py) every interval."""
     failures = 0
     while True:
         await asyncio.sleep(core.settings.contact_flush_s)
@@ -208,7 +211,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await core.run(core.refresh_metrics)
         return Response(generate_latest(core.registry), media_type=CONTENT_TYPE_LATEST)
 
-    routes.include_all(app, settings)
+    routers.include_all(app, settings)
     from server.console import router as console_router
     app.include_router(console_router)
     return app

@@ -7,7 +7,7 @@ agree on lives in the database: stops delivered (`tasks.stop_delivered`), open p
 refusals (`agents.refusing`) and settings versions (`agents.settings_version`). Wake-ups of
 long-polls and log followers go through `server.wakeups` (in process, and across replicas on
 PostgreSQL with LISTEN/NOTIFY). Contact, lease renewals, telemetry and open-poll rows are
-recorded in memory and written in batches (`server.contact`).
+recorded in memory and written in batches (`server.agents.contact`).
 
 A node's token is looked up once, then its agent row is kept in memory (`agent_of`): every
 change of an agent row (rename, allowed types, token rotation, removal) sends the agent's ROW
@@ -28,11 +28,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from sqlalchemy import bindparam, func, select, update
 
 from protocol.states import LEASED, TaskState
-from server import blob_refs, db, migrate
-from server.auth import Sessions, SignInThrottle
-from server.blobs import BlobStore
-from server.contact import Contacts
-from server.logfeed import LogHub
+from server import db
+from server.blobs import refs as blob_refs
+from server.db import migrate
+from server.auth.service import Sessions, SignInThrottle
+from server.blobs.store import BlobStore
+from server.agents.contact import Contacts
+from server.logs.feed import LogHub
 from server.settings import Settings
 from server.wakeups import AGENT, ROW, TASK, Wakeups
 

@@ -3,7 +3,7 @@
 The user API's bodies (`UserIn`) refuse a field they do not know (400 `unknown_field`): a typo such
 as `projcet_id` would otherwise be dropped and the task run without it. The agent protocol's
 bodies ignore unknown fields, so an agent and a server of neighbouring versions still talk.
-Numbers are bounded by what their column holds (server/db.py: Integer is int4 on PostgreSQL).
+Numbers are bounded by what their column holds (server/db/__init__.py: Integer is int4 on PostgreSQL).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
-from server.strict import ID_MAX, INT64_MAX
+from server.http.strict import ID_MAX, INT64_MAX
 from protocol.errors import APIError
 
 MEMORY_RE = re.compile(r"^\d+(\.\d+)?[bkmgBKMG]?$")
@@ -93,7 +93,7 @@ def check_relpath(p: str, what: str, single: bool = False) -> str:
 
 
 class UserIn(BaseModel):
-    """A user-API body: an unknown field is refused (server/errors.py answers 400 unknown_field)."""
+    """A user-API body: an unknown field is refused (server/http/errors.py answers 400 unknown_field)."""
     model_config = ConfigDict(extra="forbid")
 
 
@@ -238,7 +238,7 @@ class SessionIn(UserIn):
 
 def check_files(blobs, refs: list, path_attr: str, what: str) -> None:
     """Safe names, valid sha256s, no duplicate paths, every blob present with the stated size."""
-    from server.blobs import SHA256_RE
+    from server.blobs.store import SHA256_RE
     seen: set[str] = set()
     missing: list[str] = []
     for ref in refs:

@@ -76,7 +76,8 @@ def own_server(tmp_path, request):
 @pytest.fixture
 def engine(tmp_path):
     """A migrated database of this test's own: SQLite in tmp_path, or a fresh one on SLY_TEST_DB_URL."""
-    from server import db, migrate
+    from server import db
+    from server.db import migrate
     from tests.support.server import TEST_DB_URL, create_test_database, drop_test_databases
     url = create_test_database() if TEST_DB_URL else f"sqlite:///{tmp_path / 'server.db'}"
     eng = db.make_engine(url)

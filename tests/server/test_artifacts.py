@@ -172,7 +172,7 @@ def test_replaced_and_deleted_artifacts_let_their_blobs_go(own_server):
 
 def test_the_blob_store_has_a_quota_by_default(tmp_path):
     from server.__main__ import parse_args
-    from server.blobs import BlobStore
+    from server.blobs.store import BlobStore
     assert parse_args([]).blob_quota_bytes is None and Settings().blob_quota_bytes is None
     store = BlobStore(tmp_path / "blobs", quota=Settings().blob_quota_bytes)
     assert store.quota == int(shutil.disk_usage(tmp_path).total * 0.8) > 0

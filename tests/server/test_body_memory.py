@@ -1,4 +1,4 @@
-"""A large JSON body's cost on the server (server/errors.py BodyLimitMiddleware, server/strict.py):
+"""A large JSON body's cost on the server (server/http/errors.py BodyLimitMiddleware, server/http/strict.py):
 held once, decoded once and lean, and only LARGE_AT_ONCE of them at a time per process.
 
 The RSS tests post project bodies near the 64 MiB limit to a server subprocess and read its peak
@@ -19,8 +19,9 @@ from urllib3.util.retry import Retry
 
 from protocol import endpoints
 from protocol.errors import APIError
-from server import errors, strict
-from server.errors import BodyLimitMiddleware
+from server.http import errors
+from server.http import strict
+from server.http.errors import BodyLimitMiddleware
 from server.settings import Settings
 
 MiB = 1024 * 1024

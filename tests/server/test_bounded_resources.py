@@ -14,8 +14,9 @@ import requests
 from alembic import command
 
 from protocol.logline import MAX_LINE
-from server import db, migrate
-from server.logs import QUOTA_MARKER
+from server import db
+from server.db import migrate
+from server.logs.service import QUOTA_MARKER
 from tests.support.procs import poll_for
 
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 import requests
 
-from server.auth import MIN_ADMIN_TOKEN, SignInThrottle
+from server.auth.service import MIN_ADMIN_TOKEN, SignInThrottle
 from tests.support.procs import free_port, poll_for
 from tests.support.server import REPO
 

@@ -1,4 +1,4 @@
-"""Batched contact (server/contact.py): one transaction per batch, newest values, nothing written
+"""Batched contact (server/agents/contact.py): one transaction per batch, newest values, nothing written
 for deleted agents, a failed batch kept, polls that end before a batch never written; and the
 server's kept agent rows (a rotated token or a removed agent is refused at once)."""
 from __future__ import annotations
@@ -8,7 +8,7 @@ from sqlalchemy import event, select, text
 
 from protocol import endpoints
 from server import db
-from server.contact import Contacts
+from server.agents.contact import Contacts
 from server.settings import Settings
 
 
@@ -109,7 +109,7 @@ def test_a_failed_batch_is_kept_and_written_by_the_next(engine):
 
 
 def test_a_batch_kept_while_the_database_is_away_is_bounded(engine, monkeypatch):
-    monkeypatch.setattr("server.contact.MAX_KEPT", 10)
+    monkeypatch.setattr("server.agents.contact.MAX_KEPT", 10)
     [aid] = add_agents(engine, 1)
     c = Contacts(engine, Settings(telemetry_min_gap_s=1.0))
     with engine.begin() as conn:

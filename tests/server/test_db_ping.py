@@ -1,4 +1,4 @@
-"""PostgreSQL connections are pinged at checkout only after sitting idle (server/db.py).
+"""PostgreSQL connections are pinged at checkout only after sitting idle (server/db/__init__.py).
 
 Runs on the database SLY_TEST_DB_URL names; skipped on SQLite, which has no connection to lose.
 """

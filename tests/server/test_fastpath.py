@@ -1,4 +1,4 @@
-"""The telemetry fast path (server/fastpath.py): the ordinary sample never reaches FastAPI, and
+"""The telemetry fast path (server/http/fastpath.py): the ordinary sample never reaches FastAPI, and
 everything else does, and gets the route's documented answer."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 
 from protocol import endpoints
-from server.auth import hash_token
-from server.fastpath import TelemetryFastPath
+from server.auth.service import hash_token
+from server.http.fastpath import TelemetryFastPath
 
 
 class FakeContacts:

@@ -130,7 +130,7 @@ def test_a_wrong_body_does_not_keep_an_unreferenced_blob_young(tmp_path):
     import pytest
 
     from protocol.errors import APIError
-    from server.blobs import BlobStore
+    from server.blobs.store import BlobStore
     store = BlobStore(tmp_path / "blobs")
     data = b"someone else's bytes"
     h = _sha(data)

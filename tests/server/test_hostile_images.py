@@ -12,7 +12,7 @@ import pytest
 from PIL import EpsImagePlugin, Image
 
 from protocol import endpoints
-from server import thumbs
+from server.blobs import thumbs
 
 # They measure the server process's memory, or patch Pillow in this process without touching the server's.
 pytestmark = pytest.mark.server_process("measures or patches apart from the server process")

@@ -22,10 +22,11 @@ from sqlalchemy import event, select
 
 from client import UserClient
 from protocol import endpoints
-from server import db, telemetry
-from server.contact import Contacts
+from server import db
+from server.telemetry import service as telemetry
+from server.agents.contact import Contacts
 from server.settings import Settings
-from server.strict import INT64_MAX, INT64_MIN
+from server.http.strict import INT64_MAX, INT64_MIN
 from tests.server.conftest import FakeAgent
 from tests.server.test_contact import add_agents, sample
 
@@ -40,7 +41,7 @@ def hostile_samples() -> list[dict]:
            {"disks": {"/": {"used": -1e308, "total": 1e-308}}, "gpus": [{"memory_used": 1e308, "memory_total": 1e-308}]}]
     for x in EXTREMES:
         if x == 2 ** 63:
-            continue          # refused at the door (server.strict): not JSON the server takes
+            continue          # refused at the door (server.http.strict): not JSON the server takes
         out.append({"cpu": {"percent": x}, "memory": {"used": x, "total": x, "percent": x}, "containers": x,
                     "free_slots": x, "disks": [{"path": "/", "used": x, "total": x, "percent": x}, {"used": x, "total": 1}],
                     "gpus": [x, {"index": x, "utilization": x, "memory_used": x, "memory_total": x, "memory_percent": x},
@@ -133,7 +134,7 @@ def dropped(c: Contacts) -> float:
 
 
 def _bad_rows(c: Contacts, aid: int) -> None:
-    """A row no column holds, put where server/telemetry.py would never put it: the batch's defence."""
+    """A row no column holds, put where server/telemetry/service.py would never put it: the batch's defence."""
     c._latest[aid]["mem_used"] = 1 << 70
 
 

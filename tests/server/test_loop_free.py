@@ -28,7 +28,7 @@ from sqlalchemy import event
 from protocol import endpoints
 from protocol.endpoints import path
 from server.app import create_app
-from server.auth import SESSION_COOKIE
+from server.auth.service import SESSION_COOKIE
 from server.settings import Settings
 from tests.support.procs import free_port, poll_for
 from tests.support.server import TEST_DB_URL, create_test_database, drop_test_databases

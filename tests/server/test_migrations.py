@@ -15,8 +15,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect
 
-from server import db, migrate
-from server.auth import hash_token
+from server import db
+from server.db import migrate
+from server.auth.service import hash_token
 from tests.server.conftest import FakeAgent
 from tests.support.server import ServerProcess
 
@@ -231,7 +232,7 @@ def test_0002_moves_existing_project_items_into_project_items_with_empty_annotat
 
 
 def test_0006_moves_each_tasks_artifacts_into_rows_and_totals_its_results(tmp_path):
-    from server import blob_refs
+    from server.blobs import refs as blob_refs
     from tests.support.server import TEST_DB_URL, create_test_database, drop_test_databases
     url = create_test_database() if TEST_DB_URL else f"sqlite:///{tmp_path / 'old.db'}"
     engine = db.make_engine(url)

@@ -1,6 +1,6 @@
 """What a busy fleet's transactions may and may not wait for on PostgreSQL.
 
-- A hand-out's token check (`server/tasks.py`, FOR KEY SHARE) never waits for the contact
+- A hand-out's token check (`server/tasks/service.py`, FOR KEY SHARE) never waits for the contact
   batch's UPDATE of `last_seen`, nor the batch for it; a token rotation or a removal does wait.
 - Wake-ups go to the other replicas after the commit, from a sender of their own
   (`server/wakeups.py`): the changing transaction does not notify, so it does not queue for
@@ -21,8 +21,8 @@ from sqlalchemy import insert, text
 from sqlalchemy.engine import make_url
 
 from server import db
-from server.contact import _PG_SEEN
-from server.tasks import _VALID_TOKEN
+from server.agents.contact import _PG_SEEN
+from server.tasks.service import _VALID_TOKEN
 from server.wakeups import AGENT, CHANNEL, TASK, Wakeups
 
 

@@ -1,10 +1,10 @@
 """A long-poll that nobody woke answers at its end with what its last look found, without a
-second look (server/routes/agent_poll.py); so everything that changes its answer must wake it."""
+second look (server/agents/agent_router.py); so everything that changes its answer must wake it."""
 from __future__ import annotations
 
 import time
 
-from server.routes.agent_poll import POLL_JITTER
+from server.agents.agent_router import POLL_JITTER
 
 
 def test_a_task_lost_while_the_poll_waits_wakes_it_with_the_stop(own_server):

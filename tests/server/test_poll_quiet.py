@@ -1,5 +1,5 @@
-"""The poll's first look (server/routes/agent_poll.py `_PEEK` + `_quiet_answer`) answers without a
-transaction only when the full hand-out (server/tasks.py `hand_out`) would decide the same thing
+"""The poll's first look (server/agents/agent_router.py `_PEEK` + `_quiet_answer`) answers without a
+transaction only when the full hand-out (server/tasks/service.py `hand_out`) would decide the same thing
 and write nothing. Checked over generated task sets and poll bodies, on the test database.
 """
 from __future__ import annotations
@@ -13,9 +13,9 @@ from sqlalchemy import delete, insert, select
 
 from protocol.states import LEASED, TaskState
 from server import db
-from server.routes.agent_poll import _PEEK, _quiet_answer
+from server.agents.agent_router import _PEEK, _quiet_answer
 from server.schemas import PollIn
-from server.tasks import hand_out
+from server.tasks.service import hand_out
 
 STATES = [s.value for s in TaskState]
 task_st = st.tuples(st.sampled_from(STATES), st.booleans(), st.booleans())   # state, stop requested, delivered

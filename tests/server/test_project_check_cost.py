@@ -18,7 +18,7 @@ from PIL import Image
 
 from protocol import endpoints, sly_format
 from protocol.errors import APIError
-from server import projects
+from server.projects import service as projects
 from server.schemas import DatasetIn, ItemRef
 
 MiB = 1024 * 1024
@@ -91,7 +91,9 @@ def test_bitmap_larger_than_its_image_is_refused(server, client):
         assert f"{w}x{h}, larger than its image (64x48)" in r.json()["detail"] and "a.png" in r.json()["detail"]
 
 
-def test_bitmaps_of_one_request_inflate_within_a_budget(server, client):
+@pytest.mark.server_process("measures the server process's CPU")
+def test_bitmaps_of_one_request_inflate_within_a_budget(own_server):
+    server, client, _ = own_server()
     img = _png(64, 48)
     sha = client.upload_bytes(img)
     bomb = _mask(8, 8, padding=60 * MiB)                 # 60 MiB after the zlib layer, each
@@ -177,7 +179,7 @@ def test_a_body_near_the_limit_is_decoded_once(own_server):
     assert r.status_code == 200, r.text[:300]
     growth = peak() - before
     # A body like this is ~9 times its size as Python objects, decoded once (the strict check's
-    # decoding in server/errors.py, which the route reuses) and without orjson's own document on
+    # decoding in server/http/errors.py, which the route reuses) and without orjson's own document on
     # top; its bytes are held once. Decoded twice it was 1.34 GB; held three times, 892 MiB; now 642.
     print(f"server peak RSS growth for a {len(body) / MiB:.0f} MiB project body: {growth / MiB:.0f} MiB")
     assert growth < 760 * MiB, growth

@@ -12,8 +12,10 @@ import requests
 from sqlalchemy import create_engine, func, select, text
 
 from protocol.errors import APIError
-from server import db, migrate, retention
-from server.logfilter import RateLimitFilter, install
+from server import db
+from server.db import migrate
+from server.tasks import retention
+from server.http.logfilter import RateLimitFilter, install
 from tests.support.procs import poll_for
 from tests.support.server import REPO
 

@@ -9,7 +9,7 @@ import sqlite3
 
 import requests
 
-from server.signin_links import create_link, spend_link
+from server.auth.links import create_link, spend_link
 
 
 def _link(server) -> str:

@@ -8,8 +8,9 @@ import random
 import requests
 from sqlalchemy import func, select, text
 
-from server import db, telemetry
-from server.contact import Contacts
+from server import db
+from server.telemetry import service as telemetry
+from server.agents.contact import Contacts
 from server.settings import Settings
 from tests.server.conftest import FakeAgent
 from tests.support.procs import poll_for
@@ -37,7 +38,7 @@ def big_sample(free_slots: int = 1) -> dict:
 
 def simulate(engine, settings, agent_id: int, start: float, end: float, every: float, prune_every: float = 60.0):
     """Post a sample every `every` seconds of simulated time from start to end, through the
-    server's batches (server/contact.py), pruning as the job would."""
+    server's batches (server/agents/contact.py), pruning as the job would."""
     contacts = Contacts(engine, settings)
     next_prune, ts = start + prune_every, start
     with engine.begin() as conn:
@@ -230,7 +231,7 @@ def test_nodes_list_is_paged_summarised_and_answers_304_when_unchanged(own_serve
 
 def test_a_read_shows_the_unwritten_batch_writes_nothing_and_answers_the_same_once_written(own_server):
     """The nodes list, a node's page and its chart show what this process holds and has not
-    written yet (server/contact.py, `shown()`), and the read writes none of it: the console
+    written yet (server/agents/contact.py, `shown()`), and the read writes none of it: the console
     costs the fleet a read. Once the batch is written, every answer is the same."""
     from sqlalchemy import create_engine
     import threading

@@ -1,0 +1,1 @@
+"""Who is calling: admin and agent tokens, console sessions, sign-in links."""

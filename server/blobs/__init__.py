@@ -1,0 +1,1 @@
+"""The content-addressed blob store, who may read which blob, collection, thumbnails."""

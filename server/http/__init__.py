@@ -1,0 +1,1 @@
+"""HTTP plumbing every route shares: strict JSON, errors, body limits, the telemetry fast path, dependencies."""

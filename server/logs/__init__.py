@@ -1,0 +1,1 @@
+"""Task logs: bounded ingest by seq, pages, and the live feed to followers."""

@@ -1,0 +1,1 @@
+"""Models: a manifest of files, each a blob."""

@@ -1,0 +1,1 @@
+"""Supervisely projects: checks, storage, items, annotation stats."""

@@ -1,0 +1,1 @@
+"""Tasks: creating and reading them, state changes, the hand-out and lease reaper, results, retention."""

@@ -1,0 +1,1 @@
+"""Node telemetry: the latest sample and the bounded history."""
