@@ -7,17 +7,29 @@ from __future__ import annotations
 import gzip
 import hashlib
 
-from fastapi import Request
+from typing import Annotated
+
+from fastapi import Depends, Request
 from fastapi.responses import Response
 from fastapi.routing import APIRoute
 from sqlalchemy import select
 
 from protocol.errors import APIError
+from server.auth.service import require_admin, require_agent
+from server.core import Core
 from server.http.strict import ID_MAX, dumps
 
 
-def core_of(request: Request):
+def core_of(request: Request) -> Core:
     return request.app.state.core
+
+
+# What a route declares it needs, as parameters: `core: CoreDep`, `agent: AgentDep` (the calling
+# node's row; the request counts as its contact), `_: AdminDep` (a user: Bearer admin token or
+# console session).
+CoreDep = Annotated[Core, Depends(core_of)]
+AgentDep = Annotated[dict, Depends(require_agent)]
+AdminDep = Annotated[None, Depends(require_admin)]
 
 
 async def json_object(request: Request, what: str) -> dict:
