@@ -13,10 +13,13 @@ Usage: ./run.sh [COMMAND] [ARGS...]
   server [ARGS]    run the reference task server (python -m server ARGS)
   demo [--exit-when-done]
                    the whole thing on embedded defaults: server + agent + a train task
-  test [PYTEST ARGS]
+  test [--fast] [PYTEST ARGS]
                    install what the tests need (Docker engine, Chromium, busybox) and run them;
                    without named tests, the server and CLI tests run again on a throwaway
-                   PostgreSQL (.ci/pg-up.sh; SLY_TEST_DB_URL=URL picks the database, SLY_TEST_PG=0 skips)
+                   PostgreSQL (.ci/pg-up.sh; SLY_TEST_DB_URL=URL picks the database, SLY_TEST_PG=0 skips).
+                   --fast: only the tests not marked slow (each takes under 2 s), on SQLite
+                   (the same as pytest -m "not slow"). SLY_TEST_SERVER=process runs the fixture
+                   servers as subprocesses instead of threads of the test process
   screenshots      run the console's browser tests and save their screenshots in docs/screenshots/
                    (plain test runs write them to a temporary dir)
 
@@ -127,6 +130,10 @@ case "$cmd" in
     ensure_test_system
     ensure_venv requirements-dev.txt
     cd "$HERE"
+    if [ "${1:-}" = --fast ]; then   # the fast lane: every test not marked slow, on SQLite, servers in threads
+      shift
+      exec "$VENV/bin/python" -m pytest -m "not slow" "$@"
+    fi
     # Named tests, a database given in SLY_TEST_DB_URL, or SLY_TEST_PG=0: one pytest run.
     if [ -n "${SLY_TEST_DB_URL:-}" ] || [ "${SLY_TEST_PG:-1}" = 0 ] || names_tests "$@"; then
       exec "$VENV/bin/python" -m pytest "$@"

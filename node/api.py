@@ -9,7 +9,6 @@ status, code and detail only). Paths and headers come from `protocol.endpoints`.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import random
 import time
 from pathlib import Path
@@ -109,7 +108,8 @@ class AgentAPI:
         get their results in."""
         body = {"kind": kind, "name": name, "files": files, **{k: v for k, v in extra.items() if v is not None}}
         deadline = time.monotonic() + RESULTS_BUSY_WAIT_S
-        for attempt in itertools.count():
+        attempt = 0
+        while True:
             try:
                 return self.request("POST", ep.path(ep.TASK_RESULTS, task_id=task_id), json=body).json()
             except APIError as e:
@@ -117,6 +117,7 @@ class AgentAPI:
                 if e.code not in BUSY_CODES or time.monotonic() + wait > deadline:
                     raise
                 time.sleep(wait)
+                attempt += 1
 
     # --- blobs ---
     def blob_exists(self, sha256: str) -> bool:

@@ -75,8 +75,10 @@ def parse(raw: bytes | str) -> dict:
     """Decode a durable line; BadLine unless it is a JSON object with an int seq."""
     try:
         obj = json.loads(raw, parse_constant=lambda _c: None)
-    except ValueError as e:
+    except json.JSONDecodeError as e:
         raise BadLine(f"not JSON ({e.msg})") from None
+    except ValueError as e:            # e.g. a number too long to convert
+        raise BadLine(f"not JSON ({e})") from None
     if not isinstance(obj, dict) or type(obj.get("seq")) is not int or obj["seq"] < 0:
         raise BadLine("not an object with a non-negative integer seq")
     return obj

@@ -32,6 +32,7 @@ import math
 import re
 import struct
 import zlib
+from typing import NoReturn
 from pathlib import Path
 
 # --- the folder layout ---
@@ -137,7 +138,7 @@ def _jpeg(b: bytes) -> tuple[int, int] | None:
         i = b.find(b"\xff", i)
         if i < 0:
             return None
-        i = _FILL.match(b, i).end()                  # fill bytes before a marker
+        i = _FILL.match(b, i).end()  # type: ignore[union-attr]  # b[i] is 0xff: it matches
         if i + 8 > len(b):
             return None
         marker = b[i]
@@ -238,7 +239,7 @@ class Budget:
         self.mask_bytes -= n
 
 
-def _fail(where: str, msg: str, code: str = "bad_annotation"):
+def _fail(where: str, msg: str, code: str = "bad_annotation") -> NoReturn:
     raise BadFormat(where, msg, code)
 
 
@@ -323,7 +324,7 @@ def check_meta(meta, where: str = "meta") -> Meta:
             _fail(w, "is defined twice, differently", "bad_meta")
         tags[name] = (vt, values)
     # Sets: an annotation may name a oneof_string tag thousands of times against thousands of values.
-    return Meta(classes, {k: (vt, frozenset(v) if vt == "oneof_string" else None) for k, (vt, v) in tags.items()})
+    return Meta(classes, {k: (vt, frozenset(v or ()) if vt == "oneof_string" else None) for k, (vt, v) in tags.items()})
 
 
 def _tags(tags, meta: Meta, where: str) -> None:

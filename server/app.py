@@ -212,6 +212,4 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return Response(generate_latest(core.registry), media_type=CONTENT_TYPE_LATEST)
 
     routers.include_all(app, settings)
-    from server.console import router as console_router
-    app.include_router(console_router)
     return app

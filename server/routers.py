@@ -5,7 +5,7 @@ Agent side (header x-token): `agents.agent_router` (connect, long-poll), `tasks.
 agent half of `blobs.router`. User side (Bearer admin token or console session): `auth.router`
 (console sign-in), `agents.router` (nodes), `projects.router`, `models.router`, `tasks.router`,
 `logs.router` (reading and following a task's log), `blobs.thumbs_router` (the console's
-thumbnails) and the user half of `blobs.router`. `http.echo` holds the benchmark's echo
+thumbnails) and the user half of `blobs.router`; then the console's pages. `http.echo` holds the benchmark's echo
 endpoint, mounted only when the settings ask for it.
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ def include_all(app: FastAPI, settings: Settings) -> None:
     from server.auth import router as sessions
     from server.blobs import router as blobs
     from server.blobs import thumbs_router
+    from server.console import router as console
     from server.http import echo
     from server.http.errors import ERROR_RESPONSES
     from server.logs import agent_router as agent_logs
@@ -38,3 +39,4 @@ def include_all(app: FastAPI, settings: Settings) -> None:
     app.include_router(blobs.user_router, responses=ERROR_RESPONSES)
     if settings.echo_endpoint:
         app.include_router(echo.router)
+    app.include_router(console)       # the web console's pages (server/console/)

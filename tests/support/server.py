@@ -225,7 +225,7 @@ class ServerThread(ServerProcess):
 
 # ServerThread unless SLY_TEST_SERVER=process (then every fixture server is a subprocess, as a
 # deployment runs it: a check that the thread and the process behave alike).
-IN_THREAD = os.environ.get("SLY_TEST_SERVER", "process") != "process"
+IN_THREAD = os.environ.get("SLY_TEST_SERVER", "thread") != "process"
 
 
 def fixture_server(data_dir: Path, *, process: bool = False, **kw) -> ServerProcess:
