@@ -51,9 +51,10 @@ def _seq_or_none(raw: bytes) -> int | None:
         return None
 
 
-class _Ends:
-    """End offsets of consecutive lines read from `base` (ends[i]: right after line i's newline),
-    computed from the line lengths in C rather than one by one in Python."""
+class _LineEndOffsets:
+    """The file offset right after each line's newline, for lines read from offset `base`.
+
+    A list-like (ends[i]) computed from the line lengths in C rather than one by one in Python."""
 
     def __init__(self, base: int, lines: list[bytes]):
         self.base = base
@@ -68,8 +69,10 @@ class _Ends:
         return self.base + self.acc[i] + i + 1
 
 
-class Nudges:
-    """Wake-ups for the log-shipper: a pipe, many writers (task processes), one reader.
+class ShipNowPipe:
+    """A pipe through which task processes ask the log-shipper to ship now (a hint, "a nudge").
+
+    Many writers (task processes), one reader (the log-shipper).
 
     Not a multiprocessing.Queue: its cross-process write lock, left taken by a writer killed
     with SIGKILL, would block every other writer's feeder thread and hang them at exit. Writes
@@ -124,10 +127,10 @@ class TaskCursor:
 class LogShipper(ChildBase):
     title = "log-shipper"
 
-    def __init__(self, config: Config, nudges=None):
+    def __init__(self, config: Config, ship_now=None):
         super().__init__()
         self.config = config
-        self.nudges = nudges          # Nudges: a hint to ship now
+        self.ship_now = ship_now      # ShipNowPipe: a hint to ship now
         self.cursors: dict[int, TaskCursor] = {}
         self.api = None
         self.bad_lines = 0            # skipped lines, all tasks, since this process started
@@ -146,10 +149,10 @@ class LogShipper(ChildBase):
     def wait_for_work(self, timeout: float) -> None:
         if timeout <= 0:
             return
-        if self.nudges is None:
+        if self.ship_now is None:
             self.stopping.wait(timeout)
         else:
-            self.nudges.wait(min(timeout, 0.5))
+            self.ship_now.wait(min(timeout, 0.5))
 
     def drain(self, deadline: float) -> None:
         """On SIGTERM: ship what is left, then exit (the supervisor stops us last)."""
@@ -244,7 +247,7 @@ class LogShipper(ChildBase):
         if raws[0] and b"" not in raws and not cur.careful and _seq_or_none(raws[0]) == cur.seq + 1:
             lines = raws[:limit]
             if _seq_or_none(lines[-1]) == cur.seq + len(lines):
-                return lines, _Ends(cur.offset, lines)
+                return lines, _LineEndOffsets(cur.offset, lines)
         lines, ends = [], []
         pos = cur.offset
         for raw in raws:

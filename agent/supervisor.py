@@ -30,7 +30,7 @@ from agent.escalation import HUNG_KILL_AFTER_S, Escalation, escalate, silent_for
 from agent.exitcodes import EXIT_FATAL, EXIT_OK, describe_exit
 from agent.gpus import gpu_pool
 from agent.jobs import Jobs
-from agent.log_shipper import LogShipper, Nudges
+from agent.log_shipper import LogShipper, ShipNowPipe
 from agent.poller import Poller, Snapshot
 from agent.proctitle import set_title
 from agent.reports import hand_back, report_fatal, report_final
@@ -100,9 +100,9 @@ class Supervisor:
         self.fatal_exit_at: float | None = None   # the log-shipper is FATAL: exit by then at the latest
         self.first_poll_done = False
         self.free_slots_shared = multiprocessing.get_context("fork").RawValue("i", config.max_tasks)  # telemetry reads it
-        self.nudges = Nudges()      # task processes -> log-shipper wake-ups (a lock-free pipe)
+        self.ship_now = ShipNowPipe()     # task processes -> log-shipper: "ship now" (a lock-free pipe)
         self.helpers = Helpers(self.spawner, [
-            Helper("log-shipper", lambda: LogShipper(self.config, self.nudges),
+            Helper("log-shipper", lambda: LogShipper(self.config, self.ship_now),
                    RestartPolicy(config.restart_max, config.restart_window_s)),
             Helper("telemetry", lambda: Telemetry(self.config, self.free_slots_shared),
                    RestartPolicy(config.restart_max, config.restart_window_s)),
@@ -407,7 +407,7 @@ class Supervisor:
         r, w = os.pipe()
         os.set_blocking(w, False)
         try:
-            role = TaskProcess(self.config, slot.task, slot.gpus, slot.adopt, r, self.nudges)
+            role = TaskProcess(self.config, slot.task, slot.gpus, slot.adopt, r, self.ship_now)
             slot.child = self.spawner.spawn(f"task-{slot.task_id}", role, run_task_process, (role,))
         except BaseException:
             os.close(w)

@@ -193,13 +193,13 @@ class AgentTaskContext(TaskContext):
 class TaskProcess(ChildBase):
     """Role object: built in the supervisor (config only), run() after the fork."""
 
-    def __init__(self, config: Config, task: dict, gpus: list[int], adopt: bool, stop_fd: int, nudges=None):
+    def __init__(self, config: Config, task: dict, gpus: list[int], adopt: bool, stop_fd: int, ship_now=None):
         super().__init__()
         self.config, self.task, self.gpus, self.adopt = config, task, list(gpus), adopt
         self.task_id = int(task["id"])
         self.task_type = str(task.get("type", "?"))
         self.stop_fd = stop_fd      # read end of the supervisor's stop pipe for this task
-        self.nudges = nudges
+        self.ship_now = ship_now
         self.stop_event = threading.Event()
         self._last_nudge = 0.0
         self.before_final: list = []    # the handler's work to wait for before the final state
@@ -209,10 +209,10 @@ class TaskProcess(ChildBase):
 
     def nudge(self, force: bool = False) -> None:
         now = time.monotonic()
-        if self.nudges is None or (not force and now - self._last_nudge < self.config.log_batch_interval_s):
+        if self.ship_now is None or (not force and now - self._last_nudge < self.config.log_batch_interval_s):
             return
         self._last_nudge = now
-        self.nudges.send(self.task_id)
+        self.ship_now.send(self.task_id)
 
     def watch(self) -> None:
         """Thread: stop pipe -> stop_event; supervisor gone -> exit now; the heartbeat.

@@ -153,7 +153,7 @@ class Side:
     async def poll_open(self) -> None:
         """Until the waiter replica counts the node's poll as open: it is waiting on its wake-up."""
         deadline = time.monotonic() + 10
-        while (await call(self.waiter, "GET", ep.path(ep.AGENT, agent_id=self.agent_id), self.admin))["polls_open"] < 1:
+        while (await call(self.waiter, "GET", ep.path(ep.AGENT_BY_ID, agent_id=self.agent_id), self.admin))["polls_open"] < 1:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{self.name}: the node's poll is not open after 10 s")
             await asyncio.sleep(0.005)

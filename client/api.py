@@ -80,14 +80,14 @@ class UserClient:
         return self._list(ep.AGENTS)
 
     def get_agent(self, agent_id: int) -> dict:
-        return self._json("GET", ep.path(ep.AGENT, agent_id=agent_id))
+        return self._json("GET", ep.path(ep.AGENT_BY_ID, agent_id=agent_id))
 
     def patch_agent(self, agent_id: int, name: str | None = None, allowed_task_types: list[str] | None = None) -> dict:
         body = {k: v for k, v in {"name": name, "allowed_task_types": allowed_task_types}.items() if v is not None}
-        return self._json("PATCH", ep.path(ep.AGENT, agent_id=agent_id), body)
+        return self._json("PATCH", ep.path(ep.AGENT_BY_ID, agent_id=agent_id), body)
 
     def delete_agent(self, agent_id: int) -> dict:
-        return self._json("DELETE", ep.path(ep.AGENT, agent_id=agent_id))
+        return self._json("DELETE", ep.path(ep.AGENT_BY_ID, agent_id=agent_id))
 
     def rotate_token(self, agent_id: int) -> dict:
         """A new token for the agent (the old one stops working at once): {id, name, token, run_command}."""
@@ -96,7 +96,7 @@ class UserClient:
     def agent_telemetry(self, agent_id: int, since: float | None = None) -> list[dict]:
         """History points {ts, cpu, mem, disks: [%], gpus: [[util, mem %]]}, oldest first."""
         params = {"since": since} if since is not None else None
-        return self.request("GET", ep.path(ep.AGENT, agent_id=agent_id) + "/telemetry", params=params).json()["items"]
+        return self.request("GET", ep.path(ep.AGENT_TELEMETRY, agent_id=agent_id), params=params).json()["items"]
 
     # --- blobs ---
     def blob_exists(self, sha256: str) -> bool:

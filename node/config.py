@@ -14,11 +14,9 @@ import re
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from protocol.errors import ConfigError
+
 TOKEN_RE = re.compile(r"^[A-Za-z0-9]{32}$")
-
-
-class ConfigError(ValueError):
-    """A setting is missing or malformed; the agent exits with EXIT_CONFIG."""
 
 
 @dataclasses.dataclass(frozen=True)

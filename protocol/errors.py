@@ -24,6 +24,11 @@ class AuthError(APIError):
     """The token was refused (401)."""
 
 
+class ConfigError(ValueError):
+    """A setting the agent or the server cannot start with (missing or malformed); the message
+    names it. The agent exits with EXIT_CONFIG, the server with status 2."""
+
+
 def error_body(code: str, detail: str, **extra) -> dict:
     return {"error": code, "detail": detail, **extra}
 

@@ -20,39 +20,41 @@ class TaskState(str, enum.Enum):
         return self in FINAL
 
 
-Q, A, P, R, U = TaskState.QUEUED, TaskState.ASSIGNED, TaskState.PREPARING, TaskState.RUNNING, TaskState.UPLOADING
 FINAL = frozenset({TaskState.FINISHED, TaskState.FAILED, TaskState.STOPPED, TaskState.LOST})
 # A task in one of these is leased to its agent (handed out, not final).
-LEASED = frozenset({A, P, R, U})
+LEASED = frozenset({TaskState.ASSIGNED, TaskState.PREPARING, TaskState.RUNNING, TaskState.UPLOADING})
+# Not final: queued or leased.
+LIVE = frozenset({TaskState.QUEUED, *LEASED})
 
 # target state -> the states it may be entered from.
 EDGES: dict[TaskState, frozenset[TaskState]] = {
-    # QUEUED -> ASSIGNED: handed out in a poll answer; P/R/U -> ASSIGNED: handed out again because
-    # the agent's poll no longer lists it as running (restarted agent, lost answer).
-    TaskState.ASSIGNED: frozenset({Q, P, R, U}),
+    # QUEUED -> ASSIGNED: handed out in a poll answer; PREPARING/RUNNING/UPLOADING -> ASSIGNED:
+    # handed out again because the agent's poll no longer lists it as running (restarted agent,
+    # lost answer).
+    TaskState.ASSIGNED: frozenset({TaskState.QUEUED, TaskState.PREPARING, TaskState.RUNNING, TaskState.UPLOADING}),
     # ASSIGNED -> PREPARING: the agent took it and downloads inputs / pulls the image
-    TaskState.PREPARING: frozenset({A}),
+    TaskState.PREPARING: frozenset({TaskState.ASSIGNED}),
     # PREPARING -> RUNNING: container started; ASSIGNED -> RUNNING: a restarted agent re-adopts
     # its container, or a task without a container (cleanup) starts at once
-    TaskState.RUNNING: frozenset({A, P}),
+    TaskState.RUNNING: frozenset({TaskState.ASSIGNED, TaskState.PREPARING}),
     # RUNNING -> UPLOADING: exit 0, results go up
-    TaskState.UPLOADING: frozenset({R}),
+    TaskState.UPLOADING: frozenset({TaskState.RUNNING}),
     # UPLOADING -> FINISHED: results stored; RUNNING -> FINISHED: nothing to upload
-    TaskState.FINISHED: frozenset({R, U}),
+    TaskState.FINISHED: frozenset({TaskState.RUNNING, TaskState.UPLOADING}),
     # any live state -> FAILED: the agent (or the server, for a removed agent) gives up with an error
-    TaskState.FAILED: frozenset({Q, A, P, R, U}),
+    TaskState.FAILED: LIVE,
     # QUEUED -> STOPPED: a user's stop before hand-out; leased -> STOPPED: the agent stopped it
-    TaskState.STOPPED: frozenset({Q, A, P, R, U}),
+    TaskState.STOPPED: LIVE,
     # leased -> LOST: the agent was silent past the lease
-    TaskState.LOST: frozenset({A, P, R, U}),
+    TaskState.LOST: LEASED,
     # ASSIGNED -> QUEUED: a draining agent hands the task back (its lease is returned)
-    TaskState.QUEUED: frozenset({A}),
+    TaskState.QUEUED: frozenset({TaskState.ASSIGNED}),
 }
 
-# States an agent may report (the others are the server's to set).
-AGENT_REPORTABLE = frozenset({P, R, U, TaskState.FINISHED, TaskState.FAILED, TaskState.STOPPED})
 # Entering the state one is in: a no-op (taken as a progress update).
-SAME_STATE_OK = frozenset({P, R, U})
+SAME_STATE_OK = frozenset({TaskState.PREPARING, TaskState.RUNNING, TaskState.UPLOADING})
+# States an agent may report (the others are the server's to set).
+AGENT_REPORTABLE = frozenset({*SAME_STATE_OK, TaskState.FINISHED, TaskState.FAILED, TaskState.STOPPED})
 
 
 class IllegalTransition(ValueError):

@@ -87,7 +87,7 @@ def main(argv=None) -> None:
     settings = settings_of(a)
     for problem in settings.problems():
         sys.exit(f"sly-server: {problem}")
-    from server.auth.service import ConfigError
+    from protocol.errors import ConfigError
     try:
         serve(a, settings)
     except ConfigError as e:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import inspect
 import logging
 import os
 from pathlib import Path
@@ -135,10 +134,7 @@ async def _blob_collector(core: Core) -> None:
             log.exception("blob collector round failed")
 
 
-# FastAPI 0.16x instruments every request for OpenTelemetry and checks, per request, whether a
-# provider is configured; the server exports Prometheus metrics instead, so that work is off.
-_NO_OTEL = ({"telemetry": {"tracing": False, "metrics": False, "logs": False, "operation_spans": False}}
-            if "telemetry" in inspect.signature(FastAPI.__init__).parameters else {})
+_NO_OTEL = {"tracing": False, "metrics": False, "logs": False, "operation_spans": False}
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -185,7 +181,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             core.engine.dispose()
 
     # /docs (Swagger UI) loads its assets from a CDN: off unless asked for; /openapi.json is always served.
-    app = FastAPI(title="sly-agent task server", version="1", lifespan=lifespan, **_NO_OTEL,
+    # FastAPI instruments every request for OpenTelemetry unless told not to; the server exports
+    # Prometheus metrics instead.
+    app = FastAPI(title="sly-agent task server", version="1", lifespan=lifespan, telemetry=_NO_OTEL,
                   description="Protocol v1: agent side (x-token) and user side (Bearer admin token). See docs/protocol.md.",
                   default_response_class=SafeJSONResponse, docs_url="/docs" if settings.docs else None,
                   redoc_url=None, swagger_ui_oauth2_redirect_url=None)

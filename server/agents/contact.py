@@ -70,8 +70,6 @@ class Contacts:
         self._point_at: dict[int, float] = {}   # agent id -> its newest history point (written or pending)
         self._open: dict[str, int] = {}        # poll id -> agent id: the long-polls open on this process
         self._inflight: tuple | None = None    # the batch a flush is writing now
-        self.flushes = 0
-        self.rows_written = 0
         # Not in any registry here: Core registers it with its own (the one /metrics shows).
         self.m_rows_dropped = Metric("sly_contact_rows_dropped", "Contact batch rows (contact, lease, telemetry, "
                                      "poll) the database refused for their data, dropped", registry=None)
@@ -124,7 +122,7 @@ class Contacts:
                 m.pop(agent_id, None)
             self._points = [p for p in self._points if p["agent_id"] != agent_id]
 
-    def shown(self) -> Shown:
+    def shown(self) -> UnwrittenContacts:
         """What a read shows on top of the database: the contact, telemetry and chart points this
         process holds and has not written yet, or is writing now, and its open long-polls. Take
         it before reading the database: a batch written in between is then in both, never in neither."""
@@ -133,7 +131,7 @@ class Contacts:
             if self._inflight is not None:
                 seen, _lease, latest, points = self._inflight[:4]
                 batches.append((seen, latest, points))
-            out = Shown(polls=Counter(self._open.values()))
+            out = UnwrittenContacts(polls=Counter(self._open.values()))
             for seen, latest, points in batches:          # the pending batch first: it is the newer
                 for aid, ts in seen.items():
                     if out.seen.get(aid, 0.0) < ts:
@@ -163,8 +161,6 @@ class Contacts:
             finally:
                 with self._lock:
                     self._inflight = None
-            self.flushes += 1
-            self.rows_written += n
             return n
 
     def _write_isolating(self, batch: tuple) -> int:
@@ -291,8 +287,8 @@ class Contacts:
 
 
 @dataclass
-class Shown:
-    """`Contacts.shown()`: what this process knows of its nodes and has not written yet."""
+class UnwrittenContacts:
+    """What this process holds of its nodes and has not written yet (`Contacts.shown()`), for reads to show."""
     seen: dict[int, float] = field(default_factory=dict)      # agent id -> newest contact
     latest: dict[int, dict] = field(default_factory=dict)     # agent id -> its newest telemetry_latest row
     points: list[dict] = field(default_factory=list)          # telemetry_history rows

@@ -1,24 +1,24 @@
-"""User side: console sign-in and sign-out (the only user route that takes no admin credentials)."""
+"""User side: console sign-in and sign-out (the only user route that takes no admin credentials),
+and one-time sign-in links."""
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import RedirectResponse
 
 from protocol import endpoints
-from server.auth.service import SESSION_COOKIE, check_browser_write, require_admin, verify_admin_token
-from server.http.deps import core_of
+from server.auth.deps import check_browser_write, client_of
+from server.auth.service import SESSION_COOKIE, create_link, spend_link, verify_admin_token
+from server.http.deps import AdminDep, CoreDep
 from server.schemas import SessionIn
-from server.auth.links import create_link, spend_link
 
 router = APIRouter(tags=["user"])
 
 
 @router.post(endpoints.SESSION)
-async def sign_in(body: SessionIn, request: Request, response: Response):
+async def sign_in(body: SessionIn, request: Request, response: Response, core: CoreDep):
     """Console sign-in with the admin token: sets the HttpOnly cookie `sly_session`.
     Wrong tokens are throttled per client address (429 with Retry-After)."""
-    core = core_of(request)
-    verify_admin_token(core, request, body.token)
+    verify_admin_token(core, client_of(request), body.token)
     sid = await core.run(core.sessions.create)
     response.set_cookie(SESSION_COOKIE, sid, httponly=True, samesite="strict", path="/",
                         secure=request.url.scheme == "https")
@@ -26,9 +26,8 @@ async def sign_in(body: SessionIn, request: Request, response: Response):
 
 
 @router.delete(endpoints.SESSION)
-async def sign_out(request: Request, response: Response):
+async def sign_out(request: Request, response: Response, core: CoreDep):
     """Sign out of the console (drops the session and the cookie); from the console's own origin only."""
-    core = core_of(request)
     sid = request.cookies.get(SESSION_COOKIE)
     if sid:
         check_browser_write(request)
@@ -37,22 +36,25 @@ async def sign_out(request: Request, response: Response):
     return {"ok": True}
 
 
-@router.post(endpoints.SESSION_LINKS, dependencies=[Depends(require_admin)])
-async def new_signin_link(request: Request):
+@router.post(endpoints.SESSION_LINKS)
+async def new_signin_link(_: AdminDep, core: CoreDep):
     """A one-time console sign-in link (`path`, relative to the server) valid until `expires_at`."""
-    core = core_of(request)
-    token, expires = await core.run(create_link, core.engine, core.admin_token)
+    def create() -> tuple[str, float]:
+        with core.engine.begin() as conn:
+            return create_link(conn, core.admin_token)
+    token, expires = await core.run(create)
     return {"path": endpoints.path(endpoints.SIGNIN_LINK, token=token), "expires_at": expires}
 
 
 @router.get(endpoints.SIGNIN_LINK, include_in_schema=False)
-async def spend_signin_link(token: str, request: Request):
+async def spend_signin_link(token: str, request: Request, core: CoreDep):
     """Spend a one-time link: session cookie and on to the nodes page; a used or expired one goes to sign-in."""
-    core = core_of(request)
     headers = {"cache-control": "no-store", "referrer-policy": "no-referrer"}
 
     def spend() -> str | None:
-        return core.sessions.create() if spend_link(core.engine, core.admin_token, token) else None
+        with core.engine.begin() as conn:
+            spent = spend_link(conn, core.admin_token, token)
+        return core.sessions.create() if spent else None
     sid = await core.run(spend)
     if sid is None:
         return RedirectResponse("/signin", status_code=303, headers=headers)

@@ -1,12 +1,12 @@
-"""Tokens and the two auth dependencies: `require_admin` (user API) and `require_agent` (agent API).
+"""Who may call: agent and admin tokens, console sessions, the sign-in throttle, one-time sign-in links.
 
 Agent tokens are 32 letters/digits from `secrets`, stored only as their sha256 and compared in
 constant time. The admin token comes from SERVER_ADMIN_TOKEN, else from DATA_DIR/admin_token
 (mode 0600, generated and printed once on first start); it must be at least MIN_ADMIN_TOKEN
-characters. The web console signs in with the admin token and gets an HttpOnly cookie
-`sly_session` holding a random session id kept server-side, bound to that admin token. A write
-authenticated by the cookie must come from the console's own origin (`check_browser_write`), and
-failed admin-token checks are slowed down per client address (`SignInThrottle`).
+characters. The web console signs in with the admin token (or a one-time link) and gets an
+HttpOnly cookie `sly_session` holding a random session id kept server-side, bound to that admin
+token. Failed admin-token checks are slowed down per client address (`SignInThrottle`). The
+FastAPI dependencies built on these are in server/auth/deps.py.
 """
 from __future__ import annotations
 
@@ -21,25 +21,18 @@ import string
 import sys
 import time
 from pathlib import Path
-from urllib.parse import urlsplit
 
-from fastapi import Request
 from sqlalchemy import delete, insert, select
 
 from protocol.backoff import backoff_delay
-from protocol.endpoints import AGENT_TOKEN_HEADER, AUTHORIZATION_HEADER, BEARER
-from protocol.errors import APIError
+from protocol.errors import APIError, ConfigError
 from server import db
 
 TOKEN_ALPHABET = string.ascii_letters + string.digits
 SESSION_COOKIE = "sly_session"
 ADMIN_TOKEN_ENV = "SERVER_ADMIN_TOKEN"
 MIN_ADMIN_TOKEN = 16          # characters; a shorter admin token is refused at start
-WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-
-
-class ConfigError(ValueError):
-    """A setting the server cannot start with; the message names it."""
+LINK_TTL_S = 15 * 60          # a one-time sign-in link works this long
 
 
 def new_token(n: int = 32) -> str:
@@ -153,8 +146,9 @@ class SignInThrottle:
         self._clients: collections.OrderedDict[str, list] = collections.OrderedDict()
 
     @staticmethod
-    def client_of(request: Request) -> str:
-        host = request.client.host if request.client else ""
+    def client_key(host: str) -> str:
+        """The key a client address is counted under: the address, an IPv6 address's /64 (an
+        IPv4-mapped one as IPv4)."""
         try:
             ip = ipaddress.ip_address(host)
         except ValueError:
@@ -198,9 +192,9 @@ def check_admin_token(core, token: str) -> bool:
     return hmac.compare_digest(token.encode(), core.admin_token.encode())
 
 
-def verify_admin_token(core, request: Request, token: str) -> None:
-    """The admin token check behind sign-in and Bearer auth: throttled per client, 401 when wrong."""
-    client = core.signin_throttle.client_of(request)
+def verify_admin_token(core, client: str, token: str) -> None:
+    """The admin token check behind sign-in and Bearer auth: throttled per `client`
+    (`SignInThrottle.client_key`), 401 when wrong."""
     core.signin_throttle.check(client)
     if not check_admin_token(core, token):
         core.signin_throttle.failed(client)
@@ -209,73 +203,33 @@ def verify_admin_token(core, request: Request, token: str) -> None:
     core.signin_throttle.succeeded(client)
 
 
-def _origin(url: str) -> str | None:
-    """scheme://host:port with the default port spelt out, or None for anything else ('null')."""
-    try:
-        u = urlsplit(url.strip())
-        port = u.port or {"http": 80, "https": 443}.get(u.scheme)
-    except ValueError:
-        return None
-    if u.scheme not in ("http", "https") or not u.hostname or port is None:
-        return None
-    return f"{u.scheme}://{u.hostname.lower()}:{port}"
+# One-time console sign-in links: a link's token is 32 random bytes (URL-safe), lives LINK_TTL_S
+# and works once. It is kept only as a keyed hash in the `console_sessions` table, next to the
+# session rows, so a link works on every replica and across a restart with no table of its own.
+# The key is the admin token, as for sessions, so a link not yet spent dies with the admin token
+# that made it. The hash is HMAC-SHA3-256, not the HMAC-SHA-256 that session ids use, so a link
+# token sent as a cookie hashes to no session row.
+
+def _link_hash(key: str, token: str) -> str:
+    return hmac.new(key.encode(), token.encode(), hashlib.sha3_256).hexdigest()
 
 
-def check_browser_write(request: Request) -> None:
-    """A write authenticated by the session cookie must come from the console's own origin.
-
-    Origin, when sent, must be the request's own scheme://host:port or that of --public-url;
-    without Origin only `Sec-Fetch-Site: same-origin` will do. Anything else is a page of another
-    origin (a different port of the same host is another origin, though the same site for
-    SameSite cookies) submitting a form or a fetch with the user's cookie: 403 cross_origin.
-    """
-    if request.method not in WRITE_METHODS:
-        return
-    origin = request.headers.get("origin")
-    if origin is None:
-        if request.headers.get("sec-fetch-site") == "same-origin":
-            return
-        raise APIError(403, "cross_origin", "a write signed in by the console's cookie must come from the console's "
-                       "own pages (no Origin header and no 'Sec-Fetch-Site: same-origin'); scripts send "
-                       "'Authorization: Bearer <admin token>'")
-    allowed = {_origin(str(request.base_url))}
-    public = request.app.state.core.settings.public_url
-    if public:
-        allowed.add(_origin(public))
-    got = _origin(origin)
-    if got is None or got not in allowed:
-        raise APIError(403, "cross_origin", f"a write signed in by the console's cookie must come from the console's "
-                       f"own origin, not {origin[:200]!r}; scripts send 'Authorization: Bearer <admin token>'")
+def create_link(conn, key: str, ttl_s: float = LINK_TTL_S) -> tuple[str, float]:
+    """A new one-time token and its expiry (epoch seconds); only its hash under `key` (the admin
+    token) is stored."""
+    token = secrets.token_urlsafe(32)
+    expires = time.time() + ttl_s
+    conn.execute(insert(db.console_sessions).values(id_hash=_link_hash(key, token), expires_at=expires))
+    return token, expires
 
 
-async def require_admin(request: Request) -> None:
-    """Dependency: a Bearer admin token or a valid console session cookie (writes: from the
-    console's own origin, else 403), else 401; failed token checks are throttled (429)."""
-    core = request.app.state.core
-    auth = request.headers.get(AUTHORIZATION_HEADER, "")
-    if auth[:len(BEARER)].lower() == BEARER.lower():
-        verify_admin_token(core, request, auth[len(BEARER):].strip())
-        return
-    sid = request.cookies.get(SESSION_COOKIE)
-    ok = core.sessions.cached(sid)
-    if ok is None:
-        ok = await core.run(core.sessions.valid, sid)
-    if ok:
-        check_browser_write(request)
-        return
-    raise APIError(401, "unauthorized", "send 'Authorization: Bearer <admin token>' or sign in to the console")
-
-
-async def require_agent(request: Request) -> dict:
-    """Dependency: the agent row for the `x-token` header (401 otherwise); the request counts as
-    the agent's contact (written in the next batch: server/agents/contact.py)."""
-    core = request.app.state.core
-    token = request.headers.get(AGENT_TOKEN_HEADER, "")
-    if not token:
-        raise APIError(401, "unauthorized", f"the {AGENT_TOKEN_HEADER} header is missing")
-    h = hash_token(token)
-    agent = await core.agent_of(h)
-    if agent is None:
-        raise APIError(401, "unauthorized", "the agent token is wrong or was rotated")
-    core.contacts.seen(agent["id"])
-    return agent
+def spend_link(conn, key: str, token: str) -> bool:
+    """True once for a live link made under `key`; False for an unknown, used or expired one, or
+    one made under another admin token. One DELETE of an unexpired row: of two requests racing
+    with the same link, exactly one deletes it."""
+    if not token or len(token) > 128:
+        return False
+    t = db.console_sessions.c
+    spent = conn.execute(delete(db.console_sessions)
+                         .where(t.id_hash == _link_hash(key, token), t.expires_at > time.time())).rowcount
+    return spent == 1

@@ -5,7 +5,7 @@ upload names a blob. The rows decide two things:
 - who may download a blob on the agent side: an agent gets the blobs of the project and model of
   its leased tasks, the results of its own tasks and what it uploaded itself; any other blob is
   answered 404, exactly as a missing one, so its existence is not revealed. A result may name only
-  blobs its agent may read already (server.tasks.agent_router), so naming one grants nothing;
+  blobs its agent may read already (server.tasks.results), so naming one grants nothing;
 - which blobs are kept: a blob that no project, model or result names (an upload alone does not
   count), older than the grace period, is deleted by `collect`, and so is a partial upload.
 """

@@ -5,22 +5,23 @@ The user side reaches every blob. The agent side reaches only the blobs of its o
 upload is recorded, so it may read back what it sent, only once its bytes were read and hashed to
 the name, also for a blob stored already: a PUT without the bytes proves nothing.
 """
-from __future__ import annotations
+# No `from __future__ import annotations`: the routes' `who: dep` annotation is the parameter of
+# _router, which FastAPI could not resolve from a string.
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import FileResponse
 from starlette.requests import ClientDisconnect
 
 from protocol import endpoints
 from protocol.errors import APIError
 from server.blobs import refs as blob_refs
-from server.auth.service import require_admin, require_agent
 from server.blobs.store import SHA256_RE, check_sha256
+from server.core import Core
+from server.http.deps import AdminDep, AgentDep, CoreDep
 
 
-async def _visible(request: Request, who, sha256: str) -> bool:
+async def _visible(core: Core, who, sha256: str) -> bool:
     """The blob exists and the caller may see it (an agent: only the blobs of its own tasks)."""
-    core = request.app.state.core
     if not core.blobs.exists(sha256):
         return False
     if isinstance(who, dict):
@@ -28,12 +29,12 @@ async def _visible(request: Request, who, sha256: str) -> bool:
     return True
 
 
-def _agent_may_read(core, agent_id: int, sha256: str) -> bool:
+def _agent_may_read(core: Core, agent_id: int, sha256: str) -> bool:
     with core.engine.connect() as conn:
         return blob_refs.agent_may_read(conn, agent_id, sha256)
 
 
-def _record_upload(core, agent_id: int, sha256: str) -> None:
+def _record_upload(core: Core, agent_id: int, sha256: str) -> None:
     with core.engine.begin() as conn:
         blob_refs.add(conn, blob_refs.UPLOAD, agent_id, [sha256])
 
@@ -44,13 +45,13 @@ def _length(request: Request) -> int | None:
 
 
 def _router(path: str, dep, tag: str) -> APIRouter:
+    """The three routes on `path`; `dep` (AgentDep or AdminDep) is who may call them: an agent's row, or None."""
     router = APIRouter(tags=[tag])
 
     @router.put(path)
-    async def put_blob(sha256: str, request: Request, who=Depends(dep)):
+    async def put_blob(sha256: str, request: Request, who: dep, core: CoreDep):
         """Upload the bytes of a blob named by its sha256 (raw body, streamed); 507 past the store's quota."""
         check_sha256(sha256)
-        core = request.app.state.core
         try:
             size, created = await core.blobs.put_stream(sha256, request.stream(), _length(request))
         except ClientDisconnect:
@@ -61,11 +62,11 @@ def _router(path: str, dep, tag: str) -> APIRouter:
 
     @router.head(path, responses={200: {"description": "the blob exists; content-length is its size",
                                         "content": {"application/octet-stream": {}}}})
-    async def head_blob(sha256: str, request: Request, who=Depends(dep)):
+    async def head_blob(sha256: str, who: dep, core: CoreDep):
         """200 with content-length when the blob exists (and, for an agent, is one of its tasks'), else 404."""
-        if not SHA256_RE.match(sha256) or not await _visible(request, who, sha256):
+        if not SHA256_RE.match(sha256) or not await _visible(core, who, sha256):
             return Response(status_code=404, media_type="application/json")
-        size = request.app.state.core.blobs.size(sha256)
+        size = core.blobs.size(sha256)
         if size is None:
             return Response(status_code=404, media_type="application/json")
         return Response(status_code=200, media_type="application/octet-stream",
@@ -75,17 +76,16 @@ def _router(path: str, dep, tag: str) -> APIRouter:
                                        "content": {"application/octet-stream": {}}},
                                   206: {"description": "the requested range", "content": {"application/octet-stream": {}}},
                                   416: {"description": "the range is outside the blob"}})
-    async def get_blob(sha256: str, request: Request, who=Depends(dep)):
+    async def get_blob(sha256: str, who: dep, core: CoreDep):
         """The blob's bytes; `Range: bytes=a-b` gives 206 with that part. An agent: its tasks' blobs only."""
         check_sha256(sha256)
-        blobs = request.app.state.core.blobs
-        if not await _visible(request, who, sha256):
+        if not await _visible(core, who, sha256):
             raise APIError(404, "blob_not_found", f"no blob {sha256}")
-        return FileResponse(blobs.path(sha256), media_type="application/octet-stream",
+        return FileResponse(core.blobs.path(sha256), media_type="application/octet-stream",
                             headers={"cache-control": "private, max-age=31536000, immutable"})
 
     return router
 
 
-agent_router = _router(endpoints.AGENT_BLOB, require_agent, "agent")
-user_router = _router(endpoints.USER_BLOB, require_admin, "user")
+agent_router = _router(endpoints.AGENT_BLOB, AgentDep, "agent")
+user_router = _router(endpoints.USER_BLOB, AdminDep, "user")

@@ -2,26 +2,26 @@
 from __future__ import annotations
 
 import anyio
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 
 from protocol import endpoints
 from protocol.errors import APIError
-from server.auth.service import require_admin
 from server.blobs.store import check_sha256
-from server.http.deps import core_of
 from server.blobs.thumbs import GRID_SIZE, RENDERS, SIZES, NotAnImage, ThumbStore
+from server.core import Core
+from server.http.deps import AdminDep, CoreDep
 
-router = APIRouter(tags=["user"], dependencies=[Depends(require_admin)])
+router = APIRouter(tags=["user"])
 
 # A blob never changes, so neither does its thumbnail; `private`: the answer needs a sign-in.
 CACHE_CONTROL = "private, max-age=31536000, immutable"
 
 
-def _store(request: Request) -> ThumbStore:
+def _store(request: Request, core: Core) -> ThumbStore:
+    """The app's thumbnail store, made on the first request."""
     state = request.app.state
     store = getattr(state, "thumbs", None)
     if store is None:
-        core = core_of(request)
         store = state.thumbs = ThumbStore(core.settings.data_dir / "thumbs", core.blobs)
         # A gallery page asks for 48 thumbnails at once: the ones past RENDERS wait here, on the
         # loop, rather than each in a thread with an image decoded in memory.
@@ -30,7 +30,7 @@ def _store(request: Request) -> ThumbStore:
 
 
 @router.get(endpoints.USER_BLOB_THUMB)
-async def get_thumb(sha256: str, request: Request, size: int = GRID_SIZE):
+async def get_thumb(sha256: str, request: Request, core: CoreDep, _: AdminDep, size: int = GRID_SIZE):
     """The image blob scaled to fit size x size (JPEG; size one of 128, 256, 512, 1024; never enlarged).
 
     Made on the first request (in a worker thread, off the event loop) and kept on disk. 415
@@ -43,7 +43,7 @@ async def get_thumb(sha256: str, request: Request, size: int = GRID_SIZE):
     headers = {"cache-control": CACHE_CONTROL, "etag": etag}
     if etag in request.headers.get("if-none-match", ""):
         return Response(status_code=304, headers=headers)
-    store = _store(request)
+    store = _store(request, core)
     try:
         # A made thumbnail is a few KiB in the page cache: read it here, without a trip to a thread
         # (a grid page asks for dozens at once).

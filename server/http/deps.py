@@ -1,7 +1,7 @@
 """What the route modules share: the Core of a request, the decoded body (ParsedJSONRoute), JSON object
-bodies, paging, reading one row.
+bodies, paging.
 
-`get_row` and `list_rows` block on the database: a route calls them through `core.run`."""
+Reading rows (one by id, a page newest first) is server/db/rows.py."""
 from __future__ import annotations
 
 import gzip
@@ -12,15 +12,14 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.responses import Response
 from fastapi.routing import APIRoute
-from sqlalchemy import select
 
 from protocol.errors import APIError
-from server.auth.service import require_admin, require_agent
+from server.auth.deps import require_admin, require_agent
 from server.core import Core
 from server.http.strict import ID_MAX, dumps
 
 
-def core_of(request: Request) -> Core:
+async def core_of(request: Request) -> Core:
     return request.app.state.core
 
 
@@ -30,6 +29,10 @@ def core_of(request: Request) -> Core:
 CoreDep = Annotated[Core, Depends(core_of)]
 AgentDep = Annotated[dict, Depends(require_agent)]
 AdminDep = Annotated[None, Depends(require_admin)]
+
+# openapi_extra of a route that reads its JSON object body by hand (no body model): the schema
+# still says a JSON object is required.
+ANY_OBJECT = {"requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}}}
 
 
 async def json_object(request: Request, what: str) -> dict:
@@ -87,26 +90,6 @@ def cursor_id(cursor: str | None) -> int | None:
     if not (cursor.isascii() and cursor.isdigit() and len(cursor) <= 19 and int(cursor) <= ID_MAX):
         raise APIError(400, "bad_cursor", "cursor must be the `next` value of a previous page")
     return int(cursor)
-
-
-def get_row(core, table, oid: int, what: str) -> dict:
-    """One row by id as a dict, or 404 `<what>_not_found`."""
-    with core.engine.connect() as conn:
-        row = conn.execute(select(table).where(table.c.id == oid)).mappings().first()
-    if row is None:
-        raise APIError(404, f"{what}_not_found", f"no {what} {oid}")
-    return dict(row)
-
-
-def list_rows(core, table, limit: int, cursor: str | None, summary) -> dict:
-    """A page of a table, newest first, each row passed through `summary`."""
-    c = cursor_id(cursor)
-    q = select(table).order_by(table.c.id.desc()).limit(limit + 1)
-    if c is not None:
-        q = q.where(table.c.id < c)
-    with core.engine.connect() as conn:
-        rows = conn.execute(q).mappings().all()
-    return page([summary(dict(r)) for r in rows], limit)
 
 
 def conditional_json(request: Request, body: dict) -> Response:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import zlib
 
@@ -90,7 +91,7 @@ def install_error_handlers(app: FastAPI) -> None:
             detail = "no such endpoint"
         if exc.status_code == 405:
             detail = "this endpoint does not accept that method"
-        return error_response(exc.status_code, code, detail, )
+        return error_response(exc.status_code, code, detail)
 
     @app.exception_handler(Exception)
     async def _internal(_req: Request, exc: Exception):
@@ -140,7 +141,7 @@ class BodyLimitMiddleware:
 
     A JSON route's body (at most `json_body_limit`) is read whole here, checked and replayed; the
     log batch and the echo route stream through with their bytes counted (the log batch applies
-    the strict rules itself, see server.logs.parse_batch). A body over `json_body_limit` (the
+    the strict rules itself, see server.logs.service.parse_batch). A body over `json_body_limit` (the
     project routes', the log batch's) holds one of LARGE_AT_ONCE slots until its request ends and
     is decoded in a thread, off the event loop."""
 
@@ -300,7 +301,6 @@ def _counting(receive, limit: int, small: int, slot: _Slot):
 async def _send_error(send, status: int, code: str, detail: str, close: bool = True,
                       retry_after: int | None = None) -> None:
     """An error answer from a middleware; `close` when the body was left unread."""
-    import json
     body = json.dumps(error_body(code, detail)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if close:

@@ -8,26 +8,22 @@ only the ordinary case: a JSON object body (decoded and checked already by
 `server.http.errors.BodyLimitMiddleware`, which hands it over in the scope) and an `x-token` of a
 node. Anything else (no token, a token of no node, a body that is not a JSON object) goes on to
 the FastAPI route (`server/telemetry/agent_router.py`), which gives the documented answer; both
-store the sample with the same call (`accept_sample`).
+store the sample with the same call (`server.telemetry.service.accept_sample`).
 """
 from __future__ import annotations
 
-import time
-
 from protocol import endpoints
 from server.auth.service import hash_token
+from server.telemetry.service import accept_sample
 
 _TOKEN_HEADER = endpoints.AGENT_TOKEN_HEADER.lower().encode()
 _OK_BODY = b'{"ok":true}'
 _OK_HEADERS = [(b"content-type", b"application/json"), (b"content-length", str(len(_OK_BODY)).encode())]
 
 
-def accept_sample(core, agent: dict, sample: dict) -> None:
-    """A node's telemetry sample, kept for the next contact batch (and the contact it is)."""
-    core.contacts.telemetry(agent, time.time(), sample)
-
-
 class TelemetryFastPath:
+    """Answers a telemetry POST of a JSON object from a known node; passes everything else on."""
+
     def __init__(self, app, core):
         self.app, self.core = app, core
 

@@ -38,7 +38,7 @@ RowId = Annotated[int, Path(ge=0, le=ID_MAX)]
 
 
 def query_id(default=None, **kw):
-    """A Query() for an id-like integer (agent_id, after ...): bounded to int64."""
+    """A Query() for an id-like integer (agent_id, after ...): bounded as a row id, 0 to ID_MAX."""
     kw.setdefault("ge", 0)
     kw.setdefault("le", ID_MAX)
     return Query(default, **kw)
@@ -64,12 +64,6 @@ def _float(text: str) -> float:
     v = float(text)
     if not math.isfinite(v):
         raise NotStrictJSON("non_finite_number", f"the number {text[:40]} is too large to be finite")
-    return v
-
-
-def check_int64(v: int, what: str) -> int:
-    if not INT64_MIN <= v <= INT64_MAX:
-        raise NotStrictJSON("integer_out_of_range", f"{what} is outside int64 [{INT64_MIN}, {INT64_MAX}]")
     return v
 
 

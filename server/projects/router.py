@@ -3,97 +3,79 @@ from __future__ import annotations
 
 import time
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
-from sqlalchemy import select
 
 from protocol import endpoints
-from protocol.errors import APIError
-from server import db
-from server.auth.service import require_admin
-from server.projects.stats import StatsCache
-from server.projects.service import insert_project, items_page, prepare, read_project
-from server.http.deps import ParsedJSONRoute, core_of, cursor_id, list_rows, page
-from server.schemas import ProjectIn
+from server.http.deps import AdminDep, CoreDep, ParsedJSONRoute, cursor_id, page
 from server.http.strict import RowId
+from server.projects import service
+from server.projects.stats import StatsCache
+from server.schemas import ProjectIn
 
-
-router = APIRouter(tags=["user"], dependencies=[Depends(require_admin)], route_class=ParsedJSONRoute)
-
-
-def _summary(p: dict) -> dict:
-    p.pop("meta", None)
-    return p
-
-
-def _project(core, pid: int) -> dict:
-    with core.engine.connect() as conn:
-        p = read_project(conn, pid, anns=False)
-    if p is None:
-        raise APIError(404, "project_not_found", f"no project {pid}")
-    return p
-
-
-def _check_project(conn, pid: int) -> None:
-    if conn.execute(select(db.projects.c.id).where(db.projects.c.id == pid)).first() is None:
-        raise APIError(404, "project_not_found", f"no project {pid}")
+router = APIRouter(tags=["user"], route_class=ParsedJSONRoute)
 
 
 @router.post(endpoints.PROJECTS)
-async def create_project(body: ProjectIn, request: Request):
+async def create_project(body: ProjectIn, core: CoreDep, _: AdminDep):
     """A Supervisely project referencing uploaded blobs: meta and annotations checked (400 names the item)."""
-    core = core_of(request)
     # Checking thousands of annotations takes a while: off the event loop, which serves the long-polls.
-    meta, datasets = await run_in_threadpool(prepare, core.blobs, body.meta, body.datasets)
+    meta, datasets = await run_in_threadpool(service.prepare, core.blobs, body.meta, body.datasets)
 
     def create() -> dict:
         with core.engine.begin() as conn:
-            pid = insert_project(conn, body.name, meta, datasets, time.time())
-        return _project(core, pid)
+            pid = service.insert_project(conn, body.name, meta, datasets, time.time())
+        with core.engine.connect() as conn:
+            return service.get_project(conn, pid)
     return await core.run(create)
 
 
 @router.get(endpoints.PROJECTS)
-async def list_projects(request: Request, limit: int = Query(100, ge=1, le=1000), cursor: str | None = None):
+async def list_projects(core: CoreDep, _: AdminDep, limit: int = Query(100, ge=1, le=1000), cursor: str | None = None):
     """Projects, newest first (datasets summarised: name, items_count; no meta)."""
-    core = core_of(request)
-    return await core.run(list_rows, core, db.projects, limit, cursor, _summary)
+    before = cursor_id(cursor)
+
+    def read() -> list[dict]:
+        with core.engine.connect() as conn:
+            return service.list_projects(conn, limit, before)
+    return page(await core.run(read), limit)
 
 
 @router.get(endpoints.PROJECT)
-async def read_one(project_id: RowId, request: Request):
+async def read_one(project_id: RowId, core: CoreDep, _: AdminDep):
     """The project with its meta and every item's {name, sha256, size}; annotations: GET .../items."""
-    core = core_of(request)
-    return await core.run(_project, core, project_id)
+    def read() -> dict:
+        with core.engine.connect() as conn:
+            return service.get_project(conn, project_id)
+    return await core.run(read)
 
 
 @router.get(endpoints.PROJECT_ITEMS)
-async def list_items(project_id: RowId, request: Request, dataset: str | None = None,
+async def list_items(project_id: RowId, core: CoreDep, _: AdminDep, dataset: str | None = None,
                      limit: int = Query(100, ge=1, le=1000), cursor: str | None = None):
     """A page of the project's items in order, each with its annotation (`ann`); `dataset=` filters."""
-    core = core_of(request)
     after = cursor_id(cursor)
 
     def read() -> list[dict]:
         with core.engine.connect() as conn:
-            _check_project(conn, project_id)
-            return items_page(conn, project_id, dataset, after, limit)
+            service.check_exists(conn, project_id)
+            return service.items_page(conn, project_id, dataset, after, limit)
     # Annotations are plain JSON already: skip FastAPI's per-value encoder (10x slower on big anns).
     return JSONResponse(page(await core.run(read), limit))
 
 
 @router.get(endpoints.PROJECT_STATS)
-async def project_stats(project_id: int, request: Request):
+async def project_stats(project_id: int, request: Request, core: CoreDep, _: AdminDep):
     """Objects per class (`classes: {title: {objects, items}}`), images per image tag (`tags`), objects per
     object tag (`object_tags`), and `items`, `labelled` (items with an object), `objects` in all."""
-    core = core_of(request)
+    # Counted once per project and kept with the app (a project never changes once stored).
     cache = getattr(request.app.state, "project_stats", None)
     if cache is None:
         cache = request.app.state.project_stats = StatsCache()
 
     def read() -> dict:
         with core.engine.connect() as conn:
-            _check_project(conn, project_id)
+            service.check_exists(conn, project_id)
         return cache.get(core.engine, project_id)
     return await core.run(read)

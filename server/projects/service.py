@@ -14,6 +14,7 @@ from protocol.errors import APIError
 from protocol.sly_format import BadFormat, Budget, check_ann, check_meta, empty_ann, empty_meta
 from server import db
 from server.blobs import refs as blob_refs
+from server.db import rows
 from server.schemas import check_files, check_relpath
 from server.projects.images import image_size
 
@@ -23,6 +24,10 @@ CHECKS_PER_WHO = 1
 CHECK_RETRY_AFTER_S = 5
 _running: dict[str, int] = {}
 _running_lock = threading.Lock()
+
+INSERT_BATCH = 500            # project items per INSERT statement
+SAME_PAGE_ITEMS = 500         # stored items read per page when comparing a re-posted project
+SAME_PAGE_OBJECTS = 20_000    # fewer items per page when their annotations hold this many objects
 
 
 @contextmanager
@@ -92,13 +97,22 @@ def _prepare(blobs, meta, datasets: list) -> tuple[dict, list[dict]]:
 
 def insert_project(conn, name: str, meta: dict, datasets: list[dict], now: float, task_id: int | None = None) -> int:
     """Store a prepared project; returns its id."""
-    summary = [{"name": ds["name"], "items_count": len(ds["items"])} for ds in datasets]
-    pid = conn.execute(insert(db.projects).values(name=name, meta=meta, datasets=summary, task_id=task_id,
+    counts = [{"name": ds["name"], "items_count": len(ds["items"])} for ds in datasets]
+    pid = conn.execute(insert(db.projects).values(name=name, meta=meta, datasets=counts, task_id=task_id,
                                                   created_at=now)).inserted_primary_key[0]
-    rows = [{"project_id": pid, "dataset": ds["name"], **it} for ds in datasets for it in ds["items"]]
-    if rows:
-        conn.execute(insert(db.project_items), rows)
-    blob_refs.add(conn, blob_refs.PROJECT, pid, [r["sha256"] for r in rows])
+    # In batches: one INSERT of every item would hold all the annotations serialised at once.
+    hashes = []
+    batch: list[dict] = []
+    for ds in datasets:
+        for it in ds["items"]:
+            batch.append({"project_id": pid, "dataset": ds["name"], **it})
+            hashes.append(it["sha256"])
+            if len(batch) >= INSERT_BATCH:
+                conn.execute(insert(db.project_items), batch)
+                batch = []
+    if batch:
+        conn.execute(insert(db.project_items), batch)
+    blob_refs.add(conn, blob_refs.PROJECT, pid, hashes)
     return pid
 
 
@@ -118,6 +132,31 @@ def read_project(conn, pid: int, anns: bool) -> dict | None:
     return p
 
 
+def get_project(conn, pid: int) -> dict:
+    """The project with its items inlined, annotations left out; 404 `project_not_found`."""
+    p = read_project(conn, pid, anns=False)
+    if p is None:
+        raise APIError(404, "project_not_found", f"no project {pid}")
+    return p
+
+
+def check_exists(conn, pid: int) -> None:
+    """404 `project_not_found` unless project `pid` exists."""
+    if conn.execute(select(db.projects.c.id).where(db.projects.c.id == pid)).first() is None:
+        raise APIError(404, "project_not_found", f"no project {pid}")
+
+
+def summary(p: dict) -> dict:
+    """A listed project: its row without the meta (datasets summarised already: name, items_count)."""
+    p.pop("meta", None)
+    return p
+
+
+def list_projects(conn, limit: int, before: int | None) -> list[dict]:
+    """Up to limit + 1 projects, newest first, summarised."""
+    return [summary(p) for p in rows.list_rows(conn, db.projects, limit, before)]
+
+
 def items_page(conn, pid: int, dataset: str | None, after: int | None, limit: int) -> list[dict]:
     """Up to limit + 1 items of a project in order (the page helper needs the extra one), each with its ann."""
     c = db.project_items.c
@@ -130,8 +169,43 @@ def items_page(conn, pid: int, dataset: str | None, after: int | None, limit: in
 
 
 def same_project(conn, pid: int, meta: dict, datasets: list[dict]) -> bool:
-    """Whether project `pid` holds exactly this meta and these items (a re-posted result)."""
-    p = read_project(conn, pid, anns=True)
-    if p is None or p["meta"] != meta:
+    """Whether project `pid` holds exactly this meta and these items (a re-posted result).
+
+    The stored items are read a page at a time in id order (their dataset and item order) and the
+    reading stops at the first difference: the whole project read at once, annotations included,
+    would hold a second copy of the posted one (hundreds of MB for a 60 MiB result)."""
+    p = db.projects.c
+    row = conn.execute(select(p.meta, p.datasets).where(p.id == pid)).mappings().first()
+    if row is None or row["meta"] != meta or [d["name"] for d in row["datasets"]] != [ds["name"] for ds in datasets]:
         return False
-    return p["datasets"] == datasets
+    posted = [(ds["name"], it) for ds in datasets for it in ds["items"]]
+    c = db.project_items.c
+    start, after = 0, None
+    while True:
+        # As many rows as the next posted items up to SAME_PAGE_ITEMS, fewer when their objects (most
+        # of an annotation's memory) pass SAME_PAGE_OBJECTS.
+        end, weight = start, 0
+        while end < len(posted) and end - start < SAME_PAGE_ITEMS and (end == start or weight < SAME_PAGE_OBJECTS):
+            weight += _objects(posted[end][1])
+            end += 1
+        last = end == len(posted)
+        q = select(c.id, c.dataset, c.name, c.sha256, c.size, c.ann).where(c.project_id == pid)
+        if after is not None:
+            q = q.where(c.id > after)
+        # On the last page one row more: a stored project longer than the posted one shows it.
+        got = conn.execute(q.order_by(c.id).limit(end - start + last)).mappings().all()
+        if len(got) != end - start:
+            return False
+        for r, (ds_name, it) in zip(got, posted[start:end]):
+            if r["dataset"] != ds_name or {"name": r["name"], "sha256": r["sha256"], "size": r["size"],
+                                           "ann": r["ann"]} != it:
+                return False
+        if last:
+            return True
+        start, after = end, got[-1]["id"]
+
+
+def _objects(item: dict) -> int:
+    ann = item.get("ann")
+    objects = ann.get("objects") if isinstance(ann, dict) else None
+    return 1 + (len(objects) if isinstance(objects, list) else 0)

@@ -3,31 +3,19 @@ from __future__ import annotations
 
 import time
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter
 from starlette.concurrency import run_in_threadpool
-from sqlalchemy import bindparam, insert, select, update
 
 from protocol import endpoints
-from protocol.errors import APIError
-from protocol.states import FINAL, TaskState
-from server import db
-from server.blobs import refs as blob_refs
-from server.auth.service import require_agent
-from server.blobs.store import SHA256_RE
-from server.http.deps import ParsedJSONRoute, core_of
-from server.projects.service import insert_project, prepare, same_project
-from server.schemas import DatasetIn, ItemRef, ResultsIn, StateIn, check_files, check_relpath, model_hash
-from server.http.strict import ID_MAX, RowId
+from server.http.deps import AgentDep, CoreDep, ParsedJSONRoute
+from server.http.strict import RowId
+from server.schemas import ResultsIn, StateIn
+from server.tasks import results as result_posts
 from server.tasks.service import agent_change_state, own_task, release_task, retry_race
 
 # The results route takes the body the middleware decoded: decoding a project result again
 # would double its memory (64 MiB of annotations are hundreds of MB as Python objects).
 router = APIRouter(tags=["agent"], route_class=ParsedJSONRoute)
-
-_t = db.tasks.c
-# A results post reads, changes and writes the task's results (its totals): the row is locked on
-# PostgreSQL, so two posts of one task on two replicas never both write a total read before the other.
-_RESULTS_TASK = select(db.tasks).where(_t.id == bindparam("tid")).with_for_update()
 
 
 def _state_answer(task: dict) -> dict:
@@ -36,9 +24,8 @@ def _state_answer(task: dict) -> dict:
 
 
 @router.post(endpoints.TASK_STATE)
-async def post_state(task_id: RowId, body: StateIn, request: Request, agent: dict = Depends(require_agent)):
+async def post_state(task_id: RowId, body: StateIn, core: CoreDep, agent: AgentDep):
     """The agent reports a state (or, with the same state, new progress / exit_code / error)."""
-    core = core_of(request)
 
     def change():
         with core.transaction() as conn:
@@ -52,9 +39,8 @@ async def post_state(task_id: RowId, body: StateIn, request: Request, agent: dic
 
 
 @router.post(endpoints.TASK_RELEASE)
-async def release(task_id: RowId, request: Request, agent: dict = Depends(require_agent)):
+async def release(task_id: RowId, core: CoreDep, agent: AgentDep):
     """A draining agent hands back a task it was given but will not run: assigned -> queued."""
-    core = core_of(request)
 
     def give_back():
         with core.transaction() as conn:
@@ -67,181 +53,30 @@ async def release(task_id: RowId, request: Request, agent: dict = Depends(requir
     return _state_answer(await core.run(retry_race, give_back))
 
 
-def _post_model(conn, task_id: int, body: ResultsIn, results: dict, now: float, limits) -> int:
-    """Store a model result (idempotent per task: the same files again are the same model) and
-    decide `results.model_id`: a plain model (results/model) wins over a checkpoint marked final,
-    which wins over the latest checkpoint."""
-    files = [{"path": f.path, "sha256": f.sha256, "size": f.size} for f in body.files]
-    h = model_hash(files)
-    ck = body.checkpoint.model_dump() if body.checkpoint is not None else None
-    m = db.models.c
-    mid = conn.execute(select(m.id).where(m.task_id == task_id, m.hash == h).order_by(m.id).limit(1)).scalar()
-    replay = mid is not None
-    if replay and ck is not None and ck["final"]:
-        stored = conn.execute(select(m.checkpoint).where(m.id == mid)).scalar()
-        if stored is not None and not stored.get("final"):   # the same checkpoint, now marked final
-            conn.execute(update(db.models).where(m.id == mid).values(checkpoint=ck))
-    if not replay:
-        _count(results, limits, len(files), sum(f["size"] for f in files))
-        mid = conn.execute(insert(db.models).values(name=body.name or f"task {task_id} model", hash=h, files=files,
-                                                    task_id=task_id, checkpoint=ck,
-                                                    created_at=now)).inserted_primary_key[0]
-        blob_refs.add(conn, blob_refs.MODEL, mid, [f["sha256"] for f in files])
-    if ck is not None and mid not in results.setdefault("checkpoints", []):
-        results["checkpoints"].append(mid)
-
-    def rank(checkpoint) -> int:
-        return 2 if checkpoint is None else 1 if checkpoint.get("final") else 0
-    current = results.get("model_id")
-    if current is None:
-        results["model_id"] = mid
-    elif current != mid:
-        cur_ck = conn.execute(select(m.checkpoint).where(m.id == current)).scalar()
-        # A replay (an agent re-posting after a restart) never moves model_id back to an older
-        # checkpoint; it may only promote (a plain model equal to a checkpoint's files).
-        if rank(ck) > rank(cur_ck) or (not replay and rank(ck) == rank(cur_ck)):
-            results["model_id"] = mid
-    return mid
-
-
-def _prepare_project(core, blobs, body: ResultsIn, agent: dict) -> tuple[dict, list[dict]]:
-    """A project result checked as POST /api/v1/projects checks one; from `datasets` or from `files`."""
-    if body.datasets is not None:
-        if body.files:
-            raise APIError(400, "invalid_request", "a project result has either datasets or files, not both")
-        ds_in = body.datasets
-    else:
-        by_ds: dict[str, list] = {}
-        for f in body.files:
-            if "/" not in f.path:
-                raise APIError(400, "bad_name", f"project result file {f.path!r} must be '<dataset>/<item name>'")
-            ds, item = f.path.split("/", 1)
-            by_ds.setdefault(ds, []).append(ItemRef(name=item, sha256=f.sha256, size=f.size, ann=f.ann))
-        ds_in = [DatasetIn(name=k, items=v) for k, v in by_ds.items()]
-    return prepare(blobs, body.meta, ds_in, who=f"agent:{agent['id']}")
-
-
-def _post_project(conn, task_id: int, name: str, prepared: tuple, results: dict, now: float, limits) -> int:
-    """Store a checked project result; the same project posted again by the task is not stored twice."""
-    meta, datasets = prepared
-    prev = results.get("project_id")
-    if prev is not None and same_project(conn, prev, meta, datasets):
-        return prev
-    items = [it for ds in datasets for it in ds["items"]]
-    _count(results, limits, len(items), sum(it["size"] for it in items))
-    pid = insert_project(conn, name or f"task {task_id} project", meta, datasets, now, task_id=task_id)
-    results["project_id"] = pid
-    return pid
-
-
-def _post_artifacts(conn, task_id: int, files: list, results: dict, limits) -> None:
-    """Upsert the entries as the task's artifact rows (a path posted again replaces its entry): a
-    post costs O(its entries), whatever the task holds already."""
-    a = db.task_artifacts.c
-    new = {f.path: f for f in files}
-    old: dict[str, tuple[str, int]] = {}
-    paths = sorted(new)
-    for i in range(0, len(paths), blob_refs.READ_BATCH):
-        old.update((p, (h, n)) for p, h, n in conn.execute(
-            select(a.path, a.sha256, a.size).where(a.task_id == task_id, a.path.in_(paths[i:i + blob_refs.READ_BATCH]))))
-    added = len(new) - len(old)
-    grown = sum(f.size for f in new.values()) - sum(n for _, n in old.values())
-    _count(results, limits, added, grown)
-    results["artifacts_count"] = results.get("artifacts_count", 0) + added
-    results["artifacts_bytes"] = results.get("artifacts_bytes", 0) + grown
-    if new:
-        conn.execute(db.upsert(conn.engine, db.task_artifacts, ["task_id", "path"], ["sha256", "size"]),
-                     [{"task_id": task_id, "path": p, "sha256": f.sha256, "size": f.size} for p, f in new.items()])
-    blob_refs.add(conn, blob_refs.RESULT, task_id, [f.sha256 for f in new.values()])
-    # A replaced blob that no other path of the task names is no longer kept or readable for it:
-    # otherwise re-posting one path with ever new blobs would store them all past the limits.
-    gone = {h for p, (h, _) in old.items() if h != new[p].sha256} - {f.sha256 for f in new.values()}
-    still = set()
-    for h in gone:
-        if conn.execute(select(a.path).where(a.task_id == task_id, a.sha256 == h).limit(1)).first() is not None:
-            still.add(h)
-    blob_refs.drop_results(conn, task_id, gone - still)
-
-
-def _count(results: dict, limits, files: int, size: int) -> None:
-    """Add to the task's result totals, or 413 results_limit (nothing stored) past a limit."""
-    max_files, max_bytes = limits
-    files, size = results.get("result_files", 0) + files, results.get("result_bytes", 0) + size
-    if max_files and files > max_files:
-        raise APIError(413, "results_limit", f"a task's results may name at most {max_files} files "
-                       f"(--results-max-files); this post would make {files}, so nothing of it was stored")
-    if max_bytes and size > max_bytes:
-        raise APIError(413, "results_limit", f"a task's results may name at most {max_bytes} bytes "
-                       f"(--results-max-bytes); this post would make {size}, so nothing of it was stored")
-    results["result_files"], results["result_bytes"] = files, size
-
-
-class _Readable:
-    """The blob store as one agent sees it: a blob it may not read is missing. The checks of a
-    results post (server.schemas.check_files, server.projects.prepare) read sizes through it, so
-    a forbidden blob gets the answer of a missing one, never its size."""
-
-    def __init__(self, blobs, hashes: set[str]):
-        self.blobs, self.hashes = blobs, hashes
-
-    def size(self, h: str) -> int | None:
-        return self.blobs.size(h) if h in self.hashes else None
-
-    def path(self, h: str):
-        return self.blobs.path(h)
-
-
-def _named(body: ResultsIn) -> set[str]:
-    refs = list(body.files) + [it for ds in body.datasets or [] for it in ds.items]
-    return {r.sha256 for r in refs if isinstance(r.sha256, str) and SHA256_RE.match(r.sha256)}
-
-
-def _readable(core, agent_id: int, hashes: set[str]) -> set[str]:
-    with core.engine.connect() as conn:
-        return blob_refs.readable(conn, agent_id, hashes)
-
-
 @router.post(endpoints.TASK_RESULTS)
-async def post_results(task_id: RowId, body: ResultsIn, request: Request, agent: dict = Depends(require_agent)):
+async def post_results(task_id: RowId, body: ResultsIn, core: CoreDep, agent: AgentDep):
     """Results of a task: a model (or a checkpoint), a project (Supervisely, with annotations) or artifacts.
 
     Answers `{"results": the task's results, "id": the model or project id}` (no id for artifacts).
     Every blob named must be one the agent may read (uploaded by it, or of its own tasks): any other
     is answered as missing (400 `missing_blobs`). Past the task's results limits: 413 `results_limit`.
     """
-    core = core_of(request)
-    if body.name and body.kind != "artifacts":      # it names a project or model: never path-like
-        check_relpath(body.name, "name", single=True)
-    if body.kind != "project" and (body.datasets is not None or body.meta is not None
-                                   or any(f.ann is not None for f in body.files)):
-        raise APIError(400, "invalid_request", f"meta, datasets and ann belong to a project result, not {body.kind}")
-    # Results name only blobs the agent may read already: naming one would make it readable.
-    blobs = _Readable(core.blobs, await core.run(_readable, core, agent["id"], _named(body)))
-    if body.kind != "project":
-        check_files(blobs, body.files, "path", "result file")
+    result_posts.check_fields(body)
+
+    def readable():
+        with core.engine.connect() as conn:
+            return result_posts.readable(conn, agent["id"], body)
+    blobs = result_posts.Readable(core.blobs, await core.run(readable))
+    if body.kind == "project":   # every item and annotation checked: off the loop, before the transaction
+        prepared = await run_in_threadpool(result_posts.check_refs, blobs, body, agent["id"])
     else:
-        prepared = await run_in_threadpool(_prepare_project, core, blobs, body, agent)   # off the loop, before the transaction
-    if body.checkpoint is not None and body.kind != "model":
-        raise APIError(400, "invalid_request", "checkpoint belongs to a model result")
+        prepared = result_posts.check_refs(blobs, body, agent["id"])
     now = time.time()
     limits = (core.settings.results_max_files, core.settings.results_max_bytes)
 
-    def store() -> tuple[dict, int | None]:
-        oid = None
+    def store():
         with core.engine.begin() as conn:
-            task = own_task(conn, agent["id"], task_id, _RESULTS_TASK)
-            if TaskState(task["state"]) in FINAL:
-                raise APIError(409, "task_final",
-                               f"task {task_id} is {task['state']}; results come before the final state")
-            results = dict(task["results"])
-            if body.kind == "model":
-                oid = _post_model(conn, task_id, body, results, now, limits)
-            elif body.kind == "project":
-                oid = _post_project(conn, task_id, body.name, prepared, results, now, limits)
-            else:
-                _post_artifacts(conn, task_id, body.files, results, limits)
-            conn.execute(update(db.tasks).where(db.tasks.c.id == task_id).values(results=results, updated_at=now))
-        return results, oid
+            return result_posts.store(conn, agent["id"], task_id, body, prepared, now, limits)
     results, oid = await core.run(store)
     out = {"results": results}
     if oid is not None:

@@ -1,14 +1,17 @@
-"""Task rows: state changes (checked against protocol.states), the poll's hand-out, the lease reaper."""
+"""Tasks: creating, listing, reading and stopping them (the user's side), state changes checked
+against protocol.states, the poll's hand-out, the lease reaper."""
 from __future__ import annotations
 
 import time
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import bindparam, insert, select, update
 
-from server import db
-from server.projects.service import read_project
 from protocol.errors import APIError
 from protocol.states import AGENT_REPORTABLE, FINAL, LEASED, IllegalTransition, TaskState, check_transition
+from protocol.tasks import CONTAINER_TYPES, TASK_TYPES
+from server import db
+from server.db.rows import get_row
+from server.projects.service import read_project
 
 LEASED_VALUES = [s.value for s in LEASED]
 
@@ -66,6 +69,93 @@ def own_task(conn, agent_id: int, task_id: int, stmt=None) -> dict:
     return task
 
 
+# A new task's results: small totals only; its artifacts are rows, paged by TASK_ARTIFACTS.
+EMPTY_RESULTS = {"artifacts_count": 0, "artifacts_bytes": 0, "result_files": 0, "result_bytes": 0}
+
+
+def check_new_task(body) -> None:
+    """What a new task (a TaskIn) must be before the database is asked: 400 unknown_type for an
+    unknown type, 400 invalid_request for a container type without an image or an empty command."""
+    if body.type not in TASK_TYPES:
+        raise APIError(400, "unknown_type", f"unknown task type {body.type!r}; known: {list(TASK_TYPES)}")
+    if body.type in CONTAINER_TYPES and not body.image:
+        raise APIError(400, "invalid_request", f"a {body.type} task needs an image")
+    if isinstance(body.command, str) and not body.command.strip() or body.command == []:
+        raise APIError(400, "invalid_request", "command must not be empty (leave it out for the image's own)")
+
+
+def create_task(conn, body, now: float) -> dict:
+    """A queued task (from a TaskIn checked by check_new_task) for its agent; its row. 404 for an
+    unknown agent, project or model; 409 type_not_allowed when the agent does not run its type."""
+    # Not server.agents.service.agent_row: that module builds on this one (the poll's hand-out).
+    agent = get_row(conn, db.agents, body.agent_id, "agent")
+    if body.type not in agent["allowed_task_types"]:
+        raise APIError(409, "type_not_allowed", f"agent {agent['id']} does not run {body.type} tasks "
+                       f"(allowed: {agent['allowed_task_types']})")
+    for oid, table, what in ((body.project_id, db.projects, "project"), (body.model_id, db.models, "model")):
+        if oid is not None and conn.execute(select(table.c.id).where(table.c.id == oid)).first() is None:
+            raise APIError(404, f"{what}_not_found", f"no {what} {oid}")
+    resources = (body.resources.model_dump() if body.resources else
+                 {"gpus": 0, "cpus": None, "memory": None, "shm_size": None})
+    tid = conn.execute(insert(db.tasks).values(
+        agent_id=agent["id"], type=body.type, image=body.image, command=body.command, config=body.config or {},
+        project_id=body.project_id, model_id=body.model_id, resources=resources, timeout_s=body.timeout_s,
+        state=TaskState.QUEUED.value, stop_requested=False,
+        timeline=[{"state": TaskState.QUEUED.value, "ts": now}],
+        results=dict(EMPTY_RESULTS), log_acked=-1, created_at=now, updated_at=now)).inserted_primary_key[0]
+    return get_task(conn, tid)
+
+
+def list_tasks(conn, agent_id: int | None, state: str | None, limit: int, before: int | None) -> list[dict]:
+    """Up to limit + 1 tasks (one more tells a next page exists), newest first, as the user API
+    shows them: optionally of one agent, in one state, with ids below `before`."""
+    t = db.tasks
+    q = select(t).order_by(t.c.id.desc()).limit(limit + 1)
+    if agent_id is not None:
+        q = q.where(t.c.agent_id == agent_id)
+    if state is not None:
+        q = q.where(t.c.state == state)
+    if before is not None:
+        q = q.where(t.c.id < before)
+    return [public_task(r) for r in conn.execute(q).mappings().all()]
+
+
+def task_or_404(conn, task_id: int) -> dict:
+    """The task's row, or 404 task_not_found."""
+    task = get_task(conn, task_id)
+    if task is None:
+        raise APIError(404, "task_not_found", f"no task {task_id}")
+    return task
+
+
+def stop_task(conn, task_id: int) -> dict:
+    """A user's stop: a queued task is stopped at once; a leased one is marked, and its agent's
+    next poll answer carries the stop. 404 unknown, 409 task_final; StateRace as change_state."""
+    task = task_or_404(conn, task_id)
+    if TaskState(task["state"]) in FINAL:
+        raise APIError(409, "task_final", f"task {task_id} is already {task['state']}")
+    if task["state"] == TaskState.QUEUED.value:
+        return change_state(conn, task, TaskState.STOPPED, error="stopped by a user before it started",
+                            stop_requested=True)
+    conn.execute(update(db.tasks).where(db.tasks.c.id == task_id).values(stop_requested=True,
+                                                                         updated_at=time.time()))
+    return dict(task, stop_requested=True)
+
+
+def artifacts_page(conn, task_id: int, after: str | None, limit: int) -> list[dict]:
+    """Up to limit + 1 of the task's artifacts {path, sha256, size} by path, those after `after`
+    (a path). 400 bad_cursor for an `after` no path can be, 404 for an unknown task."""
+    if after is not None and "\x00" in after:     # no path holds one, and PostgreSQL refuses it in a query
+        raise APIError(400, "bad_cursor", "after must be the `next` value of a previous page")
+    a = db.task_artifacts.c
+    q = select(a.path, a.sha256, a.size).where(a.task_id == task_id).order_by(a.path).limit(limit + 1)
+    if after:
+        q = q.where(a.path > after)
+    if conn.execute(select(db.tasks.c.id).where(db.tasks.c.id == task_id)).first() is None:
+        raise APIError(404, "task_not_found", f"no task {task_id}")
+    return [dict(r) for r in conn.execute(q).mappings()]
+
+
 def change_state(conn, task: dict, new: TaskState, now: float | None = None, **values) -> dict:
     """Move a task to `new` (IllegalTransition if the edge is not allowed); timestamped in `timeline`.
 
@@ -119,23 +209,36 @@ def hand_out(core, conn, agent: dict, free_slots: int, free_gpus: int, running: 
     out, the agent's token is checked again in this transaction: a poll whose token was rotated
     or whose agent was deleted while it waited delivers nothing (401).
     """
-    agent_id = agent["id"]
     running_set = set(running)
-    mine = conn.execute(_MINE, {"aid": agent_id}).all()
-    stop, new_stop, again = [], [], []
+    mine = conn.execute(_MINE, {"aid": agent["id"]}).all()
+    stop, new_stop = _stops(mine, running_set)
+    candidates = _not_running(core, conn, mine, running_set, now) + _queued(conn, agent["id"], free_slots)
+    out = _fitting(core, conn, candidates, free_slots, free_gpus, now)
+    if out:
+        _check_token_unchanged(conn, agent)
+    return out, stop, new_stop
+
+
+def _stops(mine, running: set[int]) -> tuple[list[int], list[int]]:
+    """The tasks the agent runs and should kill (a stop was requested, or the server gave them up
+    as lost), and those of them it has not been told about yet."""
+    stop, new_stop = [], []
     for tid, state, stop_requested, stop_delivered in mine:
-        if state == TaskState.LOST.value:
-            if tid in running_set:
-                stop.append(tid)
-                if not stop_delivered:
-                    new_stop.append(tid)
+        if tid in running and (state == TaskState.LOST.value or stop_requested):
+            stop.append(tid)
+            if not stop_delivered:
+                new_stop.append(tid)
+    return stop, new_stop
+
+
+def _not_running(core, conn, mine, running: set[int], now: float) -> list[dict]:
+    """The agent's leased tasks it does not run (it restarted, or never got the answer that gave
+    them): one with a stop requested is stopped now; the others' rows, to be handed out again."""
+    again = []
+    for tid, state, stop_requested, _ in mine:
+        if state == TaskState.LOST.value or tid in running:
             continue
-        if tid in running_set:
-            if stop_requested:
-                stop.append(tid)
-                if not stop_delivered:
-                    new_stop.append(tid)
-        elif stop_requested:
+        if stop_requested:
             try:
                 change_state(conn, get_task(conn, tid), TaskState.STOPPED, now, error="stopped before the agent ran it")
                 core.notify_task(conn, tid)
@@ -143,39 +246,61 @@ def hand_out(core, conn, agent: dict, free_slots: int, free_gpus: int, running: 
                 pass
         else:
             again.append(get_task(conn, tid))
-    queued = []
-    if free_slots > 0:
-        queued = conn.execute(_QUEUED, {"aid": agent_id}).mappings().all()
+    return again
+
+
+def _queued(conn, agent_id: int, free_slots: int) -> list[dict]:
+    """The agent's queued tasks in id order, when it has a free slot (rows locked, SKIP LOCKED)."""
+    if free_slots <= 0:
+        return []
+    return [dict(r) for r in conn.execute(_QUEUED, {"aid": agent_id}).mappings().all()]
+
+
+def _fitting(core, conn, candidates: list, free_slots: int, free_gpus: int, now: float) -> list[dict]:
+    """The candidates, in order, that fit the free slots and GPUs, leased to the agent; as the
+    poll answer shows them. A task needing more GPUs than are left is skipped, not waited for."""
     out = []
     slots, gpus = free_slots, free_gpus
-    for t in again + [dict(r) for r in queued]:
+    for t in candidates:
         if t is None:
-            continue
+            continue   # gone since the agent's tasks were read
         if slots <= 0:
             break
         need = int((t["resources"] or {}).get("gpus") or 0)
         if need > gpus:
             continue
-        if t["state"] != TaskState.ASSIGNED.value:
-            try:
-                t = change_state(conn, t, TaskState.ASSIGNED, now, lease_until=now + core.settings.lease_s)
-            except StateRace:
-                continue   # another poll claimed it (or a user stopped it) first
-            core.notify_task(conn, t["id"])
-        else:
-            conn.execute(update(db.tasks).where(db.tasks.c.id == t["id"]).values(lease_until=now + core.settings.lease_s))
+        t = _lease(core, conn, t, now)
+        if t is None:
+            continue
         out.append(agent_task(conn, t))
         slots -= 1
         gpus -= need
-    if out:
-        # FOR KEY SHARE on PostgreSQL: a rotation (an UPDATE of token_hash, a unique column) or a
-        # removal waits for this transaction, or this read sees it. The contact batch's UPDATEs
-        # of last_seen and telemetry_ts touch no unique column and do not conflict with it: a
-        # hand-out never waits for them (FOR SHARE did, for as long as the batch's transaction).
-        valid = conn.execute(_VALID_TOKEN, {"aid": agent_id, "h": agent["token_hash"]}).first()
-        if valid is None:
-            raise APIError(401, "unauthorized", "the agent token was rotated or the agent removed")
-    return out, stop, new_stop
+    return out
+
+
+def _lease(core, conn, task: dict, now: float) -> dict | None:
+    """Lease the task to its agent until now + lease_s: a queued one is claimed (None if another
+    poll claimed it, or a user stopped it, first); an assigned one handed out again has its lease renewed."""
+    if task["state"] != TaskState.ASSIGNED.value:
+        try:
+            task = change_state(conn, task, TaskState.ASSIGNED, now, lease_until=now + core.settings.lease_s)
+        except StateRace:
+            return None
+        core.notify_task(conn, task["id"])
+    else:
+        conn.execute(update(db.tasks).where(db.tasks.c.id == task["id"]).values(lease_until=now + core.settings.lease_s))
+    return task
+
+
+def _check_token_unchanged(conn, agent: dict) -> None:
+    """401 when the agent's token was rotated, or the agent removed, while its poll waited."""
+    # FOR KEY SHARE on PostgreSQL: a rotation (an UPDATE of token_hash, a unique column) or a
+    # removal waits for this transaction, or this read sees it. The contact batch's UPDATEs
+    # of last_seen and telemetry_ts touch no unique column and do not conflict with it: a
+    # hand-out never waits for them (FOR SHARE did, for as long as the batch's transaction).
+    valid = conn.execute(_VALID_TOKEN, {"aid": agent["id"], "h": agent["token_hash"]}).first()
+    if valid is None:
+        raise APIError(401, "unauthorized", "the agent token was rotated or the agent removed")
 
 
 def reap_lost(core, now: float | None = None) -> list[int]:

@@ -1,27 +1,22 @@
-"""Telemetry storage: the latest sample per node in a small row, and a downsampled, bounded history.
+"""Telemetry: an agent's sample kept as its node's small latest row and a downsampled, bounded history.
 
-An agent's sample (agent/telemetry.py) is about 4 KB: per-core CPU, network, GPU processes and so
-on. The server keeps only what the console shows:
+An agent's sample (agent/telemetry.py, about 4 KB) is cut to what the console shows:
 
 - `telemetry_latest`, one row per node: cpu %, memory, a disks summary, a GPUs summary, the
   containers count, free slots and the time. The nodes list reads only this.
-- `telemetry_history`, a few numbers per point: cpu %, memory %, each disk's %, each GPU's
-  utilisation and memory %. Every point is kept for `telemetry_full_s` (an hour); after that only
-  the first point of each minute, until `telemetry_keep_s` (a day); then none. A node that posts
-  faster than `telemetry_min_gap_s` (default: half the interval) adds history no faster than
-  that, so a node holds at most full_s / min_gap + keep_s / 60 points, whatever it sends.
+- `telemetry_history`, a few numbers per point (cpu %, memory %, each disk's %, each GPU's
+  utilisation and memory %). Every point is kept for `telemetry_full_s`, then only the first of
+  each minute until `telemetry_keep_s`; a node adds points no faster than `telemetry_min_gap_s`,
+  so it holds at most full_s / min_gap + keep_s / 60 of them, whatever it sends.
 
-The system info an agent gives at connect (hostname, CPUs, GPU models, Docker) is stored once in
-`agents.system_info` and rewritten only when it changes.
-
-A sample is the node's word, so every number taken from it must fit where it goes: finite, and
-within its column's type (Integer is int4 on PostgreSQL, BigInteger int8). A value that does not
-is dropped (null) and the rest of the sample kept: one row the database refused used to fail the
-contact batch of every node (server/agents/contact.py), and with it every lease renewal.
+A sample is the node's word: a number that is not finite or does not fit its column's type
+(Integer is int4 on PostgreSQL, BigInteger int8) is dropped (null) and the rest kept, so no
+sample can fail the contact batch it is written in (server/agents/contact.py).
 """
 from __future__ import annotations
 
 import math
+import time
 
 from sqlalchemy import and_, delete, or_, select
 
@@ -29,6 +24,12 @@ from server import db
 from server.http.strict import INT64_MAX, INT64_MIN
 
 INT4 = (-(1 << 31), (1 << 31) - 1)      # an Integer column on PostgreSQL
+
+
+def accept_sample(core, agent: dict, sample: dict) -> None:
+    """A node's telemetry sample, kept for the next contact batch (which writes it with the
+    node's contact: server/agents/contact.py)."""
+    core.contacts.telemetry(agent, time.time(), sample)
 
 
 def _num(x) -> float | None:

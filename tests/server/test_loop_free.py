@@ -154,9 +154,9 @@ def _drive(url: str, token: str) -> None:
     agent = requests.Session()
     agent.headers["x-token"] = a["token"]
     _ok(admin.get(u(endpoints.AGENTS), timeout=10))
-    _ok(admin.get(u(endpoints.AGENT, agent_id=aid), timeout=10))
-    _ok(admin.patch(u(endpoints.AGENT, agent_id=aid), json={"name": "loop-free-2"}, timeout=10))
-    _ok(admin.get(u(endpoints.AGENT, agent_id=10**6), timeout=10), 404)
+    _ok(admin.get(u(endpoints.AGENT_BY_ID, agent_id=aid), timeout=10))
+    _ok(admin.patch(u(endpoints.AGENT_BY_ID, agent_id=aid), json={"name": "loop-free-2"}, timeout=10))
+    _ok(admin.get(u(endpoints.AGENT_BY_ID, agent_id=10**6), timeout=10), 404)
 
     # --- agent side: connect, telemetry
     _ok(agent.post(u(endpoints.CONNECT), json={"os": "linux"}, timeout=10))
@@ -258,7 +258,7 @@ def _drive(url: str, token: str) -> None:
     # --- the agent's token and the agent go
     _ok(admin.post(u(endpoints.AGENT_TOKEN, agent_id=aid), timeout=10))
     _ok(agent.post(u(endpoints.POLL), json=poll, timeout=10), 401)
-    _ok(admin.delete(u(endpoints.AGENT, agent_id=aid), timeout=10))
+    _ok(admin.delete(u(endpoints.AGENT_BY_ID, agent_id=aid), timeout=10))
 
 
 def test_database_work_runs_only_on_the_database_threads(inproc):

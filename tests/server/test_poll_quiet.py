@@ -1,4 +1,4 @@
-"""The poll's first look (server/agents/agent_router.py `_PEEK` + `_quiet_answer`) answers without a
+"""The poll's first look (server/agents/service.py `PEEK` + `quiet_answer`) answers without a
 transaction only when the full hand-out (server/tasks/service.py `hand_out`) would decide the same thing
 and write nothing. Checked over generated task sets and poll bodies, on the test database.
 """
@@ -13,7 +13,7 @@ from sqlalchemy import delete, insert, select
 
 from protocol.states import LEASED, TaskState
 from server import db
-from server.agents.agent_router import _PEEK, _quiet_answer
+from server.agents.service import PEEK, quiet_answer
 from server.schemas import PollIn
 from server.tasks.service import hand_out
 
@@ -52,8 +52,8 @@ def test_the_quiet_answer_is_what_the_hand_out_decides(engine, tasks, running_pi
     body = PollIn(free_slots=free_slots, free_gpus=[], running=running, refusing=refusing)
 
     with engine.connect() as conn:
-        rows = conn.execute(_PEEK, {"aid": aid}).mappings().all()
-    quiet = _quiet_answer(rows, body, first)
+        rows = conn.execute(PEEK, {"aid": aid}).mappings().all()
+    quiet = quiet_answer(rows, body, first)
 
     with engine.connect() as conn:
         before = conn.execute(select(db.tasks).order_by(db.tasks.c.id)).all()

@@ -9,7 +9,7 @@ import sqlite3
 
 import requests
 
-from server.auth.links import create_link, spend_link
+from server.auth.service import create_link, spend_link
 
 
 def _link(server) -> str:
@@ -70,10 +70,14 @@ def test_an_unspent_link_dies_with_the_admin_token_that_made_it(engine):
     """A link is keyed by the admin token: after the token changes, a link made before (and not yet
     spent) no longer signs anyone in, as sessions made before do not."""
     old, new = "O" * 32, "N" * 32
-    token, _ = create_link(engine, old)
-    assert spend_link(engine, new, token) is False, "a link made under the old admin token still works"
-    assert spend_link(engine, old, token) is True      # it was only refused, not spent
-    assert spend_link(engine, old, token) is False     # once
+    with engine.begin() as conn:
+        token, _ = create_link(conn, old)
+    with engine.begin() as conn:
+        assert spend_link(conn, new, token) is False, "a link made under the old admin token still works"
+    with engine.begin() as conn:
+        assert spend_link(conn, old, token) is True      # it was only refused, not spent
+    with engine.begin() as conn:
+        assert spend_link(conn, old, token) is False     # once
 
 
 @pytest.mark.slow

@@ -345,3 +345,53 @@ def test_checkpoints_are_models_of_the_task_and_reposts_make_no_duplicates(clien
     assert r.status_code == 400
     r = _results(agent, tid, {"kind": "artifacts", "files": [], "checkpoint": {"epoch": 1}})
     assert r.status_code == 400 and r.json()["error"] == "invalid_request"
+
+
+def _stored(n_per_ds: dict[str, int], objects: int = 1) -> list[dict]:
+    obj = {"classTitle": "road", "geometryType": "polygon", "tags": [],
+           "points": {"exterior": [[0, 0], [5, 5], [9, 0]], "interior": []}}
+    return [{"name": ds, "items": [{"name": f"{i}.png", "sha256": f"{i:064x}", "size": i + 1,
+                                    "ann": {"size": {"height": 9, "width": 9}, "tags": [],
+                                            "objects": [dict(obj, id=k) for k in range(objects)]}}
+                                   for i in range(n)]}
+            for ds, n in n_per_ds.items()]
+
+
+@pytest.mark.parametrize("page_items, page_objects", [(500, 20_000), (3, 20_000), (500, 5), (1, 1)])
+def test_same_project_compares_a_page_at_a_time_and_tells_any_difference(engine, monkeypatch, page_items, page_objects):
+    from server.projects import service
+    monkeypatch.setattr(service, "SAME_PAGE_ITEMS", page_items)
+    monkeypatch.setattr(service, "SAME_PAGE_OBJECTS", page_objects)
+    meta = {"classes": [], "tags": []}
+    shape = {"a": 4, "empty": 0, "b": 7}
+    with engine.begin() as conn:
+        pid = service.insert_project(conn, "p", meta, _stored(shape, objects=2), 1.0)
+        empty = service.insert_project(conn, "e", meta, [], 1.0)
+        assert service.same_project(conn, pid, meta, _stored(shape, objects=2))
+        assert service.same_project(conn, empty, meta, [])
+        assert not service.same_project(conn, empty, meta, _stored({"a": 1}))
+        assert not service.same_project(conn, pid + 99, meta, _stored(shape, objects=2))
+        assert not service.same_project(conn, pid, {"classes": [], "tags": [{"name": "t"}]}, _stored(shape, objects=2))
+        assert not service.same_project(conn, pid, meta, _stored(shape, objects=1))             # every ann differs
+        assert not service.same_project(conn, pid, meta, _stored({"a": 4, "b": 7}, objects=2))  # a dataset less
+        assert not service.same_project(conn, pid, meta, _stored({"a": 4, "empty": 0, "b": 6}, objects=2))   # shorter
+        assert not service.same_project(conn, pid, meta, _stored({"a": 4, "empty": 0, "b": 8}, objects=2))   # longer
+        assert not service.same_project(conn, pid, meta, _stored({"a": 5, "empty": 0, "b": 6}, objects=2))   # moved
+        for k in range(11):                   # one field of one item differs, wherever it is
+            for field, value in (("name", "x.png"), ("sha256", "f" * 64), ("size", 10**6), ("ann", {})):
+                posted = _stored(shape, objects=2)
+                items = [it for ds in posted for it in ds["items"]]
+                items[k][field] = value
+                assert not service.same_project(conn, pid, meta, posted), (k, field)
+
+
+def test_a_project_of_more_items_than_an_insert_batch_is_stored_whole(engine, monkeypatch):
+    from server.projects import service
+    monkeypatch.setattr(service, "INSERT_BATCH", 3)
+    meta = {"classes": [], "tags": []}
+    shape = {"a": 5, "b": 3, "c": 1}
+    with engine.begin() as conn:
+        pid = service.insert_project(conn, "p", meta, _stored(shape), 1.0)
+        p = service.read_project(conn, pid, anns=True)
+        assert p["datasets"] == _stored(shape)
+        assert service.same_project(conn, pid, meta, _stored(shape))
