@@ -141,7 +141,7 @@ class BodyLimitMiddleware:
 
     A JSON route's body (at most `json_body_limit`) is read whole here, checked and replayed; the
     log batch and the echo route stream through with their bytes counted (the log batch applies
-    the strict rules itself, see server.logs.service.parse_batch). A body over `json_body_limit` (the
+    the strict rules itself, see server.logs.lines.parse_batch). A body over `json_body_limit` (the
     project routes', the log batch's) holds one of LARGE_AT_ONCE slots until its request ends and
     is decoded in a thread, off the event loop."""
 

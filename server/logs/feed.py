@@ -14,9 +14,9 @@ import collections
 import logging
 
 from protocol.states import FINAL, TaskState
+from server.http.strict import dumps
 from server.logs import service as logs
 from server.tasks.service import get_task
-from server.http.strict import dumps
 from server.wakeups import Waiters
 
 FOLLOW_BATCH = 2000         # lines per read and per SSE write at most (the byte bound usually comes first)

@@ -1,30 +1,26 @@
 """User side: a task's log, as pages or followed live as server-sent events (through server.logs.feed)."""
 from __future__ import annotations
 
-
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query
 from fastapi.responses import Response, StreamingResponse
 
 from protocol import endpoints
 from protocol.errors import APIError
-from server.logs import service as logs
-from server.auth.service import require_admin
-from server.http.deps import core_of
+from server.http.deps import AdminDep, CoreDep
 from server.http.strict import ID_MAX, RowId, dumps
+from server.logs import service as logs
 from server.tasks.service import get_task
 
-router = APIRouter(tags=["user"], dependencies=[Depends(require_admin)])
+router = APIRouter(tags=["user"])
 
 
 @router.get(endpoints.USER_TASK_LOGS, responses={200: {"description": "a page of lines; with follow=1 an event stream",
                                                        "content": {"application/json": {}, "text/event-stream": {}}}})
-async def task_logs(task_id: RowId, request: Request, after: int = Query(-1, ge=-1, le=ID_MAX),
+async def task_logs(_: AdminDep, task_id: RowId, core: CoreDep, after: int = Query(-1, ge=-1, le=ID_MAX),
                     limit: int = Query(1000, ge=1, le=10000), follow: bool = False):
     """Lines with seq > after in order (never past a gap), at most `limit` lines and about
     `--log-page-bytes` bytes (at least one line); `next` is set when more lines exist.
     follow=1: server-sent events, live."""
-    core = core_of(request)
-
     def page():
         with core.engine.connect() as conn:
             task = get_task(conn, task_id)

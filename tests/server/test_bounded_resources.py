@@ -16,7 +16,7 @@ from alembic import command
 from protocol.logline import MAX_LINE
 from server import db
 from server.db import migrate
-from server.logs.service import QUOTA_MARKER
+from server.logs.quota import QUOTA_MARKER
 from tests.support.procs import poll_for
 
 
