@@ -103,7 +103,7 @@ def serve(a, settings: Settings) -> None:
         from server.app import create_app
         app = create_app(settings)
         freeze_heap()
-        _Server(uvicorn.Config(app, **common), app.state.core).run()
+        _Server(uvicorn.Config(app, **common), app.state.server).run()
         return
     if settings.database_url.startswith("sqlite"):
         sys.exit("sly-server: --workers above 1 needs PostgreSQL (--db postgresql+psycopg://...); SQLite serves "
@@ -127,12 +127,12 @@ class _Server(uvicorn.Server):
     """uvicorn's server, which first releases the requests that wait (long-polls, log followers)
     when it shuts down: otherwise they run into the graceful-shutdown timeout and are cancelled."""
 
-    def __init__(self, config: uvicorn.Config, core):
+    def __init__(self, config: uvicorn.Config, state):
         super().__init__(config)
-        self.core = core
+        self.state = state
 
     async def shutdown(self, sockets=None) -> None:
-        self.core.close_waits()
+        self.state.close_waits()
         await super().shutdown(sockets)
 
 

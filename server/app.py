@@ -20,24 +20,25 @@ from server.blobs import refs as blob_refs
 from server.http import logfilter
 from server import routers
 from server.auth.service import check_admin_token_length, load_admin_token
-from server.core import Core
+from server.state import ServerState
 from server.http.errors import ERROR_RESPONSES, BodyLimitMiddleware, install_error_handlers
 from server.http.fastpath import TelemetryFastPath
 from server.settings import Settings
 from server.http.strict import SafeJSONResponse
 from server.tasks.retention import run_housekeeper
+from server.tasks import service as tasks_service
 from server.tasks.service import reap_lost
 
 log = logging.getLogger("sly-server")
 
 
-async def _reaper(core: Core) -> None:
+async def _reaper(state: ServerState) -> None:
     """Turn leased tasks of silent agents into `lost`, checking a few times per lease."""
-    every = max(0.2, min(5.0, core.settings.lease_s / 4))
+    every = max(0.2, min(5.0, state.settings.lease_s / 4))
     while True:
         await asyncio.sleep(every)
         try:
-            lost = await core.run(reap_lost, core)
+            lost = await state.db.run(reap_lost, state)
             if lost:
                 log.warning("tasks lost (agent silent past the lease): %s", lost)
         except Exception:  # noqa: BLE001 - the reaper must outlive a failed round
@@ -53,13 +54,13 @@ def _warm_routes(app) -> None:
         route.matches(scope)
 
 
-async def _contact_writer(core: Core) -> None:
+async def _contact_writer(state: ServerState) -> None:
     """Write the batched contact, leases, telemetry and poll rows (server/agents/contact.py) every interval."""
     failures = 0
     while True:
-        await asyncio.sleep(core.settings.contact_flush_s)
+        await asyncio.sleep(state.settings.contact_flush_s)
         try:
-            await core.run(core.contacts.flush)
+            await state.db.run(state.contacts.flush)
             failures = 0
         except Exception:  # noqa: BLE001 - the batch is kept and written at a later round
             failures += 1
@@ -67,12 +68,12 @@ async def _contact_writer(core: Core) -> None:
                 log.exception("writing the contact batch failed (%d in a row); it is kept and retried", failures)
 
 
-async def _checkpointer(core: Core) -> None:
+async def _checkpointer(state: ServerState) -> None:
     """SQLite: checkpoint the WAL every second on the read thread, never at a writer's commit."""
     while True:
         await asyncio.sleep(1.0)
         try:
-            await core.run_read(db.checkpoint, core.engine)
+            await state.db.run_read(db.checkpoint, state.db.engine)
         except Exception:  # noqa: BLE001 - a failed round is retried a second later
             log.exception("WAL checkpoint failed")
 
@@ -108,7 +109,7 @@ LAG_EVERY_S = 0.25
 LAG_WARN_S = 1.0
 
 
-async def _loop_watch(core: Core) -> None:
+async def _loop_watch(state: ServerState) -> None:
     """How late the event loop runs a timer (`sly_event_loop_lag_seconds`): every request and
     wake-up of this process waits that long too. A lag past LAG_WARN_S is logged, once a minute
     at most, since a stalled loop is what makes pickups and answers slow."""
@@ -118,18 +119,18 @@ async def _loop_watch(core: Core) -> None:
         t0 = loop.time()
         await asyncio.sleep(LAG_EVERY_S)
         lag = max(0.0, loop.time() - t0 - LAG_EVERY_S)
-        core.m_loop_lag.observe(lag)
+        state.metrics.loop_lag.observe(lag)
         if lag >= LAG_WARN_S and loop.time() - warned >= 60:
             warned = loop.time()
             log.warning("the event loop ran %.1f s late (CPU starved, or a blocking call on it)", lag)
 
 
-async def _blob_collector(core: Core) -> None:
+async def _blob_collector(state: ServerState) -> None:
     """Delete unreferenced blobs and partial uploads older than the grace period, now and then."""
     while True:
-        await asyncio.sleep(core.settings.blob_gc_every_s)
+        await asyncio.sleep(state.settings.blob_gc_every_s)
         try:
-            await blob_refs.collect(core)
+            await blob_refs.collect(state)
         except Exception:  # noqa: BLE001 - the collector must outlive a failed round
             log.exception("blob collector round failed")
 
@@ -144,41 +145,41 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if not settings.admin_token:
         settings.admin_token = load_admin_token(settings.data_dir)
     check_admin_token_length(settings.admin_token, "the admin token")
-    core = Core(settings)
+    state = ServerState(settings)
     restrict_data_dir(settings.data_dir)      # again: the database files exist now
     logfilter.install()   # here, not in __main__: every worker process builds its own app
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         # The agents could not reach a stopped server: give every leased task a full lease to reconnect.
-        await core.run(core.renew_all_leases)
+        await state.db.run(tasks_service.renew_all_leases, state.db.engine, settings.lease_s)
         _warm_routes(app)
-        core.wakeups.loop = asyncio.get_running_loop()
-        background = [asyncio.create_task(_reaper(core)), asyncio.create_task(_blob_collector(core)),
-                      asyncio.create_task(run_housekeeper(core)), asyncio.create_task(_contact_writer(core)),
-                      asyncio.create_task(_loop_watch(core))]
-        if core.engine.dialect.name == "sqlite":
-            background.append(asyncio.create_task(_checkpointer(core)))
-        if core.wakeups.shared:
-            background += [asyncio.create_task(core.wakeups.listen()), asyncio.create_task(core.wakeups.send())]
+        state.wakeups.loop = asyncio.get_running_loop()
+        background = [asyncio.create_task(_reaper(state)), asyncio.create_task(_blob_collector(state)),
+                      asyncio.create_task(run_housekeeper(state)), asyncio.create_task(_contact_writer(state)),
+                      asyncio.create_task(_loop_watch(state))]
+        if state.db.engine.dialect.name == "sqlite":
+            background.append(asyncio.create_task(_checkpointer(state)))
+        if state.wakeups.shared:
+            background += [asyncio.create_task(state.wakeups.listen()), asyncio.create_task(state.wakeups.send())]
             # Answer only once other replicas' changes can reach this one (it retries if not yet).
             try:
-                await asyncio.wait_for(core.wakeups.listening.wait(), 10)
+                await asyncio.wait_for(state.wakeups.listening.wait(), 10)
             except asyncio.TimeoutError:
                 log.warning("the wake-up listener is not connected yet; polls wake at their timeout until it is")
         try:
             yield
         finally:
-            if core.wakeups.shared and not await core.wakeups.drain(2.0):
+            if state.wakeups.shared and not await state.wakeups.drain(2.0):
                 log.warning("shutting down with wake-ups not sent to the other replicas; their waiters "
                             "find those changes at their timeout")
             for t in background:
                 t.cancel()
             try:
-                await core.run(core.contacts.flush)   # the last batch: open polls' rows go, contact is kept
+                await state.db.run(state.contacts.flush)   # the last batch: open polls' rows go, contact is kept
             except Exception:  # noqa: BLE001 - a database away at shutdown loses only this batch
                 log.exception("writing the last contact batch failed")
-            core.engine.dispose()
+            state.db.engine.dispose()
 
     # /docs (Swagger UI) loads its assets from a CDN: off unless asked for; /openapi.json is always served.
     # FastAPI instruments every request for OpenTelemetry unless told not to; the server exports
@@ -188,9 +189,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   default_response_class=SafeJSONResponse, docs_url="/docs" if settings.docs else None,
                   redoc_url=None, swagger_ui_oauth2_redirect_url=None)
     app.openapi = _openapi(app)
-    app.state.core = core
+    app.state.server = state
     install_error_handlers(app)
-    app.add_middleware(TelemetryFastPath, core=core)             # inside the body check: it reads its result
+    app.add_middleware(TelemetryFastPath, state=state)             # inside the body check: it reads its result
     app.add_middleware(BodyLimitMiddleware, settings=settings)
 
     @app.get("/healthz", tags=["ops"])
@@ -206,8 +207,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             given = auth[len(BEARER):].strip() if auth[:len(BEARER)].lower() == BEARER.lower() else ""
             if not hmac.compare_digest(given.encode(), settings.metrics_token.encode()):
                 raise APIError(401, "unauthorized", "/metrics needs 'Authorization: Bearer <metrics token>'")
-        await core.run(core.refresh_metrics)
-        return Response(generate_latest(core.registry), media_type=CONTENT_TYPE_LATEST)
+        await state.db.run(state.refresh_metrics)
+        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     routers.include_all(app, settings)
     return app

@@ -91,7 +91,7 @@ class Wakeups:
         self._outbox_ready = asyncio.Event()
         self._sending = False
         # Told of every agent key woken (None: any agent may have changed), here at commit and from
-        # other replicas' notifications: the Core drops its kept copy of that agent's row.
+        # other replicas' notifications: the ServerState drops its kept copy of that agent's row.
         self.agent_changed = None
 
     @contextlib.contextmanager
@@ -117,6 +117,20 @@ class Wakeups:
         """Wake `key` (AGENT or TASK; ROW: the agent's row changed) when `conn`'s transaction (one
         from `transaction()`) commits."""
         conn.info["sly_wake"].add((kind, int(key)))
+
+    @staticmethod
+    def notify_agent(conn, agent_id: int, row_changed: bool = False) -> None:
+        """Wake the agent's open long-polls (new task, stop, settings, token) once `conn` commits.
+        `row_changed`: its row changed too (rename, types, token, removal), and every replica
+        drops its kept copy."""
+        Wakeups.notify(conn, AGENT, agent_id)
+        if row_changed:
+            Wakeups.notify(conn, ROW, agent_id)
+
+    @staticmethod
+    def notify_task(conn, task_id: int) -> None:
+        """Wake the task's log followers (new lines, new state) once `conn` commits."""
+        Wakeups.notify(conn, TASK, task_id)
 
     def _changed(self, keys) -> None:
         if self.agent_changed is not None:

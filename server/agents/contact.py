@@ -70,7 +70,7 @@ class Contacts:
         self._point_at: dict[int, float] = {}   # agent id -> its newest history point (written or pending)
         self._open: dict[str, int] = {}        # poll id -> agent id: the long-polls open on this process
         self._inflight: tuple | None = None    # the batch a flush is writing now
-        # Not in any registry here: Core registers it with its own (the one /metrics shows).
+        # Not in any registry here: ServerState registers it with its own (the one /metrics shows).
         self.m_rows_dropped = Metric("sly_contact_rows_dropped", "Contact batch rows (contact, lease, telemetry, "
                                      "poll) the database refused for their data, dropped", registry=None)
 

@@ -234,7 +234,7 @@ PEEK = (select(_a.token_hash, _a.refusing, _a.settings_version, _a.name, _a.allo
 
 
 def peek(conn, agent_id: int) -> list:
-    """The poll's first look (`PEEK`): no transaction needed (`Core.reader`)."""
+    """The poll's first look (`PEEK`): no transaction needed (`ServerState.reader`)."""
     return conn.execute(PEEK, {"aid": agent_id}).mappings().all()
 
 
@@ -283,17 +283,17 @@ def quiet_round(rows, agent: dict, body: PollIn, first: bool, last: bool) -> tup
     return None, answer
 
 
-def poll_round(conn, core, agent: dict, body: PollIn, first: bool, last: bool) -> tuple[dict | None, dict]:
+def poll_round(conn, state, agent: dict, body: PollIn, first: bool, last: bool) -> tuple[dict | None, dict]:
     """A poll round in a write transaction: the agent's row again (gone or with another token:
     401), its refusal (first round), the hand-out, and stops marked delivered when answering.
     (the answer or None to keep waiting, the answer this round would give at the poll's end).
-    `core`: what `hand_out` needs (the lease, task wake-ups)."""
+    `state`: what `hand_out` needs (the lease, task wake-ups)."""
     aid = agent["id"]
     row = conn.execute(_POLL_AGENT, {"aid": aid}).mappings().first()
     check_token(row, agent)
     if first and (row["refusing"] or "") != body.refusing:
         conn.execute(update(db.agents).where(db.agents.c.id == aid).values(refusing=body.refusing or None))
-    tasks, stop, new_stop = hand_out(core, conn, agent, body.free_slots, len(body.free_gpus), body.running,
+    tasks, stop, new_stop = hand_out(state, conn, agent, body.free_slots, len(body.free_gpus), body.running,
                                      time.time())
     answer = {"tasks": tasks, "stop": stop,
               "settings": {"name": row["name"], "allowed_task_types": row["allowed_task_types"]}}

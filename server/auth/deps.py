@@ -49,7 +49,7 @@ def check_browser_write(request: Request) -> None:
                        "own pages (no Origin header and no 'Sec-Fetch-Site: same-origin'); scripts send "
                        "'Authorization: Bearer <admin token>'")
     allowed = {_origin(str(request.base_url))}
-    public = request.app.state.core.settings.public_url
+    public = request.app.state.server.settings.public_url
     if public:
         allowed.add(_origin(public))
     got = _origin(origin)
@@ -61,15 +61,15 @@ def check_browser_write(request: Request) -> None:
 async def require_admin(request: Request) -> None:
     """Dependency: a Bearer admin token or a valid console session cookie (writes: from the
     console's own origin, else 403), else 401; failed token checks are throttled (429)."""
-    core = request.app.state.core
+    state = request.app.state.server
     auth = request.headers.get(AUTHORIZATION_HEADER, "")
     if auth[:len(BEARER)].lower() == BEARER.lower():
-        verify_admin_token(core, client_of(request), auth[len(BEARER):].strip())
+        verify_admin_token(state, client_of(request), auth[len(BEARER):].strip())
         return
     sid = request.cookies.get(SESSION_COOKIE)
-    ok = core.sessions.cached(sid)
+    ok = state.sessions.cached(sid)
     if ok is None:
-        ok = await core.run(core.sessions.valid, sid)
+        ok = await state.db.run(state.sessions.valid, sid)
     if ok:
         check_browser_write(request)
         return
@@ -79,13 +79,13 @@ async def require_admin(request: Request) -> None:
 async def require_agent(request: Request) -> dict:
     """Dependency: the agent row for the `x-token` header (401 otherwise); the request counts as
     the agent's contact (written in the next batch: server/agents/contact.py)."""
-    core = request.app.state.core
+    state = request.app.state.server
     token = request.headers.get(AGENT_TOKEN_HEADER, "")
     if not token:
         raise APIError(401, "unauthorized", f"the {AGENT_TOKEN_HEADER} header is missing")
     h = hash_token(token)
-    agent = await core.agent_of(h)
+    agent = await state.agent_rows.get(h)
     if agent is None:
         raise APIError(401, "unauthorized", "the agent token is wrong or was rotated")
-    core.contacts.seen(agent["id"])
+    state.contacts.seen(agent["id"])
     return agent

@@ -101,7 +101,7 @@ class Sessions:
 
     def valid(self, sid: str | None) -> bool:
         """Blocking on a cache miss (a database read): from async code, `cached()` first, then
-        this through `core.run`."""
+        this through `state.db.run`."""
         if not sid:
             return False
         h = self._hash(sid)
@@ -188,19 +188,19 @@ class SignInThrottle:
         self._clients.pop(client, None)
 
 
-def check_admin_token(core, token: str) -> bool:
-    return hmac.compare_digest(token.encode(), core.admin_token.encode())
+def check_admin_token(state, token: str) -> bool:
+    return hmac.compare_digest(token.encode(), state.admin_token.encode())
 
 
-def verify_admin_token(core, client: str, token: str) -> None:
+def verify_admin_token(state, client: str, token: str) -> None:
     """The admin token check behind sign-in and Bearer auth: throttled per `client`
     (`SignInThrottle.client_key`), 401 when wrong."""
-    core.signin_throttle.check(client)
-    if not check_admin_token(core, token):
-        core.signin_throttle.failed(client)
-        core.m_signin_failures.inc()
+    state.signin_throttle.check(client)
+    if not check_admin_token(state, token):
+        state.signin_throttle.failed(client)
+        state.metrics.signin_failures.inc()
         raise APIError(401, "unauthorized", "the admin token is wrong")
-    core.signin_throttle.succeeded(client)
+    state.signin_throttle.succeeded(client)
 
 
 # One-time console sign-in links: a link's token is 32 random bytes (URL-safe), lives LINK_TTL_S

@@ -105,35 +105,35 @@ def fill_if_empty(conn) -> int:
     return n
 
 
-async def collect(core, now: float | None = None) -> int:
+async def collect(state, now: float | None = None) -> int:
     """Delete blobs no project, model or result names, and partial uploads, older than the grace
     period; returns how many blobs went. Works in steps of COLLECT_BATCH between which other
     requests run; each step checks and deletes in one go, so a request that references a blob
     never sees it vanish between its check and its insert."""
     now = time.time() if now is None else now
-    cutoff = now - core.settings.blob_grace_s
-    store = core.blobs
+    cutoff = now - state.settings.blob_grace_s
+    store = state.blobs
     store.remove_partials(cutoff)
     removed = 0
     batch: list[str] = []
     for h in store.names_older_than(cutoff):
         batch.append(h)
         if len(batch) >= COLLECT_BATCH:
-            removed += await core.run(_collect_step, core, batch, cutoff)
+            removed += await state.db.run(_collect_step, state, batch, cutoff)
             batch = []
             await asyncio.sleep(0)
     if batch:
-        removed += await core.run(_collect_step, core, batch, cutoff)
+        removed += await state.db.run(_collect_step, state, batch, cutoff)
     if removed:
-        core.m_blobs_collected.inc(removed)
-        log.info("blob collector: %d unreferenced blob(s) older than %g s deleted", removed, core.settings.blob_grace_s)
+        state.metrics.blobs_collected.inc(removed)
+        log.info("blob collector: %d unreferenced blob(s) older than %g s deleted", removed, state.settings.blob_grace_s)
     return removed
 
 
-def _collect_step(core, batch: list[str], cutoff: float) -> int:
-    with core.engine.begin() as conn:
+def _collect_step(state, batch: list[str], cutoff: float) -> int:
+    with state.db.engine.begin() as conn:
         keep = referenced(conn, batch)
-        gone = [h for h in batch if h not in keep and core.blobs.delete_if_older(h, cutoff)]
+        gone = [h for h in batch if h not in keep and state.blobs.delete_if_older(h, cutoff)]
         if gone:
             r = db.blob_refs.c
             conn.execute(delete(db.blob_refs).where(r.sha256.in_(gone), r.kind == UPLOAD))

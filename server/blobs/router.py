@@ -16,26 +16,26 @@ from protocol import endpoints
 from protocol.errors import APIError
 from server.blobs import refs as blob_refs
 from server.blobs.store import SHA256_RE, check_sha256
-from server.core import Core
-from server.http.deps import AdminDep, AgentDep, CoreDep
+from server.state import ServerState
+from server.http.deps import AdminDep, AgentDep, StateDep
 
 
-async def _visible(core: Core, who, sha256: str) -> bool:
+async def _visible(state: ServerState, who, sha256: str) -> bool:
     """The blob exists and the caller may see it (an agent: only the blobs of its own tasks)."""
-    if not core.blobs.exists(sha256):
+    if not state.blobs.exists(sha256):
         return False
     if isinstance(who, dict):
-        return await core.run(_agent_may_read, core, who["id"], sha256)
+        return await state.db.run(_agent_may_read, state, who["id"], sha256)
     return True
 
 
-def _agent_may_read(core: Core, agent_id: int, sha256: str) -> bool:
-    with core.engine.connect() as conn:
+def _agent_may_read(state: ServerState, agent_id: int, sha256: str) -> bool:
+    with state.db.engine.connect() as conn:
         return blob_refs.agent_may_read(conn, agent_id, sha256)
 
 
-def _record_upload(core: Core, agent_id: int, sha256: str) -> None:
-    with core.engine.begin() as conn:
+def _record_upload(state: ServerState, agent_id: int, sha256: str) -> None:
+    with state.db.engine.begin() as conn:
         blob_refs.add(conn, blob_refs.UPLOAD, agent_id, [sha256])
 
 
@@ -49,24 +49,24 @@ def _router(path: str, dep, tag: str) -> APIRouter:
     router = APIRouter(tags=[tag])
 
     @router.put(path)
-    async def put_blob(sha256: str, request: Request, who: dep, core: CoreDep):
+    async def put_blob(sha256: str, request: Request, who: dep, state: StateDep):
         """Upload the bytes of a blob named by its sha256 (raw body, streamed); 507 past the store's quota."""
         check_sha256(sha256)
         try:
-            size, created = await core.blobs.put_stream(sha256, request.stream(), _length(request))
+            size, created = await state.blobs.put_stream(sha256, request.stream(), _length(request))
         except ClientDisconnect:
             raise APIError(400, "incomplete_upload", "the client went away before the upload ended") from None
         if isinstance(who, dict):
-            await core.run(_record_upload, core, who["id"], sha256)
+            await state.db.run(_record_upload, state, who["id"], sha256)
         return {"sha256": sha256, "size": size, "created": created}
 
     @router.head(path, responses={200: {"description": "the blob exists; content-length is its size",
                                         "content": {"application/octet-stream": {}}}})
-    async def head_blob(sha256: str, who: dep, core: CoreDep):
+    async def head_blob(sha256: str, who: dep, state: StateDep):
         """200 with content-length when the blob exists (and, for an agent, is one of its tasks'), else 404."""
-        if not SHA256_RE.match(sha256) or not await _visible(core, who, sha256):
+        if not SHA256_RE.match(sha256) or not await _visible(state, who, sha256):
             return Response(status_code=404, media_type="application/json")
-        size = core.blobs.size(sha256)
+        size = state.blobs.size(sha256)
         if size is None:
             return Response(status_code=404, media_type="application/json")
         return Response(status_code=200, media_type="application/octet-stream",
@@ -76,12 +76,12 @@ def _router(path: str, dep, tag: str) -> APIRouter:
                                        "content": {"application/octet-stream": {}}},
                                   206: {"description": "the requested range", "content": {"application/octet-stream": {}}},
                                   416: {"description": "the range is outside the blob"}})
-    async def get_blob(sha256: str, who: dep, core: CoreDep):
+    async def get_blob(sha256: str, who: dep, state: StateDep):
         """The blob's bytes; `Range: bytes=a-b` gives 206 with that part. An agent: its tasks' blobs only."""
         check_sha256(sha256)
-        if not await _visible(core, who, sha256):
+        if not await _visible(state, who, sha256):
             raise APIError(404, "blob_not_found", f"no blob {sha256}")
-        return FileResponse(core.blobs.path(sha256), media_type="application/octet-stream",
+        return FileResponse(state.blobs.path(sha256), media_type="application/octet-stream",
                             headers={"cache-control": "private, max-age=31536000, immutable"})
 
     return router

@@ -8,8 +8,8 @@ from protocol import endpoints
 from protocol.errors import APIError
 from server.blobs.store import check_sha256
 from server.blobs.thumbs import GRID_SIZE, RENDERS, SIZES, NotAnImage, ThumbStore
-from server.core import Core
-from server.http.deps import AdminDep, CoreDep
+from server.state import ServerState
+from server.http.deps import AdminDep, StateDep
 
 router = APIRouter(tags=["user"])
 
@@ -17,20 +17,20 @@ router = APIRouter(tags=["user"])
 CACHE_CONTROL = "private, max-age=31536000, immutable"
 
 
-def _store(request: Request, core: Core) -> ThumbStore:
+def _store(request: Request, state: ServerState) -> ThumbStore:
     """The app's thumbnail store, made on the first request."""
-    state = request.app.state
-    store = getattr(state, "thumbs", None)
+    app_state = request.app.state
+    store = getattr(app_state, "thumbs", None)
     if store is None:
-        store = state.thumbs = ThumbStore(core.settings.data_dir / "thumbs", core.blobs)
+        store = app_state.thumbs = ThumbStore(state.settings.data_dir / "thumbs", state.blobs)
         # A gallery page asks for 48 thumbnails at once: the ones past RENDERS wait here, on the
         # loop, rather than each in a thread with an image decoded in memory.
-        state.thumb_renders = anyio.CapacityLimiter(RENDERS)
+        app_state.thumb_renders = anyio.CapacityLimiter(RENDERS)
     return store
 
 
 @router.get(endpoints.USER_BLOB_THUMB)
-async def get_thumb(sha256: str, request: Request, core: CoreDep, _: AdminDep, size: int = GRID_SIZE):
+async def get_thumb(sha256: str, request: Request, state: StateDep, _: AdminDep, size: int = GRID_SIZE):
     """The image blob scaled to fit size x size (JPEG; size one of 128, 256, 512, 1024; never enlarged).
 
     Made on the first request (in a worker thread, off the event loop) and kept on disk. 415
@@ -43,7 +43,7 @@ async def get_thumb(sha256: str, request: Request, core: CoreDep, _: AdminDep, s
     headers = {"cache-control": CACHE_CONTROL, "etag": etag}
     if etag in request.headers.get("if-none-match", ""):
         return Response(status_code=304, headers=headers)
-    store = _store(request, core)
+    store = _store(request, state)
     try:
         # A made thumbnail is a few KiB in the page cache: read it here, without a trip to a thread
         # (a grid page asks for dozens at once).

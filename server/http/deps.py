@@ -1,4 +1,4 @@
-"""What the route modules share: the Core of a request, the decoded body (ParsedJSONRoute), JSON object
+"""What the route modules share: the ServerState of a request, the decoded body (ParsedJSONRoute), JSON object
 bodies, paging.
 
 Reading rows (one by id, a page newest first) is server/db/rows.py."""
@@ -15,18 +15,18 @@ from fastapi.routing import APIRoute
 
 from protocol.errors import APIError
 from server.auth.deps import require_admin, require_agent
-from server.core import Core
+from server.state import ServerState
 from server.http.strict import ID_MAX, dumps
 
 
-async def core_of(request: Request) -> Core:
-    return request.app.state.core
+async def state_of(request: Request) -> ServerState:
+    return request.app.state.server
 
 
-# What a route declares it needs, as parameters: `core: CoreDep`, `agent: AgentDep` (the calling
+# What a route declares it needs, as parameters: `state: StateDep`, `agent: AgentDep` (the calling
 # node's row; the request counts as its contact), `_: AdminDep` (a user: Bearer admin token or
 # console session).
-CoreDep = Annotated[Core, Depends(core_of)]
+StateDep = Annotated[ServerState, Depends(state_of)]
 AgentDep = Annotated[dict, Depends(require_agent)]
 AdminDep = Annotated[None, Depends(require_admin)]
 

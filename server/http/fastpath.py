@@ -24,8 +24,8 @@ _OK_HEADERS = [(b"content-type", b"application/json"), (b"content-length", str(l
 class TelemetryFastPath:
     """Answers a telemetry POST of a JSON object from a known node; passes everything else on."""
 
-    def __init__(self, app, core):
-        self.app, self.core = app, core
+    def __init__(self, app, state):
+        self.app, self.state = app, state
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] != endpoints.TELEMETRY or scope["method"] != "POST":
@@ -38,11 +38,11 @@ class TelemetryFastPath:
             h = hash_token(token.decode("ascii"))
         except UnicodeDecodeError:
             return await self.app(scope, receive, send)
-        core = self.core
-        agent = await core.agent_of(h)
+        state = self.state
+        agent = await state.agent_rows.get(h)
         if agent is None:
             return await self.app(scope, receive, send)
-        core.contacts.seen(agent["id"])
-        accept_sample(core, agent, sample)
+        state.contacts.seen(agent["id"])
+        accept_sample(state, agent, sample)
         await send({"type": "http.response.start", "status": 200, "headers": _OK_HEADERS})
         await send({"type": "http.response.body", "body": _OK_BODY})

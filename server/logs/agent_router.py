@@ -4,7 +4,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from protocol import endpoints
-from server.http.deps import AgentDep, CoreDep
+from server.http.deps import AgentDep, StateDep
 from server.http.strict import ID_MAX, RowId
 from server.logs import service as logs
 from server.logs.lines import parse_batch
@@ -21,25 +21,25 @@ _LOG_BATCH = {"requestBody": {"required": True, "content": {"application/json": 
 
 
 @router.post(endpoints.TASK_LOGS, openapi_extra=_LOG_BATCH)
-async def post_logs(task_id: RowId, request: Request, core: CoreDep, agent: AgentDep):
+async def post_logs(task_id: RowId, request: Request, state: StateDep, agent: AgentDep):
     """`{first_seq, lines}` (gzip accepted): line i gets seq first_seq + i; answers `{acked}`."""
     raw = await request.body()
 
     def store():
         first_seq, lines = parse_batch(raw)   # here, off the loop: a batch may be MiBs of JSON
-        with core.transaction() as conn:
+        with state.db.transaction() as conn:
             task = logs.batch_task(conn, agent["id"], task_id)
-            done = logs.ingest(conn, task, first_seq, lines, core.settings.log_quota_bytes)
+            done = logs.ingest(conn, task, first_seq, lines, state.settings.log_quota_bytes)
             if done.added:
-                core.m_log_bytes.inc(done.added)
+                state.metrics.log_bytes.inc(done.added)
             if done.dropped:
-                core.m_log_dropped.inc(done.dropped)
+                state.metrics.log_dropped.inc(done.dropped)
             if done.cut:
-                core.m_log_cut.inc(done.cut)
+                state.metrics.log_cut.inc(done.cut)
             if done.acked != task["log_acked"]:
-                core.notify_task(conn, task_id)   # the followers of this task, on every replica
+                state.wakeups.notify_task(conn, task_id)   # the followers of this task, on every replica
             return done
-    done = await core.run(store)
+    done = await state.db.run(store)
     if done.stored:
-        core.m_lines.inc(done.stored)
+        state.metrics.lines.inc(done.stored)
     return {"acked": done.acked}

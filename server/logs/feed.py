@@ -68,19 +68,19 @@ class Feed:
         self.runner: asyncio.Task | None = None
 
     def _read(self):
-        core = self.hub.core
-        with core.engine.connect() as conn:
+        state = self.hub.state
+        with state.db.engine.connect() as conn:
             task = get_task(conn, self.task_id)
             if task is None:
                 return None, [], False
-            lines, more = logs.read_lines(conn, task, self.cursor, FOLLOW_BATCH, core.settings.log_page_bytes)
+            lines, more = logs.read_lines(conn, task, self.cursor, FOLLOW_BATCH, state.settings.log_page_bytes)
             return task, Batch(lines) if lines else None, more
 
     async def run(self) -> None:
-        core = self.hub.core
+        state = self.hub.state
         while True:
-            ev = core.wakeups.tasks.event(self.task_id)   # before the read: no wake-up is lost
-            task, batch, more = await core.run(self._read)
+            ev = state.wakeups.tasks.event(self.task_id)   # before the read: no wake-up is lost
+            task, batch, more = await state.db.run(self._read)
             if batch is not None:
                 self.cursor = batch.last
                 for f in self.followers:
@@ -103,8 +103,8 @@ class Feed:
 class LogHub:
     """The feeds of this process, by task id."""
 
-    def __init__(self, core):
-        self.core = core
+    def __init__(self, state):
+        self.state = state
         self.feeds: dict[int, Feed] = {}
 
     def join(self, task_id: int, log_acked: int) -> Follower:
@@ -142,7 +142,7 @@ class LogHub:
 
     async def follow(self, task: dict, after: int):
         """The SSE text of a task's log from seq `after` on: `line` events, keep-alives, then `end`."""
-        core = self.core
+        state = self.state
         f = self.join(task["id"], task["log_acked"])
         cursor = after
         try:
@@ -151,7 +151,7 @@ class LogHub:
                 # follower's full queue dropped. Read them here, up to the next batch held.
                 target = f.queue[0].first - 1 if f.queue else f.feed.cursor
                 if cursor < target:
-                    batch = await core.run(self._read_upto, task["id"], cursor, target)
+                    batch = await state.db.run(self._read_upto, task["id"], cursor, target)
                     if batch is None:
                         cursor = target   # the task is gone: there is nothing to read up to the feed
                         continue
@@ -171,7 +171,7 @@ class LogHub:
                 if f.feed.end is not None and cursor >= target:
                     yield sse("end", f.feed.end)
                     return
-                if core.closing:   # the server stops; a client re-attaches with after=<last seq>
+                if state.closing:   # the server stops; a client re-attaches with after=<last seq>
                     return
                 f.event.clear()
                 if f.queue or f.feed.end is not None or cursor < f.feed.cursor:
@@ -184,10 +184,10 @@ class LogHub:
             self.leave(f)
 
     def _read_upto(self, task_id: int, after: int, upto: int):
-        with self.core.engine.connect() as conn:
+        with self.state.db.engine.connect() as conn:
             task = get_task(conn, task_id)
             if task is None:
                 return None
             task = dict(task, log_acked=min(task["log_acked"], upto))
-            lines, _ = logs.read_lines(conn, task, after, FOLLOW_BATCH, self.core.settings.log_page_bytes)
+            lines, _ = logs.read_lines(conn, task, after, FOLLOW_BATCH, self.state.settings.log_page_bytes)
             return Batch(lines) if lines else None

@@ -8,7 +8,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from protocol import endpoints
-from server.http.deps import AdminDep, CoreDep, ParsedJSONRoute, cursor_id, page
+from server.http.deps import AdminDep, StateDep, ParsedJSONRoute, cursor_id, page
 from server.http.strict import RowId
 from server.projects import service
 from server.projects.stats import StatsCache
@@ -18,55 +18,55 @@ router = APIRouter(tags=["user"], route_class=ParsedJSONRoute)
 
 
 @router.post(endpoints.PROJECTS)
-async def create_project(body: ProjectIn, core: CoreDep, _: AdminDep):
+async def create_project(body: ProjectIn, state: StateDep, _: AdminDep):
     """A Supervisely project referencing uploaded blobs: meta and annotations checked (400 names the item)."""
     # Checking thousands of annotations takes a while: off the event loop, which serves the long-polls.
-    meta, datasets = await run_in_threadpool(service.prepare, core.blobs, body.meta, body.datasets)
+    meta, datasets = await run_in_threadpool(service.prepare, state.blobs, body.meta, body.datasets)
 
     def create() -> dict:
-        with core.engine.begin() as conn:
+        with state.db.engine.begin() as conn:
             pid = service.insert_project(conn, body.name, meta, datasets, time.time())
-        with core.engine.connect() as conn:
+        with state.db.engine.connect() as conn:
             return service.get_project(conn, pid)
-    return await core.run(create)
+    return await state.db.run(create)
 
 
 @router.get(endpoints.PROJECTS)
-async def list_projects(core: CoreDep, _: AdminDep, limit: int = Query(100, ge=1, le=1000), cursor: str | None = None):
+async def list_projects(state: StateDep, _: AdminDep, limit: int = Query(100, ge=1, le=1000), cursor: str | None = None):
     """Projects, newest first (datasets summarised: name, items_count; no meta)."""
     before = cursor_id(cursor)
 
     def read() -> list[dict]:
-        with core.engine.connect() as conn:
+        with state.db.engine.connect() as conn:
             return service.list_projects(conn, limit, before)
-    return page(await core.run(read), limit)
+    return page(await state.db.run(read), limit)
 
 
 @router.get(endpoints.PROJECT)
-async def read_one(project_id: RowId, core: CoreDep, _: AdminDep):
+async def read_one(project_id: RowId, state: StateDep, _: AdminDep):
     """The project with its meta and every item's {name, sha256, size}; annotations: GET .../items."""
     def read() -> dict:
-        with core.engine.connect() as conn:
+        with state.db.engine.connect() as conn:
             return service.get_project(conn, project_id)
-    return await core.run(read)
+    return await state.db.run(read)
 
 
 @router.get(endpoints.PROJECT_ITEMS)
-async def list_items(project_id: RowId, core: CoreDep, _: AdminDep, dataset: str | None = None,
+async def list_items(project_id: RowId, state: StateDep, _: AdminDep, dataset: str | None = None,
                      limit: int = Query(100, ge=1, le=1000), cursor: str | None = None):
     """A page of the project's items in order, each with its annotation (`ann`); `dataset=` filters."""
     after = cursor_id(cursor)
 
     def read() -> list[dict]:
-        with core.engine.connect() as conn:
+        with state.db.engine.connect() as conn:
             service.check_exists(conn, project_id)
             return service.items_page(conn, project_id, dataset, after, limit)
     # Annotations are plain JSON already: skip FastAPI's per-value encoder (10x slower on big anns).
-    return JSONResponse(page(await core.run(read), limit))
+    return JSONResponse(page(await state.db.run(read), limit))
 
 
 @router.get(endpoints.PROJECT_STATS)
-async def project_stats(project_id: int, request: Request, core: CoreDep, _: AdminDep):
+async def project_stats(project_id: RowId, request: Request, state: StateDep, _: AdminDep):
     """Objects per class (`classes: {title: {objects, items}}`), images per image tag (`tags`), objects per
     object tag (`object_tags`), and `items`, `labelled` (items with an object), `objects` in all."""
     # Counted once per project and kept with the app (a project never changes once stored).
@@ -75,7 +75,7 @@ async def project_stats(project_id: int, request: Request, core: CoreDep, _: Adm
         cache = request.app.state.project_stats = StatsCache()
 
     def read() -> dict:
-        with core.engine.connect() as conn:
+        with state.db.engine.connect() as conn:
             service.check_exists(conn, project_id)
-        return cache.get(core.engine, project_id)
-    return await core.run(read)
+        return cache.get(state.db.engine, project_id)
+    return await state.db.run(read)

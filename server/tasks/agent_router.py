@@ -7,7 +7,7 @@ from fastapi import APIRouter
 from starlette.concurrency import run_in_threadpool
 
 from protocol import endpoints
-from server.http.deps import AgentDep, CoreDep, ParsedJSONRoute
+from server.http.deps import AgentDep, StateDep, ParsedJSONRoute
 from server.http.strict import RowId
 from server.schemas import ResultsIn, StateIn
 from server.tasks import results as result_posts
@@ -24,37 +24,37 @@ def _state_answer(task: dict) -> dict:
 
 
 @router.post(endpoints.TASK_STATE)
-async def post_state(task_id: RowId, body: StateIn, core: CoreDep, agent: AgentDep):
+async def post_state(task_id: RowId, body: StateIn, state: StateDep, agent: AgentDep):
     """The agent reports a state (or, with the same state, new progress / exit_code / error)."""
 
     def change():
-        with core.transaction() as conn:
+        with state.db.transaction() as conn:
             task = own_task(conn, agent["id"], task_id)
             before = task["state"]
             task = agent_change_state(conn, task, body, time.time())
             if task["state"] != before:   # followers end on a final state; progress alone wakes no one
-                core.notify_task(conn, task_id)
+                state.wakeups.notify_task(conn, task_id)
             return task
-    return _state_answer(await core.run(retry_race, change))
+    return _state_answer(await state.db.run(retry_race, change))
 
 
 @router.post(endpoints.TASK_RELEASE)
-async def release(task_id: RowId, core: CoreDep, agent: AgentDep):
+async def release(task_id: RowId, state: StateDep, agent: AgentDep):
     """A draining agent hands back a task it was given but will not run: assigned -> queued."""
 
     def give_back():
-        with core.transaction() as conn:
+        with state.db.transaction() as conn:
             task = own_task(conn, agent["id"], task_id)
             before = task["state"]
             task = release_task(conn, task, time.time())
             if task["state"] != before:
-                core.notify_task(conn, task_id)
+                state.wakeups.notify_task(conn, task_id)
             return task
-    return _state_answer(await core.run(retry_race, give_back))
+    return _state_answer(await state.db.run(retry_race, give_back))
 
 
 @router.post(endpoints.TASK_RESULTS)
-async def post_results(task_id: RowId, body: ResultsIn, core: CoreDep, agent: AgentDep):
+async def post_results(task_id: RowId, body: ResultsIn, state: StateDep, agent: AgentDep):
     """Results of a task: a model (or a checkpoint), a project (Supervisely, with annotations) or artifacts.
 
     Answers `{"results": the task's results, "id": the model or project id}` (no id for artifacts).
@@ -64,20 +64,20 @@ async def post_results(task_id: RowId, body: ResultsIn, core: CoreDep, agent: Ag
     result_posts.check_fields(body)
 
     def readable():
-        with core.engine.connect() as conn:
+        with state.db.engine.connect() as conn:
             return result_posts.readable(conn, agent["id"], body)
-    blobs = result_posts.Readable(core.blobs, await core.run(readable))
+    blobs = result_posts.Readable(state.blobs, await state.db.run(readable))
     if body.kind == "project":   # every item and annotation checked: off the loop, before the transaction
         prepared = await run_in_threadpool(result_posts.check_refs, blobs, body, agent["id"])
     else:
         prepared = result_posts.check_refs(blobs, body, agent["id"])
     now = time.time()
-    limits = (core.settings.results_max_files, core.settings.results_max_bytes)
+    limits = (state.settings.results_max_files, state.settings.results_max_bytes)
 
     def store():
-        with core.engine.begin() as conn:
+        with state.db.engine.begin() as conn:
             return result_posts.store(conn, agent["id"], task_id, body, prepared, now, limits)
-    results, oid = await core.run(store)
+    results, oid = await state.db.run(store)
     out = {"results": results}
     if oid is not None:
         out["id"] = oid

@@ -1,6 +1,6 @@
 """Retention: deleting a task with its log, expiring old logs, pruning telemetry, giving space back.
 
-`housekeep(core, now)` is one round of the periodic job (`run_housekeeper` runs it every
+`housekeep(state, now)` is one round of the periodic job (`run_housekeeper` runs it every
 `housekeeping_s`): telemetry history past its windows, the log lines of tasks that ended more
 than `log_retention_days` ago, and on SQLite an incremental vacuum after a large delete. Every
 step is an idempotent delete, so replicas sharing a database may all run it; on PostgreSQL an
@@ -89,42 +89,42 @@ def sqlite_incremental_vacuum(engine) -> bool:
     return True
 
 
-def housekeep(core, now: float | None = None) -> dict:
+def housekeep(state, now: float | None = None) -> dict:
     """One round: prune telemetry, expire logs, vacuum (SQLite) after a large delete. What it did."""
     now = time.time() if now is None else now
     done = {"telemetry_points": 0, "expired_tasks": [], "log_lines": 0, "vacuumed": False}
-    with core.transaction() as conn:
+    with state.db.transaction() as conn:
         if conn.dialect.name == "postgresql" and \
                 not conn.execute(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": _PG_LOCK_KEY}).scalar():
             return done   # another replica is doing this round
-        done["telemetry_points"] = telemetry.prune(conn, core.settings, now)
+        done["telemetry_points"] = telemetry.prune(conn, state.settings, now)
         while True:
-            ids, lines = expire_logs(conn, core.settings, now)
+            ids, lines = expire_logs(conn, state.settings, now)
             done["expired_tasks"] += ids
             done["log_lines"] += lines
             for tid in ids:
-                core.notify_task(conn, tid)   # a live follower of an expired log ends
+                state.wakeups.notify_task(conn, tid)   # a live follower of an expired log ends
             if len(ids) < EXPIRE_BATCH:
                 break
     if done["telemetry_points"] + done["log_lines"] >= VACUUM_AFTER_ROWS:
-        done["vacuumed"] = sqlite_incremental_vacuum(core.engine)
+        done["vacuumed"] = sqlite_incremental_vacuum(state.db.engine)
     return done
 
 
-def after_delete(core, rows: int) -> None:
+def after_delete(state, rows: int) -> None:
     """A user's delete of `rows` rows: vacuum now if that was a large one."""
     if rows >= VACUUM_AFTER_ROWS:
-        sqlite_incremental_vacuum(core.engine)
+        sqlite_incremental_vacuum(state.db.engine)
 
 
-async def run_housekeeper(core) -> None:
+async def run_housekeeper(state) -> None:
     """housekeep() every housekeeping_s, from the start; a failed round is logged and the next one runs."""
     while True:
         try:
-            done = await core.run(housekeep, core)
+            done = await state.db.run(housekeep, state)
             if done["expired_tasks"]:
                 log.info("log retention: deleted %d lines of %d tasks final for over %g days", done["log_lines"],
-                         len(done["expired_tasks"]), core.settings.log_retention_days)
+                         len(done["expired_tasks"]), state.settings.log_retention_days)
         except Exception:  # noqa: BLE001 - the job must outlive a failed round
             log.exception("housekeeping round failed")
-        await asyncio.sleep(core.settings.housekeeping_s)
+        await asyncio.sleep(state.settings.housekeeping_s)

@@ -6,7 +6,7 @@ import time
 from fastapi import APIRouter, Query
 
 from protocol import endpoints
-from server.http.deps import AdminDep, CoreDep, cursor_id, page
+from server.http.deps import AdminDep, StateDep, cursor_id, page
 from server.http.strict import RowId, query_id
 from server.logs import service as logs
 from server.schemas import TaskIn
@@ -16,84 +16,85 @@ from server.tasks.service import public_task, retry_race
 router = APIRouter(tags=["user"])
 
 
-def _read(core, fn, *args):
+def _read(state, fn, *args):
     """`fn(conn, *args)` on a connection of its own (reads only)."""
-    with core.engine.connect() as conn:
+    with state.db.engine.connect() as conn:
         return fn(conn, *args)
 
 
 @router.post(endpoints.TASKS)
-async def create_task(body: TaskIn, core: CoreDep, _: AdminDep):
+async def create_task(body: TaskIn, state: StateDep, _: AdminDep):
     """A task for one agent (queued); 404 unknown agent, 400 unknown type, 409 type not allowed."""
     service.check_new_task(body)
     now = time.time()
 
     def create():
-        with core.transaction() as conn:
+        with state.db.transaction() as conn:
             task = service.create_task(conn, body, now)
-            core.notify_agent(conn, task["agent_id"])   # its poll, waiting on any replica, answers with the task
+            state.wakeups.notify_agent(conn, task["agent_id"])   # its poll, waiting on any replica, answers with the task
             return task
-    return public_task(await core.run(create))
+    return public_task(await state.db.run(create))
 
 
 @router.get(endpoints.TASKS)
-async def list_tasks(core: CoreDep, _: AdminDep, agent_id: int | None = query_id(),
+async def list_tasks(server: StateDep, _: AdminDep, agent_id: int | None = query_id(),
                      state: str | None = Query(None, max_length=16), limit: int = Query(100, ge=1, le=1000),
                      cursor: str | None = None):
-    """Tasks, newest first, optionally of one agent and/or in one state."""
+    """Tasks, newest first, optionally of one agent and/or in one state (`server`: the server's
+    state; `state`: the tasks' state, a query parameter)."""
     before = cursor_id(cursor)
-    return page(await core.run_read(_read, core, service.list_tasks, agent_id, state, limit, before), limit)
+    return page(await server.db.run_read(_read, server, service.list_tasks, agent_id, state, limit, before), limit)
 
 
 @router.get(endpoints.TASK)
-async def read_task(task_id: RowId, core: CoreDep, _: AdminDep):
+async def read_task(task_id: RowId, state: StateDep, _: AdminDep):
     """State, timeline [{state, ts}], progress, exit_code, error, results, log_acked."""
-    return public_task(await core.run(_read, core, service.task_or_404, task_id))
+    return public_task(await state.db.run(_read, state, service.task_or_404, task_id))
 
 
 @router.post(endpoints.TASK_STOP)
-async def stop_task(task_id: RowId, core: CoreDep, _: AdminDep):
+async def stop_task(task_id: RowId, state: StateDep, _: AdminDep):
     """Stop a task: a queued one at once, a leased one through its agent's next poll answer."""
 
     def stop():
-        with core.transaction() as conn:
+        with state.db.transaction() as conn:
             task = service.stop_task(conn, task_id)
-            core.notify_agent(conn, task["agent_id"])
-            core.notify_task(conn, task_id)
+            state.wakeups.notify_agent(conn, task["agent_id"])
+            state.wakeups.notify_task(conn, task_id)
             return task
-    return public_task(await core.run(retry_race, stop))
+    return public_task(await state.db.run(retry_race, stop))
 
 
 @router.delete(endpoints.TASK)
-async def delete_task(task_id: RowId, core: CoreDep, _: AdminDep):
+async def delete_task(task_id: RowId, state: StateDep, _: AdminDep):
     """Delete a final task with its log lines and metrics (409 task_not_final otherwise); the models
     and projects it made are kept, and the answer lists them."""
 
     def remove():
-        with core.transaction() as conn:
+        with state.db.transaction() as conn:
             answer = retention.delete_task(conn, task_id)
-            core.notify_task(conn, task_id)   # a follower of its log ends now
-        retention.after_delete(core, answer["deleted"]["log_lines"])
+            state.wakeups.notify_task(conn, task_id)   # a follower of its log ends now
+        retention.after_delete(state, answer["deleted"]["log_lines"])
         return answer
-    return await core.run(remove)
+    return await state.db.run(remove)
 
 
 @router.get(endpoints.TASK_ARTIFACTS)
-async def task_artifacts(task_id: RowId, core: CoreDep, _: AdminDep, after: str | None = Query(None, max_length=1024),
+async def task_artifacts(task_id: RowId, state: StateDep, _: AdminDep, after: str | None = Query(None, max_length=1024),
                          limit: int = Query(1000, ge=1, le=10000)):
     """The task's artifacts `{items: [{path, sha256, size}], next}` by path; `next` (the last path
     of this page, null on the last page) goes in `after` for the next page."""
-    items = await core.run_read(_read, core, service.artifacts_page, task_id, after, limit)
+    items = await state.db.run_read(_read, state, service.artifacts_page, task_id, after, limit)
     more = len(items) > limit
     items = items[:limit]
     return {"items": items, "next": items[-1]["path"] if more else None}
 
 
 @router.get(endpoints.TASK_METRICS)
-async def task_metrics(task_id: RowId, core: CoreDep, _: AdminDep):
+async def task_metrics(task_id: RowId, state: StateDep, _: AdminDep):
     """Training metrics from the task's `metrics` log events: [{seq, type, epoch, metrics}]."""
 
     def read(conn):
         service.task_or_404(conn, task_id)
         return logs.read_metrics(conn, task_id)
-    return {"items": await core.run(_read, core, read), "next": None}
+    return {"items": await state.db.run(_read, state, read), "next": None}

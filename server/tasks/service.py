@@ -196,7 +196,7 @@ def agent_task(conn, task: dict) -> dict:
     return out
 
 
-def hand_out(core, conn, agent: dict, free_slots: int, free_gpus: int, running: list[int], now: float):
+def hand_out(server, conn, agent: dict, free_slots: int, free_gpus: int, running: list[int], now: float):
     """One poll's decisions. Returns (tasks for the agent, stop ids, stop ids not yet delivered).
 
     - a leased task missing from `running`: stopped if a stop was requested, else handed out again;
@@ -212,8 +212,8 @@ def hand_out(core, conn, agent: dict, free_slots: int, free_gpus: int, running: 
     running_set = set(running)
     mine = conn.execute(_MINE, {"aid": agent["id"]}).all()
     stop, new_stop = _stops(mine, running_set)
-    candidates = _not_running(core, conn, mine, running_set, now) + _queued(conn, agent["id"], free_slots)
-    out = _fitting(core, conn, candidates, free_slots, free_gpus, now)
+    candidates = _not_running(server, conn, mine, running_set, now) + _queued(conn, agent["id"], free_slots)
+    out = _fitting(server, conn, candidates, free_slots, free_gpus, now)
     if out:
         _check_token_unchanged(conn, agent)
     return out, stop, new_stop
@@ -231,7 +231,7 @@ def _stops(mine, running: set[int]) -> tuple[list[int], list[int]]:
     return stop, new_stop
 
 
-def _not_running(core, conn, mine, running: set[int], now: float) -> list[dict]:
+def _not_running(server, conn, mine, running: set[int], now: float) -> list[dict]:
     """The agent's leased tasks it does not run (it restarted, or never got the answer that gave
     them): one with a stop requested is stopped now; the others' rows, to be handed out again."""
     again = []
@@ -241,7 +241,7 @@ def _not_running(core, conn, mine, running: set[int], now: float) -> list[dict]:
         if stop_requested:
             try:
                 change_state(conn, get_task(conn, tid), TaskState.STOPPED, now, error="stopped before the agent ran it")
-                core.notify_task(conn, tid)
+                server.wakeups.notify_task(conn, tid)
             except StateRace:
                 pass
         else:
@@ -256,7 +256,7 @@ def _queued(conn, agent_id: int, free_slots: int) -> list[dict]:
     return [dict(r) for r in conn.execute(_QUEUED, {"aid": agent_id}).mappings().all()]
 
 
-def _fitting(core, conn, candidates: list, free_slots: int, free_gpus: int, now: float) -> list[dict]:
+def _fitting(server, conn, candidates: list, free_slots: int, free_gpus: int, now: float) -> list[dict]:
     """The candidates, in order, that fit the free slots and GPUs, leased to the agent; as the
     poll answer shows them. A task needing more GPUs than are left is skipped, not waited for."""
     out = []
@@ -269,7 +269,7 @@ def _fitting(core, conn, candidates: list, free_slots: int, free_gpus: int, now:
         need = int((t["resources"] or {}).get("gpus") or 0)
         if need > gpus:
             continue
-        t = _lease(core, conn, t, now)
+        t = _lease(server, conn, t, now)
         if t is None:
             continue
         out.append(agent_task(conn, t))
@@ -278,17 +278,17 @@ def _fitting(core, conn, candidates: list, free_slots: int, free_gpus: int, now:
     return out
 
 
-def _lease(core, conn, task: dict, now: float) -> dict | None:
+def _lease(server, conn, task: dict, now: float) -> dict | None:
     """Lease the task to its agent until now + lease_s: a queued one is claimed (None if another
     poll claimed it, or a user stopped it, first); an assigned one handed out again has its lease renewed."""
     if task["state"] != TaskState.ASSIGNED.value:
         try:
-            task = change_state(conn, task, TaskState.ASSIGNED, now, lease_until=now + core.settings.lease_s)
+            task = change_state(conn, task, TaskState.ASSIGNED, now, lease_until=now + server.settings.lease_s)
         except StateRace:
             return None
-        core.notify_task(conn, task["id"])
+        server.wakeups.notify_task(conn, task["id"])
     else:
-        conn.execute(update(db.tasks).where(db.tasks.c.id == task["id"]).values(lease_until=now + core.settings.lease_s))
+        conn.execute(update(db.tasks).where(db.tasks.c.id == task["id"]).values(lease_until=now + server.settings.lease_s))
     return task
 
 
@@ -303,21 +303,21 @@ def _check_token_unchanged(conn, agent: dict) -> None:
         raise APIError(401, "unauthorized", "the agent token was rotated or the agent removed")
 
 
-def reap_lost(core, now: float | None = None) -> list[int]:
+def reap_lost(server, now: float | None = None) -> list[int]:
     """Leased tasks whose lease ran out become lost. Returns their ids."""
     now = time.time() if now is None else now
     lost = []
-    with core.transaction() as conn:
+    with server.db.transaction() as conn:
         rows = conn.execute(select(db.tasks).where(db.tasks.c.state.in_(LEASED_VALUES),
                                                    db.tasks.c.lease_until < now)).mappings().all()
         for row in rows:
             try:
                 change_state(conn, dict(row), TaskState.LOST, now,
-                             error=f"the agent was silent for more than {core.settings.lease_s:g} s")
+                             error=f"the agent was silent for more than {server.settings.lease_s:g} s")
             except StateRace:
                 continue   # the agent reported meanwhile, or another replica's reaper was first
-            core.notify_task(conn, row["id"])
-            core.notify_agent(conn, row["agent_id"])   # its waiting poll answers: the lost task goes in `stop`
+            server.wakeups.notify_task(conn, row["id"])
+            server.wakeups.notify_agent(conn, row["agent_id"])   # its waiting poll answers: the lost task goes in `stop`
             lost.append(row["id"])
     return lost
 
@@ -367,3 +367,12 @@ def release_task(conn, task: dict, now: float) -> dict:
     if task["stop_requested"]:
         return change_state(conn, task, TaskState.STOPPED, now, error="stopped before the agent ran it")
     return change_state(conn, task, TaskState.QUEUED, now, lease_until=None, stop_delivered=False)
+
+
+def renew_all_leases(engine, lease_s: float, now: float | None = None) -> None:
+    """Every leased task gets a full lease from now: at start, since agents could not reach a
+    stopped server."""
+    now = time.time() if now is None else now
+    with engine.begin() as conn:
+        conn.execute(update(db.tasks).where(db.tasks.c.state.in_([s.value for s in LEASED]))
+                     .values(lease_until=now + lease_s))

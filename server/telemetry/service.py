@@ -26,10 +26,10 @@ from server.http.strict import INT64_MAX, INT64_MIN
 INT4 = (-(1 << 31), (1 << 31) - 1)      # an Integer column on PostgreSQL
 
 
-def accept_sample(core, agent: dict, sample: dict) -> None:
+def accept_sample(state, agent: dict, sample: dict) -> None:
     """A node's telemetry sample, kept for the next contact batch (which writes it with the
     node's contact: server/agents/contact.py)."""
-    core.contacts.telemetry(agent, time.time(), sample)
+    state.contacts.telemetry(agent, time.time(), sample)
 
 
 def _num(x) -> float | None:

@@ -45,7 +45,7 @@ def _arts(paths, sha: str, size: int) -> list[dict]:
 
 @pytest.fixture
 def inproc(tmp_path):
-    """(base url, admin token, core): the app served by uvicorn in a thread of this process."""
+    """(base url, admin token, state): the app served by uvicorn in a thread of this process."""
     db_url = create_test_database() if TEST_DB_URL else None
     token = "a" * 32
     app = create_app(Settings(data_dir=tmp_path / "data", admin_token=token, db_url=db_url))
@@ -55,7 +55,7 @@ def inproc(tmp_path):
     poll_for(lambda: server.started or not thread.is_alive(), timeout=30, what="the in-process server to start")
     assert server.started
     try:
-        yield f"http://127.0.0.1:{server.config.port}", token, app.state.core
+        yield f"http://127.0.0.1:{server.config.port}", token, app.state.server
     finally:
         server.should_exit = True
         thread.join(30)
@@ -66,7 +66,7 @@ def inproc(tmp_path):
 
 def test_a_post_costs_its_entries_not_the_artifacts_the_task_holds(inproc):
     from client import UserClient
-    url, token, core = inproc
+    url, token, state = inproc
     client = UserClient(url, token)
     a = client.create_agent("many-artifacts")
     agent = FakeAgent(url, a["token"], a["id"])
@@ -74,7 +74,7 @@ def test_a_post_costs_its_entries_not_the_artifacts_the_task_holds(inproc):
     sha = _upload(agent, b"x")
     sent = {"statements": 0, "bytes": 0}
 
-    @event.listens_for(core.engine, "before_cursor_execute")
+    @event.listens_for(state.db.engine, "before_cursor_execute")
     def _count(_conn, _cursor, statement, params, _context, _many):
         sent["statements"] += 1
         sent["bytes"] += len(statement) + len(repr(params))

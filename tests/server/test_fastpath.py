@@ -23,18 +23,23 @@ class FakeContacts:
         self.seen_ids.append(aid)
 
 
-class FakeCore:
+class FakeAgentRows:
     def __init__(self, tokens: dict[str, int]):
         self.by_hash = {hash_token(t): {"id": i} for t, i in tokens.items()}
-        self.contacts = FakeContacts()
         self.loaded = 0
 
-    async def agent_of(self, h):
+    async def get(self, h):
         self.loaded += 1
         return self.by_hash.get(h)
 
 
-def call(core, headers: dict, scope_json=..., path=endpoints.TELEMETRY, method="POST"):
+class FakeState:
+    def __init__(self, tokens: dict[str, int]):
+        self.agent_rows = FakeAgentRows(tokens)
+        self.contacts = FakeContacts()
+
+
+def call(state, headers: dict, scope_json=..., path=endpoints.TELEMETRY, method="POST"):
     inner = []
 
     async def app(scope, receive, send):
@@ -54,30 +59,30 @@ def call(core, headers: dict, scope_json=..., path=endpoints.TELEMETRY, method="
         scope["sly.json"] = scope_json
     # A loop of its own in a thread of its own: the suite's browser tests leave one running in this thread.
     with ThreadPoolExecutor(1) as ex:
-        ex.submit(asyncio.run, TelemetryFastPath(app, core)(scope, receive, send)).result()
+        ex.submit(asyncio.run, TelemetryFastPath(app, state)(scope, receive, send)).result()
     return inner, sent
 
 
 def test_an_ordinary_sample_is_answered_without_fastapi():
-    core = FakeCore({"t" * 32: 7})
-    inner, sent = call(core, {"x-token": "t" * 32}, {"cpu": 5})
+    state = FakeState({"t" * 32: 7})
+    inner, sent = call(state, {"x-token": "t" * 32}, {"cpu": 5})
     assert inner == []
     assert sent[0]["status"] == 200 and json.loads(sent[1]["body"]) == {"ok": True}
-    assert core.contacts.samples == [(7, {"cpu": 5})] and core.contacts.seen_ids == [7]
+    assert state.contacts.samples == [(7, {"cpu": 5})] and state.contacts.seen_ids == [7]
 
 
 def test_everything_else_goes_on_to_the_route():
-    core = FakeCore({"t" * 32: 7})
+    state = FakeState({"t" * 32: 7})
     cases = [({}, {"cpu": 5}),                              # no token
              ({"x-token": "u" * 32}, {"cpu": 5}),           # a token of no node
              ({"x-token": "t" * 32}, [1, 2]),               # not an object
              ({"x-token": "t" * 32}, ...)]                  # not JSON (the body check left nothing)
     for headers, body in cases:
-        inner, sent = call(core, headers, body)
+        inner, sent = call(state, headers, body)
         assert inner == [endpoints.TELEMETRY] and sent[0]["status"] == 299, (headers, body)
-    inner, _ = call(core, {"x-token": "t" * 32}, {"cpu": 5}, path=endpoints.POLL)
+    inner, _ = call(state, {"x-token": "t" * 32}, {"cpu": 5}, path=endpoints.POLL)
     assert inner == [endpoints.POLL]
-    assert core.contacts.samples == []
+    assert state.contacts.samples == []
 
 
 def test_the_routes_answers_through_the_server(server, make_agent):

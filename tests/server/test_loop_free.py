@@ -1,4 +1,4 @@
-"""Every piece of database work runs on the server's bounded database threads (`core.run`).
+"""Every piece of database work runs on the server's bounded database threads (`state.db.run`).
 
 Not on the event loop (one slow query would stall every request, `/healthz` and the long-polls
 included), and not on a thread of another pool (Starlette's threadpool for sync routes and
@@ -6,7 +6,7 @@ included), and not on a thread of another pool (Starlette's threadpool for sync 
 wait for a connection that the database threads need).
 
 The server runs in this process (uvicorn in a thread), so a pool `checkout` listener on its engine
-sees which thread takes each connection. `core.run` is wrapped to mark the functions it runs; a
+sees which thread takes each connection. `state.db.run` is wrapped to mark the functions it runs; a
 checkout outside one, on the loop's thread or elsewhere, fails the test with the stack that did it.
 """
 from __future__ import annotations
@@ -44,12 +44,12 @@ def _server_frames() -> str:
 
 
 class CheckoutWatch:
-    """Records every connection checkout of the engine: on which thread, inside core.run or not,
+    """Records every connection checkout of the engine: on which thread, inside state.db.run or not,
     and how many connections were out at once."""
 
-    def __init__(self, core):
-        self.core = core
-        self.pool_size = core.engine.pool.size()   # POOL_SIZE, and on SQLite the read thread's one
+    def __init__(self, state):
+        self.state = state
+        self.pool_size = state.db.engine.pool.size()   # POOL_SIZE, and on SQLite the read thread's one
         self.lock = threading.Lock()
         self.local = threading.local()
         self.loop_threads: set[int] = set()
@@ -58,18 +58,18 @@ class CheckoutWatch:
         self.max_out = 0
         self.on_loop: list[str] = []
         self.outside_run: list[str] = []
-        event.listen(core.engine, "checkout", self._checkout)
-        event.listen(core.engine, "checkin", self._checkin)
-        run, run_read = core.run, core.run_read
+        event.listen(state.db.engine, "checkout", self._checkout)
+        event.listen(state.db.engine, "checkin", self._checkin)
+        run, run_read = state.db.run, state.db.run_read
 
         async def watched_run(fn, *args, **kw):
-            self.loop_threads.add(threading.get_ident())   # core.run is awaited on the loop
+            self.loop_threads.add(threading.get_ident())   # state.db.run is awaited on the loop
             return await run(self._marked(fn), *args, **kw)
 
         async def watched_run_read(fn, *args, **kw):
             self.loop_threads.add(threading.get_ident())
             return await run_read(self._marked(fn), *args, **kw)
-        core.run, core.run_read = watched_run, watched_run_read
+        state.db.run, state.db.run_read = watched_run, watched_run_read
 
     def _marked(self, fn):
         def inside(*args, **kw):
@@ -103,7 +103,7 @@ def inproc(tmp_path):
     token = "a" * 32
     app = create_app(Settings(data_dir=tmp_path / "data", admin_token=token, db_pool_size=POOL_SIZE, db_url=db_url,
                               telemetry_min_gap_s=0))
-    watch = CheckoutWatch(app.state.core)
+    watch = CheckoutWatch(app.state.server)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning",
                                            lifespan="on"))
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
@@ -273,7 +273,7 @@ def test_database_work_runs_only_on_the_database_threads(inproc):
 
     assert watch.checkouts > 50, "the listener saw too few checkouts to mean anything"
     wrong = ([f"on the event loop's thread:\n{s}" for s in dict.fromkeys(watch.on_loop)]
-             + [f"outside core.run, on {s}" for s in dict.fromkeys(watch.outside_run)])
-    assert not wrong, (f"{len(watch.on_loop)} checkout(s) on the loop, {len(watch.outside_run)} outside core.run; "
+             + [f"outside state.db.run, on {s}" for s in dict.fromkeys(watch.outside_run)])
+    assert not wrong, (f"{len(watch.on_loop)} checkout(s) on the loop, {len(watch.outside_run)} outside state.db.run; "
                        f"from:\n\n" + "\n".join(wrong))
     assert watch.max_out <= watch.pool_size, f"{watch.max_out} connections out at once; the pool has {watch.pool_size}"

@@ -21,8 +21,9 @@ STATES = [s.value for s in TaskState]
 task_st = st.tuples(st.sampled_from(STATES), st.booleans(), st.booleans())   # state, stop requested, delivered
 
 
-def _core():
-    return types.SimpleNamespace(settings=types.SimpleNamespace(lease_s=300.0), notify_task=lambda conn, tid: None)
+def _state():
+    return types.SimpleNamespace(settings=types.SimpleNamespace(lease_s=300.0),
+                                 wakeups=types.SimpleNamespace(notify_task=lambda conn, tid: None))
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -58,7 +59,7 @@ def test_the_quiet_answer_is_what_the_hand_out_decides(engine, tasks, running_pi
     with engine.connect() as conn:
         before = conn.execute(select(db.tasks).order_by(db.tasks.c.id)).all()
         conn.info["sly_wake"] = set()
-        out, stop, new_stop = hand_out(_core(), conn, {"id": aid, "token_hash": "h" * 64}, free_slots, 0, running, now)
+        out, stop, new_stop = hand_out(_state(), conn, {"id": aid, "token_hash": "h" * 64}, free_slots, 0, running, now)
         after = conn.execute(select(db.tasks).order_by(db.tasks.c.id)).all()
         conn.rollback()
     writes_refusal = first and (stored_refusing or "") != refusing

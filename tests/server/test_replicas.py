@@ -216,7 +216,7 @@ def test_token_rotation_on_a_ends_the_open_poll_on_b_with_401_and_no_task(replic
 
 @needs_pg
 def test_b_drops_its_kept_agent_row_when_a_rotates_the_token(replicas):
-    """B keeps the agent row it looked up (server/core.py); A's rotation must reach it by NOTIFY,
+    """B keeps the agent row it looked up (server/state.py); A's rotation must reach it by NOTIFY,
     also for the telemetry fast path, which reads nothing else."""
     a, b = replicas
     ca, _, on_b = _agent(a, b)
@@ -319,7 +319,7 @@ def test_huge_lines_are_read_a_page_at_a_time_and_healthz_stays_fast(own_server)
     print(f"RSS growth {growth:.0f} MiB; /healthz during the reads: n={len(health)} "
           f"p50 {health[len(health) // 2] * 1000:.1f} ms, max {health[-1] * 1000:.1f} ms")
     assert growth < 400
-    assert health[-1] < 1.0   # measured far lower; generous for a loaded 2-core box
+    assert health[-1] < 1.0   # measured far lower; generous for a loaded 2-state box
 
 
 @needs_pg

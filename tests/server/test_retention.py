@@ -6,6 +6,7 @@ import logging
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import requests
@@ -176,10 +177,10 @@ def test_deleting_a_node_fails_its_active_tasks_and_keeps_its_final_ones(own_ser
 
 @pytest.mark.sqlite_only("SQLite's auto_vacuum and page counts")
 def test_sqlite_gives_the_pages_of_a_big_delete_back(tmp_path):
-    class Core:   # what retention needs of the server's Core
-        engine = db.make_engine(f"sqlite:///{tmp_path / 'server.db'}")
-    migrate.upgrade(Core.engine)
-    with Core.engine.begin() as conn:
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'server.db'}")
+    state = types.SimpleNamespace(db=types.SimpleNamespace(engine=engine))   # what retention needs of it
+    migrate.upgrade(engine)
+    with engine.begin() as conn:
         assert conn.exec_driver_sql("PRAGMA auto_vacuum").scalar() == 2          # INCREMENTAL, set at creation
         conn.execute(db.tasks.insert().values(id=1, agent_id=1, type="custom", config={}, resources={}, state="finished",
                                               timeline=[], results={}, log_acked=-1, created_at=0, updated_at=0,
@@ -188,20 +189,20 @@ def test_sqlite_gives_the_pages_of_a_big_delete_back(tmp_path):
                                               "message": "x" * 200} for i in range(30_000)])
 
     def pages():
-        with Core.engine.begin() as conn:
+        with engine.begin() as conn:
             conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
             return conn.exec_driver_sql("PRAGMA page_count").scalar()
     before = pages()
-    with Core.engine.begin() as conn:
+    with engine.begin() as conn:
         answer = retention.delete_task(conn, 1)
-    retention.after_delete(Core, answer["deleted"]["log_lines"])
+    retention.after_delete(state, answer["deleted"]["log_lines"])
     after = pages()
     assert answer["deleted"]["log_lines"] == 30_000
     assert after < before / 4, (before, after)
-    with Core.engine.connect() as conn:
+    with engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA freelist_count").scalar() == 0
         assert conn.execute(select(func.count()).select_from(db.log_lines)).scalar() == 0
-    Core.engine.dispose()
+    engine.dispose()
 
 
 def record(msg: str, *args, name: str = "asyncio", level: int = logging.ERROR) -> logging.LogRecord:

@@ -213,6 +213,7 @@ def test_integers_outside_int64_get_a_400_on_one_kept_alive_connection(server, c
         ("GET", f"/api/v1/tasks/{-BIG - 1}", user, None),
         ("GET", f"/api/v1/agents/{BIG}", user, None),
         ("GET", f"/api/v1/projects/{BIG}", user, None),
+        ("GET", f"/api/v1/projects/{BIG}/stats", user, None),
         ("GET", f"/api/v1/models/{BIG}", user, None),
         ("POST", f"/api/v1/tasks/{BIG}/stop", user, None),
         ("GET", f"/api/v1/tasks?agent_id={BIG}", user, None),

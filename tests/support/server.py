@@ -192,7 +192,7 @@ class ServerThread(ServerProcess):
         app = create_app(settings)
         config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_config=None, access_log=False,
                                 timeout_graceful_shutdown=3, lifespan="on")
-        self._server = _Server(config, app.state.core)
+        self._server = _Server(config, app.state.server)
         self._thread = threading.Thread(target=self._server.run, name=f"server-{self.port}", daemon=True)
         self._thread.start()
 
