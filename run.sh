@@ -20,6 +20,7 @@ Usage: ./run.sh [COMMAND] [ARGS...]
                    --fast: only the tests not marked slow (each takes under 2 s), on SQLite
                    (the same as pytest -m "not slow"). SLY_TEST_SERVER=process runs the fixture
                    servers as subprocesses instead of threads of the test process
+  lint             ruff (lint and format check) and mypy (protocol/, node/, the server's services), as CI runs them
   screenshots      run the console's browser tests and save their screenshots in docs/screenshots/
                    (plain test runs write them to a temporary dir)
 
@@ -146,6 +147,11 @@ case "$cmd" in
     echo "run.sh: the server and CLI tests on PostgreSQL ($pg_url)" >&2
     SLY_TEST_DB_URL=$pg_url "$VENV/bin/python" -m pytest "$@" tests/server tests/cli || rc=$?
     exit $rc ;;
+  lint)
+    shift
+    ensure_venv requirements-dev.txt
+    cd "$HERE"
+    "$VENV/bin/ruff" check . && "$VENV/bin/ruff" format --check . && "$VENV/bin/mypy" ;;
   screenshots)
     shift
     ensure_test_system

@@ -59,7 +59,7 @@ def leased(server, tmp_path):
     fake = FakeAgent(server.url, body["token"])
     fake.connect()
     got = []
-    poll_for(lambda: got.extend(t["id"] for t in fake.poll(running=got, wait=1).get("tasks") or []) or
+    poll_for(lambda: got.extend(t["id"] for t in fake.poll(free_slots=2, running=got, wait=1).get("tasks") or []) or
              set(ids) <= set(got), timeout=15, what="both tasks leased")
     config = load_config({"SERVER_ADDRESS": server.url, "ACCESS_TOKEN": body["token"],
                           "AGENT_HOST_DIR": str(tmp_path / "root")})

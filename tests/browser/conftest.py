@@ -78,6 +78,6 @@ def online_agent(server, name: str, types: list[str] | None = None, **system_inf
     r = server.admin().post(server.url + "/api/v1/agents", json=body, timeout=10)
     r.raise_for_status()
     created = r.json()
-    agent = FakeAgent(server.url, created["token"])
+    agent = FakeAgent(server.url, created["token"], created["id"])
     agent.connect(**system_info)
     return created, agent

@@ -275,8 +275,8 @@ def test_model_page_shows_config_files_task_and_checkpoints(console, server):
     ids = []
     for epoch in (1, 2, 3):
         cfg = json.dumps(dict(config, epoch=epoch), indent=2).encode()
-        refs = [{"path": "config.json", "sha256": agent.put_blob(cfg), "size": len(cfg)},
-                {"path": f"weights/epoch_{epoch}.pt", "sha256": agent.put_blob(b"W" * (1000 * epoch)), "size": 1000 * epoch}]
+        refs = [{"path": "config.json", "sha256": agent.upload(cfg), "size": len(cfg)},
+                {"path": f"weights/epoch_{epoch}.pt", "sha256": agent.upload(b"W" * (1000 * epoch)), "size": 1000 * epoch}]
         r = agent.post(f"/agent/v1/tasks/{task['id']}/results",
                        {"kind": "model", "name": f"detector e{epoch}", "files": refs,
                         "checkpoint": {"epoch": epoch, "metrics": {"loss": round(1 / epoch, 3), "mAP": 0.2 * epoch},

@@ -1,43 +1,10 @@
-"""Helpers for the server conformance tests: a UserClient and an agent speaking plain HTTP."""
+"""Fixtures for the server conformance tests: a UserClient and agents speaking plain HTTP (tests.support.fake_agent)."""
 from __future__ import annotations
 
-import hashlib
-
 import pytest
-import requests
 
 from client import UserClient
-
-
-class FakeAgent:
-    """Acts as an agent with plain requests + x-token (no agent code involved)."""
-
-    def __init__(self, url: str, token: str, agent_id: int):
-        self.url, self.token, self.id = url, token, agent_id
-        self.s = requests.Session()
-        self.s.headers["x-token"] = token
-
-    def post(self, path: str, **kw) -> requests.Response:
-        return self.s.post(self.url + path, timeout=kw.pop("timeout", 30), **kw)
-
-    def upload(self, data: bytes) -> str:
-        """PUT the bytes as this agent (its results may name only blobs it may read); their sha256."""
-        sha = hashlib.sha256(data).hexdigest()
-        r = self.s.put(f"{self.url}/agent/v1/blobs/{sha}", data=data, timeout=30)
-        assert r.status_code == 200, r.text
-        return sha
-
-    def poll(self, free_slots=1, free_gpus=(), running=(), wait=0.0) -> dict:
-        r = self.post(f"/agent/v1/poll?wait={wait}", json={"free_slots": free_slots, "free_gpus": list(free_gpus),
-                                                          "running": list(running)}, timeout=wait + 10)
-        assert r.status_code == 200, r.text
-        return r.json()
-
-    def state(self, task_id: int, state: str, **kw) -> requests.Response:
-        return self.post(f"/agent/v1/tasks/{task_id}/state", json={"state": state, **kw})
-
-    def logs(self, task_id: int, first_seq: int, lines: list[dict]) -> requests.Response:
-        return self.post(f"/agent/v1/tasks/{task_id}/logs", json={"first_seq": first_seq, "lines": lines})
+from tests.support.fake_agent import FakeAgent
 
 
 @pytest.fixture

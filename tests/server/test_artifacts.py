@@ -14,7 +14,7 @@ from sqlalchemy import event
 
 from server.app import create_app
 from server.settings import Settings
-from tests.server.conftest import FakeAgent
+from tests.support.fake_agent import FakeAgent
 from tests.support.procs import poll_for
 from tests.support.server import TEST_DB_URL, create_test_database, drop_test_databases, free_port
 
@@ -31,12 +31,12 @@ def _upload(agent: FakeAgent, data: bytes) -> str:
 def _running_task(client, agent: FakeAgent, ttype="custom") -> int:
     tid = client.create_task(agent.id, ttype, image="x:1")["id"]
     agent.poll()
-    assert agent.state(tid, "running").status_code == 200
+    assert agent.state_raw(tid, "running").status_code == 200
     return tid
 
 
 def _post(agent: FakeAgent, tid: int, kind: str, files: list[dict], **kw) -> requests.Response:
-    return agent.post(f"/agent/v1/tasks/{tid}/results", json={"kind": kind, "files": files, **kw}, timeout=120)
+    return agent.post_raw(f"/agent/v1/tasks/{tid}/results", json={"kind": kind, "files": files, **kw}, timeout=120)
 
 
 def _arts(paths, sha: str, size: int) -> list[dict]:
@@ -162,7 +162,7 @@ def test_replaced_and_deleted_artifacts_let_their_blobs_go(own_server):
     poll_for(lambda: not stored(old), timeout=30, what="the replaced artifact's blob to be collected")
     time.sleep(3)   # past the grace: a referenced blob stays however old it gets
     assert stored(new) and stored(kept)
-    assert agent.state(tid, "finished", exit_code=0).status_code == 200
+    assert agent.state_raw(tid, "finished", exit_code=0).status_code == 200
     answer = client.delete_task(tid)
     assert answer["deleted"]["artifacts"] == 2
     poll_for(lambda: not stored(new) and not stored(kept), timeout=30, what="a deleted task's artifacts to be collected")

@@ -53,7 +53,7 @@ def test_three_10_mib_lines_are_cut_to_the_line_limit_and_server_memory_stays_bo
     srv, client, agent = own_server()
     t = client.create_task(agent.id, "custom", image="x:1")
     agent.poll()
-    agent.state(t["id"], "running")
+    agent.state_raw(t["id"], "running")
     proc = psutil.Process(srv.proc.pid)
     got, done = [], threading.Event()
     follower = threading.Thread(target=_follow, args=(srv, t["id"], got, done), daemon=True)
@@ -61,10 +61,10 @@ def test_three_10_mib_lines_are_cut_to_the_line_limit_and_server_memory_stays_bo
     rss_before = proc.memory_info().rss
     huge = "x" * (10 * 1024 * 1024)
     for seq in range(3):
-        r = agent.logs(t["id"], seq, [{"ts": time.time(), "level": "info", "stream": "stdout", "message": huge}])
+        r = agent.logs_raw(t["id"], seq, [{"ts": time.time(), "level": "info", "stream": "stdout", "message": huge}])
         assert r.status_code == 200 and r.json() == {"acked": seq}, r.text[:300]
     poll_for(lambda: len(got) == 3, timeout=30, what="the follower's three lines")
-    agent.state(t["id"], "finished", exit_code=0)
+    agent.state_raw(t["id"], "finished", exit_code=0)
     assert done.wait(30), "the follower did not see the end"
     growth = proc.memory_info().rss - rss_before
     print(f"server RSS growth over three 10 MiB lines with a follower: {growth / 2**20:.1f} MiB")
@@ -84,7 +84,7 @@ def test_a_line_with_huge_fields_keeps_its_message_and_drops_the_fields(own_serv
     t = client.create_task(agent.id, "custom", image="x:1")
     agent.poll()
     line = {"ts": time.time(), "message": "épsilon " * 3000, "blob": "y" * (MAX_LINE + 10)}
-    assert agent.logs(t["id"], 0, [line]).json() == {"acked": 0}
+    assert agent.logs_raw(t["id"], 0, [line]).json() == {"acked": 0}
     (stored,) = client.get_logs(t["id"])["lines"]
     assert "blob" not in stored and stored["message"].startswith("épsilon " * 3000)   # under the limit: whole
     assert "fields dropped by the server" in stored["message"]
@@ -94,11 +94,11 @@ def test_the_log_quota_stores_one_marker_acks_everything_and_counts(own_server):
     srv, client, agent = own_server("--log-quota-bytes", "1000")
     t = client.create_task(agent.id, "custom", image="x:1")
     agent.poll()
-    agent.state(t["id"], "running")
-    assert agent.logs(t["id"], 0, _lines(0, 5, size=100)).json() == {"acked": 4}
-    assert agent.logs(t["id"], 0, _lines(0, 5, size=100)).json() == {"acked": 4}     # re-sent: not charged again
-    assert agent.logs(t["id"], 5, _lines(5, 25, size=100)).json() == {"acked": 29}    # acked, mostly dropped
-    assert agent.logs(t["id"], 30, _lines(30, 10, size=100)).json() == {"acked": 39}
+    agent.state_raw(t["id"], "running")
+    assert agent.logs_raw(t["id"], 0, _lines(0, 5, size=100)).json() == {"acked": 4}
+    assert agent.logs_raw(t["id"], 0, _lines(0, 5, size=100)).json() == {"acked": 4}     # re-sent: not charged again
+    assert agent.logs_raw(t["id"], 5, _lines(5, 25, size=100)).json() == {"acked": 29}    # acked, mostly dropped
+    assert agent.logs_raw(t["id"], 30, _lines(30, 10, size=100)).json() == {"acked": 39}
     lines = client.get_logs(t["id"])["lines"]
     assert [ln["seq"] for ln in lines] == list(range(11))
     assert [ln["message"] for ln in lines[:10]] == [f"{i:0100d}" for i in range(10)]
@@ -108,7 +108,7 @@ def test_the_log_quota_stores_one_marker_acks_everything_and_counts(own_server):
     assert _metric(srv, "sly_log_lines_dropped_total") == 30          # seq 10 (the marker's) .. 39
     assert _metric(srv, "sly_log_bytes_stored_total") == 1000 + len(lines[10]["message"])
     # A follower of the finished task reaches its end although nothing is stored past seq 10.
-    agent.state(t["id"], "finished", exit_code=0)
+    agent.state_raw(t["id"], "finished", exit_code=0)
     got, done = [], threading.Event()
     threading.Thread(target=_follow, args=(srv, t["id"], got, done), daemon=True).start()
     assert done.wait(20) and len(got) == 11
@@ -123,7 +123,7 @@ def _project(client, *blobs: bytes) -> tuple[dict, list[str]]:
 
 def test_an_agent_reads_only_the_blobs_of_its_own_tasks(own_server):
     srv, client, node_a = own_server(name="node-a")
-    from tests.server.conftest import FakeAgent
+    from tests.support.fake_agent import FakeAgent
     b = client.create_agent("node-b")
     node_b = FakeAgent(srv.url, b["token"], b["id"])
     project, (item,) = _project(client, b"item of A's project")
@@ -146,8 +146,8 @@ def test_an_agent_reads_only_the_blobs_of_its_own_tasks(own_server):
     assert node_b.s.put(url + out_sha, data=out).json()["created"] is False
     assert node_b.s.get(url + out_sha).content == out
     # Once A's task is over, its inputs are not A's to read any more; the user reads everything.
-    node_a.state(t["id"], "running")
-    node_a.state(t["id"], "finished", exit_code=0)
+    node_a.state_raw(t["id"], "running")
+    node_a.state_raw(t["id"], "finished", exit_code=0)
     assert node_a.s.get(url + item).status_code == 404
     assert client.download_blob(item) == b"item of A's project"
 
@@ -164,10 +164,10 @@ def test_unreferenced_blobs_and_partial_uploads_are_collected_after_the_grace(ow
         {"path": "w.bin", "sha256": model_file, "size": 14}]}).raise_for_status()
     t = client.create_task(agent.id, "custom", image="x:1")
     agent.poll()
-    agent.state(t["id"], "running")
+    agent.state_raw(t["id"], "running")
     artifact = hashlib.sha256(b"an artifact").hexdigest()
     agent.s.put(f"{srv.url}/agent/v1/blobs/{artifact}", data=b"an artifact").raise_for_status()
-    r = agent.post(f"/agent/v1/tasks/{t['id']}/results", json={"kind": "artifacts", "files": [
+    r = agent.post_raw(f"/agent/v1/tasks/{t['id']}/results", json={"kind": "artifacts", "files": [
         {"path": "out/a.txt", "sha256": artifact, "size": 11}]})
     assert r.status_code == 200, r.text
     orphan = client.upload_bytes(b"uploaded, never referenced")

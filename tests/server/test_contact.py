@@ -180,16 +180,16 @@ def test_shown_holds_what_is_pending_and_what_a_flush_is_writing_and_nothing_onc
 
 def test_a_rotated_token_and_a_removed_agent_are_refused_at_once(server, client, make_agent):
     agent = make_agent("cached")
-    assert agent.post(endpoints.TELEMETRY, json=sample(1.0)).status_code == 200   # its row is kept now
-    assert agent.post(endpoints.TELEMETRY, json=sample(2.0)).status_code == 200
+    assert agent.post_raw(endpoints.TELEMETRY, json=sample(1.0)).status_code == 200   # its row is kept now
+    assert agent.post_raw(endpoints.TELEMETRY, json=sample(2.0)).status_code == 200
     r = client.session.post(f"{server.url}/api/v1/agents/{agent.id}/token")
     assert r.status_code == 200
-    assert agent.post(endpoints.TELEMETRY, json=sample(3.0)).status_code == 401   # the kept row was dropped
+    assert agent.post_raw(endpoints.TELEMETRY, json=sample(3.0)).status_code == 401   # the kept row was dropped
     agent.s.headers["x-token"] = r.json()["token"]
-    assert agent.post(endpoints.TELEMETRY, json=sample(4.0)).status_code == 200
+    assert agent.post_raw(endpoints.TELEMETRY, json=sample(4.0)).status_code == 200
     assert client.get_agent(agent.id)["telemetry"]["cpu"] == {"percent": 4.0}
     assert client.session.delete(f"{server.url}/api/v1/agents/{agent.id}").status_code == 200
-    assert agent.post(endpoints.TELEMETRY, json=sample(5.0)).status_code == 401
+    assert agent.post_raw(endpoints.TELEMETRY, json=sample(5.0)).status_code == 401
 
 
 def test_a_renamed_agent_is_told_at_its_next_poll(server, client, make_agent):

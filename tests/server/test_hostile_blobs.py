@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from tests.server.conftest import FakeAgent
+from tests.support.fake_agent import FakeAgent
 
 
 def _sha(data: bytes) -> str:
@@ -28,7 +28,7 @@ def _head(agent: FakeAgent, sha: str) -> int:
 def _running_task(client, agent: FakeAgent, ttype="custom", **kw) -> int:
     tid = client.create_task(agent.id, ttype, image="x:1", **kw)["id"]
     agent.poll()
-    assert agent.state(tid, "running").status_code == 200
+    assert agent.state_raw(tid, "running").status_code == 200
     return tid
 
 
@@ -72,8 +72,8 @@ def test_results_name_only_blobs_the_node_may_read_and_a_forbidden_one_is_answer
         {"kind": "project", "datasets": [{"name": "ds", "items": [{"name": "a.jpg", "sha256": "{h}", "size": 3}]}]},
     ]
     for body in bodies:
-        forbidden = agent.post(url, json=_fill(body, sha))
-        missing = agent.post(url, json=_fill(body, never))
+        forbidden = agent.post_raw(url, json=_fill(body, sha))
+        missing = agent.post_raw(url, json=_fill(body, never))
         assert forbidden.status_code == 400 and forbidden.json()["error"] == "missing_blobs", forbidden.text
         assert forbidden.json()["missing"] == [sha]
         assert str(len(secret)) not in forbidden.json()["detail"]
@@ -90,12 +90,12 @@ def test_another_nodes_results_stay_out_of_reach(client, make_agent):
     data = b"owner's result"
     sha = _sha(data)
     assert _put(owner, sha, data).status_code == 200
-    r = owner.post(f"/agent/v1/tasks/{mine}/results",
-                   json={"kind": "artifacts", "files": [{"path": "out.txt", "sha256": sha, "size": len(data)}]})
+    r = owner.post_raw(f"/agent/v1/tasks/{mine}/results",
+                       json={"kind": "artifacts", "files": [{"path": "out.txt", "sha256": sha, "size": len(data)}]})
     assert r.status_code == 200, r.text
     theirs = _running_task(client, other)
-    r = other.post(f"/agent/v1/tasks/{theirs}/results",
-                   json={"kind": "artifacts", "files": [{"path": "stolen.txt", "sha256": sha, "size": len(data)}]})
+    r = other.post_raw(f"/agent/v1/tasks/{theirs}/results",
+                       json={"kind": "artifacts", "files": [{"path": "stolen.txt", "sha256": sha, "size": len(data)}]})
     assert r.status_code == 400 and r.json()["error"] == "missing_blobs"
     assert _get(other, sha) == 404 and _get(owner, sha) == 200
 
@@ -107,13 +107,13 @@ def test_results_may_name_the_blobs_of_the_tasks_inputs_and_of_the_nodes_earlier
     model = client.create_model("in", [{"path": "w.bin", "sha256": w, "size": 13}])
     tid = _running_task(client, agent, "train", project_id=project["id"], model_id=model["id"])
     url = f"/agent/v1/tasks/{tid}/results"
-    r = agent.post(url, json={"kind": "artifacts", "files": [{"path": "copy/a.jpg", "sha256": img, "size": 11},
+    r = agent.post_raw(url, json={"kind": "artifacts", "files": [{"path": "copy/a.jpg", "sha256": img, "size": 11},
                                                              {"path": "copy/w.bin", "sha256": w, "size": 13}]})
     assert r.status_code == 200, r.text
-    r = agent.post(url, json={"kind": "model", "files": [{"path": "w.bin", "sha256": w, "size": 13}]})
+    r = agent.post_raw(url, json={"kind": "model", "files": [{"path": "w.bin", "sha256": w, "size": 13}]})
     assert r.status_code == 200, r.text
     # A readable blob's size is no secret to the node (HEAD says it): a wrong one is told as before.
-    r = agent.post(url, json={"kind": "artifacts", "files": [{"path": "b.jpg", "sha256": img, "size": 1}]})
+    r = agent.post_raw(url, json={"kind": "artifacts", "files": [{"path": "b.jpg", "sha256": img, "size": 1}]})
     assert r.status_code == 400 and r.json()["error"] == "size_mismatch"
 
 

@@ -27,7 +27,7 @@ from server.telemetry import service as telemetry
 from server.agents.contact import Contacts
 from server.settings import Settings
 from server.http.strict import INT64_MAX, INT64_MIN
-from tests.server.conftest import FakeAgent
+from tests.support.fake_agent import FakeAgent
 from tests.server.test_contact import add_agents, sample
 
 EXTREMES = [1e300, -1e300, 2 ** 31, 2 ** 63, 1e-308]
@@ -192,7 +192,7 @@ def test_an_outage_while_isolating_keeps_what_is_not_written(engine, monkeypatch
 
 def test_a_disk_ratio_that_overflows_is_not_a_500(server, make_agent, client):
     agent = make_agent("overflowing-disk")
-    r = agent.post(endpoints.TELEMETRY, json={"cpu": 3.0, "disks": [{"path": "/", "used": 1e308, "total": 1e-308}]})
+    r = agent.post_raw(endpoints.TELEMETRY, json={"cpu": 3.0, "disks": [{"path": "/", "used": 1e308, "total": 1e-308}]})
     assert r.status_code == 200, r.text
     t = client.get_agent(agent.id)["telemetry"]
     assert t["cpu"] == {"percent": 3.0} and t["disks"] == [{"path": "/", "total": 0}]   # no used, no percent
@@ -210,7 +210,7 @@ def test_state_numbers_out_of_their_column_are_refused(server, client, make_agen
     agent = make_agent("state-numbers")
     tid = client.create_task(agent.id, "custom", image="img")["id"]
     agent.poll(free_slots=1)
-    r = agent.state(tid, **body)
+    r = agent.state_raw(tid, **body)
     assert r.status_code == 400 and r.json()["error"] == "invalid_request" and field in r.json()["detail"], r.text
     assert client.get_task(tid)["exit_code"] is None
 
@@ -218,7 +218,7 @@ def test_state_numbers_out_of_their_column_are_refused(server, client, make_agen
 @pytest.mark.parametrize("body", [{"running": [2 ** 31]}, {"free_gpus": [-1]}, {"free_gpus": [2 ** 40]}])
 def test_poll_numbers_out_of_range_are_refused(make_agent, body):
     agent = make_agent("poll-numbers")
-    r = agent.post("/agent/v1/poll?wait=0", json=body)
+    r = agent.post_raw("/agent/v1/poll?wait=0", json=body)
     assert r.status_code == 400 and r.json()["error"] == "invalid_request", r.text
 
 
@@ -309,7 +309,7 @@ def test_extreme_numbers_in_every_agent_operation_hurt_no_other_node(tmp_path):
             node = FakeAgent(srv.url, a["token"], a["id"])
             tid = client.create_task(node.id, "custom", image="img")["id"]
             assert [t["id"] for t in node.poll(free_slots=1)["tasks"]] == [tid]
-            assert node.state(tid, "running").status_code == 200
+            assert node.state_raw(tid, "running").status_code == 200
             nodes[name] = (node, tid)
         healthy, healthy_task = nodes["healthy"]
         hostile, hostile_task = nodes["hostile"]
@@ -318,7 +318,7 @@ def test_extreme_numbers_in_every_agent_operation_hurt_no_other_node(tmp_path):
             h, x = (FakeAgent(srv.url, n.token, n.id) for n in (healthy, hostile))
             while not stop.is_set():
                 h.poll(free_slots=0, running=[healthy_task])
-                h.post(endpoints.TELEMETRY, json=sample(1.0))
+                h.post_raw(endpoints.TELEMETRY, json=sample(1.0))
                 x.poll(free_slots=0, running=[hostile_task])   # contact, but no newer sample
                 stop.wait(0.3)
         alive = threading.Thread(target=keep_alive, daemon=True)
@@ -354,7 +354,7 @@ def test_extreme_numbers_in_every_agent_operation_hurt_no_other_node(tmp_path):
         # The bodies reached the routes' logic (a poll's numbers are all ints of int4: every extreme is refused).
         assert set(accepted) == {t for _, t in ops} and all(n for t, n in accepted.items() if t != endpoints.POLL), accepted
         # The hostile node's newest word is the worst one, and it says nothing after it.
-        assert hostile.post(endpoints.TELEMETRY, json={"memory": {"used": 1e300, "total": 1e300},
+        assert hostile.post_raw(endpoints.TELEMETRY, json={"memory": {"used": 1e300, "total": 1e300},
                                                        "free_slots": 3_000_000_000}).status_code == 200
         time.sleep(2.5 * lease_s)            # past the lease: a failing batch would have lost the task by now
         assert client.get_task(healthy_task)["state"] == "running"

@@ -18,7 +18,7 @@ from sqlalchemy import inspect
 from server import db
 from server.db import migrate
 from server.auth.service import hash_token
-from tests.server.conftest import FakeAgent
+from tests.support.fake_agent import FakeAgent
 from tests.support.server import ServerProcess
 
 PRE_ALEMBIC_SQL = Path(__file__).parent / "data" / "pre_alembic_schema.sql"
@@ -156,8 +156,8 @@ def test_server_adopts_a_pre_migration_database_and_keeps_its_data(tmp_path):
 
         agent = FakeAgent(srv.url, token, 1)                       # the stored token hash still works
         assert agent.poll(free_slots=1, running=[7])["tasks"] == []
-        assert agent.logs(7, 3, [{"message": "new line"}]).json() == {"acked": 3}
-        assert agent.post("/agent/v1/telemetry", json={"cpu": 12.5}).status_code == 200
+        assert agent.logs_raw(7, 3, [{"message": "new line"}]).json() == {"acked": 3}
+        assert agent.post_raw("/agent/v1/telemetry", json={"cpu": 12.5}).status_code == 200
         assert [p["cpu"] for p in admin.get(srv.url + "/api/v1/agents/1/telemetry", timeout=10).json()["items"]] == [12.5]
         new_task = admin.post(srv.url + "/api/v1/tasks", json={"agent_id": 1, "type": "custom", "image": "x"},
                               timeout=10).json()

@@ -52,23 +52,23 @@ def test_task_flow_end_to_end(client, make_agent):
     assert client.get_task(task["id"])["state"] == "assigned"
 
     tid = task["id"]
-    assert agent.state(tid, "preparing").status_code == 200
-    assert agent.state(tid, "running").status_code == 200
-    r = agent.state(tid, "preparing")           # running -> preparing is not an edge
+    assert agent.state_raw(tid, "preparing").status_code == 200
+    assert agent.state_raw(tid, "running").status_code == 200
+    r = agent.state_raw(tid, "preparing")           # running -> preparing is not an edge
     assert r.status_code == 409 and r.json()["error"] == "illegal_transition"
-    r = agent.state(tid, "running", progress={"current": 5, "total": 10})  # same state: progress update
+    r = agent.state_raw(tid, "running", progress={"current": 5, "total": 10})  # same state: progress update
     assert r.status_code == 200 and client.get_task(tid)["progress"] == {"current": 5, "total": 10}
 
     # logs: in order, a duplicate resend, an out-of-order batch after a gap, then the gap filled
-    assert agent.logs(tid, 0, _lines(0, 5)).json() == {"acked": 4}
-    assert agent.logs(tid, 0, _lines(0, 5)).json() == {"acked": 4}
-    assert agent.logs(tid, 8, _lines(8, 12)).json() == {"acked": 4}
+    assert agent.logs_raw(tid, 0, _lines(0, 5)).json() == {"acked": 4}
+    assert agent.logs_raw(tid, 0, _lines(0, 5)).json() == {"acked": 4}
+    assert agent.logs_raw(tid, 8, _lines(8, 12)).json() == {"acked": 4}
     assert [ln["seq"] for ln in client.get_logs(tid)["lines"]] == [0, 1, 2, 3, 4]   # never past the gap
-    assert agent.logs(tid, 3, _lines(3, 8)).json() == {"acked": 11}
+    assert agent.logs_raw(tid, 3, _lines(3, 8)).json() == {"acked": 11}
     metrics_line = {"message": "m", "event_type": "EventType.METRICS", "type": "train", "epoch": 1,
                     "metrics": {"loss": 0.5}}
-    assert agent.logs(tid, 12, [metrics_line]).json() == {"acked": 12}
-    assert agent.logs(tid, 12, [metrics_line]).json() == {"acked": 12}
+    assert agent.logs_raw(tid, 12, [metrics_line]).json() == {"acked": 12}
+    assert agent.logs_raw(tid, 12, [metrics_line]).json() == {"acked": 12}
     lines = list(client.iter_logs(tid, follow=False))
     assert [ln["seq"] for ln in lines] == list(range(13))
     assert [ln["message"] for ln in lines[:12]] == [f"line {i}" for i in range(12)]
@@ -79,15 +79,15 @@ def test_task_flow_end_to_end(client, make_agent):
 
     # results: a model, then artifacts twice (a checkpoint replaced by a newer one)
     out = _upload(agent, b"trained weights")
-    assert agent.state(tid, "uploading").status_code == 200
-    r = agent.post(f"/agent/v1/tasks/{tid}/results", json={"kind": "model", "name": "trained",
+    assert agent.state_raw(tid, "uploading").status_code == 200
+    r = agent.post_raw(f"/agent/v1/tasks/{tid}/results", json={"kind": "model", "name": "trained",
                                                            "files": [{"path": "model/w.bin", "sha256": out, "size": 15}]})
     assert r.status_code == 200, r.text
     ck1, ck2 = _upload(agent, b"ck1"), _upload(agent, b"ck2")
     for ck in (ck1, ck2):
-        r = agent.post(f"/agent/v1/tasks/{tid}/results", json={"kind": "artifacts", "files": [{"path": "ck/best.pt", "sha256": ck, "size": 3}]})
+        r = agent.post_raw(f"/agent/v1/tasks/{tid}/results", json={"kind": "artifacts", "files": [{"path": "ck/best.pt", "sha256": ck, "size": 3}]})
         assert r.status_code == 200
-    assert agent.state(tid, "finished", exit_code=0).status_code == 200
+    assert agent.state_raw(tid, "finished", exit_code=0).status_code == 200
     done = client.get_task(tid)
     assert done["state"] == "finished" and done["exit_code"] == 0
     assert [s["state"] for s in done["timeline"]] == ["queued", "assigned", "preparing", "running", "uploading", "finished"]
@@ -98,7 +98,7 @@ def test_task_flow_end_to_end(client, make_agent):
     assert list(client.task_artifacts(tid)) == [{"path": "ck/best.pt", "sha256": ck2, "size": 3}]
     assert done["results"] == {"model_id": new_model["id"], "artifacts_count": 1, "artifacts_bytes": 3,
                                "result_files": 2, "result_bytes": 18}
-    r = agent.state(tid, "running")
+    r = agent.state_raw(tid, "running")
     assert r.status_code == 409 and r.json()["error"] == "illegal_transition"   # finished -> running
 
 
@@ -107,8 +107,8 @@ def test_project_results_and_inference_files(client, make_agent):
     t = client.create_task(agent.id, "inference", image="x:1")
     agent.poll()
     sha = _upload(agent, b"pred")
-    agent.state(t["id"], "running")
-    r = agent.post(f"/agent/v1/tasks/{t['id']}/results", json={"kind": "project", "name": "preds",
+    agent.state_raw(t["id"], "running")
+    r = agent.post_raw(f"/agent/v1/tasks/{t['id']}/results", json={"kind": "project", "name": "preds",
                                                                "files": [{"path": "ds/a.json", "sha256": sha, "size": 4}]})
     assert r.status_code == 200, r.text
     p = client.get_project(r.json()["results"]["project_id"])
@@ -161,7 +161,7 @@ def test_long_poll_woken_by_new_task_and_stop(server, client, make_agent):
     assert [t["id"] for t in r1["answer"]["tasks"]] == [task["id"]]
     assert r1["t_end"] - t_create < 1.0          # sanity bound only; bench/bench_server.py measures it
 
-    agent.state(task["id"], "running")
+    agent.state_raw(task["id"], "running")
     r2: dict = {}
     th = threading.Thread(target=_waiting_poll, args=(agent, r2), kwargs={"running": [task["id"]]})
     th.start()
@@ -173,7 +173,7 @@ def test_long_poll_woken_by_new_task_and_stop(server, client, make_agent):
     assert r2["t_end"] - t_stop < 1.0
     # the stop is repeated until the task is final
     assert agent.poll(running=[task["id"]])["stop"] == [task["id"]]
-    assert agent.state(task["id"], "stopped").status_code == 200
+    assert agent.state_raw(task["id"], "stopped").status_code == 200
     assert agent.poll(running=[])["stop"] == []
 
 
@@ -202,14 +202,14 @@ def test_stop_queued_and_slots_gpus_rehand(client, make_agent):
     # a restarted agent (nothing running) gets `a` back at once, and b fills the other slot
     again = agent.poll(free_slots=2, free_gpus=[0, 1], running=[])
     assert [t["id"] for t in again["tasks"]] == [a["id"], big["id"]]
-    agent.state(a["id"], "running")
+    agent.state_raw(a["id"], "running")
     third = agent.poll(free_slots=2, running=[a["id"], big["id"]])
     assert [t["id"] for t in third["tasks"]] == [b["id"]]
     # running a, but the agent lost it: handed out again as assigned, and may go straight to running
     agent.poll(free_slots=0, running=[big["id"], b["id"]])
     r = agent.poll(free_slots=1, running=[big["id"], b["id"]])
     assert [t["id"] for t in r["tasks"]] == [a["id"]] and client.get_task(a["id"])["state"] == "assigned"
-    assert agent.state(a["id"], "running").status_code == 200
+    assert agent.state_raw(a["id"], "running").status_code == 200
 
 
 def test_auth_and_ownership_errors(server, client, make_agent):
@@ -228,15 +228,15 @@ def test_auth_and_ownership_errors(server, client, make_agent):
     assert r.status_code == 401 and r.json()["error"] == "unauthorized"
     assert requests.get(f"{server.url}/api/v1/agents", headers={"Authorization": "Bearer nope"}).status_code == 401
     assert requests.get(f"{server.url}/api/v1/agents").status_code == 401
-    r = a2.state(t["id"], "running")
+    r = a2.state_raw(t["id"], "running")
     assert r.status_code == 404 and r.json()["error"] == "task_not_found"
-    assert a2.logs(t["id"], 0, _lines(0, 1)).status_code == 404
+    assert a2.logs_raw(t["id"], 0, _lines(0, 1)).status_code == 404
     # rotation: the old token stops working at once
     new = client.rotate_token(a2.id)
     assert new["token"] != a2.token and new["token"] in new["run_command"]["run_sh"]
     # ... and only as ACCESS_TOKEN: no path names it (task containers see the storage path)
     assert new["run_command"]["docker"].count(new["token"]) == 1 and f"ACCESS_TOKEN={new['token']}" in new["run_command"]["docker"]
-    assert a2.post("/agent/v1/poll", json={}).status_code == 401
+    assert a2.post_raw("/agent/v1/poll", json={}).status_code == 401
 
 
 @pytest.mark.parametrize("bad", ["../x", "/etc/passwd", "a\\b", "a\x00b", "", "a/../../b", "./a"])
@@ -251,7 +251,7 @@ def test_path_like_names_rejected(server, client, make_agent, bad):
     assert r.status_code == 400 and r.json()["error"] in ("bad_name", "nul_character")
     t = client.create_task(agent.id, "custom", image="x:1")
     agent.poll()
-    r = agent.post(f"/agent/v1/tasks/{t['id']}/results", json={"kind": "artifacts", "files": [{"path": bad, "sha256": sha, "size": 4}]})
+    r = agent.post_raw(f"/agent/v1/tasks/{t['id']}/results", json={"kind": "artifacts", "files": [{"path": bad, "sha256": sha, "size": 4}]})
     assert r.status_code == 400 and r.json()["error"] in ("bad_name", "nul_character")
     assert client.get_task(t["id"])["results"]["artifacts_count"] == 0     # nothing half-written
     assert list(client.task_artifacts(t["id"])) == []
@@ -262,7 +262,7 @@ def test_bad_bodies_are_json_errors(server, client, make_agent):
     t = client.create_task(agent.id, "custom", image="x:1")
     r = client.session.post(f"{server.url}/api/v1/agents", data=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.json()["error"] == "malformed_json"
-    r = agent.post(f"/agent/v1/tasks/{t['id']}/logs", data=b"{oops", headers={"content-type": "application/json"})
+    r = agent.post_raw(f"/agent/v1/tasks/{t['id']}/logs", data=b"{oops", headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.json()["error"] == "malformed_json"
     r = client.session.post(f"{server.url}/api/v1/agents", json={"name": "x" * 2_000_000})
     assert r.status_code == 413 and r.json()["error"] == "body_too_large"
@@ -276,8 +276,8 @@ def test_bad_bodies_are_json_errors(server, client, make_agent):
     assert r.status_code == 405 and r.json()["error"] == "method_not_allowed"
     # logs may be large (32 MiB) and gzip-compressed
     big = {"first_seq": 0, "lines": [{"message": "x" * 1000} for _ in range(3000)]}
-    r = agent.post(f"/agent/v1/tasks/{t['id']}/logs", data=gzip.compress(json.dumps(big).encode()),
-                   headers={"content-type": "application/json", "content-encoding": "gzip"})
+    r = agent.post_raw(f"/agent/v1/tasks/{t['id']}/logs", data=gzip.compress(json.dumps(big).encode()),
+                       headers={"content-type": "application/json", "content-encoding": "gzip"})
     assert r.status_code == 200 and r.json() == {"acked": 2999}
 
 
@@ -285,22 +285,22 @@ def test_lease_expiry_makes_task_lost(own_server):
     srv, c, agent = own_server("--lease-s", "1", "--offline-after-s", "1", name="silent")
     t = c.create_task(agent.id, "custom", image="x:1")
     agent.poll()
-    agent.state(t["id"], "running")
+    agent.state_raw(t["id"], "running")
     assert c.get_agent(agent.id)["status"] == "online"
     lost = c.wait_task(t["id"], {"lost"}, timeout=15)
     poll_for(lambda: c.get_agent(agent.id)["status"] == "offline", what="agent offline")
     assert "silent" in lost["error"] and lost["timeline"][-1]["state"] == "lost"
     # the agent comes back still running it: it is told to stop, and cannot revive it
     assert agent.poll(running=[t["id"]])["stop"] == [t["id"]]
-    assert agent.state(t["id"], "running").status_code == 409
+    assert agent.state_raw(t["id"], "running").status_code == 409
 
 
 def test_sse_follow_delivers_lines_live(client, make_agent):
     agent = make_agent()
     t = client.create_task(agent.id, "custom", image="x:1")
     agent.poll()
-    agent.state(t["id"], "running")
-    agent.logs(t["id"], 0, _lines(0, 2))
+    agent.state_raw(t["id"], "running")
+    agent.logs_raw(t["id"], 0, _lines(0, 2))
     got: list = []
     done = threading.Event()
 
@@ -311,20 +311,20 @@ def test_sse_follow_delivers_lines_live(client, make_agent):
     th = threading.Thread(target=follow, daemon=True)
     th.start()
     poll_for(lambda: len(got) == 2, what="first lines")
-    agent.logs(t["id"], 2, _lines(2, 5))
+    agent.logs_raw(t["id"], 2, _lines(2, 5))
     poll_for(lambda: len(got) == 5, what="live lines")
     assert not done.is_set()                       # the task is still running: the stream stays open
-    agent.state(t["id"], "finished", exit_code=0)
+    agent.state_raw(t["id"], "finished", exit_code=0)
     assert done.wait(10)
     assert [ln["seq"] for ln in got] == [0, 1, 2, 3, 4]
 
 
 def test_telemetry_status_session_and_metrics(server, client, make_agent):
     agent = make_agent("tele")
-    r = agent.post("/agent/v1/connect", json={"hostname": "h1", "cpus": 4})
+    r = agent.post_raw("/agent/v1/connect", json={"hostname": "h1", "cpus": 4})
     assert r.status_code == 200 and r.json()["agent"]["id"] == agent.id
     for i in range(3):
-        assert agent.post("/agent/v1/telemetry", json={"cpu": i}).status_code == 200
+        assert agent.post_raw("/agent/v1/telemetry", json={"cpu": i}).status_code == 200
     a = client.get_agent(agent.id)
     assert a["status"] == "online" and a["telemetry"]["cpu"] == {"percent": 2} and a["system_info"]["hostname"] == "h1"
     hist = client.agent_telemetry(agent.id)
@@ -351,9 +351,9 @@ def test_telemetry_status_session_and_metrics(server, client, make_agent):
 def test_no_agent_token_on_disk(own_server):
     server, client, agent = own_server(name="secret")
     t = client.create_task(agent.id, "custom", image="x:1")
-    agent.post("/agent/v1/connect", json={"hostname": "h"})
+    agent.post_raw("/agent/v1/connect", json={"hostname": "h"})
     agent.poll()
-    agent.logs(t["id"], 0, _lines(0, 3))
+    agent.logs_raw(t["id"], 0, _lines(0, 3))
     rotated = client.rotate_token(agent.id)["token"]
     files = [p for p in server.data_dir.rglob("*") if p.is_file()] + [server.log_path]
     assert any(p.name == "server.db" for p in files)
@@ -366,8 +366,8 @@ def test_restart_gives_agents_a_full_lease_and_keeps_data(own_server):
     srv, c, agent = own_server("--lease-s", "2")
     t = c.create_task(agent.id, "custom", image="x:1")
     agent.poll()
-    agent.state(t["id"], "running")
-    agent.logs(t["id"], 0, _lines(0, 3))
+    agent.state_raw(t["id"], "running")
+    agent.logs_raw(t["id"], 0, _lines(0, 3))
     srv.stop()
     time.sleep(2.5)          # the server is down longer than the lease
     srv.start()
@@ -375,26 +375,26 @@ def test_restart_gives_agents_a_full_lease_and_keeps_data(own_server):
     assert c.get_task(t["id"])["state"] == "running"
     assert agent.poll(running=[t["id"]])["tasks"] == []
     assert [ln["seq"] for ln in c.get_logs(t["id"])["lines"]] == [0, 1, 2]
-    assert agent.logs(t["id"], 2, _lines(2, 4)).json() == {"acked": 3}
+    assert agent.logs_raw(t["id"], 2, _lines(2, 4)).json() == {"acked": 3}
 
 
 def test_results_posted_again_after_an_agent_restart_make_no_second_model_or_project(client, make_agent):
     agent = make_agent()
     t = client.create_task(agent.id, "train", image="x:1")
     agent.poll()
-    agent.state(t["id"], "running")
+    agent.state_raw(t["id"], "running")
     w1, w2 = _upload(agent, b"weights v1"), _upload(agent, b"weights v2")
     body = {"kind": "model", "name": "m", "files": [{"path": "w.bin", "sha256": w1, "size": 10}]}
-    first = agent.post(f"/agent/v1/tasks/{t['id']}/results", json=body).json()["results"]["model_id"]
-    again = agent.post(f"/agent/v1/tasks/{t['id']}/results", json=body).json()["results"]["model_id"]
+    first = agent.post_raw(f"/agent/v1/tasks/{t['id']}/results", json=body).json()["results"]["model_id"]
+    again = agent.post_raw(f"/agent/v1/tasks/{t['id']}/results", json=body).json()["results"]["model_id"]
     assert again == first
     models_before = len(client.list_models())
     body["files"][0]["sha256"] = w2          # different files: a new model, which becomes the task's
-    other = agent.post(f"/agent/v1/tasks/{t['id']}/results", json=body).json()["results"]["model_id"]
+    other = agent.post_raw(f"/agent/v1/tasks/{t['id']}/results", json=body).json()["results"]["model_id"]
     assert other != first and len(client.list_models()) == models_before + 1
     proj = {"kind": "project", "name": "p", "files": [{"path": "ds/a.json", "sha256": w1, "size": 10}]}
-    p1 = agent.post(f"/agent/v1/tasks/{t['id']}/results", json=proj).json()["results"]["project_id"]
-    p2 = agent.post(f"/agent/v1/tasks/{t['id']}/results", json=proj).json()["results"]["project_id"]
+    p1 = agent.post_raw(f"/agent/v1/tasks/{t['id']}/results", json=proj).json()["results"]["project_id"]
+    p2 = agent.post_raw(f"/agent/v1/tasks/{t['id']}/results", json=proj).json()["results"]["project_id"]
     assert p1 == p2
 
 
@@ -402,7 +402,7 @@ def test_console_sessions_and_telemetry_history_survive_a_restart(own_server):
     from sqlalchemy import create_engine, text
     srv, client, agent = own_server("--telemetry-min-gap-s", "0")
     for i in range(5):
-        assert agent.post("/agent/v1/telemetry", json={"cpu": i}).status_code == 200
+        assert agent.post_raw("/agent/v1/telemetry", json={"cpu": i}).status_code == 200
     console = requests.Session()
     console.headers["Origin"] = srv.url
     assert console.post(f"{srv.url}/api/v1/session", json={"token": srv.admin_token}).status_code == 200

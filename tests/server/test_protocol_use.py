@@ -58,7 +58,7 @@ def test_every_stored_and_shown_state_is_a_protocol_state(server, client, make_a
     client.stop_task(client.create_task(agent.id, "custom", image="img")["id"])
     agent.poll(free_slots=1)
     for st in ("preparing", "running", "uploading", "finished"):
-        assert agent.state(done, st).status_code == 200
+        assert agent.state_raw(done, st).status_code == 200
     values = {s.value for s in states.TaskState}
     shown = client.list_tasks(agent_id=agent.id)
     assert {t["state"] for t in shown} == {"finished", "stopped"}
@@ -74,7 +74,7 @@ def test_every_stored_and_shown_state_is_a_protocol_state(server, client, make_a
 def test_server_errors_decode_with_protocol_errors(server, make_agent):
     agent = make_agent("errors")
     path = endpoints.path(endpoints.TASK_STATE, task_id=999999)
-    r = agent.post(path, json={"state": "running"})
+    r = agent.post_raw(path, json={"state": "running"})
     e = errors.decode_error(r.status_code, r.content, method="POST", path=path)
     assert (e.status, e.code) == (404, "task_not_found") and "999999" in e.detail
     r = requests.post(server.url + endpoints.POLL, json={}, timeout=10)

@@ -9,7 +9,7 @@ from protocol import endpoints
 
 
 def _release(agent, task_id: int):
-    return agent.post(endpoints.path(endpoints.TASK_RELEASE, task_id=task_id))
+    return agent.post_raw(endpoints.path(endpoints.TASK_RELEASE, task_id=task_id))
 
 
 def _lease_until(server, task_id: int):
@@ -51,12 +51,12 @@ def test_only_the_leasing_agent_may_release_and_only_while_assigned(client, make
     assert r.status_code == 404 and r.json()["error"] == "task_not_found"
     assert client.get_task(tid)["state"] == "assigned"
 
-    assert owner.state(tid, "preparing").status_code == 200
+    assert owner.state_raw(tid, "preparing").status_code == 200
     r = _release(owner, tid)
     assert r.status_code == 409 and r.json()["error"] == "illegal_transition"
     assert client.get_task(tid)["state"] == "preparing"
 
-    assert owner.state(tid, "failed", error="boom").status_code == 200
+    assert owner.state_raw(tid, "failed", error="boom").status_code == 200
     r = _release(owner, tid)
     assert r.status_code == 409 and r.json()["error"] == "task_final"
 

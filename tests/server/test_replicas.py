@@ -16,7 +16,7 @@ import pytest
 import requests
 
 from client import UserClient
-from tests.server.conftest import FakeAgent
+from tests.support.fake_agent import FakeAgent
 from tests.support.procs import poll_for
 from protocol.logline import MAX_LINE
 from tests.support.server import ServerProcess
@@ -92,8 +92,8 @@ class Background:
 
 
 def _raw_poll(agent: FakeAgent, wait: float, running=()) -> requests.Response:
-    return agent.post(f"/agent/v1/poll?wait={wait}", json={"free_slots": 2, "free_gpus": [], "running": list(running)},
-                      timeout=wait + 10)
+    return agent.post_raw(f"/agent/v1/poll?wait={wait}",
+                          json={"free_slots": 2, "free_gpus": [], "running": list(running)}, timeout=wait + 10)
 
 
 def _wait_poll_open(client: UserClient, agent_id: int, n: int = 1):
@@ -123,7 +123,7 @@ def test_stop_on_a_reaches_the_node_polling_on_b(replicas):
     ca, _, on_b = _agent(a, b)
     task = ca.create_task(on_b.id, "custom", "busybox:latest")
     assert [t["id"] for t in on_b.poll()["tasks"]] == [task["id"]]
-    assert on_b.state(task["id"], "preparing").status_code == 200
+    assert on_b.state_raw(task["id"], "preparing").status_code == 200
     poll = Background(on_b.poll, wait=20, running=[task["id"]])
     _wait_poll_open(ca, on_b.id)
     t0 = time.monotonic()
@@ -151,16 +151,16 @@ def test_a_follower_on_a_sees_lines_posted_to_b(replicas):
         for line in ca.iter_logs(task["id"], follow=True, timeout=30):
             seen.append((line["seq"], time.monotonic()))
     follower = Background(follow)
-    assert on_b.logs(task["id"], 0, [{"message": "first"}]).json()["acked"] == 0
+    assert on_b.logs_raw(task["id"], 0, [{"message": "first"}]).json()["acked"] == 0
     poll_for(lambda: len(seen) == 1, timeout=10, what="the follower to get the first line")
     for seq in (1, 2):
         t0 = time.monotonic()
-        assert on_b.logs(task["id"], seq, [{"message": f"line {seq}"}]).json()["acked"] == seq
+        assert on_b.logs_raw(task["id"], seq, [{"message": f"line {seq}"}]).json()["acked"] == seq
         poll_for(lambda: len(seen) == seq + 1, timeout=10, what=f"line {seq} on A")
         took = seen[seq][1] - t0
         print(f"cross-replica log line: {took * 1000:.0f} ms")
         assert took < WAKE_S
-    assert on_b.state(task["id"], "failed", error="done").status_code == 200
+    assert on_b.state_raw(task["id"], "failed", error="done").status_code == 200
     follower.result()   # the stream on A ends when B records the final state
     assert [s for s, _ in seen] == [0, 1, 2]
 
@@ -220,13 +220,13 @@ def test_b_drops_its_kept_agent_row_when_a_rotates_the_token(replicas):
     also for the telemetry fast path, which reads nothing else."""
     a, b = replicas
     ca, _, on_b = _agent(a, b)
-    assert on_b.post("/agent/v1/telemetry", json={"cpu": 1}).status_code == 200   # B keeps the row now
+    assert on_b.post_raw("/agent/v1/telemetry", json={"cpu": 1}).status_code == 200   # B keeps the row now
     t0 = time.monotonic()
     new = ca.rotate_token(on_b.id)
-    poll_for(lambda: on_b.post("/agent/v1/telemetry", json={"cpu": 2}).status_code == 401, timeout=WAKE_S,
+    poll_for(lambda: on_b.post_raw("/agent/v1/telemetry", json={"cpu": 2}).status_code == 401, timeout=WAKE_S,
              what="B to refuse the rotated token")
     print(f"cross-replica token revocation (kept row dropped): {(time.monotonic() - t0) * 1000:.0f} ms")
-    assert FakeAgent(b.url, new["token"], on_b.id).post("/agent/v1/telemetry", json={"cpu": 3}).status_code == 200
+    assert FakeAgent(b.url, new["token"], on_b.id).post_raw("/agent/v1/telemetry", json={"cpu": 3}).status_code == 200
     poll_for(lambda: (ca.get_agent(on_b.id)["telemetry"] or {}).get("cpu") == {"percent": 3.0}, timeout=3,
              what="A to show the sample B batched")
 
@@ -284,7 +284,7 @@ def test_huge_lines_are_read_a_page_at_a_time_and_healthz_stays_fast(own_server)
         for line in client.iter_logs(task["id"], follow=True, timeout=60):
             seen.append((line["seq"], len(line["message"])))
     follower = Background(follow)
-    assert agent.logs(task["id"], 0, [{"message": "start"}]).json()["acked"] == 0
+    assert agent.logs_raw(task["id"], 0, [{"message": "start"}]).json()["acked"] == 0
     poll_for(lambda: seen == [(0, 5)], timeout=10, what="the follower to be open")
     base = _rss_kib(srv.proc.pid)
     peak = [base]
@@ -298,9 +298,9 @@ def test_huge_lines_are_read_a_page_at_a_time_and_healthz_stays_fast(own_server)
             assert requests.get(srv.url + "/healthz", timeout=5).status_code == 200
             health.append(time.monotonic() - t0)
     watcher = Background(watch)
-    r = agent.post(f"/agent/v1/tasks/{task['id']}/logs", timeout=60,
-                   data=json.dumps({"first_seq": 1, "lines": [{"message": big} for _ in range(3)]}),
-                   headers={"content-type": "application/json"})
+    r = agent.post_raw(f"/agent/v1/tasks/{task['id']}/logs", timeout=60,
+                       data=json.dumps({"first_seq": 1, "lines": [{"message": big} for _ in range(3)]}),
+                       headers={"content-type": "application/json"})
     assert r.status_code == 200 and r.json()["acked"] == 3
     poll_for(lambda: len(seen) == 4, timeout=60, what="the follower to get the three big lines")
     # A page of the log holds one such line, and says where to go on.
@@ -310,7 +310,7 @@ def test_huge_lines_are_read_a_page_at_a_time_and_healthz_stays_fast(own_server)
     watcher.result()
     assert all([ln["seq"] for ln in p["lines"]] == [1] and p["next"] == 1 for p in pages)
     assert client.get_logs(task["id"], after=2)["next"] is None
-    assert agent.state(task["id"], "failed", error="x").status_code == 200
+    assert agent.state_raw(task["id"], "failed", error="x").status_code == 200
     follower.result()
     assert seen[0] == (0, 5) and [seq for seq, _n in seen] == [0, 1, 2, 3]
     assert all(MAX_LINE < n < MAX_LINE + 200 for _seq, n in seen[1:]), seen     # cut by the server, marked

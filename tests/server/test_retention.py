@@ -30,9 +30,9 @@ def lines(n0: int, n1: int) -> list[dict]:
 def finished_task(client, agent, n_lines: int = 5, kind: str = "custom", state: str = "finished") -> dict:
     t = client.create_task(agent.id, kind, image="x:1")
     assert [x["id"] for x in agent.poll()["tasks"]] == [t["id"]]
-    agent.state(t["id"], "running")
-    agent.logs(t["id"], 0, lines(0, n_lines - 1) + [METRICS])
-    agent.state(t["id"], state, **({"exit_code": 0} if state == "finished" else {"error": "x"}))
+    agent.state_raw(t["id"], "running")
+    agent.logs_raw(t["id"], 0, lines(0, n_lines - 1) + [METRICS])
+    agent.state_raw(t["id"], state, **({"exit_code": 0} if state == "finished" else {"error": "x"}))
     return t
 
 
@@ -49,17 +49,17 @@ def test_delete_a_final_task_takes_its_log_and_metrics_and_keeps_its_model(serve
     agent = make_agent("del")
     t = client.create_task(agent.id, "train", image="x:1")
     agent.poll()
-    agent.state(t["id"], "running")
-    agent.logs(t["id"], 0, lines(0, 4) + [METRICS])
+    agent.state_raw(t["id"], "running")
+    agent.logs_raw(t["id"], 0, lines(0, 4) + [METRICS])
     blob = agent.upload(b"weights")
-    model = agent.post(f"/agent/v1/tasks/{t['id']}/results",
-                       json={"kind": "model", "name": "m", "files": [{"path": "w.bin", "sha256": blob, "size": 7}]}
-                       ).json()["results"]["model_id"]
+    model = agent.post_raw(f"/agent/v1/tasks/{t['id']}/results",
+                           json={"kind": "model", "name": "m", "files": [{"path": "w.bin", "sha256": blob, "size": 7}]}
+                           ).json()["results"]["model_id"]
     with pytest.raises(APIError) as e:                     # running: refused, nothing deleted
         client.delete_task(t["id"])
     assert e.value.status == 409 and e.value.code == "task_not_final"
     assert len(client.get_logs(t["id"])["lines"]) == 5
-    agent.state(t["id"], "finished", exit_code=0)
+    agent.state_raw(t["id"], "finished", exit_code=0)
 
     answer = client.delete_task(t["id"])
     assert answer["deleted"] == {"log_lines": 5, "metrics": 1, "artifacts": 0}
@@ -72,7 +72,7 @@ def test_delete_a_final_task_takes_its_log_and_metrics_and_keeps_its_model(serve
     with pytest.raises(APIError) as e:
         client.delete_task(t["id"])
     assert e.value.status == 404
-    assert agent.state(t["id"], "running").status_code == 404   # its agent is told it is gone
+    assert agent.state_raw(t["id"], "running").status_code == 404   # its agent is told it is gone
 
 
 def test_delete_refuses_every_unfinished_state(server, client, make_agent):
@@ -82,12 +82,12 @@ def test_delete_refuses_every_unfinished_state(server, client, make_agent):
         if state == "assigned":
             agent.poll()
         elif state == "running":
-            agent.state(queued["id"], "running")
+            agent.state_raw(queued["id"], "running")
         with pytest.raises(APIError) as e:
             client.delete_task(queued["id"])
         assert e.value.status == 409 and state in e.value.detail
     client.stop_task(queued["id"])
-    agent.state(queued["id"], "stopped")
+    agent.state_raw(queued["id"], "stopped")
     assert client.delete_task(queued["id"])["id"] == queued["id"]
 
 
@@ -116,8 +116,8 @@ def test_log_lines_of_tasks_final_longer_than_the_setting_expire(own_server):
     recent = finished_task(client, agent)
     live = client.create_task(agent.id, "custom", image="x:1")
     agent.poll(free_slots=1, running=[])
-    agent.state(live["id"], "running")
-    agent.logs(live["id"], 0, lines(0, 3))
+    agent.state_raw(live["id"], "running")
+    agent.logs_raw(live["id"], 0, lines(0, 3))
     eng = create_engine(srv.db_url)
     try:
         with eng.begin() as conn:   # backdate: `old` ended 2 days ago; `live` has run for 2 days
@@ -144,9 +144,9 @@ def test_deleting_a_node_fails_its_active_tasks_and_keeps_its_final_ones(own_ser
     done = finished_task(client, agent)
     active = client.create_task(agent.id, "custom", image="x:1")
     agent.poll()
-    agent.state(active["id"], "running")
+    agent.state_raw(active["id"], "running")
     queued = client.create_task(agent.id, "custom", image="x:1")
-    agent.post("/agent/v1/telemetry", json={"cpu": 3})
+    agent.post_raw("/agent/v1/telemetry", json={"cpu": 3})
 
     answer = client.delete_agent(agent.id)
     assert sorted(answer["failed_tasks"]) == sorted([active["id"], queued["id"]])
@@ -159,7 +159,7 @@ def test_deleting_a_node_fails_its_active_tasks_and_keeps_its_final_ones(own_ser
     with pytest.raises(APIError) as e:
         client.get_agent(agent.id)
     assert e.value.status == 404
-    assert agent.post("/agent/v1/telemetry", json={"cpu": 1}).status_code == 401
+    assert agent.post_raw("/agent/v1/telemetry", json={"cpu": 1}).status_code == 401
     eng = create_engine(srv.db_url)
     try:
         with eng.connect() as conn:

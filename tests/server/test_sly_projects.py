@@ -258,12 +258,12 @@ def test_an_annotation_over_the_size_limit_is_refused(admin, client, images):
 def _task_for_results(client, agent, ttype="inference"):
     tid = client.create_task(agent.id, ttype, image="img:1")["id"]
     agent.poll(free_slots=1)
-    assert agent.state(tid, "running").status_code == 200
+    assert agent.state_raw(tid, "running").status_code == 200
     return tid
 
 
 def _results(agent, tid, body):
-    return agent.post(endpoints.path(endpoints.TASK_RESULTS, task_id=tid), json=body)
+    return agent.post_raw(endpoints.path(endpoints.TASK_RESULTS, task_id=tid), json=body)
 
 
 def test_results_project_with_annotations_both_forms_and_idempotent(admin, client, images, make_agent):

@@ -56,7 +56,7 @@ def test_non_finite_telemetry_is_refused_and_nothing_is_stored(server, client, m
 def test_a_stored_nan_telemetry_sample_does_not_break_the_nodes_list(own_server):
     srv, client, agent = own_server("--telemetry-min-gap-s", "0")
     sample = {"cpu": {"percent": 1.0}, "disks": [{"path": "/", "used": 1, "total": 2, "percent": 50.0}]}
-    assert agent.post(endpoints.TELEMETRY, json=sample).status_code == 200
+    assert agent.post_raw(endpoints.TELEMETRY, json=sample).status_code == 200
     assert client.get_agent(agent.id)["telemetry"]["cpu"] == {"percent": 1.0}
     def written():   # the contact batch is written within --contact-flush-s (a read writes nothing)
         with _db(srv) as db:
@@ -131,7 +131,7 @@ def test_a_non_finite_number_outside_the_metric_values_refuses_the_batch(server,
 def test_stored_non_finite_log_rows_read_as_null_in_pages_stream_and_metrics(own_server):
     srv, client, agent = own_server()
     tid = _leased_task(client, agent)
-    assert agent.logs(tid, 0, [{"message": "a"}, {"message": "b"}]).status_code == 200
+    assert agent.logs_raw(tid, 0, [{"message": "a"}, {"message": "b"}]).status_code == 200
     with _db(srv) as db:     # rows of an older server: NaN in a line's extra JSON, an infinite ts and epoch
         db.execute("UPDATE log_lines SET extra = ?, ts = 9e999 WHERE task_id = ? AND seq = 1",
                    ('{"event_type": "metrics", "metrics": {"loss": NaN}}', tid))
@@ -144,8 +144,8 @@ def test_stored_non_finite_log_rows_read_as_null_in_pages_stream_and_metrics(own
     assert r.status_code == 200, r.text
     assert r.json()["items"] == [{"seq": 1, "type": "train", "epoch": None, "metrics": {"loss": None, "acc": None}}]
 
-    assert agent.state(tid, "running").status_code == 200
-    assert agent.state(tid, "finished", exit_code=0).status_code == 200
+    assert agent.state_raw(tid, "running").status_code == 200
+    assert agent.state_raw(tid, "finished", exit_code=0).status_code == 200
     with client.session.get(f"{srv.url}/api/v1/tasks/{tid}/logs?follow=1", stream=True, timeout=30) as r:
         events = [ln for ln in r.iter_lines(decode_unicode=True) if ln.startswith("data: ")]
     parsed = [json.loads(e[len("data: "):]) for e in events]      # strict JSON: NaN would not parse in a browser
@@ -279,7 +279,7 @@ def test_path_like_result_names_and_item_paths_are_refused(server, client, make_
     sha = client.upload_bytes(b"result")
     url = endpoints.path(endpoints.TASK_RESULTS, task_id=tid)
     for kind in ("model", "project"):
-        r = agent.post(url, json={"kind": kind, "name": bad, "files": [{"path": "ds/a.json", "sha256": sha, "size": 6}]})
+        r = agent.post_raw(url, json={"kind": kind, "name": bad, "files": [{"path": "ds/a.json", "sha256": sha, "size": 6}]})
         assert r.status_code == 400 and r.json()["error"] in ("bad_name", "nul_character"), r.text
     r = client.session.post(f"{server.url}/api/v1/projects", json={"name": "p", "datasets": [
         {"name": "ds", "items": [{"name": f"sub/{bad}", "sha256": sha, "size": 6}]}]})
@@ -309,7 +309,7 @@ def test_names_with_control_characters_are_refused(server, client, make_agent, b
     assert r.status_code == 400 and r.json()["error"] == "bad_name", r.text
     tid = _leased_task(client, agent)
     for kind in ("model", "artifacts"):
-        r = agent.post(endpoints.path(endpoints.TASK_RESULTS, task_id=tid), json={"kind": kind, "name": bad, "files": []})
+        r = agent.post_raw(endpoints.path(endpoints.TASK_RESULTS, task_id=tid), json={"kind": kind, "name": bad, "files": []})
         assert r.status_code == 400 and r.json()["error"] == "bad_name", r.text
 
 

@@ -12,7 +12,7 @@ from server import db
 from server.telemetry import service as telemetry
 from server.agents.contact import Contacts
 from server.settings import Settings
-from tests.server.conftest import FakeAgent
+from tests.support.fake_agent import FakeAgent
 from tests.support.procs import poll_for
 
 HOUR, DAY = 3600.0, 86400.0
@@ -132,9 +132,9 @@ def test_stored_bytes_per_sample_are_a_small_fraction_of_the_posted_sample(engin
 def test_latest_row_and_history_answer_carry_what_the_console_shows(server, client, make_agent):
     agent = make_agent("compact")
     info = {"hostname": "h", "gpus": [{"index": 0, "name": "NVIDIA H100 80GB HBM3"}]}
-    assert agent.post("/agent/v1/connect", json=info).status_code == 200
+    assert agent.post_raw("/agent/v1/connect", json=info).status_code == 200
     for _ in range(2):
-        assert agent.post("/agent/v1/telemetry", json=big_sample()).status_code == 200
+        assert agent.post_raw("/agent/v1/telemetry", json=big_sample()).status_code == 200
     a = client.get_agent(agent.id)
     t = a["telemetry"]
     assert a["system_info"] == info
@@ -155,7 +155,7 @@ def test_latest_row_and_history_answer_carry_what_the_console_shows(server, clie
     assert len(json.dumps(p)) < 200
 
     changed = dict(info, hostname="h2")                                        # a changed system info is stored
-    agent.post("/agent/v1/connect", json=changed)
+    agent.post_raw("/agent/v1/connect", json=changed)
     assert client.get_agent(agent.id)["system_info"]["hostname"] == "h2"
 
 
@@ -163,7 +163,7 @@ def test_history_is_pruned_by_the_periodic_job(own_server):
     from sqlalchemy import create_engine
     srv, client, agent = own_server("--housekeeping-s", "0.2", "--telemetry-min-gap-s", "0")
     for cpu in (1, 2, 3):
-        assert agent.post("/agent/v1/telemetry", json={"cpu": cpu}).status_code == 200
+        assert agent.post_raw("/agent/v1/telemetry", json={"cpu": cpu}).status_code == 200
     assert [p["cpu"] for p in client.agent_telemetry(agent.id)] == [1, 2, 3]
     eng = create_engine(srv.db_url)
     try:
@@ -190,8 +190,8 @@ def test_nodes_list_is_paged_summarised_and_answers_304_when_unchanged(own_serve
         agents.append(FakeAgent(srv.url, a["token"], a["id"]))
     gpus = [{"index": i, "name": "A100", "utilization": 0, "memory_total": 1, "memory_used": 0} for i in range(2)]
     for a in agents[:3]:                                 # three online with 2 GPUs each, two never seen
-        a.post("/agent/v1/connect", json={"hostname": "h", "big": "x" * 3000})
-        a.post("/agent/v1/telemetry", json={"cpu": 5, "gpus": gpus})
+        a.post_raw("/agent/v1/connect", json={"hostname": "h", "big": "x" * 3000})
+        a.post_raw("/agent/v1/telemetry", json={"cpu": 5, "gpus": gpus})
     client.create_task(agents[0].id, "custom", image="x:1", resources={"gpus": 1})
     agents[0].poll(free_slots=1, free_gpus=[0, 1])
 
@@ -239,7 +239,7 @@ def test_a_read_shows_the_unwritten_batch_writes_nothing_and_answers_the_same_on
     client.create_agent("never seen")
     gpus = [{"index": i, "name": "A100", "utilization": 10 * i, "memory_total": 4, "memory_used": 1} for i in range(2)]
     for cpu in (7, 8):
-        assert node.post("/agent/v1/telemetry", json={"cpu": cpu, "gpus": gpus}).status_code == 200
+        assert node.post_raw("/agent/v1/telemetry", json={"cpu": cpu, "gpus": gpus}).status_code == 200
     poll = threading.Thread(target=node.poll, kwargs={"wait": 4})   # a long-poll open on this process
     poll.start()
     admin, url = srv.admin(), f"{srv.url}/api/v1/agents"

@@ -106,13 +106,13 @@ def test_models_listed_by_the_task_that_made_them(server, client, make_agent):
     agent = make_agent("thumb-trainer", ["train"])
     task = client.create_task(agent.id, "train", "img")
     agent.poll()
-    agent.state(task["id"], "running")
+    agent.state_raw(task["id"], "running")
     ids = []
     for epoch in (1, 2):
         w = f"w{epoch}".encode()
         ref = {"path": "model.pt", "sha256": agent.upload(w), "size": len(w)}
-        r = agent.post(endpoints.path(endpoints.TASK_RESULTS, task_id=task["id"]),
-                       json={"kind": "model", "files": [ref], "checkpoint": {"epoch": epoch, "final": epoch == 2}})
+        r = agent.post_raw(endpoints.path(endpoints.TASK_RESULTS, task_id=task["id"]),
+                           json={"kind": "model", "files": [ref], "checkpoint": {"epoch": epoch, "final": epoch == 2}})
         assert r.status_code == 200, r.text
         ids.append(r.json()["id"])
     other = client.create_model("unrelated", [])

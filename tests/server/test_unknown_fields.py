@@ -93,17 +93,17 @@ def test_a_nested_unknown_field_is_named_by_its_place(server, path, body, field)
 def test_the_agent_protocol_ignores_fields_it_does_not_know(server, client, make_agent):
     agent = make_agent("newer-agent")
     tid = client.create_task(agent.id, "custom", image="img")["id"]
-    r = agent.post("/agent/v1/poll?wait=0", json={"free_slots": 1, "from_the_future": {"x": 1}})
+    r = agent.post_raw("/agent/v1/poll?wait=0", json={"free_slots": 1, "from_the_future": {"x": 1}})
     assert r.status_code == 200 and [t["id"] for t in r.json()["tasks"]] == [tid], r.text
-    r = agent.state(tid, "running", progress={"current": 1, "total": 2, "eta_s": 5}, new_field=True)
+    r = agent.state_raw(tid, "running", progress={"current": 1, "total": 2, "eta_s": 5}, new_field=True)
     assert r.status_code == 200 and r.json()["state"] == "running", r.text
     sha = hashlib.sha256(b"newer").hexdigest()
     agent.s.put(server.url + endpoints.path(endpoints.AGENT_BLOB, sha256=sha), data=b"newer", timeout=10).raise_for_status()
-    r = agent.post(endpoints.path(endpoints.TASK_RESULTS, task_id=tid), json={
+    r = agent.post_raw(endpoints.path(endpoints.TASK_RESULTS, task_id=tid), json={
         "kind": "project", "name": "p", "later": 1,
         "datasets": [{"name": "ds", "later": 2, "items": [{"name": "a.jpg", "sha256": sha, "size": 5, "later": 3}]}]})
     assert r.status_code == 200, r.text
-    r = agent.post(endpoints.path(endpoints.TASK_RESULTS, task_id=tid), json={
+    r = agent.post_raw(endpoints.path(endpoints.TASK_RESULTS, task_id=tid), json={
         "kind": "model", "files": [{"path": "w.bin", "sha256": sha, "size": 5, "later": 4}],
         "checkpoint": {"epoch": 1, "later": 5}})
     assert r.status_code == 200, r.text
