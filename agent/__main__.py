@@ -3,6 +3,7 @@
 Exit codes (agent/exitcodes.py): 0 ok (drained), 2 config error, 3 token refused, 4 server
 unreachable at start, 5 the log-shipper went FATAL. Start-up errors are one line on stderr.
 """
+
 from __future__ import annotations
 
 import logging
@@ -29,6 +30,7 @@ def _stop_before_start(signum, frame):
 
 def main() -> int:
     import signal
+
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _stop_before_start)
     try:
@@ -39,10 +41,10 @@ def main() -> int:
 
 
 def _main() -> int:
-    from node.api import AgentAPI
-    from protocol.errors import APIError, AuthError
-    from node.config import ConfigError, load_config
     from agent.proctitle import set_title
+    from node.api import AgentAPI
+    from node.config import ConfigError, load_config
+    from protocol.errors import APIError, AuthError
 
     set_title("supervisor")
 
@@ -51,9 +53,10 @@ def _main() -> int:
     except ConfigError as e:
         return fail(EXIT_CONFIG, f"config error: {e}")
 
-    from node import storage
     from agent.agentlog import open_stderr, setup_logging
+    from node import storage
     from node.masking import Masker
+
     try:
         storage.ensure_layout(config)
         storage.wipe_tmp(config)
@@ -64,6 +67,7 @@ def _main() -> int:
     log.info("sly-agent starting: server %s, storage %s, log %s", config.server_address, config.agent_dir, log_path)
 
     from agent.telemetry import system_info
+
     api = AgentAPI(config.server_address, config.access_token, timeout=15, retries=2)
     try:
         answer = api.connect(system_info(config))
@@ -75,13 +79,20 @@ def _main() -> int:
             log.error("server unreachable: %s", e)
             return fail(EXIT_UNREACHABLE, f"the server at {config.server_address} is unreachable ({e.detail})")
         log.error("connect failed: %s", e)
-        return fail(EXIT_UNREACHABLE, f"the server at {config.server_address} answered connect with {e.status} {e.code}")
+        return fail(
+            EXIT_UNREACHABLE, f"the server at {config.server_address} answered connect with {e.status} {e.code}"
+        )
     open_stderr()
     agent_info = answer.get("agent") or {}
-    log.info("connected as agent %s (%s); allowed task types %s", agent_info.get("id"), agent_info.get("name"),
-             agent_info.get("allowed_task_types"))
+    log.info(
+        "connected as agent %s (%s); allowed task types %s",
+        agent_info.get("id"),
+        agent_info.get("name"),
+        agent_info.get("allowed_task_types"),
+    )
 
     from agent.supervisor import Supervisor
+
     return Supervisor(config, api, answer).run()
 
 

@@ -2,14 +2,16 @@
 
 No state and no I/O: the supervisor passes what it holds and applies the answer.
 """
+
 from __future__ import annotations
 
-from typing import Iterable, NamedTuple
+from collections.abc import Iterable
+from typing import NamedTuple
 
 
 class Admission(NamedTuple):
-    start: list[tuple[int, list[int]]]      # (task id, GPU indices), in the order to spawn
-    refuse: list[tuple[int, str]]           # (task id, why): can never run on this agent
+    start: list[tuple[int, list[int]]]  # (task id, GPU indices), in the order to spawn
+    refuse: list[tuple[int, str]]  # (task id, why): can never run on this agent
 
 
 def free_slots(max_tasks: int, active: int, refusing: bool) -> int:
@@ -22,8 +24,9 @@ def free_gpus(pool: Iterable[int], used: Iterable[int]) -> list[int]:
     return [g for g in pool if g not in used]
 
 
-def admit(pending: Iterable[tuple[int, int]], busy: int, max_tasks: int, pool: list[int],
-          used: Iterable[int]) -> Admission:
+def admit(
+    pending: Iterable[tuple[int, int]], busy: int, max_tasks: int, pool: list[int], used: Iterable[int]
+) -> Admission:
     """Which pending tasks, given as (task id, GPUs wanted), start now, lowest id first.
 
     `busy` counts the slots that hold a task process or wait for its final state; `used` the GPU

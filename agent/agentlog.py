@@ -7,6 +7,7 @@ cannot leave the others stuck. multiprocessing-logging is NOT used: its queue's 
 write lock, held by a child that is killed with SIGKILL, makes every later child hang at exit
 (tests/agent/test_agentlog.py shows it; docs/architecture.md explains).
 """
+
 from __future__ import annotations
 
 import logging

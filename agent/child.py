@@ -1,4 +1,5 @@
 """What every child of the supervisor does first after the fork: defend itself."""
+
 from __future__ import annotations
 
 import os
@@ -18,9 +19,9 @@ class ChildBase:
     title = "child"
 
     def __init__(self):
-        self.parent_pid = os.getpid()   # set before the fork: the supervisor's pid
+        self.parent_pid = os.getpid()  # set before the fork: the supervisor's pid
         self.stopping = threading.Event()
-        self.heartbeat = None           # a shared double (RawValue) the supervisor watches
+        self.heartbeat = None  # a shared double (RawValue) the supervisor watches
 
     def start_in_child(self, title: str | None = None) -> None:
         # The supervisor's wakeup fd and handlers came along with the fork; drop them first.
@@ -28,7 +29,7 @@ class ChildBase:
             signal.set_wakeup_fd(-1)
         except ValueError:
             pass
-        signal.signal(signal.SIGINT, signal.SIG_IGN)      # Ctrl-C is the supervisor's business
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's business
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, self._on_sigterm)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)

@@ -3,6 +3,7 @@ could be using it) and refuse new tasks, with the reason sent on each poll, whil
 
 The check runs in the jobs thread (it walks the cache); its result is applied in the main thread.
 """
+
 from __future__ import annotations
 
 import logging
@@ -15,7 +16,7 @@ DISK_CHECK_S = 5.0
 class DiskGuard:
     def __init__(self, engine):
         self.engine = engine
-        self.refusal = ""       # why no task is taken now; "" while there is room
+        self.refusal = ""  # why no task is taken now; "" while there is room
         self.next_at = 0.0
         self.pending = False
 
@@ -33,8 +34,11 @@ class DiskGuard:
         if not status["ok"] and evict:
             freed = self.engine.free_disk(config)
             if freed.get("evicted"):
-                log.warning("disk short: evicted %s cache entries (%.0f MB)", freed["evicted"],
-                            freed.get("freed_bytes", 0) / 2**20)
+                log.warning(
+                    "disk short: evicted %s cache entries (%.0f MB)",
+                    freed["evicted"],
+                    freed.get("freed_bytes", 0) / 2**20,
+                )
             status = self.engine.disk_status(config)
         return status
 

@@ -7,9 +7,10 @@ child silent past its deadline is asked to go (SIGTERM) and killed if still aliv
 process is replaced and re-attaches to its container). A stop asked through a task's stop pipe
 escalates the same way.
 """
+
 from __future__ import annotations
 
-HUNG_KILL_AFTER_S = 5.0     # a hung child's grace between SIGTERM and SIGKILL
+HUNG_KILL_AFTER_S = 5.0  # a hung child's grace between SIGTERM and SIGKILL
 
 
 class Escalation:
@@ -37,6 +38,7 @@ def escalate(spawner, child, escalation: Escalation | None, now: float, log, lab
     if child is None or escalation is None or not escalation.kill_due(now):
         return
     escalation.killed = True
-    log.warning("%s (pid %s) still alive %.0fs after %s; killing it", label, child.pid, escalation.grace_s,
-                escalation.why)
+    log.warning(
+        "%s (pid %s) still alive %.0fs after %s; killing it", label, child.pid, escalation.grace_s, escalation.why
+    )
     spawner.kill(child)

@@ -22,6 +22,7 @@ The supervisor's children:
 - anything else, or a signal: a death; helpers back off and restart, task processes are
   replaced (their container still runs) or their task is failed.
 """
+
 from __future__ import annotations
 
 import signal

@@ -1,4 +1,5 @@
 """GPUs through NVML (nvidia-ml-py). No library, no driver or no GPU: an empty list, never an error."""
+
 from __future__ import annotations
 
 import logging
@@ -8,6 +9,7 @@ log = logging.getLogger(__name__)
 
 def _nvml():
     import pynvml  # nvidia-ml-py
+
     return pynvml
 
 
@@ -28,9 +30,11 @@ def list_gpus(nvml=None) -> list[dict]:
         for i in range(nvml.nvmlDeviceGetCount()):
             h = nvml.nvmlDeviceGetHandleByIndex(i)
             g: dict = {"index": i, "name": _text(nvml.nvmlDeviceGetName(h)), "uuid": _text(nvml.nvmlDeviceGetUUID(h))}
-            for key, read in (("memory", lambda: nvml.nvmlDeviceGetMemoryInfo(h)),
-                              ("utilization", lambda: nvml.nvmlDeviceGetUtilizationRates(h)),
-                              ("temperature", lambda: nvml.nvmlDeviceGetTemperature(h, nvml.NVML_TEMPERATURE_GPU))):
+            for key, read in (
+                ("memory", lambda: nvml.nvmlDeviceGetMemoryInfo(h)),
+                ("utilization", lambda: nvml.nvmlDeviceGetUtilizationRates(h)),
+                ("temperature", lambda: nvml.nvmlDeviceGetTemperature(h, nvml.NVML_TEMPERATURE_GPU)),
+            ):
                 try:
                     v = read()
                 except Exception:  # noqa: BLE001 - some boards lack a sensor; report what there is

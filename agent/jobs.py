@@ -4,6 +4,7 @@ Final states of dead task processes (with retries), FATAL reports, disk checks a
 container reaping run here. A job may return a callback; callbacks run back in the main thread
 (`run_callbacks`, from `loop_once`), so the supervisor's state has one writer.
 """
+
 from __future__ import annotations
 
 import logging
@@ -15,8 +16,8 @@ log = logging.getLogger("agent.supervisor")
 class Jobs:
     def __init__(self, wake):
         self.wake = wake
-        self._jobs: queue.Queue = queue.Queue()      # main -> jobs thread (callables)
-        self._done: queue.Queue = queue.Queue()      # jobs thread -> main (callbacks)
+        self._jobs: queue.Queue = queue.Queue()  # main -> jobs thread (callables)
+        self._done: queue.Queue = queue.Queue()  # jobs thread -> main (callbacks)
 
     def submit(self, job) -> None:
         self._jobs.put(job)

@@ -10,6 +10,7 @@ A bad line harms one task at most: a line that is not `{"seq": n, ...}` (protoco
 skipped, logged and counted, and the task's other lines ship; a file that cannot be read fails
 that task's shipping alone (an error line, retried with backoff), never the process.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -35,9 +36,9 @@ MAX_BATCH_BYTES = 8 << 20
 READ_MIN_BYTES = 64 << 10
 BACKOFF_BASE_S = 0.25
 BACKOFF_CAP_S = 5.0
-UNUSABLE_CAP_S = 30.0      # a task whose log file cannot be read is looked at again this often
+UNUSABLE_CAP_S = 30.0  # a task whose log file cannot be read is looked at again this often
 DRAIN_S = 10.0
-BAD_LINES_LOGGED = 10      # per task: the first bad lines are logged one by one, then every 1000th
+BAD_LINES_LOGGED = 10  # per task: the first bad lines are logged one by one, then every 1000th
 
 
 class UnusableLog(OSError):
@@ -88,7 +89,7 @@ class ShipNowPipe:
     def send(self, task_id: int) -> None:
         try:
             os.write(self.w, b"%d\n" % task_id)
-        except OSError:      # BlockingIOError: full; the shipper is busy anyway
+        except OSError:  # BlockingIOError: full; the shipper is busy anyway
             pass
 
     def wait(self, timeout: float) -> None:
@@ -114,11 +115,11 @@ class TaskCursor:
         self.seq = int(saved.get("seq", -1))
         self.failures = 0
         self.retry_at = 0.0
-        self.line_bytes = 256       # a guess of a line's length, for the size of the next read
-        self.bad_lines = 0          # lines skipped because they are not ours
-        self.bad_upto = 0           # byte offset up to which skipped lines are counted already
-        self.careful = False        # the server refused a batch: check each line before sending
-        self.error = ""             # why the file cannot be shipped, while it cannot
+        self.line_bytes = 256  # a guess of a line's length, for the size of the next read
+        self.bad_lines = 0  # lines skipped because they are not ours
+        self.bad_upto = 0  # byte offset up to which skipped lines are counted already
+        self.careful = False  # the server refused a batch: check each line before sending
+        self.error = ""  # why the file cannot be shipped, while it cannot
 
     def as_dict(self) -> dict:
         return {"file": self.path.name if self.path else None, "offset": self.offset, "seq": self.seq}
@@ -130,11 +131,11 @@ class LogShipper(ChildBase):
     def __init__(self, config: Config, ship_now=None):
         super().__init__()
         self.config = config
-        self.ship_now = ship_now      # ShipNowPipe: a hint to ship now
+        self.ship_now = ship_now  # ShipNowPipe: a hint to ship now
         self.cursors: dict[int, TaskCursor] = {}
         self.api = None
-        self.bad_lines = 0            # skipped lines, all tasks, since this process started
-        self.unopened: dict[int, str] = {}    # task id -> why its cursor could not be made
+        self.bad_lines = 0  # skipped lines, all tasks, since this process started
+        self.unopened: dict[int, str] = {}  # task id -> why its cursor could not be made
 
     # --- process body ---
     def run(self) -> None:
@@ -241,7 +242,7 @@ class LogShipper(ChildBase):
         if end < 0:
             return [], []
         raws = data[:end].split(b"\n")
-        cur.line_bytes = max(16, 2 * (end + 1) // len(raws))   # twice the mean, for the next read
+        cur.line_bytes = max(16, 2 * (end + 1) // len(raws))  # twice the mean, for the next read
         # The usual case: the file continues right after the acked line, seqs without a gap and
         # no blank or foreign line: take the batch as it is (no per-line Python work).
         if raws[0] and b"" not in raws and not cur.careful and _seq_or_none(raws[0]) == cur.seq + 1:
@@ -259,7 +260,7 @@ class LogShipper(ChildBase):
             try:
                 seq = logline.seq_of(raw)
                 if cur.careful:
-                    logline.parse(raw)      # the server refused a batch: send only lines that decode
+                    logline.parse(raw)  # the server refused a batch: send only lines that decode
             except logline.BadLine as e:
                 self.skip_line(cur, pos - len(raw) - 1, raw, str(e))
                 if not lines:
@@ -268,7 +269,7 @@ class LogShipper(ChildBase):
             expected = cur.seq + 1 + len(lines)
             if seq != expected:
                 if seq <= cur.seq and not lines:
-                    cur.offset = pos        # already acked (the cursor was behind the server)
+                    cur.offset = pos  # already acked (the cursor was behind the server)
                     continue
                 # The writer numbers its lines 0, 1, 2... with no gap and no repeat (and the server
                 # numbers a batch's lines from first_seq): any other seq is not the writer's line.
@@ -286,7 +287,7 @@ class LogShipper(ChildBase):
     def open_log(path: Path):
         """Open a task's durable log for reading; UnusableLog unless it is a regular file."""
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)     # a FIFO must not block the shipper
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not block the shipper
         except OSError as e:
             raise UnusableLog(e.errno, f"cannot open {path}: {e.strerror}") from None
         try:
@@ -301,14 +302,21 @@ class LogShipper(ChildBase):
     def skip_line(self, cur: TaskCursor, offset: int, raw: bytes, why: str) -> None:
         """A line that is not ours: never sent; logged (the first few, then every 1000th) and counted."""
         if offset < cur.bad_upto:
-            return                  # counted when this batch was read before (a retry, a partial ack)
+            return  # counted when this batch was read before (a retry, a partial ack)
         cur.bad_upto = offset + len(raw) + 1
         cur.bad_lines += 1
         self.bad_lines += 1
         if cur.bad_lines <= BAD_LINES_LOGGED or cur.bad_lines % 1000 == 0:
-            log.warning("task %s: skipped a line of its log that is not a log line (%s) at byte %d of %s: %r; "
-                        "%d skipped for this task", cur.task_id, why, offset, cur.path.name if cur.path else "?",
-                        raw[:80], cur.bad_lines)
+            log.warning(
+                "task %s: skipped a line of its log that is not a log line (%s) at byte %d of %s: %r; "
+                "%d skipped for this task",
+                cur.task_id,
+                why,
+                offset,
+                cur.path.name if cur.path else "?",
+                raw[:80],
+                cur.bad_lines,
+            )
 
     def ship_task(self, cur: TaskCursor, now: float) -> None:
         """Send batches until the task's file has no unsent complete line, or a send fails."""
@@ -326,8 +334,12 @@ class LogShipper(ChildBase):
                 if e.status == 400 and not cur.careful:
                     # The server could not take the batch as it stands (a line that only looks like
                     # ours): read it again line by line, skipping what does not decode.
-                    log.warning("task %s: the server refused the log batch from seq %s (%s); "
-                                "checking each line", cur.task_id, first, e)
+                    log.warning(
+                        "task %s: the server refused the log batch from seq %s (%s); checking each line",
+                        cur.task_id,
+                        first,
+                        e,
+                    )
                     cur.careful = True
                     continue
                 cur.failures += 1
@@ -340,13 +352,13 @@ class LogShipper(ChildBase):
             cur.failures, cur.retry_at, cur.careful = 0, 0.0, False
             self.advance(cur, acked, first, ends)
             if acked < first + len(lines) - 1:
-                return      # the server holds a gap; try again next tick from its ack
+                return  # the server holds a gap; try again next tick from its ack
 
     def advance(self, cur: TaskCursor, acked: int, first: int, ends: list[int]) -> None:
         """Move the cursor to the server's ack and persist it."""
         if acked < first - 1:
             # The server lacks lines before this batch (its data was reset): rewind and re-send.
-            cur.offset, cur.seq = 0, acked   # acked may be -1: nothing stored
+            cur.offset, cur.seq = 0, acked  # acked may be -1: nothing stored
         elif acked >= first:
             i = min(acked - first, len(ends) - 1)
             cur.offset = ends[i]

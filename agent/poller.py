@@ -1,6 +1,7 @@
 """Thread `poller`: the long-poll. It offers the latest snapshot, hands each answer to the main
 thread and waits until that answer is handled, so the next poll carries the running list the
 answer produced (the server never hands a task out twice)."""
+
 from __future__ import annotations
 
 import logging
@@ -13,11 +14,12 @@ from protocol.backoff import backoff_delay
 log = logging.getLogger("agent.supervisor")
 
 POLL_BACKOFF_BASE_S, POLL_BACKOFF_CAP_S = 0.5, 30.0
-BUSY_WAIT_S = 1.0       # no free slot: poll with at most this wait, so a freed slot is announced soon
+BUSY_WAIT_S = 1.0  # no free slot: poll with at most this wait, so a freed slot is announced soon
 
 
 class Snapshot(NamedTuple):
     """What the next poll tells the server; published by the main thread."""
+
     free_slots: int
     free_gpus: list[int]
     running: list[int]
@@ -27,8 +29,8 @@ class Snapshot(NamedTuple):
 class Poller:
     def __init__(self, api, config_fn, wake, stop: threading.Event):
         self.api = api
-        self.config_fn = config_fn      # the current Config (SIGHUP replaces it)
-        self.wake = wake                # wakes the main thread's wait
+        self.config_fn = config_fn  # the current Config (SIGHUP replaces it)
+        self.wake = wake  # wakes the main thread's wait
         self.stop = stop
         self._lock = threading.Lock()
         self._snapshot = Snapshot(0, [], [], "")
@@ -58,14 +60,14 @@ class Poller:
     # --- the thread
     def run(self) -> None:
         from protocol.errors import APIError, AuthError
+
         failures = 0
         while not self.stop.is_set():
             snap = self.snapshot
             config = self.config_fn()
             wait = config.poll_wait_s if snap.free_slots > 0 else min(config.poll_wait_s, BUSY_WAIT_S)
             try:
-                answer = self.api.poll(snap.free_slots, snap.free_gpus, snap.running, wait=wait,
-                                       refusing=snap.refusing)
+                answer = self.api.poll(snap.free_slots, snap.free_gpus, snap.running, wait=wait, refusing=snap.refusing)
             except APIError as e:
                 failures += 1
                 delay = backoff_delay(failures, POLL_BACKOFF_BASE_S, POLL_BACKOFF_CAP_S)

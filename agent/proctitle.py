@@ -1,4 +1,5 @@
 """The one setproctitle wrapper: every agent process is `sly-agent: <role>`."""
+
 from __future__ import annotations
 
 PREFIX = "sly-agent: "
@@ -8,6 +9,7 @@ def set_title(role: str) -> None:
     """Set this process's title to `sly-agent: <role>` (best effort)."""
     try:
         import setproctitle
+
         setproctitle.setproctitle(PREFIX + role)
     except Exception:  # noqa: BLE001 - a missing title never stops the agent
         pass

@@ -1,6 +1,7 @@
 """What the supervisor itself reports to the server, from the jobs thread: the final state of a
 task whose task process died, a task handed back while draining, and a helper's FATAL. All are
 blocking HTTP calls."""
+
 from __future__ import annotations
 
 import logging
@@ -12,7 +13,7 @@ from protocol.backoff import backoff_delay
 log = logging.getLogger("agent.supervisor")
 
 FINAL_BACKOFF_BASE_S, FINAL_BACKOFF_CAP_S = 0.2, 5.0
-RELEASE_GIVE_UP_S = 60.0    # a release not through by then is left: the next run's first poll re-hands the task
+RELEASE_GIVE_UP_S = 60.0  # a release not through by then is left: the next run's first poll re-hands the task
 
 
 def report_final(api, task_id: int, state: str, error: str, stop: threading.Event) -> bool:
@@ -20,6 +21,7 @@ def report_final(api, task_id: int, state: str, error: str, stop: threading.Even
 
     True if the server took it."""
     from protocol.errors import APIError
+
     failures = 0
     while not stop.is_set():
         try:
@@ -39,6 +41,7 @@ def hand_back(api, task_id: int, stop: threading.Event, give_up_s: float = RELEA
     through outages for up to `give_up_s`. A 4xx is final: a 409 means the task moved on
     meanwhile (stopped, deleted, ...), which is fine. True if the server took it back."""
     from protocol.errors import APIError
+
     failures, until = 0, time.monotonic() + give_up_s
     while not stop.is_set():
         try:
@@ -52,8 +55,13 @@ def hand_back(api, task_id: int, stop: threading.Event, give_up_s: float = RELEA
             failures += 1
             delay = backoff_delay(failures, FINAL_BACKOFF_BASE_S, FINAL_BACKOFF_CAP_S)
             if time.monotonic() + delay > until:
-                log.warning("task %s not handed back after %d tries (%s); it stays assigned to this node, "
-                            "whose next run gets it again", task_id, failures, e)
+                log.warning(
+                    "task %s not handed back after %d tries (%s); it stays assigned to this node, "
+                    "whose next run gets it again",
+                    task_id,
+                    failures,
+                    e,
+                )
                 return False
             stop.wait(delay)
     return False

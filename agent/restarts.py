@@ -8,6 +8,7 @@ helper that keeps dying is flapping), make it FATAL, and so does one exit with `
 (restarting into the same broken settings cannot help). FATAL is reported through `on_fatal`,
 which must not block. Time comes from the caller (`now`), processes from the injected spawner.
 """
+
 from __future__ import annotations
 
 import collections
@@ -21,19 +22,18 @@ from protocol.backoff import backoff_delay
 
 log = logging.getLogger("agent.supervisor")
 
-START_GRACE_S = 1.0             # a helper alive this long is RUNNING
+START_GRACE_S = 1.0  # a helper alive this long is RUNNING
 HELPER_STOP_KILL_AFTER_S = 15.0  # SIGTERM -> SIGKILL for a helper asked to stop (the shipper drains <= 10 s)
 
 
 class RestartPolicy:
     """Exponential backoff with jitter; FATAL after `max_deaths` deaths within `window_s`."""
 
-    def __init__(self, max_deaths: int, window_s: float, base_s: float = 0.1, cap_s: float = 10.0,
-                 rng=random.uniform):
+    def __init__(self, max_deaths: int, window_s: float, base_s: float = 0.1, cap_s: float = 10.0, rng=random.uniform):
         self.max_deaths, self.window_s, self.base_s, self.cap_s = max_deaths, window_s, base_s, cap_s
         self.rng = rng
         self.deaths: collections.deque[float] = collections.deque()
-        self.failures = 0           # deaths since it last lived past the start grace
+        self.failures = 0  # deaths since it last lived past the start grace
 
     def record_death(self, now: float) -> float | None:
         """Delay before the next start, or None: give up (FATAL)."""
@@ -56,10 +56,10 @@ class Helper:
     def __init__(self, name: str, factory, policy: RestartPolicy):
         self.name, self.factory, self.policy = name, factory, policy
         self.state = ChildState.STOPPED
-        self.child = None               # spawner.Child while a process exists
+        self.child = None  # spawner.Child while a process exists
         self.started_at = 0.0
-        self.start_at = 0.0             # BACKOFF: when to start again
-        self.escalation: Escalation | None = None   # asked to go (hung, stop): SIGKILL when due
+        self.start_at = 0.0  # BACKOFF: when to start again
+        self.escalation: Escalation | None = None  # asked to go (hung, stop): SIGKILL when due
         self.restarts = 0
 
     def change(self, new: ChildState) -> None:
@@ -76,8 +76,8 @@ class Helpers:
     def __init__(self, spawner, helpers: list[Helper], on_fatal):
         self.spawner = spawner
         self.by_name = {h.name: h for h in helpers}
-        self.on_fatal = on_fatal        # (helper, message, now) -> None; must not block
-        self.shutting_down = False      # shutdown reached the helpers: no more restarts
+        self.on_fatal = on_fatal  # (helper, message, now) -> None; must not block
+        self.shutting_down = False  # shutdown reached the helpers: no more restarts
 
     def __getitem__(self, name: str) -> Helper:
         return self.by_name[name]
@@ -110,7 +110,7 @@ class Helpers:
             if h.state == ChildState.STOPPING:
                 h.change(ChildState.STOPPED)
                 if not self.shutting_down:
-                    self.spawn(h, now)          # planned restart (SIGHUP)
+                    self.spawn(h, now)  # planned restart (SIGHUP)
                 continue
             if code == CHILD_CONFIG:
                 h.change(ChildState.FATAL)
@@ -119,8 +119,12 @@ class Helpers:
             delay = h.policy.record_death(now)
             if delay is None:
                 h.change(ChildState.FATAL)
-                self.on_fatal(h, f"{h.name} died {h.policy.max_deaths} times within {h.policy.window_s:g}s "
-                                 f"(last: {how}); given up (FATAL)", now)
+                self.on_fatal(
+                    h,
+                    f"{h.name} died {h.policy.max_deaths} times within {h.policy.window_s:g}s "
+                    f"(last: {how}); given up (FATAL)",
+                    now,
+                )
                 continue
             h.change(ChildState.BACKOFF)
             h.start_at = now + delay

@@ -5,6 +5,7 @@ only `Child` handles. Tests pass a fake with the same methods (tests/agent/fakes
 themselves when a child dies, beats or what time it is, so restart, backoff, FATAL, hang and
 stop escalation run without forking.
 """
+
 from __future__ import annotations
 
 import multiprocessing
@@ -18,8 +19,8 @@ class Child:
 
     def __init__(self, name: str, proc, beat):
         self.name = name
-        self.proc = proc          # multiprocessing.Process (the fake: None)
-        self.beat = beat          # RawValue("d"): the child's last CLOCK_MONOTONIC heartbeat
+        self.proc = proc  # multiprocessing.Process (the fake: None)
+        self.beat = beat  # RawValue("d"): the child's last CLOCK_MONOTONIC heartbeat
 
     @property
     def pid(self) -> int | None:

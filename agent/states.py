@@ -7,6 +7,7 @@ Every transition names its allowed source states here; `change_state()` refuses 
 The task's own state, as the task process reports it to the server, is `protocol.states.TaskState`
 with its edges checked by `protocol.states.check_transition`.
 """
+
 from __future__ import annotations
 
 import enum
@@ -43,11 +44,11 @@ CHILD_EDGES: dict[ChildState, frozenset[ChildState]] = {
 
 
 class SlotState(enum.Enum):
-    PENDING = "pending"          # leased to us, waiting for a slot or its GPUs
-    RUNNING = "running"          # its task process is alive
-    STOPPING = "stopping"        # its stop event is set; the task process winds down
-    FINALIZING = "finalizing"    # task process died; final state waits for the log acks
-    DONE = "done"                # final state reported; slot and GPUs free
+    PENDING = "pending"  # leased to us, waiting for a slot or its GPUs
+    RUNNING = "running"  # its task process is alive
+    STOPPING = "stopping"  # its stop event is set; the task process winds down
+    FINALIZING = "finalizing"  # task process died; final state waits for the log acks
+    DONE = "done"  # final state reported; slot and GPUs free
 
 
 SLOT_EDGES: dict[SlotState, frozenset[SlotState]] = {

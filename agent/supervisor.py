@@ -14,6 +14,7 @@ two threads) and runs `loop_once(now)`. Its parts, one module each:
 Children are forked from the main thread with the "fork" context; see docs/architecture.md for
 why that cannot hang (and the stress test that shows it).
 """
+
 from __future__ import annotations
 
 import logging
@@ -42,16 +43,16 @@ from agent.telemetry import Telemetry
 from node import tasklog
 from node.config import Config, ConfigError, load_config
 from protocol.tasks import CONTAINER_TYPES
-from workers import engine as docker_engine   # the one workers module the supervisor asks
+from workers import engine as docker_engine  # the one workers module the supervisor asks
 
 __all__ = ["Supervisor", "Slot", "RestartPolicy", "describe_exit"]
 
 log = logging.getLogger("agent.supervisor")
 
-MAX_RESPAWNS = 3          # task processes re-spawned to re-attach to one task's container
+MAX_RESPAWNS = 3  # task processes re-spawned to re-attach to one task's container
 STOP_KILL_AFTER_S = 15.0  # after stop_grace_s: task processes still alive are killed (agent stop)
 FATAL_REPORT_WAIT_S = 10.0  # a FATAL log-shipper: the agent exits once reported, or after this long
-HELPER_ORDER = ("telemetry", "log-shipper")   # shutdown order: the log-shipper last, it drains
+HELPER_ORDER = ("telemetry", "log-shipper")  # shutdown order: the log-shipper last, it drains
 BUSY = (SlotState.RUNNING, SlotState.STOPPING, SlotState.FINALIZING)
 
 
@@ -64,15 +65,15 @@ class Slot:
         self.type = str(task.get("type", "?"))
         self.adopt = adopt
         self.state = SlotState.PENDING
-        self.child = None                   # spawner.Child of its task process
+        self.child = None  # spawner.Child of its task process
         self.stop_w: int | None = None
         self.gpus: list[int] = []
         self.spawns = 0
         self.stop_requested = False
         self.stop_at = 0.0
-        self.escalation: Escalation | None = None    # asked to go (stop, hung): SIGKILL when due
-        self.hung = ""                      # why its task process was found hung
-        self.final: tuple[str, str] | None = None   # FINALIZING: (state, error)
+        self.escalation: Escalation | None = None  # asked to go (stop, hung): SIGKILL when due
+        self.hung = ""  # why its task process was found hung
+        self.final: tuple[str, str] | None = None  # FINALIZING: (state, error)
         self.final_sent = False
 
     def change(self, new: SlotState) -> None:
@@ -93,20 +94,32 @@ class Supervisor:
         self.engine = engine or docker_engine
         self.gpu_pool = gpu_pool(config.gpus)
         self.slots: dict[int, Slot] = {}
-        self.handing_back: set[int] = set()   # task ids whose release (jobs thread) is not through yet
-        self.draining = False       # SIGTERM: no new tasks
-        self.stopping = False       # second SIGTERM / SIGINT: stop tasks
+        self.handing_back: set[int] = set()  # task ids whose release (jobs thread) is not through yet
+        self.draining = False  # SIGTERM: no new tasks
+        self.stopping = False  # second SIGTERM / SIGINT: stop tasks
         self.exit_code: int | None = None
-        self.fatal_exit_at: float | None = None   # the log-shipper is FATAL: exit by then at the latest
+        self.fatal_exit_at: float | None = None  # the log-shipper is FATAL: exit by then at the latest
         self.first_poll_done = False
-        self.free_slots_shared = multiprocessing.get_context("fork").RawValue("i", config.max_tasks)  # telemetry reads it
-        self.ship_now = ShipNowPipe()     # task processes -> log-shipper: "ship now" (a lock-free pipe)
-        self.helpers = Helpers(self.spawner, [
-            Helper("log-shipper", lambda: LogShipper(self.config, self.ship_now),
-                   RestartPolicy(config.restart_max, config.restart_window_s)),
-            Helper("telemetry", lambda: Telemetry(self.config, self.free_slots_shared),
-                   RestartPolicy(config.restart_max, config.restart_window_s)),
-        ], on_fatal=self.helper_fatal)
+        self.free_slots_shared = multiprocessing.get_context("fork").RawValue(
+            "i", config.max_tasks
+        )  # telemetry reads it
+        self.ship_now = ShipNowPipe()  # task processes -> log-shipper: "ship now" (a lock-free pipe)
+        self.helpers = Helpers(
+            self.spawner,
+            [
+                Helper(
+                    "log-shipper",
+                    lambda: LogShipper(self.config, self.ship_now),
+                    RestartPolicy(config.restart_max, config.restart_window_s),
+                ),
+                Helper(
+                    "telemetry",
+                    lambda: Telemetry(self.config, self.free_slots_shared),
+                    RestartPolicy(config.restart_max, config.restart_window_s),
+                ),
+            ],
+            on_fatal=self.helper_fatal,
+        )
         self._signals: list[int] = []
         self._sig_r, self._sig_w = os.pipe()
         self._wake_r, self._wake_w = os.pipe()
@@ -131,18 +144,20 @@ class Supervisor:
     def install_signals(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
-        signal.signal(signal.SIGCHLD, lambda s, f: None)   # wakes the wait via the wakeup fd
+        signal.signal(signal.SIGCHLD, lambda s, f: None)  # wakes the wait via the wakeup fd
         signal.set_wakeup_fd(self._sig_w, warn_on_full_buffer=False)
 
     def _on_signal(self, signum, frame) -> None:
-        self._signals.append(signum)       # only enqueue; loop_once dispatches
+        self._signals.append(signum)  # only enqueue; loop_once dispatches
 
     def preimport(self) -> None:
         """Import, in the main thread and before any thread starts, every module the threads and
         the children use. A module imported for the first time by a thread while the main thread
         forks leaves its import lock taken in the child, which then hangs on that import."""
         import importlib
+
         import workers
+
         workers.preload()
         names = ["node.api"]
         spec = os.environ.get(HANDLER_ENV)
@@ -162,8 +177,12 @@ class Supervisor:
         self.start_helpers(self.spawner.now())
         threading.Thread(target=self.poller.run, name="poller", daemon=True).start()
         threading.Thread(target=self.jobs.run, name="jobs", daemon=True).start()
-        log.info("supervisor running: max_tasks=%s gpus=%s identity=%s", self.config.max_tasks, self.gpu_pool,
-                 self.config.identity)
+        log.info(
+            "supervisor running: max_tasks=%s gpus=%s identity=%s",
+            self.config.max_tasks,
+            self.gpu_pool,
+            self.config.identity,
+        )
         while self.exit_code is None:
             self.wait(self.next_timeout(self.spawner.now()))
             self.loop_once(self.spawner.now())
@@ -196,8 +215,9 @@ class Supervisor:
 
     def next_timeout(self, now: float) -> float:
         deadlines = list(self.helpers.deadlines())
-        deadlines += [s.escalation.deadline for s in self.slots.values()
-                      if s.escalation is not None and not s.escalation.killed]
+        deadlines += [
+            s.escalation.deadline for s in self.slots.values() if s.escalation is not None and not s.escalation.killed
+        ]
         if self.fatal_exit_at is not None:
             deadlines.append(self.fatal_exit_at)
         t = min([1.0] + [d - now for d in deadlines])
@@ -235,8 +255,10 @@ class Supervisor:
         if self.draining:
             self.handle_sigint(now)
             return
-        log.info("SIGTERM: draining (no new tasks; %d running finish first)",
-                 sum(1 for s in self.slots.values() if s.state in BUSY))
+        log.info(
+            "SIGTERM: draining (no new tasks; %d running finish first)",
+            sum(1 for s in self.slots.values() if s.state in BUSY),
+        )
         self.start_draining()
 
     def handle_sigint(self, now: float) -> None:
@@ -259,10 +281,14 @@ class Supervisor:
         logging.getLogger().setLevel(getattr(logging, new.log_level.upper(), logging.INFO))
         for h in self.helpers:
             h.policy.max_deaths, h.policy.window_s = new.restart_max, new.restart_window_s
-            self.helpers.stop(h, now)       # a planned restart: it comes back with the new settings
-        self.disk.next_at = now             # the guard looks again at once (MIN_FREE_DISK_MB may have changed)
-        log.info("SIGHUP: config reloaded (max_tasks=%s, poll_wait_s=%s, gpus=%s)", new.max_tasks,
-                 new.poll_wait_s, self.gpu_pool)
+            self.helpers.stop(h, now)  # a planned restart: it comes back with the new settings
+        self.disk.next_at = now  # the guard looks again at once (MIN_FREE_DISK_MB may have changed)
+        log.info(
+            "SIGHUP: config reloaded (max_tasks=%s, poll_wait_s=%s, gpus=%s)",
+            new.max_tasks,
+            new.poll_wait_s,
+            self.gpu_pool,
+        )
 
     def start_draining(self) -> None:
         """No new task from now on: tasks leased but not started yet are handed back."""
@@ -285,6 +311,7 @@ class Supervisor:
         def job():
             hand_back(self.api, task_id, self._threads_stop)
             return lambda: self.handing_back.discard(task_id)
+
         self.jobs.submit(job)
 
     # --- helpers (telemetry, log-shipper)
@@ -302,8 +329,10 @@ class Supervisor:
 
         def job():
             from agent.telemetry import sample
+
             report_fatal(self.api, lambda: {**sample(config, free), "fatal": fatal})
             return then
+
         self.jobs.submit(job)
 
     def _exit_fatal(self) -> None:
@@ -331,6 +360,7 @@ class Supervisor:
         def job():
             status = self.disk.check(config, evict=idle)
             return lambda: self._apply_disk(status)
+
         self.jobs.submit(job)
 
     def _apply_disk(self, status: dict) -> None:
@@ -359,7 +389,7 @@ class Supervisor:
             tid = int(task["id"])
             slot = self.slots.get(tid)
             if slot is not None and slot.state != SlotState.DONE:
-                continue      # already ours (the answer crossed our running list)
+                continue  # already ours (the answer crossed our running list)
             # A task that already has a durable log here was started by an earlier task process
             # or agent run: its new task process adopts (re-attaches to) it.
             adopt = tasklog.find_log_file(self.config, tid) is not None
@@ -422,8 +452,13 @@ class Supervisor:
             self._write_stop(slot)
             if self.stopping:
                 slot.escalation = self.stop_escalation(now)
-        log.info("task %s: task process %s started (gpus %s%s)", slot.task_id, slot.child.pid, slot.gpus,
-                 ", adopting" if slot.adopt else "")
+        log.info(
+            "task %s: task process %s started (gpus %s%s)",
+            slot.task_id,
+            slot.child.pid,
+            slot.gpus,
+            ", adopting" if slot.adopt else "",
+        )
 
     def stop_escalation(self, since: float) -> Escalation:
         return Escalation(since, self.config.stop_grace_s + STOP_KILL_AFTER_S, "its stop request")
@@ -472,8 +507,12 @@ class Supervisor:
             silent = silent_for(self.spawner, slot.child, now)
             if silent > limit:
                 slot.hung = f"hung: no heartbeat for {silent:.0f}s"
-                log.warning("task %s: task process (pid %s) sent no heartbeat for %.0fs: hung; stopping it",
-                            slot.task_id, slot.child.pid, silent)
+                log.warning(
+                    "task %s: task process (pid %s) sent no heartbeat for %.0fs: hung; stopping it",
+                    slot.task_id,
+                    slot.child.pid,
+                    silent,
+                )
                 slot.escalation = Escalation(now, HUNG_KILL_AFTER_S, "SIGTERM for a missed heartbeat")
                 self.spawner.terminate(slot.child)
 
@@ -492,8 +531,11 @@ class Supervisor:
                 continue
             reason = f"task process {describe_exit(code)}" + (f" ({slot.hung})" if slot.hung else "")
             log.warning("task %s: %s", slot.task_id, reason)
-            if slot.spawns <= MAX_RESPAWNS and slot.type in CONTAINER_TYPES and \
-                    self.engine.container_running(self.config, slot.task_id):
+            if (
+                slot.spawns <= MAX_RESPAWNS
+                and slot.type in CONTAINER_TYPES
+                and self.engine.container_running(self.config, slot.task_id)
+            ):
                 log.info("task %s: its container still runs; a new task process re-attaches", slot.task_id)
                 slot.adopt = True
                 self.spawn_task(slot, now)

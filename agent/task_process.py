@@ -6,6 +6,7 @@ A handler that raises is a failed task, not a dead process. The supervisor stops
 writing to this process's stop pipe; when the supervisor is gone this process exits at once
 (os._exit), leaving any container running for the next agent to adopt.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -32,10 +33,10 @@ from workers.base import Outcome, TaskContext
 
 log = logging.getLogger("agent.task")
 
-HANDLER_ENV = "SLY_AGENT_HANDLER"     # tests only: package.module:function replaces every type's handler
-PROGRESS_MIN_INTERVAL_S = 0.5         # at most 2 progress posts a second, always the last value
-ACK_POLL_MIN_S = 0.002                # finish(): the cursor is polled every 2 ms for 0.1 s, then
-ACK_POLL_FAST_S = 0.1                 # backing off to 50 ms
+HANDLER_ENV = "SLY_AGENT_HANDLER"  # tests only: package.module:function replaces every type's handler
+PROGRESS_MIN_INTERVAL_S = 0.5  # at most 2 progress posts a second, always the last value
+ACK_POLL_MIN_S = 0.002  # finish(): the cursor is polled every 2 ms for 0.1 s, then
+ACK_POLL_FAST_S = 0.1  # backing off to 50 ms
 ACK_POLL_MAX_S = 0.05
 # What a handler may end with (LOST is the server's to set).
 FINAL_STATES = (TaskState.FINISHED.value, TaskState.FAILED.value, TaskState.STOPPED.value)
@@ -66,7 +67,7 @@ class StateReporter(threading.Thread):
         self.api, self.task_id, self.alive = api, task_id, alive
         self.cond = threading.Condition()
         self.phases: list[str] = []
-        self.phase: str | None = None        # last phase posted
+        self.phase: str | None = None  # last phase posted
         self.progress: dict | None = None
         self.progress_dirty = False
         self.last_progress_post = 0.0
@@ -120,7 +121,7 @@ class StateReporter(threading.Thread):
                 self.api.set_state(self.task_id, state, progress=progress)
                 ok = True
             except APIError as e:
-                ok = e.status is not None and 400 <= e.status < 500   # refused: retrying will not help
+                ok = e.status is not None and 400 <= e.status < 500  # refused: retrying will not help
                 if ok:
                     log.warning("task %s: server refused state %s: %s", self.task_id, state, e)
                 elif failures == 0:
@@ -143,7 +144,7 @@ class StateReporter(threading.Thread):
 class AgentTaskContext(TaskContext):
     """The agent's TaskContext (see workers/base.py for the contract)."""
 
-    def __init__(self, proc: "TaskProcess", api, stop_event: threading.Event):
+    def __init__(self, proc: TaskProcess, api, stop_event: threading.Event):
         self.task = proc.task
         self.config = proc.config
         self.api = api
@@ -151,8 +152,11 @@ class AgentTaskContext(TaskContext):
         self.stop_event = stop_event
         self.adopt = proc.adopt
         self._proc = proc
-        self._state = TaskState(proc.task["state"]) if proc.adopt and proc.task.get("state") in \
-            {s.value for s in LEASED} else TaskState.ASSIGNED
+        self._state = (
+            TaskState(proc.task["state"])
+            if proc.adopt and proc.task.get("state") in {s.value for s in LEASED}
+            else TaskState.ASSIGNED
+        )
 
     def emit(self, lines: list[dict]) -> None:
         try:
@@ -198,11 +202,11 @@ class TaskProcess(ChildBase):
         self.config, self.task, self.gpus, self.adopt = config, task, list(gpus), adopt
         self.task_id = int(task["id"])
         self.task_type = str(task.get("type", "?"))
-        self.stop_fd = stop_fd      # read end of the supervisor's stop pipe for this task
+        self.stop_fd = stop_fd  # read end of the supervisor's stop pipe for this task
         self.ship_now = ship_now
         self.stop_event = threading.Event()
         self._last_nudge = 0.0
-        self.before_final: list = []    # the handler's work to wait for before the final state
+        self.before_final: list = []  # the handler's work to wait for before the final state
 
     def set_phase_title(self, phase: str) -> None:
         set_title(task_title(self.task_id, self.task_type, phase))
@@ -234,13 +238,14 @@ class TaskProcess(ChildBase):
                     data = b""
                 if data:
                     self.stop_event.set()
-                else:   # the supervisor closed its end: it is gone
+                else:  # the supervisor closed its end: it is gone
                     os._exit(CHILD_ORPHANED)
 
     def run(self) -> int:
         self.start_in_child(task_title(self.task_id, self.task_type, "starting"))
         # The supervisor drives this process through the stop pipe, not through signals.
         import signal
+
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         threading.Thread(target=self.watch, name="watch", daemon=True).start()
         if tasklog.is_closed(self.config, self.task_id):
@@ -275,14 +280,14 @@ class TaskProcess(ChildBase):
         """Until the log-shipper has had every line up to seq `last` acked by the server."""
         if tasklog.acked_seq(self.config, self.task_id) >= last:
             return
-        self.nudge(force=True)          # the last lines go now, not at the shipper's next tick
+        self.nudge(force=True)  # the last lines go now, not at the shipper's next tick
         delay = ACK_POLL_MIN_S
         nudged = start = time.monotonic()
         while tasklog.acked_seq(self.config, self.task_id) < last:
             if not self.parent_alive():
                 os._exit(CHILD_ORPHANED)
             time.sleep(delay)
-            if time.monotonic() - start >= ACK_POLL_FAST_S:     # a backlog: no need to look so often
+            if time.monotonic() - start >= ACK_POLL_FAST_S:  # a backlog: no need to look so often
                 delay = min(ACK_POLL_MAX_S, delay * 1.5)
             if time.monotonic() - nudged >= self.config.log_batch_interval_s:
                 nudged = time.monotonic()
@@ -293,19 +298,21 @@ class TaskProcess(ChildBase):
         if self.writer.error:
             outcome = Outcome("failed", exit_code=outcome.exit_code, error=self.writer.error)
         if outcome.error:
-            outcome.error = self.writer.masker(str(outcome.error))   # the error is sent too
+            outcome.error = self.writer.masker(str(outcome.error))  # the error is sent too
         if outcome.state == TaskState.FINISHED and ctx.state in (TaskState.ASSIGNED, TaskState.PREPARING):
-            ctx.set_phase(TaskState.RUNNING.value)    # the server finishes only a task that ran
+            ctx.set_phase(TaskState.RUNNING.value)  # the server finishes only a task that ran
         self.set_phase_title("finishing")
-        ctx.log(f"task {outcome.state}" + (f": {outcome.error}" if outcome.error else ""),
-                level="info" if outcome.state == "finished" else "warning")
+        ctx.log(
+            f"task {outcome.state}" + (f": {outcome.error}" if outcome.error else ""),
+            level="info" if outcome.state == "finished" else "warning",
+        )
         self.reporter.flush()
         self.wait_acked(self.writer.seq)
         # The handler's work still running (the container's removal) ends before the final
         # state; what it logged meanwhile is shipped too.
         while self.before_final:
             self.before_final.pop(0)()
-        if self.writer.error:       # the container's removal may have been what failed the writer
+        if self.writer.error:  # the container's removal may have been what failed the writer
             outcome = Outcome("failed", exit_code=outcome.exit_code, error=self.writer.masker(self.writer.error))
         self.writer.close()
         self.wait_acked(self.writer.seq)

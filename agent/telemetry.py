@@ -1,4 +1,5 @@
 """Telemetry process (`sly-agent: telemetry`): a psutil/NVML/Docker sample every N seconds."""
+
 from __future__ import annotations
 
 import logging
@@ -9,10 +10,10 @@ import time
 
 import psutil
 
-from node import __version__
 from agent.child import ChildBase
-from node.config import Config
 from agent.gpus import list_gpus
+from node import __version__
+from node.config import Config
 
 log = logging.getLogger("agent.telemetry")
 
@@ -21,13 +22,18 @@ def docker_info() -> dict:
     """Docker version and running containers; {"available": False} without an engine."""
     try:
         import docker
+
         client = docker.from_env(timeout=5)
         try:
             v = client.version()
             running = client.containers.list()
-            return {"available": True, "version": v.get("Version"), "api_version": v.get("ApiVersion"),
-                    "containers_running": len(running),
-                    "task_containers": sorted(c.name for c in running if c.name.startswith("sly_task_"))}
+            return {
+                "available": True,
+                "version": v.get("Version"),
+                "api_version": v.get("ApiVersion"),
+                "containers_running": len(running),
+                "task_containers": sorted(c.name for c in running if c.name.startswith("sly_task_")),
+            }
         finally:
             client.close()
     except Exception as e:  # noqa: BLE001 - no SDK, no socket, no permission: not an error
@@ -74,7 +80,11 @@ def sample(config: Config, free_slots: int | None = None) -> dict:
     d = docker_info()
     return {
         "ts": time.time(),
-        "cpu": {"percent": psutil.cpu_percent(), "per_core": psutil.cpu_percent(percpu=True), "count": psutil.cpu_count()},
+        "cpu": {
+            "percent": psutil.cpu_percent(),
+            "per_core": psutil.cpu_percent(percpu=True),
+            "count": psutil.cpu_count(),
+        },
         "memory": {"total": vm.total, "available": vm.available, "used": vm.used, "percent": vm.percent},
         "swap": {"total": sw.total, "used": sw.used, "percent": sw.percent},
         "disks": disks(config),
@@ -95,13 +105,14 @@ class Telemetry(ChildBase):
     def __init__(self, config: Config, free_slots=None):
         super().__init__()
         self.config = config
-        self.free_slots = free_slots      # a lock-free shared int (multiprocessing.RawValue)
+        self.free_slots = free_slots  # a lock-free shared int (multiprocessing.RawValue)
 
     def run(self) -> None:
         self.start_in_child()
         from node.api import AgentAPI
+
         api = AgentAPI(self.config.server_address, self.config.access_token, timeout=10, retries=1)
-        psutil.cpu_percent(percpu=True)   # the first call only primes the counters
+        psutil.cpu_percent(percpu=True)  # the first call only primes the counters
         failing = False
         next_at = time.monotonic()
         while not self.stopping.is_set() and self.parent_alive():

@@ -15,6 +15,7 @@
   visit (the server makes the thumbnails); "warm" a new browser context each run (thumbnails from
   the server's disk cache, none from the browser's).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,13 @@ from tests.support.server import ServerProcess  # noqa: E402
 def sse_lines(url: str, token: str, task_id: int, on_line=None) -> int:
     """Read the task's log stream to `end`; returns the number of lines."""
     n = 0
-    with requests.get(f"{url}/api/v1/tasks/{task_id}/logs", params={"follow": 1, "after": -1},
-                      headers={"Authorization": f"Bearer {token}"}, stream=True, timeout=(10, 120)) as r:
+    with requests.get(
+        f"{url}/api/v1/tasks/{task_id}/logs",
+        params={"follow": 1, "after": -1},
+        headers={"Authorization": f"Bearer {token}"},
+        stream=True,
+        timeout=(10, 120),
+    ) as r:
         event = None
         for raw in r.iter_lines(decode_unicode=True):
             if raw.startswith("event:"):
@@ -63,6 +69,7 @@ def sign_in(page, srv) -> None:
 def bench_log(args, srv, agent, new_task):
     """Replay and live latency of the task log; returns (base_replay, page_replay, lat_base, lat_page)."""
     from playwright.sync_api import sync_playwright
+
     done = new_task()
     for i in range(0, args.lines, 5000):
         agent.log(done, *[f"line {j} " + "x" * 60 for j in range(i, min(args.lines, i + 5000))])
@@ -78,25 +85,35 @@ def bench_log(args, srv, agent, new_task):
         sign_in(page, srv)
         t0 = time.perf_counter()
         page.goto(f"{srv.url}/tasks/{done}")
-        page.wait_for_function("(n) => { const l = document.querySelector('#log .line:last-child');"
-                               " return l && l.dataset.seq == String(n - 1); }", arg=args.lines, timeout=300_000)
+        page.wait_for_function(
+            "(n) => { const l = document.querySelector('#log .line:last-child');"
+            " return l && l.dataset.seq == String(n - 1); }",
+            arg=args.lines,
+            timeout=300_000,
+        )
         page_replay = time.perf_counter() - t0
 
         live = new_task()
         page.goto(f"{srv.url}/tasks/{live}")
         page.wait_for_selector("#t-state:text('running')")
         arrived: dict[int, float] = {}
-        reader = threading.Thread(target=sse_lines, args=(srv.url, srv.admin_token, live,
-                                                          lambda ln: arrived.__setitem__(ln["seq"], time.perf_counter())),
-                                  daemon=True)
+        reader = threading.Thread(
+            target=sse_lines,
+            args=(srv.url, srv.admin_token, live, lambda ln: arrived.__setitem__(ln["seq"], time.perf_counter())),
+            daemon=True,
+        )
         reader.start()
-        time.sleep(0.5)   # let the reader's stream open before the first line
+        time.sleep(0.5)  # let the reader's stream open before the first line
         lat_page, lat_base = [], []
         for i in range(args.live):
             t0 = time.perf_counter()
             agent.log(live, f"live {i}")
-            page.wait_for_function("(s) => { const l = document.querySelector('#log .line:last-child');"
-                                   " return l && l.dataset.seq == String(s); }", arg=i, polling=2)
+            page.wait_for_function(
+                "(s) => { const l = document.querySelector('#log .line:last-child');"
+                " return l && l.dataset.seq == String(s); }",
+                arg=i,
+                polling=2,
+            )
             lat_page.append(time.perf_counter() - t0)
             while i not in arrived:
                 time.sleep(0.001)
@@ -127,6 +144,7 @@ CHART_JS = """async (n) => {
 def bench_chart(args, srv, new_task):
     """Median seconds to load the nodes page (baseline) and to build and draw a 4 x 1,000-point chart."""
     from playwright.sync_api import sync_playwright
+
     task = new_task()
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
@@ -162,10 +180,16 @@ def gallery_project(srv) -> int:
     from PIL import Image, ImageDraw
 
     from tools.sample_project import bitmap_data
+
     admin = srv.admin()
-    meta = {"classes": [{"title": "car", "shape": "rectangle", "color": "#E53935"},
-                        {"title": "road", "shape": "polygon", "color": "#43A047"},
-                        {"title": "sky", "shape": "bitmap", "color": "#1E88E5"}], "tags": []}
+    meta = {
+        "classes": [
+            {"title": "car", "shape": "rectangle", "color": "#E53935"},
+            {"title": "road", "shape": "polygon", "color": "#43A047"},
+            {"title": "sky", "shape": "bitmap", "color": "#1E88E5"},
+        ],
+        "tags": [],
+    }
     disc = bitmap_data([[(x - 20) ** 2 + (y - 20) ** 2 <= 400 for x in range(41)] for y in range(41)])
     rng, items = random.Random(0), []
     for i in range(GALLERY_IMAGES):
@@ -177,15 +201,33 @@ def gallery_project(srv) -> int:
         data = buf.getvalue()
         sha = hashlib.sha256(data).hexdigest()
         admin.put(f"{srv.url}/api/v1/blobs/{sha}", data=data).raise_for_status()
-        objs = [{"classTitle": "car", "geometryType": "rectangle", "tags": [],
-                 "points": {"exterior": [[x, y], [x + 120, y + 80]], "interior": []}},
-                {"classTitle": "road", "geometryType": "polygon", "tags": [],
-                 "points": {"exterior": [[0, 479], [639, 479], [320, 300]], "interior": []}},
-                {"classTitle": "sky", "geometryType": "bitmap", "tags": [], "bitmap": {"data": disc, "origin": [500, 40]}}]
-        items.append({"name": f"img_{i:04d}.jpg", "sha256": sha, "size": len(data),
-                      "ann": {"size": {"height": 480, "width": 640}, "tags": [], "objects": objs}})
-    r = admin.post(srv.url + "/api/v1/projects", json={"name": "bench-gallery", "meta": meta,
-                                                      "datasets": [{"name": "ds0", "items": items}]})
+        objs = [
+            {
+                "classTitle": "car",
+                "geometryType": "rectangle",
+                "tags": [],
+                "points": {"exterior": [[x, y], [x + 120, y + 80]], "interior": []},
+            },
+            {
+                "classTitle": "road",
+                "geometryType": "polygon",
+                "tags": [],
+                "points": {"exterior": [[0, 479], [639, 479], [320, 300]], "interior": []},
+            },
+            {"classTitle": "sky", "geometryType": "bitmap", "tags": [], "bitmap": {"data": disc, "origin": [500, 40]}},
+        ]
+        items.append(
+            {
+                "name": f"img_{i:04d}.jpg",
+                "sha256": sha,
+                "size": len(data),
+                "ann": {"size": {"height": 480, "width": 640}, "tags": [], "objects": objs},
+            }
+        )
+    r = admin.post(
+        srv.url + "/api/v1/projects",
+        json={"name": "bench-gallery", "meta": meta, "datasets": [{"name": "ds0", "items": items}]},
+    )
     r.raise_for_status()
     return r.json()["id"]
 
@@ -193,12 +235,13 @@ def gallery_project(srv) -> int:
 def bench_gallery(args, srv):
     """Seconds: median nodes-page load (baseline), the first (cold) gallery paint, median warm paints."""
     from playwright.sync_api import sync_playwright
+
     pid = gallery_project(srv)
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
 
         def visit(path: str, done: str) -> float:
-            ctx = b.new_context(viewport={"width": 1440, "height": 900})   # nothing in the browser's cache
+            ctx = b.new_context(viewport={"width": 1440, "height": 900})  # nothing in the browser's cache
             page = ctx.new_page()
             sign_in(page, srv)
             t0 = time.perf_counter()
@@ -208,7 +251,9 @@ def bench_gallery(args, srv):
             ctx.close()
             return took
 
-        base = statistics.median(visit("/nodes", "() => !!document.querySelector('tr.node-row')") for _ in range(args.repeat))
+        base = statistics.median(
+            visit("/nodes", "() => !!document.querySelector('tr.node-row')") for _ in range(args.repeat)
+        )
         cold = visit(f"/projects/{pid}", GALLERY_DONE)
         warm = statistics.median(visit(f"/projects/{pid}", GALLERY_DONE) for _ in range(args.repeat))
         b.close()
@@ -219,13 +264,18 @@ def report_log(args, base_replay, page_replay, lat_base, lat_page):
     def q(xs, p):
         xs = sorted(xs)
         return xs[min(len(xs) - 1, int(p / 100 * len(xs)))]
-    print(f"{f'replay {args.lines} lines (s)':<34}{base_replay:>14.2f}{page_replay:>14.2f}{page_replay / base_replay:>8.2f}")
+
+    print(
+        f"{f'replay {args.lines} lines (s)':<34}{base_replay:>14.2f}{page_replay:>14.2f}{page_replay / base_replay:>8.2f}"
+    )
     print(f"{'replay rate (lines/s)':<34}{args.lines / base_replay:>14.0f}{args.lines / page_replay:>14.0f}")
     for name, p in (("live line p50 (ms)", 50), ("live line p95 (ms)", 95)):
         bq, pq = q(lat_base, p) * 1000, q(lat_page, p) * 1000
         print(f"{name:<34}{bq:>14.1f}{pq:>14.1f}{pq / bq:>8.2f}")
-    print(f"(live: {args.live} lines, median of both: {statistics.median(lat_base) * 1000:.1f} / "
-          f"{statistics.median(lat_page) * 1000:.1f} ms; the page's 30 ms draw batching is part of its number)")
+    print(
+        f"(live: {args.live} lines, median of both: {statistics.median(lat_base) * 1000:.1f} / "
+        f"{statistics.median(lat_page) * 1000:.1f} ms; the page's 30 ms draw batching is part of its number)"
+    )
 
 
 def main() -> None:
@@ -245,7 +295,9 @@ def main() -> None:
             agent.connect()
 
             def new_task() -> int:
-                t = admin.post(srv.url + "/api/v1/tasks", json={"agent_id": a["id"], "type": "custom", "image": "x"}).json()
+                t = admin.post(
+                    srv.url + "/api/v1/tasks", json={"agent_id": a["id"], "type": "custom", "image": "x"}
+                ).json()
                 agent.poll_until("tasks")
                 agent.state(t["id"], "running")
                 return t["id"]
@@ -262,14 +314,15 @@ def main() -> None:
     if chart:
         base, drawn = chart
         print(f"{'chart 4 x 1,000 points (ms)':<34}{base * 1000:>14.1f}{drawn * 1000:>14.1f}{drawn / base:>8.2f}")
-        print("(chart: baseline is loading the nodes page until its node is drawn; medians of "
-              f"{args.repeat} runs)")
+        print(f"(chart: baseline is loading the nodes page until its node is drawn; medians of {args.repeat} runs)")
     if gallery:
         base, cold, warm = gallery
         for name, v in (("gallery first paint, cold (ms)", cold), ("gallery first paint, warm (ms)", warm)):
             print(f"{name:<34}{base * 1000:>14.1f}{v * 1000:>14.1f}{v / base:>8.2f}")
-        print(f"(gallery: {GALLERY_IMAGES}-image project, first page of 48 cards with thumbnails and labels; baseline "
-              f"is the nodes page in a new browser context; warm: median of {args.repeat})")
+        print(
+            f"(gallery: {GALLERY_IMAGES}-image project, first page of 48 cards with thumbnails and labels; baseline "
+            f"is the nodes page in a new browser context; warm: median of {args.repeat})"
+        )
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ handlers) on loopback, against the local Docker engine, with the locally built b
   download    a project of N files: first preparation (handler's downloader, empty cache) vs a
               plain parallel HTTP fetch of the same blobs; then the cached second preparation
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,11 +34,11 @@ import requests
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from client import UserClient  # noqa: E402
 from node.api import AgentAPI  # noqa: E402
 from node.config import Config  # noqa: E402
-from client import UserClient  # noqa: E402
-from tools.images import ensure_busybox_image  # noqa: E402
 from tests.support.server import ServerProcess  # noqa: E402
+from tools.images import ensure_busybox_image  # noqa: E402
 from workers.base import TaskContext  # noqa: E402
 from workers.docker_task import prepare  # noqa: E402
 
@@ -61,12 +62,21 @@ class Agent:
     def __init__(self, server: ServerProcess, user: UserClient, root: Path):
         body = user.create_agent(f"bench-{os.getpid()}-{root.name}")
         self.id, self.token, self.root = body["id"], body["token"], root
-        env = dict(os.environ, SERVER_ADDRESS=server.url, ACCESS_TOKEN=self.token, AGENT_HOST_DIR=str(root),
-                   MIN_FREE_DISK_MB="1", MAX_TASKS="2", PYTHONUNBUFFERED="1", TASK_DIR_CLEANUP="always")
+        env = dict(
+            os.environ,
+            SERVER_ADDRESS=server.url,
+            ACCESS_TOKEN=self.token,
+            AGENT_HOST_DIR=str(root),
+            MIN_FREE_DISK_MB="1",
+            MAX_TASKS="2",
+            PYTHONUNBUFFERED="1",
+            TASK_DIR_CLEANUP="always",
+        )
         env.pop("SLY_AGENT_HANDLER", None)
         self.log = open(root.parent / f"{root.name}.log", "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "agent"], cwd=REPO, env=env, stdout=self.log,
-                                     stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "agent"], cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT
+        )
 
     def stop(self):
         self.proc.terminate()
@@ -78,8 +88,11 @@ class Agent:
 
 
 def final(user: UserClient, task_id: int, timeout=300.0) -> dict:
-    return wait(lambda: (t := user.get_task(task_id))["state"] in ("finished", "failed", "stopped", "lost") and t,
-                timeout=timeout, interval=0.01)
+    return wait(
+        lambda: (t := user.get_task(task_id))["state"] in ("finished", "failed", "stopped", "lost") and t,
+        timeout=timeout,
+        interval=0.01,
+    )
 
 
 def bench_pickup(user, agent, dc, image, runs):
@@ -88,12 +101,13 @@ def bench_pickup(user, agent, dc, image, runs):
         t0 = time.time()
         task = user.create_task(agent.id, "custom", image=image, command=["sleep", "5"])
         c = wait(lambda: _get(dc, f"sly_task_{task['id']}"), interval=0.002)
-        wait(lambda: (c.reload() or c.attrs["State"]["StartedAt"][:4] != "0001"), interval=0.002)
+        wait(lambda: c.reload() or c.attrs["State"]["StartedAt"][:4] != "0001", interval=0.002)
         ours.append(started_at(c) - t0)
         user.stop_task(task["id"])
         t0 = time.time()
-        cid = subprocess.run(["docker", "run", "-d", image, "sleep", "5"], capture_output=True, text=True,
-                             check=True).stdout.strip()
+        cid = subprocess.run(
+            ["docker", "run", "-d", image, "sleep", "5"], capture_output=True, text=True, check=True
+        ).stdout.strip()
         b = dc.containers.get(cid)
         bare.append(started_at(b) - t0)
         b.remove(force=True)
@@ -118,8 +132,10 @@ def bench_life(user, agent, image, runs, timeline=False):
         ours.append(time.perf_counter() - t0)
         if timeline:
             tl = done["timeline"]
-            print("    " + "  ".join(f"{b['state']} +{(b['ts'] - a['ts']) * 1000:.0f}" for a, b in zip(tl, tl[1:])),
-                  flush=True)
+            print(
+                "    " + "  ".join(f"{b['state']} +{(b['ts'] - a['ts']) * 1000:.0f}" for a, b in zip(tl, tl[1:])),
+                flush=True,
+            )
         t0 = time.perf_counter()
         subprocess.run(["docker", "run", "--rm", image, "true"], check=True)
         bare.append(time.perf_counter() - t0)
@@ -131,7 +147,7 @@ def bench_logs(user, agent, dc, image, n, timeline=False):
     t0 = time.perf_counter()
     task = user.create_task(agent.id, "custom", image=image, command=cmd)
     c = wait(lambda: _get(dc, f"sly_task_{task['id']}"), interval=0.002)
-    wait(lambda: (c.reload() or c.attrs["State"]["StartedAt"][:4] != "0001"), interval=0.002)
+    wait(lambda: c.reload() or c.attrs["State"]["StartedAt"][:4] != "0001", interval=0.002)
     start = started_at(c)
     done = final(user, task["id"], timeout=600)
     assert done["state"] == "finished", done
@@ -185,9 +201,11 @@ def bench_download(server, user, tmp: Path, files: int, kb: int, workers: int):
     print(f"uploading a project of {files} files x {kb} KB ...", flush=True)
     blobs = []
     with ThreadPoolExecutor(8) as pool:
+
         def up(i):
             data = os.urandom(kb * 1024 - 16) + i.to_bytes(16, "big")
             return {"name": f"img_{i:05d}.png", "sha256": user.upload_bytes(data), "size": len(data)}
+
         items = list(pool.map(up, range(files)))
     blobs = [it["sha256"] for it in items]
     project = user.create_project(f"bench-{os.getpid()}", [{"name": "ds", "items": items}])
@@ -206,14 +224,21 @@ def bench_download(server, user, tmp: Path, files: int, kb: int, workers: int):
         with open(out / sha, "wb") as f:
             for chunk in r.iter_content(1 << 20):
                 f.write(chunk)
+
     t0 = time.perf_counter()
     with ThreadPoolExecutor(workers) as pool:
         list(pool.map(get, blobs))
     plain = time.perf_counter() - t0
     # ours: the handler's preparation (verify, atomic rename, hard links), cold then warm cache
     root = tmp / "agent"
-    cfg = Config(server_address=server.url, access_token=agent["token"], host_dir=str(root), agent_dir=str(root),
-                 min_free_disk_mb=1, download_workers=workers)
+    cfg = Config(
+        server_address=server.url,
+        access_token=agent["token"],
+        host_dir=str(root),
+        agent_dir=str(root),
+        min_free_disk_mb=1,
+        download_workers=workers,
+    )
     api = AgentAPI(server.url, agent["token"])
     task1 = user.create_task(agent["id"], "custom", image="x", project_id=project["id"])
     task2 = user.create_task(agent["id"], "custom", image="x", project_id=project["id"])
@@ -251,37 +276,65 @@ def main():
         def append(self, row):
             print("  " + " | ".join(row), flush=True)
             super().append(row)
+
     rows = Rows()
     try:
         wait(lambda: user.get_agent(agent.id).get("status") == "online", timeout=30, interval=0.1)
-        time.sleep(1.0)   # let the agent finish its start-up (orphan reaping, first telemetry)
+        time.sleep(1.0)  # let the agent finish its start-up (orphan reaping, first telemetry)
         if "pickup" in only:
             print("pickup ...", flush=True)
             ours, bare = bench_pickup(user, agent, dc, image, args.runs)
             po, pb = statistics.median(ours), statistics.median(bare)
-            rows.append(("pickup: task created -> container started (median)", f"{po * 1000:.0f} ms",
-                         f"`docker run -d`: {pb * 1000:.0f} ms", f"{po / pb:.2f}x (+{(po - pb) * 1000:.0f} ms)"))
+            rows.append(
+                (
+                    "pickup: task created -> container started (median)",
+                    f"{po * 1000:.0f} ms",
+                    f"`docker run -d`: {pb * 1000:.0f} ms",
+                    f"{po / pb:.2f}x (+{(po - pb) * 1000:.0f} ms)",
+                )
+            )
         if "life" in only:
             print("whole life ...", flush=True)
             ours, bare = bench_life(user, agent, image, args.runs, args.timeline)
             lo, lb = statistics.median(ours), statistics.median(bare)
-            rows.append(("trivial task `true`: created -> finished on the server (median)", f"{lo * 1000:.0f} ms",
-                         f"`docker run --rm`: {lb * 1000:.0f} ms", f"{lo / lb:.2f}x"))
+            rows.append(
+                (
+                    "trivial task `true`: created -> finished on the server (median)",
+                    f"{lo * 1000:.0f} ms",
+                    f"`docker run --rm`: {lb * 1000:.0f} ms",
+                    f"{lo / lb:.2f}x",
+                )
+            )
         if "logs" in only:
             print("log throughput ...", flush=True)
             run_s, total_s, bare_s = bench_logs(user, agent, dc, image, args.lines, args.timeline)
-            rows.append((f"{args.lines:,} log lines: container start -> all stored on the server, in order",
-                         f"{run_s:.2f} s = {args.lines / run_s:,.0f} lines/s",
-                         f"`docker run --rm ... > /dev/null`: {bare_s:.2f} s = {args.lines / bare_s:,.0f} lines/s",
-                         f"{run_s / bare_s:.2f}x time"))
+            rows.append(
+                (
+                    f"{args.lines:,} log lines: container start -> all stored on the server, in order",
+                    f"{run_s:.2f} s = {args.lines / run_s:,.0f} lines/s",
+                    f"`docker run --rm ... > /dev/null`: {bare_s:.2f} s = {args.lines / bare_s:,.0f} lines/s",
+                    f"{run_s / bare_s:.2f}x time",
+                )
+            )
         if "download" in only:
             print("download ...", flush=True)
             plain, first, second, mb = bench_download(server, user, tmp / "dl", args.files, args.file_kb, args.workers)
-            rows.append((f"{args.files} files ({mb:.0f} MB): first preparation (fetch, verify, cache, link)",
-                         f"{first:.2f} s = {mb / first:.1f} MB/s", f"plain parallel GET: {plain:.2f} s = {mb / plain:.1f} MB/s",
-                         f"{plain / first:.2f} of the plain fetch's speed"))
-            rows.append((f"{args.files} files: cached second preparation (links only)", f"{second * 1000:.0f} ms",
-                         "", f"{0 if second == 0 else first / second:.0f}x faster than the first"))
+            rows.append(
+                (
+                    f"{args.files} files ({mb:.0f} MB): first preparation (fetch, verify, cache, link)",
+                    f"{first:.2f} s = {mb / first:.1f} MB/s",
+                    f"plain parallel GET: {plain:.2f} s = {mb / plain:.1f} MB/s",
+                    f"{plain / first:.2f} of the plain fetch's speed",
+                )
+            )
+            rows.append(
+                (
+                    f"{args.files} files: cached second preparation (links only)",
+                    f"{second * 1000:.0f} ms",
+                    "",
+                    f"{0 if second == 0 else first / second:.0f}x faster than the first",
+                )
+            )
     finally:
         agent.stop()
         server.stop()

@@ -9,6 +9,7 @@ the answer carries an ETag, the same request again with If-None-Match. Prints th
 wire, the decoded bytes, and the median and worst time of --repeat refreshes; then what the
 console's nodes page asks: one page of 100 rows and the same again with If-None-Match.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,7 +38,9 @@ def populate(srv: ServerProcess, n: int) -> None:
         a = admin.post(srv.url + "/api/v1/agents", json={"name": f"node-{i:04d}"}, timeout=60).json()
         s = requests.Session()
         s.headers["x-token"] = a["token"]
-        s.post(srv.url + "/agent/v1/connect", json=dict(SYSTEM_INFO, hostname=f"sim-{i}"), timeout=60).raise_for_status()
+        s.post(
+            srv.url + "/agent/v1/connect", json=dict(SYSTEM_INFO, hostname=f"sim-{i}"), timeout=60
+        ).raise_for_status()
         s.post(srv.url + "/agent/v1/telemetry", json=telemetry_sample(2), timeout=60).raise_for_status()
 
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
@@ -56,7 +59,7 @@ def refresh(s: requests.Session, url: str, etags: dict) -> tuple[int, int, int, 
         wire += len(raw)
         if r.status_code == 304:
             not_modified += 1
-            return wire, decoded, rows, not_modified   # the console keeps what it drew
+            return wire, decoded, rows, not_modified  # the console keeps what it drew
         r.raise_for_status()
         body = gzip.decompress(raw) if r.headers.get("content-encoding") == "gzip" else raw
         decoded += len(body)
@@ -89,27 +92,36 @@ def main(argv=None) -> None:
             url = srv.url + "/api/v1/agents"
             for label, keep_etags in (("full refresh", False), ("refresh with If-None-Match", True)):
                 times, etags = [], {}
-                refresh(s, url, etags)          # warm up; collects the ETags
+                refresh(s, url, etags)  # warm up; collects the ETags
                 for _ in range(a.repeat):
                     t = time.perf_counter()
                     wire, decoded, rows, nm = refresh(s, url, etags if keep_etags else {})
                     times.append(time.perf_counter() - t)
-                print(f"{label}: {rows} rows, {wire:,} bytes on the wire, {decoded:,} decoded, "
-                      f"{nm} x 304; median {statistics.median(times) * 1000:.0f} ms, "
-                      f"max {max(times) * 1000:.0f} ms")
+                print(
+                    f"{label}: {rows} rows, {wire:,} bytes on the wire, {decoded:,} decoded, "
+                    f"{nm} x 304; median {statistics.median(times) * 1000:.0f} ms, "
+                    f"max {max(times) * 1000:.0f} ms"
+                )
             # What the console's nodes page asks every 5 s: one page of 100 rows, then If-None-Match.
             times, nm = [], 0
             for _ in range(a.repeat):
                 t = time.perf_counter()
                 r = s.get(url, params={"limit": 100}, stream=True, timeout=60)
                 wire = len(r.raw.read(decode_content=False))
-                r2 = s.get(url, params={"limit": 100}, headers={"If-None-Match": r.headers.get("etag") or "-"},
-                           stream=True, timeout=60)
+                r2 = s.get(
+                    url,
+                    params={"limit": 100},
+                    headers={"If-None-Match": r.headers.get("etag") or "-"},
+                    stream=True,
+                    timeout=60,
+                )
                 wire2 = len(r2.raw.read(decode_content=False))
                 nm += r2.status_code == 304
                 times.append(time.perf_counter() - t)
-            print(f"console page (limit=100): {wire:,} bytes on the wire, then {wire2:,} bytes with "
-                  f"If-None-Match ({nm}/{a.repeat} x 304); both requests: median {statistics.median(times) * 1000:.0f} ms")
+            print(
+                f"console page (limit=100): {wire:,} bytes on the wire, then {wire2:,} bytes with "
+                f"If-None-Match ({nm}/{a.repeat} x 304); both requests: median {statistics.median(times) * 1000:.0f} ms"
+            )
         finally:
             srv.close()
 

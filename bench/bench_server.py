@@ -9,6 +9,7 @@ the same process against the same server.
 - ingest: --lines log lines in batches of --batch to POST /agent/v1/tasks/{id}/logs. Baseline: the
   same bytes POSTed to /api/v1/_echo, which reads and discards them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,18 +71,20 @@ def bench_pickup(url: str, client: UserClient, n: int) -> list[float]:
     stop = threading.Event()
 
     def agent_loop():
-        running: list[int] = []   # tasks are finished at once: nothing is running between polls
+        running: list[int] = []  # tasks are finished at once: nothing is running between polls
         while not stop.is_set():
-            r = agent.post(url + "/agent/v1/poll?wait=30", json={"free_slots": 1, "free_gpus": [], "running": running},
-                           timeout=40).json()
+            r = agent.post(
+                url + "/agent/v1/poll?wait=30", json={"free_slots": 1, "free_gpus": [], "running": running}, timeout=40
+            ).json()
             now = time.perf_counter()
             for t in r["tasks"]:
                 received[t["id"]] = now
             if r["tasks"]:
                 got.set()
-            for t in r["tasks"]:   # finish it, so the agent holds no task between measurements
+            for t in r["tasks"]:  # finish it, so the agent holds no task between measurements
                 for state in ("running", "finished"):
                     agent.post(url + f"/agent/v1/tasks/{t['id']}/state", json={"state": state}).raise_for_status()
+
     th = threading.Thread(target=agent_loop, daemon=True)
     th.start()
     time.sleep(0.3)
@@ -93,9 +96,9 @@ def bench_pickup(url: str, client: UserClient, n: int) -> list[float]:
         if not got.wait(10):
             raise RuntimeError("the waiting poll did not return the task")
         lat.append(received[tid] - t0)
-        time.sleep(0.03)   # let the agent finish it and its next poll reach the server and wait
+        time.sleep(0.03)  # let the agent finish it and its next poll reach the server and wait
     stop.set()
-    client.create_task(a["id"], "custom", image="x:1")   # release the last poll
+    client.create_task(a["id"], "custom", image="x:1")  # release the last poll
     th.join(5)
     return lat
 
@@ -114,8 +117,12 @@ class IdlePolls:
         body = json.dumps({"free_slots": 0, "free_gpus": [], "running": []})
         for tok in self.tokens:
             r, w = await asyncio.open_connection(self.host, int(self.port))
-            w.write((f"POST /agent/v1/poll?wait=60 HTTP/1.1\r\nhost: x\r\nx-token: {tok}\r\n"
-                     f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n{body}").encode())
+            w.write(
+                (
+                    f"POST /agent/v1/poll?wait=60 HTTP/1.1\r\nhost: x\r\nx-token: {tok}\r\n"
+                    f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n{body}"
+                ).encode()
+            )
             self.writers.append(w)
         self.opened.set()
 
@@ -145,9 +152,15 @@ def bench_ingest(url: str, client: UserClient, total: int, batch: int) -> tuple[
     s.post(url + "/agent/v1/poll", json={"free_slots": 1}).raise_for_status()
     bodies = []
     for first in range(0, total, batch):
-        lines = [{"ts": 1700000000.0 + i / 1000, "level": "info", "stream": "stdout",
-                  "message": f"epoch 3 step {i} loss=0.{i % 9973:04d} lr=0.0003 throughput=412.5 img/s"}
-                 for i in range(first, min(total, first + batch))]
+        lines = [
+            {
+                "ts": 1700000000.0 + i / 1000,
+                "level": "info",
+                "stream": "stdout",
+                "message": f"epoch 3 step {i} loss=0.{i % 9973:04d} lr=0.0003 throughput=412.5 img/s",
+            }
+            for i in range(first, min(total, first + batch))
+        ]
         bodies.append(json.dumps({"first_seq": first, "lines": lines}).encode())
     nbytes = sum(len(b) for b in bodies)
     admin = client.session
@@ -181,8 +194,11 @@ def main() -> None:
         rtt = bench_rtt(url, args.tasks)
         create = bench_create(client, args.tasks)
         pick = bench_pickup(url, client, args.tasks)
-        rows = [("GET /healthz round trip (baseline)", rtt), ("POST /api/v1/tasks round trip, no poll waiting", create),
-                ("task created -> waiting long-poll returns it", pick)]
+        rows = [
+            ("GET /healthz round trip (baseline)", rtt),
+            ("POST /api/v1/tasks round trip, no poll waiting", create),
+            ("task created -> waiting long-poll returns it", pick),
+        ]
 
         idle_info = ""
         if args.idle_polls:
@@ -201,8 +217,10 @@ def main() -> None:
             rtt2 = bench_rtt(url, args.tasks)
             pick2 = bench_pickup(url, client, args.tasks)
             idle.close()
-            rows += [(f"GET /healthz with {n_open} idle long-polls open", rtt2),
-                     (f"pickup with {n_open} idle long-polls open", pick2)]
+            rows += [
+                (f"GET /healthz with {n_open} idle long-polls open", rtt2),
+                (f"pickup with {n_open} idle long-polls open", pick2),
+            ]
             idle_info = f"{n_open} idle long-polls open: server CPU {cpu:.1f} % of one core, RSS {rss:.0f} MiB"
 
         ingest_s, echo_s, nbytes = bench_ingest(url, client, args.lines, args.batch)
@@ -221,8 +239,12 @@ def main() -> None:
     print(f"\n## log ingest ({args.lines} lines in batches of {args.batch}, {mib:.1f} MiB of JSON)\n")
     print("| what | time | lines/s | MiB/s | ratio |")
     print("|---|---|---|---|---|")
-    print(f"| POST same bytes to /api/v1/_echo (baseline) | {echo_s:.2f} s | {args.lines / echo_s:,.0f} | {mib / echo_s:.1f} | 1.00x |")
-    print(f"| POST /agent/v1/tasks/{{id}}/logs (stored, acked) | {ingest_s:.2f} s | {args.lines / ingest_s:,.0f} | {mib / ingest_s:.1f} | {ingest_s / echo_s:.2f}x time |")
+    print(
+        f"| POST same bytes to /api/v1/_echo (baseline) | {echo_s:.2f} s | {args.lines / echo_s:,.0f} | {mib / echo_s:.1f} | 1.00x |"
+    )
+    print(
+        f"| POST /agent/v1/tasks/{{id}}/logs (stored, acked) | {ingest_s:.2f} s | {args.lines / ingest_s:,.0f} | {mib / ingest_s:.1f} | {ingest_s / echo_s:.2f}x time |"
+    )
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ clocks are compared. Absolute figures depend on the machine, its load (a shared 
 them) and the cluster's commit cost (fsync on: each commit waits for a WAL flush); the ratio is
 what to compare between runs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,8 +55,15 @@ import aiohttp
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.bench_fleet import (SYSTEM_INFO, bench_cluster, pct, pg_database, run_loop,  # noqa: E402
-                               start_replicas, stop_servers)
+from bench.bench_fleet import (
+    SYSTEM_INFO,
+    bench_cluster,
+    pct,
+    pg_database,
+    run_loop,  # noqa: E402
+    start_replicas,
+    stop_servers,
+)
 from protocol import endpoints as ep  # noqa: E402
 from tests.support.server import ServerProcess  # noqa: E402
 
@@ -68,10 +76,12 @@ class Miss(Exception):
     """A round whose waiter answered without the change (counted, not timed)."""
 
 
-async def call(sess: aiohttp.ClientSession, method: str, path: str, headers: dict, body=None,
-               timeout: float = 30.0) -> dict:
-    async with sess.request(method, path, json=body, headers=headers,
-                            timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+async def call(
+    sess: aiohttp.ClientSession, method: str, path: str, headers: dict, body=None, timeout: float = 30.0
+) -> dict:
+    async with sess.request(
+        method, path, json=body, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout)
+    ) as r:
         data = await r.read()
         if r.status >= 400:
             raise RuntimeError(f"{method} {path}: HTTP {r.status}: {data[:300]!r}")
@@ -88,8 +98,12 @@ class Follower:
 
     async def _run(self, sess, admin, task_id) -> None:
         path = ep.path(ep.USER_TASK_LOGS, task_id=task_id)
-        async with sess.get(path, params={"after": "-1", "follow": "1"}, headers=admin,
-                            timeout=aiohttp.ClientTimeout(total=None, sock_read=None)) as r:
+        async with sess.get(
+            path,
+            params={"after": "-1", "follow": "1"},
+            headers=admin,
+            timeout=aiohttp.ClientTimeout(total=None, sock_read=None),
+        ) as r:
             if r.status != 200:
                 raise RuntimeError(f"follow: HTTP {r.status}: {(await r.read())[:300]!r}")
             event = None
@@ -123,7 +137,7 @@ class Side:
         self.name, self.waiter, self.changer, self.admin = name, waiter, changer, admin
         self.agent_id = 0
         self.node: dict = {}
-        self.log_task = None          # the task the node runs throughout (log rounds write to it)
+        self.log_task = None  # the task the node runs throughout (log rounds write to it)
         self.follower: Follower | None = None
         self.seq = 0
 
@@ -131,16 +145,24 @@ class Side:
         return ([self.log_task] if self.log_task is not None else []) + list(more)
 
     async def setup_agent(self) -> None:
-        info = await call(self.changer, "POST", ep.AGENTS, self.admin,
-                          {"name": f"bench-{self.name}", "allowed_task_types": ["custom"]})
+        info = await call(
+            self.changer,
+            "POST",
+            ep.AGENTS,
+            self.admin,
+            {"name": f"bench-{self.name}", "allowed_task_types": ["custom"]},
+        )
         self.agent_id, self.node = info["id"], {"x-token": info["token"]}
         await call(self.waiter, "POST", ep.CONNECT, self.node, SYSTEM_INFO)
 
     async def poll(self, wait: float, free_slots: int, running: list[int]) -> tuple[dict, float]:
         """One poll on the waiter replica: (its answer, when it arrived)."""
-        async with self.waiter.post(f"{ep.POLL}?wait={wait:g}", headers=self.node,
-                                    json={"free_slots": free_slots, "free_gpus": [], "running": running},
-                                    timeout=aiohttp.ClientTimeout(total=wait + 20)) as r:
+        async with self.waiter.post(
+            f"{ep.POLL}?wait={wait:g}",
+            headers=self.node,
+            json={"free_slots": free_slots, "free_gpus": [], "running": running},
+            timeout=aiohttp.ClientTimeout(total=wait + 20),
+        ) as r:
             data = await r.read()
             t = time.perf_counter()
             if r.status != 200:
@@ -153,15 +175,22 @@ class Side:
     async def poll_open(self) -> None:
         """Until the waiter replica counts the node's poll as open: it is waiting on its wake-up."""
         deadline = time.monotonic() + 10
-        while (await call(self.waiter, "GET", ep.path(ep.AGENT_BY_ID, agent_id=self.agent_id), self.admin))["polls_open"] < 1:
+        while (await call(self.waiter, "GET", ep.path(ep.AGENT_BY_ID, agent_id=self.agent_id), self.admin))[
+            "polls_open"
+        ] < 1:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{self.name}: the node's poll is not open after 10 s")
             await asyncio.sleep(0.005)
         await asyncio.sleep(0.01)
 
     async def new_task(self) -> int:
-        t = await call(self.changer, "POST", ep.TASKS, self.admin,
-                       {"agent_id": self.agent_id, "type": "custom", "image": "bench:1"})
+        t = await call(
+            self.changer,
+            "POST",
+            ep.TASKS,
+            self.admin,
+            {"agent_id": self.agent_id, "type": "custom", "image": "bench:1"},
+        )
         return t["id"]
 
     async def start_running(self) -> int:
@@ -189,7 +218,7 @@ class Side:
         finally:
             waiter.cancel()
         got = [t["id"] for t in answer["tasks"]]
-        for t in got:                       # the node runs what it got, and it ends
+        for t in got:  # the node runs what it got, and it ends
             await self.state(t, "running")
             await self.state(t, "finished")
         if got != [tid]:
@@ -217,14 +246,19 @@ class Side:
         arrived = self.follower.expect(seq)
         t0 = time.perf_counter()
         # The node posts to the changing replica (a node may reach any replica through a balancer).
-        r = await call(self.changer, "POST", ep.path(ep.TASK_LOGS, task_id=self.log_task), self.node,
-                       {"first_seq": seq, "lines": [{"ts": time.time(), "message": f"bench line {seq}"}]})
+        r = await call(
+            self.changer,
+            "POST",
+            ep.path(ep.TASK_LOGS, task_id=self.log_task),
+            self.node,
+            {"first_seq": seq, "lines": [{"ts": time.time(), "message": f"bench line {seq}"}]},
+        )
         t_req = time.perf_counter() - t0
         if r.get("acked") != seq:
             raise RuntimeError(f"log POST acked {r}, expected {seq}")
         try:
             t1 = await asyncio.wait_for(arrived, 10)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise Miss(f"log line: seq {seq} did not reach the follower within 10 s") from None
         return t1 - t0, t_req
 
@@ -235,8 +269,10 @@ class Side:
 async def run(args, url_a: str, url_b: str, admin_token: str) -> dict:
     admin = {"Authorization": f"Bearer {admin_token}"}
     # Idle connections are closed before uvicorn's 5 s keep-alive ends (as bench_fleet does).
-    sess = {name: aiohttp.ClientSession(url, connector=aiohttp.TCPConnector(keepalive_timeout=3.0))
-            for name, url in (("A", url_a), ("B", url_b))}
+    sess = {
+        name: aiohttp.ClientSession(url, connector=aiohttp.TCPConnector(keepalive_timeout=3.0))
+        for name, url in (("A", url_a), ("B", url_b))
+    }
     sides = {"same": Side("same", sess["A"], sess["A"], admin), "cross": Side("cross", sess["B"], sess["A"], admin)}
     lat = {k: {s: [] for s in SIDES} for k in KINDS}
     req = {k: {s: [] for s in SIDES} for k in KINDS}
@@ -251,9 +287,9 @@ async def run(args, url_a: str, url_b: str, admin_token: str) -> dict:
             warm["task"][name] = (await sides[name].round_task())[0]
         for name in ("cross", "same"):
             await sides[name].setup_log_task()
-            await sides[name].round_log()        # seq 0, through the stream just opened
+            await sides[name].round_log()  # seq 0, through the stream just opened
             await asyncio.sleep(0.2)
-        for kind in ("stop", "log line"):        # one untimed round of the others, on each side
+        for kind in ("stop", "log line"):  # one untimed round of the others, on each side
             for name in ("cross", "same"):
                 warm[kind][name] = (await sides[name].round(kind))[0]
                 await asyncio.sleep(0.1)
@@ -289,8 +325,10 @@ def ms(x: float | None) -> str:
 
 def report(args, r: dict) -> dict:
     lat, req, warm = r["lat"], r["req"], r["warm"]
-    print(f"\nbench_wakeups: 2 replicas on one PostgreSQL database, {args.n} rounds per kind and side; "
-          f"same: waiter and change on A; cross: waiter on B, change on A")
+    print(
+        f"\nbench_wakeups: 2 replicas on one PostgreSQL database, {args.n} rounds per kind and side; "
+        f"same: waiter and change on A; cross: waiter on B, change on A"
+    )
     print(f"{'kind':10} {'same p50':>10} {'same p99':>10} {'cross p50':>10} {'cross p99':>10} {'cross/same p50':>15}")
     out = {"n": args.n, "kinds": {}, "misses": r["misses"]}
     for k in KINDS:
@@ -299,26 +337,40 @@ def report(args, r: dict) -> dict:
         ratio = c50 / s50 if s and c and s50 > 0 else float("nan")
         print(f"{k:10} {ms(s50):>10} {ms(pct(s, 99)):>10} {ms(c50):>10} {ms(pct(c, 99)):>10} {ratio:>14.2f}x")
         out["kinds"][k] = {
-            side: {"n": len(lat[k][side]), "p50": pct(lat[k][side], 50), "p99": pct(lat[k][side], 99),
-                   "max": max(lat[k][side]) if lat[k][side] else None,
-                   "change_request_p50": pct(req[k][side], 50), "warmup": warm[k].get(side)}
-            for side in SIDES}
+            side: {
+                "n": len(lat[k][side]),
+                "p50": pct(lat[k][side], 50),
+                "p99": pct(lat[k][side], 99),
+                "max": max(lat[k][side]) if lat[k][side] else None,
+                "change_request_p50": pct(req[k][side], 50),
+                "warmup": warm[k].get(side),
+            }
+            for side in SIDES
+        }
         out["kinds"][k]["ratio_p50"] = ratio
     names = {"task": "create", "stop": "stop", "log line": "log POST"}
-    print("the change request alone, p50 same / cross: " + ", ".join(
-        f"{names[k]} {ms(pct(req[k]['same'], 50))} / {ms(pct(req[k]['cross'], 50))}" for k in KINDS))
+    print(
+        "the change request alone, p50 same / cross: "
+        + ", ".join(f"{names[k]} {ms(pct(req[k]['same'], 50))} / {ms(pct(req[k]['cross'], 50))}" for k in KINDS)
+    )
     # What is left once the change's own answer is in (its commit included in both): the hop itself,
     # plus the waiter's own work (a hand-out commits a transaction; a follower only reads).
     after = {k: {side: [a - b for a, b in zip(lat[k][side], req[k][side])] for side in SIDES} for k in KINDS}
-    print("the waiter's answer after the change's own answer, p50 same / cross: " + ", ".join(
-        f"{k} {ms(pct(after[k]['same'], 50))} / {ms(pct(after[k]['cross'], 50))}" for k in KINDS))
+    print(
+        "the waiter's answer after the change's own answer, p50 same / cross: "
+        + ", ".join(f"{k} {ms(pct(after[k]['same'], 50))} / {ms(pct(after[k]['cross'], 50))}" for k in KINDS)
+    )
     for k in KINDS:
         for side in SIDES:
             out["kinds"][k][side]["after_change_answer_p50"] = pct(after[k][side], 50)
-    print(f"first hand-out of the run (cold): cross {ms(warm['task']['cross'])} (A's first create, B's first "
-          f"hand-out), then same {ms(warm['task']['same'])} (A's first hand-out)")
-    print("first stop and log line (untimed warm-up), same / cross: " + ", ".join(
-        f"{k} {ms(warm[k].get('same'))} / {ms(warm[k].get('cross'))}" for k in ("stop", "log line")))
+    print(
+        f"first hand-out of the run (cold): cross {ms(warm['task']['cross'])} (A's first create, B's first "
+        f"hand-out), then same {ms(warm['task']['same'])} (A's first hand-out)"
+    )
+    print(
+        "first stop and log line (untimed warm-up), same / cross: "
+        + ", ".join(f"{k} {ms(warm[k].get('same'))} / {ms(warm[k].get('cross'))}" for k in ("stop", "log line"))
+    )
     print(f"misses (the waiter answered without the change): {len(r['misses'])}")
     for m in r["misses"][:10]:
         print(f"  {m}")
@@ -331,10 +383,16 @@ def report(args, r: dict) -> dict:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--db", default="pg", help="pg (.ci/pg-up.sh's cluster on SLY_PG_PORT, default 55433) "
-                                               "or a PostgreSQL SQLAlchemy URL; a fresh database is made on it")
+    ap.add_argument(
+        "--db",
+        default="pg",
+        help="pg (.ci/pg-up.sh's cluster on SLY_PG_PORT, default 55433) "
+        "or a PostgreSQL SQLAlchemy URL; a fresh database is made on it",
+    )
     ap.add_argument("--n", type=int, default=30, help="timed rounds of each kind on each side")
-    ap.add_argument("--server-arg", action="append", default=[], help="extra argument for python -m server (repeatable)")
+    ap.add_argument(
+        "--server-arg", action="append", default=[], help="extra argument for python -m server (repeatable)"
+    )
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
 

@@ -3,6 +3,7 @@
 Imports only `protocol` and third-party libraries, never `server`: it is what a user installs
 on a laptop to drive a server somewhere else.
 """
+
 from client.api import FINAL_STATES, UserClient
 from protocol.errors import APIError, AuthError
 

@@ -9,14 +9,15 @@
 Every method returns decoded JSON or raises `protocol.errors.APIError` (`AuthError` for a
 refused token).
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import os
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -42,14 +43,25 @@ class UserClient:
         self.session.headers["Authorization"] = ep.BEARER + admin_token
         # 503 `server_busy` (the server is decoding other large bodies; nothing was stored) is asked
         # again after its Retry-After. A PUT's body may be a file already read, so it is not.
-        busy = Retry(total=6, connect=0, read=0, other=0, status=6, status_forcelist=(503,),
-                     allowed_methods=frozenset({"GET", "HEAD", "POST", "PATCH", "DELETE"}), backoff_factor=0.5,
-                     respect_retry_after_header=True, raise_on_status=False)
+        busy = Retry(
+            total=6,
+            connect=0,
+            read=0,
+            other=0,
+            status=6,
+            status_forcelist=(503,),
+            allowed_methods=frozenset({"GET", "HEAD", "POST", "PATCH", "DELETE"}),
+            backoff_factor=0.5,
+            respect_retry_after_header=True,
+            raise_on_status=False,
+        )
         self.session.mount("http://", HTTPAdapter(max_retries=busy))
         self.session.mount("https://", HTTPAdapter(max_retries=busy))
 
     # --- plumbing ---
-    def request(self, method: str, path: str, *, expect=(200,), timeout: float | None = None, **kw) -> requests.Response:
+    def request(
+        self, method: str, path: str, *, expect=(200,), timeout: float | None = None, **kw
+    ) -> requests.Response:
         r = self.session.request(method, self.base + path, timeout=timeout or self.timeout, **kw)
         if r.status_code not in expect:
             raise decode_error(r.status_code, r.content, method=method, path=path)
@@ -104,8 +116,13 @@ class UserClient:
 
     def put_blob(self, sha256: str, data) -> None:
         """PUT bytes or a readable object (give it a __len__ to send a Content-Length) as blob `sha256`."""
-        self.request("PUT", ep.path(ep.USER_BLOB, sha256=sha256), data=data,
-                     timeout=max(self.timeout, BLOB_TIMEOUT), headers=OCTETS)
+        self.request(
+            "PUT",
+            ep.path(ep.USER_BLOB, sha256=sha256),
+            data=data,
+            timeout=max(self.timeout, BLOB_TIMEOUT),
+            headers=OCTETS,
+        )
 
     def upload_file(self, path: str | os.PathLike) -> str:
         """Upload a file as a blob unless the server has it already; return its sha256."""
@@ -121,7 +138,9 @@ class UserClient:
         """The blob's bytes, or (with dest) write them to dest, verified against sha256, and return its Path."""
         if dest is not None:
             return download.fetch_blob(self, sha256, Path(dest))
-        return self.request("GET", ep.path(ep.USER_BLOB, sha256=sha256), timeout=max(self.timeout, BLOB_TIMEOUT)).content
+        return self.request(
+            "GET", ep.path(ep.USER_BLOB, sha256=sha256), timeout=max(self.timeout, BLOB_TIMEOUT)
+        ).content
 
     # --- projects and models ---
     def create_project(self, name: str, datasets: list[dict], meta: dict | None = None) -> dict:
@@ -131,14 +150,20 @@ class UserClient:
             body["meta"] = meta
         return self._json("POST", ep.PROJECTS, body)
 
-    def upload_project_dir(self, directory: str | os.PathLike, name: str | None = None,
-                           progress: upload.Progress | None = None) -> dict:
+    def upload_project_dir(
+        self, directory: str | os.PathLike, name: str | None = None, progress: upload.Progress | None = None
+    ) -> dict:
         """Upload a folder as a project: a Supervisely project (meta.json at its top) with its meta and
         annotations, else each sub-folder is a dataset and files at the top go to `ds0`."""
         return upload.upload_project(self, Path(directory), name, progress)
 
-    def download_project(self, project_id: int, directory: str | os.PathLike, force: bool = False,
-                         progress: download.Progress | None = None) -> dict:
+    def download_project(
+        self,
+        project_id: int,
+        directory: str | os.PathLike,
+        force: bool = False,
+        progress: download.Progress | None = None,
+    ) -> dict:
         """Write the project into `directory` as a Supervisely project folder; refuses a non-empty one unless force."""
         return download.download_project(self, project_id, Path(directory), force, progress)
 
@@ -151,13 +176,19 @@ class UserClient:
     def create_model(self, name: str, files: list[dict]) -> dict:
         return self._json("POST", ep.MODELS, {"name": name, "files": files})
 
-    def upload_model_dir(self, directory: str | os.PathLike, name: str | None = None,
-                         progress: upload.Progress | None = None) -> dict:
+    def upload_model_dir(
+        self, directory: str | os.PathLike, name: str | None = None, progress: upload.Progress | None = None
+    ) -> dict:
         """Upload every file under a folder as a model (paths relative to the folder)."""
         return upload.upload_model(self, Path(directory), name, progress)
 
-    def download_model(self, model_id: int, directory: str | os.PathLike, force: bool = False,
-                       progress: download.Progress | None = None) -> dict:
+    def download_model(
+        self,
+        model_id: int,
+        directory: str | os.PathLike,
+        force: bool = False,
+        progress: download.Progress | None = None,
+    ) -> dict:
         """Write the model's files into `directory` (paths kept); refuses a non-empty one unless force."""
         return download.download_model(self, model_id, Path(directory), force, progress)
 
@@ -168,11 +199,30 @@ class UserClient:
         return self._json("GET", ep.path(ep.MODEL, model_id=model_id))
 
     # --- tasks ---
-    def create_task(self, agent_id: int, type: str, image: str | None = None, *, command=None, config: dict | None = None,
-                    project_id: int | None = None, model_id: int | None = None, resources: dict | None = None,
-                    timeout_s: float | None = None) -> dict:
-        body = {"agent_id": agent_id, "type": type, "image": image, "command": command, "config": config,
-                "project_id": project_id, "model_id": model_id, "resources": resources, "timeout_s": timeout_s}
+    def create_task(
+        self,
+        agent_id: int,
+        type: str,
+        image: str | None = None,
+        *,
+        command=None,
+        config: dict | None = None,
+        project_id: int | None = None,
+        model_id: int | None = None,
+        resources: dict | None = None,
+        timeout_s: float | None = None,
+    ) -> dict:
+        body = {
+            "agent_id": agent_id,
+            "type": type,
+            "image": image,
+            "command": command,
+            "config": config,
+            "project_id": project_id,
+            "model_id": model_id,
+            "resources": resources,
+            "timeout_s": timeout_s,
+        }
         return self._json("POST", ep.TASKS, {k: v for k, v in body.items() if v is not None})
 
     def get_task(self, task_id: int) -> dict:
@@ -202,8 +252,9 @@ class UserClient:
     def task_metrics(self, task_id: int) -> list[dict]:
         return self._json("GET", ep.path(ep.TASK_METRICS, task_id=task_id))["items"]
 
-    def wait_task(self, task_id: int, states: Iterable[str] = FINAL_STATES, timeout: float = 60.0,
-                  interval: float = 0.2) -> dict:
+    def wait_task(
+        self, task_id: int, states: Iterable[str] = FINAL_STATES, timeout: float = 60.0, interval: float = 0.2
+    ) -> dict:
         """Poll the task until its state is one of `states`; return it. TimeoutError after `timeout` s."""
         states = {states} if isinstance(states, str) else set(states)
         deadline = time.monotonic() + timeout
@@ -219,7 +270,9 @@ class UserClient:
         """One page: {"lines": [...], "next": seq to pass as `after` for more, or null}."""
         return self._json("GET", ep.path(ep.USER_TASK_LOGS, task_id=task_id), params={"after": after, "limit": limit})
 
-    def iter_logs(self, task_id: int, follow: bool = True, after: int = -1, timeout: float | None = None) -> Iterator[dict]:
+    def iter_logs(
+        self, task_id: int, follow: bool = True, after: int = -1, timeout: float | None = None
+    ) -> Iterator[dict]:
         """Every log line of the task in seq order. follow=True: live (server-sent events) until the task is final."""
         if not follow:
             while True:
@@ -227,10 +280,15 @@ class UserClient:
                 yield from page["lines"]
                 if page["lines"]:
                     after = page["lines"][-1]["seq"]
-                if page.get("next") is None:   # seq 0 is a valid `next`
+                if page.get("next") is None:  # seq 0 is a valid `next`
                     return
-        r = self.request("GET", ep.path(ep.USER_TASK_LOGS, task_id=task_id), params={"after": after, "follow": 1},
-                         stream=True, timeout=(self.timeout, timeout))
+        r = self.request(
+            "GET",
+            ep.path(ep.USER_TASK_LOGS, task_id=task_id),
+            params={"after": after, "follow": 1},
+            stream=True,
+            timeout=(self.timeout, timeout),
+        )
         event = None
         with r:
             for raw in _sse_lines(r):

@@ -17,6 +17,7 @@ server's answers as JSON). It speaks only the user API, through client.UserClien
 with its meta and annotations; any other folder is plain (each sub-folder a dataset, top files:
 ds0). `projects download` writes a Supervisely project folder the SDK opens.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,8 +58,10 @@ class TextBar:
     def draw(self, note: str = "") -> None:
         frac = self.done / self.total
         fill = int(frac * self.width)
-        self.stream.write(f"\r{self.label} [{'#' * fill}{'.' * (self.width - fill)}] {frac:4.0%} "
-                          f"{human(self.done)}/{human(self.total)} {note[:40]:<40}")
+        self.stream.write(
+            f"\r{self.label} [{'#' * fill}{'.' * (self.width - fill)}] {frac:4.0%} "
+            f"{human(self.done)}/{human(self.total)} {note[:40]:<40}"
+        )
         self.stream.flush()
 
     def close(self) -> None:
@@ -107,11 +110,12 @@ def fmt_ts(ts) -> str:
 
 # --- commands: each takes (client, args) and returns an exit status ---
 
+
 def show_token(answer: dict) -> None:
     print(f"node {answer['id']} {safe(answer.get('name'))}")
     print(f"token: {answer['token']}   (shown only now)")
     rc = answer.get("run_command")
-    for label, cmd in (rc.items() if isinstance(rc, dict) else [("run", rc)] if rc else []):
+    for label, cmd in rc.items() if isinstance(rc, dict) else [("run", rc)] if rc else []:
         print(f"\n# {label}\n{cmd}")
 
 
@@ -130,9 +134,18 @@ def nodes_list(c: UserClient, a) -> int:
     for x in agents:
         t = x.get("telemetry") or {}
         running = x.get("running_tasks")
-        rows.append([x["id"], x["name"], x.get("status", "?"), fmt_ts(x.get("last_seen")) or "never",
-                     len(running) if isinstance(running, list) else (running or 0),
-                     pct(t.get("cpu")), pct(t.get("memory")), ",".join(x.get("allowed_task_types") or [])])
+        rows.append(
+            [
+                x["id"],
+                x["name"],
+                x.get("status", "?"),
+                fmt_ts(x.get("last_seen")) or "never",
+                len(running) if isinstance(running, list) else (running or 0),
+                pct(t.get("cpu")),
+                pct(t.get("memory")),
+                ",".join(x.get("allowed_task_types") or []),
+            ]
+        )
     print(table(rows, ["ID", "NAME", "STATUS", "LAST SEEN", "RUNNING", "CPU", "MEM", "TYPES"]))
     return 0
 
@@ -141,7 +154,11 @@ def nodes_edit(c: UserClient, a) -> int:
     if a.name is None and a.types is None:
         raise SystemExit("error: nothing to change (give --name and/or --types)")
     x = c.patch_agent(a.id, name=a.name, allowed_task_types=a.types)
-    print(json.dumps(x) if a.json else f"node {x['id']} {safe(x['name'])}: {safe(','.join(x.get('allowed_task_types') or []))}")
+    print(
+        json.dumps(x)
+        if a.json
+        else f"node {x['id']} {safe(x['name'])}: {safe(','.join(x.get('allowed_task_types') or []))}"
+    )
     return 0
 
 
@@ -157,8 +174,11 @@ def nodes_delete(c: UserClient, a) -> int:
         print(json.dumps(answer))
         return 0
     failed = answer.get("failed_tasks") or []
-    print(f"deleted node {a.id}" + (f"; tasks failed with 'node deleted': {', '.join(map(str, failed))}" if failed else "")
-          + (f"; {answer['kept_tasks']} final tasks kept" if answer.get("kept_tasks") else ""))
+    print(
+        f"deleted node {a.id}"
+        + (f"; tasks failed with 'node deleted': {', '.join(map(str, failed))}" if failed else "")
+        + (f"; {answer['kept_tasks']} final tasks kept" if answer.get("kept_tasks") else "")
+    )
     return 0
 
 
@@ -174,8 +194,11 @@ def upload_dir(c: UserClient, a, kind: str) -> int:
     finally:
         if bar:
             bar.close()
-    count = sum(len(d.get("items") or []) for d in x.get("datasets") or []) if kind == "project" \
+    count = (
+        sum(len(d.get("items") or []) for d in x.get("datasets") or [])
+        if kind == "project"
         else len(x.get("files") or [])
+    )
     print(json.dumps(x) if a.json else f"{kind} {x['id']} {safe(x.get('name'))}: {count} files")
     return 0
 
@@ -201,12 +224,27 @@ def collection_list(c: UserClient, a, kind: str) -> int:
         print(json.dumps(items))
         return 0
     if kind == "project":
-        rows = [[x["id"], x["name"], len(x.get("datasets") or []),
-                 sum(d.get("items_count", len(d.get("items") or [])) for d in x.get("datasets") or [])] for x in items]
+        rows = [
+            [
+                x["id"],
+                x["name"],
+                len(x.get("datasets") or []),
+                sum(d.get("items_count", len(d.get("items") or [])) for d in x.get("datasets") or []),
+            ]
+            for x in items
+        ]
         print(table(rows, ["ID", "NAME", "DATASETS", "ITEMS"]))
     else:
-        rows = [[x["id"], x["name"], x.get("files_count", len(x.get("files") or [])), human(x.get("size") or 0),
-                 (x.get("hash") or "")[:12]] for x in items]
+        rows = [
+            [
+                x["id"],
+                x["name"],
+                x.get("files_count", len(x.get("files") or [])),
+                human(x.get("size") or 0),
+                (x.get("hash") or "")[:12],
+            ]
+            for x in items
+        ]
         print(table(rows, ["ID", "NAME", "FILES", "SIZE", "HASH"]))
     return 0
 
@@ -216,10 +254,22 @@ def tasks_submit(c: UserClient, a) -> int:
         config = json.loads(a.config) if a.config else None
     except json.JSONDecodeError as e:
         raise SystemExit(f"error: --config is not JSON: {e}")
-    resources = {k: v for k, v in {"gpus": a.gpus, "cpus": a.cpus, "memory": a.memory, "shm_size": a.shm_size}.items()
-                 if v is not None} or None
-    t = c.create_task(a.node, a.type, a.image, command=a.command, config=config, project_id=a.project,
-                      model_id=a.model, resources=resources, timeout_s=a.timeout)
+    resources = {
+        k: v
+        for k, v in {"gpus": a.gpus, "cpus": a.cpus, "memory": a.memory, "shm_size": a.shm_size}.items()
+        if v is not None
+    } or None
+    t = c.create_task(
+        a.node,
+        a.type,
+        a.image,
+        command=a.command,
+        config=config,
+        project_id=a.project,
+        model_id=a.model,
+        resources=resources,
+        timeout_s=a.timeout,
+    )
     print(json.dumps(t) if a.json else f"task {t['id']} {safe(t['state'])}")
     return 0
 
@@ -232,8 +282,16 @@ def tasks_list(c: UserClient, a) -> int:
     rows = []
     for t in tasks:
         p = t.get("progress") or {}
-        rows.append([t["id"], t["state"], t["agent_id"], t["type"], t.get("image") or "",
-                     f"{p.get('current')}/{p.get('total')}" if p.get("total") else ""])
+        rows.append(
+            [
+                t["id"],
+                t["state"],
+                t["agent_id"],
+                t["type"],
+                t.get("image") or "",
+                f"{p.get('current')}/{p.get('total')}" if p.get("total") else "",
+            ]
+        )
     print(table(rows, ["ID", "STATE", "NODE", "TYPE", "IMAGE", "PROGRESS"]))
     return 0
 
@@ -276,12 +334,21 @@ def tasks_delete(c: UserClient, a) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sly", description="Client of the sly-agent server's user API.")
-    p.add_argument("--server", default=os.environ.get("SLY_SERVER", DEFAULT_SERVER),
-                   help="server URL (env SLY_SERVER; default %(default)s)")
-    p.add_argument("--token", default=None, help="admin token (env SLY_ADMIN_TOKEN; prefer the env: argv is visible in ps)")
+    p.add_argument(
+        "--server",
+        default=os.environ.get("SLY_SERVER", DEFAULT_SERVER),
+        help="server URL (env SLY_SERVER; default %(default)s)",
+    )
+    p.add_argument(
+        "--token", default=None, help="admin token (env SLY_ADMIN_TOKEN; prefer the env: argv is visible in ps)"
+    )
     p.add_argument("--json", action="store_true", help="print the server's answers as JSON")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="show upload and download progress bars on stderr (default: when stderr is a terminal)")
+    p.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="show upload and download progress bars on stderr (default: when stderr is a terminal)",
+    )
     top = p.add_subparsers(dest="group", required=True)
 
     nodes = top.add_parser("nodes", help="agents (nodes)").add_subparsers(dest="cmd", required=True)
@@ -308,8 +375,10 @@ def build_parser() -> argparse.ArgumentParser:
         x.add_argument("dir")
         x.add_argument("--name", help="(default: the folder's name)")
         x.set_defaults(func=lambda c, a, k=kind: upload_dir(c, a, k))
-        x = g.add_parser("download", help=f"download a {kind} into a folder" +
-                         (" as a Supervisely project" if kind == "project" else ""))
+        x = g.add_parser(
+            "download",
+            help=f"download a {kind} into a folder" + (" as a Supervisely project" if kind == "project" else ""),
+        )
         x.add_argument("id", type=int)
         x.add_argument("dir")
         x.add_argument("--force", action="store_true", help="write into DIR even if it is not empty")
@@ -342,8 +411,10 @@ def build_parser() -> argparse.ArgumentParser:
     x = tasks.add_parser("stop", help="stop a task")
     x.add_argument("id", type=int)
     x.set_defaults(func=tasks_stop)
-    x = tasks.add_parser("delete", help="delete a finished, failed, stopped or lost task and its log "
-                         "(the models and projects it made are kept)")
+    x = tasks.add_parser(
+        "delete",
+        help="delete a finished, failed, stopped or lost task and its log (the models and projects it made are kept)",
+    )
     x.add_argument("id", type=int)
     x.set_defaults(func=tasks_delete)
     return p

@@ -6,13 +6,14 @@ blob is hashed while it streams into `<file>.part` and renamed into place only w
 matches. Names from the server are checked before anything is written, so nothing lands outside
 DIR, and a non-empty DIR is refused unless the caller forces it.
 """
+
 from __future__ import annotations
 
 import hashlib
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from client.sly_format import BadProject, check_name, check_relpath
 from protocol import endpoints as ep
@@ -21,7 +22,7 @@ from protocol.errors import APIError
 
 log = logging.getLogger(__name__)
 CHUNK = 1 << 20
-BLOB_TIMEOUT = 600.0      # a blob may be gigabytes; a client's own timeout is for small JSON answers
+BLOB_TIMEOUT = 600.0  # a blob may be gigabytes; a client's own timeout is for small JSON answers
 # progress(done, total, note): bytes written out of the total size, and what is being fetched.
 Progress = Callable[[int, int, str], None]
 
@@ -54,8 +55,9 @@ def fetch_blob(client, sha256: str, dest: Path, on_chunk: Callable[[int], None] 
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     h = hashlib.sha256()
-    r = client.request("GET", ep.path(ep.USER_BLOB, sha256=sha256), stream=True,
-                       timeout=max(client.timeout, BLOB_TIMEOUT))
+    r = client.request(
+        "GET", ep.path(ep.USER_BLOB, sha256=sha256), stream=True, timeout=max(client.timeout, BLOB_TIMEOUT)
+    )
     try:
         # O_NOFOLLOW: a planted symlink at the .part name cannot redirect the write
         fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
@@ -131,8 +133,9 @@ def check_project_names(datasets: list[dict]) -> None:
             items.add(iname)
 
 
-def download_project(client, project_id: int, directory: Path, force: bool = False,
-                     progress: Progress | None = None) -> dict:
+def download_project(
+    client, project_id: int, directory: Path, force: bool = False, progress: Progress | None = None
+) -> dict:
     """Write project `project_id` into `directory` as a Supervisely project; return the project (+ "dir")."""
     project = client.get_project(project_id)
     datasets = project_items(client, project)
@@ -152,7 +155,7 @@ def download_project(client, project_id: int, directory: Path, force: bool = Fal
             tick.note = f"{ds['name']}/{item['name']}"
             img = fetch_blob(client, item["sha256"], _inside(root, img_dir / item["name"]), tick)
             if not sly_format.is_image_name(item["name"]):
-                continue              # the SDK lists only images as items; a plain file needs no annotation
+                continue  # the SDK lists only images as items; a plain file needs no annotation
             ann = item.get("ann")
             size = (ann or {}).get("size") or {}
             if ann is None or size.get("height") is None or size.get("width") is None:
@@ -161,8 +164,10 @@ def download_project(client, project_id: int, directory: Path, force: bool = Fal
                 if hw is None:
                     # Not an image after all (a task may name any file .png): its bytes are kept, and
                     # its annotation says the size is unknown, which the SDK accepts.
-                    why = (f"{ds['name']}/{item['name']}: its header gives no image size; "
-                           "kept as it is, with an annotation without a size")
+                    why = (
+                        f"{ds['name']}/{item['name']}: its header gives no image size; "
+                        "kept as it is, with an annotation without a size"
+                    )
                     log.warning("%s", why)
                     warnings.append(why)
                     hw = (None, None)
@@ -174,8 +179,9 @@ def download_project(client, project_id: int, directory: Path, force: bool = Fal
     return {**project, "datasets": datasets, "dir": str(root), **({"warnings": warnings} if warnings else {})}
 
 
-def download_model(client, model_id: int, directory: Path, force: bool = False,
-                   progress: Progress | None = None) -> dict:
+def download_model(
+    client, model_id: int, directory: Path, force: bool = False, progress: Progress | None = None
+) -> dict:
     """Write model `model_id`'s files into `directory` (paths kept); return the model (+ "dir")."""
     model = client.get_model(model_id)
     files = model.get("files") or []

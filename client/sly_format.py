@@ -7,14 +7,26 @@ directly in `img/` with an image extension the SDK knows; other folders of a dat
 `meta/`, `seg/`, `blob/`) are not part of a project here. Nested datasets (`<ds>/datasets/<child>/`,
 newer SDKs) are refused with an error rather than flattened.
 """
+
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from protocol.sly_format import (ANN_DIR, ANN_EXT, IMG_DIR, META_FILE, NESTED_DIR, BadFormat, Budget, ann_name,
-                                 check_ann, check_meta, is_image_name)
+from protocol.sly_format import (
+    ANN_DIR,
+    ANN_EXT,
+    IMG_DIR,
+    META_FILE,
+    NESTED_DIR,
+    BadFormat,
+    Budget,
+    ann_name,
+    check_ann,
+    check_meta,
+    is_image_name,
+)
 
 
 class BadProject(ValueError):
@@ -26,7 +38,7 @@ class Item:
     name: str
     path: Path
     ann: dict | None = None
-    ann_file: str | None = None      # its annotation file, relative to the project (posix)
+    ann_file: str | None = None  # its annotation file, relative to the project (posix)
 
 
 @dataclass
@@ -69,25 +81,31 @@ def read_folder(root: Path) -> tuple[dict, list[Dataset]]:
     for d in sorted(p for p in root.iterdir() if p.is_dir()):
         img, ann = d / IMG_DIR, d / ANN_DIR
         if (d / NESTED_DIR).is_dir():
-            raise BadProject(f"{d.name}/{NESTED_DIR}/: nested datasets are not supported; "
-                             "give each dataset its own folder at the top of the project")
+            raise BadProject(
+                f"{d.name}/{NESTED_DIR}/: nested datasets are not supported; "
+                "give each dataset its own folder at the top of the project"
+            )
         if not img.is_dir() and not ann.is_dir():
-            continue                                   # not a dataset (the SDK skips it too)
+            continue  # not a dataset (the SDK skips it too)
         ds = Dataset(d.name)
         files = sorted(p for p in img.iterdir() if p.is_file() and is_image_name(p.name)) if img.is_dir() else []
         used: dict[Path, str] = {}
         for f in files:
             af = _ann_file(ann, f.name) if ann.is_dir() else None
             if af is not None and af in used:
-                raise BadProject(f"{af.relative_to(root).as_posix()}: matches two images, "
-                                 f"{used[af]!r} and {f.name!r}; name it {ann_name(f.name)}")
+                raise BadProject(
+                    f"{af.relative_to(root).as_posix()}: matches two images, "
+                    f"{used[af]!r} and {f.name!r}; name it {ann_name(f.name)}"
+                )
             if af is not None:
                 used[af] = f.name
             rel = af.relative_to(root).as_posix() if af is not None else None
             ds.items.append(Item(f.name, f, load_object(af, root) if af is not None else None, rel))
         datasets.append(ds)
     if not any(ds.items for ds in datasets):
-        raise BadProject(f"{root}: a Supervisely project (it has {META_FILE}) with no images in any <dataset>/{IMG_DIR}/")
+        raise BadProject(
+            f"{root}: a Supervisely project (it has {META_FILE}) with no images in any <dataset>/{IMG_DIR}/"
+        )
     return meta, datasets
 
 
@@ -96,7 +114,7 @@ def check_folder(meta: dict, datasets: list[Dataset]) -> None:
     named by its path before anything is sent; BadProject names the first one."""
     try:
         checked = check_meta(meta, META_FILE)
-        budget = Budget()            # the whole project goes to the server in one request
+        budget = Budget()  # the whole project goes to the server in one request
         for ds in datasets:
             for item in ds.items:
                 if item.ann is not None:
@@ -107,9 +125,18 @@ def check_folder(meta: dict, datasets: list[Dataset]) -> None:
 
 def check_name(name, what: str) -> str:
     """A name that is one plain path component, so joining it to a folder stays inside that folder."""
-    if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name
-            or "\x00" in name or ":" in name[:2]):
-        raise BadProject(f"{what} {name!r} is not a plain file name (no '/', '\\', '..' or drive); refusing to write it")
+    if (
+        not isinstance(name, str)
+        or not name
+        or name in (".", "..")
+        or "/" in name
+        or "\\" in name
+        or "\x00" in name
+        or ":" in name[:2]
+    ):
+        raise BadProject(
+            f"{what} {name!r} is not a plain file name (no '/', '\\', '..' or drive); refusing to write it"
+        )
     return name
 
 
@@ -120,4 +147,3 @@ def check_relpath(path, what: str) -> str:
     for part in path.split("/"):
         check_name(part, f"{what} {path!r}: part")
     return path
-

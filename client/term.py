@@ -6,6 +6,7 @@ screen, set its title, write the clipboard (OSC 52), move the cursor to overwrit
 or reorder text with bidirectional overrides. `safe` shows each of them as a visible escape
 (`\\x1b`, `\\u202e`) instead, so the text reads as what was sent and does nothing else.
 """
+
 from __future__ import annotations
 
 _BIDI = [*range(0x202A, 0x202F), *range(0x2066, 0x206A)]

@@ -8,11 +8,12 @@ console does. Model layout: every file keeps its path relative to the folder. Ea
 then sent with `PUT` only when the server does not have that sha256 yet (`HEAD`), so a blob
 crosses the wire at most once.
 """
+
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from client import sly_format
 

@@ -6,6 +6,7 @@ Transient failures (connection errors, 502/503/504) of idempotent calls are retr
 and never appears in an exception message (`protocol.errors.APIError` carries method, path,
 status, code and detail only). Paths and headers come from `protocol.endpoints`.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -22,17 +23,24 @@ from protocol import endpoints as ep
 from protocol.errors import APIError, decode_error
 
 BLOB_CHUNK = 1 << 20
-RESULTS_BUSY_WAIT_S = 600.0                           # how long a results post waits out a busy server
+RESULTS_BUSY_WAIT_S = 600.0  # how long a results post waits out a busy server
 BUSY_CODES = frozenset({"too_many_checks", "server_busy"})
 
 
 def make_session(token: str, retries: int = 3, pool: int = 16) -> requests.Session:
     s = requests.Session()
-    retry = Retry(total=retries, connect=retries, read=retries, backoff_factor=0.2, backoff_jitter=0.2,
-                  status_forcelist=(502, 503, 504),
-                  # The protocol makes every agent call safe to repeat (seqs, sha256, states).
-                  allowed_methods=frozenset({"GET", "HEAD", "PUT", "POST", "DELETE"}),
-                  raise_on_status=False, respect_retry_after_header=True)
+    retry = Retry(
+        total=retries,
+        connect=retries,
+        read=retries,
+        backoff_factor=0.2,
+        backoff_jitter=0.2,
+        status_forcelist=(502, 503, 504),
+        # The protocol makes every agent call safe to repeat (seqs, sha256, states).
+        allowed_methods=frozenset({"GET", "HEAD", "PUT", "POST", "DELETE"}),
+        raise_on_status=False,
+        respect_retry_after_header=True,
+    )
     adapter = HTTPAdapter(max_retries=retry, pool_connections=pool, pool_maxsize=pool)
     s.mount("http://", adapter)
     s.mount("https://", adapter)
@@ -55,8 +63,9 @@ class AgentAPI:
     def url(self, path: str) -> str:
         return self.base + path
 
-    def request(self, method: str, path: str, *, json=None, timeout: float | None = None,
-                expect=(200,), **kw) -> requests.Response:
+    def request(
+        self, method: str, path: str, *, json=None, timeout: float | None = None, expect=(200,), **kw
+    ) -> requests.Response:
         try:
             r = self.session.request(method, self.url(path), json=json, timeout=timeout or self.timeout, **kw)
         except requests.RequestException as e:
@@ -69,8 +78,7 @@ class AgentAPI:
     def connect(self, system_info: dict) -> dict:
         return self.request("POST", ep.CONNECT, json=system_info).json()
 
-    def poll(self, free_slots: int, free_gpus: list[int], running: list[int], wait: float,
-             refusing: str = "") -> dict:
+    def poll(self, free_slots: int, free_gpus: list[int], running: list[int], wait: float, refusing: str = "") -> dict:
         """`refusing`: why the agent takes no task now (e.g. short of disk); shown on the server."""
         body = {"free_slots": free_slots, "free_gpus": free_gpus, "running": running}
         if refusing:
@@ -90,8 +98,9 @@ class AgentAPI:
         """Ship lines first_seq.. ; returns the server's `acked` (highest contiguous seq stored)."""
         path = ep.path(ep.TASK_LOGS, task_id=task_id)
         if gzip_body is not None:
-            r = self.request("POST", path, data=gzip_body,
-                             headers={"content-type": "application/json", "content-encoding": "gzip"})
+            r = self.request(
+                "POST", path, data=gzip_body, headers={"content-type": "application/json", "content-encoding": "gzip"}
+            )
         else:
             r = self.request("POST", path, json={"first_seq": first_seq, "lines": lines})
         return int(r.json()["acked"])
@@ -113,7 +122,7 @@ class AgentAPI:
             try:
                 return self.request("POST", ep.path(ep.TASK_RESULTS, task_id=task_id), json=body).json()
             except APIError as e:
-                wait = min(30.0, 2.0 * 2 ** attempt) * (0.5 + random.random() / 2)
+                wait = min(30.0, 2.0 * 2**attempt) * (0.5 + random.random() / 2)
                 if e.code not in BUSY_CODES or time.monotonic() + wait > deadline:
                     raise
                 time.sleep(wait)
@@ -135,11 +144,18 @@ class AgentAPI:
             self._put_blob(sha256, f)
 
     def _put_blob(self, sha256: str, f) -> None:
-        self.request("PUT", ep.path(ep.AGENT_BLOB, sha256=sha256), data=f, timeout=max(self.timeout, 600),
-                     headers={"content-type": "application/octet-stream"}, expect=(200, 201, 204))
+        self.request(
+            "PUT",
+            ep.path(ep.AGENT_BLOB, sha256=sha256),
+            data=f,
+            timeout=max(self.timeout, 600),
+            headers={"content-type": "application/octet-stream"},
+            expect=(200, 201, 204),
+        )
 
-    def get_blob(self, sha256: str, dest: str | Path, *, size: int | None = None, on_bytes=None,
-                 timeout: float = 60) -> str:
+    def get_blob(
+        self, sha256: str, dest: str | Path, *, size: int | None = None, on_bytes=None, timeout: float = 60
+    ) -> str:
         """Stream blob `sha256` into the file `dest` and return the sha256 of the whole file.
 
         What `dest` already holds is kept and the rest is asked for with a Range request (a
@@ -153,17 +169,17 @@ class AgentAPI:
         h = hashlib.sha256()
         have = dest.stat().st_size if dest.exists() else 0
         if have:
-            with open(dest, "rb") as f:       # what an interrupted try left: hash it, then resume
+            with open(dest, "rb") as f:  # what an interrupted try left: hash it, then resume
                 while b := f.read(BLOB_CHUNK):
                     h.update(b)
             if size is not None and have >= size:
-                return h.hexdigest()          # complete (or too long: the caller starts over)
+                return h.hexdigest()  # complete (or too long: the caller starts over)
         headers = {"Range": f"bytes={have}-"} if have else {}
         r = self.request("GET", path, headers=headers, stream=True, timeout=timeout, expect=(200, 206))
         try:
             with r:
                 if r.status_code == 200 and have:
-                    h = hashlib.sha256()      # the server sent it all again
+                    h = hashlib.sha256()  # the server sent it all again
                 with open(dest, "ab" if r.status_code == 206 else "wb") as f:
                     for chunk in r.iter_content(BLOB_CHUNK):
                         f.write(chunk)

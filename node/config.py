@@ -4,6 +4,7 @@ Every setting has an env name; `AGENT_CONFIG` may point to a JSON file with the 
 lower case (env wins). The table in README.md is generated from SETTINGS below (`python -m node.config` prints it), so keep the
 help strings short and true.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,7 +22,7 @@ TOKEN_RE = re.compile(r"^[A-Za-z0-9]{32}$")
 
 @dataclasses.dataclass(frozen=True)
 class Setting:
-    name: str          # attribute name and lower-case key in the config file
+    name: str  # attribute name and lower-case key in the config file
     env: str
     default: object
     kind: type
@@ -31,8 +32,20 @@ class Setting:
 SETTINGS: tuple[Setting, ...] = (
     Setting("server_address", "SERVER_ADDRESS", None, str, "Base URL of the task server, e.g. http://10.0.0.5:8700"),
     Setting("access_token", "ACCESS_TOKEN", None, str, "The node's 32-character secret token"),
-    Setting("host_dir", "AGENT_HOST_DIR", None, str, "Storage root as the Docker host sees it (default ~/.supervisely-agent/n-<hash of token>, with ~/.supervisely-agent/<token> a link to it); must not contain the token"),
-    Setting("agent_dir", "AGENT_DIR", None, str, "Storage root as the agent sees it, when it runs in a container with the host dir mounted elsewhere (default: AGENT_HOST_DIR)"),
+    Setting(
+        "host_dir",
+        "AGENT_HOST_DIR",
+        None,
+        str,
+        "Storage root as the Docker host sees it (default ~/.supervisely-agent/n-<hash of token>, with ~/.supervisely-agent/<token> a link to it); must not contain the token",
+    ),
+    Setting(
+        "agent_dir",
+        "AGENT_DIR",
+        None,
+        str,
+        "Storage root as the agent sees it, when it runs in a container with the host dir mounted elsewhere (default: AGENT_HOST_DIR)",
+    ),
     Setting("max_tasks", "MAX_TASKS", 2, int, "Tasks run at once"),
     Setting("gpus", "AGENT_GPUS", "all", str, "GPUs the agent may hand out: 'all', 'none' or a comma list of indices"),
     Setting("poll_wait_s", "POLL_WAIT", 25.0, float, "Long-poll wait in seconds"),
@@ -42,24 +55,96 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("pull_policy", "PULL_POLICY", "if-not-present", str, "Image pull policy: if-not-present, always, never"),
     Setting("stop_grace_s", "STOP_GRACE", 10.0, float, "Seconds between SIGTERM and SIGKILL when a task is stopped"),
     Setting("download_workers", "DOWNLOAD_WORKERS", 8, int, "Parallel blob downloads per task"),
-    Setting("min_free_disk_mb", "MIN_FREE_DISK_MB", 2048, int, "Free space under the storage dir below which the cache is evicted and new tasks refused"),
+    Setting(
+        "min_free_disk_mb",
+        "MIN_FREE_DISK_MB",
+        2048,
+        int,
+        "Free space under the storage dir below which the cache is evicted and new tasks refused",
+    ),
     Setting("cache_quota_mb", "CACHE_QUOTA_MB", 0, int, "Most space the image/model cache may use (0: no quota)"),
-    Setting("task_dir_cleanup", "TASK_DIR_CLEANUP", "on-success", str, "Delete a finished task's data (logs kept): never, on-success, always"),
-    Setting("restart_max", "CHILD_RESTART_MAX", 5, int, "Quick deaths of a helper process before it is given up (FATAL)"),
-    Setting("restart_window_s", "CHILD_RESTART_WINDOW", 60.0, float, "Window in seconds in which quick deaths are counted"),
+    Setting(
+        "task_dir_cleanup",
+        "TASK_DIR_CLEANUP",
+        "on-success",
+        str,
+        "Delete a finished task's data (logs kept): never, on-success, always",
+    ),
+    Setting(
+        "restart_max", "CHILD_RESTART_MAX", 5, int, "Quick deaths of a helper process before it is given up (FATAL)"
+    ),
+    Setting(
+        "restart_window_s", "CHILD_RESTART_WINDOW", 60.0, float, "Window in seconds in which quick deaths are counted"
+    ),
     Setting("log_level", "LOG_LEVEL", "INFO", str, "Agent log level"),
-    Setting("helper_hung_s", "HELPER_HUNG_AFTER", 120.0, float, "Seconds without a heartbeat after which telemetry or the log-shipper is killed and restarted"),
+    Setting(
+        "helper_hung_s",
+        "HELPER_HUNG_AFTER",
+        120.0,
+        float,
+        "Seconds without a heartbeat after which telemetry or the log-shipper is killed and restarted",
+    ),
     # --- task containers (docs/security-agent.md says what each one defends) ---
-    Setting("task_log_level", "TASK_LOG_LEVEL", "DEBUG", str, "LOG_LEVEL given to task containers (DEBUG, like the Supervisely agent: the SDK then prints a crash's traceback)"),
-    Setting("task_shm_size", "TASK_SHM_SIZE", "5g", str, "/dev/shm size of a task that asks none (the Supervisely agent's SHM_SIZE default)"),
+    Setting(
+        "task_log_level",
+        "TASK_LOG_LEVEL",
+        "DEBUG",
+        str,
+        "LOG_LEVEL given to task containers (DEBUG, like the Supervisely agent: the SDK then prints a crash's traceback)",
+    ),
+    Setting(
+        "task_shm_size",
+        "TASK_SHM_SIZE",
+        "5g",
+        str,
+        "/dev/shm size of a task that asks none (the Supervisely agent's SHM_SIZE default)",
+    ),
     Setting("task_memory", "TASK_MEMORY", "0", str, "Memory limit of a task that asks none, e.g. 16g (0: none)"),
-    Setting("task_pids_limit", "TASK_PIDS_LIMIT", 4096, int, "Most processes and threads in one task container (0: no limit)"),
-    Setting("task_cap_drop", "TASK_CAP_DROP", "NET_RAW,MKNOD,SYS_CHROOT,AUDIT_WRITE,SETFCAP,SETPCAP", str, "Capabilities removed from task containers (comma list; 'ALL' drops every one)"),
-    Setting("task_network", "TASK_NETWORK", "bridge", str, "Network of task containers: bridge, or none (no network at all)"),
-    Setting("task_user", "TASK_USER", "", str, "User task containers run as, e.g. 1000:1000 (empty: the image's own, as Supervisely images expect)"),
-    Setting("task_read_only_root", "TASK_READ_ONLY_ROOT", False, bool, "Read-only root filesystem for task containers (a tmpfs /tmp is added)"),
-    Setting("task_results_max_files", "TASK_RESULTS_MAX_FILES", 100000, int, "Most result files one task may upload; past it the upload fails the task (0: no limit)"),
-    Setting("task_results_max_mb", "TASK_RESULTS_MAX_MB", 102400, int, "Most MB the agent may read from one task's results/ to hash or copy them, over the task's life (an unchanged file is not read again); past it the upload fails the task (0: no limit)"),
+    Setting(
+        "task_pids_limit",
+        "TASK_PIDS_LIMIT",
+        4096,
+        int,
+        "Most processes and threads in one task container (0: no limit)",
+    ),
+    Setting(
+        "task_cap_drop",
+        "TASK_CAP_DROP",
+        "NET_RAW,MKNOD,SYS_CHROOT,AUDIT_WRITE,SETFCAP,SETPCAP",
+        str,
+        "Capabilities removed from task containers (comma list; 'ALL' drops every one)",
+    ),
+    Setting(
+        "task_network", "TASK_NETWORK", "bridge", str, "Network of task containers: bridge, or none (no network at all)"
+    ),
+    Setting(
+        "task_user",
+        "TASK_USER",
+        "",
+        str,
+        "User task containers run as, e.g. 1000:1000 (empty: the image's own, as Supervisely images expect)",
+    ),
+    Setting(
+        "task_read_only_root",
+        "TASK_READ_ONLY_ROOT",
+        False,
+        bool,
+        "Read-only root filesystem for task containers (a tmpfs /tmp is added)",
+    ),
+    Setting(
+        "task_results_max_files",
+        "TASK_RESULTS_MAX_FILES",
+        100000,
+        int,
+        "Most result files one task may upload; past it the upload fails the task (0: no limit)",
+    ),
+    Setting(
+        "task_results_max_mb",
+        "TASK_RESULTS_MAX_MB",
+        102400,
+        int,
+        "Most MB the agent may read from one task's results/ to hash or copy them, over the task's life (an unchanged file is not read again); past it the upload fails the task (0: no limit)",
+    ),
 )
 
 
@@ -175,8 +260,10 @@ def check_server_address(address: str) -> str:
     address = address.strip().rstrip("/")
     parts = urlsplit(address)
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ConfigError(f"SERVER_ADDRESS={address!r} is not a URL: it must start with http:// or https:// "
-                          f"(e.g. http://10.0.0.5:8700)")
+        raise ConfigError(
+            f"SERVER_ADDRESS={address!r} is not a URL: it must start with http:// or https:// "
+            f"(e.g. http://10.0.0.5:8700)"
+        )
     return address
 
 
@@ -241,9 +328,11 @@ def _roots(host_dir: str | None, agent_dir: str | None, token: str) -> dict:
     agent = agent or host
     for env, path in (("AGENT_HOST_DIR", host), ("AGENT_DIR", agent)):
         if token in path:
-            raise ConfigError(f"{env} contains the node's token; task containers see the storage path in "
-                              f"their mount table, so use a path without it (e.g. {env}="
-                              f"{Path(path).parent / hashed_root_name(token)})".replace(token, "<token>"))
+            raise ConfigError(
+                f"{env} contains the node's token; task containers see the storage path in "
+                f"their mount table, so use a path without it (e.g. {env}="
+                f"{Path(path).parent / hashed_root_name(token)})".replace(token, "<token>")
+            )
     return {"host_dir": host, "agent_dir": agent, "token_link": link}
 
 
@@ -253,8 +342,10 @@ def markdown_table() -> str:
     for s in SETTINGS:
         default = "—" if s.default is None else f"`{s.default}`"
         rows.append(f"| `{s.env}` | {default} | {s.help} |")
-    rows.append("| `AGENT_CONFIG` | — | Path of a JSON file with the same settings in lower case "
-                "(`max_tasks`, ...); the environment wins |")
+    rows.append(
+        "| `AGENT_CONFIG` | — | Path of a JSON file with the same settings in lower case "
+        "(`max_tasks`, ...); the environment wins |"
+    )
     return "\n".join(rows)
 
 

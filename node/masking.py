@@ -1,4 +1,5 @@
 """Masking of the agent token and secret-looking values in every line the agent writes or sends."""
+
 from __future__ import annotations
 
 import re
@@ -17,7 +18,9 @@ _SECRETS = re.compile("|".join((_KEYED, _BEARER, _AWS_ID, _URL_PW)), re.IGNORECA
 # secret word needs a separator right after it: "tokenizer" or "token_acc=" are no hint).
 _WORDS = ("passw", "pwd", "secret", "token", "key", "credential", "bearer", "basic", "akia", "asia", "://")
 # (\\? : the batch test runs on JSON text, where a quote in a message is escaped)
-_HINT = re.compile(r"""(?:passw(?:or)?d|pwd|secret|token|key|credentials?)\\?["']?\s*[:=]|bearer\s|basic\s|akia|asia|://""")
+_HINT = re.compile(
+    r"""(?:passw(?:or)?d|pwd|secret|token|key|credentials?)\\?["']?\s*[:=]|bearer\s|basic\s|akia|asia|://"""
+)
 
 
 # fields with a fixed vocabulary, never a secret

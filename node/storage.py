@@ -1,4 +1,5 @@
 """The agent's local storage layout (DESIGN.md "Local storage") and its start-up cleaning."""
+
 from __future__ import annotations
 
 import errno
@@ -13,8 +14,15 @@ def ensure_layout(config: Config) -> None:
     """Create logs/, storage/images, storage/models, tasks/, tmp/ and state/ under the root."""
     if config.token_link:
         link_token_root(Path(config.token_link), config.root)
-    for d in (config.logs_dir, config.images_dir, config.models_dir, config.tasks_dir,
-              config.tmp_dir, config.state_dir, log_state_dir(config)):
+    for d in (
+        config.logs_dir,
+        config.images_dir,
+        config.models_dir,
+        config.tasks_dir,
+        config.tmp_dir,
+        config.state_dir,
+        log_state_dir(config),
+    ):
         d.mkdir(parents=True, exist_ok=True)
     # Task logs and cursors live here; keep the tree private to this user.
     try:

@@ -10,6 +10,7 @@ The shipper's acked cursor `state/logs/<id>.cursor` ({"file", "offset", "seq"}) 
 atomically after each ack. `state/logs/active/<id>` registers a task with the shipper until its
 final state is reported; `state/logs/<id>.closed` marks that report done.
 """
+
 from __future__ import annotations
 
 import errno
@@ -138,10 +139,10 @@ class TaskLogWriter:
         repair_tail(path)
         self.masker = masker
         self.seq = last_seq(path)
-        self.error: str | None = None      # the first write failure, as the task's error
+        self.error: str | None = None  # the first write failure, as the task's error
         self._lock = threading.Lock()
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
-        self._synced = 0.0     # monotonic time of the last fsync
+        self._synced = 0.0  # monotonic time of the last fsync
 
     def _sync(self, force: bool = False) -> None:
         # A write reaches the OS at once (any process may crash); fsync at most every
@@ -151,13 +152,13 @@ class TaskLogWriter:
             try:
                 os.fsync(self._fd)
             except OSError:
-                pass        # the lines are in the page cache for the shipper; only power-loss safety is lost
+                pass  # the lines are in the page cache for the shipper; only power-loss safety is lost
             self._synced = now
 
     def _append(self, data: bytes, lines: int) -> None:
         """Append whole lines; on a failure keep the complete ones that got in and count them."""
         view = memoryview(data)
-        start = os.fstat(self._fd).st_size      # O_APPEND and one writer (the flock): our bytes go here
+        start = os.fstat(self._fd).st_size  # O_APPEND and one writer (the flock): our bytes go here
         done = 0
         try:
             while done < len(data):
@@ -165,7 +166,7 @@ class TaskLogWriter:
         except OSError as e:
             keep = data.rfind(b"\n", 0, done) + 1
             try:
-                os.ftruncate(self._fd, start + keep)     # shrinking needs no space
+                os.ftruncate(self._fd, start + keep)  # shrinking needs no space
                 self.seq += data.count(b"\n", 0, keep)
             except OSError:
                 repair_tail(self.path)
@@ -210,6 +211,7 @@ class TaskLogWriter:
 
 
 # --- cursors and markers (shared by the shipper, the task process and the supervisor) ---
+
 
 def cursor_path(config: Config, task_id: int) -> Path:
     return log_state_dir(config) / f"{task_id}.cursor"
@@ -282,7 +284,7 @@ def mark_closed(config: Config, task_id: int, state: str) -> None:
     try:
         marker.write_text(state)
     except OSError:
-        marker.touch()      # a full disk still takes an empty file: its existence is the mark
+        marker.touch()  # a full disk still takes an empty file: its existence is the mark
     try:
         (active_dir(config) / str(task_id)).unlink()
     except FileNotFoundError:

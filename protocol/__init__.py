@@ -9,4 +9,5 @@ its own copy of a state name, a task type, a path, a header or a log-line rule.
 - `protocol.logline`: the durable log line (`{"seq": n, ...}`), encode and parse.
 - `protocol.errors`: error bodies (`{"error", "detail"}`) and the one `APIError`.
 """
+
 VERSION = "v1"

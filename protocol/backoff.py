@@ -1,4 +1,5 @@
 """The one retry delay: exponential with a cap and +-50 % jitter, so many nodes never retry in step."""
+
 from __future__ import annotations
 
 import random

@@ -1,8 +1,9 @@
 """Endpoint paths and headers of protocol v1 (docs/protocol.md)."""
+
 from __future__ import annotations
 
 AGENT_TOKEN_HEADER = "x-token"
-AUTHORIZATION_HEADER = "authorization"     # "Bearer <admin token>"
+AUTHORIZATION_HEADER = "authorization"  # "Bearer <admin token>"
 BEARER = "Bearer "
 
 AGENT_PREFIX = "/agent/v1"
@@ -19,19 +20,19 @@ TASK_RESULTS = AGENT_PREFIX + "/tasks/{task_id}/results"
 TASK_RELEASE = AGENT_PREFIX + "/tasks/{task_id}/release"
 
 # User side (Bearer admin token or console session).
-SESSION = USER_PREFIX + "/session"              # console sign-in (POST) / sign-out (DELETE)
+SESSION = USER_PREFIX + "/session"  # console sign-in (POST) / sign-out (DELETE)
 SESSION_LINKS = USER_PREFIX + "/session/links"  # POST (admin): a one-time sign-in link
-SIGNIN_LINK = "/signin/{token}"                 # GET: spend a one-time link, set the session cookie
+SIGNIN_LINK = "/signin/{token}"  # GET: spend a one-time link, set the session cookie
 AGENTS = USER_PREFIX + "/agents"
-AGENT_BY_ID = USER_PREFIX + "/agents/{agent_id}"     # GET, PATCH, DELETE: one node
+AGENT_BY_ID = USER_PREFIX + "/agents/{agent_id}"  # GET, PATCH, DELETE: one node
 AGENT_TOKEN = USER_PREFIX + "/agents/{agent_id}/token"
 AGENT_TELEMETRY = USER_PREFIX + "/agents/{agent_id}/telemetry"
 USER_BLOB = USER_PREFIX + "/blobs/{sha256}"
-USER_BLOB_THUMB = USER_PREFIX + "/blobs/{sha256}/thumb"   # ?size=256|1024|...: an image blob scaled down (JPEG)
+USER_BLOB_THUMB = USER_PREFIX + "/blobs/{sha256}/thumb"  # ?size=256|1024|...: an image blob scaled down (JPEG)
 PROJECTS = USER_PREFIX + "/projects"
 PROJECT = USER_PREFIX + "/projects/{project_id}"
-PROJECT_ITEMS = USER_PREFIX + "/projects/{project_id}/items"   # ?dataset=&cursor=&limit=: items with annotations
-PROJECT_STATS = USER_PREFIX + "/projects/{project_id}/stats"   # objects per class, tags per name
+PROJECT_ITEMS = USER_PREFIX + "/projects/{project_id}/items"  # ?dataset=&cursor=&limit=: items with annotations
+PROJECT_STATS = USER_PREFIX + "/projects/{project_id}/stats"  # objects per class, tags per name
 MODELS = USER_PREFIX + "/models"
 MODEL = USER_PREFIX + "/models/{model_id}"
 TASKS = USER_PREFIX + "/tasks"
@@ -40,7 +41,7 @@ TASK_STOP = USER_PREFIX + "/tasks/{task_id}/stop"
 TASK_METRICS = USER_PREFIX + "/tasks/{task_id}/metrics"
 TASK_ARTIFACTS = USER_PREFIX + "/tasks/{task_id}/artifacts"
 USER_TASK_LOGS = USER_PREFIX + "/tasks/{task_id}/logs"
-ECHO = USER_PREFIX + "/_echo"                   # benchmark baseline; only on a server started with --echo-endpoint
+ECHO = USER_PREFIX + "/_echo"  # benchmark baseline; only on a server started with --echo-endpoint
 
 
 def path(template: str, **params) -> str:

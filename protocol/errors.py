@@ -1,4 +1,5 @@
 """Error bodies (`{"error": code, "detail": sentence}`) and the one APIError both sides raise."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,7 @@ class APIError(Exception):
     when no answer came). Never carries a token: only method, path, status, code and detail.
     """
 
-    def __init__(self, status: int | None, code: str, detail: str, *, method: str = "", path: str = "",
-                 **extra):
+    def __init__(self, status: int | None, code: str, detail: str, *, method: str = "", path: str = "", **extra):
         self.status, self.code, self.detail = status, code, detail
         self.method, self.path, self.extra = method, path, extra
         where = f"{method} {path}: " if method else ""

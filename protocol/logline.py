@@ -4,6 +4,7 @@ The task process encodes (`encode`), the log-shipper reads the seq without decod
 (`seq_of`) and the server checks what it stores (`parse`). A line that is not one of ours raises
 `BadLine`; a reader skips it with a marker and never dies of it.
 """
+
 from __future__ import annotations
 
 import json
@@ -11,9 +12,9 @@ import math
 
 from protocol.tasks import AGENT, CONTAINER_STREAMS, STREAMS
 
-MAX_LINE = 64 * 1024                  # bytes of message; longer lines are split, nothing dropped
+MAX_LINE = 64 * 1024  # bytes of message; longer lines are split, nothing dropped
 SPLIT_MARKER = " [line split: continues in the next line]"
-RESERVED = frozenset({"ts", "cts", "stream", "seq"})   # set by the agent; a container's own are renamed
+RESERVED = frozenset({"ts", "cts", "stream", "seq"})  # set by the agent; a container's own are renamed
 USUAL_KEYS = ("ts", "cts", "level", "stream", "message")
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str).encode
@@ -30,10 +31,22 @@ def dumps(line: dict) -> str:
     """Compact JSON of a line (without its seq); the fast path for the usual container line."""
     if len(line) == 5 and tuple(line) == USUAL_KEYS:
         ts, cts, level, stream, message = line.values()
-        if type(ts) is float and type(cts) is int and type(level) is str and type(stream) is str \
-                and type(message) is str and ts == ts and ts not in _INF:
+        if (
+            type(ts) is float
+            and type(cts) is int
+            and type(level) is str
+            and type(stream) is str
+            and type(message) is str
+            and ts == ts
+            and ts not in _INF
+        ):
             return '{"ts":%r,"cts":%d,"level":%s,"stream":%s,"message":%s}' % (
-                ts, cts, _json_str(level), _json_str(stream), _json_str(message))
+                ts,
+                cts,
+                _json_str(level),
+                _json_str(stream),
+                _json_str(message),
+            )
     return _dumps(_finite(line))
 
 
@@ -66,9 +79,9 @@ def seq_of(raw: bytes) -> int:
     n = len(raw)
     while end < n and 48 <= raw[end] <= 57:
         end += 1
-    if end == len(_PREFIX) or end >= n or raw[end] not in (44, 125):      # ',' or '}'
+    if end == len(_PREFIX) or end >= n or raw[end] not in (44, 125):  # ',' or '}'
         raise BadLine("the line's seq is not an integer")
-    return int(raw[len(_PREFIX):end])
+    return int(raw[len(_PREFIX) : end])
 
 
 def parse(raw: bytes | str) -> dict:
@@ -77,7 +90,7 @@ def parse(raw: bytes | str) -> dict:
         obj = json.loads(raw, parse_constant=lambda _c: None)
     except json.JSONDecodeError as e:
         raise BadLine(f"not JSON ({e.msg})") from None
-    except ValueError as e:            # e.g. a number too long to convert
+    except ValueError as e:  # e.g. a number too long to convert
         raise BadLine(f"not JSON ({e})") from None
     if not isinstance(obj, dict) or type(obj.get("seq")) is not int or obj["seq"] < 0:
         raise BadLine("not an object with a non-negative integer seq")
@@ -93,5 +106,17 @@ def valid_stream(stream) -> bool:
     return stream in STREAMS
 
 
-__all__ = ["AGENT", "BadLine", "MAX_LINE", "RESERVED", "SPLIT_MARKER", "container_stream", "dumps", "encode",
-           "parse", "seq_of", "valid_stream", "with_seq"]
+__all__ = [
+    "AGENT",
+    "BadLine",
+    "MAX_LINE",
+    "RESERVED",
+    "SPLIT_MARKER",
+    "container_stream",
+    "dumps",
+    "encode",
+    "parse",
+    "seq_of",
+    "valid_stream",
+    "with_seq",
+]

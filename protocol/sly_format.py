@@ -23,6 +23,7 @@ side turns into its own error (the server: a 400 with `code`). Standard library 
 image ships this module without Pillow, so image sizes come from file headers, and a bitmap's PNG
 is checked chunk by chunk (structure and CRCs, as Pillow's `verify()` does) without decoding it.
 """
+
 from __future__ import annotations
 
 import base64
@@ -32,14 +33,14 @@ import math
 import re
 import struct
 import zlib
-from typing import NoReturn
 from pathlib import Path
+from typing import NoReturn
 
 # --- the folder layout ---
 
 META_FILE = "meta.json"
 IMG_DIR, ANN_DIR = "img", "ann"
-NESTED_DIR = "datasets"          # newer SDKs' nested datasets: <dataset>/datasets/<child>/
+NESTED_DIR = "datasets"  # newer SDKs' nested datasets: <dataset>/datasets/<child>/
 ANN_EXT = ".json"
 # supervisely/imaging/image.py SUPPORTED_IMG_EXTS: what the SDK lists as items of img/
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".mpo", ".bmp", ".png", ".webp", ".tiff", ".tif", ".nrrd", ".jfif"})
@@ -62,8 +63,13 @@ def empty_meta() -> dict:
 def empty_ann(height: int | None, width: int | None) -> dict:
     """`sly.Annotation((height, width)).to_json()`: an image without labels. The size may be None
     when the image's header cannot be read; the SDK's `Annotation.from_json` accepts that."""
-    return {"description": "", "size": {"height": height, "width": width}, "tags": [], "objects": [],
-            "customBigData": {}}
+    return {
+        "description": "",
+        "size": {"height": height, "width": width},
+        "tags": [],
+        "objects": [],
+        "customBigData": {},
+    }
 
 
 def dumps(obj) -> str:
@@ -115,11 +121,11 @@ def _header_size(b: bytes) -> tuple[int, int] | None:
         w, h = struct.unpack("<HH", b[6:10])
         return h, w
     if b[:2] == b"BM":
-        if struct.unpack("<I", b[14:18])[0] == 12:        # OS/2 BITMAPCOREHEADER: 16-bit sizes
+        if struct.unpack("<I", b[14:18])[0] == 12:  # OS/2 BITMAPCOREHEADER: 16-bit sizes
             w, h = struct.unpack("<HH", b[18:22])
         else:
             w, h = struct.unpack("<ii", b[18:26])
-        return abs(h), w                                  # a negative height: rows stored top-down
+        return abs(h), w  # a negative height: rows stored top-down
     if b[:4] == b"RIFF" and b[8:12] == b"WEBP":
         return _webp(b)
     if b[:2] == b"\xff\xd8":
@@ -143,14 +149,14 @@ def _jpeg(b: bytes) -> tuple[int, int] | None:
             return None
         marker = b[i]
         i += 1
-        if marker in (0x00, 0x01, 0xD8) or 0xD0 <= marker <= 0xD7:   # no length follows
+        if marker in (0x00, 0x01, 0xD8) or 0xD0 <= marker <= 0xD7:  # no length follows
             continue
-        if marker == 0xD9:                                           # end of image: no frame
+        if marker == 0xD9:  # end of image: no frame
             return None
         if marker in _SOF:
-            h, w = struct.unpack(">HH", b[i + 3:i + 7])
+            h, w = struct.unpack(">HH", b[i + 3 : i + 7])
             return h, w
-        i += struct.unpack(">H", b[i:i + 2])[0]
+        i += struct.unpack(">H", b[i : i + 2])[0]
 
 
 def _webp(b: bytes) -> tuple[int, int] | None:
@@ -169,14 +175,17 @@ def _webp(b: bytes) -> tuple[int, int] | None:
 def _tiff(b: bytes) -> tuple[int, int] | None:
     e = "<" if b[:2] == b"II" else ">"
     off = struct.unpack(e + "I", b[4:8])[0]
-    n = struct.unpack(e + "H", b[off:off + 2])[0]
+    n = struct.unpack(e + "H", b[off : off + 2])[0]
     dims = {}
     for k in range(n):
         at = off + 2 + 12 * k
-        tag, typ = struct.unpack(e + "HH", b[at:at + 4])
+        tag, typ = struct.unpack(e + "HH", b[at : at + 4])
         if tag in (256, 257):
-            dims[tag] = struct.unpack(e + "H", b[at + 8:at + 10])[0] if typ == 3 else \
-                struct.unpack(e + "I", b[at + 8:at + 12])[0]
+            dims[tag] = (
+                struct.unpack(e + "H", b[at + 8 : at + 10])[0]
+                if typ == 3
+                else struct.unpack(e + "I", b[at + 8 : at + 12])[0]
+            )
         if len(dims) == 2:
             return dims[257], dims[256]
     return None
@@ -185,23 +194,37 @@ def _tiff(b: bytes) -> tuple[int, int] | None:
 # --- checks of a meta and of an annotation ---
 
 # Documented limits (docs/protocol.md, "Supervisely projects").
-MAX_ANN_BYTES = 1024 * 1024          # one item's annotation, as compact JSON
-MAX_OBJECTS = 10_000                 # objects (labels) in one annotation
-MAX_POINTS = 100_000                 # points in one object (exterior and interiors together)
-MAX_TAGS = 1_000                     # tags on one image or one object
-MAX_META_BYTES = 1024 * 1024         # the project meta, as compact JSON
-MAX_CLASSES = 10_000                 # object classes in a meta
-MAX_TAG_METAS = 10_000               # tag metas in a meta
-MAX_MASK_PIXELS = 1 << 28            # a bitmap's width x height
+MAX_ANN_BYTES = 1024 * 1024  # one item's annotation, as compact JSON
+MAX_OBJECTS = 10_000  # objects (labels) in one annotation
+MAX_POINTS = 100_000  # points in one object (exterior and interiors together)
+MAX_TAGS = 1_000  # tags on one image or one object
+MAX_META_BYTES = 1024 * 1024  # the project meta, as compact JSON
+MAX_CLASSES = 10_000  # object classes in a meta
+MAX_TAG_METAS = 10_000  # tag metas in a meta
+MAX_MASK_PIXELS = 1 << 28  # a bitmap's width x height
 MAX_MASK_PNG_BYTES = 64 * 1024 * 1024  # a bitmap's PNG after the zlib layer is undone
 # All bitmaps of one request together, after the zlib layer: a bitmap inflates up to 1000-fold, so
 # without it a 64 MiB body would cost the server gigabytes of inflating.
 MAX_REQUEST_MASK_BYTES = 256 * 1024 * 1024
-MAX_COORD = 1e9                      # |x| and |y| of a point
+MAX_COORD = 1e9  # |x| and |y| of a point
 
 # The 2-D image shapes (geometry_name() of the SDK's geometry classes) and "any" (AnyGeometry).
-SHAPES = frozenset({"rectangle", "polygon", "line", "point", "bitmap", "alpha_mask", "graph", "cuboid",
-                    "cuboid_2d", "multipolygon", "oriented_bbox", "any"})
+SHAPES = frozenset(
+    {
+        "rectangle",
+        "polygon",
+        "line",
+        "point",
+        "bitmap",
+        "alpha_mask",
+        "graph",
+        "cuboid",
+        "cuboid_2d",
+        "multipolygon",
+        "oriented_bbox",
+        "any",
+    }
+)
 TAG_VALUE_TYPES = frozenset({"none", "any_number", "any_string", "oneof_string", "date"})
 HEX_COLOR_RE = re.compile(r"^#[0-9A-Fa-f]{6}$")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -299,8 +322,11 @@ def check_meta(meta, where: str = "meta") -> Meta:
     if not all(isinstance(t, list) for t in [tags_json] + legacy):
         _fail(where, "tags, tags_images and tags_objects must be lists", "bad_meta")
     if tags_json and any(legacy):
-        _fail(where, "has both 'tags' and the legacy 'tags_images'/'tags_objects'; the SDK reads one or the other",
-              "bad_meta")
+        _fail(
+            where,
+            "has both 'tags' and the legacy 'tags_images'/'tags_objects'; the SDK reads one or the other",
+            "bad_meta",
+        )
     all_tags = tags_json or legacy[0] + legacy[1]
     if len(all_tags) > MAX_TAG_METAS:
         _fail(where, f"has more than {MAX_TAG_METAS} tag metas", "bad_meta")
@@ -333,7 +359,7 @@ def _tags(tags, meta: Meta, where: str) -> None:
     if len(tags) > MAX_TAGS:
         _fail(where, f"more than {MAX_TAGS} tags")
     for i, t in enumerate(tags, 1):
-        if isinstance(t, str):          # the SDK reads a bare name as a tag without a value
+        if isinstance(t, str):  # the SDK reads a bare name as a tag without a value
             t = {"name": t}
         if not isinstance(t, dict):
             _fail(where, f"tag {i} must be an object {{name, value}}")
@@ -342,11 +368,13 @@ def _tags(tags, meta: Meta, where: str) -> None:
             _fail(where, f"tag {i} {name!r} is not a tag of the meta")
         vt, values = meta.tags[name]
         v = t.get("value")
-        ok = {"none": v is None,
-              "any_number": isinstance(v, (int, float)) and not isinstance(v, bool),
-              "any_string": isinstance(v, str),
-              "oneof_string": isinstance(v, str) and v in (values or ()),
-              "date": isinstance(v, str)}[vt]
+        ok = {
+            "none": v is None,
+            "any_number": isinstance(v, (int, float)) and not isinstance(v, bool),
+            "any_string": isinstance(v, str),
+            "oneof_string": isinstance(v, str) and v in (values or ()),
+            "date": isinstance(v, str),
+        }[vt]
         if not ok:
             _fail(where, f"tag {i} ({name!r}, {vt}) cannot have the value {v!r}")
 
@@ -355,8 +383,11 @@ def _points(pts, what: str, where: str) -> int:
     if not isinstance(pts, list):
         _fail(where, f"{what} must be a list of [x, y] points")
     for p in pts:
-        if not (isinstance(p, list) and len(p) == 2
-                and all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in p)):
+        if not (
+            isinstance(p, list)
+            and len(p) == 2
+            and all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in p)
+        ):
             _fail(where, f"{what} has {p!r}, which is not an [x, y] pair of numbers")
         if not all(math.isfinite(c) and abs(c) <= MAX_COORD for c in p):
             _fail(where, f"{what} has {p!r}; coordinates must be finite and within ±{MAX_COORD:g}")
@@ -379,21 +410,26 @@ def _vector(obj: dict, shape: str, where: str) -> None:
     if n > MAX_POINTS:
         _fail(where, f"{n} points are more than the limit of {MAX_POINTS}")
     e = len(ext)
-    need = {"rectangle": (e == 2, "exactly 2 exterior points (two corners)"),
-            "polygon": (e >= 3, "at least 3 exterior points"),
-            "line": (e >= 2, "at least 2 exterior points"),
-            "point": (e == 1, "exactly 1 exterior point")}
+    need = {
+        "rectangle": (e == 2, "exactly 2 exterior points (two corners)"),
+        "polygon": (e >= 3, "at least 3 exterior points"),
+        "line": (e >= 2, "at least 2 exterior points"),
+        "point": (e == 1, "exactly 1 exterior point"),
+    }
     if shape in need and not need[shape][0]:
         _fail(where, f"a {shape} needs {need[shape][1]}, not {e}")
 
 
 def _bitmap(obj: dict, shape: str, size: dict, budget: Budget, where: str) -> None:
-    bm = obj.get("bitmap")   # AlphaMask derives from Bitmap and keeps its JSON key
+    bm = obj.get("bitmap")  # AlphaMask derives from Bitmap and keeps its JSON key
     if not isinstance(bm, dict) or "data" not in bm or "origin" not in bm:
         _fail(where, f"a {shape} needs bitmap {{data, origin}}")
     origin = bm["origin"]
-    if not (isinstance(origin, list) and len(origin) == 2
-            and all(isinstance(c, int) and not isinstance(c, bool) for c in origin)):
+    if not (
+        isinstance(origin, list)
+        and len(origin) == 2
+        and all(isinstance(c, int) and not isinstance(c, bool) for c in origin)
+    ):
         _fail(where, f"bitmap origin must be [x, y] integers, not {origin!r}")
     data = bm["data"]
     if not isinstance(data, str) or not data:
@@ -404,7 +440,7 @@ def _bitmap(obj: dict, shape: str, size: dict, budget: Budget, where: str) -> No
         _fail(where, "bitmap data is not valid base64")
     png = raw
     limit = budget.limit()
-    if not raw.startswith(PNG_SIGNATURE):     # the usual form: zlib(PNG bytes), as Bitmap.data_2_base64 writes
+    if not raw.startswith(PNG_SIGNATURE):  # the usual form: zlib(PNG bytes), as Bitmap.data_2_base64 writes
         d = zlib.decompressobj()
         try:
             # The IHDR first: a bitmap larger than its image is refused before the rest is inflated.
@@ -416,8 +452,12 @@ def _bitmap(obj: dict, shape: str, size: dict, budget: Budget, where: str) -> No
         except zlib.error:
             _fail(where, "bitmap data is neither zlib-compressed nor a PNG")
     if len(png) > limit:
-        _fail(where, f"bitmap PNG is larger than {MAX_MASK_PNG_BYTES} bytes" if limit == MAX_MASK_PNG_BYTES
-              else f"the bitmaps of this request inflate to more than {MAX_REQUEST_MASK_BYTES} bytes together")
+        _fail(
+            where,
+            f"bitmap PNG is larger than {MAX_MASK_PNG_BYTES} bytes"
+            if limit == MAX_MASK_PNG_BYTES
+            else f"the bitmaps of this request inflate to more than {MAX_REQUEST_MASK_BYTES} bytes together",
+        )
     budget.spend(len(png))
     if not raw.startswith(PNG_SIGNATURE):
         if not d.eof:
@@ -442,6 +482,7 @@ def _ihdr_size(png: bytes, size: dict, where: str) -> None:
 
 def _png_chunks(png: bytes, where: str) -> None:
     """A PNG's chunk structure and CRCs, from IHDR to IEND, without decoding the pixels."""
+
     def damaged(why: str):
         _fail(where, f"bitmap PNG is damaged ({why})")
 
@@ -454,14 +495,14 @@ def _png_chunks(png: bytes, where: str) -> None:
         if pos + 8 > len(png):
             damaged("it ends before its IEND chunk")
         n, kind = struct.unpack_from(">I4s", png, pos)
-        if kind == b"IEND":      # what follows is not read (neither by Pillow's verify())
+        if kind == b"IEND":  # what follows is not read (neither by Pillow's verify())
             break
         end = pos + 8 + n
         if not kind.isalpha() or end + 4 > len(png):
             damaged(f"chunk {kind!r} at byte {pos} is not a chunk or runs past the end")
         if (pos == 8) != (kind == b"IHDR") or (kind == b"IHDR" and n != 13):
             damaged("IHDR is not its first and only header, of 13 bytes")
-        if zlib.crc32(view[pos + 8:end], zlib.crc32(kind)) != struct.unpack_from(">I", png, end)[0]:
+        if zlib.crc32(view[pos + 8 : end], zlib.crc32(kind)) != struct.unpack_from(">I", png, end)[0]:
             damaged(f"bad CRC in its {kind.decode()} chunk")
         idat = idat or kind == b"IDAT"
         pos = end + 4
@@ -502,9 +543,13 @@ def check_ann(ann, meta: Meta, where: str, budget: Budget | None = None) -> None
     if n > MAX_ANN_BYTES:
         _fail(where, f"the annotation is {n} bytes; the limit is {MAX_ANN_BYTES}")
     size = ann.get("size")
-    if not (isinstance(size, dict)
-            and all(isinstance(size.get(k), int) and not isinstance(size.get(k), bool) and size[k] > 0
-                    for k in ("height", "width"))):
+    if not (
+        isinstance(size, dict)
+        and all(
+            isinstance(size.get(k), int) and not isinstance(size.get(k), bool) and size[k] > 0
+            for k in ("height", "width")
+        )
+    ):
         _fail(where, f"the annotation's size must be {{height, width}} positive integers, not {size!r}")
     for key in ("objects", "tags"):
         if not isinstance(ann.get(key), list):

@@ -1,4 +1,5 @@
 """Task states and their checked transitions, as the server stores them and the agent reports them."""
+
 from __future__ import annotations
 
 import enum

@@ -1,4 +1,5 @@
 """Task types, log streams and log levels."""
+
 from __future__ import annotations
 
 # `cleanup`: the agent's cache and task-dir cleanup, run in the task process, no container.
@@ -6,8 +7,10 @@ TASK_TYPES: tuple[str, ...] = ("train", "inference", "custom", "cleanup")
 # Types that run a container (the rest run inside the agent's task process).
 CONTAINER_TYPES = frozenset({"train", "inference", "custom"})
 # A train/inference task without a command runs the real Supervisely agent's entry point.
-DEFAULT_ENTRYPOINTS = {"train": ["python", "-u", "/workdir/src/train.py"],
-                       "inference": ["python", "-u", "/workdir/src/inference.py"]}
+DEFAULT_ENTRYPOINTS = {
+    "train": ["python", "-u", "/workdir/src/train.py"],
+    "inference": ["python", "-u", "/workdir/src/inference.py"],
+}
 
 # A log line's `stream`. Only the agent writes AGENT; container output never claims it.
 STDOUT, STDERR, AGENT = "stdout", "stderr", "agent"

@@ -1,4 +1,5 @@
 """`python -m server --host 127.0.0.1 --port 8700 --data DIR [--db URL] [--workers N]`"""
+
 from __future__ import annotations
 
 import argparse
@@ -14,7 +15,7 @@ import uvicorn
 
 from server.settings import Settings, options
 
-SETTINGS_ENV = "SLY_SERVER_SETTINGS"   # how a --workers parent hands its settings to the worker processes
+SETTINGS_ENV = "SLY_SERVER_SETTINGS"  # how a --workers parent hands its settings to the worker processes
 
 
 _TYPES = {"int": int, "float": float, "str": str, "Path": Path}
@@ -29,12 +30,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
         env = f.metadata["env"]
         default = (os.environ.get(env) if env else None) or f.default
-        kind = f.type.split(" | ")[0]    # "int | None" -> "int" (annotations are strings here)
+        kind = f.type.split(" | ")[0]  # "int | None" -> "int" (annotations are strings here)
         if kind == "bool":
             p.add_argument(flag, dest=f.name, action="store_true", help=f.metadata["help"])
         else:
-            p.add_argument(flag, dest=f.name, type=_TYPES[kind], default=default, help=f.metadata["help"],
-                           metavar=flag[2:].upper().replace("-", "_"))
+            p.add_argument(
+                flag,
+                dest=f.name,
+                type=_TYPES[kind],
+                default=default,
+                help=f.metadata["help"],
+                metavar=flag[2:].upper().replace("-", "_"),
+            )
     p.add_argument("--log-level", default="info")
     return p.parse_args(argv)
 
@@ -69,6 +76,7 @@ def worker_app():
     raw = json.loads(os.environ[SETTINGS_ENV])
     raw["data_dir"] = Path(raw["data_dir"])
     from server.app import create_app
+
     app = create_app(Settings(**raw))
     freeze_heap()
     return app
@@ -77,10 +85,11 @@ def worker_app():
 def main(argv=None) -> None:
     a = parse_args(argv)
     tune_runtime()
-    os.umask(0o077)     # every file and directory the server makes is its own user's only
+    os.umask(0o077)  # every file and directory the server makes is its own user's only
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         from setproctitle import setproctitle
+
         setproctitle(f"sly-server: {a.host}:{a.port}")
     except ImportError:
         pass
@@ -88,6 +97,7 @@ def main(argv=None) -> None:
     for problem in settings.problems():
         sys.exit(f"sly-server: {problem}")
     from protocol.errors import ConfigError
+
     try:
         serve(a, settings)
     except ConfigError as e:
@@ -101,24 +111,30 @@ def serve(a, settings: Settings) -> None:
     common = dict(host=a.host, port=a.port, log_level=a.log_level, access_log=False, timeout_graceful_shutdown=3)
     if a.workers == 1:
         from server.app import create_app
+
         app = create_app(settings)
         freeze_heap()
         _Server(uvicorn.Config(app, **common), app.state.server).run()
         return
     if settings.database_url.startswith("sqlite"):
-        sys.exit("sly-server: --workers above 1 needs PostgreSQL (--db postgresql+psycopg://...); SQLite serves "
-                 "one process, and wake-ups between processes go through PostgreSQL's LISTEN/NOTIFY")
+        sys.exit(
+            "sly-server: --workers above 1 needs PostgreSQL (--db postgresql+psycopg://...); SQLite serves "
+            "one process, and wake-ups between processes go through PostgreSQL's LISTEN/NOTIFY"
+        )
     # Once, here, before the workers exist: the admin token (generated on first start) and the schema.
     from server import db
-    from server.db import migrate
     from server.auth.service import load_admin_token
+    from server.db import migrate
+
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     settings.admin_token = settings.admin_token or load_admin_token(settings.data_dir)
     engine = db.make_engine(settings.database_url, pool_size=1)
     migrate.upgrade(engine)
     engine.dispose()
     raw = dataclasses.asdict(settings)
-    raw.update(data_dir=str(settings.data_dir), migrate=False, admin_token=None)   # each worker reads it as the parent did
+    raw.update(
+        data_dir=str(settings.data_dir), migrate=False, admin_token=None
+    )  # each worker reads it as the parent did
     os.environ[SETTINGS_ENV] = json.dumps(raw)
     uvicorn.run("server.__main__:worker_app", factory=True, workers=a.workers, **common)
 

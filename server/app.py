@@ -1,4 +1,5 @@
 """The FastAPI application: `create_app(settings)`."""
+
 from __future__ import annotations
 
 import asyncio
@@ -15,18 +16,17 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from protocol.endpoints import AUTHORIZATION_HEADER, BEARER
 from protocol.errors import APIError
-from server import db
+from server import db, routers
+from server.auth.service import check_admin_token_length, load_admin_token
 from server.blobs import refs as blob_refs
 from server.http import logfilter
-from server import routers
-from server.auth.service import check_admin_token_length, load_admin_token
-from server.state import ServerState
 from server.http.errors import ERROR_RESPONSES, BodyLimitMiddleware, install_error_handlers
 from server.http.fastpath import TelemetryFastPath
-from server.settings import Settings
 from server.http.strict import SafeJSONResponse
-from server.tasks.retention import run_housekeeper
+from server.settings import Settings
+from server.state import ServerState
 from server.tasks import service as tasks_service
+from server.tasks.retention import run_housekeeper
 from server.tasks.service import reap_lost
 
 log = logging.getLogger("sly-server")
@@ -64,7 +64,7 @@ async def _contact_writer(state: ServerState) -> None:
             failures = 0
         except Exception:  # noqa: BLE001 - the batch is kept and written at a later round
             failures += 1
-            if failures in (1, 10) or failures % 100 == 0:   # a database away for long logs now and then
+            if failures in (1, 10) or failures % 100 == 0:  # a database away for long logs now and then
                 log.exception("writing the contact batch failed (%d in a row); it is kept and retried", failures)
 
 
@@ -91,10 +91,10 @@ def restrict_data_dir(data_dir: Path) -> None:
 
 def _openapi(app: FastAPI):
     """The schema as the server really answers: errors are 400 {error, detail}, never FastAPI's 422."""
+
     def build():
         if app.openapi_schema is None:
-            schema = get_openapi(title=app.title, version=app.version, description=app.description,
-                                 routes=app.routes)
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
             for ops in schema.get("paths", {}).values():
                 for op in ops.values():
                     op.get("responses", {}).pop("422", None)
@@ -102,6 +102,7 @@ def _openapi(app: FastAPI):
                 schema.get("components", {}).get("schemas", {}).pop(name, None)
             app.openapi_schema = schema
         return app.openapi_schema
+
     return build
 
 
@@ -146,8 +147,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         settings.admin_token = load_admin_token(settings.data_dir)
     check_admin_token_length(settings.admin_token, "the admin token")
     state = ServerState(settings)
-    restrict_data_dir(settings.data_dir)      # again: the database files exist now
-    logfilter.install()   # here, not in __main__: every worker process builds its own app
+    restrict_data_dir(settings.data_dir)  # again: the database files exist now
+    logfilter.install()  # here, not in __main__: every worker process builds its own app
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -155,9 +156,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await state.db.run(tasks_service.renew_all_leases, state.db.engine, settings.lease_s)
         _warm_routes(app)
         state.wakeups.loop = asyncio.get_running_loop()
-        background = [asyncio.create_task(_reaper(state)), asyncio.create_task(_blob_collector(state)),
-                      asyncio.create_task(run_housekeeper(state)), asyncio.create_task(_contact_writer(state)),
-                      asyncio.create_task(_loop_watch(state))]
+        background = [
+            asyncio.create_task(_reaper(state)),
+            asyncio.create_task(_blob_collector(state)),
+            asyncio.create_task(run_housekeeper(state)),
+            asyncio.create_task(_contact_writer(state)),
+            asyncio.create_task(_loop_watch(state)),
+        ]
         if state.db.engine.dialect.name == "sqlite":
             background.append(asyncio.create_task(_checkpointer(state)))
         if state.wakeups.shared:
@@ -165,18 +170,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # Answer only once other replicas' changes can reach this one (it retries if not yet).
             try:
                 await asyncio.wait_for(state.wakeups.listening.wait(), 10)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 log.warning("the wake-up listener is not connected yet; polls wake at their timeout until it is")
         try:
             yield
         finally:
             if state.wakeups.shared and not await state.wakeups.drain(2.0):
-                log.warning("shutting down with wake-ups not sent to the other replicas; their waiters "
-                            "find those changes at their timeout")
+                log.warning(
+                    "shutting down with wake-ups not sent to the other replicas; their waiters "
+                    "find those changes at their timeout"
+                )
             for t in background:
                 t.cancel()
             try:
-                await state.db.run(state.contacts.flush)   # the last batch: open polls' rows go, contact is kept
+                await state.db.run(state.contacts.flush)  # the last batch: open polls' rows go, contact is kept
             except Exception:  # noqa: BLE001 - a database away at shutdown loses only this batch
                 log.exception("writing the last contact batch failed")
             state.db.engine.dispose()
@@ -184,27 +191,38 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # /docs (Swagger UI) loads its assets from a CDN: off unless asked for; /openapi.json is always served.
     # FastAPI instruments every request for OpenTelemetry unless told not to; the server exports
     # Prometheus metrics instead.
-    app = FastAPI(title="sly-agent task server", version="1", lifespan=lifespan, telemetry=_NO_OTEL,
-                  description="Protocol v1: agent side (x-token) and user side (Bearer admin token). See docs/protocol.md.",
-                  default_response_class=SafeJSONResponse, docs_url="/docs" if settings.docs else None,
-                  redoc_url=None, swagger_ui_oauth2_redirect_url=None)
+    app = FastAPI(
+        title="sly-agent task server",
+        version="1",
+        lifespan=lifespan,
+        telemetry=_NO_OTEL,
+        description="Protocol v1: agent side (x-token) and user side (Bearer admin token). See docs/protocol.md.",
+        default_response_class=SafeJSONResponse,
+        docs_url="/docs" if settings.docs else None,
+        redoc_url=None,
+        swagger_ui_oauth2_redirect_url=None,
+    )
     app.openapi = _openapi(app)
     app.state.server = state
     install_error_handlers(app)
-    app.add_middleware(TelemetryFastPath, state=state)             # inside the body check: it reads its result
+    app.add_middleware(TelemetryFastPath, state=state)  # inside the body check: it reads its result
     app.add_middleware(BodyLimitMiddleware, settings=settings)
 
     @app.get("/healthz", tags=["ops"])
     async def healthz():
         return {"ok": True}
 
-    @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse,
-             responses={401: ERROR_RESPONSES[401]} if settings.metrics_token else None)
+    @app.get(
+        "/metrics",
+        tags=["ops"],
+        response_class=PlainTextResponse,
+        responses={401: ERROR_RESPONSES[401]} if settings.metrics_token else None,
+    )
     async def metrics(request: Request):
         """Prometheus text format; with --metrics-token, only for `Authorization: Bearer <that token>`."""
         if settings.metrics_token:
             auth = request.headers.get(AUTHORIZATION_HEADER, "")
-            given = auth[len(BEARER):].strip() if auth[:len(BEARER)].lower() == BEARER.lower() else ""
+            given = auth[len(BEARER) :].strip() if auth[: len(BEARER)].lower() == BEARER.lower() else ""
             if not hmac.compare_digest(given.encode(), settings.metrics_token.encode()):
                 raise APIError(401, "unauthorized", "/metrics needs 'Authorization: Bearer <metrics token>'")
         await state.db.run(state.refresh_metrics)

@@ -1,4 +1,5 @@
 """What /metrics shows: one Prometheus registry per server process and its metrics."""
+
 from __future__ import annotations
 
 import time
@@ -20,13 +21,18 @@ class Metrics:
         self.agents_online = Gauge("sly_agents_online", "Agents seen within the offline window", registry=r)
         self.agents = Gauge("sly_agents", "Agents registered", registry=r)
         self.tasks = Gauge("sly_tasks", "Tasks by state", ["state"], registry=r)
-        self.loop_lag = Histogram("sly_event_loop_lag_seconds", "How late the event loop ran a 250 ms timer",
-                                  buckets=(0.005, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0), registry=r)
+        self.loop_lag = Histogram(
+            "sly_event_loop_lag_seconds",
+            "How late the event loop ran a 250 ms timer",
+            buckets=(0.005, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+            registry=r,
+        )
         self.polls = Gauge("sly_longpolls_open", "Agent long-polls waiting now", registry=r)
         self.lines = Counter("sly_log_lines_ingested", "Log lines stored (re-sent ones not counted)", registry=r)
         self.log_bytes = Counter("sly_log_bytes_stored", "Bytes of log lines stored (message + fields)", registry=r)
-        self.log_dropped = Counter("sly_log_lines_dropped", "Log lines acked but not stored: the task's log quota "
-                                   "was reached", registry=r)
+        self.log_dropped = Counter(
+            "sly_log_lines_dropped", "Log lines acked but not stored: the task's log quota was reached", registry=r
+        )
         self.log_cut = Counter("sly_log_lines_cut", "Log lines cut to the line-size limit by the server", registry=r)
         self.blobs_collected = Counter("sly_blobs_collected", "Unreferenced blobs deleted by the collector", registry=r)
         self.signin_failures = Counter("sly_admin_token_failures", "Wrong admin tokens (sign-in or Bearer)", registry=r)
@@ -39,7 +45,8 @@ class Metrics:
             by_state = dict(conn.execute(select(db.tasks.c.state, func.count()).group_by(db.tasks.c.state)).all())
             polls = agents.polls_open(conn, now)
         self.agents.set(len(seen))
-        self.agents_online.set(sum(1 for aid, s in seen
-                                   if agents.agent_status(offline_after, polls.get(aid, 0), s, now) == "online"))
+        self.agents_online.set(
+            sum(1 for aid, s in seen if agents.agent_status(offline_after, polls.get(aid, 0), s, now) == "online")
+        )
         for st in TaskState:
             self.tasks.labels(state=st.value).set(by_state.get(st.value, 0))

@@ -8,6 +8,7 @@ agent half of `blobs.router`. User side (Bearer admin token or console session):
 thumbnails) and the user half of `blobs.router`; then the console's pages. `http.echo` holds the benchmark's echo
 endpoint, mounted only when the settings ask for it.
 """
+
 from __future__ import annotations
 
 from fastapi import FastAPI
@@ -32,11 +33,23 @@ def include_all(app: FastAPI, settings: Settings) -> None:
     from server.tasks import agent_router as agent_tasks
     from server.tasks import router as tasks
     from server.telemetry import agent_router as agent_telemetry
-    for module in (agent_poll, agent_tasks, agent_logs, agent_telemetry, sessions, agents, projects, models, tasks,
-                   task_logs, thumbs_router):
+
+    for module in (
+        agent_poll,
+        agent_tasks,
+        agent_logs,
+        agent_telemetry,
+        sessions,
+        agents,
+        projects,
+        models,
+        tasks,
+        task_logs,
+        thumbs_router,
+    ):
         app.include_router(module.router, responses=ERROR_RESPONSES)
     app.include_router(blobs.agent_router, responses=ERROR_RESPONSES)
     app.include_router(blobs.user_router, responses=ERROR_RESPONSES)
     if settings.echo_endpoint:
         app.include_router(echo.router)
-    app.include_router(console)       # the web console's pages (server/console/)
+    app.include_router(console)  # the web console's pages (server/console/)

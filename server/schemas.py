@@ -5,6 +5,7 @@ as `projcet_id` would otherwise be dropped and the task run without it. The agen
 bodies ignore unknown fields, so an agent and a server of neighbouring versions still talk.
 Numbers are bounded by what their column holds (server/db/__init__.py: Integer is int4 on PostgreSQL).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -14,21 +15,21 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
-from server.http.strict import ID_MAX, INT64_MAX
 from protocol.errors import APIError
+from server.http.strict import ID_MAX, INT64_MAX
 
 MEMORY_RE = re.compile(r"^\d+(\.\d+)?[bkmgBKMG]?$")
 # C0, DEL and C1 controls: in a name they rewrite a terminal (the CLI's listings) or split a log line.
 CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
-NAME_MAX = 255          # bytes of one path component (Linux NAME_MAX): an agent makes a directory of it
-PATH_MAX = 1024         # bytes of a relative path in a manifest
+NAME_MAX = 255  # bytes of one path component (Linux NAME_MAX): an agent makes a directory of it
+PATH_MAX = 1024  # bytes of a relative path in a manifest
 # Documented bounds of a task's numbers (docs/protocol.md "Tasks").
 TIMEOUT_MAX_S = 366 * 24 * 3600
 CPUS_MAX = 4096
 GPUS_MAX = 1024
-MEMORY_MAX = 1 << 50    # 1 PiB, for memory and shm_size
+MEMORY_MAX = 1 << 50  # 1 PiB, for memory and shm_size
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
 
@@ -62,8 +63,9 @@ def _safe_name(v: str) -> str:
 def _safe_path(v: str) -> str:
     why = _path_problem(v, single=False)
     if why:
-        raise PydanticCustomError("bad_name", "{name} is not a safe relative path ({why})",
-                                  {"name": repr(v[:100]), "why": why})
+        raise PydanticCustomError(
+            "bad_name", "{name} is not a safe relative path ({why})", {"name": repr(v[:100]), "why": why}
+        )
     return v
 
 
@@ -87,13 +89,18 @@ def check_relpath(p: str, what: str, single: bool = False) -> str:
     """A safe relative path (one component when `single`), else a 400 bad_name naming `what`."""
     why = _path_problem(p, single) if isinstance(p, str) else "not a string"
     if why:
-        raise APIError(400, "bad_name", f"{what} {p!r} is not a safe relative name ({why}): no '..', '.', "
-                       f"empty parts, leading '/', backslash or control characters{', no /' if single else ''}")
+        raise APIError(
+            400,
+            "bad_name",
+            f"{what} {p!r} is not a safe relative name ({why}): no '..', '.', "
+            f"empty parts, leading '/', backslash or control characters{', no /' if single else ''}",
+        )
     return p
 
 
 class UserIn(BaseModel):
     """A user-API body: an unknown field is refused (server/http/errors.py answers 400 unknown_field)."""
+
     model_config = ConfigDict(extra="forbid")
 
 
@@ -111,7 +118,7 @@ class ItemRef(BaseModel):
     name: SafePath
     sha256: str
     size: Size
-    ann: Any = None     # Supervisely annotation JSON, checked by protocol.sly_format (errors name the item)
+    ann: Any = None  # Supervisely annotation JSON, checked by protocol.sly_format (errors name the item)
 
 
 class DatasetIn(BaseModel):
@@ -134,7 +141,7 @@ class UserDatasetIn(DatasetIn, UserIn):
 
 class ProjectIn(UserIn):
     name: SafeName
-    meta: Any = None    # Supervisely project meta; absent: the empty meta
+    meta: Any = None  # Supervisely project meta; absent: the empty meta
     datasets: list[UserDatasetIn] = []
 
 
@@ -205,13 +212,13 @@ RowIdInt = Annotated[int, Field(ge=0, le=ID_MAX)]
 
 class PollIn(BaseModel):
     free_slots: int = Field(default=0, ge=0, le=ID_MAX)
-    free_gpus: list[RowIdInt] = []     # GPU indices
-    running: list[RowIdInt] = []       # task ids
-    refusing: str = Field(default="", max_length=1000)   # why the agent takes no task now
+    free_gpus: list[RowIdInt] = []  # GPU indices
+    running: list[RowIdInt] = []  # task ids
+    refusing: str = Field(default="", max_length=1000)  # why the agent takes no task now
 
 
 class ResultFileRef(FileRef):
-    ann: Any = None     # kind=project, files form: the item's annotation
+    ann: Any = None  # kind=project, files form: the item's annotation
 
 
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
@@ -227,7 +234,7 @@ class ResultsIn(BaseModel):
     kind: Literal["model", "project", "artifacts"]
     name: Annotated[str, AfterValidator(_plain_name)] = Field(default="", max_length=500)
     files: list[ResultFileRef] = []
-    meta: Any = None                        # kind=project
+    meta: Any = None  # kind=project
     datasets: list[DatasetIn] | None = None  # kind=project: the POST /api/v1/projects form, instead of files
     checkpoint: CheckpointIn | None = None  # kind=model: this model is a checkpoint of the task
 
@@ -239,6 +246,7 @@ class SessionIn(UserIn):
 def check_files(blobs, refs: list, path_attr: str, what: str) -> None:
     """Safe names, valid sha256s, no duplicate paths, every blob present with the stated size."""
     from server.blobs.store import SHA256_RE
+
     seen: set[str] = set()
     missing: list[str] = []
     for ref in refs:
@@ -256,8 +264,12 @@ def check_files(blobs, refs: list, path_attr: str, what: str) -> None:
             raise APIError(400, "size_mismatch", f"{what} {p!r}: blob {ref.sha256} has {size} bytes, not {ref.size}")
     if missing:
         missing = sorted(set(missing))
-        raise APIError(400, "missing_blobs", f"{len(missing)} referenced blob(s) are not uploaded: {', '.join(missing[:10])}",
-                       missing=missing)
+        raise APIError(
+            400,
+            "missing_blobs",
+            f"{len(missing)} referenced blob(s) are not uploaded: {', '.join(missing[:10])}",
+            missing=missing,
+        )
 
 
 def model_hash(files: list[dict]) -> str:

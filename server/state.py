@@ -8,6 +8,7 @@ What several replicas must agree on lives in the database: stops delivered
 versions (`agents.settings_version`). Wake-ups of long-polls and log followers go through
 `server.wakeups` (in process, and across replicas on PostgreSQL with LISTEN/NOTIFY).
 """
+
 from __future__ import annotations
 
 from server.agents.contact import Contacts
@@ -40,7 +41,7 @@ class ServerState:
         self.wakeups.agent_changed = self.agent_rows.forget
         self.contacts = Contacts(self.db.engine, settings)
         self.log_hub = LogHub(self)
-        self.closing = False       # set at shutdown: long-polls and log followers answer now
+        self.closing = False  # set at shutdown: long-polls and log followers answer now
         self.metrics = Metrics(self.contacts.m_rows_dropped)
 
     def close_waits(self) -> None:

@@ -21,6 +21,7 @@ read at their keep-alive, and find the change. A listener that lost its connecti
 waiter after reconnecting, since notifications sent while it was away are gone; each waiter
 then re-reads the database and finds what it missed.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -40,7 +41,7 @@ AGENT, TASK = "a", "t"
 # An agent's row changed (rename, allowed types, token, removal): every replica drops its kept
 # copy. Sent with the agent's own key; a new task or a stop wakes the agent but keeps its row.
 ROW = "r"
-_PAYLOAD_MAX = 7000   # PostgreSQL refuses a payload of 8000 bytes or more
+_PAYLOAD_MAX = 7000  # PostgreSQL refuses a payload of 8000 bytes or more
 
 
 class Waiters:
@@ -71,7 +72,7 @@ class Waiters:
         try:
             await asyncio.wait_for(ev.wait(), max(0.0, timeout))
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
 
 
@@ -85,7 +86,7 @@ class Wakeups:
         self.tasks = Waiters()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.shared = engine.dialect.name == "postgresql"
-        self.listening = asyncio.Event()   # set while the listener connection is up (tests wait on it)
+        self.listening = asyncio.Event()  # set while the listener connection is up (tests wait on it)
         # Keys committed here and not yet sent to the other replicas (the loop's; `send()` empties it).
         self._outbox: set[tuple[str, int]] = set()
         self._outbox_ready = asyncio.Event()
@@ -104,8 +105,10 @@ class Wakeups:
                 yield conn
                 if keys and self.shared and self.loop is None:
                     # No server loop to send them after the commit (a command-line tool): in the transaction.
-                    conn.execute(text("SELECT pg_notify(:c, p) FROM unnest(CAST(:ps AS text[])) AS p"),
-                                 {"c": CHANNEL, "ps": self._payloads(keys)})
+                    conn.execute(
+                        text("SELECT pg_notify(:c, p) FROM unnest(CAST(:ps AS text[])) AS p"),
+                        {"c": CHANNEL, "ps": self._payloads(keys)},
+                    )
             finally:
                 conn.info.pop("sly_wake", None)
         self._changed(keys)
@@ -167,6 +170,7 @@ class Wakeups:
         """PostgreSQL only: send the committed keys to the other replicas for as long as the server
         runs, all that piled up in one transaction, on a connection of its own."""
         import psycopg
+
         failures = 0
         while True:
             try:
@@ -181,10 +185,11 @@ class Wakeups:
                             continue
                         self._sending = True
                         try:
-                            await aconn.execute("SELECT pg_notify(%s, p) FROM unnest(%s::text[]) AS p",
-                                                (CHANNEL, self._payloads(keys)))
+                            await aconn.execute(
+                                "SELECT pg_notify(%s, p) FROM unnest(%s::text[]) AS p", (CHANNEL, self._payloads(keys))
+                            )
                         except BaseException:
-                            self._outbox |= keys          # sent with the next ones, once reconnected
+                            self._outbox |= keys  # sent with the next ones, once reconnected
                             self._outbox_ready.set()
                             raise
                         finally:
@@ -214,7 +219,7 @@ class Wakeups:
         """A notification from the listener: wake its keys here, unless this replica sent it."""
         replica, _, rest = payload.partition(" ")
         if replica == self.replica:
-            return   # woken locally at its commit already
+            return  # woken locally at its commit already
         keys = []
         for item in rest.split():
             kind, _, key = item.partition(":")
@@ -226,6 +231,7 @@ class Wakeups:
     async def listen(self) -> None:
         """PostgreSQL only: LISTEN on one connection of its own for as long as the server runs."""
         import psycopg
+
         conninfo = self._conninfo()
         failures = 0
         while True:
@@ -237,7 +243,7 @@ class Wakeups:
                     failures = 0
                     self.listening.set()
                     if self.agent_changed is not None:
-                        self.agent_changed(None)   # changes made while away were not heard
+                        self.agent_changed(None)  # changes made while away were not heard
                     self.agents.wake_all()
                     self.tasks.wake_all()
                     async for n in aconn.notifies():

@@ -1,4 +1,5 @@
 """Shared fixtures: a real server on a free loopback port, a real Docker engine, local images."""
+
 from __future__ import annotations
 
 import shutil
@@ -65,6 +66,7 @@ def docker_client():
 @pytest.fixture(scope="session")
 def busybox_image(docker_client):
     from tools.images import ensure_busybox_image
+
     return ensure_busybox_image(docker_client)
 
 

@@ -4,6 +4,7 @@
 Debian's static `/bin/busybox` plus one symlink per applet, tarred in memory and fed to
 `docker import` through the Engine API.
 """
+
 from __future__ import annotations
 
 import io
@@ -41,8 +42,10 @@ def busybox_rootfs_tar(extra_files: dict[str, bytes] | None = None) -> bytes:
             info.type = tarfile.SYMTYPE
             info.linkname = "busybox"
             tar.addfile(info)
-        files = {"etc/passwd": b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/sh\n",
-                 "etc/group": b"root:x:0:\nnogroup:x:65534:\n"}
+        files = {
+            "etc/passwd": b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/sh\n",
+            "etc/group": b"root:x:0:\nnogroup:x:65534:\n",
+        }
         files.update(extra_files or {})
         for name, data in files.items():
             info = tarfile.TarInfo(name.lstrip("/"))
@@ -96,9 +99,9 @@ def ensure_demo_train_image(client=None, tag: str = DEMO_TRAIN_IMAGE, rebuild: b
         return tag
     with open(os.path.join(os.path.dirname(__file__), "demo", "train.sh"), "rb") as f:
         script = f.read()
-    return _import_rootfs(client, tag, busybox_rootfs_tar({"bin/sly-train": script}),
-                          ["ENV PATH=/bin", 'CMD ["/bin/sly-train"]'])
-
+    return _import_rootfs(
+        client, tag, busybox_rootfs_tar({"bin/sly-train": script}), ["ENV PATH=/bin", 'CMD ["/bin/sly-train"]']
+    )
 
 
 DEMO_IMAGE_REPO = "sly-demo/tasks"
@@ -135,11 +138,21 @@ def ensure_demo_image(client=None, rebuild: bool = False) -> str:
             files[f"workdir/src/{name}"] = f.read()
     return _import_rootfs(client, tag, busybox_rootfs_tar(files), ["ENV PATH=/bin", "WORKDIR /workdir"])
 
+
 # --- a Python base image made from this machine's own interpreter (for the agent image) ---
 
 PYTHON_BASE_IMAGE = "sly-local/python-base:3.11"
-_SKIP_STDLIB = {"test", "tests", "idlelib", "tkinter", "turtledemo", "lib2to3", "site-packages",
-                "ensurepip", "__phello__"}
+_SKIP_STDLIB = {
+    "test",
+    "tests",
+    "idlelib",
+    "tkinter",
+    "turtledemo",
+    "lib2to3",
+    "site-packages",
+    "ensurepip",
+    "__phello__",
+}
 
 
 def _shared_libs(paths: list[str]) -> set[str]:
@@ -156,8 +169,9 @@ def _shared_libs(paths: list[str]) -> set[str]:
     return libs
 
 
-def build_python_base(client=None, tag: str = PYTHON_BASE_IMAGE, requirements: str | None = None,
-                      rebuild: bool = False) -> str:
+def build_python_base(
+    client=None, tag: str = PYTHON_BASE_IMAGE, requirements: str | None = None, rebuild: bool = False
+) -> str:
     """Import an image holding this interpreter, its stdlib, busybox and `requirements` installed.
 
     Used where no registry is reachable: `docker build --build-arg BASE=<tag> .` then finds every
@@ -176,8 +190,7 @@ def build_python_base(client=None, tag: str = PYTHON_BASE_IMAGE, requirements: s
     stdlib = os.path.join(prefix, "lib", version)
     with tempfile.TemporaryDirectory(prefix="sly-pybase-") as tmp:
         site = os.path.join(tmp, "site-packages")
-        cmd = [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check",
-               "--target", site, "pip"]
+        cmd = [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--target", site, "pip"]
         if requirements:
             cmd += ["-r", requirements]
         subprocess.run(cmd, check=True)
@@ -206,10 +219,16 @@ def build_python_base(client=None, tag: str = PYTHON_BASE_IMAGE, requirements: s
             for name in os.listdir(stdlib):
                 if name in _SKIP_STDLIB:
                     continue
-                tar.add(os.path.join(stdlib, name), arcname=os.path.join(stdlib, name).lstrip("/"),
-                        filter=lambda ti: None if "__pycache__" in ti.name else ti)
-            tar.add(site, arcname=os.path.join(stdlib, "site-packages").lstrip("/"),
-                    filter=lambda ti: None if "__pycache__" in ti.name else ti)
+                tar.add(
+                    os.path.join(stdlib, name),
+                    arcname=os.path.join(stdlib, name).lstrip("/"),
+                    filter=lambda ti: None if "__pycache__" in ti.name else ti,
+                )
+            tar.add(
+                site,
+                arcname=os.path.join(stdlib, "site-packages").lstrip("/"),
+                filter=lambda ti: None if "__pycache__" in ti.name else ti,
+            )
             for link in ("python3", "python"):
                 info = tarfile.TarInfo(f"usr/local/bin/{link}")
                 info.type = tarfile.SYMTYPE
@@ -218,21 +237,26 @@ def build_python_base(client=None, tag: str = PYTHON_BASE_IMAGE, requirements: s
             if os.path.exists("/etc/ssl/certs/ca-certificates.crt"):
                 tar.add("/etc/ssl/certs/ca-certificates.crt", arcname="etc/ssl/certs/ca-certificates.crt")
         with open(tar_path, "rb") as f:
-            return _import_rootfs(client, tag, f,
-                                  ["ENV PATH=/usr/local/bin:/bin", "ENV LANG=C.UTF-8", 'CMD ["python3"]'])
+            return _import_rootfs(
+                client, tag, f, ["ENV PATH=/usr/local/bin:/bin", "ENV LANG=C.UTF-8", 'CMD ["python3"]']
+            )
 
 
 def main(argv=None) -> int:
     import argparse
 
     ap = argparse.ArgumentParser(prog="python -m tools.images", description=__doc__.splitlines()[0])
-    ap.add_argument("--python-base", action="store_true",
-                    help=f"build {PYTHON_BASE_IMAGE} from this interpreter with requirements-agent.txt")
+    ap.add_argument(
+        "--python-base",
+        action="store_true",
+        help=f"build {PYTHON_BASE_IMAGE} from this interpreter with requirements-agent.txt",
+    )
     ap.add_argument("--rebuild", action="store_true")
     args = ap.parse_args(argv)
     print(ensure_busybox_image(rebuild=args.rebuild))
     if args.python_base:
         import os
+
         req = os.path.join(os.path.dirname(__file__), "..", "requirements-agent.txt")
         print(build_python_base(requirements=os.path.normpath(req), rebuild=args.rebuild))
     return 0

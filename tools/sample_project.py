@@ -14,6 +14,7 @@ a blue disc ("blob", a bitmap), so a model that learns per-class mean colours le
 
     python -m tools.sample_project DIR [--name sample] [--datasets ds0=3,ds1=2]
 """
+
 from __future__ import annotations
 
 import base64
@@ -31,35 +32,68 @@ CLASSES = {
 }
 WEATHER = ["sunny", "cloudy", "rainy"]
 TAG_METAS = [
-    {"name": "weather", "value_type": "oneof_string", "color": "#F9A825", "values": WEATHER,
-     "hotkey": "", "applicable_type": "imagesOnly", "classes": [], "target_type": "all"},
-    {"name": "difficult", "value_type": "none", "color": "#8E24AA", "hotkey": "",
-     "applicable_type": "objectsOnly", "classes": [], "target_type": "all"},
-    {"name": "confidence", "value_type": "any_number", "color": "#00897B", "hotkey": "",
-     "applicable_type": "all", "classes": [], "target_type": "all"},
+    {
+        "name": "weather",
+        "value_type": "oneof_string",
+        "color": "#F9A825",
+        "values": WEATHER,
+        "hotkey": "",
+        "applicable_type": "imagesOnly",
+        "classes": [],
+        "target_type": "all",
+    },
+    {
+        "name": "difficult",
+        "value_type": "none",
+        "color": "#8E24AA",
+        "hotkey": "",
+        "applicable_type": "objectsOnly",
+        "classes": [],
+        "target_type": "all",
+    },
+    {
+        "name": "confidence",
+        "value_type": "any_number",
+        "color": "#00897B",
+        "hotkey": "",
+        "applicable_type": "all",
+        "classes": [],
+        "target_type": "all",
+    },
 ]
 
 
 def project_meta() -> dict:
     """The project's meta.json: three classes (rectangle, polygon, bitmap) and three tag metas."""
-    classes = [{"title": name, "description": "", "shape": shape, "color": color,
-                "geometry_config": {}, "hotkey": ""}
-               for name, (shape, color, _) in CLASSES.items()]
-    return {"classes": classes, "tags": [dict(t) for t in TAG_METAS], "projectType": "images",
-            "projectSettings": {"multiView": {"enabled": False, "tagName": None, "tagId": None,
-                                              "isSynced": False}}}
+    classes = [
+        {"title": name, "description": "", "shape": shape, "color": color, "geometry_config": {}, "hotkey": ""}
+        for name, (shape, color, _) in CLASSES.items()
+    ]
+    return {
+        "classes": classes,
+        "tags": [dict(t) for t in TAG_METAS],
+        "projectType": "images",
+        "projectSettings": {"multiView": {"enabled": False, "tagName": None, "tagId": None, "isSynced": False}},
+    }
 
 
-def png_bytes(width: int, height: int, rows: list[bytes], color_type: int,
-              chunks: tuple[tuple[bytes, bytes], ...] = ()) -> bytes:
+def png_bytes(
+    width: int, height: int, rows: list[bytes], color_type: int, chunks: tuple[tuple[bytes, bytes], ...] = ()
+) -> bytes:
     """An 8-bit PNG from raw scanlines (colour type 2 = RGB, 3 = palette), unfiltered."""
+
     def chunk(tag: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
 
     header = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)
     idat = zlib.compress(b"".join(b"\0" + row for row in rows))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + b"".join(chunk(t, d) for t, d in chunks)
-            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + b"".join(chunk(t, d) for t, d in chunks)
+        + chunk(b"IDAT", idat)
+        + chunk(b"IEND", b"")
+    )
 
 
 def bitmap_data(mask_rows: list[list[bool]]) -> str:
@@ -69,15 +103,22 @@ def bitmap_data(mask_rows: list[list[bool]]) -> str:
     the mask; the PNG bytes themselves differ from Pillow's (8-bit here, 1-bit there).
     """
     rows = [bytes(1 if v else 0 for v in row) for row in mask_rows]
-    png = png_bytes(len(mask_rows[0]), len(mask_rows), rows, 3,
-                    ((b"PLTE", b"\0\0\0\xff\xff\xff"), (b"tRNS", b"\0")))
+    png = png_bytes(len(mask_rows[0]), len(mask_rows), rows, 3, ((b"PLTE", b"\0\0\0\xff\xff\xff"), (b"tRNS", b"\0")))
     return base64.b64encode(zlib.compress(png)).decode("utf-8")
 
 
 def _label(class_title: str, geometry: dict, tags: list[dict] | None = None) -> dict:
     shape = CLASSES[class_title][0]
-    return {"classTitle": class_title, "description": "", "tags": tags or [], **geometry,
-            "geometryType": shape, "shape": shape, "nnCreated": False, "nnUpdated": False}
+    return {
+        "classTitle": class_title,
+        "description": "",
+        "tags": tags or [],
+        **geometry,
+        "geometryType": shape,
+        "shape": shape,
+        "nnCreated": False,
+        "nnUpdated": False,
+    }
 
 
 def _inside_triangle(x: int, y: int, tri: list[list[int]]) -> bool:
@@ -109,8 +150,13 @@ def _draw_item(rng: random.Random, width: int, height: int) -> tuple[bytes, dict
         for x in range(cx - 10, cx + 11):
             if _inside_triangle(x, y, tri):
                 pixels[y][x] = CLASSES["triangle"][2]
-    objects.append(_label("triangle", {"points": {"exterior": tri, "interior": []}},
-                          [{"name": "confidence", "value": round(rng.uniform(0.5, 1.0), 2)}]))
+    objects.append(
+        _label(
+            "triangle",
+            {"points": {"exterior": tri, "interior": []}},
+            [{"name": "confidence", "value": round(rng.uniform(0.5, 1.0), 2)}],
+        )
+    )
 
     # bitmap: a disc; origin is [x, y] of the mask's top-left, the mask is cropped to its bbox
     r = rng.randint(4, 7)
@@ -122,16 +168,24 @@ def _draw_item(rng: random.Random, width: int, height: int) -> tuple[bytes, dict
                 pixels[by - r + y][bx - r + x] = CLASSES["blob"][2]
     objects.append(_label("blob", {"bitmap": {"data": bitmap_data(mask), "origin": [bx - r, by - r]}}))
 
-    ann = {"description": "", "size": {"height": height, "width": width},
-           "tags": [{"name": "weather", "value": rng.choice(WEATHER)}],
-           "objects": objects, "customBigData": {}}
+    ann = {
+        "description": "",
+        "size": {"height": height, "width": width},
+        "tags": [{"name": "weather", "value": rng.choice(WEATHER)}],
+        "objects": objects,
+        "customBigData": {},
+    }
     png = png_bytes(width, height, [bytes(c for px in row for c in px) for row in pixels], 2)
     return png, ann
 
 
-def write_sample_project(dest: str, name: str = "sample",
-                         datasets: dict[str, int] | None = None,
-                         size: tuple[int, int] = (64, 48), seed: int = 0) -> dict:
+def write_sample_project(
+    dest: str,
+    name: str = "sample",
+    datasets: dict[str, int] | None = None,
+    size: tuple[int, int] = (64, 48),
+    seed: int = 0,
+) -> dict:
     """Write project `name` under `dest` (dest/name/...) and return a summary of what was written.
 
     The summary has `path`, `name` and `items`: {"ds/item.png": {"labels": [classes...],
@@ -155,8 +209,10 @@ def write_sample_project(dest: str, name: str = "sample",
                 f.write(png)
             with open(os.path.join(root, ds, "ann", item + ".json"), "w") as f:
                 json.dump(ann, f, indent=4)
-            items[f"{ds}/{item}"] = {"labels": sorted(o["classTitle"] for o in ann["objects"]),
-                                     "tags": [t["name"] for t in ann["tags"]]}
+            items[f"{ds}/{item}"] = {
+                "labels": sorted(o["classTitle"] for o in ann["objects"]),
+                "tags": [t["name"] for t in ann["tags"]],
+            }
     return {"path": root, "name": name, "items": items}
 
 

@@ -19,6 +19,7 @@ Two images, both cached by the pinned SDK version:
 The cache directory is $SLY_CI_CACHE, else /var/cache/sly-ci when writable, else
 ~/.cache/sly-ci; CI keeps it between runs keyed by the version.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -81,9 +82,22 @@ def ensure_site(version: str = SDK_VERSION, cache: str | None = None, log=print)
     os.makedirs(root, exist_ok=True)
     log(f"sdk_image: pip install supervisely=={version} into {partial} (a few minutes, ~825 MB)")
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                           "--no-warn-script-location", "--target", partial, f"supervisely=={version}"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--disable-pip-version-check",
+            "--no-warn-script-location",
+            "--target",
+            partial,
+            f"supervisely=={version}",
+        ],
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
         lines = [line for line in proc.stderr.splitlines() if "is ignored" not in line]
         tail = "\n".join(line if len(line) < 300 else line[:300] + " ..." for line in lines[-8:])
@@ -114,10 +128,13 @@ def write_rootfs(out, site: str, log=print) -> None:
     stdlib = os.path.join(prefix, "lib", version)
     libmagic = next((p for p in LIBMAGIC if os.path.exists(p)), None)
     if libmagic is None or not os.path.exists(MAGIC_FILES[0]):
-        raise BuildError("libmagic is not installed here (apt-get install libmagic1); "
-                         "python-magic, and so `import supervisely`, needs it")
-    interpreter = os.path.realpath(sys.executable if sys.prefix == sys.base_prefix
-                                   else os.path.join(prefix, "bin", version))
+        raise BuildError(
+            "libmagic is not installed here (apt-get install libmagic1); "
+            "python-magic, and so `import supervisely`, needs it"
+        )
+    interpreter = os.path.realpath(
+        sys.executable if sys.prefix == sys.base_prefix else os.path.join(prefix, "bin", version)
+    )
     elves = [interpreter, libmagic] + _elf_files(os.path.join(stdlib, "lib-dynload"), site)
     log(f"sdk_image: ldd over {len(elves)} ELF files")
     libs = {lib for lib in _shared_libs(elves) if not lib.startswith(site + "/")}
@@ -125,6 +142,7 @@ def write_rootfs(out, site: str, log=print) -> None:
     added: set[str] = set()
 
     with tarfile.open(fileobj=out, mode="w|") as tar:
+
         def add(path: str, arcname: str | None = None, **kw) -> None:
             arc = (arcname or path).lstrip("/")
             if arc not in added:
@@ -176,8 +194,7 @@ def import_rootfs(tag: str, site: str, log=print) -> None:
     import tempfile
 
     with tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(cmd + ["-", tag], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                stderr=err)
+        proc = subprocess.Popen(cmd + ["-", tag], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err)
         try:
             with proc.stdin:
                 write_rootfs(proc.stdin, site, log)
@@ -189,24 +206,33 @@ def import_rootfs(tag: str, site: str, log=print) -> None:
             raise
         if proc.wait() != 0:
             err.seek(0)
-            raise BuildError(f"docker import {tag} failed (exit {proc.returncode}): "
-                             f"{err.read().decode(errors='replace')[-2000:]}")
+            raise BuildError(
+                f"docker import {tag} failed (exit {proc.returncode}): {err.read().decode(errors='replace')[-2000:]}"
+            )
 
 
 def check_sdk(tag: str = SDK_IMAGE) -> float:
     """Run `import supervisely` in the image; return how long it took (seconds)."""
     t0 = time.monotonic()
-    proc = subprocess.run(["docker", "run", "--rm", tag, "python3", "-c",
-                           "import supervisely, magic; print(supervisely.__version__)"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        ["docker", "run", "--rm", tag, "python3", "-c", "import supervisely, magic; print(supervisely.__version__)"],
+        capture_output=True,
+        text=True,
+    )
     took = time.monotonic() - t0
     if proc.returncode != 0:
         raise BuildError(f"`import supervisely` fails in {tag}:\n{proc.stderr[-3000:]}")
     return took
 
 
-def ensure_sdk_image(client=None, version: str = SDK_VERSION, tag: str | None = None,
-                     rebuild: bool = False, check: bool = True, log=print) -> str:
+def ensure_sdk_image(
+    client=None,
+    version: str = SDK_VERSION,
+    tag: str | None = None,
+    rebuild: bool = False,
+    check: bool = True,
+    log=print,
+) -> str:
     """Build the SDK image unless an image with its tag exists; return the tag."""
     client = _docker_client(client)
     tag = tag or f"sly-test/supervisely-sdk:{version}"
@@ -244,8 +270,9 @@ def plugin_src_hash(src: str = PLUGIN_SRC, base_id: str = "") -> str:
     return h.hexdigest()
 
 
-def ensure_plugin_image(client=None, src: str = PLUGIN_SRC, base: str = SDK_IMAGE,
-                        tag: str = PLUGIN_IMAGE, rebuild: bool = False, log=print) -> str:
+def ensure_plugin_image(
+    client=None, src: str = PLUGIN_SRC, base: str = SDK_IMAGE, tag: str = PLUGIN_IMAGE, rebuild: bool = False, log=print
+) -> str:
     """Build `tag` FROM `base` with `src` at /workdir/src, no CMD.
 
     Skipped when an image with this tag was built from the same base image and sources.
@@ -263,9 +290,11 @@ def ensure_plugin_image(client=None, src: str = PLUGIN_SRC, base: str = SDK_IMAG
             return tag
     except docker.errors.ImageNotFound:
         pass
-    dockerfile = (f"FROM {base}\nCOPY src /workdir/src\n"
-                  "ENV PYTHONPATH=/workdir:/workdir/src\nWORKDIR /workdir/src\n"
-                  f"LABEL {SRC_HASH_LABEL}={digest}\n").encode()
+    dockerfile = (
+        f"FROM {base}\nCOPY src /workdir/src\n"
+        "ENV PYTHONPATH=/workdir:/workdir/src\nWORKDIR /workdir/src\n"
+        f"LABEL {SRC_HASH_LABEL}={digest}\n"
+    ).encode()
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         info = tarfile.TarInfo("Dockerfile")
@@ -306,8 +335,7 @@ def main(argv=None) -> int:
         if args.check:
             log(f"sdk_image: `import supervisely` inside takes {check_sdk(tag):.1f} s")
         if args.plugin:
-            ensure_plugin_image(base=tag, tag=f"sly-test/sdk-plugin:{args.version}",
-                                rebuild=args.rebuild, log=log)
+            ensure_plugin_image(base=tag, tag=f"sly-test/sdk-plugin:{args.version}", rebuild=args.rebuild, log=log)
     except BuildError as e:
         print(f"sdk_image: {e}", file=sys.stderr)
         return 1

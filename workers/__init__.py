@@ -3,6 +3,7 @@
 Importing the package loads nothing heavy: the handler contract (`workers.base`) needs neither
 docker, inotify nor requests. The supervisor calls `preload()` itself (see there).
 """
+
 from protocol.tasks import TASK_TYPES
 
 
@@ -16,8 +17,9 @@ def preload() -> None:
     task process hung).
     """
     import importlib
+
     for name in TASK_TYPES + ("docker_task", "engine"):
         try:
             importlib.import_module(f"{__name__}.{name}")
-        except ImportError:     # no docker SDK here (e.g. a server-only install): loaded on use
+        except ImportError:  # no docker SDK here (e.g. a server-only install): loaded on use
             pass

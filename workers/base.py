@@ -6,6 +6,7 @@ final state, but only after every log line of the task has been acked by the ser
 
 Handlers never talk to the supervisor directly and never post a final state themselves.
 """
+
 from __future__ import annotations
 
 import abc
@@ -24,6 +25,7 @@ if TYPE_CHECKING:  # pragma: no cover
 @dataclasses.dataclass
 class Outcome:
     """What a handler ended with. `state` is one of finished, failed, stopped."""
+
     state: str
     exit_code: int | None = None
     error: str | None = None
@@ -32,13 +34,15 @@ class Outcome:
 class TaskContext(abc.ABC):
     """What a handler may use. Implemented by the agent (agent/task_process.py) and by tests."""
 
-    task: dict             # the task as in the poll answer (id, type, image, command, config, project, model, resources, timeout_s)
-    config: "Config"       # agent settings; config.host_path() translates paths for bind mounts
-    api: "AgentAPI"        # HTTP client, created in this process
-    gpus: list[int]        # GPU indices assigned to this task alone (may be empty)
-    stop_event: threading.Event   # set when the server or the agent asks this task to stop
-    adopt: bool            # True: the task's container may already be running (agent restart / task
-                           # process replaced); attach to it instead of creating a new one
+    task: (
+        dict  # the task as in the poll answer (id, type, image, command, config, project, model, resources, timeout_s)
+    )
+    config: Config  # agent settings; config.host_path() translates paths for bind mounts
+    api: AgentAPI  # HTTP client, created in this process
+    gpus: list[int]  # GPU indices assigned to this task alone (may be empty)
+    stop_event: threading.Event  # set when the server or the agent asks this task to stop
+    adopt: bool  # True: the task's container may already be running (agent restart / task
+    # process replaced); attach to it instead of creating a new one
 
     @property
     def task_id(self) -> int:
@@ -60,6 +64,7 @@ class TaskContext(abc.ABC):
     def log(self, message: str, level: str = "info", **extra) -> None:
         """One line of what the agent itself says about the task (stream "agent")."""
         import time
+
         self.emit([{"ts": time.time(), "level": level, "stream": AGENT, "message": message, **extra}])
 
     def before_final(self, fn) -> None:

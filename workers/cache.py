@@ -19,6 +19,7 @@ touched each time it is linked into a task dir; the file's own mtime is part of 
 is never touched. Evicting an entry never breaks a running task: its files are hard links (or
 copies) in the task dir, so the bytes stay until the task dir goes.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -89,10 +90,17 @@ def verify(config: Config, path: Path, sha: str, size: int | None = None) -> boo
         rec = json.loads(record_path(config, path).read_text())
     except (OSError, ValueError):
         return False
-    return (isinstance(rec, dict) and stat.S_ISREG(st.st_mode) and not st.st_mode & 0o222
-            and rec.get("sha256") == sha and st.st_size == rec.get("size")
-            and (size is None or st.st_size == size)
-            and st.st_mtime_ns == rec.get("mtime_ns") and st.st_ino == rec.get("ino") and st.st_dev == rec.get("dev"))
+    return (
+        isinstance(rec, dict)
+        and stat.S_ISREG(st.st_mode)
+        and not st.st_mode & 0o222
+        and rec.get("sha256") == sha
+        and st.st_size == rec.get("size")
+        and (size is None or st.st_size == size)
+        and st.st_mtime_ns == rec.get("mtime_ns")
+        and st.st_ino == rec.get("ino")
+        and st.st_dev == rec.get("dev")
+    )
 
 
 def entry_of(config: Config, path: Path) -> Path:
@@ -133,8 +141,8 @@ def store_blob(config: Config, part: Path, final: Path, sha: str) -> None:
     """Under `blob_lock(sha)`: the verified download `part` becomes the cached file `final`."""
     os.chmod(part, 0o444)
     try:
-        os.replace(part, final)     # a new inode: task dirs linking a changed one keep theirs
-    except FileNotFoundError:       # its folder is new, or was evicted by another task meanwhile
+        os.replace(part, final)  # a new inode: task dirs linking a changed one keep theirs
+    except FileNotFoundError:  # its folder is new, or was evicted by another task meanwhile
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(part, final)
     write_record(config, final, sha)
@@ -208,8 +216,14 @@ def disk_status(config: Config) -> dict:
     """{free_mb, ok, reason}: whether there is room for a new task (the supervisor asks this)."""
     free = free_mb(config)
     ok = free >= config.min_free_disk_mb
-    reason = "" if ok else (f"not enough disk: {free:.0f} MB free under {config.root}, "
-                            f"{config.min_free_disk_mb} MB required (MIN_FREE_DISK_MB)")
+    reason = (
+        ""
+        if ok
+        else (
+            f"not enough disk: {free:.0f} MB free under {config.root}, "
+            f"{config.min_free_disk_mb} MB required (MIN_FREE_DISK_MB)"
+        )
+    )
     return {"free_mb": round(free, 1), "ok": ok, "reason": reason}
 
 
@@ -251,17 +265,21 @@ def ensure_space(config: Config, need_bytes: int = 0, log=None, keep: set | None
     def short() -> str:
         free = free_mb(config)
         if free < config.min_free_disk_mb + need_mb:
-            return (f"not enough disk: {free:.0f} MB free under {config.root}, {config.min_free_disk_mb} MB "
-                    f"(MIN_FREE_DISK_MB) + {need_mb:.0f} MB for this task's downloads required")
+            return (
+                f"not enough disk: {free:.0f} MB free under {config.root}, {config.min_free_disk_mb} MB "
+                f"(MIN_FREE_DISK_MB) + {need_mb:.0f} MB for this task's downloads required"
+            )
         if config.cache_quota_mb > 0:
             used = sum(e[1] for e in entries) / MB
             if used + need_mb > config.cache_quota_mb:
-                return (f"cache quota exceeded: {used:.0f} MB cached + {need_mb:.0f} MB to download "
-                        f"> CACHE_QUOTA_MB={config.cache_quota_mb}")
+                return (
+                    f"cache quota exceeded: {used:.0f} MB cached + {need_mb:.0f} MB to download "
+                    f"> CACHE_QUOTA_MB={config.cache_quota_mb}"
+                )
         return ""
 
     if config.cache_quota_mb <= 0 and free_mb(config) >= config.min_free_disk_mb + need_mb:
-        return {"evicted": 0, "freed_bytes": 0}       # the usual case: no need to scan the cache
+        return {"evicted": 0, "freed_bytes": 0}  # the usual case: no need to scan the cache
     entries = cache_entries(config)
     reason = short()
     while reason:

@@ -5,6 +5,7 @@ task.config: {"cache": true, "task_dirs": true, "older_than_h": 0}
   task_dirs     remove the data of task dirs (logs kept) not touched for older_than_h hours,
                 except this task's and those whose container still exists
 """
+
 from __future__ import annotations
 
 import time
@@ -40,7 +41,7 @@ def run(ctx) -> Outcome:
             if client is None:
                 client = docker_client()
             if find_container(client, int(d.name), cfg.identity) is not None:
-                continue        # its task is still running (or being adopted)
+                continue  # its task is still running (or being adopted)
             dfreed += remove_task_data(d)
             dirs += 1
         ctx.log(f"cleanup: cleared {dirs} task dirs ({dfreed / cache.MB:.1f} MB; logs kept)")

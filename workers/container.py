@@ -3,6 +3,7 @@
 What it is created with is workers/container_spec.py's; its image, workers/image_pull.py's; its
 output, workers/log_pump.py's.
 """
+
 from __future__ import annotations
 
 import docker
@@ -18,10 +19,17 @@ def docker_client(timeout: float = 120):
 def _create(client, kw: dict):
     """containers.create without its follow-up inspect (one round trip less on every pickup)."""
     from docker.models.containers import _create_container_args
+
     args = _create_container_args(dict(kw, detach=True, version=client.api._version))
     answer = client.api.create_container(**args)
-    return client.containers.prepare_model({"Id": answer["Id"], "Name": "/" + kw["name"],
-                                            "Config": {"Labels": kw["labels"]}, "State": {"Status": "created"}})
+    return client.containers.prepare_model(
+        {
+            "Id": answer["Id"],
+            "Name": "/" + kw["name"],
+            "Config": {"Labels": kw["labels"]},
+            "State": {"Status": "created"},
+        }
+    )
 
 
 def spawn_container(client, ctx):
@@ -41,7 +49,7 @@ def spawn_container(client, ctx):
                     raise
                 stale = client.containers.get(name)
                 if stale.labels.get(LABEL_AGENT) == kw["labels"][LABEL_AGENT]:
-                    stale.remove(force=True)    # ours, from an attempt that did not get to run it
+                    stale.remove(force=True)  # ours, from an attempt that did not get to run it
                     container = _create(client, kw)
                     break
         else:
@@ -60,9 +68,11 @@ def spawn_container(client, ctx):
 
 def find_container(client, task_id: int, identity: str):
     """This agent's container of the task (found by labels, whatever its name), or None."""
-    found = client.containers.list(all=True, filters={"label": [f"{LABEL_AGENT}={identity}",
-                                                                f"{LABEL_TASK}={task_id}"]})
+    found = client.containers.list(
+        all=True, filters={"label": [f"{LABEL_AGENT}={identity}", f"{LABEL_TASK}={task_id}"]}
+    )
     return found[0] if found else None
+
 
 def stop_container(container, grace_s: float) -> None:
     """SIGTERM, `grace_s`, SIGKILL (the engine does the escalation)."""

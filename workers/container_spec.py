@@ -3,6 +3,7 @@
 `create_kwargs()` is the whole contract (docs/workers.md "The task container"); it needs no
 Docker engine, so tests/security/test_defaults.py pins it without one.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,14 @@ LABEL_TASK = "sly-agent.task"
 TASK_ROOT = "/sly_task_data"
 # What the container is given of its task dir, at the real Supervisely agent's paths: inputs
 # read-only, results/ and tmp/ writable. The task dir itself (its durable log in logs/) is not.
-MOUNTS = (("task_config.json", True), ("task_settings.json", True), ("data", True), ("model", True),
-          ("results", False), ("tmp", False))
+MOUNTS = (
+    ("task_config.json", True),
+    ("task_settings.json", True),
+    ("data", True),
+    ("model", True),
+    ("results", False),
+    ("tmp", False),
+)
 MOUNT_FILES = frozenset({"task_config.json", "task_settings.json"})
 
 
@@ -50,7 +57,7 @@ def ensure_mount_sources(ctx) -> None:
             continue
         path.mkdir(exist_ok=True)
         if not _ro and ctx.config.task_user:
-            os.chmod(path, 0o777)   # another uid than ours writes here
+            os.chmod(path, 0o777)  # another uid than ours writes here
     config_file, settings_file = task_dir / "task_config.json", task_dir / "task_settings.json"
     if not config_file.exists():
         _write_atomic(config_file, json.dumps(ctx.task.get("config") or {}, indent=2).encode())
@@ -72,7 +79,7 @@ def bind_source(ctx, path) -> str:
     if os.path.abspath(cfg.agent_dir) == os.path.abspath(cfg.host_dir):
         source = os.path.realpath(path)
     else:
-        source = cfg.host_path(path)    # the agent runs in a container: the host resolves its own links
+        source = cfg.host_path(path)  # the agent runs in a container: the host resolves its own links
     if cfg.access_token in source:
         raise TaskError("the task dir's host path contains the node token; set AGENT_HOST_DIR to a path without it")
     return source
@@ -81,8 +88,13 @@ def bind_source(ctx, path) -> str:
 def task_env(ctx) -> dict:
     """The environment the real Supervisely agent gives a task, without its host paths and proxies."""
     task, cfg = ctx.task, ctx.config
-    env = {"PYTHONUNBUFFERED": "1", "LOG_LEVEL": cfg.task_log_level, "LANG": "C.UTF-8",
-           "TASK_ID": str(ctx.task_id), "TASK_TYPE": str(task.get("type", ""))}
+    env = {
+        "PYTHONUNBUFFERED": "1",
+        "LOG_LEVEL": cfg.task_log_level,
+        "LANG": "C.UTF-8",
+        "TASK_ID": str(ctx.task_id),
+        "TASK_TYPE": str(task.get("type", "")),
+    }
     if ctx.gpus:
         # The runtime exposes only the requested GPUs, numbered from 0 inside; an image's own
         # CUDA_VISIBLE_DEVICES (a host index, often) would hide them.
@@ -112,8 +124,10 @@ def create_kwargs(ctx) -> dict:
     task, cfg = ctx.task, ctx.config
     res = task.get("resources") or {}
     ensure_mount_sources(ctx)
-    mounts = [Mount(f"{TASK_ROOT}/{name}", bind_source(ctx, ctx.task_dir / name), type="bind", read_only=ro)
-              for name, ro in MOUNTS]
+    mounts = [
+        Mount(f"{TASK_ROOT}/{name}", bind_source(ctx, ctx.task_dir / name), type="bind", read_only=ro)
+        for name, ro in MOUNTS
+    ]
     kw: dict = {
         "image": task.get("image"),
         "name": container_name(ctx.task_id),
@@ -141,7 +155,7 @@ def create_kwargs(ctx) -> dict:
     mem = _size(res.get("memory")) or _size(cfg.task_memory)
     if mem is not None:
         kw["mem_limit"] = mem
-        kw["memswap_limit"] = mem      # no swap beyond the limit: over it is an OOM kill, not thrashing
+        kw["memswap_limit"] = mem  # no swap beyond the limit: over it is an OOM kill, not thrashing
     shm = _size(res.get("shm_size")) or _size(cfg.task_shm_size)
     if shm is not None:
         kw["shm_size"] = shm

@@ -1,4 +1,5 @@
 """`custom`: run the container; after exit 0 upload everything under results/ as artifacts."""
+
 from __future__ import annotations
 
 from workers.base import Outcome

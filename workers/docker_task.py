@@ -6,6 +6,7 @@
 
 and `reap_orphan_containers()`, which the supervisor calls after its first poll (through workers.engine).
 """
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,14 @@ import requests
 
 from workers import cache
 from workers.base import Outcome
-from workers.container import (docker_client, find_container, kill_container, remove_container, spawn_container,
-                               stop_container)
+from workers.container import (
+    docker_client,
+    find_container,
+    kill_container,
+    remove_container,
+    spawn_container,
+    stop_container,
+)
 from workers.container_spec import LABEL_AGENT, LABEL_TASK
 from workers.downloads import Downloader, plan, write_project_files
 from workers.errors import StopRequested, TaskError
@@ -32,7 +39,7 @@ TAIL_IN_ERROR = 10
 STOP_POLL_S = 0.1
 
 
-AGENT_FILE = "agent.json"       # tasks/<id>/agent.json: the agent's own fields; never mounted
+AGENT_FILE = "agent.json"  # tasks/<id>/agent.json: the agent's own fields; never mounted
 CONFIG_FILES = ("task_config.json", "task_settings.json")
 
 
@@ -47,16 +54,26 @@ def write_task_config(ctx) -> list[Path]:
         paths.append(_write_json(ctx.task_dir / name, config if config is not None else {}))
     project = task.get("project")
     model = task.get("model")
-    _write_json(ctx.task_dir / AGENT_FILE, {
-        "task_id": ctx.task_id,
-        "type": task.get("type"),
-        "image": task.get("image"),
-        "resources": task.get("resources") or {},
-        "gpus": list(ctx.gpus),
-        "project": ({"id": project.get("id"), "name": project.get("name"),
-                     "datasets": [ds.get("name") for ds in project.get("datasets") or []]} if project else None),
-        "model": ({"id": model.get("id"), "name": model.get("name"), "hash": model.get("hash")} if model else None),
-    })
+    _write_json(
+        ctx.task_dir / AGENT_FILE,
+        {
+            "task_id": ctx.task_id,
+            "type": task.get("type"),
+            "image": task.get("image"),
+            "resources": task.get("resources") or {},
+            "gpus": list(ctx.gpus),
+            "project": (
+                {
+                    "id": project.get("id"),
+                    "name": project.get("name"),
+                    "datasets": [ds.get("name") for ds in project.get("datasets") or []],
+                }
+                if project
+                else None
+            ),
+            "model": ({"id": model.get("id"), "name": model.get("name"), "hash": model.get("hash")} if model else None),
+        },
+    )
     return paths
 
 
@@ -85,8 +102,10 @@ def prepare(ctx) -> dict:
     summary = Downloader(ctx).prepare(jobs) if jobs else {"files": 0, "cached": 0, "fetched": 0, "bytes": 0}
     summary["empty_anns"] = write_project_files(ctx, jobs)
     if jobs:
-        ctx.log(f"data ready: {summary['files']} files ({summary['cached']} cached, {summary['fetched']} downloaded, "
-                f"{summary['bytes'] / cache.MB:.1f} MB)")
+        ctx.log(
+            f"data ready: {summary['files']} files ({summary['cached']} cached, {summary['fetched']} downloaded, "
+            f"{summary['bytes'] / cache.MB:.1f} MB)"
+        )
     write_task_config(ctx)
     return summary
 
@@ -107,7 +126,7 @@ def run_container_task(ctx, upload) -> Outcome:
                 return Outcome("failed", error="container lost while the agent was down")
             if container is not None:
                 ctx.log(f"re-attached to container {container.name} ({container.status})")
-                _phase(ctx, "running")      # the server has it running already; the title shows it
+                _phase(ctx, "running")  # the server has it running already; the title shows it
             else:
                 # The previous task process died before its container printed anything (while
                 # preparing, most likely): prepare again; cached blobs make that cheap.
@@ -138,7 +157,7 @@ def run_container_task(ctx, upload) -> Outcome:
         ctx.log(f"Docker: {e}", level="error")
         outcome = Outcome("failed", error=f"Docker: {e}")
     finally:
-        if outcome is None and container is not None:     # leaving with an exception (or a return above)
+        if outcome is None and container is not None:  # leaving with an exception (or a return above)
             _remove(ctx, container)
             container = None
     # The container's removal and the task dir's cleanup overlap the shipping of the last log
@@ -186,6 +205,7 @@ def _deadline(ctx, container, just_started: bool) -> float | None:
     container.reload()
     started = container.attrs.get("State", {}).get("StartedAt", "")
     from datetime import datetime
+
     try:
         t0 = datetime.fromisoformat(started[:26].rstrip("Z") + "+00:00").timestamp()
     except ValueError:
@@ -207,7 +227,7 @@ def _supervise(ctx, client, container, since_ns, just_started: bool = False):
         while pump.is_alive() or (pump.error is not None and _still_running(container)):
             if pump.is_alive():
                 pump.join(STOP_POLL_S)
-            else:                   # output lost (reported below); still wait for the exit
+            else:  # output lost (reported below); still wait for the exit
                 time.sleep(STOP_POLL_S)
             if not stopped and ctx.stop_event.is_set():
                 ctx.log(f"stopping the container (SIGTERM, {ctx.config.stop_grace_s:g} s grace, SIGKILL)")
@@ -225,7 +245,7 @@ def _supervise(ctx, client, container, since_ns, just_started: bool = False):
         ctx.log(f"reading the container's output failed: {pump.error!r}", level="warning")
     code = result.get("StatusCode")
     if code != 0:
-        container.reload()      # OOMKilled is only in the inspect answer
+        container.reload()  # OOMKilled is only in the inspect answer
     state = container.attrs.get("State", {}) if code != 0 else {}
     return _exit_outcome(ctx, pump, code, state, stopped, timed_out), checkpoints
 
@@ -239,8 +259,11 @@ def _exit_outcome(ctx, pump, code, state: dict, stopped: bool, timed_out: bool) 
         return Outcome("failed", exit_code=code, error="out of memory (OOMKilled)")
     if code != 0:
         tail = "\n".join(list(pump.tail)[-TAIL_IN_ERROR:])
-        return Outcome("failed", exit_code=code, error=f"exit code {code}; last output:\n{tail}" if tail
-                       else f"exit code {code} (no output)")
+        return Outcome(
+            "failed",
+            exit_code=code,
+            error=f"exit code {code}; last output:\n{tail}" if tail else f"exit code {code} (no output)",
+        )
     return Outcome("finished", exit_code=0)
 
 

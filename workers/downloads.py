@@ -7,6 +7,7 @@ laid out in the task dir as the real Supervisely agent lays it out:
 Every name from the server is path-checked here. Storing, verifying and linking cached files is
 workers/cache.py's: this module calls the cache, never the other way round.
 """
+
 from __future__ import annotations
 
 import threading
@@ -45,11 +46,12 @@ def safe_name(name, what: str) -> str:
 
 class Job:
     """One file the task needs: its blob, where it is cached, where it goes in the task dir."""
+
     __slots__ = ("sha", "size", "cache_path", "dest", "label", "ann")
 
     def __init__(self, sha, size, cache_path, dest, label, ann=None):
         self.sha, self.size, self.cache_path, self.dest, self.label = sha, size, cache_path, dest, label
-        self.ann = ann          # a project item: the annotation JSON the server sent (None: none)
+        self.ann = ann  # a project item: the annotation JSON the server sent (None: none)
 
 
 def project_dir(ctx) -> Path | None:
@@ -76,8 +78,16 @@ def plan(ctx) -> list[Job]:
             for item in ds.get("items") or []:
                 iname = safe_name(item.get("name"), "item name")
                 sha = _sha(item.get("sha256"), iname)
-                jobs.append(Job(sha, int(item.get("size") or 0), cache.image_path(cfg, sha, iname),
-                                pdir / dname / sly_format.IMG_DIR / iname, f"{dname}/{iname}", ann=item.get("ann")))
+                jobs.append(
+                    Job(
+                        sha,
+                        int(item.get("size") or 0),
+                        cache.image_path(cfg, sha, iname),
+                        pdir / dname / sly_format.IMG_DIR / iname,
+                        f"{dname}/{iname}",
+                        ann=item.get("ann"),
+                    )
+                )
     model = task.get("model")
     if model:
         mhash = _sha(model.get("hash"), "model hash")
@@ -85,8 +95,9 @@ def plan(ctx) -> list[Job]:
         for f in model.get("files") or []:
             fpath = safe_relpath(f.get("path"), "model file path")
             sha = _sha(f.get("sha256"), fpath)
-            jobs.append(Job(sha, int(f.get("size") or 0), mdir / fpath, ctx.task_dir / "model" / fpath,
-                            f"model/{fpath}"))
+            jobs.append(
+                Job(sha, int(f.get("size") or 0), mdir / fpath, ctx.task_dir / "model" / fpath, f"model/{fpath}")
+            )
     return jobs
 
 
@@ -116,8 +127,11 @@ def write_project_files(ctx, jobs: list[Job]) -> int:
         ann = sly_format.empty_ann(*(size or (None, None)))
         _write_text(ann_path, sly_format.dumps(ann))
     if unknown:
-        ctx.log(f"{len(unknown)} items without an annotation are not images whose size could be read "
-                f"(e.g. {unknown[0]}); their empty annotations have no size", level="warning")
+        ctx.log(
+            f"{len(unknown)} items without an annotation are not images whose size could be read "
+            f"(e.g. {unknown[0]}); their empty annotations have no size",
+            level="warning",
+        )
     return empty
 
 
@@ -142,10 +156,10 @@ class Downloader:
         self.cfg = ctx.config
         self.lock = threading.Lock()
         self.done_files = 0
-        self.done_bytes = 0          # bytes fetched over the network by this task
+        self.done_bytes = 0  # bytes fetched over the network by this task
         self.total_files = 0
         self.last_report = 0.0
-        self.made_dirs: set = set()       # folders known to exist (saves a mkdir per file)
+        self.made_dirs: set = set()  # folders known to exist (saves a mkdir per file)
 
     def prepare(self, jobs: list[Job]) -> dict:
         """Returns {"files", "cached", "fetched", "bytes"}."""
@@ -166,14 +180,16 @@ class Downloader:
             else:
                 missing.append(job)
         if changed:
-            ctx.log(f"cache: {len(changed)} cached files changed since they were stored or have no record "
-                    f"(e.g. {changed[0]}); downloading them again", level="warning")
+            ctx.log(
+                f"cache: {len(changed)} cached files changed since they were stored or have no record "
+                f"(e.g. {changed[0]}); downloading them again",
+                level="warning",
+            )
         need = sum(j.size for j in {j.cache_path: j for j in missing}.values())
         cache.ensure_space(self.cfg, need, log=ctx.log, keep=keep)
         cached = len(jobs) - len(missing)
         if missing:
-            ctx.log(f"downloading {len(missing)} of {len(jobs)} files ({need / cache.MB:.1f} MB); "
-                    f"{cached} cached")
+            ctx.log(f"downloading {len(missing)} of {len(jobs)} files ({need / cache.MB:.1f} MB); {cached} cached")
         # Cached files first, in this thread: a link costs less than a pool hand-off.
         touched = set()
         missing_ids = {id(j) for j in missing}
@@ -228,7 +244,7 @@ class Downloader:
         part = cache.part_path(self.cfg, sha)
         with cache.blob_lock(self.cfg, sha):
             if cache.verify(self.cfg, final, sha, job.size):
-                return                      # another task fetched it while we waited
+                return  # another task fetched it while we waited
             mismatches = 0
             failures = 0
             while True:
@@ -241,25 +257,28 @@ class Downloader:
                     if failures >= BLOB_TRIES + 2:
                         raise TaskError(f"download of {job.label} (blob {sha[:12]}) failed: {e}") from None
                     time.sleep(backoff_delay(failures, base=0.2, cap=2.0))
-                    continue                # the .part is kept: the next try resumes with Range
+                    continue  # the .part is kept: the next try resumes with Range
                 if digest == sha:
                     break
                 part.unlink(missing_ok=True)
                 mismatches += 1
                 if mismatches >= BLOB_TRIES:
-                    raise TaskError(f"download of {job.label} failed: the server's bytes do not match "
-                                    f"sha256 {sha} ({BLOB_TRIES} tries); nothing was cached")
+                    raise TaskError(
+                        f"download of {job.label} failed: the server's bytes do not match "
+                        f"sha256 {sha} ({BLOB_TRIES} tries); nothing was cached"
+                    )
             cache.store_blob(self.cfg, part, final, sha)
 
     def _download(self, sha: str, part: Path, size: int) -> str:
         """GET the blob into `part` (resuming what is there with Range); returns the file's sha256."""
+
         def count(n: int) -> None:
             with self.lock:
                 self.done_bytes += n
+
         try:
             return self.ctx.api.get_blob(sha, part, size=size, on_bytes=count)
         except APIError as e:
-            if e.status == 416:             # cannot resume: start over
+            if e.status == 416:  # cannot resume: start over
                 part.unlink(missing_ok=True)
             raise
-

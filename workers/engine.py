@@ -5,6 +5,7 @@ not hand back) and the cache's disk questions (room for a new task? evict to mak
 to import: the docker SDK is loaded on the first Docker question (the supervisor has it preloaded
 by `workers.preload()` anyway). No Docker SDK or no engine is an answer, never an exception.
 """
+
 from __future__ import annotations
 
 import logging
@@ -21,6 +22,7 @@ def container_running(config: Config, task_id: int) -> bool:
     """Is this agent's container of the task running? No Docker: no."""
     try:
         from workers.container import docker_client, find_container
+
         client = docker_client(timeout=5)
         try:
             container = find_container(client, task_id, config.identity)
@@ -37,6 +39,7 @@ def reap_orphans(config: Config, keep_task_ids: list[int]) -> None:
     Returns None: the supervisor runs it as a job, where a returned value is a callback."""
     try:
         from workers.docker_task import reap_orphan_containers
+
         removed = reap_orphan_containers(config, keep_task_ids)
     except Exception as e:  # noqa: BLE001 - no SDK or no engine: nothing to reap
         log.warning("could not reap orphan containers: %s", e)

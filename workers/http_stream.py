@@ -1,4 +1,5 @@
 """The body of a streamed HTTP response from the docker SDK, read in large pieces."""
+
 from __future__ import annotations
 
 
@@ -31,7 +32,7 @@ def body_chunks(r, read_size: int):
                 break
             if len(buf) < i + 4 + size:
                 break
-            parts.append(buf[i + 2:i + 2 + size])
+            parts.append(buf[i + 2 : i + 2 + size])
             pos = i + 4 + size
         buf = buf[pos:]
         if parts:

@@ -1,4 +1,5 @@
 """A task's image on this node, as PULL_POLICY wants it (if-not-present, always, never)."""
+
 from __future__ import annotations
 
 import time

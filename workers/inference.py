@@ -3,6 +3,7 @@ project: meta.json, <ds>/img/, <ds>/ann/) as a new project with its meta and ann
 
 The real agent starts this upload on the MODEL_APPLIED event; here it starts when the container
 has exited (exit 0), so nothing the task still writes after the event is missed."""
+
 from __future__ import annotations
 
 from workers.base import Outcome
@@ -13,8 +14,10 @@ from workers.results import upload_project
 def project_name(ctx) -> str:
     config = ctx.task.get("config") or {}
     source = (ctx.task.get("project") or {}).get("name")
-    return str(config.get("project_name") or (f"{source} (task {ctx.task_id})" if source
-                                                else f"task {ctx.task_id} predictions"))
+    return str(
+        config.get("project_name")
+        or (f"{source} (task {ctx.task_id})" if source else f"task {ctx.task_id} predictions")
+    )
 
 
 def upload(ctx, live) -> None:

@@ -5,6 +5,7 @@ the Engine's log endpoint (`follow=1&timestamps=1`) in large socket reads; our o
 (workers/logparse.py) gives every line its container timestamp `cts`, so a re-attaching task
 process resumes right after the last line in the durable log.
 """
+
 from __future__ import annotations
 
 import collections
@@ -20,9 +21,9 @@ from workers.logparse import FrameDecoder
 BATCH_LINES = 1000
 BATCH_INTERVAL_S = 0.05
 READ_SIZE = 1 << 20
-LOG_SOURCE_ENV = "SLY_LOG_SOURCE"   # "api": always read the log through the Engine (tests, debugging)
+LOG_SOURCE_ENV = "SLY_LOG_SOURCE"  # "api": always read the log through the Engine (tests, debugging)
 FILE_POLL_S = 0.01
-FILE_QUIET_READS = 2          # empty reads 10 ms apart after the exit: the log is complete
+FILE_QUIET_READS = 2  # empty reads 10 ms apart after the exit: the log is complete
 
 
 class LogPump(threading.Thread):
@@ -36,7 +37,7 @@ class LogPump(threading.Thread):
         self.tail = collections.deque(maxlen=tail_lines)
         self.lines = 0
         self.error: BaseException | None = None
-        self.lock = threading.Lock()    # the batch; emits happen under it, so lines stay in order
+        self.lock = threading.Lock()  # the batch; emits happen under it, so lines stay in order
         self.batch: list = []
         self.first_pending = 0.0
         self.done = False
@@ -126,6 +127,7 @@ class LogPump(threading.Thread):
             except Exception:  # noqa: BLE001 - the container is gone: nothing more comes
                 pass
             exited.set()
+
         threading.Thread(target=wait_exit, name="log-exit", daemon=True).start()
         quiet_after_exit = 0
         with open(path, "rb") as f:
@@ -146,7 +148,7 @@ class LogPump(threading.Thread):
                         return
                     time.sleep(FILE_POLL_S)
                 else:
-                    exited.wait(FILE_POLL_S)    # the exit wakes this at once (the quiet reads start)
+                    exited.wait(FILE_POLL_S)  # the exit wakes this at once (the quiet reads start)
 
     def _push(self, out: list) -> None:
         with self.lock:
@@ -181,5 +183,5 @@ class LogPump(threading.Thread):
         if not batch:
             return
         self.lines += len(batch)
-        self.tail.extend(line["message"] for line in batch[-self.tail.maxlen:])
+        self.tail.extend(line["message"] for line in batch[-self.tail.maxlen :])
         self.ctx.emit(batch)

@@ -8,6 +8,7 @@ from the socket in large reads and turns each frame into a line dict
 Lines longer than MAX_LINE bytes are split into pieces marked `split` (nothing is dropped);
 bytes that are not UTF-8 are replaced.
 """
+
 from __future__ import annotations
 
 import calendar
@@ -21,9 +22,19 @@ from protocol.tasks import STDERR, STDOUT
 # The engine's stream numbers. A container's line gets one of these two and nothing else: its own
 # "stream" field is renamed (RESERVED), so container output never claims the agent's stream.
 STREAMS = {1: STDOUT, 2: STDERR}
-LEVELS = {"debug": "debug", "trace": "debug", "info": "info", "notice": "info", "warn": "warning",
-          "warning": "warning", "error": "error", "err": "error", "critical": "error", "fatal": "error",
-          "exception": "error"}
+LEVELS = {
+    "debug": "debug",
+    "trace": "debug",
+    "info": "info",
+    "notice": "info",
+    "warn": "warning",
+    "warning": "warning",
+    "error": "error",
+    "err": "error",
+    "critical": "error",
+    "fatal": "error",
+    "exception": "error",
+}
 _HEADER = struct.Struct(">BxxxL")
 _loads = json.loads
 
@@ -32,7 +43,7 @@ def normalize_event_type(value) -> str:
     """`EventType.PROGRESS` (Supervisely SDK) -> `progress`; other spellings lower-cased."""
     s = str(value)
     if s.startswith("EventType."):
-        s = s[len("EventType."):]
+        s = s[len("EventType.") :]
     return s.lower()
 
 
@@ -112,11 +123,11 @@ class FrameDecoder:
         # Frames of one long line share one stamp, so equal stamps are counted, not just compared.
         start = -1 if skip_until_ns is None else skip_until_ns
         self.seen = {1: start, 2: start}
-        self.seen_n = {1: 1 << 62, 2: 1 << 62}     # adoption: every frame at the boundary was shipped
+        self.seen_n = {1: 1 << 62, 2: 1 << 62}  # adoption: every frame at the boundary was shipped
         self.skip = dict(self.seen)
         self.skip_n = dict(self.seen_n)
         self.parse_ts = TimestampParser()
-        self.on_event = on_event      # called with each line that has an event_type
+        self.on_event = on_event  # called with each line that has an event_type
         self.last_cts: int | None = None
 
     def feed(self, data: bytes, out: list) -> None:
@@ -127,14 +138,14 @@ class FrameDecoder:
             stream, size = unpack(buf, pos)
             if end - pos - 8 < size:
                 break
-            frame = buf[pos + 8:pos + 8 + size]
+            frame = buf[pos + 8 : pos + 8 + size]
             pos += 8 + size
             sp = frame.find(b" ")
             if sp < 0:
                 continue
             if stream not in STREAMS:
                 stream = 1
-            self.take(stream, self.parse_ts(frame[:sp]), frame[sp + 1:], out)
+            self.take(stream, self.parse_ts(frame[:sp]), frame[sp + 1 :], out)
         self.buf = buf[pos:]
 
     def feed_jsonfile(self, data: bytes, out: list) -> None:
@@ -144,7 +155,7 @@ class FrameDecoder:
         if end < 0:
             self.buf = buf
             return
-        self.buf = buf[end + 1:]
+        self.buf = buf[end + 1 :]
         chunk = buf[:end]
         try:
             # One parse for the whole chunk (a JSON array) instead of one per line.
@@ -154,8 +165,14 @@ class FrameDecoder:
         if entries is None or len(entries) != chunk.count(b"\n") + 1:
             self._feed_jsonfile_lines(chunk, out)
             return
-        parse_ts, take, skip, seen, seen_n, pending = self.parse_ts.parse_str, self.take, self.skip, self.seen, \
-            self.seen_n, self.pending
+        parse_ts, take, skip, seen, seen_n, pending = (
+            self.parse_ts.parse_str,
+            self.take,
+            self.skip,
+            self.seen,
+            self.seen_n,
+            self.pending,
+        )
         on_event, append = self.on_event, out.append
         for e in entries:
             if type(e) is not dict:
@@ -163,8 +180,14 @@ class FrameDecoder:
             stream = 2 if container_stream(e.get("stream")) == STDERR else 1
             cts = parse_ts(e["time"])
             log = e.get("log", "")
-            if (type(log) is str and log.endswith("\n") and cts > skip[stream] and not pending[stream]
-                    and len(log) <= MAX_LINE and log.isascii()):
+            if (
+                type(log) is str
+                and log.endswith("\n")
+                and cts > skip[stream]
+                and not pending[stream]
+                and len(log) <= MAX_LINE
+                and log.isascii()
+            ):
                 # The usual line, as take() + _emit() would make it (ASCII: bytes and str agree).
                 if cts == seen[stream]:
                     seen_n[stream] += 1
@@ -188,8 +211,12 @@ class FrameDecoder:
                 e = loads(raw)
             except ValueError:
                 continue
-            take(2 if container_stream(e.get("stream")) == STDERR else 1, parse_ts(e["time"].encode()),
-                 e.get("log", "").encode("utf-8", "replace"), out)
+            take(
+                2 if container_stream(e.get("stream")) == STDERR else 1,
+                parse_ts(e["time"].encode()),
+                e.get("log", "").encode("utf-8", "replace"),
+                out,
+            )
 
     def take(self, stream: int, cts: int, body: bytes, out: list) -> None:
         """One log entry (a line, or part of a long one when it does not end in a newline)."""
@@ -241,8 +268,16 @@ class FrameDecoder:
                 self.pending[stream] = b""
 
     def _emit_piece(self, stream: int, piece: bytes, cts: int, out: list) -> None:
-        out.append({"ts": cts / 1e9, "cts": cts, "level": "info", "stream": STREAMS[stream],
-                    "message": piece.decode("utf-8", "replace") + SPLIT_MARKER, "split": True})
+        out.append(
+            {
+                "ts": cts / 1e9,
+                "cts": cts,
+                "level": "info",
+                "stream": STREAMS[stream],
+                "message": piece.decode("utf-8", "replace") + SPLIT_MARKER,
+                "split": True,
+            }
+        )
 
     def _emit(self, stream: int, body: bytes, cts: int, last_cts: int, out: list) -> None:
         # `cts` of a line is the stamp of its last frame: adoption resumes after the last shipped one.

@@ -17,6 +17,7 @@ What a task's results cost the agent is bounded (`Budget`): TASK_RESULTS_MAX_FIL
 TASK_RESULTS_MAX_MB read to hash or copy them over the task's life. A file or checkpoint folder
 unchanged since its upload (same paths, sizes, mtimes, inodes) is not read again.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -36,17 +37,17 @@ from workers.results_watch import WATCH_DIRS, ResultsWatch
 
 UPLOAD_TRIES = 4
 CHUNK = 1 << 20
-IN_FLIGHT = 8                       # files open at once while uploading
-MAX_JSON_BYTES = 64 << 20           # a result's meta.json or annotation
+IN_FLIGHT = 8  # files open at once while uploading
+MAX_JSON_BYTES = 64 << 20  # a result's meta.json or annotation
 CONTAINER_RESULTS = "/sly_task_data/results"
-CHECKPOINTS_FILE = "checkpoints.json"   # tasks/<id>/, not mounted: what this task uploaded so far
-POST_FILES = 1000                   # artifacts in one POST (each post costs the server per entry)
-BATCH_S = 1.0                       # a closed file waits at most this long for others to share its post
-SCAN_S = 5.0                        # results/ is walked this often once it has too many folders to watch
-PENDING_MAX = 10000                 # closed files remembered before the next post; past it: one walk
-SKIP_LOG_MAX = 100                  # skipped paths logged one by one; the rest are counted
-SPARSE_MIN = 1 << 20                # a file is sparse when over this and less than half of it is on disk
-NO_RETRY = (401, 403, 413)          # blob uploads the server will refuse again
+CHECKPOINTS_FILE = "checkpoints.json"  # tasks/<id>/, not mounted: what this task uploaded so far
+POST_FILES = 1000  # artifacts in one POST (each post costs the server per entry)
+BATCH_S = 1.0  # a closed file waits at most this long for others to share its post
+SCAN_S = 5.0  # results/ is walked this often once it has too many folders to watch
+PENDING_MAX = 10000  # closed files remembered before the next post; past it: one walk
+SKIP_LOG_MAX = 100  # skipped paths logged one by one; the rest are counted
+SPARSE_MIN = 1 << 20  # a file is sparse when over this and less than half of it is on disk
+NO_RETRY = (401, 403, 413)  # blob uploads the server will refuse again
 
 
 class ResultsLimit(TaskError):
@@ -88,8 +89,10 @@ class Budget:
             over = self.max_bytes and self.bytes > self.max_bytes
         self.check()
         if over:
-            self.refuse(f"results: more than {self.max_bytes // cache.MB} MB read from results/ "
-                        f"(TASK_RESULTS_MAX_MB); upload refused")
+            self.refuse(
+                f"results: more than {self.max_bytes // cache.MB} MB read from results/ "
+                f"(TASK_RESULTS_MAX_MB); upload refused"
+            )
 
 
 def server_refused(e: APIError, what: str) -> TaskError:
@@ -156,7 +159,7 @@ def post_artifacts(api, task_id: int, name: str, entries: list[dict]) -> dict | 
     """Artifacts in posts of at most POST_FILES entries (the server merges them by path)."""
     answer = None
     for i in range(0, len(entries), POST_FILES):
-        answer = api.post_results(task_id, "artifacts", name, entries[i:i + POST_FILES])
+        answer = api.post_results(task_id, "artifacts", name, entries[i : i + POST_FILES])
     return answer
 
 
@@ -172,7 +175,7 @@ def is_sparse(st) -> bool:
 def container_rel(path: str) -> str:
     """A results path as a task names it (`00000002`, `/sly_task_data/results/x`) -> relative."""
     if path == CONTAINER_RESULTS or path.startswith(CONTAINER_RESULTS + "/"):
-        path = path[len(CONTAINER_RESULTS):]
+        path = path[len(CONTAINER_RESULTS) :]
     return path.strip("/")
 
 
@@ -189,7 +192,7 @@ class ResultsDir:
         self.fd: int | None = None
         self.walked = self.unchanged = 0
 
-    def open(self) -> "ResultsDir":
+    def open(self) -> ResultsDir:
         self.path.mkdir(parents=True, exist_ok=True)
         try:
             self.fd = safefs.open_dir(self.path)
@@ -225,13 +228,16 @@ class ResultsDir:
             try:
                 st = os.fstat(f.fileno())
                 if is_sparse(st):
-                    self.skip(rel, f"is sparse ({st.st_size} bytes, {st.st_blocks * 512} on disk)",
-                              "its holes would be uploaded as bytes")
+                    self.skip(
+                        rel,
+                        f"is sparse ({st.st_size} bytes, {st.st_blocks * 512} on disk)",
+                        "its holes would be uploaded as bytes",
+                    )
                     f.close()
                     continue
                 key = stamp(st)
                 old = None if seen is None else seen.get(rel)
-                if old == key or (staged is not None and rel in staged):   # or twice in one batch
+                if old == key or (staged is not None and rel in staged):  # or twice in one batch
                     self.unchanged += 1
                     f.close()
                     continue
@@ -276,7 +282,8 @@ class ResultsDir:
 
 # --- custom ---------------------------------------------------------------------------------
 
-def upload_artifacts(ctx, name: str, live: "CheckpointUploader | None" = None) -> dict | None:
+
+def upload_artifacts(ctx, name: str, live: CheckpointUploader | None = None) -> dict | None:
     """Everything under results/ as the task's artifacts; None when there is nothing. With `live`
     (the uploader that ran alongside the container) the files it posted and that have not changed
     since are not read again, and its budget goes on."""
@@ -301,6 +308,7 @@ def upload_artifacts(ctx, name: str, live: "CheckpointUploader | None" = None) -
 
 
 # --- inference ------------------------------------------------------------------------------
+
 
 def _has_meta(dir_fd: int, name: str) -> bool:
     try:
@@ -338,16 +346,19 @@ def upload_project(ctx, name: str) -> dict:
     try:
         folder = find_result_project(ctx, res)
         if folder is None:
-            raise TaskError("inference: the task wrote no project (a folder results/<project name>/ with "
-                            "meta.json, <dataset>/img/ and <dataset>/ann/)")
+            raise TaskError(
+                "inference: the task wrote no project (a folder results/<project name>/ with "
+                "meta.json, <dataset>/img/ and <dataset>/ann/)"
+            )
         pfd = safefs.open_rel_dir(res.fd, folder)
         try:
             meta = res.read_json(pfd, "meta.json", f"{folder}/meta.json")
             if not isinstance(meta, dict):
                 raise TaskError(f"results: {folder}/meta.json is not a project meta (a JSON object)")
             budget = Budget(ctx.config)
-            entries = upload_open_files(ctx.api, res.admit(_project_items(res, pfd, folder, anns), budget),
-                                        charge=budget.add_bytes)
+            entries = upload_open_files(
+                ctx.api, res.admit(_project_items(res, pfd, folder, anns), budget), charge=budget.add_bytes
+            )
         finally:
             os.close(pfd)
     finally:
@@ -357,8 +368,10 @@ def upload_project(ctx, name: str) -> dict:
     for e in entries:
         if anns.get(e["path"]) is not None:
             e["ann"] = anns[e["path"]]
-    ctx.log(f"uploading project {name!r} from results/{folder}/: {len(entries)} items, "
-            f"{sum(1 for a in anns.values() if a is not None)} annotations")
+    ctx.log(
+        f"uploading project {name!r} from results/{folder}/: {len(entries)} items, "
+        f"{sum(1 for a in anns.values() if a is not None)} annotations"
+    )
     try:
         answer = ctx.api.post_results(ctx.task_id, "project", name, entries, meta=meta)
     except APIError as e:
@@ -412,6 +425,7 @@ def _project_items(res: ResultsDir, pfd: int, folder: str, anns: dict):
 
 # --- train: checkpoints -> models -----------------------------------------------------------
 
+
 def checkpoint_files(res: ResultsDir, rel: str):
     """(path inside, open file) for results/<rel>: each file of a folder, or the one file."""
     try:
@@ -443,8 +457,9 @@ def checkpoint_print(res: ResultsDir, rel: str) -> str:
     return h.hexdigest()
 
 
-def store_and_upload_model(ctx, res: ResultsDir, rel: str, name: str, budget: Budget | None = None,
-                           **extra) -> dict | None:
+def store_and_upload_model(
+    ctx, res: ResultsDir, rel: str, name: str, budget: Budget | None = None, **extra
+) -> dict | None:
     """results/<rel> (a folder, or one file) -> the model cache -> the server as a model.
 
     Returns {"subdir", "hash", "files", "name", "model_id", "print", ...extra} or None when there
@@ -467,7 +482,7 @@ def store_and_upload_model(ctx, res: ResultsDir, rel: str, name: str, budget: Bu
         ctx.log(f"results: {label} holds no regular file; no model made of it", level="warning")
         return None
     for e in entries:
-        with open(entry / e["path"], "rb") as f:     # the cache's own copy: the bytes hashed above
+        with open(entry / e["path"], "rb") as f:  # the cache's own copy: the bytes hashed above
             upload_blob(ctx.api, f, f"{label}/{e['path']}")
     checkpoint = extra.get("checkpoint")
     try:
@@ -475,10 +490,19 @@ def store_and_upload_model(ctx, res: ResultsDir, rel: str, name: str, budget: Bu
     except APIError as e:
         raise server_refused(e, f"the model {name!r}") from None
     model_id = (answer.get("results") or {}).get("model_id")
-    ctx.log(f"model {name!r} from results/{label}: {len(entries)} files, "
-            f"{sum(e['size'] for e in entries) / 1048576:.1f} MB, hash {mhash[:12]}, cached; id {model_id}")
-    return {"subdir": rel, "hash": mhash, "files": entries, "name": name, "model_id": model_id,
-            "print": printed.hexdigest(), **extra}
+    ctx.log(
+        f"model {name!r} from results/{label}: {len(entries)} files, "
+        f"{sum(e['size'] for e in entries) / 1048576:.1f} MB, hash {mhash[:12]}, cached; id {model_id}"
+    )
+    return {
+        "subdir": rel,
+        "hash": mhash,
+        "files": entries,
+        "name": name,
+        "model_id": model_id,
+        "print": printed.hexdigest(),
+        **extra,
+    }
 
 
 def checkpoint_info(line: dict) -> dict:
@@ -488,8 +512,9 @@ def checkpoint_info(line: dict) -> dict:
     epoch = optional.get("epoch", line.get("epoch"))
     if isinstance(epoch, (int, float)) and not isinstance(epoch, bool):
         out["epoch"] = epoch
-    metrics = {k: v for k, v in optional.items()
-               if k != "epoch" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    metrics = {
+        k: v for k, v in optional.items() if k != "epoch" and isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
     if metrics:
         out["metrics"] = metrics
     return out
@@ -513,8 +538,8 @@ class CheckpointUploader:
         self.res = ResultsDir(ctx)
         self.q: queue.Queue = queue.Queue()
         self.budget = Budget(ctx.config)
-        self.seen: dict[str, int] = {}       # path -> stamp() of what was posted
-        self.pending: dict[str, bool] = {}   # closed (False) or new folders (True) not posted yet
+        self.seen: dict[str, int] = {}  # path -> stamp() of what was posted
+        self.pending: dict[str, bool] = {}  # closed (False) or new folders (True) not posted yet
         self.pending_since = 0.0
         self.rescan = False
         self.scan_said = False
@@ -523,7 +548,7 @@ class CheckpointUploader:
         self.uploaded = 0
         self.posts = 0
         self.failed: list[str] = []
-        self.stored: dict[str, dict] = {r["subdir"]: r for r in self._load()}   # subdir -> model record
+        self.stored: dict[str, dict] = {r["subdir"]: r for r in self._load()}  # subdir -> model record
         self.thread = threading.Thread(target=self._run, name="checkpoints", daemon=True)
 
     @property
@@ -539,8 +564,11 @@ class CheckpointUploader:
             data = json.loads(self.state_path.read_text())
         except (OSError, ValueError):
             return []
-        return [r for r in data if isinstance(r, dict) and isinstance(r.get("subdir"), str)] \
-            if isinstance(data, list) else []
+        return (
+            [r for r in data if isinstance(r, dict) and isinstance(r.get("subdir"), str)]
+            if isinstance(data, list)
+            else []
+        )
 
     def _save(self) -> None:
         # Only the last: writing every checkpoint each time would cost the square of their number.
@@ -551,7 +579,7 @@ class CheckpointUploader:
     def last_checkpoint(self) -> dict | None:
         return next(reversed(self.stored.values()), None)
 
-    def start(self) -> "CheckpointUploader":
+    def start(self) -> CheckpointUploader:
         self.res.open()
         if self.kind == "custom":
             self.watch = ResultsWatch(self.res.fd)
@@ -585,7 +613,7 @@ class CheckpointUploader:
                 return
             self._guard("results/", self._collect)
             if job:
-                self._guard("results/", self._flush)        # what was closed before the event goes first
+                self._guard("results/", self._flush)  # what was closed before the event goes first
                 self._guard(job[1], self._checkpoint, job)
             elif self._due():
                 self._guard("results/", self._flush)
@@ -616,12 +644,15 @@ class CheckpointUploader:
         if self.watch is None:
             return
         changes = [] if self.watch.scanning else self.watch.changes()
-        if self.watch.overflowed:                   # events were lost: walk everything once
+        if self.watch.overflowed:  # events were lost: walk everything once
             self.watch.overflowed, self.rescan = False, True
         if self.watch.scanning and not self.scan_said:
             self.scan_said = True
-            self.ctx.log(f"results: {self.watch.why} under results/ (at most {WATCH_DIRS} are watched); "
-                         f"results/ is scanned every {SCAN_S:g} s instead", level="warning")
+            self.ctx.log(
+                f"results: {self.watch.why} under results/ (at most {WATCH_DIRS} are watched); "
+                f"results/ is scanned every {SCAN_S:g} s instead",
+                level="warning",
+            )
         for rel, is_dir in changes:
             if self.rescan or len(self.pending) >= PENDING_MAX:
                 self.rescan = True
@@ -681,14 +712,21 @@ class CheckpointUploader:
             except (OSError, safefs.Skipped):
                 same = False
             if same:
-                self.stored[rel] = self.stored.pop(rel)      # the last checkpoint again
+                self.stored[rel] = self.stored.pop(rel)  # the last checkpoint again
                 self._save()
-                self.ctx.log(f"results: checkpoint {rel} is unchanged since its upload (model id "
-                             f"{old.get('model_id')}); not copied again")
+                self.ctx.log(
+                    f"results: checkpoint {rel} is unchanged since its upload (model id "
+                    f"{old.get('model_id')}); not copied again"
+                )
                 return
-        done = store_and_upload_model(self.ctx, self.res, rel,
-                                      f"{model_name(self.ctx)} checkpoint {rel.replace('/', '-')}",
-                                      self.budget, checkpoint=info or None)
+        done = store_and_upload_model(
+            self.ctx,
+            self.res,
+            rel,
+            f"{model_name(self.ctx)} checkpoint {rel.replace('/', '-')}",
+            self.budget,
+            checkpoint=info or None,
+        )
         if done is None:
             return
         done["checkpoint"] = info
@@ -710,10 +748,11 @@ class CheckpointUploader:
 
     def _post_artifacts(self, files, name: str = "live results") -> None:
         staged: dict[str, int] = {}
-        entries = upload_open_files(self.ctx.api, self.res.admit(files, self.budget, self.seen, staged),
-                                    workers=2, charge=self.budget.add_bytes)
+        entries = upload_open_files(
+            self.ctx.api, self.res.admit(files, self.budget, self.seen, staged), workers=2, charge=self.budget.add_bytes
+        )
         for i in range(0, len(entries), POST_FILES):
-            part = entries[i:i + POST_FILES]
+            part = entries[i : i + POST_FILES]
             try:
                 self.ctx.api.post_results(self.ctx.task_id, "artifacts", name, part)
             except APIError as e:
@@ -749,11 +788,18 @@ def finish_train(ctx, live: CheckpointUploader) -> dict:
     last = live.last_checkpoint()
     if last is None:
         failed = f" ({len(live.failed)} failed to upload: {', '.join(live.failed[:3])})" if live.failed else ""
-        raise TaskError("train: no checkpoint was produced: no CHECKPOINT event named a folder under results/ "
-                        f"with files, and the task wrote no results/model/{failed}")
+        raise TaskError(
+            "train: no checkpoint was produced: no CHECKPOINT event named a folder under results/ "
+            f"with files, and the task wrote no results/model/{failed}"
+        )
     try:
-        ctx.api.post_results(ctx.task_id, "model", last["name"], last["files"],
-                             checkpoint={**(last.get("checkpoint") or {}), "final": True})
+        ctx.api.post_results(
+            ctx.task_id,
+            "model",
+            last["name"],
+            last["files"],
+            checkpoint={**(last.get("checkpoint") or {}), "final": True},
+        )
     except APIError as e:
         raise server_refused(e, "the final model") from None
     ctx.log(f"the task's model is its last checkpoint, results/{last['subdir']} (model id {last.get('model_id')})")

@@ -13,6 +13,7 @@ design card names, watches a tree recursively with no cap, so it cannot give thi
 added through /proc/self/fd of a folder opened by workers/safefs.py, so no path the task controls
 is resolved by name (a folder swapped for a link to a host folder is never watched).
 """
+
 from __future__ import annotations
 
 import os
@@ -22,7 +23,7 @@ from inotify_simple import flags as F
 
 from workers import safefs
 
-WATCH_DIRS = 256                    # most folders of one task's results/ watched at once
+WATCH_DIRS = 256  # most folders of one task's results/ watched at once
 MASK = F.CLOSE_WRITE | F.MOVED_TO | F.CREATE | F.ONLYDIR
 
 
@@ -35,10 +36,10 @@ class ResultsWatch:
     def __init__(self, root_fd: int, cap: int = WATCH_DIRS):
         self.root_fd = root_fd
         self.cap = cap
-        self.dirs: dict[int, str] = {}       # watch descriptor -> folder, relative ("" is results/)
+        self.dirs: dict[int, str] = {}  # watch descriptor -> folder, relative ("" is results/)
         self.scanning = False
         self.why = ""
-        self.overflowed = False               # events were lost: the caller scans once
+        self.overflowed = False  # events were lost: the caller scans once
         self.inotify: INotify | None = None
         try:
             self.inotify = INotify(nonblocking=True)
@@ -57,7 +58,7 @@ class ResultsWatch:
 
     def close(self) -> None:
         if self.inotify is not None:
-            self.inotify.close()      # releases every watch at once
+            self.inotify.close()  # releases every watch at once
             self.inotify = None
         self.dirs.clear()
 
@@ -69,13 +70,12 @@ class ResultsWatch:
             try:
                 d = safefs.open_rel_dir(self.root_fd, rel) if rel else os.dup(self.root_fd)
             except (OSError, safefs.Skipped):
-                continue                      # gone or not a real folder: nothing to watch
+                continue  # gone or not a real folder: nothing to watch
             try:
                 if not self._add(d, rel):
                     return
                 with os.scandir(d) as it:
-                    todo.extend(f"{rel}/{e.name}" if rel else e.name
-                                for e in it if e.is_dir(follow_symlinks=False))
+                    todo.extend(f"{rel}/{e.name}" if rel else e.name for e in it if e.is_dir(follow_symlinks=False))
             except OSError:
                 continue
             finally:
@@ -90,7 +90,7 @@ class ResultsWatch:
         except OSError as e:
             self._fall_back(f"inotify_add_watch failed ({e.strerror})")
             return False
-        self.dirs[wd] = rel                   # a folder moved and added again keeps its wd: renamed here
+        self.dirs[wd] = rel  # a folder moved and added again keeps its wd: renamed here
         return True
 
     def changes(self) -> list[tuple[str, bool]]:
@@ -104,7 +104,7 @@ class ResultsWatch:
                 if mask & F.Q_OVERFLOW:
                     self.overflowed = True
                     continue
-                if mask & F.IGNORED:          # the folder is gone: its watch is released
+                if mask & F.IGNORED:  # the folder is gone: its watch is released
                     self.dirs.pop(wd, None)
                     continue
                 parent = self.dirs.get(wd)

@@ -9,12 +9,13 @@ every step is `openat(dir_fd, name, O_NOFOLLOW)`, and every opened file is check
 A symlink, fifo, socket or device is skipped (`Skipped` says why); opening uses O_NONBLOCK so
 that a fifo cannot block the reader before fstat has seen what it is.
 """
+
 from __future__ import annotations
 
 import errno
 import os
 import stat
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | getattr(os, "O_NOCTTY", 0)
@@ -181,7 +182,7 @@ def walk_files(dir_fd: int, on_skip: Callable[[str, str], None], prefix: str = "
         except FileNotFoundError:
             continue
         except Skipped as s:
-            if "a folder" in str(s):        # became a folder after the listing: walk it
+            if "a folder" in str(s):  # became a folder after the listing: walk it
                 try:
                     sub = open_dir(None, name, dir_fd=dir_fd)
                 except (FileNotFoundError, Skipped):

@@ -1,6 +1,7 @@
 """`train`: run the container; each CHECKPOINT becomes a model while it runs (workers/results.py);
 after exit 0 the task's model is results/model/ when the task wrote one, else the last
 checkpoint; neither fails the task."""
+
 from __future__ import annotations
 
 from workers.base import Outcome

@@ -1,4 +1,5 @@
 """Agent side: connect (hello with system info) and the long-poll that hands out tasks and stops."""
+
 from __future__ import annotations
 
 import random
@@ -25,20 +26,28 @@ async def connect(request: Request, agent: AgentDep, state: StateDep):
     def store():
         with state.db.engine.begin() as conn:
             service.set_system_info(conn, agent["id"], info)
+
     # It changes rarely (a new GPU, a Docker upgrade): written only then, so a fleet reconnecting
     # after a server restart writes nothing here (the contact goes with the batch, as for any request).
     if info != agent.get("system_info"):
         await state.db.run(store)
-        state.agent_rows.forget(agent["id"])   # its kept row has the old system info
+        state.agent_rows.forget(agent["id"])  # its kept row has the old system info
     s = state.settings
-    return {"agent": {"id": agent["id"], "name": agent["name"], "allowed_task_types": agent["allowed_task_types"]},
-            "options": {"lease_s": s.lease_s, "telemetry_interval_s": s.telemetry_interval_s,
-                        "max_poll_wait_s": s.max_poll_wait_s, "logs_body_limit": s.logs_body_limit,
-                        "json_body_limit": s.json_body_limit, "project_body_limit": s.project_body_limit}}
+    return {
+        "agent": {"id": agent["id"], "name": agent["name"], "allowed_task_types": agent["allowed_task_types"]},
+        "options": {
+            "lease_s": s.lease_s,
+            "telemetry_interval_s": s.telemetry_interval_s,
+            "max_poll_wait_s": s.max_poll_wait_s,
+            "logs_body_limit": s.logs_body_limit,
+            "json_body_limit": s.json_body_limit,
+            "project_body_limit": s.project_body_limit,
+        },
+    }
 
 
-POLL_JITTER = 0.2          # an idle poll answers after (1 - POLL_JITTER * U(0, 1)) x wait
-POLL_ROW_MARGIN_S = 30.0   # a poll's row outlives its deadline this long, in case its replica dies
+POLL_JITTER = 0.2  # an idle poll answers after (1 - POLL_JITTER * U(0, 1)) x wait
+POLL_ROW_MARGIN_S = 30.0  # a poll's row outlives its deadline this long, in case its replica dies
 
 
 def _poll_round(state, agent: dict, body: PollIn, first: bool, last: bool) -> tuple[dict | None, dict]:
@@ -86,7 +95,7 @@ async def poll(body: PollIn, agent: AgentDep, state: StateDep, wait: float = Que
     state.metrics.polls.inc()
     try:
         while True:
-            ev = state.wakeups.agents.event(aid)   # before reading the database: no wake-up is lost
+            ev = state.wakeups.agents.event(aid)  # before reading the database: no wake-up is lost
             last = deadline - time.monotonic() <= 0 or state.closing
             answer, at_end = await state.db.run(_poll_round, state, agent, body, first, last)
             first = False
@@ -97,9 +106,9 @@ async def poll(body: PollIn, agent: AgentDep, state: StateDep, wait: float = Que
                 state.contacts.poll_open(poll_id, aid, state.wakeups.replica, expires_at)
                 registered = True
             if not await Waiters.wait(ev, deadline - time.monotonic()) and not state.closing:
-                return SafeJSONResponse(at_end)   # nothing changed since the last look
+                return SafeJSONResponse(at_end)  # nothing changed since the last look
     finally:
         state.metrics.polls.dec()
-        if registered:   # also when the client hung up
+        if registered:  # also when the client hung up
             state.contacts.poll_closed(poll_id)
-        state.contacts.seen(aid)   # the wait was contact
+        state.contacts.seen(aid)  # the wait was contact

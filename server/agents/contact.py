@@ -30,6 +30,7 @@ the batch is halved by agent until the refused rows stand alone, a node's rows a
 are dropped (a warning names the agent; `sly_contact_rows_dropped_total` counts them) while the
 rest is written. A batch with one bad node among n costs about 2 log2(n) transactions, not n.
 """
+
 from __future__ import annotations
 
 import logging
@@ -51,28 +52,31 @@ from server.telemetry import service as tele
 log = logging.getLogger("sly-server")
 
 LEASED_VALUES = [s.value for s in LEASED]
-MAX_KEPT = 100_000      # history points (and poll-row deletions) kept while batches fail
+MAX_KEPT = 100_000  # history points (and poll-row deletions) kept while batches fail
 
 
 class Contacts:
     def __init__(self, engine, settings):
         self.engine = engine
         self.settings = settings
-        self._lock = threading.Lock()          # the pending maps: written by the loop, taken by a flush
-        self._flushing = threading.Lock()      # one flush at a time, in order
-        self._seen: dict[int, float] = {}      # agent id -> newest contact
-        self._lease: dict[int, float] = {}     # agent id -> when its leases were renewed (pending)
-        self._latest: dict[int, dict] = {}     # agent id -> its telemetry_latest row
-        self._points: list[dict] = []          # telemetry_history rows
+        self._lock = threading.Lock()  # the pending maps: written by the loop, taken by a flush
+        self._flushing = threading.Lock()  # one flush at a time, in order
+        self._seen: dict[int, float] = {}  # agent id -> newest contact
+        self._lease: dict[int, float] = {}  # agent id -> when its leases were renewed (pending)
+        self._latest: dict[int, dict] = {}  # agent id -> its telemetry_latest row
+        self._points: list[dict] = []  # telemetry_history rows
         self._polls_new: dict[str, dict] = {}  # poll id -> polls row not written yet
-        self._polls_gone: list[str] = []       # poll ids written earlier, over now
+        self._polls_gone: list[str] = []  # poll ids written earlier, over now
         self._leased_at: dict[int, float] = {}  # agent id -> when its leases were last renewed
-        self._point_at: dict[int, float] = {}   # agent id -> its newest history point (written or pending)
-        self._open: dict[str, int] = {}        # poll id -> agent id: the long-polls open on this process
-        self._inflight: tuple | None = None    # the batch a flush is writing now
+        self._point_at: dict[int, float] = {}  # agent id -> its newest history point (written or pending)
+        self._open: dict[str, int] = {}  # poll id -> agent id: the long-polls open on this process
+        self._inflight: tuple | None = None  # the batch a flush is writing now
         # Not in any registry here: ServerState registers it with its own (the one /metrics shows).
-        self.m_rows_dropped = Metric("sly_contact_rows_dropped", "Contact batch rows (contact, lease, telemetry, "
-                                     "poll) the database refused for their data, dropped", registry=None)
+        self.m_rows_dropped = Metric(
+            "sly_contact_rows_dropped",
+            "Contact batch rows (contact, lease, telemetry, poll) the database refused for their data, dropped",
+            registry=None,
+        )
 
     # --- recording (any thread; cheap) ---
     def seen(self, agent_id: int, now: float | None = None) -> None:
@@ -95,8 +99,9 @@ class Contacts:
         with self._lock:
             self._seen_locked(aid, now)
             self._latest[aid] = dict(latest, agent_id=aid, ts=now)
-            point = tele.history_point(self.settings, aid, self._point_at.get(aid, agent.get("telemetry_ts")),
-                                       now, latest)
+            point = tele.history_point(
+                self.settings, aid, self._point_at.get(aid, agent.get("telemetry_ts")), now, latest
+            )
             if point is not None:
                 self._point_at[aid] = now
                 self._points.append(point)
@@ -105,8 +110,12 @@ class Contacts:
     def poll_open(self, poll_id: str, agent_id: int, replica: str, expires_at: float) -> None:
         with self._lock:
             self._open[poll_id] = agent_id
-            self._polls_new[poll_id] = {"id": poll_id, "agent_id": agent_id, "replica": replica,
-                                        "expires_at": expires_at}
+            self._polls_new[poll_id] = {
+                "id": poll_id,
+                "agent_id": agent_id,
+                "replica": replica,
+                "expires_at": expires_at,
+            }
 
     def poll_closed(self, poll_id: str) -> None:
         """The poll is over: a row not written yet never will be; a written one goes at the next flush."""
@@ -132,7 +141,7 @@ class Contacts:
                 seen, _lease, latest, points = self._inflight[:4]
                 batches.append((seen, latest, points))
             out = UnwrittenContacts(polls=Counter(self._open.values()))
-            for seen, latest, points in batches:          # the pending batch first: it is the newer
+            for seen, latest, points in batches:  # the pending batch first: it is the newer
                 for aid, ts in seen.items():
                     if out.seen.get(aid, 0.0) < ts:
                         out.seen[aid] = ts
@@ -189,9 +198,13 @@ class Contacts:
         self.m_rows_dropped.inc(rows)
         why = str(getattr(e, "orig", None) or e).strip().splitlines()[:1]
         # The rows' values are the node's; the message is the database's first line (no token is in either).
-        log.warning("contact batch: the database refused the rows of %s (%s: %s); %d row(s) dropped, the rest written",
-                    f"agent {key}" if key is not None else "closed polls", type(e).__name__,
-                    (why[0] if why else "")[:200], rows)
+        log.warning(
+            "contact batch: the database refused the rows of %s (%s: %s); %d row(s) dropped, the rest written",
+            f"agent {key}" if key is not None else "closed polls",
+            type(e).__name__,
+            (why[0] if why else "")[:200],
+            rows,
+        )
 
     def _put_back(self, seen, lease, latest, points, polls_new, polls_gone) -> None:
         with self._lock:
@@ -201,15 +214,15 @@ class Contacts:
             for aid, ts in lease.items():
                 self._lease.setdefault(aid, ts)
             for aid, row in latest.items():
-                self._latest.setdefault(aid, row)         # a newer sample taken meanwhile wins
+                self._latest.setdefault(aid, row)  # a newer sample taken meanwhile wins
             # While the database is away the kept batch is bounded: the oldest chart points go
             # first, and so do deletions of poll rows, which expire on their own anyway.
             self._points[:0] = points
-            del self._points[:max(0, len(self._points) - MAX_KEPT)]
+            del self._points[: max(0, len(self._points) - MAX_KEPT)]
             for pid, row in polls_new.items():
                 self._polls_new.setdefault(pid, row)
-            self._polls_gone[:0] = polls_gone             # deleted after the inserts: a closed poll stays closed
-            del self._polls_gone[:max(0, len(self._polls_gone) - MAX_KEPT)]
+            self._polls_gone[:0] = polls_gone  # deleted after the inserts: a closed poll stays closed
+            del self._polls_gone[: max(0, len(self._polls_gone) - MAX_KEPT)]
 
     def _write(self, seen, lease, latest, points, polls_new, polls_gone) -> int:
         if self.engine.dialect.name == "postgresql":
@@ -224,16 +237,22 @@ class Contacts:
             rows = [{"b_id": aid, "b_ts": ts} for aid, ts in seen.items() if aid in alive]
             if rows:
                 # Never backwards: another replica may have written a newer contact.
-                conn.execute(update(db.agents).where(a.id == bindparam("b_id"),
-                                                     or_(a.last_seen.is_(None), a.last_seen < bindparam("b_ts")))
-                             .values(last_seen=bindparam("b_ts")), rows)
+                conn.execute(
+                    update(db.agents)
+                    .where(a.id == bindparam("b_id"), or_(a.last_seen.is_(None), a.last_seen < bindparam("b_ts")))
+                    .values(last_seen=bindparam("b_ts")),
+                    rows,
+                )
                 n += len(rows)
             rows = [{"b_id": aid, "b_until": ts + self.settings.lease_s} for aid, ts in lease.items() if aid in alive]
             if rows:
                 # IN (...) expands per execution, which executemany cannot take: the states as plain binds.
-                conn.execute(update(db.tasks).where(t.agent_id == bindparam("b_id"),
-                                                    or_(*(t.state == v for v in LEASED_VALUES)))
-                             .values(lease_until=bindparam("b_until")), rows)
+                conn.execute(
+                    update(db.tasks)
+                    .where(t.agent_id == bindparam("b_id"), or_(*(t.state == v for v in LEASED_VALUES)))
+                    .values(lease_until=bindparam("b_until")),
+                    rows,
+                )
                 n += len(rows)
             rows = [r for aid, r in latest.items() if aid in alive]
             if rows:
@@ -242,18 +261,21 @@ class Contacts:
             points = [p for p in points if p["agent_id"] in alive]
             if points:
                 conn.execute(db.insert_ignore(self.engine, db.telemetry_history), points)
-                conn.execute(update(db.agents).where(a.id == bindparam("b_id"),
-                                                     or_(a.telemetry_ts.is_(None), a.telemetry_ts < bindparam("b_ts")))
-                             .values(telemetry_ts=bindparam("b_ts")),
-                             [{"b_id": aid, "b_ts": ts} for aid, ts in _newest(points).items()])
+                conn.execute(
+                    update(db.agents)
+                    .where(a.id == bindparam("b_id"), or_(a.telemetry_ts.is_(None), a.telemetry_ts < bindparam("b_ts")))
+                    .values(telemetry_ts=bindparam("b_ts")),
+                    [{"b_id": aid, "b_ts": ts} for aid, ts in _newest(points).items()],
+                )
                 n += len(points)
             rows = [r for r in polls_new.values() if r["agent_id"] in alive]
             if rows:
                 conn.execute(db.insert_ignore(self.engine, db.polls), rows)
                 n += len(rows)
             if polls_gone:
-                conn.execute(delete(db.polls).where(db.polls.c.id == bindparam("b_id")),
-                             [{"b_id": pid} for pid in polls_gone])
+                conn.execute(
+                    delete(db.polls).where(db.polls.c.id == bindparam("b_id")), [{"b_id": pid} for pid in polls_gone]
+                )
                 n += len(polls_gone)
         return n
 
@@ -289,10 +311,11 @@ class Contacts:
 @dataclass
 class UnwrittenContacts:
     """What this process holds of its nodes and has not written yet (`Contacts.shown()`), for reads to show."""
-    seen: dict[int, float] = field(default_factory=dict)      # agent id -> newest contact
-    latest: dict[int, dict] = field(default_factory=dict)     # agent id -> its newest telemetry_latest row
-    points: list[dict] = field(default_factory=list)          # telemetry_history rows
-    polls: Counter = field(default_factory=Counter)           # agent id -> long-polls open on this process
+
+    seen: dict[int, float] = field(default_factory=dict)  # agent id -> newest contact
+    latest: dict[int, dict] = field(default_factory=dict)  # agent id -> its newest telemetry_latest row
+    points: list[dict] = field(default_factory=list)  # telemetry_history rows
+    polls: Counter = field(default_factory=Counter)  # agent id -> long-polls open on this process
 
     def last_seen(self, agent_id: int, stored: float | None) -> float | None:
         """The newer of the stored contact and this process's unwritten one."""
@@ -322,24 +345,35 @@ def _pg_recordset(table) -> tuple[str, str]:
 def _pg_insert(table, conflict: str) -> str:
     cols, source = _pg_recordset(table)
     picked = ", ".join(f"r.{c.name}" for c in table.c)
-    return (f"INSERT INTO {table.name} ({cols}) SELECT {picked} FROM {source} "
-            f"WHERE EXISTS (SELECT 1 FROM agents WHERE agents.id = r.agent_id) {conflict}")
+    return (
+        f"INSERT INTO {table.name} ({cols}) SELECT {picked} FROM {source} "
+        f"WHERE EXISTS (SELECT 1 FROM agents WHERE agents.id = r.agent_id) {conflict}"
+    )
 
 
 _LEASED_SQL = ", ".join(f"'{v}'" for v in LEASED_VALUES)
+
+
 def _pg_newer(column: str) -> str:
     """UPDATE of agents.<column> from {id, ts} rows, never backwards (another replica may have
     written a newer one)."""
-    return (f"UPDATE agents SET {column} = r.ts FROM json_to_recordset(%s::json) AS r(id integer, ts float8) "
-            f"WHERE agents.id = r.id AND (agents.{column} IS NULL OR agents.{column} < r.ts)")
+    return (
+        f"UPDATE agents SET {column} = r.ts FROM json_to_recordset(%s::json) AS r(id integer, ts float8) "
+        f"WHERE agents.id = r.id AND (agents.{column} IS NULL OR agents.{column} < r.ts)"
+    )
 
 
 _PG_SEEN = _pg_newer("last_seen")
 _PG_TELEMETRY_TS = _pg_newer("telemetry_ts")
-_PG_LEASE = ("UPDATE tasks SET lease_until = r.until FROM json_to_recordset(%s::json) AS r(id integer, until float8) "
-             f"WHERE tasks.agent_id = r.id AND tasks.state IN ({_LEASED_SQL})")
-_PG_LATEST = _pg_insert(db.telemetry_latest, "ON CONFLICT (agent_id) DO UPDATE SET " + ", ".join(
-    f"{c.name} = EXCLUDED.{c.name}" for c in db.telemetry_latest.c if c.name != "agent_id"))
+_PG_LEASE = (
+    "UPDATE tasks SET lease_until = r.until FROM json_to_recordset(%s::json) AS r(id integer, until float8) "
+    f"WHERE tasks.agent_id = r.id AND tasks.state IN ({_LEASED_SQL})"
+)
+_PG_LATEST = _pg_insert(
+    db.telemetry_latest,
+    "ON CONFLICT (agent_id) DO UPDATE SET "
+    + ", ".join(f"{c.name} = EXCLUDED.{c.name}" for c in db.telemetry_latest.c if c.name != "agent_id"),
+)
 _PG_HISTORY = _pg_insert(db.telemetry_history, "ON CONFLICT DO NOTHING")
 _PG_POLLS_NEW = _pg_insert(db.polls, "ON CONFLICT DO NOTHING")
 _PG_POLLS_GONE = "DELETE FROM polls WHERE id IN (SELECT json_array_elements_text(%s::json))"
@@ -349,30 +383,38 @@ def _refused_data(e: Exception) -> bool:
     """The database (or its driver, binding a value) refused a row's data; not an outage, a lock
     or a conflict, which keep the batch for the next flush."""
     if isinstance(e, sa_exc.StatementError) and not isinstance(e, sa_exc.DBAPIError):
-        e = e.orig    # a driver's bind error (sqlite3: "Python int too large to convert")
+        e = e.orig  # a driver's bind error (sqlite3: "Python int too large to convert")
     return isinstance(e, (sa_exc.DataError, sa_exc.IntegrityError, OverflowError, ValueError, TypeError))
 
 
 def _keys(batch: tuple) -> list:
     """The agents with rows in `batch`, and None for its closed polls (which name no agent)."""
     seen, lease, latest, points, polls_new, polls_gone = batch
-    ids = set(seen) | set(lease) | set(latest) | {p["agent_id"] for p in points} | {
-        r["agent_id"] for r in polls_new.values()}
+    ids = (
+        set(seen)
+        | set(lease)
+        | set(latest)
+        | {p["agent_id"] for p in points}
+        | {r["agent_id"] for r in polls_new.values()}
+    )
     return sorted(ids) + ([None] if polls_gone else [])
 
 
 def _split(batch: tuple, keys: list) -> list[tuple]:
     """`batch` in two, by the first and second half of its `keys`."""
-    first = set(keys[:len(keys) // 2])
+    first = set(keys[: len(keys) // 2])
     seen, lease, latest, points, polls_new, polls_gone = batch
 
     def half(inside: bool) -> tuple:
-        return ({a: v for a, v in seen.items() if (a in first) == inside},
-                {a: v for a, v in lease.items() if (a in first) == inside},
-                {a: v for a, v in latest.items() if (a in first) == inside},
-                [p for p in points if (p["agent_id"] in first) == inside],
-                {i: r for i, r in polls_new.items() if (r["agent_id"] in first) == inside},
-                polls_gone if (None in first) == inside else [])
+        return (
+            {a: v for a, v in seen.items() if (a in first) == inside},
+            {a: v for a, v in lease.items() if (a in first) == inside},
+            {a: v for a, v in latest.items() if (a in first) == inside},
+            [p for p in points if (p["agent_id"] in first) == inside],
+            {i: r for i, r in polls_new.items() if (r["agent_id"] in first) == inside},
+            polls_gone if (None in first) == inside else [],
+        )
+
     return [half(True), half(False)]
 
 
@@ -388,5 +430,6 @@ def _upsert_latest(table):
     """INSERT of telemetry_latest rows that replaces a node's existing row (SQLite; PostgreSQL
     writes them with `_PG_LATEST`)."""
     stmt = sqlite.insert(table)
-    return stmt.on_conflict_do_update(index_elements=["agent_id"],
-                                      set_={c.name: stmt.excluded[c.name] for c in table.c if c.name != "agent_id"})
+    return stmt.on_conflict_do_update(
+        index_elements=["agent_id"], set_={c.name: stmt.excluded[c.name] for c in table.c if c.name != "agent_id"}
+    )

@@ -1,4 +1,5 @@
 """User side: agents (the console's nodes): register, list, read, change, remove, rotate a token, telemetry."""
+
 from __future__ import annotations
 
 import hashlib
@@ -30,10 +31,12 @@ def run_commands(state, request: Request, agent_id: int, token: str) -> dict:
     # The storage dir is named by a hash of the token, never the token: task containers see it in
     # their mount table (the agent's own default, node.config.hashed_root_name).
     host_dir = f"$HOME/.supervisely-agent/n-{hashlib.sha256(token.encode()).hexdigest()[:16]}"
-    docker = (f'docker run -d --name sly-agent --restart unless-stopped --network host '
-              f'-v /var/run/docker.sock:/var/run/docker.sock '
-              f'-v "{host_dir}":"{host_dir}" -e AGENT_HOST_DIR="{host_dir}" -e SERVER_ADDRESS={url} '
-              f'-e ACCESS_TOKEN={token} {state.settings.agent_image}')
+    docker = (
+        f'docker run -d --name sly-agent --restart unless-stopped --network host '
+        f'-v /var/run/docker.sock:/var/run/docker.sock '
+        f'-v "{host_dir}":"{host_dir}" -e AGENT_HOST_DIR="{host_dir}" -e SERVER_ADDRESS={url} '
+        f'-e ACCESS_TOKEN={token} {state.settings.agent_image}'
+    )
     return {"docker": docker, "run_sh": f"SERVER_ADDRESS={url} ACCESS_TOKEN={token} ./run.sh"}
 
 
@@ -46,41 +49,52 @@ async def create_agent(body: AgentIn, request: Request, _: AdminDep, state: Stat
     def create():
         with state.db.engine.begin() as conn:
             return service.create_agent(conn, body.name, hash_token(token), types, time.time())
+
     aid = await state.db.run(create)
-    return {"id": aid, "name": body.name, "allowed_task_types": types, "token": token,
-            "run_command": run_commands(state, request, aid, token)}
+    return {
+        "id": aid,
+        "name": body.name,
+        "allowed_task_types": types,
+        "token": token,
+        "run_command": run_commands(state, request, aid, token),
+    }
 
 
 @router.get(endpoints.AGENTS)
-async def list_agents(request: Request, _: AdminDep, state: StateDep, limit: int = Query(100, ge=1, le=1000),
-                      cursor: str | None = None):
+async def list_agents(
+    request: Request, _: AdminDep, state: StateDep, limit: int = Query(100, ge=1, le=1000), cursor: str | None = None
+):
     """A page of agents by id: compact rows (status, last_seen, running_tasks, latest telemetry, no
     system_info) and the fleet's `summary`. ETag / If-None-Match: 304 when the page is unchanged."""
     now = time.time()
     after = cursor_id(cursor)
 
     def read():
-        shown = state.contacts.shown()   # before the read: a batch written meanwhile is in one or both
+        shown = state.contacts.shown()  # before the read: a batch written meanwhile is in one or both
         with state.db.engine.connect() as conn:
-            items, summary = service.list_agents(conn, state.settings.offline_after, shown, state.wakeups.replica,
-                                                 limit, after, now)
+            items, summary = service.list_agents(
+                conn, state.settings.offline_after, shown, state.wakeups.replica, limit, after, now
+            )
         body = page(items, limit)
         body["summary"] = summary
         return body
+
     return conditional_json(request, await state.db.run_read(read))
 
 
 def _read_one(state, agent_id: int, conn) -> dict:
-    shown = state.contacts.shown()   # before the reads: a batch written meanwhile is in one or both
+    shown = state.contacts.shown()  # before the reads: a batch written meanwhile is in one or both
     return service.read_agent(conn, state.settings.offline_after, shown, state.wakeups.replica, agent_id, time.time())
 
 
 @router.get(endpoints.AGENT_BY_ID)
 async def read_agent(agent_id: RowId, _: AdminDep, state: StateDep):
     """One agent in full: the list's fields and its system_info."""
+
     def read():
         with state.db.engine.connect() as conn:
             return _read_one(state, agent_id, conn)
+
     return await state.db.run_read(read)
 
 
@@ -98,6 +112,7 @@ async def patch_agent(agent_id: RowId, body: AgentPatch, _: AdminDep, state: Sta
             service.change_agent(conn, agent_id, values)
             state.wakeups.notify_agent(conn, agent_id, row_changed=True)
             return _read_one(state, agent_id, conn)
+
     return await state.db.run(change)
 
 
@@ -113,13 +128,20 @@ async def delete_agent(agent_id: RowId, _: AdminDep, state: StateDep):
             failed, kept = service.remove_agent(conn, agent_id, now)
             for tid in failed:
                 state.wakeups.notify_task(conn, tid)
-            state.wakeups.notify_agent(conn, agent_id, row_changed=True)   # its open polls, on every replica, end with 401
+            state.wakeups.notify_agent(
+                conn, agent_id, row_changed=True
+            )  # its open polls, on every replica, end with 401
         return failed, kept
+
     failed, kept = await state.db.run(retry_race, remove)
     state.contacts.forget(agent_id)
-    return {"ok": True, "failed_tasks": failed, "kept_tasks": kept,
-            "tasks": f"unfinished tasks failed with {service.NODE_DELETED!r}; final tasks are kept and still name "
-                     f"agent {agent_id}, which no longer exists (DELETE /api/v1/tasks/{{id}} removes them)"}
+    return {
+        "ok": True,
+        "failed_tasks": failed,
+        "kept_tasks": kept,
+        "tasks": f"unfinished tasks failed with {service.NODE_DELETED!r}; final tasks are kept and still name "
+        f"agent {agent_id}, which no longer exists (DELETE /api/v1/tasks/{{id}} removes them)",
+    }
 
 
 @router.post(endpoints.AGENT_TOKEN)
@@ -130,21 +152,36 @@ async def rotate_token(agent_id: RowId, request: Request, _: AdminDep, state: St
     def rotate():
         with state.db.transaction() as conn:
             row = service.set_token(conn, agent_id, hash_token(token))
-            state.wakeups.notify_agent(conn, agent_id, row_changed=True)   # its open polls, on every replica, end with 401 now
+            state.wakeups.notify_agent(
+                conn, agent_id, row_changed=True
+            )  # its open polls, on every replica, end with 401 now
             return row
+
     row = await state.db.run(rotate)
-    return {"id": agent_id, "name": row["name"], "token": token, "run_command": run_commands(state, request, agent_id, token)}
+    return {
+        "id": agent_id,
+        "name": row["name"],
+        "token": token,
+        "run_command": run_commands(state, request, agent_id, token),
+    }
 
 
 @router.get(endpoints.AGENT_TELEMETRY)
-async def agent_telemetry(agent_id: RowId, request: Request, _: AdminDep, state: StateDep,
-                          since: float | None = Query(None, allow_inf_nan=False)):
+async def agent_telemetry(
+    agent_id: RowId,
+    request: Request,
+    _: AdminDep,
+    state: StateDep,
+    since: float | None = Query(None, allow_inf_nan=False),
+):
     """The node's telemetry history, oldest first (after `since` when given): compact points
     `{ts, cpu, mem, disks: [%], gpus: [[util %, memory %]]}` and the series' names in `disks`
     and `gpus`. Every point of the last hour, then one a minute (docs/protocol.md)."""
+
     def read():
         shown = state.contacts.shown()
         with state.db.engine.connect() as conn:
             service.agent_row(conn, agent_id)
             return tele.history(conn, agent_id, since, shown)
+
     return conditional_json(request, await state.db.run_read(read))

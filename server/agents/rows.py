@@ -7,6 +7,7 @@ row. `AGENT_CACHE_S` bounds how long a row may be kept if a notification were lo
 listener reconnecting also drops them all); it is long, since reloading every node's row that
 often would be a steady read load of its own (2,000 nodes: 7 reads a second).
 """
+
 from __future__ import annotations
 
 import hmac
@@ -24,10 +25,10 @@ _AGENT_BY_HASH = select(db.agents).where(db.agents.c.token_hash == bindparam("h"
 class AgentRows:
     def __init__(self, database):
         self.db = database
-        self._rows: dict[str, tuple[dict, float]] = {}   # token hash -> (agent row, kept until)
-        self._hash_of: dict[int, str] = {}               # agent id -> its token hash in _rows
+        self._rows: dict[str, tuple[dict, float]] = {}  # token hash -> (agent row, kept until)
+        self._hash_of: dict[int, str] = {}  # agent id -> its token hash in _rows
         self._lock = threading.Lock()
-        self._epoch = 0              # bumped by every forget: a row read before it is not kept
+        self._epoch = 0  # bumped by every forget: a row read before it is not kept
 
     async def get(self, h: str) -> dict | None:
         """The agent row of token hash `h` (None if no agent has it), from memory when it is there,
@@ -49,7 +50,7 @@ class AgentRows:
             return None
         agent = dict(row)
         with self._lock:
-            if self._epoch == epoch:   # no change committed since the read began
+            if self._epoch == epoch:  # no change committed since the read began
                 self._rows[h] = (agent, time.monotonic() + AGENT_CACHE_S)
                 self._hash_of[agent["id"]] = h
         return agent

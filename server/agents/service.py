@@ -4,6 +4,7 @@ long-poll's look at the database (the hand-out itself is server/tasks/service.py
 Plain functions on a connection; the routers open the transaction and send the wake-ups.
 `shown` is what this process holds and has not written yet (`Contacts.shown()`,
 server/agents/contact.py), shown on top of the stored rows."""
+
 from __future__ import annotations
 
 import time
@@ -20,7 +21,7 @@ from server.schemas import PollIn
 from server.tasks.service import LEASED_VALUES, change_state, hand_out
 from server.telemetry import service as tele
 
-NODE_DELETED = "node deleted"   # the error of the tasks a node's removal fails
+NODE_DELETED = "node deleted"  # the error of the tasks a node's removal fails
 
 # The nodes list's columns: no token hash, system info or chart bookkeeping (a page has up to 1,000 rows).
 LIST_COLUMNS = [c for c in db.agents.c if c.name not in ("token_hash", "system_info", "telemetry_ts")]
@@ -45,8 +46,9 @@ def agent_status(offline_after: float, polls_open: int, last_seen: float | None,
     return "online" if last_seen is not None and now - last_seen <= offline_after else "offline"
 
 
-def agent_out(offline_after: float, shown: UnwrittenContacts, row, latest, running: int, polls: int,
-              now: float) -> dict:
+def agent_out(
+    offline_after: float, shown: UnwrittenContacts, row, latest, running: int, polls: int, now: float
+) -> dict:
     """An agent as the API shows it; `row` without system_info gives the nodes list's compact row.
     `polls`: the node's long-polls open on the other replicas (`shown` has this one's)."""
     a = {k: v for k, v in dict(row).items() if k not in ("token_hash", "telemetry_ts", "settings_version")}
@@ -71,8 +73,9 @@ def agent_row(conn, agent_id: int):
     return row
 
 
-def polls_open(conn, now: float, agent_id: int | None = None, agent_ids=None,
-               elsewhere: str | None = None) -> dict[int, int]:
+def polls_open(
+    conn, now: float, agent_id: int | None = None, agent_ids=None, elsewhere: str | None = None
+) -> dict[int, int]:
     """Agent id -> long-polls open now on every replica (rows of polls that died with a replica
     expire); of one agent, of some, or of all. `elsewhere`: on replicas other than this one
     (whose own open polls `Contacts.shown()` knows exactly)."""
@@ -120,7 +123,7 @@ def fleet_summary(conn, offline_after: float, shown: UnwrittenContacts, now: flo
     # What `agent_status` says, as SQL: a poll open on any replica, or contact within the
     # window, stored or heard here.
     here = shown.online_here(since)
-    polling = select(p.agent_id).where(p.expires_at > now).distinct().subquery()   # one scan, joined
+    polling = select(p.agent_id).where(p.expires_at > now).distinct().subquery()  # one scan, joined
     online = or_(a.last_seen >= since, polling.c.agent_id.is_not(None), *([_among(conn, a.id, here)] if here else []))
     # GPUs of the nodes whose newest sample this process holds: from that sample, not the stored
     # one. A sample is a contact, so such a node is online while its sample is within the window.
@@ -129,22 +132,33 @@ def fleet_summary(conn, offline_after: float, shown: UnwrittenContacts, now: flo
     if newer:
         gpu_count = case((_among(conn, a.id, sorted(newer)), 0), else_=gpu_count)
     nodes, up, gpus = conn.execute(
-        select(func.count(), func.sum(case((online, 1), else_=0)), func.sum(case((online, gpu_count), else_=0)))
-        .select_from(db.agents.outerjoin(db.telemetry_latest, lt.agent_id == a.id)
-                     .outerjoin(polling, polling.c.agent_id == a.id))).one()
+        select(
+            func.count(), func.sum(case((online, 1), else_=0)), func.sum(case((online, gpu_count), else_=0))
+        ).select_from(
+            db.agents.outerjoin(db.telemetry_latest, lt.agent_id == a.id).outerjoin(polling, polling.c.agent_id == a.id)
+        )
+    ).one()
     gpus = int(gpus or 0) + sum(row.get("gpu_count") or 0 for row in newer.values() if row["ts"] >= since)
-    leased = conn.execute(select(t.resources, online)
-                          .select_from(db.tasks.outerjoin(db.agents, a.id == t.agent_id)
-                                       .outerjoin(polling, polling.c.agent_id == a.id))
-                          .where(t.state.in_([s.value for s in LEASED]))).all()
+    leased = conn.execute(
+        select(t.resources, online)
+        .select_from(db.tasks.outerjoin(db.agents, a.id == t.agent_id).outerjoin(polling, polling.c.agent_id == a.id))
+        .where(t.state.in_([s.value for s in LEASED]))
+    ).all()
     held = sum(int((res or {}).get("gpus") or 0) for res, on in leased if on)
     up, gpus = int(up or 0), int(gpus or 0)
-    return {"nodes": nodes, "online": up, "offline": nodes - up,
-            "gpus_total": gpus, "gpus_free": max(0, gpus - held), "tasks_running": len(leased)}
+    return {
+        "nodes": nodes,
+        "online": up,
+        "offline": nodes - up,
+        "gpus_total": gpus,
+        "gpus_free": max(0, gpus - held),
+        "tasks_running": len(leased),
+    }
 
 
-def list_agents(conn, offline_after: float, shown: UnwrittenContacts, replica: str, limit: int, after: int | None,
-                now: float) -> tuple[list[dict], dict]:
+def list_agents(
+    conn, offline_after: float, shown: UnwrittenContacts, replica: str, limit: int, after: int | None, now: float
+) -> tuple[list[dict], dict]:
     """A page of agents by id after `after` (limit + 1 rows: the last tells that more exist), as
     the API shows them, and the fleet's summary. `replica`: this process's (its own open polls
     are in `shown`)."""
@@ -157,8 +171,10 @@ def list_agents(conn, offline_after: float, shown: UnwrittenContacts, replica: s
     latest = latest_telemetry(conn, ids)
     polls = polls_open(conn, now, agent_ids=ids, elsewhere=replica)
     summary = fleet_summary(conn, offline_after, shown, now)
-    items = [agent_out(offline_after, shown, r, latest.get(r["id"]), counts.get(r["id"], 0), polls.get(r["id"], 0), now)
-             for r in rows]
+    items = [
+        agent_out(offline_after, shown, r, latest.get(r["id"]), counts.get(r["id"], 0), polls.get(r["id"], 0), now)
+        for r in rows
+    ]
     return items, summary
 
 
@@ -174,17 +190,20 @@ def read_agent(conn, offline_after: float, shown: UnwrittenContacts, replica: st
 # --- changes (the caller sends the wake-ups once they commit) ---
 def create_agent(conn, name: str, token_hash: str, types: list[str], now: float) -> int:
     """A new agent's row; its id."""
-    return conn.execute(insert(db.agents).values(name=name, token_hash=token_hash,
-                                                 allowed_task_types=types, created_at=now)
-                        ).inserted_primary_key[0]
+    return conn.execute(
+        insert(db.agents).values(name=name, token_hash=token_hash, allowed_task_types=types, created_at=now)
+    ).inserted_primary_key[0]
 
 
 def change_agent(conn, agent_id: int, values: dict) -> None:
     """Rename / change allowed task types (404 agent_not_found). The settings version goes up: it
     tells an open poll (on any replica) that the settings changed, and it answers now."""
     agent_row(conn, agent_id)
-    conn.execute(update(db.agents).where(db.agents.c.id == agent_id)
-                 .values(settings_version=db.agents.c.settings_version + 1, **values))
+    conn.execute(
+        update(db.agents)
+        .where(db.agents.c.id == agent_id)
+        .values(settings_version=db.agents.c.settings_version + 1, **values)
+    )
 
 
 def set_token(conn, agent_id: int, token_hash: str):
@@ -203,8 +222,13 @@ def remove_agent(conn, agent_id: int, now: float) -> tuple[list[int], int]:
     NODE_DELETED, its final ones are kept. (the failed task ids, the kept tasks' count); may
     raise StateRace (server/tasks/service.py: run it under `retry_race`)."""
     agent_row(conn, agent_id)
-    rows = conn.execute(select(db.tasks).where(db.tasks.c.agent_id == agent_id,
-                                               db.tasks.c.state.notin_([s.value for s in FINAL]))).mappings().all()
+    rows = (
+        conn.execute(
+            select(db.tasks).where(db.tasks.c.agent_id == agent_id, db.tasks.c.state.notin_([s.value for s in FINAL]))
+        )
+        .mappings()
+        .all()
+    )
     failed = []
     for r in rows:
         change_state(conn, dict(r), TaskState.FAILED, now, error=NODE_DELETED)
@@ -221,16 +245,30 @@ def remove_agent(conn, agent_id: int, now: float) -> tuple[list[int], int]:
 _a = db.agents.c
 _t = db.tasks.c
 _POLL_AGENT = select(_a.token_hash, _a.refusing, _a.settings_version, _a.name, _a.allowed_task_types).where(
-    _a.id == bindparam("aid"))
+    _a.id == bindparam("aid")
+)
 # The first look, one statement and no transaction: the agent's row, whether a task waits for it,
 # and one row per task it holds (leased, or lost and still to be stopped). Most polls stop there.
 _q = db.tasks.alias("queued_task")
-PEEK = (select(_a.token_hash, _a.refusing, _a.settings_version, _a.name, _a.allowed_task_types,
-               exists().where(_q.c.agent_id == _a.id, _q.c.state == TaskState.QUEUED.value).label("queued"),
-               _t.id, _t.state, _t.stop_requested, _t.stop_delivered)
-        .select_from(db.agents.outerjoin(db.tasks, and_(_t.agent_id == _a.id,
-                                                        _t.state.in_(LEASED_VALUES + [TaskState.LOST.value]))))
-        .where(_a.id == bindparam("aid")).order_by(_t.id))
+PEEK = (
+    select(
+        _a.token_hash,
+        _a.refusing,
+        _a.settings_version,
+        _a.name,
+        _a.allowed_task_types,
+        exists().where(_q.c.agent_id == _a.id, _q.c.state == TaskState.QUEUED.value).label("queued"),
+        _t.id,
+        _t.state,
+        _t.stop_requested,
+        _t.stop_delivered,
+    )
+    .select_from(
+        db.agents.outerjoin(db.tasks, and_(_t.agent_id == _a.id, _t.state.in_(LEASED_VALUES + [TaskState.LOST.value])))
+    )
+    .where(_a.id == bindparam("aid"))
+    .order_by(_t.id)
+)
 
 
 def peek(conn, agent_id: int) -> list:
@@ -250,9 +288,9 @@ def quiet_answer(rows, body: PollIn, first: bool) -> list[int] | None:
     stop = []
     for r in rows:
         if r["id"] is None:
-            continue   # the agent holds no task
+            continue  # the agent holds no task
         if r["id"] not in running:
-            return None    # handed out again, or stopped before it ran
+            return None  # handed out again, or stopped before it ran
         if r["state"] == TaskState.LOST.value or r["stop_requested"]:
             if not r["stop_delivered"]:
                 return None
@@ -276,8 +314,11 @@ def quiet_round(rows, agent: dict, body: PollIn, first: bool, last: bool) -> tup
     if stop is None:
         return None
     head = rows[0]
-    answer = {"tasks": [], "stop": stop,
-              "settings": {"name": head["name"], "allowed_task_types": head["allowed_task_types"]}}
+    answer = {
+        "tasks": [],
+        "stop": stop,
+        "settings": {"name": head["name"], "allowed_task_types": head["allowed_task_types"]},
+    }
     if last or head["settings_version"] != agent["settings_version"]:
         return answer, answer
     return None, answer
@@ -293,10 +334,14 @@ def poll_round(conn, state, agent: dict, body: PollIn, first: bool, last: bool) 
     check_token(row, agent)
     if first and (row["refusing"] or "") != body.refusing:
         conn.execute(update(db.agents).where(db.agents.c.id == aid).values(refusing=body.refusing or None))
-    tasks, stop, new_stop = hand_out(state, conn, agent, body.free_slots, len(body.free_gpus), body.running,
-                                     time.time())
-    answer = {"tasks": tasks, "stop": stop,
-              "settings": {"name": row["name"], "allowed_task_types": row["allowed_task_types"]}}
+    tasks, stop, new_stop = hand_out(
+        state, conn, agent, body.free_slots, len(body.free_gpus), body.running, time.time()
+    )
+    answer = {
+        "tasks": tasks,
+        "stop": stop,
+        "settings": {"name": row["name"], "allowed_task_types": row["allowed_task_types"]},
+    }
     if tasks or new_stop or last or row["settings_version"] != agent["settings_version"]:
         if new_stop:
             conn.execute(update(db.tasks).where(db.tasks.c.id.in_(new_stop)).values(stop_delivered=True))

@@ -1,6 +1,7 @@
 """The auth dependencies (`require_admin`, `require_agent`; routes declare them as AdminDep and
 AgentDep from server/http/deps.py) and the same-origin rule for writes signed in by the console's
 cookie (`check_browser_write`)."""
+
 from __future__ import annotations
 
 from urllib.parse import urlsplit
@@ -45,17 +46,25 @@ def check_browser_write(request: Request) -> None:
     if origin is None:
         if request.headers.get("sec-fetch-site") == "same-origin":
             return
-        raise APIError(403, "cross_origin", "a write signed in by the console's cookie must come from the console's "
-                       "own pages (no Origin header and no 'Sec-Fetch-Site: same-origin'); scripts send "
-                       "'Authorization: Bearer <admin token>'")
+        raise APIError(
+            403,
+            "cross_origin",
+            "a write signed in by the console's cookie must come from the console's "
+            "own pages (no Origin header and no 'Sec-Fetch-Site: same-origin'); scripts send "
+            "'Authorization: Bearer <admin token>'",
+        )
     allowed = {_origin(str(request.base_url))}
     public = request.app.state.server.settings.public_url
     if public:
         allowed.add(_origin(public))
     got = _origin(origin)
     if got is None or got not in allowed:
-        raise APIError(403, "cross_origin", f"a write signed in by the console's cookie must come from the console's "
-                       f"own origin, not {origin[:200]!r}; scripts send 'Authorization: Bearer <admin token>'")
+        raise APIError(
+            403,
+            "cross_origin",
+            f"a write signed in by the console's cookie must come from the console's "
+            f"own origin, not {origin[:200]!r}; scripts send 'Authorization: Bearer <admin token>'",
+        )
 
 
 async def require_admin(request: Request) -> None:
@@ -63,8 +72,8 @@ async def require_admin(request: Request) -> None:
     console's own origin, else 403), else 401; failed token checks are throttled (429)."""
     state = request.app.state.server
     auth = request.headers.get(AUTHORIZATION_HEADER, "")
-    if auth[:len(BEARER)].lower() == BEARER.lower():
-        verify_admin_token(state, client_of(request), auth[len(BEARER):].strip())
+    if auth[: len(BEARER)].lower() == BEARER.lower():
+        verify_admin_token(state, client_of(request), auth[len(BEARER) :].strip())
         return
     sid = request.cookies.get(SESSION_COOKIE)
     ok = state.sessions.cached(sid)

@@ -1,5 +1,6 @@
 """User side: console sign-in and sign-out (the only user route that takes no admin credentials),
 and one-time sign-in links."""
+
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
@@ -20,8 +21,9 @@ async def sign_in(body: SessionIn, request: Request, response: Response, state: 
     Wrong tokens are throttled per client address (429 with Retry-After)."""
     verify_admin_token(state, client_of(request), body.token)
     sid = await state.db.run(state.sessions.create)
-    response.set_cookie(SESSION_COOKIE, sid, httponly=True, samesite="strict", path="/",
-                        secure=request.url.scheme == "https")
+    response.set_cookie(
+        SESSION_COOKIE, sid, httponly=True, samesite="strict", path="/", secure=request.url.scheme == "https"
+    )
     return {"ok": True}
 
 
@@ -39,9 +41,11 @@ async def sign_out(request: Request, response: Response, state: StateDep):
 @router.post(endpoints.SESSION_LINKS)
 async def new_signin_link(_: AdminDep, state: StateDep):
     """A one-time console sign-in link (`path`, relative to the server) valid until `expires_at`."""
+
     def create() -> tuple[str, float]:
         with state.db.engine.begin() as conn:
             return create_link(conn, state.admin_token)
+
     token, expires = await state.db.run(create)
     return {"path": endpoints.path(endpoints.SIGNIN_LINK, token=token), "expires_at": expires}
 
@@ -55,10 +59,12 @@ async def spend_signin_link(token: str, request: Request, state: StateDep):
         with state.db.engine.begin() as conn:
             spent = spend_link(conn, state.admin_token, token)
         return state.sessions.create() if spent else None
+
     sid = await state.db.run(spend)
     if sid is None:
         return RedirectResponse("/signin", status_code=303, headers=headers)
     response = RedirectResponse("/nodes", status_code=303, headers=headers)
-    response.set_cookie(SESSION_COOKIE, sid, httponly=True, samesite="strict", path="/",
-                        secure=request.url.scheme == "https")
+    response.set_cookie(
+        SESSION_COOKIE, sid, httponly=True, samesite="strict", path="/", secure=request.url.scheme == "https"
+    )
     return response

@@ -8,6 +8,7 @@ HttpOnly cookie `sly_session` holding a random session id kept server-side, boun
 token. Failed admin-token checks are slowed down per client address (`SignInThrottle`). The
 FastAPI dependencies built on these are in server/auth/deps.py.
 """
+
 from __future__ import annotations
 
 import collections
@@ -31,8 +32,8 @@ from server import db
 TOKEN_ALPHABET = string.ascii_letters + string.digits
 SESSION_COOKIE = "sly_session"
 ADMIN_TOKEN_ENV = "SERVER_ADMIN_TOKEN"
-MIN_ADMIN_TOKEN = 16          # characters; a shorter admin token is refused at start
-LINK_TTL_S = 15 * 60          # a one-time sign-in link works this long
+MIN_ADMIN_TOKEN = 16  # characters; a shorter admin token is refused at start
+LINK_TTL_S = 15 * 60  # a one-time sign-in link works this long
 
 
 def new_token(n: int = 32) -> str:
@@ -46,8 +47,10 @@ def hash_token(token: str) -> str:
 def check_admin_token_length(token: str, source: str) -> str:
     """The token, or ConfigError naming where it came from when it is shorter than MIN_ADMIN_TOKEN."""
     if len(token) < MIN_ADMIN_TOKEN:
-        raise ConfigError(f"{source} is {len(token)} characters long; the admin token must have at least "
-                          f"{MIN_ADMIN_TOKEN} (generate one with: python -c 'import secrets; print(secrets.token_urlsafe(24))')")
+        raise ConfigError(
+            f"{source} is {len(token)} characters long; the admin token must have at least "
+            f"{MIN_ADMIN_TOKEN} (generate one with: python -c 'import secrets; print(secrets.token_urlsafe(24))')"
+        )
     return token
 
 
@@ -64,7 +67,11 @@ def load_admin_token(data_dir: Path, environ=os.environ) -> str:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(token + "\n")
-    print(f"sly-server: generated the admin token (stored in {path}, shown only now): {token}", file=sys.stderr, flush=True)
+    print(
+        f"sly-server: generated the admin token (stored in {path}, shown only now): {token}",
+        file=sys.stderr,
+        flush=True,
+    )
     return token
 
 
@@ -78,7 +85,7 @@ class Sessions:
     def __init__(self, engine, admin_token: str):
         self.engine = engine
         self._key = admin_token.encode()
-        self._cache: dict[str, float] = {}     # id hash -> expiry, so most checks skip the database
+        self._cache: dict[str, float] = {}  # id hash -> expiry, so most checks skip the database
 
     def _hash(self, sid: str) -> str:
         return hmac.new(self._key, sid.encode(), hashlib.sha256).hexdigest()
@@ -108,8 +115,9 @@ class Sessions:
         expires = self._cache.get(h)
         if expires is None:
             with self.engine.connect() as conn:
-                expires = conn.execute(select(db.console_sessions.c.expires_at)
-                                       .where(db.console_sessions.c.id_hash == h)).scalar()
+                expires = conn.execute(
+                    select(db.console_sessions.c.expires_at).where(db.console_sessions.c.id_hash == h)
+                ).scalar()
             if expires is None:
                 return False
             self._cache[h] = expires
@@ -170,8 +178,12 @@ class SignInThrottle:
             return
         if now < entry[1]:
             wait = math.ceil(entry[1] - now)
-            raise APIError(429, "too_many_attempts", f"{entry[0]} wrong admin tokens from this address; "
-                           f"try again in {wait} s", retry_after=wait)
+            raise APIError(
+                429,
+                "too_many_attempts",
+                f"{entry[0]} wrong admin tokens from this address; try again in {wait} s",
+                retry_after=wait,
+            )
 
     def failed(self, client: str) -> None:
         now = self.clock()
@@ -210,6 +222,7 @@ def verify_admin_token(state, client: str, token: str) -> None:
 # that made it. The hash is HMAC-SHA3-256, not the HMAC-SHA-256 that session ids use, so a link
 # token sent as a cookie hashes to no session row.
 
+
 def _link_hash(key: str, token: str) -> str:
     return hmac.new(key.encode(), token.encode(), hashlib.sha3_256).hexdigest()
 
@@ -230,6 +243,7 @@ def spend_link(conn, key: str, token: str) -> bool:
     if not token or len(token) > 128:
         return False
     t = db.console_sessions.c
-    spent = conn.execute(delete(db.console_sessions)
-                         .where(t.id_hash == _link_hash(key, token), t.expires_at > time.time())).rowcount
+    spent = conn.execute(
+        delete(db.console_sessions).where(t.id_hash == _link_hash(key, token), t.expires_at > time.time())
+    ).rowcount
     return spent == 1

@@ -9,6 +9,7 @@ upload names a blob. The rows decide two things:
 - which blobs are kept: a blob that no project, model or result names (an upload alone does not
   count), older than the grace period, is deleted by `collect`, and so is a partial upload.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -24,8 +25,8 @@ log = logging.getLogger("sly-server")
 
 PROJECT, MODEL, RESULT, UPLOAD = "project", "model", "result", "upload"
 KEEPING = (PROJECT, MODEL, RESULT)
-COLLECT_BATCH = 500          # blobs looked at per step; the event loop runs other requests between steps
-READ_BATCH = 500             # hashes per query of `readable` (SQLite takes a bounded number of parameters)
+COLLECT_BATCH = 500  # blobs looked at per step; the event loop runs other requests between steps
+READ_BATCH = 500  # hashes per query of `readable` (SQLite takes a bounded number of parameters)
 
 
 def add(conn, kind: str, owner_id: int, hashes) -> None:
@@ -52,11 +53,19 @@ def readable(conn, agent_id: int, hashes) -> set[str]:
     hashes = sorted(set(hashes))
     out: set[str] = set()
     for i in range(0, len(hashes), READ_BATCH):
-        q = select(r.sha256).distinct().where(r.sha256.in_(hashes[i:i + READ_BATCH]), (
-            ((r.kind == UPLOAD) & (r.owner_id == agent_id))
-            | ((r.kind == RESULT) & r.owner_id.in_(mine))
-            | ((r.kind == PROJECT) & r.owner_id.in_(projects))
-            | ((r.kind == MODEL) & r.owner_id.in_(models))))
+        q = (
+            select(r.sha256)
+            .distinct()
+            .where(
+                r.sha256.in_(hashes[i : i + READ_BATCH]),
+                (
+                    ((r.kind == UPLOAD) & (r.owner_id == agent_id))
+                    | ((r.kind == RESULT) & r.owner_id.in_(mine))
+                    | ((r.kind == PROJECT) & r.owner_id.in_(projects))
+                    | ((r.kind == MODEL) & r.owner_id.in_(models))
+                ),
+            )
+        )
         out.update(conn.execute(q).scalars())
     return out
 
@@ -66,8 +75,11 @@ def drop_results(conn, task_id: int, hashes) -> None:
     r = db.blob_refs.c
     hashes = sorted(set(hashes))
     for i in range(0, len(hashes), READ_BATCH):
-        conn.execute(delete(db.blob_refs).where(r.kind == RESULT, r.owner_id == task_id,
-                                                r.sha256.in_(hashes[i:i + READ_BATCH])))
+        conn.execute(
+            delete(db.blob_refs).where(
+                r.kind == RESULT, r.owner_id == task_id, r.sha256.in_(hashes[i : i + READ_BATCH])
+            )
+        )
 
 
 def referenced(conn, hashes: list[str]) -> set[str]:
@@ -81,8 +93,10 @@ def fill_if_empty(conn) -> int:
     and they are not (a database upgraded from before the table existed). Returns rows added."""
     if conn.execute(select(db.blob_refs.c.sha256).limit(1)).first() is not None:
         return 0
-    if not any(conn.execute(select(func.count()).select_from(tbl)).scalar() for tbl in (db.projects, db.models)) \
-            and conn.execute(select(db.tasks.c.id).limit(1)).first() is None:
+    if (
+        not any(conn.execute(select(func.count()).select_from(tbl)).scalar() for tbl in (db.projects, db.models))
+        and conn.execute(select(db.tasks.c.id).limit(1)).first() is None
+    ):
         return 0
     n = 0
     by_project: dict[int, list[str]] = {}
@@ -126,7 +140,9 @@ async def collect(state, now: float | None = None) -> int:
         removed += await state.db.run(_collect_step, state, batch, cutoff)
     if removed:
         state.metrics.blobs_collected.inc(removed)
-        log.info("blob collector: %d unreferenced blob(s) older than %g s deleted", removed, state.settings.blob_grace_s)
+        log.info(
+            "blob collector: %d unreferenced blob(s) older than %g s deleted", removed, state.settings.blob_grace_s
+        )
     return removed
 
 

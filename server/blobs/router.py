@@ -16,8 +16,8 @@ from protocol import endpoints
 from protocol.errors import APIError
 from server.blobs import refs as blob_refs
 from server.blobs.store import SHA256_RE, check_sha256
-from server.state import ServerState
 from server.http.deps import AdminDep, AgentDep, StateDep
+from server.state import ServerState
 
 
 async def _visible(state: ServerState, who, sha256: str) -> bool:
@@ -60,8 +60,15 @@ def _router(path: str, dep, tag: str) -> APIRouter:
             await state.db.run(_record_upload, state, who["id"], sha256)
         return {"sha256": sha256, "size": size, "created": created}
 
-    @router.head(path, responses={200: {"description": "the blob exists; content-length is its size",
-                                        "content": {"application/octet-stream": {}}}})
+    @router.head(
+        path,
+        responses={
+            200: {
+                "description": "the blob exists; content-length is its size",
+                "content": {"application/octet-stream": {}},
+            }
+        },
+    )
     async def head_blob(sha256: str, who: dep, state: StateDep):
         """200 with content-length when the blob exists (and, for an agent, is one of its tasks'), else 404."""
         if not SHA256_RE.match(sha256) or not await _visible(state, who, sha256):
@@ -69,20 +76,30 @@ def _router(path: str, dep, tag: str) -> APIRouter:
         size = state.blobs.size(sha256)
         if size is None:
             return Response(status_code=404, media_type="application/json")
-        return Response(status_code=200, media_type="application/octet-stream",
-                        headers={"content-length": str(size), "accept-ranges": "bytes"})
+        return Response(
+            status_code=200,
+            media_type="application/octet-stream",
+            headers={"content-length": str(size), "accept-ranges": "bytes"},
+        )
 
-    @router.get(path, responses={200: {"description": "the blob's bytes (206 with a Range)",
-                                       "content": {"application/octet-stream": {}}},
-                                  206: {"description": "the requested range", "content": {"application/octet-stream": {}}},
-                                  416: {"description": "the range is outside the blob"}})
+    @router.get(
+        path,
+        responses={
+            200: {"description": "the blob's bytes (206 with a Range)", "content": {"application/octet-stream": {}}},
+            206: {"description": "the requested range", "content": {"application/octet-stream": {}}},
+            416: {"description": "the range is outside the blob"},
+        },
+    )
     async def get_blob(sha256: str, who: dep, state: StateDep):
         """The blob's bytes; `Range: bytes=a-b` gives 206 with that part. An agent: its tasks' blobs only."""
         check_sha256(sha256)
         if not await _visible(state, who, sha256):
             raise APIError(404, "blob_not_found", f"no blob {sha256}")
-        return FileResponse(state.blobs.path(sha256), media_type="application/octet-stream",
-                            headers={"cache-control": "private, max-age=31536000, immutable"})
+        return FileResponse(
+            state.blobs.path(sha256),
+            media_type="application/octet-stream",
+            headers={"cache-control": "private, max-age=31536000, immutable"},
+        )
 
     return router
 

@@ -8,6 +8,7 @@ With a quota, an upload that would take the store past it is refused (507) befor
 streams, and nothing of it is kept. Uploading a blob that exists refreshes its mtime, which the
 collector (server.blobs.refs.collect) reads as its age. The HTTP side is server.blobs.router.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -30,8 +31,8 @@ def check_sha256(h: str) -> str:
     return h
 
 
-STALE_UPLOAD_S = 3600.0   # an upload untouched this long is abandoned
-AUTO_QUOTA_SHARE = 0.8    # quota None: this share of the blob store's filesystem, measured at start
+STALE_UPLOAD_S = 3600.0  # an upload untouched this long is abandoned
+AUTO_QUOTA_SHARE = 0.8  # quota None: this share of the blob store's filesystem, measured at start
 
 
 def auto_quota(root: Path) -> int:
@@ -56,7 +57,7 @@ class BlobStore:
                 if leftover.stat().st_mtime < stale:
                     leftover.unlink()
         self.quota = quota
-        self.reserved = 0                    # bytes of uploads streaming now
+        self.reserved = 0  # bytes of uploads streaming now
         self.used = sum(self.path(h).stat().st_size for h in self.names_older_than(float("inf"))) if quota else 0
 
     def path(self, h: str) -> Path:
@@ -72,9 +73,12 @@ class BlobStore:
             return None
 
     def _over_quota(self, more: int) -> APIError:
-        return APIError(507, "blob_quota_exceeded",
-                        f"the blob store holds {self.used} bytes of its quota of {self.quota}; this upload "
-                        f"({more} bytes so far) would pass it, so nothing of it was kept")
+        return APIError(
+            507,
+            "blob_quota_exceeded",
+            f"the blob store holds {self.used} bytes of its quota of {self.quota}; this upload "
+            f"({more} bytes so far) would pass it, so nothing of it was kept",
+        )
 
     async def put_stream(self, h: str, chunks, length: int | None = None) -> tuple[int, bool]:
         """Store the streamed bytes under h; returns (size, created). Raises APIError on a mismatch,
@@ -86,9 +90,10 @@ class BlobStore:
             # unreferenced blob from the collector.
             try:
                 os.utime(dest)
-            except FileNotFoundError:    # collected while the bytes came: the sender sends them again
-                raise APIError(503, "blob_collected", "the blob was collected during the upload; send it again",
-                               retry_after=1) from None
+            except FileNotFoundError:  # collected while the bytes came: the sender sends them again
+                raise APIError(
+                    503, "blob_collected", "the blob was collected during the upload; send it again", retry_after=1
+                ) from None
             return size, False
         if self.quota and length is not None and self.used + self.reserved + length > self.quota:
             raise self._over_quota(length)
@@ -108,7 +113,7 @@ class BlobStore:
                     f.write(chunk)
             if digest.hexdigest() != h:
                 raise _mismatch(digest.hexdigest(), h)
-            if dest.is_file():                # the same bytes came in another upload meanwhile
+            if dest.is_file():  # the same bytes came in another upload meanwhile
                 Path(tmp).unlink(missing_ok=True)
                 return size, False
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -131,7 +136,7 @@ class BlobStore:
             size += len(chunk)
             digest.update(chunk)
         if digest.hexdigest() != h:
-            raise _mismatch(digest.hexdigest(), h)   # the same answer as for a blob not stored: no hint
+            raise _mismatch(digest.hexdigest(), h)  # the same answer as for a blob not stored: no hint
         return size
 
     def names_older_than(self, cutoff: float):
@@ -142,8 +147,11 @@ class BlobStore:
             for mid in _dirs(top):
                 with os.scandir(mid) as it:
                     for e in it:
-                        if SHA256_RE.match(e.name) and e.is_file(follow_symlinks=False) \
-                                and e.stat(follow_symlinks=False).st_mtime < cutoff:
+                        if (
+                            SHA256_RE.match(e.name)
+                            and e.is_file(follow_symlinks=False)
+                            and e.stat(follow_symlinks=False).st_mtime < cutoff
+                        ):
                             yield e.name
 
     def delete_if_older(self, h: str, cutoff: float) -> bool:

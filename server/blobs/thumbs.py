@@ -9,6 +9,7 @@ A blob may come from a task, so decoding is bounded: only the formats in FORMATS
 EPS/PDF, which Pillow hands to Ghostscript), an image over MAX_SOURCE_PIXELS is refused from its
 header, the image is shrunk before it is rotated, and at most RENDERS images are decoded at once.
 """
+
 from __future__ import annotations
 
 import io
@@ -20,8 +21,8 @@ from PIL import Image, ImageOps
 
 from protocol.errors import APIError
 
-GRID_SIZE = 256       # a gallery card
-PREVIEW_SIZE = 1024   # the large view
+GRID_SIZE = 256  # a gallery card
+PREVIEW_SIZE = 1024  # the large view
 SIZES = (128, GRID_SIZE, 512, PREVIEW_SIZE)
 # An image above this many pixels is refused from its header, not decoded: a 650 KB PNG may claim
 # 13000 x 13000 pixels (676 MB as RGBA); Pillow's own guard (179 Mpx) is far above this.

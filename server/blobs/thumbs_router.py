@@ -1,4 +1,5 @@
 """User side: thumbnails and previews of image blobs (the console's gallery), made once and cached."""
+
 from __future__ import annotations
 
 import anyio
@@ -8,8 +9,8 @@ from protocol import endpoints
 from protocol.errors import APIError
 from server.blobs.store import check_sha256
 from server.blobs.thumbs import GRID_SIZE, RENDERS, SIZES, NotAnImage, ThumbStore
-from server.state import ServerState
 from server.http.deps import AdminDep, StateDep
+from server.state import ServerState
 
 router = APIRouter(tags=["user"])
 

@@ -5,6 +5,7 @@ page's script fetches what that page shows from /api/v1 with the `sly_session` c
 POST /api/v1/session sets at sign-in. No build step, no CDN; static files are served from
 this package by a whitelist (so nothing outside `static/` can be asked for).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,12 +22,19 @@ SESSION_COOKIE = "sly_session"
 TASK_STATES = tuple(s.value for s in TaskState)
 
 _env = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]))
-_STATIC_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8",
-                 ".svg": "image/svg+xml", ".ico": "image/x-icon"}
+_STATIC_TYPES = {
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".svg": "image/svg+xml",
+    ".ico": "image/x-icon",
+}
 # relative path -> (bytes, content type); read once at import, so a request never touches the
 # filesystem. vendor/ holds third-party files copied by vendor.sh (uPlot); LICENSE and README stay unserved.
-_STATIC = {p.relative_to(HERE / "static").as_posix(): (p.read_bytes(), _STATIC_TYPES[p.suffix])
-           for p in sorted((HERE / "static").rglob("*")) if p.is_file() and p.suffix in _STATIC_TYPES}
+_STATIC = {
+    p.relative_to(HERE / "static").as_posix(): (p.read_bytes(), _STATIC_TYPES[p.suffix])
+    for p in sorted((HERE / "static").rglob("*"))
+    if p.is_file() and p.suffix in _STATIC_TYPES
+}
 # Scripts a page with charts loads before its own.
 CHART_SCRIPTS = ("vendor/uplot/uPlot.iife.min.js", "charts.js")
 
@@ -38,16 +46,17 @@ router = APIRouter(include_in_schema=False)
 SECURITY_HEADERS = {
     "cache-control": "no-store",
     "content-security-policy": "default-src 'self'; script-src 'self'; style-src 'self'; "
-                               "img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; form-action 'self'",
+    "img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; form-action 'self'",
     "x-content-type-options": "nosniff",
     "referrer-policy": "same-origin",
 }
 
 
 def _html(template: str, scripts: tuple[str, ...] = (), **ctx) -> HTMLResponse:
-    return HTMLResponse(_env.get_template(template).render(task_types=TASK_TYPES, task_states=TASK_STATES,
-                                                           scripts=scripts, **ctx),
-                        headers=SECURITY_HEADERS)
+    return HTMLResponse(
+        _env.get_template(template).render(task_types=TASK_TYPES, task_states=TASK_STATES, scripts=scripts, **ctx),
+        headers=SECURITY_HEADERS,
+    )
 
 
 def _page(request: Request, template: str, title: str, nav: str, *scripts: str, **ctx) -> Response:
@@ -99,8 +108,15 @@ def models(request: Request):
 
 @router.get("/projects/{project_id}")
 def project(request: Request, project_id: int):
-    return _page(request, "project.html", f"Project {project_id}", "projects", "annotations.js", "project.js",
-                 project_id=project_id)
+    return _page(
+        request,
+        "project.html",
+        f"Project {project_id}",
+        "projects",
+        "annotations.js",
+        "project.js",
+        project_id=project_id,
+    )
 
 
 @router.get("/models/{model_id}")

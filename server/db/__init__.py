@@ -4,14 +4,31 @@ The tables here are what the queries use; the database itself is made and change
 migrations in server/db/migrations (server/db/migrate.py runs them at start). A change here goes with
 a new revision there, and a test checks that the two agree.
 """
+
 from __future__ import annotations
 
 import json
 import time
 
 import orjson
-from sqlalchemy import (JSON, BigInteger, Boolean, Column, Float, Index, Integer, MetaData, String, Table, Text,
-                        create_engine, event, exc, false, insert)
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    event,
+    exc,
+    false,
+    insert,
+)
 from sqlalchemy.engine import Engine
 
 from server.http import strict
@@ -19,24 +36,26 @@ from server.http import strict
 metadata = MetaData()
 
 agents = Table(
-    "agents", metadata,
+    "agents",
+    metadata,
     Column("id", Integer, primary_key=True),
     Column("name", String(200), nullable=False),
     Column("token_hash", String(64), nullable=False, unique=True),  # sha256 hex; the token itself is never stored
     Column("allowed_task_types", JSON, nullable=False),
     Column("created_at", Float, nullable=False),
     Column("last_seen", Float),
-    Column("system_info", JSON),      # as the agent last said at connect; rewritten only when it changes
-    Column("telemetry_ts", Float),    # the time of its newest telemetry history point (server clock)
+    Column("system_info", JSON),  # as the agent last said at connect; rewritten only when it changes
+    Column("telemetry_ts", Float),  # the time of its newest telemetry history point (server clock)
     # Shared by every replica (revision 0003): bumped when name or allowed types change, so an
     # open poll on any replica answers at once; why the agent's last poll took no task.
     Column("settings_version", Integer, nullable=False, default=0, server_default="0"),
     Column("refusing", Text),
-    sqlite_autoincrement=True,        # ids are never reused: tasks of a deleted node keep naming it alone
+    sqlite_autoincrement=True,  # ids are never reused: tasks of a deleted node keep naming it alone
 )
 
 tasks = Table(
-    "tasks", metadata,
+    "tasks",
+    metadata,
     Column("id", Integer, primary_key=True),
     Column("agent_id", Integer, nullable=False, index=True),
     Column("type", String(32), nullable=False),
@@ -60,17 +79,18 @@ tasks = Table(
     Column("log_acked", Integer, nullable=False, default=-1),
     # Bytes of log stored for the task (message + extra fields); the log quota is checked against it.
     Column("log_bytes", BigInteger, nullable=False, default=0, server_default="0"),
-    Column("logs_expired_at", Float),   # its log lines were deleted by the retention setting then
+    Column("logs_expired_at", Float),  # its log lines were deleted by the retention setting then
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
-    sqlite_autoincrement=True,        # ids are never reused: an agent's task dir, its models' task_id
+    sqlite_autoincrement=True,  # ids are never reused: an agent's task dir, its models' task_id
 )
 
 # A task's artifacts (results of kind "artifacts"), one row per path: a post upserts its entries,
 # whatever the task holds already; the task's `results` keeps only their count and bytes. Stored
 # clustered by task and path on SQLite, the order in which they are paged (GET .../artifacts).
 task_artifacts = Table(
-    "task_artifacts", metadata,
+    "task_artifacts",
+    metadata,
     Column("task_id", Integer, primary_key=True, autoincrement=False),
     Column("path", String(1024), primary_key=True),
     Column("sha256", String(64), nullable=False),
@@ -81,7 +101,8 @@ task_artifacts = Table(
 )
 
 log_lines = Table(
-    "log_lines", metadata,
+    "log_lines",
+    metadata,
     Column("task_id", Integer, primary_key=True),
     Column("seq", Integer, primary_key=True),
     Column("ts", Float),
@@ -93,7 +114,8 @@ log_lines = Table(
 )
 
 task_metrics = Table(
-    "task_metrics", metadata,
+    "task_metrics",
+    metadata,
     Column("task_id", Integer, primary_key=True),
     Column("seq", Integer, primary_key=True),
     Column("type", String(32)),
@@ -103,10 +125,11 @@ task_metrics = Table(
 
 # A Supervisely project: its meta (classes, tag metas) here, its items in project_items.
 projects = Table(
-    "projects", metadata,
+    "projects",
+    metadata,
     Column("id", Integer, primary_key=True),
     Column("name", String(500), nullable=False),
-    Column("datasets", JSON, nullable=False),   # [{name, items_count}] in order: the listing needs no join
+    Column("datasets", JSON, nullable=False),  # [{name, items_count}] in order: the listing needs no join
     Column("task_id", Integer),
     Column("created_at", Float, nullable=False),
     Column("meta", JSON, nullable=False),
@@ -115,7 +138,8 @@ projects = Table(
 # One row per image: its blob and its annotation (Supervisely JSON). Rows of a project are
 # inserted in dataset and item order, so `id` orders them and pages them.
 project_items = Table(
-    "project_items", metadata,
+    "project_items",
+    metadata,
     Column("id", Integer, primary_key=True),
     Column("project_id", Integer, nullable=False),
     Column("dataset", String(500), nullable=False),
@@ -127,19 +151,21 @@ project_items = Table(
 )
 
 models = Table(
-    "models", metadata,
+    "models",
+    metadata,
     Column("id", Integer, primary_key=True),
     Column("name", String(500), nullable=False),
     Column("hash", String(64), nullable=False),
     Column("files", JSON, nullable=False),
     Column("task_id", Integer, index=True),
     Column("created_at", Float, nullable=False),
-    Column("checkpoint", JSON),   # {epoch?, metrics?, final} when a task posted it as a checkpoint
+    Column("checkpoint", JSON),  # {epoch?, metrics?, final} when a task posted it as a checkpoint
 )
 
 # Console sign-in sessions: only a hash of each cookie value is stored.
 console_sessions = Table(
-    "console_sessions", metadata,
+    "console_sessions",
+    metadata,
     Column("id_hash", String(64), primary_key=True),
     Column("expires_at", Float, nullable=False),
 )
@@ -149,7 +175,8 @@ console_sessions = Table(
 # keeps (those of projects, models and results). kind: project | model | result (owner = task id)
 # | upload (owner = agent id).
 blob_refs = Table(
-    "blob_refs", metadata,
+    "blob_refs",
+    metadata,
     Column("sha256", String(64), primary_key=True),
     Column("kind", String(8), primary_key=True),
     Column("owner_id", Integer, primary_key=True),
@@ -158,33 +185,35 @@ blob_refs = Table(
 
 # The latest telemetry sample of each agent, small: what the nodes list shows (server/telemetry/service.py).
 telemetry_latest = Table(
-    "telemetry_latest", metadata,
+    "telemetry_latest",
+    metadata,
     Column("agent_id", Integer, primary_key=True, autoincrement=False),
     Column("ts", Float, nullable=False),
     Column("cpu", Float),
     Column("mem", Float),
     Column("mem_used", BigInteger),
     Column("mem_total", BigInteger),
-    Column("disks", JSON),            # [{path, used, total, percent}]
-    Column("gpus", JSON),             # [{index, name, utilization, memory_used, memory_total}]
+    Column("disks", JSON),  # [{path, used, total, percent}]
+    Column("gpus", JSON),  # [{index, name, utilization, memory_used, memory_total}]
     Column("gpu_count", Integer, nullable=False, default=0),
     Column("containers", Integer),
     Column("free_slots", Integer),
-    Column("fatal", JSON),            # what the agent reported it gave up on (a helper FATAL), while it says so
+    Column("fatal", JSON),  # what the agent reported it gave up on (a helper FATAL), while it says so
 )
 
 # Telemetry history per agent for the console's charts: a few numbers per point, every point for
 # an hour, then one a minute (`minute`), then dropped (server/telemetry/service.py). Stored clustered by
 # agent on SQLite, so one node's chart reads adjacent pages.
 telemetry_history = Table(
-    "telemetry_history", metadata,
+    "telemetry_history",
+    metadata,
     Column("agent_id", Integer, primary_key=True, autoincrement=False),
     Column("ts", Float, primary_key=True),
     Column("minute", Boolean, nullable=False),
     Column("cpu", Float),
     Column("mem", Float),
-    Column("disks", JSON),            # [percent per disk], in the order of telemetry_latest.disks
-    Column("gpus", JSON),             # [[utilization, memory percent] per GPU]
+    Column("disks", JSON),  # [percent per disk], in the order of telemetry_latest.disks
+    Column("gpus", JSON),  # [[utilization, memory percent] per GPU]
     Index("ix_telemetry_history_ts", "ts"),
     sqlite_with_rowid=False,
 )
@@ -192,7 +221,8 @@ telemetry_history = Table(
 # Long-polls open now, one row each, on whichever replica holds them (revision 0003). A replica
 # that dies leaves rows behind; `expires_at` (the poll's deadline plus a margin) retires them.
 polls = Table(
-    "polls", metadata,
+    "polls",
+    metadata,
     Column("id", String(32), primary_key=True),
     Column("agent_id", Integer, nullable=False, index=True),
     Column("replica", String(32), nullable=False),
@@ -220,9 +250,14 @@ def make_engine(url: str, pool_size: int = 10) -> Engine:
     the same number, so a thread never waits for a connection.
     """
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False},
-                               pool_size=pool_size, max_overflow=0, json_serializer=_json_out,
-                               json_deserializer=_json_in)
+        engine = create_engine(
+            url,
+            connect_args={"check_same_thread": False},
+            pool_size=pool_size,
+            max_overflow=0,
+            json_serializer=_json_out,
+            json_deserializer=_json_in,
+        )
 
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn, _record):
@@ -238,8 +273,14 @@ def make_engine(url: str, pool_size: int = 10) -> Engine:
             cur.execute("PRAGMA wal_autocheckpoint=0")
             cur.close()
     else:
-        engine = create_engine(url, pool_size=pool_size, max_overflow=0, pool_timeout=60,
-                               json_serializer=_json_out, json_deserializer=_json_in)
+        engine = create_engine(
+            url,
+            pool_size=pool_size,
+            max_overflow=0,
+            pool_timeout=60,
+            json_serializer=_json_out,
+            json_deserializer=_json_in,
+        )
         _ping_when_idle(engine)
     return engine
 
@@ -256,9 +297,10 @@ def _ping_when_idle(engine: Engine) -> None:
     is replaced before the request sees it. A connection that dies between two busy moments fails
     that one request, and SQLAlchemy then replaces every connection of the pool.
     """
+
     @event.listens_for(engine, "connect")
     @event.listens_for(engine, "checkin")
-    def _used(_dbapi_conn, record):   # a new connection counts as used now
+    def _used(_dbapi_conn, record):  # a new connection counts as used now
         record.info["sly_used"] = time.monotonic()
 
     @event.listens_for(engine, "checkout")

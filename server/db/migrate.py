@@ -5,6 +5,7 @@ database made before migrations existed (its tables made by metadata.create_all,
 `alembic_version`) is recognised by its tables, stamped at the first revision and upgraded
 from there, its rows kept.
 """
+
 from __future__ import annotations
 
 import logging
@@ -26,9 +27,10 @@ log = logging.getLogger("sly-server")
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 INITIAL = "0001"
 # The tables of revision 0001, i.e. of the pre-migration schema.
-INITIAL_TABLES = frozenset({"agents", "tasks", "log_lines", "task_metrics", "projects", "models",
-                            "console_sessions", "telemetry"})
-_PG_LOCK_KEY = 0x736C7961   # any constant: replicas starting together migrate one at a time
+INITIAL_TABLES = frozenset(
+    {"agents", "tasks", "log_lines", "task_metrics", "projects", "models", "console_sessions", "telemetry"}
+)
+_PG_LOCK_KEY = 0x736C7961  # any constant: replicas starting together migrate one at a time
 
 
 class SchemaError(RuntimeError):
@@ -57,7 +59,7 @@ def upgrade(engine: Engine) -> None:
     """Bring the database to head: create it, adopt a pre-migration one, or apply new revisions."""
     quiet = logging.getLogger("alembic")
     if quiet.level == logging.NOTSET:
-        quiet.setLevel(logging.WARNING)   # one line of our own below says what changed
+        quiet.setLevel(logging.WARNING)  # one line of our own below says what changed
     with engine.begin() as conn:
         if conn.dialect.name == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK_KEY})
@@ -69,8 +71,10 @@ def upgrade(engine: Engine) -> None:
                 command.stamp(alembic_config(conn), INITIAL)
                 before = INITIAL
             elif tables & INITIAL_TABLES:
-                raise SchemaError(f"the database has some of the server's tables ({sorted(tables & INITIAL_TABLES)}) "
-                                  "but no alembic_version; it was not made by this server")
+                raise SchemaError(
+                    f"the database has some of the server's tables ({sorted(tables & INITIAL_TABLES)}) "
+                    "but no alembic_version; it was not made by this server"
+                )
         command.upgrade(alembic_config(conn), "head")
         after = current(conn)
     if after != before:

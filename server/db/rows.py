@@ -1,6 +1,7 @@
 """Reading rows of any table by id: one row (or a 404 naming what it is), or a page of rows newest first.
 
 Blocking: a route calls them in a database thread (`state.db.run`) with a connection of its own."""
+
 from __future__ import annotations
 
 from sqlalchemy import select

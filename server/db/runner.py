@@ -6,6 +6,7 @@ threads as the engine has connections (`--db-pool-size`). On SQLite one more con
 thread serve the console's big reads only (`run_read`): in WAL mode a read never waits for the
 writer, and the writer's queue never waits for it.
 """
+
 from __future__ import annotations
 
 import anyio
@@ -24,7 +25,7 @@ class Database:
         self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
         self.limiter = anyio.CapacityLimiter(settings.pool_size)
         self.read_limiter = anyio.CapacityLimiter(1) if sqlite else self.limiter
-        self.wakeups: Wakeups | None = None       # set by ServerState: transactions notify through it
+        self.wakeups: Wakeups | None = None  # set by ServerState: transactions notify through it
 
     async def run(self, fn, *args):
         """`fn(*args)` on one of the database threads; the request waits without holding the loop."""

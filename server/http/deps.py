@@ -2,11 +2,11 @@
 bodies, paging.
 
 Reading rows (one by id, a page newest first) is server/db/rows.py."""
+
 from __future__ import annotations
 
 import gzip
 import hashlib
-
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -15,8 +15,8 @@ from fastapi.routing import APIRoute
 
 from protocol.errors import APIError
 from server.auth.deps import require_admin, require_agent
-from server.state import ServerState
 from server.http.strict import ID_MAX, dumps
+from server.state import ServerState
 
 
 async def state_of(request: Request) -> ServerState:
@@ -73,6 +73,7 @@ class ParsedJSONRoute(APIRoute):
 
         async def parsed(request: Request):
             return await handler(ParsedRequest(request.scope, request.receive))
+
         return parsed
 
 
@@ -95,7 +96,7 @@ def cursor_id(cursor: str | None) -> int | None:
 def conditional_json(request: Request, body: dict) -> Response:
     """`body` as JSON with a weak ETag of its bytes: 304 when If-None-Match names it, gzipped when
     the client accepts it (a nodes page of 1,000 rows shrinks about tenfold)."""
-    data = dumps(body).encode()          # a stored non-finite number reads as null, never a 500
+    data = dumps(body).encode()  # a stored non-finite number reads as null, never a 500
     etag = 'W/"' + hashlib.sha256(data).hexdigest()[:32] + '"'
     headers = {"ETag": etag, "Vary": "Accept-Encoding", "Cache-Control": "no-cache"}
     if etag in {t.strip() for t in request.headers.get("if-none-match", "").split(",")}:

@@ -1,4 +1,5 @@
 """The benchmark's baseline for log ingest: mounted only with `--echo-endpoint` (Settings.echo_endpoint)."""
+
 from __future__ import annotations
 
 from fastapi import APIRouter, Request

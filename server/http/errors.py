@@ -1,4 +1,5 @@
 """JSON errors everywhere ({"error": code, "detail": sentence}) and per-route request body limits."""
+
 from __future__ import annotations
 
 import asyncio
@@ -18,7 +19,15 @@ from protocol.errors import APIError, error_body
 from server.http import strict
 from server.settings import Settings
 
-__all__ = ["APIError", "BodyLimitMiddleware", "ERROR_RESPONSES", "ErrorOut", "body_limit", "error_response", "install_error_handlers"]
+__all__ = [
+    "APIError",
+    "BodyLimitMiddleware",
+    "ERROR_RESPONSES",
+    "ErrorOut",
+    "body_limit",
+    "error_response",
+    "install_error_handlers",
+]
 
 
 class BodyTooLarge(StarletteHTTPException):
@@ -28,6 +37,7 @@ class BodyTooLarge(StarletteHTTPException):
 
 class ErrorOut(BaseModel):
     """Every error answer: a code and a sentence (some codes add fields, e.g. `missing`)."""
+
     model_config = ConfigDict(extra="allow")
     error: str
     detail: str
@@ -52,8 +62,15 @@ def error_response(status: int, code: str, detail: str, **extra) -> JSONResponse
     return JSONResponse(error_body(code, detail, **extra), status_code=status)
 
 
-_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-               405: "method_not_allowed", 413: "body_too_large", 415: "unsupported_media_type"}
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "body_too_large",
+    415: "unsupported_media_type",
+}
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -75,9 +92,18 @@ def install_error_handlers(app: FastAPI) -> None:
         if unknown:
             others = [f"{_where(e)}: {e.get('msg', 'invalid')}" for e in errs if e.get("type") != "extra_forbidden"]
             shown = ", ".join(unknown[:10]) + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
-            return error_response(400, "unknown_field", "; ".join([
-                f"unknown field(s) {shown}: the user API refuses fields it does not know (a typo?); "
-                "/openapi.json lists the known ones", *others[:5]]), fields=unknown[:10])
+            return error_response(
+                400,
+                "unknown_field",
+                "; ".join(
+                    [
+                        f"unknown field(s) {shown}: the user API refuses fields it does not know (a typo?); "
+                        "/openapi.json lists the known ones",
+                        *others[:5],
+                    ]
+                ),
+                fields=unknown[:10],
+            )
         parts = [f"{_where(e)}: {e.get('msg', 'invalid')}" for e in errs[:5]]
         # A name refused as path-like keeps its own code (schemas.SafeName raises it).
         code = "bad_name" if errs and all(e.get("type") == "bad_name" for e in errs) else "invalid_request"
@@ -161,7 +187,7 @@ class BodyLimitMiddleware:
                 scope, receive = await self._checked(scope, receive, limit, slot)
             except _Refused as e:
                 return await _send_error(send, e.status, e.code, e.detail, e.close, e.retry_after)
-            if receive is not None:          # None: the client left
+            if receive is not None:  # None: the client left
                 await self.app(scope, receive, send)
         finally:
             slot.release()
@@ -174,8 +200,9 @@ class BodyLimitMiddleware:
         length = headers.get(b"content-length")
         length = int(length) if length is not None and length.isdigit() else None
         if length is not None and length > limit:
-            raise _Refused(413, "body_too_large",
-                           f"the request body is larger than this route's limit of {limit} bytes")
+            raise _Refused(
+                413, "body_too_large", f"the request body is larger than this route's limit of {limit} bytes"
+            )
         if length is not None and length > small:
             await slot.take()
         gzipped = headers.get(b"content-encoding", b"").lower() == b"gzip"
@@ -198,7 +225,7 @@ class BodyLimitMiddleware:
             except strict.NotStrictJSON as e:
                 raise _Refused(400, e.code, e.detail, close=False) from None
             if value is not strict.NOT_JSON:
-                scope = dict(scope, **{"sly.json": value})   # routes that read JSON by hand take it from here
+                scope = dict(scope, **{"sly.json": value})  # routes that read JSON by hand take it from here
         return scope, _replay(receive, plain)
 
 
@@ -235,12 +262,13 @@ class _Slot:
 
 
 def _replay(receive, body: bytes):
-    pending = [body]      # handed over, then dropped: the route's copy is the only one
+    pending = [body]  # handed over, then dropped: the route's copy is the only one
 
     async def replay():
         if not pending:
             return await receive()
         return {"type": "http.request", "body": pending.pop(), "more_body": False}
+
     return replay
 
 
@@ -268,14 +296,18 @@ async def _gunzip(packed: bytes, limit: int, small: int, slot: _Slot) -> bytes:
     d = zlib.decompressobj(16 + zlib.MAX_WBITS)
     try:
         plain = d.decompress(packed, min(small, limit) + 1)
-        if small < len(plain) <= limit:      # so the next max_length is at least 1 (0: no limit)
+        if small < len(plain) <= limit:  # so the next max_length is at least 1 (0: no limit)
             await slot.take(close=False)
             plain = b"".join((plain, d.decompress(d.unconsumed_tail, limit + 1 - len(plain))))
     except zlib.error:
         raise _Refused(400, "bad_gzip", "the body is not valid gzip data", close=False) from None
     if len(plain) > limit or d.unconsumed_tail:
-        raise _Refused(413, "body_too_large",
-                       f"the decompressed body is larger than this route's limit of {limit} bytes", close=False)
+        raise _Refused(
+            413,
+            "body_too_large",
+            f"the decompressed body is larger than this route's limit of {limit} bytes",
+            close=False,
+        )
     return plain
 
 
@@ -295,11 +327,13 @@ def _counting(receive, limit: int, small: int, slot: _Slot):
                 except _Refused as e:
                     raise APIError(503, e.code, e.detail, retry_after=e.retry_after) from None
         return msg
+
     return counting_receive
 
 
-async def _send_error(send, status: int, code: str, detail: str, close: bool = True,
-                      retry_after: int | None = None) -> None:
+async def _send_error(
+    send, status: int, code: str, detail: str, close: bool = True, retry_after: int | None = None
+) -> None:
     """An error answer from a middleware; `close` when the body was left unread."""
     body = json.dumps(error_body(code, detail)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]

@@ -10,6 +10,7 @@ node. Anything else (no token, a token of no node, a body that is not a JSON obj
 the FastAPI route (`server/telemetry/agent_router.py`), which gives the documented answer; both
 store the sample with the same call (`server.telemetry.service.accept_sample`).
 """
+
 from __future__ import annotations
 
 from protocol import endpoints

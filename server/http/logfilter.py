@@ -6,6 +6,7 @@ turned that into gigabytes of log in minutes. Records are identical when their l
 message template match (the arguments may differ). The first message let through after a
 quiet spell says how many were dropped.
 """
+
 from __future__ import annotations
 
 import logging
@@ -22,7 +23,7 @@ class RateLimitFilter(logging.Filter):
     def __init__(self, burst: int = 5, period: float = 60.0, clock=time.monotonic):
         super().__init__()
         self.burst, self.period, self.clock = burst, period, clock
-        self._seen: dict[tuple, list] = {}   # key -> [window start, let through, dropped]
+        self._seen: dict[tuple, list] = {}  # key -> [window start, let through, dropped]
         self._lock = threading.Lock()
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -33,9 +34,9 @@ class RateLimitFilter(logging.Filter):
             if w is None or now - w[0] >= self.period:
                 dropped = w[2] if w is not None else 0
                 self._seen[key] = [now, 1, 0]
-                if len(self._seen) > 1000:   # many distinct messages: forget the old windows
+                if len(self._seen) > 1000:  # many distinct messages: forget the old windows
                     self._seen = {k: v for k, v in self._seen.items() if now - v[0] < self.period}
-                if dropped:   # the suffix has no '%', so the record's own formatting is unchanged
+                if dropped:  # the suffix has no '%', so the record's own formatting is unchanged
                     record.msg = f"{record.msg} [{dropped} more like this not logged in the last {self.period:g} s]"
                 return True
             if w[1] < self.burst:

@@ -10,6 +10,7 @@ through `loads` itself, with the one documented exception that a non-finite metr
 Output: `SafeJSONResponse` answers null for a non-finite float instead of failing, so a row
 written before these checks (or by hand) can never turn a read into a 500.
 """
+
 from __future__ import annotations
 
 import gc
@@ -21,7 +22,6 @@ from contextlib import contextmanager
 from typing import Annotated, Any
 
 import orjson
-
 from fastapi import Path, Query
 from fastapi.responses import JSONResponse
 
@@ -56,8 +56,7 @@ class NotStrictJSON(ValueError):
 
 
 def _constant(name: str):
-    raise NotStrictJSON("non_finite_number", f"the body holds {name}, which is not JSON; send finite numbers "
-                        "(or null)")
+    raise NotStrictJSON("non_finite_number", f"the body holds {name}, which is not JSON; send finite numbers (or null)")
 
 
 def _float(text: str) -> float:
@@ -68,12 +67,11 @@ def _float(text: str) -> float:
 
 
 def _int(text: str) -> int:
-    if len(text) > 20:       # cheap: int64 has at most 19 digits and a sign
+    if len(text) > 20:  # cheap: int64 has at most 19 digits and a sign
         raise NotStrictJSON("integer_out_of_range", f"the integer {text[:25]}... is outside int64")
     v = int(text)
     if not INT64_MIN <= v <= INT64_MAX:
-        raise NotStrictJSON("integer_out_of_range", f"the integer {text} is outside int64 "
-                            f"[{INT64_MIN}, {INT64_MAX}]")
+        raise NotStrictJSON("integer_out_of_range", f"the integer {text} is outside int64 [{INT64_MIN}, {INT64_MAX}]")
     return v
 
 
@@ -96,7 +94,7 @@ def _scan(raw: bytes | bytearray, exponents: bool = False) -> tuple[bool, bool]:
     integer outside int64 or a float that overflows; a string that looks so only costs the hooks."""
     digits = exps = False
     for i in range(0, len(raw), _SCAN_SLICE):
-        t = raw[i:i + _SCAN_SLICE + 18].translate(_NUMS)     # overlap: a run across two slices
+        t = raw[i : i + _SCAN_SLICE + 18].translate(_NUMS)  # overlap: a run across two slices
         digits = digits or _RUN_19 in t
         exps = exponents and (exps or b"e000" in t or b"e+000" in t)
         if digits and (exps or not exponents):
@@ -113,7 +111,7 @@ def _fast_loads(raw: bytes | str) -> Any:
         return _SLOW
     try:
         return orjson.loads(raw)
-    except orjson.JSONDecodeError:   # not JSON, NaN, an overflowing float, a lone surrogate: decided below
+    except orjson.JSONDecodeError:  # not JSON, NaN, an overflowing float, a lone surrogate: decided below
         return _SLOW
 
 
@@ -143,8 +141,12 @@ def loads(raw: bytes | str, *, on_constant=None, lean: bool = False) -> Any:
         # A Python call per number only where a number could be out of range.
         digits, exps = _scan(raw, exponents=True)
         with gc_paused():
-            value = json.loads(raw, parse_constant=_constant, parse_float=_float if digits or exps else float,
-                               parse_int=_int if digits else int)
+            value = json.loads(
+                raw,
+                parse_constant=_constant,
+                parse_float=_float if digits or exps else float,
+                parse_int=_int if digits else int,
+            )
     else:
         value = json.loads(raw, parse_constant=_constant, parse_float=_float, parse_int=_int)
     surrogate = _SURROGATE_B if isinstance(raw, (bytes, bytearray)) else _SURROGATE_S
@@ -190,7 +192,7 @@ def _replace_lone_surrogates(obj: Any) -> Any:
         return _SURROGATE_CHAR.sub("\ufffd", obj) if _SURROGATE_CHAR.search(obj) else obj
     if isinstance(obj, dict):
         for k, v in obj.items():
-            obj[k] = _replace_lone_surrogates(v)      # same keys: the dict does not change size
+            obj[k] = _replace_lone_surrogates(v)  # same keys: the dict does not change size
         if any(_replace_lone_surrogates(k) is not k for k in obj):
             return {_replace_lone_surrogates(k): v for k, v in obj.items()}
         return obj
@@ -215,9 +217,10 @@ def check_body(raw: bytes, lean: bool = False) -> Any:
         raise
     except (ValueError, RecursionError):
         return NOT_JSON
-    if b"\\u0000" in raw:   # a NUL in a string: no text column takes it (PostgreSQL refuses it)
-        raise NotStrictJSON("nul_character", "a string in the body holds a NUL character (\\u0000), which "
-                            "no text field may hold")
+    if b"\\u0000" in raw:  # a NUL in a string: no text column takes it (PostgreSQL refuses it)
+        raise NotStrictJSON(
+            "nul_character", "a string in the body holds a NUL character (\\u0000), which no text field may hold"
+        )
     return value
 
 
@@ -248,8 +251,8 @@ _compact = json.JSONEncoder(separators=(",", ":"), allow_nan=False, ensure_ascii
 def dumps_bytes(obj: Any) -> bytes:
     """Compact JSON (UTF-8); a non-finite float becomes null."""
     try:
-        return orjson.dumps(obj, option=_ORJSON_OUT)   # non-finite floats are null there already
-    except TypeError:       # what orjson does not take (an integer past 64 bits, a lone surrogate)
+        return orjson.dumps(obj, option=_ORJSON_OUT)  # non-finite floats are null there already
+    except TypeError:  # what orjson does not take (an integer past 64 bits, a lone surrogate)
         try:
             return _compact(obj).encode()
         except ValueError:

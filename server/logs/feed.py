@@ -7,6 +7,7 @@ bytes, and hands the same batch to every follower's small queue. A follower that
 the database itself, as it does for the history before it joined. The feed stops when its last
 follower leaves, or ends every follower's stream when the task is final and its log complete.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -19,10 +20,10 @@ from server.logs import service as logs
 from server.tasks.service import get_task
 from server.wakeups import Waiters
 
-FOLLOW_BATCH = 2000         # lines per read and per SSE write at most (the byte bound usually comes first)
-KEEPALIVE_S = 15.0          # a comment this often keeps proxies from closing an idle stream
+FOLLOW_BATCH = 2000  # lines per read and per SSE write at most (the byte bound usually comes first)
+KEEPALIVE_S = 15.0  # a comment this often keeps proxies from closing an idle stream
 log = logging.getLogger("sly-server")
-QUEUED_BATCHES = 4          # per follower; past it the follower re-reads from the database
+QUEUED_BATCHES = 4  # per follower; past it the follower re-reads from the database
 
 
 def sse(event: str, data) -> str:
@@ -46,7 +47,7 @@ def encode(lines: list[dict]) -> str:
 
 
 class Follower:
-    def __init__(self, feed: "Feed"):
+    def __init__(self, feed: Feed):
         self.feed = feed
         self.queue: collections.deque[Batch] = collections.deque()
         self.event = asyncio.Event()
@@ -60,10 +61,10 @@ class Follower:
 class Feed:
     """The one reader of a task's new lines in this process."""
 
-    def __init__(self, hub: "LogHub", task_id: int, cursor: int):
+    def __init__(self, hub: LogHub, task_id: int, cursor: int):
         self.hub, self.task_id = hub, task_id
-        self.cursor = cursor              # the last seq read and handed to the followers
-        self.end: dict | None = None      # {state, acked} once the log is complete
+        self.cursor = cursor  # the last seq read and handed to the followers
+        self.end: dict | None = None  # {state, acked} once the log is complete
         self.followers: set[Follower] = set()
         self.runner: asyncio.Task | None = None
 
@@ -79,7 +80,7 @@ class Feed:
     async def run(self) -> None:
         state = self.hub.state
         while True:
-            ev = state.wakeups.tasks.event(self.task_id)   # before the read: no wake-up is lost
+            ev = state.wakeups.tasks.event(self.task_id)  # before the read: no wake-up is lost
             task, batch, more = await state.db.run(self._read)
             if batch is not None:
                 self.cursor = batch.last
@@ -87,13 +88,16 @@ class Feed:
                     f.offer(batch)
             if more:
                 continue
-            if task is not None:   # none stored up to acked: lines dropped over the task's log quota
+            if task is not None:  # none stored up to acked: lines dropped over the task's log quota
                 self.cursor = max(self.cursor, task["log_acked"])
-            if task is None or (TaskState(task["state"]) in FINAL and
-                                (self.cursor >= task["log_acked"] or task.get("logs_expired_at"))):
-                self.end = {"state": task["state"] if task else None,
-                            "acked": task["log_acked"] if task else self.cursor}
-                self.hub.feeds.pop(self.task_id, None)   # a follower joining from now on starts a new feed
+            if task is None or (
+                TaskState(task["state"]) in FINAL and (self.cursor >= task["log_acked"] or task.get("logs_expired_at"))
+            ):
+                self.end = {
+                    "state": task["state"] if task else None,
+                    "acked": task["log_acked"] if task else self.cursor,
+                }
+                self.hub.feeds.pop(self.task_id, None)  # a follower joining from now on starts a new feed
                 for f in self.followers:
                     f.event.set()
                 return
@@ -153,7 +157,7 @@ class LogHub:
                 if cursor < target:
                     batch = await state.db.run(self._read_upto, task["id"], cursor, target)
                     if batch is None:
-                        cursor = target   # the task is gone: there is nothing to read up to the feed
+                        cursor = target  # the task is gone: there is nothing to read up to the feed
                         continue
                     cursor = batch.last
                     yield batch.text
@@ -171,14 +175,14 @@ class LogHub:
                 if f.feed.end is not None and cursor >= target:
                     yield sse("end", f.feed.end)
                     return
-                if state.closing:   # the server stops; a client re-attaches with after=<last seq>
+                if state.closing:  # the server stops; a client re-attaches with after=<last seq>
                     return
                 f.event.clear()
                 if f.queue or f.feed.end is not None or cursor < f.feed.cursor:
                     continue
                 try:
                     await asyncio.wait_for(f.event.wait(), KEEPALIVE_S)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     yield ": keep-alive\n\n"
         finally:
             self.leave(f)

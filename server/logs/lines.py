@@ -2,6 +2,7 @@
 its row (cut to the line limit, extra fields bounded, its metrics event taken out), the task's
 quota applied. No database: server.logs.service stores the rows.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -18,7 +19,7 @@ CORE_FIELDS = ("ts", "level", "stream", "message", "seq")
 METRICS_EVENTS = ("metrics", "EventType.METRICS")
 CUT_MARKER = " [line cut by the server: %d more bytes dropped; a line holds at most %d bytes]"
 FIELDS_MARKER = " [fields dropped by the server: %d bytes of JSON; a line holds at most %d bytes]"
-_CUT_CHARS = MAX_LINE // 4       # a str this long or shorter is at most MAX_LINE bytes in UTF-8
+_CUT_CHARS = MAX_LINE // 4  # a str this long or shorter is at most MAX_LINE bytes in UTF-8
 
 _extra_json = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
 # The agent's usual line: its keys are exactly these; its only extra field is the int `cts`.
@@ -36,6 +37,7 @@ def parse_batch(raw: bytes) -> tuple[int, list]:
     def constant(name: str) -> float:
         constants.append(name)
         return math.nan
+
     try:
         body = strict.loads(raw, on_constant=constant)
     except strict.NotStrictJSON as e:
@@ -51,11 +53,13 @@ def parse_batch(raw: bytes) -> tuple[int, list]:
         raise APIError(400, "invalid_request", "lines must be a list of objects")
     if first + len(lines) > strict.ID_MAX:
         raise APIError(400, "integer_out_of_range", f"first_seq + len(lines) is past the highest seq {strict.ID_MAX}")
-    if constants:      # rare: look where they stand
+    if constants:  # rare: look where they stand
         if any(strict.has_nonfinite(v) for k, v in body.items() if k != "lines"):
             raise APIError(400, "non_finite_number", "the body holds NaN or Infinity outside a metrics event")
-        lines = [_nonfinite_line(i, ln) if isinstance(ln, dict) and strict.has_nonfinite(ln) else ln
-                 for i, ln in enumerate(lines)]
+        lines = [
+            _nonfinite_line(i, ln) if isinstance(ln, dict) and strict.has_nonfinite(ln) else ln
+            for i, ln in enumerate(lines)
+        ]
     return first, lines
 
 
@@ -65,8 +69,12 @@ def _nonfinite_line(i: int, line: dict) -> dict:
         line = dict(line, metrics=strict.finite(line["metrics"]))
     bad = [k for k, v in line.items() if strict.has_nonfinite(v)]
     if bad:
-        raise APIError(400, "non_finite_number", f"lines[{i}].{bad[0]} holds NaN or Infinity; only the metric "
-                       "values of a metrics event may (they are stored as null)")
+        raise APIError(
+            400,
+            "non_finite_number",
+            f"lines[{i}].{bad[0]} holds NaN or Infinity; only the metric "
+            "values of a metrics event may (they are stored as null)",
+        )
     return line
 
 
@@ -79,7 +87,7 @@ def _ts(v, now: float) -> float:
         try:
             d = datetime.datetime.fromisoformat(v.replace("Z", "+00:00"))
             if d.tzinfo is None:
-                d = d.replace(tzinfo=datetime.timezone.utc)
+                d = d.replace(tzinfo=datetime.UTC)
             return d.timestamp()
         except (ValueError, OverflowError):
             pass
@@ -122,7 +130,7 @@ def normalise_line(line, task_id: int, seq: int, i: int, now: float) -> tuple[tu
     if len(msg) > _CUT_CHARS:
         msg, was_cut = bounded_message(msg)
         cut += was_cut
-    if "\x00" in msg:     # container output may hold NUL bytes; no text column takes them
+    if "\x00" in msg:  # container output may hold NUL bytes; no text column takes them
         msg = msg.replace("\x00", "\ufffd")
     level, stream = line.get("level") or "info", line.get("stream") or "stdout"
     if type(level) is not str or type(stream) is not str or len(level) > 16 or len(stream) > 16:
@@ -132,13 +140,13 @@ def normalise_line(line, task_id: int, seq: int, i: int, now: float) -> tuple[tu
     ts = line.get("ts")
     if type(ts) is not float:
         ts = _ts(ts, now)
-    elif ts - ts != 0.0:            # inf or nan: a number too large for a float (1e400)
+    elif ts - ts != 0.0:  # inf or nan: a number too large for a float (1e400)
         _nonfinite_line(i, line)
     keys = line.keys()
     metric = None
     cts = line.get("cts")
     if type(cts) is int and (keys == _USUAL_KEYS or keys == _USUAL_KEYS_SEQ):
-        extra = '{"cts":%d}' % cts          # what _extra_json({"cts": n}) gives, without its cost
+        extra = '{"cts":%d}' % cts  # what _extra_json({"cts": n}) gives, without its cost
     elif len(line) > 4 or not keys <= _CORE_SET:
         extra, metric, dropped = _extra_fields(line, task_id, seq, i)
         if dropped:
@@ -171,7 +179,7 @@ def _extra_fields(line: dict, task_id: int, seq: int, i: int) -> tuple[str | Non
         return None, None, 0
     try:
         extra = _extra_json(ex)
-    except ValueError:      # a non-finite number (1e400): null in a metric, else a 400
+    except ValueError:  # a non-finite number (1e400): null in a metric, else a 400
         ex = _nonfinite_line(i, ex)
         extra = _extra_json(ex)
     if len(extra) > MAX_LINE:
@@ -181,13 +189,22 @@ def _extra_fields(line: dict, task_id: int, seq: int, i: int) -> tuple[str | Non
     epoch = ex.get("epoch")
     if isinstance(epoch, int) and not strict.INT64_MIN <= epoch <= strict.INT64_MAX:
         raise APIError(400, "integer_out_of_range", f"lines[{i}].epoch is outside int64")
-    return extra, {"task_id": task_id, "seq": seq, "type": str(ex.get("type") or "")[:32],
-                   "epoch": epoch if isinstance(epoch, (int, float)) and not isinstance(epoch, bool) else None,
-                   "metrics": ex.get("metrics") if isinstance(ex.get("metrics"), dict) else {}}, 0
+    return (
+        extra,
+        {
+            "task_id": task_id,
+            "seq": seq,
+            "type": str(ex.get("type") or "")[:32],
+            "epoch": epoch if isinstance(epoch, (int, float)) and not isinstance(epoch, bool) else None,
+            "metrics": ex.get("metrics") if isinstance(ex.get("metrics"), dict) else {},
+        },
+        0,
+    )
 
 
-def batch_rows(task_id: int, first_seq: int, lines: list, quota: LogQuota, skip, now: float
-               ) -> tuple[list[tuple], list[dict], int]:
+def batch_rows(
+    task_id: int, first_seq: int, lines: list, quota: LogQuota, skip, now: float
+) -> tuple[list[tuple], list[dict], int]:
     """The rows to store of lines first_seq.. : (log_lines rows, task_metrics rows, cuts).
 
     Seqs in `skip` (stored already: a re-sent batch) are neither stored nor charged again. The

@@ -3,10 +3,11 @@
 No database: the caller asks how many bytes may still be stored, charges what it stores, and
 stores the marker in place of the line that would pass the limit.
 """
+
 from __future__ import annotations
 
 QUOTA_MARKER = "log quota of %d bytes reached; later lines are dropped"
-_NO_LIMIT = 1 << 62         # `room` without a quota: more than any batch can hold
+_NO_LIMIT = 1 << 62  # `room` without a quota: more than any batch can hold
 
 
 class LogQuota:
@@ -22,8 +23,8 @@ class LogQuota:
 
     def __init__(self, limit: int, used: int):
         self.limit = limit
-        self.used = used              # the task's log_bytes so far, then after each charge
-        self.added = 0                # bytes charged by this batch
+        self.used = used  # the task's log_bytes so far, then after each charge
+        self.added = 0  # bytes charged by this batch
         self.dropped = 0
         self.full = bool(limit) and used >= limit
         self.marker = QUOTA_MARKER % limit

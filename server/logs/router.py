@@ -1,4 +1,5 @@
 """User side: a task's log, as pages or followed live as server-sent events (through server.logs.feed)."""
+
 from __future__ import annotations
 
 from fastapi import APIRouter, Query
@@ -14,13 +15,27 @@ from server.tasks.service import get_task
 router = APIRouter(tags=["user"])
 
 
-@router.get(endpoints.USER_TASK_LOGS, responses={200: {"description": "a page of lines; with follow=1 an event stream",
-                                                       "content": {"application/json": {}, "text/event-stream": {}}}})
-async def task_logs(_: AdminDep, task_id: RowId, state: StateDep, after: int = Query(-1, ge=-1, le=ID_MAX),
-                    limit: int = Query(1000, ge=1, le=10000), follow: bool = False):
+@router.get(
+    endpoints.USER_TASK_LOGS,
+    responses={
+        200: {
+            "description": "a page of lines; with follow=1 an event stream",
+            "content": {"application/json": {}, "text/event-stream": {}},
+        }
+    },
+)
+async def task_logs(
+    _: AdminDep,
+    task_id: RowId,
+    state: StateDep,
+    after: int = Query(-1, ge=-1, le=ID_MAX),
+    limit: int = Query(1000, ge=1, le=10000),
+    follow: bool = False,
+):
     """Lines with seq > after in order (never past a gap), at most `limit` lines and about
     `--log-page-bytes` bytes (at least one line); `next` is set when more lines exist.
     follow=1: server-sent events, live."""
+
     def page():
         with state.db.engine.connect() as conn:
             task = get_task(conn, task_id)
@@ -31,8 +46,12 @@ async def task_logs(_: AdminDep, task_id: RowId, state: StateDep, after: int = Q
             lines, more = logs.read_lines(conn, task, after, limit, state.settings.log_page_bytes)
         # Encoded here, on the database thread: a page of MiBs would hold the event loop.
         return task, dumps({"lines": lines, "next": lines[-1]["seq"] if more and lines else None})
+
     task, body = await state.db.run(page)
     if not follow:
         return Response(body, media_type="application/json")
-    return StreamingResponse(state.log_hub.follow(task, after), media_type="text/event-stream",
-                             headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+    return StreamingResponse(
+        state.log_hub.follow(task, after),
+        media_type="text/event-stream",
+        headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
+    )

@@ -1,6 +1,7 @@
 """Task log lines in the database: a batch stored by seq (idempotent, bounded: server.logs.lines
 makes the rows, server.logs.quota says which may be stored), the contiguous `acked` frontier,
 pages of lines, metrics events."""
+
 from __future__ import annotations
 
 import json
@@ -23,6 +24,7 @@ _COLUMNS = ("task_id", "seq", "ts", "level", "stream", "message", "extra")
 class Ingested(NamedTuple):
     """What a batch did: the task's acked frontier after it and the lines newly stored; for the
     server's counters, the bytes charged to the quota, the lines dropped over it, the cuts."""
+
     acked: int
     stored: int
     added: int
@@ -60,13 +62,16 @@ def store_lines(conn, rows: list[tuple], metric_rows: list[dict]) -> int:
         # The hot path: straight to the driver's executemany (SQLAlchemy's per-row processing costs ~2x).
         cur = conn.connection.driver_connection.executemany(
             "INSERT OR IGNORE INTO log_lines (task_id, seq, ts, level, stream, message, extra) VALUES (?,?,?,?,?,?,?)",
-            rows)
+            rows,
+        )
         stored = cur.rowcount or 0
     elif dialect == "postgresql":
         stored = _pg_insert_lines(conn, rows)
     else:
-        stored = conn.execute(db.insert_ignore(conn.engine, db.log_lines),
-                              [dict(zip(_COLUMNS, r)) for r in rows]).rowcount or 0
+        stored = (
+            conn.execute(db.insert_ignore(conn.engine, db.log_lines), [dict(zip(_COLUMNS, r)) for r in rows]).rowcount
+            or 0
+        )
     if metric_rows:
         conn.execute(db.insert_ignore(conn.engine, db.task_metrics), metric_rows)
     return stored
@@ -91,9 +96,11 @@ def settle(conn, task: dict, first_seq: int, last_seq: int, log_bytes: int | Non
     return acked
 
 
-_PG_INSERT_LINES = ("INSERT INTO log_lines (task_id, seq, ts, level, stream, message, extra) "
-                    "SELECT * FROM json_to_recordset(%s::json) AS r(task_id integer, seq integer, ts float8, "
-                    "level text, stream text, message text, extra text) ON CONFLICT DO NOTHING")
+_PG_INSERT_LINES = (
+    "INSERT INTO log_lines (task_id, seq, ts, level, stream, message, extra) "
+    "SELECT * FROM json_to_recordset(%s::json) AS r(task_id integer, seq integer, ts float8, "
+    "level text, stream text, message text, extra text) ON CONFLICT DO NOTHING"
+)
 
 
 def _pg_insert_lines(conn, rows: list[tuple]) -> int:
@@ -112,8 +119,9 @@ _SEQS_IN = select(_ll.seq).where(*_IN_RANGE).order_by(_ll.seq)
 _COUNT_IN = select(func.count()).where(*_IN_RANGE)
 # Never backwards: a retried batch of the same task may commit after this one.
 _ACKED = case((_t.log_acked < bindparam("acked"), bindparam("acked")), else_=_t.log_acked)
-_SET_BYTES_ACKED = update(db.tasks).where(_t.id == bindparam("tid")).values(log_bytes=bindparam("bytes"),
-                                                                            log_acked=_ACKED)
+_SET_BYTES_ACKED = (
+    update(db.tasks).where(_t.id == bindparam("tid")).values(log_bytes=bindparam("bytes"), log_acked=_ACKED)
+)
 _SET_BYTES = update(db.tasks).where(_t.id == bindparam("tid")).values(log_bytes=bindparam("bytes"))
 _SET_ACKED = update(db.tasks).where(_t.id == bindparam("tid")).values(log_acked=_ACKED)
 # What a log batch needs of its task: not the config, project or timeline JSON a full row decodes.
@@ -165,20 +173,26 @@ def read_lines(conn, task: dict, after: int, limit: int, max_bytes: int) -> tupl
     if top <= after:
         return [], False
     in_range = (ll.task_id == task["id"], ll.seq > after, ll.seq <= top)
-    sizes = conn.execute(select(ll.seq, _size(conn, ll.message) + func.coalesce(_size(conn, ll.extra), 0))
-                         .where(*in_range).order_by(ll.seq)).all()
+    sizes = conn.execute(
+        select(ll.seq, _size(conn, ll.message) + func.coalesce(_size(conn, ll.extra), 0))
+        .where(*in_range)
+        .order_by(ll.seq)
+    ).all()
     last, total = after, 0
     for seq, size in sizes:
         if last > after and total + (size or 0) > max_bytes:
             break
         last, total = seq, total + (size or 0)
-    rows = conn.execute(select(ll.seq, ll.ts, ll.level, ll.stream, ll.message, ll.extra)
-                        .where(ll.task_id == task["id"], ll.seq > after, ll.seq <= last).order_by(ll.seq)).all()
+    rows = conn.execute(
+        select(ll.seq, ll.ts, ll.level, ll.stream, ll.message, ll.extra)
+        .where(ll.task_id == task["id"], ll.seq > after, ll.seq <= last)
+        .order_by(ll.seq)
+    ).all()
     out = []
     for seq, ts, level, stream, message, extra in rows:
         line = {"seq": seq, "ts": ts, "level": level, "stream": stream, "message": message}
         if ts is not None and not math.isfinite(ts):
-            line["ts"] = None           # a row stored before the strict checks
+            line["ts"] = None  # a row stored before the strict checks
         if extra:
             try:
                 line.update(json.loads(extra, parse_constant=lambda _c: None))
@@ -194,9 +208,15 @@ def read_metrics(conn, task_id: int) -> list[dict]:
     out = []
     for seq, typ, epoch, metrics in rows:
         if epoch is not None and not math.isfinite(epoch):
-            epoch = None                # rows stored before the strict checks: never a 500
+            epoch = None  # rows stored before the strict checks: never a 500
         elif epoch is not None and epoch == int(epoch):
             epoch = int(epoch)
-        out.append({"seq": seq, "type": typ, "epoch": epoch,
-                    "metrics": strict.finite(metrics) if isinstance(metrics, dict) else {}})
+        out.append(
+            {
+                "seq": seq,
+                "type": typ,
+                "epoch": epoch,
+                "metrics": strict.finite(metrics) if isinstance(metrics, dict) else {},
+            }
+        )
     return out

@@ -1,4 +1,5 @@
 """User side: models (a manifest of files, each a blob; `hash` names the manifest)."""
+
 from __future__ import annotations
 
 import time
@@ -24,12 +25,18 @@ async def create_model(body: ModelIn, state: StateDep, _: AdminDep):
             mid = service.insert_model(conn, body.name, files, time.time())
         with state.db.engine.connect() as conn:
             return service.get_model(conn, mid)
+
     return await state.db.run(create)
 
 
 @router.get(endpoints.MODELS)
-async def list_models(state: StateDep, _: AdminDep, limit: int = Query(100, ge=1, le=1000), cursor: str | None = None,
-                      task_id: int | None = query_id()):
+async def list_models(
+    state: StateDep,
+    _: AdminDep,
+    limit: int = Query(100, ge=1, le=1000),
+    cursor: str | None = None,
+    task_id: int | None = query_id(),
+):
     """Models, newest first (files summarised: files_count, size); `task_id=` keeps the models that task
     made (a train task's checkpoints, each with its `checkpoint`)."""
     before = cursor_id(cursor)
@@ -37,6 +44,7 @@ async def list_models(state: StateDep, _: AdminDep, limit: int = Query(100, ge=1
     def read() -> list[dict]:
         with state.db.engine.connect() as conn:
             return service.list_models(conn, limit, before, task_id)
+
     return page(await state.db.run(read), limit)
 
 
@@ -44,9 +52,11 @@ async def list_models(state: StateDep, _: AdminDep, limit: int = Query(100, ge=1
 async def read_model(model_id: RowId, state: StateDep, _: AdminDep):
     """The model with `task` (the task that made it: id, type, state), `checkpoint` ({epoch, metrics,
     final} or null) and `config` (its config.json parsed, or null; every file's bytes: GET /api/v1/blobs/{sha256})."""
+
     def read() -> dict:
         with state.db.engine.connect() as conn:
             return service.read_model(conn, model_id)
+
     m = await state.db.run(read)
     m["config"] = service.config(state.blobs, m["files"])
     return m

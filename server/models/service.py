@@ -1,5 +1,6 @@
 """Model rows: storing a posted model (a manifest of files, each a blob; `hash` names the manifest),
 listing them, and reading one back with the task that made it and its config.json."""
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,9 @@ def prepare(blobs, files: list) -> list[dict]:
 
 def insert_model(conn, name: str, files: list[dict], now: float) -> int:
     """Store a prepared model and its blob references; returns its id."""
-    mid = conn.execute(insert(db.models).values(name=name, hash=model_hash(files), files=files,
-                                                created_at=now)).inserted_primary_key[0]
+    mid = conn.execute(
+        insert(db.models).values(name=name, hash=model_hash(files), files=files, created_at=now)
+    ).inserted_primary_key[0]
     blob_refs.add(conn, blob_refs.MODEL, mid, [f["sha256"] for f in files])
     return mid
 

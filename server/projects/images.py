@@ -1,5 +1,6 @@
 """The server's side of the Supervisely format (the format itself is protocol/sly_format.py): the
 size of a stored blob for the empty annotation of an item posted without one."""
+
 from __future__ import annotations
 
 from PIL import Image
@@ -19,6 +20,6 @@ def image_size(path) -> tuple[int | None, int | None]:
             return hw
         with Image.open(path, formats=FORMATS) as im:
             w, h = im.size
-    except Exception:   # not an image Pillow knows, truncated, or a decompression bomb: the size stays unknown
+    except Exception:  # not an image Pillow knows, truncated, or a decompression bomb: the size stays unknown
         return None, None
     return (int(h), int(w)) if 0 < w * h <= MAX_IMAGE_PIXELS else (None, None)

@@ -1,4 +1,5 @@
 """User side: projects (Supervisely projects: a meta, datasets, items = image blob + annotation)."""
+
 from __future__ import annotations
 
 import time
@@ -8,7 +9,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from protocol import endpoints
-from server.http.deps import AdminDep, StateDep, ParsedJSONRoute, cursor_id, page
+from server.http.deps import AdminDep, ParsedJSONRoute, StateDep, cursor_id, page
 from server.http.strict import RowId
 from server.projects import service
 from server.projects.stats import StatsCache
@@ -28,32 +29,44 @@ async def create_project(body: ProjectIn, state: StateDep, _: AdminDep):
             pid = service.insert_project(conn, body.name, meta, datasets, time.time())
         with state.db.engine.connect() as conn:
             return service.get_project(conn, pid)
+
     return await state.db.run(create)
 
 
 @router.get(endpoints.PROJECTS)
-async def list_projects(state: StateDep, _: AdminDep, limit: int = Query(100, ge=1, le=1000), cursor: str | None = None):
+async def list_projects(
+    state: StateDep, _: AdminDep, limit: int = Query(100, ge=1, le=1000), cursor: str | None = None
+):
     """Projects, newest first (datasets summarised: name, items_count; no meta)."""
     before = cursor_id(cursor)
 
     def read() -> list[dict]:
         with state.db.engine.connect() as conn:
             return service.list_projects(conn, limit, before)
+
     return page(await state.db.run(read), limit)
 
 
 @router.get(endpoints.PROJECT)
 async def read_one(project_id: RowId, state: StateDep, _: AdminDep):
     """The project with its meta and every item's {name, sha256, size}; annotations: GET .../items."""
+
     def read() -> dict:
         with state.db.engine.connect() as conn:
             return service.get_project(conn, project_id)
+
     return await state.db.run(read)
 
 
 @router.get(endpoints.PROJECT_ITEMS)
-async def list_items(project_id: RowId, state: StateDep, _: AdminDep, dataset: str | None = None,
-                     limit: int = Query(100, ge=1, le=1000), cursor: str | None = None):
+async def list_items(
+    project_id: RowId,
+    state: StateDep,
+    _: AdminDep,
+    dataset: str | None = None,
+    limit: int = Query(100, ge=1, le=1000),
+    cursor: str | None = None,
+):
     """A page of the project's items in order, each with its annotation (`ann`); `dataset=` filters."""
     after = cursor_id(cursor)
 
@@ -61,6 +74,7 @@ async def list_items(project_id: RowId, state: StateDep, _: AdminDep, dataset: s
         with state.db.engine.connect() as conn:
             service.check_exists(conn, project_id)
             return service.items_page(conn, project_id, dataset, after, limit)
+
     # Annotations are plain JSON already: skip FastAPI's per-value encoder (10x slower on big anns).
     return JSONResponse(page(await state.db.run(read), limit))
 
@@ -78,4 +92,5 @@ async def project_stats(project_id: RowId, request: Request, state: StateDep, _:
         with state.db.engine.connect() as conn:
             service.check_exists(conn, project_id)
         return cache.get(state.db.engine, project_id)
+
     return await state.db.run(read)

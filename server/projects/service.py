@@ -3,6 +3,7 @@
 A project is its row in `projects` (name, meta, dataset summary) and one `project_items` row
 per image (blob + annotation), inserted in order so that the item id orders and pages them.
 """
+
 from __future__ import annotations
 
 import threading
@@ -15,8 +16,8 @@ from protocol.sly_format import BadFormat, Budget, check_ann, check_meta, empty_
 from server import db
 from server.blobs import refs as blob_refs
 from server.db import rows
-from server.schemas import check_files, check_relpath
 from server.projects.images import image_size
+from server.schemas import check_files, check_relpath
 
 # Checks running at once per `who` (a node): a check is seconds of CPU in a worker thread, so one
 # node posting many at once would take the thread pool and the cores from everyone else.
@@ -25,9 +26,9 @@ CHECK_RETRY_AFTER_S = 5
 _running: dict[str, int] = {}
 _running_lock = threading.Lock()
 
-INSERT_BATCH = 500            # project items per INSERT statement
-SAME_PAGE_ITEMS = 500         # stored items read per page when comparing a re-posted project
-SAME_PAGE_OBJECTS = 20_000    # fewer items per page when their annotations hold this many objects
+INSERT_BATCH = 500  # project items per INSERT statement
+SAME_PAGE_ITEMS = 500  # stored items read per page when comparing a re-posted project
+SAME_PAGE_OBJECTS = 20_000  # fewer items per page when their annotations hold this many objects
 
 
 @contextmanager
@@ -38,9 +39,12 @@ def _check_slot(who: str | None):
         return
     with _running_lock:
         if _running.get(who, 0) >= CHECKS_PER_WHO:
-            raise APIError(429, "too_many_checks",
-                           f"{who} has {CHECKS_PER_WHO} project check(s) running already; retry when it is done",
-                           retry_after=CHECK_RETRY_AFTER_S)
+            raise APIError(
+                429,
+                "too_many_checks",
+                f"{who} has {CHECKS_PER_WHO} project check(s) running already; retry when it is done",
+                retry_after=CHECK_RETRY_AFTER_S,
+            )
         _running[who] = _running.get(who, 0) + 1
     try:
         yield
@@ -77,7 +81,7 @@ def _prepare(blobs, meta, datasets: list) -> tuple[dict, list[dict]]:
             raise APIError(400, "duplicate_path", f"dataset {ds.name!r} appears twice")
         names.add(ds.name)
     budget = Budget()
-    sizes: dict[str, tuple] = {}    # items may share a blob: read each header once
+    sizes: dict[str, tuple] = {}  # items may share a blob: read each header once
     out = []
     for ds in datasets:
         check_files(blobs, ds.items, "name", f"dataset {ds.name}, item")
@@ -98,8 +102,9 @@ def _prepare(blobs, meta, datasets: list) -> tuple[dict, list[dict]]:
 def insert_project(conn, name: str, meta: dict, datasets: list[dict], now: float, task_id: int | None = None) -> int:
     """Store a prepared project; returns its id."""
     counts = [{"name": ds["name"], "items_count": len(ds["items"])} for ds in datasets]
-    pid = conn.execute(insert(db.projects).values(name=name, meta=meta, datasets=counts, task_id=task_id,
-                                                  created_at=now)).inserted_primary_key[0]
+    pid = conn.execute(
+        insert(db.projects).values(name=name, meta=meta, datasets=counts, task_id=task_id, created_at=now)
+    ).inserted_primary_key[0]
     # In batches: one INSERT of every item would hold all the annotations serialised at once.
     hashes = []
     batch: list[dict] = []
@@ -197,8 +202,10 @@ def same_project(conn, pid: int, meta: dict, datasets: list[dict]) -> bool:
         if len(got) != end - start:
             return False
         for r, (ds_name, it) in zip(got, posted[start:end]):
-            if r["dataset"] != ds_name or {"name": r["name"], "sha256": r["sha256"], "size": r["size"],
-                                           "ann": r["ann"]} != it:
+            if (
+                r["dataset"] != ds_name
+                or {"name": r["name"], "sha256": r["sha256"], "size": r["size"], "ann": r["ann"]} != it
+            ):
                 return False
         if last:
             return True

@@ -3,6 +3,7 @@
 A project never changes once stored, so a project's numbers are counted once and kept (a few,
 most recent first); counting reads every annotation, which takes a while on a big project.
 """
+
 from __future__ import annotations
 
 import collections
@@ -38,8 +39,14 @@ def count(conn, pid: int) -> dict:
                 k["items"] += 1
             object_tags.update({t.get("name", "") for t in o.get("tags") or []})
         tags.update({t.get("name", "") for t in (ann or {}).get("tags") or []})
-    return {"items": items, "labelled": labelled, "objects": objects, "classes": classes,
-            "tags": dict(tags), "object_tags": dict(object_tags)}
+    return {
+        "items": items,
+        "labelled": labelled,
+        "objects": objects,
+        "classes": classes,
+        "tags": dict(tags),
+        "object_tags": dict(object_tags),
+    }
 
 
 class StatsCache:

@@ -1,4 +1,5 @@
 """Agent side, one task of the agent's own: state reports, results, release."""
+
 from __future__ import annotations
 
 import time
@@ -7,7 +8,7 @@ from fastapi import APIRouter
 from starlette.concurrency import run_in_threadpool
 
 from protocol import endpoints
-from server.http.deps import AgentDep, StateDep, ParsedJSONRoute
+from server.http.deps import AgentDep, ParsedJSONRoute, StateDep
 from server.http.strict import RowId
 from server.schemas import ResultsIn, StateIn
 from server.tasks import results as result_posts
@@ -19,8 +20,12 @@ router = APIRouter(tags=["agent"], route_class=ParsedJSONRoute)
 
 
 def _state_answer(task: dict) -> dict:
-    return {"id": task["id"], "state": task["state"], "progress": task["progress"],
-            "stop_requested": bool(task["stop_requested"])}
+    return {
+        "id": task["id"],
+        "state": task["state"],
+        "progress": task["progress"],
+        "stop_requested": bool(task["stop_requested"]),
+    }
 
 
 @router.post(endpoints.TASK_STATE)
@@ -32,9 +37,10 @@ async def post_state(task_id: RowId, body: StateIn, state: StateDep, agent: Agen
             task = own_task(conn, agent["id"], task_id)
             before = task["state"]
             task = agent_change_state(conn, task, body, time.time())
-            if task["state"] != before:   # followers end on a final state; progress alone wakes no one
+            if task["state"] != before:  # followers end on a final state; progress alone wakes no one
                 state.wakeups.notify_task(conn, task_id)
             return task
+
     return _state_answer(await state.db.run(retry_race, change))
 
 
@@ -50,6 +56,7 @@ async def release(task_id: RowId, state: StateDep, agent: AgentDep):
             if task["state"] != before:
                 state.wakeups.notify_task(conn, task_id)
             return task
+
     return _state_answer(await state.db.run(retry_race, give_back))
 
 
@@ -66,8 +73,9 @@ async def post_results(task_id: RowId, body: ResultsIn, state: StateDep, agent: 
     def readable():
         with state.db.engine.connect() as conn:
             return result_posts.readable(conn, agent["id"], body)
+
     blobs = result_posts.Readable(state.blobs, await state.db.run(readable))
-    if body.kind == "project":   # every item and annotation checked: off the loop, before the transaction
+    if body.kind == "project":  # every item and annotation checked: off the loop, before the transaction
         prepared = await run_in_threadpool(result_posts.check_refs, blobs, body, agent["id"])
     else:
         prepared = result_posts.check_refs(blobs, body, agent["id"])
@@ -77,6 +85,7 @@ async def post_results(task_id: RowId, body: ResultsIn, state: StateDep, agent: 
     def store():
         with state.db.engine.begin() as conn:
             return result_posts.store(conn, agent["id"], task_id, body, prepared, now, limits)
+
     results, oid = await state.db.run(store)
     out = {"results": results}
     if oid is not None:

@@ -1,5 +1,6 @@
 """A task's results post: what it may name, its checks, the task's results limits, and the rows it
 writes (a model or checkpoint, a project, artifact rows) with the task's result totals."""
+
 from __future__ import annotations
 
 from sqlalchemy import bindparam, insert, select, update
@@ -21,10 +22,11 @@ _RESULTS_TASK = select(db.tasks).where(_t.id == bindparam("tid")).with_for_updat
 
 def check_fields(body: ResultsIn) -> None:
     """The fields belong to the result's kind, and a project's or model's name is one path component."""
-    if body.name and body.kind != "artifacts":      # it names a project or model: never path-like
+    if body.name and body.kind != "artifacts":  # it names a project or model: never path-like
         check_relpath(body.name, "name", single=True)
-    if body.kind != "project" and (body.datasets is not None or body.meta is not None
-                                   or any(f.ann is not None for f in body.files)):
+    if body.kind != "project" and (
+        body.datasets is not None or body.meta is not None or any(f.ann is not None for f in body.files)
+    ):
         raise APIError(400, "invalid_request", f"meta, datasets and ann belong to a project result, not {body.kind}")
 
 
@@ -82,8 +84,9 @@ def _prepare_project(blobs, body: ResultsIn, agent_id: int) -> tuple[dict, list[
     return prepare(blobs, body.meta, ds_in, who=f"agent:{agent_id}")
 
 
-def store(conn, agent_id: int, task_id: int, body: ResultsIn, prepared, now: float,
-          limits: tuple[int, int]) -> tuple[dict, int | None]:
+def store(
+    conn, agent_id: int, task_id: int, body: ResultsIn, prepared, now: float, limits: tuple[int, int]
+) -> tuple[dict, int | None]:
     """Store a checked post (check_refs) for agent `agent_id`'s task, in `conn`'s transaction:
     (the task's results, the model or project id; None for artifacts). 409 task_final once the
     task is final; past `limits` (max files, max bytes; 0: none), 413 results_limit."""
@@ -114,19 +117,27 @@ def _post_model(conn, task_id: int, body: ResultsIn, results: dict, now: float, 
     replay = mid is not None
     if replay and ck is not None and ck["final"]:
         stored = conn.execute(select(m.checkpoint).where(m.id == mid)).scalar()
-        if stored is not None and not stored.get("final"):   # the same checkpoint, now marked final
+        if stored is not None and not stored.get("final"):  # the same checkpoint, now marked final
             conn.execute(update(db.models).where(m.id == mid).values(checkpoint=ck))
     if not replay:
         _count(results, limits, len(files), sum(f["size"] for f in files))
-        mid = conn.execute(insert(db.models).values(name=body.name or f"task {task_id} model", hash=h, files=files,
-                                                    task_id=task_id, checkpoint=ck,
-                                                    created_at=now)).inserted_primary_key[0]
+        mid = conn.execute(
+            insert(db.models).values(
+                name=body.name or f"task {task_id} model",
+                hash=h,
+                files=files,
+                task_id=task_id,
+                checkpoint=ck,
+                created_at=now,
+            )
+        ).inserted_primary_key[0]
         blob_refs.add(conn, blob_refs.MODEL, mid, [f["sha256"] for f in files])
     if ck is not None and mid not in results.setdefault("checkpoints", []):
         results["checkpoints"].append(mid)
 
     def rank(checkpoint) -> int:
         return 2 if checkpoint is None else 1 if checkpoint.get("final") else 0
+
     current = results.get("model_id")
     if current is None:
         results["model_id"] = mid
@@ -160,16 +171,24 @@ def _post_artifacts(conn, task_id: int, files: list, results: dict, limits) -> N
     old: dict[str, tuple[str, int]] = {}
     paths = sorted(new)
     for i in range(0, len(paths), blob_refs.READ_BATCH):
-        old.update((p, (h, n)) for p, h, n in conn.execute(
-            select(a.path, a.sha256, a.size).where(a.task_id == task_id, a.path.in_(paths[i:i + blob_refs.READ_BATCH]))))
+        old.update(
+            (p, (h, n))
+            for p, h, n in conn.execute(
+                select(a.path, a.sha256, a.size).where(
+                    a.task_id == task_id, a.path.in_(paths[i : i + blob_refs.READ_BATCH])
+                )
+            )
+        )
     added = len(new) - len(old)
     grown = sum(f.size for f in new.values()) - sum(n for _, n in old.values())
     _count(results, limits, added, grown)
     results["artifacts_count"] = results.get("artifacts_count", 0) + added
     results["artifacts_bytes"] = results.get("artifacts_bytes", 0) + grown
     if new:
-        conn.execute(db.upsert(conn.engine, db.task_artifacts, ["task_id", "path"], ["sha256", "size"]),
-                     [{"task_id": task_id, "path": p, "sha256": f.sha256, "size": f.size} for p, f in new.items()])
+        conn.execute(
+            db.upsert(conn.engine, db.task_artifacts, ["task_id", "path"], ["sha256", "size"]),
+            [{"task_id": task_id, "path": p, "sha256": f.sha256, "size": f.size} for p, f in new.items()],
+        )
     blob_refs.add(conn, blob_refs.RESULT, task_id, [f.sha256 for f in new.values()])
     # A replaced blob that no other path of the task names is no longer kept or readable for it:
     # otherwise re-posting one path with ever new blobs would store them all past the limits.
@@ -186,9 +205,17 @@ def _count(results: dict, limits, files: int, size: int) -> None:
     max_files, max_bytes = limits
     files, size = results.get("result_files", 0) + files, results.get("result_bytes", 0) + size
     if max_files and files > max_files:
-        raise APIError(413, "results_limit", f"a task's results may name at most {max_files} files "
-                       f"(--results-max-files); this post would make {files}, so nothing of it was stored")
+        raise APIError(
+            413,
+            "results_limit",
+            f"a task's results may name at most {max_files} files "
+            f"(--results-max-files); this post would make {files}, so nothing of it was stored",
+        )
     if max_bytes and size > max_bytes:
-        raise APIError(413, "results_limit", f"a task's results may name at most {max_bytes} bytes "
-                       f"(--results-max-bytes); this post would make {size}, so nothing of it was stored")
+        raise APIError(
+            413,
+            "results_limit",
+            f"a task's results may name at most {max_bytes} bytes "
+            f"(--results-max-bytes); this post would make {size}, so nothing of it was stored",
+        )
     results["result_files"], results["result_bytes"] = files, size

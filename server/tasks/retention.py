@@ -6,6 +6,7 @@ than `log_retention_days` ago, and on SQLite an incremental vacuum after a large
 step is an idempotent delete, so replicas sharing a database may all run it; on PostgreSQL an
 advisory lock lets one replica do a round while the others skip it.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -23,9 +24,9 @@ from server.telemetry import service as telemetry
 log = logging.getLogger("sly-server")
 
 FINAL_VALUES = [s.value for s in FINAL]
-EXPIRE_BATCH = 200          # tasks whose lines one round deletes: a round stays a short transaction
+EXPIRE_BATCH = 200  # tasks whose lines one round deletes: a round stays a short transaction
 VACUUM_AFTER_ROWS = 10_000  # deleted rows that make a SQLite incremental vacuum worth its I/O
-_PG_LOCK_KEY = 0x736C7972   # any constant other than migrate's
+_PG_LOCK_KEY = 0x736C7972  # any constant other than migrate's
 
 
 def delete_task(conn, task_id: int) -> dict:
@@ -38,8 +39,12 @@ def delete_task(conn, task_id: int) -> dict:
     if row is None:
         raise APIError(404, "task_not_found", f"no task {task_id}")
     if TaskState(row.state) not in FINAL:
-        raise APIError(409, "task_not_final", f"task {task_id} is {row.state}; stop it and wait for a final state "
-                       f"({', '.join(FINAL_VALUES)}) before deleting it")
+        raise APIError(
+            409,
+            "task_not_final",
+            f"task {task_id} is {row.state}; stop it and wait for a final state "
+            f"({', '.join(FINAL_VALUES)}) before deleting it",
+        )
     lines = conn.execute(delete(db.log_lines).where(db.log_lines.c.task_id == task_id)).rowcount
     metrics = conn.execute(delete(db.task_metrics).where(db.task_metrics.c.task_id == task_id)).rowcount
     # Its artifacts go, and with them its claim on their blobs: the collector may take those no
@@ -48,15 +53,25 @@ def delete_task(conn, task_id: int) -> dict:
     arts = conn.execute(select(a.sha256).where(a.task_id == task_id)).scalars().all()
     blob_refs.drop_results(conn, task_id, arts)
     conn.execute(delete(db.task_artifacts).where(a.task_id == task_id))
-    models = [r[0] for r in conn.execute(select(db.models.c.id).where(db.models.c.task_id == task_id)
-                                         .order_by(db.models.c.id))]
-    projects = [r[0] for r in conn.execute(select(db.projects.c.id).where(db.projects.c.task_id == task_id)
-                                           .order_by(db.projects.c.id))]
+    models = [
+        r[0]
+        for r in conn.execute(select(db.models.c.id).where(db.models.c.task_id == task_id).order_by(db.models.c.id))
+    ]
+    projects = [
+        r[0]
+        for r in conn.execute(
+            select(db.projects.c.id).where(db.projects.c.task_id == task_id).order_by(db.projects.c.id)
+        )
+    ]
     conn.execute(delete(db.tasks).where(t.id == task_id))
-    return {"ok": True, "id": task_id, "deleted": {"log_lines": lines, "metrics": metrics, "artifacts": len(arts)},
-            "kept": {"models": models, "projects": projects},
-            "detail": f"task {task_id} and its log are deleted; the models and projects it made are kept "
-                      f"(their task_id still names it)"}
+    return {
+        "ok": True,
+        "id": task_id,
+        "deleted": {"log_lines": lines, "metrics": metrics, "artifacts": len(arts)},
+        "kept": {"models": models, "projects": projects},
+        "detail": f"task {task_id} and its log are deleted; the models and projects it made are kept "
+        f"(their task_id still names it)",
+    }
 
 
 def expire_logs(conn, settings, now: float) -> tuple[list[int], int]:
@@ -66,9 +81,15 @@ def expire_logs(conn, settings, now: float) -> tuple[list[int], int]:
         return [], 0
     t, ll = db.tasks.c, db.log_lines.c
     cutoff = now - settings.log_retention_days * 86400
-    ids = [r[0] for r in conn.execute(
-        select(t.id).where(t.state.in_(FINAL_VALUES), t.updated_at < cutoff, t.logs_expired_at.is_(None))
-        .order_by(t.id).limit(EXPIRE_BATCH))]
+    ids = [
+        r[0]
+        for r in conn.execute(
+            select(t.id)
+            .where(t.state.in_(FINAL_VALUES), t.updated_at < cutoff, t.logs_expired_at.is_(None))
+            .order_by(t.id)
+            .limit(EXPIRE_BATCH)
+        )
+    ]
     if not ids:
         return [], 0
     lines = conn.execute(delete(db.log_lines).where(ll.task_id.in_(ids))).rowcount
@@ -94,16 +115,18 @@ def housekeep(state, now: float | None = None) -> dict:
     now = time.time() if now is None else now
     done = {"telemetry_points": 0, "expired_tasks": [], "log_lines": 0, "vacuumed": False}
     with state.db.transaction() as conn:
-        if conn.dialect.name == "postgresql" and \
-                not conn.execute(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": _PG_LOCK_KEY}).scalar():
-            return done   # another replica is doing this round
+        if (
+            conn.dialect.name == "postgresql"
+            and not conn.execute(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": _PG_LOCK_KEY}).scalar()
+        ):
+            return done  # another replica is doing this round
         done["telemetry_points"] = telemetry.prune(conn, state.settings, now)
         while True:
             ids, lines = expire_logs(conn, state.settings, now)
             done["expired_tasks"] += ids
             done["log_lines"] += lines
             for tid in ids:
-                state.wakeups.notify_task(conn, tid)   # a live follower of an expired log ends
+                state.wakeups.notify_task(conn, tid)  # a live follower of an expired log ends
             if len(ids) < EXPIRE_BATCH:
                 break
     if done["telemetry_points"] + done["log_lines"] >= VACUUM_AFTER_ROWS:
@@ -123,8 +146,12 @@ async def run_housekeeper(state) -> None:
         try:
             done = await state.db.run(housekeep, state)
             if done["expired_tasks"]:
-                log.info("log retention: deleted %d lines of %d tasks final for over %g days", done["log_lines"],
-                         len(done["expired_tasks"]), state.settings.log_retention_days)
+                log.info(
+                    "log retention: deleted %d lines of %d tasks final for over %g days",
+                    done["log_lines"],
+                    len(done["expired_tasks"]),
+                    state.settings.log_retention_days,
+                )
         except Exception:  # noqa: BLE001 - the job must outlive a failed round
             log.exception("housekeeping round failed")
         await asyncio.sleep(state.settings.housekeeping_s)

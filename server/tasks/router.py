@@ -1,4 +1,5 @@
 """User side: tasks: create, list, read, stop, delete, artifacts, training metrics."""
+
 from __future__ import annotations
 
 import time
@@ -31,15 +32,23 @@ async def create_task(body: TaskIn, state: StateDep, _: AdminDep):
     def create():
         with state.db.transaction() as conn:
             task = service.create_task(conn, body, now)
-            state.wakeups.notify_agent(conn, task["agent_id"])   # its poll, waiting on any replica, answers with the task
+            state.wakeups.notify_agent(
+                conn, task["agent_id"]
+            )  # its poll, waiting on any replica, answers with the task
             return task
+
     return public_task(await state.db.run(create))
 
 
 @router.get(endpoints.TASKS)
-async def list_tasks(server: StateDep, _: AdminDep, agent_id: int | None = query_id(),
-                     state: str | None = Query(None, max_length=16), limit: int = Query(100, ge=1, le=1000),
-                     cursor: str | None = None):
+async def list_tasks(
+    server: StateDep,
+    _: AdminDep,
+    agent_id: int | None = query_id(),
+    state: str | None = Query(None, max_length=16),
+    limit: int = Query(100, ge=1, le=1000),
+    cursor: str | None = None,
+):
     """Tasks, newest first, optionally of one agent and/or in one state (`server`: the server's
     state; `state`: the tasks' state, a query parameter)."""
     before = cursor_id(cursor)
@@ -62,6 +71,7 @@ async def stop_task(task_id: RowId, state: StateDep, _: AdminDep):
             state.wakeups.notify_agent(conn, task["agent_id"])
             state.wakeups.notify_task(conn, task_id)
             return task
+
     return public_task(await state.db.run(retry_race, stop))
 
 
@@ -73,15 +83,21 @@ async def delete_task(task_id: RowId, state: StateDep, _: AdminDep):
     def remove():
         with state.db.transaction() as conn:
             answer = retention.delete_task(conn, task_id)
-            state.wakeups.notify_task(conn, task_id)   # a follower of its log ends now
+            state.wakeups.notify_task(conn, task_id)  # a follower of its log ends now
         retention.after_delete(state, answer["deleted"]["log_lines"])
         return answer
+
     return await state.db.run(remove)
 
 
 @router.get(endpoints.TASK_ARTIFACTS)
-async def task_artifacts(task_id: RowId, state: StateDep, _: AdminDep, after: str | None = Query(None, max_length=1024),
-                         limit: int = Query(1000, ge=1, le=10000)):
+async def task_artifacts(
+    task_id: RowId,
+    state: StateDep,
+    _: AdminDep,
+    after: str | None = Query(None, max_length=1024),
+    limit: int = Query(1000, ge=1, le=10000),
+):
     """The task's artifacts `{items: [{path, sha256, size}], next}` by path; `next` (the last path
     of this page, null on the last page) goes in `after` for the next page."""
     items = await state.db.run_read(_read, state, service.artifacts_page, task_id, after, limit)
@@ -97,4 +113,5 @@ async def task_metrics(task_id: RowId, state: StateDep, _: AdminDep):
     def read(conn):
         service.task_or_404(conn, task_id)
         return logs.read_metrics(conn, task_id)
+
     return {"items": await state.db.run(_read, state, read), "next": None}

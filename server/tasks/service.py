@@ -1,5 +1,6 @@
 """Tasks: creating, listing, reading and stopping them (the user's side), state changes checked
 against protocol.states, the poll's hand-out, the lease reaper."""
+
 from __future__ import annotations
 
 import time
@@ -20,12 +21,23 @@ LEASED_VALUES = [s.value for s in LEASED]
 _c = db.tasks.c
 _TASK = select(db.tasks).where(_c.id == bindparam("tid"))
 # Only ids and flags here: an agent may hold many leased tasks and a poll must stay cheap.
-_MINE = (select(_c.id, _c.state, _c.stop_requested, _c.stop_delivered)
-         .where(_c.agent_id == bindparam("aid"), _c.state.in_(LEASED_VALUES + [TaskState.LOST.value])).order_by(_c.id))
-_VALID_TOKEN = (select(db.agents.c.id).where(db.agents.c.id == bindparam("aid"), db.agents.c.token_hash == bindparam("h"))
-                .with_for_update(read=True, key_share=True))
-_QUEUED = (select(db.tasks).where(_c.agent_id == bindparam("aid"), _c.state == TaskState.QUEUED.value)
-           .order_by(_c.id).limit(200).with_for_update(skip_locked=True))
+_MINE = (
+    select(_c.id, _c.state, _c.stop_requested, _c.stop_delivered)
+    .where(_c.agent_id == bindparam("aid"), _c.state.in_(LEASED_VALUES + [TaskState.LOST.value]))
+    .order_by(_c.id)
+)
+_VALID_TOKEN = (
+    select(db.agents.c.id)
+    .where(db.agents.c.id == bindparam("aid"), db.agents.c.token_hash == bindparam("h"))
+    .with_for_update(read=True, key_share=True)
+)
+_QUEUED = (
+    select(db.tasks)
+    .where(_c.agent_id == bindparam("aid"), _c.state == TaskState.QUEUED.value)
+    .order_by(_c.id)
+    .limit(200)
+    .with_for_update(skip_locked=True)
+)
 
 
 class StateRace(APIError):
@@ -90,19 +102,37 @@ def create_task(conn, body, now: float) -> dict:
     # Not server.agents.service.agent_row: that module builds on this one (the poll's hand-out).
     agent = get_row(conn, db.agents, body.agent_id, "agent")
     if body.type not in agent["allowed_task_types"]:
-        raise APIError(409, "type_not_allowed", f"agent {agent['id']} does not run {body.type} tasks "
-                       f"(allowed: {agent['allowed_task_types']})")
+        raise APIError(
+            409,
+            "type_not_allowed",
+            f"agent {agent['id']} does not run {body.type} tasks (allowed: {agent['allowed_task_types']})",
+        )
     for oid, table, what in ((body.project_id, db.projects, "project"), (body.model_id, db.models, "model")):
         if oid is not None and conn.execute(select(table.c.id).where(table.c.id == oid)).first() is None:
             raise APIError(404, f"{what}_not_found", f"no {what} {oid}")
-    resources = (body.resources.model_dump() if body.resources else
-                 {"gpus": 0, "cpus": None, "memory": None, "shm_size": None})
-    tid = conn.execute(insert(db.tasks).values(
-        agent_id=agent["id"], type=body.type, image=body.image, command=body.command, config=body.config or {},
-        project_id=body.project_id, model_id=body.model_id, resources=resources, timeout_s=body.timeout_s,
-        state=TaskState.QUEUED.value, stop_requested=False,
-        timeline=[{"state": TaskState.QUEUED.value, "ts": now}],
-        results=dict(EMPTY_RESULTS), log_acked=-1, created_at=now, updated_at=now)).inserted_primary_key[0]
+    resources = (
+        body.resources.model_dump() if body.resources else {"gpus": 0, "cpus": None, "memory": None, "shm_size": None}
+    )
+    tid = conn.execute(
+        insert(db.tasks).values(
+            agent_id=agent["id"],
+            type=body.type,
+            image=body.image,
+            command=body.command,
+            config=body.config or {},
+            project_id=body.project_id,
+            model_id=body.model_id,
+            resources=resources,
+            timeout_s=body.timeout_s,
+            state=TaskState.QUEUED.value,
+            stop_requested=False,
+            timeline=[{"state": TaskState.QUEUED.value, "ts": now}],
+            results=dict(EMPTY_RESULTS),
+            log_acked=-1,
+            created_at=now,
+            updated_at=now,
+        )
+    ).inserted_primary_key[0]
     return get_task(conn, tid)
 
 
@@ -135,17 +165,17 @@ def stop_task(conn, task_id: int) -> dict:
     if TaskState(task["state"]) in FINAL:
         raise APIError(409, "task_final", f"task {task_id} is already {task['state']}")
     if task["state"] == TaskState.QUEUED.value:
-        return change_state(conn, task, TaskState.STOPPED, error="stopped by a user before it started",
-                            stop_requested=True)
-    conn.execute(update(db.tasks).where(db.tasks.c.id == task_id).values(stop_requested=True,
-                                                                         updated_at=time.time()))
+        return change_state(
+            conn, task, TaskState.STOPPED, error="stopped by a user before it started", stop_requested=True
+        )
+    conn.execute(update(db.tasks).where(db.tasks.c.id == task_id).values(stop_requested=True, updated_at=time.time()))
     return dict(task, stop_requested=True)
 
 
 def artifacts_page(conn, task_id: int, after: str | None, limit: int) -> list[dict]:
     """Up to limit + 1 of the task's artifacts {path, sha256, size} by path, those after `after`
     (a path). 400 bad_cursor for an `after` no path can be, 404 for an unknown task."""
-    if after is not None and "\x00" in after:     # no path holds one, and PostgreSQL refuses it in a query
+    if after is not None and "\x00" in after:  # no path holds one, and PostgreSQL refuses it in a query
         raise APIError(400, "bad_cursor", "after must be the `next` value of a previous page")
     a = db.task_artifacts.c
     q = select(a.path, a.sha256, a.size).where(a.task_id == task_id).order_by(a.path).limit(limit + 1)
@@ -168,8 +198,9 @@ def change_state(conn, task: dict, new: TaskState, now: float | None = None, **v
     values.update(state=new.value, timeline=timeline, updated_at=now)
     if new in FINAL:
         values["lease_until"] = None
-    done = conn.execute(update(db.tasks).where(db.tasks.c.id == task["id"], db.tasks.c.state == task["state"])
-                        .values(**values)).rowcount
+    done = conn.execute(
+        update(db.tasks).where(db.tasks.c.id == task["id"], db.tasks.c.state == task["state"]).values(**values)
+    ).rowcount
     if done != 1:
         raise StateRace(task["id"])
     task = dict(task, **values)
@@ -178,8 +209,13 @@ def change_state(conn, task: dict, new: TaskState, now: float | None = None, **v
 
 def agent_task(conn, task: dict) -> dict:
     """A task as a poll answer shows it: project and model expanded with their items/files."""
-    out = {"id": task["id"], "type": task["type"], "image": task["image"], "config": task["config"],
-           "resources": task["resources"]}
+    out = {
+        "id": task["id"],
+        "type": task["type"],
+        "image": task["image"],
+        "config": task["config"],
+        "resources": task["resources"],
+    }
     if task["command"] is not None:
         out["command"] = task["command"]
     if task["timeout_s"] is not None:
@@ -187,8 +223,7 @@ def agent_task(conn, task: dict) -> dict:
     if task["project_id"] is not None:
         p = read_project(conn, task["project_id"], anns=True)
         if p is not None:
-            out["project"] = {"id": p["id"], "name": p["name"], "meta": p["meta"],
-                              "datasets": p["datasets"]}
+            out["project"] = {"id": p["id"], "name": p["name"], "meta": p["meta"], "datasets": p["datasets"]}
     if task["model_id"] is not None:
         m = conn.execute(select(db.models).where(db.models.c.id == task["model_id"])).mappings().first()
         if m is not None:
@@ -263,7 +298,7 @@ def _fitting(server, conn, candidates: list, free_slots: int, free_gpus: int, no
     slots, gpus = free_slots, free_gpus
     for t in candidates:
         if t is None:
-            continue   # gone since the agent's tasks were read
+            continue  # gone since the agent's tasks were read
         if slots <= 0:
             break
         need = int((t["resources"] or {}).get("gpus") or 0)
@@ -288,7 +323,9 @@ def _lease(server, conn, task: dict, now: float) -> dict | None:
             return None
         server.wakeups.notify_task(conn, task["id"])
     else:
-        conn.execute(update(db.tasks).where(db.tasks.c.id == task["id"]).values(lease_until=now + server.settings.lease_s))
+        conn.execute(
+            update(db.tasks).where(db.tasks.c.id == task["id"]).values(lease_until=now + server.settings.lease_s)
+        )
     return task
 
 
@@ -308,16 +345,24 @@ def reap_lost(server, now: float | None = None) -> list[int]:
     now = time.time() if now is None else now
     lost = []
     with server.db.transaction() as conn:
-        rows = conn.execute(select(db.tasks).where(db.tasks.c.state.in_(LEASED_VALUES),
-                                                   db.tasks.c.lease_until < now)).mappings().all()
+        rows = (
+            conn.execute(select(db.tasks).where(db.tasks.c.state.in_(LEASED_VALUES), db.tasks.c.lease_until < now))
+            .mappings()
+            .all()
+        )
         for row in rows:
             try:
-                change_state(conn, dict(row), TaskState.LOST, now,
-                             error=f"the agent was silent for more than {server.settings.lease_s:g} s")
+                change_state(
+                    conn,
+                    dict(row),
+                    TaskState.LOST,
+                    now,
+                    error=f"the agent was silent for more than {server.settings.lease_s:g} s",
+                )
             except StateRace:
-                continue   # the agent reported meanwhile, or another replica's reaper was first
+                continue  # the agent reported meanwhile, or another replica's reaper was first
             server.wakeups.notify_task(conn, row["id"])
-            server.wakeups.notify_agent(conn, row["agent_id"])   # its waiting poll answers: the lost task goes in `stop`
+            server.wakeups.notify_agent(conn, row["agent_id"])  # its waiting poll answers: the lost task goes in `stop`
             lost.append(row["id"])
     return lost
 
@@ -362,8 +407,9 @@ def release_task(conn, task: dict, now: float) -> dict:
     if state in FINAL:
         raise APIError(409, "task_final", f"task {task['id']} is already {state.value}")
     if state is not TaskState.ASSIGNED:
-        raise APIError(409, "illegal_transition",
-                       f"task {task['id']} is {state.value}; only an assigned task can be released")
+        raise APIError(
+            409, "illegal_transition", f"task {task['id']} is {state.value}; only an assigned task can be released"
+        )
     if task["stop_requested"]:
         return change_state(conn, task, TaskState.STOPPED, now, error="stopped before the agent ran it")
     return change_state(conn, task, TaskState.QUEUED, now, lease_until=None, stop_delivered=False)
@@ -374,5 +420,6 @@ def renew_all_leases(engine, lease_s: float, now: float | None = None) -> None:
     stopped server."""
     now = time.time() if now is None else now
     with engine.begin() as conn:
-        conn.execute(update(db.tasks).where(db.tasks.c.state.in_([s.value for s in LEASED]))
-                     .values(lease_until=now + lease_s))
+        conn.execute(
+            update(db.tasks).where(db.tasks.c.state.in_([s.value for s in LEASED])).values(lease_until=now + lease_s)
+        )

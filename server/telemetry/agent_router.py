@@ -1,4 +1,5 @@
 """Agent side: telemetry samples (kept as the agent's small latest row and in its bounded history)."""
+
 from __future__ import annotations
 
 from fastapi import APIRouter, Request

@@ -13,6 +13,7 @@ A sample is the node's word: a number that is not finite or does not fit its col
 (Integer is int4 on PostgreSQL, BigInteger int8) is dropped (null) and the rest kept, so no
 sample can fail the contact batch it is written in (server/agents/contact.py).
 """
+
 from __future__ import annotations
 
 import math
@@ -23,7 +24,7 @@ from sqlalchemy import and_, delete, or_, select
 from server import db
 from server.http.strict import INT64_MAX, INT64_MIN
 
-INT4 = (-(1 << 31), (1 << 31) - 1)      # an Integer column on PostgreSQL
+INT4 = (-(1 << 31), (1 << 31) - 1)  # an Integer column on PostgreSQL
 
 
 def accept_sample(state, agent: dict, sample: dict) -> None:
@@ -34,10 +35,10 @@ def accept_sample(state, agent: dict, sample: dict) -> None:
 
 def _num(x) -> float | None:
     t = type(x)
-    if t is float:          # the usual case first: a sample holds hundreds of numbers
-        return x if x - x == 0.0 else None      # inf - inf and nan - nan are nan
+    if t is float:  # the usual case first: a sample holds hundreds of numbers
+        return x if x - x == 0.0 else None  # inf - inf and nan - nan are nan
     if t is int:
-        return float(x) if -1e308 < x < 1e308 else None    # float() of a longer one raises
+        return float(x) if -1e308 < x < 1e308 else None  # float() of a longer one raises
     ok = isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
     return float(x) if ok else None
 
@@ -54,7 +55,7 @@ def _pct(x) -> float | None:
                 return v
         used, total = _num(x.get("used")), _num(x.get("total"))
         if used is not None and total:
-            return _num(100.0 * used / total)     # overflows to inf for used=1e308, total=1e-308
+            return _num(100.0 * used / total)  # overflows to inf for used=1e308, total=1e-308
     return None
 
 
@@ -66,7 +67,7 @@ def _int(x, lo: int = INT64_MIN, hi: int = INT64_MAX) -> int | None:
     """`x` as a whole number for a column of [lo, hi] (BigInteger unless told), else None."""
     if type(x) is not int:
         f = _num(x)
-        if f is None or not lo <= f <= hi:    # float against int compares exactly: 2.0**63 is out
+        if f is None or not lo <= f <= hi:  # float against int compares exactly: 2.0**63 is out
             return None
         x = int(f)
     return x if lo <= x <= hi else None
@@ -81,7 +82,12 @@ def _disks(sample: dict) -> list[dict]:
         if not isinstance(x, dict):
             continue
         name = x.get("path") or x.get("mount") or x.get("mountpoint") or x.get("name") or "disk"
-        row = {"path": str(name)[:200], "used": _int(x.get("used")), "total": _int(x.get("total")), "percent": _r(_pct(x))}
+        row = {
+            "path": str(name)[:200],
+            "used": _int(x.get("used")),
+            "total": _int(x.get("total")),
+            "percent": _r(_pct(x)),
+        }
         out.append({k: v for k, v in row.items() if v is not None})
     return out[:32]
 
@@ -104,11 +110,14 @@ def _gpus(sample: dict) -> list[dict]:
                 break
         mem = g.get("memory") if isinstance(g.get("memory"), dict) else {}
         index = _int(g.get("index"), *INT4)
-        row = {"index": index if index is not None else i,
-               "name": str(g["name"])[:100] if g.get("name") else None, "utilization": _r(util),
-               "memory_used": _int(g.get("memory_used", mem.get("used"))),
-               "memory_total": _int(g.get("memory_total", mem.get("total"))),
-               "memory_percent": _r(_num(g.get("memory_percent")))}
+        row = {
+            "index": index if index is not None else i,
+            "name": str(g["name"])[:100] if g.get("name") else None,
+            "utilization": _r(util),
+            "memory_used": _int(g.get("memory_used", mem.get("used"))),
+            "memory_total": _int(g.get("memory_total", mem.get("total"))),
+            "memory_percent": _r(_num(g.get("memory_percent"))),
+        }
         out.append({k: v for k, v in row.items() if v is not None})
     return out[:64]
 
@@ -148,20 +157,33 @@ def _whole(x: float | None) -> int | None:
 def point_values(latest: dict) -> dict:
     """The numbers a history point keeps: cpu, mem (0.1 %), [disk %], [[gpu util %, gpu mem %]] (whole %:
     a chart's pixel is coarser, and a node with 8 GPUs writes 16 of them per point)."""
-    return {"cpu": latest["cpu"], "mem": latest["mem"],
-            "disks": [_whole(d.get("percent")) for d in latest["disks"]],
-            "gpus": [[_whole(g.get("utilization")), _whole(_gpu_mem_pct(g))] for g in latest["gpus"]]}
+    return {
+        "cpu": latest["cpu"],
+        "mem": latest["mem"],
+        "disks": [_whole(d.get("percent")) for d in latest["disks"]],
+        "gpus": [[_whole(g.get("utilization")), _whole(_gpu_mem_pct(g))] for g in latest["gpus"]],
+    }
 
 
 def public_latest(row) -> dict | None:
     """A telemetry_latest row as the API shows it: the shape of an agent's sample, only smaller."""
     if row is None or row["ts"] is None:
         return None
-    memory = {k: v for k, v in (("percent", row["mem"]), ("used", row["mem_used"]), ("total", row["mem_total"]))
-              if v is not None}
-    out = {"ts": row["ts"], "cpu": {"percent": row["cpu"]} if row["cpu"] is not None else None,
-           "memory": memory or None, "disks": row["disks"] or [], "gpus": row["gpus"] or [],
-           "containers": row["containers"], "free_slots": row["free_slots"], "fatal": row["fatal"]}
+    memory = {
+        k: v
+        for k, v in (("percent", row["mem"]), ("used", row["mem_used"]), ("total", row["mem_total"]))
+        if v is not None
+    }
+    out = {
+        "ts": row["ts"],
+        "cpu": {"percent": row["cpu"]} if row["cpu"] is not None else None,
+        "memory": memory or None,
+        "disks": row["disks"] or [],
+        "gpus": row["gpus"] or [],
+        "containers": row["containers"],
+        "free_slots": row["free_slots"],
+        "fatal": row["fatal"],
+    }
     return {k: v for k, v in out.items() if v is not None}
 
 
@@ -170,7 +192,7 @@ def history_point(settings, agent_id: int, last_point: float | None, now: float,
     point (`last_point`) is nearer than the minimum gap (the latest row has the sample then)."""
     if last_point is not None and now - last_point < settings.telemetry_min_gap:
         return None
-    minute = last_point is None or int(last_point // 60) != int(now // 60)   # first point of its minute: kept longer
+    minute = last_point is None or int(last_point // 60) != int(now // 60)  # first point of its minute: kept longer
     return dict(agent_id=agent_id, ts=now, minute=minute, **point_values(latest))
 
 
@@ -179,9 +201,14 @@ def prune(conn, settings, now: float) -> int:
     nodes deleted while a batch of theirs was being written (server/agents/contact.py); the number of
     points dropped."""
     h = db.telemetry_history.c
-    n = conn.execute(delete(db.telemetry_history).where(or_(
-        and_(h.minute.is_(False), h.ts < now - settings.telemetry_full_s),
-        h.ts < now - settings.telemetry_keep_s))).rowcount
+    n = conn.execute(
+        delete(db.telemetry_history).where(
+            or_(
+                and_(h.minute.is_(False), h.ts < now - settings.telemetry_full_s),
+                h.ts < now - settings.telemetry_keep_s,
+            )
+        )
+    ).rowcount
     lt = db.telemetry_latest.c
     # The latest row is written with every batch of points: an orphan point has an orphan latest row.
     orphans = list(conn.execute(select(lt.agent_id).where(lt.agent_id.not_in(select(db.agents.c.id)))).scalars())
@@ -199,21 +226,28 @@ def history(conn, agent_id: int, since: float | None, shown) -> dict:
     if since is not None:
         q = q.where(h.ts > since)
     points = {ts: (cpu, mem, disks, gpus) for ts, cpu, mem, disks, gpus in conn.execute(q)}
-    for p in shown.points_of(agent_id, since):     # one written meanwhile is in both: kept once
+    for p in shown.points_of(agent_id, since):  # one written meanwhile is in both: kept once
         points.setdefault(p["ts"], (p["cpu"], p["mem"], p["disks"], p["gpus"]))
-    items = [{"ts": ts, "cpu": cpu, "mem": mem, "disks": disks or [], "gpus": gpus or []}
-             for ts, (cpu, mem, disks, gpus) in sorted(points.items())]
+    items = [
+        {"ts": ts, "cpu": cpu, "mem": mem, "disks": disks or [], "gpus": gpus or []}
+        for ts, (cpu, mem, disks, gpus) in sorted(points.items())
+    ]
     latest = shown.latest.get(agent_id)
-    if latest is not None:             # the series' names from the unwritten sample: no read
+    if latest is not None:  # the series' names from the unwritten sample: no read
         disks, gpus = latest["disks"], latest["gpus"]
     else:
         lt = db.telemetry_latest.c
         row = conn.execute(select(lt.disks, lt.gpus).where(lt.agent_id == agent_id)).first()
         disks, gpus = row if row is not None else ([], [])
-    return {"items": items, "next": None,
-            "disks": [d.get("path", "disk") for d in disks or []],
-            "gpus": [{"index": g.get("index", i), "name": g.get("name") or f"GPU {g.get('index', i)}"}
-                     for i, g in enumerate(gpus or [])]}
+    return {
+        "items": items,
+        "next": None,
+        "disks": [d.get("path", "disk") for d in disks or []],
+        "gpus": [
+            {"index": g.get("index", i), "name": g.get("name") or f"GPU {g.get('index', i)}"}
+            for i, g in enumerate(gpus or [])
+        ],
+    }
 
 
 def forget(conn, agent_id: int) -> None:

@@ -1,8 +1,8 @@
 """Fixtures for the agent tests: a real `python -m agent` subprocess against the real server."""
+
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -31,21 +31,37 @@ class AgentProcess:
         self.stderr_path = root.parent / f"{name}.stderr"
 
     def env(self, handler: str | None = "counter", **extra) -> dict:
-        env = dict(os.environ, SERVER_ADDRESS=self.server.url, ACCESS_TOKEN=self.token, AGENT_HOST_DIR=str(self.root),
-                   POLL_WAIT="5", TELEMETRY_INTERVAL="1", LOG_BATCH_INTERVAL="0.1", PYTHONUNBUFFERED="1")
+        env = dict(
+            os.environ,
+            SERVER_ADDRESS=self.server.url,
+            ACCESS_TOKEN=self.token,
+            AGENT_HOST_DIR=str(self.root),
+            POLL_WAIT="5",
+            TELEMETRY_INTERVAL="1",
+            LOG_BATCH_INTERVAL="0.1",
+            PYTHONUNBUFFERED="1",
+        )
         env.pop("SLY_AGENT_HANDLER", None)
         if handler:
             env["SLY_AGENT_HANDLER"] = f"{HANDLERS}:{handler}"
         env.update({k: str(v) for k, v in extra.items()})
         return env
 
-    def start(self, handler: str | None = "counter", **extra) -> "AgentProcess":
+    def start(self, handler: str | None = "counter", **extra) -> AgentProcess:
         err = open(self.stderr_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "agent"], cwd=REPO, env=self.env(handler, **extra),
-                                     stdout=err, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "agent"],
+            cwd=REPO,
+            env=self.env(handler, **extra),
+            stdout=err,
+            stderr=subprocess.STDOUT,
+        )
         err.close()
-        poll_for(lambda: self.child("log-shipper") and self.child("telemetry"), timeout=20,
-                 what="the agent's helper processes")
+        poll_for(
+            lambda: self.child("log-shipper") and self.child("telemetry"),
+            timeout=20,
+            what="the agent's helper processes",
+        )
         return self
 
     # --- the process tree ---
@@ -76,8 +92,10 @@ class AgentProcess:
 
     # --- tasks ---
     def create_task(self, type: str = "custom", config: dict | None = None) -> int:
-        r = self.admin.post(self.server.url + "/api/v1/tasks",
-                            json={"agent_id": self.id, "type": type, "image": "none", "config": config or {}})
+        r = self.admin.post(
+            self.server.url + "/api/v1/tasks",
+            json={"agent_id": self.id, "type": type, "image": "none", "config": config or {}},
+        )
         r.raise_for_status()
         return r.json()["id"]
 
@@ -87,13 +105,19 @@ class AgentProcess:
         return r.json()
 
     def wait_state(self, task_id: int, states=("finished", "failed", "stopped", "lost"), timeout: float = 60) -> dict:
-        return poll_for(lambda: (t := self.task(task_id))["state"] in states and t, timeout=timeout, interval=0.2,
-                        what=f"task {task_id} in {states}")
+        return poll_for(
+            lambda: (t := self.task(task_id))["state"] in states and t,
+            timeout=timeout,
+            interval=0.2,
+            what=f"task {task_id} in {states}",
+        )
 
     def logs(self, task_id: int) -> list[dict]:
         lines, after = [], -1
         while True:
-            r = self.admin.get(f"{self.server.url}/api/v1/tasks/{task_id}/logs", params={"after": after, "limit": 10000})
+            r = self.admin.get(
+                f"{self.server.url}/api/v1/tasks/{task_id}/logs", params={"after": after, "limit": 10000}
+            )
             r.raise_for_status()
             page = r.json()["lines"]
             if not page:
@@ -136,8 +160,9 @@ def assert_counter_log(lines: list[dict], n: int) -> None:
     seqs = [l["seq"] for l in lines]
     assert seqs == list(range(len(lines))), "seqs not contiguous from 0"
     out = [l["message"] for l in lines if l["stream"] == "stdout"]
-    assert out == [f"line {i}" for i in range(n)], (f"{len(out)} stdout lines; first wrong at "
-                                                    f"{next((i for i, m in enumerate(out) if m != f'line {i}'), None)}")
+    assert out == [f"line {i}" for i in range(n)], (
+        f"{len(out)} stdout lines; first wrong at {next((i for i, m in enumerate(out) if m != f'line {i}'), None)}"
+    )
 
 
 @pytest.fixture
@@ -149,6 +174,7 @@ def make_agent(tmp_path, request):
         a = AgentProcess(server, tmp_path / f"agent{len(made)}", name or f"{request.node.name[:40]}-{len(made)}")
         made.append(a)
         return a
+
     yield make
     for a in made:
         a.kill_tree()

@@ -4,6 +4,7 @@ The supervisor's real loop runs against these: no fork, no signal, no sleep. The
 clock and decides when a child beats or dies; SIGKILL (`kill`) kills at once, as it does for real,
 while SIGTERM (`terminate`) only records the ask.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -18,7 +19,7 @@ class FakeChild:
         self.beat = now
         self.reaped = False
         self.signals: list[str] = []
-        self.stop_r: int | None = None      # a copy of the task process's stop pipe (read end)
+        self.stop_r: int | None = None  # a copy of the task process's stop pipe (read end)
         if getattr(role, "stop_fd", None) is not None:
             self.stop_r = os.dup(role.stop_fd)
             os.set_blocking(self.stop_r, False)
@@ -118,8 +119,8 @@ class FakeAPI:
     def __init__(self):
         self.states: list[tuple[int, str, str | None]] = []
         self.telemetry_posts: list[dict] = []
-        self.releases: list[int] = []               # every release call, failed ones included
-        self.release_errors: list[Exception] = []   # raised by the next release calls, in order
+        self.releases: list[int] = []  # every release call, failed ones included
+        self.release_errors: list[Exception] = []  # raised by the next release calls, in order
 
     def release(self, task_id):
         self.releases.append(task_id)

@@ -5,6 +5,7 @@ it numbers its lines and stores the number as the line's container timestamp (`c
 re-spawned task process resumes after ctx.last_log_ts_ns() exactly as the Docker handler
 resumes a container's output with logs(since=...).
 """
+
 from __future__ import annotations
 
 import logging
@@ -21,7 +22,7 @@ def counter(ctx) -> Outcome:
     """config: lines (N), rate (lines/s), batch (lines per emit), outcome, exit_code, error."""
     cfg = ctx.task.get("config") or {}
     n, rate, batch = int(cfg.get("lines", 20)), float(cfg.get("rate", 100)), int(cfg.get("batch", 1))
-    pylog = int(cfg.get("pylog", 0))      # agent-log records per batch (multiprocessing-logging)
+    pylog = int(cfg.get("pylog", 0))  # agent-log records per batch (multiprocessing-logging)
     last = ctx.last_log_ts_ns() if ctx.adopt else None
     i = 0 if last is None else last + 1
     if not ctx.adopt:
@@ -34,8 +35,12 @@ def counter(ctx) -> Outcome:
             return Outcome("stopped", error="stopped on request")
         k = min(batch, n - i)
         now = time.time()
-        ctx.emit([{"ts": now, "level": "info", "stream": "stdout", "message": f"line {j}", "cts": j}
-                  for j in range(i, i + k)])
+        ctx.emit(
+            [
+                {"ts": now, "level": "info", "stream": "stdout", "message": f"line {j}", "cts": j}
+                for j in range(i, i + k)
+            ]
+        )
         i += k
         for _ in range(pylog):
             log.info("task %s: chatty placeholder at line %d", ctx.task_id, i)
@@ -74,20 +79,32 @@ def segfault(ctx) -> Outcome:
 def secret_logger(ctx) -> Outcome:
     """Logs the agent token and a password; the server must only ever see them masked."""
     ctx.set_phase("running")
-    ctx.emit([{"ts": time.time(), "level": "info", "stream": "stdout", "message": f"token is {ctx.config.access_token}"},
-              {"ts": time.time(), "level": "info", "stream": "stdout", "message": "db password=hunter2 connected"}])
+    ctx.emit(
+        [
+            {"ts": time.time(), "level": "info", "stream": "stdout", "message": f"token is {ctx.config.access_token}"},
+            {"ts": time.time(), "level": "info", "stream": "stdout", "message": "db password=hunter2 connected"},
+        ]
+    )
     return Outcome("finished", exit_code=0)
 
 
 # Lines that are not log lines, appended straight to the task's durable log between its own lines.
-GARBAGE = (b"garbage-without-seq", b'{"seq":', b'{"seq":"3"}', b'{"seq":1x}', b"\xff\xfe not utf-8",
-           b'{"seq":999999,"message":"a seq from nowhere"}', b'{"seq":0,"message":"a repeated seq"}')
+GARBAGE = (
+    b"garbage-without-seq",
+    b'{"seq":',
+    b'{"seq":"3"}',
+    b'{"seq":1x}',
+    b"\xff\xfe not utf-8",
+    b'{"seq":999999,"message":"a seq from nowhere"}',
+    b'{"seq":0,"message":"a repeated seq"}',
+)
 
 
 def garbler(ctx) -> Outcome:
     """Like `counter` (config: lines, rate), but after every `every`-th line it appends a line that is
     not a log line to its own durable log, and halfway it emits an empty line dict (`emit([{}])`)."""
     from node import tasklog
+
     cfg = ctx.task.get("config") or {}
     n, rate, every = int(cfg.get("lines", 40)), float(cfg.get("rate", 50)), int(cfg.get("every", 3))
     path = tasklog.find_log_file(ctx.config, ctx.task_id)
@@ -96,7 +113,7 @@ def garbler(ctx) -> Outcome:
     for i in range(n):
         ctx.emit([{"ts": time.time(), "level": "info", "stream": "stdout", "message": f"line {i}", "cts": i}])
         if i % every == every - 1:
-            with open(path, "ab") as f:          # O_APPEND, one write: lands between two whole lines
+            with open(path, "ab") as f:  # O_APPEND, one write: lands between two whole lines
                 f.write(GARBAGE[bad % len(GARBAGE)] + b"\n")
             bad += 1
         if i == n // 2:

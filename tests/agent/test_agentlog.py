@@ -2,6 +2,7 @@
 
 Both tests run in a fresh interpreter (they install root logging handlers and fork).
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -37,13 +38,16 @@ def rounds(n):
 
 
 def run_py(code: str, timeout: float = 90) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_agent_log_survives_children_killed_mid_record(tmp_path):
     """Children killed with SIGKILL while logging never stop the others: every later child logs and exits."""
-    r = run_py(CHATTY_ROUNDS + f"""
+    r = run_py(
+        CHATTY_ROUNDS
+        + f"""
 from agent.agentlog import setup_logging
 from node.config import load_config
 from node.masking import Masker
@@ -55,7 +59,8 @@ text = path.read_text()
 bad = [l for l in text.splitlines() if not re.match(r"^\\d{{4}}-\\d\\d-\\d\\d \\d\\d:\\d\\d:\\d\\d,\\d+ INFO ", l)]
 print("hung", hung, "markers", sum(f"marker {{i}}" in text for i in range(20)), "bad", len(bad),
       "parent", "parent done" in text)
-""")
+"""
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split() == ["hung", "None", "markers", "20", "bad", "0", "parent", "True"], r.stdout
 
@@ -63,13 +68,16 @@ print("hung", hung, "markers", sum(f"marker {{i}}" in text for i in range(20)), 
 def test_multiprocessing_logging_hangs_a_child_after_a_kill():
     """The evidence for not using multiprocessing-logging: a child killed while it holds the shared
     queue's write lock makes the next child that logs hang at exit (its feeder thread waits forever)."""
-    r = run_py(CHATTY_ROUNDS + """
+    r = run_py(
+        CHATTY_ROUNDS
+        + """
 import multiprocessing_logging
 logging.basicConfig(filename=os.devnull, level=logging.INFO)
 multiprocessing_logging.install_mp_handler()
 print("hung", rounds(20))
 os._exit(0)
-""")
+"""
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split()[0] == "hung" and r.stdout.split()[1] != "None", r.stdout
 
@@ -97,7 +105,9 @@ def fork_many(n, wait):
 
 def test_fork_while_threads_log_never_hangs_a_child(tmp_path):
     """The supervisor forks while its threads log: with the agent's logging no child hangs."""
-    r = run_py(FORK_WHILE_THREADS_LOG + f"""
+    r = run_py(
+        FORK_WHILE_THREADS_LOG
+        + f"""
 from agent.agentlog import setup_logging
 from node.config import load_config
 from node.masking import Masker
@@ -105,17 +115,21 @@ c = load_config({{"SERVER_ADDRESS": "http://x", "ACCESS_TOKEN": "A" * 32, "AGENT
 setup_logging(c, Masker(c.access_token))
 print("hung", fork_many(300, 10))
 os._exit(0)
-""")
+"""
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split() == ["hung", "None"], r.stdout
 
 
 def test_plain_logging_hangs_a_child_forked_mid_write(tmp_path):
     """The evidence for the fork hook: the same with plain logging handlers hangs a child."""
-    r = run_py(FORK_WHILE_THREADS_LOG + f"""
+    r = run_py(
+        FORK_WHILE_THREADS_LOG
+        + f"""
 logging.basicConfig(filename={str(tmp_path / "plain.log")!r}, level=logging.INFO)
 print("hung", fork_many(100, 2))
 os._exit(0)
-""")
+"""
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split()[0] == "hung" and r.stdout.split()[1] != "None", r.stdout

@@ -1,4 +1,5 @@
 """A results post waits out a server busy with the node's other project check, and only that."""
+
 from __future__ import annotations
 
 import pytest
@@ -21,6 +22,7 @@ def _api(monkeypatch, failures):
         if failures:
             raise failures.pop(0)
         return _Answer()
+
     monkeypatch.setattr(a, "request", request)
     monkeypatch.setattr(node_api.time, "sleep", slept.append)
     return a, calls, slept

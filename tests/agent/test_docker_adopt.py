@@ -1,4 +1,5 @@
 """The agent with the real Docker handler: a replaced task process / agent re-attaches to the container."""
+
 from __future__ import annotations
 
 import os
@@ -15,8 +16,9 @@ COUNT = ["sh", "-c", "for i in $(seq 1 40); do echo line $i; sleep 0.1; done"]
 
 
 def create(a, image) -> int:
-    r = a.admin.post(a.server.url + "/api/v1/tasks",
-                     json={"agent_id": a.id, "type": "custom", "image": image, "command": COUNT})
+    r = a.admin.post(
+        a.server.url + "/api/v1/tasks", json={"agent_id": a.id, "type": "custom", "image": image, "command": COUNT}
+    )
     r.raise_for_status()
     return r.json()["id"]
 

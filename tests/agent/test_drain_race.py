@@ -1,5 +1,6 @@
 """The drain race with a real agent and server: a task created after SIGTERM, while the long-poll
 sent before it (with a slot free) is still open, is handed back and never run here."""
+
 from __future__ import annotations
 
 import signal
@@ -31,8 +32,11 @@ def test_a_task_created_after_sigterm_is_handed_back_and_runs_on_the_next_start(
     t2 = a.create_task(config={"lines": 30, "rate": 0})
 
     # the open poll hands task 2 out; the draining agent hands it back
-    poll_for(lambda: f"task {t2} (arrived after SIGTERM): draining, so it is handed back" in a.stderr(),
-             timeout=15, what="task 2 handed back")
+    poll_for(
+        lambda: f"task {t2} (arrived after SIGTERM): draining, so it is handed back" in a.stderr(),
+        timeout=15,
+        what="task 2 handed back",
+    )
     back = a.wait_state(t2, states=("queued",), timeout=15)
     poll_for(lambda: node()["refusing"] == "draining", timeout=15, what="the next poll saying it takes nothing")
     assert a.wait_exit(60) == 0
@@ -44,7 +48,7 @@ def test_a_task_created_after_sigterm_is_handed_back_and_runs_on_the_next_start(
     assert t["state"] == "queued" and states == ["queued", "assigned", "queued"], t
     assert back["state"] == "queued" and a.logs(t2) == []
     config = load_config(a.env())
-    assert not config.task_dir(t2).exists() and tasklog.find_log_file(config, t2) is None   # never prepared
+    assert not config.task_dir(t2).exists() and tasklog.find_log_file(config, t2) is None  # never prepared
     assert f"task {t2}: task process" not in a.stderr() and f"task {t2} (" in a.stderr()
 
     # the next run of the same node takes it and runs it to the end, its log complete

@@ -4,6 +4,7 @@ The supervisor forks from its main thread while its poller and jobs threads run 
 multiprocessing-logging's receiver thread writes records from every child; each task process
 writes its durable log and sends agent-log records through the shared queue.
 """
+
 from __future__ import annotations
 
 import time
@@ -26,6 +27,7 @@ def test_fork_300_task_processes_while_all_log(server, make_agent):
         r = a.admin.get(f"{server.url}/api/v1/tasks", params={"agent_id": a.id, "limit": 1000})
         items = r.json()["items"]
         return len(items) == N_TASKS and all(t["state"] in ("finished", "failed", "stopped") for t in items) and items
+
     items = poll_for(all_final, timeout=150, interval=0.5, what=f"{N_TASKS} tasks final")
     elapsed = time.monotonic() - t0
     assert {t["state"] for t in items} == {"finished"}
@@ -33,6 +35,6 @@ def test_fork_300_task_processes_while_all_log(server, make_agent):
         lines = a.logs(tid)
         assert [l["message"] for l in lines if l["stream"] == "stdout"] == [f"line {i}" for i in range(200)]
     log = next((a.root / "logs").glob("log_*.txt")).read_text()
-    assert log.count("chatty placeholder") == N_TASKS * 4 * 10    # every child's records arrived
+    assert log.count("chatty placeholder") == N_TASKS * 4 * 10  # every child's records arrived
     assert a.proc.poll() is None
     print(f"{N_TASKS} task processes in {elapsed:.1f}s")

@@ -1,4 +1,5 @@
 """The agent's process tree with real processes, real signals and the real server."""
+
 from __future__ import annotations
 
 import os
@@ -24,20 +25,27 @@ def test_tree_titles_and_sigterm_drain(server, make_agent):
     a = make_agent(server).start()
     t1 = a.create_task(config={"lines": 40, "rate": 10})
     t2 = a.create_task(config={"lines": 30, "rate": 10})
-    want = ["sly-agent: log-shipper", f"sly-agent: task {t1} custom [running]",
-            f"sly-agent: task {t2} custom [running]", "sly-agent: telemetry"]
+    want = [
+        "sly-agent: log-shipper",
+        f"sly-agent: task {t1} custom [running]",
+        f"sly-agent: task {t2} custom [running]",
+        "sly-agent: telemetry",
+    ]
     # a task process is titled [preparing] before [running]: wait for both to run
-    titles = lambda: sorted(t.strip() for t in a.titles().values())   # noqa: E731
+    titles = lambda: sorted(t.strip() for t in a.titles().values())  # noqa: E731
     poll_for(lambda: titles() == want, timeout=15, what="both task processes titled [running]")
     assert cmdline(a.proc.pid) == "sly-agent: supervisor"
     # children live in their own process groups
     assert all(os.getpgid(pid) == pid for pid in a.titles())
     # system info at connect, telemetry samples every TELEMETRY_INTERVAL (1 s here)
     info = a.admin.get(f"{server.url}/api/v1/agents/{a.id}").json()
-    assert info["system_info"]["hostname"] and isinstance(info["system_info"]["gpus"], list)   # a GPU node too
+    assert info["system_info"]["hostname"] and isinstance(info["system_info"]["gpus"], list)  # a GPU node too
     assert info["system_info"]["cpus"]["logical"] >= 1 and "docker" in info["system_info"]
-    sample = poll_for(lambda: a.admin.get(f"{server.url}/api/v1/agents/{a.id}").json().get("telemetry"),
-                      timeout=10, what="a telemetry sample")
+    sample = poll_for(
+        lambda: a.admin.get(f"{server.url}/api/v1/agents/{a.id}").json().get("telemetry"),
+        timeout=10,
+        what="a telemetry sample",
+    )
     # the server keeps the compact sample (docs/protocol.md, telemetry)
     assert 0 <= sample["cpu"]["percent"] <= 100 and sample["memory"]["total"] == psutil.virtual_memory().total
     assert sample["disks"][0]["path"] == str(a.root) and len(sample["gpus"]) == len(info["system_info"]["gpus"])
@@ -46,7 +54,7 @@ def test_tree_titles_and_sigterm_drain(server, make_agent):
     t3 = a.create_task(config={"lines": 5, "rate": 0})
     assert a.wait_exit(60) == 0
     assert a.task(t1)["state"] == "finished" and a.task(t2)["state"] == "finished"
-    assert a.task(t3)["state"] == "queued"          # no new task taken while draining
+    assert a.task(t3)["state"] == "queued"  # no new task taken while draining
     assert_counter_log(a.logs(t1), 40)
     assert_counter_log(a.logs(t2), 30)
     log_files = list((a.root / "logs").glob("log_*.txt"))
@@ -93,8 +101,9 @@ def test_kill_task_process(server, make_agent):
     assert a.wait_state(ok)["state"] == "finished"
 
 
-@pytest.mark.parametrize("handler, reason", [("segfault", "killed by SIGSEGV"),
-                                             ("raiser", "handler raised RuntimeError")])
+@pytest.mark.parametrize(
+    "handler, reason", [("segfault", "killed by SIGSEGV"), ("raiser", "handler raised RuntimeError")]
+)
 def test_crashing_handlers(server, make_agent, handler, reason):
     a = make_agent(server).start(handler=handler)
     tid = a.create_task()
@@ -103,7 +112,7 @@ def test_crashing_handlers(server, make_agent, handler, reason):
     assert a.proc.poll() is None
     if handler == "raiser":
         assert any("handler raised RuntimeError" in l["message"] and l["stream"] == "agent" for l in a.logs(tid))
-        assert "password=***" in t["error"] and "hunter2" not in t["error"]      # the error is masked too
+        assert "password=***" in t["error"] and "hunter2" not in t["error"]  # the error is masked too
         assert not any("hunter2" in l["message"] for l in a.logs(tid))
 
 
@@ -127,11 +136,12 @@ def test_kill_supervisor_and_restart_loses_nothing(server, make_agent):
 def test_server_outage_loses_no_line(fresh_server, make_agent):
     """The server stops for 30 s while a task logs 10 lines/s: every line arrives, once, in order."""
     import time
+
     a = make_agent(fresh_server).start()
     tid = a.create_task(config={"lines": 400, "rate": 10})
     poll_for(lambda: len(a.logs(tid)) >= 20, timeout=20, what="lines before the outage")
     fresh_server.stop()
-    time.sleep(30)      # the outage itself (not synchronisation)
+    time.sleep(30)  # the outage itself (not synchronisation)
     fresh_server.start()
     poll_for(lambda: len(a.logs(tid)) >= 300, timeout=30, what="the lines written during the outage")
     t = a.wait_state(tid, timeout=90)
@@ -186,17 +196,19 @@ def test_helper_fatal_is_logged_and_reported(server, make_agent):
     def reported():
         r = a.admin.get(f"{server.url}/api/v1/agents/{a.id}")
         return "fatal" in (r.json().get("telemetry") or {})
+
     poll_for(reported, timeout=10, what="FATAL reported to the server")
     assert a.child("telemetry") is None and a.proc.poll() is None
     tid = a.create_task(config={"lines": 5, "rate": 0})
-    assert a.wait_state(tid)["state"] == "finished"      # the agent still works without telemetry
+    assert a.wait_state(tid)["state"] == "finished"  # the agent still works without telemetry
 
 
 # --- start-up errors: one line on stderr, a distinct exit code ---
 def run_agent(env: dict, timeout: float = 30) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items() if k not in ("SERVER_ADDRESS", "ACCESS_TOKEN", "AGENT_HOST_DIR")}
-    return subprocess.run([sys.executable, "-m", "agent"], cwd=REPO, env={**base, **env}, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "agent"], cwd=REPO, env={**base, **env}, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_exit_codes(server, tmp_path):
@@ -204,9 +216,17 @@ def test_exit_codes(server, tmp_path):
     cases = [
         ({"ACCESS_TOKEN": "x" * 32, "AGENT_HOST_DIR": root}, 2, "SERVER_ADDRESS"),
         ({"SERVER_ADDRESS": server.url, "ACCESS_TOKEN": "short", "AGENT_HOST_DIR": root}, 2, "ACCESS_TOKEN"),
-        ({"SERVER_ADDRESS": server.url, "ACCESS_TOKEN": "A" * 32, "AGENT_HOST_DIR": root, "MAX_TASKS": "zero"}, 2, "MAX_TASKS"),
+        (
+            {"SERVER_ADDRESS": server.url, "ACCESS_TOKEN": "A" * 32, "AGENT_HOST_DIR": root, "MAX_TASKS": "zero"},
+            2,
+            "MAX_TASKS",
+        ),
         ({"SERVER_ADDRESS": server.url, "ACCESS_TOKEN": "A" * 32, "AGENT_HOST_DIR": root}, 3, "refused"),
-        ({"SERVER_ADDRESS": f"http://127.0.0.1:{free_port()}", "ACCESS_TOKEN": "A" * 32, "AGENT_HOST_DIR": root}, 4, "unreachable"),
+        (
+            {"SERVER_ADDRESS": f"http://127.0.0.1:{free_port()}", "ACCESS_TOKEN": "A" * 32, "AGENT_HOST_DIR": root},
+            4,
+            "unreachable",
+        ),
     ]
     for env, code, word in cases:
         r = run_agent(env)
@@ -228,8 +248,13 @@ def test_sighup_reloads_config(server, make_agent, tmp_path):
     cfg.write_text('{"max_tasks": 2}')
     a.signal(signal.SIGHUP)
     a.wait_state(t2, states=("running",), timeout=15)
-    poll_for(lambda: a.child("telemetry") and a.child("log-shipper") and
-             not old & {a.child("telemetry"), a.child("log-shipper")}, timeout=10, what="helpers restarted")
+    poll_for(
+        lambda: (
+            a.child("telemetry") and a.child("log-shipper") and not old & {a.child("telemetry"), a.child("log-shipper")}
+        ),
+        timeout=10,
+        what="helpers restarted",
+    )
     assert "config reloaded (max_tasks=2" in a.stderr() and " died " not in a.stderr()
 
 
@@ -257,7 +282,7 @@ def test_log_shipper_fatal_exits_5_and_a_restart_finishes_the_task(server, make_
         poll_for(lambda: a.child("log-shipper") != pid, timeout=10, what="log-shipper gone")
     assert a.wait_exit(20) == 5
     assert "log-shipper died 2 times" in a.stderr()
-    _, alive = psutil.wait_procs(survivors, timeout=10)     # orphaned children leave by themselves
+    _, alive = psutil.wait_procs(survivors, timeout=10)  # orphaned children leave by themselves
     assert not alive
     a.start()
     assert a.wait_state(tid, timeout=60)["state"] == "finished"

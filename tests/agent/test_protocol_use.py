@@ -1,5 +1,6 @@
 """The agent speaks protocol/: its task states, its API client's paths, headers and errors, and
 its log-shipper's reading of the durable log line are protocol's, not copies of them."""
+
 from __future__ import annotations
 
 import http.server
@@ -28,8 +29,9 @@ SHA = "ab" * 32
 
 @pytest.fixture
 def config(tmp_path):
-    c = load_config({"SERVER_ADDRESS": "http://127.0.0.1:1", "ACCESS_TOKEN": TOKEN,
-                     "AGENT_HOST_DIR": str(tmp_path / "root")})
+    c = load_config(
+        {"SERVER_ADDRESS": "http://127.0.0.1:1", "ACCESS_TOKEN": TOKEN, "AGENT_HOST_DIR": str(tmp_path / "root")}
+    )
     ensure_layout(c)
     return c
 
@@ -37,22 +39,27 @@ def config(tmp_path):
 # --- task states ---
 def _context(task: dict, adopt: bool = False):
     posted = []
-    proc = types.SimpleNamespace(task=task, config=None, gpus=[], adopt=adopt,
-                                 set_phase_title=lambda phase: None,
-                                 reporter=types.SimpleNamespace(put_phase=posted.append))
+    proc = types.SimpleNamespace(
+        task=task,
+        config=None,
+        gpus=[],
+        adopt=adopt,
+        set_phase_title=lambda phase: None,
+        reporter=types.SimpleNamespace(put_phase=posted.append),
+    )
     return AgentTaskContext(proc, api=None, stop_event=threading.Event()), posted
 
 
 def test_the_task_process_reports_protocol_task_states():
-    assert not hasattr(agent.states, "TaskState")       # one definition: protocol.states
+    assert not hasattr(agent.states, "TaskState")  # one definition: protocol.states
     ctx, posted = _context({"id": 1, "type": "custom"})
     assert ctx.state is TaskState.ASSIGNED
     for phase in ("preparing", "running", "running", "uploading"):
         ctx.set_phase(phase)
         assert type(ctx.state) is TaskState
-    assert posted == ["preparing", "running", "uploading"]     # a repeat is a progress update, not posted
+    assert posted == ["preparing", "running", "uploading"]  # a repeat is a progress update, not posted
     with pytest.raises(IllegalTransition):
-        ctx.set_phase("preparing")                      # protocol.states.check_transition refuses it
+        ctx.set_phase("preparing")  # protocol.states.check_transition refuses it
     for not_a_phase in ("finished", "queued", "assigned"):
         with pytest.raises(ValueError):
             ctx.set_phase(not_a_phase)
@@ -68,8 +75,9 @@ def test_an_adopted_task_starts_from_its_leased_protocol_state():
 # --- the API client: paths and headers from protocol.endpoints, errors from protocol.errors ---
 class Recorder(http.server.BaseHTTPRequestHandler):
     """Answers every agent call like the server would and records (method, path, token)."""
+
     seen: list = []
-    answer: tuple | None = None        # (status, body): answer the next call with this
+    answer: tuple | None = None  # (status, body): answer the next call with this
 
     def log_message(self, *args):
         pass
@@ -126,17 +134,23 @@ def test_the_api_client_builds_its_calls_from_protocol_endpoints(recorder, tmp_p
     part.write_bytes(b"0123")
     got = []
     import hashlib
+
     assert api.get_blob(SHA, part, size=10, on_bytes=got.append) == hashlib.sha256(b"0123456789").hexdigest()
-    assert part.read_bytes() == b"0123456789" and sum(got) == 6      # resumed with Range after 4 bytes
+    assert part.read_bytes() == b"0123456789" and sum(got) == 6  # resumed with Range after 4 bytes
     p = endpoints.path
     assert [(m, path) for m, path, _, _ in Recorder.seen] == [
-        ("POST", endpoints.CONNECT), ("POST", endpoints.POLL + "?wait=0"),
-        ("POST", p(endpoints.TASK_STATE, task_id=7)), ("POST", p(endpoints.TASK_LOGS, task_id=7)),
-        ("POST", endpoints.TELEMETRY), ("HEAD", p(endpoints.AGENT_BLOB, sha256=SHA)),
-        ("POST", p(endpoints.TASK_RESULTS, task_id=7)), ("PUT", p(endpoints.AGENT_BLOB, sha256=SHA)),
-        ("GET", p(endpoints.AGENT_BLOB, sha256=SHA))]
+        ("POST", endpoints.CONNECT),
+        ("POST", endpoints.POLL + "?wait=0"),
+        ("POST", p(endpoints.TASK_STATE, task_id=7)),
+        ("POST", p(endpoints.TASK_LOGS, task_id=7)),
+        ("POST", endpoints.TELEMETRY),
+        ("HEAD", p(endpoints.AGENT_BLOB, sha256=SHA)),
+        ("POST", p(endpoints.TASK_RESULTS, task_id=7)),
+        ("PUT", p(endpoints.AGENT_BLOB, sha256=SHA)),
+        ("GET", p(endpoints.AGENT_BLOB, sha256=SHA)),
+    ]
     assert {tok for _, _, tok, _ in Recorder.seen} == {TOKEN}
-    assert json.loads(Recorder.seen[2][3]) == {"state": "running"}        # the enum goes as its value
+    assert json.loads(Recorder.seen[2][3]) == {"state": "running"}  # the enum goes as its value
 
 
 def test_the_api_client_raises_protocol_errors(recorder):
@@ -158,8 +172,11 @@ def test_the_api_client_raises_protocol_errors(recorder):
 
 # --- the durable log line: the writer's encoding is protocol's, and the shipper reads it the same way ---
 def test_writer_encodes_and_shipper_reads_protocol_log_lines(config):
-    lines = [{"ts": 1.5, "cts": 3, "level": "info", "stream": "stdout", "message": "usual"},
-             {"message": "x", "event_type": "metrics", "metrics": {"loss": 0.5}}, {}]
+    lines = [
+        {"ts": 1.5, "cts": 3, "level": "info", "stream": "stdout", "message": "usual"},
+        {"message": "x", "event_type": "metrics", "metrics": {"loss": 0.5}},
+        {},
+    ]
     w = tasklog.TaskLogWriter(config, 11, Masker(TOKEN))
     w.write(lines)
     w.close()
@@ -177,12 +194,20 @@ def test_shipper_skips_what_is_not_a_log_line_and_counts_it(config):
     tasklog.task_logs_dir(config, 12).mkdir(parents=True)
     path = tasklog.new_log_path(config, 12)
     good = [logline.encode(i, {"message": f"m{i}"}).encode() for i in range(4)]
-    path.write_bytes(good[0] + b"garbage-without-seq\n" + good[1] + b'{"seq":"2"}\n\n' + good[2]
-                     + b'{"seq":1,"message":"again"}\n' + good[3] + b'{"seq":99,"message":"ahead"}\n')
+    path.write_bytes(
+        good[0]
+        + b"garbage-without-seq\n"
+        + good[1]
+        + b'{"seq":"2"}\n\n'
+        + good[2]
+        + b'{"seq":1,"message":"again"}\n'
+        + good[3]
+        + b'{"seq":99,"message":"ahead"}\n'
+    )
     shipper = LogShipper(config)
     cur = TaskCursor(config, 12)
     got, ends = shipper.read_batch(cur)
     assert got == [g.rstrip(b"\n") for g in good]
     assert shipper.bad_lines == cur.bad_lines == 4
-    shipper.read_batch(cur)             # read again (a failed send): not counted twice
+    shipper.read_batch(cur)  # read again (a failed send): not counted twice
     assert shipper.bad_lines == 4

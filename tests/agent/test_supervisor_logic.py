@@ -1,12 +1,13 @@
 """The supervisor's slot/GPU accounting and poll handling, without forking (a fake spawner)."""
+
 from __future__ import annotations
 
 import pytest
 
-from node.config import load_config
 from agent.states import SlotState
-from node.storage import ensure_layout
 from agent.supervisor import Supervisor
+from node.config import load_config
+from node.storage import ensure_layout
 from tests.agent.fakes import FakeSpawner
 
 
@@ -15,8 +16,11 @@ class DrySupervisor(Supervisor):
 
     @property
     def spawned(self) -> list[tuple[int, list[int], bool]]:
-        return [(int(c.name.split("-")[1]), c.role.gpus, c.role.adopt) for c in self.spawner.children
-                if c.name.startswith("task-")]
+        return [
+            (int(c.name.split("-")[1]), c.role.gpus, c.role.adopt)
+            for c in self.spawner.children
+            if c.name.startswith("task-")
+        ]
 
     def handle_answer(self, answer, now=None):
         super().handle_answer(answer, self.spawner.now() if now is None else now)
@@ -27,8 +31,14 @@ class DrySupervisor(Supervisor):
 
 @pytest.fixture
 def sup(tmp_path):
-    c = load_config({"SERVER_ADDRESS": "http://127.0.0.1:1", "ACCESS_TOKEN": "B" * 32,
-                     "AGENT_HOST_DIR": str(tmp_path / "root"), "MAX_TASKS": "3"})
+    c = load_config(
+        {
+            "SERVER_ADDRESS": "http://127.0.0.1:1",
+            "ACCESS_TOKEN": "B" * 32,
+            "AGENT_HOST_DIR": str(tmp_path / "root"),
+            "MAX_TASKS": "3",
+        }
+    )
     ensure_layout(c)
     s = DrySupervisor(c, api=None, spawner=FakeSpawner())
     s.gpu_pool = [0, 1, 2]
@@ -48,7 +58,7 @@ def test_admits_by_slots_and_gpus(sup):
     sup.update_snapshot()
     free_slots, free_gpus, running, refusing = sup.poller.snapshot
     assert (free_slots, free_gpus, running) == (0, [], [1, 2, 3, 4])
-    sup.release(sup.slots[1], SlotState.DONE)          # task 1 ends: its GPUs come back
+    sup.release(sup.slots[1], SlotState.DONE)  # task 1 ends: its GPUs come back
     sup.admit_pending()
     assert sup.spawned[-1] == (2, [0, 1], False)
 
@@ -64,7 +74,7 @@ def test_impossible_gpu_request_and_stop_before_start(sup):
 
 def test_draining_reports_no_free_slot_and_dedups_tasks(sup):
     sup.handle_answer({"tasks": [task(10)], "stop": []})
-    sup.handle_answer({"tasks": [task(10)], "stop": []})     # handed out again: still one slot
+    sup.handle_answer({"tasks": [task(10)], "stop": []})  # handed out again: still one slot
     sup.admit_pending()
     assert [s[0] for s in sup.spawned] == [10]
     sup.handle_sigterm(sup.spawner.now())
@@ -75,6 +85,7 @@ def test_draining_reports_no_free_slot_and_dedups_tasks(sup):
 def test_adopts_a_task_with_a_durable_log(sup):
     from node import tasklog
     from node.masking import Masker
+
     w = tasklog.TaskLogWriter(sup.config, 11, Masker("B" * 32))
     w.write([{"ts": 1.0, "level": "info", "stream": "stdout", "message": "before the restart"}])
     w.close()
@@ -85,6 +96,7 @@ def test_adopts_a_task_with_a_durable_log(sup):
 
 def test_disk_guard_refuses_while_short_and_says_why(sup):
     import dataclasses
+
     short = dataclasses.replace(sup.config, min_free_disk_mb=10**9)
     sup._apply_disk(sup.disk.check(short, evict=True))
     assert sup.free_slots() == 0 and "not enough disk" in sup.disk_refusal

@@ -1,9 +1,10 @@
 """Unit tests of the agent's pure parts: states, restart policy, masking, NVML (faked), the durable log."""
+
 from __future__ import annotations
 
 import json
-import os
 import logging
+import os
 import types
 
 import pytest
@@ -22,7 +23,9 @@ TOKEN = "Tok3nTok3nTok3nTok3nTok3nTok3n12"
 
 @pytest.fixture
 def config(tmp_path):
-    c = load_config({"SERVER_ADDRESS": "http://127.0.0.1:1", "ACCESS_TOKEN": TOKEN, "AGENT_HOST_DIR": str(tmp_path / "root")})
+    c = load_config(
+        {"SERVER_ADDRESS": "http://127.0.0.1:1", "ACCESS_TOKEN": TOKEN, "AGENT_HOST_DIR": str(tmp_path / "root")}
+    )
     ensure_layout(c)
     return c
 
@@ -39,7 +42,7 @@ def test_child_and_slot_edges():
     with pytest.raises(TransitionError):
         change_state(ChildState.STOPPED, ChildState.RUNNING, CHILD_EDGES)
     s = change_state(SlotState.PENDING, SlotState.RUNNING, SLOT_EDGES)
-    s = change_state(s, SlotState.RUNNING, SLOT_EDGES)            # re-spawned to adopt its container
+    s = change_state(s, SlotState.RUNNING, SLOT_EDGES)  # re-spawned to adopt its container
     s = change_state(s, SlotState.FINALIZING, SLOT_EDGES)
     assert change_state(s, SlotState.DONE, SLOT_EDGES) is SlotState.DONE
     with pytest.raises(TransitionError):
@@ -50,8 +53,8 @@ def test_restart_policy_backs_off_then_goes_fatal():
     p = RestartPolicy(max_deaths=4, window_s=10, base_s=0.1, cap_s=1.0)
     delays = [p.record_death(t) for t in (0.0, 0.5, 1.0)]
     assert all(d is not None for d in delays)
-    assert 0.05 <= delays[0] <= 0.15 and 0.2 <= delays[2] <= 0.6     # exponential, with jitter
-    assert p.record_death(1.5) is None                                 # 4th death in 10 s: FATAL
+    assert 0.05 <= delays[0] <= 0.15 and 0.2 <= delays[2] <= 0.6  # exponential, with jitter
+    assert p.record_death(1.5) is None  # 4th death in 10 s: FATAL
     q = RestartPolicy(max_deaths=3, window_s=10)
     assert q.record_death(0) is not None and q.record_death(20) is not None and q.record_death(40) is not None
 
@@ -63,28 +66,39 @@ def test_describe_exit():
 
 
 # --- masking ---
-@pytest.mark.parametrize("text, secret", [
-    (f"token is {TOKEN}", TOKEN),
-    ("connect password=hunter2 ok", "hunter2"),
-    ('{"password": "s3cr3t!"}', "s3cr3t!"),
-    ("Authorization: Bearer abcdef123456789", "abcdef123456789"),
-    ("AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI/K7MDENGbPxRfiCY", "wJalrXUtnFEMI/K7MDENGbPxRfiCY"),
-    ("id AKIAIOSFODNN7EXAMPLE used", "AKIAIOSFODNN7EXAMPLE"),
-    ("x-token: Zm9vYmFyYmF6cXV4", "Zm9vYmFyYmF6cXV4"),
-    ("git clone https://bob:pa55word@example.com/r.git", "pa55word"),
-    ("api_key: 12345678abcdef", "12345678abcdef"),
-    ("ACCESS_TOKEN=abcdefgh12345678", "abcdefgh12345678"),
-    ("db_password: 'p@ss w'", "p@ss"),
-    ("client_secret=xyz12345", "xyz12345"),
-])
+@pytest.mark.parametrize(
+    "text, secret",
+    [
+        (f"token is {TOKEN}", TOKEN),
+        ("connect password=hunter2 ok", "hunter2"),
+        ('{"password": "s3cr3t!"}', "s3cr3t!"),
+        ("Authorization: Bearer abcdef123456789", "abcdef123456789"),
+        ("AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI/K7MDENGbPxRfiCY", "wJalrXUtnFEMI/K7MDENGbPxRfiCY"),
+        ("id AKIAIOSFODNN7EXAMPLE used", "AKIAIOSFODNN7EXAMPLE"),
+        ("x-token: Zm9vYmFyYmF6cXV4", "Zm9vYmFyYmF6cXV4"),
+        ("git clone https://bob:pa55word@example.com/r.git", "pa55word"),
+        ("api_key: 12345678abcdef", "12345678abcdef"),
+        ("ACCESS_TOKEN=abcdefgh12345678", "abcdefgh12345678"),
+        ("db_password: 'p@ss w'", "p@ss"),
+        ("client_secret=xyz12345", "xyz12345"),
+    ],
+)
 def test_masking_hides_secrets(text, secret):
     masked = Masker(TOKEN)(text)
     assert secret not in masked
     assert "***" in masked
 
 
-@pytest.mark.parametrize("text", ["epoch 3/10 loss=0.412 acc=0.91", "tokens processed: 512", "keyboard monkey",
-                                  "train_token_acc=0.93 keypoints=17", "tokenizer: bert-base"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "epoch 3/10 loss=0.412 acc=0.91",
+        "tokens processed: 512",
+        "keyboard monkey",
+        "train_token_acc=0.93 keypoints=17",
+        "tokenizer: bert-base",
+    ],
+)
 def test_masking_keeps_ordinary_lines(text):
     assert Masker(TOKEN)(text) == text
 
@@ -104,18 +118,24 @@ def fake_nvml(n: int, fail_init: bool = False, broken_sensor: bool = False):
     def init():
         if fail_init:
             raise NVMLError("NVML Shared Library Not Found")
+
     def temp(h, sensor):
         if broken_sensor:
             raise NVMLError("Not Supported")
         return 40 + h
+
     return types.SimpleNamespace(
-        nvmlInit=init, nvmlShutdown=lambda: None, nvmlDeviceGetCount=lambda: n,
+        nvmlInit=init,
+        nvmlShutdown=lambda: None,
+        nvmlDeviceGetCount=lambda: n,
         nvmlDeviceGetHandleByIndex=lambda i: i,
         nvmlDeviceGetName=lambda h: b"NVIDIA H100" if h == 0 else "NVIDIA A100",
         nvmlDeviceGetUUID=lambda h: f"GPU-{h}",
         nvmlDeviceGetMemoryInfo=lambda h: types.SimpleNamespace(total=80 << 30, used=h << 30, free=0),
         nvmlDeviceGetUtilizationRates=lambda h: types.SimpleNamespace(gpu=10 * h, memory=0),
-        nvmlDeviceGetTemperature=temp, NVML_TEMPERATURE_GPU=0)
+        nvmlDeviceGetTemperature=temp,
+        NVML_TEMPERATURE_GPU=0,
+    )
 
 
 def test_nvml_lists_gpus():
@@ -129,7 +149,7 @@ def test_nvml_degrades_to_empty():
     assert list_gpus(fake_nvml(2, fail_init=True)) == []
     assert list_gpus(fake_nvml(0)) == []
     assert "temperature" not in list_gpus(fake_nvml(1, broken_sensor=True))[0]
-    assert list_gpus() == []          # the real library: no driver on this machine
+    assert list_gpus() == []  # the real library: no driver on this machine
 
 
 def test_gpu_pool_honours_the_setting():
@@ -152,8 +172,15 @@ def test_layout_and_tmp_wipe(config):
 
 def test_task_log_seqs_masking_and_cts(config):
     w = tasklog.TaskLogWriter(config, 7, Masker(TOKEN))
-    assert w.write([{"ts": 1.0, "level": "info", "stream": "stdout", "message": f"t={TOKEN}", "cts": 5},
-                    {"ts": 2.0, "level": "info", "stream": "agent", "message": "password=x"}]) == 1
+    assert (
+        w.write(
+            [
+                {"ts": 1.0, "level": "info", "stream": "stdout", "message": f"t={TOKEN}", "cts": 5},
+                {"ts": 2.0, "level": "info", "stream": "agent", "message": "password=x"},
+            ]
+        )
+        == 1
+    )
     w.close()
     rows = [json.loads(l) for l in w.path.read_text().splitlines()]
     assert [r["seq"] for r in rows] == [0, 1]
@@ -163,9 +190,13 @@ def test_task_log_seqs_masking_and_cts(config):
 
 def test_task_log_masks_json_messages_and_extra_fields(config):
     w = tasklog.TaskLogWriter(config, 6, Masker(TOKEN))
-    w.write([{"ts": 1.0, "level": "info", "stream": "stdout", "message": "ok"} for _ in range(50)] +
-            [{"ts": 1.0, "level": "info", "stream": "stdout", "message": '{"password": "s3cr3t!", "n": 1}'},
-             {"ts": 1.0, "level": "info", "stream": "stdout", "message": "m", "url": "s3://k:hidden99@bucket"}])
+    w.write(
+        [{"ts": 1.0, "level": "info", "stream": "stdout", "message": "ok"} for _ in range(50)]
+        + [
+            {"ts": 1.0, "level": "info", "stream": "stdout", "message": '{"password": "s3cr3t!", "n": 1}'},
+            {"ts": 1.0, "level": "info", "stream": "stdout", "message": "m", "url": "s3://k:hidden99@bucket"},
+        ]
+    )
     w.close()
     text = w.path.read_text()
     assert "s3cr3t!" not in text and "hidden99" not in text
@@ -177,7 +208,7 @@ def test_task_log_cuts_a_partial_line_and_continues(config):
     w.write([{"ts": 1.0, "level": "info", "stream": "stdout", "message": f"m{i}"} for i in range(3)])
     w.close()
     with open(w.path, "a") as f:
-        f.write('{"seq":3,"ts":1.0,"mess')       # a writer killed mid-line
+        f.write('{"seq":3,"ts":1.0,"mess')  # a writer killed mid-line
     w2 = tasklog.TaskLogWriter(config, 8, Masker(TOKEN))
     assert w2.path == w.path and w2.seq == 2
     w2.write([{"ts": 1.0, "level": "info", "stream": "stdout", "message": "m3"}])
@@ -207,12 +238,12 @@ def test_task_log_is_fsynced_at_most_once_a_second_and_at_close(config, monkeypa
     w = tasklog.TaskLogWriter(config, 9, Masker(TOKEN))
     line = {"ts": 1.0, "level": "info", "stream": "stdout", "message": "x"}
     w.write([line])
-    assert len(synced) == 1                 # the first write reaches the disk
+    assert len(synced) == 1  # the first write reaches the disk
     clock[0] += 0.3
     w.write([line] * 100)
-    assert len(synced) == 1                 # within the second: no fsync per write
+    assert len(synced) == 1  # within the second: no fsync per write
     clock[0] += 1.0
     w.write([line])
     assert len(synced) == 2
     w.close()
-    assert len(synced) == 3                 # closing always syncs
+    assert len(synced) == 3  # closing always syncs

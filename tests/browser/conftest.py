@@ -1,4 +1,5 @@
 """Playwright driving Debian's Chromium (headless) against the real server subprocess."""
+
 from __future__ import annotations
 
 import os
@@ -12,22 +13,30 @@ from tests.support.fake_agent import FakeAgent
 # points it at docs/screenshots/), so a test run never rewrites the committed images.
 SCREENSHOTS_ENV = "SLY_SCREENSHOTS"
 _screenshots: Path | None = None
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 
 @pytest.fixture(scope="session", autouse=True)
 def screenshots_dir(tmp_path_factory) -> Path:
     global _screenshots
-    _screenshots = Path(os.environ[SCREENSHOTS_ENV]) if os.environ.get(SCREENSHOTS_ENV) \
-        else tmp_path_factory.mktemp("screenshots")
+    _screenshots = (
+        Path(os.environ[SCREENSHOTS_ENV]) if os.environ.get(SCREENSHOTS_ENV) else tmp_path_factory.mktemp("screenshots")
+    )
     return _screenshots
 
 
 @pytest.fixture(scope="session")
 def browser(chromium_path):
     sync_api = pytest.importorskip("playwright.sync_api")
-    sync_api.expect.set_options(timeout=15_000)   # CI shares 2 cores with Docker and other suites
+    sync_api.expect.set_options(timeout=15_000)  # CI shares 2 cores with Docker and other suites
     with sync_api.sync_playwright() as p:
         b = p.chromium.launch(executable_path=chromium_path, args=CHROMIUM_ARGS)
         yield b

@@ -1,4 +1,5 @@
 """The web console in a real browser: sign-in, nodes, tasks with live logs, telemetry, uploads."""
+
 from __future__ import annotations
 
 import hashlib
@@ -16,15 +17,18 @@ expect = pytest.importorskip("playwright.sync_api").expect
 
 def hide_token(page, token: str) -> None:
     """Mask the token on the page before a screenshot goes to docs/ (tokens never go to disk)."""
-    page.evaluate("""(t) => {
+    page.evaluate(
+        """(t) => {
         const mask = "•".repeat(32), v = document.getElementById("token-value"); v.value = mask;
         for (const p of document.querySelectorAll("#run-commands pre")) p.textContent = p.textContent.split(t).join(mask);
-    }""", token)
+    }""",
+        token,
+    )
 
 
 def test_sign_in_then_add_node_shows_a_working_token_once(page, server):
     page.goto(server.url + "/tasks")
-    page.wait_for_url("**/signin")                     # no session: pages send you to sign-in
+    page.wait_for_url("**/signin")  # no session: pages send you to sign-in
     page.get_by_label("Admin token").fill("wrong-token")
     page.get_by_role("button", name="Sign in").click()
     expect(page.locator("#signin-error")).to_be_visible()
@@ -50,7 +54,7 @@ def test_sign_in_then_add_node_shows_a_working_token_once(page, server):
     FakeAgent(server.url, token).connect()
     page.get_by_role("button", name="Done").click()
     expect(page.locator("#token-panel")).to_be_hidden()
-    assert page.locator("#token-value").input_value() == ""   # not left in the page
+    assert page.locator("#token-value").input_value() == ""  # not left in the page
     row = page.locator("tr.node-row", has_text="browser-node-1")
     expect(row.locator(".status")).to_have_text("online", timeout=10_000)
 
@@ -76,8 +80,11 @@ def test_edit_node_untick_type_then_server_refuses_it_and_form_hides_node(consol
     admin = server.admin()
     got = admin.get(f"{server.url}/api/v1/agents/{created['id']}", timeout=10).json()
     assert got["name"] == "edited-node" and got["allowed_task_types"] == ["train"]
-    r = admin.post(server.url + "/api/v1/tasks", json={"agent_id": created["id"], "type": "custom",
-                                                        "image": "sly-test/busybox:latest"}, timeout=10)
+    r = admin.post(
+        server.url + "/api/v1/tasks",
+        json={"agent_id": created["id"], "type": "custom", "image": "sly-test/busybox:latest"},
+        timeout=10,
+    )
     assert r.status_code == 409, r.text
 
     agent.poll()  # keep it online
@@ -111,8 +118,12 @@ def test_task_from_form_live_log_progress_and_stop(console, server):
     agent.state(task_id, "running")
     expect(page.locator("#t-state")).to_have_text("running")
     log = page.locator("#log .line")
-    agent.log(task_id, "hello from the task", {"message": "pulling image", "stream": "agent"},
-              {"message": "something odd", "stream": "stderr", "level": "warning"})
+    agent.log(
+        task_id,
+        "hello from the task",
+        {"message": "pulling image", "stream": "agent"},
+        {"message": "something odd", "stream": "stderr", "level": "warning"},
+    )
     expect(log).to_have_count(3)
     expect(page.locator("#log .src-stderr.lvl-warning")).to_have_text(re.compile("something odd"))
     expect(page.locator("#log .src-agent")).to_have_count(1)
@@ -120,15 +131,22 @@ def test_task_from_form_live_log_progress_and_stop(console, server):
     progress = page.locator("#t-progress")
     agent.log(task_id, {"message": "step 3/10", "event_type": "progress", "current": 3, "total": 10})
     expect(progress).to_have_attribute("value", "3")
-    agent.log(task_id, *[f"line {i}" for i in range(60)],
-              {"message": "step 7/10", "event_type": "progress", "current": 7, "total": 10})
+    agent.log(
+        task_id,
+        *[f"line {i}" for i in range(60)],
+        {"message": "step 7/10", "event_type": "progress", "current": 7, "total": 10},
+    )
     expect(log).to_have_count(65)
-    expect(progress).to_have_attribute("value", "7")     # from the log line, live
-    agent.state(task_id, "running", progress={"current": 7, "total": 10})   # as the agent also reports it
-    assert page.evaluate("() => { const l = document.getElementById('log'); return l.scrollHeight - l.scrollTop - l.clientHeight < 8; }")
+    expect(progress).to_have_attribute("value", "7")  # from the log line, live
+    agent.state(task_id, "running", progress={"current": 7, "total": 10})  # as the agent also reports it
+    assert page.evaluate(
+        "() => { const l = document.getElementById('log'); return l.scrollHeight - l.scrollTop - l.clientHeight < 8; }"
+    )
 
     # Scrolled up, the log keeps its place when new lines come.
-    page.evaluate("() => { const l = document.getElementById('log'); l.scrollTop = 0; l.dispatchEvent(new Event('scroll')); }")
+    page.evaluate(
+        "() => { const l = document.getElementById('log'); l.scrollTop = 0; l.dispatchEvent(new Event('scroll')); }"
+    )
     expect(page.locator("#log-follow")).to_contain_text("paused")
     agent.log(task_id, "after scrolling up")
     expect(log).to_have_count(66)
@@ -151,22 +169,37 @@ def test_task_from_form_live_log_progress_and_stop(console, server):
     expect(row).to_have_count(0)
     page.get_by_label("State").select_option("stopped")
     expect(row).to_have_count(1)
-    assert "state=stopped" in page.url            # filters are kept in the URL
+    assert "state=stopped" in page.url  # filters are kept in the URL
 
     page.goto(server.url + f"/tasks/{task_id}")
     expect(page.locator("#t-exit")).to_have_text("137")
-    expect(page.locator("#t-states li")).to_have_count(5)    # queued assigned preparing running stopped
+    expect(page.locator("#t-states li")).to_have_count(5)  # queued assigned preparing running stopped
 
 
 def test_task_page_shows_results_metrics_and_error(console, server):
     created, agent = online_agent(server, "trainer", ["train"])
-    task = server.admin().post(server.url + "/api/v1/tasks", json={"agent_id": created["id"], "type": "train",
-                                                                  "image": "sly-test/busybox:latest"}, timeout=10).json()
+    task = (
+        server.admin()
+        .post(
+            server.url + "/api/v1/tasks",
+            json={"agent_id": created["id"], "type": "train", "image": "sly-test/busybox:latest"},
+            timeout=10,
+        )
+        .json()
+    )
     agent.poll_until("tasks")
     agent.state(task["id"], "running")
     for epoch, loss in enumerate((0.9, 0.5, 0.3), 1):
-        agent.log(task["id"], {"message": f"epoch {epoch}", "event_type": "EventType.METRICS", "type": "train",
-                               "epoch": epoch, "metrics": {"loss": loss}})
+        agent.log(
+            task["id"],
+            {
+                "message": f"epoch {epoch}",
+                "event_type": "EventType.METRICS",
+                "type": "train",
+                "epoch": epoch,
+                "metrics": {"loss": loss},
+            },
+        )
     agent.state(task["id"], "uploading")
     report = b"accuracy 0.97\n"
     agent.results(task["id"], "artifacts", {"report.txt": report})
@@ -195,12 +228,12 @@ def test_rotate_and_delete_ask_first(console, server):
     page.once("dialog", lambda d: d.dismiss())
     row.get_by_role("button", name="Rotate token of doomed").click()
     expect(page.locator("#token-panel")).to_be_hidden()
-    agent.connect()                                            # dismissed: the old token still works
+    agent.connect()  # dismissed: the old token still works
     page.once("dialog", lambda d: d.accept())
     row.get_by_role("button", name="Rotate token of doomed").click()
     expect(page.locator("#token-value")).to_have_value(re.compile(r"^[A-Za-z0-9]{32}$"))
     with pytest.raises(requests.HTTPError):
-        agent.connect()                                        # rotated: the old token is refused
+        agent.connect()  # rotated: the old token is refused
     FakeAgent(server.url, page.locator("#token-value").input_value()).connect()
     page.get_by_role("button", name="Done").click()
     page.once("dialog", lambda d: d.accept())
@@ -211,8 +244,15 @@ def test_rotate_and_delete_ask_first(console, server):
 
 def test_long_log_of_an_ended_task_loads_and_keeps_the_newest_lines(console, server):
     created, agent = online_agent(server, "chatty", ["custom"])
-    task = server.admin().post(server.url + "/api/v1/tasks", json={"agent_id": created["id"], "type": "custom",
-                                                                  "image": "sly-test/busybox:latest"}, timeout=10).json()
+    task = (
+        server.admin()
+        .post(
+            server.url + "/api/v1/tasks",
+            json={"agent_id": created["id"], "type": "custom", "image": "sly-test/busybox:latest"},
+            timeout=10,
+        )
+        .json()
+    )
     agent.poll_until("tasks")
     agent.state(task["id"], "running")
     agent.log(task["id"], *[f"line {i}" for i in range(5100)])
@@ -229,8 +269,9 @@ def test_telemetry_bars_on_the_nodes_page(console, server):
     gpus = [{"index": 0, "name": "Fake A100", "memory_total": 40 << 30, "memory_used": 10 << 30, "utilization": 55}]
     created, agent = online_agent(server, "reporter", gpus=gpus)
     for i in range(5):
-        agent.telemetry(cpu=10 + 15 * i, mem=30 + i, disk=40,
-                        gpus=[dict(gpus[0], utilization=20 * i, memory_used=(8 + i) << 30)])
+        agent.telemetry(
+            cpu=10 + 15 * i, mem=30 + i, disk=40, gpus=[dict(gpus[0], utilization=20 * i, memory_used=(8 + i) << 30)]
+        )
     page = console
     page.reload()
     row = page.locator("tr.node-row", has_text="reporter")
@@ -240,7 +281,7 @@ def test_telemetry_bars_on_the_nodes_page(console, server):
     row.get_by_role("link", name="reporter").click()
     page.wait_for_url(f"**/nodes/{created['id']}")
     expect(page.locator("#sysinfo")).to_contain_text("fake-node")
-    expect(page.locator("#chart-cpu")).to_have_attribute("data-points", "5")   # charts: test_console_charts.py
+    expect(page.locator("#chart-cpu")).to_have_attribute("data-points", "5")  # charts: test_console_charts.py
 
 
 def test_upload_folder_as_project_and_model(console, server, tmp_path):
@@ -261,8 +302,11 @@ def test_upload_folder_as_project_and_model(console, server, tmp_path):
     expect(row).to_have_count(1)
 
     projects = server.admin().get(server.url + "/api/v1/projects", timeout=10).json()["items"]
-    proj = server.admin().get(f"{server.url}/api/v1/projects/{[p for p in projects if p['name'] == 'cats-upload'][0]['id']}",
-                              timeout=10).json()
+    proj = (
+        server.admin()
+        .get(f"{server.url}/api/v1/projects/{[p for p in projects if p['name'] == 'cats-upload'][0]['id']}", timeout=10)
+        .json()
+    )
     got = {f"{d['name']}/{i['name']}": (i["sha256"], i["size"]) for d in proj["datasets"] for i in d["items"]}
     want = {("ds0/" + k if "/" not in k else k): (hashlib.sha256(v).hexdigest(), len(v)) for k, v in files.items()}
     assert got == want
@@ -270,7 +314,7 @@ def test_upload_folder_as_project_and_model(console, server, tmp_path):
     row.get_by_text("Files").click()
     link = row.get_by_role("link", name="train/a.jpg")
     href = link.get_attribute("href")
-    assert page.request.get(server.url + href).body() == files["train/a.jpg"]   # download with the session cookie
+    assert page.request.get(server.url + href).body() == files["train/a.jpg"]  # download with the session cookie
     shot(page, "projects")
 
     page.goto(server.url + "/models")
@@ -309,10 +353,10 @@ def test_every_field_is_labelled_and_adding_a_node_works_from_the_keyboard(conso
 
     page.goto(server.url + "/nodes")
     page.get_by_role("button", name="Add node").focus()
-    page.keyboard.press("Enter")                              # opens the form with the name field focused
+    page.keyboard.press("Enter")  # opens the form with the name field focused
     expect(page.locator("#add-name")).to_be_focused()
     page.keyboard.type("keyboard-node")
-    page.keyboard.press("Enter")                              # submits
+    page.keyboard.press("Enter")  # submits
     expect(page.locator("#token-value")).to_have_value(re.compile(r"^[A-Za-z0-9]{32}$"))
     expect(page.locator("#token-panel button").first).to_be_focused()
 
@@ -323,6 +367,6 @@ def test_nodes_page_says_why_a_node_takes_no_tasks(console, server):
     console.reload()
     row = console.locator("tr.node-row", has_text="full-disk")
     expect(row.locator(".refusing")).to_contain_text("Takes no tasks: not enough disk: 120 MB free")
-    agent.poll(free_slots=2)          # space is back: the note goes
+    agent.poll(free_slots=2)  # space is back: the note goes
     console.reload()
     expect(console.locator("tr.node-row", has_text="full-disk").locator(".refusing")).to_have_count(0)

@@ -1,4 +1,5 @@
 """The console's charts (uPlot), the layout at 900 and 1,440 px, the favicon and stale-node removal."""
+
 from __future__ import annotations
 
 import math
@@ -51,9 +52,19 @@ def chart_state(page, selector: str) -> dict:
 
 def train_task(server, agent_name: str) -> tuple[dict, FakeAgent]:
     created, agent = online_agent(server, agent_name, ["train"])
-    task = server.admin().post(server.url + "/api/v1/tasks", json={"agent_id": created["id"], "type": "train",
-                                                                  "image": "registry.example.com/team/detector-train:2024.11-cuda12"},
-                               timeout=10).json()
+    task = (
+        server.admin()
+        .post(
+            server.url + "/api/v1/tasks",
+            json={
+                "agent_id": created["id"],
+                "type": "train",
+                "image": "registry.example.com/team/detector-train:2024.11-cuda12",
+            },
+            timeout=10,
+        )
+        .json()
+    )
     agent.poll_until("tasks")
     agent.state(task["id"], "preparing")
     agent.state(task["id"], "running")
@@ -66,13 +77,35 @@ def test_task_page_draws_train_and_val_curves_with_axes_and_checkpoints(console,
     val = [1.35, 0.98, 0.74, 0.62, 0.57, 0.55, 0.54, 0.55]
     lines = []
     for epoch, (t, v) in enumerate(zip(train, val), 1):
-        lines.append({"message": f"epoch {epoch}", "event_type": "metrics", "type": "train", "epoch": epoch,
-                      "metrics": {"loss": t, "accuracy": 1 - t / 2}})
-        lines.append({"message": f"val {epoch}", "event_type": "EventType.METRICS", "type": "val", "epoch": epoch,
-                      "metrics": {"loss": v, "accuracy": 1 - v / 2}})
-        if epoch in (3, 6):   # the SDK's report_checkpoint_saved, as the agent normalises it
-            lines.append({"message": "checkpoint", "event_type": "checkpoint", "id": epoch // 3,
-                          "subdir": f"checkpoints/{epoch}", "sizeb": 1000, "best_now": epoch == 6})
+        lines.append(
+            {
+                "message": f"epoch {epoch}",
+                "event_type": "metrics",
+                "type": "train",
+                "epoch": epoch,
+                "metrics": {"loss": t, "accuracy": 1 - t / 2},
+            }
+        )
+        lines.append(
+            {
+                "message": f"val {epoch}",
+                "event_type": "EventType.METRICS",
+                "type": "val",
+                "epoch": epoch,
+                "metrics": {"loss": v, "accuracy": 1 - v / 2},
+            }
+        )
+        if epoch in (3, 6):  # the SDK's report_checkpoint_saved, as the agent normalises it
+            lines.append(
+                {
+                    "message": "checkpoint",
+                    "event_type": "checkpoint",
+                    "id": epoch // 3,
+                    "subdir": f"checkpoints/{epoch}",
+                    "sizeb": 1000,
+                    "best_now": epoch == 6,
+                }
+            )
     agent.log(task["id"], *lines)
 
     page = console
@@ -80,14 +113,14 @@ def test_task_page_draws_train_and_val_curves_with_axes_and_checkpoints(console,
     page.goto(f"{server.url}/tasks/{task['id']}")
     loss = "#t-metrics figure[data-metric='loss']"
     expect(page.locator(f"{loss} .uplot canvas")).to_have_count(1)
-    expect(page.locator(loss)).to_have_attribute("data-marks", "2")        # marks come with the log stream
-    expect(page.locator("#t-metrics figure")).to_have_count(2)             # loss and accuracy
+    expect(page.locator(loss)).to_have_attribute("data-marks", "2")  # marks come with the log stream
+    expect(page.locator("#t-metrics figure")).to_have_count(2)  # loss and accuracy
 
     st = chart_state(page, loss)
     assert st["labels"] == ["epoch", "train", "val"]
     assert st["data"] == [list(range(1, 9)), train, val]
-    assert all(n >= 3 for n in st["ticks"]), st["ticks"]                 # both axes carry ticks
-    assert all(n > 50 for n in st["painted"]), st["painted"]              # both lines are on the canvas
+    assert all(n >= 3 for n in st["ticks"]), st["ticks"]  # both axes carry ticks
+    assert all(n > 50 for n in st["painted"]), st["painted"]  # both lines are on the canvas
     legend = page.locator(f"{loss} .u-legend")
     expect(legend).to_contain_text("train")
     expect(legend).to_contain_text("val")
@@ -96,7 +129,7 @@ def test_task_page_draws_train_and_val_curves_with_axes_and_checkpoints(console,
 
     # The cursor tooltip names the epoch, both values, and the checkpoint saved there.
     box = page.locator(f"{loss} .u-over").bounding_box()
-    page.mouse.move(box["x"] + box["width"] * 2 / 7, box["y"] + box["height"] / 2)   # epoch 3 of 1..8
+    page.mouse.move(box["x"] + box["width"] * 2 / 7, box["y"] + box["height"] / 2)  # epoch 3 of 1..8
     tip = page.locator(f"{loss} .u-tip")
     expect(tip).to_be_visible()
     expect(tip).to_contain_text("epoch 3")
@@ -105,8 +138,11 @@ def test_task_page_draws_train_and_val_curves_with_axes_and_checkpoints(console,
     expect(tip).to_contain_text("checkpoint 1")
 
     # A new epoch while the page is open extends both series.
-    agent.log(task["id"], {"message": "e9", "event_type": "metrics", "type": "train", "epoch": 9, "metrics": {"loss": 0.21}},
-              {"message": "v9", "event_type": "metrics", "type": "val", "epoch": 9, "metrics": {"loss": 0.56}})
+    agent.log(
+        task["id"],
+        {"message": "e9", "event_type": "metrics", "type": "train", "epoch": 9, "metrics": {"loss": 0.21}},
+        {"message": "v9", "event_type": "metrics", "type": "val", "epoch": 9, "metrics": {"loss": 0.56}},
+    )
     expect(page.locator(loss)).to_have_attribute("data-points", "9", timeout=10_000)
     assert chart_state(page, loss)["data"][1][-1] == 0.21
     shot(page, "task-1440")
@@ -118,13 +154,25 @@ def test_task_page_draws_train_and_val_curves_with_axes_and_checkpoints(console,
 
 
 def test_node_page_charts_follow_telemetry_over_the_chosen_window(console, server):
-    gpus = [{"index": i, "name": "NVIDIA A100-SXM4-80GB", "memory_total": 80 << 30, "memory_used": 10 << 30,
-             "utilization": 50} for i in range(2)]
+    gpus = [
+        {
+            "index": i,
+            "name": "NVIDIA A100-SXM4-80GB",
+            "memory_total": 80 << 30,
+            "memory_used": 10 << 30,
+            "utilization": 50,
+        }
+        for i in range(2)
+    ]
     created, agent = online_agent(server, "charted", gpus=gpus)
     cpu = [12.0, 25.0, 41.0, 58.0, 70.0]
     for i, c in enumerate(cpu):
-        agent.telemetry(cpu=c, mem=30 + i, disk=40 + i,
-                        gpus=[dict(g, utilization=20 * i + 10 * g["index"], memory_used=(8 + i + g["index"]) << 30) for g in gpus])
+        agent.telemetry(
+            cpu=c,
+            mem=30 + i,
+            disk=40 + i,
+            gpus=[dict(g, utilization=20 * i + 10 * g["index"], memory_used=(8 + i + g["index"]) << 30) for g in gpus],
+        )
     page = console
     page.set_viewport_size({"width": 1440, "height": 900})
     page.goto(f"{server.url}/nodes/{created['id']}")
@@ -146,18 +194,28 @@ def test_node_page_charts_follow_telemetry_over_the_chosen_window(console, serve
     assert abs((st["xmax"] - st["xmin"]) - 900) < 5 and abs(st["xmax"] - time.time()) < 30
     page.get_by_role("button", name="All").click()
     st = chart_state(page, "#chart-cpu")
-    assert st["xmax"] - st["xmin"] < 60                  # fitted to the samples, posted within seconds
+    assert st["xmax"] - st["xmin"] < 60  # fitted to the samples, posted within seconds
 
-    agent.telemetry(cpu=5, mem=31)                       # live: the page picks up new samples
+    agent.telemetry(cpu=5, mem=31)  # live: the page picks up new samples
     expect(page.locator("#chart-cpu")).to_have_attribute("data-points", "6", timeout=10_000)
     assert chart_state(page, "#chart-cpu")["data"][1][-1] == 5
 
     # Screenshots of a node with a longer, smoother history.
     created, agent = online_agent(server, "gpu-box-03", gpus=gpus)
     for i in range(60):
-        agent.telemetry(cpu=45 + 25 * math.sin(i / 6), mem=52 + 10 * math.sin(i / 15), disk=61 + i / 30,
-                        gpus=[dict(g, utilization=max(0, min(100, 70 + 25 * math.sin(i / 5 + 2 * g["index"]))),
-                                   memory_used=int((38 + 20 * g["index"] + 6 * math.sin(i / 9)) * (80 << 30) / 100)) for g in gpus])
+        agent.telemetry(
+            cpu=45 + 25 * math.sin(i / 6),
+            mem=52 + 10 * math.sin(i / 15),
+            disk=61 + i / 30,
+            gpus=[
+                dict(
+                    g,
+                    utilization=max(0, min(100, 70 + 25 * math.sin(i / 5 + 2 * g["index"]))),
+                    memory_used=int((38 + 20 * g["index"] + 6 * math.sin(i / 9)) * (80 << 30) / 100),
+                )
+                for g in gpus
+            ],
+        )
     page.goto(f"{server.url}/nodes/{created['id']}")
     expect(page.locator("#chart-gpu-mem")).to_have_attribute("data-points", "60")
     shot(page, "node-1440")
@@ -169,8 +227,16 @@ def test_node_page_charts_follow_telemetry_over_the_chosen_window(console, serve
 
 def test_nodes_page_fits_900_px_with_every_action_visible(console, server):
     long_name = "gpu-box-17.training-cluster.eu-west.example.internal"
-    gpus = [{"index": i, "name": "NVIDIA H100 80GB HBM3", "memory_total": 80 << 30, "memory_used": 30 << 30,
-             "utilization": 60} for i in range(4)]
+    gpus = [
+        {
+            "index": i,
+            "name": "NVIDIA H100 80GB HBM3",
+            "memory_total": 80 << 30,
+            "memory_used": 30 << 30,
+            "utilization": 60,
+        }
+        for i in range(4)
+    ]
     created, agent = online_agent(server, long_name, ["train", "inference", "custom"], gpus=gpus)
     agent.telemetry(cpu=47, mem=63, disk=71, gpus=[dict(g, utilization=15 + 20 * g["index"]) for g in gpus])
     page = console
@@ -188,9 +254,9 @@ def test_nodes_page_fits_900_px_with_every_action_visible(console, server):
                 bb = b.bounding_box()
                 assert bb["x"] >= 0 and bb["x"] + bb["width"] <= width, (width, bb)
         name = row.locator("a.node-name")
-        assert name.get_attribute("title") == long_name      # the full name on hover
+        assert name.get_attribute("title") == long_name  # the full name on hover
         if width == 900:
-            assert name.evaluate("e => e.scrollWidth > e.clientWidth")   # cut with an ellipsis here
+            assert name.evaluate("e => e.scrollWidth > e.clientWidth")  # cut with an ellipsis here
         # Bars sit on one line across the row: CPU, memory, disk and the first GPU bar start level.
         tops = [row.locator(f".{c} .bar").first.bounding_box()["y"] for c in ("cpu", "mem", "disk", "gpu")]
         assert max(tops) - min(tops) < 1.5, tops
@@ -201,7 +267,7 @@ def test_nodes_page_fits_900_px_with_every_action_visible(console, server):
 def test_favicon_is_served_and_linked(page, server):
     r = requests.get(server.url + "/favicon.ico", timeout=10)
     assert r.status_code == 200 and r.headers["content-type"] == "image/x-icon"
-    assert r.content[:4] == b"\x00\x00\x01\x00"                 # an ICO header
+    assert r.content[:4] == b"\x00\x00\x01\x00"  # an ICO header
     page.goto(server.url + "/signin")
     href = page.locator("link[rel=icon]").get_attribute("href")
     assert requests.get(server.url + href, timeout=10).headers["content-type"] == "image/svg+xml"
@@ -234,11 +300,13 @@ def test_remove_stale_nodes_deletes_only_offline_nodes_older_than_the_threshold(
         body = admin.post(srv.url + "/api/v1/agents", json={"name": name}, timeout=10).json()
         if connect:
             FakeAgent(srv.url, body["token"]).connect()
+
             # The contact goes to the database with the server's next batch (--contact-flush-s, 1 s):
             # wait for it, so that the aging below is not overwritten by it.
             def written():
                 with sqlite3.connect(db_path, timeout=10) as db:
                     return db.execute("SELECT last_seen FROM agents WHERE id = ?", (body["id"],)).fetchone()[0]
+
             poll_for(written, timeout=10, what=f"{name}'s contact written")
         return body["id"]
 
@@ -250,7 +318,7 @@ def test_remove_stale_nodes_deletes_only_offline_nodes_older_than_the_threshold(
     _age(db_path, old, last_seen=now - 10 * DAY, created_at=now - 60 * DAY)
     _age(db_path, recent, last_seen=now - 2 * DAY, created_at=now - 60 * DAY)
     _age(db_path, never_old, created_at=now - 40 * DAY)
-    _age(db_path, alive, created_at=now - 90 * DAY)          # added long ago, but online now: kept
+    _age(db_path, alive, created_at=now - 90 * DAY)  # added long ago, but online now: kept
 
     sign_in(page, srv)
     page.get_by_role("button", name="Remove stale nodes…").click()
@@ -260,7 +328,7 @@ def test_remove_stale_nodes_deletes_only_offline_nodes_older_than_the_threshold(
     expect(listed).to_have_count(2)
     assert {t.split(" ")[0] for t in listed.all_inner_texts()} == {"gone-10-days", "never-seen-40-days"}
     age.select_option(label="1 day")
-    expect(listed).to_have_count(3)                           # the 2-day-old one joins at 1 day
+    expect(listed).to_have_count(3)  # the 2-day-old one joins at 1 day
     age.select_option(label="30 days")
     expect(listed).to_have_count(1)
     age.select_option(label="7 days")
@@ -272,7 +340,7 @@ def test_remove_stale_nodes_deletes_only_offline_nodes_older_than_the_threshold(
     page.on("dialog", lambda d: (prompts.append(d.message), getattr(d, answers.pop(0))()))
     page.get_by_role("button", name="Remove 2 nodes").click()
     poll_page(page, lambda: len(prompts) == 1, what="the first confirmation")
-    assert len(admin.get(srv.url + "/api/v1/agents", timeout=10).json()["items"]) == 5   # cancelled: none removed
+    assert len(admin.get(srv.url + "/api/v1/agents", timeout=10).json()["items"]) == 5  # cancelled: none removed
     page.get_by_role("button", name="Remove 2 nodes").click()
     expect(page.locator("#stale-status")).to_have_text("2 / 2 removed")
     assert "Remove 2 offline nodes last seen more than 7 days ago" in prompts[1]

@@ -1,5 +1,6 @@
 """The console's retention controls: deleting a final task from its page, "deleted node", the
 nodes page's pages of rows and its summary from the server."""
+
 from __future__ import annotations
 
 from playwright.sync_api import expect
@@ -12,15 +13,16 @@ from tests.support.server import ServerProcess
 def test_task_page_deletes_a_final_task_and_names_a_deleted_node(console, server):
     created, agent = online_agent(server, "short-lived", ["custom"])
     admin = server.admin()
-    task = admin.post(server.url + "/api/v1/tasks", json={"agent_id": created["id"], "type": "custom", "image": "x:1"},
-                      timeout=10).json()
+    task = admin.post(
+        server.url + "/api/v1/tasks", json={"agent_id": created["id"], "type": "custom", "image": "x:1"}, timeout=10
+    ).json()
     agent.poll_until("tasks")
     agent.state(task["id"], "running")
     agent.log(task["id"], "hello")
     page = console
     page.goto(f"{server.url}/tasks/{task['id']}")
     expect(page.locator("#t-stop")).to_be_visible()
-    expect(page.locator("#t-delete")).to_be_hidden()                  # not final: no Delete
+    expect(page.locator("#t-delete")).to_be_hidden()  # not final: no Delete
     agent.state(task["id"], "finished", exit_code=0)
     assert admin.delete(f"{server.url}/api/v1/agents/{created['id']}", timeout=10).json()["kept_tasks"] == 1
     page.reload()
@@ -38,7 +40,7 @@ def test_task_page_deletes_a_final_task_and_names_a_deleted_node(console, server
 
 
 def test_nodes_page_shows_the_server_summary_and_pages_of_100(page, tmp_path):
-    srv = ServerProcess(tmp_path / "data").start()          # its own: 120 nodes would crowd the shared one
+    srv = ServerProcess(tmp_path / "data").start()  # its own: 120 nodes would crowd the shared one
     try:
         admin = srv.admin()
         for i in range(120):

@@ -1,4 +1,5 @@
 """The demo's welcome, in a browser: the printed one-time link opens the nodes page, once."""
+
 from __future__ import annotations
 
 import signal

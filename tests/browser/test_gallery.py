@@ -1,4 +1,5 @@
 """The project gallery (labels drawn over server-made thumbnails, the large view) and the model page."""
+
 from __future__ import annotations
 
 import io
@@ -17,22 +18,38 @@ pytestmark = pytest.mark.browser
 expect = pytest.importorskip("playwright.sync_api").expect
 
 BLOB_RE = re.compile(r"/api/v1/blobs/[0-9a-f]{64}$")
-EXTRA_CLASSES = [{"title": "lane", "shape": "line", "color": "#FDD835", "geometry_config": {}, "hotkey": "", "description": ""},
-                 {"title": "keypoint", "shape": "point", "color": "#F4511E", "geometry_config": {}, "hotkey": "", "description": ""},
-                 {"title": "field", "shape": "polygon", "color": "#8E24AA", "geometry_config": {}, "hotkey": "", "description": ""}]
+EXTRA_CLASSES = [
+    {"title": "lane", "shape": "line", "color": "#FDD835", "geometry_config": {}, "hotkey": "", "description": ""},
+    {"title": "keypoint", "shape": "point", "color": "#F4511E", "geometry_config": {}, "hotkey": "", "description": ""},
+    {"title": "field", "shape": "polygon", "color": "#8E24AA", "geometry_config": {}, "hotkey": "", "description": ""},
+]
 
 
 def _extra(i: int, w: int, h: int) -> list[dict]:
     """i extra labels of the shapes the sample lacks: a line, a point, a polygon with a hole."""
     base = {"description": "", "tags": [], "nnCreated": False, "nnUpdated": False}
     shapes = [
-        {"classTitle": "lane", "geometryType": "line", "shape": "line",
-         "points": {"exterior": [[2, h - 3], [w // 2, h // 2], [w - 3, h - 8]], "interior": []}},
-        {"classTitle": "keypoint", "geometryType": "point", "shape": "point",
-         "points": {"exterior": [[w // 3, h // 3]], "interior": []}},
-        {"classTitle": "field", "geometryType": "polygon", "shape": "polygon",
-         "points": {"exterior": [[w // 2, 4], [w - 4, 4], [w - 4, h // 2], [w // 2, h // 2]],
-                    "interior": [[[w * 5 // 8, 10], [w * 7 // 8, 10], [w * 7 // 8, h // 3], [w * 5 // 8, h // 3]]]}},
+        {
+            "classTitle": "lane",
+            "geometryType": "line",
+            "shape": "line",
+            "points": {"exterior": [[2, h - 3], [w // 2, h // 2], [w - 3, h - 8]], "interior": []},
+        },
+        {
+            "classTitle": "keypoint",
+            "geometryType": "point",
+            "shape": "point",
+            "points": {"exterior": [[w // 3, h // 3]], "interior": []},
+        },
+        {
+            "classTitle": "field",
+            "geometryType": "polygon",
+            "shape": "polygon",
+            "points": {
+                "exterior": [[w // 2, 4], [w - 4, 4], [w - 4, h // 2], [w // 2, h // 2]],
+                "interior": [[[w * 5 // 8, 10], [w * 7 // 8, 10], [w * 7 // 8, h // 3], [w * 5 // 8, h // 3]]],
+            },
+        },
     ]
     return [dict(base, **shapes[k % 3]) for k in range(i)]
 
@@ -54,7 +71,7 @@ def annotated(server, tmp_path_factory):
         ann_path = os.path.join(path, ds, "ann", item + ".json")
         ann = json.load(open(ann_path))
         if n == 0:
-            ann["objects"] = []                      # an image without labels
+            ann["objects"] = []  # an image without labels
         ann["objects"] += _extra(n, 160, 120)
         json.dump(ann, open(ann_path, "w"))
         anns[key] = ann
@@ -73,17 +90,20 @@ def annotated(server, tmp_path_factory):
 
 def _card_counts(page) -> dict[str, dict]:
     """Per card: the label count it states, the shapes drawn, and bitmaps with their decoded image."""
-    return page.eval_on_selector_all("#gallery li.tile", """(cards) => Object.fromEntries(cards.map(c => [
+    return page.eval_on_selector_all(
+        "#gallery li.tile",
+        """(cards) => Object.fromEntries(cards.map(c => [
         c.dataset.dataset + '/' + c.dataset.item,
         {labels: Number(c.dataset.labels), drawn: c.querySelectorAll('svg.ann .lbl').length,
          shapes: [...c.querySelectorAll('svg.ann .lbl')].map(g => g.dataset.shape).sort(),
          bitmaps: c.querySelectorAll("svg.ann image[href^='data:image/png']").length,
-         count: c.querySelector('.count').textContent}]))""")
+         count: c.querySelector('.count').textContent}]))""",
+    )
 
 
 def _wait_drawn(page, n: int) -> None:
     expect(page.locator("#gallery li.tile")).to_have_count(n)
-    expect(page.locator("#gallery li.tile:not([data-ready])")).to_have_count(0)   # every bitmap decoded
+    expect(page.locator("#gallery li.tile:not([data-ready])")).to_have_count(0)  # every bitmap decoded
 
 
 def test_gallery_draws_every_label_over_small_thumbnails(console, server, annotated):
@@ -186,6 +206,7 @@ def _mask_data(w: int, h: int) -> str:
     """A bitmap's data as the SDK writes it: base64(zlib(PNG)); a 1-bit mask with a frame of ones."""
     import base64
     import zlib
+
     im = Image.new("1", (w, h), 0)
     im.paste(1, (0, 0, w, 4))
     buf = io.BytesIO()
@@ -201,24 +222,40 @@ def test_large_masks_are_drawn_at_tile_scale(console, server):
     meta = {"classes": [{"title": "mask", "shape": "bitmap", "color": "#FF00FF"}], "tags": []}
 
     def item(name: str, w: int, h: int) -> dict:
-        obj = {"classTitle": "mask", "geometryType": "bitmap", "tags": [],
-               "bitmap": {"data": _mask_data(w, h), "origin": [0, 0]}}
+        obj = {
+            "classTitle": "mask",
+            "geometryType": "bitmap",
+            "tags": [],
+            "bitmap": {"data": _mask_data(w, h), "origin": [0, 0]},
+        }
         return dict(ref, name=name, ann={"size": {"height": h, "width": w}, "tags": [], "objects": [obj]})
+
     # The server takes a mask as large as its image; a task's image may claim 13000 x 13000.
-    p = client.create_project("masks", [{"name": "m", "items": [item("big.png", 4000, 3000), item("huge.png", 13000, 13000),
-                                                                 item("small.png", 40, 30)]}], meta=meta)
+    p = client.create_project(
+        "masks",
+        [
+            {
+                "name": "m",
+                "items": [item("big.png", 4000, 3000), item("huge.png", 13000, 13000), item("small.png", 40, 30)],
+            }
+        ],
+        meta=meta,
+    )
     page = console
     page.goto(f"{server.url}/projects/{p['id']}")
     _wait_drawn(page, 3)
 
     def label(name: str):
         return page.locator(f"#gallery li.tile[data-item='{name}'] svg.ann .lbl")
+
     # decoded and tinted at most 1024 pixels a side, drawn over the image's full extent
     assert label("big.png").get_attribute("data-px") == str(1024 * 768)
     im = label("big.png").locator("image")
     assert (im.get_attribute("width"), im.get_attribute("height")) == ("4000", "3000")
-    assert im.evaluate("i => new Promise(ok => { const x = new Image(); x.onload = () => ok([x.width, x.height]); "
-                       "x.src = i.getAttribute('href'); })") == [1024, 768]
+    assert im.evaluate(
+        "i => new Promise(ok => { const x = new Image(); x.onload = () => ok([x.width, x.height]); "
+        "x.src = i.getAttribute('href'); })"
+    ) == [1024, 768]
     assert label("small.png").get_attribute("data-px") == str(40 * 30)
     # 169 Mpx: not decoded at all, its outline stands for it
     assert label("huge.png").get_attribute("data-px") == "0"
@@ -228,23 +265,49 @@ def test_large_masks_are_drawn_at_tile_scale(console, server):
 
 def test_predicted_project_is_browsable_from_its_task(console, server, annotated):
     created, agent = online_agent(server, "predictor", ["inference"])
-    task = server.admin().post(server.url + "/api/v1/tasks", json={"agent_id": created["id"], "type": "inference",
-                                                                  "image": "sly-test/busybox:latest",
-                                                                  "project_id": annotated["project"]["id"]}, timeout=10).json()
+    task = (
+        server.admin()
+        .post(
+            server.url + "/api/v1/tasks",
+            json={
+                "agent_id": created["id"],
+                "type": "inference",
+                "image": "sly-test/busybox:latest",
+                "project_id": annotated["project"]["id"],
+            },
+            timeout=10,
+        )
+        .json()
+    )
     agent.poll_until("tasks")
     agent.state(task["id"], "running")
     source = server.admin().get(f"{server.url}/api/v1/projects/{annotated['project']['id']}", timeout=10).json()
     items = source["datasets"][0]["items"][:4]
-    meta = {"classes": [{"title": "car", "shape": "rectangle", "color": "#00B8D4"}],
-            "tags": [{"name": "confidence", "value_type": "any_number", "color": "#00897B"}]}
+    meta = {
+        "classes": [{"title": "car", "shape": "rectangle", "color": "#00B8D4"}],
+        "tags": [{"name": "confidence", "value_type": "any_number", "color": "#00897B"}],
+    }
     predicted = []
     for n, it in enumerate(items):
-        objs = [{"classTitle": "car", "geometryType": "rectangle", "tags": [{"name": "confidence", "value": 0.9 - k / 10}],
-                 "points": {"exterior": [[5 + 20 * k, 5], [20 + 20 * k, 30]], "interior": []}} for k in range(n + 1)]
+        objs = [
+            {
+                "classTitle": "car",
+                "geometryType": "rectangle",
+                "tags": [{"name": "confidence", "value": 0.9 - k / 10}],
+                "points": {"exterior": [[5 + 20 * k, 5], [20 + 20 * k, 30]], "interior": []},
+            }
+            for k in range(n + 1)
+        ]
         predicted.append(dict(it, ann={"size": {"height": 120, "width": 160}, "tags": [], "objects": objs}))
-    r = agent.post(f"/agent/v1/tasks/{task['id']}/results",
-                   {"kind": "project", "name": "streets predicted", "meta": meta,
-                    "datasets": [{"name": "predictions", "items": predicted}]})
+    r = agent.post(
+        f"/agent/v1/tasks/{task['id']}/results",
+        {
+            "kind": "project",
+            "name": "streets predicted",
+            "meta": meta,
+            "datasets": [{"name": "predictions", "items": predicted}],
+        },
+    )
     pid = r.json()["id"]
     agent.state(task["id"], "finished", exit_code=0)
 
@@ -256,9 +319,13 @@ def test_predicted_project_is_browsable_from_its_task(console, server, annotated
     expect(page.locator("#p-task")).to_have_attribute("href", f"/tasks/{task['id']}")
     _wait_drawn(page, 4)
     cards = _card_counts(page)
-    assert {k: c["drawn"] for k, c in cards.items()} == {f"predictions/{it['name']}": n + 1 for n, it in enumerate(items)}
+    assert {k: c["drawn"] for k, c in cards.items()} == {
+        f"predictions/{it['name']}": n + 1 for n, it in enumerate(items)
+    }
     expect(page.locator("#p-classes tr[data-class='car'] td.objects")).to_have_text("10")
-    colors = page.eval_on_selector_all("#gallery svg.ann .lbl", "gs => [...new Set(gs.map(g => g.getAttribute('stroke')))]")
+    colors = page.eval_on_selector_all(
+        "#gallery svg.ann .lbl", "gs => [...new Set(gs.map(g => g.getAttribute('stroke')))]"
+    )
     assert colors == ["#00B8D4"]
     page.goto(f"{server.url}/projects")
     expect(page.locator("#items tr", has_text="streets predicted")).to_contain_text("predictions")
@@ -266,21 +333,41 @@ def test_predicted_project_is_browsable_from_its_task(console, server, annotated
 
 def test_model_page_shows_config_files_task_and_checkpoints(console, server):
     created, agent = online_agent(server, "ck-trainer", ["train"])
-    task = server.admin().post(server.url + "/api/v1/tasks", json={"agent_id": created["id"], "type": "train",
-                                                                  "image": "sly-test/busybox:latest"}, timeout=10).json()
+    task = (
+        server.admin()
+        .post(
+            server.url + "/api/v1/tasks",
+            json={"agent_id": created["id"], "type": "train", "image": "sly-test/busybox:latest"},
+            timeout=10,
+        )
+        .json()
+    )
     agent.poll_until("tasks")
     agent.state(task["id"], "running")
-    config = {"model": {"arch": "yolov8s", "input_size": [640, 640], "classes": ["car", "person"]},
-              "train": {"epochs": 3, "lr": 0.001, "augment": True, "resume": None}}
+    config = {
+        "model": {"arch": "yolov8s", "input_size": [640, 640], "classes": ["car", "person"]},
+        "train": {"epochs": 3, "lr": 0.001, "augment": True, "resume": None},
+    }
     ids = []
     for epoch in (1, 2, 3):
         cfg = json.dumps(dict(config, epoch=epoch), indent=2).encode()
-        refs = [{"path": "config.json", "sha256": agent.upload(cfg), "size": len(cfg)},
-                {"path": f"weights/epoch_{epoch}.pt", "sha256": agent.upload(b"W" * (1000 * epoch)), "size": 1000 * epoch}]
-        r = agent.post(f"/agent/v1/tasks/{task['id']}/results",
-                       {"kind": "model", "name": f"detector e{epoch}", "files": refs,
-                        "checkpoint": {"epoch": epoch, "metrics": {"loss": round(1 / epoch, 3), "mAP": 0.2 * epoch},
-                                       "final": epoch == 3}})
+        refs = [
+            {"path": "config.json", "sha256": agent.upload(cfg), "size": len(cfg)},
+            {"path": f"weights/epoch_{epoch}.pt", "sha256": agent.upload(b"W" * (1000 * epoch)), "size": 1000 * epoch},
+        ]
+        r = agent.post(
+            f"/agent/v1/tasks/{task['id']}/results",
+            {
+                "kind": "model",
+                "name": f"detector e{epoch}",
+                "files": refs,
+                "checkpoint": {
+                    "epoch": epoch,
+                    "metrics": {"loss": round(1 / epoch, 3), "mAP": 0.2 * epoch},
+                    "final": epoch == 3,
+                },
+            },
+        )
         ids.append(r.json()["id"])
     agent.state(task["id"], "finished", exit_code=0)
 
@@ -304,7 +391,7 @@ def test_model_page_shows_config_files_task_and_checkpoints(console, server):
     expect(rows.nth(2)).to_contain_text("final")
     expect(rows.nth(2)).to_have_class(re.compile("current"))
     expect(rows.nth(0)).to_contain_text("0.2")
-    assert rows.nth(2).locator("td.best").all_text_contents() == ["0.333", "0.6"]   # lowest loss, highest mAP
+    assert rows.nth(2).locator("td.best").all_text_contents() == ["0.333", "0.6"]  # lowest loss, highest mAP
     expect(page.locator("#m-checkpoints th")).to_have_text(["Model", "Epoch", "loss", "mAP", ""])
     shot(page, "model-1440")
 

@@ -4,6 +4,7 @@ It stands in for a server the tests cannot make the real one be: one that alread
 annotations, pages items through `/items`, or answers with hostile names and wrong bytes. It
 records what clients POST, so the body the CLI sends is checked as it crossed the wire.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -16,10 +17,10 @@ from urllib.parse import parse_qs, urlparse
 
 class StubServer:
     def __init__(self):
-        self.blobs: dict[str, bytes] = {}         # sha256 -> bytes served (may be made not to match)
+        self.blobs: dict[str, bytes] = {}  # sha256 -> bytes served (may be made not to match)
         self.projects: dict[int, dict] = {}
         self.models: dict[int, dict] = {}
-        self.items_pages: dict[int, dict[str, list[list[dict]]]] = {}   # project -> dataset -> pages for /items
+        self.items_pages: dict[int, dict[str, list[list[dict]]]] = {}  # project -> dataset -> pages for /items
         self.posted: list[tuple[str, dict]] = []
         self.requests: list[str] = []
         stub = self
@@ -64,8 +65,11 @@ class StubServer:
                 url = urlparse(self.path)
                 stub.requests.append(url.path)
                 if m := re.fullmatch(r"/api/v1/blobs/([0-9a-f]{64})", url.path):
-                    return self._send(200, stub.blobs[m[1]], "application/octet-stream") \
-                        if m[1] in stub.blobs else self._not_found()
+                    return (
+                        self._send(200, stub.blobs[m[1]], "application/octet-stream")
+                        if m[1] in stub.blobs
+                        else self._not_found()
+                    )
                 if m := re.fullmatch(r"/api/v1/projects/(\d+)", url.path):
                     return self._json(stub.projects[int(m[1])]) if int(m[1]) in stub.projects else self._not_found()
                 if m := re.fullmatch(r"/api/v1/projects/(\d+)/items", url.path):
@@ -89,7 +93,7 @@ class StubServer:
         self.blobs[sha] = data
         return sha
 
-    def __enter__(self) -> "StubServer":
+    def __enter__(self) -> StubServer:
         self.thread.start()
         return self
 

@@ -1,5 +1,6 @@
 """The CLI (`python -m client`) against the real server subprocess (the
 fake agent plays the node), and the upload path it shares with the Python client."""
+
 from __future__ import annotations
 
 import hashlib
@@ -24,8 +25,14 @@ def cli_env(server, **extra) -> dict:
 
 
 def cli(server, *args: str, ok: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
-    p = subprocess.run([sys.executable, "-m", "client", *args], cwd=REPO, env=env or cli_env(server),
-                       capture_output=True, text=True, timeout=60)
+    p = subprocess.run(
+        [sys.executable, "-m", "client", *args],
+        cwd=REPO,
+        env=env or cli_env(server),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     if ok:
         assert p.returncode == 0, f"rc={p.returncode}\nstdout: {p.stdout}\nstderr: {p.stderr}"
     return p
@@ -55,7 +62,7 @@ def test_nodes_add_list_edit_rotate(server):
     new = cli_json(server, "nodes", "rotate", str(node_id))
     assert new["token"] != token
     with pytest.raises(Exception):
-        agent.connect()                          # the old token is refused at once
+        agent.connect()  # the old token is refused at once
     FakeAgent(server.url, new["token"]).connect()
     cli(server, "nodes", "delete", str(node_id))
     assert all(a["id"] != node_id for a in cli_json(server, "nodes", "list"))
@@ -70,12 +77,18 @@ def test_upload_project_and_model_with_progress(server, tmp_path):
         (root / rel).write_bytes(data)
 
     p = cli(server, "--json", "--progress", "projects", "upload", str(root), "--name", "dogs-cli")
-    assert "100%" in p.stderr and "[" + "#" * 30 + "]" in p.stderr          # the bar reached its end
+    assert "100%" in p.stderr and "[" + "#" * 30 + "]" in p.stderr  # the bar reached its end
     proj = json.loads(p.stdout)
     got = {f"{d['name']}/{i['name']}": (i["sha256"], i["size"]) for d in proj["datasets"] for i in d["items"]}
-    assert got == {("ds0/" + k if "/" not in k else k): (hashlib.sha256(v).hexdigest(), len(v)) for k, v in files.items()}
-    assert server.admin().get(f"{server.url}/api/v1/blobs/{hashlib.sha256(files['train/a.bin']).hexdigest()}",
-                              timeout=10).content == files["train/a.bin"]
+    assert got == {
+        ("ds0/" + k if "/" not in k else k): (hashlib.sha256(v).hexdigest(), len(v)) for k, v in files.items()
+    }
+    assert (
+        server.admin()
+        .get(f"{server.url}/api/v1/blobs/{hashlib.sha256(files['train/a.bin']).hexdigest()}", timeout=10)
+        .content
+        == files["train/a.bin"]
+    )
     assert "dogs-cli" in cli(server, "projects", "list").stdout
 
     # The same files again as a model: blobs the server has are not sent twice.
@@ -102,7 +115,8 @@ def test_cli_and_client_upload_the_same_project(server, tmp_path):
     via_cli = json.loads(cli(server, "--json", "projects", "upload", str(root), "--name", "cats-cli").stdout)
     seen: list[tuple[int, int, str]] = []
     via_client = UserClient(server.url, server.admin_token).upload_project_dir(
-        root, "cats-client", progress=lambda done, total, note: seen.append((done, total, note)))
+        root, "cats-client", progress=lambda done, total, note: seen.append((done, total, note))
+    )
 
     assert _project_shape(via_cli) == _project_shape(via_client)
     assert sorted(_project_shape(via_client)) == ["ds0", "train", "val"]
@@ -131,16 +145,24 @@ def test_progress_bar_only_on_a_terminal(server, tmp_path):
         while True:
             try:
                 b = os.read(master, 4096)
-            except OSError:          # EIO once the child closed the terminal
+            except OSError:  # EIO once the child closed the terminal
                 return
             if not b:
                 return
             chunks.append(b)
+
     reader = threading.Thread(target=drain, daemon=True)
     reader.start()
     try:
-        p = subprocess.run([sys.executable, "-m", "client", "models", "upload", str(root)], cwd=REPO,
-                           env=cli_env(server), stdout=subprocess.PIPE, stderr=slave, text=True, timeout=60)
+        p = subprocess.run(
+            [sys.executable, "-m", "client", "models", "upload", str(root)],
+            cwd=REPO,
+            env=cli_env(server),
+            stdout=subprocess.PIPE,
+            stderr=slave,
+            text=True,
+            timeout=60,
+        )
     finally:
         os.close(slave)
     reader.join(10)
@@ -152,8 +174,9 @@ def test_progress_bar_only_on_a_terminal(server, tmp_path):
 
 def test_entry_points_run_the_same_cli(server):
     for module in ("client",):
-        p = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True, text=True,
-                           timeout=60)
+        p = subprocess.run(
+            [sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True, text=True, timeout=60
+        )
         assert p.returncode == 0 and "projects" in p.stdout and "usage: sly" in p.stdout, (module, p.stderr)
 
 
@@ -163,14 +186,35 @@ def test_submit_follow_logs_and_stop(server):
     agent.connect()
     node = str(created["id"])
 
-    t1 = cli_json(server, "tasks", "submit", "--node", node, "--type", "custom", "--image", "sly-test/busybox:latest",
-                  "--config", '{"epochs": 2}', "--gpus", "0", "--timeout", "60")
+    t1 = cli_json(
+        server,
+        "tasks",
+        "submit",
+        "--node",
+        node,
+        "--type",
+        "custom",
+        "--image",
+        "sly-test/busybox:latest",
+        "--config",
+        '{"epochs": 2}',
+        "--gpus",
+        "0",
+        "--timeout",
+        "60",
+    )
     assert t1["state"] == "queued"
     task = server.admin().get(f"{server.url}/api/v1/tasks/{t1['id']}", timeout=10).json()
     assert task["config"] == {"epochs": 2} and task["timeout_s"] == 60
 
-    follower = subprocess.Popen([sys.executable, "-m", "client", "tasks", "logs", str(t1["id"]), "--follow"],
-                                cwd=REPO, env=cli_env(server), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "client", "tasks", "logs", str(t1["id"]), "--follow"],
+        cwd=REPO,
+        env=cli_env(server),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert [t["id"] for t in agent.poll_until("tasks")] == [t1["id"]]
         agent.state(t1["id"], "preparing")
@@ -197,10 +241,12 @@ def test_submit_follow_logs_and_stop(server):
     cli(server, "tasks", "stop", str(t2["id"]))
     assert agent.poll_until("stop", running=[t2["id"]]) == [t2["id"]]
     agent.state(t2["id"], "stopped")
-    poll_for(lambda: server.admin().get(f"{server.url}/api/v1/tasks/{t2['id']}", timeout=5).json()["state"] == "stopped",
-             what="task stopped")
+    poll_for(
+        lambda: server.admin().get(f"{server.url}/api/v1/tasks/{t2['id']}", timeout=5).json()["state"] == "stopped",
+        what="task stopped",
+    )
     p = cli(server, "tasks", "logs", str(t2["id"]), "--follow", ok=False)
-    assert p.returncode == 1 and "stopped" in p.stderr          # a task that did not finish: non-zero
+    assert p.returncode == 1 and "stopped" in p.stderr  # a task that did not finish: non-zero
 
 
 def test_no_token_and_no_server_are_clear_errors(server, tmp_path):

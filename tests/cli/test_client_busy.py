@@ -1,4 +1,5 @@
 """The user client asks again when the server is busy with other large bodies (503 server_busy)."""
+
 from __future__ import annotations
 
 import json

@@ -1,5 +1,6 @@
 """Reading and writing the Supervisely project folder (client/sly_format.py) without a server, and
 `projects upload` refusing a folder the server would refuse before it sends anything (loopback stub)."""
+
 from __future__ import annotations
 
 import base64
@@ -19,12 +20,14 @@ from tests.cli.test_cli import cli
 def test_reads_meta_datasets_items_and_annotations(tmp_path):
     files = write_sample(tmp_path)
     (tmp_path / "README.md").write_text("not part of the project")
-    (tmp_path / "notes").mkdir()                         # a folder without img/ or ann/ is no dataset
-    (tmp_path / "train" / "img" / ".DS_Store").write_bytes(b"\0")   # not an image: the SDK skips it too
+    (tmp_path / "notes").mkdir()  # a folder without img/ or ann/ is no dataset
+    (tmp_path / "train" / "img" / ".DS_Store").write_bytes(b"\0")  # not an image: the SDK skips it too
     meta, datasets = sly_format.read_folder(tmp_path)
-    assert meta == META and list(meta) == list(META)     # key order kept
-    assert [(d.name, [i.name for i in d.items]) for d in datasets] == \
-        [("train", ["a.png", "b.png"]), ("val", ["bare.png", "c.png"])]
+    assert meta == META and list(meta) == list(META)  # key order kept
+    assert [(d.name, [i.name for i in d.items]) for d in datasets] == [
+        ("train", ["a.png", "b.png"]),
+        ("val", ["bare.png", "c.png"]),
+    ]
     by_name = {(d.name, i.name): i for d in datasets for i in d.items}
     assert by_name["val", "bare.png"].ann is None
     a = by_name["train", "a.png"]
@@ -45,12 +48,15 @@ def test_old_style_annotation_name_is_read(tmp_path):
     assert ds.items[0].ann == ann(4, 5)
 
 
-@pytest.mark.parametrize("rel, content, expected", [
-    ("meta.json", "{\"classes\": [", "meta.json: not valid JSON"),
-    ("meta.json", "[1, 2]", "meta.json: a JSON object was expected, not list"),
-    ("train/ann/a.png.json", "{\"size\": }", "train/ann/a.png.json: not valid JSON"),
-    ("train/ann/b.png.json", b"\xff\xfe{}", "train/ann/b.png.json: not UTF-8"),
-])
+@pytest.mark.parametrize(
+    "rel, content, expected",
+    [
+        ("meta.json", "{\"classes\": [", "meta.json: not valid JSON"),
+        ("meta.json", "[1, 2]", "meta.json: a JSON object was expected, not list"),
+        ("train/ann/a.png.json", "{\"size\": }", "train/ann/a.png.json: not valid JSON"),
+        ("train/ann/b.png.json", b"\xff\xfe{}", "train/ann/b.png.json: not UTF-8"),
+    ],
+)
 def test_broken_json_names_the_file(tmp_path, rel, content, expected):
     write_sample(tmp_path)
     (tmp_path / rel).write_bytes(content if isinstance(content, bytes) else content.encode())
@@ -81,8 +87,9 @@ def test_is_supervisely_needs_meta_at_the_top(tmp_path):
     assert sly_format.is_supervisely(tmp_path)
 
 
-@pytest.mark.parametrize("name", ["", ".", "..", "../evil.png", "a/b.png", "/etc/passwd", "a\\b.png", "C:x.png",
-                                  "x\x00.png", None, 7])
+@pytest.mark.parametrize(
+    "name", ["", ".", "..", "../evil.png", "a/b.png", "/etc/passwd", "a\\b.png", "C:x.png", "x\x00.png", None, 7]
+)
 def test_unsafe_names_are_refused(name):
     with pytest.raises(BadProject):
         sly_format.check_name(name, "item name")
@@ -129,18 +136,36 @@ def _edit(root, rel: str, change) -> None:
     (root / rel).write_text(dumps(obj))
 
 
-@pytest.mark.parametrize("rel, change, words", [
-    ("val/ann/c.png.json", lambda a: a["objects"][0].update(classTitle="dog"),
-     "val/ann/c.png.json, object 1: classTitle 'dog' is not a class of the meta"),
-    ("train/ann/b.png.json", lambda a: a["objects"][2]["bitmap"].update(
-        data=base64.b64encode(zlib.compress(png(40, 40))).decode()),
-     "train/ann/b.png.json, object 3: bitmap PNG is 40x40, larger than its image (30x21)"),
-    ("train/ann/a.png.json", lambda a: a["tags"].append({"name": "weather", "value": "hail"}),
-     "train/ann/a.png.json: tag 3 ('weather', oneof_string) cannot have the value 'hail'"),
-    ("train/ann/a.png.json", lambda a: a.update(size={"height": 0, "width": 30}),
-     "train/ann/a.png.json: the annotation's size must be"),
-    ("meta.json", lambda m: m["classes"][0].update(color="red"), "meta.json: class 'car': color 'red' is not '#RRGGBB'"),
-])
+@pytest.mark.parametrize(
+    "rel, change, words",
+    [
+        (
+            "val/ann/c.png.json",
+            lambda a: a["objects"][0].update(classTitle="dog"),
+            "val/ann/c.png.json, object 1: classTitle 'dog' is not a class of the meta",
+        ),
+        (
+            "train/ann/b.png.json",
+            lambda a: a["objects"][2]["bitmap"].update(data=base64.b64encode(zlib.compress(png(40, 40))).decode()),
+            "train/ann/b.png.json, object 3: bitmap PNG is 40x40, larger than its image (30x21)",
+        ),
+        (
+            "train/ann/a.png.json",
+            lambda a: a["tags"].append({"name": "weather", "value": "hail"}),
+            "train/ann/a.png.json: tag 3 ('weather', oneof_string) cannot have the value 'hail'",
+        ),
+        (
+            "train/ann/a.png.json",
+            lambda a: a.update(size={"height": 0, "width": 30}),
+            "train/ann/a.png.json: the annotation's size must be",
+        ),
+        (
+            "meta.json",
+            lambda m: m["classes"][0].update(color="red"),
+            "meta.json: class 'car': color 'red' is not '#RRGGBB'",
+        ),
+    ],
+)
 def test_upload_checks_every_file_before_sending_anything(tmp_path, rel, change, words):
     src = tmp_path / "roads"
     write_sample(src)

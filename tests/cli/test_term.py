@@ -1,4 +1,5 @@
 """The CLI prints what nodes and task containers wrote without letting it drive the terminal."""
+
 from __future__ import annotations
 
 import argparse
@@ -8,12 +9,12 @@ from client.term import safe
 from protocol.errors import APIError
 
 ATTACKS = [
-    "\x1b]52;c;ZWNobyBwd25lZA==\x07",    # OSC 52: write the reader's clipboard
-    "\x1b]0;root@prod\x07",                # set the window title
-    "\x1b[2J\x1b[H",                       # clear the screen
-    "ok\rFAKED",                           # overwrite the line it is on
-    "\x9b31m",                             # an 8-bit CSI
-    "\u202egnp.exe",                       # bidirectional override
+    "\x1b]52;c;ZWNobyBwd25lZA==\x07",  # OSC 52: write the reader's clipboard
+    "\x1b]0;root@prod\x07",  # set the window title
+    "\x1b[2J\x1b[H",  # clear the screen
+    "ok\rFAKED",  # overwrite the line it is on
+    "\x9b31m",  # an 8-bit CSI
+    "\u202egnp.exe",  # bidirectional override
 ]
 
 
@@ -43,8 +44,16 @@ class _Client:
 
 
 def test_task_logs_print_terminal_escapes_as_text(capsys):
-    lines = [{"seq": i, "ts": 0, "message": m, "stream": "stderr" if i % 2 else "stdout",
-              "level": "warning\x1b[1m" if i == 3 else "info"} for i, m in enumerate(ATTACKS)]
+    lines = [
+        {
+            "seq": i,
+            "ts": 0,
+            "message": m,
+            "stream": "stderr" if i % 2 else "stdout",
+            "level": "warning\x1b[1m" if i == 3 else "info",
+        }
+        for i, m in enumerate(ATTACKS)
+    ]
     rc = cli.tasks_logs(_Client(lines), argparse.Namespace(id=4, follow=True, json=False))
     out, err = capsys.readouterr()
     assert rc == 1
@@ -63,6 +72,7 @@ def test_tables_and_errors_escape_names_and_details(capsys, monkeypatch):
 
         def list_agents(self):
             raise APIError(400, "bad_name", "name '\x1b[2J' is not allowed")
+
     monkeypatch.setattr(cli, "UserClient", Refusing)
     assert cli.main(["--token", "t" * 32, "nodes", "list"]) == 1
     out, err = capsys.readouterr()

@@ -1,5 +1,6 @@
 """`projects upload|download` and `models upload|download` through the CLI: against the real server,
 and against a loopback stub (tests/cli/stub_server.py) for what the real one cannot be made to answer."""
+
 from __future__ import annotations
 
 import hashlib
@@ -18,12 +19,12 @@ from tests.cli.stub_server import StubServer
 from tests.cli.test_cli import cli, cli_json
 
 
-
 def tree(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 # --- against the real server ---
+
 
 def test_supervisely_round_trip_is_byte_identical(server, tmp_path):
     src = tmp_path / "roads"
@@ -49,9 +50,11 @@ def test_plain_folder_still_uploads_and_downloads_as_a_supervisely_project(serve
     for rel, data in files.items():
         (src / rel).write_bytes(data)
     up = cli_json(server, "projects", "upload", str(src))
-    assert sorted((d["name"], sorted(i["name"] for i in d["items"])) for d in up["datasets"]) == \
-        [("cats", ["c1.png", "notes.txt"]), ("ds0", ["top.png"])]
-    assert "ann" not in json.dumps(up["datasets"])            # the plain form: no annotations sent
+    assert sorted((d["name"], sorted(i["name"] for i in d["items"])) for d in up["datasets"]) == [
+        ("cats", ["c1.png", "notes.txt"]),
+        ("ds0", ["top.png"]),
+    ]
+    assert "ann" not in json.dumps(up["datasets"])  # the plain form: no annotations sent
 
     out = tmp_path / "out"
     p = cli(server, "projects", "download", str(up["id"]), str(out))
@@ -62,7 +65,7 @@ def test_plain_folder_still_uploads_and_downloads_as_a_supervisely_project(serve
     assert got["cats/img/notes.txt"] == b"no image"
     assert json.loads(got["ds0/ann/top.png.json"]) == empty_ann(5, 8)
     assert json.loads(got["cats/ann/c1.png.json"]) == empty_ann(12, 4)
-    assert "cats/ann/notes.txt.json" not in got                # the SDK lists only images as items
+    assert "cats/ann/notes.txt.json" not in got  # the SDK lists only images as items
 
 
 def test_nested_item_names_are_refused_on_download_and_nothing_is_written(server, tmp_path):
@@ -105,7 +108,7 @@ def test_model_round_trip_keeps_subfolders(server, tmp_path):
     p = cli(server, "--json", "--progress", "models", "download", str(up["id"]), str(out))
     down = json.loads(p.stdout)
     assert down["id"] == up["id"] and down["hash"] == up["hash"] and down["dir"] == str(out.resolve())
-    assert "100%" in p.stderr and "3 files" in p.stderr          # the bar, in bytes, reached its end
+    assert "100%" in p.stderr and "3 files" in p.stderr  # the bar, in bytes, reached its end
     assert tree(out) == files
 
 
@@ -134,6 +137,7 @@ def test_broken_project_folder_is_a_clear_error(server, tmp_path):
 
 # --- against the loopback stub ---
 
+
 def test_upload_sends_meta_and_annotations(tmp_path):
     src = tmp_path / "roads"
     sent = write_sample(src)
@@ -154,10 +158,22 @@ def test_upload_sends_meta_and_annotations(tmp_path):
 
 
 def _stub_project(stub: StubServer, datasets: list[tuple[str, list[tuple[str, bytes, dict | None]]]], **extra) -> dict:
-    project = {"id": 1, "name": "p", "meta": META, "datasets": [
-        {"name": ds, "items": [{"name": n, "sha256": stub.add_blob(b), "size": len(b),
-                                **({"ann": a} if a is not None else {})} for n, b, a in items]}
-        for ds, items in datasets], **extra}
+    project = {
+        "id": 1,
+        "name": "p",
+        "meta": META,
+        "datasets": [
+            {
+                "name": ds,
+                "items": [
+                    {"name": n, "sha256": stub.add_blob(b), "size": len(b), **({"ann": a} if a is not None else {})}
+                    for n, b, a in items
+                ],
+            }
+            for ds, items in datasets
+        ],
+        **extra,
+    }
     stub.projects[1] = project
     return project
 
@@ -171,7 +187,7 @@ def test_download_writes_stored_annotations_byte_identical(tmp_path):
     assert got["meta.json"] == dumps(META).encode()
     assert got["train/ann/x.png.json"] == dumps(a).encode() and b"d\\u00e9j\\u00e0" in got["train/ann/x.png.json"]
     assert down["datasets"][0]["items"][0]["ann"] == a
-    assert "/api/v1/projects/1/items" not in stub.requests      # inline items with ann: no paging
+    assert "/api/v1/projects/1/items" not in stub.requests  # inline items with ann: no paging
 
 
 def test_download_pages_items_when_they_are_not_inline(tmp_path):
@@ -179,8 +195,12 @@ def test_download_pages_items_when_they_are_not_inline(tmp_path):
     with StubServer() as stub:
         s1, s2 = stub.add_blob(png(4, 4, 1)), stub.add_blob(png(4, 4, 2))
         stub.projects[1] = {"id": 1, "name": "p", "meta": META, "datasets": [{"name": "ds", "items_count": 2}]}
-        stub.items_pages[1] = {"ds": [[{"name": "a.png", "sha256": s1, "size": 1, "ann": a1}],
-                                      [{"name": "b.png", "sha256": s2, "size": 1, "ann": a2}]]}
+        stub.items_pages[1] = {
+            "ds": [
+                [{"name": "a.png", "sha256": s1, "size": 1, "ann": a1}],
+                [{"name": "b.png", "sha256": s2, "size": 1, "ann": a2}],
+            ]
+        }
         cli(stub, "projects", "download", "1", str(tmp_path / "out"))
     got = tree(tmp_path / "out")
     assert got["ds/ann/a.png.json"] == dumps(a1).encode() and got["ds/ann/b.png.json"] == dumps(a2).encode()
@@ -190,12 +210,25 @@ def test_download_pages_items_when_they_are_not_inline(tmp_path):
 def test_items_named_png_that_are_not_images_download_with_a_warning(tmp_path):
     import struct
     import zlib
-    ihdr = struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)    # a header claiming 400 Mpx
+
+    ihdr = struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)  # a header claiming 400 Mpx
     huge = b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
     eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
     with StubServer() as stub:
-        _stub_project(stub, [("ds", [("fake.png", b"not an image", None), ("huge.png", huge, None),
-                                     ("drawing.png", eps[:20], None), ("real.png", png(3, 2), None)])])
+        _stub_project(
+            stub,
+            [
+                (
+                    "ds",
+                    [
+                        ("fake.png", b"not an image", None),
+                        ("huge.png", huge, None),
+                        ("drawing.png", eps[:20], None),
+                        ("real.png", png(3, 2), None),
+                    ],
+                )
+            ],
+        )
         p = cli(stub, "--json", "projects", "download", "1", str(tmp_path / "out"))
     got = tree(tmp_path / "out")
     assert got["ds/img/fake.png"] == b"not an image" and got["ds/img/huge.png"] == huge
@@ -207,21 +240,36 @@ def test_items_named_png_that_are_not_images_download_with_a_warning(tmp_path):
     assert len(json.loads(p.stdout)["warnings"]) == 3
 
 
-@pytest.mark.parametrize("ds, item", [("ds", "../../escaped.png"), ("../up", "x.png"), ("ds", "/tmp/abs.png"),
-                                      ("ds", "a/b.png"), ("..", "x.png"), ("meta.json", "x.png")])
+@pytest.mark.parametrize(
+    "ds, item",
+    [
+        ("ds", "../../escaped.png"),
+        ("../up", "x.png"),
+        ("ds", "/tmp/abs.png"),
+        ("ds", "a/b.png"),
+        ("..", "x.png"),
+        ("meta.json", "x.png"),
+    ],
+)
 def test_hostile_names_are_refused_before_anything_is_written(tmp_path, ds, item):
     with StubServer() as stub:
         _stub_project(stub, [("ok", [("fine.png", png(2, 2), None)]), (ds, [(item, b"evil", None)])])
         p = cli(stub, "projects", "download", "1", str(tmp_path / "a" / "out"), ok=False)
     assert p.returncode == 1 and p.stderr.startswith("error: ") and "refusing" in p.stderr
-    assert tree(tmp_path) == {}                                  # not even the target folder was made
+    assert tree(tmp_path) == {}  # not even the target folder was made
 
 
 def test_hostile_model_paths_are_refused(tmp_path):
     with StubServer() as stub:
-        stub.models[1] = {"id": 1, "name": "m", "hash": "h", "files": [
-            {"path": "ok.bin", "sha256": stub.add_blob(b"ok"), "size": 2},
-            {"path": "../../evil.bin", "sha256": stub.add_blob(b"evil"), "size": 4}]}
+        stub.models[1] = {
+            "id": 1,
+            "name": "m",
+            "hash": "h",
+            "files": [
+                {"path": "ok.bin", "sha256": stub.add_blob(b"ok"), "size": 2},
+                {"path": "../../evil.bin", "sha256": stub.add_blob(b"evil"), "size": 4},
+            ],
+        }
         p = cli(stub, "models", "download", "1", str(tmp_path / "out"), ok=False)
     assert p.returncode == 1 and "'../../evil.bin'" in p.stderr
     assert tree(tmp_path) == {}
@@ -231,13 +279,14 @@ def test_bytes_that_do_not_match_the_hash_are_not_kept(tmp_path):
     with StubServer() as stub:
         _stub_project(stub, [("ds", [("x.png", png(3, 3), None)])])
         sha = stub.projects[1]["datasets"][0]["items"][0]["sha256"]
-        stub.blobs[sha] = png(3, 3, 99)                          # the server sends other bytes
+        stub.blobs[sha] = png(3, 3, 99)  # the server sends other bytes
         p = cli(stub, "projects", "download", "1", str(tmp_path / "out"), ok=False)
     assert p.returncode == 1 and f"not {sha}" in p.stderr
-    assert [f for f in tree(tmp_path / "out") if "/img/" in f] == []   # no image, no .part left
+    assert [f for f in tree(tmp_path / "out") if "/img/" in f] == []  # no image, no .part left
 
 
 # --- the SDK opens what the CLI downloads ---
+
 
 def sdk_python(tmp_dir: Path) -> str | None:
     """An interpreter with the supervisely SDK: $SLY_SDK_PYTHON, this one if it has it, else this one
@@ -246,6 +295,7 @@ def sdk_python(tmp_dir: Path) -> str | None:
     if subprocess.run([exe, "-c", "import supervisely"], capture_output=True, timeout=120).returncode == 0:
         return exe
     from tools.sdk_image import SiteUnavailable, ensure_site
+
     try:
         site = ensure_site(log=lambda *_: None)
     except SiteUnavailable:
@@ -295,7 +345,9 @@ print(json.dumps(out))
 def sdk(tmp_path_factory):
     exe = sdk_python(tmp_path_factory.mktemp("sdk"))
     if exe is None:
-        pytest.skip("the supervisely SDK could not be installed (no PyPI?); SLY_SDK_PYTHON names an interpreter with it")
+        pytest.skip(
+            "the supervisely SDK could not be installed (no PyPI?); SLY_SDK_PYTHON names an interpreter with it"
+        )
     return exe
 
 
@@ -306,7 +358,7 @@ def sdk_round_trip(sdk: str, server, tmp_path: Path) -> dict:
     up = cli_json(server, "projects", "upload", str(src))
     out = tmp_path / "out"
     cli(server, "projects", "download", str(up["id"]), str(out))
-    assert tree(out) == tree(src)                                # the SDK's own bytes, every file
+    assert tree(out) == tree(src)  # the SDK's own bytes, every file
     read = subprocess.run([sdk, "-c", SDK_READ, str(out)], check=True, timeout=300, capture_output=True, text=True)
     items = json.loads(read.stdout)
     assert sorted(items) == ["train/im0.png", "train/im1.png", "val/im0.png", "val/im1.png"]
@@ -316,7 +368,7 @@ def sdk_round_trip(sdk: str, server, tmp_path: Path) -> dict:
 
 
 def test_the_sdk_opens_what_it_wrote_after_a_round_trip_through_a_storing_server(sdk, tmp_path):
-    with StubServer() as stub:                 # stores the project exactly as POSTed, meta and anns included
+    with StubServer() as stub:  # stores the project exactly as POSTed, meta and anns included
         sdk_round_trip(sdk, stub, tmp_path)
 
 
@@ -331,7 +383,10 @@ def test_the_sdk_opens_a_downloaded_plain_project(sdk, server, tmp_path):
     (src / "b" / "c.png").write_bytes(png(9, 3))
     pid = str(cli_json(server, "projects", "upload", str(src))["id"])
     cli(server, "projects", "download", pid, str(tmp_path / "out"))
-    read = subprocess.run([sdk, "-c", SDK_READ, str(tmp_path / "out")], check=True, timeout=300,
-                          capture_output=True, text=True)
-    assert json.loads(read.stdout) == {"ds0/a.png": {"size": [5, 7], "labels": [], "tags": []},
-                                       "b/c.png": {"size": [9, 3], "labels": [], "tags": []}}
+    read = subprocess.run(
+        [sdk, "-c", SDK_READ, str(tmp_path / "out")], check=True, timeout=300, capture_output=True, text=True
+    )
+    assert json.loads(read.stdout) == {
+        "ds0/a.png": {"size": [5, 7], "labels": [], "tags": []},
+        "b/c.png": {"size": [9, 3], "labels": [], "tags": []},
+    }

@@ -5,6 +5,7 @@ on the same data dir and port that stays up (reuse by name, the same port althou
 run's connections sit in TIME_WAIT, results checked through the API, then Ctrl-C), and a run
 interrupted in the middle of training.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,14 +36,15 @@ class DemoRun:
 
     def __init__(self, data: Path, port: int, *extra: str):
         args = ["demo", "--epochs", str(EPOCHS), "--data", str(data), "--port", str(port), *extra]
-        if sys.prefix != sys.base_prefix:   # in a venv (as under ./run.sh test): go through run.sh itself
+        if sys.prefix != sys.base_prefix:  # in a venv (as under ./run.sh test): go through run.sh itself
             cmd, env = ["bash", str(REPO / "run.sh"), *args], dict(os.environ, SLY_VENV=sys.prefix)
         else:
             cmd, env = [sys.executable, "-m", "tools.demo", *args[1:]], dict(os.environ)
         self.data = data
         self.lines: list[str] = []
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True)
+        self.proc = subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -64,8 +66,9 @@ class DemoRun:
             if m is not None:
                 return m
             if exited:
-                raise AssertionError(f"the demo exited ({self.proc.returncode}) without printing {pattern!r}:\n"
-                                     + self.out[-4000:])
+                raise AssertionError(
+                    f"the demo exited ({self.proc.returncode}) without printing {pattern!r}:\n" + self.out[-4000:]
+                )
             time.sleep(0.1)
         raise AssertionError(f"no {pattern!r} in the demo's output after {timeout}s:\n" + self.out[-4000:])
 
@@ -108,9 +111,18 @@ def first_run(demo_dir, docker_client):
         code = run.finish()
     finally:
         run.stop()
-    return {"run": run, "code": code, "link": link, "first": first, "cookies": browser.cookies,
-            "nodes_api": nodes_api, "second": second, "stranger_cookies": stranger.cookies,
-            "port": port, "data": data}
+    return {
+        "run": run,
+        "code": code,
+        "link": link,
+        "first": first,
+        "cookies": browser.cookies,
+        "nodes_api": nodes_api,
+        "second": second,
+        "stranger_cookies": stranger.cookies,
+        "port": port,
+        "data": data,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -152,8 +164,11 @@ def test_the_first_run_trained_and_predicted(first_run):
     assert first_run["code"] == 0, first_run["run"].out[-4000:]
     out = first_run["run"].out
     assert "Epochs [" in out and "metrics train epoch 1" in out and "metrics val   epoch 1" in out
-    assert re.search(r"predictions: project \d+ .*12 of 12 images with a 'prediction' label; see them at "
-                     r"http://\S+/projects/\d+", out), out[-3000:]
+    assert re.search(
+        r"predictions: project \d+ .*12 of 12 images with a 'prediction' label; see them at "
+        r"http://\S+/projects/\d+",
+        out,
+    ), out[-3000:]
 
 
 def test_a_rerun_reuses_node_project_model_and_port(first_run, second_run):
@@ -172,6 +187,7 @@ def test_a_rerun_reuses_node_project_model_and_port(first_run, second_run):
 
 def test_training_made_checkpoint_models_and_inference_a_result_project(second_run):
     from tools.demo.__main__ import project_items
+
     client = second_run["client"]
     tasks = sorted(client.list_tasks(), key=lambda t: t["id"])
     trains = [t for t in tasks if t["type"] == "train"]

@@ -1,5 +1,6 @@
 """The docs document what the code has and stand on their own: every setting, the two first-screen
 commands, and no link or path that leaves the repository."""
+
 import re
 import subprocess
 from pathlib import Path
@@ -10,8 +11,16 @@ from node.config import SETTINGS, markdown_table
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
-DOCS = sorted(ROOT / p for p in subprocess.run(["git", "ls-files", "-c", "-o", "--exclude-standard", "*.md"],
-                                               cwd=ROOT, capture_output=True, text=True, check=True).stdout.split())
+DOCS = sorted(
+    ROOT / p
+    for p in subprocess.run(
+        ["git", "ls-files", "-c", "-o", "--exclude-standard", "*.md"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+)
 
 INLINE_LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
 REFERENCE_LINK = re.compile(r"^\s*\[[^\]]+\]:\s*(\S+)", re.M)
@@ -58,8 +67,10 @@ def test_no_link_or_path_leaves_the_repository(doc):
 
 
 def test_the_link_check_catches_what_it_should(tmp_path):
-    text = ("see [design](../shared/DESIGN.md), [site](https://example.com), `../../etc/x`, DESIGN.md, "
-            "[ok](docs/protocol.md), `PUT .../blobs/x`")
+    text = (
+        "see [design](../shared/DESIGN.md), [site](https://example.com), `../../etc/x`, DESIGN.md, "
+        "[ok](docs/protocol.md), `PUT .../blobs/x`"
+    )
     links = INLINE_LINK.findall(text)
     assert links == ["../shared/DESIGN.md", "https://example.com", "docs/protocol.md"]
     assert [t for t in links if SCHEME.match(t) or not _inside(ROOT, t)] == links[:2]

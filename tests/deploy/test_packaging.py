@@ -1,6 +1,7 @@
 """`pip install .` as users run it: a wheel of the working tree, installed into a fresh virtualenv,
 gives console scripts that work from any directory; requirement files include one another; the
 agent image takes only the agent's layers and requirements."""
+
 from __future__ import annotations
 
 import email
@@ -37,16 +38,32 @@ def _requirement_names(path: Path) -> set[str]:
 def wheel(tmp_path_factory) -> Path:
     """A wheel built from a copy of the working tree (building in place would leave build/ behind)."""
     src = tmp_path_factory.mktemp("src") / "sly-agent"
-    files = subprocess.run(["git", "ls-files", "-c", "-o", "--exclude-standard"], cwd=REPO,
-                           capture_output=True, text=True, check=True).stdout.split("\n")
+    files = subprocess.run(
+        ["git", "ls-files", "-c", "-o", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split("\n")
     for rel in filter(None, files):
         if (REPO / rel).is_file():
             (src / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / rel, src / rel)
     out = tmp_path_factory.mktemp("dist")
     # --no-build-isolation: the test venv's setuptools builds it, so no network is needed.
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                    "--disable-pip-version-check", "-w", str(out), str(src)], check=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--disable-pip-version-check",
+            "-w",
+            str(out),
+            str(src),
+        ],
+        check=True,
+        timeout=300,
+    )
     (whl,) = out.glob("sly_agent-*.whl")
     return whl
 
@@ -58,10 +75,29 @@ def venv(tmp_path_factory, wheel) -> Path:
     path = tmp_path_factory.mktemp("venv") / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True, timeout=120)
     py = path / "bin" / "python"
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-deps", "--no-index",
-                    "--disable-pip-version-check", str(wheel)], check=True, timeout=300)
-    site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(py),
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-index",
+            "--disable-pip-version-check",
+            str(wheel),
+        ],
+        check=True,
+        timeout=300,
+    )
+    site = subprocess.run(
+        [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     deps = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
     Path(site, "zz_test_deps.pth").write_text("\n".join(sorted(deps)) + "\n")
     return path
@@ -70,8 +106,9 @@ def venv(tmp_path_factory, wheel) -> Path:
 def _run(venv: Path, cwd: Path, *argv: str, env: dict | None = None, timeout: float = 60):
     env = dict(env or os.environ)
     env.pop("PYTHONPATH", None)
-    return subprocess.run([str(venv / "bin" / argv[0]), *argv[1:]], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [str(venv / "bin" / argv[0]), *argv[1:]], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.mark.timeout(600)
@@ -86,11 +123,13 @@ def test_wheel_holds_every_package_and_the_console_files(wheel):
     for migration in (REPO / "server" / "migrations").rglob("*.py"):
         assert migration.relative_to(REPO).as_posix() in names
     assert not any("__pycache__" in n or n.startswith("tests/") for n in names)
-    meta = email.message_from_bytes(next(zipfile.ZipFile(wheel).read(n) for n in names
-                                         if n.endswith(".dist-info/METADATA")))
+    meta = email.message_from_bytes(
+        next(zipfile.ZipFile(wheel).read(n) for n in names if n.endswith(".dist-info/METADATA"))
+    )
     required = {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].lower() for r in meta.get_all("Requires-Dist")}
-    assert required == _requirement_names(REPO / "requirements-agent.txt") | \
-        _requirement_names(REPO / "requirements-server.txt")
+    assert required == _requirement_names(REPO / "requirements-agent.txt") | _requirement_names(
+        REPO / "requirements-server.txt"
+    )
 
 
 @pytest.mark.timeout(600)
@@ -117,16 +156,38 @@ def test_installed_server_serves_the_console_and_the_cli_talks_to_it(venv, tmp_p
     env = dict(os.environ, SERVER_ADMIN_TOKEN=token)
     env.pop("PYTHONPATH", None)
     log = open(tmp_path / "server.log", "wb")
-    proc = subprocess.Popen([str(venv / "bin" / "sly-server"), "--host", "127.0.0.1", "--port", str(port),
-                             "--data", str(tmp_path / "data")], cwd=tmp_path, env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            str(venv / "bin" / "sly-server"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--data",
+            str(tmp_path / "data"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         poll_for(lambda: requests.get(url + "/healthz", timeout=1).ok, timeout=60, what="the installed server")
         page = requests.get(url + "/signin", timeout=10)
-        assert page.status_code == 200 and "<html" in page.text.lower()          # templates shipped
-        assert requests.get(url + "/console/static/console.css", timeout=10).status_code == 200   # static files shipped
-        p = _run(venv, tmp_path, "sly", "--server", url, "--json", "nodes", "add", "wheel-node",
-                 env=dict(env, SLY_ADMIN_TOKEN=token))
+        assert page.status_code == 200 and "<html" in page.text.lower()  # templates shipped
+        assert requests.get(url + "/console/static/console.css", timeout=10).status_code == 200  # static files shipped
+        p = _run(
+            venv,
+            tmp_path,
+            "sly",
+            "--server",
+            url,
+            "--json",
+            "nodes",
+            "add",
+            "wheel-node",
+            env=dict(env, SLY_ADMIN_TOKEN=token),
+        )
         assert p.returncode == 0, p.stderr
         assert len(__import__("json").loads(p.stdout)["token"]) == 32
     finally:
@@ -159,15 +220,24 @@ def test_run_sh_stamp_changes_with_an_included_file(tmp_path):
     for name in ("requirements-agent.txt", "requirements-server.txt", "requirements.txt", "requirements-dev.txt"):
         shutil.copy(REPO / name, tmp_path / name)
     run_sh = (REPO / "run.sh").read_text()
-    fns = "\n".join(re.search(rf"^{name}\(\) \{{.*?^\}}", run_sh, re.M | re.S).group(0)
-                    for name in ("req_files", "req_hash"))
+    fns = "\n".join(
+        re.search(rf"^{name}\(\) \{{.*?^\}}", run_sh, re.M | re.S).group(0) for name in ("req_files", "req_hash")
+    )
 
     def bash(call: str) -> str:
-        return subprocess.run(["bash", "-c", fns + "\n" + call, "x", str(tmp_path / "requirements-dev.txt")],
-                              capture_output=True, text=True, check=True).stdout
+        return subprocess.run(
+            ["bash", "-c", fns + "\n" + call, "x", str(tmp_path / "requirements-dev.txt")],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
 
     assert sorted(Path(f).name for f in bash('req_files "$1"').split()) == [
-        "requirements-agent.txt", "requirements-dev.txt", "requirements-server.txt", "requirements.txt"]
+        "requirements-agent.txt",
+        "requirements-dev.txt",
+        "requirements-server.txt",
+        "requirements.txt",
+    ]
     before = bash('req_hash "$1"')
     with open(tmp_path / "requirements-agent.txt", "a") as f:
         f.write("six>=1.16\n")

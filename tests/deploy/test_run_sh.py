@@ -1,4 +1,5 @@
 """run.sh as users run it: from a fresh clone, its errors, and the agent in the foreground."""
+
 from __future__ import annotations
 
 import os
@@ -21,8 +22,9 @@ def clone(tmp_path_factory) -> Path:
     dest = tmp_path_factory.mktemp("clone") / "sly-agent"
     subprocess.run(["git", "clone", "-q", str(REPO), str(dest)], check=True)
     # Bring uncommitted work along so a developer's run tests what they see.
-    for rel in subprocess.run(["git", "ls-files", "-m", "-o", "--exclude-standard"], cwd=REPO,
-                              capture_output=True, text=True, check=True).stdout.split():
+    for rel in subprocess.run(
+        ["git", "ls-files", "-m", "-o", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split():
         src = REPO / rel
         if src.is_file():
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -31,8 +33,9 @@ def clone(tmp_path_factory) -> Path:
 
 
 def _run(clone: Path, *args, env=None, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(clone / "run.sh"), *args], cwd=clone, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        ["bash", str(clone / "run.sh"), *args], cwd=clone, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_help_says_what_it_takes(clone):
@@ -54,8 +57,9 @@ def test_missing_python_is_one_clear_sentence(clone, tmp_path):
     for tool in ("bash", "dirname", "cat", "sha256sum", "cut", "basename", "id"):
         os.symlink(shutil.which(tool), bindir / tool)
     env = {"PATH": str(bindir), "HOME": str(tmp_path), "SLY_VENV": str(tmp_path / "venv")}
-    r = subprocess.run([shutil.which("bash"), str(clone / "run.sh")], cwd=clone, env=env,
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [shutil.which("bash"), str(clone / "run.sh")], cwd=clone, env=env, capture_output=True, text=True, timeout=60
+    )
     assert r.returncode != 0
     assert "Python 3.11 or newer is needed" in r.stderr
     assert "Traceback" not in r.stderr
@@ -84,14 +88,24 @@ def test_dead_docker_daemon_is_one_clear_sentence(venv):
 def test_agent_runs_in_foreground_and_sigterm_exits_zero(clone, venv, server, tmp_path, docker_client):
     admin = server.admin()
     agent = admin.post(server.url + "/api/v1/agents", json={"name": "runsh-node"}).json()
-    env = dict(os.environ, SLY_VENV=str(venv), SERVER_ADDRESS=server.url, ACCESS_TOKEN=agent["token"],
-               AGENT_HOST_DIR=str(tmp_path / "agent"), TELEMETRY_INTERVAL="1", MIN_FREE_DISK_MB="64")
-    proc = subprocess.Popen(["bash", str(clone / "run.sh")], cwd=clone, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = dict(
+        os.environ,
+        SLY_VENV=str(venv),
+        SERVER_ADDRESS=server.url,
+        ACCESS_TOKEN=agent["token"],
+        AGENT_HOST_DIR=str(tmp_path / "agent"),
+        TELEMETRY_INTERVAL="1",
+        MIN_FREE_DISK_MB="64",
+    )
+    proc = subprocess.Popen(
+        ["bash", str(clone / "run.sh")], cwd=clone, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:
+
         def online():
             a = admin.get(f"{server.url}/api/v1/agents/{agent['id']}").json()
             return a.get("status") == "online"
+
         poll_for(online, timeout=60, what="the agent started by run.sh to come online")
         # run.sh execs the agent, so the signal reaches it directly: SIGTERM drains and exits 0.
         proc.send_signal(signal.SIGTERM)
@@ -108,7 +122,6 @@ def test_agent_runs_in_foreground_and_sigterm_exits_zero(clone, venv, server, tm
 def test_sigterm_during_startup_exits_zero_at_once(tmp_path):
     """`docker stop` while the agent still tries to reach its server: exit 0, no traceback."""
     import socket
-    import sys
     import time
 
     # A server that accepts the connection and never answers: connect() blocks.
@@ -117,11 +130,15 @@ def test_sigterm_during_startup_exits_zero_at_once(tmp_path):
     lsock.listen(8)
     url = f"http://127.0.0.1:{lsock.getsockname()[1]}"
     env = dict(os.environ, SERVER_ADDRESS=url, ACCESS_TOKEN="A" * 32, AGENT_HOST_DIR=str(tmp_path / "a"))
-    proc = subprocess.Popen([sys.executable, "-m", "agent"], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
-        poll_for(lambda: (tmp_path / "a" / "logs").is_dir() and any((tmp_path / "a" / "logs").iterdir()),
-                 timeout=30, what="the agent to start connecting")
+        poll_for(
+            lambda: (tmp_path / "a" / "logs").is_dir() and any((tmp_path / "a" / "logs").iterdir()),
+            timeout=30,
+            what="the agent to start connecting",
+        )
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=30)

@@ -1,4 +1,5 @@
 """The protocol package: stdlib only, one definition each, and its encode/parse pairs agree."""
+
 from __future__ import annotations
 
 import ast
@@ -29,12 +30,15 @@ def test_protocol_imports_only_the_standard_library():
             assert mod == "protocol" or mod in sys.stdlib_module_names, f"{py.name} imports {mod}"
 
 
-@pytest.mark.parametrize("line", [
-    {"ts": 1.5, "cts": 7, "level": "info", "stream": "stdout", "message": "plain"},
-    {"message": "x", "event_type": "metrics", "metrics": {"loss": 0.5}, "stream": "stdout"},
-    {"message": "ünïcode \"quoted\"\n", "level": "error", "stream": "stderr"},
-    {},
-])
+@pytest.mark.parametrize(
+    "line",
+    [
+        {"ts": 1.5, "cts": 7, "level": "info", "stream": "stdout", "message": "plain"},
+        {"message": "x", "event_type": "metrics", "metrics": {"loss": 0.5}, "stream": "stdout"},
+        {"message": "ünïcode \"quoted\"\n", "level": "error", "stream": "stderr"},
+        {},
+    ],
+)
 def test_encode_parse_round_trip(line):
     text = logline.encode(41, line)
     assert text.endswith("\n") and text.count("\n") == 1
@@ -50,8 +54,9 @@ def test_nan_metric_is_stored_as_null():
     assert back["metrics"] == {"loss": None, "acc": None} and back["x"] is None
 
 
-@pytest.mark.parametrize("raw", [b"garbage-without-seq", b'{"seq":', b'{"seq":"3"}', b'{"seq":-1}', b"[1]",
-                                 b'{"seq":1x}', b""])
+@pytest.mark.parametrize(
+    "raw", [b"garbage-without-seq", b'{"seq":', b'{"seq":"3"}', b'{"seq":-1}', b"[1]", b'{"seq":1x}', b""]
+)
 def test_bad_lines_raise_badline(raw):
     with pytest.raises(logline.BadLine):
         logline.parse(raw)

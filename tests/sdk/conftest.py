@@ -4,6 +4,7 @@ Both are cached (tools/sdk_image.py): an existing image is reused, pip's SITE is
 cache directory. Without PyPI the SDK cannot be installed, and the tests that need it skip with
 pip's reason; any other build failure is a failure.
 """
+
 from __future__ import annotations
 
 import pytest

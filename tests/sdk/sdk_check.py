@@ -16,6 +16,7 @@ loaded against the meta and every image is decoded, and the summary is printed a
 masks compared decoded: the SDK re-encodes their PNGs). Later end-to-end tests use this on
 projects downloaded with the CLI.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,10 +33,25 @@ def project_summary(path: str, image: str | None = None, timeout: float = 300) -
     path = os.path.abspath(path)
     inside = f"/projects/{os.path.basename(path.rstrip('/'))}"
     proc = subprocess.run(
-        ["docker", "run", "--rm", "--network", "none",
-         "-v", f"{path}:{inside}:ro", "-v", f"{os.path.abspath(__file__)}:{SCRIPT_IN_CONTAINER}:ro",
-         image, "python3", SCRIPT_IN_CONTAINER, inside],
-        capture_output=True, text=True, timeout=timeout)
+        [
+            "docker",
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            "-v",
+            f"{path}:{inside}:ro",
+            "-v",
+            f"{os.path.abspath(__file__)}:{SCRIPT_IN_CONTAINER}:ro",
+            image,
+            "python3",
+            SCRIPT_IN_CONTAINER,
+            inside,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if proc.returncode != 0:
         raise AssertionError(f"the SDK could not open {path} (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -64,18 +80,29 @@ def _summarise(project_dir: str) -> dict:  # runs inside the SDK image
             labels = []
             for label in ann.labels:
                 bbox = label.geometry.to_bbox()
-                labels.append({"class": label.obj_class.name, "shape": label.geometry.geometry_name(),
-                               "bbox": [bbox.top, bbox.left, bbox.bottom, bbox.right],
-                               "tags": {t.name: t.value for t in label.tags}})
+                labels.append(
+                    {
+                        "class": label.obj_class.name,
+                        "shape": label.geometry.geometry_name(),
+                        "bbox": [bbox.top, bbox.left, bbox.bottom, bbox.right],
+                        "tags": {t.name: t.value for t in label.tags},
+                    }
+                )
             items[f"{dataset.name}/{item}"] = {
-                "size": list(ann.img_size), "image_shape": list(img.shape),
-                "labels": labels, "tags": {t.name: t.value for t in ann.img_tags},
-                "roundtrip": decoded(ann.to_json()) == decoded(raw)}
-    return {"name": project.name, "total_items": project.total_items,
-            "datasets": sorted(ds.name for ds in project.datasets),
-            "classes": {c.name: c.geometry_type.geometry_name() for c in meta.obj_classes},
-            "tag_metas": {t.name: t.value_type for t in meta.tag_metas},
-            "items": items}
+                "size": list(ann.img_size),
+                "image_shape": list(img.shape),
+                "labels": labels,
+                "tags": {t.name: t.value for t in ann.img_tags},
+                "roundtrip": decoded(ann.to_json()) == decoded(raw),
+            }
+    return {
+        "name": project.name,
+        "total_items": project.total_items,
+        "datasets": sorted(ds.name for ds in project.datasets),
+        "classes": {c.name: c.geometry_type.geometry_name() for c in meta.obj_classes},
+        "tag_metas": {t.name: t.value_type for t in meta.tag_metas},
+        "items": items,
+    }
 
 
 if __name__ == "__main__":

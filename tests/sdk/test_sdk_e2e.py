@@ -9,6 +9,7 @@ project's meta and annotations handed to the task as the server sends them: it n
 node's side. `test_sdk_end_to_end` goes through `python -m agent` and the server's API, upload
 to download.
 """
+
 from __future__ import annotations
 
 import json
@@ -49,8 +50,9 @@ def upload_sly_project(user, path: str, name: str) -> dict:
     datasets: dict[str, list] = {}
     for key, (img, ann) in items.items():
         ds, item = key.split("/", 1)
-        datasets.setdefault(ds, []).append({"name": item, "sha256": user.upload_file(img),
-                                            "size": os.path.getsize(img), "ann": ann})
+        datasets.setdefault(ds, []).append(
+            {"name": item, "sha256": user.upload_file(img), "size": os.path.getsize(img), "ann": ann}
+        )
     body = {"name": name, "meta": meta, "datasets": [{"name": k, "items": v} for k, v in datasets.items()]}
     return user._json("POST", ep.PROJECTS, body)
 
@@ -71,15 +73,19 @@ def download_sly_project(user, project_id: int, dest: Path) -> Path:
 
 def check_predictions(predicted: dict, original: dict) -> None:
     """The plugin's inference result against the input, as test_sdk_plugin checks it."""
-    assert predicted["classes"] == {**original["classes"], "square_pred": "rectangle",
-                                    "triangle_pred": "rectangle", "blob_pred": "rectangle"}
+    assert predicted["classes"] == {
+        **original["classes"],
+        "square_pred": "rectangle",
+        "triangle_pred": "rectangle",
+        "blob_pred": "rectangle",
+    }
     assert predicted["items"].keys() == original["items"].keys()
     for key, item in predicted["items"].items():
         before = original["items"][key]
         assert item["tags"] == before["tags"] and item["size"] == before["size"]
         assert item["image_shape"] == before["image_shape"]
         assert [lb for lb in item["labels"] if not lb["class"].endswith("_pred")] == before["labels"]
-        preds = {lb["class"][:-len("_pred")]: lb for lb in item["labels"] if lb["class"].endswith("_pred")}
+        preds = {lb["class"][: -len("_pred")]: lb for lb in item["labels"] if lb["class"].endswith("_pred")}
         assert sorted(preds) == sorted(original["classes"])
         for truth in before["labels"]:
             pred = preds[truth["class"]]
@@ -90,6 +96,7 @@ def check_predictions(predicted: dict, original: dict) -> None:
 @pytest.fixture(scope="module")
 def user(server):
     from client import UserClient
+
     return UserClient(server.url, server.admin_token)
 
 
@@ -99,6 +106,7 @@ def original(sdk_image, sample_project):
 
 
 # --- the handlers, with the annotations as the server sends them ----------------------------
+
 
 def _with_annotations(task: dict, path: str) -> dict:
     """The poll answer's project as the server sends a stored Supervisely project (meta, ann)."""
@@ -120,14 +128,21 @@ def test_plugin_through_the_handlers(user, server, tmp_path, plugin_image, sdk_i
     datasets: dict[str, list] = {}
     for key, (img, _) in items.items():
         ds, item = key.split("/", 1)
-        datasets.setdefault(ds, []).append({"name": item, "sha256": user.upload_file(img), "size": os.path.getsize(img)})
+        datasets.setdefault(ds, []).append(
+            {"name": item, "sha256": user.upload_file(img), "size": os.path.getsize(img)}
+        )
     project = user.create_project("sample", [{"name": k, "items": v} for k, v in datasets.items()])
 
     def ctx_for(**task) -> TestContext:
         return TestContext(_with_annotations(node.lease(**task), sample_project["path"]), node.config())
 
-    ctx = ctx_for(type="train", image=plugin_image, command=TRAIN, project_id=project["id"],
-                  config={"epochs": EPOCHS, "lr": 0.5, "model_name": "colours"})
+    ctx = ctx_for(
+        type="train",
+        image=plugin_image,
+        command=TRAIN,
+        project_id=project["id"],
+        config={"epochs": EPOCHS, "lr": 0.5, "model_name": "colours"},
+    )
     outcome = train.run(ctx)
     assert outcome.state == "finished", (outcome, ctx.messages()[-20:])
     assert (EPOCHS, EPOCHS) in ctx.progress_values
@@ -142,31 +157,40 @@ def test_plugin_through_the_handlers(user, server, tmp_path, plugin_image, sdk_i
     assert config["epochs_done"] == EPOCHS, "the task's model is the last checkpoint"
     assert (cache.model_dir(ctx.config, model["hash"]) / "weights.npz").exists()
 
-    more = ctx_for(type="train", image=plugin_image, command=TRAIN, project_id=project["id"],
-                   model_id=model["id"], config={"epochs": 1, "model_name": "colours"})
+    more = ctx_for(
+        type="train",
+        image=plugin_image,
+        command=TRAIN,
+        project_id=project["id"],
+        model_id=model["id"],
+        config={"epochs": 1, "model_name": "colours"},
+    )
     assert train.run(more).state == "finished", more.messages()[-20:]
-    assert f"data ready: {len(items) + 2} files ({len(items) + 2} cached, 0 downloaded, 0.0 MB)" in more.messages("agent"), \
-        "the checkpoint was cached on this node when it was made"
+    assert f"data ready: {len(items) + 2} files ({len(items) + 2} cached, 0 downloaded, 0.0 MB)" in more.messages(
+        "agent"
+    ), "the checkpoint was cached on this node when it was made"
     loaded = [ln for ln in more.container_lines() if ln["message"] == "Model weights loaded"]
     assert loaded and loaded[0]["epochs_done"] == EPOCHS
     model2 = user.get_model(user.get_task(more.task_id)["results"]["model_id"])
     cfg2 = json.loads(user.download_blob(next(f["sha256"] for f in model2["files"] if f["path"] == "config.json")))
     assert cfg2["epochs_done"] == EPOCHS + 1
 
-    infer = ctx_for(type="inference", image=plugin_image, command=INFER, project_id=project["id"],
-                    model_id=model["id"])
+    infer = ctx_for(type="inference", image=plugin_image, command=INFER, project_id=project["id"], model_id=model["id"])
     assert inference.run(infer).state == "finished", infer.messages()[-20:]
     applied = [ln for ln in infer.container_lines() if ln.get("event_type") == "model_applied"]
     assert applied, "the SDK's report_inference_finished()"
     n = len(items)
-    assert f"uploading project 'sample (task {infer.task_id})' from results/sample/: {n} items, {n} annotations" \
+    assert (
+        f"uploading project 'sample (task {infer.task_id})' from results/sample/: {n} items, {n} annotations"
         in infer.messages("agent")
+    )
     check_predictions(project_summary(str(infer.task_dir / "results" / "sample"), sdk_image), original)
     out = user.get_project(user.get_task(infer.task_id)["results"]["project_id"])
     assert sorted(f"{ds['name']}/{i['name']}" for ds in out["datasets"] for i in ds["items"]) == sorted(items)
 
 
 # --- through the agent and the server -------------------------------------------------------
+
 
 def test_sdk_end_to_end(user, server, tmp_path, plugin_image, sdk_image, sample_project, original):
     from tests.agent.conftest import AgentProcess
@@ -180,8 +204,13 @@ def test_sdk_end_to_end(user, server, tmp_path, plugin_image, sdk_image, sample_
     agent = AgentProcess(server, tmp_path / "agent", "sdk-e2e")
     agent.start(handler=None, MIN_FREE_DISK_MB=1, STOP_GRACE=1, TASK_DIR_CLEANUP="never")
     try:
-        task = user.create_task(agent.id, "train", image=plugin_image, project_id=project["id"],
-                                config={"epochs": EPOCHS, "lr": 0.5, "model_name": "colours"})
+        task = user.create_task(
+            agent.id,
+            "train",
+            image=plugin_image,
+            project_id=project["id"],
+            config={"epochs": EPOCHS, "lr": 0.5, "model_name": "colours"},
+        )
         done = agent.wait_state(task["id"], timeout=300)
         assert done["state"] == "finished", (done.get("error"), agent.stderr()[-3000:])
         assert done["progress"] == {"current": EPOCHS, "total": EPOCHS}
@@ -195,15 +224,17 @@ def test_sdk_end_to_end(user, server, tmp_path, plugin_image, sdk_image, sample_
         config = json.loads(user.download_blob(next(f["sha256"] for f in model["files"] if f["path"] == "config.json")))
         assert config["epochs_done"] == EPOCHS, "the task's model is the last checkpoint"
 
-        more = user.create_task(agent.id, "train", image=plugin_image, project_id=project["id"],
-                                model_id=model["id"], config={"epochs": 1})
+        more = user.create_task(
+            agent.id, "train", image=plugin_image, project_id=project["id"], model_id=model["id"], config={"epochs": 1}
+        )
         done2 = agent.wait_state(more["id"], timeout=300)
         assert done2["state"] == "finished", (done2.get("error"), agent.stderr()[-3000:])
         loaded = [ln for ln in agent.logs(more["id"]) if ln["message"] == "Model weights loaded"]
         assert loaded and loaded[0]["epochs_done"] == EPOCHS
 
-        infer = user.create_task(agent.id, "inference", image=plugin_image,
-                                 project_id=project["id"], model_id=model["id"])
+        infer = user.create_task(
+            agent.id, "inference", image=plugin_image, project_id=project["id"], model_id=model["id"]
+        )
         done3 = agent.wait_state(infer["id"], timeout=300)
         assert done3["state"] == "finished", (done3.get("error"), agent.stderr()[-3000:])
     finally:

@@ -8,6 +8,7 @@ These pin what the agent's parser and result handling must accept: the exact JSO
 sly.Progress, report_metrics_training/validation, report_checkpoint_saved,
 report_inference_finished and main_wrapper's crash report.
 """
+
 from __future__ import annotations
 
 import json
@@ -52,11 +53,22 @@ def run_entrypoint(client, image: str, task_dir: str, script: str, task_id: int,
     reads both streams together (`container.logs(stream=True)`); so do the events here.
     """
     container = client.containers.run(
-        image, entrypoint=["sh", "-c", f"python -u /workdir/src/{script}"], detach=True,
+        image,
+        entrypoint=["sh", "-c", f"python -u /workdir/src/{script}"],
+        detach=True,
         volumes={task_dir: {"bind": "/sly_task_data", "mode": "rw"}},
-        environment={"LOG_LEVEL": "DEBUG", "LANG": "C.UTF-8", "PYTHONUNBUFFERED": "1",
-                     "HOST_TASK_DIR": task_dir, "PIP_ROOT_USER_ACTION": "ignore", "TASK_ID": str(task_id)},
-        labels={"sly-test": "sdk"}, shm_size="256m", network_mode="none")
+        environment={
+            "LOG_LEVEL": "DEBUG",
+            "LANG": "C.UTF-8",
+            "PYTHONUNBUFFERED": "1",
+            "HOST_TASK_DIR": task_dir,
+            "PIP_ROOT_USER_ACTION": "ignore",
+            "TASK_ID": str(task_id),
+        },
+        labels={"sly-test": "sdk"},
+        shm_size="256m",
+        network_mode="none",
+    )
     try:
         rc = container.wait(timeout=timeout)["StatusCode"]
         both = container.logs(stdout=True, stderr=True).decode()
@@ -74,8 +86,9 @@ def run_entrypoint(client, image: str, task_dir: str, script: str, task_id: int,
 
 
 def of_type(run: dict, event_type: str, **match) -> list[dict]:
-    return [e for e in run["events"] if e.get("event_type") == event_type
-            and all(e.get(k) == v for k, v in match.items())]
+    return [
+        e for e in run["events"] if e.get("event_type") == event_type and all(e.get(k) == v for k, v in match.items())
+    ]
 
 
 def dir_size(path: str) -> int:
@@ -91,8 +104,9 @@ def iou(a: list[int], b: list[int]) -> float:
 
 @pytest.fixture(scope="module")
 def fresh_train(tmp_path_factory, docker_client, plugin_image, sample_project):
-    task_dir = lay_out_task_dir(str(tmp_path_factory.mktemp("train") / "task"),
-                                {"epochs": EPOCHS, "lr": 0.5}, sample_project["path"])
+    task_dir = lay_out_task_dir(
+        str(tmp_path_factory.mktemp("train") / "task"), {"epochs": EPOCHS, "lr": 0.5}, sample_project["path"]
+    )
     run = run_entrypoint(docker_client, plugin_image, task_dir, "train.py", 101)
     assert run["rc"] == 0, run["stderr"][-3000:]
     return run
@@ -123,8 +137,9 @@ def test_train_prints_progress_metrics_and_checkpoints(fresh_train):
     assert fresh_train["raw"] == [] and fresh_train["stdout"] == ""  # every SDK line is JSON, on stderr
 
     progress = of_type(fresh_train, PROGRESS)
-    assert [(p["message"], p["subtask"], p["current"], p["total"]) for p in progress] == \
-        [("progress", "Epochs", i, EPOCHS) for i in range(EPOCHS + 1)]
+    assert [(p["message"], p["subtask"], p["current"], p["total"]) for p in progress] == [
+        ("progress", "Epochs", i, EPOCHS) for i in range(EPOCHS + 1)
+    ]
 
     train = of_type(fresh_train, METRICS, type="train")
     assert len(train) == EPOCHS * TRAIN_LABELS
@@ -133,13 +148,15 @@ def test_train_prints_progress_metrics_and_checkpoints(fresh_train):
     assert train[-1]["metrics"]["loss"] < train[0]["metrics"]["loss"] / 5
 
     val = of_type(fresh_train, METRICS, type="val")
-    assert [(m["message"], m["epoch"], sorted(m["metrics"])) for m in val] == \
-        [("metrics", float(e), ["accuracy", "loss"]) for e in range(1, EPOCHS + 1)]
+    assert [(m["message"], m["epoch"], sorted(m["metrics"])) for m in val] == [
+        ("metrics", float(e), ["accuracy", "loss"]) for e in range(1, EPOCHS + 1)
+    ]
     assert val[-1]["metrics"]["accuracy"] == 1.0
 
     checkpoints = of_type(fresh_train, CHECKPOINT)
-    assert [(c["message"], c["id"], c["subdir"]) for c in checkpoints] == \
-        [("checkpoint", i, f"{i:08d}") for i in range(EPOCHS)]
+    assert [(c["message"], c["id"], c["subdir"]) for c in checkpoints] == [
+        ("checkpoint", i, f"{i:08d}") for i in range(EPOCHS)
+    ]
     assert checkpoints[0]["best_now"] is True
     for c in checkpoints:
         ckpt = os.path.join(results, c["subdir"])
@@ -149,16 +166,16 @@ def test_train_prints_progress_metrics_and_checkpoints(fresh_train):
             assert json.load(f)["epochs_done"] == c["id"] + 1
         assert c["optional"]["epoch"] == c["id"] + 1
     # Each checkpoint comes after its epoch's validation metrics.
-    order = [e["event_type"] for e in events if e.get("event_type") in (CHECKPOINT, METRICS)
-             and e.get("type") != "train"]
+    order = [
+        e["event_type"] for e in events if e.get("event_type") in (CHECKPOINT, METRICS) and e.get("type") != "train"
+    ]
     assert order == [METRICS, CHECKPOINT] * EPOCHS
     # TrainCheckpoints makes the next checkpoint's folder before it is needed: it stays empty.
     assert sorted(os.listdir(results)) == [f"{i:08d}" for i in range(EPOCHS + 1)]
     assert os.listdir(os.path.join(results, f"{EPOCHS:08d}")) == []
 
 
-def test_continue_training_starts_from_the_model(tmp_path, docker_client, plugin_image, sample_project,
-                                                 fresh_train):
+def test_continue_training_starts_from_the_model(tmp_path, docker_client, plugin_image, sample_project, fresh_train):
     last = of_type(fresh_train, CHECKPOINT)[-1]["subdir"]
     model = os.path.join(fresh_train["task_dir"], "results", last)
     task_dir = lay_out_task_dir(str(tmp_path / "task"), {"epochs": 1}, sample_project["path"], model)
@@ -174,8 +191,9 @@ def test_continue_training_starts_from_the_model(tmp_path, docker_client, plugin
         assert json.load(f)["epochs_done"] == EPOCHS + 1
 
 
-def test_inference_writes_a_project_with_predictions(tmp_path, docker_client, plugin_image, sdk_image,
-                                                     sample_project, sample_summary, fresh_train):
+def test_inference_writes_a_project_with_predictions(
+    tmp_path, docker_client, plugin_image, sdk_image, sample_project, sample_summary, fresh_train
+):
     last = of_type(fresh_train, CHECKPOINT)[-1]["subdir"]
     model = os.path.join(fresh_train["task_dir"], "results", last)
     task_dir = lay_out_task_dir(str(tmp_path / "task"), {}, sample_project["path"], model)
@@ -183,23 +201,28 @@ def test_inference_writes_a_project_with_predictions(tmp_path, docker_client, pl
 
     assert run["rc"] == 0, run["stderr"][-3000:]
     n = len(sample_project["items"])
-    assert [(p["subtask"], p["current"], p["total"]) for p in of_type(run, PROGRESS)] == \
-        [("Model applying: ", i, n) for i in range(n + 1)]
+    assert [(p["subtask"], p["current"], p["total"]) for p in of_type(run, PROGRESS)] == [
+        ("Model applying: ", i, n) for i in range(n + 1)
+    ]
     applied = [e for e in run["events"] if "event_type" in e][-1]
     assert (applied["event_type"], applied["message"]) == (MODEL_APPLIED, "model applied")
 
     assert os.listdir(os.path.join(task_dir, "results")) == ["sample"]
     predicted = project_summary(os.path.join(task_dir, "results", "sample"), sdk_image)
     original = sample_summary
-    assert predicted["classes"] == {**original["classes"], "square_pred": "rectangle",
-                                    "triangle_pred": "rectangle", "blob_pred": "rectangle"}
+    assert predicted["classes"] == {
+        **original["classes"],
+        "square_pred": "rectangle",
+        "triangle_pred": "rectangle",
+        "blob_pred": "rectangle",
+    }
     assert predicted["items"].keys() == original["items"].keys()
     for key, item in predicted["items"].items():
         before = original["items"][key]
         assert item["tags"] == before["tags"] and item["size"] == before["size"]
         kept = [lb for lb in item["labels"] if not lb["class"].endswith("_pred")]
         assert kept == before["labels"]
-        preds = {lb["class"][:-len("_pred")]: lb for lb in item["labels"] if lb["class"].endswith("_pred")}
+        preds = {lb["class"][: -len("_pred")]: lb for lb in item["labels"] if lb["class"].endswith("_pred")}
         assert sorted(preds) == sorted(original["classes"])
         for truth in before["labels"]:
             pred = preds[truth["class"]]

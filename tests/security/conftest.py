@@ -1,6 +1,7 @@
 """Fixtures for the attack tests: a real agent, real task containers built FROM the local busybox
 image, each attack a script in the image. After every attack the same agent must still run the
 next task and deliver each of its lines exactly once (`assert_serves_next`)."""
+
 from __future__ import annotations
 
 import os
@@ -8,10 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.images import build_script_image
-
 from client import UserClient
 from tests.agent.conftest import AgentProcess
+from tests.support.images import build_script_image
 
 ATTACK_IMAGE = "sly-test/attacks:latest"
 
@@ -152,6 +152,7 @@ def assert_serves_next(agent, user, image: str, n: int = 300) -> None:
 
 def hashed_root(home: Path, token: str) -> Path:
     import hashlib
+
     return home / ".supervisely-agent" / ("n-" + hashlib.sha256(token.encode()).hexdigest()[:16])
 
 

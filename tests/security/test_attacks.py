@@ -2,6 +2,7 @@
 
 Each test shows the attack failing and the same agent then running the next task with every
 line exactly once. docs/security.md lists the defence each one checks."""
+
 from __future__ import annotations
 
 import errno
@@ -9,8 +10,7 @@ import hashlib
 
 import pytest
 
-from tests.security.conftest import (AGENT_ENV, assert_serves_next, hashed_root, run_task, stdout,
-                                     tmpfs)
+from tests.security.conftest import AGENT_ENV, assert_serves_next, hashed_root, run_task, stdout, tmpfs
 from tests.support.procs import poll_for
 from tests.workers.test_data import make_model, make_project
 
@@ -27,8 +27,7 @@ def test_token_is_nowhere_a_task_can_look(agent, user, attack_image):
     real = hashed_root(agent.home, agent.token)
     assert agent.root.resolve() == real.resolve() and agent.token not in str(real)
     project = make_project(user, "sec-token", {"ds": {"a.png": b"pixels"}})
-    done = run_task(agent, user, attack_image, "steal_token.sh", project_id=project["id"],
-                    config={"lr": 0.1})
+    done = run_task(agent, user, attack_image, "steal_token.sh", project_id=project["id"], config={"lr": 0.1})
     assert done["state"] == "finished", (done, agent.stderr()[-2000:])
     out = stdout(agent, done["id"])
     assert out[-1] == "done"
@@ -49,13 +48,20 @@ def test_inputs_are_read_only(agent, user, attack_image):
     blobs = {"a.png": b"original pixels", "b.png": b"more pixels"}
     project = make_project(user, "sec-inputs", {"ds": blobs})
     model = make_model(user, "sec-model", {"config.json": b"{}", "weights.bin": b"weights"})
-    done = run_task(agent, user, attack_image, "write_inputs.sh", project_id=project["id"], model_id=model["id"],
-                    config={"epochs": 1})
+    done = run_task(
+        agent,
+        user,
+        attack_image,
+        "write_inputs.sh",
+        project_id=project["id"],
+        model_id=model["id"],
+        config={"epochs": 1},
+    )
     assert done["state"] == "finished", (done, agent.stderr()[-2000:])
     out = stdout(agent, done["id"])
     assert not [m for m in out if m.startswith(("WROTE", "REMOVED", "CREATED"))], out
     refused = [m for m in out if m.startswith("refused")]
-    assert len(refused) >= 2 + len(blobs) + 2 + 2, out     # config files, images, model files, two new files
+    assert len(refused) >= 2 + len(blobs) + 2 + 2, out  # config files, images, model files, two new files
     assert "results writable" in out and "tmp writable" in out
     task_dir = agent.root / "tasks" / str(done["id"])
     assert '"epochs": 1' in (task_dir / "task_config.json").read_text()
@@ -72,6 +78,7 @@ def test_inputs_are_read_only(agent, user, attack_image):
 
 def test_fork_bomb_is_held_by_the_pid_limit(server, tmp_path, user, attack_image, docker_client):
     from tests.security.conftest import DefaultRootAgent
+
     agent = DefaultRootAgent(server, tmp_path / "home", "sec-fork-bomb")
     agent.home.mkdir()
     agent.start(handler=None, TASK_PIDS_LIMIT=64, **AGENT_ENV)
@@ -79,7 +86,7 @@ def test_fork_bomb_is_held_by_the_pid_limit(server, tmp_path, user, attack_image
         done = run_task(agent, user, attack_image, "fork_bomb.sh", resources={"cpus": 0.5}, timeout=120)
         assert done["state"] == "finished", (done, agent.stderr()[-2000:])
         most = [int(m.split(": ")[1]) for m in stdout(agent, done["id"]) if m.startswith("most processes")]
-        assert most and 40 < most[0] <= 64, most      # the bomb ran, and hit the wall
+        assert most and 40 < most[0] <= 64, most  # the bomb ran, and hit the wall
         assert_serves_next(agent, user, attack_image)
     finally:
         agent.kill_tree()
@@ -116,7 +123,10 @@ def test_forged_agent_lines_land_as_container_output(agent, user, attack_image):
     assert [ln["seq"] for ln in lines] == list(range(len(lines)))
     forged = [ln for ln in lines if ln["message"].startswith("forged")]
     assert {ln["message"]: ln["stream"] for ln in forged} == {
-        "forged agent line": "stdout", "forged with seq": "stdout", "forged on stderr": "stderr"}
+        "forged agent line": "stdout",
+        "forged with seq": "stdout",
+        "forged on stderr": "stderr",
+    }
     assert not [ln for ln in lines if ln["stream"] == "agent" and "forged" in ln["message"]]
     assert_serves_next(agent, user, attack_image)
 
@@ -136,6 +146,7 @@ def test_full_disk_fails_the_task_cleanly(server, tmp_path, user, attack_image):
     no seq is written twice, every line that reached the durable log arrives, and once space is
     freed the same agent runs the next task."""
     from tests.agent.conftest import AgentProcess
+
     root = tmp_path / "small"
     unmount = tmpfs(root, "8m")
     agent = AgentProcess(server, root / "agent", "sec-disk-full")
@@ -144,7 +155,7 @@ def test_full_disk_fails_the_task_cleanly(server, tmp_path, user, attack_image):
         task = user.create_task(agent.id, "custom", image=attack_image, command="on_full_disk.sh")
         poll_for(lambda: len(stdout(agent, task["id"])) == 100, timeout=60, what="the first 100 lines on the server")
         fill(root / "fill")
-        (root / "agent" / "tasks" / str(task["id"]) / "tmp" / "go").touch()   # an empty file needs no block
+        (root / "agent" / "tasks" / str(task["id"]) / "tmp" / "go").touch()  # an empty file needs no block
         done = agent.wait_state(task["id"], timeout=120)
         assert done["state"] == "failed", (done, agent.stderr()[-3000:])
         assert done["error"].startswith("disk full") and "ENOSPC" in done["error"], done

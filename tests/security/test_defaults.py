@@ -1,5 +1,6 @@
 """The container defaults, the token-free storage root and the log writer on a full disk, without
 Docker: create_kwargs() and load_config() are pure enough to pin exactly."""
+
 from __future__ import annotations
 
 import errno
@@ -10,7 +11,7 @@ import types
 import pytest
 
 from node import storage, tasklog
-from node.config import ConfigError, Config, hashed_root_name, load_config
+from node.config import Config, ConfigError, hashed_root_name, load_config
 from node.masking import Masker
 from protocol import logline
 from tests.security.conftest import tmpfs
@@ -21,8 +22,13 @@ TOKEN = "Tok3n" + "x" * 27
 
 
 def ctx_for(tmp_path, task: dict, gpus=(), **settings):
-    cfg = Config(server_address="http://127.0.0.1:1", access_token=TOKEN, host_dir=str(tmp_path / "root"),
-                 agent_dir=str(tmp_path / "root"), **settings)
+    cfg = Config(
+        server_address="http://127.0.0.1:1",
+        access_token=TOKEN,
+        host_dir=str(tmp_path / "root"),
+        agent_dir=str(tmp_path / "root"),
+        **settings,
+    )
     task = {"id": 5, "image": "img", **task}
     ctx = types.SimpleNamespace(task=task, config=cfg, gpus=list(gpus), task_id=5, task_dir=cfg.task_dir(5))
     return ctx
@@ -36,13 +42,19 @@ def test_assigned_host_gpus_become_device_requests_numbered_from_zero_inside(tmp
     assert "NVIDIA_VISIBLE_DEVICES" not in kw["environment"]
     kw = create_kwargs(ctx_for(tmp_path, {"type": "train"}))
     assert "device_requests" not in kw and "CUDA_VISIBLE_DEVICES" not in kw["environment"]
-    assert kw["environment"]["NVIDIA_VISIBLE_DEVICES"] == "void"    # an nvidia default runtime exposes nothing
+    assert kw["environment"]["NVIDIA_VISIBLE_DEVICES"] == "void"  # an nvidia default runtime exposes nothing
 
 
 def test_defaults_and_environment(tmp_path):
     kw = create_kwargs(ctx_for(tmp_path, {"type": "custom", "command": "run.sh --fast"}))
-    assert kw["environment"] == {"PYTHONUNBUFFERED": "1", "LOG_LEVEL": "DEBUG", "LANG": "C.UTF-8", "TASK_ID": "5",
-                                 "TASK_TYPE": "custom", "NVIDIA_VISIBLE_DEVICES": "void"}
+    assert kw["environment"] == {
+        "PYTHONUNBUFFERED": "1",
+        "LOG_LEVEL": "DEBUG",
+        "LANG": "C.UTF-8",
+        "TASK_ID": "5",
+        "TASK_TYPE": "custom",
+        "NVIDIA_VISIBLE_DEVICES": "void",
+    }
     assert kw["command"] == ["run.sh", "--fast"] and "entrypoint" not in kw
     assert kw["security_opt"] == ["no-new-privileges"] and kw["privileged"] is False
     assert {"NET_RAW", "MKNOD", "SYS_CHROOT", "AUDIT_WRITE", "SETFCAP"} <= set(kw["cap_drop"])
@@ -50,20 +62,35 @@ def test_defaults_and_environment(tmp_path):
     assert "mem_limit" not in kw and "user" not in kw and "read_only" not in kw
     assert not any(TOKEN in json.dumps(v, default=str) for v in kw.values())
     targets = {m["Target"]: m["ReadOnly"] for m in kw["mounts"]}
-    assert targets == {"/sly_task_data/task_config.json": True, "/sly_task_data/task_settings.json": True,
-                       "/sly_task_data/data": True, "/sly_task_data/model": True,
-                       "/sly_task_data/results": False, "/sly_task_data/tmp": False}
+    assert targets == {
+        "/sly_task_data/task_config.json": True,
+        "/sly_task_data/task_settings.json": True,
+        "/sly_task_data/data": True,
+        "/sly_task_data/model": True,
+        "/sly_task_data/results": False,
+        "/sly_task_data/tmp": False,
+    }
     task_dir = tmp_path / "root" / "tasks" / "5"
     assert all((task_dir / name).exists() for name in ("data", "model", "results", "tmp", "task_settings.json"))
     assert not (task_dir / "logs").exists() or "/sly_task_data/logs" not in targets
 
 
 def test_settings_change_the_defaults(tmp_path):
-    kw = create_kwargs(ctx_for(tmp_path, {"type": "custom", "resources": {"memory": "1g", "shm_size": "64m"}},
-                               task_pids_limit=0, task_memory="8g", task_network="none", task_user="1000:1000",
-                               task_read_only_root=True, task_cap_drop="ALL", task_log_level="INFO"))
+    kw = create_kwargs(
+        ctx_for(
+            tmp_path,
+            {"type": "custom", "resources": {"memory": "1g", "shm_size": "64m"}},
+            task_pids_limit=0,
+            task_memory="8g",
+            task_network="none",
+            task_user="1000:1000",
+            task_read_only_root=True,
+            task_cap_drop="ALL",
+            task_log_level="INFO",
+        )
+    )
     assert "pids_limit" not in kw and kw["network_mode"] == "none" and kw["user"] == "1000:1000"
-    assert kw["mem_limit"] == "1g" and kw["shm_size"] == "64m"     # the task's own ask wins
+    assert kw["mem_limit"] == "1g" and kw["shm_size"] == "64m"  # the task's own ask wins
     assert kw["read_only"] is True and "/tmp" in kw["tmpfs"] and kw["cap_drop"] == ["ALL"]
     assert kw["environment"]["LOG_LEVEL"] == "INFO"
     assert oct((tmp_path / "root" / "tasks" / "5" / "results").stat().st_mode & 0o777) == "0o777"
@@ -77,7 +104,7 @@ def test_default_entry_points_are_the_real_agents(tmp_path, task_type):
     script = "train.py" if task_type == "train" else "inference.py"
     assert kw["entrypoint"] == ["sh", "-c", f"python -u /workdir/src/{script}"] and "command" not in kw
     kw = create_kwargs(ctx_for(tmp_path, {"type": "custom"}))
-    assert "entrypoint" not in kw and "command" not in kw      # the image's own CMD
+    assert "entrypoint" not in kw and "command" not in kw  # the image's own CMD
 
 
 def test_task_settings_json_is_the_task_config(tmp_path):
@@ -98,12 +125,13 @@ def test_a_symlinked_mount_source_is_refused(tmp_path):
 
 def test_a_bind_source_naming_the_token_is_refused(tmp_path):
     (tmp_path / TOKEN).mkdir()
-    (tmp_path / "root").symlink_to(tmp_path / TOKEN)     # a root that resolves to a token-named dir
+    (tmp_path / "root").symlink_to(tmp_path / TOKEN)  # a root that resolves to a token-named dir
     with pytest.raises(TaskError, match="contains the node token"):
         create_kwargs(ctx_for(tmp_path, {"type": "custom"}))
 
 
 # --- the storage root ---
+
 
 def env(**kw) -> dict:
     return {"SERVER_ADDRESS": "http://127.0.0.1:1", "ACCESS_TOKEN": TOKEN, **kw}
@@ -117,7 +145,7 @@ def test_default_root_is_token_free_with_the_documented_path_a_link(tmp_path, mo
     storage.ensure_layout(cfg)
     link = tmp_path / ".supervisely-agent" / TOKEN
     assert link.is_symlink() and os.readlink(link) == real.name and (link / "tasks").is_dir()
-    storage.ensure_layout(cfg)      # again: nothing to do
+    storage.ensure_layout(cfg)  # again: nothing to do
     # The documented path given explicitly is the same thing.
     assert load_config(env(AGENT_HOST_DIR=str(link))).host_dir == str(real)
 
@@ -151,6 +179,7 @@ def test_settings_are_validated():
 
 
 # --- the log writer on a full disk ---
+
 
 @pytest.fixture
 def small_root(tmp_path):

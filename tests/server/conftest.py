@@ -1,4 +1,5 @@
 """Fixtures for the server conformance tests: a UserClient and agents speaking plain HTTP (tests.support.fake_agent)."""
+
 from __future__ import annotations
 
 import pytest
@@ -17,6 +18,7 @@ def make_agent(server, client):
     def make(name="node", types=None) -> FakeAgent:
         a = client.create_agent(name, types)
         return FakeAgent(server.url, a["token"], a["id"])
+
     return make
 
 
@@ -26,6 +28,7 @@ def own_server(tmp_path, request):
     and start it), its user client, and one agent on it; a subprocess where the test is marked
     `server_process`. Stopped at the end."""
     from tests.support.server import fixture_server
+
     process = request.node.get_closest_marker("server_process") is not None
     started = []
 
@@ -35,6 +38,7 @@ def own_server(tmp_path, request):
         client = UserClient(srv.url, srv.admin_token)
         a = client.create_agent(name)
         return srv, client, FakeAgent(srv.url, a["token"], a["id"])
+
     yield start
     for srv in started:
         srv.close()
@@ -46,6 +50,7 @@ def engine(tmp_path):
     from server import db
     from server.db import migrate
     from tests.support.server import TEST_DB_URL, create_test_database, drop_test_databases
+
     url = create_test_database() if TEST_DB_URL else f"sqlite:///{tmp_path / 'server.db'}"
     eng = db.make_engine(url)
     migrate.upgrade(eng)
@@ -53,4 +58,5 @@ def engine(tmp_path):
     eng.dispose()
     if TEST_DB_URL:
         from sqlalchemy.engine import make_url
+
         drop_test_databases([make_url(url).database])

@@ -1,5 +1,6 @@
 """A task's artifacts are rows: a post costs its own entries, the task stays small, the list is
 paged; per-task results limits; the blob store's default quota."""
+
 from __future__ import annotations
 
 import hashlib
@@ -61,11 +62,13 @@ def inproc(tmp_path):
         thread.join(30)
         if db_url:
             from sqlalchemy.engine import make_url
+
             drop_test_databases([make_url(db_url).database])
 
 
 def test_a_post_costs_its_entries_not_the_artifacts_the_task_holds(inproc):
     from client import UserClient
+
     url, token, state = inproc
     client = UserClient(url, token)
     a = client.create_agent("many-artifacts")
@@ -86,7 +89,7 @@ def test_a_post_costs_its_entries_not_the_artifacts_the_task_holds(inproc):
         return dict(sent)
 
     first = cost_of_one_post(0)
-    for start in range(0, 20_000, 5_000):       # the task now holds 20,000 artifacts
+    for start in range(0, 20_000, 5_000):  # the task now holds 20,000 artifacts
         r = _post(agent, tid, "artifacts", _arts((f"bulk/{i:05d}.txt" for i in range(start, start + 5_000)), sha, 1))
         assert r.status_code == 200, r.text
     later = cost_of_one_post(1)
@@ -103,7 +106,7 @@ def test_artifacts_are_paged_by_path_and_a_path_posted_again_replaces_its_entry(
     tid = _running_task(client, agent)
     small, big = _upload(agent, b"v1"), _upload(agent, b"version 2")
     paths = [f"out/{i:02d}.txt" for i in range(25)]
-    assert _post(agent, tid, "artifacts", _arts(paths[::-1], small, 2)).status_code == 200   # in any order
+    assert _post(agent, tid, "artifacts", _arts(paths[::-1], small, 2)).status_code == 200  # in any order
     r = _post(agent, tid, "artifacts", _arts(["out/07.txt"], big, 9))
     assert r.status_code == 200 and r.json()["results"]["artifacts_count"] == 25
     assert r.json()["results"]["artifacts_bytes"] == 24 * 2 + 9 == r.json()["results"]["result_bytes"]
@@ -135,17 +138,17 @@ def test_results_are_limited_per_task_in_files_and_bytes(own_server):
     assert _post(agent, tid, "artifacts", _arts(["a", "b", "c"], ten, 10)).status_code == 200
     r = _post(agent, tid, "artifacts", _arts(["d", "e", "f"], ten, 10))
     assert r.status_code == 413 and r.json()["error"] == "results_limit" and "5 files" in r.json()["detail"]
-    assert _post(agent, tid, "artifacts", _arts(["a"], ten, 10)).status_code == 200    # a replaced path adds none
+    assert _post(agent, tid, "artifacts", _arts(["a"], ten, 10)).status_code == 200  # a replaced path adds none
     assert _post(agent, tid, "model", _arts(["w1", "w2"], ten, 10)).status_code == 200  # 5 files, 50 bytes
     r = _post(agent, tid, "project", _arts(["ds/one.jpg"], ten, 10))
     assert r.status_code == 413 and r.json()["error"] == "results_limit"
-    r = _post(agent, tid, "artifacts", _arts(["a"], forty, 40)) # 5 files, 80 bytes: fits
+    r = _post(agent, tid, "artifacts", _arts(["a"], forty, 40))  # 5 files, 80 bytes: fits
     assert r.status_code == 200, r.text
     r = _post(agent, tid, "artifacts", _arts(["b"], forty, 40))
     assert r.status_code == 413 and r.json()["error"] == "results_limit" and "100 bytes" in r.json()["detail"]
     results = client.get_task(tid)["results"]
     assert (results["result_files"], results["result_bytes"], results["artifacts_count"]) == (5, 80, 3)
-    assert "project_id" not in results and len(list(client.task_artifacts(tid))) == 3   # nothing of the refused posts
+    assert "project_id" not in results and len(list(client.task_artifacts(tid))) == 3  # nothing of the refused posts
 
 
 def test_replaced_and_deleted_artifacts_let_their_blobs_go(own_server):
@@ -158,22 +161,28 @@ def test_replaced_and_deleted_artifacts_let_their_blobs_go(own_server):
 
     def stored(h: str) -> bool:
         return (store / h[:2] / h[2:5] / h).exists()
+
     # Re-posting one path with ever new blobs keeps only the newest: the others are collected.
     poll_for(lambda: not stored(old), timeout=30, what="the replaced artifact's blob to be collected")
-    time.sleep(3)   # past the grace: a referenced blob stays however old it gets
+    time.sleep(3)  # past the grace: a referenced blob stays however old it gets
     assert stored(new) and stored(kept)
     assert agent.state_raw(tid, "finished", exit_code=0).status_code == 200
     answer = client.delete_task(tid)
     assert answer["deleted"]["artifacts"] == 2
-    poll_for(lambda: not stored(new) and not stored(kept), timeout=30, what="a deleted task's artifacts to be collected")
-    r = requests.get(srv.url + ARTIFACTS.format(tid), headers={"Authorization": f"Bearer {srv.admin_token}"}, timeout=10)
+    poll_for(
+        lambda: not stored(new) and not stored(kept), timeout=30, what="a deleted task's artifacts to be collected"
+    )
+    r = requests.get(
+        srv.url + ARTIFACTS.format(tid), headers={"Authorization": f"Bearer {srv.admin_token}"}, timeout=10
+    )
     assert r.status_code == 404
 
 
 def test_the_blob_store_has_a_quota_by_default(tmp_path):
     from server.__main__ import parse_args
     from server.blobs.store import BlobStore
+
     assert parse_args([]).blob_quota_bytes is None and Settings().blob_quota_bytes is None
     store = BlobStore(tmp_path / "blobs", quota=Settings().blob_quota_bytes)
     assert store.quota == int(shutil.disk_usage(tmp_path).total * 0.8) > 0
-    assert BlobStore(tmp_path / "other", quota=0).quota == 0            # 0 still turns it off
+    assert BlobStore(tmp_path / "other", quota=0).quota == 0  # 0 still turns it off

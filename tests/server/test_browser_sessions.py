@@ -1,5 +1,6 @@
 """Console sessions under attack: writes from another origin, a changed admin token, sign-in
 bursts, a short admin token. Real server subprocesses on loopback."""
+
 from __future__ import annotations
 
 import os
@@ -27,23 +28,46 @@ def test_a_cookie_write_from_another_origin_is_refused_and_bearer_calls_are_not(
     task = client.create_task(agent.id, "custom", image="x:1")
     s = _signed_in(server)
     rotate = f"{server.url}/api/v1/agents/{agent.id}/token"
-    evil = f"http://127.0.0.1:{free_port()}"          # same host, other port: same site, other origin
-    for headers in ({"Origin": evil}, {"Origin": evil, "Sec-Fetch-Site": "same-site"}, {},
-                    {"Sec-Fetch-Site": "same-site"}, {"Origin": "null"}):
+    evil = f"http://127.0.0.1:{free_port()}"  # same host, other port: same site, other origin
+    for headers in (
+        {"Origin": evil},
+        {"Origin": evil, "Sec-Fetch-Site": "same-site"},
+        {},
+        {"Sec-Fetch-Site": "same-site"},
+        {"Origin": "null"},
+    ):
         r = s.post(rotate, headers=headers, timeout=10)
         assert r.status_code == 403 and r.json()["error"] == "cross_origin", (headers, r.text)
         r = s.post(f"{server.url}/api/v1/tasks/{task['id']}/stop", headers=headers, timeout=10)
         assert r.status_code == 403, (headers, r.text)
-    assert agent.poll()["tasks"][0]["id"] == task["id"]        # token not rotated, task not stopped
+    assert agent.poll()["tasks"][0]["id"] == task["id"]  # token not rotated, task not stopped
     assert s.get(f"{server.url}/api/v1/agents/{agent.id}", headers={"Origin": evil}, timeout=10).status_code == 200
     # The console's own writes: its Origin (default port spelt out or not), or Sec-Fetch-Site alone.
-    assert s.patch(f"{server.url}/api/v1/agents/{agent.id}", json={"name": "renamed"},
-                   headers={"Origin": server.url}, timeout=10).status_code == 200
-    assert s.patch(f"{server.url}/api/v1/agents/{agent.id}", json={"name": "again"},
-                   headers={"Sec-Fetch-Site": "same-origin"}, timeout=10).status_code == 200
+    assert (
+        s.patch(
+            f"{server.url}/api/v1/agents/{agent.id}",
+            json={"name": "renamed"},
+            headers={"Origin": server.url},
+            timeout=10,
+        ).status_code
+        == 200
+    )
+    assert (
+        s.patch(
+            f"{server.url}/api/v1/agents/{agent.id}",
+            json={"name": "again"},
+            headers={"Sec-Fetch-Site": "same-origin"},
+            timeout=10,
+        ).status_code
+        == 200
+    )
     # Bearer calls carry no ambient credential: any Origin is fine.
-    r = requests.patch(f"{server.url}/api/v1/agents/{agent.id}", json={"name": "bearer"}, timeout=10,
-                       headers={"Authorization": f"Bearer {server.admin_token}", "Origin": evil})
+    r = requests.patch(
+        f"{server.url}/api/v1/agents/{agent.id}",
+        json={"name": "bearer"},
+        timeout=10,
+        headers={"Authorization": f"Bearer {server.admin_token}", "Origin": evil},
+    )
     assert r.status_code == 200
     # Signing out is a cookie write too.
     assert s.delete(f"{server.url}/api/v1/session", headers={"Origin": evil}, timeout=10).status_code == 403
@@ -53,11 +77,19 @@ def test_a_cookie_write_from_another_origin_is_refused_and_bearer_calls_are_not(
 def test_the_public_url_is_an_allowed_origin(own_server):
     srv, _client, agent = own_server("--public-url", "https://sly.example.com/")
     s = _signed_in(srv)
-    r = s.patch(f"{srv.url}/api/v1/agents/{agent.id}", json={"name": "x"},
-                headers={"Origin": "https://sly.example.com:443"}, timeout=10)
+    r = s.patch(
+        f"{srv.url}/api/v1/agents/{agent.id}",
+        json={"name": "x"},
+        headers={"Origin": "https://sly.example.com:443"},
+        timeout=10,
+    )
     assert r.status_code == 200, r.text
-    r = s.patch(f"{srv.url}/api/v1/agents/{agent.id}", json={"name": "x"},
-                headers={"Origin": "http://sly.example.com"}, timeout=10)
+    r = s.patch(
+        f"{srv.url}/api/v1/agents/{agent.id}",
+        json={"name": "x"},
+        headers={"Origin": "http://sly.example.com"},
+        timeout=10,
+    )
     assert r.status_code == 403
 
 
@@ -79,8 +111,10 @@ def test_sessions_end_when_the_admin_token_changes(fresh_server):
 def test_a_sign_in_burst_is_throttled_and_a_wait_lets_the_right_token_in(fresh_server):
     srv = fresh_server
     url = f"{srv.url}/api/v1/session"
-    codes = [requests.post(url, json={"token": f"guess-{i:020d}"}, timeout=10).status_code
-             for i in range(SignInThrottle.FREE)]
+    codes = [
+        requests.post(url, json={"token": f"guess-{i:020d}"}, timeout=10).status_code
+        for i in range(SignInThrottle.FREE)
+    ]
     assert codes == [401] * SignInThrottle.FREE
     r = requests.post(url, json={"token": "guess-again-000000000"}, timeout=10)
     assert r.status_code == 429 and r.json()["error"] == "too_many_attempts", r.text
@@ -89,8 +123,11 @@ def test_a_sign_in_burst_is_throttled_and_a_wait_lets_the_right_token_in(fresh_s
     assert requests.post(url, json={"token": srv.admin_token}, timeout=10).status_code == 429
     r = requests.get(f"{srv.url}/api/v1/agents", headers={"Authorization": f"Bearer {srv.admin_token}"}, timeout=10)
     assert r.status_code == 429
-    poll_for(lambda: requests.post(url, json={"token": srv.admin_token}, timeout=10).status_code == 200,
-             timeout=10, what="the right token after the wait")
+    poll_for(
+        lambda: requests.post(url, json={"token": srv.admin_token}, timeout=10).status_code == 200,
+        timeout=10,
+        what="the right token after the wait",
+    )
     assert "sly_admin_token_failures_total 5.0" in requests.get(f"{srv.url}/metrics", timeout=10).text
 
 
@@ -110,7 +147,7 @@ def test_the_throttle_doubles_its_wait_and_forgets_quiet_clients_within_its_boun
         t.failed("a")
     assert waits == [1, 2, 4, 8]
     now[0] += t.QUIET_S + 1
-    t.check("a")                                   # quiet long enough: forgotten
+    t.check("a")  # quiet long enough: forgotten
     for i in range(t.MAX_CLIENTS + 50):
         t.failed(f"10.0.{i // 250}.{i % 250}")
     assert len(t._clients) == t.MAX_CLIENTS
@@ -119,8 +156,14 @@ def test_the_throttle_doubles_its_wait_and_forgets_quiet_clients_within_its_boun
 @pytest.mark.parametrize("token", ["a", "x" * (MIN_ADMIN_TOKEN - 1)])
 def test_a_short_admin_token_refuses_to_start(tmp_path, token):
     env = dict(os.environ, SERVER_ADMIN_TOKEN=token)
-    p = subprocess.run([sys.executable, "-m", "server", "--port", str(free_port()), "--data", str(tmp_path / "d")],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    p = subprocess.run(
+        [sys.executable, "-m", "server", "--port", str(free_port()), "--data", str(tmp_path / "d")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
     assert "SERVER_ADMIN_TOKEN" in p.stderr and f"at least {MIN_ADMIN_TOKEN}" in p.stderr, p.stderr
     assert "Traceback" not in p.stderr

@@ -1,6 +1,7 @@
 """Batched contact (server/agents/contact.py): one transaction per batch, newest values, nothing written
 for deleted agents, a failed batch kept, polls that end before a batch never written; and the
 server's kept agent rows (a rotated token or a removed agent is refused at once)."""
+
 from __future__ import annotations
 
 import pytest
@@ -14,8 +15,12 @@ from server.settings import Settings
 
 def add_agents(engine, n: int) -> list[int]:
     with engine.begin() as conn:
-        return [conn.execute(db.agents.insert().values(name=f"n{i}", token_hash=f"{i:064d}", allowed_task_types=[],
-                                                       created_at=0.0)).inserted_primary_key[0] for i in range(n)]
+        return [
+            conn.execute(
+                db.agents.insert().values(name=f"n{i}", token_hash=f"{i:064d}", allowed_task_types=[], created_at=0.0)
+            ).inserted_primary_key[0]
+            for i in range(n)
+        ]
 
 
 def commits(engine) -> list[int]:
@@ -25,8 +30,12 @@ def commits(engine) -> list[int]:
 
 
 def sample(cpu: float) -> dict:
-    return {"cpu": {"percent": cpu}, "memory": {"percent": 10.0}, "gpus": [{"index": 0, "utilization": cpu}],
-            "free_slots": 1}
+    return {
+        "cpu": {"percent": cpu},
+        "memory": {"percent": 10.0},
+        "gpus": [{"index": 0, "utilization": cpu}],
+        "free_slots": 1,
+    }
 
 
 def test_a_batch_of_many_nodes_is_one_transaction_with_the_newest_values(engine):
@@ -34,37 +43,50 @@ def test_a_batch_of_many_nodes_is_one_transaction_with_the_newest_values(engine)
     ids = add_agents(engine, 50)
     c = Contacts(engine, settings)
     seen = commits(engine)
-    for k in range(3):                      # three samples each, 1 s apart: two become history points
+    for k in range(3):  # three samples each, 1 s apart: two become history points
         for aid in ids:
             c.telemetry({"id": aid, "telemetry_ts": None}, 1000.0 + k, sample(10.0 * k + aid % 7))
-    assert seen == []                       # nothing written before the flush
+    assert seen == []  # nothing written before the flush
     written = c.flush()
     assert len(seen) == 1 and written > 0
     with engine.connect() as conn:
         latest = dict(conn.execute(select(db.telemetry_latest.c.agent_id, db.telemetry_latest.c.cpu)).all())
         points = conn.execute(select(db.telemetry_history.c.agent_id, db.telemetry_history.c.ts)).all()
-        agents = {r.id: r for r in conn.execute(select(db.agents.c.id, db.agents.c.last_seen, db.agents.c.telemetry_ts))}
+        agents = {
+            r.id: r for r in conn.execute(select(db.agents.c.id, db.agents.c.last_seen, db.agents.c.telemetry_ts))
+        }
     assert latest == {aid: 20.0 + aid % 7 for aid in ids}
     assert sorted(points) == sorted((aid, ts) for aid in ids for ts in (1000.0, 1002.0))
     assert all(agents[aid].last_seen == 1002.0 and agents[aid].telemetry_ts == 1002.0 for aid in ids)
-    assert c.flush() == 0 and len(seen) == 1   # nothing pending: no transaction at all
+    assert c.flush() == 0 and len(seen) == 1  # nothing pending: no transaction at all
 
 
 def test_contact_never_moves_back_and_renews_leases_each_quarter_lease(engine):
     settings = Settings(lease_s=100.0)
     [aid] = add_agents(engine, 1)
     with engine.begin() as conn:
-        tid = conn.execute(db.tasks.insert().values(agent_id=aid, type="custom", config={}, resources={},
-                                                    state="running", timeline=[], results={}, lease_until=50.0,
-                                                    created_at=0.0, updated_at=0.0)).inserted_primary_key[0]
-        conn.execute(db.agents.update().values(last_seen=500.0))   # another replica saw it later
+        tid = conn.execute(
+            db.tasks.insert().values(
+                agent_id=aid,
+                type="custom",
+                config={},
+                resources={},
+                state="running",
+                timeline=[],
+                results={},
+                lease_until=50.0,
+                created_at=0.0,
+                updated_at=0.0,
+            )
+        ).inserted_primary_key[0]
+        conn.execute(db.agents.update().values(last_seen=500.0))  # another replica saw it later
     c = Contacts(engine, settings)
     c.seen(aid, 400.0)
     c.flush()
     with engine.connect() as conn:
         assert conn.execute(select(db.agents.c.last_seen)).scalar() == 500.0
         assert conn.execute(select(db.tasks.c.lease_until).where(db.tasks.c.id == tid)).scalar() == 500.0
-    c.seen(aid, 410.0)      # within a quarter lease of the last renewal: the lease is not written again
+    c.seen(aid, 410.0)  # within a quarter lease of the last renewal: the lease is not written again
     c.seen(aid, 600.0)
     c.flush()
     with engine.connect() as conn:
@@ -79,7 +101,7 @@ def test_a_deleted_agents_pending_rows_are_not_written(engine):
     for aid in (keep, gone):
         c.telemetry({"id": aid, "telemetry_ts": None}, 1000.0, sample(5.0))
         c.poll_open(f"p{aid}", aid, "r1", 2000.0)
-    with engine.begin() as conn:            # removed by another replica before this one's batch
+    with engine.begin() as conn:  # removed by another replica before this one's batch
         conn.execute(db.agents.delete().where(db.agents.c.id == gone))
     c.flush()
     with engine.connect() as conn:
@@ -93,13 +115,13 @@ def test_a_failed_batch_is_kept_and_written_by_the_next(engine):
     c = Contacts(engine, settings)
     c.telemetry({"id": aid, "telemetry_ts": None}, 1000.0, sample(1.0))
     c.poll_open("p1", aid, "r1", 2000.0)
-    with engine.begin() as conn:            # the table is away: the batch fails
+    with engine.begin() as conn:  # the table is away: the batch fails
         conn.execute(text("ALTER TABLE telemetry_latest RENAME TO telemetry_latest_away"))
     with pytest.raises(Exception):
         c.flush()
     with engine.begin() as conn:
         conn.execute(text("ALTER TABLE telemetry_latest_away RENAME TO telemetry_latest"))
-    c.telemetry({"id": aid, "telemetry_ts": None}, 1001.0, sample(2.0))   # newer than the kept one
+    c.telemetry({"id": aid, "telemetry_ts": None}, 1001.0, sample(2.0))  # newer than the kept one
     c.flush()
     with engine.connect() as conn:
         assert conn.execute(select(db.telemetry_latest.c.cpu)).scalar() == 2.0
@@ -123,7 +145,7 @@ def test_a_batch_kept_while_the_database_is_away_is_bounded(engine, monkeypatch)
     c.flush()
     with engine.connect() as conn:
         kept = conn.execute(select(db.telemetry_history.c.ts).order_by(db.telemetry_history.c.ts)).scalars().all()
-        assert kept == [1000.0 + k for k in range(20, 30)]        # the newest ten points
+        assert kept == [1000.0 + k for k in range(20, 30)]  # the newest ten points
         assert conn.execute(select(db.telemetry_latest.c.cpu)).scalar() == 29.0
 
 
@@ -161,11 +183,12 @@ def test_shown_holds_what_is_pending_and_what_a_flush_is_writing_and_nothing_onc
         c.telemetry({"id": a, "telemetry_ts": 1000.0}, 1002.0, sample(2.0))
         during.append(c.shown())
         return real(*batch)
+
     monkeypatch.setattr(c, "_write", writing)
     c.flush()
     [mid] = during
     assert mid.seen == {a: 1002.0, b: 1001.0}
-    assert mid.latest[a]["cpu"] == 2.0 and mid.latest[a]["ts"] == 1002.0       # the pending one, newer
+    assert mid.latest[a]["cpu"] == 2.0 and mid.latest[a]["ts"] == 1002.0  # the pending one, newer
     assert [p["ts"] for p in mid.points_of(a, None)] == [1002.0, 1000.0] and mid.points_of(a, 1000.0)[0]["ts"] == 1002.0
     assert mid.polls == {a: 2} and mid.online_here(1001.0) == [a, b] and mid.online_here(1001.5) == [a]
     assert mid.last_seen(a, 999.0) == 1002.0 and mid.last_seen(a, 2000.0) == 2000.0 and mid.last_seen(9, None) is None
@@ -178,13 +201,14 @@ def test_shown_holds_what_is_pending_and_what_a_flush_is_writing_and_nothing_onc
 
 # --- through the server: the kept agent rows ---
 
+
 def test_a_rotated_token_and_a_removed_agent_are_refused_at_once(server, client, make_agent):
     agent = make_agent("cached")
-    assert agent.post_raw(endpoints.TELEMETRY, json=sample(1.0)).status_code == 200   # its row is kept now
+    assert agent.post_raw(endpoints.TELEMETRY, json=sample(1.0)).status_code == 200  # its row is kept now
     assert agent.post_raw(endpoints.TELEMETRY, json=sample(2.0)).status_code == 200
     r = client.session.post(f"{server.url}/api/v1/agents/{agent.id}/token")
     assert r.status_code == 200
-    assert agent.post_raw(endpoints.TELEMETRY, json=sample(3.0)).status_code == 401   # the kept row was dropped
+    assert agent.post_raw(endpoints.TELEMETRY, json=sample(3.0)).status_code == 401  # the kept row was dropped
     agent.s.headers["x-token"] = r.json()["token"]
     assert agent.post_raw(endpoints.TELEMETRY, json=sample(4.0)).status_code == 200
     assert client.get_agent(agent.id)["telemetry"]["cpu"] == {"percent": 4.0}

@@ -2,6 +2,7 @@
 
 Runs on the database SLY_TEST_DB_URL names; skipped on SQLite, which has no connection to lose.
 """
+
 from __future__ import annotations
 
 import time
@@ -26,6 +27,7 @@ def _count_pings(engine, monkeypatch) -> list:
     def counting(dbapi_conn):
         pings.append(time.monotonic())
         return real(dbapi_conn)
+
     monkeypatch.setattr(engine.dialect, "do_ping", counting)
     return pings
 
@@ -33,12 +35,12 @@ def _count_pings(engine, monkeypatch) -> list:
 def test_a_connection_used_a_moment_ago_is_not_pinged(pg_engine, monkeypatch):
     pings = _count_pings(pg_engine, monkeypatch)
     pg_engine.dispose()
-    for _ in range(20):                      # a new connection, then a busy server's back-to-back checkouts
+    for _ in range(20):  # a new connection, then a busy server's back-to-back checkouts
         with pg_engine.connect() as conn:
             assert conn.execute(text("SELECT 2")).scalar() == 2
     assert pings == []
     time.sleep(db.PING_IDLE_S + 0.1)
-    with pg_engine.connect() as conn:        # idle a while: pinged first
+    with pg_engine.connect() as conn:  # idle a while: pinged first
         conn.execute(text("SELECT 1"))
     assert len(pings) == 1
 
@@ -56,7 +58,7 @@ def test_an_idle_connection_killed_by_the_database_is_replaced_before_use(pg_eng
     finally:
         killer.dispose()
     time.sleep(db.PING_IDLE_S + 0.1)
-    with pg_engine.connect() as conn:        # no error: the dead one failed its ping and was replaced
+    with pg_engine.connect() as conn:  # no error: the dead one failed its ping and was replaced
         new_pid = conn.execute(text("SELECT pg_backend_pid()")).scalar()
     assert new_pid != pid
     assert len(pings) >= 1

@@ -1,5 +1,6 @@
 """The telemetry fast path (server/http/fastpath.py): the ordinary sample never reaches FastAPI, and
 everything else does, and gets the route's documented answer."""
+
 from __future__ import annotations
 
 import asyncio
@@ -46,6 +47,7 @@ def call(state, headers: dict, scope_json=..., path=endpoints.TELEMETRY, method=
         inner.append(scope["path"])
         await send({"type": "http.response.start", "status": 299, "headers": []})
         await send({"type": "http.response.body", "body": b""})
+
     sent = []
 
     async def send(msg):
@@ -53,8 +55,13 @@ def call(state, headers: dict, scope_json=..., path=endpoints.TELEMETRY, method=
 
     async def receive():
         return {"type": "http.request", "body": b"", "more_body": False}
-    scope = {"type": "http", "method": method, "path": path,
-             "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()]}
+
+    scope = {
+        "type": "http",
+        "method": method,
+        "path": path,
+        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+    }
     if scope_json is not ...:
         scope["sly.json"] = scope_json
     # A loop of its own in a thread of its own: the suite's browser tests leave one running in this thread.
@@ -73,10 +80,12 @@ def test_an_ordinary_sample_is_answered_without_fastapi():
 
 def test_everything_else_goes_on_to_the_route():
     state = FakeState({"t" * 32: 7})
-    cases = [({}, {"cpu": 5}),                              # no token
-             ({"x-token": "u" * 32}, {"cpu": 5}),           # a token of no node
-             ({"x-token": "t" * 32}, [1, 2]),               # not an object
-             ({"x-token": "t" * 32}, ...)]                  # not JSON (the body check left nothing)
+    cases = [
+        ({}, {"cpu": 5}),  # no token
+        ({"x-token": "u" * 32}, {"cpu": 5}),  # a token of no node
+        ({"x-token": "t" * 32}, [1, 2]),  # not an object
+        ({"x-token": "t" * 32}, ...),
+    ]  # not JSON (the body check left nothing)
     for headers, body in cases:
         inner, sent = call(state, headers, body)
         assert inner == [endpoints.TELEMETRY] and sent[0]["status"] == 299, (headers, body)
@@ -88,8 +97,11 @@ def test_everything_else_goes_on_to_the_route():
 def test_the_routes_answers_through_the_server(server, make_agent):
     agent = make_agent("fast")
     assert agent.post_raw(endpoints.TELEMETRY, json={"cpu": 1}).json() == {"ok": True}
-    r = agent.post_raw(endpoints.TELEMETRY, data=gzip.compress(b'{"cpu": 2}'),
-                       headers={"content-encoding": "gzip", "content-type": "application/json"})
+    r = agent.post_raw(
+        endpoints.TELEMETRY,
+        data=gzip.compress(b'{"cpu": 2}'),
+        headers={"content-encoding": "gzip", "content-type": "application/json"},
+    )
     assert r.status_code == 200 and r.json() == {"ok": True}
     r = agent.post_raw(endpoints.TELEMETRY, json=[1])
     assert r.status_code == 400 and r.json()["error"] == "invalid_request"

@@ -6,6 +6,7 @@ every answer conforms to the schema (its status code declared, its body matching
 schema and content type). Examples are bounded and derandomized, so a run is repeatable and takes
 a few minutes at most; a failure prints the request that caused it.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -18,14 +19,17 @@ schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
 from hypothesis.errors import Unsatisfiable  # noqa: E402
 from schemathesis.checks import not_a_server_error  # noqa: E402
-from schemathesis.specs.openapi.checks import (content_type_conformance, response_schema_conformance,  # noqa: E402
-                                               status_code_conformance)
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_schema_conformance,  # noqa: E402
+    status_code_conformance,
+)
 
 from tests.support.server import ServerProcess  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
-EXAMPLES = 25          # per operation and generation mode
+EXAMPLES = 25  # per operation and generation mode
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 # Long-polls and streams would only wait: the fuzzer asks for no waiting and no following.
 FIXED_QUERY = {"/agent/v1/poll": {"wait": 0}, "/api/v1/tasks/{task_id}/logs": {"follow": False}}
@@ -46,16 +50,30 @@ def _fresh_objects(srv) -> dict:
     data = b"fuzz"
     sha = hashlib.sha256(data).hexdigest()
     s.put(srv.url + "/api/v1/blobs/" + sha, data=data, timeout=10).raise_for_status()
-    project = s.post(srv.url + "/api/v1/projects", json={"name": "p", "datasets": [
-        {"name": "ds", "items": [{"name": "a.jpg", "sha256": sha, "size": 4}]}]}, timeout=10).json()
-    model = s.post(srv.url + "/api/v1/models", json={"name": "m", "files": [{"path": "w.bin", "sha256": sha, "size": 4}]},
-                   timeout=10).json()
-    task = s.post(srv.url + "/api/v1/tasks", json={"agent_id": agent["id"], "type": "custom", "image": "img"},
-                  timeout=10).json()
-    requests.post(srv.url + "/agent/v1/poll", json={"free_slots": 1}, headers={"x-token": agent["token"]},
-                  timeout=10).raise_for_status()
-    return {"token": agent["token"], "agent_id": agent["id"], "task_id": task["id"], "project_id": project["id"],
-            "model_id": model["id"], "sha256": sha}
+    project = s.post(
+        srv.url + "/api/v1/projects",
+        json={"name": "p", "datasets": [{"name": "ds", "items": [{"name": "a.jpg", "sha256": sha, "size": 4}]}]},
+        timeout=10,
+    ).json()
+    model = s.post(
+        srv.url + "/api/v1/models",
+        json={"name": "m", "files": [{"path": "w.bin", "sha256": sha, "size": 4}]},
+        timeout=10,
+    ).json()
+    task = s.post(
+        srv.url + "/api/v1/tasks", json={"agent_id": agent["id"], "type": "custom", "image": "img"}, timeout=10
+    ).json()
+    requests.post(
+        srv.url + "/agent/v1/poll", json={"free_slots": 1}, headers={"x-token": agent["token"]}, timeout=10
+    ).raise_for_status()
+    return {
+        "token": agent["token"],
+        "agent_id": agent["id"],
+        "task_id": task["id"],
+        "project_id": project["id"],
+        "model_id": model["id"],
+        "sha256": sha,
+    }
 
 
 def test_every_operation_survives_fuzzing(fuzz_server):
@@ -70,18 +88,28 @@ def test_every_operation_survives_fuzzing(fuzz_server):
     ops.sort(key=lambda op: (op.method.upper(), op.path) == ("POST", "/api/v1/session"))
     for op in ops:
         objects = _fresh_objects(srv)
-        headers = ({"x-token": objects["token"]} if op.path.startswith("/agent/")
-                   else {"authorization": f"Bearer {srv.admin_token}"})
+        headers = (
+            {"x-token": objects["token"]}
+            if op.path.startswith("/agent/")
+            else {"authorization": f"Bearer {srv.admin_token}"}
+        )
         names = re.findall(r"\{(\w+)\}", op.path)
         runs = [(schemathesis.GenerationMode.POSITIVE, None), (schemathesis.GenerationMode.NEGATIVE, None)]
-        if names:    # and with the path pointing at real objects, so the bodies reach the route's logic
+        if names:  # and with the path pointing at real objects, so the bodies reach the route's logic
             runs.append((schemathesis.GenerationMode.POSITIVE, {n: objects[n] for n in names}))
         for mode, path_parameters in runs:
-            strategy = op.as_strategy(generation_mode=mode, query=FIXED_QUERY.get(op.path),
-                                      path_parameters=path_parameters)
+            strategy = op.as_strategy(
+                generation_mode=mode, query=FIXED_QUERY.get(op.path), path_parameters=path_parameters
+            )
 
-            @settings(max_examples=EXAMPLES, derandomize=True, database=None, deadline=None,
-                      phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+            @settings(
+                max_examples=EXAMPLES,
+                derandomize=True,
+                database=None,
+                deadline=None,
+                phases=[Phase.explicit, Phase.generate],
+                suppress_health_check=list(HealthCheck),
+            )
             @given(case=strategy)
             def run(case):
                 response = case.call(base_url=srv.url, session=session, headers=headers, timeout=30)
@@ -91,7 +119,7 @@ def test_every_operation_survives_fuzzing(fuzz_server):
             try:
                 run()
             except Unsatisfiable:
-                pass        # nothing in this operation can be made invalid (no parameters, or free strings)
+                pass  # nothing in this operation can be made invalid (no parameters, or free strings)
             except (Exception, BaseExceptionGroup) as e:  # noqa: BLE001 - collect every operation's failure
                 where = f" at {path_parameters}" if path_parameters else ""
                 failures.append(f"{op.label} [{mode.value}{where}]: {type(e).__name__}: {str(e)[:1500]}")

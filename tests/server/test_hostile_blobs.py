@@ -1,6 +1,7 @@
 """A node may read only the blobs of its own tasks and its own uploads: neither an upload without
 the bytes nor a result naming a blob makes another blob readable, and a forbidden blob is
 answered exactly as a missing one (no size, no hint that it exists)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -65,7 +66,7 @@ def test_results_name_only_blobs_the_node_may_read_and_a_forbidden_one_is_answer
     tid = _running_task(client, agent)
     url = f"/agent/v1/tasks/{tid}/results"
     bodies = [
-        {"kind": "artifacts", "files": [{"path": "x.bin", "sha256": "{h}", "size": 1}]},      # a wrong size
+        {"kind": "artifacts", "files": [{"path": "x.bin", "sha256": "{h}", "size": 1}]},  # a wrong size
         {"kind": "artifacts", "files": [{"path": "x.bin", "sha256": "{h}", "size": len(secret)}]},
         {"kind": "model", "files": [{"path": "w.bin", "sha256": "{h}", "size": 7}]},
         {"kind": "project", "files": [{"path": "ds/a.jpg", "sha256": "{h}", "size": 3}]},
@@ -77,11 +78,14 @@ def test_results_name_only_blobs_the_node_may_read_and_a_forbidden_one_is_answer
         assert forbidden.status_code == 400 and forbidden.json()["error"] == "missing_blobs", forbidden.text
         assert forbidden.json()["missing"] == [sha]
         assert str(len(secret)) not in forbidden.json()["detail"]
-        assert _answer(forbidden, sha) == _answer(missing, never), body    # the same answer, word for word
+        assert _answer(forbidden, sha) == _answer(missing, never), body  # the same answer, word for word
         assert _head(agent, sha) == _get(agent, sha) == 404
     task = client.get_task(tid)
-    assert task["results"]["artifacts_count"] == 0 and "model_id" not in task["results"] \
+    assert (
+        task["results"]["artifacts_count"] == 0
+        and "model_id" not in task["results"]
         and "project_id" not in task["results"]
+    )
 
 
 def test_another_nodes_results_stay_out_of_reach(client, make_agent):
@@ -90,12 +94,16 @@ def test_another_nodes_results_stay_out_of_reach(client, make_agent):
     data = b"owner's result"
     sha = _sha(data)
     assert _put(owner, sha, data).status_code == 200
-    r = owner.post_raw(f"/agent/v1/tasks/{mine}/results",
-                       json={"kind": "artifacts", "files": [{"path": "out.txt", "sha256": sha, "size": len(data)}]})
+    r = owner.post_raw(
+        f"/agent/v1/tasks/{mine}/results",
+        json={"kind": "artifacts", "files": [{"path": "out.txt", "sha256": sha, "size": len(data)}]},
+    )
     assert r.status_code == 200, r.text
     theirs = _running_task(client, other)
-    r = other.post_raw(f"/agent/v1/tasks/{theirs}/results",
-                       json={"kind": "artifacts", "files": [{"path": "stolen.txt", "sha256": sha, "size": len(data)}]})
+    r = other.post_raw(
+        f"/agent/v1/tasks/{theirs}/results",
+        json={"kind": "artifacts", "files": [{"path": "stolen.txt", "sha256": sha, "size": len(data)}]},
+    )
     assert r.status_code == 400 and r.json()["error"] == "missing_blobs"
     assert _get(other, sha) == 404 and _get(owner, sha) == 200
 
@@ -107,8 +115,16 @@ def test_results_may_name_the_blobs_of_the_tasks_inputs_and_of_the_nodes_earlier
     model = client.create_model("in", [{"path": "w.bin", "sha256": w, "size": 13}])
     tid = _running_task(client, agent, "train", project_id=project["id"], model_id=model["id"])
     url = f"/agent/v1/tasks/{tid}/results"
-    r = agent.post_raw(url, json={"kind": "artifacts", "files": [{"path": "copy/a.jpg", "sha256": img, "size": 11},
-                                                             {"path": "copy/w.bin", "sha256": w, "size": 13}]})
+    r = agent.post_raw(
+        url,
+        json={
+            "kind": "artifacts",
+            "files": [
+                {"path": "copy/a.jpg", "sha256": img, "size": 11},
+                {"path": "copy/w.bin", "sha256": w, "size": 13},
+            ],
+        },
+    )
     assert r.status_code == 200, r.text
     r = agent.post_raw(url, json={"kind": "model", "files": [{"path": "w.bin", "sha256": w, "size": 13}]})
     assert r.status_code == 200, r.text
@@ -131,6 +147,7 @@ def test_a_wrong_body_does_not_keep_an_unreferenced_blob_young(tmp_path):
 
     from protocol.errors import APIError
     from server.blobs.store import BlobStore
+
     store = BlobStore(tmp_path / "blobs")
     data = b"someone else's bytes"
     h = _sha(data)
@@ -138,7 +155,9 @@ def test_a_wrong_body_does_not_keep_an_unreferenced_blob_young(tmp_path):
     async def put(body: bytes):
         async def chunks():
             yield body
+
         return await store.put_stream(h, chunks())
+
     assert asyncio.run(put(data)) == (len(data), True)
     os.utime(store.path(h), (1000, 1000))
     with pytest.raises(APIError) as e:

@@ -1,5 +1,6 @@
 """Images from tasks, thumbnailed by the server: decoded within fixed bounds (formats, pixels, renders
 at once, memory), and every file Pillow cannot or must not read is a 415, never a 500."""
+
 from __future__ import annotations
 
 import io
@@ -18,15 +19,19 @@ from server.blobs import thumbs
 pytestmark = pytest.mark.server_process("measures or patches apart from the server process")
 
 # A minimal EPS: Pillow's EPS plugin takes it, and would hand it to Ghostscript to draw.
-EPS = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 100 100\n%%EndComments\n"
-       b"newpath 0 0 moveto 100 100 lineto stroke\nshowpage\n%%EOF\n")
+EPS = (
+    b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 100 100\n%%EndComments\n"
+    b"newpath 0 0 moveto 100 100 lineto stroke\nshowpage\n%%EOF\n"
+)
 
 
 def _png(w: int, h: int, fill: int = 0, alpha: bool = True, orientation: int | None = None) -> bytes:
     """A PNG of one colour, written row by row (a 13000 x 13000 one is 650 KB; the test never holds
     its pixels), with an EXIF orientation when asked."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     ihdr = struct.pack(">IIBBBBB", w, h, 8, 6 if alpha else 2, 0, 0, 0)
     row = b"\x00" + bytes([fill]) * (w * (4 if alpha else 3))
     z = zlib.compressobj(9)
@@ -35,13 +40,14 @@ def _png(w: int, h: int, fill: int = 0, alpha: bool = True, orientation: int | N
     if orientation is not None:
         exif = Image.Exif()
         exif[0x0112] = orientation
-        out += chunk(b"eXIf", exif.tobytes()[6:])     # the chunk holds the TIFF data, without "Exif\0\0"
+        out += chunk(b"eXIf", exif.tobytes()[6:])  # the chunk holds the TIFF data, without "Exif\0\0"
     return out + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
 def _thumb(srv, sha: str, size: int = 256):
-    return srv.admin().get(srv.url + endpoints.path(endpoints.USER_BLOB_THUMB, sha256=sha),
-                           params={"size": size}, timeout=120)
+    return srv.admin().get(
+        srv.url + endpoints.path(endpoints.USER_BLOB_THUMB, sha256=sha), params={"size": size}, timeout=120
+    )
 
 
 def _peak_rss(pid: int) -> int:
@@ -54,7 +60,7 @@ def _peak_rss(pid: int) -> int:
 
 def test_decompression_bomb_is_refused_from_its_header(own_server):
     srv, client, _ = own_server()
-    bomb = _png(13000, 13000, orientation=6)     # 169 Mpx RGBA: 676 MB decoded, twice with the rotation
+    bomb = _png(13000, 13000, orientation=6)  # 169 Mpx RGBA: 676 MB decoded, twice with the rotation
     assert len(bomb) < 1024 * 1024
     sha = client.upload_bytes(bomb)
     before = _peak_rss(srv.proc.pid)
@@ -74,7 +80,7 @@ def test_eps_named_png_never_reaches_ghostscript(tmp_path, monkeypatch, own_serv
     src.write_bytes(EPS)
     with pytest.raises(thumbs.NotAnImage):
         thumbs.render(src, 256)
-    assert opened == []          # the EPS plugin was not even asked whether it knows the file
+    assert opened == []  # the EPS plugin was not even asked whether it knows the file
 
     srv, client, _ = own_server()
     r = _thumb(srv, client.upload_bytes(EPS))
@@ -95,9 +101,13 @@ def test_any_decoder_failure_is_a_415(tmp_path, monkeypatch, own_server):
     Image.new("RGB", (64, 64), (1, 2, 3)).save(jpeg, format="JPEG")
     pdf = io.BytesIO()
     Image.new("RGB", (64, 64)).save(pdf, format="PDF")
-    broken = {"truncated png": good[: len(good) // 2], "truncated jpeg": jpeg.getvalue()[:300],
-              "damaged idat": good[:60] + b"\xff" * 20 + good[80:], "pdf": pdf.getvalue(),
-              "gif header only": b"GIF89a\x10\x00\x10\x00\x80\x00\x00"}
+    broken = {
+        "truncated png": good[: len(good) // 2],
+        "truncated jpeg": jpeg.getvalue()[:300],
+        "damaged idat": good[:60] + b"\xff" * 20 + good[80:],
+        "pdf": pdf.getvalue(),
+        "gif header only": b"GIF89a\x10\x00\x10\x00\x80\x00\x00",
+    }
     for what, data in broken.items():
         r = _thumb(srv, client.upload_bytes(data))
         assert r.status_code == 415 and r.json()["error"] == "not_an_image", (what, r.text)
@@ -110,12 +120,15 @@ def test_concurrent_thumbnails_decode_two_images_at_a_time(own_server):
     # six images just under the pixel limit (each 196 MB decoded: Pillow keeps RGB in 4 bytes), one rotated
     w, h = 7000, 7000
     assert w * h <= thumbs.MAX_SOURCE_PIXELS
-    shas = [client.upload_bytes(_png(w, h, fill=10 + i, alpha=False, orientation=6 if i == 0 else None)) for i in range(6)]
+    shas = [
+        client.upload_bytes(_png(w, h, fill=10 + i, alpha=False, orientation=6 if i == 0 else None)) for i in range(6)
+    ]
     before = _peak_rss(srv.proc.pid)
     got: dict[int, object] = {}
 
     def get(i: int) -> None:
         got[i] = _thumb(srv, shas[i])
+
     threads = [threading.Thread(target=get, args=(i,)) for i in range(len(shas))]
     for t in threads:
         t.start()

@@ -1,5 +1,6 @@
 """The pure parts of log ingest, without a server or a database: a line normalised to its row
 (server.logs.lines), the quota accountant (server.logs.quota), and the two composed for a batch."""
+
 from __future__ import annotations
 
 import math
@@ -24,21 +25,31 @@ def line(n: int, message: str = "x" * 10, **extra) -> dict:
 
 # --- one line -> its row ---
 
+
 def test_the_agents_usual_line_keeps_cts_as_its_extra_json():
     row, size, metric, cut = norm({"ts": 1.5, "cts": 99, "level": "info", "stream": "stderr", "message": "héllo"})
     assert row == (42, 7, 1.5, "info", "stderr", "héllo", '{"cts":99}')
-    assert size == len("héllo".encode()) + len('{"cts":99}')     # bytes, not characters
+    assert size == len("héllo".encode()) + len('{"cts":99}')  # bytes, not characters
     assert (metric, cut) == (None, 0)
 
 
 def test_a_line_without_other_fields_has_no_extra_and_defaults():
     row, size, metric, cut = norm({"message": "hi", "level": "", "stream": None})
-    assert row == (42, 7, NOW, "info", "stdout", "hi", None)    # no ts: the server's time
+    assert row == (42, 7, NOW, "info", "stdout", "hi", None)  # no ts: the server's time
     assert (size, metric, cut) == (2, None, 0)
 
 
-@pytest.mark.parametrize("ts, want", [(5, 5.0), ("1970-01-01T00:00:10Z", 10.0), ("1970-01-01T00:00:10", 10.0),
-                                      ("not a time", NOW), (True, NOW), (None, NOW)])
+@pytest.mark.parametrize(
+    "ts, want",
+    [
+        (5, 5.0),
+        ("1970-01-01T00:00:10Z", 10.0),
+        ("1970-01-01T00:00:10", 10.0),
+        ("not a time", NOW),
+        (True, NOW),
+        (None, NOW),
+    ],
+)
 def test_ts_is_read_as_a_number_or_an_iso_time(ts, want):
     assert norm({"ts": ts, "message": ""})[0][2] == want
 
@@ -55,7 +66,7 @@ def test_nul_bytes_are_replaced_in_the_message_and_dropped_from_level_and_stream
 
 
 def test_a_message_over_the_line_limit_is_cut_with_a_marker():
-    row, size, _, cut = norm({"message": "é" * MAX_LINE})           # 2 bytes each: twice the limit
+    row, size, _, cut = norm({"message": "é" * MAX_LINE})  # 2 bytes each: twice the limit
     assert cut == 1
     head = "é" * (MAX_LINE // 2)
     assert row[5] == head + CUT_MARKER % (MAX_LINE, MAX_LINE)
@@ -83,10 +94,11 @@ def test_a_line_cut_twice_counts_two_cuts():
 
 
 def test_a_metrics_event_gives_its_metrics_row():
-    row, _, metric, _ = norm({"message": "", "event_type": "metrics", "type": "t" * 40, "epoch": 3,
-                              "metrics": {"loss": 0.5}})
+    row, _, metric, _ = norm(
+        {"message": "", "event_type": "metrics", "type": "t" * 40, "epoch": 3, "metrics": {"loss": 0.5}}
+    )
     assert metric == {"task_id": 42, "seq": 7, "type": "t" * 32, "epoch": 3, "metrics": {"loss": 0.5}}
-    assert '"event_type":"metrics"' in row[6]                      # the line keeps its fields too
+    assert '"event_type":"metrics"' in row[6]  # the line keeps its fields too
     _, _, metric, _ = norm({"event_type": "EventType.METRICS", "epoch": True, "metrics": [1]})
     assert (metric["type"], metric["epoch"], metric["metrics"]) == ("", None, {})
     assert norm({"event_type": "other", "metrics": {"a": 1}})[2] is None
@@ -98,22 +110,25 @@ def test_a_metrics_event_whose_fields_pass_the_limit_gives_no_metrics_row():
 
 
 def test_a_non_finite_metric_value_is_null_and_elsewhere_a_400():
-    row, _, metric, _ = norm({"event_type": "metrics", "metrics": {"loss": 1e400}})   # a float that overflowed
+    row, _, metric, _ = norm({"event_type": "metrics", "metrics": {"loss": 1e400}})  # a float that overflowed
     assert metric["metrics"] == {"loss": None} and '"loss":null' in row[6]
     with pytest.raises(APIError) as e:
         norm({"message": "", "other": math.inf})
     assert e.value.code == "non_finite_number" and "lines[2].other" in e.value.detail
 
 
-@pytest.mark.parametrize("bad, code, where", [
-    ([1], "invalid_request", "lines[2] is not an object"),
-    ({"level": "x" * 17}, "invalid_request", "lines[2]: level and stream must be short strings"),
-    ({"stream": 5}, "invalid_request", "lines[2]: level and stream must be short strings"),
-    ({"ts": math.inf}, "non_finite_number", "lines[2].ts holds NaN or Infinity"),
-    ({"message": math.nan}, "non_finite_number", "lines[2].message holds NaN or Infinity"),
-    ({"ts": 2**63}, "integer_out_of_range", "a line's ts is outside int64"),
-    ({"event_type": "metrics", "epoch": 2**63}, "integer_out_of_range", "lines[2].epoch is outside int64"),
-])
+@pytest.mark.parametrize(
+    "bad, code, where",
+    [
+        ([1], "invalid_request", "lines[2] is not an object"),
+        ({"level": "x" * 17}, "invalid_request", "lines[2]: level and stream must be short strings"),
+        ({"stream": 5}, "invalid_request", "lines[2]: level and stream must be short strings"),
+        ({"ts": math.inf}, "non_finite_number", "lines[2].ts holds NaN or Infinity"),
+        ({"message": math.nan}, "non_finite_number", "lines[2].message holds NaN or Infinity"),
+        ({"ts": 2**63}, "integer_out_of_range", "a line's ts is outside int64"),
+        ({"event_type": "metrics", "epoch": 2**63}, "integer_out_of_range", "lines[2].epoch is outside int64"),
+    ],
+)
 def test_a_line_the_server_refuses_is_a_400_naming_it(bad, code, where):
     with pytest.raises(APIError) as e:
         norm(bad)
@@ -122,6 +137,7 @@ def test_a_line_the_server_refuses_is_a_400_naming_it(bad, code, where):
 
 
 # --- the quota accountant ---
+
 
 def test_no_quota_leaves_room_for_anything():
     q = LogQuota(0, 10**12)
@@ -144,7 +160,7 @@ def test_overflow_stores_the_marker_and_fills_the_log():
     assert q.marker == marker == "log quota of 1000 bytes reached; later lines are dropped"
     assert (q.full, q.room, q.dropped) == (True, 0, 1)
     assert (q.used, q.added) == (990 + len(marker), len(marker))
-    q = LogQuota(1000, 100)                 # the marker is charged, and the log counts as full after it
+    q = LogQuota(1000, 100)  # the marker is charged, and the log counts as full after it
     q.overflow()
     assert q.used == 1000
 
@@ -154,6 +170,7 @@ def test_a_log_at_its_quota_is_full_from_the_start():
 
 
 # --- a batch: the line normaliser and the accountant composed ---
+
 
 def test_a_batch_under_the_quota_stores_every_line():
     q = LogQuota(10**6, 0)
@@ -178,7 +195,7 @@ def test_the_line_that_passes_the_quota_becomes_the_marker_and_later_ones_are_dr
     rows, metric_rows, cut = batch_rows(42, 0, lines, q, set(), NOW)
     assert rows[0][5] == "x" * 10
     assert rows[1] == (42, 1, 1700000001.0, "warning", "agent", QUOTA_MARKER % 25, None)
-    assert len(rows) == 2 and metric_rows == []        # the marker's line keeps no metrics row
+    assert len(rows) == 2 and metric_rows == []  # the marker's line keeps no metrics row
     assert (q.dropped, q.full, q.added) == (3, True, 10 + len(QUOTA_MARKER % 25))
     assert q.used == 10 + len(QUOTA_MARKER % 25)
 
@@ -205,14 +222,19 @@ def test_cuts_are_counted_over_the_batch():
 
 # --- the body ---
 
+
 def test_the_body_is_parsed_strictly_except_non_finite_metric_values():
-    first, lines = parse_batch(b'{"first_seq": 3, "lines": [{"message": "m", "event_type": "metrics", '
-                               b'"metrics": {"loss": NaN, "acc": 1.0}}]}')
+    first, lines = parse_batch(
+        b'{"first_seq": 3, "lines": [{"message": "m", "event_type": "metrics", "metrics": {"loss": NaN, "acc": 1.0}}]}'
+    )
     assert first == 3 and lines[0]["metrics"] == {"loss": None, "acc": 1.0}
-    for body, code in [(b'{"first_seq": 0, "lines": [{"message": NaN}]}', "non_finite_number"),
-                       (b'{"first_seq": -1, "lines": []}', "invalid_request"),
-                       (b'{"first_seq": 0, "lines": {}}', "invalid_request"),
-                       (b'[]', "invalid_request"), (b'{', "malformed_json")]:
+    for body, code in [
+        (b'{"first_seq": 0, "lines": [{"message": NaN}]}', "non_finite_number"),
+        (b'{"first_seq": -1, "lines": []}', "invalid_request"),
+        (b'{"first_seq": 0, "lines": {}}', "invalid_request"),
+        (b'[]', "invalid_request"),
+        (b'{', "malformed_json"),
+    ]:
         with pytest.raises(APIError) as e:
             parse_batch(body)
         assert e.value.code == code, body

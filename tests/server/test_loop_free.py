@@ -9,6 +9,7 @@ The server runs in this process (uvicorn in a thread), so a pool `checkout` list
 sees which thread takes each connection. `state.db.run` is wrapped to mark the functions it runs; a
 checkout outside one, on the loop's thread or elsewhere, fails the test with the stack that did it.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -49,7 +50,7 @@ class CheckoutWatch:
 
     def __init__(self, state):
         self.state = state
-        self.pool_size = state.db.engine.pool.size()   # POOL_SIZE, and on SQLite the read thread's one
+        self.pool_size = state.db.engine.pool.size()  # POOL_SIZE, and on SQLite the read thread's one
         self.lock = threading.Lock()
         self.local = threading.local()
         self.loop_threads: set[int] = set()
@@ -63,12 +64,13 @@ class CheckoutWatch:
         run, run_read = state.db.run, state.db.run_read
 
         async def watched_run(fn, *args, **kw):
-            self.loop_threads.add(threading.get_ident())   # state.db.run is awaited on the loop
+            self.loop_threads.add(threading.get_ident())  # state.db.run is awaited on the loop
             return await run(self._marked(fn), *args, **kw)
 
         async def watched_run_read(fn, *args, **kw):
             self.loop_threads.add(threading.get_ident())
             return await run_read(self._marked(fn), *args, **kw)
+
         state.db.run, state.db.run_read = watched_run, watched_run_read
 
     def _marked(self, fn):
@@ -78,6 +80,7 @@ class CheckoutWatch:
                 return fn(*args, **kw)
             finally:
                 self.local.depth -= 1
+
         return inside
 
     def _checkout(self, _dbapi_conn, _record, _proxy):
@@ -101,16 +104,18 @@ def inproc(tmp_path):
     """(base url, admin token, watch): the server app served by uvicorn in a thread of this process."""
     db_url = create_test_database() if TEST_DB_URL else None
     token = "a" * 32
-    app = create_app(Settings(data_dir=tmp_path / "data", admin_token=token, db_pool_size=POOL_SIZE, db_url=db_url,
-                              telemetry_min_gap_s=0))
+    app = create_app(
+        Settings(
+            data_dir=tmp_path / "data", admin_token=token, db_pool_size=POOL_SIZE, db_url=db_url, telemetry_min_gap_s=0
+        )
+    )
     watch = CheckoutWatch(app.state.server)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning",
-                                           lifespan="on"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     thread.start()
     poll_for(lambda: server.started or not thread.is_alive(), timeout=30, what="the in-process server to start")
     assert server.started, "the in-process server did not start"
-    watch.loop_threads.add(thread.ident)   # uvicorn runs its loop in the thread that calls run()
+    watch.loop_threads.add(thread.ident)  # uvicorn runs its loop in the thread that calls run()
     try:
         yield f"http://127.0.0.1:{server.config.port}", token, watch
     finally:
@@ -118,6 +123,7 @@ def inproc(tmp_path):
         thread.join(30)
         if db_url:
             from sqlalchemy.engine import make_url
+
             drop_test_databases([make_url(db_url).database])
 
 
@@ -175,8 +181,9 @@ def _drive(url: str, token: str) -> None:
 
     # --- projects
     item = {"name": "a.png", "sha256": _sha(png), "size": len(png)}
-    p = _ok(admin.post(u(endpoints.PROJECTS), json={"name": "p", "datasets": [{"name": "ds", "items": [item]}]},
-                       timeout=30)).json()
+    p = _ok(
+        admin.post(u(endpoints.PROJECTS), json={"name": "p", "datasets": [{"name": "ds", "items": [item]}]}, timeout=30)
+    ).json()
     _ok(admin.get(u(endpoints.PROJECTS), timeout=10))
     _ok(admin.get(u(endpoints.PROJECT, project_id=p["id"]), timeout=10))
     _ok(admin.get(u(endpoints.PROJECT_ITEMS, project_id=p["id"]), timeout=10))
@@ -190,8 +197,7 @@ def _drive(url: str, token: str) -> None:
     _ok(admin.get(u(endpoints.MODEL, model_id=m["id"]), timeout=10))
 
     # --- tasks, polls, state, logs, results, release
-    t = _ok(admin.post(u(endpoints.TASKS), json={"agent_id": aid, "type": "custom", "image": "img"},
-                       timeout=10)).json()
+    t = _ok(admin.post(u(endpoints.TASKS), json={"agent_id": aid, "type": "custom", "image": "img"}, timeout=10)).json()
     tid = t["id"]
     _ok(admin.get(u(endpoints.TASKS), timeout=10))
     _ok(admin.get(u(endpoints.TASK, task_id=tid), timeout=10))
@@ -204,37 +210,54 @@ def _drive(url: str, token: str) -> None:
     _ok(agent.post(u(endpoints.POLL), params={"wait": 0.2}, json=dict(poll, running=[tid]), timeout=10))
     for st in ("preparing", "running"):
         _ok(agent.post(u(endpoints.TASK_STATE, task_id=tid), json={"state": st}, timeout=10))
-    lines = [{"ts": 1.0, "level": "info", "stream": "stdout", "message": "hello"},
-             {"ts": 2.0, "level": "info", "stream": "stdout", "message": "metrics", "event": "metrics",
-              "epoch": 1, "metrics": {"loss": 0.5}}]
+    lines = [
+        {"ts": 1.0, "level": "info", "stream": "stdout", "message": "hello"},
+        {
+            "ts": 2.0,
+            "level": "info",
+            "stream": "stdout",
+            "message": "metrics",
+            "event": "metrics",
+            "epoch": 1,
+            "metrics": {"loss": 0.5},
+        },
+    ]
     _ok(agent.post(u(endpoints.TASK_LOGS, task_id=tid), json={"first_seq": 0, "lines": lines}, timeout=10))
     _ok(agent.put(u(endpoints.AGENT_BLOB, sha256=_sha(b"weights")), data=b"weights", timeout=10))
     _ok(agent.head(u(endpoints.AGENT_BLOB, sha256=_sha(b"weights")), timeout=10))
     _ok(agent.get(u(endpoints.AGENT_BLOB, sha256=_sha(b"weights")), timeout=10))
-    _ok(agent.get(u(endpoints.AGENT_BLOB, sha256=_sha(config)), timeout=10), 404)   # not its task's
+    _ok(agent.get(u(endpoints.AGENT_BLOB, sha256=_sha(config)), timeout=10), 404)  # not its task's
     weights = [{"path": "w.bin", "sha256": _sha(b"weights"), "size": 7}]
     _ok(agent.post(u(endpoints.TASK_RESULTS, task_id=tid), json={"kind": "model", "files": weights}, timeout=10))
-    _ok(agent.post(u(endpoints.TASK_RESULTS, task_id=tid), json={"kind": "artifacts", "files": weights},
-                   timeout=10))
-    _ok(agent.put(u(endpoints.AGENT_BLOB, sha256=_sha(png)), data=png, timeout=10))   # results name its own blobs
-    _ok(agent.post(u(endpoints.TASK_RESULTS, task_id=tid),
-                   json={"kind": "project", "name": "out", "datasets": [{"name": "ds", "items": [item]}]},
-                   timeout=30))
-    _ok(agent.post(u(endpoints.TASK_RESULTS, task_id=10**6), json={"kind": "artifacts", "files": weights},
-                   timeout=10), 404)
+    _ok(agent.post(u(endpoints.TASK_RESULTS, task_id=tid), json={"kind": "artifacts", "files": weights}, timeout=10))
+    _ok(agent.put(u(endpoints.AGENT_BLOB, sha256=_sha(png)), data=png, timeout=10))  # results name its own blobs
+    _ok(
+        agent.post(
+            u(endpoints.TASK_RESULTS, task_id=tid),
+            json={"kind": "project", "name": "out", "datasets": [{"name": "ds", "items": [item]}]},
+            timeout=30,
+        )
+    )
+    _ok(
+        agent.post(u(endpoints.TASK_RESULTS, task_id=10**6), json={"kind": "artifacts", "files": weights}, timeout=10),
+        404,
+    )
     _ok(admin.get(u(endpoints.MODELS), params={"task_id": tid}, timeout=10))
     _ok(admin.get(u(endpoints.TASK_METRICS, task_id=tid), timeout=10))
     _ok(admin.get(u(endpoints.TASK_ARTIFACTS, task_id=tid), timeout=10))
     _ok(admin.get(u(endpoints.USER_TASK_LOGS, task_id=tid), timeout=10))
     for st in ("uploading", "finished"):
         _ok(agent.post(u(endpoints.TASK_STATE, task_id=tid), json={"state": st}, timeout=10))
-    _ok(agent.post(u(endpoints.TASK_RESULTS, task_id=tid), json={"kind": "artifacts", "files": weights},
-                   timeout=10), 409)
+    _ok(
+        agent.post(u(endpoints.TASK_RESULTS, task_id=tid), json={"kind": "artifacts", "files": weights}, timeout=10),
+        409,
+    )
     with admin.get(u(endpoints.USER_TASK_LOGS, task_id=tid), params={"follow": 1}, stream=True, timeout=10) as r:
         _ok(r)
-        assert b"hello" in r.raw.read()    # the task is final: the stream sends its lines and ends
-    queued = _ok(admin.post(u(endpoints.TASKS), json={"agent_id": aid, "type": "custom", "image": "img"},
-                            timeout=10)).json()["id"]
+        assert b"hello" in r.raw.read()  # the task is final: the stream sends its lines and ends
+    queued = _ok(
+        admin.post(u(endpoints.TASKS), json={"agent_id": aid, "type": "custom", "image": "img"}, timeout=10)
+    ).json()["id"]
     _ok(admin.post(u(endpoints.TASK_STOP, task_id=queued), timeout=10))
     _ok(admin.delete(u(endpoints.TASK, task_id=tid), timeout=10))
 
@@ -250,7 +273,7 @@ def _drive(url: str, token: str) -> None:
     other = requests.Session()
     _ok(other.get(url + link["path"], allow_redirects=False, timeout=10), 303)
     assert SESSION_COOKIE in other.cookies
-    r = _ok(other.get(url + link["path"], allow_redirects=False, timeout=10), 303)   # spent: on to sign-in
+    r = _ok(other.get(url + link["path"], allow_redirects=False, timeout=10), 303)  # spent: on to sign-in
     assert r.headers["location"] == "/signin"
     _ok(browser.delete(u(endpoints.SESSION), headers={"Origin": url}, timeout=10))
     _ok(browser.get(u(endpoints.AGENTS), timeout=10), 401)
@@ -267,13 +290,20 @@ def test_database_work_runs_only_on_the_database_threads(inproc):
     # Many requests at once: more than the pool has connections, never more connections out than it has.
     auth = {"Authorization": f"Bearer {token}"}
     with ThreadPoolExecutor(4 * POOL_SIZE) as ex:
-        codes = list(ex.map(lambda _i: requests.get(url + endpoints.TASKS, headers=auth, timeout=30).status_code,
-                            range(8 * POOL_SIZE)))
+        codes = list(
+            ex.map(
+                lambda _i: requests.get(url + endpoints.TASKS, headers=auth, timeout=30).status_code,
+                range(8 * POOL_SIZE),
+            )
+        )
     assert codes == [200] * len(codes)
 
     assert watch.checkouts > 50, "the listener saw too few checkouts to mean anything"
-    wrong = ([f"on the event loop's thread:\n{s}" for s in dict.fromkeys(watch.on_loop)]
-             + [f"outside state.db.run, on {s}" for s in dict.fromkeys(watch.outside_run)])
-    assert not wrong, (f"{len(watch.on_loop)} checkout(s) on the loop, {len(watch.outside_run)} outside state.db.run; "
-                       f"from:\n\n" + "\n".join(wrong))
+    wrong = [f"on the event loop's thread:\n{s}" for s in dict.fromkeys(watch.on_loop)] + [
+        f"outside state.db.run, on {s}" for s in dict.fromkeys(watch.outside_run)
+    ]
+    assert not wrong, (
+        f"{len(watch.on_loop)} checkout(s) on the loop, {len(watch.outside_run)} outside state.db.run; "
+        f"from:\n\n" + "\n".join(wrong)
+    )
     assert watch.max_out <= watch.pool_size, f"{watch.max_out} connections out at once; the pool has {watch.pool_size}"

@@ -1,5 +1,6 @@
 """The event-loop lag watch (server/app.py `_loop_watch`): a stalled loop shows in
 `sly_event_loop_lag_seconds` and in one warning line."""
+
 from __future__ import annotations
 
 import asyncio
@@ -17,15 +18,16 @@ def test_a_blocked_loop_is_measured_and_logged_once(monkeypatch, caplog):
     monkeypatch.setattr(app, "LAG_EVERY_S", 0.05)
     monkeypatch.setattr(app, "LAG_WARN_S", 0.3)
     reg = CollectorRegistry()
-    state = types.SimpleNamespace(metrics=types.SimpleNamespace(
-        loop_lag=Histogram("lag", "lag", buckets=(0.1, 0.25, 1.0), registry=reg)))
+    state = types.SimpleNamespace(
+        metrics=types.SimpleNamespace(loop_lag=Histogram("lag", "lag", buckets=(0.1, 0.25, 1.0), registry=reg))
+    )
 
     async def scenario():
         watch = asyncio.create_task(app._loop_watch(state))
-        await asyncio.sleep(0.3)          # a few on-time checks
-        time.sleep(0.5)                   # a blocking call on the loop
+        await asyncio.sleep(0.3)  # a few on-time checks
+        time.sleep(0.5)  # a blocking call on the loop
         await asyncio.sleep(0.2)
-        time.sleep(0.5)                   # again, within the minute: measured, not logged again
+        time.sleep(0.5)  # again, within the minute: measured, not logged again
         await asyncio.sleep(0.2)
         watch.cancel()
 

@@ -9,6 +9,7 @@
 
 Skipped on SQLite, which has neither row locks nor LISTEN/NOTIFY.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -35,8 +36,9 @@ def pg_engine(engine):
 
 def _agent(engine, h: str = "a" * 64) -> int:
     with engine.begin() as conn:
-        return conn.execute(insert(db.agents).values(name="n", token_hash=h, allowed_task_types=[],
-                                                     created_at=time.time())).inserted_primary_key[0]
+        return conn.execute(
+            insert(db.agents).values(name="n", token_hash=h, allowed_task_types=[], created_at=time.time())
+        ).inserted_primary_key[0]
 
 
 def _short_lock_wait(conn) -> None:
@@ -112,7 +114,7 @@ async def _in_thread(fn, *args):
 def test_wake_ups_are_sent_after_the_commit_and_not_by_the_changing_transaction(pg_engine):
     w = Wakeups(pg_engine)
     listener = _Listener(pg_engine)
-    changers = set()   # the backends of the changing transactions
+    changers = set()  # the backends of the changing transactions
 
     def change(kind, key, fail=False):
         with w.transaction() as conn:
@@ -132,16 +134,17 @@ def test_wake_ups_are_sent_after_the_commit_and_not_by_the_changing_transaction(
             assert await w.drain(5)
         finally:
             sender.cancel()
+
     asyncio.run(main())
     try:
         heard = listener.heard(2)
     finally:
         listener.close()
     keys = {item for _, p in heard for item in p.split()[1:]}
-    assert keys == {f"t:{i}" for i in range(20)}                    # each committed key, none rolled back
+    assert keys == {f"t:{i}" for i in range(20)}  # each committed key, none rolled back
     assert all(p.split()[0] == w.replica for _, p in heard)
     senders = {pid for pid, _ in heard}
-    assert len(senders) == 1 and not senders & changers             # one sender; no changing transaction notified
+    assert len(senders) == 1 and not senders & changers  # one sender; no changing transaction notified
 
 
 def test_a_sender_that_lost_its_connection_sends_the_pending_keys_when_back(pg_engine):
@@ -154,9 +157,12 @@ def test_a_sender_that_lost_its_connection_sends_the_pending_keys_when_back(pg_e
 
     def kill_sender():
         with pg_engine.begin() as conn:
-            return conn.execute(text(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                "WHERE datname = current_database() AND query LIKE 'SELECT pg_notify%' AND pid <> pg_backend_pid()")).scalar()
+            return conn.execute(
+                text(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND query LIKE 'SELECT pg_notify%' AND pid <> pg_backend_pid()"
+                )
+            ).scalar()
 
     async def main():
         w.loop = asyncio.get_running_loop()
@@ -165,10 +171,11 @@ def test_a_sender_that_lost_its_connection_sends_the_pending_keys_when_back(pg_e
             await _in_thread(change, 1)
             assert await w.drain(5)
             assert await _in_thread(kill_sender) == 1
-            await _in_thread(change, 2)                  # the send fails on the dead connection ...
-            assert await w.drain(10)                     # ... and goes again once it reconnected
+            await _in_thread(change, 2)  # the send fails on the dead connection ...
+            assert await w.drain(10)  # ... and goes again once it reconnected
         finally:
             sender.cancel()
+
     asyncio.run(main())
     try:
         keys = {item for _, p in listener.heard(2) for item in p.split()[1:]}
@@ -184,7 +191,7 @@ def test_without_a_server_loop_the_changing_transaction_notifies_at_its_commit(p
     try:
         with w.transaction() as conn:
             changer = conn.execute(text("SELECT pg_backend_pid()")).scalar()
-            for i in range(1000):                        # past one payload's limit: several notifications
+            for i in range(1000):  # past one payload's limit: several notifications
                 w.notify(conn, TASK, 10_000 + i)
         heard = listener.heard(2)
     finally:

@@ -1,5 +1,6 @@
 """A long-poll that nobody woke answers at its end with what its last look found, without a
 second look (server/agents/agent_router.py); so everything that changes its answer must wake it."""
+
 from __future__ import annotations
 
 import time
@@ -28,9 +29,9 @@ def test_an_idle_poll_answers_at_its_end_with_the_stops_it_found(server, client,
     agent.poll(free_slots=1)
     assert agent.state_raw(tid, "running").status_code == 200
     client.stop_task(tid)
-    assert agent.poll(free_slots=0, running=[tid])["stop"] == [tid]      # delivered: answered at once
+    assert agent.poll(free_slots=0, running=[tid])["stop"] == [tid]  # delivered: answered at once
     t0 = time.monotonic()
-    answer = agent.poll(free_slots=0, running=[tid], wait=1.5)            # nothing new: waits it out
+    answer = agent.poll(free_slots=0, running=[tid], wait=1.5)  # nothing new: waits it out
     assert time.monotonic() - t0 >= 1.5 * (1 - POLL_JITTER) - 0.05
     assert answer["tasks"] == [] and answer["stop"] == [tid] and answer["settings"]["name"] == "idle"
 
@@ -38,6 +39,7 @@ def test_an_idle_poll_answers_at_its_end_with_the_stops_it_found(server, client,
 def test_idle_polls_of_nodes_that_started_together_end_at_spread_out_times(server, client, make_agent):
     """A fleet that reconnects at once must not keep polling in step (a burst every `wait`)."""
     import threading
+
     agents = [make_agent(f"herd-{i}") for i in range(12)]
     ends: list[float] = []
     t0 = time.monotonic()
@@ -45,6 +47,7 @@ def test_idle_polls_of_nodes_that_started_together_end_at_spread_out_times(serve
     def one(a):
         a.poll(free_slots=1, wait=2.0)
         ends.append(time.monotonic() - t0)
+
     threads = [threading.Thread(target=one, args=(a,)) for a in agents]
     for t in threads:
         t.start()
@@ -52,4 +55,4 @@ def test_idle_polls_of_nodes_that_started_together_end_at_spread_out_times(serve
         t.join(30)
     assert len(ends) == 12
     assert min(ends) >= 2.0 * (1 - POLL_JITTER) - 0.05 and max(ends) <= 2.0 + 1.0, ends
-    assert max(ends) - min(ends) >= 0.1, ends      # 12 uniform draws over 0.4 s: never all within 0.1 s
+    assert max(ends) - min(ends) >= 0.1, ends  # 12 uniform draws over 0.4 s: never all within 0.1 s

@@ -2,6 +2,7 @@
 transaction only when the full hand-out (server/tasks/service.py `hand_out`) would decide the same thing
 and write nothing. Checked over generated task sets and poll bodies, on the test database.
 """
+
 from __future__ import annotations
 
 import time
@@ -18,37 +19,75 @@ from server.schemas import PollIn
 from server.tasks.service import hand_out
 
 STATES = [s.value for s in TaskState]
-task_st = st.tuples(st.sampled_from(STATES), st.booleans(), st.booleans())   # state, stop requested, delivered
+task_st = st.tuples(st.sampled_from(STATES), st.booleans(), st.booleans())  # state, stop requested, delivered
 
 
 def _state():
-    return types.SimpleNamespace(settings=types.SimpleNamespace(lease_s=300.0),
-                                 wakeups=types.SimpleNamespace(notify_task=lambda conn, tid: None))
+    return types.SimpleNamespace(
+        settings=types.SimpleNamespace(lease_s=300.0), wakeups=types.SimpleNamespace(notify_task=lambda conn, tid: None)
+    )
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(tasks=st.lists(task_st, max_size=5), running_pick=st.lists(st.integers(0, 6), max_size=4),
-       free_slots=st.integers(0, 2), first=st.booleans(), refusing=st.sampled_from(["", "disk full"]),
-       stored_refusing=st.sampled_from([None, "disk full"]))
-def test_the_quiet_answer_is_what_the_hand_out_decides(engine, tasks, running_pick, free_slots, first, refusing,
-                                                        stored_refusing):
+@given(
+    tasks=st.lists(task_st, max_size=5),
+    running_pick=st.lists(st.integers(0, 6), max_size=4),
+    free_slots=st.integers(0, 2),
+    first=st.booleans(),
+    refusing=st.sampled_from(["", "disk full"]),
+    stored_refusing=st.sampled_from([None, "disk full"]),
+)
+def test_the_quiet_answer_is_what_the_hand_out_decides(
+    engine, tasks, running_pick, free_slots, first, refusing, stored_refusing
+):
     now = time.time()
     with engine.begin() as conn:
         conn.execute(delete(db.tasks))
         conn.execute(delete(db.agents))
-        aid = conn.execute(insert(db.agents).values(name="n", token_hash="h" * 64, allowed_task_types=["custom"],
-                                                    created_at=now, refusing=stored_refusing)).inserted_primary_key[0]
-        other = conn.execute(insert(db.agents).values(name="o", token_hash="o" * 64, allowed_task_types=["custom"],
-                                                      created_at=now)).inserted_primary_key[0]
+        aid = conn.execute(
+            insert(db.agents).values(
+                name="n", token_hash="h" * 64, allowed_task_types=["custom"], created_at=now, refusing=stored_refusing
+            )
+        ).inserted_primary_key[0]
+        other = conn.execute(
+            insert(db.agents).values(name="o", token_hash="o" * 64, allowed_task_types=["custom"], created_at=now)
+        ).inserted_primary_key[0]
         ids = []
         for i, (state, req, delivered) in enumerate(tasks):
-            ids.append(conn.execute(insert(db.tasks).values(
-                agent_id=aid, type="custom", config={}, resources={}, state=state, stop_requested=req,
-                stop_delivered=delivered, lease_until=now + 300, timeline=[], results={}, log_acked=-1,
-                created_at=now, updated_at=now)).inserted_primary_key[0])
+            ids.append(
+                conn.execute(
+                    insert(db.tasks).values(
+                        agent_id=aid,
+                        type="custom",
+                        config={},
+                        resources={},
+                        state=state,
+                        stop_requested=req,
+                        stop_delivered=delivered,
+                        lease_until=now + 300,
+                        timeline=[],
+                        results={},
+                        log_acked=-1,
+                        created_at=now,
+                        updated_at=now,
+                    )
+                ).inserted_primary_key[0]
+            )
         # Another node's queued task changes nothing for this one.
-        conn.execute(insert(db.tasks).values(agent_id=other, type="custom", config={}, resources={}, state="queued",
-                                             timeline=[], results={}, log_acked=-1, created_at=now, updated_at=now))
+        conn.execute(
+            insert(db.tasks).values(
+                agent_id=other,
+                type="custom",
+                config={},
+                resources={},
+                state="queued",
+                timeline=[],
+                results={},
+                log_acked=-1,
+                created_at=now,
+                updated_at=now,
+            )
+        )
     running = sorted({ids[k] if k < len(ids) else 10_000 + k for k in running_pick})
     body = PollIn(free_slots=free_slots, free_gpus=[], running=running, refusing=refusing)
 
@@ -71,6 +110,7 @@ def test_the_quiet_answer_is_what_the_hand_out_decides(engine, tasks, running_pi
         # Conservative is allowed only where the hand-out acts, or may: a queued task it could claim,
         # a held task the node does not list (handed out again when a slot is free).
         held = {s.value for s in LEASED} | {"lost"}
-        may_act = (any(s == "queued" for s, _, _ in tasks) and free_slots > 0) or \
-            any(s in held and i not in running for i, (s, _, _) in zip(ids, tasks))
+        may_act = (any(s == "queued" for s, _, _ in tasks) and free_slots > 0) or any(
+            s in held and i not in running for i, (s, _, _) in zip(ids, tasks)
+        )
         assert not full_is_quiet or may_act, (tasks, running, free_slots, first, refusing, stored_refusing)

@@ -1,5 +1,6 @@
 """The server speaks protocol/: its routes are the endpoint paths, its states are TaskState values,
 its errors decode with protocol.errors, and it keeps no copy of a protocol fact."""
+
 from __future__ import annotations
 
 import ast
@@ -27,8 +28,7 @@ def _routes(echo: bool, tmp_path) -> set[tuple[str, str]]:
 
 
 def _constants(prefix: str) -> set[str]:
-    return {v for k, v in vars(endpoints).items()
-            if k.isupper() and isinstance(v, str) and v.startswith(prefix + "/")}
+    return {v for k, v in vars(endpoints).items() if k.isupper() and isinstance(v, str) and v.startswith(prefix + "/")}
 
 
 def test_agent_routes_are_exactly_the_protocol_agent_endpoints(tmp_path):
@@ -79,8 +79,9 @@ def test_server_errors_decode_with_protocol_errors(server, make_agent):
     assert (e.status, e.code) == (404, "task_not_found") and "999999" in e.detail
     r = requests.post(server.url + endpoints.POLL, json={}, timeout=10)
     assert isinstance(errors.decode_error(r.status_code, r.content), errors.AuthError)
-    r = requests.post(server.url + endpoints.POLL, json={}, headers={endpoints.AGENT_TOKEN_HEADER: agent.token},
-                      timeout=10)
+    r = requests.post(
+        server.url + endpoints.POLL, json={}, headers={endpoints.AGENT_TOKEN_HEADER: agent.token}, timeout=10
+    )
     assert r.status_code == 200
 
 
@@ -95,8 +96,7 @@ def _server_modules():
 def test_the_server_keeps_no_copy_of_a_protocol_fact():
     assert not (ROOT / "server" / "states.py").exists()
     # Names a copy would have; a value derived from protocol (console's TASK_STATES) is fine.
-    copies = {"TASK_TYPES", "TaskState", "APIError", "IllegalTransition", "EDGES", "ALLOWED_SOURCES", "FINAL",
-              "LEASED"}
+    copies = {"TASK_TYPES", "TaskState", "APIError", "IllegalTransition", "EDGES", "ALLOWED_SOURCES", "FINAL", "LEASED"}
     spelled = set(tasks.TASK_TYPES) | {s.value for s in states.TaskState}
     for py in _server_modules():
         tree = ast.parse(py.read_text())
@@ -110,21 +110,42 @@ def test_the_server_keeps_no_copy_of_a_protocol_fact():
                 assert name not in copies, f"server/{py.relative_to(ROOT / 'server')} defines its own {name}"
             if isinstance(node, ast.Assign) and isinstance(node.value, (ast.Tuple, ast.List, ast.Set)):
                 literal = {e.value for e in node.value.elts if isinstance(e, ast.Constant)}
-                assert not (len(literal) > 2 and literal <= spelled), \
+                assert not (len(literal) > 2 and literal <= spelled), (
                     f"server/{py.relative_to(ROOT / 'server')} spells out task types or states"
+                )
 
 
-@pytest.mark.parametrize("src,dst", [("queued", "assigned"), ("assigned", "preparing"), ("preparing", "running"),
-                                     ("running", "uploading"), ("uploading", "finished"), ("assigned", "running"),
-                                     ("queued", "stopped"), ("running", "lost"), ("preparing", "failed"),
-                                     ("assigned", "queued")])
+@pytest.mark.parametrize(
+    "src,dst",
+    [
+        ("queued", "assigned"),
+        ("assigned", "preparing"),
+        ("preparing", "running"),
+        ("running", "uploading"),
+        ("uploading", "finished"),
+        ("assigned", "running"),
+        ("queued", "stopped"),
+        ("running", "lost"),
+        ("preparing", "failed"),
+        ("assigned", "queued"),
+    ],
+)
 def test_edges_the_server_relies_on(src, dst):
     states.check_transition(states.TaskState(src), states.TaskState(dst))
 
 
-@pytest.mark.parametrize("src,dst", [("finished", "running"), ("running", "preparing"), ("queued", "running"),
-                                     ("lost", "running"), ("queued", "lost"), ("stopped", "queued"),
-                                     ("running", "queued")])
+@pytest.mark.parametrize(
+    "src,dst",
+    [
+        ("finished", "running"),
+        ("running", "preparing"),
+        ("queued", "running"),
+        ("lost", "running"),
+        ("queued", "lost"),
+        ("stopped", "queued"),
+        ("running", "queued"),
+    ],
+)
 def test_edges_the_server_refuses(src, dst):
     with pytest.raises(states.IllegalTransition):
         states.check_transition(states.TaskState(src), states.TaskState(dst))

@@ -1,9 +1,10 @@
 """POST /agent/v1/tasks/{id}/release: a draining agent hands back a task it was given but will not run."""
+
 from __future__ import annotations
 
-import pytest
-
 import sqlite3
+
+import pytest
 
 from protocol import endpoints
 
@@ -33,13 +34,13 @@ def test_release_requeues_clears_the_lease_and_hands_out_again(server, client, m
     assert [s["state"] for s in task["timeline"]] == ["queued", "assigned", "queued"]
     assert _lease_until(server, tid) is None
 
-    r = _release(agent, tid)                       # a retried release (its answer was lost): no change
+    r = _release(agent, tid)  # a retried release (its answer was lost): no change
     assert r.status_code == 200 and r.json()["state"] == "queued"
     assert len(client.get_task(tid)["timeline"]) == 3
 
     assert agent.poll(free_slots=0)["tasks"] == []  # still draining: nothing is handed out
     assert client.get_task(tid)["state"] == "queued"
-    [again] = agent.poll(free_slots=1)["tasks"]      # back in service: the same task again
+    [again] = agent.poll(free_slots=1)["tasks"]  # back in service: the same task again
     assert again["id"] == tid and client.get_task(tid)["state"] == "assigned"
 
 
@@ -74,6 +75,7 @@ def test_release_of_a_task_whose_stop_was_requested_stops_it(client, make_agent)
 
 def test_release_needs_the_agent_token(server, client, make_agent):
     import requests
+
     agent = make_agent("tokenless")
     tid = client.create_task(agent.id, "custom", image="img")["id"]
     r = requests.post(server.url + endpoints.path(endpoints.TASK_RELEASE, task_id=tid), timeout=10)

@@ -4,6 +4,7 @@ The replica tests need a PostgreSQL server: the one SLY_TEST_DB_URL names (as `.
 sets it for its PostgreSQL pass), or SLY_TEST_PG_URL; each test makes a database of its own there
 and drops it after. Without either they are skipped. The last tests run on SQLite.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,16 +17,20 @@ import pytest
 import requests
 
 from client import UserClient
+from protocol.logline import MAX_LINE
 from tests.support.fake_agent import FakeAgent
 from tests.support.procs import poll_for
-from protocol.logline import MAX_LINE
 from tests.support.server import ServerProcess
 
-PG_URL = os.environ.get("SLY_TEST_PG_URL", "") or \
-    (os.environ.get("SLY_TEST_DB_URL", "") if os.environ.get("SLY_TEST_DB_URL", "").startswith("postgresql") else "")
-needs_pg = pytest.mark.skipif(not PG_URL, reason="no PostgreSQL: set SLY_TEST_DB_URL (or SLY_TEST_PG_URL) to a "
-                                                  "postgresql+psycopg:// URL to run the replica tests")
-WAKE_S = 1.0   # the contract: a change on one replica reaches a waiter on another within this
+PG_URL = os.environ.get("SLY_TEST_PG_URL", "") or (
+    os.environ.get("SLY_TEST_DB_URL", "") if os.environ.get("SLY_TEST_DB_URL", "").startswith("postgresql") else ""
+)
+needs_pg = pytest.mark.skipif(
+    not PG_URL,
+    reason="no PostgreSQL: set SLY_TEST_DB_URL (or SLY_TEST_PG_URL) to a "
+    "postgresql+psycopg:// URL to run the replica tests",
+)
+WAKE_S = 1.0  # the contract: a change on one replica reaches a waiter on another within this
 
 
 @pytest.fixture
@@ -33,6 +38,7 @@ def pg_db():
     """A fresh database on the SLY_TEST_PG_URL server, dropped at the end: its SQLAlchemy URL."""
     import psycopg
     from sqlalchemy.engine import make_url
+
     admin = make_url(PG_URL)
     name = "sly_test_" + secrets.token_hex(6)
     conninfo = admin.set(drivername="postgresql").render_as_string(hide_password=False)
@@ -92,8 +98,11 @@ class Background:
 
 
 def _raw_poll(agent: FakeAgent, wait: float, running=()) -> requests.Response:
-    return agent.post_raw(f"/agent/v1/poll?wait={wait}",
-                          json={"free_slots": 2, "free_gpus": [], "running": list(running)}, timeout=wait + 10)
+    return agent.post_raw(
+        f"/agent/v1/poll?wait={wait}",
+        json={"free_slots": 2, "free_gpus": [], "running": list(running)},
+        timeout=wait + 10,
+    )
 
 
 def _wait_poll_open(client: UserClient, agent_id: int, n: int = 1):
@@ -105,7 +114,7 @@ def test_task_created_on_a_wakes_a_poll_waiting_on_b(replicas):
     a, b = replicas
     ca, _, on_b = _agent(a, b)
     poll = Background(on_b.poll, wait=20)
-    _wait_poll_open(ca, on_b.id)          # polls_open is shared: A counts B's poll
+    _wait_poll_open(ca, on_b.id)  # polls_open is shared: A counts B's poll
     t0 = time.monotonic()
     task = ca.create_task(on_b.id, "custom", "busybox:latest")
     answer = poll.result()
@@ -150,6 +159,7 @@ def test_a_follower_on_a_sees_lines_posted_to_b(replicas):
     def follow():
         for line in ca.iter_logs(task["id"], follow=True, timeout=30):
             seen.append((line["seq"], time.monotonic()))
+
     follower = Background(follow)
     assert on_b.logs_raw(task["id"], 0, [{"message": "first"}]).json()["acked"] == 0
     poll_for(lambda: len(seen) == 1, timeout=10, what="the follower to get the first line")
@@ -161,7 +171,7 @@ def test_a_follower_on_a_sees_lines_posted_to_b(replicas):
         print(f"cross-replica log line: {took * 1000:.0f} ms")
         assert took < WAKE_S
     assert on_b.state_raw(task["id"], "failed", error="done").status_code == 200
-    follower.result()   # the stream on A ends when B records the final state
+    follower.result()  # the stream on A ends when B records the final state
     assert [s for s, _ in seen] == [0, 1, 2]
 
 
@@ -170,7 +180,7 @@ def test_no_task_is_handed_out_twice_when_two_nodes_race_on_two_replicas(replica
     a, b = replicas
     ca, on_a, on_b = _agent(a, b)
     n = 60
-    ids = list(range(1, n + 1))   # a fresh database numbers the tasks from 1
+    ids = list(range(1, n + 1))  # a fresh database numbers the tasks from 1
     got: dict[str, list[int]] = {"a": [], "b": []}
     stop = threading.Event()
 
@@ -180,6 +190,7 @@ def test_no_task_is_handed_out_twice_when_two_nodes_race_on_two_replicas(replica
             # only a fresh claim of a queued task can hand one out.
             answer = agent.poll(free_slots=3, wait=2, running=list(ids))
             got[name].extend(t["id"] for t in answer["tasks"])
+
     nodes = [Background(node, "a", on_a), Background(node, "b", on_b)]
     _wait_poll_open(ca, on_a.id, 2)
     made = [ca.create_task(on_a.id, "custom", "busybox:latest")["id"] for _ in range(n)]
@@ -220,15 +231,21 @@ def test_b_drops_its_kept_agent_row_when_a_rotates_the_token(replicas):
     also for the telemetry fast path, which reads nothing else."""
     a, b = replicas
     ca, _, on_b = _agent(a, b)
-    assert on_b.post_raw("/agent/v1/telemetry", json={"cpu": 1}).status_code == 200   # B keeps the row now
+    assert on_b.post_raw("/agent/v1/telemetry", json={"cpu": 1}).status_code == 200  # B keeps the row now
     t0 = time.monotonic()
     new = ca.rotate_token(on_b.id)
-    poll_for(lambda: on_b.post_raw("/agent/v1/telemetry", json={"cpu": 2}).status_code == 401, timeout=WAKE_S,
-             what="B to refuse the rotated token")
+    poll_for(
+        lambda: on_b.post_raw("/agent/v1/telemetry", json={"cpu": 2}).status_code == 401,
+        timeout=WAKE_S,
+        what="B to refuse the rotated token",
+    )
     print(f"cross-replica token revocation (kept row dropped): {(time.monotonic() - t0) * 1000:.0f} ms")
     assert FakeAgent(b.url, new["token"], on_b.id).post_raw("/agent/v1/telemetry", json={"cpu": 3}).status_code == 200
-    poll_for(lambda: (ca.get_agent(on_b.id)["telemetry"] or {}).get("cpu") == {"percent": 3.0}, timeout=3,
-             what="A to show the sample B batched")
+    poll_for(
+        lambda: (ca.get_agent(on_b.id)["telemetry"] or {}).get("cpu") == {"percent": 3.0},
+        timeout=3,
+        what="A to show the sample B batched",
+    )
 
 
 @needs_pg
@@ -248,6 +265,7 @@ def test_settings_change_and_node_removal_on_a_reach_b(replicas):
 
 
 # --- one process, SQLite ---
+
 
 def test_rotation_during_an_open_poll_answers_401_and_no_task(client, make_agent, server):
     agent = make_agent("rotated")
@@ -283,6 +301,7 @@ def test_huge_lines_are_read_a_page_at_a_time_and_healthz_stays_fast(own_server)
     def follow():
         for line in client.iter_logs(task["id"], follow=True, timeout=60):
             seen.append((line["seq"], len(line["message"])))
+
     follower = Background(follow)
     assert agent.logs_raw(task["id"], 0, [{"message": "start"}]).json()["acked"] == 0
     poll_for(lambda: seen == [(0, 5)], timeout=10, what="the follower to be open")
@@ -297,10 +316,14 @@ def test_huge_lines_are_read_a_page_at_a_time_and_healthz_stays_fast(own_server)
             t0 = time.monotonic()
             assert requests.get(srv.url + "/healthz", timeout=5).status_code == 200
             health.append(time.monotonic() - t0)
+
     watcher = Background(watch)
-    r = agent.post_raw(f"/agent/v1/tasks/{task['id']}/logs", timeout=60,
-                       data=json.dumps({"first_seq": 1, "lines": [{"message": big} for _ in range(3)]}),
-                       headers={"content-type": "application/json"})
+    r = agent.post_raw(
+        f"/agent/v1/tasks/{task['id']}/logs",
+        timeout=60,
+        data=json.dumps({"first_seq": 1, "lines": [{"message": big} for _ in range(3)]}),
+        headers={"content-type": "application/json"},
+    )
     assert r.status_code == 200 and r.json()["acked"] == 3
     poll_for(lambda: len(seen) == 4, timeout=60, what="the follower to get the three big lines")
     # A page of the log holds one such line, and says where to go on.
@@ -313,13 +336,15 @@ def test_huge_lines_are_read_a_page_at_a_time_and_healthz_stays_fast(own_server)
     assert agent.state_raw(task["id"], "failed", error="x").status_code == 200
     follower.result()
     assert seen[0] == (0, 5) and [seq for seq, _n in seen] == [0, 1, 2, 3]
-    assert all(MAX_LINE < n < MAX_LINE + 200 for _seq, n in seen[1:]), seen     # cut by the server, marked
+    assert all(MAX_LINE < n < MAX_LINE + 200 for _seq, n in seen[1:]), seen  # cut by the server, marked
     growth = (peak[0] - base) / 1024
     health.sort()
-    print(f"RSS growth {growth:.0f} MiB; /healthz during the reads: n={len(health)} "
-          f"p50 {health[len(health) // 2] * 1000:.1f} ms, max {health[-1] * 1000:.1f} ms")
+    print(
+        f"RSS growth {growth:.0f} MiB; /healthz during the reads: n={len(health)} "
+        f"p50 {health[len(health) // 2] * 1000:.1f} ms, max {health[-1] * 1000:.1f} ms"
+    )
     assert growth < 400
-    assert health[-1] < 1.0   # measured far lower; generous for a loaded 2-state box
+    assert health[-1] < 1.0  # measured far lower; generous for a loaded 2-state box
 
 
 @needs_pg
@@ -328,7 +353,7 @@ def test_workers_serve_one_port_and_wake_each_other(pg_db, tmp_path):
     srv = ServerProcess(tmp_path / "data", extra_args=["--db", pg_db, "--workers", "2"]).start()
     try:
         client = UserClient(srv.url, srv.admin_token)
-        for i in range(4):   # new connections: the kernel spreads them over both workers
+        for i in range(4):  # new connections: the kernel spreads them over both workers
             info = client.create_agent(f"w{i}")
             agent = FakeAgent(srv.url, info["token"], info["id"])
             poll = Background(agent.poll, wait=20)
@@ -343,7 +368,14 @@ def test_workers_serve_one_port_and_wake_each_other(pg_db, tmp_path):
 def test_workers_above_one_on_sqlite_are_refused(tmp_path):
     import subprocess
     import sys
+
     from tests.support.server import REPO
-    p = subprocess.run([sys.executable, "-m", "server", "--data", str(tmp_path / "d"), "--workers", "2"],
-                       cwd=REPO, capture_output=True, text=True, timeout=60)
+
+    p = subprocess.run(
+        [sys.executable, "-m", "server", "--data", str(tmp_path / "d"), "--workers", "2"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert p.returncode != 0 and "--workers above 1 needs PostgreSQL" in p.stderr

@@ -1,5 +1,6 @@
 """Retention: deleting tasks (API, CLI) with their logs, expiring old logs, deleting a node, space
 given back to SQLite, and the rate limit on repeated error messages."""
+
 from __future__ import annotations
 
 import logging
@@ -15,8 +16,8 @@ from sqlalchemy import create_engine, func, select, text
 from protocol.errors import APIError
 from server import db
 from server.db import migrate
-from server.tasks import retention
 from server.http.logfilter import RateLimitFilter, install
+from server.tasks import retention
 from tests.support.procs import poll_for
 from tests.support.server import REPO
 
@@ -24,7 +25,9 @@ METRICS = {"message": "m", "event_type": "EventType.METRICS", "type": "train", "
 
 
 def lines(n0: int, n1: int) -> list[dict]:
-    return [{"ts": 1700000000.0 + i, "level": "info", "stream": "stdout", "message": f"line {i}"} for i in range(n0, n1)]
+    return [
+        {"ts": 1700000000.0 + i, "level": "info", "stream": "stdout", "message": f"line {i}"} for i in range(n0, n1)
+    ]
 
 
 def finished_task(client, agent, n_lines: int = 5, kind: str = "custom", state: str = "finished") -> dict:
@@ -52,10 +55,11 @@ def test_delete_a_final_task_takes_its_log_and_metrics_and_keeps_its_model(serve
     agent.state_raw(t["id"], "running")
     agent.logs_raw(t["id"], 0, lines(0, 4) + [METRICS])
     blob = agent.upload(b"weights")
-    model = agent.post_raw(f"/agent/v1/tasks/{t['id']}/results",
-                           json={"kind": "model", "name": "m", "files": [{"path": "w.bin", "sha256": blob, "size": 7}]}
-                           ).json()["results"]["model_id"]
-    with pytest.raises(APIError) as e:                     # running: refused, nothing deleted
+    model = agent.post_raw(
+        f"/agent/v1/tasks/{t['id']}/results",
+        json={"kind": "model", "name": "m", "files": [{"path": "w.bin", "sha256": blob, "size": 7}]},
+    ).json()["results"]["model_id"]
+    with pytest.raises(APIError) as e:  # running: refused, nothing deleted
         client.delete_task(t["id"])
     assert e.value.status == 409 and e.value.code == "task_not_final"
     assert len(client.get_logs(t["id"])["lines"]) == 5
@@ -68,11 +72,11 @@ def test_delete_a_final_task_takes_its_log_and_metrics_and_keeps_its_model(serve
         r = requests.get(server.url + path, headers={"Authorization": f"Bearer {server.admin_token}"}, timeout=10)
         assert r.status_code == 404 and r.json()["error"] == "task_not_found", path
     assert count(server.db_url, "log_lines", t["id"]) == 0 and count(server.db_url, "task_metrics", t["id"]) == 0
-    assert client.get_model(model)["task_id"] == t["id"]   # the model stays, naming the deleted task
+    assert client.get_model(model)["task_id"] == t["id"]  # the model stays, naming the deleted task
     with pytest.raises(APIError) as e:
         client.delete_task(t["id"])
     assert e.value.status == 404
-    assert agent.state_raw(t["id"], "running").status_code == 404   # its agent is told it is gone
+    assert agent.state_raw(t["id"], "running").status_code == 404  # its agent is told it is gone
 
 
 def test_delete_refuses_every_unfinished_state(server, client, make_agent):
@@ -98,15 +102,17 @@ def test_cli_deletes_a_task_and_says_what_it_kept(server, client, make_agent):
     env = dict(os.environ, SLY_SERVER=server.url, SLY_ADMIN_TOKEN=server.admin_token)
 
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "client", *args], cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=60)
+        return subprocess.run(
+            [sys.executable, "-m", "client", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=60
+        )
+
     p = cli("tasks", "delete", str(done["id"]))
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == f"deleted task {done['id']} (5 log lines, 1 metrics points)"
     assert count(server.db_url, "log_lines", done["id"]) == 0
     p = cli("tasks", "delete", str(running["id"]))
     assert p.returncode == 1 and "409 task_not_final" in p.stderr
-    client.get_task(running["id"])                          # still there
+    client.get_task(running["id"])  # still there
 
 
 @pytest.mark.server_process("reads the server's log file")
@@ -120,9 +126,11 @@ def test_log_lines_of_tasks_final_longer_than_the_setting_expire(own_server):
     agent.logs_raw(live["id"], 0, lines(0, 3))
     eng = create_engine(srv.db_url)
     try:
-        with eng.begin() as conn:   # backdate: `old` ended 2 days ago; `live` has run for 2 days
-            conn.execute(text("UPDATE tasks SET updated_at = updated_at - 172800 WHERE id IN (:a, :b)"),
-                         {"a": old["id"], "b": live["id"]})
+        with eng.begin() as conn:  # backdate: `old` ended 2 days ago; `live` has run for 2 days
+            conn.execute(
+                text("UPDATE tasks SET updated_at = updated_at - 172800 WHERE id IN (:a, :b)"),
+                {"a": old["id"], "b": live["id"]},
+            )
     finally:
         eng.dispose()
     poll_for(lambda: client.get_task(old["id"])["logs_expired_at"], timeout=20, what="the old task's log expired")
@@ -130,10 +138,14 @@ def test_log_lines_of_tasks_final_longer_than_the_setting_expire(own_server):
     assert client.get_logs(old["id"])["lines"] == []
     assert client.task_metrics(old["id"]) == [{"seq": 4, "type": "train", "epoch": 1, "metrics": {"loss": 0.5}}]
     assert len(client.get_logs(recent["id"])["lines"]) == 5 and client.get_task(recent["id"])["logs_expired_at"] is None
-    assert len(client.get_logs(live["id"])["lines"]) == 3                           # not final: kept
+    assert len(client.get_logs(live["id"])["lines"]) == 3  # not final: kept
     # A follower of an expired log is told at once that it has ended.
-    r = requests.get(f"{srv.url}/api/v1/tasks/{old['id']}/logs?follow=1",
-                     headers={"Authorization": f"Bearer {srv.admin_token}"}, stream=True, timeout=10)
+    r = requests.get(
+        f"{srv.url}/api/v1/tasks/{old['id']}/logs?follow=1",
+        headers={"Authorization": f"Bearer {srv.admin_token}"},
+        stream=True,
+        timeout=10,
+    )
     assert "event: end" in next(r.iter_content(chunk_size=None)).decode()
     r.close()
     assert "log retention: deleted 5 lines of 1 tasks" in srv.log_path.read_text()
@@ -167,9 +179,9 @@ def test_deleting_a_node_fails_its_active_tasks_and_keeps_its_final_ones(own_ser
                 assert conn.execute(text(f"SELECT count(*) FROM {table}")).scalar() == 0, table
     finally:
         eng.dispose()
-    assert client.delete_task(done["id"])["deleted"]["log_lines"] == 5     # and can be deleted afterwards
+    assert client.delete_task(done["id"])["deleted"]["log_lines"] == 5  # and can be deleted afterwards
     # Ids are never given again: the kept tasks name the deleted node alone, models their deleted task.
-    client.delete_task(queued["id"])                                          # the newest task
+    client.delete_task(queued["id"])  # the newest task
     newer = client.create_agent("successor")
     assert newer["id"] > agent.id
     assert client.create_task(newer["id"], "custom", image="x:1")["id"] > queued["id"]
@@ -178,20 +190,39 @@ def test_deleting_a_node_fails_its_active_tasks_and_keeps_its_final_ones(own_ser
 @pytest.mark.sqlite_only("SQLite's auto_vacuum and page counts")
 def test_sqlite_gives_the_pages_of_a_big_delete_back(tmp_path):
     engine = db.make_engine(f"sqlite:///{tmp_path / 'server.db'}")
-    state = types.SimpleNamespace(db=types.SimpleNamespace(engine=engine))   # what retention needs of it
+    state = types.SimpleNamespace(db=types.SimpleNamespace(engine=engine))  # what retention needs of it
     migrate.upgrade(engine)
     with engine.begin() as conn:
-        assert conn.exec_driver_sql("PRAGMA auto_vacuum").scalar() == 2          # INCREMENTAL, set at creation
-        conn.execute(db.tasks.insert().values(id=1, agent_id=1, type="custom", config={}, resources={}, state="finished",
-                                              timeline=[], results={}, log_acked=-1, created_at=0, updated_at=0,
-                                              stop_requested=False))
-        conn.execute(db.log_lines.insert(), [{"task_id": 1, "seq": i, "ts": 0.0, "level": "info", "stream": "stdout",
-                                              "message": "x" * 200} for i in range(30_000)])
+        assert conn.exec_driver_sql("PRAGMA auto_vacuum").scalar() == 2  # INCREMENTAL, set at creation
+        conn.execute(
+            db.tasks.insert().values(
+                id=1,
+                agent_id=1,
+                type="custom",
+                config={},
+                resources={},
+                state="finished",
+                timeline=[],
+                results={},
+                log_acked=-1,
+                created_at=0,
+                updated_at=0,
+                stop_requested=False,
+            )
+        )
+        conn.execute(
+            db.log_lines.insert(),
+            [
+                {"task_id": 1, "seq": i, "ts": 0.0, "level": "info", "stream": "stdout", "message": "x" * 200}
+                for i in range(30_000)
+            ],
+        )
 
     def pages():
         with engine.begin() as conn:
             conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
             return conn.exec_driver_sql("PRAGMA page_count").scalar()
+
     before = pages()
     with engine.begin() as conn:
         answer = retention.delete_task(conn, 1)
@@ -218,11 +249,11 @@ def test_rate_limit_filter_lets_through_a_few_identical_messages_a_minute():
     assert f.filter(record("other message")) and f.filter(record("socket.accept() out of system resource", name="x"))
     now[0] += 30
     assert not f.filter(record("socket.accept() out of system resource"))
-    now[0] += 31                                   # a new minute: through again, saying how many were dropped
+    now[0] += 31  # a new minute: through again, saying how many were dropped
     r = record("socket.accept() out of system resource")
     assert f.filter(r)
     assert r.getMessage() == "socket.accept() out of system resource [9996 more like this not logged in the last 60 s]"
-    r = record("accept failed on %s: %d%%", "fd 9", 24)   # a formatted message keeps its formatting
+    r = record("accept failed on %s: %d%%", "fd 9", 24)  # a formatted message keeps its formatting
     for _ in range(7):
         f.filter(record("accept failed on %s: %d%%", "fd 10", 24))
     now[0] += 60
@@ -231,7 +262,7 @@ def test_rate_limit_filter_lets_through_a_few_identical_messages_a_minute():
 
 def test_rate_limit_is_installed_on_the_loggers_that_report_accept_errors(caplog):
     f = install()
-    assert install() is f                                   # once per process
+    assert install() is f  # once per process
     for name in ("asyncio", "uvicorn.error"):
         assert f in logging.getLogger(name).filters
     caplog.set_level(logging.ERROR)

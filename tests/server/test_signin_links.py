@@ -1,12 +1,11 @@
 """One-time console sign-in links and the node run command."""
+
 from __future__ import annotations
 
-import pytest
-
 import hashlib
-
 import sqlite3
 
+import pytest
 import requests
 
 from server.auth.service import create_link, spend_link
@@ -75,9 +74,9 @@ def test_an_unspent_link_dies_with_the_admin_token_that_made_it(engine):
     with engine.begin() as conn:
         assert spend_link(conn, new, token) is False, "a link made under the old admin token still works"
     with engine.begin() as conn:
-        assert spend_link(conn, old, token) is True      # it was only refused, not spent
+        assert spend_link(conn, old, token) is True  # it was only refused, not spent
     with engine.begin() as conn:
-        assert spend_link(conn, old, token) is False     # once
+        assert spend_link(conn, old, token) is False  # once
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ Every test shows the old failure is gone: the value is refused with a 400 (nothi
 where it is a metric, stored as null; and a row holding such a value written straight into the
 database (as an older server did) never makes a read answer 500.
 """
+
 from __future__ import annotations
 
 import http.client
@@ -18,7 +19,7 @@ import requests
 from protocol import endpoints
 from tests.support.procs import poll_for
 
-BIG = 2 ** 63
+BIG = 2**63
 JSON = {"content-type": "application/json"}
 
 
@@ -41,6 +42,7 @@ def _leased_task(client, agent) -> int:
 
 # --- NaN telemetry, then the nodes list ---
 
+
 @pytest.mark.parametrize("bad", ["NaN", "Infinity", "-Infinity", "1e400"])
 def test_non_finite_telemetry_is_refused_and_nothing_is_stored(server, client, make_agent, bad):
     agent = make_agent("nan-telemetry")
@@ -58,13 +60,17 @@ def test_a_stored_nan_telemetry_sample_does_not_break_the_nodes_list(own_server)
     sample = {"cpu": {"percent": 1.0}, "disks": [{"path": "/", "used": 1, "total": 2, "percent": 50.0}]}
     assert agent.post_raw(endpoints.TELEMETRY, json=sample).status_code == 200
     assert client.get_agent(agent.id)["telemetry"]["cpu"] == {"percent": 1.0}
-    def written():   # the contact batch is written within --contact-flush-s (a read writes nothing)
+
+    def written():  # the contact batch is written within --contact-flush-s (a read writes nothing)
         with _db(srv) as db:
             return db.execute("SELECT count(*) FROM telemetry_history WHERE agent_id = ?", (agent.id,)).fetchone()[0]
+
     poll_for(written, timeout=10, what="the contact batch written")
-    with _db(srv) as db:     # what an older server could store: SQLAlchemy's JSON writes NaN as NaN
-        db.execute("UPDATE telemetry_latest SET disks = ? WHERE agent_id = ?",
-                   ('[{"path": "/", "used": 1, "total": 2, "percent": NaN}]', agent.id))
+    with _db(srv) as db:  # what an older server could store: SQLAlchemy's JSON writes NaN as NaN
+        db.execute(
+            "UPDATE telemetry_latest SET disks = ? WHERE agent_id = ?",
+            ('[{"path": "/", "used": 1, "total": 2, "percent": NaN}]', agent.id),
+        )
         db.execute("UPDATE telemetry_history SET disks = ? WHERE agent_id = ?", ("[Infinity]", agent.id))
     r = client.session.get(srv.url + endpoints.AGENTS)
     assert r.status_code == 200, r.text
@@ -76,13 +82,16 @@ def test_a_stored_nan_telemetry_sample_does_not_break_the_nodes_list(own_server)
 
 # --- a NaN metric, then the task's logs and metrics ---
 
+
 def test_a_nan_metric_is_stored_as_null_and_the_logs_and_metrics_read_fine(server, client, make_agent):
     agent = make_agent("nan-metric")
     tid = _leased_task(client, agent)
-    body = ('{"first_seq": 0, "lines": ['
-            '{"ts": 1700000000.0, "level": "info", "stream": "stdout", "message": "epoch 1"},'
-            '{"ts": 1700000001.0, "level": "info", "stream": "agent", "message": "metrics", "event_type": "metrics",'
-            ' "type": "train", "epoch": 1, "metrics": {"loss": NaN, "acc": 0.5, "grad": -Infinity, "big": 1e400}}]}')
+    body = (
+        '{"first_seq": 0, "lines": ['
+        '{"ts": 1700000000.0, "level": "info", "stream": "stdout", "message": "epoch 1"},'
+        '{"ts": 1700000001.0, "level": "info", "stream": "agent", "message": "metrics", "event_type": "metrics",'
+        ' "type": "train", "epoch": 1, "metrics": {"loss": NaN, "acc": 0.5, "grad": -Infinity, "big": 1e400}}]}'
+    )
     r = _raw(agent, server.url + endpoints.path(endpoints.TASK_LOGS, task_id=tid), body)
     assert r.status_code == 200 and r.json() == {"acked": 1}, r.text
 
@@ -91,40 +100,48 @@ def test_a_nan_metric_is_stored_as_null_and_the_logs_and_metrics_read_fine(serve
     assert r.json()["lines"][1]["metrics"] == {"loss": None, "acc": 0.5, "grad": None, "big": None}
     r = client.session.get(f"{server.url}/api/v1/tasks/{tid}/metrics")
     assert r.status_code == 200, r.text
-    assert r.json()["items"] == [{"seq": 1, "type": "train", "epoch": 1,
-                                  "metrics": {"loss": None, "acc": 0.5, "grad": None, "big": None}}]
+    assert r.json()["items"] == [
+        {"seq": 1, "type": "train", "epoch": 1, "metrics": {"loss": None, "acc": 0.5, "grad": None, "big": None}}
+    ]
 
 
-def test_a_lone_surrogate_in_a_line_becomes_a_replacement_character_and_the_batch_is_kept(server, client,
-                                                                                        make_agent):
+def test_a_lone_surrogate_in_a_line_becomes_a_replacement_character_and_the_batch_is_kept(server, client, make_agent):
     # "\ud800" alone is valid JSON but not text: no database column takes it (it was a 500).
     agent = make_agent("surrogate")
     tid = _leased_task(client, agent)
-    body = ('{"first_seq": 0, "lines": [{"message": "loss \\ud800 0.5", "level": "info\\udfff"},'
-            '{"message": "pair \\ud83d\\ude00 kept"}]}')
+    body = (
+        '{"first_seq": 0, "lines": [{"message": "loss \\ud800 0.5", "level": "info\\udfff"},'
+        '{"message": "pair \\ud83d\\ude00 kept"}]}'
+    )
     r = _raw(agent, server.url + endpoints.path(endpoints.TASK_LOGS, task_id=tid), body)
     assert r.status_code == 200 and r.json() == {"acked": 1}, r.text
     lines = client.session.get(f"{server.url}/api/v1/tasks/{tid}/logs").json()["lines"]
-    assert [ln["message"] for ln in lines] == ["loss \ufffd 0.5", "pair \U0001F600 kept"]
+    assert [ln["message"] for ln in lines] == ["loss \ufffd 0.5", "pair \U0001f600 kept"]
     assert lines[0]["level"] == "info\ufffd"
 
 
-@pytest.mark.parametrize("line", [
-    '{"ts": NaN, "message": "x"}',
-    '{"ts": 1e400, "message": "x"}',
-    '{"message": NaN}',
-    '{"message": "x", "value": Infinity}',
-    '{"message": "x", "event_type": "progress", "metrics": {"loss": NaN}}',
-    '{"message": "x", "event_type": "metrics", "epoch": NaN, "metrics": {}}',
-])
+@pytest.mark.parametrize(
+    "line",
+    [
+        '{"ts": NaN, "message": "x"}',
+        '{"ts": 1e400, "message": "x"}',
+        '{"message": NaN}',
+        '{"message": "x", "value": Infinity}',
+        '{"message": "x", "event_type": "progress", "metrics": {"loss": NaN}}',
+        '{"message": "x", "event_type": "metrics", "epoch": NaN, "metrics": {}}',
+    ],
+)
 def test_a_non_finite_number_outside_the_metric_values_refuses_the_batch(server, client, make_agent, line):
     agent = make_agent("nan-line")
     tid = _leased_task(client, agent)
-    r = _raw(agent, server.url + endpoints.path(endpoints.TASK_LOGS, task_id=tid),
-             '{"first_seq": 0, "lines": [{"message": "ok"}, %s]}' % line)
+    r = _raw(
+        agent,
+        server.url + endpoints.path(endpoints.TASK_LOGS, task_id=tid),
+        '{"first_seq": 0, "lines": [{"message": "ok"}, %s]}' % line,
+    )
     assert r.status_code == 400 and r.json()["error"] == "non_finite_number", r.text
     assert "lines[1]" in r.json()["detail"]
-    assert client.get_task(tid)["log_acked"] == -1          # nothing of the batch was kept
+    assert client.get_task(tid)["log_acked"] == -1  # nothing of the batch was kept
 
 
 @pytest.mark.sqlite_only("it reads or writes the SQLite file in the data dir directly")
@@ -132,11 +149,15 @@ def test_stored_non_finite_log_rows_read_as_null_in_pages_stream_and_metrics(own
     srv, client, agent = own_server()
     tid = _leased_task(client, agent)
     assert agent.logs_raw(tid, 0, [{"message": "a"}, {"message": "b"}]).status_code == 200
-    with _db(srv) as db:     # rows of an older server: NaN in a line's extra JSON, an infinite ts and epoch
-        db.execute("UPDATE log_lines SET extra = ?, ts = 9e999 WHERE task_id = ? AND seq = 1",
-                   ('{"event_type": "metrics", "metrics": {"loss": NaN}}', tid))
-        db.execute("INSERT INTO task_metrics (task_id, seq, type, epoch, metrics) VALUES (?, 1, 'train', 9e999, ?)",
-                   (tid, '{"loss": NaN, "acc": Infinity}'))
+    with _db(srv) as db:  # rows of an older server: NaN in a line's extra JSON, an infinite ts and epoch
+        db.execute(
+            "UPDATE log_lines SET extra = ?, ts = 9e999 WHERE task_id = ? AND seq = 1",
+            ('{"event_type": "metrics", "metrics": {"loss": NaN}}', tid),
+        )
+        db.execute(
+            "INSERT INTO task_metrics (task_id, seq, type, epoch, metrics) VALUES (?, 1, 'train', 9e999, ?)",
+            (tid, '{"loss": NaN, "acc": Infinity}'),
+        )
     r = client.session.get(f"{srv.url}/api/v1/tasks/{tid}/logs")
     assert r.status_code == 200, r.text
     assert r.json()["lines"][1]["ts"] is None and r.json()["lines"][1]["metrics"] == {"loss": None}
@@ -148,17 +169,21 @@ def test_stored_non_finite_log_rows_read_as_null_in_pages_stream_and_metrics(own
     assert agent.state_raw(tid, "finished", exit_code=0).status_code == 200
     with client.session.get(f"{srv.url}/api/v1/tasks/{tid}/logs?follow=1", stream=True, timeout=30) as r:
         events = [ln for ln in r.iter_lines(decode_unicode=True) if ln.startswith("data: ")]
-    parsed = [json.loads(e[len("data: "):]) for e in events]      # strict JSON: NaN would not parse in a browser
+    parsed = [json.loads(e[len("data: ") :]) for e in events]  # strict JSON: NaN would not parse in a browser
     assert parsed[1]["metrics"] == {"loss": None} and parsed[-1]["state"] == "finished"
 
 
 # --- a huge timeout_s ---
 
+
 @pytest.mark.parametrize("timeout", ["1e400", "NaN", "Infinity", "1e300", "0", "-5"])
 def test_a_huge_or_non_finite_timeout_is_refused_and_nothing_is_stored(server, client, make_agent, timeout):
     agent = make_agent("timeout")
-    r = _raw(client.session, server.url + endpoints.TASKS,
-             '{"agent_id": %d, "type": "custom", "image": "img", "timeout_s": %s}' % (agent.id, timeout))
+    r = _raw(
+        client.session,
+        server.url + endpoints.TASKS,
+        '{"agent_id": %d, "type": "custom", "image": "img", "timeout_s": %s}' % (agent.id, timeout),
+    )
     assert r.status_code == 400, r.text
     assert r.json()["error"] in ("non_finite_number", "invalid_request")
     assert "timeout_s" in r.json()["detail"] or r.json()["error"] == "non_finite_number"
@@ -172,7 +197,7 @@ def test_a_huge_or_non_finite_timeout_is_refused_and_nothing_is_stored(server, c
 def test_a_stored_infinite_timeout_neither_breaks_the_list_nor_the_nodes_poll(own_server):
     srv, client, agent = own_server()
     tid = client.create_task(agent.id, "custom", image="img", timeout_s=60)["id"]
-    with _db(srv) as db:     # what an older server stored for timeout_s: 1e400
+    with _db(srv) as db:  # what an older server stored for timeout_s: 1e400
         db.execute("UPDATE tasks SET timeout_s = 9e999 WHERE id = ?", (tid,))
     r = client.session.get(srv.url + endpoints.TASKS)
     assert r.status_code == 200, r.text
@@ -181,17 +206,29 @@ def test_a_stored_infinite_timeout_neither_breaks_the_list_nor_the_nodes_poll(ow
     assert got["id"] == tid and got["timeout_s"] is None
 
 
-@pytest.mark.parametrize("resources", [{"cpus": 1e6}, {"gpus": 100000}, {"memory": "0"}, {"memory": 2 ** 60},
-                                       {"shm_size": "99999999999g"}, {"memory": "1.5x"}])
+@pytest.mark.parametrize(
+    "resources",
+    [
+        {"cpus": 1e6},
+        {"gpus": 100000},
+        {"memory": "0"},
+        {"memory": 2**60},
+        {"shm_size": "99999999999g"},
+        {"memory": "1.5x"},
+    ],
+)
 def test_resources_are_bounded(server, client, make_agent, resources):
     agent = make_agent("resources")
-    r = client.session.post(server.url + endpoints.TASKS, json={"agent_id": agent.id, "type": "custom", "image": "img",
-                                                                "resources": resources})
+    r = client.session.post(
+        server.url + endpoints.TASKS,
+        json={"agent_id": agent.id, "type": "custom", "image": "img", "resources": resources},
+    )
     assert r.status_code == 400 and r.json()["error"] == "invalid_request", r.text
     assert next(iter(resources)) in r.json()["detail"]
 
 
 # --- 2^63 in ids and paging ---
+
 
 def _keepalive(server) -> http.client.HTTPConnection:
     return http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
@@ -218,18 +255,22 @@ def test_integers_outside_int64_get_a_400_on_one_kept_alive_connection(server, c
         ("POST", f"/api/v1/tasks/{BIG}/stop", user, None),
         ("GET", f"/api/v1/tasks?agent_id={BIG}", user, None),
         ("GET", f"/api/v1/tasks?cursor={BIG}", user, None),
-        ("GET", "/api/v1/tasks?cursor=%C2%B2", user, None),           # '²': a digit to str.isdigit only
-        ("GET", f"/api/v1/projects?cursor={10 ** 30}", user, None),
+        ("GET", "/api/v1/tasks?cursor=%C2%B2", user, None),  # '²': a digit to str.isdigit only
+        ("GET", f"/api/v1/projects?cursor={10**30}", user, None),
         ("GET", f"/api/v1/tasks/{tid}/logs?after={BIG}", user, None),
         ("GET", f"/api/v1/tasks/{tid}/logs?limit={BIG}", user, None),
         ("POST", "/api/v1/tasks", user, json.dumps({"agent_id": BIG, "type": "custom", "image": "i"})),
-        ("POST", "/api/v1/tasks", user, json.dumps({"agent_id": agent.id, "type": "custom", "image": "i",
-                                                    "project_id": -BIG - 1})),
+        (
+            "POST",
+            "/api/v1/tasks",
+            user,
+            json.dumps({"agent_id": agent.id, "type": "custom", "image": "i", "project_id": -BIG - 1}),
+        ),
         ("POST", f"/agent/v1/tasks/{BIG}/state", node, json.dumps({"state": "running"})),
         ("POST", f"/agent/v1/tasks/{tid}/state", node, json.dumps({"state": "running", "exit_code": BIG})),
         ("POST", f"/agent/v1/tasks/{tid}/logs", node, json.dumps({"first_seq": BIG, "lines": [{"message": "x"}]})),
         ("POST", f"/agent/v1/tasks/{tid}/logs", node, json.dumps({"first_seq": BIG - 1, "lines": [{}, {}]})),
-        ("POST", f"/agent/v1/tasks/{tid}/logs", node, json.dumps({"first_seq": 0, "lines": [{"ts": 10 ** 400}]})),
+        ("POST", f"/agent/v1/tasks/{tid}/logs", node, json.dumps({"first_seq": 0, "lines": [{"ts": 10**400}]})),
         ("POST", "/agent/v1/poll", node, json.dumps({"free_slots": BIG})),
         ("POST", "/agent/v1/telemetry", node, json.dumps({"disk": {"free": BIG}})),
     ]
@@ -266,8 +307,12 @@ def test_path_like_project_dataset_and_model_names_are_refused(server, client, b
     for what, body, field in cases:
         before = len(client.session.get(f"{server.url}/api/v1/{what}").json()["items"])
         r = client.session.post(f"{server.url}/api/v1/{what}", json=body)
-        assert r.status_code == 400 and r.json()["error"] in ("bad_name", "invalid_request", "nul_character"), (what, body, r.text)
-        if r.json()["error"] != "nul_character":     # refused before the route: a NUL anywhere
+        assert r.status_code == 400 and r.json()["error"] in ("bad_name", "invalid_request", "nul_character"), (
+            what,
+            body,
+            r.text,
+        )
+        if r.json()["error"] != "nul_character":  # refused before the route: a NUL anywhere
             assert r.json()["detail"].startswith(field + ":") or field in r.json()["detail"], r.json()
         assert len(client.session.get(f"{server.url}/api/v1/{what}").json()["items"]) == before
 
@@ -279,37 +324,51 @@ def test_path_like_result_names_and_item_paths_are_refused(server, client, make_
     sha = client.upload_bytes(b"result")
     url = endpoints.path(endpoints.TASK_RESULTS, task_id=tid)
     for kind in ("model", "project"):
-        r = agent.post_raw(url, json={"kind": kind, "name": bad, "files": [{"path": "ds/a.json", "sha256": sha, "size": 6}]})
+        r = agent.post_raw(
+            url, json={"kind": kind, "name": bad, "files": [{"path": "ds/a.json", "sha256": sha, "size": 6}]}
+        )
         assert r.status_code == 400 and r.json()["error"] in ("bad_name", "nul_character"), r.text
-    r = client.session.post(f"{server.url}/api/v1/projects", json={"name": "p", "datasets": [
-        {"name": "ds", "items": [{"name": f"sub/{bad}", "sha256": sha, "size": 6}]}]})
+    r = client.session.post(
+        f"{server.url}/api/v1/projects",
+        json={"name": "p", "datasets": [{"name": "ds", "items": [{"name": f"sub/{bad}", "sha256": sha, "size": 6}]}]},
+    )
     if bad == "a/b":
-        assert r.status_code == 200, r.text          # items may sit in sub-folders, as the agent allows
+        assert r.status_code == 200, r.text  # items may sit in sub-folders, as the agent allows
     else:
         assert r.status_code == 400 and r.json()["error"] in ("bad_name", "nul_character"), r.text
-    assert client.get_task(tid)["results"] == {"artifacts_count": 0, "artifacts_bytes": 0, "result_files": 0,
-                                               "result_bytes": 0}
+    assert client.get_task(tid)["results"] == {
+        "artifacts_count": 0,
+        "artifacts_bytes": 0,
+        "result_files": 0,
+        "result_bytes": 0,
+    }
 
 
 @pytest.mark.parametrize("bad", CONTROL_NAMES)
 def test_names_with_control_characters_are_refused(server, client, make_agent, bad):
     s = client.session
     r = s.post(f"{server.url}/api/v1/agents", json={"name": bad})
-    assert r.status_code == 400 and r.json()["error"] == "bad_name" and "control character" in r.json()["detail"], r.text
+    assert r.status_code == 400 and r.json()["error"] == "bad_name" and "control character" in r.json()["detail"], (
+        r.text
+    )
     agent = make_agent("plain")
     r = s.patch(f"{server.url}/api/v1/agents/{agent.id}", json={"name": bad})
     assert r.status_code == 400 and r.json()["error"] == "bad_name", r.text
     assert client.get_agent(agent.id)["name"] == "plain"
     sha = client.upload_bytes(b"ctl")
-    for body in ({"name": "p", "datasets": [{"name": "ds", "items": [{"name": bad, "sha256": sha, "size": 3}]}]},
-                 {"name": "p", "datasets": [{"name": "ds", "items": [{"name": f"sub/{bad}", "sha256": sha, "size": 3}]}]}):
+    for body in (
+        {"name": "p", "datasets": [{"name": "ds", "items": [{"name": bad, "sha256": sha, "size": 3}]}]},
+        {"name": "p", "datasets": [{"name": "ds", "items": [{"name": f"sub/{bad}", "sha256": sha, "size": 3}]}]},
+    ):
         r = s.post(f"{server.url}/api/v1/projects", json=body)
         assert r.status_code == 400 and r.json()["error"] == "bad_name", r.text
     r = s.post(f"{server.url}/api/v1/models", json={"name": "m", "files": [{"path": bad, "sha256": sha, "size": 3}]})
     assert r.status_code == 400 and r.json()["error"] == "bad_name", r.text
     tid = _leased_task(client, agent)
     for kind in ("model", "artifacts"):
-        r = agent.post_raw(endpoints.path(endpoints.TASK_RESULTS, task_id=tid), json={"kind": kind, "name": bad, "files": []})
+        r = agent.post_raw(
+            endpoints.path(endpoints.TASK_RESULTS, task_id=tid), json={"kind": kind, "name": bad, "files": []}
+        )
         assert r.status_code == 400 and r.json()["error"] == "bad_name", r.text
 
 
@@ -319,6 +378,7 @@ def test_names_in_any_script_are_kept(server, client):
 
 
 # --- /metrics token, /docs, file modes, telemetry pruning ---
+
 
 def test_metrics_token(own_server):
     srv, _client, _agent = own_server("--metrics-token", "m3tr1cs-t0ken")
@@ -352,7 +412,7 @@ def test_the_data_dir_is_0700_and_the_servers_files_0600(tmp_path, own_server):
     data = tmp_path / "data"
     data.mkdir(mode=0o755)
     os.chmod(data, 0o755)
-    for name in ("left-over.txt", "admin_token"):      # files of an older run, world-readable then
+    for name in ("left-over.txt", "admin_token"):  # files of an older run, world-readable then
         (data / name).write_text("from an older run\n")
         os.chmod(data / name, 0o644)
     srv, client, _agent = own_server()

@@ -1,5 +1,6 @@
 """Telemetry storage: the small latest row, the downsampled history bounded per node, the nodes
 list (pages, summary, ETag, gzip) and the node page's history answer."""
+
 from __future__ import annotations
 
 import json
@@ -9,9 +10,9 @@ import requests
 from sqlalchemy import func, select, text
 
 from server import db
-from server.telemetry import service as telemetry
 from server.agents.contact import Contacts
 from server.settings import Settings
+from server.telemetry import service as telemetry
 from tests.support.fake_agent import FakeAgent
 from tests.support.procs import poll_for
 
@@ -21,15 +22,35 @@ HOUR, DAY = 3600.0, 86400.0
 def big_sample(free_slots: int = 1) -> dict:
     """About 4 KB, the shape agent/telemetry.py posts from an 8-GPU box."""
     return {
-        "ts": 0, "cpu": {"percent": 37.5, "per_core": [round(random.random() * 100, 1) for _ in range(128)], "count": 128},
+        "ts": 0,
+        "cpu": {"percent": 37.5, "per_core": [round(random.random() * 100, 1) for _ in range(128)], "count": 128},
         "memory": {"total": 540_000_000_000, "available": 300_000_000_000, "used": 240_000_000_000, "percent": 44.4},
         "swap": {"total": 0, "used": 0, "percent": 0.0},
-        "disks": [{"path": p, "total": 4_000_000_000_000, "used": 1_000_000_000_000, "free": 3_000_000_000_000,
-                   "percent": 25.0} for p in ("/", "/data")],
-        "network": {"bytes_sent": 123_456_789_012, "bytes_recv": 987_654_321_098}, "load": [12.1, 11.7, 10.9],
-        "gpus": [{"index": i, "name": "NVIDIA H100 80GB HBM3", "uuid": f"GPU-{i:08x}-0000-0000-0000-000000000000",
-                  "memory_total": 80 << 30, "memory_used": 20 << 30, "utilization": 10 * i, "temperature": 61,
-                  "processes": [{"pid": 1000 + i, "used_memory": 39_000_000_000}]} for i in range(8)],
+        "disks": [
+            {
+                "path": p,
+                "total": 4_000_000_000_000,
+                "used": 1_000_000_000_000,
+                "free": 3_000_000_000_000,
+                "percent": 25.0,
+            }
+            for p in ("/", "/data")
+        ],
+        "network": {"bytes_sent": 123_456_789_012, "bytes_recv": 987_654_321_098},
+        "load": [12.1, 11.7, 10.9],
+        "gpus": [
+            {
+                "index": i,
+                "name": "NVIDIA H100 80GB HBM3",
+                "uuid": f"GPU-{i:08x}-0000-0000-0000-000000000000",
+                "memory_total": 80 << 30,
+                "memory_used": 20 << 30,
+                "utilization": 10 * i,
+                "temperature": 61,
+                "processes": [{"pid": 1000 + i, "used_memory": 39_000_000_000}],
+            }
+            for i in range(8)
+        ],
         "docker": {"server_version": "24.0.7", "containers_running": 2, "images": 41},
         "containers": [{"id": "c" * 64, "name": f"sly-task-{i}", "status": "running"} for i in range(2)],
         "free_slots": free_slots,
@@ -42,12 +63,18 @@ def simulate(engine, settings, agent_id: int, start: float, end: float, every: f
     contacts = Contacts(engine, settings)
     next_prune, ts = start + prune_every, start
     with engine.begin() as conn:
-        conn.execute(db.agents.insert().values(id=agent_id, name=f"n{agent_id}", token_hash=f"{agent_id:064d}",
-                                               allowed_task_types=[], created_at=start))
+        conn.execute(
+            db.agents.insert().values(
+                id=agent_id, name=f"n{agent_id}", token_hash=f"{agent_id:064d}", allowed_task_types=[], created_at=start
+            )
+        )
     agent = {"id": agent_id, "telemetry_ts": None}
     while ts < end:
-        contacts.telemetry(agent, ts, {"cpu": ts % 100, "memory": 50, "disks": [{"path": "/", "percent": 1}],
-                                       "gpus": [{"utilization": 5}]})
+        contacts.telemetry(
+            agent,
+            ts,
+            {"cpu": ts % 100, "memory": 50, "disks": [{"path": "/", "percent": 1}], "gpus": [{"utilization": 5}]},
+        )
         if ts >= next_prune:
             contacts.flush()
             with engine.begin() as conn:
@@ -65,32 +92,32 @@ def points(engine, agent_id: int) -> list[tuple[float, bool]]:
 
 
 def test_history_keeps_every_point_for_an_hour_then_one_a_minute_then_none_per_node(engine):
-    s = Settings(telemetry_interval_s=20.0)          # min gap 10 s, full 1 h, kept 24 h
+    s = Settings(telemetry_interval_s=20.0)  # min gap 10 s, full 1 h, kept 24 h
     t0 = 1_700_000_000.0
     end_a = simulate(engine, s, 1, t0, t0 + 26 * HOUR, every=20.0)
-    end_b = simulate(engine, s, 2, t0 + 24.8 * HOUR, t0 + 26 * HOUR, every=4.0)   # posts 5x too often
+    end_b = simulate(engine, s, 2, t0 + 24.8 * HOUR, t0 + 26 * HOUR, every=4.0)  # posts 5x too often
     now = max(end_a, end_b)
     with engine.begin() as conn:
         telemetry.prune(conn, s, now)
 
     a = points(engine, 1)
-    assert a[0][0] >= now - s.telemetry_keep_s                                  # nothing past a day
+    assert a[0][0] >= now - s.telemetry_keep_s  # nothing past a day
     recent = [ts for ts, _ in a if ts >= now - s.telemetry_full_s]
-    assert 178 <= len(recent) <= 181                                             # every 20 s point of the last hour
+    assert 178 <= len(recent) <= 181  # every 20 s point of the last hour
     older = [(ts, minute) for ts, minute in a if ts < now - s.telemetry_full_s]
     assert all(minute for _, minute in older)
-    assert 23 * 60 - 2 <= len(older) <= 23 * 60 + 1                             # one a minute for 23 hours
+    assert 23 * 60 - 2 <= len(older) <= 23 * 60 + 1  # one a minute for 23 hours
     gaps = [b[0] - a_[0] for a_, b in zip(older, older[1:])]
     assert min(gaps) >= 50 and max(gaps) <= 70, (min(gaps), max(gaps))
-    assert len({int(ts // 60) for ts, _ in older}) == len(older)                # one per minute, never two
+    assert len({int(ts // 60) for ts, _ in older}) == len(older)  # one per minute, never two
 
-    b = points(engine, 2)                      # 4 s samples, min gap 10 s: a point every 12 s
+    b = points(engine, 2)  # 4 s samples, min gap 10 s: a point every 12 s
     recent_b = [ts for ts, _ in b if ts >= now - s.telemetry_full_s]
     assert 297 <= len(recent_b) <= 301
     assert min(y - x for (x, _), (y, _) in zip(b, b[1:])) >= s.telemetry_min_gap
     bound = s.telemetry_full_s / s.telemetry_min_gap + s.telemetry_keep_s / 60 + 2
     assert len(a) <= bound and len(b) <= bound
-    with engine.connect() as conn:          # the latest row is one per node, with the newest sample
+    with engine.connect() as conn:  # the latest row is one per node, with the newest sample
         lt = db.telemetry_latest.c
         assert conn.execute(select(func.count()).select_from(db.telemetry_latest)).scalar() == 2
         assert conn.execute(select(lt.ts).where(lt.agent_id == 1)).scalar() == end_a
@@ -103,8 +130,11 @@ def test_stored_bytes_per_sample_are_a_small_fraction_of_the_posted_sample(engin
     n, t0 = 2000, 1_700_000_000.0
     with engine.begin() as conn:
         for agent_id in (1, 2):
-            conn.execute(db.agents.insert().values(id=agent_id, name="n", token_hash=f"{agent_id:064d}",
-                                                   allowed_task_types=[], created_at=t0))
+            conn.execute(
+                db.agents.insert().values(
+                    id=agent_id, name="n", token_hash=f"{agent_id:064d}", allowed_task_types=[], created_at=t0
+                )
+            )
     contacts = Contacts(engine, s)
     for i in range(n):
         contacts.telemetry({"id": 1 + i % 2, "telemetry_ts": None}, t0 + 5 * i, sample)
@@ -115,8 +145,9 @@ def test_stored_bytes_per_sample_are_a_small_fraction_of_the_posted_sample(engin
         assert rows == n
         if conn.dialect.name == "sqlite":
             conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
-            size = conn.exec_driver_sql("SELECT sum(pgsize) FROM dbstat WHERE name IN "
-                                        "('telemetry_history', 'ix_telemetry_history_ts')").scalar()
+            size = conn.exec_driver_sql(
+                "SELECT sum(pgsize) FROM dbstat WHERE name IN ('telemetry_history', 'ix_telemetry_history_ts')"
+            ).scalar()
         else:
             size = conn.execute(text("SELECT pg_total_relation_size('telemetry_history')")).scalar()
         per_point = size / rows
@@ -125,7 +156,7 @@ def test_stored_bytes_per_sample_are_a_small_fraction_of_the_posted_sample(engin
     # PostgreSQL about 260 with its 24-byte tuple headers), against the 4 KB sample it came from.
     print(f"posted {posted} bytes; stored {per_point:.0f} bytes per history point")
     assert posted > 3500 and per_point < 300, per_point
-    assert len(json.dumps(dict(latest), default=str)) < 1500                   # 8 GPUs, 2 disks
+    assert len(json.dumps(dict(latest), default=str)) < 1500  # 8 GPUs, 2 disks
     assert latest["gpu_count"] == 8 and latest["containers"] == 2 and latest["cpu"] == 37.5
 
 
@@ -138,44 +169,62 @@ def test_latest_row_and_history_answer_carry_what_the_console_shows(server, clie
     a = client.get_agent(agent.id)
     t = a["telemetry"]
     assert a["system_info"] == info
-    assert t["cpu"] == {"percent": 37.5} and t["memory"] == {"percent": 44.4, "used": 240_000_000_000, "total": 540_000_000_000}
+    assert t["cpu"] == {"percent": 37.5} and t["memory"] == {
+        "percent": 44.4,
+        "used": 240_000_000_000,
+        "total": 540_000_000_000,
+    }
     assert t["disks"][1] == {"path": "/data", "used": 1_000_000_000_000, "total": 4_000_000_000_000, "percent": 25.0}
-    assert t["gpus"][3] == {"index": 3, "name": "NVIDIA H100 80GB HBM3", "utilization": 30.0,
-                            "memory_used": 20 << 30, "memory_total": 80 << 30}
+    assert t["gpus"][3] == {
+        "index": 3,
+        "name": "NVIDIA H100 80GB HBM3",
+        "utilization": 30.0,
+        "memory_used": 20 << 30,
+        "memory_total": 80 << 30,
+    }
     assert t["containers"] == 2 and t["free_slots"] == 1
-    assert "per_core" not in json.dumps(t) and len(json.dumps(t)) < 1500      # 8 GPUs, 2 disks
+    assert "per_core" not in json.dumps(t) and len(json.dumps(t)) < 1500  # 8 GPUs, 2 disks
 
-    h = requests.get(f"{server.url}/api/v1/agents/{agent.id}/telemetry",
-                     headers={"Authorization": f"Bearer {server.admin_token}"}, timeout=10).json()
+    h = requests.get(
+        f"{server.url}/api/v1/agents/{agent.id}/telemetry",
+        headers={"Authorization": f"Bearer {server.admin_token}"},
+        timeout=10,
+    ).json()
     assert h["disks"] == ["/", "/data"] and [g["index"] for g in h["gpus"]] == list(range(8))
     assert len(h["items"]) == 2
     p = h["items"][-1]
     assert (p["cpu"], p["mem"], p["disks"]) == (37.5, 44.4, [25, 25])
-    assert p["gpus"][3] == [30, 25]                                            # utilisation %, memory %
+    assert p["gpus"][3] == [30, 25]  # utilisation %, memory %
     assert len(json.dumps(p)) < 200
 
-    changed = dict(info, hostname="h2")                                        # a changed system info is stored
+    changed = dict(info, hostname="h2")  # a changed system info is stored
     agent.post_raw("/agent/v1/connect", json=changed)
     assert client.get_agent(agent.id)["system_info"]["hostname"] == "h2"
 
 
 def test_history_is_pruned_by_the_periodic_job(own_server):
     from sqlalchemy import create_engine
+
     srv, client, agent = own_server("--housekeeping-s", "0.2", "--telemetry-min-gap-s", "0")
     for cpu in (1, 2, 3):
         assert agent.post_raw("/agent/v1/telemetry", json={"cpu": cpu}).status_code == 200
     assert [p["cpu"] for p in client.agent_telemetry(agent.id)] == [1, 2, 3]
     eng = create_engine(srv.db_url)
     try:
-        def written():   # the chart shows the batch at once; it is written within --contact-flush-s
+
+        def written():  # the chart shows the batch at once; it is written within --contact-flush-s
             with eng.connect() as conn:
                 return conn.execute(text("SELECT count(*) FROM telemetry_history")).scalar() == 3
+
         poll_for(written, timeout=10, what="the contact batch written")
-        with eng.begin() as conn:   # two hours ago: only the minute's first point stays
+        with eng.begin() as conn:  # two hours ago: only the minute's first point stays
             conn.execute(text("UPDATE telemetry_history SET ts = ts - 7200"))
-        poll_for(lambda: [p["cpu"] for p in client.agent_telemetry(agent.id)] == [1], timeout=20,
-                 what="the per-second points pruned past the hour")
-        with eng.begin() as conn:   # past the day: none
+        poll_for(
+            lambda: [p["cpu"] for p in client.agent_telemetry(agent.id)] == [1],
+            timeout=20,
+            what="the per-second points pruned past the hour",
+        )
+        with eng.begin() as conn:  # past the day: none
             conn.execute(text("UPDATE telemetry_history SET ts = ts - 86400"))
         poll_for(lambda: client.agent_telemetry(agent.id) == [], timeout=20, what="history pruned past the day")
     finally:
@@ -189,7 +238,7 @@ def test_nodes_list_is_paged_summarised_and_answers_304_when_unchanged(own_serve
         a = client.create_agent(f"n{i}")
         agents.append(FakeAgent(srv.url, a["token"], a["id"]))
     gpus = [{"index": i, "name": "A100", "utilization": 0, "memory_total": 1, "memory_used": 0} for i in range(2)]
-    for a in agents[:3]:                                 # three online with 2 GPUs each, two never seen
+    for a in agents[:3]:  # three online with 2 GPUs each, two never seen
         a.post_raw("/agent/v1/connect", json={"hostname": "h", "big": "x" * 3000})
         a.post_raw("/agent/v1/telemetry", json={"cpu": 5, "gpus": gpus})
     client.create_task(agents[0].id, "custom", image="x:1", resources={"gpus": 1})
@@ -204,22 +253,32 @@ def test_nodes_list_is_paged_summarised_and_answers_304_when_unchanged(own_serve
         body = r.json()
         pages.append([a["id"] for a in body["items"]])
         assert all("system_info" not in a and "token_hash" not in a for a in body["items"])
-        assert body["summary"] == {"nodes": 5, "online": 3, "offline": 2, "gpus_total": 6, "gpus_free": 5,
-                                   "tasks_running": 1}
+        assert body["summary"] == {
+            "nodes": 5,
+            "online": 3,
+            "offline": 2,
+            "gpus_total": 6,
+            "gpus_free": 5,
+            "tasks_running": 1,
+        }
         cursor = body["next"]
         if not cursor:
             break
     assert pages == [[a.id for a in agents[:2]], [a.id for a in agents[2:4]], [agents[4].id]]
     row = admin.get(url, params={"limit": 1}, timeout=10).json()["items"][0]
-    assert row["running_tasks"] == 1 and row["telemetry"]["cpu"] == {"percent": 5} and len(row["telemetry"]["gpus"]) == 2
+    assert (
+        row["running_tasks"] == 1 and row["telemetry"]["cpu"] == {"percent": 5} and len(row["telemetry"]["gpus"]) == 2
+    )
 
     r = admin.get(url, params={"limit": 2, "cursor": pages[0][-1]}, timeout=10)
-    again = admin.get(url, params={"limit": 2, "cursor": pages[0][-1]}, headers={"If-None-Match": r.headers["etag"]},
-                      timeout=10)
+    again = admin.get(
+        url, params={"limit": 2, "cursor": pages[0][-1]}, headers={"If-None-Match": r.headers["etag"]}, timeout=10
+    )
     assert again.status_code == 304 and again.content == b"" and again.headers["etag"] == r.headers["etag"]
-    client.patch_agent(agents[3].id, name="renamed")      # on that page: a change, a new answer
-    changed = admin.get(url, params={"limit": 2, "cursor": pages[0][-1]}, headers={"If-None-Match": r.headers["etag"]},
-                        timeout=10)
+    client.patch_agent(agents[3].id, name="renamed")  # on that page: a change, a new answer
+    changed = admin.get(
+        url, params={"limit": 2, "cursor": pages[0][-1]}, headers={"If-None-Match": r.headers["etag"]}, timeout=10
+    )
     assert changed.status_code == 200 and changed.headers["etag"] != r.headers["etag"]
     assert changed.json()["items"][1]["name"] == "renamed"
 
@@ -233,35 +292,47 @@ def test_a_read_shows_the_unwritten_batch_writes_nothing_and_answers_the_same_on
     """The nodes list, a node's page and its chart show what this process holds and has not
     written yet (server/agents/contact.py, `shown()`), and the read writes none of it: the console
     costs the fleet a read. Once the batch is written, every answer is the same."""
-    from sqlalchemy import create_engine
     import threading
+
+    from sqlalchemy import create_engine
+
     srv, client, node = own_server("--offline-after-s", "900", "--contact-flush-s", "90", "--telemetry-min-gap-s", "0")
     client.create_agent("never seen")
     gpus = [{"index": i, "name": "A100", "utilization": 10 * i, "memory_total": 4, "memory_used": 1} for i in range(2)]
     for cpu in (7, 8):
         assert node.post_raw("/agent/v1/telemetry", json={"cpu": cpu, "gpus": gpus}).status_code == 200
-    poll = threading.Thread(target=node.poll, kwargs={"wait": 4})   # a long-poll open on this process
+    poll = threading.Thread(target=node.poll, kwargs={"wait": 4})  # a long-poll open on this process
     poll.start()
     admin, url = srv.admin(), f"{srv.url}/api/v1/agents"
 
     def answers():
-        return (admin.get(url, timeout=10).json(), admin.get(f"{url}/{node.id}", timeout=10).json(),
-                admin.get(f"{url}/{node.id}/telemetry", timeout=10).json())
+        return (
+            admin.get(url, timeout=10).json(),
+            admin.get(f"{url}/{node.id}", timeout=10).json(),
+            admin.get(f"{url}/{node.id}/telemetry", timeout=10).json(),
+        )
+
     eng = create_engine(srv.db_url)
     try:
         poll_for(lambda: answers()[1]["polls_open"] == 1, timeout=5, what="the open poll shown")
         listed, page, chart = answers()
-        assert listed["summary"] == {"nodes": 2, "online": 1, "offline": 1, "gpus_total": 2, "gpus_free": 2,
-                                     "tasks_running": 0}
+        assert listed["summary"] == {
+            "nodes": 2,
+            "online": 1,
+            "offline": 1,
+            "gpus_total": 2,
+            "gpus_free": 2,
+            "tasks_running": 0,
+        }
         [row] = [a for a in listed["items"] if a["id"] == node.id]
         assert row["status"] == "online" and row["telemetry"]["cpu"] == {"percent": 8} and row["polls_open"] == 1
         assert page["telemetry"] == row["telemetry"] and page["last_seen"] == row["last_seen"] is not None
         assert [p["cpu"] for p in chart["items"]] == [7, 8] and len(chart["gpus"]) == 2
-        with eng.connect() as conn:   # the reads wrote nothing
+        with eng.connect() as conn:  # the reads wrote nothing
             assert conn.execute(text("SELECT count(*) FROM telemetry_latest")).scalar() == 0
             assert conn.execute(text("SELECT count(*) FROM telemetry_history")).scalar() == 0
             assert conn.execute(text("SELECT count(*) FROM polls")).scalar() == 0
-        assert admin.get(f"{srv.url}/metrics", timeout=10).status_code == 200   # /metrics writes the batch
+        assert admin.get(f"{srv.url}/metrics", timeout=10).status_code == 200  # /metrics writes the batch
         with eng.connect() as conn:
             assert conn.execute(text("SELECT count(*) FROM telemetry_history")).scalar() == 2
             assert conn.execute(text("SELECT count(*) FROM polls")).scalar() == 1

@@ -3,6 +3,7 @@ protocol ignores them, so agents and servers of neighbouring versions still talk
 
 Once, `{"agent_id": 1, "type": "custom", "projcet_id": 7}` made a task without its project: the
 typo was dropped in silence."""
+
 from __future__ import annotations
 
 import hashlib
@@ -68,23 +69,40 @@ def test_every_user_operation_refuses_an_unknown_field_with_its_name(server):
 def test_a_typo_in_a_task_field_is_refused_and_no_task_made(server, client, make_agent):
     agent = make_agent("typo")
     before = len(client.list_tasks(agent_id=agent.id))
-    r = client.session.post(f"{server.url}{endpoints.TASKS}", json={
-        "agent_id": agent.id, "type": "custom", "image": "img", "projcet_id": 7}, timeout=10)
+    r = client.session.post(
+        f"{server.url}{endpoints.TASKS}",
+        json={"agent_id": agent.id, "type": "custom", "image": "img", "projcet_id": 7},
+        timeout=10,
+    )
     assert r.status_code == 400, r.text
     assert r.json()["error"] == "unknown_field" and r.json()["fields"] == ["projcet_id"]
     assert "projcet_id" in r.json()["detail"]
     assert len(client.list_tasks(agent_id=agent.id)) == before
 
 
-@pytest.mark.parametrize("path,body,field", [
-    (endpoints.TASKS, {"agent_id": 1, "type": "custom", "image": "i", "resources": {"gpu": 1}}, "resources.gpu"),
-    (endpoints.PROJECTS, {"name": "p", "datasets": [{"name": "d", "items": [
-        {"nmae": "a.jpg", "name": "a.jpg", "sha256": "0" * 64, "size": 1}]}]}, "datasets.0.items.0.nmae"),
-    (endpoints.PROJECTS, {"name": "p", "datasets": [{"name": "d", "itmes": []}]}, "datasets.0.itmes"),
-    (endpoints.MODELS, {"name": "m", "files": [{"path": "w", "sha256": "0" * 64, "size": 1, "sha": "x"}]},
-     "files.0.sha"),
-    (endpoints.AGENTS, {"name": "n", "allowed_types": ["train"]}, "allowed_types"),
-])
+@pytest.mark.parametrize(
+    "path,body,field",
+    [
+        (endpoints.TASKS, {"agent_id": 1, "type": "custom", "image": "i", "resources": {"gpu": 1}}, "resources.gpu"),
+        (
+            endpoints.PROJECTS,
+            {
+                "name": "p",
+                "datasets": [
+                    {"name": "d", "items": [{"nmae": "a.jpg", "name": "a.jpg", "sha256": "0" * 64, "size": 1}]}
+                ],
+            },
+            "datasets.0.items.0.nmae",
+        ),
+        (endpoints.PROJECTS, {"name": "p", "datasets": [{"name": "d", "itmes": []}]}, "datasets.0.itmes"),
+        (
+            endpoints.MODELS,
+            {"name": "m", "files": [{"path": "w", "sha256": "0" * 64, "size": 1, "sha": "x"}]},
+            "files.0.sha",
+        ),
+        (endpoints.AGENTS, {"name": "n", "allowed_types": ["train"]}, "allowed_types"),
+    ],
+)
 def test_a_nested_unknown_field_is_named_by_its_place(server, path, body, field):
     r = server.admin().post(server.url + path, json=body, timeout=10)
     assert r.status_code == 400 and r.json()["error"] == "unknown_field" and r.json()["fields"] == [field], r.text
@@ -98,12 +116,27 @@ def test_the_agent_protocol_ignores_fields_it_does_not_know(server, client, make
     r = agent.state_raw(tid, "running", progress={"current": 1, "total": 2, "eta_s": 5}, new_field=True)
     assert r.status_code == 200 and r.json()["state"] == "running", r.text
     sha = hashlib.sha256(b"newer").hexdigest()
-    agent.s.put(server.url + endpoints.path(endpoints.AGENT_BLOB, sha256=sha), data=b"newer", timeout=10).raise_for_status()
-    r = agent.post_raw(endpoints.path(endpoints.TASK_RESULTS, task_id=tid), json={
-        "kind": "project", "name": "p", "later": 1,
-        "datasets": [{"name": "ds", "later": 2, "items": [{"name": "a.jpg", "sha256": sha, "size": 5, "later": 3}]}]})
+    agent.s.put(
+        server.url + endpoints.path(endpoints.AGENT_BLOB, sha256=sha), data=b"newer", timeout=10
+    ).raise_for_status()
+    r = agent.post_raw(
+        endpoints.path(endpoints.TASK_RESULTS, task_id=tid),
+        json={
+            "kind": "project",
+            "name": "p",
+            "later": 1,
+            "datasets": [
+                {"name": "ds", "later": 2, "items": [{"name": "a.jpg", "sha256": sha, "size": 5, "later": 3}]}
+            ],
+        },
+    )
     assert r.status_code == 200, r.text
-    r = agent.post_raw(endpoints.path(endpoints.TASK_RESULTS, task_id=tid), json={
-        "kind": "model", "files": [{"path": "w.bin", "sha256": sha, "size": 5, "later": 4}],
-        "checkpoint": {"epoch": 1, "later": 5}})
+    r = agent.post_raw(
+        endpoints.path(endpoints.TASK_RESULTS, task_id=tid),
+        json={
+            "kind": "model",
+            "files": [{"path": "w.bin", "sha256": sha, "size": 5, "later": 4}],
+            "checkpoint": {"epoch": 1, "later": 5},
+        },
+    )
     assert r.status_code == 200, r.text

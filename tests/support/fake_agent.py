@@ -18,6 +18,7 @@ No agent code is involved: plain `requests` with the agent's token. Two kinds of
     agent.log(task["id"], "hello")                  # seqs counted per task
     assert agent.state_raw(task["id"], "bogus").status_code == 400
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -30,9 +31,9 @@ class FakeAgent:
     def __init__(self, url: str, token: str, agent_id: int | None = None):
         self.url = url.rstrip("/")
         self.token, self.id = token, agent_id
-        self.s = requests.Session()                 # carries the x-token header; tests may use it directly
+        self.s = requests.Session()  # carries the x-token header; tests may use it directly
         self.s.headers["x-token"] = token
-        self.seq: dict[int, int] = {}               # task id -> the next log seq `log` ships
+        self.seq: dict[int, int] = {}  # task id -> the next log seq `log` ships
 
     # --- raw: the response whatever its status -----------------------------------------------
 
@@ -59,16 +60,26 @@ class FakeAgent:
         return r
 
     def connect(self, **system_info) -> dict:
-        info = {"hostname": "fake-node", "platform": "Linux-test", "agent_version": "test",
-                "cpus": {"logical": 8, "physical": 4}, "memory": {"total": 16 << 30},
-                "disks": [{"path": "/data", "total": 500 << 30, "used": 100 << 30, "free": 400 << 30, "percent": 20.0}],
-                "gpus": [], "docker": {"version": "20.10"}}
+        info = {
+            "hostname": "fake-node",
+            "platform": "Linux-test",
+            "agent_version": "test",
+            "cpus": {"logical": 8, "physical": 4},
+            "memory": {"total": 16 << 30},
+            "disks": [{"path": "/data", "total": 500 << 30, "used": 100 << 30, "free": 400 << 30, "percent": 20.0}],
+            "gpus": [],
+            "docker": {"version": "20.10"},
+        }
         info.update(system_info)
         return self.post("/agent/v1/connect", info).json()
 
     def poll(self, free_slots: int = 1, free_gpus=(), running=(), wait: float = 0.0, refusing: str = "") -> dict:
-        body = {"free_slots": free_slots, "free_gpus": list(free_gpus), "running": list(running or ()),
-                "refusing": refusing}
+        body = {
+            "free_slots": free_slots,
+            "free_gpus": list(free_gpus),
+            "running": list(running or ()),
+            "refusing": refusing,
+        }
         return self.post(f"/agent/v1/poll?wait={wait}", body, timeout=wait + 10).json()
 
     def poll_until(self, key: str, timeout: float = 10.0, **poll) -> list:
@@ -112,7 +123,16 @@ class FakeAgent:
         return self.post(f"/agent/v1/tasks/{task_id}/results", {"kind": kind, "name": name, "files": refs}).json()
 
     def telemetry(self, cpu: float, mem: float, disk: float = 20.0, gpus: list[dict] | None = None) -> None:
-        self.post("/agent/v1/telemetry", {
-            "cpu": {"percent": cpu, "count": 8}, "memory": {"total": 16 << 30, "used": int((16 << 30) * mem / 100), "percent": mem},
-            "disks": [{"path": "/data", "total": 500 << 30, "used": int((500 << 30) * disk / 100), "percent": disk}],
-            "gpus": gpus or [], "containers": [], "free_slots": 2})
+        self.post(
+            "/agent/v1/telemetry",
+            {
+                "cpu": {"percent": cpu, "count": 8},
+                "memory": {"total": 16 << 30, "used": int((16 << 30) * mem / 100), "percent": mem},
+                "disks": [
+                    {"path": "/data", "total": 500 << 30, "used": int((500 << 30) * disk / 100), "percent": disk}
+                ],
+                "gpus": gpus or [],
+                "containers": [],
+                "free_slots": 2,
+            },
+        )

@@ -1,4 +1,5 @@
 """Task images the tests build from the local busybox image: shell scripts in /bin, no registry."""
+
 from __future__ import annotations
 
 import io

@@ -1,4 +1,5 @@
 """Helpers for tests with real processes: free ports, polling with a timeout, process trees."""
+
 from __future__ import annotations
 
 import socket
@@ -23,4 +24,6 @@ def poll_for(predicate, timeout: float = 10.0, interval: float = 0.05, what: str
         except Exception as e:  # noqa: BLE001 - remembered and shown on timeout
             last_exc = e
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}" + (f" (last error: {last_exc!r})" if last_exc else ""))
+    raise AssertionError(
+        f"timed out after {timeout}s waiting for {what}" + (f" (last error: {last_exc!r})" if last_exc else "")
+    )

@@ -2,6 +2,7 @@
 registry on the network. It serves images made of the busybox rootfs; `delay_s` spreads each
 layer's bytes over that many seconds (a slow pull). The engine trusts 127.0.0.0/8 over plain HTTP.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -34,36 +35,51 @@ class Registry:
     def host(self) -> str:
         return f"127.0.0.1:{self.httpd.server_address[1]}"
 
-    def add_image(self, name: str, tag: str = "latest", cmd: list[str] | None = None,
-                  extra_files: dict[str, bytes] | None = None) -> str:
+    def add_image(
+        self, name: str, tag: str = "latest", cmd: list[str] | None = None, extra_files: dict[str, bytes] | None = None
+    ) -> str:
         """Serve a busybox image as <host>/<name>:<tag>; returns that reference."""
         # A file unique to this image, so its layer is new to the engine and really is pulled.
         files = {"etc/sly-image-id": f"{name}:{tag}:{secrets.token_hex(8)}\n".encode(), **(extra_files or {})}
         layer_tar = busybox_rootfs_tar(files)
         layer = gzip.compress(layer_tar, compresslevel=1)
-        config = json.dumps({
-            "architecture": "amd64", "os": "linux",
-            "config": {"Env": ["PATH=/bin"], "Cmd": cmd or ["/bin/sh"]},
-            "rootfs": {"type": "layers", "diff_ids": [_digest(layer_tar)]},
-        }).encode()
+        config = json.dumps(
+            {
+                "architecture": "amd64",
+                "os": "linux",
+                "config": {"Env": ["PATH=/bin"], "Cmd": cmd or ["/bin/sh"]},
+                "rootfs": {"type": "layers", "diff_ids": [_digest(layer_tar)]},
+            }
+        ).encode()
         self.blobs[_digest(layer)] = layer
         self.blobs[_digest(config)] = config
-        manifest = json.dumps({
-            "schemaVersion": 2, "mediaType": MANIFEST_V2,
-            "config": {"mediaType": "application/vnd.docker.container.image.v1+json",
-                       "size": len(config), "digest": _digest(config)},
-            "layers": [{"mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip",
-                        "size": len(layer), "digest": _digest(layer)}],
-        }).encode()
+        manifest = json.dumps(
+            {
+                "schemaVersion": 2,
+                "mediaType": MANIFEST_V2,
+                "config": {
+                    "mediaType": "application/vnd.docker.container.image.v1+json",
+                    "size": len(config),
+                    "digest": _digest(config),
+                },
+                "layers": [
+                    {
+                        "mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip",
+                        "size": len(layer),
+                        "digest": _digest(layer),
+                    }
+                ],
+            }
+        ).encode()
         self.manifests[(name, tag)] = manifest
-        self.manifests[(name, _digest(manifest))] = manifest   # the engine asks again by digest
+        self.manifests[(name, _digest(manifest))] = manifest  # the engine asks again by digest
         return f"{self.host}/{name}:{tag}"
 
     def _handler(self):
         registry = self
 
         class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):   # quiet
+            def log_message(self, *args):  # quiet
                 pass
 
             def _send(self, code: int, body: bytes = b"", ctype: str = "application/json", extra=None, slow=False):
@@ -82,7 +98,7 @@ class Registry:
                 chunks = 20
                 step = max(1, len(body) // chunks)
                 for i in range(0, len(body), step):
-                    self.wfile.write(body[i:i + step])
+                    self.wfile.write(body[i : i + step])
                     self.wfile.flush()
                     time.sleep(registry.delay_s / chunks)
 
@@ -92,7 +108,7 @@ class Registry:
                 if path in ("/v2/", "/v2"):
                     return self._send(200, b"{}")
                 if "/manifests/" in path:
-                    name, _, ref = path[len("/v2/"):].partition("/manifests/")
+                    name, _, ref = path[len("/v2/") :].partition("/manifests/")
                     body = registry.manifests.get((name, ref))
                     if body is None:
                         return self._send(404, b'{"errors":[{"code":"MANIFEST_UNKNOWN"}]}')
@@ -102,15 +118,20 @@ class Registry:
                     body = registry.blobs.get(digest)
                     if body is None:
                         return self._send(404, b'{"errors":[{"code":"BLOB_UNKNOWN"}]}')
-                    return self._send(200, body, "application/octet-stream",
-                                      {"Docker-Content-Digest": digest}, slow=len(body) > 10_000)
+                    return self._send(
+                        200,
+                        body,
+                        "application/octet-stream",
+                        {"Docker-Content-Digest": digest},
+                        slow=len(body) > 10_000,
+                    )
                 return self._send(404, b"{}")
 
             do_HEAD = do_GET
 
         return Handler
 
-    def start(self) -> "Registry":
+    def start(self) -> Registry:
         threading.Thread(target=self.httpd.serve_forever, name="registry", daemon=True).start()
         return self
 

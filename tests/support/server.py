@@ -7,6 +7,7 @@ database (`postgresql+psycopg://postgres@127.0.0.1:55432/sly`, as `.ci/pg-up.sh`
 every ServerProcess gets a fresh database of its own on that cluster, created on its first start
 and dropped by close() (or, at the latest, when the process exits).
 """
+
 from __future__ import annotations
 
 import atexit
@@ -37,17 +38,20 @@ def db_kind() -> str:
 def _admin_engine():
     from sqlalchemy import create_engine
     from sqlalchemy.pool import NullPool
+
     # CREATE/DROP DATABASE cannot run inside a transaction.
     return create_engine(TEST_DB_URL, isolation_level="AUTOCOMMIT", poolclass=NullPool)
 
 
 def _url(name: str) -> str:
     from sqlalchemy.engine import make_url
+
     return make_url(TEST_DB_URL).set(database=name).render_as_string(hide_password=False)
 
 
 def _drop(conn, name: str) -> None:
     from sqlalchemy import text
+
     # FORCE: a server killed mid-request may leave a connection behind for a moment.
     conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
@@ -55,6 +59,7 @@ def _drop(conn, name: str) -> None:
 def create_test_database() -> str:
     """A new empty database on the SLY_TEST_DB_URL cluster; its URL."""
     from sqlalchemy import text
+
     name = f"sly_test_{os.getpid()}_{next(_db_names)}"
     engine = _admin_engine()
     try:
@@ -83,14 +88,15 @@ def drop_test_databases(names=None) -> None:
 
 
 if TEST_DB_URL:
-    atexit.register(drop_test_databases)     # what a bench or a crashed fixture did not close()
+    atexit.register(drop_test_databases)  # what a bench or a crashed fixture did not close()
 
 
 class ServerProcess:
     """`python -m server` on 127.0.0.1:<port> with its own data dir; stop()/start() keep both."""
 
-    def __init__(self, data_dir: Path, port: int | None = None, extra_args: list[str] | None = None,
-                 env: dict | None = None):
+    def __init__(
+        self, data_dir: Path, port: int | None = None, extra_args: list[str] | None = None, env: dict | None = None
+    ):
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
         self.admin_token = "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(32))
@@ -98,7 +104,7 @@ class ServerProcess:
         self.env = env or {}
         self.proc: subprocess.Popen | None = None
         self.log_path = self.data_dir.parent / f"server-{self.port}.log"
-        self._own_db: str | None = None     # the URL of a database made for this server (SLY_TEST_DB_URL)
+        self._own_db: str | None = None  # the URL of a database made for this server (SLY_TEST_DB_URL)
 
     @property
     def db_url(self) -> str:
@@ -116,20 +122,36 @@ class ServerProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 30.0) -> "ServerProcess":
+    def start(self, timeout: float = 30.0) -> ServerProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, SERVER_ADMIN_TOKEN=self.admin_token, PYTHONUNBUFFERED="1", **self.env)
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(self.port),
-             "--data", str(self.data_dir), *self._db_args(), *self.extra_args],
-            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                "-m",
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--data",
+                str(self.data_dir),
+                *self._db_args(),
+                *self.extra_args,
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         log.close()
 
         def up():
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}: {self.log_path.read_text()[-2000:]}")
             return requests.get(self.url + "/healthz", timeout=1).status_code == 200
+
         poll_for(up, timeout=timeout, what="server /healthz")
         return self
 
@@ -153,6 +175,7 @@ class ServerProcess:
         self.stop()
         if self._own_db is not None:
             from sqlalchemy.engine import make_url
+
             drop_test_databases([make_url(self._own_db).database])
             self._own_db = None
 
@@ -168,30 +191,49 @@ class ServerThread(ServerProcess):
     the data. What it cannot do: a separate environment (`env`), signals, a process to kill or to
     measure; use ServerProcess for those."""
 
-    def __init__(self, data_dir: Path, port: int | None = None, extra_args: list[str] | None = None,
-                 env: dict | None = None):
+    def __init__(
+        self, data_dir: Path, port: int | None = None, extra_args: list[str] | None = None, env: dict | None = None
+    ):
         if env:
             raise ValueError("ServerThread shares this process's environment: use ServerProcess for env")
         super().__init__(data_dir, port=port, extra_args=extra_args)
         self._server = None
         self._thread: threading.Thread | None = None
 
-    def start(self, timeout: float = 30.0) -> "ServerThread":
+    def start(self, timeout: float = 30.0) -> ServerThread:
         import uvicorn
 
         from server.__main__ import _Server, parse_args, settings_of
         from server.app import create_app
+
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        args = parse_args(["--host", "127.0.0.1", "--port", str(self.port), "--data", str(self.data_dir),
-                           *self._db_args(), *self.extra_args])
+        args = parse_args(
+            [
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--data",
+                str(self.data_dir),
+                *self._db_args(),
+                *self.extra_args,
+            ]
+        )
         settings = settings_of(args)
         problems = settings.problems()
         if problems:
             raise ValueError("; ".join(problems))
         settings.admin_token = self.admin_token
         app = create_app(settings)
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_config=None, access_log=False,
-                                timeout_graceful_shutdown=3, lifespan="on")
+        config = uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=self.port,
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=3,
+            lifespan="on",
+        )
         self._server = _Server(config, app.state.server)
         self._thread = threading.Thread(target=self._server.run, name=f"server-{self.port}", daemon=True)
         self._thread.start()
@@ -200,6 +242,7 @@ class ServerThread(ServerProcess):
             if not self._thread.is_alive():
                 raise RuntimeError("the server thread ended before it served (see the captured log)")
             return self._server.started
+
         poll_for(up, timeout=timeout, what="server started")
         return self
 

@@ -1,15 +1,14 @@
 """Fixtures for the handler tests: the real server, the real Docker engine, task images built
 FROM the local busybox image, and a leased task wrapped in a TestContext."""
-from __future__ import annotations
 
+from __future__ import annotations
 
 import pytest
 
-from tests.support.images import build_script_image
-
+from client import UserClient
 from node.api import AgentAPI
 from node.config import Config
-from client import UserClient
+from tests.support.images import build_script_image
 from tests.workers.ctx import TestContext
 
 TASK_IMAGE = "sly-test/worker-tasks:latest"
@@ -62,14 +61,14 @@ echo '{"message": "model applied", "event_type": "EventType.MODEL_APPLIED"}'
     "fail.sh": "#!/bin/sh\necho starting\necho 'something broke' >&2\nexit 3\n",
     "eat.sh": "#!/bin/sh\necho eating\nhead -c 200m /dev/zero | tail > /dev/null\n",
     "forever.sh": "#!/bin/sh\ntrap 'echo got SIGTERM; exit 143' TERM\necho running forever\n"
-                  "while true; do sleep 0.1; done\n",
+    "while true; do sleep 0.1; done\n",
     "count.sh": "#!/bin/sh\n# count N DELAY: numbered lines, slowly\ni=1\nwhile [ $i -le $1 ]; do echo \"line $i\"; "
-                "i=$((i+1)); sleep $2; done\nmkdir -p /sly_task_data/results\necho ok > /sly_task_data/results/out.txt\n",
+    "i=$((i+1)); sleep $2; done\nmkdir -p /sly_task_data/results\necho ok > /sly_task_data/results/out.txt\n",
     "weird.sh": "#!/bin/sh\nhead -c 100000 /dev/zero | tr '\\0' a; echo\nprintf 'bad \\377\\376 bytes\\n'\n"
-                "echo 'to stderr' >&2\necho '{\"message\": \"structured\", \"level\": \"error\", \"ts\": 5, \"k\": [1]}'\n"
-                "echo '{not json'\nprintf 'no newline at the end'\n",
+    "echo 'to stderr' >&2\necho '{\"message\": \"structured\", \"level\": \"error\", \"ts\": 5, \"k\": [1]}'\n"
+    "echo '{not json'\nprintf 'no newline at the end'\n",
     "env.sh": "#!/bin/sh\necho TASK_ID=$TASK_ID TASK_TYPE=$TASK_TYPE PYTHONUNBUFFERED=$PYTHONUNBUFFERED\n"
-              "grep NoNewPrivs /proc/self/status\nls /sly_task_data\nls /var/run/docker.sock 2>&1 || true\n",
+    "grep NoNewPrivs /proc/self/status\nls /sly_task_data\nls /var/run/docker.sock 2>&1 || true\n",
 }
 
 
@@ -97,8 +96,15 @@ class Node:
         self.leased: list[int] = []
 
     def config(self, **over) -> Config:
-        values = dict(server_address=self.server.url, access_token=self.token, host_dir=str(self.root),
-                      agent_dir=str(self.root), min_free_disk_mb=1, stop_grace_s=1.0, task_dir_cleanup="never")
+        values = dict(
+            server_address=self.server.url,
+            access_token=self.token,
+            host_dir=str(self.root),
+            agent_dir=str(self.root),
+            min_free_disk_mb=1,
+            stop_grace_s=1.0,
+            task_dir_cleanup="never",
+        )
         values.update(over)
         return Config(**values)
 

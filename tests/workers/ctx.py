@@ -1,5 +1,6 @@
 """A TaskContext for testing the handlers directly: lines go into a list, phases and progress
 go to the real server through node.api.AgentAPI with a real agent token."""
+
 from __future__ import annotations
 
 import threading

@@ -1,4 +1,5 @@
 """Re-attaching to a task's container (agent restart): resume after the last shipped line."""
+
 from __future__ import annotations
 
 import pytest
@@ -26,8 +27,11 @@ def started_container(node, task_image, n, delay):
 
 def shipped_until(container, k):
     """The container timestamp of its k-th line, read the way the handler reads it."""
-    r = container.client.api._get(container.client.api._url("/containers/{0}/logs", container.id),
-                                  params={"stdout": 1, "stderr": 1, "timestamps": 1}, stream=False)
+    r = container.client.api._get(
+        container.client.api._url("/containers/{0}/logs", container.id),
+        params={"stdout": 1, "stderr": 1, "timestamps": 1},
+        stream=False,
+    )
     out: list = []
     FrameDecoder().feed(r.content, out)
     return out[k - 1]["cts"], [ln["message"] for ln in out[:k]]
@@ -37,7 +41,6 @@ def adopt(first, last_cts):
     ctx = TestContext(first.task, first.config, adopt=True, last_cts=last_cts)
     ctx.phases = ["running"]
     return ctx
-
 
 
 def test_adopt_running_container_resumes_without_gap_or_duplicate(node, task_image, log_source):
@@ -66,7 +69,7 @@ def test_adopt_without_container_fails_the_task(node, task_image):
     first.set_phase("preparing")
     first.set_phase("running")
     first.emit([{"ts": 1.0, "level": "info", "stream": "stdout", "message": "line 1", "cts": 10**18}])
-    ctx = adopt(first, 10**18)          # the container had printed, and is gone now
+    ctx = adopt(first, 10**18)  # the container had printed, and is gone now
     outcome = custom.run(ctx)
     assert outcome.state == "failed" and outcome.error == "container lost while the agent was down"
 
@@ -74,7 +77,7 @@ def test_adopt_without_container_fails_the_task(node, task_image):
 def test_adopt_before_the_container_started_prepares_again(node, task_image):
     first = node.ctx(type="custom", image=task_image, command="env.sh")
     first.set_phase("preparing")
-    ctx = adopt(first, None)            # died while preparing: no container, no container line
+    ctx = adopt(first, None)  # died while preparing: no container, no container line
     ctx.phases = ["preparing"]
     outcome = custom.run(ctx)
     assert outcome.state == "finished", outcome

@@ -1,4 +1,5 @@
 """End to end through the real `python -m agent`: the real handlers, the real engine, the real server."""
+
 from __future__ import annotations
 
 import secrets
@@ -49,8 +50,11 @@ def test_train_task_full_life(agent, user, task_image, docker_client):
 def test_stop_from_the_server(agent, user, task_image):
     agent.start(handler=None, **AGENT_ENV)
     task = user.create_task(agent.id, "custom", image=task_image, command="forever.sh")
-    poll_for(lambda: "running forever" in stdout(agent, task["id"]), timeout=30,
-             what=f"the task running; agent said: {agent.stderr()[-1500:]}")
+    poll_for(
+        lambda: "running forever" in stdout(agent, task["id"]),
+        timeout=30,
+        what=f"the task running; agent said: {agent.stderr()[-1500:]}",
+    )
     user.stop_task(task["id"])
     done = agent.wait_state(task["id"], timeout=20)
     assert done["state"] == "stopped"
@@ -61,7 +65,7 @@ def test_agent_restart_readopts_running_container(agent, user, task_image, docke
     agent.start(handler=None, **AGENT_ENV)
     task = user.create_task(agent.id, "custom", image=task_image, command=["count.sh", "150", "0.02"])
     poll_for(lambda: len(stdout(agent, task["id"])) >= 20, timeout=30, what="20 lines on the server")
-    agent.kill_tree()                          # the agent dies hard; the container keeps running
+    agent.kill_tree()  # the agent dies hard; the container keeps running
     assert docker_client.containers.get(container_name(task["id"])).status == "running"
     agent.start(handler=None, **AGENT_ENV)
     done = agent.wait_state(task["id"], timeout=60)

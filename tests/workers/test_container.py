@@ -1,4 +1,5 @@
 """Container tasks end to end through the handlers: real server, real Docker engine."""
+
 from __future__ import annotations
 
 import threading
@@ -32,7 +33,7 @@ def test_log_lines_split_replaced_structured(node, task_image, log_source):
     assert custom.run(ctx).state == "finished"
     lines = ctx.container_lines()
     assert all(isinstance(ln["cts"], int) and ln["ts"] > 1e9 for ln in lines)
-    for stream in ("stdout", "stderr"):     # stamped per stream by the engine: ordered within each
+    for stream in ("stdout", "stderr"):  # stamped per stream by the engine: ordered within each
         cts = [ln["cts"] for ln in lines if ln["stream"] == stream]
         assert cts == sorted(cts)
     long = [ln for ln in lines if ln["message"].startswith("aaa")]
@@ -61,8 +62,12 @@ def test_out_of_memory(node, task_image):
 
 
 def test_stop_reaches_container_and_resources_applied(node, task_image, docker_client):
-    ctx = node.ctx(type="custom", image=task_image, command="forever.sh",
-                   resources={"cpus": 0.5, "memory": "64m", "shm_size": "16m"})
+    ctx = node.ctx(
+        type="custom",
+        image=task_image,
+        command="forever.sh",
+        resources={"cpus": 0.5, "memory": "64m", "shm_size": "16m"},
+    )
     result = {}
     t = threading.Thread(target=lambda: result.update(o=custom.run(ctx)))
     t.start()
@@ -74,9 +79,17 @@ def test_stop_reaches_container_and_resources_applied(node, task_image, docker_c
     assert hc["NanoCpus"] == 500_000_000 and hc["Memory"] == 64 * 2**20 and hc["ShmSize"] == 16 * 2**20
     assert hc["SecurityOpt"] == ["no-new-privileges"] and not hc["Privileged"]
     mounts = {m["Target"]: (m["Source"], m.get("ReadOnly", False)) for m in hc["Mounts"]}
-    assert mounts == {f"/sly_task_data/{name}": (str(ctx.task_dir / name), ro) for name, ro in
-                      [("task_config.json", True), ("task_settings.json", True), ("data", True), ("model", True),
-                       ("results", False), ("tmp", False)]}
+    assert mounts == {
+        f"/sly_task_data/{name}": (str(ctx.task_dir / name), ro)
+        for name, ro in [
+            ("task_config.json", True),
+            ("task_settings.json", True),
+            ("data", True),
+            ("model", True),
+            ("results", False),
+            ("tmp", False),
+        ]
+    }
     assert not hc.get("Binds"), "the task dir itself (its log) is never mounted"
     ctx.stop_event.set()
     poll_for(lambda: "got SIGTERM" in ctx.messages("stdout"), timeout=2, what="SIGTERM in the container")
@@ -97,7 +110,7 @@ def test_gpus_become_device_requests(node, task_image):
     assert "CUDA_VISIBLE_DEVICES" not in kw["environment"] and "device_requests" not in kw
     ctx.gpus = [1, 3]
     kw = create_kwargs(ctx)
-    assert kw["environment"]["CUDA_VISIBLE_DEVICES"] == "0,1"    # inside, the two GPUs are 0 and 1
+    assert kw["environment"]["CUDA_VISIBLE_DEVICES"] == "0,1"  # inside, the two GPUs are 0 and 1
     (req,) = kw["device_requests"]
     assert req["DeviceIDs"] == ["1", "3"] and req["Capabilities"] == [["gpu"]]
 
@@ -114,8 +127,15 @@ def test_missing_image_under_never_and_failed_pull(node):
 
 def test_reap_orphan_containers(node, task_image, docker_client):
     cfg = node.config()
-    made = [docker_client.containers.create(task_image, "true", name=f"sly_task_reap_{node.id}_{i}",
-                                            labels={LABEL_AGENT: cfg.identity, LABEL_TASK: str(i)}) for i in (1, 2)]
+    made = [
+        docker_client.containers.create(
+            task_image,
+            "true",
+            name=f"sly_task_reap_{node.id}_{i}",
+            labels={LABEL_AGENT: cfg.identity, LABEL_TASK: str(i)},
+        )
+        for i in (1, 2)
+    ]
     other = docker_client.containers.create(task_image, "true", labels={LABEL_AGENT: "someone-else", LABEL_TASK: "2"})
     try:
         removed = docker_task.reap_orphan_containers(cfg, [1])
@@ -130,15 +150,19 @@ def test_reap_orphan_containers(node, task_image, docker_client):
 def test_a_container_of_another_agent_with_our_name_is_left_alone(node, task_image, docker_client, busybox_image):
     """Two agents on one engine (say, of two servers) may both run a task 7: neither breaks the other."""
     ctx = node.ctx(type="custom", image=task_image, command=["sh", "-c", "echo mine"])
-    theirs = docker_client.containers.run(busybox_image, ["sleep", "60"], detach=True,
-                                          name=container_name(ctx.task_id),
-                                          labels={LABEL_AGENT: "someone-else", LABEL_TASK: str(ctx.task_id)})
+    theirs = docker_client.containers.run(
+        busybox_image,
+        ["sleep", "60"],
+        detach=True,
+        name=container_name(ctx.task_id),
+        labels={LABEL_AGENT: "someone-else", LABEL_TASK: str(ctx.task_id)},
+    )
     try:
         outcome = custom.run(ctx)
         assert outcome.state == "finished", outcome
         assert "mine" in ctx.messages("stdout")
         theirs.reload()
         assert theirs.status == "running", "the other agent's container was not touched"
-        assert docker_task.reap_orphan_containers(node.config(), []) == []   # not ours to reap either
+        assert docker_task.reap_orphan_containers(node.config(), []) == []  # not ours to reap either
     finally:
         theirs.remove(force=True)

@@ -1,5 +1,6 @@
 """Downloads into the cache, the task dir's layout, results uploads, disk limits, cleanup:
 handlers against the real server."""
+
 from __future__ import annotations
 
 import hashlib
@@ -28,20 +29,27 @@ def png(width: int, height: int, tag: str) -> bytes:
 
 
 def make_project(user, name, files: dict[str, dict[str, bytes]]) -> dict:
-    datasets = [{"name": ds, "items": [{"name": n, "sha256": user.upload_bytes(b), "size": len(b)}
-                                       for n, b in items.items()]} for ds, items in files.items()]
+    datasets = [
+        {"name": ds, "items": [{"name": n, "sha256": user.upload_bytes(b), "size": len(b)} for n, b in items.items()]}
+        for ds, items in files.items()
+    ]
     return user.create_project(name, datasets)
 
 
 def make_model(user, name, files: dict[str, bytes]) -> dict:
-    return user.create_model(name, [{"path": p, "sha256": user.upload_bytes(b), "size": len(b)} for p, b in files.items()])
+    return user.create_model(
+        name, [{"path": p, "sha256": user.upload_bytes(b), "size": len(b)} for p, b in files.items()]
+    )
 
 
 @pytest.fixture
 def project(user):
     tag = secrets.token_hex(4)
-    return make_project(user, f"p-{tag}", {"ds1": {f"img{i}.png": png(10 + i, 20 + i, tag) for i in range(5)},
-                                           "ds2": {"a.png": png(7, 3, tag + "a")}})
+    return make_project(
+        user,
+        f"p-{tag}",
+        {"ds1": {f"img{i}.png": png(10 + i, 20 + i, tag) for i in range(5)}, "ds2": {"a.png": png(7, 3, tag + "a")}},
+    )
 
 
 def test_task_dir_is_the_real_agents(node, user, project, task_image):
@@ -49,13 +57,26 @@ def test_task_dir_is_the_real_agents(node, user, project, task_image):
     (meta.json, <ds>/img hard-linked read-only from the cache, <ds>/ann); model/ at its root."""
     model = make_model(user, f"m-{project['name']}", {"cfg/model.json": b'{"arch": "tiny"}', "w.bin": b"\x00" * 1000})
     config = {"model_name": "trained", "lr": 0.5, "nested": {"a": [1, 2]}}
-    ctx = node.ctx(type="train", image=task_image, command="train.sh", project_id=project["id"],
-                   model_id=model["id"], config=config)
-    ann = {"description": "", "size": {"height": 20, "width": 10}, "tags": [{"name": "weather", "value": "sunny"}],
-           "objects": [], "customBigData": {}}
-    ctx.task["project"]["datasets"][0]["items"][0]["ann"] = ann      # as the server sends a stored one
-    ctx.task["project"]["meta"] = {"classes": [], "tags": [{"name": "weather", "value_type": "any_string",
-                                                            "color": "#F9A825"}]}
+    ctx = node.ctx(
+        type="train",
+        image=task_image,
+        command="train.sh",
+        project_id=project["id"],
+        model_id=model["id"],
+        config=config,
+    )
+    ann = {
+        "description": "",
+        "size": {"height": 20, "width": 10},
+        "tags": [{"name": "weather", "value": "sunny"}],
+        "objects": [],
+        "customBigData": {},
+    }
+    ctx.task["project"]["datasets"][0]["items"][0]["ann"] = ann  # as the server sends a stored one
+    ctx.task["project"]["meta"] = {
+        "classes": [],
+        "tags": [{"name": "weather", "value_type": "any_string", "color": "#F9A825"}],
+    }
     assert train.run(ctx).state == "finished", ctx.messages()[-10:]
     tdir = ctx.task_dir
     for name in ("task_config.json", "task_settings.json"):
@@ -85,8 +106,14 @@ def test_task_dir_is_the_real_agents(node, user, project, task_image):
 
 def test_train_checkpoints_become_models_and_the_last_is_the_tasks(node, user, project, task_image):
     model = make_model(user, f"m2-{project['name']}", {"cfg/model.json": b'{"arch": "tiny"}', "w.bin": b"\x01" * 99})
-    ctx = node.ctx(type="train", image=task_image, command="train.sh", project_id=project["id"],
-                   model_id=model["id"], config={"model_name": "trained"})
+    ctx = node.ctx(
+        type="train",
+        image=task_image,
+        command="train.sh",
+        project_id=project["id"],
+        model_id=model["id"],
+        config={"model_name": "trained"},
+    )
     outcome = train.run(ctx)
     assert outcome.state == "finished", (outcome, ctx.messages()[-10:])
     assert [p for p in ctx.progress_values if p == (3, 3)], "progress events become task progress"
@@ -100,9 +127,14 @@ def test_train_checkpoints_become_models_and_the_last_is_the_tasks(node, user, p
     cfg = node.config()
     hashes = []
     for i in range(3):
-        files = [{"path": p, "sha256": hashlib.sha256(b).hexdigest()} for p, b in
-                 {"weights.bin": f"weights of epoch {i + 1}\n".encode(), "w.bin": b"\x01" * 99,
-                  "cfg/model.json": b'{"arch": "tiny"}'}.items()]
+        files = [
+            {"path": p, "sha256": hashlib.sha256(b).hexdigest()}
+            for p, b in {
+                "weights.bin": f"weights of epoch {i + 1}\n".encode(),
+                "w.bin": b"\x01" * 99,
+                "cfg/model.json": b'{"arch": "tiny"}',
+            }.items()
+        ]
         h = cache.manifest_hash(files)
         hashes.append(h)
         entry = cache.model_dir(cfg, h)
@@ -120,8 +152,13 @@ def test_train_checkpoints_become_models_and_the_last_is_the_tasks(node, user, p
 
 
 def test_results_model_folder_wins(node, user, project, task_image):
-    ctx = node.ctx(type="train", image=task_image, command=["train.sh", "model"], project_id=project["id"],
-                   config={"model_name": "own"})
+    ctx = node.ctx(
+        type="train",
+        image=task_image,
+        command=["train.sh", "model"],
+        project_id=project["id"],
+        config={"model_name": "own"},
+    )
     assert train.run(ctx).state == "finished", ctx.messages()[-10:]
     m = user.get_model(user.get_task(ctx.task_id)["results"]["model_id"])
     assert m["name"] == "own" and {f["path"] for f in m["files"]} == {"weights.bin"}
@@ -129,10 +166,18 @@ def test_results_model_folder_wins(node, user, project, task_image):
 
 
 def test_train_without_a_checkpoint_fails(node, project, task_image):
-    ctx = node.ctx(type="train", image=task_image, project_id=project["id"], command=[
-        "sh", "-c", "mkdir -p /sly_task_data/results/00000000; "
-                    "echo '{\"message\": \"checkpoint\", \"event_type\": \"EventType.CHECKPOINT\", "
-                    "\"subdir\": \"00000000\"}'"])
+    ctx = node.ctx(
+        type="train",
+        image=task_image,
+        project_id=project["id"],
+        command=[
+            "sh",
+            "-c",
+            "mkdir -p /sly_task_data/results/00000000; "
+            "echo '{\"message\": \"checkpoint\", \"event_type\": \"EventType.CHECKPOINT\", "
+            "\"subdir\": \"00000000\"}'",
+        ],
+    )
     outcome = train.run(ctx)
     assert outcome.state == "failed" and outcome.error.startswith("train: no checkpoint was produced"), outcome
     assert "results: 00000000 holds no regular file; no model made of it" in ctx.messages("agent")
@@ -143,22 +188,31 @@ def test_inference_uploads_project_and_second_task_downloads_nothing(node, user,
     assert inference.run(ctx).state == "finished", ctx.messages()[-10:]
     agent_lines = ctx.messages("agent")
     assert "data ready: 6 files (0 cached, 6 downloaded" in " ".join(agent_lines)
-    assert agent_lines.index("downloading 6/6 files, 0.0 MB") < agent_lines.index("data ready: 6 files (0 cached, "
-                                                                                  "6 downloaded, 0.0 MB)")
-    assert (6, 6) in ctx.progress_values     # download progress while preparing
-    assert f"uploading project '{project['name']} (task {ctx.task_id})' from results/{project['name']}/: " \
-           f"6 items, 6 annotations" in agent_lines
+    assert agent_lines.index("downloading 6/6 files, 0.0 MB") < agent_lines.index(
+        "data ready: 6 files (0 cached, 6 downloaded, 0.0 MB)"
+    )
+    assert (6, 6) in ctx.progress_values  # download progress while preparing
+    assert (
+        f"uploading project '{project['name']} (task {ctx.task_id})' from results/{project['name']}/: "
+        f"6 items, 6 annotations" in agent_lines
+    )
     out = user.get_project(user.get_task(ctx.task_id)["results"]["project_id"])
-    assert {ds["name"]: sorted(i["name"] for i in ds["items"]) for ds in out["datasets"]} == \
-        {"ds1": [f"img{i}.png" for i in range(5)], "ds2": ["a.png"]}
+    assert {ds["name"]: sorted(i["name"] for i in ds["items"]) for ds in out["datasets"]} == {
+        "ds1": [f"img{i}.png" for i in range(5)],
+        "ds2": ["a.png"],
+    }
     again = node.ctx(type="inference", image=task_image, command="infer.sh", project_id=project["id"])
     assert inference.run(again).state == "finished"
     assert "data ready: 6 files (6 cached, 0 downloaded, 0.0 MB)" in again.messages("agent")
 
 
 def test_inference_without_a_project_fails(node, project, task_image):
-    ctx = node.ctx(type="inference", image=task_image, project_id=project["id"],
-                   command=["sh", "-c", "mkdir -p /sly_task_data/results/x; echo hi > /sly_task_data/results/x/f"])
+    ctx = node.ctx(
+        type="inference",
+        image=task_image,
+        project_id=project["id"],
+        command=["sh", "-c", "mkdir -p /sly_task_data/results/x; echo hi > /sly_task_data/results/x/f"],
+    )
     outcome = inference.run(ctx)
     assert outcome.state == "failed" and outcome.error.startswith("inference: the task wrote no project"), outcome
 
@@ -168,7 +222,7 @@ def test_corrupt_blob_fails_after_retries_and_caches_nothing(node, user, server,
     good = make_project(user, f"bad-{tag}", {"ds": {"x.png": f"{tag} bytes".encode()}})
     sha = good["datasets"][0]["items"][0]["sha256"]
     blob = server.data_dir / "blobs" / sha[0:2] / sha[2:5] / sha
-    blob.write_bytes(b"evil " + blob.read_bytes()[5:])           # same size, other bytes
+    blob.write_bytes(b"evil " + blob.read_bytes()[5:])  # same size, other bytes
     ctx = node.ctx(type="custom", image=task_image, command="env.sh", project_id=good["id"])
     outcome = custom.run(ctx)
     assert outcome.state == "failed" and "do not match sha256" in outcome.error, outcome
@@ -179,7 +233,7 @@ def test_corrupt_blob_fails_after_retries_and_caches_nothing(node, user, server,
 def test_unsafe_names_fail_the_task(node, user, project, task_image):
     for bad in ("../evil.png", "/etc/passwd", "a\\b.png", "x\x00.png", "a/../../b"):
         ctx = node.ctx(type="custom", image=task_image, command="env.sh", project_id=project["id"])
-        ctx.task["project"]["datasets"][0]["items"][0]["name"] = bad     # the server refuses them; defend anyway
+        ctx.task["project"]["datasets"][0]["items"][0]["name"] = bad  # the server refuses them; defend anyway
         outcome = custom.run(ctx)
         assert outcome.state == "failed" and "unsafe item name" in outcome.error, (bad, outcome)
         assert not (ctx.task_dir / "data").exists() or not any((ctx.task_dir / "data").rglob("*.png"))
@@ -189,10 +243,10 @@ def test_interrupted_download_resumes_with_range(node, user):
     data = os.urandom(300_000)
     sha = hashlib.sha256(data).hexdigest()
     ctx = node.ctx(type="custom", image="none")
-    ctx.api.put_blob(sha, io.BytesIO(data))      # this node's own upload: a blob it may read
+    ctx.api.put_blob(sha, io.BytesIO(data))  # this node's own upload: a blob it may read
     cfg = ctx.config
     cfg.tmp_dir.mkdir(parents=True)
-    (cfg.tmp_dir / f"{sha}.part").write_bytes(data[:200_000])     # what an interrupted fetch left
+    (cfg.tmp_dir / f"{sha}.part").write_bytes(data[:200_000])  # what an interrupted fetch left
     dl = Downloader(ctx)
     job = Job(sha, len(data), cache.image_path(cfg, sha, "r.bin"), ctx.task_dir / "r.bin", "r.bin")
     dl.fetch(job)
@@ -222,16 +276,27 @@ def test_not_enough_disk_and_quota_eviction(node, user, task_image):
 
 
 def test_symlink_fifo_device_in_results_are_skipped(node, user, task_image):
-    ctx = node.ctx(type="custom", image=task_image, command=["sh", "-c", """
+    ctx = node.ctx(
+        type="custom",
+        image=task_image,
+        command=[
+            "sh",
+            "-c",
+            """
         cd /sly_task_data/results && echo fine > ok.txt && ln -s /etc/passwd leak && mkfifo pipe
-        mkdir -p sub && ln -s /etc sub/dirlink && mknod sub/null c 1 3 || true"""])
+        mkdir -p sub && ln -s /etc sub/dirlink && mknod sub/null c 1 3 || true""",
+        ],
+    )
     outcome = custom.run(ctx)
     assert outcome.state == "finished", (outcome, ctx.messages()[-10:])
     arts = {a["path"] for a in user.task_artifacts(ctx.task_id)}
     assert arts == {"ok.txt"}
     said = ctx.messages("agent")
-    for line in ("results: leak is a symlink; skipped", "results: pipe is a fifo; skipped",
-                 "results: sub/dirlink is a symlink; skipped"):
+    for line in (
+        "results: leak is a symlink; skipped",
+        "results: pipe is a fifo; skipped",
+        "results: sub/dirlink is a symlink; skipped",
+    ):
         assert any(m.startswith(line) for m in said), (line, said)
     if (ctx.task_dir / "results" / "sub" / "null").exists():
         assert any(m.startswith("results: sub/null is a device; skipped") for m in said), said
@@ -271,10 +336,15 @@ def test_link_into_copies_across_filesystems(tmp_path):
     import subprocess
 
     from workers.cache import link_into
+
     other_fs = tmp_path / "tmpfs"
     other_fs.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(other_fs)],
-                      capture_output=True).returncode != 0:
+    if (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(other_fs)], capture_output=True
+        ).returncode
+        != 0
+    ):
         pytest.skip("cannot mount a tmpfs here (needs root)")
     try:
         src = tmp_path / "cached.bin"
@@ -286,6 +356,6 @@ def test_link_into_copies_across_filesystems(tmp_path):
         assert stat.S_IMODE(dest.stat().st_mode) == 0o444, "a copy of a cached file is read-only too"
         same_fs = tmp_path / "task" / "a.bin"
         link_into(src, same_fs)
-        assert same_fs.stat().st_ino == src.stat().st_ino      # same filesystem: a hard link
+        assert same_fs.stat().st_ino == src.stat().st_ino  # same filesystem: a hard link
     finally:
         subprocess.run(["umount", str(other_fs)], check=False)

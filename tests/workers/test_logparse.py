@@ -1,4 +1,5 @@
 """The frame decoder on synthetic Engine log streams (no Docker needed)."""
+
 from __future__ import annotations
 
 import struct
@@ -20,12 +21,17 @@ def stream_of(lines):
 
 
 def test_frames_in_any_pieces_give_the_same_lines():
-    data = stream_of([(1, b"one\n"), (2, b"two\n"), (1, b'{"message": "m", "event_type": "EventType.PROGRESS", '
-                                                      b'"current": 1, "total": 2, "subtask": "x"}\n')])
+    data = stream_of(
+        [
+            (1, b"one\n"),
+            (2, b"two\n"),
+            (1, b'{"message": "m", "event_type": "EventType.PROGRESS", "current": 1, "total": 2, "subtask": "x"}\n'),
+        ]
+    )
     events = []
     dec, out = FrameDecoder(on_event=events.append), []
-    for i in range(len(data)):                      # one byte at a time
-        dec.feed(data[i:i + 1], out)
+    for i in range(len(data)):  # one byte at a time
+        dec.feed(data[i : i + 1], out)
     assert [(ln["stream"], ln["message"]) for ln in out] == [("stdout", "one"), ("stderr", "two"), ("stdout", "m")]
     assert out[2]["event_type"] == "progress" and out[2]["subtask"] == "x" and events == [out[2]]
     assert out[0]["cts"] == 1795992060000000001 and out[0]["ts"] == out[0]["cts"] / 1e9
@@ -33,8 +39,11 @@ def test_frames_in_any_pieces_give_the_same_lines():
 
 def test_long_line_of_partial_frames_sharing_a_stamp_is_split_with_markers():
     piece = b"x" * 16384
-    data = b"".join(frame(1, stamp(5), piece) for _ in range(9)) + frame(1, stamp(5), b"end\n") + \
-        frame(1, stamp(6), b"next\n")
+    data = (
+        b"".join(frame(1, stamp(5), piece) for _ in range(9))
+        + frame(1, stamp(5), b"end\n")
+        + frame(1, stamp(6), b"next\n")
+    )
     dec, out = FrameDecoder(), []
     dec.feed(data, out)
     msgs = [ln["message"] for ln in out]
@@ -48,10 +57,10 @@ def test_reopened_stream_skips_exactly_what_was_seen():
     data = stream_of(lines)
     cut = len(stream_of(lines[:3]))
     dec, out = FrameDecoder(), []
-    dec.feed(data[:cut], out)                       # the follow stream ended early here
+    dec.feed(data[:cut], out)  # the follow stream ended early here
     since = dec.resume_since()
     assert since is not None
-    dec.feed(data, out)                             # the engine sends from `since`: here, everything again
+    dec.feed(data, out)  # the engine sends from `since`: here, everything again
     assert [ln["message"] for ln in out] == ["a", "b", "c", "d", "e"]
 
 

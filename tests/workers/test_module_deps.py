@@ -1,5 +1,6 @@
 """Inside workers/, the planner uses the cache and the container's lifecycle uses its parts, never the
 other way round (tests/test_layers.py pins the packages' directions; this pins the modules')."""
+
 from __future__ import annotations
 
 import ast
@@ -42,6 +43,7 @@ def test_workers_modules_depend_one_way(module):
 
 def test_the_checker_sees_every_form(tmp_path):
     src = tmp_path / "m.py"
-    src.write_text("import workers.a\nfrom workers import b\nfrom workers.c import d\n\ndef f():\n"
-                   "    from workers.e.f import g\n")
+    src.write_text(
+        "import workers.a\nfrom workers import b\nfrom workers.c import d\n\ndef f():\n    from workers.e.f import g\n"
+    )
     assert workers_imports(src) == {"a", "b", "c", "e"}

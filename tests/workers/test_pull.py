@@ -1,5 +1,6 @@
 """Image pulls against a real (tiny, local) registry: progress in the task log, the pull policies,
 and a slow pull for one task that does not hold up another task's start."""
+
 from __future__ import annotations
 
 import threading
@@ -23,7 +24,7 @@ def registry(docker_client):
 
 
 def test_missing_image_is_pulled_with_progress_in_the_task_log(node, registry):
-    registry.delay_s = 2.0          # long enough for progress lines (at most one a second)
+    registry.delay_s = 2.0  # long enough for progress lines (at most one a second)
     image = registry.add_image("sly/pulled", "1", cmd=["echo", "hello from a pulled image"])
     ctx = node.ctx(type="custom", image=image)
     outcome = custom.run(ctx)
@@ -37,7 +38,7 @@ def test_missing_image_is_pulled_with_progress_in_the_task_log(node, registry):
 
 def test_always_pulls_again_and_never_refuses_a_missing_image(node, registry, docker_client):
     image = registry.add_image("sly/policy", "1", cmd=["true"])
-    assert custom.run(node.ctx(type="custom", image=image)).state == "finished"   # pulled once
+    assert custom.run(node.ctx(type="custom", image=image)).state == "finished"  # pulled once
     before = sum("/manifests/" in r for r in registry.requests)
     ctx = node.ctx(node.config(pull_policy="always"), type="custom", image=image)
     assert custom.run(ctx).state == "finished"

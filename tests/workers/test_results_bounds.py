@@ -3,11 +3,11 @@ live artifacts are posted in batches, a task's result files and bytes read are c
 files and unchanged checkpoints are not read, the results watch holds a capped number of inotify
 watches, and the uploader keeps a few bytes per file. Unit tests with a recording API, and real
 containers with the real server (docker)."""
+
 from __future__ import annotations
 
 import gc
 import os
-import threading
 import tracemalloc
 from pathlib import Path
 
@@ -30,8 +30,11 @@ def inotify_watches(pid: int | str = "self") -> int:
         try:
             if os.readlink(fd) != "anon_inode:inotify":
                 continue
-            n += sum(1 for ln in Path(f"/proc/{pid}/fdinfo/{fd.name}").read_text().splitlines()
-                     if ln.startswith("inotify wd:"))
+            n += sum(
+                1
+                for ln in Path(f"/proc/{pid}/fdinfo/{fd.name}").read_text().splitlines()
+                if ln.startswith("inotify wd:")
+            )
         except OSError:
             continue
     return n
@@ -44,6 +47,7 @@ def artifacts(user, task_id: int) -> list[dict]:
 
 
 # --- unit: a recording API, no server ------------------------------------------------------
+
 
 def posted(api) -> set[str]:
     return {e["path"] for p in api.posts for e in p}
@@ -67,8 +71,9 @@ class RecordingAPI:
 class Ctx:
     def __init__(self, root: Path, api, **config):
         self.task = {"id": 7, "type": "custom"}
-        self.config = Config(server_address="http://x", access_token="t" * 32, host_dir=str(root),
-                             agent_dir=str(root), **config)
+        self.config = Config(
+            server_address="http://x", access_token="t" * 32, host_dir=str(root), agent_dir=str(root), **config
+        )
         self.api = api
         self.lines: list[str] = []
 
@@ -88,6 +93,7 @@ def unit(tmp_path):
         ctx = Ctx(tmp_path / f"agent{len(list(tmp_path.iterdir()))}", api or RecordingAPI(), **config)
         (ctx.task_dir / "results").mkdir(parents=True)
         return ctx
+
     return make
 
 
@@ -150,14 +156,14 @@ def test_the_uploader_keeps_a_few_bytes_per_file(unit):
     ctx = unit(api)
     live = CheckpointUploader(ctx).start()
     try:
-        write_files(ctx.task_dir / "results", 200, per_dir=200)      # warm up
+        write_files(ctx.task_dir / "results", 200, per_dir=200)  # warm up
         poll_for(lambda: len(posted(api)) == 200, timeout=30, what="200 files posted")
         gc.collect()
         tracemalloc.start()
         before = tracemalloc.get_traced_memory()[0]
         write_files(ctx.task_dir / "results" / "more", 10000, per_dir=2000)
         poll_for(lambda: len(posted(api)) == 10200, timeout=60, what="10000 files posted")
-        api.posts.clear()           # what the recording API holds is not the uploader's
+        api.posts.clear()  # what the recording API holds is not the uploader's
         gc.collect()
         per_file = (tracemalloc.get_traced_memory()[0] - before) / 10000
         tracemalloc.stop()
@@ -205,8 +211,9 @@ def test_a_sparse_file_is_not_read(unit):
     finally:
         res.close()
     assert [rel for rel, _ in got] == ["small"] and budget.bytes == 0
-    assert ctx.lines == [f"results: big is sparse ({2 << 30} bytes, 0 on disk); skipped "
-                         f"(its holes would be uploaded as bytes)"]
+    assert ctx.lines == [
+        f"results: big is sparse ({2 << 30} bytes, 0 on disk); skipped (its holes would be uploaded as bytes)"
+    ]
 
 
 def test_skips_are_logged_a_bounded_number_of_times(unit):
@@ -229,26 +236,43 @@ def read_chars() -> int:
 
 @pytest_docker
 def test_1500_closed_files_arrive_in_few_posts(node, user, task_image):
-    ctx = node.ctx(type="custom", image=task_image, command=["sh", "-c", """
+    ctx = node.ctx(
+        type="custom",
+        image=task_image,
+        command=[
+            "sh",
+            "-c",
+            """
         cd /sly_task_data/results; i=0
         while [ $i -lt 1500 ]; do echo $i > f$i; i=$((i+1)); done
-        sleep 3; echo wrote $i"""])
+        sleep 3; echo wrote $i""",
+        ],
+    )
     posts = []
     post = ctx.api.post_results
     ctx.api.post_results = lambda *a, **kw: (posts.append(a[1]), post(*a, **kw))[1]
     outcome = custom.run(ctx)
     assert outcome.state == "finished", (outcome, ctx.messages()[-10:])
-    assert 2 <= len(posts) <= 20, len(posts)       # was one post per file closed (913 for 1,500)
+    assert 2 <= len(posts) <= 20, len(posts)  # was one post per file closed (913 for 1,500)
     assert sorted(a["path"] for a in artifacts(user, ctx.task_id)) == sorted(f"f{i}" for i in range(1500))
 
 
 @pytest_docker
 def test_a_checkpoint_announced_again_unchanged_is_not_copied_again(node, user, task_image):
     line = '{"message": "checkpoint", "event_type": "EventType.CHECKPOINT", "subdir": "ck"}'
-    ctx = node.ctx(type="train", image=task_image, config={"model_name": "m"}, command=["sh", "-c", f"""
+    ctx = node.ctx(
+        type="train",
+        image=task_image,
+        config={"model_name": "m"},
+        command=[
+            "sh",
+            "-c",
+            f"""
         mkdir /sly_task_data/results/ck; head -c 20000000 /dev/urandom > /sly_task_data/results/ck/w.bin
         i=0; while [ $i -lt 12 ]; do echo '{line}'; sleep 0.3; i=$((i+1)); done
-        echo more >> /sly_task_data/results/ck/w.bin; echo '{line}'"""])
+        echo more >> /sly_task_data/results/ck/w.bin; echo '{line}'""",
+        ],
+    )
     before = read_chars()
     outcome = train.run(ctx)
     read = read_chars() - before
@@ -265,9 +289,17 @@ def test_a_checkpoint_announced_again_unchanged_is_not_copied_again(node, user, 
 
 @pytest_docker
 def test_limits_and_sparse_files_in_a_real_task(node, user, task_image):
-    ctx = node.ctx(cfg=node.config(task_results_max_files=100), type="custom", image=task_image,
-                   command=["sh", "-c", "cd /sly_task_data/results; truncate -s 2G a-sparse; i=0; "
-                                        "while [ $i -lt 300 ]; do echo $i > f$i; i=$((i+1)); done"])
+    ctx = node.ctx(
+        cfg=node.config(task_results_max_files=100),
+        type="custom",
+        image=task_image,
+        command=[
+            "sh",
+            "-c",
+            "cd /sly_task_data/results; truncate -s 2G a-sparse; i=0; "
+            "while [ $i -lt 300 ]; do echo $i > f$i; i=$((i+1)); done",
+        ],
+    )
     before = read_chars()
     outcome = custom.run(ctx)
     assert read_chars() - before < 50_000_000, "the sparse file was read"
@@ -282,6 +314,7 @@ def test_names_the_server_refuses_are_skipped_not_posted(tmp_path):
     """A file whose name holds a control character, a backslash or non-UTF-8 bytes is skipped with
     a reason (the server refuses such names, which would fail the whole result); the rest is read."""
     from workers import safefs
+
     root = tmp_path / "results"
     (root / "dir\x07").mkdir(parents=True)
     (root / "dir\x07" / "inside.txt").write_text("x")
@@ -302,7 +335,13 @@ def test_names_the_server_refuses_are_skipped_not_posted(tmp_path):
         os.close(fd)
     assert got == ["ok.txt"]
     reasons = dict(skipped)
-    assert set(reasons) == {"dir\x07", "a\nb.txt", "c\x1b[2Jd.txt", "back\\slash.txt", "\x85next.txt",
-                            "raw/" + os.fsdecode(b"\xff.txt")}
+    assert set(reasons) == {
+        "dir\x07",
+        "a\nb.txt",
+        "c\x1b[2Jd.txt",
+        "back\\slash.txt",
+        "\x85next.txt",
+        "raw/" + os.fsdecode(b"\xff.txt"),
+    }
     assert reasons["back\\slash.txt"] == "has a backslash in its name"
     assert reasons["raw/" + os.fsdecode(b"\xff.txt")] == "has a name that is not UTF-8"

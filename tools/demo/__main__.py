@@ -11,6 +11,7 @@ the agent running until Ctrl-C, which stops the agent (its tasks first), then th
 `--exit-when-done` stops everything once inference ends (exit 0 only if training made a model and
 inference made a project). `--signin-link` prints a fresh one-time link for a running demo.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -93,11 +94,12 @@ def show_line(line: dict) -> None:
     if ev == "progress":
         current, total = line.get("current", 0), line.get("total", 0)
         if total > 10 and current != total and current % (total // 5 or 1):
-            return   # a long run shows about five steps
+            return  # a long run shows about five steps
         print(f"  {line.get('subtask') or 'progress'} {_bar(line.get('current', 0), line.get('total', 0))}", flush=True)
     elif ev == "metrics":
-        values = " ".join(f"{k} {v:g}" if isinstance(v, (int, float)) else f"{k} {v}"
-                          for k, v in (line.get("metrics") or {}).items())
+        values = " ".join(
+            f"{k} {v:g}" if isinstance(v, (int, float)) else f"{k} {v}" for k, v in (line.get("metrics") or {}).items()
+        )
         print(f"  metrics {line.get('type', '?'):5} epoch {line.get('epoch', '?')}: {values}", flush=True)
     elif ev == "checkpoint":
         print(f"  checkpoint {line.get('subdir') or line.get('path', '')} ({line.get('sizeb', '?')} bytes)", flush=True)
@@ -140,9 +142,23 @@ class Demo:
         env = dict(os.environ, SERVER_ADMIN_TOKEN=admin, PYTHONUNBUFFERED="1")
         # Its own session: a terminal's Ctrl-C reaches only the demo, which stops the agent first.
         self.server = subprocess.Popen(
-            [sys.executable, "-m", "server", "--host", self.args.host, "--port", str(port),
-             "--data", str(self.data / "server")], cwd=REPO, env=env, stdout=self._log("server.log"),
-            stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "server",
+                "--host",
+                self.args.host,
+                "--port",
+                str(port),
+                "--data",
+                str(self.data / "server"),
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=self._log("server.log"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
@@ -157,11 +173,24 @@ class Demo:
         raise SystemExit(f"demo: the server did not start; see {self.data / 'server.log'}")
 
     def start_agent(self, url: str, token: str) -> None:
-        env = dict(os.environ, SERVER_ADDRESS=url, ACCESS_TOKEN=token, PYTHONUNBUFFERED="1",
-                   AGENT_HOST_DIR=str(self.data / "agent"), TELEMETRY_INTERVAL="2", STOP_GRACE="3",
-                   MIN_FREE_DISK_MB=os.environ.get("MIN_FREE_DISK_MB", "256"))
-        self.agent = subprocess.Popen([sys.executable, "-m", "agent"], cwd=REPO, env=env, stdout=self._log("agent.log"),
-                                      stderr=subprocess.STDOUT, start_new_session=True)
+        env = dict(
+            os.environ,
+            SERVER_ADDRESS=url,
+            ACCESS_TOKEN=token,
+            PYTHONUNBUFFERED="1",
+            AGENT_HOST_DIR=str(self.data / "agent"),
+            TELEMETRY_INTERVAL="2",
+            STOP_GRACE="3",
+            MIN_FREE_DISK_MB=os.environ.get("MIN_FREE_DISK_MB", "256"),
+        )
+        self.agent = subprocess.Popen(
+            [sys.executable, "-m", "agent"],
+            cwd=REPO,
+            env=env,
+            stdout=self._log("agent.log"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def stop_all(self) -> None:
         """The agent first (SIGINT: it stops its tasks, reports them and exits), then the server."""
@@ -205,8 +234,10 @@ class Demo:
             return project
         sample = write_sample_project(str(self.data / "samples"), PROJECT, {"train": 9, "val": 3})
         project = client.upload_project_dir(sample["path"], name=PROJECT)
-        say(f"project {PROJECT} (id {project['id']}) uploaded: {len(sample['items'])} annotated images "
-            f"(rectangles, polygons, bitmaps; image and object tags)")
+        say(
+            f"project {PROJECT} (id {project['id']}) uploaded: {len(sample['items'])} annotated images "
+            f"(rectangles, polygons, bitmaps; image and object tags)"
+        )
         return project
 
     def ensure_base_model(self, client: UserClient) -> dict:
@@ -226,40 +257,64 @@ class Demo:
         for line in client.iter_logs(task["id"], follow=True):
             show_line(line)
         final = client.wait_task(task["id"], states=FINAL, timeout=120)
-        say(f"{spec['type']} task {task['id']} ended {final['state']}"
-            + (f": {final.get('error')}" if final.get("error") else ""))
+        say(
+            f"{spec['type']} task {task['id']} ended {final['state']}"
+            + (f": {final.get('error')}" if final.get("error") else "")
+        )
         return final
 
     def train(self, client: UserClient, url: str, node: dict, project: dict, base: dict, image: str) -> int | None:
-        final = self.run_task(client, url, agent_id=node["id"], type="train", image=image,
-                              command=["sh", "/workdir/src/train.sh"],
-                              config={"epochs": self.args.epochs, "epoch_seconds": 0.5},
-                              project_id=project["id"], model_id=base["id"])
+        final = self.run_task(
+            client,
+            url,
+            agent_id=node["id"],
+            type="train",
+            image=image,
+            command=["sh", "/workdir/src/train.sh"],
+            config={"epochs": self.args.epochs, "epoch_seconds": 0.5},
+            project_id=project["id"],
+            model_id=base["id"],
+        )
         results = final.get("results") or {}
         for mid in results.get("checkpoints") or []:
             m = client.get_model(mid)
-            print(f"  checkpoint model {mid} '{m['name']}' epoch {(m.get('config') or {}).get('epoch', '?')}", flush=True)
+            print(
+                f"  checkpoint model {mid} '{m['name']}' epoch {(m.get('config') or {}).get('epoch', '?')}", flush=True
+            )
         model_id = results.get("model_id")
         if final["state"] != "finished" or not model_id:
             return None
         model = client.get_model(model_id)
-        say(f"trained model {model_id} '{model['name']}' ({url}/models): "
-            + ", ".join(f"{f['path']} {f['size']} bytes" for f in model.get("files", [])))
+        say(
+            f"trained model {model_id} '{model['name']}' ({url}/models): "
+            + ", ".join(f"{f['path']} {f['size']} bytes" for f in model.get("files", []))
+        )
         return model_id
 
     def infer(self, client: UserClient, url: str, node: dict, project: dict, model_id: int, image: str) -> int | None:
-        final = self.run_task(client, url, agent_id=node["id"], type="inference", image=image,
-                              command=["sh", "/workdir/src/inference.sh"], config={},
-                              project_id=project["id"], model_id=model_id)
+        final = self.run_task(
+            client,
+            url,
+            agent_id=node["id"],
+            type="inference",
+            image=image,
+            command=["sh", "/workdir/src/inference.sh"],
+            config={},
+            project_id=project["id"],
+            model_id=model_id,
+        )
         pid = (final.get("results") or {}).get("project_id")
         if final["state"] != "finished" or not pid:
             return None
         result = client.get_project(pid)
         items = list(project_items(client, pid))
-        labelled = sum(any(o.get("classTitle") == "prediction" for o in (it.get("ann") or {}).get("objects", []))
-                       for it in items)
-        say(f"predictions: project {pid} '{result['name']}', {labelled} of {len(items)} images with a "
-            f"'prediction' label; see them at {url}/projects/{pid}")
+        labelled = sum(
+            any(o.get("classTitle") == "prediction" for o in (it.get("ann") or {}).get("objects", [])) for it in items
+        )
+        say(
+            f"predictions: project {pid} '{result['name']}', {labelled} of {len(items)} images with a "
+            f"'prediction' label; see them at {url}/projects/{pid}"
+        )
         return pid
 
     def run(self) -> int:
@@ -293,7 +348,9 @@ def project_items(client: UserClient, project_id: int):
     cursor = None
     while True:
         params = {"limit": 1000, **({"cursor": cursor} if cursor else {})}
-        page = client.request("GET", endpoints.path(endpoints.PROJECT_ITEMS, project_id=project_id), params=params).json()
+        page = client.request(
+            "GET", endpoints.path(endpoints.PROJECT_ITEMS, project_id=project_id), params=params
+        ).json()
         yield from page["items"]
         cursor = page.get("next")
         if not cursor:
@@ -302,8 +359,11 @@ def project_items(client: UserClient, project_id: int):
 
 def _agent_token_works(url: str, token: str) -> bool:
     """Whether the server still takes this agent token (it answers 401 to a wrong or rotated one)."""
-    r = requests.head(url + endpoints.path(endpoints.AGENT_BLOB, sha256="0" * 64),
-                      headers={endpoints.AGENT_TOKEN_HEADER: token}, timeout=10)
+    r = requests.head(
+        url + endpoints.path(endpoints.AGENT_BLOB, sha256="0" * 64),
+        headers={endpoints.AGENT_TOKEN_HEADER: token},
+        timeout=10,
+    )
     return r.status_code != 401
 
 

@@ -4,6 +4,7 @@ The server passes its own connection in `config.attributes["connection"]` (serve
 the `alembic` command line names the database with `-x db=URL` (default: the SQLite file of the
 default data dir). SQLite migrations run in batch mode, since SQLite alters few things in place.
 """
+
 from __future__ import annotations
 
 import logging.config
@@ -19,14 +20,15 @@ target_metadata = db.metadata
 
 
 def _url() -> str:
-    return context.get_x_argument(as_dictionary=True).get("db") or config.get_main_option("sqlalchemy.url") or DEFAULT_URL
+    return (
+        context.get_x_argument(as_dictionary=True).get("db") or config.get_main_option("sqlalchemy.url") or DEFAULT_URL
+    )
 
 
 def _configure(**kw) -> None:
     url = kw.get("url")
     dialect = kw["connection"].dialect.name if "connection" in kw else url.split(":", 1)[0].split("+", 1)[0]
-    context.configure(target_metadata=target_metadata, render_as_batch=dialect == "sqlite",
-                      compare_type=True, **kw)
+    context.configure(target_metadata=target_metadata, render_as_batch=dialect == "sqlite", compare_type=True, **kw)
 
 
 def run_offline() -> None:

@@ -7,17 +7,18 @@ Revision ID: 0001
 Revises:
 Create Date: 2026-11-30 04:28:38
 """
+
 from __future__ import annotations
 
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0001"
-down_revision: Union[str, Sequence[str], None] = None
-branch_labels: Union[str, Sequence[str], None] = None
-depends_on: Union[str, Sequence[str], None] = None
+down_revision: str | Sequence[str] | None = None
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
 
 TABLES = ("agents", "tasks", "log_lines", "task_metrics", "projects", "models", "console_sessions", "telemetry")
 

@@ -6,17 +6,18 @@ per open long-poll, with the replica holding it) replace what one process kept i
 Revision ID: 0003_replicas
 Revises: 0001
 """
+
 from __future__ import annotations
 
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0003_replicas"
-down_revision: Union[str, Sequence[str], None] = "0002_sly_projects"
-branch_labels: Union[str, Sequence[str], None] = None
-depends_on: Union[str, Sequence[str], None] = None
+down_revision: str | Sequence[str] | None = "0002_sly_projects"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:

@@ -5,17 +5,18 @@ Revision ID: 0004_log_quota
 Revises: 0003_replicas
 Create Date: 2026-12-02 10:00:00
 """
+
 from __future__ import annotations
 
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0004_log_quota"
-down_revision: Union[str, Sequence[str], None] = "0003_replicas"
-branch_labels: Union[str, Sequence[str], None] = None
-depends_on: Union[str, Sequence[str], None] = None
+down_revision: str | Sequence[str] | None = "0003_replicas"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
@@ -32,8 +33,10 @@ def upgrade() -> None:
     # The bytes of log already stored (characters: close enough for the quota). The blob_refs of
     # projects, models and results already stored are filled by the server at start
     # (server.blobs.refs.fill_if_empty), which reads their JSON the same way on every database.
-    op.execute("UPDATE tasks SET log_bytes = (SELECT COALESCE(SUM(LENGTH(message) + COALESCE(LENGTH(extra), 0)), 0) "
-               "FROM log_lines WHERE log_lines.task_id = tasks.id)")
+    op.execute(
+        "UPDATE tasks SET log_bytes = (SELECT COALESCE(SUM(LENGTH(message) + COALESCE(LENGTH(extra), 0)), 0) "
+        "FROM log_lines WHERE log_lines.task_id = tasks.id)"
+    )
 
 
 def downgrade() -> None:

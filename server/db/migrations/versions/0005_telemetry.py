@@ -14,17 +14,18 @@ Revision ID: 0005_telemetry
 Revises: 0004_log_quota
 Create Date: 2026-12-03 10:00:00
 """
+
 from __future__ import annotations
 
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0005_telemetry"
-down_revision: Union[str, Sequence[str], None] = "0004_log_quota"
-branch_labels: Union[str, Sequence[str], None] = None
-depends_on: Union[str, Sequence[str], None] = None
+down_revision: str | Sequence[str] | None = "0004_log_quota"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
@@ -61,8 +62,11 @@ def upgrade() -> None:
     op.drop_table("telemetry")
     # On SQLite the two tables are rebuilt with AUTOINCREMENT: a deleted row's id is never given
     # again (PostgreSQL's sequences never reuse one anyway).
-    autoinc = {"recreate": "always", "table_kwargs": {"sqlite_autoincrement": True}} \
-        if op.get_bind().dialect.name == "sqlite" else {}
+    autoinc = (
+        {"recreate": "always", "table_kwargs": {"sqlite_autoincrement": True}}
+        if op.get_bind().dialect.name == "sqlite"
+        else {}
+    )
     with op.batch_alter_table("agents", **autoinc) as batch:
         batch.drop_column("telemetry")
     op.execute(sa.text("UPDATE agents SET telemetry_ts = NULL"))

@@ -1,4 +1,3 @@
-# coding: utf-8
 """A legacy-style Supervisely NN plugin inference, written against the real SDK (6.74.51).
 
 It follows supervisely/nn/legacy/hosted/inference_batch.py (BatchInferenceApplier): the model
@@ -12,6 +11,7 @@ Prediction: for every class of the model, the pixels whose colour is within `max
 the class's mean colour; their bounding box is one rectangle `<class>_pred` with a
 `confidence` tag (the mean closeness of those pixels, 0..1).
 """
+
 import json
 import os
 from copy import deepcopy
@@ -44,7 +44,7 @@ def main():
     model_classes = [sly.ObjClass(title + suffix, sly.Rectangle) for title in model_config["classes"]]
 
     in_project = sly.read_single_project(sly.TaskPaths.DATA_DIR)
-    sly.logger.info("Project structure has been read. Samples: {}.".format(in_project.total_items))
+    sly.logger.info(f"Project structure has been read. Samples: {in_project.total_items}.")
     out_meta = in_project.meta.add_obj_classes(model_classes)
     if out_meta.get_tag_meta(CONFIDENCE) is None:
         out_meta = out_meta.add_tag_meta(sly.TagMeta(CONFIDENCE, sly.TagValueType.ANY_NUMBER))

@@ -1,4 +1,3 @@
-# coding: utf-8
 """A legacy-style Supervisely NN plugin trainer, written against the real SDK (6.74.51).
 
 It follows supervisely/nn/legacy/hosted/trainer.py: the task config from TaskPaths, the one
@@ -10,6 +9,7 @@ labels at `lr` per epoch. With a model in /sly_task_data/model it starts from th
 
 Config keys (all optional): epochs, lr, val_datasets (names; default: the last dataset).
 """
+
 import json
 import os
 from copy import deepcopy
@@ -60,7 +60,7 @@ def nearest(means, colour):
 def main():
     config = load_config()
     project = sly.read_single_project(sly.TaskPaths.DATA_DIR)
-    sly.logger.info("Project structure has been read. Samples: {}.".format(project.total_items))
+    sly.logger.info(f"Project structure has been read. Samples: {project.total_items}.")
     ds_names = [ds.name for ds in project.datasets]
     val_names = set(config["val_datasets"] or ds_names[-1:])
     train_names = set(ds_names) - val_names or val_names
@@ -98,13 +98,17 @@ def main():
 
         out_dir = checkpoints.get_dir_to_write()
         np.savez(os.path.join(out_dir, WEIGHTS), means=means)
-        dump_json_file({"settings": config, "classes": classes,
-                        "epochs_done": epochs_before + epoch + 1, "val_loss": val_loss},
-                       os.path.join(out_dir, sly.TaskPaths.MODEL_CONFIG_NAME))
+        dump_json_file(
+            {"settings": config, "classes": classes, "epochs_done": epochs_before + epoch + 1, "val_loss": val_loss},
+            os.path.join(out_dir, sly.TaskPaths.MODEL_CONFIG_NAME),
+        )
         is_best = best_val is None or val_loss < best_val
         best_val = val_loss if is_best else best_val
-        checkpoints.saved(is_best, sly_fs.get_directory_size(out_dir),
-                          {"epoch": epoch + 1, "val_loss": val_loss, "accuracy": accuracy})
+        checkpoints.saved(
+            is_best,
+            sly_fs.get_directory_size(out_dir),
+            {"epoch": epoch + 1, "val_loss": val_loss, "accuracy": accuracy},
+        )
         progress.iter_done_report()
 
     sly.logger.info("Training finished", extra={"best_val_loss": best_val})
