@@ -31,9 +31,9 @@ def list_gpus(nvml=None) -> list[dict]:
             h = nvml.nvmlDeviceGetHandleByIndex(i)
             g: dict = {"index": i, "name": _text(nvml.nvmlDeviceGetName(h)), "uuid": _text(nvml.nvmlDeviceGetUUID(h))}
             for key, read in (
-                ("memory", lambda: nvml.nvmlDeviceGetMemoryInfo(h)),
-                ("utilization", lambda: nvml.nvmlDeviceGetUtilizationRates(h)),
-                ("temperature", lambda: nvml.nvmlDeviceGetTemperature(h, nvml.NVML_TEMPERATURE_GPU)),
+                ("memory", lambda h=h: nvml.nvmlDeviceGetMemoryInfo(h)),
+                ("utilization", lambda h=h: nvml.nvmlDeviceGetUtilizationRates(h)),
+                ("temperature", lambda h=h: nvml.nvmlDeviceGetTemperature(h, nvml.NVML_TEMPERATURE_GPU)),
             ):
                 try:
                     v = read()

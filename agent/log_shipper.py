@@ -226,18 +226,7 @@ class LogShipper(ChildBase):
             if cur.path is None:
                 return [], []
         limit = self.config.log_batch_lines
-        with self.open_log(cur.path) as f:
-            f.seek(cur.offset)
-            # Read about a batch, not MAX_BATCH_BYTES every time (a backlog would be read and
-            # split many times over): more only while the lines are longer than guessed.
-            size = min(MAX_BATCH_BYTES, max(READ_MIN_BYTES, limit * cur.line_bytes))
-            data = f.read(size)
-            while len(data) == size < MAX_BATCH_BYTES and data.count(b"\n") < limit:
-                more = f.read(min(size, MAX_BATCH_BYTES - len(data)))
-                if not more:
-                    break
-                data += more
-                size = len(data)
+        data = self.read_chunk(cur, cur.path, limit)
         end = data.rfind(b"\n")
         if end < 0:
             return [], []
@@ -249,7 +238,28 @@ class LogShipper(ChildBase):
             lines = raws[:limit]
             if _seq_or_none(lines[-1]) == cur.seq + len(lines):
                 return lines, _LineEndOffsets(cur.offset, lines)
-        lines, ends = [], []
+        return self.check_lines(cur, raws, limit)
+
+    def read_chunk(self, cur: TaskCursor, path: Path, limit: int) -> bytes:
+        """The bytes after the cursor: enough for about `limit` lines, at most MAX_BATCH_BYTES."""
+        with self.open_log(path) as f:
+            f.seek(cur.offset)
+            # Read about a batch, not MAX_BATCH_BYTES every time (a backlog would be read and
+            # split many times over): more only while the lines are longer than guessed.
+            size = min(MAX_BATCH_BYTES, max(READ_MIN_BYTES, limit * cur.line_bytes))
+            data = f.read(size)
+            while len(data) == size < MAX_BATCH_BYTES and data.count(b"\n") < limit:
+                more = f.read(min(size, MAX_BATCH_BYTES - len(data)))
+                if not more:
+                    break
+                data += more
+                size = len(data)
+        return data
+
+    def check_lines(self, cur: TaskCursor, raws: list[bytes], limit: int) -> tuple[list[bytes], list[int]]:
+        """The slow path of read_batch: look at each line, skip (and count) what is not the writer's next one."""
+        lines: list[bytes] = []
+        ends: list[int] = []
         pos = cur.offset
         for raw in raws:
             pos += len(raw) + 1

@@ -265,9 +265,8 @@ def report_log(args, base_replay, page_replay, lat_base, lat_page):
         xs = sorted(xs)
         return xs[min(len(xs) - 1, int(p / 100 * len(xs)))]
 
-    print(
-        f"{f'replay {args.lines} lines (s)':<34}{base_replay:>14.2f}{page_replay:>14.2f}{page_replay / base_replay:>8.2f}"
-    )
+    replay = f"replay {args.lines} lines (s)"
+    print(f"{replay:<34}{base_replay:>14.2f}{page_replay:>14.2f}{page_replay / base_replay:>8.2f}")
     print(f"{'replay rate (lines/s)':<34}{args.lines / base_replay:>14.0f}{args.lines / page_replay:>14.0f}")
     for name, p in (("live line p50 (ms)", 50), ("live line p95 (ms)", 95)):
         bq, pq = q(lat_base, p) * 1000, q(lat_page, p) * 1000

@@ -26,6 +26,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
+from itertools import pairwise
 from pathlib import Path
 
 import docker
@@ -100,8 +101,8 @@ def bench_pickup(user, agent, dc, image, runs):
     for _ in range(runs):
         t0 = time.time()
         task = user.create_task(agent.id, "custom", image=image, command=["sleep", "5"])
-        c = wait(lambda: _get(dc, f"sly_task_{task['id']}"), interval=0.002)
-        wait(lambda: c.reload() or c.attrs["State"]["StartedAt"][:4] != "0001", interval=0.002)
+        c = wait(lambda task=task: _get(dc, f"sly_task_{task['id']}"), interval=0.002)
+        wait(lambda c=c: c.reload() or c.attrs["State"]["StartedAt"][:4] != "0001", interval=0.002)
         ours.append(started_at(c) - t0)
         user.stop_task(task["id"])
         t0 = time.time()
@@ -133,7 +134,7 @@ def bench_life(user, agent, image, runs, timeline=False):
         if timeline:
             tl = done["timeline"]
             print(
-                "    " + "  ".join(f"{b['state']} +{(b['ts'] - a['ts']) * 1000:.0f}" for a, b in zip(tl, tl[1:])),
+                "    " + "  ".join(f"{b['state']} +{(b['ts'] - a['ts']) * 1000:.0f}" for a, b in pairwise(tl)),
                 flush=True,
             )
         t0 = time.perf_counter()
@@ -155,7 +156,7 @@ def bench_logs(user, agent, dc, image, n, timeline=False):
     end = next(e["ts"] for e in done["timeline"] if e["state"] == "finished")
     if timeline:
         tl = done["timeline"]
-        print("    " + "  ".join(f"{b['state']} +{b['ts'] - a['ts']:.2f}s" for a, b in zip(tl, tl[1:])), flush=True)
+        print("    " + "  ".join(f"{b['state']} +{b['ts'] - a['ts']:.2f}s" for a, b in pairwise(tl)), flush=True)
     total = time.perf_counter() - t0
     # verify: all N lines, in order, once
     after, expect, count = -1, 1, 0

@@ -513,10 +513,10 @@ async def run(args, urls, admin_token, servers: list[ServerProcess], pg: psutil.
             print(f"not every task finished within {deadline:.0f} s", file=sys.stderr)
         wall = time.monotonic() - w0
         fleet.measuring = False
-        srv_lag = [lag_counts(b, await server_lag(sess)) for b, sess in zip(lag0, fleet.sessions)]
+        srv_lag = [lag_counts(b, await server_lag(sess)) for b, sess in zip(lag0, fleet.sessions, strict=True)]
         if pg:  # backends that started during the run count from zero
             pg_procs = [pg] + pg.children()
-        cpu = [(cpu_seconds([p]) - c) / wall * 100 for p, c in zip(srv_procs, cpu0)]
+        cpu = [(cpu_seconds([p]) - c) / wall * 100 for p, c in zip(srv_procs, cpu0, strict=True)]
         pg_cpu = (cpu_seconds(pg_procs) - pg0) / wall * 100 if pg else None
         me_cpu = (cpu_seconds([me]) - me0) / wall * 100
         stop_lag.set()
@@ -570,9 +570,8 @@ def report(args, db_label: str, r: dict) -> dict:
     )
     print(f"{'':22} {'n':>6} {'p50':>9} {'p99':>9} {'max':>9}")
     for name, xs in rows:
-        print(
-            f"{name:22} {len(xs):>6} {fmt_ms(pct(xs, 50)):>9} {fmt_ms(pct(xs, 99)):>9} {fmt_ms(max(xs) if xs else float('nan')):>9}"
-        )
+        worst = max(xs) if xs else float('nan')
+        print(f"{name:22} {len(xs):>6} {fmt_ms(pct(xs, 50)):>9} {fmt_ms(pct(xs, 99)):>9} {fmt_ms(worst):>9}")
     if "console GET /agents" in st.lat:
         n = len(st.lat["console GET /agents"])
         print(f"{'':22} console answer {st.bytes['console GET /agents'] / max(1, n) / 1e6:.2f} MB")
@@ -589,7 +588,7 @@ def report(args, db_label: str, r: dict) -> dict:
     )
     for k in kinds:
         print(f"  e.g. {k}: {st.samples[k][:160]}")
-    for i, (c, m, lg) in enumerate(zip(r["cpu"], r["rss"], r["srv_lag"])):
+    for i, (c, m, lg) in enumerate(zip(r["cpu"], r["rss"], r["srv_lag"], strict=True)):
         print(
             f"server {i}: CPU {c:.0f} % of a core, peak RSS {m / 2**20:.0f} MiB, event loop late by over "
             f"250 ms {lg[1]} and over 1 s {lg[2]} of {lg[0]} checks"

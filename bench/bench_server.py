@@ -240,10 +240,12 @@ def main() -> None:
     print("| what | time | lines/s | MiB/s | ratio |")
     print("|---|---|---|---|---|")
     print(
-        f"| POST same bytes to /api/v1/_echo (baseline) | {echo_s:.2f} s | {args.lines / echo_s:,.0f} | {mib / echo_s:.1f} | 1.00x |"
+        f"| POST same bytes to /api/v1/_echo (baseline) | {echo_s:.2f} s | {args.lines / echo_s:,.0f} "
+        f"| {mib / echo_s:.1f} | 1.00x |"
     )
     print(
-        f"| POST /agent/v1/tasks/{{id}}/logs (stored, acked) | {ingest_s:.2f} s | {args.lines / ingest_s:,.0f} | {mib / ingest_s:.1f} | {ingest_s / echo_s:.2f}x time |"
+        f"| POST /agent/v1/tasks/{{id}}/logs (stored, acked) | {ingest_s:.2f} s | {args.lines / ingest_s:,.0f} "
+        f"| {mib / ingest_s:.1f} | {ingest_s / echo_s:.2f}x time |"
     )
 
 

@@ -55,12 +55,12 @@ import aiohttp
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.bench_fleet import (
+from bench.bench_fleet import (  # noqa: E402
     SYSTEM_INFO,
     bench_cluster,
     pct,
     pg_database,
-    run_loop,  # noqa: E402
+    run_loop,
     start_replicas,
     stop_servers,
 )
@@ -355,7 +355,9 @@ def report(args, r: dict) -> dict:
     )
     # What is left once the change's own answer is in (its commit included in both): the hop itself,
     # plus the waiter's own work (a hand-out commits a transaction; a follower only reads).
-    after = {k: {side: [a - b for a, b in zip(lat[k][side], req[k][side])] for side in SIDES} for k in KINDS}
+    after = {
+        k: {side: [a - b for a, b in zip(lat[k][side], req[k][side], strict=True)] for side in SIDES} for k in KINDS
+    }
     print(
         "the waiter's answer after the change's own answer, p50 same / cross: "
         + ", ".join(f"{k} {ms(pct(after[k]['same'], 50))} / {ms(pct(after[k]['cross'], 50))}" for k in KINDS)

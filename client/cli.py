@@ -253,7 +253,7 @@ def tasks_submit(c: UserClient, a) -> int:
     try:
         config = json.loads(a.config) if a.config else None
     except json.JSONDecodeError as e:
-        raise SystemExit(f"error: --config is not JSON: {e}")
+        raise SystemExit(f"error: --config is not JSON: {e}") from None
     resources = {
         k: v
         for k, v in {"gpus": a.gpus, "cpus": a.cpus, "memory": a.memory, "shm_size": a.shm_size}.items()

@@ -1,8 +1,8 @@
 """Agent settings: environment variables, an optional config file, defaults.
 
 Every setting has an env name; `AGENT_CONFIG` may point to a JSON file with the same keys in
-lower case (env wins). The table in README.md is generated from SETTINGS below (`python -m node.config` prints it), so keep the
-help strings short and true.
+lower case (env wins). The table in README.md is generated from SETTINGS below (`python -m node.config`
+prints it), so keep the help strings short and true.
 """
 
 from __future__ import annotations
@@ -37,14 +37,16 @@ SETTINGS: tuple[Setting, ...] = (
         "AGENT_HOST_DIR",
         None,
         str,
-        "Storage root as the Docker host sees it (default ~/.supervisely-agent/n-<hash of token>, with ~/.supervisely-agent/<token> a link to it); must not contain the token",
+        "Storage root as the Docker host sees it (default ~/.supervisely-agent/n-<hash of token>, "
+        "with ~/.supervisely-agent/<token> a link to it); must not contain the token",
     ),
     Setting(
         "agent_dir",
         "AGENT_DIR",
         None,
         str,
-        "Storage root as the agent sees it, when it runs in a container with the host dir mounted elsewhere (default: AGENT_HOST_DIR)",
+        "Storage root as the agent sees it, when it runs in a container with the host dir mounted elsewhere "
+        "(default: AGENT_HOST_DIR)",
     ),
     Setting("max_tasks", "MAX_TASKS", 2, int, "Tasks run at once"),
     Setting("gpus", "AGENT_GPUS", "all", str, "GPUs the agent may hand out: 'all', 'none' or a comma list of indices"),
@@ -90,7 +92,8 @@ SETTINGS: tuple[Setting, ...] = (
         "TASK_LOG_LEVEL",
         "DEBUG",
         str,
-        "LOG_LEVEL given to task containers (DEBUG, like the Supervisely agent: the SDK then prints a crash's traceback)",
+        "LOG_LEVEL given to task containers "
+        "(DEBUG, like the Supervisely agent: the SDK then prints a crash's traceback)",
     ),
     Setting(
         "task_shm_size",
@@ -143,7 +146,8 @@ SETTINGS: tuple[Setting, ...] = (
         "TASK_RESULTS_MAX_MB",
         102400,
         int,
-        "Most MB the agent may read from one task's results/ to hash or copy them, over the task's life (an unchanged file is not read again); past it the upload fails the task (0: no limit)",
+        "Most MB the agent may read from one task's results/ to hash or copy them, over the task's life "
+        "(an unchanged file is not read again); past it the upload fails the task (0: no limit)",
     ),
 )
 
@@ -325,6 +329,8 @@ def _roots(host_dir: str | None, agent_dir: str | None, token: str) -> dict:
     if host in (None, default_link) and agent in (None, host):
         link = default_link
         host = agent = str(Path(default_link).with_name(hashed_root_name(token)))
+    if host is None:  # AGENT_DIR alone: where the Docker host keeps that storage is unknown
+        raise ConfigError("AGENT_DIR is set without AGENT_HOST_DIR: set the storage root as the Docker host sees it")
     agent = agent or host
     for env, path in (("AGENT_HOST_DIR", host), ("AGENT_DIR", agent)):
         if token in path:

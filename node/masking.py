@@ -8,7 +8,10 @@ MASK = "***"
 
 # key=value / key: value / "key": "value" where the key ENDS with a secret word (ACCESS_TOKEN,
 # db_password, AWS_SECRET_ACCESS_KEY, x-token), not where it merely contains one (token_acc=0.9)
-_KEYED = r"""(?P<key>(?:passw(?:or)?d|pwd|secret|token|api[_-]?key|access[_-]?key|secret[_-]?key|private[_-]?key|credentials?)["']?\s*[:=]\s*["']?)(?P<kval>[^\s"'&,;}]+)"""
+_KEYED = (
+    r"(?P<key>(?:passw(?:or)?d|pwd|secret|token|api[_-]?key|access[_-]?key|secret[_-]?key|private[_-]?key|credentials?)"
+    r"""["']?\s*[:=]\s*["']?)(?P<kval>[^\s"'&,;}]+)"""
+)
 _BEARER = r"(?P<bearer>\b(?:bearer|basic)\s+)(?P<bval>[A-Za-z0-9._~+/=-]{8,})"
 _AWS_ID = r"(?P<aws>\b(?:AKIA|ASIA)[0-9A-Z]{16}\b)"
 _URL_PW = r"(?P<url>[a-z][a-z0-9+.-]*://[^/\s:@]+:)(?P<uval>[^/\s@]+)(?=@)"

@@ -1,10 +1,11 @@
 """The durable per-task log: its file format, its writer (task process) and its cursors (log-shipper).
 
 `tasks/<id>/logs/log_<ts>.txt` holds one JSON object per line, `{"seq": n, "ts", "level", "stream",
-"message", ...}` (encoded and read as `protocol.logline` says), seqs 0, 1, 2... with no gap (as the server counts). Exactly one task process writes a task's file at a
-time; a re-spawned one appends to the same file and continues the seqs. A line is complete only
-with its newline: a writer killed mid-line leaves a partial tail, which the next writer cuts off
-(the shipper never reads past the last newline, so that line was never sent).
+"message", ...}` (encoded and read as `protocol.logline` says), seqs 0, 1, 2... with no gap (as the server
+counts). Exactly one task process writes a task's file at a time; a re-spawned one appends to the same file
+and continues the seqs. A line is complete only with its newline: a writer killed mid-line leaves a partial
+tail, which the next writer cuts off (the shipper never reads past the last newline, so that line was never
+sent).
 
 The shipper's acked cursor `state/logs/<id>.cursor` ({"file", "offset", "seq"}) is replaced
 atomically after each ack. `state/logs/active/<id>` registers a task with the shipper until its

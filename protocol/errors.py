@@ -44,7 +44,8 @@ def decode_error(status: int | None, body: bytes | str | None, *, method: str = 
             obj = None
         if isinstance(obj, dict) and isinstance(obj.get("error"), str):
             code = obj["error"]
-            detail = obj.get("detail") if isinstance(obj.get("detail"), str) else ""
+            d = obj.get("detail")
+            detail = d if isinstance(d, str) else ""
             extra = {k: v for k, v in obj.items() if k not in ("error", "detail")}
         else:
             detail = text[:300]

@@ -40,19 +40,16 @@ def dumps(line: dict) -> str:
             and ts == ts
             and ts not in _INF
         ):
-            return '{"ts":%r,"cts":%d,"level":%s,"stream":%s,"message":%s}' % (
-                ts,
-                cts,
-                _json_str(level),
-                _json_str(stream),
-                _json_str(message),
+            return (
+                f'{{"ts":{ts!r},"cts":{cts:d},"level":{_json_str(level)},"stream":{_json_str(stream)},'
+                f'"message":{_json_str(message)}}}'
             )
     return _dumps(_finite(line))
 
 
 def _finite(line: dict) -> dict:
     # NaN/Infinity are not JSON; a metric that diverged is stored as null (docs/protocol.md).
-    for k, v in line.items():
+    for v in line.values():
         if isinstance(v, float) and not math.isfinite(v):
             return json.loads(json.dumps(line, default=str), parse_constant=lambda _c: None)
         if isinstance(v, (dict, list)):
@@ -63,8 +60,8 @@ def _finite(line: dict) -> dict:
 def with_seq(seq: int, body: str) -> str:
     """Prefix the seq to a line's JSON text (from `dumps`); the result ends with a newline."""
     if len(body) > 2:
-        return '{"seq":%d,%s\n' % (seq, body[1:])
-    return '{"seq":%d}\n' % seq
+        return f'{{"seq":{seq:d},{body[1:]}\n'
+    return f'{{"seq":{seq:d}}}\n'
 
 
 def encode(seq: int, line: dict) -> str:

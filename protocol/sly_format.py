@@ -297,6 +297,14 @@ def check_meta(meta, where: str = "meta") -> Meta:
     _finite(meta, where)
     if _json_size(meta) > MAX_META_BYTES:
         _fail(where, f"is larger than {MAX_META_BYTES} bytes", "bad_meta")
+    classes = _meta_classes(meta, where)
+    tags = _meta_tags(meta, where)
+    # Sets: an annotation may name a oneof_string tag thousands of times against thousands of values.
+    return Meta(classes, {k: (vt, frozenset(v or ()) if vt == "oneof_string" else None) for k, (vt, v) in tags.items()})
+
+
+def _meta_classes(meta: dict, where: str) -> dict[str, str]:
+    """The meta's object classes, checked: title -> shape."""
     classes_json = meta.get("classes", [])
     if not isinstance(classes_json, list) or len(classes_json) > MAX_CLASSES:
         _fail(where, f"classes must be a list of at most {MAX_CLASSES} object classes", "bad_meta")
@@ -316,7 +324,12 @@ def check_meta(meta, where: str = "meta") -> Meta:
         if not isinstance(color, str) or not HEX_COLOR_RE.match(color):
             _fail(w, f"color {color!r} is not '#RRGGBB'", "bad_meta")
         classes[title] = shape
+    return classes
 
+
+def _meta_tags(meta: dict, where: str) -> dict[str, tuple[str, list | None]]:
+    """The meta's tag metas ('tags', or the legacy 'tags_images' + 'tags_objects'), checked:
+    name -> (value_type, values)."""
     tags_json = meta.get("tags", [])
     legacy = [meta.get("tags_images", []), meta.get("tags_objects", [])]
     if not all(isinstance(t, list) for t in [tags_json] + legacy):
@@ -349,8 +362,7 @@ def check_meta(meta, where: str = "meta") -> Meta:
         if name in tags and tags[name] != (vt, values):
             _fail(w, "is defined twice, differently", "bad_meta")
         tags[name] = (vt, values)
-    # Sets: an annotation may name a oneof_string tag thousands of times against thousands of values.
-    return Meta(classes, {k: (vt, frozenset(v or ()) if vt == "oneof_string" else None) for k, (vt, v) in tags.items()})
+    return tags
 
 
 def _tags(tags, meta: Meta, where: str) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 
 
-class TaskState(str, enum.Enum):
+class TaskState(enum.StrEnum):
     QUEUED = "queued"
     ASSIGNED = "assigned"
     PREPARING = "preparing"

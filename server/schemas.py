@@ -136,7 +136,8 @@ class UserItemRef(ItemRef, UserIn):
 
 
 class UserDatasetIn(DatasetIn, UserIn):
-    items: list[UserItemRef] = []
+    # pydantic validates the narrower item type; mypy's list invariance does not model a field re-declared
+    items: list[UserItemRef] = []  # type: ignore[assignment]
 
 
 class ProjectIn(UserIn):

@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from collections.abc import Callable
 
 from sqlalchemy import text
 from sqlalchemy.engine import Engine, make_url
@@ -93,7 +94,7 @@ class Wakeups:
         self._sending = False
         # Told of every agent key woken (None: any agent may have changed), here at commit and from
         # other replicas' notifications: the ServerState drops its kept copy of that agent's row.
-        self.agent_changed = None
+        self.agent_changed: Callable[[int | None], None] | None = None
 
     @contextlib.contextmanager
     def transaction(self):
@@ -155,7 +156,9 @@ class Wakeups:
 
     def _payloads(self, keys) -> list[str]:
         """The notifications for `keys`: "<replica> a:1 t:5 ...", split only past the payload limit."""
-        out, parts, size = [], [], 0
+        out: list[str] = []
+        parts: list[str] = []
+        size = 0
         for kind, key in sorted(keys):
             item = f"{kind}:{key}"
             if parts and size + len(item) > _PAYLOAD_MAX:

@@ -194,52 +194,71 @@ def build_python_base(
         if requirements:
             cmd += ["-r", requirements]
         subprocess.run(cmd, check=True)
-        elves = [os.path.realpath(sys.executable)]
-        for root, _, files in os.walk(stdlib):
-            elves += [os.path.join(root, f) for f in files if f.endswith(".so")]
-        for root, _, files in os.walk(site):
-            elves += [os.path.join(root, f) for f in files if ".so" in f]
-        libs = _shared_libs(elves)
+        libs = _shared_libs(_python_elves(stdlib, site))
         tar_path = os.path.join(tmp, "rootfs.tar")
-        with tarfile.open(tar_path, "w") as tar:
-            base = tarfile.open(fileobj=io.BytesIO(busybox_rootfs_tar()))
-            for member in base.getmembers():
-                tar.addfile(member, base.extractfile(member) if member.isfile() else None)
-            for lib in sorted(libs):
-                if not lib.startswith(prefix + "/"):  # the prefix's own libs are added below
-                    tar.add(os.path.realpath(lib), arcname=lib.lstrip("/"))
-            bindir = os.path.join(prefix, "bin")
-            for name in os.listdir(bindir):
-                if name.startswith("python"):
-                    tar.add(os.path.join(bindir, name), arcname=os.path.join(bindir, name).lstrip("/"))
-            for name in os.listdir(os.path.join(prefix, "lib")):
-                if name.startswith("libpython"):
-                    p = os.path.join(prefix, "lib", name)
-                    tar.add(p, arcname=p.lstrip("/"))
-            for name in os.listdir(stdlib):
-                if name in _SKIP_STDLIB:
-                    continue
-                tar.add(
-                    os.path.join(stdlib, name),
-                    arcname=os.path.join(stdlib, name).lstrip("/"),
-                    filter=lambda ti: None if "__pycache__" in ti.name else ti,
-                )
-            tar.add(
-                site,
-                arcname=os.path.join(stdlib, "site-packages").lstrip("/"),
-                filter=lambda ti: None if "__pycache__" in ti.name else ti,
-            )
-            for link in ("python3", "python"):
-                info = tarfile.TarInfo(f"usr/local/bin/{link}")
-                info.type = tarfile.SYMTYPE
-                info.linkname = os.path.join(prefix, "bin", version)
-                tar.addfile(info)
-            if os.path.exists("/etc/ssl/certs/ca-certificates.crt"):
-                tar.add("/etc/ssl/certs/ca-certificates.crt", arcname="etc/ssl/certs/ca-certificates.crt")
+        _write_python_rootfs(tar_path, prefix, version, site, libs)
         with open(tar_path, "rb") as f:
             return _import_rootfs(
                 client, tag, f, ["ENV PATH=/usr/local/bin:/bin", "ENV LANG=C.UTF-8", 'CMD ["python3"]']
             )
+
+
+def _python_elves(stdlib: str, site: str) -> list[str]:
+    """The ELF files whose shared libraries the image needs: the interpreter and the .so files of
+    its stdlib and of `site`."""
+    import os
+    import sys
+
+    elves = [os.path.realpath(sys.executable)]
+    for root, _, files in os.walk(stdlib):
+        elves += [os.path.join(root, f) for f in files if f.endswith(".so")]
+    for root, _, files in os.walk(site):
+        elves += [os.path.join(root, f) for f in files if ".so" in f]
+    return elves
+
+
+def _write_python_rootfs(tar_path: str, prefix: str, version: str, site: str, libs: set[str]) -> None:
+    """Write the rootfs tar of the Python base image: busybox, `libs` (those outside the prefix),
+    the interpreter with its stdlib under its own prefix, `site` as its site-packages, the
+    /usr/local/bin links and the CA certificates."""
+    import os
+
+    stdlib = os.path.join(prefix, "lib", version)
+    with tarfile.open(tar_path, "w") as tar:
+        base = tarfile.open(fileobj=io.BytesIO(busybox_rootfs_tar()))
+        for member in base.getmembers():
+            tar.addfile(member, base.extractfile(member) if member.isfile() else None)
+        for lib in sorted(libs):
+            if not lib.startswith(prefix + "/"):  # the prefix's own libs are added below
+                tar.add(os.path.realpath(lib), arcname=lib.lstrip("/"))
+        bindir = os.path.join(prefix, "bin")
+        for name in os.listdir(bindir):
+            if name.startswith("python"):
+                tar.add(os.path.join(bindir, name), arcname=os.path.join(bindir, name).lstrip("/"))
+        for name in os.listdir(os.path.join(prefix, "lib")):
+            if name.startswith("libpython"):
+                p = os.path.join(prefix, "lib", name)
+                tar.add(p, arcname=p.lstrip("/"))
+        for name in os.listdir(stdlib):
+            if name in _SKIP_STDLIB:
+                continue
+            tar.add(
+                os.path.join(stdlib, name),
+                arcname=os.path.join(stdlib, name).lstrip("/"),
+                filter=lambda ti: None if "__pycache__" in ti.name else ti,
+            )
+        tar.add(
+            site,
+            arcname=os.path.join(stdlib, "site-packages").lstrip("/"),
+            filter=lambda ti: None if "__pycache__" in ti.name else ti,
+        )
+        for link in ("python3", "python"):
+            info = tarfile.TarInfo(f"usr/local/bin/{link}")
+            info.type = tarfile.SYMTYPE
+            info.linkname = os.path.join(prefix, "bin", version)
+            tar.addfile(info)
+        if os.path.exists("/etc/ssl/certs/ca-certificates.crt"):
+            tar.add("/etc/ssl/certs/ca-certificates.crt", arcname="etc/ssl/certs/ca-certificates.crt")
 
 
 def main(argv=None) -> int:

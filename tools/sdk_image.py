@@ -121,10 +121,9 @@ def _elf_files(*dirs: str) -> list[str]:
     return out
 
 
-def write_rootfs(out, site: str, log=print) -> None:
-    """Write the SDK image's rootfs as a tar stream to the binary file object `out`."""
-    prefix = sys.base_prefix
-    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+def _needed_libs(prefix: str, version: str, site: str, log=print) -> set[str]:
+    """The shared libraries the image needs (per ldd over the interpreter, libmagic and the .so
+    files of lib-dynload and `site`), libmagic itself included; BuildError without libmagic."""
     stdlib = os.path.join(prefix, "lib", version)
     libmagic = next((p for p in LIBMAGIC if os.path.exists(p)), None)
     if libmagic is None or not os.path.exists(MAGIC_FILES[0]):
@@ -139,6 +138,15 @@ def write_rootfs(out, site: str, log=print) -> None:
     log(f"sdk_image: ldd over {len(elves)} ELF files")
     libs = {lib for lib in _shared_libs(elves) if not lib.startswith(site + "/")}
     libs.add(libmagic)
+    return libs
+
+
+def write_rootfs(out, site: str, log=print) -> None:
+    """Write the SDK image's rootfs as a tar stream to the binary file object `out`."""
+    prefix = sys.base_prefix
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    stdlib = os.path.join(prefix, "lib", version)
+    libs = _needed_libs(prefix, version, site, log)
     added: set[str] = set()
 
     with tarfile.open(fileobj=out, mode="w|") as tar:
@@ -149,15 +157,7 @@ def write_rootfs(out, site: str, log=print) -> None:
                 added.add(arc)
                 tar.add(path, arcname=arc, **kw)
 
-        base = tarfile.open(fileobj=io.BytesIO(busybox_rootfs_tar()))
-        for member in base.getmembers():
-            added.add(member.name)
-            tar.addfile(member, base.extractfile(member) if member.isfile() else None)
-        for d in ("usr", "usr/local", "usr/local/bin", "workdir"):
-            info = tarfile.TarInfo(d)
-            info.type, info.mode = tarfile.DIRTYPE, 0o755
-            added.add(d)
-            tar.addfile(info)
+        _add_base(tar, added)
         for lib in sorted(libs):
             if not lib.startswith(prefix + "/"):
                 # The path ldd names may be a link (libz.so.1 -> libz.so.1.2.13): store the
@@ -184,6 +184,19 @@ def write_rootfs(out, site: str, log=print) -> None:
             tar.addfile(info)
         if os.path.exists("/etc/ssl/certs/ca-certificates.crt"):
             add("/etc/ssl/certs/ca-certificates.crt")
+
+
+def _add_base(tar: tarfile.TarFile, added: set[str]) -> None:
+    """Busybox's rootfs and the empty directories the image needs, their names put in `added`."""
+    base = tarfile.open(fileobj=io.BytesIO(busybox_rootfs_tar()))
+    for member in base.getmembers():
+        added.add(member.name)
+        tar.addfile(member, base.extractfile(member) if member.isfile() else None)
+    for d in ("usr", "usr/local", "usr/local/bin", "workdir"):
+        info = tarfile.TarInfo(d)
+        info.type, info.mode = tarfile.DIRTYPE, 0o755
+        added.add(d)
+        tar.addfile(info)
 
 
 def import_rootfs(tag: str, site: str, log=print) -> None:

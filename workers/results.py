@@ -405,7 +405,7 @@ def _project_items(res: ResultsDir, pfd: int, folder: str, anns: dict):
             afd = _open_sub(res, dfd, "ann", f"{folder}/{ds}/ann")
             if ifd is None:
                 continue
-            for rel, f in safefs.walk_files(ifd, lambda r, why: res.skip(f"{folder}/{ds}/img/{r}", why)):
+            for rel, f in safefs.walk_files(ifd, lambda r, why, ds=ds: res.skip(f"{folder}/{ds}/img/{r}", why)):
                 if "/" in rel:
                     f.close()
                     res.skip(f"{folder}/{ds}/img/{rel}", "is inside a sub-folder of img/")

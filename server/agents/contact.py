@@ -382,9 +382,10 @@ _PG_POLLS_GONE = "DELETE FROM polls WHERE id IN (SELECT json_array_elements_text
 def _refused_data(e: Exception) -> bool:
     """The database (or its driver, binding a value) refused a row's data; not an outage, a lock
     or a conflict, which keep the batch for the next flush."""
+    err: BaseException | None = e
     if isinstance(e, sa_exc.StatementError) and not isinstance(e, sa_exc.DBAPIError):
-        e = e.orig  # a driver's bind error (sqlite3: "Python int too large to convert")
-    return isinstance(e, (sa_exc.DataError, sa_exc.IntegrityError, OverflowError, ValueError, TypeError))
+        err = e.orig  # a driver's bind error (sqlite3: "Python int too large to convert")
+    return isinstance(err, (sa_exc.DataError, sa_exc.IntegrityError, OverflowError, ValueError, TypeError))
 
 
 def _keys(batch: tuple) -> list:

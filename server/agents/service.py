@@ -11,6 +11,7 @@ import time
 
 from sqlalchemy import Integer, and_, any_, bindparam, case, delete, exists, func, insert, literal, or_, select, update
 from sqlalchemy.dialects import postgresql
+from sqlalchemy.sql import ColumnElement
 
 from protocol.errors import APIError
 from protocol.states import FINAL, LEASED, TaskState
@@ -128,7 +129,7 @@ def fleet_summary(conn, offline_after: float, shown: UnwrittenContacts, now: flo
     # GPUs of the nodes whose newest sample this process holds: from that sample, not the stored
     # one. A sample is a contact, so such a node is online while its sample is within the window.
     newer = shown.latest
-    gpu_count = func.coalesce(lt.gpu_count, 0)
+    gpu_count: ColumnElement = func.coalesce(lt.gpu_count, 0)
     if newer:
         gpu_count = case((_among(conn, a.id, sorted(newer)), 0), else_=gpu_count)
     nodes, up, gpus = conn.execute(

@@ -75,7 +75,8 @@ class ThumbStore:
 def render(src: Path, size: int) -> bytes:
     """JPEG bytes of the image at `src` scaled to fit size x size (EXIF rotation applied)."""
     try:
-        with Image.open(src, formats=FORMATS) as im:
+        with Image.open(src, formats=FORMATS) as opened:
+            im: Image.Image = opened  # rebound below to the scaled/rotated/converted copies
             if im.width * im.height > MAX_SOURCE_PIXELS:
                 raise NotAnImage(f"the image is {im.width}x{im.height}, more than {MAX_SOURCE_PIXELS} pixels")
             # Shrink first (JPEG: decoded at 1/2 to 1/8 scale by draft; others: reduce, then resample),

@@ -326,7 +326,8 @@ def insert_ignore(engine: Engine, table: Table):
     if name == "sqlite":
         from sqlalchemy.dialects.sqlite import insert as dialect_insert
     elif name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+        # the two dialects' Insert classes differ in type, not in the on_conflict_* API used here
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert  # type: ignore[assignment]
     else:
         return insert(table)
     return dialect_insert(table).on_conflict_do_nothing()
@@ -337,6 +338,7 @@ def upsert(engine: Engine, table: Table, keys: list[str], update: list[str]):
     if engine.dialect.name == "sqlite":
         from sqlalchemy.dialects.sqlite import insert as dialect_insert
     else:
-        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+        # the two dialects' Insert classes differ in type, not in the on_conflict_* API used here
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert  # type: ignore[assignment]
     stmt = dialect_insert(table)
     return stmt.on_conflict_do_update(index_elements=keys, set_={c: stmt.excluded[c] for c in update})

@@ -16,11 +16,11 @@ from pathlib import Path
 logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
 
 from alembic import command  # noqa: E402
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from sqlalchemy import inspect, text
-from sqlalchemy.engine import Connection, Engine
+from alembic.config import Config  # noqa: E402
+from alembic.runtime.migration import MigrationContext  # noqa: E402
+from alembic.script import ScriptDirectory  # noqa: E402
+from sqlalchemy import inspect, text  # noqa: E402
+from sqlalchemy.engine import Connection, Engine  # noqa: E402
 
 log = logging.getLogger("sly-server")
 
@@ -47,7 +47,9 @@ def alembic_config(connection: Connection | None = None) -> Config:
 
 def head() -> str:
     """The newest revision id."""
-    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+    rev = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert rev is not None, "server/db/migrations holds no revision"
+    return rev
 
 
 def current(conn: Connection) -> str | None:

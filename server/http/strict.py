@@ -149,8 +149,8 @@ def loads(raw: bytes | str, *, on_constant=None, lean: bool = False) -> Any:
             )
     else:
         value = json.loads(raw, parse_constant=_constant, parse_float=_float, parse_int=_int)
-    surrogate = _SURROGATE_B if isinstance(raw, (bytes, bytearray)) else _SURROGATE_S
-    return _replace_lone_surrogates(value) if surrogate.search(raw) else value
+    found = _SURROGATE_B.search(raw) if isinstance(raw, (bytes, bytearray)) else _SURROGATE_S.search(raw)
+    return _replace_lone_surrogates(value) if found else value
 
 
 _gc_lock = threading.Lock()

@@ -142,6 +142,7 @@ class LogHub:
         if not feed.followers and feed.end is None:
             if self.feeds.get(feed.task_id) is feed:
                 del self.feeds[feed.task_id]
+            assert feed.runner is not None  # set by join() before it hands out a follower
             feed.runner.cancel()
 
     async def follow(self, task: dict, after: int):

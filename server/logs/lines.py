@@ -144,9 +144,10 @@ def normalise_line(line, task_id: int, seq: int, i: int, now: float) -> tuple[tu
         _nonfinite_line(i, line)
     keys = line.keys()
     metric = None
+    extra: str | None
     cts = line.get("cts")
     if type(cts) is int and (keys == _USUAL_KEYS or keys == _USUAL_KEYS_SEQ):
-        extra = '{"cts":%d}' % cts  # what _extra_json({"cts": n}) gives, without its cost
+        extra = f'{{"cts":{cts}}}'  # what _extra_json({"cts": n}) gives, without its cost
     elif len(line) > 4 or not keys <= _CORE_SET:
         extra, metric, dropped = _extra_fields(line, task_id, seq, i)
         if dropped:

@@ -69,7 +69,9 @@ def store_lines(conn, rows: list[tuple], metric_rows: list[dict]) -> int:
         stored = _pg_insert_lines(conn, rows)
     else:
         stored = (
-            conn.execute(db.insert_ignore(conn.engine, db.log_lines), [dict(zip(_COLUMNS, r)) for r in rows]).rowcount
+            conn.execute(
+                db.insert_ignore(conn.engine, db.log_lines), [dict(zip(_COLUMNS, r, strict=True)) for r in rows]
+            ).rowcount
             or 0
         )
     if metric_rows:
@@ -106,7 +108,7 @@ _PG_INSERT_LINES = (
 def _pg_insert_lines(conn, rows: list[tuple]) -> int:
     """PostgreSQL: the whole batch in one statement whose one parameter is the rows as JSON text.
     As seven arrays, psycopg's Python array dumper took a quarter of a log POST's CPU."""
-    payload = strict.dumps([dict(zip(_COLUMNS, r)) for r in rows])
+    payload = strict.dumps([dict(zip(_COLUMNS, r, strict=True)) for r in rows])
     return conn.exec_driver_sql(_PG_INSERT_LINES, (payload,)).rowcount or 0
 
 

@@ -201,7 +201,7 @@ def same_project(conn, pid: int, meta: dict, datasets: list[dict]) -> bool:
         got = conn.execute(q.order_by(c.id).limit(end - start + last)).mappings().all()
         if len(got) != end - start:
             return False
-        for r, (ds_name, it) in zip(got, posted[start:end]):
+        for r, (ds_name, it) in zip(got, posted[start:end], strict=True):
             if (
                 r["dataset"] != ds_name
                 or {"name": r["name"], "sha256": r["sha256"], "size": r["size"], "ann": r["ann"]} != it

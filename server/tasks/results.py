@@ -3,6 +3,7 @@ writes (a model or checkpoint, a project, artifact rows) with the task's result 
 
 from __future__ import annotations
 
+from pydantic import ValidationError
 from sqlalchemy import bindparam, insert, select, update
 
 from protocol.errors import APIError
@@ -75,12 +76,19 @@ def _prepare_project(blobs, body: ResultsIn, agent_id: int) -> tuple[dict, list[
         ds_in = body.datasets
     else:
         by_ds: dict[str, list] = {}
-        for f in body.files:
-            if "/" not in f.path:
-                raise APIError(400, "bad_name", f"project result file {f.path!r} must be '<dataset>/<item name>'")
-            ds, item = f.path.split("/", 1)
-            by_ds.setdefault(ds, []).append(ItemRef(name=item, sha256=f.sha256, size=f.size, ann=f.ann))
-        ds_in = [DatasetIn(name=k, items=v) for k, v in by_ds.items()]
+        try:
+            for f in body.files:
+                if "/" not in f.path:
+                    raise APIError(400, "bad_name", f"project result file {f.path!r} must be '<dataset>/<item name>'")
+                ds, item = f.path.split("/", 1)
+                by_ds.setdefault(ds, []).append(ItemRef(name=item, sha256=f.sha256, size=f.size, ann=f.ann))
+            ds_in = [DatasetIn(name=k, items=v) for k, v in by_ds.items()]
+        except ValidationError as e:  # a file's path that makes no '<dataset>/<item>' names: a 400 as for any body
+            errs = e.errors()
+            code = "bad_name" if all(x.get("type") == "bad_name" for x in errs) else "invalid_request"
+            raise APIError(
+                400, code, "; ".join(f"project result file: {x.get('msg', 'invalid')}" for x in errs[:5])
+            ) from None
     return prepare(blobs, body.meta, ds_in, who=f"agent:{agent_id}")
 
 
@@ -120,7 +128,7 @@ def _post_model(conn, task_id: int, body: ResultsIn, results: dict, now: float, 
         if stored is not None and not stored.get("final"):  # the same checkpoint, now marked final
             conn.execute(update(db.models).where(m.id == mid).values(checkpoint=ck))
     if not replay:
-        _count(results, limits, len(files), sum(f["size"] for f in files))
+        _count(results, limits, len(files), sum(f.size for f in body.files))
         mid = conn.execute(
             insert(db.models).values(
                 name=body.name or f"task {task_id} model",

@@ -133,7 +133,9 @@ def create_task(conn, body, now: float) -> dict:
             updated_at=now,
         )
     ).inserted_primary_key[0]
-    return get_task(conn, tid)
+    task = get_task(conn, tid)
+    assert task is not None  # inserted just now, in this transaction
+    return task
 
 
 def list_tasks(conn, agent_id: int | None, state: str | None, limit: int, before: int | None) -> list[dict]:
@@ -266,7 +268,7 @@ def _stops(mine, running: set[int]) -> tuple[list[int], list[int]]:
     return stop, new_stop
 
 
-def _not_running(server, conn, mine, running: set[int], now: float) -> list[dict]:
+def _not_running(server, conn, mine, running: set[int], now: float) -> list[dict | None]:
     """The agent's leased tasks it does not run (it restarted, or never got the answer that gave
     them): one with a stop requested is stopped now; the others' rows, to be handed out again."""
     again = []
@@ -274,13 +276,16 @@ def _not_running(server, conn, mine, running: set[int], now: float) -> list[dict
         if state == TaskState.LOST.value or tid in running:
             continue
         if stop_requested:
+            task = get_task(conn, tid)
+            if task is None:
+                continue  # deleted since the agent's tasks were read: nothing left to stop
             try:
-                change_state(conn, get_task(conn, tid), TaskState.STOPPED, now, error="stopped before the agent ran it")
+                change_state(conn, task, TaskState.STOPPED, now, error="stopped before the agent ran it")
                 server.wakeups.notify_task(conn, tid)
             except StateRace:
                 pass
         else:
-            again.append(get_task(conn, tid))
+            again.append(get_task(conn, tid))  # None if gone since: _fitting skips it
     return again
 
 

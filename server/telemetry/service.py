@@ -96,8 +96,9 @@ _UTIL_KEYS = ("utilization_percent", "util_percent", "gpu_util", "utilization", 
 
 
 def _gpus(sample: dict) -> list[dict]:
-    out = []
-    for i, g in enumerate(sample.get("gpus") if isinstance(sample.get("gpus"), list) else []):
+    out: list[dict] = []
+    gpus = sample.get("gpus")
+    for i, g in enumerate(gpus if isinstance(gpus, list) else []):
         if _num(g) is not None:
             out.append({"index": i, "utilization": _r(float(g))})
             continue
@@ -108,7 +109,8 @@ def _gpus(sample: dict) -> list[dict]:
             util = _num(g.get(k))
             if util is not None:
                 break
-        mem = g.get("memory") if isinstance(g.get("memory"), dict) else {}
+        memory = g.get("memory")
+        mem = memory if isinstance(memory, dict) else {}
         index = _int(g.get("index"), *INT4)
         row = {
             "index": index if index is not None else i,

@@ -156,10 +156,11 @@ class AgentProcess:
 
 
 def assert_counter_log(lines: list[dict], n: int) -> None:
-    """The server's log of a `counter` task: seqs 0.. contiguous; stdout lines 'line 0'..'line n-1' once each, in order."""
-    seqs = [l["seq"] for l in lines]
+    """The server's log of a `counter` task: seqs 0.. contiguous; stdout lines 'line 0'..'line n-1' once each,
+    in order."""
+    seqs = [line["seq"] for line in lines]
     assert seqs == list(range(len(lines))), "seqs not contiguous from 0"
-    out = [l["message"] for l in lines if l["stream"] == "stdout"]
+    out = [line["message"] for line in lines if line["stream"] == "stdout"]
     assert out == [f"line {i}" for i in range(n)], (
         f"{len(out)} stdout lines; first wrong at {next((i for i, m in enumerate(out) if m != f'line {i}'), None)}"
     )

@@ -9,6 +9,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from tests.support.server import REPO
 
 CHATTY_ROUNDS = """
@@ -65,6 +67,7 @@ print("hung", hung, "markers", sum(f"marker {{i}}" in text for i in range(20)), 
     assert r.stdout.split() == ["hung", "None", "markers", "20", "bad", "0", "parent", "True"], r.stdout
 
 
+@pytest.mark.slow
 def test_multiprocessing_logging_hangs_a_child_after_a_kill():
     """The evidence for not using multiprocessing-logging: a child killed while it holds the shared
     queue's write lock makes the next child that logs hang at exit (its feeder thread waits forever)."""
@@ -103,6 +106,7 @@ def fork_many(n, wait):
 """
 
 
+@pytest.mark.slow
 def test_fork_while_threads_log_never_hangs_a_child(tmp_path):
     """The supervisor forks while its threads log: with the agent's logging no child hangs."""
     r = run_py(
@@ -121,6 +125,7 @@ os._exit(0)
     assert r.stdout.split() == ["hung", "None"], r.stdout
 
 
+@pytest.mark.slow
 def test_plain_logging_hangs_a_child_forked_mid_write(tmp_path):
     """The evidence for the fork hook: the same with plain logging handlers hangs a child."""
     r = run_py(

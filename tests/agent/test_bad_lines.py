@@ -23,6 +23,7 @@ from tests.support.fake_agent import FakeAgent
 from tests.support.procs import poll_for
 
 
+@pytest.mark.slow
 def test_garbage_in_a_task_log_harms_neither_the_shipper_nor_other_tasks(server, make_agent):
     """A real agent: one task appends 20 lines that are not log lines between its 60 own and emits
     an empty line dict (`emit([{}])`, which once killed the shipper); a second task runs beside it."""
@@ -34,12 +35,14 @@ def test_garbage_in_a_task_log_harms_neither_the_shipper_nor_other_tasks(server,
     assert a.wait_state(good)["state"] == "finished"
 
     lines = a.logs(bad)
-    assert [l["seq"] for l in lines] == list(range(len(lines)))
-    out = [l["message"] for l in lines if l["stream"] == "stdout"]
+    assert [line["seq"] for line in lines] == list(range(len(lines)))
+    out = [line["message"] for line in lines if line["stream"] == "stdout"]
     assert [m for m in out if m] == [f"line {i}" for i in range(60)]  # each good line once, in order
     assert out.count("") == 1  # the empty line dict, stored as one line
-    assert "appended 20 bad lines" in [l["message"] for l in lines if l["stream"] == "agent"]
-    assert not any("garbage" in l["message"] or "nowhere" in l["message"] or "repeated" in l["message"] for l in lines)
+    assert "appended 20 bad lines" in [line["message"] for line in lines if line["stream"] == "agent"]
+    assert not any(
+        "garbage" in line["message"] or "nowhere" in line["message"] or "repeated" in line["message"] for line in lines
+    )
     assert_counter_log(a.logs(good), 60)
 
     assert a.child("log-shipper") == shipper and a.proc.poll() is None  # never died, never restarted
@@ -109,7 +112,7 @@ def test_an_unreadable_log_fails_that_task_alone(server, leased, caplog):
         )
         for _ in range(3):
             shipper.loop_once(time.monotonic(), ignore_backoff=True)
-    assert [l["message"] for l in _server_lines(server, admin, fine)] == [f"m{i}" for i in range(5)]
+    assert [line["message"] for line in _server_lines(server, admin, fine)] == [f"m{i}" for i in range(5)]
     assert shipper.bad_lines == 1
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and f"task {broken}: cannot ship its log" in errors[0] and "not a regular file" in errors[0]

@@ -6,9 +6,12 @@ import json
 import signal
 import time
 
+import pytest
+
 from tests.support.procs import poll_for
 
 
+@pytest.mark.slow
 def test_short_of_disk_refuses_tasks_with_the_reason_then_takes_them_after_reload(server, make_agent, tmp_path):
     agent = make_agent(server)
     config_file = tmp_path / "agent.json"

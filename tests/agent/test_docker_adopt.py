@@ -24,9 +24,10 @@ def create(a, image) -> int:
 
 
 def container_lines(a, tid) -> list[str]:
-    return [l["message"] for l in a.logs(tid) if l["stream"] in ("stdout", "stderr")]
+    return [line["message"] for line in a.logs(tid) if line["stream"] in ("stdout", "stderr")]
 
 
+@pytest.mark.slow
 def test_task_process_killed_while_its_container_runs(server, make_agent, busybox_image):
     a = make_agent(server).start(handler=None)
     tid = create(a, busybox_image)
@@ -35,9 +36,10 @@ def test_task_process_killed_while_its_container_runs(server, make_agent, busybo
     t = a.wait_state(tid, timeout=60)
     assert t["state"] == "finished", t
     assert container_lines(a, tid) == [f"line {i}" for i in range(1, 41)]
-    assert any("re-attached to container" in l["message"] for l in a.logs(tid))
+    assert any("re-attached to container" in line["message"] for line in a.logs(tid))
 
 
+@pytest.mark.slow
 def test_agent_killed_and_restarted_adopts_the_container(server, make_agent, busybox_image):
     a = make_agent(server).start(handler=None)
     tid = create(a, busybox_image)

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import signal
 
+import pytest
+
 from node import tasklog
 from node.config import load_config
 from tests.agent.conftest import assert_counter_log
 from tests.support.procs import poll_for
 
 
+@pytest.mark.slow
 def test_a_task_created_after_sigterm_is_handed_back_and_runs_on_the_next_start(server, make_agent):
     a = make_agent(server)
 

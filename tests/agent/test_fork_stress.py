@@ -33,7 +33,7 @@ def test_fork_300_task_processes_while_all_log(server, make_agent):
     assert {t["state"] for t in items} == {"finished"}
     for tid in ids[:: N_TASKS // 10]:
         lines = a.logs(tid)
-        assert [l["message"] for l in lines if l["stream"] == "stdout"] == [f"line {i}" for i in range(200)]
+        assert [line["message"] for line in lines if line["stream"] == "stdout"] == [f"line {i}" for i in range(200)]
     log = next((a.root / "logs").glob("log_*.txt")).read_text()
     assert log.count("chatty placeholder") == N_TASKS * 4 * 10  # every child's records arrived
     assert a.proc.poll() is None

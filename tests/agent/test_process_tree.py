@@ -20,6 +20,7 @@ def cmdline(pid: int) -> str:
     return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
 
 
+@pytest.mark.slow
 def test_tree_titles_and_sigterm_drain(server, make_agent):
     """ps shows the tree while two tasks run; SIGTERM: no new task, both finish, exit 0."""
     a = make_agent(server).start()
@@ -61,6 +62,7 @@ def test_tree_titles_and_sigterm_drain(server, make_agent):
     assert len(log_files) == 1 and "SIGTERM: draining" in log_files[0].read_text()
 
 
+@pytest.mark.slow
 def test_kill_helpers_repeatedly_mid_task(server, make_agent):
     """kill -9 of telemetry and log-shipper, 10 times each: back within seconds; logs complete."""
     a = make_agent(server).start(CHILD_RESTART_WINDOW=2, CHILD_RESTART_MAX=100)
@@ -73,7 +75,7 @@ def test_kill_helpers_repeatedly_mid_task(server, make_agent):
         for pid in old.values():
             os.kill(pid, signal.SIGKILL)
         for role, pid in old.items():
-            poll_for(lambda: a.child(role) not in (None, pid), timeout=10, what=f"{role} restarted")
+            poll_for(lambda role=role, pid=pid: a.child(role) not in (None, pid), timeout=10, what=f"{role} restarted")
     assert a.proc.poll() is None and a.proc.pid == sup
     assert a.wait_state(t1)["state"] == "finished"
     assert a.wait_state(t2)["state"] == "finished"
@@ -95,7 +97,7 @@ def test_kill_task_process(server, make_agent):
     assert t["state"] == "failed" and t["error"] == "task process killed by SIGKILL", t
     # its log up to the kill is on the server, contiguous
     lines = a.logs(tid)
-    assert [l["seq"] for l in lines] == list(range(len(lines)))
+    assert [line["seq"] for line in lines] == list(range(len(lines)))
     assert a.proc.poll() is None and a.proc.pid == sup
     ok = a.create_task(config={"lines": 5, "rate": 0})
     assert a.wait_state(ok)["state"] == "finished"
@@ -111,11 +113,14 @@ def test_crashing_handlers(server, make_agent, handler, reason):
     assert t["state"] == "failed" and reason in t["error"], t
     assert a.proc.poll() is None
     if handler == "raiser":
-        assert any("handler raised RuntimeError" in l["message"] and l["stream"] == "agent" for l in a.logs(tid))
+        assert any(
+            "handler raised RuntimeError" in line["message"] and line["stream"] == "agent" for line in a.logs(tid)
+        )
         assert "password=***" in t["error"] and "hunter2" not in t["error"]  # the error is masked too
-        assert not any("hunter2" in l["message"] for l in a.logs(tid))
+        assert not any("hunter2" in line["message"] for line in a.logs(tid))
 
 
+@pytest.mark.slow
 def test_kill_supervisor_and_restart_loses_nothing(server, make_agent):
     """kill -9 of the supervisor mid-task; the restarted agent adopts the task; no line lost or doubled."""
     a = make_agent(server).start()
@@ -132,6 +137,7 @@ def test_kill_supervisor_and_restart_loses_nothing(server, make_agent):
     assert_counter_log(a.logs(tid), 80)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_server_outage_loses_no_line(fresh_server, make_agent):
     """The server stops for 30 s while a task logs 10 lines/s: every line arrives, once, in order."""
@@ -174,7 +180,7 @@ def test_secrets_never_reach_disk_or_server(server, make_agent):
     a = make_agent(server).start(handler="secret_logger")
     tid = a.create_task()
     assert a.wait_state(tid)["state"] == "finished"
-    messages = [l["message"] for l in a.logs(tid)]
+    messages = [line["message"] for line in a.logs(tid)]
     assert "db password=*** connected" in messages and not any(a.token in m for m in messages)
     a.signal(signal.SIGTERM)
     assert a.wait_exit(30) == 0
@@ -189,7 +195,7 @@ def test_helper_fatal_is_logged_and_reported(server, make_agent):
     for _ in range(3):
         pid = poll_for(lambda: a.child("telemetry"), timeout=10, what="telemetry")
         os.kill(pid, signal.SIGKILL)
-        poll_for(lambda: a.child("telemetry") != pid, timeout=10, what="telemetry gone")
+        poll_for(lambda pid=pid: a.child("telemetry") != pid, timeout=10, what="telemetry gone")
     log_file = next((a.root / "logs").glob("log_*.txt"))
     poll_for(lambda: "telemetry died 3 times" in log_file.read_text(), timeout=10, what="FATAL in the log")
 
@@ -258,18 +264,20 @@ def test_sighup_reloads_config(server, make_agent, tmp_path):
     assert "config reloaded (max_tasks=2" in a.stderr() and " died " not in a.stderr()
 
 
+@pytest.mark.slow
 def test_hung_helper_is_killed_and_restarted(server, make_agent):
     """Dead and hung are different: a stopped (SIGSTOP) log-shipper sends no heartbeat and is replaced."""
     a = make_agent(server).start(HELPER_HUNG_AFTER=2)
     pid = a.child("log-shipper")
     os.kill(pid, signal.SIGSTOP)
     poll_for(lambda: a.child("log-shipper") not in (None, pid), timeout=15, what="log-shipper replaced")
-    assert "log-shipper (pid %d) sent no heartbeat" % pid in a.stderr()
+    assert f"log-shipper (pid {pid}) sent no heartbeat" in a.stderr()
     tid = a.create_task(config={"lines": 10, "rate": 0})
     assert a.wait_state(tid)["state"] == "finished"
     assert_counter_log(a.logs(tid), 10)
 
 
+@pytest.mark.slow
 def test_log_shipper_fatal_exits_5_and_a_restart_finishes_the_task(server, make_agent):
     """The log-shipper going FATAL ends the agent with code 5; restarted, it ships the log and finishes."""
     a = make_agent(server).start(CHILD_RESTART_MAX=2, CHILD_RESTART_WINDOW=60)
@@ -279,7 +287,7 @@ def test_log_shipper_fatal_exits_5_and_a_restart_finishes_the_task(server, make_
     for _ in range(2):
         pid = poll_for(lambda: a.child("log-shipper"), timeout=10, what="log-shipper")
         os.kill(pid, signal.SIGKILL)
-        poll_for(lambda: a.child("log-shipper") != pid, timeout=10, what="log-shipper gone")
+        poll_for(lambda pid=pid: a.child("log-shipper") != pid, timeout=10, what="log-shipper gone")
     assert a.wait_exit(20) == 5
     assert "log-shipper died 2 times" in a.stderr()
     _, alive = psutil.wait_procs(survivors, timeout=10)  # orphaned children leave by themselves

@@ -97,8 +97,8 @@ def test_helper_restart_backs_off_exponentially_with_jitter(sup):
     h.policy.max_deaths = 100
     delays = [kill_and_restart(sup, "log-shipper") for _ in range(6)]
     bands = [min(10.0, 0.1 * 2**n) for n in range(4, 10)]
-    assert all(0.5 * b <= d <= 1.5 * b for d, b in zip(delays, bands)), (delays, bands)
-    assert len({round(d / b, 6) for d, b in zip(delays, bands)}) > 1, "no jitter"
+    assert all(0.5 * b <= d <= 1.5 * b for d, b in zip(delays, bands, strict=True)), (delays, bands)
+    assert len({round(d / b, 6) for d, b in zip(delays, bands, strict=True)}) > 1, "no jitter"
     assert h.restarts == 10 and len(sup.spawner.spawned("log-shipper")) == 11
     assert sup.helpers["telemetry"].restarts == 0  # the other helper is untouched
 

@@ -182,7 +182,7 @@ def test_task_log_seqs_masking_and_cts(config):
         == 1
     )
     w.close()
-    rows = [json.loads(l) for l in w.path.read_text().splitlines()]
+    rows = [json.loads(line) for line in w.path.read_text().splitlines()]
     assert [r["seq"] for r in rows] == [0, 1]
     assert TOKEN not in w.path.read_text() and "password=***" in rows[1]["message"]
     assert tasklog.last_cts(w.path) == 5 and tasklog.last_seq(w.path) == 1
@@ -200,7 +200,7 @@ def test_task_log_masks_json_messages_and_extra_fields(config):
     w.close()
     text = w.path.read_text()
     assert "s3cr3t!" not in text and "hidden99" not in text
-    assert [json.loads(l)["seq"] for l in text.splitlines()] == list(range(52))
+    assert [json.loads(line)["seq"] for line in text.splitlines()] == list(range(52))
 
 
 def test_task_log_cuts_a_partial_line_and_continues(config):
@@ -213,7 +213,7 @@ def test_task_log_cuts_a_partial_line_and_continues(config):
     assert w2.path == w.path and w2.seq == 2
     w2.write([{"ts": 1.0, "level": "info", "stream": "stdout", "message": "m3"}])
     w2.close()
-    rows = [json.loads(l) for l in w.path.read_text().splitlines()]
+    rows = [json.loads(line) for line in w.path.read_text().splitlines()]
     assert [(r["seq"], r["message"]) for r in rows] == [(0, "m0"), (1, "m1"), (2, "m2"), (3, "m3")]
 
 

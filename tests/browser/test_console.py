@@ -20,12 +20,14 @@ def hide_token(page, token: str) -> None:
     page.evaluate(
         """(t) => {
         const mask = "•".repeat(32), v = document.getElementById("token-value"); v.value = mask;
-        for (const p of document.querySelectorAll("#run-commands pre")) p.textContent = p.textContent.split(t).join(mask);
+        for (const p of document.querySelectorAll("#run-commands pre"))
+            p.textContent = p.textContent.split(t).join(mask);
     }""",
         token,
     )
 
 
+@pytest.mark.slow
 def test_sign_in_then_add_node_shows_a_working_token_once(page, server):
     page.goto(server.url + "/tasks")
     page.wait_for_url("**/signin")  # no session: pages send you to sign-in
@@ -96,6 +98,7 @@ def test_edit_node_untick_type_then_server_refuses_it_and_form_hides_node(consol
     expect(page.locator("#nt-node option", has_text="edited-node")).to_have_count(0)
 
 
+@pytest.mark.slow
 def test_task_from_form_live_log_progress_and_stop(console, server):
     created, agent = online_agent(server, "runner", ["custom", "train"])
     page = console

@@ -25,11 +25,15 @@ DAY = 86400.0
 CHART_STATE = """(fig) => {
     const u = fig.uplot;
     const ctx = u.ctx, img = ctx.getImageData(0, 0, ctx.canvas.width, ctx.canvas.height).data;
-    const rgb = s => { const h = s.replace('#', '').slice(0, 6); return [0, 2, 4].map(i => parseInt(h.slice(i, i + 2), 16)); };
+    const rgb = s => {
+        const h = s.replace('#', '').slice(0, 6);
+        return [0, 2, 4].map(i => parseInt(h.slice(i, i + 2), 16));
+    };
     const painted = u.series.slice(1).map(s => {
         const [r, g, b] = rgb(s._stroke); let n = 0;
         for (let i = 0; i < img.length; i += 4)
-            if (img[i + 3] > 200 && Math.abs(img[i] - r) + Math.abs(img[i + 1] - g) + Math.abs(img[i + 2] - b) < 40) n++;
+            if (img[i + 3] > 200
+                && Math.abs(img[i] - r) + Math.abs(img[i + 1] - g) + Math.abs(img[i + 2] - b) < 40) n++;
         return n;
     });
     return {labels: u.series.map(s => s.label), data: u.data.map(c => Array.from(c)),
@@ -71,12 +75,13 @@ def train_task(server, agent_name: str) -> tuple[dict, FakeAgent]:
     return task, agent
 
 
+@pytest.mark.slow
 def test_task_page_draws_train_and_val_curves_with_axes_and_checkpoints(console, server):
     task, agent = train_task(server, "curves")
     train = [1.20, 0.80, 0.55, 0.40, 0.32, 0.27, 0.24, 0.22]
     val = [1.35, 0.98, 0.74, 0.62, 0.57, 0.55, 0.54, 0.55]
     lines = []
-    for epoch, (t, v) in enumerate(zip(train, val), 1):
+    for epoch, (t, v) in enumerate(zip(train, val, strict=True), 1):
         lines.append(
             {
                 "message": f"epoch {epoch}",
@@ -153,6 +158,7 @@ def test_task_page_draws_train_and_val_curves_with_axes_and_checkpoints(console,
     agent.state(task["id"], "finished", exit_code=0)
 
 
+@pytest.mark.slow
 def test_node_page_charts_follow_telemetry_over_the_chosen_window(console, server):
     gpus = [
         {
@@ -225,6 +231,7 @@ def test_node_page_charts_follow_telemetry_over_the_chosen_window(console, serve
     page.evaluate("localStorage.removeItem('sly.node.window')")
 
 
+@pytest.mark.slow
 def test_nodes_page_fits_900_px_with_every_action_visible(console, server):
     long_name = "gpu-box-17.training-cluster.eu-west.example.internal"
     gpus = [
@@ -292,6 +299,7 @@ def own_server(tmp_path):
     srv.stop()
 
 
+@pytest.mark.slow
 def test_remove_stale_nodes_deletes_only_offline_nodes_older_than_the_threshold(page, own_server):
     srv = own_server
     admin, db_path, now = srv.admin(), srv.data_dir / "server.db", time.time()

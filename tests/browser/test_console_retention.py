@@ -3,6 +3,7 @@ nodes page's pages of rows and its summary from the server."""
 
 from __future__ import annotations
 
+import pytest
 from playwright.sync_api import expect
 
 from tests.browser.conftest import online_agent, sign_in
@@ -10,6 +11,7 @@ from tests.support.fake_agent import FakeAgent
 from tests.support.server import ServerProcess
 
 
+@pytest.mark.slow
 def test_task_page_deletes_a_final_task_and_names_a_deleted_node(console, server):
     created, agent = online_agent(server, "short-lived", ["custom"])
     admin = server.admin()
@@ -39,6 +41,7 @@ def test_task_page_deletes_a_final_task_and_names_a_deleted_node(console, server
     assert admin.get(f"{server.url}/api/v1/tasks/{task['id']}", timeout=10).status_code == 404
 
 
+@pytest.mark.slow
 def test_nodes_page_shows_the_server_summary_and_pages_of_100(page, tmp_path):
     srv = ServerProcess(tmp_path / "data").start()  # its own: 120 nodes would crowd the shared one
     try:

@@ -12,6 +12,7 @@ from tests.support.procs import free_port
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(600)]
 
 
+@pytest.mark.slow
 def test_the_printed_link_signs_in_to_the_nodes_page_once(browser, docker_client, tmp_path):
     from playwright.sync_api import expect
 

@@ -11,6 +11,7 @@ import sys
 import threading
 
 import pytest
+import requests
 
 from client import UserClient
 from tests.support.fake_agent import FakeAgent
@@ -61,7 +62,7 @@ def test_nodes_add_list_edit_rotate(server):
 
     new = cli_json(server, "nodes", "rotate", str(node_id))
     assert new["token"] != token
-    with pytest.raises(Exception):
+    with pytest.raises(requests.HTTPError):
         agent.connect()  # the old token is refused at once
     FakeAgent(server.url, new["token"]).connect()
     cli(server, "nodes", "delete", str(node_id))

@@ -310,7 +310,8 @@ def sdk_python(tmp_dir: Path) -> str | None:
 SDK_WRITE = """
 import sys, numpy as np, supervisely as sly
 meta = sly.ProjectMeta(
-    obj_classes=[sly.ObjClass("car", sly.Rectangle), sly.ObjClass("road", sly.Polygon), sly.ObjClass("sky", sly.Bitmap)],
+    obj_classes=[sly.ObjClass("car", sly.Rectangle), sly.ObjClass("road", sly.Polygon),
+                 sly.ObjClass("sky", sly.Bitmap)],
     tag_metas=[sly.TagMeta("sunny", sly.TagValueType.NONE),
                sly.TagMeta("weather", sly.TagValueType.ONEOF_STRING, possible_values=["rain", "snow"])])
 p = sly.Project(sys.argv[1], sly.OpenMode.CREATE)
@@ -367,15 +368,18 @@ def sdk_round_trip(sdk: str, server, tmp_path: Path) -> dict:
     return items
 
 
+@pytest.mark.slow
 def test_the_sdk_opens_what_it_wrote_after_a_round_trip_through_a_storing_server(sdk, tmp_path):
     with StubServer() as stub:  # stores the project exactly as POSTed, meta and anns included
         sdk_round_trip(sdk, stub, tmp_path)
 
 
+@pytest.mark.slow
 def test_the_sdk_opens_what_it_wrote_after_a_round_trip_through_the_server(sdk, server, tmp_path):
     sdk_round_trip(sdk, server, tmp_path)
 
 
+@pytest.mark.slow
 def test_the_sdk_opens_a_downloaded_plain_project(sdk, server, tmp_path):
     src = tmp_path / "plain"
     (src / "b").mkdir(parents=True)

@@ -22,6 +22,7 @@ def agent_image(docker_client):
     return image.tags[0]
 
 
+@pytest.mark.slow
 def test_agent_container_runs_a_task_with_host_paths(agent_image, server, docker_client, tmp_path):
     from client import UserClient
 

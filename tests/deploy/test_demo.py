@@ -138,6 +138,7 @@ def second_run(first_run):
         run.stop()
 
 
+@pytest.mark.slow
 def test_the_signin_link_signs_in_once(first_run):
     r = first_run["first"]
     assert r.status_code == 200 and r.url.endswith("/nodes"), (r.status_code, r.url)
@@ -171,6 +172,7 @@ def test_the_first_run_trained_and_predicted(first_run):
     ), out[-3000:]
 
 
+@pytest.mark.slow
 def test_a_rerun_reuses_node_project_model_and_port(first_run, second_run):
     out = second_run["run"].out
     assert f"server on http://127.0.0.1:{first_run['port']} " in out, "the same port, its TIME_WAIT notwithstanding"
@@ -194,7 +196,7 @@ def test_training_made_checkpoint_models_and_inference_a_result_project(second_r
     infers = [t for t in tasks if t["type"] == "inference"]
     assert len(trains) == 2 and len(infers) == 2, [(t["id"], t["type"], t["state"]) for t in tasks]
     models = client.list_models()
-    for train, infer in zip(trains, infers):
+    for train, infer in zip(trains, infers, strict=True):
         assert train["state"] == "finished", train.get("error")
         made = sorted(m["id"] for m in models if m.get("task_id") == train["id"])
         assert len(made) == EPOCHS, "one model per checkpoint"
@@ -225,6 +227,7 @@ def test_ctrl_c_stops_the_agent_then_the_server_quietly(second_run):
     assert not _error_lines(run.out), _error_lines(run.out)
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_the_middle_of_training(tmp_path, docker_client):
     data = tmp_path / "demo-data"
     run = DemoRun(data, free_port())

@@ -111,6 +111,7 @@ def _run(venv: Path, cwd: Path, *argv: str, env: dict | None = None, timeout: fl
     )
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_wheel_holds_every_package_and_the_console_files(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
@@ -148,6 +149,7 @@ def test_console_scripts_work_from_anywhere(venv, tmp_path):
     assert p.returncode == 2 and p.stderr.startswith("sly-agent: config error"), (p.returncode, p.stderr)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_installed_server_serves_the_console_and_the_cli_talks_to_it(venv, tmp_path):
     token = "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(32))

@@ -78,6 +78,7 @@ def venv(tmp_path_factory, clone) -> Path:
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_dead_docker_daemon_is_one_clear_sentence(venv):
     assert any(p.name.startswith(".installed-requirements.txt") for p in venv.iterdir())

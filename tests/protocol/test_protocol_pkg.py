@@ -91,7 +91,9 @@ def test_task_types_and_error_decoding():
 
 
 def test_backoff_grows_caps_and_jitters():
-    mid = lambda a, b: (a + b) / 2
+    def mid(a, b):
+        return (a + b) / 2
+
     assert backoff.backoff_delay(1, 0.2, 5.0, rng=mid) == pytest.approx(0.2)
     assert backoff.backoff_delay(3, 0.2, 5.0, rng=mid) == pytest.approx(0.8)
     assert backoff.backoff_delay(100, 0.2, 5.0, rng=mid) == pytest.approx(5.0)

@@ -76,6 +76,7 @@ def test_inputs_are_read_only(agent, user, attack_image):
     assert_serves_next(agent, user, attack_image)
 
 
+@pytest.mark.slow
 def test_fork_bomb_is_held_by_the_pid_limit(server, tmp_path, user, attack_image, docker_client):
     from tests.security.conftest import DefaultRootAgent
 
@@ -141,6 +142,7 @@ def fill(path) -> None:
             assert e.errno == errno.ENOSPC, e
 
 
+@pytest.mark.slow
 def test_full_disk_fails_the_task_cleanly(server, tmp_path, user, attack_image):
     """The storage dir is an 8 MB tmpfs, filled while the task prints: the task fails saying so,
     no seq is written twice, every line that reached the durable log arrives, and once space is

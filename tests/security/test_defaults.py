@@ -169,6 +169,12 @@ def test_an_explicit_root_naming_the_token_is_refused(tmp_path):
         load_config(env(AGENT_HOST_DIR=str(tmp_path / "ok"), AGENT_DIR=f"/inside/{TOKEN}"))
 
 
+def test_agent_dir_without_host_dir_is_a_config_error():
+    # was a TypeError (`token in None`): where the Docker host keeps the storage is unknown
+    with pytest.raises(ConfigError, match="AGENT_DIR is set without AGENT_HOST_DIR"):
+        load_config(env(AGENT_DIR="/inside"))
+
+
 def test_settings_are_validated():
     with pytest.raises(ConfigError, match="TASK_NETWORK"):
         load_config(env(AGENT_HOST_DIR="/x", TASK_NETWORK="host"))

@@ -27,6 +27,7 @@ def agent_watches(agent) -> int:
     return n
 
 
+@pytest.mark.slow
 def test_many_folders_do_not_exhaust_the_hosts_inotify_watches(agent, user, attack_image):
     """2,000 folders with a file each: the agent holds at most WATCH_DIRS watches meanwhile (it
     held one per folder), and every file still arrives while the task runs (by scanning)."""
@@ -71,6 +72,7 @@ def limited_agent(server, tmp_path):
     a.kill_tree()
 
 
+@pytest.mark.slow
 def test_results_past_the_limits_fail_the_task_cleanly(limited_agent, user, attack_image):
     """300 files with TASK_RESULTS_MAX_FILES=100, then 20 MB with TASK_RESULTS_MAX_MB=5: each task
     fails saying which limit, and the agent runs the next task."""

@@ -151,6 +151,7 @@ def test_results_are_limited_per_task_in_files_and_bytes(own_server):
     assert "project_id" not in results and len(list(client.task_artifacts(tid))) == 3  # nothing of the refused posts
 
 
+@pytest.mark.slow
 def test_replaced_and_deleted_artifacts_let_their_blobs_go(own_server):
     srv, client, agent = own_server("--blob-grace-s", "2")
     tid = _running_task(client, agent)

@@ -131,7 +131,8 @@ def _project(client, *blobs: bytes) -> tuple[dict, list[str]]:
                 {
                     "name": "ds",
                     "items": [
-                        {"name": f"i{n}.bin", "sha256": h, "size": len(b)} for n, (h, b) in enumerate(zip(shas, blobs))
+                        {"name": f"i{n}.bin", "sha256": h, "size": len(b)}
+                        for n, (h, b) in enumerate(zip(shas, blobs, strict=True))
                     ],
                 }
             ],
@@ -176,6 +177,7 @@ def _store_path(srv, sha: str):
     return srv.data_dir / "blobs" / sha[:2] / sha[2:5] / sha
 
 
+@pytest.mark.slow
 def test_unreferenced_blobs_and_partial_uploads_are_collected_after_the_grace(own_server):
     srv, client, agent = own_server("--blob-grace-s", "2")
     project, (kept_item,) = _project(client, b"a project's item")

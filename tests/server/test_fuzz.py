@@ -19,9 +19,9 @@ schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
 from hypothesis.errors import Unsatisfiable  # noqa: E402
 from schemathesis.checks import not_a_server_error  # noqa: E402
-from schemathesis.specs.openapi.checks import (
+from schemathesis.specs.openapi.checks import (  # noqa: E402
     content_type_conformance,
-    response_schema_conformance,  # noqa: E402
+    response_schema_conformance,
     status_code_conformance,
 )
 
@@ -86,6 +86,26 @@ def test_every_operation_survives_fuzzing(fuzz_server):
     # Sign-in last: its wrong tokens make the server throttle this address (429 for every admin
     # request from it, the right token too), which would stop the operations after it.
     ops.sort(key=lambda op: (op.method.upper(), op.path) == ("POST", "/api/v1/session"))
+
+    def fuzzer(op, strategy, headers):
+        """A Hypothesis test: send each request that `strategy` makes for `op`, check the answer."""
+
+        @settings(
+            max_examples=EXAMPLES,
+            derandomize=True,
+            database=None,
+            deadline=None,
+            phases=[Phase.explicit, Phase.generate],
+            suppress_health_check=list(HealthCheck),
+        )
+        @given(case=strategy)
+        def run(case):
+            response = case.call(base_url=srv.url, session=session, headers=headers, timeout=30)
+            statuses.setdefault(op.label, set()).add(response.status_code)
+            case.validate_response(response, checks=CHECKS)
+
+        return run
+
     for op in ops:
         objects = _fresh_objects(srv)
         headers = (
@@ -101,21 +121,7 @@ def test_every_operation_survives_fuzzing(fuzz_server):
             strategy = op.as_strategy(
                 generation_mode=mode, query=FIXED_QUERY.get(op.path), path_parameters=path_parameters
             )
-
-            @settings(
-                max_examples=EXAMPLES,
-                derandomize=True,
-                database=None,
-                deadline=None,
-                phases=[Phase.explicit, Phase.generate],
-                suppress_health_check=list(HealthCheck),
-            )
-            @given(case=strategy)
-            def run(case):
-                response = case.call(base_url=srv.url, session=session, headers=headers, timeout=30)
-                statuses.setdefault(op.label, set()).add(response.status_code)
-                case.validate_response(response, checks=CHECKS)
-
+            run = fuzzer(op, strategy, headers)
             try:
                 run()
             except Unsatisfiable:

@@ -58,6 +58,7 @@ def _peak_rss(pid: int) -> int:
     raise AssertionError("no VmHWM")
 
 
+@pytest.mark.slow
 def test_decompression_bomb_is_refused_from_its_header(own_server):
     srv, client, _ = own_server()
     bomb = _png(13000, 13000, orientation=6)  # 169 Mpx RGBA: 676 MB decoded, twice with the rotation

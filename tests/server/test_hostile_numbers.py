@@ -357,7 +357,7 @@ def _schema_numbers(schema: dict, spec: dict, path=()):
 
 
 def _matches(pattern: tuple, path: tuple) -> bool:
-    return len(pattern) == len(path) and all(a == "*" or a == b for a, b in zip(pattern, path))
+    return len(pattern) == len(path) and all(a == "*" or a == b for a, b in zip(pattern, path, strict=True))
 
 
 def _put(body, path, value):

@@ -110,6 +110,7 @@ def test_postgresql_sql_renders(tmp_path):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.sqlite_only("it reads or writes the SQLite file in the data dir directly")
 def test_server_adopts_a_pre_migration_database_and_keeps_its_data(tmp_path):
     data = tmp_path / "data"

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from server.agents.agent_router import POLL_JITTER
 
 
+@pytest.mark.slow
 def test_a_task_lost_while_the_poll_waits_wakes_it_with_the_stop(own_server):
     srv, client, agent = own_server("--lease-s", "2")
     tid = client.create_task(agent.id, "custom", image="x:1")["id"]
@@ -36,6 +39,7 @@ def test_an_idle_poll_answers_at_its_end_with_the_stops_it_found(server, client,
     assert answer["tasks"] == [] and answer["stop"] == [tid] and answer["settings"]["name"] == "idle"
 
 
+@pytest.mark.slow
 def test_idle_polls_of_nodes_that_started_together_end_at_spread_out_times(server, client, make_agent):
     """A fleet that reconnects at once must not keep polling in step (a burst every `wait`)."""
     import threading

@@ -53,7 +53,7 @@ def test_the_quiet_answer_is_what_the_hand_out_decides(
             insert(db.agents).values(name="o", token_hash="o" * 64, allowed_task_types=["custom"], created_at=now)
         ).inserted_primary_key[0]
         ids = []
-        for i, (state, req, delivered) in enumerate(tasks):
+        for state, req, delivered in tasks:
             ids.append(
                 conn.execute(
                     insert(db.tasks).values(
@@ -111,6 +111,6 @@ def test_the_quiet_answer_is_what_the_hand_out_decides(
         # a held task the node does not list (handed out again when a slot is free).
         held = {s.value for s in LEASED} | {"lost"}
         may_act = (any(s == "queued" for s, _, _ in tasks) and free_slots > 0) or any(
-            s in held and i not in running for i, (s, _, _) in zip(ids, tasks)
+            s in held and i not in running for i, (s, _, _) in zip(ids, tasks, strict=True)
         )
         assert not full_is_quiet or may_act, (tasks, running, free_slots, first, refusing, stored_refusing)

@@ -105,6 +105,7 @@ def test_bitmap_larger_than_its_image_is_refused(server, client):
         assert f"{w}x{h}, larger than its image (64x48)" in r.json()["detail"] and "a.png" in r.json()["detail"]
 
 
+@pytest.mark.slow
 @pytest.mark.server_process("measures the server process's CPU")
 def test_bitmaps_of_one_request_inflate_within_a_budget(own_server):
     server, client, _ = own_server()

@@ -345,6 +345,7 @@ def test_bad_bodies_are_json_errors(server, client, make_agent):
     assert r.status_code == 200 and r.json() == {"acked": 2999}
 
 
+@pytest.mark.slow
 def test_lease_expiry_makes_task_lost(own_server):
     srv, c, agent = own_server("--lease-s", "1", "--offline-after-s", "1", name="silent")
     t = c.create_task(agent.id, "custom", image="x:1")
@@ -432,6 +433,7 @@ def test_no_agent_token_on_disk(own_server):
         assert agent.token.encode() not in blob and rotated.encode() not in blob, p
 
 
+@pytest.mark.slow
 def test_restart_gives_agents_a_full_lease_and_keeps_data(own_server):
     srv, c, agent = own_server("--lease-s", "2")
     t = c.create_task(agent.id, "custom", image="x:1")

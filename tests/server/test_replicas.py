@@ -166,7 +166,7 @@ def test_a_follower_on_a_sees_lines_posted_to_b(replicas):
     for seq in (1, 2):
         t0 = time.monotonic()
         assert on_b.logs_raw(task["id"], seq, [{"message": f"line {seq}"}]).json()["acked"] == seq
-        poll_for(lambda: len(seen) == seq + 1, timeout=10, what=f"line {seq} on A")
+        poll_for(lambda seq=seq: len(seen) == seq + 1, timeout=10, what=f"line {seq} on A")
         took = seen[seq][1] - t0
         print(f"cross-replica log line: {took * 1000:.0f} ms")
         assert took < WAKE_S

@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_migrating_logs_no_alembic_plugin_lines(tmp_path):
     # A process of its own: Alembic names its plugins once per process, at the first migration.
     code = (
-        "import logging, sys; logging.basicConfig(level=logging.INFO); from server import db; from server.db import migrate; "
+        "import logging, sys; logging.basicConfig(level=logging.INFO); "
+        "from server import db; from server.db import migrate; "
         "migrate.upgrade(db.make_engine('sqlite:///' + sys.argv[1]))"
     )
     out = subprocess.run(

@@ -46,7 +46,7 @@ def _leased_task(client, agent) -> int:
 @pytest.mark.parametrize("bad", ["NaN", "Infinity", "-Infinity", "1e400"])
 def test_non_finite_telemetry_is_refused_and_nothing_is_stored(server, client, make_agent, bad):
     agent = make_agent("nan-telemetry")
-    r = _raw(agent, server.url + endpoints.TELEMETRY, '{"cpu": {"percent": %s}, "free_slots": 1}' % bad)
+    r = _raw(agent, server.url + endpoints.TELEMETRY, f'{{"cpu": {{"percent": {bad}}}, "free_slots": 1}}')
     assert r.status_code == 400, r.text
     assert r.json()["error"] == "non_finite_number" and "finite" in r.json()["detail"]
     assert client.get_agent(agent.id)["telemetry"] is None
@@ -137,7 +137,7 @@ def test_a_non_finite_number_outside_the_metric_values_refuses_the_batch(server,
     r = _raw(
         agent,
         server.url + endpoints.path(endpoints.TASK_LOGS, task_id=tid),
-        '{"first_seq": 0, "lines": [{"message": "ok"}, %s]}' % line,
+        f'{{"first_seq": 0, "lines": [{{"message": "ok"}}, {line}]}}',
     )
     assert r.status_code == 400 and r.json()["error"] == "non_finite_number", r.text
     assert "lines[1]" in r.json()["detail"]
@@ -182,7 +182,7 @@ def test_a_huge_or_non_finite_timeout_is_refused_and_nothing_is_stored(server, c
     r = _raw(
         client.session,
         server.url + endpoints.TASKS,
-        '{"agent_id": %d, "type": "custom", "image": "img", "timeout_s": %s}' % (agent.id, timeout),
+        f'{{"agent_id": {agent.id:d}, "type": "custom", "image": "img", "timeout_s": {timeout}}}',
     )
     assert r.status_code == 400, r.text
     assert r.json()["error"] in ("non_finite_number", "invalid_request")
@@ -342,6 +342,21 @@ def test_path_like_result_names_and_item_paths_are_refused(server, client, make_
         "result_files": 0,
         "result_bytes": 0,
     }
+
+
+def test_a_project_result_file_whose_dataset_or_item_name_is_bad_is_a_400(client, make_agent):
+    """The fuzzer's find: a project result from `files` whose path splits into names the project
+    checks refuse (here an empty dataset name) was a 500 (a ValidationError inside the route)."""
+    agent = make_agent("results")
+    tid = _leased_task(client, agent)
+    sha = client.upload_bytes(b"result")
+    url = endpoints.path(endpoints.TASK_RESULTS, task_id=tid)
+    for path in ("/x.png", "ds/\x00.png", "ds/" + "n" * 300):
+        r = agent.post_raw(url, json={"kind": "project", "files": [{"path": path, "sha256": sha, "size": 6}]})
+        assert r.status_code == 400 and r.json()["error"] in ("bad_name", "invalid_request", "nul_character"), (
+            path,
+            r.text,
+        )
 
 
 @pytest.mark.parametrize("bad", CONTROL_NAMES)

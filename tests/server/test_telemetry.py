@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import random
+from itertools import pairwise
 
+import pytest
 import requests
 from sqlalchemy import func, select, text
 
@@ -91,6 +93,7 @@ def points(engine, agent_id: int) -> list[tuple[float, bool]]:
         return [tuple(r) for r in conn.execute(select(h.ts, h.minute).where(h.agent_id == agent_id).order_by(h.ts))]
 
 
+@pytest.mark.slow
 def test_history_keeps_every_point_for_an_hour_then_one_a_minute_then_none_per_node(engine):
     s = Settings(telemetry_interval_s=20.0)  # min gap 10 s, full 1 h, kept 24 h
     t0 = 1_700_000_000.0
@@ -107,14 +110,14 @@ def test_history_keeps_every_point_for_an_hour_then_one_a_minute_then_none_per_n
     older = [(ts, minute) for ts, minute in a if ts < now - s.telemetry_full_s]
     assert all(minute for _, minute in older)
     assert 23 * 60 - 2 <= len(older) <= 23 * 60 + 1  # one a minute for 23 hours
-    gaps = [b[0] - a_[0] for a_, b in zip(older, older[1:])]
+    gaps = [b[0] - a_[0] for a_, b in pairwise(older)]
     assert min(gaps) >= 50 and max(gaps) <= 70, (min(gaps), max(gaps))
     assert len({int(ts // 60) for ts, _ in older}) == len(older)  # one per minute, never two
 
     b = points(engine, 2)  # 4 s samples, min gap 10 s: a point every 12 s
     recent_b = [ts for ts, _ in b if ts >= now - s.telemetry_full_s]
     assert 297 <= len(recent_b) <= 301
-    assert min(y - x for (x, _), (y, _) in zip(b, b[1:])) >= s.telemetry_min_gap
+    assert min(y - x for (x, _), (y, _) in pairwise(b)) >= s.telemetry_min_gap
     bound = s.telemetry_full_s / s.telemetry_min_gap + s.telemetry_keep_s / 60 + 2
     assert len(a) <= bound and len(b) <= bound
     with engine.connect() as conn:  # the latest row is one per node, with the newest sample
@@ -288,6 +291,7 @@ def test_nodes_list_is_paged_summarised_and_answers_304_when_unchanged(own_serve
     assert admin.get(url, params={"limit": 0}, timeout=10).status_code in (400, 422)
 
 
+@pytest.mark.slow
 def test_a_read_shows_the_unwritten_batch_writes_nothing_and_answers_the_same_once_written(own_server):
     """The nodes list, a node's page and its chart show what this process holds and has not
     written yet (server/agents/contact.py, `shown()`), and the read writes none of it: the console

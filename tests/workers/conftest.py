@@ -27,11 +27,15 @@ i=1
 while [ $i -le 3 ]; do
   c=$(printf '%08d' $((i-1)))
   mkdir -p $D/results/$c
-  echo "{\"message\": \"progress\", \"event_type\": \"EventType.PROGRESS\", \"subtask\": \"Epochs\", \"current\": $i, \"total\": 3}"
-  echo "{\"message\": \"metrics\", \"event_type\": \"EventType.METRICS\", \"type\": \"train\", \"epoch\": $i, \"metrics\": {\"loss\": 0.$i}}"
+  echo "{\"message\": \"progress\", \"event_type\": \"EventType.PROGRESS\"," \
+    "\"subtask\": \"Epochs\", \"current\": $i, \"total\": 3}"
+  echo "{\"message\": \"metrics\", \"event_type\": \"EventType.METRICS\", \"type\": \"train\", \"epoch\": $i," \
+    "\"metrics\": {\"loss\": 0.$i}}"
   cp -r $D/model/. $D/results/$c/
   echo "weights of epoch $i" > $D/results/$c/weights.bin
-  echo "{\"message\": \"checkpoint\", \"event_type\": \"EventType.CHECKPOINT\", \"subdir\": \"$c\", \"id\": $((i-1)), \"sizeb\": 18, \"best_now\": true, \"optional\": {\"epoch\": $i, \"val_loss\": 0.$i}}"
+  echo "{\"message\": \"checkpoint\", \"event_type\": \"EventType.CHECKPOINT\", \"subdir\": \"$c\"," \
+    "\"id\": $((i-1)), \"sizeb\": 18, \"best_now\": true," \
+    "\"optional\": {\"epoch\": $i, \"val_loss\": 0.$i}}"
   i=$((i+1))
 done
 mkdir -p $D/results/$(printf '%08d' 3)

@@ -61,6 +61,7 @@ def test_stop_from_the_server(agent, user, task_image):
     assert "got SIGTERM" in stdout(agent, task["id"])
 
 
+@pytest.mark.slow
 def test_agent_restart_readopts_running_container(agent, user, task_image, docker_client):
     agent.start(handler=None, **AGENT_ENV)
     task = user.create_task(agent.id, "custom", image=task_image, command=["count.sh", "150", "0.02"])

@@ -23,6 +23,7 @@ def registry(docker_client):
         docker_client.images.remove(image.id, force=True)
 
 
+@pytest.mark.slow
 def test_missing_image_is_pulled_with_progress_in_the_task_log(node, registry):
     registry.delay_s = 2.0  # long enough for progress lines (at most one a second)
     image = registry.add_image("sly/pulled", "1", cmd=["echo", "hello from a pulled image"])
@@ -49,6 +50,7 @@ def test_always_pulls_again_and_never_refuses_a_missing_image(node, registry, do
     assert not docker_client.images.list(name=missing.rsplit(":", 1)[0] + ":2")
 
 
+@pytest.mark.slow
 def test_a_slow_pull_does_not_hold_up_another_task(node, registry, task_image):
     registry.delay_s = 6.0
     slow_image = registry.add_image("sly/slow", "1", cmd=["true"])

@@ -127,6 +127,7 @@ def test_the_watch_never_holds_more_than_its_cap(tmp_path):
         os.close(fd)
 
 
+@pytest.mark.slow
 def test_live_files_are_posted_in_batches_and_fall_back_to_scanning(unit):
     api = RecordingAPI()
     ctx = unit(api)
@@ -151,6 +152,7 @@ def test_live_files_are_posted_in_batches_and_fall_back_to_scanning(unit):
     assert ctx.lines[-1].startswith("uploaded 1 files") and "4499 unchanged" in ctx.lines[-1], ctx.lines[-1]
 
 
+@pytest.mark.slow
 def test_the_uploader_keeps_a_few_bytes_per_file(unit):
     api = RecordingAPI()
     ctx = unit(api)
@@ -234,6 +236,7 @@ def read_chars() -> int:
     return psutil.Process().io_counters().read_chars
 
 
+@pytest.mark.slow
 @pytest_docker
 def test_1500_closed_files_arrive_in_few_posts(node, user, task_image):
     ctx = node.ctx(
@@ -257,6 +260,7 @@ def test_1500_closed_files_arrive_in_few_posts(node, user, task_image):
     assert sorted(a["path"] for a in artifacts(user, ctx.task_id)) == sorted(f"f{i}" for i in range(1500))
 
 
+@pytest.mark.slow
 @pytest_docker
 def test_a_checkpoint_announced_again_unchanged_is_not_copied_again(node, user, task_image):
     line = '{"message": "checkpoint", "event_type": "EventType.CHECKPOINT", "subdir": "ck"}'

@@ -60,7 +60,7 @@ def main():
             ann = sly.Annotation.load_json_file(paths.ann_path, out_meta)
             img = sly.image.read(paths.img_path).astype(float)
             labels = []
-            for obj_class, mean in zip(model_classes, means):
+            for obj_class, mean in zip(model_classes, means, strict=True):
                 distance = np.linalg.norm(img - mean, axis=2)
                 rows, cols = np.nonzero(distance <= config["max_distance"])
                 if len(rows) < config["min_pixels"]:

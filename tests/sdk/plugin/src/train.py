@@ -72,7 +72,7 @@ def main():
         with open(sly.TaskPaths.MODEL_CONFIG_PATH) as f:
             model_config = json.load(f)
         weights = np.load(os.path.join(sly.TaskPaths.MODEL_DIR, WEIGHTS))
-        known = dict(zip(model_config["classes"], weights["means"]))
+        known = dict(zip(model_config["classes"], weights["means"], strict=True))
         means = np.array([known.get(c, np.zeros(3)) for c in classes], dtype=float)
         epochs_before = model_config.get("epochs_done", 0)
         sly.logger.info("Model weights loaded", extra={"classes": list(known), "epochs_done": epochs_before})
