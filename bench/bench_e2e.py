@@ -211,9 +211,13 @@ def bench_download(server, user, tmp: Path, files: int, kb: int, workers: int):
     blobs = [it["sha256"] for it in items]
     project = user.create_project(f"bench-{os.getpid()}", [{"name": "ds", "items": items}])
     agent = user.create_agent(f"bench-dl-{os.getpid()}")
-    # baseline: plain parallel GET of the same blobs into files
+    # baseline: plain parallel GET of the same blobs into files, by the node whose leased task names
+    # them (a node reads only its tasks' blobs)
     session = requests.Session()
     session.headers["x-token"] = agent["token"]
+    user.create_task(agent["id"], "custom", image="bench:1", project_id=project["id"])
+    r = session.post(f"{server.url}/agent/v1/poll?wait=0", json={"free_slots": 1, "free_gpus": [], "running": []})
+    r.raise_for_status()
     adapter = requests.adapters.HTTPAdapter(pool_connections=16, pool_maxsize=16)
     session.mount("http://", adapter)
     out = tmp / "plain"
