@@ -9,8 +9,10 @@ or reorder text with bidirectional overrides. `safe` shows each of them as a vis
 
 from __future__ import annotations
 
+from protocol.names import CONTROL_CODEPOINTS
+
 _BIDI = [*range(0x202A, 0x202F), *range(0x2066, 0x206A)]
-_UNSAFE = {c: f"\\x{c:02x}" for c in [*range(0x00, 0x20), 0x7F, *range(0x80, 0xA0)] if c != 0x09}
+_UNSAFE = {c: f"\\x{c:02x}" for c in CONTROL_CODEPOINTS if c != 0x09}
 _UNSAFE.update({c: f"\\u{c:04x}" for c in _BIDI})
 
 

@@ -16,11 +16,10 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 from pydantic_core import PydanticCustomError
 
 from protocol.errors import APIError
+from protocol.names import CONTROL_RE
 from server.http.strict import ID_MAX, INT64_MAX
 
 MEMORY_RE = re.compile(r"^\d+(\.\d+)?[bkmgBKMG]?$")
-# C0, DEL and C1 controls: in a name they rewrite a terminal (the CLI's listings) or split a log line.
-CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 NAME_MAX = 255  # bytes of one path component (Linux NAME_MAX): an agent makes a directory of it

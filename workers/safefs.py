@@ -17,6 +17,8 @@ import os
 import stat
 from collections.abc import Callable, Iterator
 
+from protocol.names import CONTROL_RE
+
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | getattr(os, "O_NOCTTY", 0)
 
@@ -128,16 +130,13 @@ def _parts(rel: str) -> list[str]:
     return parts
 
 
-_CONTROL = frozenset([*range(0x00, 0x20), 0x7F, *range(0x80, 0xA0)])
-
-
 def unsendable(name: str) -> str | None:
     """Why the server would refuse `name` as part of a result's path (a control character, a
     backslash, bytes that are not UTF-8), else None: such a file is skipped, not posted, so one
     odd name cannot fail the whole result."""
     if "\\" in name:
         return "has a backslash in its name"
-    if any(ord(c) in _CONTROL for c in name):
+    if CONTROL_RE.search(name):
         return "has a control character in its name"
     try:
         name.encode("utf-8")

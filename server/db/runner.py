@@ -17,7 +17,7 @@ from server.wakeups import Wakeups
 
 
 class Database:
-    def __init__(self, settings: Settings, wakeups_of=None):
+    def __init__(self, settings: Settings):
         sqlite = settings.database_url.startswith("sqlite")
         self.engine = db.make_engine(settings.database_url, pool_size=settings.pool_size + (1 if sqlite else 0))
         # The same pool, each checkout in autocommit: a lone read then costs one round trip, not three
