@@ -14,6 +14,10 @@ CONNECT = AGENT_PREFIX + "/connect"
 POLL = AGENT_PREFIX + "/poll"
 TELEMETRY = AGENT_PREFIX + "/telemetry"
 AGENT_BLOB = AGENT_PREFIX + "/blobs/{sha256}"
+AGENT_BLOBS_CHECK = AGENT_PREFIX + "/blobs/check"  # POST {sha256: [...]}: those the node lacks or may not read
+AGENT_BLOBS_UPLOAD = AGENT_PREFIX + "/blobs/upload"  # POST a tar of blobs (protocol/bulk.py)
+AGENT_BLOBS_DOWNLOAD = AGENT_PREFIX + "/blobs/download"  # POST {sha256: [...]} -> a tar of blobs
+TASK_PROJECT_ITEMS = AGENT_PREFIX + "/tasks/{task_id}/project/items"  # GET ?cursor=&limit=: the task's items
 TASK_STATE = AGENT_PREFIX + "/tasks/{task_id}/state"
 TASK_LOGS = AGENT_PREFIX + "/tasks/{task_id}/logs"
 TASK_RESULTS = AGENT_PREFIX + "/tasks/{task_id}/results"
@@ -28,10 +32,13 @@ AGENT_BY_ID = USER_PREFIX + "/agents/{agent_id}"  # GET, PATCH, DELETE: one node
 AGENT_TOKEN = USER_PREFIX + "/agents/{agent_id}/token"
 AGENT_TELEMETRY = USER_PREFIX + "/agents/{agent_id}/telemetry"
 USER_BLOB = USER_PREFIX + "/blobs/{sha256}"
+USER_BLOBS_CHECK = USER_PREFIX + "/blobs/check"  # POST {sha256: [...]} -> {missing: [...]}
+USER_BLOBS_UPLOAD = USER_PREFIX + "/blobs/upload"  # POST a tar of blobs (protocol/bulk.py)
+USER_BLOBS_DOWNLOAD = USER_PREFIX + "/blobs/download"  # POST {sha256: [...]} -> a tar of blobs
 USER_BLOB_THUMB = USER_PREFIX + "/blobs/{sha256}/thumb"  # ?size=256|1024|...: an image blob scaled down (JPEG)
 PROJECTS = USER_PREFIX + "/projects"
 PROJECT = USER_PREFIX + "/projects/{project_id}"
-PROJECT_ITEMS = USER_PREFIX + "/projects/{project_id}/items"  # ?dataset=&cursor=&limit=: items with annotations
+PROJECT_ITEMS = USER_PREFIX + "/projects/{project_id}/items"  # GET ?dataset=&cursor=&limit= (with anns); POST: add a page
 PROJECT_STATS = USER_PREFIX + "/projects/{project_id}/stats"  # objects per class, tags per name
 MODELS = USER_PREFIX + "/models"
 MODEL = USER_PREFIX + "/models/{model_id}"
