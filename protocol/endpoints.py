@@ -38,7 +38,7 @@ USER_BLOBS_DOWNLOAD = USER_PREFIX + "/blobs/download"  # POST {sha256: [...]} ->
 USER_BLOB_THUMB = USER_PREFIX + "/blobs/{sha256}/thumb"  # ?size=256|1024|...: an image blob scaled down (JPEG)
 PROJECTS = USER_PREFIX + "/projects"
 PROJECT = USER_PREFIX + "/projects/{project_id}"
-PROJECT_ITEMS = USER_PREFIX + "/projects/{project_id}/items"  # GET ?dataset=&cursor=&limit= (with anns); POST: add a page
+PROJECT_ITEMS = USER_PREFIX + "/projects/{project_id}/items"  # GET ?dataset=&cursor=&limit=; POST: add a page
 PROJECT_STATS = USER_PREFIX + "/projects/{project_id}/stats"  # objects per class, tags per name
 MODELS = USER_PREFIX + "/models"
 MODEL = USER_PREFIX + "/models/{model_id}"

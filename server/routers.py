@@ -2,11 +2,12 @@
 
 Agent side (header x-token): `agents.agent_router` (connect, long-poll), `tasks.agent_router`
 (state, results, release), `logs.agent_router` (log batches), `telemetry.agent_router`, and the
-agent half of `blobs.router`. User side (Bearer admin token or console session): `auth.router`
-(console sign-in), `agents.router` (nodes), `projects.router`, `models.router`, `tasks.router`,
-`logs.router` (reading and following a task's log), `blobs.thumbs_router` (the console's
-thumbnails) and the user half of `blobs.router`; then the console's pages. `http.echo` holds the benchmark's echo
-endpoint, mounted only when the settings ask for it.
+agent halves of `blobs.router` and `blobs.bulk_router` (many blobs per request). User side (Bearer
+admin token or console session): `auth.router` (console sign-in), `agents.router` (nodes),
+`projects.router`, `models.router`, `tasks.router`, `logs.router` (reading and following a task's
+log), `blobs.thumbs_router` (the console's thumbnails) and the user halves of `blobs.router` and
+`blobs.bulk_router`; then the console's pages. `http.echo` holds the benchmark's echo endpoint,
+mounted only when the settings ask for it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ def include_all(app: FastAPI, settings: Settings) -> None:
     from server.agents import agent_router as agent_poll
     from server.agents import router as agents
     from server.auth import router as sessions
+    from server.blobs import bulk_router as bulk_blobs
     from server.blobs import router as blobs
     from server.blobs import thumbs_router
     from server.console import router as console
@@ -50,6 +52,8 @@ def include_all(app: FastAPI, settings: Settings) -> None:
         app.include_router(module.router, responses=ERROR_RESPONSES)
     app.include_router(blobs.agent_router, responses=ERROR_RESPONSES)
     app.include_router(blobs.user_router, responses=ERROR_RESPONSES)
+    app.include_router(bulk_blobs.agent_router, responses=ERROR_RESPONSES)
+    app.include_router(bulk_blobs.user_router, responses=ERROR_RESPONSES)
     if settings.echo_endpoint:
         app.include_router(echo.router)
     app.include_router(console)  # the web console's pages (server/console/)

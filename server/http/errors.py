@@ -105,8 +105,10 @@ def install_error_handlers(app: FastAPI) -> None:
                 fields=unknown[:10],
             )
         parts = [f"{_where(e)}: {e.get('msg', 'invalid')}" for e in errs[:5]]
-        # A name refused as path-like keeps its own code (schemas.SafeName raises it).
-        code = "bad_name" if errs and all(e.get("type") == "bad_name" for e in errs) else "invalid_request"
+        # A name refused as path-like, a bad sha256 in a bulk list and a bulk list over its bound keep
+        # their own codes (schemas.SafeName, blobs.bulk.HashesIn raise them).
+        kinds = {e.get("type") for e in errs}
+        code = kinds.pop() if len(kinds) == 1 and kinds <= _OWN_CODES else "invalid_request"
         return error_response(400, code, "; ".join(parts))
 
     @app.exception_handler(StarletteHTTPException)
@@ -124,6 +126,9 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(500, "internal", f"the server failed on this request ({type(exc).__name__})")
 
 
+_OWN_CODES = {"bad_name", "bad_sha256", "batch_too_large"}
+
+
 def _where(e: dict) -> str:
     """Where a validation error stands in the body (`datasets.0.name`), cut short: a field's name is the sender's."""
     return ".".join(str(x)[:100] for x in e.get("loc", ()) if x != "body")[:300] or "body"
@@ -136,13 +141,15 @@ def _template_re(*templates: str) -> re.Pattern:
 
 
 _BLOB_RE = _template_re(endpoints.AGENT_BLOB, endpoints.USER_BLOB)
+_BULK_UPLOAD_RE = _template_re(endpoints.AGENT_BLOBS_UPLOAD, endpoints.USER_BLOBS_UPLOAD)
 _LARGE_RE = _template_re(endpoints.TASK_LOGS, endpoints.ECHO)
-_PROJECT_RE = _template_re(endpoints.PROJECTS, endpoints.TASK_RESULTS)
+_PROJECT_RE = _template_re(endpoints.PROJECTS, endpoints.PROJECT_ITEMS, endpoints.TASK_RESULTS)
 
 
 def body_limit(settings: Settings, method: str, path: str) -> int | None:
-    """The most bytes a request body may have on this route; None: streamed, unlimited (blob PUT)."""
-    if method == "PUT" and _BLOB_RE.match(path):
+    """The most bytes a request body may have on this route; None: streamed, unlimited (blob PUT,
+    bulk blob upload: bounded by protocol.bulk's MAX_BYTES as it streams)."""
+    if (method == "PUT" and _BLOB_RE.match(path)) or (method == "POST" and _BULK_UPLOAD_RE.match(path)):
         return None
     if _LARGE_RE.match(path):
         return settings.logs_body_limit

@@ -13,14 +13,15 @@ from server.http.deps import AdminDep, ParsedJSONRoute, StateDep, cursor_id, pag
 from server.http.strict import RowId
 from server.projects import service
 from server.projects.stats import StatsCache
-from server.schemas import ProjectIn
+from server.schemas import PAGE_MAX, ProjectIn, ProjectItemsIn
 
 router = APIRouter(tags=["user"], route_class=ParsedJSONRoute)
 
 
 @router.post(endpoints.PROJECTS)
 async def create_project(body: ProjectIn, state: StateDep, _: AdminDep):
-    """A Supervisely project referencing uploaded blobs: meta and annotations checked (400 names the item)."""
+    """A Supervisely project referencing uploaded blobs: meta and annotations checked (400 names the item).
+    Answers the project's row (datasets: name, items_count); datasets may be left empty and filled by pages."""
     # Checking thousands of annotations takes a while: off the event loop, which serves the long-polls.
     meta, datasets = await run_in_threadpool(service.prepare, state.blobs, body.meta, body.datasets)
 
@@ -49,7 +50,7 @@ async def list_projects(
 
 @router.get(endpoints.PROJECT)
 async def read_one(project_id: RowId, state: StateDep, _: AdminDep):
-    """The project with its meta and every item's {name, sha256, size}; annotations: GET .../items."""
+    """The project with its meta and datasets (name, items_count); the items: GET .../items, a page at a time."""
 
     def read() -> dict:
         with state.db.engine.connect() as conn:
@@ -64,7 +65,7 @@ async def list_items(
     state: StateDep,
     _: AdminDep,
     dataset: str | None = None,
-    limit: int = Query(100, ge=1, le=1000),
+    limit: int = Query(100, ge=1, le=PAGE_MAX),
     cursor: str | None = None,
 ):
     """A page of the project's items in order, each with its annotation (`ann`); `dataset=` filters."""
@@ -79,18 +80,40 @@ async def list_items(
     return JSONResponse(page(await state.db.run(read), limit))
 
 
+@router.post(endpoints.PROJECT_ITEMS)
+async def add_items(project_id: RowId, body: ProjectItemsIn, state: StateDep, _: AdminDep):
+    """Add a page of items to a dataset (made after the others if new): checked as creation checks them,
+    against the project's stored meta; a name the dataset holds already is a 400 `duplicate_path`, and
+    nothing of a refused page is stored. Answers {dataset, added, items_count (the dataset's, after)}."""
+
+    def meta() -> dict:
+        with state.db.engine.connect() as conn:
+            return service.project_meta(conn, project_id)
+
+    # The meta of a project never changes: read before the check, which runs off the event loop.
+    items = await run_in_threadpool(
+        service.prepare_page, state.blobs, await state.db.run(meta), body.dataset, body.items
+    )
+
+    def append() -> dict:
+        with state.db.engine.begin() as conn:
+            return service.append_items(conn, project_id, body.dataset, items)
+
+    return await state.db.run(append)
+
+
 @router.get(endpoints.PROJECT_STATS)
 async def project_stats(project_id: RowId, request: Request, state: StateDep, _: AdminDep):
     """Objects per class (`classes: {title: {objects, items}}`), images per image tag (`tags`), objects per
     object tag (`object_tags`), and `items`, `labelled` (items with an object), `objects` in all."""
-    # Counted once per project and kept with the app (a project never changes once stored).
+    # Counted once per project and item count, and kept with the app (items are only ever added).
     cache = getattr(request.app.state, "project_stats", None)
     if cache is None:
         cache = request.app.state.project_stats = StatsCache()
 
     def read() -> dict:
         with state.db.engine.connect() as conn:
-            service.check_exists(conn, project_id)
-        return cache.get(state.db.engine, project_id)
+            items = service.items_total(conn, project_id)
+        return cache.get(state.db.engine, project_id, items)
 
     return await state.db.run(read)

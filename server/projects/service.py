@@ -1,7 +1,10 @@
-"""Project rows: checking a posted Supervisely project, storing it, and reading it back.
+"""Project rows: checking a posted Supervisely project, storing it, adding pages of items to it,
+and reading it back a page at a time.
 
-A project is its row in `projects` (name, meta, dataset summary) and one `project_items` row
-per image (blob + annotation), inserted in order so that the item id orders and pages them.
+A project is its row in `projects` (name, meta, dataset summary `[{name, items_count}]`) and one
+`project_items` row per image (blob + annotation), inserted in order so that the item id orders
+and pages them: within a dataset, the order the items were posted in (a project filled by pages
+may interleave its datasets' rows).
 """
 
 from __future__ import annotations
@@ -9,10 +12,10 @@ from __future__ import annotations
 import threading
 from contextlib import contextmanager
 
-from sqlalchemy import insert, select
+from sqlalchemy import insert, select, update
 
 from protocol.errors import APIError
-from protocol.sly_format import BadFormat, Budget, check_ann, check_meta, empty_ann, empty_meta
+from protocol.sly_format import BadFormat, Budget, Meta, check_ann, check_meta, empty_ann, empty_meta
 from server import db
 from server.blobs import refs as blob_refs
 from server.db import rows
@@ -27,6 +30,7 @@ _running: dict[str, int] = {}
 _running_lock = threading.Lock()
 
 INSERT_BATCH = 500  # project items per INSERT statement
+NAME_BATCH = 500  # item names per query of an append's duplicate check (SQLite binds a bounded number)
 SAME_PAGE_ITEMS = 500  # stored items read per page when comparing a re-posted project
 SAME_PAGE_OBJECTS = 20_000  # fewer items per page when their annotations hold this many objects
 
@@ -71,6 +75,16 @@ def prepare(blobs, meta, datasets: list, *, who: str | None = None) -> tuple[dic
             raise APIError(400, e.code, str(e)) from None
 
 
+def prepare_page(blobs, meta: dict, dataset: str, items: list) -> list[dict]:
+    """Check one page of items (ItemRefs) for `dataset` against a stored project's `meta`; returns
+    them with every annotation filled in. The checks of `prepare`; blocking: call it in a thread."""
+    check_relpath(dataset, "dataset name", single=True)
+    try:
+        return _prepare_items(blobs, check_meta(meta), dataset, items, Budget(), {})
+    except BadFormat as e:
+        raise APIError(400, e.code, str(e)) from None
+
+
 def _prepare(blobs, meta, datasets: list) -> tuple[dict, list[dict]]:
     checked = check_meta(meta if meta is not None else empty_meta())
     meta = meta if meta is not None else empty_meta()
@@ -82,21 +96,27 @@ def _prepare(blobs, meta, datasets: list) -> tuple[dict, list[dict]]:
         names.add(ds.name)
     budget = Budget()
     sizes: dict[str, tuple] = {}  # items may share a blob: read each header once
-    out = []
-    for ds in datasets:
-        check_files(blobs, ds.items, "name", f"dataset {ds.name}, item")
-        items = []
-        for it in ds.items:
-            if it.ann is None:
-                if it.sha256 not in sizes:
-                    sizes[it.sha256] = image_size(blobs.path(it.sha256))
-                ann = empty_ann(*sizes[it.sha256])
-            else:
-                check_ann(it.ann, checked, f"dataset {ds.name}, item {it.name}", budget)
-                ann = it.ann
-            items.append({"name": it.name, "sha256": it.sha256, "size": it.size, "ann": ann})
-        out.append({"name": ds.name, "items": items})
+    out = [
+        {"name": ds.name, "items": _prepare_items(blobs, checked, ds.name, ds.items, budget, sizes)} for ds in datasets
+    ]
     return meta, out
+
+
+def _prepare_items(blobs, checked: Meta, dataset: str, refs: list, budget: Budget, sizes: dict) -> list[dict]:
+    """The items of one dataset checked (names, blobs, annotations against the checked meta), each
+    as a stored row's fields; an absent `ann` becomes the empty one sized from the image's header."""
+    check_files(blobs, refs, "name", f"dataset {dataset}, item")
+    items = []
+    for it in refs:
+        if it.ann is None:
+            if it.sha256 not in sizes:
+                sizes[it.sha256] = image_size(blobs.path(it.sha256))
+            ann = empty_ann(*sizes[it.sha256])
+        else:
+            check_ann(it.ann, checked, f"dataset {dataset}, item {it.name}", budget)
+            ann = it.ann
+        items.append({"name": it.name, "sha256": it.sha256, "size": it.size, "ann": ann})
+    return items
 
 
 def insert_project(conn, name: str, meta: dict, datasets: list[dict], now: float, task_id: int | None = None) -> int:
@@ -105,50 +125,95 @@ def insert_project(conn, name: str, meta: dict, datasets: list[dict], now: float
     pid = conn.execute(
         insert(db.projects).values(name=name, meta=meta, datasets=counts, task_id=task_id, created_at=now)
     ).inserted_primary_key[0]
-    # In batches: one INSERT of every item would hold all the annotations serialised at once.
-    hashes = []
-    batch: list[dict] = []
-    for ds in datasets:
-        for it in ds["items"]:
-            batch.append({"project_id": pid, "dataset": ds["name"], **it})
-            hashes.append(it["sha256"])
-            if len(batch) >= INSERT_BATCH:
-                conn.execute(insert(db.project_items), batch)
-                batch = []
-    if batch:
-        conn.execute(insert(db.project_items), batch)
-    blob_refs.add(conn, blob_refs.PROJECT, pid, hashes)
+    _insert_items(conn, pid, ((ds["name"], it) for ds in datasets for it in ds["items"]))
     return pid
 
 
-def read_project(conn, pid: int, anns: bool) -> dict | None:
-    """A project with its datasets and items inlined (each item with `ann` only when `anns`)."""
-    row = conn.execute(select(db.projects).where(db.projects.c.id == pid)).mappings().first()
-    if row is None:
-        return None
-    p = dict(row)
-    c = db.project_items.c
-    cols = [c.dataset, c.name, c.sha256, c.size] + ([c.ann] if anns else [])
-    by_ds: dict[str, list] = {d["name"]: [] for d in p["datasets"]}
-    for r in conn.execute(select(*cols).where(c.project_id == pid).order_by(c.id)).mappings():
-        it = dict(r)
-        by_ds.setdefault(it.pop("dataset"), []).append(it)
-    p["datasets"] = [{"name": name, "items": items} for name, items in by_ds.items()]
-    return p
+def _insert_items(conn, pid: int, items) -> None:
+    """Insert (dataset, item) pairs in order as project `pid`'s rows and reference their blobs."""
+    # In batches: one INSERT of every item would hold all the annotations serialised at once.
+    hashes = []
+    batch: list[dict] = []
+    for dataset, it in items:
+        batch.append({"project_id": pid, "dataset": dataset, **it})
+        hashes.append(it["sha256"])
+        if len(batch) >= INSERT_BATCH:
+            conn.execute(insert(db.project_items), batch)
+            batch = []
+    if batch:
+        conn.execute(insert(db.project_items), batch)
+    blob_refs.add(conn, blob_refs.PROJECT, pid, hashes)
 
 
 def get_project(conn, pid: int) -> dict:
-    """The project with its items inlined, annotations left out; 404 `project_not_found`."""
-    p = read_project(conn, pid, anns=False)
-    if p is None:
+    """The project's row: meta and datasets as `[{name, items_count}]` (items: `items_page`); 404
+    `project_not_found`. Never the items: a project may hold a million of them."""
+    row = conn.execute(select(db.projects).where(db.projects.c.id == pid)).mappings().first()
+    if row is None:
         raise APIError(404, "project_not_found", f"no project {pid}")
-    return p
+    return dict(row)
+
+
+def project_meta(conn, pid: int) -> dict:
+    """The stored meta of project `pid` (a page of items is checked against it); 404 `project_not_found`."""
+    meta = conn.execute(select(db.projects.c.meta).where(db.projects.c.id == pid)).first()
+    if meta is None:
+        raise APIError(404, "project_not_found", f"no project {pid}")
+    return meta[0]
+
+
+def append_items(conn, pid: int, dataset: str, items: list[dict]) -> dict:
+    """Add a prepared page of items to `dataset` of project `pid` (a new dataset goes after the
+    others), in the caller's transaction; returns {dataset, added, items_count}.
+
+    The project row is locked first, so appends to one project run one after the other: each sees
+    the names and counts the one before committed. An item name the dataset holds already is a 400
+    `duplicate_path` and nothing of the page is stored (the caller's transaction rolls back)."""
+    datasets = _lock_project(conn, pid)
+    c = db.project_items.c
+    names = [it["name"] for it in items]
+    for i in range(0, len(names), NAME_BATCH):
+        q = select(c.name).where(c.project_id == pid, c.dataset == dataset, c.name.in_(names[i : i + NAME_BATCH]))
+        taken = conn.execute(q.limit(1)).first()
+        if taken is not None:
+            raise APIError(400, "duplicate_path", f"dataset {dataset}, item {taken[0]!r} is in the project already")
+    _insert_items(conn, pid, ((dataset, it) for it in items))
+    counts = [dict(d) for d in datasets]
+    entry = next((d for d in counts if d["name"] == dataset), None)
+    if entry is None:
+        entry = {"name": dataset, "items_count": 0}
+        counts.append(entry)
+    entry["items_count"] += len(items)
+    conn.execute(update(db.projects).where(db.projects.c.id == pid).values(datasets=counts))
+    return {"dataset": dataset, "added": len(items), "items_count": entry["items_count"]}
+
+
+def _lock_project(conn, pid: int) -> list[dict]:
+    """Lock project `pid`'s row until the transaction ends and return its datasets summary; 404
+    `project_not_found`. PostgreSQL: SELECT ... FOR UPDATE. SQLite has one writer at a time, but
+    pysqlite opens the transaction only at its first write: a write first takes SQLite's write
+    lock now, so no other append runs between the reads below and this transaction's commit."""
+    p = db.projects.c
+    if conn.dialect.name == "sqlite":
+        conn.execute(update(db.projects).where(p.id == pid).values(datasets=p.datasets))
+    row = conn.execute(select(p.datasets).where(p.id == pid).with_for_update()).first()
+    if row is None:
+        raise APIError(404, "project_not_found", f"no project {pid}")
+    return row[0]
 
 
 def check_exists(conn, pid: int) -> None:
     """404 `project_not_found` unless project `pid` exists."""
     if conn.execute(select(db.projects.c.id).where(db.projects.c.id == pid)).first() is None:
         raise APIError(404, "project_not_found", f"no project {pid}")
+
+
+def items_total(conn, pid: int) -> int:
+    """How many items project `pid` holds (its datasets' counts summed); 404 `project_not_found`."""
+    row = conn.execute(select(db.projects.c.datasets).where(db.projects.c.id == pid)).first()
+    if row is None:
+        raise APIError(404, "project_not_found", f"no project {pid}")
+    return sum(d["items_count"] for d in row[0])
 
 
 def summary(p: dict) -> dict:

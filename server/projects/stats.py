@@ -1,7 +1,9 @@
 """What a project's annotations add up to: objects per class, images per tag (the console's project page).
 
-A project never changes once stored, so a project's numbers are counted once and kept (a few,
-most recent first); counting reads every annotation, which takes a while on a big project.
+A project's items are never changed or removed, only added (pages appended), so its numbers are
+counted once per item count and kept (a few projects, most recent first): counting reads every
+annotation, which takes a while on a big project, and an append changes the count, which makes
+the kept numbers stale.
 """
 
 from __future__ import annotations
@@ -53,18 +55,23 @@ class StatsCache:
     def __init__(self, keep: int = KEEP):
         self.keep = keep
         self._lock = threading.Lock()
-        self._done: collections.OrderedDict[int, dict] = collections.OrderedDict()
+        self._done: collections.OrderedDict[int, tuple[int, dict]] = collections.OrderedDict()
 
-    def get(self, engine, pid: int) -> dict:
-        """The project's numbers (blocking: call it in a thread)."""
+    def get(self, engine, pid: int, items: int) -> dict:
+        """The numbers of project `pid` as it is when it holds `items` items (its datasets' counts
+        summed; kept numbers of another count are counted afresh). Blocking: call it in a thread."""
         with self._lock:
-            if pid in self._done:
+            kept = self._done.get(pid)
+            if kept is not None and kept[0] == items:
                 self._done.move_to_end(pid)
-                return self._done[pid]
+                return kept[1]
         with engine.connect() as conn:
             stats = count(conn, pid)
         with self._lock:
-            self._done[pid] = stats
+            # Counted while a page was being added: kept under the count it saw, which the next
+            # request (asking with the new count) does not match.
+            self._done[pid] = (stats["items"], stats)
+            self._done.move_to_end(pid)
             while len(self._done) > self.keep:
                 self._done.popitem(last=False)
         return stats

@@ -305,12 +305,10 @@ def test_upload_folder_as_project_and_model(console, server, tmp_path):
     expect(row).to_have_count(1)
 
     projects = server.admin().get(server.url + "/api/v1/projects", timeout=10).json()["items"]
-    proj = (
-        server.admin()
-        .get(f"{server.url}/api/v1/projects/{[p for p in projects if p['name'] == 'cats-upload'][0]['id']}", timeout=10)
-        .json()
-    )
-    got = {f"{d['name']}/{i['name']}": (i["sha256"], i["size"]) for d in proj["datasets"] for i in d["items"]}
+    pid = [p for p in projects if p["name"] == "cats-upload"][0]["id"]
+    items = server.admin().get(f"{server.url}/api/v1/projects/{pid}/items", params={"limit": 5000}, timeout=10).json()
+    assert items["next"] is None
+    got = {f"{i['dataset']}/{i['name']}": (i["sha256"], i["size"]) for i in items["items"]}
     want = {("ds0/" + k if "/" not in k else k): (hashlib.sha256(v).hexdigest(), len(v)) for k, v in files.items()}
     assert got == want
 

@@ -282,7 +282,16 @@ def test_predicted_project_is_browsable_from_its_task(console, server, annotated
     agent.poll_until("tasks")
     agent.state(task["id"], "running")
     source = server.admin().get(f"{server.url}/api/v1/projects/{annotated['project']['id']}", timeout=10).json()
-    items = source["datasets"][0]["items"][:4]
+    first = source["datasets"][0]["name"]  # datasets: [{name, items_count}]; the items are paged
+    items = (
+        server.admin()
+        .get(
+            f"{server.url}/api/v1/projects/{annotated['project']['id']}/items",
+            params={"dataset": first, "limit": 4},
+            timeout=10,
+        )
+        .json()["items"]
+    )
     meta = {
         "classes": [{"title": "car", "shape": "rectangle", "color": "#00B8D4"}],
         "tags": [{"name": "confidence", "value_type": "any_number", "color": "#00897B"}],
@@ -298,7 +307,14 @@ def test_predicted_project_is_browsable_from_its_task(console, server, annotated
             }
             for k in range(n + 1)
         ]
-        predicted.append(dict(it, ann={"size": {"height": 120, "width": 160}, "tags": [], "objects": objs}))
+        predicted.append(
+            dict(
+                name=it["name"],
+                sha256=it["sha256"],
+                size=it["size"],
+                ann={"size": {"height": 120, "width": 160}, "tags": [], "objects": objs},
+            )
+        )
     r = agent.post(
         f"/agent/v1/tasks/{task['id']}/results",
         {

@@ -78,3 +78,50 @@ def test_batches_bound_count_and_bytes():
     got = list(bulk.batches(entries, max_count=100, max_bytes=35))
     assert [len(b) for b in got] == [3] * 8 + [1]
     assert list(bulk.batches([("a" * 64, 500)], max_bytes=100)) == [[("a" * 64, 500)]]
+
+
+def _judged(parse, block: bytes):
+    try:
+        return "ok", parse(block)
+    except bulk.BadBatch as e:
+        return "bad", type(e).__name__
+
+
+def _tarfile_parse(block: bytes):
+    """parse_header's answer by tarfile alone (the reference the fast path must agree with)."""
+    if block == b"\0" * bulk.BLOCK:
+        return None
+    try:
+        info = tarfile.TarInfo.frombuf(block, "utf-8", "strict")
+    except (tarfile.HeaderError, UnicodeDecodeError) as e:
+        raise bulk.BadBatch(str(e)) from None
+    if not info.isreg() or not bulk.is_sha256(info.name):
+        raise bulk.BadBatch(info.name)
+    return info.name, info.size
+
+
+@pytest.mark.parametrize("size", [0, 1, 511, 512, 513, 10**9, 8**11 - 1])
+def test_header_is_tarfiles_header_byte_for_byte(size):
+    sha = hashlib.sha256(str(size).encode()).hexdigest()
+    info = tarfile.TarInfo(sha)
+    info.size, info.mode, info.mtime = size, 0o444, 0
+    assert bulk.header(sha, size) == info.tobuf(format=tarfile.USTAR_FORMAT)
+    assert bulk.parse_header(bulk.header(sha, size)) == (sha, size)
+
+
+def test_a_size_ustar_cannot_hold_is_refused_as_tarfile_refuses_it():
+    with pytest.raises(ValueError):
+        bulk.header(hashlib.sha256(b"").hexdigest(), 8**11)
+
+
+def test_parse_header_judges_every_changed_byte_as_tarfile_does():
+    good = bulk.header(hashlib.sha256(b"x").hexdigest(), 1234)
+
+    def fixed(b: bytes) -> bytes:  # the checksum made right again after the change
+        return b[:148] + b"%06o\0 " % (sum(b[:148]) + 8 * 32 + sum(b[156:])) + b[156:]
+
+    for i in range(bulk.BLOCK):
+        for v in (0, 32, ord("0"), ord("7"), ord("8"), ord("A"), ord("a"), 0x80, 0xFF, good[i] ^ 1):
+            changed = good[:i] + bytes([v]) + good[i + 1 :]
+            for block in (changed, fixed(changed)) if not 148 <= i < 156 else (changed,):
+                assert _judged(bulk.parse_header, block) == _judged(_tarfile_parse, block), (i, v)

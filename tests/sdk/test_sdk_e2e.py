@@ -12,6 +12,7 @@ to download.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -63,9 +64,9 @@ def download_sly_project(user, project_id: int, dest: Path) -> Path:
     root = dest / project["name"]
     root.mkdir(parents=True)
     (root / "meta.json").write_text(json.dumps(project["meta"], indent=4))
-    for ds in project["datasets"]:
+    for ds in project["datasets"]:  # [{name, items_count}]: the items are paged
         (root / ds["name"] / "ann").mkdir(parents=True)
-        for item in ds["items"]:
+        for item in user._list(ep.path(ep.PROJECT_ITEMS, project_id=project_id), {"dataset": ds["name"]}):
             user.download_blob(item["sha256"], root / ds["name"] / "img" / item["name"])
             (root / ds["name"] / "ann" / (item["name"] + ".json")).write_text(json.dumps(item["ann"], indent=4))
     return root
@@ -109,12 +110,17 @@ def original(sdk_image, sample_project):
 
 
 def _with_annotations(task: dict, path: str) -> dict:
-    """The poll answer's project as the server sends a stored Supervisely project (meta, ann)."""
+    """The poll answer's project as a stored Supervisely project (meta, ann) with its items inline, as an
+    older server sent them (the agent takes inline items as given; the server now leaves them to paging)."""
     meta, items = read_project(path)
     task["project"]["meta"] = meta
-    for ds in task["project"]["datasets"]:
-        for item in ds["items"]:
-            item["ann"] = items[f"{ds['name']}/{item['name']}"][1]
+    datasets: dict[str, list] = {}
+    for key, (img, ann) in items.items():
+        ds, item = key.split("/", 1)
+        sha = hashlib.sha256(Path(img).read_bytes()).hexdigest()
+        datasets.setdefault(ds, []).append({"name": item, "sha256": sha, "size": os.path.getsize(img), "ann": ann})
+    assert [d["name"] for d in task["project"]["datasets"]] == list(datasets)
+    task["project"]["datasets"] = [{"name": k, "items": v} for k, v in datasets.items()]
     return task
 
 
@@ -185,8 +191,9 @@ def test_plugin_through_the_handlers(user, server, tmp_path, plugin_image, sdk_i
         in infer.messages("agent")
     )
     check_predictions(project_summary(str(infer.task_dir / "results" / "sample"), sdk_image), original)
-    out = user.get_project(user.get_task(infer.task_id)["results"]["project_id"])
-    assert sorted(f"{ds['name']}/{i['name']}" for ds in out["datasets"] for i in ds["items"]) == sorted(items)
+    pid = user.get_task(infer.task_id)["results"]["project_id"]
+    out = user._list(ep.path(ep.PROJECT_ITEMS, project_id=pid))
+    assert sorted(f"{i['dataset']}/{i['name']}" for i in out) == sorted(items)
 
 
 # --- through the agent and the server -------------------------------------------------------

@@ -302,6 +302,9 @@ def _examples(ids: dict, k: int) -> dict:
                 "datasets": [{"name": "ds", "items": [{"name": "a.jpg", "sha256": ids["sha256"], "size": 4}]}],
             },
         ],
+        # The bulk blob lists hold no number: one in a field a newer agent might add (ignored, still strict JSON).
+        ("POST", endpoints.AGENT_BLOBS_CHECK): {"sha256": [ids["sha256"]], "newer_field": 1},
+        ("POST", endpoints.AGENT_BLOBS_DOWNLOAD): {"sha256": [ids["sha256"]], "newer_field": 1},
         ("POST", endpoints.TELEMETRY): {
             "cpu": {"percent": 37.5, "per_core": [1.5, 2.5], "count": 2},
             "memory_percent": 3.0,

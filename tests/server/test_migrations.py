@@ -293,7 +293,8 @@ def test_0002_moves_existing_project_items_into_project_items_with_empty_annotat
     try:
         admin = srv.admin()
         p = admin.get(srv.url + "/api/v1/projects/4", timeout=10).json()
-        assert p["datasets"] == datasets and p["meta"]["classes"] == []
+        assert p["datasets"] == [{"name": d["name"], "items_count": len(d["items"])} for d in datasets]
+        assert p["meta"]["classes"] == []
         page = admin.get(srv.url + "/api/v1/projects/4/items", params={"limit": 2}, timeout=10).json()
         assert [i["name"] for i in page["items"]] == ["a.jpg", "b.jpg"] and page["next"] is not None
         m = admin.get(srv.url + "/api/v1/models/2", timeout=10).json()

@@ -180,10 +180,12 @@ def test_round_trip_keeps_meta_and_every_annotation_byte_identical(admin, client
 
     p = client.get_project(pid)
     assert _canon(p["meta"]) == _canon(META)
-    assert p["datasets"] == [{"name": "ds0", "items": [images["a.png"]]}, {"name": "ds1", "items": [images["b.png"]]}]
+    assert p["datasets"] == [{"name": "ds0", "items_count": 1}, {"name": "ds1", "items_count": 1}]  # no items inline
+    assert r.json()["datasets"] == p["datasets"]
 
     items = _items(admin, pid, limit=1)  # one item a page: the cursor carries on
     assert [(i["dataset"], i["name"]) for i in items] == [("ds0", "a.png"), ("ds1", "b.png")]
+    assert [{k: i[k] for k in ("name", "sha256", "size")} for i in items] == [images["a.png"], images["b.png"]]
     assert _canon(items[0]["ann"]) == _canon(body["datasets"][0]["items"][0]["ann"])
     assert _canon(items[1]["ann"]) == _canon(body["datasets"][1]["items"][0]["ann"])
     assert [i["name"] for i in _items(admin, pid, dataset="ds1")] == ["b.png"]
@@ -192,13 +194,18 @@ def test_round_trip_keeps_meta_and_every_annotation_byte_identical(admin, client
     assert listed["datasets"] == [{"name": "ds0", "items_count": 1}, {"name": "ds1", "items_count": 1}]
     assert "meta" not in listed
 
-    agent = make_agent("sly-reader")  # the agent gets meta and anns in the poll answer
+    agent = make_agent("sly-reader")  # the agent gets the meta in the poll answer and pages the items with anns
     tid = client.create_task(agent.id, "train", image="img:1", project_id=pid)["id"]
     [got] = agent.poll(free_slots=1)["tasks"]
     assert got["id"] == tid
     proj = got["project"]
     assert (proj["id"], proj["name"]) == (pid, "sly") and _canon(proj["meta"]) == _canon(META)
-    assert _canon(proj["datasets"]) == _canon([{"name": d["name"], "items": d["items"]} for d in body["datasets"]])
+    assert proj["datasets"] == p["datasets"]
+    paged = agent.project_items(tid, limit=1)
+    assert _canon([{k: i[k] for k in ("name", "sha256", "size", "ann")} for i in paged]) == _canon(
+        [it for d in body["datasets"] for it in d["items"]]
+    )
+    assert [i["dataset"] for i in paged] == ["ds0", "ds1"]
 
 
 def test_items_page_of_a_missing_project_and_a_bad_cursor(admin, client):
@@ -216,8 +223,13 @@ def test_plain_form_gets_the_empty_meta_and_annotations_sized_from_the_image(adm
         "plain", [{"name": "ds", "items": [images["a.png"], {"name": "x.bin", "sha256": junk, "size": 12}]}]
     )
     assert p["meta"] == {"classes": [], "tags": [], "projectType": "images"}
-    assert p["datasets"] == [{"name": "ds", "items": [images["a.png"], {"name": "x.bin", "sha256": junk, "size": 12}]}]
-    anns = [i["ann"] for i in _items(admin, p["id"])]
+    assert p["datasets"] == [{"name": "ds", "items_count": 2}]
+    items = _items(admin, p["id"])
+    assert [{k: i[k] for k in ("name", "sha256", "size")} for i in items] == [
+        images["a.png"],
+        {"name": "x.bin", "sha256": junk, "size": 12},
+    ]
+    anns = [i["ann"] for i in items]
     empty = {"description": "", "tags": [], "objects": [], "customBigData": {}}
     assert anns == [dict(empty, size={"height": 40, "width": 60}), dict(empty, size={"height": None, "width": None})]
 
@@ -540,6 +552,14 @@ def test_a_project_of_more_items_than_an_insert_batch_is_stored_whole(engine, mo
     shape = {"a": 5, "b": 3, "c": 1}
     with engine.begin() as conn:
         pid = service.insert_project(conn, "p", meta, _stored(shape), 1.0)
-        p = service.read_project(conn, pid, anns=True)
-        assert p["datasets"] == _stored(shape)
+        rows = service.items_page(conn, pid, None, None, 100)
+        stored = [
+            {
+                "name": ds,
+                "items": [{k: r[k] for k in ("name", "sha256", "size", "ann")} for r in rows if r["dataset"] == ds],
+            }
+            for ds in shape
+        ]
+        assert stored == _stored(shape) and len(rows) == 9
+        assert service.get_project(conn, pid)["datasets"] == [{"name": ds, "items_count": n} for ds, n in shape.items()]
         assert service.same_project(conn, pid, meta, _stored(shape))

@@ -6,7 +6,7 @@ No agent code is involved: plain `requests` with the agent's token. Two kinds of
   the `requests.Response` whatever its status. The server's conformance tests assert status codes
   and bodies with these.
 - helpers (`post`, `connect`, `poll`, `poll_until`, `state`, `log`, `upload`, `results`,
-  `telemetry`): act as a well-behaved agent; a non-2xx answer raises `requests.HTTPError`. They
+  `telemetry`, `project_items`): act as a well-behaved agent; a non-2xx answer raises `requests.HTTPError`. They
   return the answer's JSON (or what the method says). The console, CLI and agent tests act as the
   agent with these: connect, poll for tasks and stops, report states, ship log lines with sequence
   numbers, upload results, post telemetry samples.
@@ -121,6 +121,22 @@ class FakeAgent:
         """Upload the files as blobs and post them as the task's results."""
         refs = [{"path": p, "sha256": self.upload(d), "size": len(d)} for p, d in files.items()]
         return self.post(f"/agent/v1/tasks/{task_id}/results", {"kind": kind, "name": name, "files": refs}).json()
+
+    def project_items(self, task_id: int, limit: int = 1000) -> list[dict]:
+        """Every item ({id, dataset, name, sha256, size, ann}) of the project of a task leased to this
+        agent, read a page at a time as an agent does (the poll answer carries no items)."""
+        out: list[dict] = []
+        cursor = ""
+        while True:
+            r = self.request(
+                "GET", f"/agent/v1/tasks/{task_id}/project/items", params={"cursor": cursor, "limit": limit}
+            )
+            r.raise_for_status()
+            page = r.json()
+            out += page["items"]
+            if page["next"] is None:
+                return out
+            cursor = page["next"]
 
     def telemetry(self, cpu: float, mem: float, disk: float = 20.0, gpus: list[dict] | None = None) -> None:
         self.post(

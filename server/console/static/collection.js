@@ -5,10 +5,15 @@
   const one = kind === "projects" ? "project" : "model";
   const tbody = document.querySelector("#items tbody");
 
-  function files(x) {
-    // [{path, sha256, size}] for a model; a project's items are <dataset>/<item name>
-    if (kind === "models") return x.files || [];
-    return (x.datasets || []).flatMap(d => (d.items || []).map(i => ({ path: `${d.name}/${i.name}`, sha256: i.sha256, size: i.size })));
+  // A project may hold a million items: its first ones here (the project page pages them all).
+  const ITEMS_SHOWN = 200;
+
+  async function files(x) {
+    // {list: [{path, sha256, size}], more}: a model's files; a project's items as <dataset>/<item name>
+    if (kind === "models") return { list: (await SLY.api("GET", `/api/v1/models/${x.id}`)).files || [], more: false };
+    const page = await SLY.api("GET", `/api/v1/projects/${x.id}/items?limit=${ITEMS_SHOWN}`);
+    const list = (page.items || []).map(i => ({ path: `${i.dataset}/${i.name}`, sha256: i.sha256, size: i.size }));
+    return { list, more: !!page.next };
   }
   function contents(x) {
     if (kind === "models") {
@@ -25,10 +30,11 @@
       if (!det.open || det.dataset.loaded) return;
       det.dataset.loaded = "1";
       try {
-        const full = await SLY.api("GET", `/api/v1/${kind}/${x.id}`);
-        det.append(SLY.el("ul", {}, files(full).map(f => SLY.el("li", {},
+        const got = await files(x);
+        det.append(SLY.el("ul", {}, got.list.map(f => SLY.el("li", {},
           SLY.el("a", { href: `/api/v1/blobs/${f.sha256}`, download: f.path.split("/").pop() }, f.path),
           SLY.el("span", { class: "barlabel" }, SLY.bytes(f.size))))));
+        if (got.more) det.append(SLY.el("p", { class: "hint" }, `The first ${ITEMS_SHOWN}; `, SLY.el("a", { href: `/${kind}/${x.id}` }, "the project page"), " shows them all."));
       } catch (e) { det.append(SLY.el("p", { class: "error" }, e.message)); }
     });
     return SLY.el("tr", { id: `${one}-${x.id}`, dataset: { id: x.id } },

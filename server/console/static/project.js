@@ -23,8 +23,8 @@
       origin.replaceChildren(SLY.el("span", { class: "badge predicted" }, "predictions"), " made by ",
         SLY.el("a", { href: `/tasks/${p.task_id}`, id: "p-task" }, `task #${p.task_id}`));
     }
-    const total = p.datasets.reduce((n, d) => n + d.items.length, 0);
-    for (const d of p.datasets) dsSelect.append(SLY.el("option", { value: d.name }, `${d.name} (${d.items.length})`));
+    const total = p.datasets.reduce((n, d) => n + d.items_count, 0);
+    for (const d of p.datasets) dsSelect.append(SLY.el("option", { value: d.name }, `${d.name} (${d.items_count})`));
     dsSelect.value = params.get("dataset") || "";
     if (dsSelect.value !== (params.get("dataset") || "")) dsSelect.value = "";
     summary(total);
@@ -134,8 +134,8 @@
   /** Items in the chosen dataset, or in the project. */
   function shownTotal() {
     const ds = dsSelect.value;
-    return ds ? (project.datasets.find(d => d.name === ds) || { items: [] }).items.length
-      : project.datasets.reduce((n, d) => n + d.items.length, 0);
+    return ds ? (project.datasets.find(d => d.name === ds) || { items_count: 0 }).items_count
+      : project.datasets.reduce((n, d) => n + d.items_count, 0);
   }
 
   // --- the large view ---
@@ -198,7 +198,7 @@
     loadPage();
     try {
       stats = await SLY.api("GET", `/api/v1/projects/${id}/stats`);
-      summary(project.datasets.reduce((n, d) => n + d.items.length, 0));
+      summary(project.datasets.reduce((n, d) => n + d.items_count, 0));
       classTable(); tagTable();
     } catch (e) { SLY.flash("Could not count the labels: " + e.message, true); }
   }
