@@ -12,7 +12,11 @@ Usage: ./run.sh [COMMAND] [ARGS...]
                    needs SERVER_ADDRESS and ACCESS_TOKEN; optional AGENT_HOST_DIR, MAX_TASKS, ...
   server [ARGS]    run the reference task server (python -m server ARGS)
   demo [--exit-when-done]
-                   the whole thing on embedded defaults: server + agent + a train task
+                   the whole thing on embedded defaults: server + agent + a train task; on a fresh
+                   machine, as root, it installs and starts what it needs (Docker engine, busybox-static)
+  doctor [--no-pull]
+                   check this node, one line per check (Docker, GPUs, disk, storage, the server,
+                   the token, the clock), with what to do when one fails; exit 1 if any fails
   test [--fast] [PYTEST ARGS]
                    install what the tests need (Docker engine, Chromium, busybox) and run them;
                    without named tests, the server and CLI tests run again on a throwaway
@@ -81,6 +85,50 @@ except Exception:
 PY
 }
 
+docker_answers() {  # the venv's Docker SDK reaches an engine (DOCKER_HOST, else the default socket)
+  "$VENV/bin/python" - >/dev/null 2>&1 <<'PY'
+import sys, docker
+try:
+    docker.from_env(timeout=5).ping()
+except Exception:
+    sys.exit(1)
+PY
+}
+
+ensure_demo_system() {
+  # What the demo needs on a fresh machine, as `test` does: a Docker engine answering (installed
+  # with apt-get and started when missing, if we are root) and busybox-static (the demo's task
+  # image is built from it). Otherwise one clear instruction.
+  local missing=()
+  if ! docker_answers; then
+    [ -z "${DOCKER_HOST:-}" ] || die "the Docker daemon at DOCKER_HOST=$DOCKER_HOST does not answer."
+    command -v dockerd >/dev/null 2>&1 || missing+=(docker.io)
+  fi
+  [ -x /bin/busybox ] || command -v busybox >/dev/null 2>&1 || missing+=(busybox-static)
+  if [ ${#missing[@]} -eq 0 ] && docker_answers; then return 0; fi
+  if [ "$(id -u)" != 0 ]; then
+    die "the demo needs a running Docker engine and busybox-static${missing[*]:+ (missing: ${missing[*]})}. Install and start them:
+  sudo apt-get install docker.io busybox-static && sudo systemctl start docker
+  sudo usermod -aG docker \$USER   # then log in again, so this user may use the engine
+(other systems: https://docs.docker.com/engine/install/), or run ./run.sh demo as root: it does that itself."
+  fi
+  if [ ${#missing[@]} -gt 0 ]; then
+    command -v apt-get >/dev/null 2>&1 \
+      || die "please install ${missing[*]} (no apt-get here; Docker: https://docs.docker.com/engine/install/)."
+    echo "run.sh: installing ${missing[*]}" >&2
+    apt-get update -q >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null || die "apt-get could not install ${missing[*]}."
+  fi
+  if ! docker_answers; then
+    echo "run.sh: starting the Docker engine" >&2
+    if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
+      systemctl start docker >/dev/null 2>&1 || true
+    fi
+    docker_answers || SLY_DOCKER_ROOT=${SLY_DOCKER_ROOT:-/var/lib/docker} bash "$HERE/.ci/docker-up.sh" >&2 \
+      || die "the Docker engine did not start (see /tmp/sly-dockerd.log)."
+  fi
+}
+
 ensure_test_system() {
   # System packages the tests use; installed only when missing (needs root, as CI is).
   local missing=()
@@ -123,9 +171,15 @@ case "$cmd" in
   demo)
     shift
     ensure_venv requirements.txt
+    ensure_demo_system
     ensure_docker
     cd "$HERE"
     exec "$VENV/bin/python" -m tools.demo "$@" ;;
+  doctor)
+    shift
+    ensure_venv requirements.txt
+    cd "$HERE"
+    exec "$VENV/bin/python" -m agent doctor "$@" ;;
   test)
     shift
     ensure_test_system

@@ -1,4 +1,5 @@
-"""`python -m agent`: load the settings, prepare storage, connect, run the supervisor.
+"""`python -m agent`: load the settings, prepare storage, connect, check the node (agent/doctor.py),
+run the supervisor. `python -m agent doctor`: the checks alone.
 
 Exit codes (agent/exitcodes.py): 0 ok (drained), 2 config error, 3 token refused, 4 server
 unreachable at start, 5 the log-shipper went FATAL. Start-up errors are one line on stderr.
@@ -62,7 +63,7 @@ def _main() -> int:
         storage.wipe_tmp(config)
     except OSError as e:
         return fail(EXIT_CONFIG, f"config error: cannot prepare the storage dir {config.agent_dir}: {e.strerror}")
-    log_path = setup_logging(config, Masker(config.access_token))
+    log_path = setup_logging(config, Masker(*config.secrets))
     log = logging.getLogger("agent")
     log.info("sly-agent starting: server %s, storage %s, log %s", config.server_address, config.agent_dir, log_path)
 
@@ -90,6 +91,9 @@ def _main() -> int:
         agent_info.get("name"),
         agent_info.get("allowed_task_types"),
     )
+    from agent.doctor import log_checks
+
+    log_checks(config, log)  # the preflight checks of `python -m agent doctor`, one log line each
 
     from agent.supervisor import Supervisor
 
@@ -97,8 +101,13 @@ def _main() -> int:
 
 
 def run() -> None:
-    """`python -m agent` and the `sly-agent` console script."""
-    code = main()
+    """`python -m agent` and the `sly-agent` console script; `python -m agent doctor` checks the node."""
+    if sys.argv[1:2] == ["doctor"]:
+        from agent.doctor import main as doctor
+
+        code = doctor(sys.argv[2:])
+    else:
+        code = main()
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -41,7 +41,7 @@ from agent.states import SLOT_EDGES, SlotState, change_state
 from agent.task_process import HANDLER_ENV, TaskProcess, run_task_process
 from agent.telemetry import Telemetry
 from node import tasklog
-from node.config import Config, ConfigError, load_config
+from node.config import Config, ConfigError, check_default_task_gpus, load_config
 from protocol.tasks import CONTAINER_TYPES
 from workers import engine as docker_engine  # the one workers module the supervisor asks
 
@@ -68,6 +68,7 @@ class Slot:
         self.child = None  # spawner.Child of its task process
         self.stop_w: int | None = None
         self.gpus: list[int] = []
+        self.held_gpus: tuple[int, ...] | None = None  # adopted: the GPUs its container was given
         self.spawns = 0
         self.stop_requested = False
         self.stop_at = 0.0
@@ -80,9 +81,10 @@ class Slot:
         self.state = change_state(self.state, new, SLOT_EDGES)
 
     @property
-    def gpus_wanted(self) -> int:
-        g = (self.task.get("resources") or {}).get("gpus") or 0
-        return len(g) if isinstance(g, list) else int(g)
+    def gpus_wanted(self) -> admission.Want:
+        if self.held_gpus is not None:
+            return self.held_gpus
+        return admission.gpus_wanted(self.task)
 
 
 class Supervisor:
@@ -401,7 +403,10 @@ class Supervisor:
                 continue
             if tasklog.is_closed(self.config, tid):
                 log.warning("task %s handed out again but its final state was already reported", tid)
-            self.slots[tid] = Slot(task, adopt)
+            slot = self.slots[tid] = Slot(task, adopt)
+            if adopt:
+                # Its container keeps the GPUs it was created with, whatever is free now.
+                slot.held_gpus = docker_engine.recorded_gpus(self.config, tid)
             log.info("task %s (%s) leased%s", tid, task.get("type"), " (adopt)" if adopt else "")
         for tid in answer.get("stop") or []:
             slot = self.slots.get(int(tid))
@@ -420,7 +425,14 @@ class Supervisor:
         if not pending:
             return
         busy = sum(1 for s in self.slots.values() if s.state in BUSY)
-        decided = admission.admit(pending, busy, self.config.max_tasks, self.gpu_pool, self.used_gpus())
+        decided = admission.admit(
+            pending,
+            busy,
+            self.config.max_tasks,
+            self.gpu_pool,
+            self.used_gpus(),
+            check_default_task_gpus(self.config.default_task_gpus),
+        )
         for tid, reason in decided.refuse:
             slot = self.slots[tid]
             slot.final = ("failed", reason)

@@ -250,7 +250,7 @@ class TaskProcess(ChildBase):
         threading.Thread(target=self.watch, name="watch", daemon=True).start()
         if tasklog.is_closed(self.config, self.task_id):
             return CHILD_OK  # the final state was reported by a previous task process
-        masker = Masker(self.config.access_token)
+        masker = Masker(*self.config.secrets)
         self.writer = tasklog.TaskLogWriter(self.config, self.task_id, masker)
         tasklog.register_active(self.config, self.task_id)
         self.nudge(force=True)

@@ -50,6 +50,14 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("max_tasks", "MAX_TASKS", 2, int, "Tasks run at once"),
     Setting("gpus", "AGENT_GPUS", "all", str, "GPUs the agent may hand out: 'all', 'none' or a comma list of indices"),
+    Setting(
+        "default_task_gpus",
+        "DEFAULT_TASK_GPUS",
+        "all",
+        str,
+        "GPUs of a train, inference, custom or app task that names no count: 'all' (every free one, "
+        "as the Supervisely agent), 'none', or N (at most N free ones); such a task never waits for GPUs",
+    ),
     Setting("poll_wait_s", "POLL_WAIT", 25.0, float, "Long-poll wait in seconds"),
     Setting("telemetry_interval_s", "TELEMETRY_INTERVAL", 5.0, float, "Seconds between telemetry samples"),
     Setting("log_batch_lines", "LOG_BATCH_LINES", 5000, int, "Most log lines in one shipped batch"),
@@ -135,6 +143,33 @@ SETTINGS: tuple[Setting, ...] = (
         "Read-only root filesystem for task containers (a tmpfs /tmp is added)",
     ),
     Setting(
+        "ca_bundle",
+        "CA_BUNDLE",
+        "",
+        str,
+        "CA bundle (PEM) given read-only to task containers at /etc/sly-ca.pem, with REQUESTS_CA_BUNDLE "
+        "and SSL_CERT_FILE pointing at it (empty: none)",
+    ),
+    # --- private registries (the Supervisely agent's names; comma lists for several registries) ---
+    Setting(
+        "docker_registry",
+        "DOCKER_REGISTRY",
+        "",
+        str,
+        "Registry that DOCKER_LOGIN/DOCKER_PASSWORD are for, e.g. registry.example.com:5000 (empty: Docker Hub)",
+    ),
+    Setting("docker_login", "DOCKER_LOGIN", "", str, "User name for pulls from DOCKER_REGISTRY"),
+    Setting(
+        "docker_password", "DOCKER_PASSWORD", "", str, "Password or token for pulls from DOCKER_REGISTRY (never logged)"
+    ),
+    Setting(
+        "docker_config",
+        "DOCKER_CONFIG",
+        "",
+        str,
+        "Folder of the Docker client's config.json whose `auths` also give pull credentials (default ~/.docker)",
+    ),
+    Setting(
         "task_results_max_files",
         "TASK_RESULTS_MAX_FILES",
         100000,
@@ -155,11 +190,12 @@ SETTINGS: tuple[Setting, ...] = (
 @dataclasses.dataclass
 class Config:
     server_address: str
-    access_token: str
+    access_token: str = dataclasses.field(repr=False)
     host_dir: str
     agent_dir: str
     max_tasks: int = 2
     gpus: str = "all"
+    default_task_gpus: str = "all"
     poll_wait_s: float = 25.0
     telemetry_interval_s: float = 5.0
     log_batch_lines: int = 5000
@@ -184,6 +220,13 @@ class Config:
     task_read_only_root: bool = False
     task_results_max_files: int = 100000
     task_results_max_mb: int = 102400
+    ca_bundle: str = ""
+    docker_registry: str = ""
+    docker_login: str = ""
+    docker_password: str = dataclasses.field(default="", repr=False)
+    docker_config: str = ""
+    # HTTP_PROXY, HTTPS_PROXY, NO_PROXY of the agent's environment (either case), given to tasks.
+    proxy_env: dict = dataclasses.field(default_factory=dict)
     config_file: str | None = None
     # The documented default root named by the token: a link to root (node/storage.py makes it).
     token_link: str | None = None
@@ -192,6 +235,12 @@ class Config:
     def identity(self) -> str:
         """The agent's public identity: a hash of its token (used in container labels, logs)."""
         return hashlib.sha256(self.access_token.encode()).hexdigest()[:16]
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """Literal values no log line may show (node.masking.Masker(*config.secrets))."""
+        parts = self.docker_password.split(",") if "," in self.docker_password else []
+        return tuple(s for s in (self.access_token, self.docker_password, *parts) if s)
 
     @property
     def cap_drop(self) -> list[str]:
@@ -309,7 +358,60 @@ def load_config(environ: dict | None = None) -> Config:
     for name in ("task_results_max_files", "task_results_max_mb"):
         if values[name] < 0:
             raise ConfigError(f"{name.upper()} must be 0 (no limit) or more")
-    return Config(config_file=config_file, **values)
+    _check_gpus_and_network(values)
+    return Config(config_file=config_file, proxy_env=proxy_env(env), **values)
+
+
+def _check_gpus_and_network(values: dict) -> None:
+    """DEFAULT_TASK_GPUS, CA_BUNDLE (made absolute) and the registry lists; ConfigError if wrong."""
+    check_default_task_gpus(values["default_task_gpus"])
+    if values["ca_bundle"]:
+        values["ca_bundle"] = os.path.abspath(os.path.expanduser(values["ca_bundle"]))
+        if not os.path.isfile(values["ca_bundle"]) or not os.access(values["ca_bundle"], os.R_OK):
+            raise ConfigError(f"CA_BUNDLE={values['ca_bundle']!r} is not a readable file")
+    registry_lists(values["docker_registry"], values["docker_login"], values["docker_password"])
+
+
+PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
+
+
+def proxy_env(env) -> dict:
+    """The proxy variables as a task gets them: each in both cases, upper case winning (as curl)."""
+    out = {}
+    for name in PROXY_VARS:
+        value = env.get(name) or env.get(name.lower())
+        if value:
+            out[name] = out[name.lower()] = value
+    return out
+
+
+def check_default_task_gpus(value: str) -> int | None:
+    """DEFAULT_TASK_GPUS as the most GPUs a task that names no count gets (None: all free ones)."""
+    word = str(value).strip().lower()
+    if word == "all":
+        return None
+    if word == "none":
+        return 0
+    if word.isdigit():
+        return int(word)
+    raise ConfigError(f"DEFAULT_TASK_GPUS={value!r}: use all, none or a number of GPUs")
+
+
+def registry_lists(registry: str, login: str, password: str) -> list[tuple[str, str, str]]:
+    """(registry, login, password) for each registry of DOCKER_REGISTRY (a comma list, as the
+    Supervisely agent reads it; with one registry the login and password are taken whole)."""
+    if not login and not password:
+        return []
+    registries = [r.strip() for r in registry.split(",")] if "," in registry else [registry.strip()]
+    if len(registries) == 1:
+        return [(registries[0], login, password)]
+    logins, passwords = login.split(","), password.split(",")
+    if not len(registries) == len(logins) == len(passwords):
+        raise ConfigError(
+            f"DOCKER_REGISTRY names {len(registries)} registries but DOCKER_LOGIN and DOCKER_PASSWORD "
+            f"have {len(logins)} and {len(passwords)} comma-separated entries"
+        )
+    return [(r, u.strip(), p) for r, u, p in zip(registries, logins, passwords, strict=True)]
 
 
 def hashed_root_name(token: str) -> str:
@@ -348,6 +450,10 @@ def markdown_table() -> str:
     for s in SETTINGS:
         default = "—" if s.default is None else f"`{s.default}`"
         rows.append(f"| `{s.env}` | {default} | {s.help} |")
+    rows.append(
+        "| `HTTP_PROXY`, `HTTPS_PROXY`, `NO_PROXY` | — | Proxies, in either case: the agent's own requests use "
+        "them, and task containers get them in both cases |"
+    )
     rows.append(
         "| `AGENT_CONFIG` | — | Path of a JSON file with the same settings in lower case "
         "(`max_tasks`, ...); the environment wins |"

@@ -145,6 +145,17 @@ class ProjectIn(UserIn):
     datasets: list[UserDatasetIn] = []
 
 
+# Items in one POST /api/v1/projects/{id}/items: a page is checked and inserted in one request.
+PAGE_MAX = 5000
+
+
+class ProjectItemsIn(UserIn):
+    """A page of items added to one dataset of a stored project (the dataset is made if new)."""
+
+    dataset: SafeName
+    items: list[UserItemRef] = Field(min_length=1, max_length=PAGE_MAX)
+
+
 class ModelIn(UserIn):
     name: SafeName
     files: list[UserFileRef]
@@ -153,6 +164,7 @@ class ModelIn(UserIn):
 class AgentIn(UserIn):
     name: PlainName
     allowed_task_types: list[str] | None = None
+    gpus: bool = False  # the node has GPUs: its docker run command gets `--gpus all`
 
 
 class AgentPatch(UserIn):
@@ -161,7 +173,9 @@ class AgentPatch(UserIn):
 
 
 class Resources(UserIn):
-    gpus: int = Field(default=0, ge=0, le=GPUS_MAX)
+    # None (or absent): the node's default (DEFAULT_TASK_GPUS: all its free GPUs, as the real agent);
+    # a number: exactly that many, exclusively (0: none).
+    gpus: int | None = Field(default=None, ge=0, le=GPUS_MAX)
     cpus: float | None = Field(default=None, gt=0, le=CPUS_MAX, allow_inf_nan=False)
     memory: str | int | None = None
     shm_size: str | int | None = None

@@ -32,11 +32,12 @@ def _create(client, kw: dict):
     )
 
 
-def spawn_container(client, ctx):
+def spawn_container(client, ctx, image_config: dict | None = None):
     """Create and start the task's container. A stale one of ours with the same name is removed
     first; where another agent on this engine (another server's task with the same id) holds
-    the name, ours gets the name with this agent's identity appended instead."""
-    kw = create_kwargs(ctx)
+    the name, ours gets the name with this agent's identity appended instead. `image_config`:
+    the image's inspected `Config` (a custom task's default entry point depends on it)."""
+    kw = create_kwargs(ctx, image_config)
     kw.pop("detach", None)
     try:
         for name in (kw["name"], f"{kw['name']}_{ctx.config.identity[:8]}"):

@@ -30,6 +30,11 @@ MOUNTS = (
     ("tmp", False),
 )
 MOUNT_FILES = frozenset({"task_config.json", "task_settings.json"})
+# The node's CA bundle (CA_BUNDLE): a copy in the task dir, mounted read-only here.
+CA_FILE = "ca-bundle.pem"
+CA_PATH = "/etc/sly-ca.pem"
+# A custom task whose image has no CMD and no entrypoint, and no command: the real agent's.
+CUSTOM_FALLBACK = ["python", "-u", "/workdir/src/main.py"]
 
 
 def container_name(task_id: int) -> str:
@@ -86,7 +91,8 @@ def bind_source(ctx, path) -> str:
 
 
 def task_env(ctx) -> dict:
-    """The environment the real Supervisely agent gives a task, without its host paths and proxies."""
+    """The environment the real Supervisely agent gives a task (without its host paths): the
+    node's proxy variables in both cases, and the CA bundle's path when CA_BUNDLE is set."""
     task, cfg = ctx.task, ctx.config
     env = {
         "PYTHONUNBUFFERED": "1",
@@ -103,12 +109,17 @@ def task_env(ctx) -> dict:
         # On a node whose default runtime is nvidia, an image's NVIDIA_VISIBLE_DEVICES=all would
         # expose every GPU; "void" makes that runtime behave like runc.
         env["NVIDIA_VISIBLE_DEVICES"] = "void"
+    env.update(cfg.proxy_env)
+    if cfg.ca_bundle:
+        env["REQUESTS_CA_BUNDLE"] = env["SSL_CERT_FILE"] = CA_PATH
     return env
 
 
-def task_command(task: dict) -> dict:
+def task_command(task: dict, image_config: dict | None = None) -> dict:
     """`command` (argv after the image's entrypoint) or the real agent's entry point for a
-    train/inference task without one; {} runs the image's own CMD."""
+    train/inference task without one; {} runs the image's own CMD. A custom task without one
+    whose image has neither CMD nor entrypoint (`image_config`: the image's inspected `Config`;
+    None: not known) runs `python -u /workdir/src/main.py`, as the real agent does."""
     command = task.get("command")
     if command:
         return {"command": shlex.split(command) if isinstance(command, str) else [str(c) for c in command]}
@@ -116,11 +127,30 @@ def task_command(task: dict) -> dict:
     if default:
         # As the Supervisely agent starts it; legacy NN plugin images have no CMD.
         return {"entrypoint": ["sh", "-c", shlex.join(default)]}
+    if image_config is not None and not image_config.get("Cmd") and not image_config.get("Entrypoint"):
+        return {"command": list(CUSTOM_FALLBACK)}
     return {}
 
 
-def create_kwargs(ctx) -> dict:
-    """Everything `containers.create` gets for this task (docs/workers.md, docs/security.md)."""
+def ca_mount(ctx) -> Mount | None:
+    """CA_BUNDLE copied into the task dir and mounted read-only at CA_PATH (a copy: the agent may
+    run in a container, where its path is not the host's; and the task sees no host path)."""
+    source = ctx.config.ca_bundle
+    if not source:
+        return None
+    copy = ctx.task_dir / CA_FILE
+    try:
+        with open(source, "rb") as f:
+            _write_atomic(copy, f.read())
+    except OSError as e:
+        raise TaskError(f"CA_BUNDLE {source} cannot be read: {e.strerror or e}") from None
+    os.chmod(copy, 0o444)
+    return Mount(CA_PATH, bind_source(ctx, copy), type="bind", read_only=True)
+
+
+def create_kwargs(ctx, image_config: dict | None = None) -> dict:
+    """Everything `containers.create` gets for this task (docs/workers.md, docs/security.md);
+    `image_config` is the image's inspected `Config` (for a custom task's default entry point)."""
     task, cfg = ctx.task, ctx.config
     res = task.get("resources") or {}
     ensure_mount_sources(ctx)
@@ -128,6 +158,9 @@ def create_kwargs(ctx) -> dict:
         Mount(f"{TASK_ROOT}/{name}", bind_source(ctx, ctx.task_dir / name), type="bind", read_only=ro)
         for name, ro in MOUNTS
     ]
+    ca = ca_mount(ctx)
+    if ca is not None:
+        mounts.append(ca)
     kw: dict = {
         "image": task.get("image"),
         "name": container_name(ctx.task_id),
@@ -139,7 +172,7 @@ def create_kwargs(ctx) -> dict:
         "cap_drop": cfg.cap_drop,
         "network_mode": cfg.task_network,
         "detach": True,
-        **task_command(task),
+        **task_command(task, image_config),
     }
     if cfg.task_pids_limit > 0:
         kw["pids_limit"] = cfg.task_pids_limit

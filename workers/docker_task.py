@@ -44,14 +44,14 @@ CONFIG_FILES = ("task_config.json", "task_settings.json")
 
 
 def write_task_config(ctx) -> list[Path]:
-    """task_config.json and task_settings.json: both exactly the task's `config` (the real agent
+    """task_config.json and task_settings.json: both the task's `config` (the real agent
     writes both, `task_settings.json` being the legacy name), as the SDK's dump_json_file
     writes JSON; and agent.json with what the agent itself knows of the task."""
     task = ctx.task
-    config = task.get("config")
     paths = []
+    config = task_config(task, ctx.gpus)
     for name in CONFIG_FILES:
-        paths.append(_write_json(ctx.task_dir / name, config if config is not None else {}))
+        paths.append(_write_json(ctx.task_dir / name, config))
     project = task.get("project")
     model = task.get("model")
     _write_json(
@@ -75,6 +75,19 @@ def write_task_config(ctx) -> list[Path]:
         },
     )
     return paths
+
+
+def task_config(task: dict, gpus: list[int]) -> object:
+    """The task's `config` as given; when the task has GPUs, or its config names `gpu_devices`,
+    `gpu_devices` is the GPUs' indices inside the container (0..n-1; [] on the CPU): legacy
+    plugins call `remap_gpu_devices(config["gpu_devices"])`, and the host's indices mean nothing
+    inside, where the runtime numbers the task's GPUs from 0."""
+    config = task.get("config")
+    if config is None:
+        config = {}
+    if isinstance(config, dict) and (gpus or "gpu_devices" in config):
+        config = {**config, "gpu_devices": list(range(len(gpus)))}
+    return config
 
 
 def _write_json(path: Path, obj) -> Path:
@@ -138,9 +151,9 @@ def run_container_task(ctx, upload) -> Outcome:
                 cache.ensure_space(ctx.config, 0, log=ctx.log)
             prepare(ctx)
             _check_stop(ctx)
-            ensure_image(client, ctx.task.get("image"), ctx.config.pull_policy, ctx.log)
+            image_config = ensure_image(client, ctx.task.get("image"), ctx.config.pull_policy, ctx.log, ctx.config)
             _check_stop(ctx)
-            container = spawn_container(client, ctx)
+            container = spawn_container(client, ctx, image_config)
             since = None
             just_started = True
             _phase(ctx, "running")

@@ -15,7 +15,15 @@ from workers.cache import DiskError, disk_status, ensure_space
 
 log = logging.getLogger("workers.engine")
 
-__all__ = ["DiskError", "container_running", "disk_status", "ensure_space", "free_disk", "reap_orphans"]
+__all__ = [
+    "DiskError",
+    "container_running",
+    "disk_status",
+    "ensure_space",
+    "free_disk",
+    "reap_orphans",
+    "recorded_gpus",
+]
 
 
 def container_running(config: Config, task_id: int) -> bool:
@@ -55,3 +63,15 @@ def free_disk(config: Config) -> dict:
         return ensure_space(config)
     except DiskError:
         return {}
+
+
+def recorded_gpus(config: Config, task_id: int) -> tuple[int, ...] | None:
+    """The host GPU indices a task's container was prepared with (tasks/<id>/agent.json), or None
+    when the task was never prepared here (a task that is re-adopted keeps exactly those)."""
+    import json
+
+    try:
+        gpus = json.loads((config.task_dir(task_id) / "agent.json").read_text())["gpus"]
+        return tuple(int(g) for g in gpus)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

@@ -19,20 +19,22 @@ from server.telemetry import service as tele
 router = APIRouter(tags=["user"])
 
 
-def run_commands(state, request: Request, agent_id: int, token: str) -> dict:
+def run_commands(state, request: Request, agent_id: int, token: str, gpus: bool = False) -> dict:
     """Ready-to-paste lines that start this agent: in a container (`docker`) and bare metal (`run_sh`).
 
     The container shares the host's network (`--network host`), so a server address that only
     the host can reach (127.0.0.1) works as it is; docs/deployment.md gives the bridge-network
     form. The host dir is named by the agent's id, never its token: a path ends up in
-    `docker inspect`, mount tables and shell history.
+    `docker inspect`, mount tables and shell history. `gpus`: the GPU form, whose container gets
+    the host's GPUs (`--gpus all`, through the NVIDIA container toolkit): without it the agent's
+    NVML sees none and the node refuses every GPU task. Bare metal sees them as it is.
     """
     url = (state.settings.public_url or str(request.base_url)).rstrip("/")
     # The storage dir is named by a hash of the token, never the token: task containers see it in
     # their mount table (the agent's own default, node.config.hashed_root_name).
     host_dir = f"$HOME/.supervisely-agent/n-{hashlib.sha256(token.encode()).hexdigest()[:16]}"
     docker = (
-        f'docker run -d --name sly-agent --restart unless-stopped --network host '
+        f'docker run -d --name sly-agent --restart unless-stopped --network host {"--gpus all " if gpus else ""}'
         f'-v /var/run/docker.sock:/var/run/docker.sock '
         f'-v "{host_dir}":"{host_dir}" -e AGENT_HOST_DIR="{host_dir}" -e SERVER_ADDRESS={url} '
         f'-e ACCESS_TOKEN={token} {state.settings.agent_image}'
@@ -42,7 +44,8 @@ def run_commands(state, request: Request, agent_id: int, token: str) -> dict:
 
 @router.post(endpoints.AGENTS)
 async def create_agent(body: AgentIn, request: Request, _: AdminDep, state: StateDep):
-    """A new agent; its token (shown only in this answer) and a ready-to-paste run_command."""
+    """A new agent; its token (shown only in this answer) and a ready-to-paste run_command (its
+    GPU form when `gpus` is true)."""
     types = service.check_types(body.allowed_task_types)
     token = new_token()
 
@@ -56,7 +59,7 @@ async def create_agent(body: AgentIn, request: Request, _: AdminDep, state: Stat
         "name": body.name,
         "allowed_task_types": types,
         "token": token,
-        "run_command": run_commands(state, request, aid, token),
+        "run_command": run_commands(state, request, aid, token, body.gpus),
     }
 
 
@@ -145,24 +148,28 @@ async def delete_agent(agent_id: RowId, _: AdminDep, state: StateDep):
 
 
 @router.post(endpoints.AGENT_TOKEN)
-async def rotate_token(agent_id: RowId, request: Request, _: AdminDep, state: StateDep):
-    """A new token for the agent; the old one stops working at once."""
+async def rotate_token(
+    agent_id: RowId, request: Request, _: AdminDep, state: StateDep, gpus: bool | None = Query(None)
+):
+    """A new token for the agent; the old one stops working at once. The run command is the GPU
+    form when `gpus` says so, or, without it, when the node has reported GPUs."""
     token = new_token()
 
     def rotate():
+        shown = state.contacts.shown()
         with state.db.transaction() as conn:
             row = service.set_token(conn, agent_id, hash_token(token))
             state.wakeups.notify_agent(
                 conn, agent_id, row_changed=True
             )  # its open polls, on every replica, end with 401 now
-            return row
+            return row, service.reported_gpus(conn, agent_id, shown)
 
-    row = await state.db.run(rotate)
+    row, reported = await state.db.run(rotate)
     return {
         "id": agent_id,
         "name": row["name"],
         "token": token,
-        "run_command": run_commands(state, request, agent_id, token),
+        "run_command": run_commands(state, request, agent_id, token, reported > 0 if gpus is None else gpus),
     }
 
 

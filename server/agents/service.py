@@ -188,6 +188,17 @@ def read_agent(conn, offline_after: float, shown: UnwrittenContacts, replica: st
     return agent_out(offline_after, shown, row, latest.get(agent_id), counts.get(agent_id, 0), polls, now)
 
 
+def reported_gpus(conn, agent_id: int, shown: UnwrittenContacts) -> int:
+    """GPUs the node reported: in its latest telemetry, else in its system info at connect (0 when
+    it reported none, or nothing yet)."""
+    latest = shown.latest_of(agent_id, latest_telemetry(conn, [agent_id]).get(agent_id))
+    if latest is not None and latest.get("gpu_count"):
+        return int(latest["gpu_count"])
+    info = conn.execute(select(db.agents.c.system_info).where(db.agents.c.id == agent_id)).scalar()
+    gpus = info.get("gpus") if isinstance(info, dict) else None
+    return len(gpus) if isinstance(gpus, list) else 0
+
+
 # --- changes (the caller sends the wake-ups once they commit) ---
 def create_agent(conn, name: str, token_hash: str, types: list[str], now: float) -> int:
     """A new agent's row; its id."""

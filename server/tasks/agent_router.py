@@ -1,18 +1,19 @@
-"""Agent side, one task of the agent's own: state reports, results, release."""
+"""Agent side, one task of the agent's own: state reports, its project's items, results, release."""
 
 from __future__ import annotations
 
 import time
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
+from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from protocol import endpoints
-from server.http.deps import AgentDep, ParsedJSONRoute, StateDep
+from server.http.deps import AgentDep, ParsedJSONRoute, StateDep, cursor_id, page
 from server.http.strict import RowId
-from server.schemas import ResultsIn, StateIn
+from server.schemas import PAGE_MAX, ResultsIn, StateIn
 from server.tasks import results as result_posts
-from server.tasks.service import agent_change_state, own_task, release_task, retry_race
+from server.tasks.service import agent_change_state, own_task, release_task, retry_race, task_project_items
 
 # The results route takes the body the middleware decoded: decoding a project result again
 # would double its memory (64 MiB of annotations are hundreds of MB as Python objects).
@@ -42,6 +43,27 @@ async def post_state(task_id: RowId, body: StateIn, state: StateDep, agent: Agen
             return task
 
     return _state_answer(await state.db.run(retry_race, change))
+
+
+@router.get(endpoints.TASK_PROJECT_ITEMS)
+async def project_items(
+    task_id: RowId,
+    state: StateDep,
+    agent: AgentDep,
+    limit: int = Query(1000, ge=1, le=PAGE_MAX),
+    cursor: str | None = None,
+):
+    """A page of the items of the project of a task leased to this agent, in order, each with its
+    annotation: `{items: [{id, dataset, name, sha256, size, ann}], next}`. Any other task: 404."""
+    after = cursor_id(cursor)
+
+    def read() -> list[dict]:
+        with state.db.reader() as conn:
+            return task_project_items(conn, agent["id"], task_id, after, limit)
+
+    # On the read thread (SQLite): nodes preparing big projects do not hold up the fleet's writes.
+    # Annotations are plain JSON already: no per-value encoding (as the user listing).
+    return JSONResponse(page(await state.db.run_read(read), limit))
 
 
 @router.post(endpoints.TASK_RELEASE)

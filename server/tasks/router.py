@@ -7,11 +7,12 @@ import time
 from fastapi import APIRouter, Query
 
 from protocol import endpoints
+from protocol.states import TaskState
 from server.http.deps import AdminDep, StateDep, cursor_id, page
 from server.http.strict import RowId, query_id
 from server.logs import service as logs
 from server.schemas import TaskIn
-from server.tasks import retention, service
+from server.tasks import retention, service, waiting
 from server.tasks.service import public_task, retry_race
 
 router = APIRouter(tags=["user"])
@@ -25,19 +26,23 @@ def _read(state, fn, *args):
 
 @router.post(endpoints.TASKS)
 async def create_task(body: TaskIn, state: StateDep, _: AdminDep):
-    """A task for one agent (queued); 404 unknown agent, 400 unknown type, 409 type not allowed."""
+    """A task for one agent (queued); 404 unknown agent, 400 unknown type, 409 when the node cannot
+    run it (type not allowed, node deleted, no GPU or too few: server/tasks/waiting.py)."""
     service.check_new_task(body)
     now = time.time()
 
     def create():
+        shown = state.contacts.shown()  # before the reads: a batch written meanwhile is in one or both
         with state.db.transaction() as conn:
+            node = _node(state, conn, shown, body.agent_id, now)
+            waiting.check_runnable(conn, body.agent_id, body.type, body.resources, node)
             task = service.create_task(conn, body, now)
             state.wakeups.notify_agent(
                 conn, task["agent_id"]
             )  # its poll, waiting on any replica, answers with the task
-            return task
+            return dict(public_task(task), waiting=waiting.why_waiting(conn, task, node, now))
 
-    return public_task(await state.db.run(create))
+    return await state.db.run(create)
 
 
 @router.get(endpoints.TASKS)
@@ -55,10 +60,23 @@ async def list_tasks(
     return page(await server.db.run_read(_read, server, service.list_tasks, agent_id, state, limit, before), limit)
 
 
+def _node(state, conn, shown, agent_id: int, now: float):
+    return waiting.read_node(conn, agent_id, shown, state.wakeups.replica, state.settings.offline_after, now)
+
+
 @router.get(endpoints.TASK)
 async def read_task(task_id: RowId, state: StateDep, _: AdminDep):
-    """State, timeline [{state, ts}], progress, exit_code, error, results, log_acked."""
-    return public_task(await state.db.run(_read, state, service.task_or_404, task_id))
+    """State, timeline [{state, ts}], progress, exit_code, error, results, log_acked; a queued
+    task's `waiting` says why it waits ({reason, detail, since}; null for any other task)."""
+
+    def read(conn):
+        now = time.time()
+        shown = state.contacts.shown()  # before the reads: a batch written meanwhile is in one or both
+        task = service.task_or_404(conn, task_id)
+        node = _node(state, conn, shown, task["agent_id"], now) if task["state"] == TaskState.QUEUED.value else None
+        return dict(public_task(task), waiting=waiting.why_waiting(conn, task, node, now))
+
+    return await state.db.run(_read, state, read)
 
 
 @router.post(endpoints.TASK_STOP)

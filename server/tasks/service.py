@@ -12,7 +12,7 @@ from protocol.states import AGENT_REPORTABLE, FINAL, LEASED, IllegalTransition, 
 from protocol.tasks import CONTAINER_TYPES, TASK_TYPES
 from server import db
 from server.db.rows import get_row
-from server.projects.service import read_project
+from server.projects.service import items_page
 
 LEASED_VALUES = [s.value for s in LEASED]
 
@@ -38,6 +38,9 @@ _QUEUED = (
     .limit(200)
     .with_for_update(skip_locked=True)
 )
+_p = db.projects.c
+_PROJECT = select(_p.id, _p.name, _p.meta, _p.datasets).where(_p.id == bindparam("pid"))
+_TASK_PROJECT = select(_c.agent_id, _c.state, _c.project_id).where(_c.id == bindparam("tid"))
 
 
 class StateRace(APIError):
@@ -111,7 +114,9 @@ def create_task(conn, body, now: float) -> dict:
         if oid is not None and conn.execute(select(table.c.id).where(table.c.id == oid)).first() is None:
             raise APIError(404, f"{what}_not_found", f"no {what} {oid}")
     resources = (
-        body.resources.model_dump() if body.resources else {"gpus": 0, "cpus": None, "memory": None, "shm_size": None}
+        body.resources.model_dump()
+        if body.resources
+        else {"gpus": None, "cpus": None, "memory": None, "shm_size": None}
     )
     tid = conn.execute(
         insert(db.tasks).values(
@@ -210,7 +215,9 @@ def change_state(conn, task: dict, new: TaskState, now: float | None = None, **v
 
 
 def agent_task(conn, task: dict) -> dict:
-    """A task as a poll answer shows it: project and model expanded with their items/files."""
+    """A task as a poll answer shows it: the model with its files; the project's row only (meta and
+    datasets `[{name, items_count}]`): its items are paged by `task_project_items`, never read here,
+    so a poll stays cheap for a project of a million items."""
     out = {
         "id": task["id"],
         "type": task["type"],
@@ -223,14 +230,27 @@ def agent_task(conn, task: dict) -> dict:
     if task["timeout_s"] is not None:
         out["timeout_s"] = task["timeout_s"]
     if task["project_id"] is not None:
-        p = read_project(conn, task["project_id"], anns=True)
+        p = conn.execute(_PROJECT, {"pid": task["project_id"]}).mappings().first()
         if p is not None:
-            out["project"] = {"id": p["id"], "name": p["name"], "meta": p["meta"], "datasets": p["datasets"]}
+            out["project"] = dict(p)
     if task["model_id"] is not None:
         m = conn.execute(select(db.models).where(db.models.c.id == task["model_id"])).mappings().first()
         if m is not None:
             out["model"] = {"id": m["id"], "name": m["name"], "hash": m["hash"], "files": m["files"]}
     return out
+
+
+def task_project_items(conn, agent_id: int, task_id: int, after: int | None, limit: int) -> list[dict]:
+    """Up to limit + 1 items (with `ann`) of the project of task `task_id`, in order, those with ids
+    after `after`. Only while the task is leased to agent `agent_id`: any other task (another
+    agent's, a queued or a final one) is 404 `task_not_found`, as for a task it never had; a task
+    without a project is 404 `project_not_found`."""
+    task = get_task(conn, task_id, _TASK_PROJECT)
+    if task is None or task["agent_id"] != agent_id or task["state"] not in LEASED_VALUES:
+        raise APIError(404, "task_not_found", f"no leased task {task_id} for this agent")
+    if task["project_id"] is None:
+        raise APIError(404, "project_not_found", f"task {task_id} has no project")
+    return items_page(conn, task["project_id"], None, after, limit)
 
 
 def hand_out(server, conn, agent: dict, free_slots: int, free_gpus: int, running: list[int], now: float):

@@ -150,3 +150,32 @@ def test_sigterm_during_startup_exits_zero_at_once(tmp_path):
         lsock.close()
         if proc.poll() is None:
             proc.kill()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_demo_with_an_engine_named_elsewhere_says_so(clone, venv):
+    """`./run.sh demo` installs and starts a local engine only when none is named: a DOCKER_HOST
+    that does not answer is one clear sentence, not an apt-get run."""
+    env = dict(os.environ, SLY_VENV=str(venv), DOCKER_HOST="unix:///nonexistent/docker.sock")
+    r = _run(clone, "demo", "--exit-when-done", env=env, timeout=120)
+    assert r.returncode != 0
+    assert "DOCKER_HOST=unix:///nonexistent/docker.sock does not answer" in r.stderr, r.stderr[-2000:]
+    assert "installing" not in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_doctor_through_run_sh(clone, venv, tmp_path):
+    env = dict(os.environ, SLY_VENV=str(venv), SERVER_ADDRESS="not-a-url", ACCESS_TOKEN="A" * 32)
+    r = _run(clone, "doctor", env=env, timeout=120)
+    assert r.returncode == 2 and r.stdout.startswith("FAIL  config") and "SERVER_ADDRESS" in r.stdout
+    env.update(
+        SERVER_ADDRESS="http://127.0.0.1:9",
+        AGENT_HOST_DIR=str(tmp_path / "agent"),
+        DOCKER_HOST="unix:///nonexistent/d.sock",
+    )
+    r = _run(clone, "doctor", "--no-pull", env=env, timeout=120)
+    lines = r.stdout.splitlines()
+    assert r.returncode == 1 and any(ln.startswith("FAIL  docker") for ln in lines)
+    assert any(ln.startswith("FAIL  server") for ln in lines) and "A" * 32 not in r.stdout

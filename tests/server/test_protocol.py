@@ -59,9 +59,15 @@ def test_task_flow_end_to_end(client, make_agent):
         "customBigData": {},
     }  # b"pixels" is no image: its size stays unknown
     assert got["project"]["meta"] == {"classes": [], "tags": [], "projectType": "images"}
-    assert got["project"]["datasets"] == [
-        {"name": "ds1", "items": [{"name": "a.jpg", "sha256": img, "size": 6, "ann": empty_ann}]}
-    ]
+    assert got["project"]["datasets"] == [{"name": "ds1", "items_count": 1}]  # the items: paged by the agent
+    [item] = agent.project_items(task["id"])
+    assert {k: v for k, v in item.items() if k != "id"} == {
+        "dataset": "ds1",
+        "name": "a.jpg",
+        "sha256": img,
+        "size": 6,
+        "ann": empty_ann,
+    }
     assert (
         got["model"]["files"] == [{"path": "w.bin", "sha256": w, "size": 7}] and got["model"]["hash"] == model["hash"]
     )
@@ -153,8 +159,10 @@ def test_project_results_and_inference_files(client, make_agent):
         json={"kind": "project", "name": "preds", "files": [{"path": "ds/a.json", "sha256": sha, "size": 4}]},
     )
     assert r.status_code == 200, r.text
-    p = client.get_project(r.json()["results"]["project_id"])
-    assert p["datasets"] == [{"name": "ds", "items": [{"name": "a.json", "sha256": sha, "size": 4}]}]
+    pid = r.json()["results"]["project_id"]
+    assert client.get_project(pid)["datasets"] == [{"name": "ds", "items_count": 1}]
+    [item] = client.session.get(f"{client.base}/api/v1/projects/{pid}/items", timeout=10).json()["items"]
+    assert (item["dataset"], item["name"], item["sha256"], item["size"]) == ("ds", "a.json", sha, 4)
 
 
 def test_blobs_hash_check_range_head(server, client, make_agent):

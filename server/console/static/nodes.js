@@ -192,6 +192,7 @@
     ev.preventDefault();
     const f = ev.target;
     const body = { name: document.getElementById("add-name").value.trim(), allowed_task_types: [...f.querySelectorAll("[name=types]:checked")].map(c => c.value) };
+    if (document.getElementById("add-gpus").checked) body.gpus = true;
     try {
       const answer = await SLY.api("POST", "/api/v1/agents", body);
       showToken(answer.name || body.name, answer);

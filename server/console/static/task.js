@@ -169,6 +169,10 @@
     catch (e) { SLY.flash("Could not load the task: " + e.message, true); return; }
     const st = document.getElementById("t-state");
     st.textContent = task.state; st.className = "badge " + task.state;
+    const waits = document.getElementById("t-waiting");   // why a queued task waits (the server decides)
+    waits.hidden = !task.waiting;
+    waits.textContent = task.waiting ? "Waiting: " + task.waiting.detail : "";
+    waits.dataset.reason = task.waiting ? task.waiting.reason : "";
     document.getElementById("t-type").textContent = task.type;
     const node = document.getElementById("t-node");
     if (!node.dataset.id) {   // the node's name, fetched once
