@@ -16,15 +16,18 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import requests
+import urllib3
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
 from client import download, upload
 from client.download import BLOB_TIMEOUT
+from client.transfer import MAX_PARALLEL, PARALLEL, Progress
+from protocol import bulk
 from protocol import endpoints as ep
 from protocol.errors import decode_error
 from protocol.states import FINAL
@@ -55,8 +58,9 @@ class UserClient:
             respect_retry_after_header=True,
             raise_on_status=False,
         )
-        self.session.mount("http://", HTTPAdapter(max_retries=busy))
-        self.session.mount("https://", HTTPAdapter(max_retries=busy))
+        # A bulk transfer runs up to MAX_PARALLEL requests at once on this session.
+        self.session.mount("http://", HTTPAdapter(max_retries=busy, pool_maxsize=MAX_PARALLEL))
+        self.session.mount("https://", HTTPAdapter(max_retries=busy, pool_maxsize=MAX_PARALLEL))
 
     # --- plumbing ---
     def request(
@@ -82,10 +86,13 @@ class UserClient:
             params["cursor"] = page["next"]
 
     # --- agents ---
-    def create_agent(self, name: str, allowed_task_types: list[str] | None = None) -> dict:
-        body = {"name": name}
+    def create_agent(self, name: str, allowed_task_types: list[str] | None = None, gpus: bool = False) -> dict:
+        """A new node: {id, name, token, run_command}; `gpus`: its docker run command gets `--gpus all`."""
+        body: dict = {"name": name}
         if allowed_task_types is not None:
             body["allowed_task_types"] = allowed_task_types
+        if gpus:
+            body["gpus"] = True
         return self._json("POST", ep.AGENTS, body)
 
     def list_agents(self) -> list[dict]:
@@ -101,9 +108,11 @@ class UserClient:
     def delete_agent(self, agent_id: int) -> dict:
         return self._json("DELETE", ep.path(ep.AGENT_BY_ID, agent_id=agent_id))
 
-    def rotate_token(self, agent_id: int) -> dict:
-        """A new token for the agent (the old one stops working at once): {id, name, token, run_command}."""
-        return self._json("POST", ep.path(ep.AGENT_TOKEN, agent_id=agent_id))
+    def rotate_token(self, agent_id: int, gpus: bool | None = None) -> dict:
+        """A new token for the agent (the old one stops working at once): {id, name, token, run_command};
+        `gpus`: the GPU form of the docker run command or not (None: when the node reported GPUs)."""
+        params = None if gpus is None else {"gpus": str(gpus).lower()}
+        return self._json("POST", ep.path(ep.AGENT_TOKEN, agent_id=agent_id), params=params)
 
     def agent_telemetry(self, agent_id: int, since: float | None = None) -> list[dict]:
         """History points {ts, cpu, mem, disks: [%], gpus: [[util, mem %]]}, oldest first."""
@@ -142,6 +151,49 @@ class UserClient:
             "GET", ep.path(ep.USER_BLOB, sha256=sha256), timeout=max(self.timeout, BLOB_TIMEOUT)
         ).content
 
+    # --- many blobs at once (protocol/bulk.py) ---
+    def check_blobs(self, hashes: Iterable[str]) -> set[str]:
+        """The sha256s among `hashes` the server does not hold, asked MAX_COUNT at a time."""
+        unique = list(dict.fromkeys(hashes))
+        missing: set[str] = set()
+        for i in range(0, len(unique), bulk.MAX_COUNT):
+            missing.update(
+                self._json("POST", ep.USER_BLOBS_CHECK, {"sha256": unique[i : i + bulk.MAX_COUNT]})["missing"]
+            )
+        return missing
+
+    def upload_blobs(
+        self, files: Iterable[tuple[str, str | os.PathLike]], on_sent: Callable[[int, int], None] | None = None
+    ) -> list[dict]:
+        """Send (sha256, path) pairs as one bulk upload (at most MAX_COUNT files, MAX_BYTES); the files
+        are read as the body streams, never held whole. on_sent(files, nbytes) counts what has gone out.
+        Returns the server's answer per file, in order: {sha256, size, created} or {sha256, error,
+        detail} (`hash_mismatch`: the file changed since it was hashed)."""
+        body = TarBody([(sha, os.fspath(p), os.stat(p).st_size) for sha, p in files], on_sent)
+        r = self.request(
+            "POST",
+            ep.USER_BLOBS_UPLOAD,
+            data=body,
+            timeout=max(self.timeout, BLOB_TIMEOUT),
+            headers={"content-type": bulk.CONTENT_TYPE},
+        )
+        return list(r.json()["blobs"])
+
+    def download_blobs(self, hashes: Iterable[str]) -> Iterator[tuple[str, int, Iterator[bytes]]]:
+        """One bulk download (at most MAX_COUNT blobs, MAX_BYTES): yields (sha256, size, chunks) per
+        blob the server sent, in the order asked, as protocol.bulk.iter_entries does, streamed from
+        the connection; a blob the server does not hold is simply not among them. Each entry's
+        chunks must be read before the next. bulk.BadBatch when the stream is malformed or cut short."""
+        r = self.request(
+            "POST",
+            ep.USER_BLOBS_DOWNLOAD,
+            json={"sha256": list(hashes)},
+            stream=True,
+            timeout=max(self.timeout, BLOB_TIMEOUT),
+        )
+        with r:
+            yield from bulk.iter_entries(_RawBody(r.raw))  # type: ignore[arg-type]  # read() is all it uses
+
     # --- projects and models ---
     def create_project(self, name: str, datasets: list[dict], meta: dict | None = None) -> dict:
         """datasets: [{name, items: [{name, sha256, size, ann?}]}]; meta: the Supervisely meta.json object."""
@@ -150,22 +202,43 @@ class UserClient:
             body["meta"] = meta
         return self._json("POST", ep.PROJECTS, body)
 
+    def add_items(self, project_id: int, dataset: str, items: list[dict]) -> dict:
+        """Add a page of items ({name, sha256, size, ann?}, at most 5,000) to a dataset of the project
+        (made if new): {dataset, added, items_count}."""
+        return self._json(
+            "POST", ep.path(ep.PROJECT_ITEMS, project_id=project_id), {"dataset": dataset, "items": items}
+        )
+
+    def project_items_page(
+        self, project_id: int, dataset: str | None = None, cursor: str | None = None, limit: int = 5000
+    ) -> tuple[list[dict], str | None]:
+        """One page of the project's items ({name, sha256, size, ann, ...}, in order; `dataset` filters)
+        and the cursor of the next page (None after the last)."""
+        params = {k: v for k, v in {"dataset": dataset, "cursor": cursor, "limit": limit}.items() if v is not None}
+        page = self.request("GET", ep.path(ep.PROJECT_ITEMS, project_id=project_id), params=params).json()
+        return list(page["items"]), page.get("next")
+
     def upload_project_dir(
-        self, directory: str | os.PathLike, name: str | None = None, progress: upload.Progress | None = None
+        self,
+        directory: str | os.PathLike,
+        name: str | None = None,
+        progress: Progress | None = None,
+        parallel: int = PARALLEL,
     ) -> dict:
         """Upload a folder as a project: a Supervisely project (meta.json at its top) with its meta and
         annotations, else each sub-folder is a dataset and files at the top go to `ds0`."""
-        return upload.upload_project(self, Path(directory), name, progress)
+        return upload.upload_project(self, Path(directory), name, progress, parallel)
 
     def download_project(
         self,
         project_id: int,
         directory: str | os.PathLike,
         force: bool = False,
-        progress: download.Progress | None = None,
+        progress: Progress | None = None,
+        parallel: int = PARALLEL,
     ) -> dict:
         """Write the project into `directory` as a Supervisely project folder; refuses a non-empty one unless force."""
-        return download.download_project(self, project_id, Path(directory), force, progress)
+        return download.download_project(self, project_id, Path(directory), force, progress, parallel)
 
     def list_projects(self) -> list[dict]:
         return self._list(ep.PROJECTS)
@@ -177,20 +250,25 @@ class UserClient:
         return self._json("POST", ep.MODELS, {"name": name, "files": files})
 
     def upload_model_dir(
-        self, directory: str | os.PathLike, name: str | None = None, progress: upload.Progress | None = None
+        self,
+        directory: str | os.PathLike,
+        name: str | None = None,
+        progress: Progress | None = None,
+        parallel: int = PARALLEL,
     ) -> dict:
         """Upload every file under a folder as a model (paths relative to the folder)."""
-        return upload.upload_model(self, Path(directory), name, progress)
+        return upload.upload_model(self, Path(directory), name, progress, parallel)
 
     def download_model(
         self,
         model_id: int,
         directory: str | os.PathLike,
         force: bool = False,
-        progress: download.Progress | None = None,
+        progress: Progress | None = None,
+        parallel: int = PARALLEL,
     ) -> dict:
         """Write the model's files into `directory` (paths kept); refuses a non-empty one unless force."""
-        return download.download_model(self, model_id, Path(directory), force, progress)
+        return download.download_model(self, model_id, Path(directory), force, progress, parallel)
 
     def list_models(self) -> list[dict]:
         return self._list(ep.MODELS)
@@ -211,7 +289,10 @@ class UserClient:
         model_id: int | None = None,
         resources: dict | None = None,
         timeout_s: float | None = None,
+        retry: dict | None = None,
     ) -> dict:
+        """A queued task; `retry`: its retry policy {"max": N, "agent_ids"?: [...]} (a lost task is
+        continued from its last checkpoint, docs/resume.md)."""
         body = {
             "agent_id": agent_id,
             "type": type,
@@ -222,6 +303,7 @@ class UserClient:
             "model_id": model_id,
             "resources": resources,
             "timeout_s": timeout_s,
+            "retry": retry,
         }
         return self._json("POST", ep.TASKS, {k: v for k, v in body.items() if v is not None})
 
@@ -249,8 +331,10 @@ class UserClient:
                 return
             params["after"] = page["next"]
 
-    def task_metrics(self, task_id: int) -> list[dict]:
-        return self._json("GET", ep.path(ep.TASK_METRICS, task_id=task_id))["items"]
+    def task_metrics(self, task_id: int, chain: bool = False) -> list[dict]:
+        """The task's metrics points; `chain`: those of the lost runs it continues too, each with its `task_id`."""
+        params = {"chain": 1} if chain else None
+        return self._json("GET", ep.path(ep.TASK_METRICS, task_id=task_id), params=params)["items"]
 
     def wait_task(
         self, task_id: int, states: Iterable[str] = FINAL_STATES, timeout: float = 60.0, interval: float = 0.2
@@ -300,6 +384,58 @@ class UserClient:
                     return
                 elif raw == "":
                     event = None
+
+
+class TarBody:
+    """The body of a bulk upload: per file its tar header, its bytes and their padding, then the
+    end blocks; read from the files as it is sent.
+
+    Its length is known up front (sent as content-length), and each iteration starts again from
+    the first file, so a try that urllib3 repeats (503 server_busy) sends the whole stream again;
+    on_sent counts each file once. A file that changed size since it was listed is cut or padded
+    to the listed size, which keeps the stream well-formed: the server finds its hash wrong and
+    keeps nothing of it (hash_mismatch)."""
+
+    def __init__(self, files: list[tuple[str, str, int]], on_sent: Callable[[int, int], None] | None = None):
+        self.files, self.on_sent = files, on_sent
+        self.length = sum(bulk.BLOCK + size + (-size % bulk.BLOCK) for _, _, size in files) + len(bulk.TAR_END)
+        self.counted = 0  # files reported to on_sent (a repeated try reports only those beyond)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Iterator[bytes]:
+        for k, (sha, path, size) in enumerate(self.files, 1):
+            with open(path, "rb") as f:
+                if size <= download.CHUNK:  # a small file goes out with its header in one piece
+                    data = f.read(size)
+                    yield b"".join((bulk.header(sha, size), data, b"\0" * (size - len(data)), bulk.padding(size)))
+                else:
+                    yield bulk.header(sha, size)
+                    left = size
+                    while left and (b := f.read(min(download.CHUNK, left))):
+                        left -= len(b)
+                        yield b
+                    yield b"\0" * left + bulk.padding(size)
+            if k > self.counted:
+                self.counted = k
+                if self.on_sent:
+                    self.on_sent(1, size)
+        yield bulk.TAR_END
+
+
+class _RawBody:
+    """A streamed response's body as a file for bulk.iter_entries; a connection lost mid-stream is a
+    bulk.BadBatch (the stream was cut short) like a stream that ends early."""
+
+    def __init__(self, raw):
+        self.raw = raw
+
+    def read(self, n: int = -1) -> bytes:
+        try:
+            return self.raw.read(n, decode_content=True)
+        except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as e:
+            raise bulk.BadBatch(f"the connection was lost: {type(e).__name__}") from None
 
 
 def _sse_lines(response) -> Iterator[str]:

@@ -4,13 +4,15 @@ Also runs as `python -m client`.
 
     nodes add NAME [--types train,custom]      create a node; prints its token (once) and run commands
     nodes list | nodes edit ID [--name N] [--types T,...] | nodes rotate ID | nodes delete ID
-    projects upload DIR [--name N] | projects download ID DIR [--force] | projects list
-    models upload DIR [--name N] | models download ID DIR [--force] | models list
+    projects upload DIR [--name N] [--parallel N] | projects download ID DIR [--force] [--parallel N]
+    models upload DIR [--name N] [--parallel N] | models download ID DIR [--force] [--parallel N]
+    projects list | models list
     tasks submit --node ID --type T [--image I --project ID --model ID --config JSON --gpus N --timeout S]
+                 [--retry N [--retry-nodes ID,...]]   a lost task continues from its last checkpoint
     tasks list [--node ID] [--state S] | tasks logs ID [--follow] | tasks stop ID
 
 The server and admin token come from --server/--token or SLY_SERVER/SLY_ADMIN_TOKEN. Progress bars
-go to stderr when it is a terminal (or with --progress), results to stdout (`--json` prints the
+(files and bytes) go to stderr when it is a terminal (or with --progress), results to stdout (`--json` prints the
 server's answers as JSON). It speaks only the user API, through client.UserClient.
 
 `projects upload` sends a Supervisely project folder (meta.json at its top, <ds>/img/, <ds>/ann/)
@@ -32,41 +34,53 @@ import requests
 from client import download, sly_format, upload
 from client.api import UserClient
 from client.term import safe
+from client.transfer import MAX_PARALLEL, PARALLEL, Counts
 from protocol.errors import APIError
 from protocol.tasks import TASK_TYPES
 
 DEFAULT_SERVER = "http://127.0.0.1:8700"
+PARALLEL_HELP = f"bulk requests in flight at once, 1..{MAX_PARALLEL} (default %(default)s)"
 
 
 class TextBar:
-    """A one-line text progress bar on stderr, redrawn at most every 0.1 s (and once at the end).
+    """A one-line text progress bar on stderr, in files and bytes, redrawn at most every 0.1 s (and
+    whenever a stage starts or ends). Call it as a transfer's progress callback: bar(counts).
 
-    Call it as an upload progress callback: bar(done, total, note).
+        project roads sending [############..................]  41% 8,200/20,000 files, 1.2 MiB/2.9 MiB
     """
 
     def __init__(self, label: str, stream=sys.stderr, width: int = 30):
         self.label, self.stream, self.width = label, stream, width
-        self.done, self.total, self._drawn = 0, 1, 0.0
+        self._drawn, self._stage, self._len = 0.0, "", 0
 
-    def __call__(self, done: int, total: int, note: str = "") -> None:
-        self.done, self.total = done, max(total, 1)
+    def __call__(self, counts: Counts) -> None:
         now = time.monotonic()
-        if now - self._drawn >= 0.1 or self.done >= self.total:
-            self._drawn = now
-            self.draw(note)
+        if now - self._drawn >= 0.1 or counts.stage != self._stage or counts.fraction() >= 1.0:
+            self._drawn, self._stage = now, counts.stage
+            self.draw(counts)
 
-    def draw(self, note: str = "") -> None:
-        frac = self.done / self.total
+    def draw(self, c: Counts) -> None:
+        frac = c.fraction()
         fill = int(frac * self.width)
-        self.stream.write(
-            f"\r{self.label} [{'#' * fill}{'.' * (self.width - fill)}] {frac:4.0%} "
-            f"{human(self.done)}/{human(self.total)} {note[:40]:<40}"
+        size = human(c.nbytes) + (f"/{human(c.bytes_total)}" if c.bytes_total is not None else "")
+        line = (
+            f"{self.label} {c.stage} [{'#' * fill}{'.' * (self.width - fill)}] {frac:4.0%} "
+            f"{c.files:,}/{c.files_total:,} files, {size} {safe(c.note)[:40]}"
         )
+        self.stream.write("\r" + line.ljust(self._len))  # blanks what a longer line left
+        self._len = len(line)
         self.stream.flush()
 
     def close(self) -> None:
         self.stream.write("\n")
         self.stream.flush()
+
+
+def parallel_arg(s: str) -> int:
+    n = int(s)
+    if not 1 <= n <= MAX_PARALLEL:
+        raise argparse.ArgumentTypeError(f"--parallel must be 1..{MAX_PARALLEL}")
+    return n
 
 
 def human(n: float) -> str:
@@ -83,6 +97,17 @@ def types_arg(s: str) -> list[str]:
     if bad:
         raise argparse.ArgumentTypeError(f"unknown task type(s) {', '.join(bad)}; known: {', '.join(TASK_TYPES)}")
     return types
+
+
+def id_list(s: str) -> list[int]:
+    """'1,2,3' -> [1, 2, 3] (node ids)."""
+    try:
+        ids = [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a comma-separated list of node ids") from None
+    if not ids:
+        raise argparse.ArgumentTypeError("no node id given")
+    return ids
 
 
 def table(rows: list[list], header: list[str]) -> str:
@@ -120,7 +145,7 @@ def show_token(answer: dict) -> None:
 
 
 def nodes_add(c: UserClient, a) -> int:
-    answer = c.create_agent(a.name, a.types)
+    answer = c.create_agent(a.name, a.types, gpus=a.gpus)
     print(json.dumps(answer)) if a.json else show_token(answer)
     return 0
 
@@ -163,7 +188,7 @@ def nodes_edit(c: UserClient, a) -> int:
 
 
 def nodes_rotate(c: UserClient, a) -> int:
-    answer = c.rotate_token(a.id)
+    answer = c.rotate_token(a.id, gpus=a.gpus)
     print(json.dumps(answer)) if a.json else show_token(answer)
     return 0
 
@@ -188,33 +213,37 @@ def upload_dir(c: UserClient, a, kind: str) -> int:
     bar = TextBar(f"{kind} {name}") if a.progress else None
     try:
         if kind == "project":
-            x = upload.upload_project(c, root, name, bar)
+            x = upload.upload_project(c, root, name, bar, a.parallel)
         else:
-            x = upload.upload_model(c, root, name, bar)
+            x = upload.upload_model(c, root, name, bar, a.parallel)
     finally:
         if bar:
             bar.close()
-    count = (
-        sum(len(d.get("items") or []) for d in x.get("datasets") or [])
-        if kind == "project"
-        else len(x.get("files") or [])
-    )
-    print(json.dumps(x) if a.json else f"{kind} {x['id']} {safe(x.get('name'))}: {count} files")
+    print(json.dumps(x) if a.json else f"{kind} {x['id']} {safe(x.get('name'))}: {_count(x, kind)} files")
     return 0
+
+
+def _count(x: dict, kind: str) -> int:
+    if kind == "project":
+        return sum(int(d.get("items_count") or 0) for d in x.get("datasets") or [])
+    return len(x.get("files") or [])
 
 
 def download_dir(c: UserClient, a, kind: str) -> int:
     bar = TextBar(f"{kind} {a.id}") if a.progress else None
     try:
         if kind == "project":
-            x = download.download_project(c, a.id, Path(a.dir), a.force, bar)
+            x = download.download_project(c, a.id, Path(a.dir), a.force, bar, a.parallel)
         else:
-            x = download.download_model(c, a.id, Path(a.dir), a.force, bar)
+            x = download.download_model(c, a.id, Path(a.dir), a.force, bar, a.parallel)
     finally:
         if bar:
             bar.close()
-    count = sum(len(d["items"]) for d in x["datasets"]) if kind == "project" else len(x.get("files") or [])
-    print(json.dumps(x) if a.json else f"{kind} {x['id']} {safe(x.get('name'))}: {count} files -> {safe(x['dir'])}")
+    print(
+        json.dumps(x)
+        if a.json
+        else f"{kind} {x['id']} {safe(x.get('name'))}: {_count(x, kind)} files -> {safe(x['dir'])}"
+    )
     return 0
 
 
@@ -259,6 +288,9 @@ def tasks_submit(c: UserClient, a) -> int:
         for k, v in {"gpus": a.gpus, "cpus": a.cpus, "memory": a.memory, "shm_size": a.shm_size}.items()
         if v is not None
     } or None
+    if a.retry_nodes and a.retry is None:
+        raise SystemExit("error: --retry-nodes needs --retry N")
+    retry = None if a.retry is None else {"max": a.retry, **({"agent_ids": a.retry_nodes} if a.retry_nodes else {})}
     t = c.create_task(
         a.node,
         a.type,
@@ -269,8 +301,12 @@ def tasks_submit(c: UserClient, a) -> int:
         model_id=a.model,
         resources=resources,
         timeout_s=a.timeout,
+        retry=retry,
     )
     print(json.dumps(t) if a.json else f"task {t['id']} {safe(t['state'])}")
+    waiting = t.get("waiting") or {}
+    if not a.json and waiting.get("reason") not in (None, "waiting_for_poll"):
+        print(f"waits: {safe(waiting.get('detail'))}")
     return 0
 
 
@@ -297,7 +333,27 @@ def tasks_list(c: UserClient, a) -> int:
 
 
 def tasks_logs(c: UserClient, a) -> int:
-    for line in c.iter_logs(a.id, follow=a.follow):
+    """Print a task's log; with --follow, live until it ends, and on through its continuations:
+    a task that ends `lost` with `continued_by` goes on as that task (docs/resume.md)."""
+    task_id = a.id
+    while True:
+        _print_log(c, task_id, a)
+        if not a.follow:
+            return 0
+        t = c.get_task(task_id)
+        if t["state"] == "lost" and t.get("continued_by") is not None:
+            task_id = t["continued_by"]
+            print(safe(_continued(t, c.get_task(task_id))), file=sys.stderr, flush=True)
+            continue
+        extra = f" exit_code={t['exit_code']}" if t.get("exit_code") is not None else ""
+        print(
+            safe(f"task {task_id} {t['state']}{extra}" + (f": {t['error']}" if t.get("error") else "")), file=sys.stderr
+        )
+        return 0 if t["state"] == "finished" else 1
+
+
+def _print_log(c: UserClient, task_id: int, a) -> None:
+    for line in c.iter_logs(task_id, follow=a.follow):
         if a.json:
             print(json.dumps(line), flush=True)
             continue
@@ -305,12 +361,18 @@ def tasks_logs(c: UserClient, a) -> int:
         level = line.get("level", "info")
         tag = ("" if stream == "stdout" else f"[{stream}] ") + ("" if level == "info" else f"{level.upper()}: ")
         print(safe(f"{fmt_ts(line.get('ts'))} {tag}{line.get('message', '')}"), flush=True)
-    if not a.follow:
-        return 0
-    t = c.get_task(a.id)
-    extra = f" exit_code={t['exit_code']}" if t.get("exit_code") is not None else ""
-    print(safe(f"task {a.id} {t['state']}{extra}" + (f": {t['error']}" if t.get("error") else "")), file=sys.stderr)
-    return 0 if t["state"] == "finished" else 1
+
+
+def _continued(lost: dict, cont: dict) -> str:
+    """'task 7 lost; continued as task 8 on node 2 from checkpoint epoch 3'."""
+    resume = (cont.get("config") or {}).get("resume") or {}
+    if resume.get("epoch") is not None:
+        where = f"checkpoint epoch {resume['epoch']}"
+    elif (cont.get("config") or {}).get("weights_init_type") == "continue_training":
+        where = f"checkpoint model {cont.get('model_id')}"
+    else:
+        where = "the start"
+    return f"task {lost['id']} lost; continued as task {cont['id']} on node {cont['agent_id']} from {where}"
 
 
 def tasks_stop(c: UserClient, a) -> int:
@@ -355,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     x = nodes.add_parser("add", help="create a node; prints its token once and the run commands")
     x.add_argument("name")
     x.add_argument("--types", type=types_arg, default=None, help="allowed task types, comma-separated (default: all)")
+    x.add_argument("--gpus", action="store_true", help="the node has GPUs: its docker run command gets --gpus all")
     x.set_defaults(func=nodes_add)
     nodes.add_parser("list", help="list nodes").set_defaults(func=nodes_list)
     x = nodes.add_parser("edit", help="rename a node or change its allowed task types")
@@ -364,6 +427,12 @@ def build_parser() -> argparse.ArgumentParser:
     x.set_defaults(func=nodes_edit)
     x = nodes.add_parser("rotate", help="give a node a new token (the old one stops working)")
     x.add_argument("id", type=int)
+    x.add_argument(
+        "--gpus",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the docker run command with (--gpus) or without (--no-gpus) --gpus all (default: as the node reported)",
+    )
     x.set_defaults(func=nodes_rotate)
     x = nodes.add_parser("delete", help="remove a node")
     x.add_argument("id", type=int)
@@ -374,6 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
         x = g.add_parser("upload", help=f"upload a folder as a {kind}")
         x.add_argument("dir")
         x.add_argument("--name", help="(default: the folder's name)")
+        x.add_argument("--parallel", type=parallel_arg, default=PARALLEL, help=PARALLEL_HELP)
         x.set_defaults(func=lambda c, a, k=kind: upload_dir(c, a, k))
         x = g.add_parser(
             "download",
@@ -382,6 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
         x.add_argument("id", type=int)
         x.add_argument("dir")
         x.add_argument("--force", action="store_true", help="write into DIR even if it is not empty")
+        x.add_argument("--parallel", type=parallel_arg, default=PARALLEL, help=PARALLEL_HELP)
         x.set_defaults(func=lambda c, a, k=kind: download_dir(c, a, k))
         g.add_parser("list", help=f"list {kind}s").set_defaults(func=lambda c, a, k=kind: collection_list(c, a, k))
 
@@ -399,12 +470,27 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--memory", help="memory limit, e.g. 2g")
     x.add_argument("--shm-size", dest="shm_size", help="shared memory, e.g. 1g")
     x.add_argument("--timeout", type=float, help="seconds")
+    x.add_argument(
+        "--retry",
+        type=int,
+        metavar="N",
+        help="when the node is lost (silent past the lease), continue the task from its last checkpoint, "
+        "at most N times in its chain",
+    )
+    x.add_argument(
+        "--retry-nodes",
+        type=id_list,
+        metavar="ID,...",
+        help="nodes that may take it over, in order of preference (default: its own node)",
+    )
     x.set_defaults(func=tasks_submit)
     x = tasks.add_parser("list", help="list tasks")
     x.add_argument("--node", type=int)
     x.add_argument("--state")
     x.set_defaults(func=tasks_list)
-    x = tasks.add_parser("logs", help="print a task's log; --follow streams it until the task ends")
+    x = tasks.add_parser(
+        "logs", help="print a task's log; --follow streams it until the task ends, on through its continuations"
+    )
     x.add_argument("id", type=int)
     x.add_argument("--follow", "-f", action="store_true")
     x.set_defaults(func=tasks_logs)
@@ -434,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
     except APIError as e:
         print(safe(f"error: {e.status} {e.code}: {e.detail}"), file=sys.stderr)
         return 1
-    except (upload.NotAFolder, sly_format.BadProject, download.DownloadError) as e:
+    except (upload.NotAFolder, upload.UploadError, sly_format.BadProject, download.DownloadError) as e:
         print(safe(f"error: {e}"), file=sys.stderr)
         return 1
     except requests.ConnectionError:

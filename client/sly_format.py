@@ -6,6 +6,10 @@ form without the image extension (`a.json`), and so does `read_folder`. Items ar
 directly in `img/` with an image extension the SDK knows; other folders of a dataset (`img_info/`,
 `meta/`, `seg/`, `blob/`) are not part of a project here. Nested datasets (`<ds>/datasets/<child>/`,
 newer SDKs) are refused with an error rather than flattened.
+
+`read_folder` lists the items and names their annotation files; the annotations are read one at a
+time when they are checked (`check_folder`) and again when they are sent, so a project of 10^6
+items is never held in memory whole.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from protocol.sly_format import (
     ANN_DIR,
     ANN_EXT,
     IMG_DIR,
+    MAX_REQUEST_MASK_BYTES,
     META_FILE,
     NESTED_DIR,
     BadFormat,
@@ -33,12 +38,14 @@ class BadProject(ValueError):
     """A project folder (or a project from the server) that cannot be read or written as asked."""
 
 
-@dataclass
+@dataclass(slots=True)
 class Item:
+    """An image of a dataset: its file is `<dataset>/img/<name>`; its annotation is read when needed
+    (a project of 10^6 items is never held whole), and what its bitmaps cost to check is noted."""
+
     name: str
-    path: Path
-    ann: dict | None = None
     ann_file: str | None = None  # its annotation file, relative to the project (posix)
+    mask_bytes: int = 0  # bytes its bitmaps inflate to, as the server's check counts them
 
 
 @dataclass
@@ -54,16 +61,25 @@ def is_supervisely(root: Path) -> bool:
 
 def load_object(path: Path, root: Path) -> dict:
     """A JSON object from a file, or BadProject naming the file (relative to the project)."""
-    rel = path.relative_to(root).as_posix()
+    return parse_object(path.read_bytes(), path.relative_to(root).as_posix())
+
+
+def parse_object(data: bytes, rel: str) -> dict:
+    """A JSON object from a file's bytes, or BadProject naming the file `rel`."""
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
+        obj = json.loads(data.decode("utf-8"))
     except UnicodeDecodeError as e:
         raise BadProject(f"{rel}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise BadProject(f"{rel}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
-    if not isinstance(data, dict):
-        raise BadProject(f"{rel}: a JSON object was expected, not {type(data).__name__}")
-    return data
+    if not isinstance(obj, dict):
+        raise BadProject(f"{rel}: a JSON object was expected, not {type(obj).__name__}")
+    return obj
+
+
+def load_ann(root: Path, item: Item) -> dict | None:
+    """The item's annotation from its file; None when it has none."""
+    return None if item.ann_file is None else load_object(root / item.ann_file, root)
 
 
 def _ann_file(ann_dir: Path, item: str) -> Path | None:
@@ -75,7 +91,8 @@ def _ann_file(ann_dir: Path, item: str) -> Path | None:
 
 
 def read_folder(root: Path) -> tuple[dict, list[Dataset]]:
-    """The meta and datasets of a Supervisely project folder; items without an ann file get ann=None."""
+    """The meta and datasets of a Supervisely project folder, each item with the name of its
+    annotation file (None without one); the annotations are read by check_folder and load_ann."""
     meta = load_object(root / META_FILE, root)
     datasets = []
     for d in sorted(p for p in root.iterdir() if p.is_dir()):
@@ -88,19 +105,18 @@ def read_folder(root: Path) -> tuple[dict, list[Dataset]]:
         if not img.is_dir() and not ann.is_dir():
             continue  # not a dataset (the SDK skips it too)
         ds = Dataset(d.name)
-        files = sorted(p for p in img.iterdir() if p.is_file() and is_image_name(p.name)) if img.is_dir() else []
+        files = sorted(p.name for p in img.iterdir() if p.is_file() and is_image_name(p.name)) if img.is_dir() else []
         used: dict[Path, str] = {}
         for f in files:
-            af = _ann_file(ann, f.name) if ann.is_dir() else None
+            af = _ann_file(ann, f) if ann.is_dir() else None
             if af is not None and af in used:
                 raise BadProject(
                     f"{af.relative_to(root).as_posix()}: matches two images, "
-                    f"{used[af]!r} and {f.name!r}; name it {ann_name(f.name)}"
+                    f"{used[af]!r} and {f!r}; name it {ann_name(f)}"
                 )
             if af is not None:
-                used[af] = f.name
-            rel = af.relative_to(root).as_posix() if af is not None else None
-            ds.items.append(Item(f.name, f, load_object(af, root) if af is not None else None, rel))
+                used[af] = f
+            ds.items.append(Item(f, af.relative_to(root).as_posix() if af is not None else None))
         datasets.append(ds)
     if not any(ds.items for ds in datasets):
         raise BadProject(
@@ -109,16 +125,20 @@ def read_folder(root: Path) -> tuple[dict, list[Dataset]]:
     return meta, datasets
 
 
-def check_folder(meta: dict, datasets: list[Dataset]) -> None:
+def check_folder(root: Path, meta: dict, datasets: list[Dataset]) -> None:
     """The server's checks of the meta and of every annotation, run here so that a bad file is
-    named by its path before anything is sent; BadProject names the first one."""
+    named by its path before anything is sent; BadProject names the first one. The annotations
+    are read one at a time and let go; each item notes what its bitmaps cost (`mask_bytes`), so
+    that a page of items sent together stays within what the server checks in one request."""
     try:
         checked = check_meta(meta, META_FILE)
-        budget = Budget()  # the whole project goes to the server in one request
         for ds in datasets:
             for item in ds.items:
-                if item.ann is not None:
-                    check_ann(item.ann, checked, item.ann_file, budget)
+                ann = load_ann(root, item)
+                if ann is not None:
+                    budget = Budget()
+                    check_ann(ann, checked, str(item.ann_file), budget)
+                    item.mask_bytes = MAX_REQUEST_MASK_BYTES - budget.mask_bytes
     except BadFormat as e:
         raise BadProject(str(e)) from None
 

@@ -14,6 +14,7 @@ import pytest
 import requests
 
 from client import UserClient
+from client.transfer import Counts
 from tests.support.fake_agent import FakeAgent
 from tests.support.procs import poll_for
 from tests.support.server import REPO
@@ -79,8 +80,13 @@ def test_upload_project_and_model_with_progress(server, tmp_path):
 
     p = cli(server, "--json", "--progress", "projects", "upload", str(root), "--name", "dogs-cli")
     assert "100%" in p.stderr and "[" + "#" * 30 + "]" in p.stderr  # the bar reached its end
+    # in files and bytes, through each stage
+    for stage in ("hashing", "sending", "items"):
+        assert f" {stage} [" + "#" * 30 + "] 100% 4/4 files" in p.stderr, p.stderr
+    assert "4/4 files, 3.0 MiB/3.0 MiB" in p.stderr
     proj = json.loads(p.stdout)
-    got = {f"{d['name']}/{i['name']}": (i["sha256"], i["size"]) for d in proj["datasets"] for i in d["items"]}
+    assert [d["items_count"] for d in proj["datasets"]] == [1, 2, 1]
+    got = {f"{d['name']}/{i['name']}": (i["sha256"], i["size"]) for d, i in _project_items(server, proj)}
     assert got == {
         ("ds0/" + k if "/" not in k else k): (hashlib.sha256(v).hexdigest(), len(v)) for k, v in files.items()
     }
@@ -97,12 +103,25 @@ def test_upload_project_and_model_with_progress(server, tmp_path):
     model = json.loads(p.stdout)
     assert model["name"] == "train"
     assert sorted((f["path"], f["size"]) for f in model["files"]) == [("a.bin", 3 << 20), ("sub/b.txt", 10)]
-    assert "have a.bin" in p.stderr or "have sub/b.txt" in p.stderr
+    assert "the server has 2 of 2 files" in p.stderr
     assert "train" in cli(server, "models", "list").stdout
 
 
-def _project_shape(project: dict) -> dict:
-    return {d["name"]: sorted((i["name"], i["sha256"], i["size"]) for i in d["items"]) for d in project["datasets"]}
+def _project_items(server, project: dict) -> list[tuple[dict, dict]]:
+    """(dataset, item) of every item of a stored project, paged from the server."""
+    c = UserClient(server.url, server.admin_token)
+    return [
+        (d, i)
+        for d in project["datasets"]
+        for i in c._list(f"/api/v1/projects/{project['id']}/items", {"dataset": d["name"]})
+    ]
+
+
+def _project_shape(server, project: dict) -> dict:
+    shape: dict = {d["name"]: [] for d in project["datasets"]}
+    for d, i in _project_items(server, project):
+        shape[d["name"]].append((i["name"], i["sha256"], i["size"]))
+    return {k: sorted(v) for k, v in shape.items()}
 
 
 def test_cli_and_client_upload_the_same_project(server, tmp_path):
@@ -114,21 +133,24 @@ def test_cli_and_client_upload_the_same_project(server, tmp_path):
         (root / rel).write_bytes(data)
 
     via_cli = json.loads(cli(server, "--json", "projects", "upload", str(root), "--name", "cats-cli").stdout)
-    seen: list[tuple[int, int, str]] = []
+    seen: list[Counts] = []
     via_client = UserClient(server.url, server.admin_token).upload_project_dir(
-        root, "cats-client", progress=lambda done, total, note: seen.append((done, total, note))
+        root, "cats-client", progress=seen.append
     )
 
-    assert _project_shape(via_cli) == _project_shape(via_client)
-    assert sorted(_project_shape(via_client)) == ["ds0", "train", "val"]
-    assert [i[0] for i in _project_shape(via_client)["ds0"]] == ["top.txt"]
-    assert ("deep/b.txt", hashlib.sha256(b"b").hexdigest(), 1) in _project_shape(via_client)["train"]
-    # The client's upload came second: every blob was there, so nothing was sent, and the
-    # callback's count went up to its total.
-    dones = [d for d, _, _ in seen]
-    assert dones == sorted(dones) and seen[-1][0] == seen[-1][1] == 2 * sum(map(len, files.values()))
-    assert not any(note.startswith("sending") for _, _, note in seen)
-    assert {note for _, _, note in seen} >= {f"have {rel}" for rel in files}
+    assert _project_shape(server, via_cli) == _project_shape(server, via_client)
+    assert sorted(_project_shape(server, via_client)) == ["ds0", "train", "val"]
+    assert [i[0] for i in _project_shape(server, via_client)["ds0"]] == ["top.txt"]
+    assert ("deep/b.txt", hashlib.sha256(b"b").hexdigest(), 1) in _project_shape(server, via_client)["train"]
+    # The client's upload came second: every blob was there, so nothing was sent, and each stage's
+    # counts went up to their totals.
+    size = sum(map(len, files.values()))
+    final = {c.stage: c for c in seen}
+    assert [c.stage for c in final.values()] == ["hashing", "sending", "items"]
+    assert final["hashing"][1:5] == (4, 4, size, None) and final["sending"][1:5] == (4, 4, size, size)
+    assert final["items"][1:3] == (4, 4)
+    sending = [c for c in seen if c.stage == "sending"]
+    assert [c[1:3] for c in sending] == [(0, 4), (4, 4)] and sending[-1].note == "the server has 4 of 4 files"
 
 
 def test_progress_bar_only_on_a_terminal(server, tmp_path):

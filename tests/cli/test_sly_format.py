@@ -29,13 +29,24 @@ def test_reads_meta_datasets_items_and_annotations(tmp_path):
         ("val", ["bare.png", "c.png"]),
     ]
     by_name = {(d.name, i.name): i for d in datasets for i in d.items}
-    assert by_name["val", "bare.png"].ann is None
+    assert sly_format.load_ann(tmp_path, by_name["val", "bare.png"]) is None
     a = by_name["train", "a.png"]
-    assert a.path == tmp_path / "train" / "img" / "a.png"
-    assert dumps(a.ann).encode() == files["train/ann/a.png.json"]
+    # annotations are read when asked for, not with the folder (a project may hold 10^6)
     assert (a.ann_file, by_name["val", "bare.png"].ann_file) == ("train/ann/a.png.json", None)
-    assert [o["shape"] for o in a.ann["objects"]] == ["rectangle", "polygon", "bitmap"]
-    assert a.ann["tags"] == [{"name": "sunny"}, {"name": "weather", "value": "snow"}]
+    got = sly_format.load_ann(tmp_path, a)
+    assert dumps(got).encode() == files["train/ann/a.png.json"]
+    assert [o["shape"] for o in got["objects"]] == ["rectangle", "polygon", "bitmap"]
+    assert got["tags"] == [{"name": "sunny"}, {"name": "weather", "value": "snow"}]
+
+
+def test_the_check_notes_what_each_items_bitmaps_cost(tmp_path):
+    write_sample(tmp_path)
+    meta, datasets = sly_format.read_folder(tmp_path)
+    sly_format.check_folder(tmp_path, meta, datasets)
+    cost = {(d.name, i.name): i.mask_bytes for d in datasets for i in d.items}
+    # each sample annotation has one 6x3 bitmap; the bare image has none
+    assert cost[("val", "bare.png")] == 0
+    assert all(v > 0 for k, v in cost.items() if k[1] != "bare.png")
 
 
 def test_old_style_annotation_name_is_read(tmp_path):
@@ -45,7 +56,7 @@ def test_old_style_annotation_name_is_read(tmp_path):
     (tmp_path / "ds" / "img" / "x.png").write_bytes(png(4, 5))
     (tmp_path / "ds" / "ann" / "x.json").write_text(json.dumps(ann(4, 5)))
     _, [ds] = sly_format.read_folder(tmp_path)
-    assert ds.items[0].ann == ann(4, 5)
+    assert sly_format.load_ann(tmp_path, ds.items[0]) == ann(4, 5)
 
 
 @pytest.mark.parametrize(
@@ -61,7 +72,8 @@ def test_broken_json_names_the_file(tmp_path, rel, content, expected):
     write_sample(tmp_path)
     (tmp_path / rel).write_bytes(content if isinstance(content, bytes) else content.encode())
     with pytest.raises(BadProject, match=expected.replace(".", r"\.")):
-        sly_format.read_folder(tmp_path)
+        meta, datasets = sly_format.read_folder(tmp_path)
+        sly_format.check_folder(tmp_path, meta, datasets)
 
 
 def test_nested_datasets_are_refused_with_a_reason(tmp_path):
@@ -94,19 +106,23 @@ def test_unsafe_names_are_refused(name):
     with pytest.raises(BadProject):
         sly_format.check_name(name, "item name")
     with pytest.raises(BadProject):
-        download.check_project_names([{"name": "ds", "items": [{"name": name}]}])
+        download.check_item_names("ds", [{"name": name}], set())
     with pytest.raises(BadProject):
-        download.check_project_names([{"name": name, "items": []}])
+        download.check_dataset_names([{"name": name}])
 
 
 def test_project_names_may_not_collide_or_shadow_meta():
     with pytest.raises(BadProject, match="meta file"):
-        download.check_project_names([{"name": "meta.json", "items": []}])
+        download.check_dataset_names([{"name": "meta.json"}])
     with pytest.raises(BadProject, match="twice"):
-        download.check_project_names([{"name": "a", "items": []}, {"name": "a", "items": []}])
+        download.check_dataset_names([{"name": "a"}, {"name": "a"}])
     with pytest.raises(BadProject, match="twice"):
-        download.check_project_names([{"name": "a", "items": [{"name": "x.png"}, {"name": "x.png"}]}])
-    download.check_project_names([{"name": "a", "items": [{"name": "x.png"}, {"name": "..x.png"}]}])
+        download.check_item_names("a", [{"name": "x.png"}, {"name": "x.png"}], set())
+    seen: set[str] = set()
+    download.check_item_names("a", [{"name": "x.png"}, {"name": "..x.png"}], seen)
+    # a name of an earlier page of the dataset counts too
+    with pytest.raises(BadProject, match="'x.png' appears twice in dataset 'a'"):
+        download.check_item_names("a", [{"name": "y.png"}, {"name": "x.png"}], seen)
 
 
 @pytest.mark.parametrize("path", ["../w.bin", "a/../../w.bin", "/abs/w.bin", "a//w.bin", "", "a/./w.bin"])
@@ -182,4 +198,4 @@ def test_upload_names_the_first_bad_file(tmp_path):
         _edit(tmp_path, rel, lambda a: a["objects"].append({"classTitle": "dog", "tags": []}))
     meta, datasets = sly_format.read_folder(tmp_path)
     with pytest.raises(BadProject, match=r"^train/ann/b\.png\.json, object 4: classTitle 'dog'"):
-        sly_format.check_folder(meta, datasets)
+        sly_format.check_folder(tmp_path, meta, datasets)

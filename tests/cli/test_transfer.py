@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 
 from client import UserClient
+from client.transfer import Counts
 from protocol.sly_format import dumps, empty_ann
 from tests.cli.sly_sample import META, ann, png, write_sample
 from tests.cli.stub_server import StubServer
-from tests.cli.test_cli import cli, cli_json
+from tests.cli.test_cli import _project_items, cli, cli_json
 
 
 def tree(root: Path) -> dict[str, bytes]:
@@ -50,11 +51,10 @@ def test_plain_folder_still_uploads_and_downloads_as_a_supervisely_project(serve
     for rel, data in files.items():
         (src / rel).write_bytes(data)
     up = cli_json(server, "projects", "upload", str(src))
-    assert sorted((d["name"], sorted(i["name"] for i in d["items"])) for d in up["datasets"]) == [
-        ("cats", ["c1.png", "notes.txt"]),
-        ("ds0", ["top.png"]),
-    ]
-    assert "ann" not in json.dumps(up["datasets"])  # the plain form: no annotations sent
+    shape: dict[str, list[str]] = {}
+    for d, i in _project_items(server, up):
+        shape.setdefault(d["name"], []).append(i["name"])
+    assert shape == {"cats": ["c1.png", "notes.txt"], "ds0": ["top.png"]}
 
     out = tmp_path / "out"
     p = cli(server, "projects", "download", str(up["id"]), str(out))
@@ -118,9 +118,9 @@ def test_client_methods_are_the_cli_path(server, tmp_path):
     (src / "a.png").write_bytes(png(6, 6))
     c = UserClient(server.url, server.admin_token)
     project = c.upload_project_dir(src)
-    seen = []
-    got = c.download_project(project["id"], tmp_path / "out", progress=lambda d, t, n: seen.append((d, t)))
-    assert got["id"] == project["id"] and seen[-1] == (len(png(6, 6)),) * 2
+    seen: list[Counts] = []
+    got = c.download_project(project["id"], tmp_path / "out", progress=seen.append)
+    assert got["id"] == project["id"] and seen[-1][1:5] == (1, 1, len(png(6, 6)), len(png(6, 6)))
     assert (tmp_path / "out" / "ds0" / "img" / "a.png").read_bytes() == png(6, 6)
     model = c.upload_model_dir(src)
     c.download_model(model["id"], tmp_path / "m")
@@ -143,10 +143,17 @@ def test_upload_sends_meta_and_annotations(tmp_path):
     sent = write_sample(src)
     with StubServer() as stub:
         up = cli_json(stub, "projects", "upload", str(src), "--name", "r")
-    [(path, body)] = stub.posted
+    (path, body), *pages = stub.posted
     assert path == "/api/v1/projects" and body["name"] == "r" and up["id"] == 1
     assert body["meta"] == META and dumps(body["meta"]).encode() == sent["meta.json"]
-    items = {(d["name"], i["name"]): i for d in body["datasets"] for i in d["items"]}
+    # the project is made with its datasets empty, and its items come a page at a time
+    assert body["datasets"] == [{"name": "train", "items": []}, {"name": "val", "items": []}]
+    assert [(p, b["dataset"], len(b["items"])) for p, b in pages] == [
+        ("/api/v1/projects/1/items", "train", 2),
+        ("/api/v1/projects/1/items", "val", 2),
+    ]
+    assert up["datasets"] == [{"name": "train", "items_count": 2}, {"name": "val", "items_count": 2}]
+    items = stub.items()
     assert sorted(items) == [("train", "a.png"), ("train", "b.png"), ("val", "bare.png"), ("val", "c.png")]
     for (ds, name), item in items.items():
         assert item["sha256"] == hashlib.sha256(sent[f"{ds}/img/{name}"]).hexdigest()
@@ -155,6 +162,8 @@ def test_upload_sends_meta_and_annotations(tmp_path):
             assert "ann" not in item
         else:
             assert dumps(item["ann"]).encode() == sent[f"{ds}/ann/{name}.json"]
+    # every blob went in one bulk upload, none by its own PUT
+    assert [r for r in stub.requests if "/blobs/" in r] == ["POST /api/v1/blobs/check", "POST /api/v1/blobs/upload"]
 
 
 def _stub_project(stub: StubServer, datasets: list[tuple[str, list[tuple[str, bytes, dict | None]]]], **extra) -> dict:
@@ -186,25 +195,8 @@ def test_download_writes_stored_annotations_byte_identical(tmp_path):
     got = tree(tmp_path / "out")
     assert got["meta.json"] == dumps(META).encode()
     assert got["train/ann/x.png.json"] == dumps(a).encode() and b"d\\u00e9j\\u00e0" in got["train/ann/x.png.json"]
-    assert down["datasets"][0]["items"][0]["ann"] == a
-    assert "/api/v1/projects/1/items" not in stub.requests  # inline items with ann: no paging
-
-
-def test_download_pages_items_when_they_are_not_inline(tmp_path):
-    a1, a2 = ann(4, 4, "one"), ann(4, 4, "two")
-    with StubServer() as stub:
-        s1, s2 = stub.add_blob(png(4, 4, 1)), stub.add_blob(png(4, 4, 2))
-        stub.projects[1] = {"id": 1, "name": "p", "meta": META, "datasets": [{"name": "ds", "items_count": 2}]}
-        stub.items_pages[1] = {
-            "ds": [
-                [{"name": "a.png", "sha256": s1, "size": 1, "ann": a1}],
-                [{"name": "b.png", "sha256": s2, "size": 1, "ann": a2}],
-            ]
-        }
-        cli(stub, "projects", "download", "1", str(tmp_path / "out"))
-    got = tree(tmp_path / "out")
-    assert got["ds/ann/a.png.json"] == dumps(a1).encode() and got["ds/ann/b.png.json"] == dumps(a2).encode()
-    assert got["ds/img/b.png"] == png(4, 4, 2)
+    assert down["datasets"] == [{"name": "train", "items_count": 1}]
+    assert got["train/img/x.png"] == png(4, 4)
 
 
 def test_items_named_png_that_are_not_images_download_with_a_warning(tmp_path):
@@ -240,23 +232,34 @@ def test_items_named_png_that_are_not_images_download_with_a_warning(tmp_path):
     assert len(json.loads(p.stdout)["warnings"]) == 3
 
 
-@pytest.mark.parametrize(
-    "ds, item",
-    [
-        ("ds", "../../escaped.png"),
-        ("../up", "x.png"),
-        ("ds", "/tmp/abs.png"),
-        ("ds", "a/b.png"),
-        ("..", "x.png"),
-        ("meta.json", "x.png"),
-    ],
-)
-def test_hostile_names_are_refused_before_anything_is_written(tmp_path, ds, item):
+@pytest.mark.parametrize("ds", ["../up", "..", "meta.json", "a/b", "/tmp/abs"])
+def test_hostile_dataset_names_are_refused_before_anything_is_written(tmp_path, ds):
     with StubServer() as stub:
-        _stub_project(stub, [("ok", [("fine.png", png(2, 2), None)]), (ds, [(item, b"evil", None)])])
+        _stub_project(stub, [("ok", [("fine.png", png(2, 2), None)]), (ds, [("x.png", b"evil", None)])])
         p = cli(stub, "projects", "download", "1", str(tmp_path / "a" / "out"), ok=False)
     assert p.returncode == 1 and p.stderr.startswith("error: ") and "refusing" in p.stderr
     assert tree(tmp_path) == {}  # not even the target folder was made
+
+
+@pytest.mark.parametrize("item", ["../../escaped.png", "/tmp/abs.png", "a/b.png", "..", "c:x.png"])
+@pytest.mark.parametrize("first", [True, False])
+def test_hostile_item_names_are_refused_before_their_page_is_written(tmp_path, item, first):
+    """Items are read a page at a time: a page with a bad name is refused before any of its files is
+    written (on the first page: before anything is; later: after the pages before it are written
+    whole), and nothing ever lands outside the folder."""
+    hostile = ("bad", [("fine2.png", png(3, 3), None), (item, b"evil", None)])
+    datasets = [hostile, ("ok", [("fine.png", png(2, 2), None)])]
+    with StubServer() as stub:
+        _stub_project(stub, datasets if first else datasets[::-1])
+        p = cli(stub, "projects", "download", "1", str(tmp_path / "a" / "out"), ok=False)
+    assert p.returncode == 1 and p.stderr.startswith("error: ") and "refusing" in p.stderr
+    got = tree(tmp_path)
+    assert all(k.startswith("a/out/") for k in got) and b"evil" not in got.values()
+    assert "a/out/bad/img/fine2.png" not in got  # nothing of the refused page
+    if first:
+        assert got == {} and not (tmp_path / "a").exists()  # not even the target folder was made
+    else:
+        assert got["a/out/ok/img/fine.png"] == png(2, 2)
 
 
 def test_hostile_model_paths_are_refused(tmp_path):
