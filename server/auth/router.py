@@ -61,8 +61,8 @@ async def spend_signin_link(token: str, request: Request, state: StateDep):
         return state.sessions.create() if spent else None
 
     sid = await state.db.run(spend)
-    if sid is None:
-        return RedirectResponse("/signin", status_code=303, headers=headers)
+    if sid is None:  # the sign-in page says the link was used or has expired
+        return RedirectResponse("/signin?link=spent", status_code=303, headers=headers)
     response = RedirectResponse("/nodes", status_code=303, headers=headers)
     response.set_cookie(
         SESSION_COOKIE, sid, httponly=True, samesite="strict", path="/", secure=request.url.scheme == "https"

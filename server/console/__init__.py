@@ -9,10 +9,12 @@ this package by a whitelist (so nothing outside `static/` can be asked for).
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import quote
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, FileSystemLoader, select_autoescape
+from starlette.convertors import Convertor, register_url_convertor
 
 from protocol.states import TaskState
 from protocol.tasks import TASK_TYPES
@@ -40,6 +42,22 @@ CHART_SCRIPTS = ("vendor/uplot/uPlot.iife.min.js", "charts.js")
 
 router = APIRouter(include_in_schema=False)
 
+
+class _PagePath(Convertor):
+    """Any path the console may be asked for by a person: not the APIs' (they answer JSON 404s and
+    405s of their own) nor a static file's."""
+
+    regex = r"(?!api/|agent/|console/static/).*"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("console_page", _PagePath())
+
 # Scripts and styles only from this server: no inline script can run and no style attribute is
 # applied (the scripts set styles through CSSOM, which the policy allows; uPlot does the same and
 # needs no eval). No framing (clickjacking the token form).
@@ -52,17 +70,20 @@ SECURITY_HEADERS = {
 }
 
 
-def _html(template: str, scripts: tuple[str, ...] = (), **ctx) -> HTMLResponse:
+def _html(template: str, scripts: tuple[str, ...] = (), status_code: int = 200, **ctx) -> HTMLResponse:
     return HTMLResponse(
         _env.get_template(template).render(task_types=TASK_TYPES, task_states=TASK_STATES, scripts=scripts, **ctx),
+        status_code=status_code,
         headers=SECURITY_HEADERS,
     )
 
 
 def _page(request: Request, template: str, title: str, nav: str, *scripts: str, **ctx) -> Response:
-    """Render a page shell; without a session cookie, go to sign-in first (the API checks validity)."""
+    """Render a page shell; without a session cookie, go to sign-in first (the API checks validity),
+    which comes back to this page (`next`: its path and query)."""
     if SESSION_COOKIE not in request.cookies:
-        return RedirectResponse("/signin", status_code=303)
+        here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        return RedirectResponse(f"/signin?next={quote(here, safe='')}", status_code=303)
     return _html(template, scripts=scripts, title=title, nav=nav, **ctx)
 
 
@@ -81,7 +102,7 @@ def nodes(request: Request):
     return _page(request, "nodes.html", "Nodes", "nodes", "nodes.js")
 
 
-@router.get("/nodes/{agent_id}")
+@router.get("/nodes/{agent_id:int}")
 def node(request: Request, agent_id: int):
     return _page(request, "node.html", f"Node {agent_id}", "nodes", *CHART_SCRIPTS, "node.js", agent_id=agent_id)
 
@@ -91,7 +112,7 @@ def tasks(request: Request):
     return _page(request, "tasks.html", "Tasks", "tasks", "tasks.js")
 
 
-@router.get("/tasks/{task_id}")
+@router.get("/tasks/{task_id:int}")
 def task(request: Request, task_id: int):
     return _page(request, "task.html", f"Task {task_id}", "tasks", *CHART_SCRIPTS, "task.js", task_id=task_id)
 
@@ -106,7 +127,7 @@ def models(request: Request):
     return _page(request, "collection.html", "Models", "models", "collection.js", kind="models")
 
 
-@router.get("/projects/{project_id}")
+@router.get("/projects/{project_id:int}")
 def project(request: Request, project_id: int):
     return _page(
         request,
@@ -119,7 +140,7 @@ def project(request: Request, project_id: int):
     )
 
 
-@router.get("/models/{model_id}")
+@router.get("/models/{model_id:int}")
 def model(request: Request, model_id: int):
     return _page(request, "model.html", f"Model {model_id}", "models", "model.js", model_id=model_id)
 
@@ -136,3 +157,10 @@ def static(name: str):
         return Response(status_code=404)
     body, ctype = _STATIC[name]
     return Response(body, media_type=ctype, headers={"cache-control": "max-age=300"})
+
+
+# Last: a page path that no route above knows is a 404 page, not the API's JSON.
+@router.get("/{path:console_page}")
+def not_found(request: Request, path: str):
+    nav = "" if SESSION_COOKIE not in request.cookies else "none"
+    return _html("notfound.html", title="Not found", nav=nav, status_code=404, path="/" + path)

@@ -30,7 +30,7 @@ def hide_token(page, token: str) -> None:
 @pytest.mark.slow
 def test_sign_in_then_add_node_shows_a_working_token_once(page, server):
     page.goto(server.url + "/tasks")
-    page.wait_for_url("**/signin")  # no session: pages send you to sign-in
+    page.wait_for_url(re.compile(r"/signin\?next=%2Ftasks$"))  # no session: pages send you to sign-in, and back
     page.get_by_label("Admin token").fill("wrong-token")
     page.get_by_role("button", name="Sign in").click()
     expect(page.locator("#signin-error")).to_be_visible()
@@ -175,7 +175,7 @@ def test_task_from_form_live_log_progress_and_stop(console, server):
     assert "state=stopped" in page.url  # filters are kept in the URL
 
     page.goto(server.url + f"/tasks/{task_id}")
-    expect(page.locator("#t-exit")).to_have_text("137")
+    expect(page.locator("#t-exit")).to_have_text("137 (killed by Stop: SIGKILL after the grace period)")
     expect(page.locator("#t-states li")).to_have_count(5)  # queued assigned preparing running stopped
 
 
@@ -337,7 +337,7 @@ def test_sha256_fallback_matches_hashlib(console):
 
 def test_pages_are_served_without_session_only_as_redirects(server):
     r = requests.get(server.url + "/nodes", allow_redirects=False, timeout=10)
-    assert r.status_code == 303 and r.headers["location"] == "/signin"
+    assert r.status_code == 303 and r.headers["location"] == "/signin?next=%2Fnodes"  # and back after it
     r = requests.get(server.url + "/console/static/console.js", timeout=10)
     assert r.status_code == 200 and "SLY" in r.text
     assert requests.get(server.url + "/console/static/nope.py", timeout=10).status_code == 404

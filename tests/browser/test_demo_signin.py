@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 
 import pytest
@@ -31,8 +32,9 @@ def test_the_printed_link_signs_in_to_the_nodes_page_once(browser, docker_client
         other = browser.new_context()
         page = other.new_page()
         page.goto(link)
-        page.wait_for_url("**/signin")
+        page.wait_for_url(re.compile(r"/signin\?link=spent$"))
         expect(page.get_by_label("Admin token")).to_be_visible()
+        expect(page.locator("#signin-link-spent")).to_contain_text("was used or has expired")
         assert not other.cookies()
         other.close()
         run.proc.send_signal(signal.SIGINT)

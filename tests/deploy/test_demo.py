@@ -145,7 +145,7 @@ def test_the_signin_link_signs_in_once(first_run):
     assert "sly_session" in first_run["cookies"]
     assert first_run["nodes_api"].status_code == 200, "the cookie is a session the API takes"
     again = first_run["second"]
-    assert again.url.endswith("/signin") and "Sign in" in again.text, "a spent link shows the sign-in page"
+    assert again.url.endswith("/signin?link=spent") and "Sign in" in again.text, "a spent link shows the sign-in page"
     assert "sly_session" not in first_run["stranger_cookies"]
     out = first_run["run"].out
     assert f"cat {first_run['data'] / 'admin_token'}" in out, "the admin token's place is printed as a fallback"

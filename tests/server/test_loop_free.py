@@ -274,7 +274,7 @@ def _drive(url: str, token: str) -> None:
     _ok(other.get(url + link["path"], allow_redirects=False, timeout=10), 303)
     assert SESSION_COOKIE in other.cookies
     r = _ok(other.get(url + link["path"], allow_redirects=False, timeout=10), 303)  # spent: on to sign-in
-    assert r.headers["location"] == "/signin"
+    assert r.headers["location"] == "/signin?link=spent"
     _ok(browser.delete(u(endpoints.SESSION), headers={"Origin": url}, timeout=10))
     _ok(browser.get(u(endpoints.AGENTS), timeout=10), 401)
 

@@ -30,7 +30,7 @@ def test_a_link_signs_in_once(server):
     # Spent: another browser gets the sign-in page and no session.
     other = requests.Session()
     r = other.get(link)
-    assert r.url == f"{server.url}/signin" and "Sign in" in r.text
+    assert r.url == f"{server.url}/signin?link=spent" and "Sign in" in r.text
     assert "sly_session" not in other.cookies
     assert other.get(f"{server.url}/api/v1/agents").status_code == 401
 
@@ -46,7 +46,7 @@ def test_unknown_expired_and_cookie_forms_are_refused(own_server):
     srv, client, _ = own_server()
     for bad in ("nope", "x" * 300):
         r = requests.get(f"{srv.url}/signin/{bad}", allow_redirects=False)
-        assert r.status_code == 303 and r.headers["location"] == "/signin" and "set-cookie" not in r.headers
+        assert r.status_code == 303 and r.headers["location"] == "/signin?link=spent" and "set-cookie" not in r.headers
     link = _link(srv)
     token = link.rsplit("/", 1)[1]
     # Stored hashed; the link's token used as a session cookie is no session.
@@ -58,7 +58,7 @@ def test_unknown_expired_and_cookie_forms_are_refused(own_server):
     db.commit()
     db.close()
     r = requests.get(link, allow_redirects=False)
-    assert r.headers["location"] == "/signin" and "set-cookie" not in r.headers
+    assert r.headers["location"] == "/signin?link=spent" and "set-cookie" not in r.headers
 
 
 def test_spend_link_ignores_empty_and_oversized_tokens():
@@ -90,7 +90,7 @@ def test_a_link_survives_a_restart_but_not_an_admin_token_change(fresh_server):
     srv.admin_token = "N" * 40
     srv.start()
     r = requests.get(dropped, allow_redirects=False)
-    assert r.headers["location"] == "/signin" and "set-cookie" not in r.headers
+    assert r.headers["location"] == "/signin?link=spent" and "set-cookie" not in r.headers
 
 
 def test_run_command_uses_host_network_and_names_no_path_by_the_token(server, client):

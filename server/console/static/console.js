@@ -6,6 +6,48 @@ const SLY = {};
 SLY.TASK_TYPES = ["train", "inference", "custom", "cleanup"];
 SLY.FINAL_STATES = ["finished", "failed", "stopped", "lost"];
 
+// --- the connection: one "reconnecting" notice while the server cannot be reached ---
+// A fetch that throws (server down, network gone) or a gateway's 502/503/504 marks the connection
+// lost; the next answer marks it back. While it is lost, error flashes are not shown (the notice
+// says it once), and an error flash left from before clears itself when the server answers again.
+SLY.net = {
+  lost: false,
+  down() {
+    if (SLY.net.lost) return;
+    SLY.net.lost = true;
+    document.body.classList.add("offline");
+    let n = document.getElementById("conn");
+    if (!n) {
+      n = SLY.el("p", { id: "conn", role: "status", "aria-live": "polite" }, "Connection lost, reconnecting…");
+      const main = document.getElementById("main") || document.body;
+      main.prepend(n);
+    }
+    n.hidden = false;
+  },
+  up() {
+    if (!SLY.net.lost) return;
+    SLY.net.lost = false;
+    document.body.classList.remove("offline");
+    const n = document.getElementById("conn");
+    if (n) n.hidden = true;
+    const f = document.getElementById("flash");
+    if (f && f.classList.contains("error") && f.dataset.net) f.hidden = true;
+  },
+};
+/** fetch(), keeping SLY.net up to date. */
+SLY.fetch = async function (url, init) {
+  let r;
+  try { r = await fetch(url, init); }
+  catch (e) { SLY.net.down(); throw e; }
+  if ([502, 503, 504].includes(r.status)) SLY.net.down(); else SLY.net.up();
+  return r;
+};
+
+/** Where sign-in sends back to: this page (path and query). */
+SLY.signin = function () {
+  location.assign("/signin?next=" + encodeURIComponent(location.pathname + location.search));
+};
+
 /** Call the user API with the session cookie; returns decoded JSON (or null); 401 -> sign-in. */
 SLY.api = async function (method, path, body, opts) {
   const init = { method, credentials: "same-origin", headers: {} };
@@ -16,9 +58,9 @@ SLY.api = async function (method, path, body, opts) {
       init.body = JSON.stringify(body); init.headers["content-type"] = "application/json";
     }
   }
-  const r = await fetch(path, Object.assign(init, opts || {}));
+  const r = await SLY.fetch(path, Object.assign(init, opts || {}));
   if (r.status === 401 && !(opts && opts.noRedirect)) {
-    location.assign("/signin");
+    SLY.signin();
     throw new Error("not signed in");
   }
   const text = await r.text();
@@ -53,6 +95,8 @@ SLY.el = function (tag, attrs, ...children) {
 SLY.flash = function (msg, isError) {
   const f = document.getElementById("flash");
   if (!f) return;
+  if (isError && SLY.net.lost) { f.dataset.net = "1"; f.hidden = true; return; }   // the notice says it
+  delete f.dataset.net;
   f.textContent = msg; f.hidden = !msg; f.className = isError ? "error" : "";
   clearTimeout(SLY._flashTimer);
   if (msg && !isError) SLY._flashTimer = setTimeout(() => { f.hidden = true; }, 6000);
@@ -76,6 +120,19 @@ SLY.span = function (seconds) {
   return h ? `${h}h ${m}m` : m ? `${m}m ${s}s` : `${s}s`;
 };
 SLY.ago = function (ts) { const m = SLY.ms(ts); return m ? SLY.span((Date.now() - m) / 1000) + " ago" : "never"; };
+/** A <time> saying how long ago `ts` was, kept counting every second (also while the server is away). */
+SLY.agoEl = function (ts, attrs) {
+  const m = SLY.ms(ts);
+  if (!m) return SLY.el("span", attrs || {}, "never");
+  return SLY.el("time", Object.assign({ datetime: new Date(m).toISOString(), title: SLY.time(ts), dataset: { ago: m } }, attrs || {}),
+    SLY.ago(m));
+};
+setInterval(() => {
+  for (const t of document.querySelectorAll("[data-ago]")) {
+    const text = SLY.ago(Number(t.dataset.ago));
+    if (t.textContent !== text) t.textContent = text;
+  }
+}, 1000);
 SLY.bytes = function (n) {
   if (n === null || n === undefined) return "—";
   const u = ["B", "KiB", "MiB", "GiB", "TiB"]; let i = 0;
@@ -132,6 +189,50 @@ SLY.icon = function (name) {
   svg.setAttribute("viewBox", "0 0 24 24"); svg.setAttribute("class", "icon"); svg.setAttribute("aria-hidden", "true");
   path.setAttribute("d", ICONS[name]); svg.append(path);
   return svg;
+};
+
+/** A command as a shell would read it back: a list's words quoted where needed. */
+SLY.commandText = function (c) {
+  if (c === null || c === undefined || c === "") return "";
+  if (!Array.isArray(c)) return String(c);
+  return c.map(w => (/^[\w@%+=:,./-]+$/.test(w) ? w : `'${String(w).replace(/'/g, "'\\''")}'`)).join(" ");
+};
+
+/** Did the task's container start? Before that, a task's `progress` counts its input downloads. */
+SLY.ran = function (task) {
+  return ["running", "uploading"].includes(task.state) || SLY.states(task).some(s => s.state === "running");
+};
+
+/** A structured log line (the SDK's progress, metrics and checkpoint events) as text, as the
+ * demo's CLI prints it (tools/demo/__main__.py show_line); null for a plain line. */
+SLY.eventText = function (l) {
+  const ev = String(l.event_type || "").replace(/^EventType\./, "").toLowerCase();
+  const num = v => (typeof v === "number" ? String(Number(v.toPrecision(6))) : String(v));
+  if (ev === "progress" && typeof l.total === "number") {
+    const cur = typeof l.current === "number" ? l.current : 0, width = 30;
+    const frac = l.total ? Math.max(0, Math.min(1, cur / l.total)) : 0, done = Math.floor(frac * width);
+    return `${l.subtask || "progress"} [${"#".repeat(done)}${".".repeat(width - done)}] ${num(cur)}/${num(l.total)}`;
+  }
+  if (ev === "metrics" && l.metrics && typeof l.metrics === "object") {
+    const values = Object.entries(l.metrics).map(([k, v]) => `${k} ${num(v)}`).join(" ");
+    return `metrics ${String(l.type ?? "?").padEnd(5)} epoch ${l.epoch ?? "?"}: ${values}`;
+  }
+  if (ev === "checkpoint") {
+    const o = l.optional || {}, epoch = o.epoch ?? l.epoch;
+    return `checkpoint ${l.subdir || l.path || ""}` + (l.sizeb !== undefined ? ` (${l.sizeb} bytes)` : "")
+      + (epoch !== undefined && epoch !== null ? `, epoch ${epoch}` : "") + (l.best_now ? " (best)" : "");
+  }
+  return null;
+};
+
+/** Replace the page's content with "not found" (an id that does not exist, or no longer does). */
+SLY.notFound = function (what, back, backText) {
+  document.title = `Not found · sly-agent console`;
+  const main = document.getElementById("main");
+  const flash = document.getElementById("flash");
+  main.replaceChildren(...[flash].filter(Boolean), SLY.el("div", { class: "notfound", id: "notfound" },
+    SLY.el("h1", {}, "404: not found"), SLY.el("p", {}, `${what} does not exist, or no longer does.`),
+    SLY.el("p", {}, SLY.el("a", { href: back || "/nodes" }, backText || "← Nodes"))));
 };
 
 /** A progress element from {current, total}. */

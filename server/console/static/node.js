@@ -89,7 +89,7 @@
       document.title = `${a.name} · sly-agent console`;
       const st = document.getElementById("node-status");
       st.textContent = a.status || "offline"; st.className = "badge " + (a.status || "offline");
-      document.getElementById("node-seen").textContent = SLY.ago(a.last_seen);
+      document.getElementById("node-seen").replaceChildren(SLY.agoEl(a.last_seen));
       document.getElementById("node-running").textContent = Array.isArray(a.running_tasks) ? a.running_tasks.length : (a.running_tasks ?? 0);
       sysinfo(a.system_info);
     } catch (e) { SLY.flash("Could not load the node: " + e.message, true); }

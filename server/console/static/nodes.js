@@ -22,9 +22,7 @@
     const disks = SLY.tele.disks(t).filter(d => d.pct !== null);
     const running = Array.isArray(a.running_tasks) ? a.running_tasks.length : (a.running_tasks ?? 0);
     const status = a.status || "offline", online = status === "online";
-    const seen = a.last_seen
-      ? SLY.el("time", { datetime: new Date(SLY.ms(a.last_seen)).toISOString(), title: SLY.time(a.last_seen) }, SLY.ago(a.last_seen))
-      : SLY.el("span", {}, "never seen");
+    const seen = a.last_seen ? SLY.agoEl(a.last_seen, { class: "seen" }) : SLY.el("span", { class: "seen" }, "never seen");
     const types = a.allowed_task_types || [];
     return SLY.el("tr", { dataset: { id: a.id, status }, class: "node-row" },
       SLY.el("td", { class: "node" },
@@ -56,6 +54,8 @@
     document.getElementById("sum-offline").textContent = sum.offline;
     document.getElementById("sum-running").textContent = sum.tasks_running;
     document.getElementById("sum-gpus").textContent = sum.gpus_total ? `${sum.gpus_free} / ${sum.gpus_total}` : "0";
+    // a fleet without GPUs has nothing to say about them (a task asking for one is refused anyway)
+    document.getElementById("sum-gpus").closest("li").hidden = !sum.gpus_total;
   }
 
   // One page of PAGE nodes at a time. The server answers 304 to If-None-Match when the page is
@@ -65,8 +65,8 @@
   async function fetchPage(cursor, lastEtag) {
     const qs = `?limit=${PAGE}` + (cursor ? `&cursor=${encodeURIComponent(cursor)}` : "");
     const headers = lastEtag ? { "If-None-Match": lastEtag } : {};
-    const r = await fetch("/api/v1/agents" + qs, { credentials: "same-origin", cache: "no-store", headers });
-    if (r.status === 401) { location.assign("/signin"); throw new Error("not signed in"); }
+    const r = await SLY.fetch("/api/v1/agents" + qs, { credentials: "same-origin", cache: "no-store", headers });
+    if (r.status === 401) { SLY.signin(); throw new Error("not signed in"); }
     if (r.status === 304) return null;
     const data = await r.json().catch(() => null);
     if (!r.ok) throw new Error((data && (data.detail || data.error)) || `${r.status} ${r.statusText}`);
@@ -200,13 +200,20 @@
     } catch (e) { SLY.flash("Could not add the node: " + e.message, true); }
   });
   document.querySelector("#token-panel .copy").addEventListener("click", (ev) => SLY.copy(document.getElementById("token-value").value, ev.target));
-  document.getElementById("token-close").addEventListener("click", () => {
+  const tokenClose = document.getElementById("token-close");
+  tokenClose.addEventListener("click", () => {
     document.getElementById("token-value").value = "";
     document.getElementById("run-commands").replaceChildren();
     show(null);
     refresh(true);   // the agent may have been started meanwhile
   });
   for (const c of document.querySelectorAll(".panel .cancel")) c.addEventListener("click", () => show(null));
+  // Esc closes the open panel as its Cancel (or, for the token, Done) button does.
+  document.addEventListener("keydown", (ev) => {
+    if (ev.key !== "Escape" || ev.defaultPrevented) return;
+    if (!tokenPanel.hidden) tokenClose.click();
+    else if ([addPanel, editPanel, stalePanel].some(p => !p.hidden)) show(null);
+  });
 
   function edit(a) {
     const f = document.getElementById("edit-form");

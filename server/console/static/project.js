@@ -98,6 +98,33 @@
     return li;
   }
 
+  /** The cursor of page n (its `after`), walking on from the nearest page before it that is known
+   * (a reload at page 5 knows page 5's cursor only). */
+  async function cursorOf(n) {
+    let k = n;
+    while (cursors[k] === undefined) k--;
+    for (; k < n; k++) {
+      const q = new URLSearchParams({ limit: PAGE });
+      if (dsSelect.value) q.set("dataset", dsSelect.value);
+      if (cursors[k]) q.set("cursor", cursors[k]);
+      cursors[k + 1] = (await SLY.api("GET", `/api/v1/projects/${id}/items?${q}`)).next;
+    }
+    return cursors[n];
+  }
+
+  /** The URL says the dataset, the page (with its cursor) and the image open in the viewer, so a
+   * reload shows the same; opening the viewer is a history entry of its own (Back closes it). */
+  function syncUrl(push) {
+    const u = new URL(location.href), sp = u.searchParams;
+    const put = (k, v) => (v === null || v === undefined || v === "" ? sp.delete(k) : sp.set(k, v));
+    put("dataset", dsSelect.value);
+    put("page", pageNo ? pageNo + 1 : null);
+    put("after", pageNo ? cursors[pageNo] : null);
+    put("image", dlg.open && items[shown] ? items[shown].id : null);
+    if (u.href === location.href) return;
+    if (push) history.pushState({ viewer: 1 }, "", u); else history.replaceState(history.state, "", u);
+  }
+
   async function loadPage() {
     const ds = dsSelect.value;
     const q = new URLSearchParams({ limit: PAGE });
@@ -116,17 +143,22 @@
       prev.disabled = pageNo === 0; next.disabled = !data.next;
       document.getElementById("g-empty").hidden = items.length > 0;
       grid.dataset.page = pageNo;
+      if (!dlg.open) syncUrl(false);
     } catch (e) { SLY.flash("Could not load the images: " + e.message, true); }
     finally { grid.removeAttribute("aria-busy"); }
   }
 
-  prev.addEventListener("click", () => { if (pageNo > 0) { pageNo--; loadPage(); } });
-  next.addEventListener("click", () => { if (cursors[pageNo + 1]) { pageNo++; loadPage(); } });
+  /** Page n (0-based), its cursor found first where a reload left it unknown. */
+  async function goPage(n) {
+    try { await cursorOf(n); } catch (e) { SLY.flash("Could not load the images: " + e.message, true); return false; }
+    pageNo = n;
+    await loadPage();
+    return true;
+  }
+  prev.addEventListener("click", () => { if (pageNo > 0) goPage(pageNo - 1); });
+  next.addEventListener("click", () => { if (cursors[pageNo + 1]) goPage(pageNo + 1); });
   dsSelect.addEventListener("change", () => {
     cursors = [""]; pageNo = 0;
-    const u = new URL(location.href);
-    dsSelect.value ? u.searchParams.set("dataset", dsSelect.value) : u.searchParams.delete("dataset");
-    history.replaceState(null, "", u);
     loadPage();
   });
   labelsBox.addEventListener("change", () => grid.classList.toggle("no-labels", !labelsBox.checked));
@@ -140,9 +172,10 @@
 
   // --- the large view ---
   const dlg = document.getElementById("viewer");
-  let shown = -1;
+  let shown = -1, popping = false, closedByBack = false;
   function openViewer(index) {
     shown = index;
+    const opening = !dlg.open;
     const it = items[index], ann = it.ann || {}, objs = ann.objects || [];
     document.getElementById("v-title").textContent = it.name;
     document.getElementById("v-title").title = it.name;
@@ -175,16 +208,45 @@
       return li;
     }));
     if (!objs.length) list.replaceChildren(SLY.el("li", { class: "hint" }, "no labels"));
-    document.getElementById("v-prev").disabled = index === 0;
-    document.getElementById("v-next").disabled = index === items.length - 1;
-    if (!dlg.open) dlg.showModal();
+    document.getElementById("v-prev").disabled = index === 0 && pageNo === 0;
+    document.getElementById("v-next").disabled = index === items.length - 1 && !cursors[pageNo + 1];
+    if (opening) dlg.showModal();
+    syncUrl(opening && !popping);
+  }
+  // The viewer steps past the page's ends: the next page opens at its first image, the previous at its last.
+  let stepping = false;
+  async function step(d) {
+    if (stepping || shown < 0) return;
+    stepping = true;
+    try {
+      if (shown + d >= 0 && shown + d < items.length) openViewer(shown + d);
+      else if (d > 0 && cursors[pageNo + 1]) { if (await goPage(pageNo + 1) && items.length) openViewer(0); }
+      else if (d < 0 && pageNo > 0) { if (await goPage(pageNo - 1) && items.length) openViewer(items.length - 1); }
+    } finally { stepping = false; }
   }
   document.getElementById("v-close").addEventListener("click", () => dlg.close());
-  document.getElementById("v-prev").addEventListener("click", () => { if (shown > 0) openViewer(shown - 1); });
-  document.getElementById("v-next").addEventListener("click", () => { if (shown < items.length - 1) openViewer(shown + 1); });
+  document.getElementById("v-prev").addEventListener("click", () => step(-1));
+  document.getElementById("v-next").addEventListener("click", () => step(1));
   dlg.addEventListener("keydown", ev => {
-    if (ev.key === "ArrowLeft" && shown > 0) openViewer(shown - 1);
-    if (ev.key === "ArrowRight" && shown < items.length - 1) openViewer(shown + 1);
+    if (ev.key === "ArrowLeft") step(-1);
+    if (ev.key === "ArrowRight") step(1);
+  });
+  // Closed (button, Esc, backdrop): leave the viewer's history entry, or drop `image` from the URL.
+  dlg.addEventListener("close", () => {   // (fired after close(), as a task of its own)
+    if (closedByBack) { closedByBack = false; return; }
+    if (history.state && history.state.viewer) history.back();
+    else syncUrl(false);
+  });
+  // Back (or Forward) with the viewer open or closed: show what the URL says.
+  window.addEventListener("popstate", () => {
+    const want = new URLSearchParams(location.search).get("image");
+    popping = true;
+    try {
+      if (!want) {
+        if (dlg.open) { closedByBack = true; dlg.close(); }
+        syncUrl(false);   // the viewer may have moved to another page: the URL says the page shown
+      } else if (want) { const i = items.findIndex(x => String(x.id) === want); if (i >= 0) openViewer(i); }
+    } finally { popping = false; }
   });
   dlg.addEventListener("click", ev => { if (ev.target === dlg) dlg.close(); });   // a click on the backdrop
 
@@ -195,7 +257,13 @@
     classes = SLY.Ann.classMap(project.meta);
     header(project);
     classTable(); tagTable();
-    loadPage();
+    // a reload keeps the page and the open image (?page=N&after=CURSOR&image=ID)
+    const page = Number(params.get("page")) - 1, after = params.get("after");
+    if (page > 0 && after && /^\d+$/.test(after)) { pageNo = page; cursors[pageNo] = after; }
+    loadPage().then(() => {
+      const want = params.get("image"), i = items.findIndex(x => String(x.id) === want);
+      if (want && i >= 0) { popping = true; try { openViewer(i); } finally { popping = false; } }
+    });
     try {
       stats = await SLY.api("GET", `/api/v1/projects/${id}/stats`);
       summary(project.datasets.reduce((n, d) => n + d.items_count, 0));

@@ -14,6 +14,14 @@
   });
 
   function setProgress(p) {
+    bar.hidden = false;
+    if (task && !SLY.ran(task) && !liveProgress) {
+      // Before the container starts, `progress` counts input downloads: never the task's progress.
+      bar.hidden = true;
+      barText.textContent = SLY.FINAL_STATES.includes(task.state) ? "none: the task never ran"
+        : p && p.total ? `not started (inputs: ${p.current} of ${p.total} downloaded)` : "not started";
+      return;
+    }
     if (!p || !p.total) { bar.value = 0; barText.textContent = "none reported"; return; }
     bar.max = p.total; bar.value = Math.min(p.current, p.total);
     barText.textContent = `${p.current} / ${p.total} (${Math.round(100 * p.current / p.total)}%)`;
@@ -38,9 +46,10 @@
       if (l.seq <= lastSeq) continue;  // never show a line twice (reconnects resend from `after`)
       lastSeq = l.seq;
       const stream = l.stream || "stdout", level = l.level || "info";
-      frag.append(SLY.el("div", { class: `line src-${stream} lvl-${level}`, dataset: { seq: l.seq, stream, level } },
+      const event = SLY.eventText(l);   // progress, metrics, checkpoint: as the CLI prints them
+      frag.append(SLY.el("div", { class: `line src-${stream} lvl-${level}` + (event !== null ? " ev" : ""), dataset: { seq: l.seq, stream, level } },
         SLY.el("span", { class: "ts" }, l.ts ? new Date(SLY.ms(l.ts)).toLocaleTimeString() : ""),
-        stream !== "stdout" ? `[${stream}] ` : "", level !== "info" ? `${level.toUpperCase()}: ` : "", l.message ?? ""));
+        stream !== "stdout" ? `[${stream}] ` : "", level !== "info" ? `${level.toUpperCase()}: ` : "", event ?? l.message ?? ""));
       if (isProgress(l) && typeof l.total === "number") { liveProgress = true; setProgress({ current: l.current, total: l.total }); }
       if (isCheckpoint(l)) checkpoints.push(l);
     }
@@ -93,7 +102,7 @@
     if (r.model_id) parts.push(SLY.el("p", {}, "Model: ", SLY.el("a", { href: `/models/${r.model_id}`, id: "t-model" }, `#${r.model_id}`)));
     const cks = (r.checkpoints || []).filter(c => c !== r.model_id);
     if (cks.length) parts.push(SLY.el("p", { id: "t-checkpoints" }, "Checkpoints: ",
-      cks.map((c, i) => [i ? ", " : "", SLY.el("a", { href: `/models/${c}` }, `#${c}`)])));
+      cks.flatMap((c, i) => [i ? ", " : "", SLY.el("a", { href: `/models/${c}` }, `#${c}`)])));
     if (r.project_id) parts.push(SLY.el("p", {}, "Project: ", SLY.el("a", { href: `/projects/${r.project_id}`, id: "t-project" }, `#${r.project_id}`),
       " (browse its images and labels)"));
     if (files.length) {
@@ -104,7 +113,14 @@
         SLY.el("span", { class: "barlabel" }, SLY.bytes(f.size))))));
     }
     box.replaceChildren(...(parts.length ? parts : ["—"]));
+    // names instead of ids ("Model #18"), each read once
+    for (const a of box.querySelectorAll("a[href^='/models/'], a[href^='/projects/']")) {
+      const [, kind, oid] = a.getAttribute("href").split("/");
+      const name = (names[kind + oid] = names[kind + oid] || SLY.api("GET", `/api/v1/${kind}/${oid}`).then(x => x.name, () => null));
+      name.then(n => { if (n) { a.textContent = n; a.title = `${kind.slice(0, -1)} #${oid}`; } });
+    }
   }
+  const names = {};
 
   // --- metrics: {seq, type, epoch, metrics} items -> one chart per metric name, one series per type ---
   const charts = {};
@@ -164,14 +180,91 @@
     document.getElementById("metrics-section").hidden = false;
   }
 
+  /** Link to a project or model by name (fetched once), "#id" until it comes, "deleted" if gone. */
+  function linkByName(box, kind, oid) {
+    if (box.dataset.id === String(oid ?? "")) return;
+    box.dataset.id = String(oid ?? "");
+    if (oid === null || oid === undefined) { box.textContent = "—"; return; }
+    const a = SLY.el("a", { href: `/${kind}s/${oid}` }, `#${oid}`);
+    box.replaceChildren(a);
+    SLY.api("GET", `/api/v1/${kind}s/${oid}`).then(x => { a.textContent = x.name; a.title = `${kind} #${oid}`; },
+      e => { if (e.status === 404) box.replaceChildren(SLY.el("span", { class: "hint" }, `${kind} #${oid} (deleted)`)); });
+  }
+  function resourcesText(r) {
+    if (!r) return "—";
+    const parts = [];
+    if (r.gpus !== null && r.gpus !== undefined) parts.push(`${r.gpus} GPU${r.gpus === 1 ? "" : "s"}`);
+    if (r.cpus !== null && r.cpus !== undefined) parts.push(`${r.cpus} CPUs`);
+    if (r.memory) parts.push(`memory ${r.memory}`);
+    if (r.shm_size) parts.push(`shared memory ${r.shm_size}`);
+    for (const [k, v] of Object.entries(r)) if (!["gpus", "cpus", "memory", "shm_size"].includes(k) && v !== null) parts.push(`${k} ${JSON.stringify(v)}`);
+    return parts.length ? parts.join(", ") : "the node's defaults";
+  }
+  /** Exit codes over 128 are a signal: 137 is SIGKILL (after Stop, a timeout, or out of memory). */
+  function exitText(t) {
+    const c = t.exit_code;
+    if (c === null || c === undefined) return "—";
+    if (c === 137) return t.stop_requested || t.state === "stopped" ? "137 (killed by Stop: SIGKILL after the grace period)"
+      : "137 (killed, SIGKILL: out of memory, a timeout or docker kill)";
+    if (c === 143) return "143 (terminated, SIGTERM" + (t.stop_requested ? ": Stop)" : ")");
+    if (c > 128 && c < 160) return `${c} (killed by signal ${c - 128})`;
+    return String(c);
+  }
+  /** The retry policy and the resume chain (lost tasks continued elsewhere), when the task has them. */
+  function chain(t) {
+    const parts = [];
+    if (t.retry && typeof t.retry === "object") {
+      parts.push(SLY.el("span", { id: "t-retry" }, `retry on loss: attempt ${t.retry.attempt ?? 0} of ${t.retry.max ?? "?"}` +
+        (Array.isArray(t.retry.agent_ids) && t.retry.agent_ids.length ? ` (nodes ${t.retry.agent_ids.map(a => "#" + a).join(", ")})` : "")));
+    }
+    if (t.resumed_from !== null && t.resumed_from !== undefined)
+      parts.push(SLY.el("span", {}, "resumed from ", SLY.el("a", { href: `/tasks/${t.resumed_from}`, id: "t-resumed-from" }, `task #${t.resumed_from}`)));
+    if (t.continued_by !== null && t.continued_by !== undefined)
+      parts.push(SLY.el("span", {}, "continued by ", SLY.el("a", { href: `/tasks/${t.continued_by}`, id: "t-continued-by" }, `task #${t.continued_by}`)));
+    const dd = document.getElementById("t-chain");
+    dd.hidden = document.getElementById("t-chain-label").hidden = !parts.length;
+    dd.replaceChildren(...parts.flatMap((p, i) => (i ? ["; ", p] : [p])));
+  }
+  let configKey = null;
+  function details(t) {
+    const cmd = SLY.commandText(t.command), c = document.getElementById("t-command");
+    c.textContent = cmd || "(the image's own)"; c.title = cmd;
+    linkByName(document.getElementById("t-in-project"), "project", t.project_id);
+    linkByName(document.getElementById("t-in-model"), "model", t.model_id);
+    document.getElementById("t-resources").textContent = resourcesText(t.resources);
+    document.getElementById("t-timeout").textContent = t.timeout_s ? SLY.span(t.timeout_s) : "none";
+    const cfg = JSON.stringify(t.config ?? {}, null, 2);
+    if (cfg !== configKey) {
+      configKey = cfg;
+      document.getElementById("t-config").textContent = cfg;
+      const n = Object.keys(t.config || {}).length;
+      document.getElementById("t-config-size").textContent = n ? `(${n} key${n === 1 ? "" : "s"})` : "(empty)";
+    }
+    chain(t);
+  }
+  document.getElementById("t-config-copy").addEventListener("click", ev => SLY.copy(configKey || "{}", ev.target));
+
   async function refresh() {
     try { task = await SLY.api("GET", `/api/v1/tasks/${id}`); }
-    catch (e) { SLY.flash("Could not load the task: " + e.message, true); return; }
+    catch (e) {
+      if (e.status === 404) {   // no such task (or deleted): no progress, no log stream
+        ended = true; clearInterval(timer);
+        if (source) source.close();
+        SLY.notFound(`Task ${id}`, "/tasks", "← Tasks");
+        return;
+      }
+      SLY.flash("Could not load the task: " + e.message, true); return;
+    }
     const st = document.getElementById("t-state");
     st.textContent = task.state; st.className = "badge " + task.state;
     const waits = document.getElementById("t-waiting");   // why a queued task waits (the server decides)
     waits.hidden = !task.waiting;
-    waits.textContent = task.waiting ? "Waiting: " + task.waiting.detail : "";
+    const since = task.waiting && task.waiting.since;
+    if (!task.waiting) waits.replaceChildren();
+    else if (waits.dataset.text !== task.waiting.detail + since) {
+      waits.replaceChildren("Waiting: " + task.waiting.detail, since ? [" · since ", SLY.agoEl(since)] : "");
+    }
+    waits.dataset.text = task.waiting ? task.waiting.detail + since : "";
     waits.dataset.reason = task.waiting ? task.waiting.reason : "";
     document.getElementById("t-type").textContent = task.type;
     const node = document.getElementById("t-node");
@@ -184,7 +277,8 @@
     const image = document.getElementById("t-image");
     image.textContent = task.image || "—"; image.title = task.image || "";
     document.getElementById("t-duration").textContent = SLY.span(SLY.duration(task));
-    document.getElementById("t-exit").textContent = task.exit_code ?? "—";
+    document.getElementById("t-exit").textContent = exitText(task);
+    details(task);
     document.getElementById("t-error").textContent = task.error || "—";
     document.getElementById("t-stop").hidden = SLY.FINAL_STATES.includes(task.state);
     document.getElementById("t-delete").hidden = !SLY.FINAL_STATES.includes(task.state);

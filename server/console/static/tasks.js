@@ -17,7 +17,9 @@
         ? SLY.el("span", { class: "hint", title: `node #${t.agent_id}` }, "deleted node") : SLY.el("a", { href: `/nodes/${t.agent_id}` }, `#${t.agent_id}`)),
       SLY.el("td", {}, t.type),
       SLY.el("td", { class: "image" }, SLY.trunc(t.image || "—", "code")),
-      SLY.el("td", { class: "progress" }, SLY.progress(t.progress)),
+      // before its container starts, a task's progress counts input downloads: not shown as its progress
+      SLY.el("td", { class: "progress" }, SLY.ran(t) ? SLY.progress(t.progress)
+        : SLY.el("span", { class: "hint" }, SLY.FINAL_STATES.includes(t.state) ? "never ran" : "—")),
       SLY.el("td", {}, SLY.span(SLY.duration(t))),
       SLY.el("td", { class: "actions" }, stoppable
         ? SLY.el("button", { type: "button", class: "stop danger", "aria-label": `Stop task ${t.id}`, onclick: () => stop(t) }, "Stop") : ""));
@@ -88,18 +90,62 @@
     document.getElementById("nt-image").required = ntType.value !== "cleanup";   // cleanup runs no container
   });
 
-  let formLoaded = false;
+  // Projects, models and the images of recent tasks load only when the form is first opened.
+  let formReady = null;
+  function loadForm() {
+    if (!formReady) formReady = (async () => {
+      try {
+        const [p, m, recent] = await Promise.all([SLY.api("GET", "/api/v1/projects"), SLY.api("GET", "/api/v1/models"),
+          SLY.api("GET", "/api/v1/tasks?limit=200")]);
+        document.getElementById("nt-project").append(...(p.items || []).map(x => SLY.el("option", { value: x.id }, `${x.name} (#${x.id})`)));
+        document.getElementById("nt-model").append(...(m.items || []).map(x => SLY.el("option", { value: x.id }, `${x.name} (#${x.id})`)));
+        // images used before, the most recent first
+        const images = [...new Set((recent.items || []).map(t => t.image).filter(Boolean))];
+        document.getElementById("nt-images").replaceChildren(...images.map(i => SLY.el("option", { value: i })));
+      } catch (e) { formReady = null; SLY.flash("Could not load projects/models: " + e.message, true); }
+    })();
+    return formReady;
+  }
   document.getElementById("new-task").addEventListener("toggle", async (ev) => {
     if (!ev.target.open) return;
     await loadAgents();  // fresh online status
-    if (formLoaded) return;
-    formLoaded = true;   // projects and models only when the form is opened
-    try {
-      const [p, m] = await Promise.all([SLY.api("GET", "/api/v1/projects"), SLY.api("GET", "/api/v1/models")]);
-      document.getElementById("nt-project").append(...(p.items || []).map(x => SLY.el("option", { value: x.id }, `${x.name} (#${x.id})`)));
-      document.getElementById("nt-model").append(...(m.items || []).map(x => SLY.el("option", { value: x.id }, `${x.name} (#${x.id})`)));
-    } catch (e) { SLY.flash("Could not load projects/models: " + e.message, true); }
+    await loadForm();
   });
+
+  // --- Clone / Re-run (/tasks?clone=ID): the form filled with that task's settings ---
+  let cloned = null;   // {text, value}: the command as shown, and as the task had it (a list stays a list)
+  function choose(select, oid, label) {
+    if (oid === null || oid === undefined) { select.value = ""; return; }
+    if (![...select.options].some(o => o.value === String(oid))) select.append(SLY.el("option", { value: oid }, label));
+    select.value = String(oid);
+  }
+  async function cloneFrom(tid) {
+    let t;
+    try { t = await SLY.api("GET", `/api/v1/tasks/${tid}`); }
+    catch (e) { SLY.flash(`Could not load task ${tid} to clone: ` + e.message, true); return; }
+    const box = document.getElementById("new-task");
+    box.open = true;
+    await loadAgents(); await loadForm();
+    ntType.value = t.type; ntType.dispatchEvent(new Event("change"));
+    if (![...ntNode.options].some(o => o.value === String(t.agent_id)))
+      ntNode.append(SLY.el("option", { value: t.agent_id }, `#${t.agent_id} (offline or does not allow ${t.type})`));
+    ntNode.value = String(t.agent_id);
+    const set = (i, v) => { document.getElementById(i).value = v === null || v === undefined ? "" : v; };
+    set("nt-image", t.image);
+    cloned = { text: SLY.commandText(t.command), value: t.command };
+    set("nt-command", cloned.text);
+    choose(document.getElementById("nt-project"), t.project_id, `project #${t.project_id}`);
+    choose(document.getElementById("nt-model"), t.model_id, `model #${t.model_id}`);
+    const r = t.resources || {};
+    set("nt-gpus", r.gpus ?? 0); set("nt-cpus", r.cpus); set("nt-memory", r.memory); set("nt-shm", r.shm_size);
+    set("nt-timeout", t.timeout_s);
+    set("nt-config", JSON.stringify(t.config || {}, null, 2));
+    document.getElementById("nt-config").rows = Math.min(16, Math.max(3, document.getElementById("nt-config").value.split("\n").length));
+    const note = document.getElementById("clone-note");
+    note.replaceChildren("Cloned from ", SLY.el("a", { href: `/tasks/${t.id}` }, `task #${t.id}`), ": change what you need, then Start task.");
+    note.hidden = false;
+    document.getElementById("nt-image").focus();
+  }
 
   form.addEventListener("submit", async (ev) => {
     ev.preventDefault();
@@ -117,7 +163,7 @@
     if (v("nt-shm")) resources.shm_size = v("nt-shm");
     const body = { agent_id: Number(ntNode.value), type: ntType.value, config, resources };
     if (v("nt-image")) body.image = v("nt-image");
-    if (v("nt-command")) body.command = v("nt-command");
+    if (v("nt-command")) body.command = cloned && v("nt-command") === cloned.text ? cloned.value : v("nt-command");
     if (v("nt-project")) body.project_id = Number(v("nt-project"));
     if (v("nt-model")) body.model_id = Number(v("nt-model"));
     if (v("nt-timeout")) body.timeout_s = Number(v("nt-timeout"));
@@ -128,5 +174,6 @@
   });
 
   loadAgents().then(refresh, (e) => SLY.flash("Could not load nodes: " + e.message, true));
+  if (q.get("clone")) cloneFrom(q.get("clone"));
   setInterval(() => { if (!document.hidden) refresh(); }, 3000);
 })();
