@@ -26,8 +26,8 @@ from server.http.strict import SafeJSONResponse
 from server.settings import Settings
 from server.state import ServerState
 from server.tasks import service as tasks_service
+from server.tasks.lost import reap_lost
 from server.tasks.retention import run_housekeeper
-from server.tasks.service import reap_lost
 
 log = logging.getLogger("sly-server")
 

@@ -197,6 +197,20 @@ class Resources(UserIn):
         return v
 
 
+RETRY_MAX = 100  # continuations one chain may have
+RETRY_AGENTS_MAX = 100  # nodes one policy may list
+
+
+class RetryIn(UserIn):
+    """A task's retry policy: when it is `lost`, continue it (at most `max` times in its chain) on
+    the first of `agent_ids` online that allows its type (absent: the task's own node)."""
+
+    max: int = Field(ge=0, le=RETRY_MAX)
+    agent_ids: list[Annotated[int, Field(ge=0, le=ID_MAX)]] | None = Field(
+        default=None, min_length=1, max_length=RETRY_AGENTS_MAX
+    )
+
+
 class TaskIn(UserIn):
     agent_id: int = Field(ge=0, le=ID_MAX)
     type: str
@@ -207,6 +221,7 @@ class TaskIn(UserIn):
     model_id: int | None = Field(default=None, ge=0, le=ID_MAX)
     resources: Resources | None = None
     timeout_s: float | None = Field(default=None, gt=0, le=TIMEOUT_MAX_S, allow_inf_nan=False)
+    retry: RetryIn | None = None
 
 
 class Progress(BaseModel):

@@ -82,6 +82,13 @@ tasks = Table(
     Column("logs_expired_at", Float),  # its log lines were deleted by the retention setting then
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
+    # The retry policy {max, agent_ids, attempt} (NULL: none), and the task's place in its resume
+    # chain (server/tasks/lost.py): the lost task it continues, the task that continues it.
+    Column("retry", JSON),
+    Column("resumed_from", Integer),
+    Column("continued_by", Integer),
+    # A lost task is continued at most once, whichever replica noticed the loss.
+    Index("uq_tasks_resumed_from", "resumed_from", unique=True),
     sqlite_autoincrement=True,  # ids are never reused: an agent's task dir, its models' task_id
 )
 

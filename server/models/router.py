@@ -50,7 +50,8 @@ async def list_models(
 
 @router.get(endpoints.MODEL)
 async def read_model(model_id: RowId, state: StateDep, _: AdminDep):
-    """The model with `task` (the task that made it: id, type, state), `checkpoint` ({epoch, metrics,
+    """The model with `task` (the task that made it: id, type, state), `lineage` (the runs that made
+    it, oldest first: a resumed training's lost runs and the task), `checkpoint` ({epoch, metrics,
     final} or null) and `config` (its config.json parsed, or null; every file's bytes: GET /api/v1/blobs/{sha256})."""
 
     def read() -> dict:

@@ -11,6 +11,7 @@ from server import db
 from server.blobs import refs as blob_refs
 from server.db import rows
 from server.schemas import check_files, model_hash
+from server.tasks import service as tasks
 
 CONFIG_MAX_BYTES = 256 * 1024
 
@@ -54,13 +55,15 @@ def get_model(conn, mid: int) -> dict:
 
 
 def read_model(conn, mid: int) -> dict:
-    """The model with `task`: the task that made it ({id, type, state}), or None."""
+    """The model with `task`: the task that made it ({id, type, state}), or None; and `lineage`:
+    the runs that made it, oldest first (server/tasks/service.py `lineage`; [] for an upload)."""
     m = get_model(conn, mid)
     m["task"] = None
     if m["task_id"] is not None:
         t = db.tasks.c
         row = conn.execute(select(t.id, t.type, t.state).where(t.id == m["task_id"])).mappings().first()
         m["task"] = dict(row) if row else None
+    m["lineage"] = tasks.lineage(conn, m["task_id"]) if m["task"] is not None else []
     return m
 
 

@@ -12,7 +12,7 @@ from server.http.deps import AdminDep, StateDep, cursor_id, page
 from server.http.strict import RowId, query_id
 from server.logs import service as logs
 from server.schemas import TaskIn
-from server.tasks import retention, service, waiting
+from server.tasks import lost, retention, service, waiting
 from server.tasks.service import public_task, retry_race
 
 router = APIRouter(tags=["user"])
@@ -36,7 +36,8 @@ async def create_task(body: TaskIn, state: StateDep, _: AdminDep):
         with state.db.transaction() as conn:
             node = _node(state, conn, shown, body.agent_id, now)
             waiting.check_runnable(conn, body.agent_id, body.type, body.resources, node)
-            task = service.create_task(conn, body, now)
+            retry = lost.retry_policy(conn, body.retry, body.agent_id)
+            task = service.create_task(conn, body, now, retry)
             state.wakeups.notify_agent(
                 conn, task["agent_id"]
             )  # its poll, waiting on any replica, answers with the task
@@ -125,11 +126,17 @@ async def task_artifacts(
 
 
 @router.get(endpoints.TASK_METRICS)
-async def task_metrics(task_id: RowId, state: StateDep, _: AdminDep):
-    """Training metrics from the task's `metrics` log events: [{seq, type, epoch, metrics}]."""
+async def task_metrics(task_id: RowId, state: StateDep, _: AdminDep, chain: bool = False):
+    """Training metrics from the task's `metrics` log events: [{seq, type, epoch, metrics}].
+    `chain=1`: those of the lost runs this task continues too, oldest run first, each item with
+    its `task_id` (one epoch axis for a resumed training)."""
 
     def read(conn):
         service.task_or_404(conn, task_id)
-        return logs.read_metrics(conn, task_id)
+        if not chain:
+            return logs.read_metrics(conn, task_id)
+        return [
+            dict(item, task_id=tid) for tid in service.chain_ids(conn, task_id) for item in logs.read_metrics(conn, tid)
+        ]
 
     return {"items": await state.db.run(_read, state, read), "next": None}

@@ -1,5 +1,6 @@
 """Tasks: creating, listing, reading and stopping them (the user's side), state changes checked
-against protocol.states, the poll's hand-out, the lease reaper."""
+against protocol.states, the poll's hand-out, resume chains read back (the lease reaper and the
+continuation of a lost task are in server/tasks/lost.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from protocol.tasks import CONTAINER_TYPES, TASK_TYPES
 from server import db
 from server.db.rows import get_row
 from server.projects.service import items_page
+from server.schemas import RETRY_MAX
 
 LEASED_VALUES = [s.value for s in LEASED]
 
@@ -99,9 +101,10 @@ def check_new_task(body) -> None:
         raise APIError(400, "invalid_request", "command must not be empty (leave it out for the image's own)")
 
 
-def create_task(conn, body, now: float) -> dict:
+def create_task(conn, body, now: float, retry: dict | None = None) -> dict:
     """A queued task (from a TaskIn checked by check_new_task) for its agent; its row. 404 for an
-    unknown agent, project or model; 409 type_not_allowed when the agent does not run its type."""
+    unknown agent, project or model; 409 type_not_allowed when the agent does not run its type.
+    `retry`: its retry policy as stored (server/tasks/lost.py `retry_policy`)."""
     # Not server.agents.service.agent_row: that module builds on this one (the poll's hand-out).
     agent = get_row(conn, db.agents, body.agent_id, "agent")
     if body.type not in agent["allowed_task_types"]:
@@ -129,6 +132,7 @@ def create_task(conn, body, now: float) -> dict:
             model_id=body.model_id,
             resources=resources,
             timeout_s=body.timeout_s,
+            retry=retry,
             state=TaskState.QUEUED.value,
             stop_requested=False,
             timeline=[{"state": TaskState.QUEUED.value, "ts": now}],
@@ -212,6 +216,51 @@ def change_state(conn, task: dict, new: TaskState, now: float | None = None, **v
         raise StateRace(task["id"])
     task = dict(task, **values)
     return task
+
+
+def chain_ids(conn, task_id: int) -> list[int]:
+    """The task and the lost tasks it continues (`resumed_from`, back to the first run), oldest
+    first; a deleted task ends the walk."""
+    t = db.tasks.c
+    ids: list[int] = []
+    tid: int | None = task_id
+    while tid is not None and tid not in ids and len(ids) <= RETRY_MAX:
+        prev = conn.execute(select(t.resumed_from).where(t.id == tid)).first()
+        if prev is None:
+            break  # deleted
+        ids.append(tid)
+        tid = prev[0]
+    return ids[::-1]
+
+
+def lineage(conn, task_id: int | None) -> list[dict]:
+    """The runs that made a task's results, oldest first: the lost tasks it continues and the
+    task itself, each `{task_id, agent_id, state, model_id, epoch}`: the model the run started
+    from and, for a continuation, the checkpoint epoch it resumed from (else null). [] for None."""
+    if task_id is None:
+        return []
+    t = db.tasks.c
+    out = []
+    for tid in chain_ids(conn, task_id):
+        row = (
+            conn.execute(select(t.id, t.agent_id, t.state, t.model_id, t.config, t.resumed_from).where(t.id == tid))
+            .mappings()
+            .first()
+        )
+        if row is None:
+            continue
+        resume = row["config"].get("resume") if isinstance(row["config"], dict) else None
+        epoch = resume.get("epoch") if row["resumed_from"] is not None and isinstance(resume, dict) else None
+        out.append(
+            {
+                "task_id": row["id"],
+                "agent_id": row["agent_id"],
+                "state": row["state"],
+                "model_id": row["model_id"],
+                "epoch": epoch,
+            }
+        )
+    return out
 
 
 def agent_task(conn, task: dict) -> dict:
@@ -363,33 +412,6 @@ def _check_token_unchanged(conn, agent: dict) -> None:
     valid = conn.execute(_VALID_TOKEN, {"aid": agent["id"], "h": agent["token_hash"]}).first()
     if valid is None:
         raise APIError(401, "unauthorized", "the agent token was rotated or the agent removed")
-
-
-def reap_lost(server, now: float | None = None) -> list[int]:
-    """Leased tasks whose lease ran out become lost. Returns their ids."""
-    now = time.time() if now is None else now
-    lost = []
-    with server.db.transaction() as conn:
-        rows = (
-            conn.execute(select(db.tasks).where(db.tasks.c.state.in_(LEASED_VALUES), db.tasks.c.lease_until < now))
-            .mappings()
-            .all()
-        )
-        for row in rows:
-            try:
-                change_state(
-                    conn,
-                    dict(row),
-                    TaskState.LOST,
-                    now,
-                    error=f"the agent was silent for more than {server.settings.lease_s:g} s",
-                )
-            except StateRace:
-                continue  # the agent reported meanwhile, or another replica's reaper was first
-            server.wakeups.notify_task(conn, row["id"])
-            server.wakeups.notify_agent(conn, row["agent_id"])  # its waiting poll answers: the lost task goes in `stop`
-            lost.append(row["id"])
-    return lost
 
 
 def agent_change_state(conn, task: dict, body, now: float) -> dict:
