@@ -185,9 +185,14 @@ case "$cmd" in
     ensure_test_system
     ensure_venv requirements-dev.txt
     cd "$HERE"
+    # pytest-xdist workers for the fast lane and the whole suite (SLY_TEST_WORKERS=0: one process).
+    # More workers than cores: many tests wait on Docker, a lease or a browser, not on a core.
+    workers=${SLY_TEST_WORKERS:-3}
+    xdist=()
+    [ "$workers" = 0 ] || xdist=(-n "$workers")
     if [ "${1:-}" = --fast ]; then   # the fast lane: every test not marked slow, on SQLite, servers in threads
       shift
-      exec "$VENV/bin/python" -m pytest -m "not slow" "$@"
+      exec "$VENV/bin/python" -m pytest -m "not slow" "${xdist[@]}" "$@"
     fi
     # Named tests, a database given in SLY_TEST_DB_URL, or SLY_TEST_PG=0: one pytest run.
     if [ -n "${SLY_TEST_DB_URL:-}" ] || [ "${SLY_TEST_PG:-1}" = 0 ] || names_tests "$@"; then
@@ -195,11 +200,11 @@ case "$cmd" in
     fi
     # The whole suite on SQLite, then the server and CLI tests again on PostgreSQL.
     rc=0
-    "$VENV/bin/python" -m pytest "$@" || rc=$?
+    "$VENV/bin/python" -m pytest "${xdist[@]}" "$@" || rc=$?
     pg_url=$(SLY_PG_FAST=1 bash "$HERE/.ci/pg-up.sh") \
       || die "could not start PostgreSQL for the tests (.ci/pg-up.sh); SLY_TEST_PG=0 skips that pass"
     echo "run.sh: the server and CLI tests on PostgreSQL ($pg_url)" >&2
-    SLY_TEST_DB_URL=$pg_url "$VENV/bin/python" -m pytest "$@" tests/server tests/cli || rc=$?
+    SLY_TEST_DB_URL=$pg_url "$VENV/bin/python" -m pytest "${xdist[@]}" "$@" tests/server tests/cli || rc=$?
     exit $rc ;;
   lint)
     shift

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import time
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import select, update
 
 from protocol.errors import APIError
 from protocol.states import TaskState
 from server import db
 from server.agents import service as agents
-from server.tasks.service import EMPTY_RESULTS, LEASED_VALUES, StateRace, change_state, get_task
+from server.tasks.service import LEASED_VALUES, StateRace, change_state, insert_queued
 from server.tasks.waiting import wanted_gpus
 
 CONTINUE_TRAINING = "continue_training"
@@ -162,28 +162,18 @@ def resume_point(conn, task: dict) -> tuple[int | None, dict, bool]:
 def _insert_continuation(conn, task: dict, agent_id: int, model_id, config: dict, retry: dict, now: float) -> dict:
     """The continuation's row: the lost task's image, command, project, resources and timeout on
     `agent_id`, queued, `resumed_from` the lost task."""
-    tid = conn.execute(
-        insert(db.tasks).values(
-            agent_id=agent_id,
-            type=task["type"],
-            image=task["image"],
-            command=task["command"],
-            config=config,
-            project_id=task["project_id"],
-            model_id=model_id,
-            resources=task["resources"],
-            timeout_s=task["timeout_s"],
-            retry=retry,
-            resumed_from=task["id"],
-            state=TaskState.QUEUED.value,
-            stop_requested=False,
-            timeline=[{"state": TaskState.QUEUED.value, "ts": now}],
-            results=dict(EMPTY_RESULTS),
-            log_acked=-1,
-            created_at=now,
-            updated_at=now,
-        )
-    ).inserted_primary_key[0]
-    row = get_task(conn, tid)
-    assert row is not None  # inserted just now, in this transaction
-    return row
+    return insert_queued(
+        conn,
+        now,
+        agent_id=agent_id,
+        type=task["type"],
+        image=task["image"],
+        command=task["command"],
+        config=config,
+        project_id=task["project_id"],
+        model_id=model_id,
+        resources=task["resources"],
+        timeout_s=task["timeout_s"],
+        retry=retry,
+        resumed_from=task["id"],
+    )

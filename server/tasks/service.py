@@ -121,18 +121,27 @@ def create_task(conn, body, now: float, retry: dict | None = None) -> dict:
         if body.resources
         else {"gpus": None, "cpus": None, "memory": None, "shm_size": None}
     )
+    return insert_queued(
+        conn,
+        now,
+        agent_id=agent["id"],
+        type=body.type,
+        image=body.image,
+        command=body.command,
+        config=body.config or {},
+        project_id=body.project_id,
+        model_id=body.model_id,
+        resources=resources,
+        timeout_s=body.timeout_s,
+        retry=retry,
+    )
+
+
+def insert_queued(conn, now: float, **fields) -> dict:
+    """Insert a task, queued now, from its own fields (agent_id, type, image, ...); its row."""
     tid = conn.execute(
         insert(db.tasks).values(
-            agent_id=agent["id"],
-            type=body.type,
-            image=body.image,
-            command=body.command,
-            config=body.config or {},
-            project_id=body.project_id,
-            model_id=body.model_id,
-            resources=resources,
-            timeout_s=body.timeout_s,
-            retry=retry,
+            **fields,
             state=TaskState.QUEUED.value,
             stop_requested=False,
             timeline=[{"state": TaskState.QUEUED.value, "ts": now}],

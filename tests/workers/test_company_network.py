@@ -6,15 +6,14 @@ wants credentials (tests/support/registry.py with basic auth)."""
 from __future__ import annotations
 
 import base64
-import io
 import json
 import os
-import tarfile
 
 import pytest
 import requests
 
 from node.config import proxy_env
+from tests.support.images import build_image
 from tests.support.registry import Registry
 from workers import custom
 from workers.container_spec import CUSTOM_FALLBACK, task_command
@@ -24,19 +23,6 @@ PASSWORD = "reg-pa55-9f3k"
 
 # busybox has no Python: a stand-in that says how it was called, then runs the script with sh
 FAKE_PYTHON = '#!/bin/sh\necho "python $*"\n[ "$1" = -u ] && shift\nexec sh "$@"\n'
-
-
-def build_image(docker_client, tag: str, dockerfile: str, files: dict[str, str]) -> str:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, text in {"Dockerfile": dockerfile, **files}.items():
-            data = text.encode()
-            info = tarfile.TarInfo(name)
-            info.size, info.mode = len(data), 0o755
-            tar.addfile(info, io.BytesIO(data))
-    buf.seek(0)
-    docker_client.images.build(fileobj=buf, custom_context=True, tag=tag, rm=True, forcerm=True)
-    return tag
 
 
 @pytest.fixture(scope="module")
