@@ -9,22 +9,30 @@ status, code and detail only). Paths and headers come from `protocol.endpoints`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 import random
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import IO, cast
 
 import requests
+import urllib3
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
 from node import __version__
+from protocol import bulk
 from protocol import endpoints as ep
 from protocol.errors import APIError, decode_error
 
 BLOB_CHUNK = 1 << 20
 RESULTS_BUSY_WAIT_S = 600.0  # how long a results post waits out a busy server
 BUSY_CODES = frozenset({"too_many_checks", "server_busy"})
+BULK_TIMEOUT_S = 60.0  # the longest silence between two reads of a bulk download or upload
+PAGE_ITEMS = 5000  # project items per page (the server's most)
 
 
 def make_session(token: str, retries: int = 3, pool: int = 16) -> requests.Session:
@@ -189,3 +197,122 @@ class AgentAPI:
         except requests.RequestException as e:
             raise _no_answer("GET", path, e) from None
         return h.hexdigest()
+
+    # --- many blobs at once (protocol/bulk.py) ---
+    def check_blobs(self, hashes: Iterable[str]) -> set[str]:
+        """The sha256s of `hashes` this node cannot read from the server (not stored, or not its
+        to read), asked MAX_COUNT at a time."""
+        hashes = list(dict.fromkeys(hashes))
+        missing: set[str] = set()
+        for i in range(0, len(hashes), bulk.MAX_COUNT):
+            body = {"sha256": hashes[i : i + bulk.MAX_COUNT]}
+            missing.update(self.request("POST", ep.AGENT_BLOBS_CHECK, json=body).json()["missing"])
+        return missing
+
+    @contextlib.contextmanager
+    def download_blobs(self, hashes: list[str], timeout: float = BULK_TIMEOUT_S) -> Iterator[BulkDownload]:
+        """One bulk download (at most MAX_COUNT blobs and MAX_BYTES): a `BulkDownload` whose
+        `entries` yields (sha256, size, chunks) as protocol.bulk.iter_entries does, streamed from
+        the connection. The blobs the server left out are simply not among them (`left_out`
+        counts them). A connection lost mid-stream raises APIError (status None); a stream cut
+        short or malformed, bulk.BadBatch."""
+        r = self.request("POST", ep.AGENT_BLOBS_DOWNLOAD, json={"sha256": list(hashes)}, stream=True, timeout=timeout)
+        with r:
+            try:
+                left_out = int(r.headers.get(bulk.BULK_MISSING_HEADER) or 0)
+            except ValueError:
+                left_out = 0
+            body = cast(IO[bytes], _RawBody(r.raw, ep.AGENT_BLOBS_DOWNLOAD))
+            yield BulkDownload(bulk.iter_entries(body), left_out)
+
+    def upload_blobs(
+        self, files: Iterable[tuple[str, str | Path | IO[bytes]]], timeout: float = BULK_TIMEOUT_S
+    ) -> list[dict]:
+        """Upload (sha256, file) pairs in one bulk request (at most MAX_COUNT, MAX_BYTES); a file is
+        a path or an open binary file (read from its start). The files are read while the body
+        streams, never held whole. Returns the server's answer per entry, in order: {sha256, size,
+        created} or {sha256, error, detail} (hash_mismatch: a file that changed since it was hashed)."""
+        entries = []
+        for sha, f in files:
+            size = os.stat(f).st_size if isinstance(f, (str, Path)) else os.fstat(f.fileno()).st_size
+            entries.append((sha, size, f))
+        r = self.request(
+            "POST",
+            ep.AGENT_BLOBS_UPLOAD,
+            data=_TarBody(entries),
+            timeout=timeout,
+            headers={"content-type": bulk.CONTENT_TYPE},
+        )
+        return list(r.json()["blobs"])
+
+    def project_items(
+        self, task_id: int, cursor: str | None = None, limit: int = PAGE_ITEMS
+    ) -> tuple[list[dict], str | None]:
+        """One page of the items of a task's project ({id, dataset, name, sha256, size, ann}, in
+        order) and the cursor of the next page (None after the last)."""
+        params: dict = {"limit": limit}
+        if cursor is not None:
+            params["cursor"] = cursor
+        body = self.request("GET", ep.path(ep.TASK_PROJECT_ITEMS, task_id=task_id), params=params).json()
+        return list(body["items"]), body.get("next")
+
+
+class BulkDownload:
+    """What `AgentAPI.download_blobs` yields: the stream's entries and how many were left out."""
+
+    __slots__ = ("entries", "left_out")
+
+    def __init__(self, entries: Iterator[tuple[str, int, Iterator[bytes]]], left_out: int):
+        self.entries, self.left_out = entries, left_out
+
+
+class _RawBody:
+    """A response's body as a file for bulk.iter_entries; a lost connection becomes an APIError
+    (status None) whose message holds no URL."""
+
+    def __init__(self, raw, path: str):
+        self.raw, self.path = raw, path
+
+    def read(self, n: int = -1) -> bytes:
+        try:
+            return self.raw.read(n, decode_content=True)
+        except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as e:
+            raise _no_answer("POST", self.path, e) from None
+
+
+class _TarBody:
+    """The body of a bulk upload: header, bytes and padding per file, then the end blocks.
+
+    Its length is known up front (sent as content-length), and each iteration starts over from
+    the first file, so a try that urllib3 repeats sends the whole stream again. A file that
+    changed size since it was listed is cut or padded to the listed size: the server then finds
+    its hash wrong and keeps nothing of it (hash_mismatch); the stream stays well-formed."""
+
+    def __init__(self, files: list[tuple[str, int, str | Path | IO[bytes]]]):
+        self.files = files
+        self.length = sum(bulk.BLOCK + size + (-size % bulk.BLOCK) for _, size, _ in files) + len(bulk.TAR_END)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Iterator[bytes]:
+        for sha, size, source in self.files:
+            yield bulk.header(sha, size)
+            if isinstance(source, (str, Path)):
+                with open(source, "rb") as f:
+                    yield from _exactly(f, size)
+            else:
+                source.seek(0)
+                yield from _exactly(source, size)
+            yield bulk.padding(size)
+        yield bulk.TAR_END
+
+
+def _exactly(f: IO[bytes], size: int) -> Iterator[bytes]:
+    """`size` bytes of `f` from where it is: cut there, or padded with zeros when it is shorter."""
+    left = size
+    while left and (b := f.read(min(BLOB_CHUNK, left))):
+        left -= len(b)
+        yield b
+    if left:
+        yield b"\0" * left

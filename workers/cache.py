@@ -2,22 +2,38 @@
 
     storage/images/<h[0:2]>/<h[2:5]>/<h><.ext>    one file per blob (h = its sha256)
     storage/models/<h[0:2]>/<h[2:5]>/<h>/...      one folder per model (h = the model's hash)
-    storage/records/images/...  records/models/...  one record per cached file, same relative path
+    storage/anns/<k[0:2]>/<k>.json                one file per annotation text (k: `text_key`)
+    storage/records/images/...  records/models/...  records/anns/...  one record per cached file
 
-A blob is stored once: fetched into tmp/<sha>.part under its own lock file (`blob_lock`, so two
-tasks needing it at the same moment fetch it once, with no lock shared by anything else), then
-made read-only, renamed into place and recorded (`store_blob`). Cached files are read-only (0444)
-and are only ever hard-linked (copied across filesystems) into a task's data/ and model/, which
-the container gets read-only (`link_to_task`); results are copied into the cache, never linked.
-A file's record (`{sha256, size, mtime_ns, ino, dev}`, written when it was stored) is checked
-before the file is reused: a file whose size, mtime, inode or mode differ, or that has no record,
-is treated as missing and fetched again into a new inode (a task dir still linking the old one
-keeps it).
+A blob is stored once: fetched into a part file under tmp/ and hashed on the way, then made
+read-only, renamed into place and recorded, under a short lock that every store of that blob
+takes (`store_lock`). A single large blob is fetched under its own lock file (`blob_lock`: two
+tasks needing it at the same moment fetch it once) into tmp/<sha>.part, kept across tries so
+that a fetch resumes with Range (`store_blob`). Blobs fetched many per request go to part files
+of their own (`open_part`), with no lock while they stream (`Layout.store_fetched`). Cached files are
+read-only (0444) and are only ever hard-linked (copied across filesystems) into a task's data/
+and model/, which the container gets read-only (`link_to_task`); results are copied into the
+cache, never linked. A file's record (its sha256, size, mtime_ns, inode and device, written when
+it was stored) is checked before the file is reused: a file whose size, mtime, inode or mode
+differ, or that has no record, is treated as missing and fetched again into a new inode (a task
+dir still linking the old one keeps it).
+
+A record is a symbolic link whose target is that text (`<sha256> <size> <mtime_ns> <ino> <dev>`,
+never a path that is followed): checking a cached file costs one lstat of it and one readlink of
+its record, no open, read and close (a 20,000-item project is checked in well under a second).
+Records written as JSON files by earlier versions are still read.
+
+Annotations are cached too (`Layout.link_text`): a task's ann/<item>.json is a hard link to the
+cached file of that text, so a project prepared again links its annotations instead of creating
+a file for each (creating a file costs several times a link, more on a busy disk). A text is
+derived data, written again whenever in doubt: it has no record, its lstat alone tells whether
+it changed since written (see there).
 
 A cache entry's last use is the mtime of its record (an image) or of its folder (a model),
-touched each time it is linked into a task dir; the file's own mtime is part of its record and
-is never touched. Evicting an entry never breaks a running task: its files are hard links (or
-copies) in the task dir, so the bytes stay until the task dir goes.
+touched each time it is linked into a task dir (the file's own mtime is part of its record and
+is never touched), or the ctime of a text, which each link sets. Evicting an entry never breaks
+a running task: its files are hard links (or copies) in the task dir, so the bytes stay until
+the task dir goes.
 """
 
 from __future__ import annotations
@@ -26,11 +42,13 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import itertools
 import json
 import os
 import re
 import shutil
 import stat
+import threading
 from pathlib import Path
 
 from node.config import Config
@@ -38,6 +56,12 @@ from node.storage import remove_path
 
 SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 MB = 1024 * 1024
+_EXT_RE = re.compile(r"\.[a-z0-9]{1,10}")
+# A part file: made here, never followed through a link, read-only from the start (written
+# through its descriptor), so that storing it needs no chmod.
+_PART_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+ANNS_DIR = "anns"
+_part_seq = itertools.count(1)
 
 
 class DiskError(RuntimeError):
@@ -50,13 +74,211 @@ def check_sha(sha: str) -> str:
     return sha
 
 
+class Layout:
+    """The cache's folders of one config as plain strings, computed once, and the per-file
+    operations on them (path of an image, its record, verify, link). A large project's
+    preparation calls these 100,000 times: they cost their system calls and little else."""
+
+    def __init__(self, config: Config):
+        self.storage = os.fspath(config.images_dir.parent)
+        self._storage_sep = self.storage + os.sep
+        self._models_sep = os.fspath(config.models_dir) + os.sep
+        self.images = os.fspath(config.images_dir)
+        self.models = os.fspath(config.models_dir)
+        self.records = os.path.join(self.storage, "records")
+        self.anns = os.path.join(self.storage, ANNS_DIR)
+        self.tmp = os.fspath(config.tmp_dir)
+
+    def image(self, sha: str, name: str) -> str:
+        """Cache path of an item blob: the extension of the item's name is kept (tools look at it)."""
+        check_sha(sha)
+        ext = os.path.splitext(name)[1].lower()
+        if not _EXT_RE.fullmatch(ext):
+            ext = ""
+        return f"{self.images}/{sha[0:2]}/{sha[2:5]}/{sha}{ext}"
+
+    def record(self, path: str | os.PathLike) -> str:
+        """Where the record of a cached file (under images/ or models/) is kept."""
+        path = os.fspath(path)
+        if not path.startswith(self._storage_sep):
+            raise ValueError(f"{path!r} is not under {self.storage!r}")
+        return self.records + path[len(self.storage) :]
+
+    def entry(self, path: str | os.PathLike) -> str:
+        """The cache entry a cached file belongs to: itself, or its model's folder."""
+        path = os.fspath(path)
+        if not path.startswith(self._models_sep):
+            return path
+        parts = path[len(self.models) + 1 :].split(os.sep, 3)
+        return os.path.join(self.models, *parts[:3])
+
+    def verify(self, path: str | os.PathLike, sha: str, size: int | None = None) -> bool:
+        """Whether the cached file at `path` is the one stored for blob `sha`, unchanged since."""
+        try:
+            st = os.lstat(path)
+            rec = _read_record(self.record(path))
+        except (OSError, ValueError):
+            return False
+        return (
+            rec is not None
+            and stat.S_ISREG(st.st_mode)
+            and not st.st_mode & 0o222
+            and rec[0] == sha
+            and st.st_size == rec[1]
+            and (size is None or st.st_size == size)
+            and st.st_mtime_ns == rec[2]
+            and st.st_ino == rec[3]
+            and st.st_dev == rec[4]
+        )
+
+    def touch(self, entry: str) -> None:
+        """Mark a cache entry as used now (LRU): its record (an image) or its folder (a model)."""
+        target = entry if entry.startswith(self._models_sep) else self.record(entry)
+        try:
+            os.utime(target, follow_symlinks=False)
+        except OSError:
+            pass
+
+    def link_to_task(self, path: str, dest: str, touched: set) -> None:
+        """Give a task the cached file at `path` at `dest`; its entry is marked used once per `touched`."""
+        entry = self.entry(path)
+        if entry not in touched:
+            self.touch(entry)
+            touched.add(entry)
+        link_into(path, dest)
+
+    def write_record(self, path: str | os.PathLike, sha: str, chmod: bool = True) -> os.stat_result:
+        """Record what a file just stored in the cache looks like; make it read-only first (unless
+        it was made read-only: `chmod` False)."""
+        if chmod:
+            os.chmod(path, 0o444)
+        st = os.lstat(path)
+        rp = self.record(path)
+        target = f"{sha} {st.st_size} {st.st_mtime_ns} {st.st_ino} {st.st_dev}"
+        try:
+            os.symlink(target, rp)  # the usual case: no record yet
+            return st
+        except FileNotFoundError:
+            os.makedirs(os.path.dirname(rp), exist_ok=True)
+            try:
+                os.symlink(target, rp)
+                return st
+            except FileExistsError:
+                pass
+        except FileExistsError:
+            pass
+        # An older record: replaced in one step, so that a reader sees the old or the new one.
+        tmp = f"{rp}.{os.getpid()}-{threading.get_ident()}.tmp"
+        try:
+            os.symlink(target, tmp)
+        except FileExistsError:  # left by a thread of this pid that died here
+            os.unlink(tmp)
+            os.symlink(target, tmp)
+        os.replace(tmp, rp)
+        return st
+
+    def store_fetched(self, part: str, final: str, sha: str, size: int | None = None) -> bool:
+        """A verified download in a part file of its own (`open_part`) becomes the cached file
+        `final`; returns whether it did. When another task stored the blob meanwhile, the part is
+        dropped and that file kept. Under `store_lock`, so that the record written describes the
+        file in place."""
+        with store_lock(self, sha):
+            if self.verify(final, sha, size):
+                os.unlink(part)
+                return False
+            try:
+                os.replace(part, final)  # a new inode: task dirs linking a changed one keep theirs
+            except FileNotFoundError:  # its folder is new, or was evicted meanwhile
+                os.makedirs(os.path.dirname(final), exist_ok=True)
+                os.replace(part, final)
+            self.write_record(final, sha, chmod=False)  # read-only already: open_part made it so
+            return True
+
+    def text_path(self, key: str) -> str:
+        """Cache path of the text stored under `key` (`text_key`)."""
+        check_sha(key)
+        return f"{self.anns}/{key[0:2]}/{key}.json"  # one level: 256 folders, each made once
+
+    def link_text(self, key: str, make_text, dest: str) -> None:
+        """Give a task the file `dest` holding a small text (an annotation) kept in the cache under
+        `key` (`text_key`): a hard link to the cached copy, written first (from `make_text()`)
+        when missing or changed. A cached text has no record: its mtime is set to TEXT_MTIME_NS
+        plus its size when it is written, so a write to it since, which sets the mtime to the
+        time of the write, shows in its lstat alone; and each link into a task dir sets its ctime,
+        its last use. Two tasks writing one text at once write the same bytes."""
+        path = self.text_path(key)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            st = None
+        if st is None or not _text_unchanged(st):
+            tmp, fd = open_part(self, key)
+            try:
+                data = make_text().encode()
+                _write_all(fd, data)
+                os.utime(fd, ns=(TEXT_MTIME_NS + len(data), TEXT_MTIME_NS + len(data)))
+            finally:
+                os.close(fd)
+            try:
+                os.replace(tmp, path)
+            except FileNotFoundError:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                os.replace(tmp, path)
+        link_into(path, dest)
+
+
+def _text_unchanged(st: os.stat_result) -> bool:
+    return stat.S_ISREG(st.st_mode) and not st.st_mode & 0o222 and st.st_mtime_ns == TEXT_MTIME_NS + st.st_size
+
+
+def open_part(layout: Layout, sha: str) -> tuple[str, int]:
+    """A new part file for blob `sha` (`unique_part_path`), read-only from the start: (its path,
+    a descriptor open to write it)."""
+    part = unique_part_path(layout, sha)
+    try:
+        return part, os.open(part, _PART_FLAGS, 0o444)
+    except FileNotFoundError:
+        os.makedirs(layout.tmp, exist_ok=True)
+        return part, os.open(part, _PART_FLAGS, 0o444)
+
+
+def text_key(obj) -> str:
+    """The cache key of the text that `obj` (a JSON value) is written as: the sha256 of its compact
+    JSON (the C encoder's; a fraction of what writing it indented costs) and of the format's tag.
+    The indented text is a function of the compact one, so one key is one text."""
+    compact = json.dumps(obj, separators=(",", ":"))
+    return hashlib.sha256(TEXT_FORMAT + compact.encode()).hexdigest()
+
+
+TEXT_FORMAT = b"sly_format.dumps: json indent=4\n"  # a new format must change this: new keys
+TEXT_MTIME_NS = 10**18  # 2001-09-09: a cached text's mtime is this plus its size (see Layout.link_text)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _read_record(rp: str) -> tuple | None:
+    """(sha256, size, mtime_ns, ino, dev) of a record; None when it is not one."""
+    try:
+        fields = os.readlink(rp).split(" ")
+    except OSError as e:
+        if e.errno != errno.EINVAL:  # EINVAL: a regular file, i.e. an earlier version's JSON record
+            raise
+        rec = json.loads(Path(rp).read_text())
+        if not isinstance(rec, dict):
+            return None
+        return rec.get("sha256"), rec.get("size"), rec.get("mtime_ns"), rec.get("ino"), rec.get("dev")
+    if len(fields) != 5:
+        return None
+    return fields[0], *map(int, fields[1:])
+
+
 def image_path(config: Config, sha: str, name: str) -> Path:
     """Cache path of an item blob: the extension of the item's name is kept (tools look at it)."""
-    check_sha(sha)
-    ext = os.path.splitext(name)[1].lower()
-    if not re.fullmatch(r"\.[a-z0-9]{1,10}", ext):
-        ext = ""
-    return config.images_dir / sha[0:2] / sha[2:5] / (sha + ext)
+    return Path(Layout(config).image(sha, name))
 
 
 def model_dir(config: Config, model_hash: str) -> Path:
@@ -66,55 +288,35 @@ def model_dir(config: Config, model_hash: str) -> Path:
 
 def record_path(config: Config, path: Path) -> Path:
     """Where the record of a cached file (under images/ or models/) is kept."""
-    storage = config.images_dir.parent
-    return storage / "records" / path.relative_to(storage)
+    return Path(Layout(config).record(path))
 
 
-def write_record(config: Config, path: Path, sha: str) -> dict:
+def write_record(config: Config, path: str | os.PathLike, sha: str) -> dict:
     """Record what a file just stored in the cache looks like; make it read-only first."""
-    os.chmod(path, 0o444)
-    st = os.lstat(path)
-    rec = {"sha256": sha, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino, "dev": st.st_dev}
-    rp = record_path(config, path)
-    rp.parent.mkdir(parents=True, exist_ok=True)
-    tmp = rp.with_name(rp.name + f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(rec))
-    os.replace(tmp, rp)
-    return rec
+    st = Layout(config).write_record(path, sha)
+    return {"sha256": sha, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino, "dev": st.st_dev}
 
 
-def verify(config: Config, path: Path, sha: str, size: int | None = None) -> bool:
+def verify(config: Config, path: str | os.PathLike, sha: str, size: int | None = None) -> bool:
     """Whether the cached file at `path` is the one stored for blob `sha`, unchanged since."""
-    try:
-        st = os.lstat(path)
-        rec = json.loads(record_path(config, path).read_text())
-    except (OSError, ValueError):
-        return False
-    return (
-        isinstance(rec, dict)
-        and stat.S_ISREG(st.st_mode)
-        and not st.st_mode & 0o222
-        and rec.get("sha256") == sha
-        and st.st_size == rec.get("size")
-        and (size is None or st.st_size == size)
-        and st.st_mtime_ns == rec.get("mtime_ns")
-        and st.st_ino == rec.get("ino")
-        and st.st_dev == rec.get("dev")
-    )
+    return Layout(config).verify(path, sha, size)
 
 
 def entry_of(config: Config, path: Path) -> Path:
     """The cache entry a cached file belongs to: itself, or its model's folder."""
-    try:
-        rel = path.relative_to(config.models_dir)
-    except ValueError:
-        return path
-    return config.models_dir.joinpath(*rel.parts[:3])
+    return Path(Layout(config).entry(path))
 
 
 def part_path(config: Config, sha: str) -> Path:
-    """Where blob `sha` is fetched to (kept across tries, so a fetch resumes) before `store_blob`."""
+    """Where blob `sha` is fetched to under its lock (kept across tries, so a fetch resumes)."""
     return config.tmp_dir / f"{sha}.part"
+
+
+def unique_part_path(layout: Layout, sha: str) -> str:
+    """A part file for blob `sha` that no other fetch uses (a bulk fetch takes no lock while it
+    downloads: two tasks fetching the same blob at once each write their own). Made with
+    `open_part`."""
+    return f"{layout.tmp}/{sha}.{os.getpid()}-{next(_part_seq)}.part"
 
 
 def _lock_path(config: Config, sha: str) -> Path:
@@ -137,61 +339,91 @@ def blob_lock(config: Config, sha: str):
         os.close(lock_fd)
 
 
-def store_blob(config: Config, part: Path, final: Path, sha: str) -> None:
-    """Under `blob_lock(sha)`: the verified download `part` becomes the cached file `final`."""
-    os.chmod(part, 0o444)
+@contextlib.contextmanager
+def store_lock(layout: Layout, sha: str):
+    """Held around the few steps that store a blob (check, rename, record), by every store of it:
+    then the record written describes the file in place, whatever other tasks store at the same
+    moment. One of 256 lock files, by the blob's first two hex digits, made once and kept (a
+    lock file per blob would be a file made and removed per blob of a bulk download)."""
+    path = f"{layout.tmp}/store-{sha[:2]}.lock"
     try:
-        os.replace(part, final)  # a new inode: task dirs linking a changed one keep theirs
-    except FileNotFoundError:  # its folder is new, or was evicted by another task meanwhile
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(part, final)
-    write_record(config, final, sha)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    except FileNotFoundError:
+        os.makedirs(layout.tmp, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def store_blob(config: Config, part: str | os.PathLike, final: str | os.PathLike, sha: str) -> None:
+    """Under `blob_lock(sha)`: the verified download `part` becomes the cached file `final`."""
+    layout = Layout(config)
+    os.chmod(part, 0o444)
+    with store_lock(layout, sha):
+        try:
+            os.replace(part, final)  # a new inode: task dirs linking a changed one keep theirs
+        except FileNotFoundError:  # its folder is new, or was evicted by another task meanwhile
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+            os.replace(part, final)
+        layout.write_record(final, sha, chmod=False)
     # Whoever waits on this lock finds the blob in place; a newcomer makes a new lock file.
     _lock_path(config, sha).unlink(missing_ok=True)
 
 
-def link_to_task(config: Config, path: Path, dest: Path, touched: set, made_dirs: set | None = None) -> None:
+def link_to_task(config: Config, path: Path, dest: Path, touched: set) -> None:
     """Give a task the cached file at `path` at `dest`; its entry is marked used once per `touched`."""
-    entry = entry_of(config, path)
-    if entry not in touched:
-        touch(config, entry)
-        touched.add(entry)
-    link_into(path, dest, made_dirs)
+    Layout(config).link_to_task(os.fspath(path), os.fspath(dest), touched)
 
 
-def link_into(src: Path, dest: Path, made_dirs: set | None = None) -> None:
-    """Hard link src at dest (replacing what is there); copy when they are on different filesystems."""
-    parent = dest.parent
-    if made_dirs is None or parent not in made_dirs:
-        parent.mkdir(parents=True, exist_ok=True)
-        if made_dirs is not None:
-            made_dirs.add(parent)
+def link_into(src: str | os.PathLike, dest: str | os.PathLike) -> None:
+    """Hard link src at dest (replacing what is there); copy when they are on different filesystems.
+    The link is tried first: dest's folder is made only when it turns out missing (once a folder)."""
     try:
         os.link(src, dest)
+        return
     except FileExistsError:
         os.unlink(dest)
+    except FileNotFoundError:
+        if os.path.lexists(src):  # else: src is gone, and the link below says so
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+    except OSError as e:
+        if e.errno not in _COPY_ERRNOS:
+            raise
+        _copy(src, dest)
+        return
+    try:
         os.link(src, dest)
     except OSError as e:
-        if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+        if e.errno not in _COPY_ERRNOS:
             raise
-        shutil.copyfile(src, dest)
-        os.chmod(dest, 0o444)
+        _copy(src, dest)
+
+
+_COPY_ERRNOS = (errno.EXDEV, errno.EPERM, errno.EMLINK)  # another filesystem, no links there, too many
+
+
+def _copy(src: str | os.PathLike, dest: str | os.PathLike) -> None:
+    shutil.copyfile(src, dest)
+    os.chmod(dest, 0o444)
 
 
 def touch(config: Config, entry: Path) -> None:
     """Mark a cache entry as used now (LRU): its record (an image) or its folder (a model)."""
-    target = entry if entry.is_dir() else record_path(config, entry)
-    try:
-        os.utime(target)
-    except OSError:
-        pass
+    Layout(config).touch(os.fspath(entry))
 
 
 def last_use(config: Config, entry: Path) -> float:
+    """When a cache entry was last used: its record's mtime (an image), its folder's (a model),
+    its ctime (a text: set by each link into a task dir)."""
     if entry.is_dir():
         return entry.stat().st_mtime
+    if entry.parent.parent.name == ANNS_DIR:
+        return os.lstat(entry).st_ctime
     try:
-        return record_path(config, entry).stat().st_mtime
+        return os.lstat(record_path(config, entry)).st_mtime
     except OSError:
         return entry.stat().st_mtime
 
@@ -239,7 +471,8 @@ def _entry_size(path: Path) -> int:
 def cache_entries(config: Config) -> list[tuple[float, int, Path]]:
     """Every cache entry as (last use, bytes, path), least recently used first."""
     entries = []
-    for p in list(config.images_dir.glob("??/???/*")) + list(config.models_dir.glob("??/???/*")):
+    anns_dir = config.images_dir.parent / ANNS_DIR
+    for p in [*config.images_dir.glob("??/???/*"), *config.models_dir.glob("??/???/*"), *anns_dir.glob("??/*")]:
         try:
             entries.append((last_use(config, p), _entry_size(p), p))
         except OSError:
@@ -256,8 +489,9 @@ def remove_entry(config: Config, path: Path) -> None:
 
 def ensure_space(config: Config, need_bytes: int = 0, log=None, keep: set | None = None) -> dict:
     """Evict least-recently-used entries until MIN_FREE_DISK_MB (+ need) is free and the cache,
-    with `need_bytes` more, fits CACHE_QUOTA_MB. Raises DiskError if it cannot. Returns a summary."""
-    keep = keep or set()
+    with `need_bytes` more, fits CACHE_QUOTA_MB; never an entry in `keep` (paths or strings).
+    Raises DiskError if it cannot. Returns a summary."""
+    keep = {os.fspath(k) for k in keep or ()}
     need_mb = need_bytes / MB
     entries = None
     evicted, freed = 0, 0
@@ -283,7 +517,7 @@ def ensure_space(config: Config, need_bytes: int = 0, log=None, keep: set | None
     entries = cache_entries(config)
     reason = short()
     while reason:
-        victims = [e for e in entries if e[2] not in keep]
+        victims = [e for e in entries if os.fspath(e[2]) not in keep]
         if not victims:
             raise DiskError(reason)
         victim = victims[0]

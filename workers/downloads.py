@@ -4,25 +4,40 @@ laid out in the task dir as the real Supervisely agent lays it out:
     data/<project name>/meta.json, <ds>/img/<item>, <ds>/ann/<item>.json
     model/<path>                     the model's files at model/'s root
 
-Every name from the server is path-checked here. Storing, verifying and linking cached files is
-workers/cache.py's: this module calls the cache, never the other way round.
+The project's items come in pages from the server (GET .../tasks/{id}/project/items; the poll
+answer lists the datasets and their `items_count` only), or inline in the poll answer (`items`:
+older servers, tests). Planning writes each page's annotations as the page arrives and keeps one
+small `Job` per file: a project of 10^5 items costs the agent its file list, not its annotations.
+
+Fetching: blobs up to protocol.bulk.SMALL_BLOB go many per request (a tar stream, BULK_COUNT
+blobs per request, several requests at once); each entry is hashed while it streams into a part
+file of its own and stored only when it matches. Larger blobs go one per request, resumable with
+Range. Every name from the server is path-checked here. Storing, verifying and linking cached
+files is workers/cache.py's: this module calls the cache, never the other way round.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
-from protocol import sly_format
+from protocol import bulk, sly_format
 from protocol.backoff import backoff_delay
 from protocol.errors import APIError
 from workers import cache
 from workers.errors import StopRequested, TaskError
 
-BLOB_TRIES = 3
+BLOB_TRIES = 3  # wrong bytes for one blob this many times: the task fails
+FETCH_TRIES = BLOB_TRIES + 2  # failed requests (connection, cut stream) in a row for one blob or batch
+BULK_COUNT = 2000  # blobs per bulk request: a project's batches run in parallel on the download threads
 PROGRESS_EVERY_S = 1.0
+# A bulk request that fails with one of these is asked again; any other answer is the server's word.
+RETRY_STATUS = frozenset({None, 408, 429, 500, 502, 503, 504})
+_WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
 
 
 def safe_relpath(name, what: str) -> str:
@@ -31,8 +46,7 @@ def safe_relpath(name, what: str) -> str:
         raise TaskError(f"unsafe {what} {name!r}: empty")
     if "\x00" in name or "\\" in name:
         raise TaskError(f"unsafe {what} {name!r}: NUL or backslash")
-    p = PurePosixPath(name)
-    if p.is_absolute() or any(part in ("..", ".", "") for part in name.split("/")):
+    if name.startswith("/") or any(part in ("..", ".", "") for part in name.split("/")):
         raise TaskError(f"unsafe {what} {name!r}: absolute, empty, '.' or '..' component")
     return name
 
@@ -45,13 +59,17 @@ def safe_name(name, what: str) -> str:
 
 
 class Job:
-    """One file the task needs: its blob, where it is cached, where it goes in the task dir."""
+    """One file the task needs: its blob, where it is cached, where it goes in the task dir.
+    Paths are plain strings (a large project holds 10^5 of these)."""
 
-    __slots__ = ("sha", "size", "cache_path", "dest", "label", "ann")
+    __slots__ = ("sha", "size", "cache_path", "dest", "label", "needs_ann")
 
-    def __init__(self, sha, size, cache_path, dest, label, ann=None):
-        self.sha, self.size, self.cache_path, self.dest, self.label = sha, size, cache_path, dest, label
-        self.ann = ann  # a project item: the annotation JSON the server sent (None: none)
+    def __init__(self, sha: str, size: int, cache_path, dest, label: str, needs_ann: bool = False):
+        self.sha, self.size, self.label = sha, size, label
+        self.cache_path, self.dest = os.fspath(cache_path), os.fspath(dest)
+        # a project item the server sent no annotation for: its empty one is written once the
+        # image is here (its size is read from the image's header)
+        self.needs_ann = needs_ann
 
 
 def project_dir(ctx) -> Path | None:
@@ -63,31 +81,12 @@ def project_dir(ctx) -> Path | None:
 
 
 def plan(ctx) -> list[Job]:
-    """Every file of the task's project and model, with its paths checked."""
+    """Every file of the task's project and model, with its paths checked. The project's folders
+    are made and the annotations the server sent are written on the way."""
     task, cfg = ctx.task, ctx.config
     jobs: list[Job] = []
-    project = task.get("project")
-    if project:
-        pdir = project_dir(ctx)
-        seen_ds: set[str] = set()
-        for ds in project.get("datasets") or []:
-            dname = safe_name(ds.get("name"), "dataset name")
-            if dname in seen_ds:
-                raise TaskError(f"dataset {dname!r} appears twice in project {project.get('name')!r}")
-            seen_ds.add(dname)
-            for item in ds.get("items") or []:
-                iname = safe_name(item.get("name"), "item name")
-                sha = _sha(item.get("sha256"), iname)
-                jobs.append(
-                    Job(
-                        sha,
-                        int(item.get("size") or 0),
-                        cache.image_path(cfg, sha, iname),
-                        pdir / dname / sly_format.IMG_DIR / iname,
-                        f"{dname}/{iname}",
-                        ann=item.get("ann"),
-                    )
-                )
+    if task.get("project"):
+        _plan_project(ctx, jobs)
     model = task.get("model")
     if model:
         mhash = _sha(model.get("hash"), "model hash")
@@ -101,31 +100,116 @@ def plan(ctx) -> list[Job]:
     return jobs
 
 
+def _plan_project(ctx, jobs: list[Job]) -> None:
+    """The project's items into `jobs`: inline datasets first, then the paged ones, each
+    dataset's items capped at the `items_count` the poll answer gave (items appended to the
+    project after the task was handed out are not the task's)."""
+    project = ctx.task["project"]
+    pdir = os.fspath(ctx.task_dir / "data" / safe_name(project.get("name"), "project name"))
+    layout = cache.Layout(ctx.config)
+    inline: dict[str, list] = {}
+    paged: dict[str, int | None] = {}  # dataset -> items_count (None: not given)
+    for ds in project.get("datasets") or []:
+        dname = safe_name(ds.get("name"), "dataset name")
+        if dname in inline or dname in paged:
+            raise TaskError(f"dataset {dname!r} appears twice in project {project.get('name')!r}")
+        for sub in (sly_format.IMG_DIR, sly_format.ANN_DIR):
+            os.makedirs(f"{pdir}/{dname}/{sub}", exist_ok=True)
+        items = ds.get("items")
+        if isinstance(items, list):
+            inline[dname] = items
+        else:
+            count = ds.get("items_count")
+            paged[dname] = count if isinstance(count, int) and not isinstance(count, bool) else None
+
+    def add(dname: str, item: dict) -> None:
+        iname = safe_name(item.get("name"), "item name")
+        sha = _sha(item.get("sha256"), iname)
+        ann = item.get("ann")
+        if ann is not None:
+            dest = f"{pdir}/{dname}/{sly_format.ANN_DIR}/{sly_format.ann_name(iname)}"
+            layout.link_text(cache.text_key(ann), lambda: sly_format.dumps(ann), dest)
+        jobs.append(
+            Job(
+                sha,
+                int(item.get("size") or 0),
+                layout.image(sha, iname),
+                f"{pdir}/{dname}/{sly_format.IMG_DIR}/{iname}",
+                f"{dname}/{iname}",
+                needs_ann=ann is None,
+            )
+        )
+
+    for dname, items in inline.items():
+        for item in items:
+            add(dname, item)
+    if paged:
+        got = _plan_pages(ctx, paged, inline, add)
+        short = [d for d, n in paged.items() if n is not None and got[d] < n]
+        if short:
+            d = short[0]
+            raise TaskError(
+                f"the server listed {got[d]} of the {paged[d]} items of dataset {d!r} of project "
+                f"{project.get('name')!r}; the project changed while the task was prepared"
+            )
+
+
+def _plan_pages(ctx, paged: dict[str, int | None], inline: dict, add) -> dict[str, int]:
+    """Page through the task's project items; `add` each one of a paged dataset. Returns how
+    many were added per dataset. The next page is asked for while this one is planned."""
+    got = dict.fromkeys(paged, 0)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pages") as pool:
+        ahead = pool.submit(ctx.api.project_items, ctx.task_id, None)
+        while True:
+            try:
+                items, cursor = ahead.result()
+            except APIError as e:
+                raise TaskError(f"the project's items could not be listed: {e}") from None
+            if ctx.stop_event.is_set():
+                raise StopRequested()
+            if cursor:
+                ahead = pool.submit(ctx.api.project_items, ctx.task_id, cursor)
+            for item in items:
+                dname = item.get("dataset") if isinstance(item, dict) else None
+                if dname not in paged:
+                    if dname in inline:
+                        continue
+                    raise TaskError(
+                        f"the server listed an item of dataset {dname!r}, which is not one of the task's "
+                        f"project's datasets"
+                    )
+                cap = paged[dname]
+                if cap is not None and got[dname] >= cap:
+                    continue
+                got[dname] += 1
+                add(dname, item)
+            if not cursor:
+                return got
+
+
 def write_project_files(ctx, jobs: list[Job]) -> int:
-    """meta.json and every item's ann/<item>.json; returns how many items got an empty annotation."""
+    """meta.json, and the empty annotation of every item the server sent none for (its size read
+    from the image); returns how many items got an empty annotation."""
     pdir = project_dir(ctx)
     if pdir is None:
         return 0
     pdir.mkdir(parents=True, exist_ok=True)
     meta = ctx.task["project"].get("meta")
     meta = meta if isinstance(meta, dict) else sly_format.empty_meta()
-    _write_text(pdir / sly_format.META_FILE, sly_format.dumps(meta))
-    for ds in ctx.task["project"].get("datasets") or []:
-        (pdir / ds["name"] / sly_format.IMG_DIR).mkdir(parents=True, exist_ok=True)
-        (pdir / ds["name"] / sly_format.ANN_DIR).mkdir(parents=True, exist_ok=True)
+    write_text(os.fspath(pdir / sly_format.META_FILE), sly_format.dumps(meta))
+    layout = cache.Layout(ctx.config)
     unknown, empty = [], 0
     for job in jobs:
-        ann_path = job.dest.parent.parent / sly_format.ANN_DIR / sly_format.ann_name(job.dest.name)
-        if job.ann is not None or not job.dest.is_relative_to(pdir):
-            if job.ann is not None:
-                _write_text(ann_path, sly_format.dumps(job.ann))
+        if not job.needs_ann:
             continue
         size = sly_format.read_image_size(job.dest)
         if size is None:
             unknown.append(job.label)
         empty += 1
+        img_dir, name = os.path.split(job.dest)
+        ann_path = f"{os.path.dirname(img_dir)}/{sly_format.ANN_DIR}/{sly_format.ann_name(name)}"
         ann = sly_format.empty_ann(*(size or (None, None)))
-        _write_text(ann_path, sly_format.dumps(ann))
+        layout.link_text(cache.text_key(ann), lambda ann=ann: sly_format.dumps(ann), ann_path)
     if unknown:
         ctx.log(
             f"{len(unknown)} items without an annotation are not images whose size could be read "
@@ -135,10 +219,16 @@ def write_project_files(ctx, jobs: list[Job]) -> int:
     return empty
 
 
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        f.write(text)
+def write_text(path: str, text: str) -> None:
+    """Write a file whose folder exists (open, write, close: nothing more)."""
+    data = text.encode()
+    fd = os.open(path, _WRITE_FLAGS, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
 
 
 def _sha(value, what) -> str:
@@ -148,35 +238,45 @@ def _sha(value, what) -> str:
         raise TaskError(f"{what}: {value!r} is not a sha256") from None
 
 
+class _Aborted(Exception):
+    """Another batch failed or the task is stopping: this one ends between two entries."""
+
+
 class Downloader:
     """Fetch the planned blobs of one task (bounded pool) and link them into its task dir."""
 
     def __init__(self, ctx):
         self.ctx = ctx
         self.cfg = ctx.config
+        self.layout = cache.Layout(self.cfg)
         self.lock = threading.Lock()
         self.done_files = 0
         self.done_bytes = 0  # bytes fetched over the network by this task
         self.total_files = 0
         self.last_report = 0.0
-        self.made_dirs: set = set()  # folders known to exist (saves a mkdir per file)
+        self.touched: set = set()  # cache entries this task uses (marked used, never evicted for it)
+        self.abort = threading.Event()
 
     def prepare(self, jobs: list[Job]) -> dict:
         """Returns {"files", "cached", "fetched", "bytes"}."""
-        ctx = self.ctx
+        ctx, layout = self.ctx, self.layout
         self.total_files = len(jobs)
         missing: list[Job] = []
-        keep = set()
         changed = []
-        verdicts: dict[Path, bool] = {}
-        for job in jobs:
+        verdicts: dict[str, bool] = {}
+        # Cached files are linked as they are checked, in this thread: a link costs less than a
+        # pool hand-off. Their entries are marked used, and kept by the eviction below.
+        for i, job in enumerate(jobs):
             ok = verdicts.get(job.cache_path)
             if ok is None:
-                ok = verdicts[job.cache_path] = cache.verify(self.cfg, job.cache_path, job.sha, job.size)
-                if not ok and job.cache_path.exists():
+                ok = verdicts[job.cache_path] = layout.verify(job.cache_path, job.sha, job.size)
+                if not ok and os.path.lexists(job.cache_path):
                     changed.append(job.label)
             if ok:
-                keep.add(cache.entry_of(self.cfg, job.cache_path))
+                layout.link_to_task(job.cache_path, job.dest, self.touched)
+                if not i % 1024:
+                    self.done_files = i + 1 - len(missing)
+                    self._report()
             else:
                 missing.append(job)
         if changed:
@@ -186,47 +286,171 @@ class Downloader:
                 level="warning",
             )
         need = sum(j.size for j in {j.cache_path: j for j in missing}.values())
-        cache.ensure_space(self.cfg, need, log=ctx.log, keep=keep)
+        cache.ensure_space(self.cfg, need, log=ctx.log, keep=self.touched)
         cached = len(jobs) - len(missing)
-        if missing:
-            ctx.log(f"downloading {len(missing)} of {len(jobs)} files ({need / cache.MB:.1f} MB); {cached} cached")
-        # Cached files first, in this thread: a link costs less than a pool hand-off.
-        touched = set()
-        missing_ids = {id(j) for j in missing}
-        for job in jobs:
-            if id(job) not in missing_ids:
-                cache.link_to_task(self.cfg, job.cache_path, job.dest, touched, self.made_dirs)
         self.done_files = cached
         if missing:
-            self._fetch_all(missing, touched)
+            ctx.log(f"downloading {len(missing)} of {len(jobs)} files ({need / cache.MB:.1f} MB); {cached} cached")
+            self._fetch_all(missing)
         self._report(force=True)
         return {"files": len(jobs), "cached": cached, "fetched": len(missing), "bytes": self.done_bytes}
 
-    def _fetch_all(self, missing: list[Job], touched: set) -> None:
-        errors: list[BaseException] = []
-        by_blob: dict[Path, list[Job]] = {}
+    def _fetch_all(self, missing: list[Job]) -> None:
+        """Small blobs in bulk batches, large ones one by one, all on one pool of threads."""
+        by_sha: dict[str, dict[str, list[Job]]] = {}  # sha -> cache path -> jobs
         for job in missing:
-            by_blob.setdefault(job.cache_path, []).append(job)
+            by_sha.setdefault(job.sha, {}).setdefault(job.cache_path, []).append(job)
+        units: list = []
+        small: list[tuple[str, int]] = []
+        for sha, paths in by_sha.items():
+            size = next(iter(paths.values()))[0].size
+            if size > bulk.SMALL_BLOB:
+                units.extend(("one", group) for group in paths.values())
+            else:
+                small.append((sha, size))
+        units.extend(("bulk", b) for b in bulk.batches(small, max_count=BULK_COUNT, max_bytes=bulk.MAX_BYTES))
+        errors: list[BaseException] = []
 
-        def work(group: list[Job]):
-            if errors or self.ctx.stop_event.is_set():
+        def work(unit) -> None:
+            if self.abort.is_set() or self.ctx.stop_event.is_set():
                 return
             try:
-                self.fetch(group[0])
-                for job in group:
-                    cache.link_to_task(self.cfg, job.cache_path, job.dest, touched, self.made_dirs)
-                with self.lock:
-                    self.done_files += len(group)
-                self._report()
+                kind, arg = unit
+                if kind == "one":
+                    self.fetch(arg[0])
+                    self._link(arg)
+                else:
+                    self._fetch_batch(dict(arg), by_sha)
+            except _Aborted:
+                pass
             except BaseException as e:  # noqa: BLE001 - reported once, below
                 errors.append(e)
+                self.abort.set()
 
-        with ThreadPoolExecutor(max_workers=max(1, self.cfg.download_workers), thread_name_prefix="dl") as pool:
-            list(pool.map(work, by_blob.values()))
+        workers = max(1, min(self.cfg.download_workers, len(units)))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dl") as pool:
+            list(pool.map(work, units))
         if errors:
             raise errors[0]
         if self.ctx.stop_event.is_set():
             raise StopRequested()
+
+    def _link(self, group: list[Job]) -> None:
+        """Link a just-fetched cache file to its jobs' places in the task dir."""
+        for job in group:
+            cache.link_into(job.cache_path, job.dest)
+        entry = self.layout.entry(group[0].cache_path)
+        with self.lock:
+            new = entry not in self.touched
+            self.touched.add(entry)
+            self.done_files += len(group)
+        if new and entry != group[0].cache_path:  # a model's folder (an image's record was just written)
+            self.layout.touch(entry)
+        self._report()
+
+    def _fetch_batch(self, want: dict[str, int], by_sha: dict[str, dict[str, list[Job]]]) -> None:
+        """Fetch the blobs `want` (sha -> size) in bulk requests until every one is stored: a
+        request that fails or is cut short is made again for what is still missing (with backoff,
+        up to FETCH_TRIES in a row); a blob whose bytes are wrong BLOB_TRIES times, or that the
+        server leaves out twice, fails the task."""
+        failures = 0
+        mismatches: dict[str, int] = {}
+        left_out: set[str] = set()
+        while want:
+            try:
+                received = self._bulk_once(want, by_sha, mismatches)
+            except (APIError, bulk.BadBatch, OSError) as e:
+                if isinstance(e, APIError) and e.status not in RETRY_STATUS:
+                    raise TaskError(f"download of {len(want)} blobs failed: {e}") from None
+                failures += 1
+                if failures >= FETCH_TRIES:
+                    label = _label(by_sha, next(iter(want)))
+                    raise TaskError(
+                        f"download of {len(want)} blobs (e.g. {label}) failed {failures} times: {e}"
+                    ) from None
+                time.sleep(backoff_delay(failures, base=0.2, cap=2.0))
+                continue
+            failures = 0
+            for sha in want:
+                if sha in received:
+                    continue  # its bytes were wrong: asked again
+                if sha in left_out:
+                    raise TaskError(
+                        f"download of {_label(by_sha, sha)} failed: the server does not have blob {sha} "
+                        f"or does not let this node read it"
+                    )
+                left_out.add(sha)
+            if want:
+                time.sleep(backoff_delay(1, base=0.2, cap=2.0))
+
+    def _bulk_once(self, want: dict[str, int], by_sha, mismatches: dict[str, int]) -> set[str]:
+        """One bulk request for `want`: each entry that matches its sha256 is stored, linked and
+        taken out of `want`. Returns the sha256s the stream held."""
+        received: set[str] = set()
+        with self.ctx.api.download_blobs(list(want)) as dl:
+            for sha, _size, chunks in dl.entries:
+                if self.abort.is_set():
+                    raise _Aborted()
+                if self.ctx.stop_event.is_set():
+                    raise StopRequested()
+                if sha not in want or sha in received:
+                    continue  # not asked for: skipped (iter_entries reads past it)
+                received.add(sha)
+                part = self._receive(sha, chunks)
+                if part is None:
+                    mismatches[sha] = mismatches.get(sha, 0) + 1
+                    if mismatches[sha] >= BLOB_TRIES:
+                        raise TaskError(
+                            f"download of {_label(by_sha, sha)} failed: the server's bytes do not match "
+                            f"sha256 {sha} ({BLOB_TRIES} tries); nothing was cached"
+                        )
+                    continue
+                self._store(sha, part, by_sha[sha])
+                del want[sha]
+        return received
+
+    def _receive(self, sha: str, chunks) -> str | None:
+        """Stream one entry into a part file of its own, hashing it on the way; the part's path
+        when the bytes match `sha`, else None (and no part left). Whatever goes wrong midway
+        (a cut stream, a full disk), the part is removed."""
+        part, fd = cache.open_part(self.layout, sha)
+        h = hashlib.sha256()
+        n = 0
+        try:
+            try:
+                for b in chunks:
+                    h.update(b)
+                    view = memoryview(b)
+                    while view:
+                        view = view[os.write(fd, view) :]
+                    n += len(b)
+            finally:
+                os.close(fd)
+                with self.lock:
+                    self.done_bytes += n
+            if h.hexdigest() != sha:
+                os.unlink(part)
+                return None
+        except BaseException:
+            try:
+                os.unlink(part)
+            except FileNotFoundError:
+                pass
+            raise
+        return part
+
+    def _store(self, sha: str, part: str, paths: dict[str, list[Job]]) -> None:
+        """A verified part into the cache (at each cache path the blob has: item names with
+        different extensions, each a link to the one file), then linked to its jobs."""
+        groups = list(paths.values())
+        for i, group in enumerate(groups):
+            nxt = ""
+            if i < len(groups) - 1:  # more cache paths to come: another name for the same file
+                nxt = cache.unique_part_path(self.layout, sha)
+                os.link(part, nxt)
+            self.layout.store_fetched(part, group[0].cache_path, sha, group[0].size)
+            self._link(group)
+            part = nxt
 
     def _report(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -239,11 +463,13 @@ class Downloader:
         self.ctx.progress(files, self.total_files)
 
     def fetch(self, job: Job) -> None:
-        """Blob -> tmp -> verified -> cache path. Safe when another task fetches the same blob."""
+        """One blob by itself: -> tmp -> verified -> cache path, under the blob's lock (so that
+        another task fetching it waits and finds it stored). A failed try keeps the part file,
+        and the next one resumes it with Range."""
         sha, final = job.sha, job.cache_path
         part = cache.part_path(self.cfg, sha)
         with cache.blob_lock(self.cfg, sha):
-            if cache.verify(self.cfg, final, sha, job.size):
+            if self.layout.verify(final, sha, job.size):
                 return  # another task fetched it while we waited
             mismatches = 0
             failures = 0
@@ -254,7 +480,7 @@ class Downloader:
                     digest = self._download(sha, part, job.size)
                 except (APIError, OSError) as e:
                     failures += 1
-                    if failures >= BLOB_TRIES + 2:
+                    if failures >= FETCH_TRIES:
                         raise TaskError(f"download of {job.label} (blob {sha[:12]}) failed: {e}") from None
                     time.sleep(backoff_delay(failures, base=0.2, cap=2.0))
                     continue  # the .part is kept: the next try resumes with Range
@@ -282,3 +508,8 @@ class Downloader:
             if e.status == 416:  # cannot resume: start over
                 part.unlink(missing_ok=True)
             raise
+
+
+def _label(by_sha: dict[str, dict[str, list[Job]]], sha: str) -> str:
+    """The task-dir name of one file made of blob `sha` (for an error message)."""
+    return next(iter(by_sha[sha].values()))[0].label

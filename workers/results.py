@@ -29,6 +29,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from protocol import bulk
 from protocol.backoff import backoff_delay
 from protocol.errors import APIError
 from workers import cache, safefs
@@ -37,7 +38,6 @@ from workers.results_watch import WATCH_DIRS, ResultsWatch
 
 UPLOAD_TRIES = 4
 CHUNK = 1 << 20
-IN_FLIGHT = 8  # files open at once while uploading
 MAX_JSON_BYTES = 64 << 20  # a result's meta.json or annotation
 CONTAINER_RESULTS = "/sly_task_data/results"
 CHECKPOINTS_FILE = "checkpoints.json"  # tasks/<id>/, not mounted: what this task uploaded so far
@@ -48,6 +48,8 @@ PENDING_MAX = 10000  # closed files remembered before the next post; past it: on
 SKIP_LOG_MAX = 100  # skipped paths logged one by one; the rest are counted
 SPARSE_MIN = 1 << 20  # a file is sparse when over this and less than half of it is on disk
 NO_RETRY = (401, 403, 413)  # blob uploads the server will refuse again
+BULK_FILES = 100  # small files hashed, checked and sent per bulk request (each held open meanwhile)
+BULK_BYTES = 64 << 20  # and at most this many of their bytes
 
 
 class ResultsLimit(TaskError):
@@ -135,24 +137,114 @@ def upload_blob(api, f, label: str, charge=None) -> dict:
 
 
 def upload_open_files(api, files, workers: int = 4, charge=None) -> list[dict]:
-    """Upload (relative path, open file) pairs (closing each); returns [{path, sha256, size}] by path."""
-    out: list[dict] = []
-    gate = threading.BoundedSemaphore(IN_FLIGHT)
+    """Upload (relative path, open file) pairs (closing each); returns [{path, sha256, size}] by path.
 
-    def one(rel, f):
+    Files up to protocol.bulk.SMALL_BLOB go BULK_FILES at a time (`upload_small`: hashed, asked
+    about in one check, the missing ones sent in one bulk upload); larger ones one by one
+    (`upload_blob`). At most `workers` groups are in flight, so the files open at once stay
+    bounded (workers x BULK_FILES)."""
+    gate = threading.BoundedSemaphore(workers)
+    failed = threading.Event()  # a group failed: no more are read
+
+    def run(group: list) -> list[dict]:
         try:
-            return {"path": rel, **upload_blob(api, f, rel, charge)}
+            if failed.is_set():
+                return []
+            if len(group) == 1 and _size(group[0][1]) > bulk.SMALL_BLOB:
+                rel, f = group[0]
+                return [{"path": rel, **upload_blob(api, f, rel, charge)}]
+            return upload_small(api, group, charge)
+        except BaseException:
+            failed.set()
+            raise
         finally:
-            f.close()
+            for _, f in group:
+                f.close()
             gate.release()
 
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="up") as pool:
         futures = []
-        for rel, f in files:
-            gate.acquire()
-            futures.append(pool.submit(one, rel, f))
-        out = [fu.result() for fu in futures]
+        for group in _groups(files, failed):
+            try:
+                gate.acquire()
+            except BaseException:
+                for _, f in group:
+                    f.close()
+                raise
+            futures.append(pool.submit(run, group))
+        out = [e for fu in futures for e in fu.result()]
     return sorted(out, key=lambda e: e["path"])
+
+
+def _groups(files, failed: threading.Event):
+    """The (relative path, open file) pairs in groups: each file over SMALL_BLOB alone, the others
+    BULK_FILES (or BULK_BYTES) at a time. Stops reading once `failed` is set; a group not handed
+    on (an exception) has its files closed."""
+    group: list = []
+    nbytes = 0
+    try:
+        for rel, f in files:
+            if failed.is_set():
+                f.close()
+                break
+            size = _size(f)
+            if size > bulk.SMALL_BLOB:
+                yield [(rel, f)]
+                continue
+            group.append((rel, f))
+            nbytes += size
+            if len(group) >= BULK_FILES or nbytes >= BULK_BYTES:
+                out, group, nbytes = group, [], 0
+                yield out
+    except BaseException:
+        for _, f in group:
+            f.close()
+        raise
+    if group:
+        yield group
+
+
+def _size(f) -> int:
+    return os.fstat(f.fileno()).st_size
+
+
+def upload_small(api, group: list, charge=None) -> list[dict]:
+    """(relative path, open file) pairs, each up to SMALL_BLOB: hashed, the ones the server lacks
+    (or this node may not read) sent in one bulk upload; a request that fails is sent again with
+    backoff. A file that changed after it was hashed (the server finds the hash wrong) goes again
+    by itself, hashed anew. Returns [{path, sha256, size}] in order."""
+    hashed = [(rel, f, *hash_file(f, charge)) for rel, f in group]
+    last = None
+    for attempt in range(UPLOAD_TRIES):
+        try:
+            missing = api.check_blobs(sha for _, _, sha, _ in hashed)
+            send = {sha: (rel, f) for rel, f, sha, _ in hashed if sha in missing}  # each blob once
+            answers = api.upload_blobs((sha, f) for sha, (_, f) in send.items()) if send else []
+            break
+        except APIError as e:
+            if e.status in NO_RETRY:
+                raise server_refused(e, f"{len(group)} files (e.g. {group[0][0]})") from None
+            if e.status is not None and e.status < 500 and e.status not in (408, 429):
+                raise TaskError(f"results: the server refused {len(group)} files (e.g. {group[0][0]}): {e}") from None
+            last = e
+            time.sleep(backoff_delay(attempt + 1, base=0.2, cap=5.0))
+    else:
+        raise TaskError(f"upload of {len(group)} files (e.g. {group[0][0]}) failed after {UPLOAD_TRIES} tries: {last}")
+    mismatched = set()
+    for answer in answers:
+        if "error" not in answer:
+            continue
+        rel, _ = send[answer["sha256"]]
+        if answer["error"] != "hash_mismatch":
+            raise TaskError(f"results: the server refused {rel}: {answer.get('detail')} ({answer['error']})")
+        mismatched.add(answer["sha256"])
+    # A file that changed since it was hashed: it, and any file that had its hash (not sent), one by one.
+    return [
+        {"path": rel, **upload_blob(api, f, rel, charge)}
+        if sha in mismatched
+        else {"path": rel, "sha256": sha, "size": size}
+        for rel, f, sha, size in hashed
+    ]
 
 
 def post_artifacts(api, task_id: int, name: str, entries: list[dict]) -> dict | None:
@@ -481,9 +573,8 @@ def store_and_upload_model(
     if not entries:
         ctx.log(f"results: {label} holds no regular file; no model made of it", level="warning")
         return None
-    for e in entries:
-        with open(entry / e["path"], "rb") as f:  # the cache's own copy: the bytes hashed above
-            upload_blob(ctx.api, f, f"{label}/{e['path']}")
+    # the cache's own copy: the bytes hashed above
+    upload_open_files(ctx.api, ((f"{label}/{e['path']}", open(entry / e["path"], "rb")) for e in entries))
     checkpoint = extra.get("checkpoint")
     try:
         answer = ctx.api.post_results(ctx.task_id, "model", name, entries, checkpoint=checkpoint)
@@ -725,7 +816,9 @@ class CheckpointUploader:
             rel,
             f"{model_name(self.ctx)} checkpoint {rel.replace('/', '-')}",
             self.budget,
-            checkpoint=info or None,
+            # Always sent, even empty: an event without an epoch or metrics still names a
+            # checkpoint, which the server lists in results.checkpoints only when this is set.
+            checkpoint=info,
         )
         if done is None:
             return

@@ -61,6 +61,9 @@ class RecordingAPI:
     def blob_exists(self, sha):
         return True
 
+    def check_blobs(self, hashes):
+        return set()  # the server has every blob
+
     def post_results(self, task_id, kind, name, files, **extra):
         if self.refuse is not None:
             raise self.refuse
