@@ -146,7 +146,7 @@
 
   async function metrics() {
     try {
-      const m = await SLY.api("GET", `/api/v1/tasks/${id}/metrics`);
+      const m = await SLY.api("GET", `/api/v1/tasks/${id}/metrics?chain=1`);  // a continuation: the earlier runs too, one epoch axis
       metricItems = m.items || [];
     } catch (e) { return; /* metrics are optional */ }
     const key = metricItems.length + ":" + (metricItems.length ? metricItems[metricItems.length - 1].seq : "");
