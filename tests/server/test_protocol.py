@@ -443,15 +443,17 @@ def test_no_agent_token_on_disk(own_server):
 
 @pytest.mark.slow
 def test_restart_gives_agents_a_full_lease_and_keeps_data(own_server):
-    srv, c, agent = own_server("--lease-s", "2")
+    # A lease long enough that a slow start on a loaded machine (the suite runs on several
+    # workers) still leaves the agent time after the restart's renewal: 2 s flaked under load.
+    srv, c, agent = own_server("--lease-s", "6")
     t = c.create_task(agent.id, "custom", image="x:1")
     agent.poll()
     agent.state_raw(t["id"], "running")
     agent.logs_raw(t["id"], 0, _lines(0, 3))
     srv.stop()
-    time.sleep(2.5)  # the server is down longer than the lease
+    time.sleep(6.5)  # the server is down longer than the lease
     srv.start()
-    time.sleep(1.0)  # the reaper has run (every lease/4) but the agent still has time
+    time.sleep(2.0)  # the reaper has run (every lease/4) but the agent still has time
     assert c.get_task(t["id"])["state"] == "running"
     assert agent.poll(running=[t["id"]])["tasks"] == []
     assert [ln["seq"] for ln in c.get_logs(t["id"])["lines"]] == [0, 1, 2]
