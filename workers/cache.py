@@ -326,17 +326,8 @@ def _lock_path(config: Config, sha: str) -> Path:
 @contextlib.contextmanager
 def blob_lock(config: Config, sha: str):
     """Hold blob `sha`'s fetch lock; check `verify` once inside, another task may have stored it."""
-    lock_path = _lock_path(config, sha)
-    try:
-        lock_fd = os.open(lock_path, os.O_WRONLY | os.O_CREAT, 0o600)
-    except FileNotFoundError:
-        config.tmp_dir.mkdir(parents=True, exist_ok=True)
-        lock_fd = os.open(lock_path, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(lock_fd, fcntl.LOCK_EX)
+    with _flock(str(_lock_path(config, sha)), str(config.tmp_dir)):
         yield
-    finally:
-        os.close(lock_fd)
 
 
 @contextlib.contextmanager
@@ -345,11 +336,17 @@ def store_lock(layout: Layout, sha: str):
     then the record written describes the file in place, whatever other tasks store at the same
     moment. One of 256 lock files, by the blob's first two hex digits, made once and kept (a
     lock file per blob would be a file made and removed per blob of a bulk download)."""
-    path = f"{layout.tmp}/store-{sha[:2]}.lock"
+    with _flock(f"{layout.tmp}/store-{sha[:2]}.lock", str(layout.tmp)):
+        yield
+
+
+@contextlib.contextmanager
+def _flock(path: str, folder: str):
+    """Hold an exclusive flock on the lock file `path` (made, with its `folder`, when missing)."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
     except FileNotFoundError:
-        os.makedirs(layout.tmp, exist_ok=True)
+        os.makedirs(folder, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
