@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 # `cleanup`: the agent's cache and task-dir cleanup, run in the task process, no container.
-TASK_TYPES: tuple[str, ...] = ("train", "inference", "custom", "cleanup")
+# `app`: a Supervisely App, an image whose code talks to the server through the SDK's `sly.Api`
+# (the public API, server/public) with a per-task API token; no command: the image's own.
+TASK_TYPES: tuple[str, ...] = ("train", "inference", "custom", "app", "cleanup")
 # Types that run a container (the rest run inside the agent's task process).
-CONTAINER_TYPES = frozenset({"train", "inference", "custom"})
+CONTAINER_TYPES = frozenset({"train", "inference", "custom", "app"})
 # A train/inference task without a command runs the real Supervisely agent's entry point.
 DEFAULT_ENTRYPOINTS = {
     "train": ["python", "-u", "/workdir/src/train.py"],

@@ -32,6 +32,7 @@ def include_all(app: FastAPI, settings: Settings) -> None:
     from server.logs import router as task_logs
     from server.models import router as models
     from server.projects import router as projects
+    from server.public import router as public_api
     from server.tasks import agent_router as agent_tasks
     from server.tasks import router as tasks
     from server.telemetry import agent_router as agent_telemetry
@@ -54,6 +55,7 @@ def include_all(app: FastAPI, settings: Settings) -> None:
     app.include_router(blobs.user_router, responses=ERROR_RESPONSES)
     app.include_router(bulk_blobs.agent_router, responses=ERROR_RESPONSES)
     app.include_router(bulk_blobs.user_router, responses=ERROR_RESPONSES)
+    app.include_router(public_api.router)  # the Supervisely public API subset for Apps (server/public/)
     if settings.echo_endpoint:
         app.include_router(echo.router)
     app.include_router(console)  # the web console's pages (server/console/)

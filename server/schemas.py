@@ -218,6 +218,7 @@ class TaskIn(UserIn):
     command: list[str] | str | None = None
     config: dict | None = None
     project_id: int | None = Field(default=None, ge=0, le=ID_MAX)
+    dataset_id: int | None = Field(default=None, ge=0, le=ID_MAX)  # `app` tasks: DATASET_ID
     model_id: int | None = Field(default=None, ge=0, le=ID_MAX)
     resources: Resources | None = None
     timeout_s: float | None = Field(default=None, gt=0, le=TIMEOUT_MAX_S, allow_inf_nan=False)

@@ -24,7 +24,10 @@ from server import db
 log = logging.getLogger("sly-server")
 
 PROJECT, MODEL, RESULT, UPLOAD = "project", "model", "result", "upload"
-KEEPING = (PROJECT, MODEL, RESULT)
+# A team file names its blob (owner = the team_files row id); an App task's own uploads through
+# the public API (owner = the task id) count as UPLOAD does: kept only once something names them.
+TEAM_FILE, APP_UPLOAD = "file", "appup"
+KEEPING = (PROJECT, MODEL, RESULT, TEAM_FILE)
 COLLECT_BATCH = 500  # blobs looked at per step; the event loop runs other requests between steps
 READ_BATCH = 500  # hashes per query of `readable` (SQLite takes a bounded number of parameters)
 
@@ -152,5 +155,5 @@ def _collect_step(state, batch: list[str], cutoff: float) -> int:
         gone = [h for h in batch if h not in keep and state.blobs.delete_if_older(h, cutoff)]
         if gone:
             r = db.blob_refs.c
-            conn.execute(delete(db.blob_refs).where(r.sha256.in_(gone), r.kind == UPLOAD))
+            conn.execute(delete(db.blob_refs).where(r.sha256.in_(gone), r.kind.in_((UPLOAD, APP_UPLOAD))))
     return len(gone)

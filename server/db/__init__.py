@@ -23,6 +23,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    UniqueConstraint,
     create_engine,
     event,
     exc,
@@ -87,6 +88,10 @@ tasks = Table(
     Column("retry", JSON),
     Column("resumed_from", Integer),
     Column("continued_by", Integer),
+    # An `app` task's dataset, and what the App set as its output (`api.task.set_output_*`):
+    # {"type": "project", "project_id"} | {"type": "file", "team_id", "path"} | {"type": "directory", ...}.
+    Column("dataset_id", Integer),
+    Column("output", JSON),
     # A lost task is continued at most once, whichever replica noticed the loss.
     Index("uq_tasks_resumed_from", "resumed_from", unique=True),
     sqlite_autoincrement=True,  # ids are never reused: an agent's task dir, its models' task_id
@@ -144,6 +149,45 @@ projects = Table(
 
 # One row per image: its blob and its annotation (Supervisely JSON). Rows of a project are
 # inserted in dataset and item order, so `id` orders them and pages them.
+# A project's datasets with their ids (the public API names a dataset by id); the project's
+# `datasets` summary repeats the id with the name and count.
+datasets = Table(
+    "datasets",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("project_id", Integer, nullable=False),
+    Column("name", String(500), nullable=False),
+    Column("created_at", Float, nullable=False),
+    UniqueConstraint("project_id", "name", name="uq_datasets_project_name"),
+    sqlite_autoincrement=True,
+)
+# The one team and workspace the public API shows (Apps get them as TEAM_ID and WORKSPACE_ID);
+# every project is in the workspace, every team file in the team.
+DEFAULT_TEAM_ID, DEFAULT_TEAM_NAME = 1, "default"
+DEFAULT_WORKSPACE_ID, DEFAULT_WORKSPACE_NAME = 1, "default"
+# A team's files (Supervisely "team files"): a path in the team's tree names a stored blob.
+team_files = Table(
+    "team_files",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("team_id", Integer, nullable=False),
+    Column("path", String(1024), nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("task_id", Integer),  # the App task that wrote it, if one did
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    UniqueConstraint("team_id", "path", name="uq_team_files_team_path"),
+    sqlite_autoincrement=True,
+)
+# The hash of each App task's API token (server/public/auth.py): valid while its task is leased.
+app_tokens = Table(
+    "app_tokens",
+    metadata,
+    Column("token_hash", String(64), primary_key=True),
+    Column("task_id", Integer, nullable=False, index=True),
+    Column("created_at", Float, nullable=False),
+)
 project_items = Table(
     "project_items",
     metadata,

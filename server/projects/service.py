@@ -10,6 +10,7 @@ may interleave its datasets' rows).
 from __future__ import annotations
 
 import threading
+import time
 from contextlib import contextmanager
 
 from sqlalchemy import insert, select, update
@@ -121,12 +122,21 @@ def _prepare_items(blobs, checked: Meta, dataset: str, refs: list, budget: Budge
 
 def insert_project(conn, name: str, meta: dict, datasets: list[dict], now: float, task_id: int | None = None) -> int:
     """Store a prepared project; returns its id."""
-    counts = [{"name": ds["name"], "items_count": len(ds["items"])} for ds in datasets]
     pid = conn.execute(
-        insert(db.projects).values(name=name, meta=meta, datasets=counts, task_id=task_id, created_at=now)
+        insert(db.projects).values(name=name, meta=meta, datasets=[], task_id=task_id, created_at=now)
     ).inserted_primary_key[0]
+    counts = [
+        {"name": ds["name"], "items_count": len(ds["items"]), "id": insert_dataset(conn, pid, ds["name"], now)}
+        for ds in datasets
+    ]
+    conn.execute(update(db.projects).where(db.projects.c.id == pid).values(datasets=counts))
     _insert_items(conn, pid, ((ds["name"], it) for ds in datasets for it in ds["items"]))
     return pid
+
+
+def insert_dataset(conn, pid: int, name: str, now: float) -> int:
+    """A new dataset row of project `pid` (the public API names datasets by id); its id."""
+    return conn.execute(insert(db.datasets).values(project_id=pid, name=name, created_at=now)).inserted_primary_key[0]
 
 
 def _insert_items(conn, pid: int, items) -> None:
@@ -181,7 +191,7 @@ def append_items(conn, pid: int, dataset: str, items: list[dict]) -> dict:
     counts = [dict(d) for d in datasets]
     entry = next((d for d in counts if d["name"] == dataset), None)
     if entry is None:
-        entry = {"name": dataset, "items_count": 0}
+        entry = {"name": dataset, "items_count": 0, "id": insert_dataset(conn, pid, dataset, time.time())}
         counts.append(entry)
     entry["items_count"] += len(items)
     conn.execute(update(db.projects).where(db.projects.c.id == pid).values(datasets=counts))

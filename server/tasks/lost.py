@@ -171,6 +171,7 @@ def _insert_continuation(conn, task: dict, agent_id: int, model_id, config: dict
         command=task["command"],
         config=config,
         project_id=task["project_id"],
+        dataset_id=task.get("dataset_id"),
         model_id=model_id,
         resources=task["resources"],
         timeout_s=task["timeout_s"],

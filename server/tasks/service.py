@@ -113,7 +113,17 @@ def create_task(conn, body, now: float, retry: dict | None = None) -> dict:
             "type_not_allowed",
             f"agent {agent['id']} does not run {body.type} tasks (allowed: {agent['allowed_task_types']})",
         )
-    for oid, table, what in ((body.project_id, db.projects, "project"), (body.model_id, db.models, "model")):
+    project_id = body.project_id
+    if body.dataset_id is not None:
+        if body.type != "app":
+            raise APIError(400, "invalid_request", "dataset_id is for app tasks (their DATASET_ID)")
+        ds = conn.execute(select(db.datasets.c.project_id).where(db.datasets.c.id == body.dataset_id)).first()
+        if ds is None:
+            raise APIError(404, "dataset_not_found", f"no dataset {body.dataset_id}")
+        if project_id is not None and project_id != ds[0]:
+            raise APIError(400, "invalid_request", f"dataset {body.dataset_id} is not in project {project_id}")
+        project_id = ds[0]
+    for oid, table, what in ((project_id, db.projects, "project"), (body.model_id, db.models, "model")):
         if oid is not None and conn.execute(select(table.c.id).where(table.c.id == oid)).first() is None:
             raise APIError(404, f"{what}_not_found", f"no {what} {oid}")
     resources = (
@@ -129,7 +139,8 @@ def create_task(conn, body, now: float, retry: dict | None = None) -> dict:
         image=body.image,
         command=body.command,
         config=body.config or {},
-        project_id=body.project_id,
+        project_id=project_id,
+        dataset_id=body.dataset_id,
         model_id=body.model_id,
         resources=resources,
         timeout_s=body.timeout_s,
@@ -285,6 +296,16 @@ def agent_task(conn, task: dict) -> dict:
     }
     if task["command"] is not None:
         out["command"] = task["command"]
+    if task["type"] == "app":
+        # The App's API token (server/public/tokens.py): new at every hand-out, valid while leased.
+        from server.public import tokens
+
+        out["api_token"] = tokens.mint(conn, task["id"])
+        out["team_id"], out["workspace_id"] = db.DEFAULT_TEAM_ID, db.DEFAULT_WORKSPACE_ID
+        if task.get("dataset_id") is not None:
+            out["dataset_id"] = task["dataset_id"]
+        if task["project_id"] is not None:
+            out["project_id"] = task["project_id"]
     if task["timeout_s"] is not None:
         out["timeout_s"] = task["timeout_s"]
     if task["project_id"] is not None:

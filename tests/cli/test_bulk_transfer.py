@@ -20,6 +20,7 @@ from protocol.sly_format import dumps, empty_ann
 from tests.cli.sly_sample import META, ann, png
 from tests.cli.stub_server import StubServer
 from tests.cli.test_cli import cli
+from tests.support.server import dataset_counts
 
 
 def tree(root: Path) -> dict[str, bytes]:
@@ -68,7 +69,7 @@ def test_a_project_of_thousands_of_items_round_trips_through_the_server(server, 
     c = UserClient(server.url, server.admin_token)
     seen: list[Counts] = []
     up = c.upload_project_dir(src, progress=seen.append)
-    assert up["datasets"] == [{"name": "a", "items_count": 1_200}, {"name": "b", "items_count": 900}]
+    assert dataset_counts(up["datasets"]) == [{"name": "a", "items_count": 1_200}, {"name": "b", "items_count": 900}]
     images = {k: v for k, v in sent.items() if "/img/" in k}
     size = sum(map(len, images.values()))
     up_stages = stages(seen)

@@ -20,7 +20,7 @@ from server import db
 from server.auth.service import hash_token
 from server.db import migrate
 from tests.support.fake_agent import FakeAgent
-from tests.support.server import ServerProcess
+from tests.support.server import ServerProcess, dataset_counts
 
 PRE_ALEMBIC_SQL = Path(__file__).parent / "data" / "pre_alembic_schema.sql"
 
@@ -271,10 +271,16 @@ def test_0002_moves_existing_project_items_into_project_items_with_empty_annotat
     with engine.connect() as conn:
         assert migrate.current(conn) == migrate.head()
         row = conn.exec_driver_sql("SELECT datasets, meta FROM projects WHERE id = 4").one()
+        # revision 0008 gave every dataset an id, in order
         assert json.loads(row[0]) == [
-            {"name": "ds0", "items_count": 2},
-            {"name": "empty", "items_count": 0},
-            {"name": "ds1", "items_count": 1},
+            {"name": "ds0", "items_count": 2, "id": 1},
+            {"name": "empty", "items_count": 0, "id": 2},
+            {"name": "ds1", "items_count": 1, "id": 3},
+        ]
+        assert conn.exec_driver_sql("SELECT id, project_id, name FROM datasets ORDER BY id").all() == [
+            (1, 4, "ds0"),
+            (2, 4, "empty"),
+            (3, 4, "ds1"),
         ]
         assert json.loads(row[1]) == {"classes": [], "tags": [], "projectType": "images"}
         items = conn.exec_driver_sql(
@@ -293,7 +299,7 @@ def test_0002_moves_existing_project_items_into_project_items_with_empty_annotat
     try:
         admin = srv.admin()
         p = admin.get(srv.url + "/api/v1/projects/4", timeout=10).json()
-        assert p["datasets"] == [{"name": d["name"], "items_count": len(d["items"])} for d in datasets]
+        assert dataset_counts(p["datasets"]) == [{"name": d["name"], "items_count": len(d["items"])} for d in datasets]
         assert p["meta"]["classes"] == []
         page = admin.get(srv.url + "/api/v1/projects/4/items", params={"limit": 2}, timeout=10).json()
         assert [i["name"] for i in page["items"]] == ["a.jpg", "b.jpg"] and page["next"] is not None

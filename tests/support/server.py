@@ -276,3 +276,8 @@ def fixture_server(data_dir: Path, *, process: bool = False, **kw) -> ServerProc
     `server_process`), an `env` is given, or SLY_TEST_SERVER=process."""
     use_process = process or kw.get("env") or not IN_THREAD
     return (ServerProcess if use_process else ServerThread)(data_dir, **kw)
+
+
+def dataset_counts(datasets: list[dict]) -> list[dict]:
+    """A project's `datasets` summary without the dataset ids: [{name, items_count}]."""
+    return [{"name": d["name"], "items_count": d["items_count"]} for d in datasets]

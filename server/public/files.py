@@ -1,0 +1,3 @@
+"""Public API methods (server/public/registry.py): files."""
+
+from __future__ import annotations

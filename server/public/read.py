@@ -1,0 +1,3 @@
+"""Public API methods (server/public/registry.py): read."""
+
+from __future__ import annotations
