@@ -267,6 +267,10 @@ class ResultsIn(BaseModel):
     meta: Any = None  # kind=project
     datasets: list[DatasetIn] | None = None  # kind=project: the POST /api/v1/projects form, instead of files
     checkpoint: CheckpointIn | None = None  # kind=model: this model is a checkpoint of the task
+    # kind=project, in pages: the first page (with `meta`) has `paged: true`; each further page
+    # names the project the first one made (`project_id`) and carries no meta.
+    paged: bool = False
+    project_id: int | None = Field(default=None, ge=0, le=ID_MAX)
 
 
 class SessionIn(UserIn):

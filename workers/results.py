@@ -42,6 +42,10 @@ MAX_JSON_BYTES = 64 << 20  # a result's meta.json or annotation
 CONTAINER_RESULTS = "/sly_task_data/results"
 CHECKPOINTS_FILE = "checkpoints.json"  # tasks/<id>/, not mounted: what this task uploaded so far
 POST_FILES = 1000  # artifacts in one POST (each post costs the server per entry)
+# A result project goes up in pages of at most this many items and about this much annotation
+# JSON (the server takes a body of 64 MiB at most and checks a page in one go).
+RESULT_PAGE_ITEMS = 5000
+RESULT_PAGE_BYTES = 16 * 1024 * 1024
 BATCH_S = 1.0  # a closed file waits at most this long for others to share its post
 SCAN_S = 5.0  # results/ is walked this often once it has too many folders to watch
 PENDING_MAX = 10000  # closed files remembered before the next post; past it: one walk
@@ -464,12 +468,40 @@ def upload_project(ctx, name: str) -> dict:
         f"uploading project {name!r} from results/{folder}/: {len(entries)} items, "
         f"{sum(1 for a in anns.values() if a is not None)} annotations"
     )
+    pages = list(project_pages(entries))
     try:
-        answer = ctx.api.post_results(ctx.task_id, "project", name, entries, meta=meta)
+        if len(pages) == 1:
+            answer = ctx.api.post_results(ctx.task_id, "project", name, entries, meta=meta)
+        else:
+            # The first page makes the project; the others are added to it, so no request holds a
+            # whole project of 10^5 annotations (the server takes a body of 64 MiB at most).
+            answer = ctx.api.post_results(ctx.task_id, "project", name, pages[0], meta=meta, paged=True)
+            pid = answer["id"]
+            for i, page in enumerate(pages[1:], 2):
+                answer = ctx.api.post_results(ctx.task_id, "project", "", page, project_id=pid)
+                ctx.log(f"project {name!r}: page {i}/{len(pages)} uploaded")
     except APIError as e:
         raise server_refused(e, "the project") from None
-    ctx.log(f"uploaded project {name!r}: {len(entries)} items")
+    ctx.log(f"uploaded project {name!r}: {len(entries)} items" + (f" in {len(pages)} pages" if len(pages) > 1 else ""))
     return answer
+
+
+def project_pages(entries: list[dict], max_items: int | None = None, max_bytes: int | None = None):
+    """The project's entries in pages of at most RESULT_PAGE_ITEMS items and about
+    RESULT_PAGE_BYTES of annotation JSON each (a page holds at least one item)."""
+    max_items = RESULT_PAGE_ITEMS if max_items is None else max_items
+    max_bytes = RESULT_PAGE_BYTES if max_bytes is None else max_bytes
+    page: list[dict] = []
+    size = 0
+    for e in entries:
+        n = 200 + (len(json.dumps(e["ann"], separators=(",", ":"))) if e.get("ann") is not None else 0)
+        if page and (len(page) >= max_items or size + n > max_bytes):
+            yield page
+            page, size = [], 0
+        page.append(e)
+        size += n
+    if page:
+        yield page
 
 
 def _open_sub(res: ResultsDir, dir_fd: int, name: str, label: str) -> int | None:

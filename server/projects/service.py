@@ -248,15 +248,20 @@ def items_page(conn, pid: int, dataset: str | None, after: int | None, limit: in
     return [dict(r) for r in conn.execute(q.order_by(c.id).limit(limit + 1)).mappings()]
 
 
-def same_project(conn, pid: int, meta: dict, datasets: list[dict]) -> bool:
-    """Whether project `pid` holds exactly this meta and these items (a re-posted result).
+def same_project(conn, pid: int, meta: dict, datasets: list[dict], prefix: bool = False) -> bool:
+    """Whether project `pid` holds exactly this meta and these items (a re-posted result);
+    `prefix`: these items first, and maybe more after them (the first page of a paged result).
 
     The stored items are read a page at a time in id order (their dataset and item order) and the
     reading stops at the first difference: the whole project read at once, annotations included,
     would hold a second copy of the posted one (hundreds of MB for a 60 MiB result)."""
     p = db.projects.c
     row = conn.execute(select(p.meta, p.datasets).where(p.id == pid)).mappings().first()
-    if row is None or row["meta"] != meta or [d["name"] for d in row["datasets"]] != [ds["name"] for ds in datasets]:
+    stored_names = [d["name"] for d in row["datasets"]] if row is not None else []
+    posted_names = [ds["name"] for ds in datasets]
+    if prefix:
+        stored_names = stored_names[: len(posted_names)]
+    if row is None or row["meta"] != meta or stored_names != posted_names:
         return False
     posted = [(ds["name"], it) for ds in datasets for it in ds["items"]]
     c = db.project_items.c
@@ -268,7 +273,7 @@ def same_project(conn, pid: int, meta: dict, datasets: list[dict]) -> bool:
         while end < len(posted) and end - start < SAME_PAGE_ITEMS and (end == start or weight < SAME_PAGE_OBJECTS):
             weight += _objects(posted[end][1])
             end += 1
-        last = end == len(posted)
+        last = end == len(posted) and not prefix
         q = select(c.id, c.dataset, c.name, c.sha256, c.size, c.ann).where(c.project_id == pid)
         if after is not None:
             q = q.where(c.id > after)
@@ -276,6 +281,8 @@ def same_project(conn, pid: int, meta: dict, datasets: list[dict]) -> bool:
         got = conn.execute(q.order_by(c.id).limit(end - start + last)).mappings().all()
         if len(got) != end - start:
             return False
+        if prefix and end == len(posted):
+            last = True
         for r, (ds_name, it) in zip(got, posted[start:end], strict=True):
             if (
                 r["dataset"] != ds_name

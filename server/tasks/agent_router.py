@@ -97,6 +97,14 @@ async def post_results(task_id: RowId, body: ResultsIn, state: StateDep, agent: 
             return result_posts.readable(conn, agent["id"], body)
 
     blobs = result_posts.Readable(state.blobs, await state.db.run(readable))
+    if body.kind == "project" and body.project_id is not None:
+        # A further page: its annotations are checked against the meta the first page stored.
+
+        def stored_meta():
+            with state.db.engine.connect() as conn:
+                return result_posts.result_project_meta(conn, agent["id"], task_id, body.project_id)
+
+        body = body.model_copy(update={"meta": await state.db.run(stored_meta)})
     if body.kind == "project":  # every item and annotation checked: off the loop, before the transaction
         prepared = await run_in_threadpool(result_posts.check_refs, blobs, body, agent["id"])
     else:

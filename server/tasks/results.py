@@ -11,7 +11,7 @@ from protocol.states import FINAL, TaskState
 from server import db
 from server.blobs import refs as blob_refs
 from server.blobs.store import SHA256_RE
-from server.projects.service import insert_project, prepare, same_project
+from server.projects.service import NAME_BATCH, append_items, insert_project, prepare, project_meta, same_project
 from server.schemas import DatasetIn, ItemRef, ResultsIn, check_files, check_relpath, model_hash
 from server.tasks.service import own_task
 
@@ -26,9 +26,21 @@ def check_fields(body: ResultsIn) -> None:
     if body.name and body.kind != "artifacts":  # it names a project or model: never path-like
         check_relpath(body.name, "name", single=True)
     if body.kind != "project" and (
-        body.datasets is not None or body.meta is not None or any(f.ann is not None for f in body.files)
+        body.datasets is not None
+        or body.meta is not None
+        or any(f.ann is not None for f in body.files)
+        or body.paged
+        or body.project_id is not None
     ):
-        raise APIError(400, "invalid_request", f"meta, datasets and ann belong to a project result, not {body.kind}")
+        raise APIError(
+            400,
+            "invalid_request",
+            f"meta, datasets, ann, paged and project_id belong to a project result, not {body.kind}",
+        )
+    if body.project_id is not None and (body.meta is not None or body.paged or body.name):
+        raise APIError(
+            400, "invalid_request", "a further page of a result project (project_id) carries no meta, paged or name"
+        )
 
 
 class Readable:
@@ -105,8 +117,10 @@ def store(
     results = dict(task["results"])
     if body.kind == "model":
         oid = _post_model(conn, task_id, body, results, now, limits)
+    elif body.kind == "project" and body.project_id is not None:
+        oid = _append_project(conn, task_id, body.project_id, prepared, results, limits)
     elif body.kind == "project":
-        oid = _post_project(conn, task_id, body.name, prepared, results, now, limits)
+        oid = _post_project(conn, task_id, body.name, prepared, results, now, limits, body.paged)
     else:
         _post_artifacts(conn, task_id, body.files, results, limits)
     conn.execute(update(db.tasks).where(db.tasks.c.id == task_id).values(results=results, updated_at=now))
@@ -158,16 +172,60 @@ def _post_model(conn, task_id: int, body: ResultsIn, results: dict, now: float, 
     return mid
 
 
-def _post_project(conn, task_id: int, name: str, prepared: tuple, results: dict, now: float, limits) -> int:
-    """Store a checked project result; the same project posted again by the task is not stored twice."""
+def _post_project(
+    conn, task_id: int, name: str, prepared: tuple, results: dict, now: float, limits, paged: bool = False
+) -> int:
+    """Store a checked project result; the same project posted again by the task is not stored
+    twice. `paged`: this is the first page of the project, its other pages follow
+    (`_append_project`): a task re-posting it after a restart finds the project it made before if
+    that one starts with these items."""
     meta, datasets = prepared
     prev = results.get("project_id")
-    if prev is not None and same_project(conn, prev, meta, datasets):
+    if prev is not None and same_project(conn, prev, meta, datasets, prefix=paged):
         return prev
     items = [it for ds in datasets for it in ds["items"]]
     _count(results, limits, len(items), sum(it["size"] for it in items))
     pid = insert_project(conn, name or f"task {task_id} project", meta, datasets, now, task_id=task_id)
     results["project_id"] = pid
+    return pid
+
+
+def result_project_meta(conn, agent_id: int, task_id: int, pid: int) -> dict:
+    """The meta of the result project `pid` of agent `agent_id`'s task (the one its first page
+    made), which a further page is checked against; 404 `project_not_found` for any other."""
+    task = own_task(conn, agent_id, task_id)
+    if task["results"].get("project_id") != pid:
+        raise APIError(404, "project_not_found", f"project {pid} is not the result project of task {task_id}")
+    return project_meta(conn, pid)
+
+
+def _append_project(conn, task_id: int, pid: int, prepared: tuple, results: dict, limits) -> int:
+    """Add a checked further page to the task's result project `pid`. Items it holds already with
+    the same blob (a page posted again after a restart) are skipped; the same name with another
+    blob is a 400 `duplicate_path`."""
+    if results.get("project_id") != pid:
+        raise APIError(404, "project_not_found", f"project {pid} is not the result project of task {task_id}")
+    _, datasets = prepared
+    c = db.project_items.c
+    for ds in datasets:
+        names = [it["name"] for it in ds["items"]]
+        held: dict[str, tuple] = {}
+        for i in range(0, len(names), NAME_BATCH):
+            q = select(c.name, c.sha256, c.size).where(
+                c.project_id == pid, c.dataset == ds["name"], c.name.in_(names[i : i + NAME_BATCH])
+            )
+            held.update((r[0], (r[1], r[2])) for r in conn.execute(q))
+        new = []
+        for it in ds["items"]:
+            if it["name"] not in held:
+                new.append(it)
+            elif held[it["name"]] != (it["sha256"], it["size"]):
+                raise APIError(
+                    400, "duplicate_path", f"dataset {ds['name']}, item {it['name']!r} is in the project already"
+                )
+        if new:
+            _count(results, limits, len(new), sum(it["size"] for it in new))
+            append_items(conn, pid, ds["name"], new)
     return pid
 
 

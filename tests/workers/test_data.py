@@ -219,6 +219,22 @@ def test_inference_uploads_project_and_second_task_downloads_nothing(node, user,
     assert "data ready: 6 files (6 cached, 0 downloaded, 0.0 MB)" in again.messages("agent")
 
 
+def test_inference_uploads_a_big_result_project_in_pages(node, user, project, task_image, monkeypatch):
+    from workers import results
+
+    monkeypatch.setattr(results, "RESULT_PAGE_ITEMS", 2)  # 6 items: 3 pages
+    ctx = node.ctx(type="inference", image=task_image, command="infer.sh", project_id=project["id"])
+    assert inference.run(ctx).state == "finished", ctx.messages()[-10:]
+    agent_lines = ctx.messages("agent")
+    assert f"uploaded project '{project['name']} (task {ctx.task_id})': 6 items in 3 pages" in agent_lines
+    pid = user.get_task(ctx.task_id)["results"]["project_id"]
+    out = user._list(endpoints.path(endpoints.PROJECT_ITEMS, project_id=pid))
+    assert sorted((i["dataset"], i["name"]) for i in out) == [("ds1", f"img{i}.png") for i in range(5)] + [
+        ("ds2", "a.png")
+    ]
+    assert all(i["ann"]["objects"] is not None for i in out)
+
+
 def test_inference_without_a_project_fails(node, project, task_image):
     ctx = node.ctx(
         type="inference",
