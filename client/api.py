@@ -17,6 +17,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import requests
@@ -24,9 +25,9 @@ import urllib3
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
-from client import download, upload
+from client import download, sly_format, upload
 from client.download import BLOB_TIMEOUT
-from client.transfer import MAX_PARALLEL, PARALLEL, Progress
+from client.transfer import MAX_PARALLEL, PARALLEL, Progress, Tally
 from protocol import bulk
 from protocol import endpoints as ep
 from protocol.errors import decode_error
@@ -386,6 +387,70 @@ class UserClient:
                     return
                 elif raw == "":
                     event = None
+
+    # --- team files (one team; Apps write them) ---
+    def list_files(self, path: str = "/", recursive: bool = False, page_size: int = 1000) -> list[dict]:
+        """Every entry of a team-files folder: files {type: "file", path, name, size, sha256, task_id, ...}
+        and sub-folders {type: "folder", path (ending in /), name}; `recursive`: every file under it.
+        A path that names a file gives that file alone; one that names nothing, APIError 404."""
+        return self._list(ep.FILES, {"path": path, "recursive": 1 if recursive else None, "limit": page_size})
+
+    def download_file(
+        self,
+        path: str,
+        dest: str | os.PathLike,
+        force: bool = False,
+        progress: Progress | None = None,
+        parallel: int = PARALLEL,
+    ) -> dict:
+        """Download a team file to `dest` (into it, named as the file, when `dest` is a folder), or a
+        team folder's files into the folder `dest`, paths kept (refused when it is not empty, unless
+        `force`). Every file is verified by its sha256. Returns {path, type, dest, files, bytes}."""
+        head = self._json("GET", ep.FILES, params={"path": path, "limit": 1})
+        tally = Tally(progress)
+        if head["type"] == "file":
+            entry = head["items"][0]
+            target = Path(dest)
+            if target.is_dir():
+                target = target / sly_format.check_name(entry["name"], "team file")
+            tally.stage("receiving", 1, entry["size"], entry["name"])
+            r = self.request(
+                "GET",
+                ep.FILES_DOWNLOAD,
+                params={"path": entry["path"]},
+                stream=True,
+                timeout=max(self.timeout, BLOB_TIMEOUT),
+            )
+            with r:
+                download.write_verified(
+                    target, entry["sha256"], r.iter_content(download.CHUNK), lambda n: tally.add(nbytes=n)
+                )
+            tally.add(files=1)
+            return {"path": entry["path"], "type": "file", "dest": str(target), "files": 1, "bytes": entry["size"]}
+        folder = head["path"]
+        entries = self.list_files(folder, recursive=True)
+        for e in entries:
+            sly_format.check_relpath(e["path"][len(folder) :], "team file")
+        root = download.prepare_dir(Path(dest), force)
+        files = []
+        for e in entries:
+            target = root.joinpath(*e["path"][len(folder) :].split("/"))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            real = Path(os.path.realpath(target.parent))
+            if real != root and root not in real.parents:  # a symlinked folder in dest
+                raise download.DownloadError(f"{target} would be written outside {root}; refusing")
+            files.append(download.File(e["sha256"], e["size"], target))
+        tally.stage("receiving", len(files), sum(f.size for f in files))
+        with ThreadPoolExecutor(max(1, parallel), thread_name_prefix="sly-download") as pool:
+            receiver = download.Receiver(self, pool, parallel, tally)
+            try:
+                receiver.finish(receiver.submit(files))
+            except BaseException:
+                receiver.stop.set()
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+        total = sum(f.size for f in files)
+        return {"path": folder, "type": "folder", "dest": str(root), "files": len(files), "bytes": total}
 
 
 class TarBody:

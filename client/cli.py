@@ -10,6 +10,7 @@ Also runs as `python -m client`.
     tasks submit --node ID --type T [--image I --project ID --model ID --config JSON --gpus N --timeout S]
                  [--retry N [--retry-nodes ID,...]]   a lost task continues from its last checkpoint
     tasks list [--node ID] [--state S] | tasks logs ID [--follow] | tasks stop ID
+    files list [REMOTE_DIR] [--recursive] | files download REMOTE_PATH LOCAL_PATH [--force] [--parallel N]
 
 The server and admin token come from --server/--token or SLY_SERVER/SLY_ADMIN_TOKEN. Progress bars
 (files and bytes) go to stderr when it is a terminal (or with --progress), results to stdout (`--json` prints the
@@ -394,6 +395,42 @@ def tasks_delete(c: UserClient, a) -> int:
     return 0
 
 
+def files_list(c: UserClient, a) -> int:
+    """The team files in a folder (files and sub-folders), or every file under it with --recursive."""
+    items = c.list_files(a.remote, recursive=a.recursive)
+    if a.json:
+        print(json.dumps(items))
+        return 0
+    rows = [
+        [
+            human(x["size"]) if x["type"] == "file" else "-",
+            fmt_date(x.get("updated_at")),
+            x.get("task_id") or "",
+            x["path"] if a.recursive else x["name"] + ("/" if x["type"] == "folder" else ""),
+        ]
+        for x in items
+    ]
+    print(table(rows, ["SIZE", "UPDATED", "TASK", "PATH" if a.recursive else "NAME"]))
+    return 0
+
+
+def fmt_date(ts) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts)) if isinstance(ts, (int, float)) else ""
+
+
+def files_download(c: UserClient, a) -> int:
+    """A team file into LOCAL_PATH (into it, named as the file, when it is a folder), or a team
+    folder's files into the folder LOCAL_PATH, paths kept; every file verified by its sha256."""
+    bar = TextBar(f"files {a.remote}") if a.progress else None
+    try:
+        x = c.download_file(a.remote, a.local, a.force, bar, a.parallel)
+    finally:
+        if bar:
+            bar.close()
+    print(json.dumps(x) if a.json else f"{x['files']} files, {human(x['bytes'])} -> {safe(x['dest'])}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sly", description="Client of the sly-agent server's user API.")
     p.add_argument(
@@ -503,6 +540,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     x.add_argument("id", type=int)
     x.set_defaults(func=tasks_delete)
+
+    files = top.add_parser("files", help="team files (what Apps write)").add_subparsers(dest="cmd", required=True)
+    x = files.add_parser("list", help="list a team-files folder")
+    x.add_argument("remote", nargs="?", default="/", metavar="REMOTE_DIR", help="(default: /)")
+    x.add_argument("--recursive", "-r", action="store_true", help="every file under the folder")
+    x.set_defaults(func=files_list)
+    x = files.add_parser("download", help="download a team file, or a folder with everything under it")
+    x.add_argument("remote", metavar="REMOTE_PATH")
+    x.add_argument("local", metavar="LOCAL_PATH")
+    x.add_argument("--force", action="store_true", help="write a folder into LOCAL_PATH even if it is not empty")
+    x.add_argument("--parallel", type=parallel_arg, default=PARALLEL, help=PARALLEL_HELP)
+    x.set_defaults(func=files_download)
     return p
 
 

@@ -48,6 +48,8 @@ TASK_STOP = USER_PREFIX + "/tasks/{task_id}/stop"
 TASK_METRICS = USER_PREFIX + "/tasks/{task_id}/metrics"
 TASK_ARTIFACTS = USER_PREFIX + "/tasks/{task_id}/artifacts"
 USER_TASK_LOGS = USER_PREFIX + "/tasks/{task_id}/logs"
+FILES = USER_PREFIX + "/files"  # GET ?path=&recursive=&limit=&cursor=: team files, a folder's entries
+FILES_DOWNLOAD = USER_PREFIX + "/files/download"  # GET ?path=: one team file's bytes (Range works)
 ECHO = USER_PREFIX + "/_echo"  # benchmark baseline; only on a server started with --echo-endpoint
 
 

@@ -5,9 +5,9 @@ Agent side (header x-token): `agents.agent_router` (connect, long-poll), `tasks.
 agent halves of `blobs.router` and `blobs.bulk_router` (many blobs per request). User side (Bearer
 admin token or console session): `auth.router` (console sign-in), `agents.router` (nodes),
 `projects.router`, `models.router`, `tasks.router`, `logs.router` (reading and following a task's
-log), `blobs.thumbs_router` (the console's thumbnails) and the user halves of `blobs.router` and
-`blobs.bulk_router`; then the console's pages. `http.echo` holds the benchmark's echo endpoint,
-mounted only when the settings ask for it.
+log), `blobs.thumbs_router` (the console's thumbnails), `files.router` (team files) and the user
+halves of `blobs.router` and `blobs.bulk_router`; then the console's pages. `http.echo` holds the
+benchmark's echo endpoint, mounted only when the settings ask for it.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ def include_all(app: FastAPI, settings: Settings) -> None:
     from server.blobs import router as blobs
     from server.blobs import thumbs_router
     from server.console import router as console
+    from server.files import router as team_files
     from server.http import echo
     from server.http.errors import ERROR_RESPONSES
     from server.logs import agent_router as agent_logs
@@ -49,6 +50,7 @@ def include_all(app: FastAPI, settings: Settings) -> None:
         tasks,
         task_logs,
         thumbs_router,
+        team_files,
     ):
         app.include_router(module.router, responses=ERROR_RESPONSES)
     app.include_router(blobs.agent_router, responses=ERROR_RESPONSES)

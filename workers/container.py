@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import docker
 
-from workers.container_spec import LABEL_AGENT, LABEL_TASK, container_name, create_kwargs
+from workers.container_spec import LABEL_AGENT, LABEL_ROLE, LABEL_TASK, create_kwargs
 from workers.errors import TaskError
 
 
@@ -32,15 +32,22 @@ def _create(client, kw: dict):
     )
 
 
-def spawn_container(client, ctx, image_config: dict | None = None):
-    """Create and start the task's container. A stale one of ours with the same name is removed
-    first; where another agent on this engine (another server's task with the same id) holds
-    the name, ours gets the name with this agent's identity appended instead. `image_config`:
-    the image's inspected `Config` (a custom task's default entry point depends on it)."""
-    kw = create_kwargs(ctx, image_config)
+def spawn_container(client, ctx, image_config: dict | None = None, extra: dict | None = None):
+    """Create and start the task's container. `image_config`: the image's inspected `Config` (a
+    custom task's default entry point depends on it); `extra`: create_kwargs()'s."""
+    return start_container(client, ctx, create_kwargs(ctx, image_config, extra))
+
+
+def start_container(client, ctx, kw: dict):
+    """Create a container of the task from its create kwargs and start it (the task's own, or one
+    beside it). A stale one of ours with the same name is removed first; where another agent on
+    this engine (another server's task with the same id) holds the name, ours gets the name with
+    this agent's identity appended instead."""
+    kw = dict(kw)
     kw.pop("detach", None)
+    wanted = kw["name"]
     try:
-        for name in (kw["name"], f"{kw['name']}_{ctx.config.identity[:8]}"):
+        for name in (wanted, f"{wanted}_{ctx.config.identity[:8]}"):
             kw["name"] = name
             try:
                 container = _create(client, kw)
@@ -54,7 +61,7 @@ def spawn_container(client, ctx, image_config: dict | None = None):
                     container = _create(client, kw)
                     break
         else:
-            raise TaskError(f"containers named {container_name(ctx.task_id)} of other agents exist on this host")
+            raise TaskError(f"containers named {wanted} of other agents exist on this host")
     except docker.errors.ImageNotFound:
         raise TaskError(f"image {kw['image']} is not on this node") from None
     except docker.errors.APIError as e:
@@ -67,12 +74,13 @@ def spawn_container(client, ctx, image_config: dict | None = None):
     return container
 
 
-def find_container(client, task_id: int, identity: str):
-    """This agent's container of the task (found by labels, whatever its name), or None."""
+def find_container(client, task_id: int, identity: str, role: str | None = None):
+    """This agent's container of the task (found by labels, whatever its name), or None. `role`:
+    the one beside it with that LABEL_ROLE (an App's API relay) instead of the task's own."""
     found = client.containers.list(
         all=True, filters={"label": [f"{LABEL_AGENT}={identity}", f"{LABEL_TASK}={task_id}"]}
     )
-    return found[0] if found else None
+    return next((c for c in found if c.labels.get(LABEL_ROLE) == role), None)
 
 
 def stop_container(container, grace_s: float) -> None:

@@ -17,6 +17,9 @@ from workers.errors import TaskError
 
 LABEL_AGENT = "sly-agent.agent"
 LABEL_TASK = "sly-agent.task"
+# On a container that runs beside the task's own (an App's API relay, workers/app.py): its role.
+# The task's own container has no such label; find_container() tells them apart by it.
+LABEL_ROLE = "sly-agent.role"
 
 TASK_ROOT = "/sly_task_data"
 # What the container is given of its task dir, at the real Supervisely agent's paths: inputs
@@ -148,9 +151,11 @@ def ca_mount(ctx) -> Mount | None:
     return Mount(CA_PATH, bind_source(ctx, copy), type="bind", read_only=True)
 
 
-def create_kwargs(ctx, image_config: dict | None = None) -> dict:
+def create_kwargs(ctx, image_config: dict | None = None, extra: dict | None = None) -> dict:
     """Everything `containers.create` gets for this task (docs/workers.md, docs/security.md);
-    `image_config` is the image's inspected `Config` (for a custom task's default entry point)."""
+    `image_config` is the image's inspected `Config` (for a custom task's default entry point).
+    `extra`: what the task type adds (workers/app.py: the App's environment, merged over
+    task_env(), and its network_mode); every other key of `extra` replaces the default."""
     task, cfg = ctx.task, ctx.config
     res = task.get("resources") or {}
     ensure_mount_sources(ctx)
@@ -192,4 +197,6 @@ def create_kwargs(ctx, image_config: dict | None = None) -> dict:
     shm = _size(res.get("shm_size")) or _size(cfg.task_shm_size)
     if shm is not None:
         kw["shm_size"] = shm
+    for key, value in (extra or {}).items():
+        kw[key] = {**kw["environment"], **value} if key == "environment" else value
     return kw

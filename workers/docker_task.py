@@ -1,10 +1,12 @@
-"""The lifecycle every container task type shares (train, inference, custom):
+"""The lifecycle every container task type shares (train, inference, custom, app):
 
     preparing: disk check -> downloads -> the task dir (data/, model/, config files) -> image -> container
     running:   stream the output, upload checkpoints; stop, deadline, exit code, OOM
     uploading: the type's result (workers.<type> says what and how)
 
 and `reap_orphan_containers()`, which the supervisor calls after its first poll (through workers.engine).
+A type that runs something beside its container (an App's API forwarder and relay) says so with
+a `Companion`.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from workers.container import (
     spawn_container,
     stop_container,
 )
-from workers.container_spec import LABEL_AGENT, LABEL_TASK
+from workers.container_spec import LABEL_AGENT, LABEL_ROLE, LABEL_TASK
 from workers.downloads import Downloader, plan, write_project_files
 from workers.errors import StopRequested, TaskError
 from workers.image_pull import ensure_image
@@ -97,11 +99,12 @@ def _write_json(path: Path, obj) -> Path:
     return path
 
 
-def prepare(ctx) -> dict:
+def prepare(ctx, download: bool = True) -> dict:
     """The task dir as the real agent lays it out; returns the download summary.
 
     data/<project>/ and model/ are made anew (a task prepared again after a restart finds
-    no stale link); results/ and tmp/ exist and are empty when the container starts."""
+    no stale link); results/ and tmp/ exist and are empty when the container starts.
+    `download` False: nothing is fetched (an App reads its project through the API)."""
     ctx.task_dir.mkdir(parents=True, exist_ok=True)
     for sub in ("data", "model", "results", "tmp"):
         d = ctx.task_dir / sub
@@ -111,9 +114,9 @@ def prepare(ctx) -> dict:
             shutil.rmtree(d)
         d.mkdir()
     (ctx.task_dir / CHECKPOINTS_FILE).unlink(missing_ok=True)
-    jobs = plan(ctx)
+    jobs = plan(ctx) if download else []
     summary = Downloader(ctx).prepare(jobs) if jobs else {"files": 0, "cached": 0, "fetched": 0, "bytes": 0}
-    summary["empty_anns"] = write_project_files(ctx, jobs)
+    summary["empty_anns"] = write_project_files(ctx, jobs) if download else 0
     if jobs:
         ctx.log(
             f"data ready: {summary['files']} files ({summary['cached']} cached, {summary['fetched']} downloaded, "
@@ -123,9 +126,30 @@ def prepare(ctx) -> dict:
     return summary
 
 
-def run_container_task(ctx, upload) -> Outcome:
+class Companion:
+    """What a task type runs beside its container, at fixed points of the lifecycle. This one runs
+    nothing (train, inference, custom); workers/app.py's runs an App's API forwarder and relay."""
+
+    def prepare(self, ctx) -> None:
+        """Preparing, before the image: the task dir (and the downloads)."""
+        prepare(ctx)
+
+    def spawn(self, ctx, client, image_config: dict | None) -> dict:
+        """Just before the container is created: start what runs beside it; returns the
+        container's create_kwargs() `extra`."""
+        return {}
+
+    def adopt(self, ctx, client, container) -> None:
+        """The task's container was found again (agent restart): serve it again."""
+
+    def remove(self, ctx) -> None:
+        """At every end, after the container is removed: remove what runs beside it. Idempotent."""
+
+
+def run_container_task(ctx, upload, companion: Companion | None = None) -> Outcome:
     """The whole life of a container task; `upload(ctx, live)` uploads the type's result after
     exit 0 (`live`: the CheckpointUploader that ran alongside the container)."""
+    companion = companion or Companion()
     client = None
     container = None
     just_started = False
@@ -139,6 +163,7 @@ def run_container_task(ctx, upload) -> Outcome:
                 return Outcome("failed", error="container lost while the agent was down")
             if container is not None:
                 ctx.log(f"re-attached to container {container.name} ({container.status})")
+                companion.adopt(ctx, client, container)
                 _phase(ctx, "running")  # the server has it running already; the title shows it
             else:
                 # The previous task process died before its container printed anything (while
@@ -149,11 +174,13 @@ def run_container_task(ctx, upload) -> Outcome:
             status = cache.disk_status(ctx.config)
             if not status["ok"]:
                 cache.ensure_space(ctx.config, 0, log=ctx.log)
-            prepare(ctx)
+            companion.prepare(ctx)
             _check_stop(ctx)
             image_config = ensure_image(client, ctx.task.get("image"), ctx.config.pull_policy, ctx.log, ctx.config)
             _check_stop(ctx)
-            container = spawn_container(client, ctx, image_config)
+            extra = companion.spawn(ctx, client, image_config)
+            _check_stop(ctx)
+            container = spawn_container(client, ctx, image_config, extra)
             since = None
             just_started = True
             _phase(ctx, "running")
@@ -170,12 +197,14 @@ def run_container_task(ctx, upload) -> Outcome:
         ctx.log(f"Docker: {e}", level="error")
         outcome = Outcome("failed", error=f"Docker: {e}")
     finally:
-        if outcome is None and container is not None:  # leaving with an exception (or a return above)
-            _remove(ctx, container)
-            container = None
+        if outcome is None:  # leaving with an exception (or a return above)
+            if container is not None:
+                _remove(ctx, container)
+                container = None
+            companion.remove(ctx)
     # The container's removal and the task dir's cleanup overlap the shipping of the last log
     # lines; both are done before the final state is reported (ctx.before_final).
-    end = threading.Thread(target=_end_of_task, args=(ctx, container, outcome), name="task-end")
+    end = threading.Thread(target=_end_of_task, args=(ctx, container, outcome, companion), name="task-end")
     end.start()
     ctx.before_final(end.join)
     return outcome
@@ -188,9 +217,10 @@ def _remove(ctx, container) -> None:
         ctx.log(f"could not remove container {container.name}: {e}", level="warning")
 
 
-def _end_of_task(ctx, container, outcome: Outcome) -> None:
+def _end_of_task(ctx, container, outcome: Outcome, companion: Companion) -> None:
     if container is not None:
         _remove(ctx, container)
+    companion.remove(ctx)  # after the container: an App is stopped before its relay
     clean_task_dir(ctx, outcome)
 
 
@@ -324,7 +354,9 @@ def reap_orphan_containers(config, keep_task_ids) -> list[str]:
     keep = {str(int(t)) for t in keep_task_ids}
     client = docker_client()
     removed = []
-    for c in client.containers.list(all=True, filters={"label": f"{LABEL_AGENT}={config.identity}"}):
+    found = client.containers.list(all=True, filters={"label": f"{LABEL_AGENT}={config.identity}"})
+    # A task's own container before those beside it (an App before its API relay).
+    for c in sorted(found, key=lambda c: LABEL_ROLE in c.labels):
         if c.labels.get(LABEL_TASK) not in keep:
             remove_container(c)
             removed.append(c.name)

@@ -75,7 +75,7 @@ class BlobStore:
         except FileNotFoundError:
             return None
 
-    def _over_quota(self, more: int) -> APIError:
+    def over_quota(self, more: int) -> APIError:
         return APIError(
             507,
             "blob_quota_exceeded",
@@ -99,7 +99,7 @@ class BlobStore:
                 ) from None
             return size, False
         if self.quota and length is not None and self.used + self.reserved + length > self.quota:
-            raise self._over_quota(length)
+            raise self.over_quota(length)
         fd, tmp = tempfile.mkstemp(dir=self.tmp, prefix=h[:8] + ".")
         digest, size = hashlib.sha256(), 0
         try:
@@ -109,7 +109,7 @@ class BlobStore:
                         self.reserved += len(chunk)
                         size += len(chunk)
                         if self.used + self.reserved > self.quota:
-                            raise self._over_quota(size)
+                            raise self.over_quota(size)
                     else:
                         size += len(chunk)
                     digest.update(chunk)
@@ -152,7 +152,7 @@ class BlobStore:
         if self.quota:
             with self._used_lock:
                 if self.used + self.reserved + size > self.quota:
-                    raise self._over_quota(size)
+                    raise self.over_quota(size)
                 self.used += size  # counted now, so concurrent batches cannot pass the quota together
         tmp = self.tmp / f"{h[:16]}.{secrets.token_hex(6)}"
         try:
@@ -171,6 +171,25 @@ class BlobStore:
                     self.used -= size
             raise
         return size, True
+
+    def put_file(self, tmp: Path, h: str, size: int) -> None:
+        """Store the file `tmp` (in this store's tmp/, `size` bytes, already hashed to `h`) as blob
+        `h`: renamed into place, or dropped when `h` is stored already (made young again)."""
+        dest = self.path(h)
+        try:
+            os.utime(dest)
+            tmp.unlink(missing_ok=True)
+            return
+        except FileNotFoundError:  # not stored (or collected just now): the new bytes take its place
+            pass
+        try:
+            os.replace(tmp, dest)
+        except FileNotFoundError:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, dest)
+        if self.quota:
+            with self._used_lock:
+                self.used += size
 
     @staticmethod
     async def _hash_only(h: str, chunks) -> int:

@@ -145,6 +145,12 @@ def model(request: Request, model_id: int):
     return _page(request, "model.html", f"Model {model_id}", "models", "model.js", model_id=model_id)
 
 
+@router.get("/files")
+def files(request: Request):
+    """The team files browser; the folder is in the query (`/files?path=/a/b/`), read by files.js."""
+    return _page(request, "files.html", "Team files", "files", "files.js")
+
+
 @router.get("/favicon.ico")
 def favicon():
     body, ctype = _STATIC["favicon.ico"]

@@ -145,6 +145,8 @@ projects = Table(
     Column("task_id", Integer),
     Column("created_at", Float, nullable=False),
     Column("meta", JSON, nullable=False),
+    # Changes to the meta and the stored annotations (an App's), counted: kept stats see them.
+    Column("revision", Integer, nullable=False, server_default="0"),
 )
 
 # One row per image: its blob and its annotation (Supervisely JSON). Rows of a project are

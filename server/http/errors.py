@@ -148,9 +148,17 @@ _PROJECT_RE = _template_re(endpoints.PROJECTS, endpoints.PROJECT_ITEMS, endpoint
 
 def body_limit(settings: Settings, method: str, path: str) -> int | None:
     """The most bytes a request body may have on this route; None: streamed, unlimited (blob PUT,
-    bulk blob upload: bounded by protocol.bulk's MAX_BYTES as it streams)."""
+    bulk blob upload: bounded by protocol.bulk's MAX_BYTES as it streams; the public API's uploads)."""
     if (method == "PUT" and _BLOB_RE.match(path)) or (method == "POST" and _BULK_UPLOAD_RE.match(path)):
         return None
+    # The public API (server/public/): its multipart uploads stream, bounded by their own reading
+    # (images.bulk.upload: parts and bytes; team files: their size bound); its JSON methods take
+    # project-sized bodies, since annotations travel inline (50 with bitmaps pass 1 MiB).
+    if path.startswith("/public/api/v3/"):
+        from server.public.registry import METHODS  # the router imported every method module
+
+        entry = METHODS.get(path.removeprefix("/public/api/v3/"))
+        return None if entry is not None and entry[0] == "STREAM" else settings.project_body_limit
     if _LARGE_RE.match(path):
         return settings.logs_body_limit
     if _PROJECT_RE.match(path):

@@ -90,14 +90,14 @@ async def add_items(project_id: RowId, body: ProjectItemsIn, state: StateDep, _:
         with state.db.engine.connect() as conn:
             return service.project_meta(conn, project_id)
 
-    # The meta of a project never changes: read before the check, which runs off the event loop.
-    items = await run_in_threadpool(
-        service.prepare_page, state.blobs, await state.db.run(meta), body.dataset, body.items
-    )
+    # Read before the check, which runs off the event loop; an App may change the meta meanwhile
+    # (projects.meta.update): append_items compares it under the project's lock.
+    checked_meta = await state.db.run(meta)
+    items = await run_in_threadpool(service.prepare_page, state.blobs, checked_meta, body.dataset, body.items)
 
     def append() -> dict:
         with state.db.engine.begin() as conn:
-            return service.append_items(conn, project_id, body.dataset, items)
+            return service.append_items(conn, project_id, body.dataset, items, checked_meta)
 
     return await state.db.run(append)
 
@@ -106,14 +106,15 @@ async def add_items(project_id: RowId, body: ProjectItemsIn, state: StateDep, _:
 async def project_stats(project_id: RowId, request: Request, state: StateDep, _: AdminDep):
     """Objects per class (`classes: {title: {objects, items}}`), images per image tag (`tags`), objects per
     object tag (`object_tags`), and `items`, `labelled` (items with an object), `objects` in all."""
-    # Counted once per project and item count, and kept with the app (items are only ever added).
+    # Counted once per project, item count and revision (an App's annotation or meta change), and
+    # kept with the app.
     cache = getattr(request.app.state, "project_stats", None)
     if cache is None:
         cache = request.app.state.project_stats = StatsCache()
 
     def read() -> dict:
         with state.db.engine.connect() as conn:
-            items = service.items_total(conn, project_id)
-        return cache.get(state.db.engine, project_id, items)
+            version = service.revision(conn, project_id)
+        return cache.get(state.db.engine, project_id, version)
 
     return await state.db.run(read)

@@ -172,14 +172,18 @@ def project_meta(conn, pid: int) -> dict:
     return meta[0]
 
 
-def append_items(conn, pid: int, dataset: str, items: list[dict]) -> dict:
+def append_items(conn, pid: int, dataset: str, items: list[dict], checked_meta: dict | None = None) -> dict:
     """Add a prepared page of items to `dataset` of project `pid` (a new dataset goes after the
     others), in the caller's transaction; returns {dataset, added, items_count}.
 
     The project row is locked first, so appends to one project run one after the other: each sees
     the names and counts the one before committed. An item name the dataset holds already is a 400
     `duplicate_path` and nothing of the page is stored (the caller's transaction rolls back)."""
-    datasets = _lock_project(conn, pid)
+    datasets = lock_project(conn, pid)
+    if checked_meta is not None and project_meta(conn, pid) != checked_meta:
+        raise APIError(
+            409, "meta_changed", f"project {pid}'s meta changed while the page was checked; send the page again"
+        )
     c = db.project_items.c
     names = [it["name"] for it in items]
     for i in range(0, len(names), NAME_BATCH):
@@ -198,7 +202,7 @@ def append_items(conn, pid: int, dataset: str, items: list[dict]) -> dict:
     return {"dataset": dataset, "added": len(items), "items_count": entry["items_count"]}
 
 
-def _lock_project(conn, pid: int) -> list[dict]:
+def lock_project(conn, pid: int) -> list[dict]:
     """Lock project `pid`'s row until the transaction ends and return its datasets summary; 404
     `project_not_found`. PostgreSQL: SELECT ... FOR UPDATE. SQLite has one writer at a time, but
     pysqlite opens the transaction only at its first write: a write first takes SQLite's write
@@ -210,6 +214,21 @@ def _lock_project(conn, pid: int) -> list[dict]:
     if row is None:
         raise APIError(404, "project_not_found", f"no project {pid}")
     return row[0]
+
+
+def bump_revision(conn, pid: int) -> None:
+    """Count a change to project `pid`'s meta or stored annotations (items added are counted by
+    the datasets' item counts): its kept stats and a page checked against the old meta see it."""
+    conn.execute(update(db.projects).where(db.projects.c.id == pid).values(revision=db.projects.c.revision + 1))
+
+
+def revision(conn, pid: int) -> tuple[int, int]:
+    """(items, revision) of project `pid`: its datasets' counts summed and its changes counted; 404
+    `project_not_found`."""
+    row = conn.execute(select(db.projects.c.datasets, db.projects.c.revision).where(db.projects.c.id == pid)).first()
+    if row is None:
+        raise APIError(404, "project_not_found", f"no project {pid}")
+    return sum(d["items_count"] for d in row[0]), row[1]
 
 
 def check_exists(conn, pid: int) -> None:

@@ -55,22 +55,22 @@ class StatsCache:
     def __init__(self, keep: int = KEEP):
         self.keep = keep
         self._lock = threading.Lock()
-        self._done: collections.OrderedDict[int, tuple[int, dict]] = collections.OrderedDict()
+        self._done: collections.OrderedDict[int, tuple[tuple[int, int], dict]] = collections.OrderedDict()
 
-    def get(self, engine, pid: int, items: int) -> dict:
-        """The numbers of project `pid` as it is when it holds `items` items (its datasets' counts
-        summed; kept numbers of another count are counted afresh). Blocking: call it in a thread."""
+    def get(self, engine, pid: int, version: tuple[int, int]) -> dict:
+        """The numbers of project `pid` at `version` (its item count and revision, read before this
+        call; numbers kept under another version are counted afresh). Blocking: call it in a thread."""
         with self._lock:
             kept = self._done.get(pid)
-            if kept is not None and kept[0] == items:
+            if kept is not None and kept[0] == version:
                 self._done.move_to_end(pid)
                 return kept[1]
         with engine.connect() as conn:
             stats = count(conn, pid)
         with self._lock:
-            # Counted while a page was being added: kept under the count it saw, which the next
-            # request (asking with the new count) does not match.
-            self._done[pid] = (stats["items"], stats)
+            # Kept under the version read before counting: a page added or an annotation changed
+            # while counting makes the next request's version differ, so it counts afresh.
+            self._done[pid] = (version, stats)
             self._done.move_to_end(pid)
             while len(self._done) > self.keep:
                 self._done.popitem(last=False)

@@ -46,7 +46,11 @@ METHODS: dict[str, tuple[str, Handler]] = {}  # name -> (HTTP method, handler)
 
 
 def method(name: str, http: str = "POST"):
-    """Register the decorated handler as public API method `name` (POST unless `http` says GET)."""
+    """Register the decorated handler as public API method `name`: `http` is POST (a JSON object
+    body, read by the router), GET (query parameters; POST answered too), STREAM (a POST whose
+    body, unlimited by the body middleware, the handler streams itself: a multipart upload) or RAW
+    (a POST whose JSON body, checked and decoded by the body middleware, is not an object: the
+    handler takes it from `request.scope["sly.json"]`)."""
 
     def register(fn: Handler) -> Handler:
         if name in METHODS:

@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, Response
 from protocol.errors import APIError
 from server.http.deps import json_object
 from server.http.strict import dumps
-from server.public import tokens
+from server.public import files, read, tasks, tokens, write  # noqa: F401  (they register their methods)
 from server.public.registry import METHODS, Call
 
 log = logging.getLogger("sly-server")
@@ -36,15 +36,8 @@ def sdk_error(status: int, code: str, detail: str, **details) -> JSONResponse:
     return JSONResponse({"error": detail, "code": code, "details": details}, status_code=status)
 
 
-def _load_methods() -> None:
-    # The modules register their methods on import.
-    from server.public import files, read, tasks, write  # noqa: F401
-
-
 @router.api_route(PREFIX + "{name:path}", methods=["GET", "POST"])
 async def public_api(name: str, request: Request) -> Response:
-    if not METHODS:
-        _load_methods()
     state = request.app.state.server
     token = request.headers.get(API_KEY_HEADER, "")
     task = await state.db.run(_task_of, state, token) if token else None
@@ -64,12 +57,15 @@ async def public_api(name: str, request: Request) -> Response:
             method=name[:200],
         )
     verb, handler = entry
-    if request.method != verb and not (verb == "GET" and request.method == "POST"):
-        return sdk_error(405, "method_not_allowed", f"{name} is called with {verb}", method=name)
+    # GET methods also answer POST (the SDK posts some of them); STREAM and RAW are POSTs whose
+    # body the handler reads itself (registry.method).
+    allowed = ("GET", "POST") if verb == "GET" else ("POST",)
+    if request.method not in allowed:
+        return sdk_error(405, "method_not_allowed", f"{name} is called with {allowed[0]}", method=name)
     if request.method == "GET":
         body: dict = dict(request.query_params)
-    elif request.headers.get("content-type", "").startswith(MULTIPART) or verb == "STREAM":
-        body = {}
+    elif verb in ("STREAM", "RAW") or request.headers.get("content-type", "").startswith(MULTIPART):
+        body = {}  # the handler reads the body itself
     else:
         try:
             body = await json_object(request, "the request body")

@@ -118,8 +118,13 @@ def test_task_page_draws_train_and_val_curves_with_axes_and_checkpoints(console,
     page.goto(f"{server.url}/tasks/{task['id']}")
     loss = "#t-metrics figure[data-metric='loss']"
     expect(page.locator(f"{loss} .uplot canvas")).to_have_count(1)
-    expect(page.locator(loss)).to_have_attribute("data-marks", "2")  # marks come with the log stream
+    # marks come with the log stream; by default only the best checkpoint is marked
+    expect(page.locator(loss)).to_have_attribute("data-marks", "1")
+    expect(page.locator("#ck-count")).to_have_text("(2)")
     expect(page.locator("#t-metrics figure")).to_have_count(2)  # loss and accuracy
+    expect(page.locator(f"{loss} figcaption")).to_contain_text("◆ best checkpoint")
+    page.get_by_role("button", name="All (2)").click()
+    expect(page.locator(loss)).to_have_attribute("data-marks", "2")
 
     st = chart_state(page, loss)
     assert st["labels"] == ["epoch", "train", "val"]
@@ -193,11 +198,14 @@ def test_node_page_charts_follow_telemetry_over_the_chosen_window(console, serve
     assert gpu["data"][1:] == [[0, 20, 40, 60, 80], [10, 30, 50, 70, 90]]
     assert chart_state(page, "#chart-disk")["labels"] == ["time", "/data"]
 
-    # The window sets the time axis: the last 15 minutes up to now, or all the samples kept.
-    page.get_by_role("button", name="15 min").click()
-    expect(page.get_by_role("button", name="15 min")).to_have_attribute("aria-pressed", "true")
-    st = chart_state(page, "#chart-cpu")
-    assert abs((st["xmax"] - st["xmin"]) - 900) < 5 and abs(st["xmax"] - time.time()) < 30
+    # A new node's few seconds of samples are not squeezed into the window's right edge: the axis
+    # starts at its first sample and spans a minute (the samples fill it from the left), whatever the window.
+    for window in ("1 h", "15 min"):
+        page.get_by_role("button", name=window).click()
+        expect(page.get_by_role("button", name=window)).to_have_attribute("aria-pressed", "true")
+        st = chart_state(page, "#chart-cpu")
+        assert st["xmin"] == st["data"][0][0] and 59 <= st["xmax"] - st["xmin"] < 90, (window, st["xmin"], st["xmax"])
+        assert st["xmax"] >= time.time() - 5, (window, st["xmax"])
     page.get_by_role("button", name="All").click()
     st = chart_state(page, "#chart-cpu")
     assert st["xmax"] - st["xmin"] < 60  # fitted to the samples, posted within seconds
@@ -359,3 +367,57 @@ def test_remove_stale_nodes_deletes_only_offline_nodes_older_than_the_threshold(
     expect(page.locator("tr.node-row")).to_have_count(3)
     expect(listed).to_have_count(0)
     expect(page.get_by_role("button", name="Remove", exact=True)).to_be_disabled()
+
+
+@pytest.mark.slow
+def test_forty_checkpoints_leave_the_curves_readable(console, server):
+    """One checkpoint per epoch for 40 epochs: the default marks only the best; "All" draws the others
+    as small diamonds on the axis, so the curves keep nearly every pixel they have with no marks."""
+    task, agent = train_task(server, "forty")
+    lines = []
+    for epoch in range(1, 41):
+        lines.append(
+            {"message": "m", "event_type": "metrics", "type": "train", "epoch": epoch, "metrics": {"loss": 2 / epoch}}
+        )
+        lines.append(
+            {"message": "c", "event_type": "checkpoint", "id": epoch, "sizeb": 10, "best_now": epoch in (10, 20, 30)}
+        )
+    agent.log(task["id"], *lines)
+    page = console
+    page.set_viewport_size({"width": 1440, "height": 900})
+    page.goto(f"{server.url}/tasks/{task['id']}")
+    loss = "#t-metrics figure[data-metric='loss']"
+    expect(page.locator("#ck-count")).to_have_text("(40)")
+    expect(page.locator(loss)).to_have_attribute("data-marks", "1")
+    painted = {}
+    for mode, marks in (("None", "0"), ("All (40)", "40"), ("◆ Best", "1")):
+        page.get_by_role("button", name=mode).click()
+        expect(page.locator(loss)).to_have_attribute("data-marks", marks)
+        page.wait_for_timeout(50)
+        painted[mode] = chart_state(page, loss)["painted"][0]
+    # the curve keeps >= 90% of its pixels with all 40 marks (a full-height line each hid a third)
+    assert painted["All (40)"] >= 0.9 * painted["None"], painted
+    # the best is the last checkpoint that said best_now: epoch 30, in the tooltip there
+    box = page.locator(f"{loss} .u-over").bounding_box()
+    page.mouse.move(box["x"] + box["width"] * 29 / 39, box["y"] + box["height"] / 2)
+    expect(page.locator(f"{loss} .u-tip")).to_contain_text("checkpoint 30 (best)")
+    agent.state(task["id"], "finished", exit_code=0)
+
+
+def test_node_window_caps_a_long_history(console, server):
+    """Three hours of samples: 15 min and 1 h show exactly that much up to now; All shows them all."""
+    created, _ = online_agent(server, "long-history")
+    now = time.time()
+    items = [
+        {"ts": now - 3 * 3600 + 60 * i, "cpu": 50 + 40 * math.sin(i / 9), "mem": 40, "disks": [30], "gpus": []}
+        for i in range(180)
+    ]
+    body = {"items": items, "disks": ["/data"], "gpus": []}
+    page = console
+    page.route(f"**/api/v1/agents/{created['id']}/telemetry*", lambda route: route.fulfill(json=body))
+    page.goto(f"{server.url}/nodes/{created['id']}")
+    for window, span in (("15 min", 900), ("1 h", 3600), ("All", 3 * 3600)):
+        page.get_by_role("button", name=window).click()
+        st = chart_state(page, "#chart-cpu")
+        assert abs((st["xmax"] - st["xmin"]) - span) < 90, (window, st["xmax"] - st["xmin"])
+    page.evaluate("localStorage.removeItem('sly.node.window')")

@@ -67,9 +67,19 @@ SLY.Ann = (function () {
     let hasAlpha = false;
     for (let i = 3; i < px.length; i += 4) if (px[i] < 255) { hasAlpha = true; break; }
     const [r, g, b] = [1, 3, 5].map(i => parseInt(color.slice(i, i + 2), 16));
-    for (let i = 0; i < px.length; i += 4) {
-      const on = hasAlpha ? px[i + 3] > 0 : px[i] + px[i + 1] + px[i + 2] > 0;
-      px[i] = r; px[i + 1] = g; px[i + 2] = b; px[i + 3] = on ? 255 : 0;
+    const on = new Uint8Array(w * h);
+    for (let i = 0, j = 0; i < px.length; i += 4, j++) on[j] = (hasAlpha ? px[i + 3] > 0 : px[i] + px[i + 1] + px[i + 2] > 0) ? 1 : 0;
+    // The mask's edge in near-black (as the casing of vector shapes): k pixels of it, about 1/300 of
+    // the mask's side, so it still shows once the mask is shrunk to a thumbnail. Four probes a pixel.
+    const k = Math.max(1, Math.ceil(Math.max(w, h) / 300));
+    const at = (x, y) => x >= 0 && y >= 0 && x < w && y < h && on[y * w + x] === 1;
+    for (let y = 0, j = 0; y < h; y++) {
+      for (let x = 0; x < w; x++, j++) {
+        const i = 4 * j;
+        if (!on[j]) { px[i + 3] = 0; continue; }
+        const edge = !at(x - k, y) || !at(x + k, y) || !at(x, y - k) || !at(x, y + k);
+        px[i] = edge ? 17 : r; px[i + 1] = edge ? 17 : g; px[i + 2] = edge ? 17 : b; px[i + 3] = 255;
+      }
     }
     ctx.putImageData(img, 0, 0);
     bmp.close();
@@ -109,6 +119,14 @@ SLY.Ann = (function () {
       }, () => { g.classList.add("broken"); }));
     } else {
       return null;
+    }
+    // A dark casing under each vector shape: the class colour alone vanishes on an image painted in
+    // that colour (the demo's are); the casing contrasts on light and colourful pixels, the colour on dark.
+    const drawnShape = g.firstChild;
+    if (drawnShape && drawnShape.tagName !== "image") {
+      const casing = drawnShape.cloneNode();
+      casing.setAttribute("class", "case");
+      g.insertBefore(casing, drawnShape);
     }
     g.append(svgEl("title", {}));
     g.lastChild.textContent = `${o.classTitle} (${shape})`;

@@ -21,6 +21,7 @@
     return s + (unit || "");
   };
 
+  const MIN_SPAN_S = 60;   // the shortest time axis a window shows
   const STEPS = [0.1, 0.2, 0.25, 0.5, 1, 2, 5, 10, 20, 25, 50, 100, 200, 250, 500, 1000, 2000, 5000, 10000, 20000, 50000];
 
   class Chart {
@@ -52,12 +53,16 @@
       this.caption();
     }
 
-    /** Show the chosen window (the last N seconds up to now) on a time axis; else fit the data. */
+    /** Show the chosen window (at most the last N seconds up to now) on a time axis; else fit the data.
+     * The window is a limit, not a frame: samples that span less than it (a new node's) are drawn
+     * from the axis' left edge, with at least MIN_SPAN_S on the axis, not squeezed into its right edge. */
     applyWindow() {
       const w = this.o.window && this.o.window();
       if (!this.u || this.o.x !== "time" || !w) return;
       const xs = this.data[0], now = Date.now() / 1000;
-      this.u.setScale("x", { min: now - w, max: Math.max(now, xs.length ? xs[xs.length - 1] : now) });
+      const first = xs.length ? xs[0] : now, last = xs.length ? xs[xs.length - 1] : now;
+      if (now - first >= w) this.u.setScale("x", { min: now - w, max: Math.max(now, last) });
+      else this.u.setScale("x", { min: first, max: Math.max(now, last, first + MIN_SPAN_S) });   // fills from the left
     }
 
     /** Drop a drag zoom and show the window (or all data) again. */
@@ -84,7 +89,7 @@
       this.now.title = parts.join(", ");
       const n = this.marks.length;
       this.note.hidden = !n;
-      this.note.textContent = `◆ ${n} checkpoint${n === 1 ? "" : "s"}`;
+      this.note.textContent = n === 1 && this.marks[0].best ? "◆ best checkpoint" : `◆ ${n} checkpoint${n === 1 ? "" : "s"}`;
     }
 
     fmtX(x) {
@@ -97,7 +102,8 @@
       const axis = { stroke: p.axis, font: "11px system-ui, sans-serif", labelFont: "600 11px system-ui, sans-serif",
         grid: { stroke: p.grid, width: 1 }, ticks: { stroke: p.grid, width: 1, size: 4 } };
       const xAxis = Object.assign({}, axis, time ? {} : {
-        label: "epoch", labelSize: 14, labelGap: 0, size: 26,
+        // room under the plot for the small checkpoint diamonds (markPlugin), between it and the tick labels
+        label: "epoch", labelSize: 14, labelGap: 0, size: 32, gap: 9,
         splits: (u, ai, min, max) => {
           const ints = self.data[0].every(Number.isInteger);
           const target = Math.max(2, Math.floor(u.bbox.width / uPlot.pxRatio / 64));
@@ -177,9 +183,14 @@
       } };
     }
 
-    /** Checkpoints: a dashed vertical line at each mark's x and a diamond on every line there. */
+    /** Checkpoints: a dashed vertical line at a mark's x and a diamond on every line there; a `minor`
+     * mark (any checkpoint but the best, when all are shown) is only a small diamond under the plot,
+     * on the epoch axis, so forty of them leave the curves readable. */
     markPlugin(p) {
       const self = this;
+      const diamond = (ctx, x, y, r) => {
+        ctx.beginPath(); ctx.moveTo(x, y - r); ctx.lineTo(x + r, y); ctx.lineTo(x, y + r); ctx.lineTo(x - r, y); ctx.closePath();
+      };
       return { hooks: { draw(u) {
         if (!self.marks.length) return;
         const ctx = u.ctx, pr = uPlot.pxRatio, { left, top, width, height } = u.bbox;
@@ -188,14 +199,17 @@
         for (const m of self.marks) {
           const cx = Math.round(u.valToPos(m.x, "x", true));
           if (cx < left - 1 || cx > left + width + 1) continue;
+          if (m.minor) {
+            diamond(ctx, cx, top + height + 5 * pr, 3.5 * pr); ctx.fill();   // under the plot: no curve is hidden
+            continue;
+          }
           ctx.setLineDash([4 * pr, 4 * pr]);
           ctx.beginPath(); ctx.moveTo(cx, top); ctx.lineTo(cx, top + height); ctx.stroke();
           ctx.setLineDash([]);
           const i = u.data[0].indexOf(m.x);
           const ys = i < 0 ? [] : u.series.map((s, si) => (si && s.show ? u.data[si][i] : null)).filter(v => v !== null && v !== undefined);
           for (const y of ys.length ? ys.map(v => u.valToPos(v, "y", true)) : [top + 5 * pr]) {
-            const r = 5 * pr;
-            ctx.beginPath(); ctx.moveTo(cx, y - r); ctx.lineTo(cx + r, y); ctx.lineTo(cx, y + r); ctx.lineTo(cx - r, y); ctx.closePath();
+            diamond(ctx, cx, y, 5 * pr);
             ctx.fill();
             ctx.strokeStyle = p.surface; ctx.stroke(); ctx.strokeStyle = p.mark;
           }

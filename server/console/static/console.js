@@ -182,6 +182,7 @@ const ICONS = {
   key: "M14.5 9.5a4 4 0 1 0-3.3 3.9L13 15h2v2h2v2h3v-3l-5.6-5.6a4 4 0 0 0 .1-.9zM8.5 9h.01",
   trash: "M4 7h16M10 11v6M14 11v6M6 7l1 13h10l1-13M9 7V4h6v3",
   broom: "M4 20l7-7M14 4l6 6-6 6-6-6zM3 21h6",
+  folder: "M3 6.5h6.5l2 2H21V19H3z",
 };
 /** An inline SVG icon (stroke drawn, currentColor), hidden from assistive technology. */
 SLY.icon = function (name) {
@@ -329,6 +330,27 @@ SLY._sha256js = sha256js;
 
 // Sign-out button in the header.
 document.addEventListener("DOMContentLoaded", () => {
+  // Narrow windows (console.css, below 700 px): Menu slides the sidebar in; Esc, the scrim or a link
+  // closes it. Esc is taken here first (console.js loads before the page's script), so a page's
+  // own Esc handler (nodes.js panels) sees defaultPrevented and leaves its panels alone.
+  const menu = document.getElementById("menu"), scrim = document.getElementById("scrim");
+  if (menu) {
+    const setNav = (open) => {
+      document.body.classList.toggle("nav-open", open);
+      menu.setAttribute("aria-expanded", String(open));
+      scrim.hidden = !open;
+      if (open) document.querySelector("#sidebar a").focus();
+    };
+    menu.addEventListener("click", () => setNav(!document.body.classList.contains("nav-open")));
+    scrim.addEventListener("click", () => setNav(false));
+    for (const a of document.querySelectorAll("#sidebar a")) a.addEventListener("click", () => setNav(false));
+    document.addEventListener("keydown", (ev) => {
+      if (ev.key !== "Escape" || !document.body.classList.contains("nav-open")) return;
+      ev.preventDefault();
+      setNav(false);
+      menu.focus();
+    });
+  }
   const so = document.getElementById("signout");
   if (so) so.addEventListener("click", async () => {
     try { await SLY.api("DELETE", "/api/v1/session", undefined, { noRedirect: true }); } catch (e) { /* signed out anyway */ }

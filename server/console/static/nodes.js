@@ -187,7 +187,27 @@
     show(tokenPanel);
   }
 
-  document.getElementById("add-node").addEventListener("click", () => { document.getElementById("add-form").reset(); show(addPanel); });
+  // --- a name another node has already: a warning under the field (the server accepts it, but two
+  // nodes of one name are easy to confuse in lists, the task form and the logs). The whole fleet's
+  // names are read when a form opens (a page of 1,000 per request), then checked as you type. ---
+  let names = null;
+  async function loadNames() {
+    names = null;
+    try { names = (await allAgents()).map(a => ({ id: a.id, name: a.name })); } catch (e) { names = null; }
+    for (const f of ["add", "edit"]) checkName(f);
+  }
+  function checkName(form) {
+    const input = document.getElementById(`${form}-name`), warn = document.getElementById(`${form}-name-warn`);
+    const name = input.value.trim().toLowerCase(), self = form === "edit" ? document.getElementById("edit-id").value : null;
+    const same = name && names ? names.find(a => a.name.trim().toLowerCase() === name && String(a.id) !== self) : null;
+    warn.hidden = !same;
+    warn.textContent = same ? `A node named “${same.name}” exists already (#${same.id}): another name keeps them apart.` : "";
+  }
+  for (const f of ["add", "edit"]) document.getElementById(`${f}-name`).addEventListener("input", () => checkName(f));
+
+  document.getElementById("add-node").addEventListener("click", () => {
+    document.getElementById("add-form").reset(); checkName("add"); show(addPanel); loadNames();
+  });
   document.getElementById("add-form").addEventListener("submit", async (ev) => {
     ev.preventDefault();
     const f = ev.target;
@@ -220,7 +240,9 @@
     document.getElementById("edit-id").value = a.id; document.getElementById("edit-name").value = a.name;
     for (const c of f.querySelectorAll("[name=types]")) c.checked = (a.allowed_task_types || []).includes(c.value);
     document.getElementById("edit-title").textContent = `Edit node ${a.name}`;
+    checkName("edit");
     show(editPanel);
+    loadNames();
   }
   document.getElementById("edit-form").addEventListener("submit", async (ev) => {
     ev.preventDefault();

@@ -8,9 +8,72 @@
   let lastSeq = -1, liveProgress = false, source = null, task = null, follow = true, ended = false, resultsKey = "";
 
   // Auto-scroll only while the reader is at the bottom; scrolling up pauses it, scrolling back resumes.
+  const logBottom = document.getElementById("log-bottom");
   log.addEventListener("scroll", () => {
     follow = log.scrollHeight - log.scrollTop - log.clientHeight < 8;
     followNote.textContent = follow ? "" : "(paused: scroll to the bottom to follow)";
+    logBottom.hidden = follow;
+  });
+  logBottom.addEventListener("click", () => { log.scrollTop = log.scrollHeight; log.focus(); });
+
+  // --- the log's tools: filter (hides lines without the text), wrap, download, full screen ---
+  const filterBox = document.getElementById("log-filter"), matches = document.getElementById("log-matches");
+  let needle = "";
+  function applyFilter(lines) {
+    for (const el of lines) el.classList.toggle("nomatch", needle !== "" && !el.textContent.toLowerCase().includes(needle));
+  }
+  function countMatches() {
+    matches.textContent = needle ? `${log.querySelectorAll(".line:not(.nomatch)").length} of ${shown} lines` : "";
+  }
+  filterBox.addEventListener("input", () => {
+    needle = filterBox.value.trim().toLowerCase();
+    applyFilter(log.querySelectorAll(".line"));
+    countMatches();
+    if (follow) log.scrollTop = log.scrollHeight;
+  });
+  const wrapBtn = document.getElementById("log-wrap");
+  wrapBtn.addEventListener("click", () => {
+    const wrap = log.classList.toggle("nowrap") === false;
+    wrapBtn.setAttribute("aria-pressed", String(wrap));
+  });
+  const card = document.getElementById("log-card"), fullBtn = document.getElementById("log-full");
+  function setFull(on) {
+    card.classList.toggle("full", on);
+    fullBtn.setAttribute("aria-pressed", String(on));
+    fullBtn.textContent = on ? "Exit full screen" : "Full screen";
+    if (follow) log.scrollTop = log.scrollHeight;
+  }
+  fullBtn.addEventListener("click", () => setFull(!card.classList.contains("full")));
+  document.addEventListener("keydown", (ev) => {
+    if (ev.key === "Escape" && card.classList.contains("full") && !ev.defaultPrevented) { ev.preventDefault(); setFull(false); }
+  });
+  /** One text line of the file: time (UTC, ISO), source and level where not the usual, the text. */
+  function textLine(l) {
+    const ms = SLY.ms(l.ts), stream = l.stream || "stdout", level = l.level || "info";
+    return (ms ? new Date(ms).toISOString() + " " : "") + (stream !== "stdout" ? `[${stream}] ` : "")
+      + (level !== "info" ? `${level.toUpperCase()}: ` : "") + (SLY.eventText(l) ?? l.message ?? "");
+  }
+  const DOWNLOAD_MAX_LINES = 1000000;   // a browser holds the file in memory: the API pages the rest
+  const dlBtn = document.getElementById("log-download");
+  dlBtn.addEventListener("click", async () => {
+    dlBtn.disabled = true;
+    const parts = [];
+    let after = -1, n = 0;
+    try {
+      for (;;) {
+        const page = await SLY.api("GET", `/api/v1/tasks/${id}/logs?after=${after}&limit=10000`);
+        for (const l of page.lines || []) parts.push(textLine(l) + "\n");
+        n += (page.lines || []).length;
+        dlBtn.textContent = `Downloading… ${n} lines`;
+        if (page.next === null || page.next === undefined || !(page.lines || []).length || n >= DOWNLOAD_MAX_LINES) break;
+        after = page.next;
+      }
+      const a = SLY.el("a", { href: URL.createObjectURL(new Blob(parts, { type: "text/plain" })), download: `task-${id}.log` });
+      document.body.append(a); a.click(); a.remove();
+      setTimeout(() => URL.revokeObjectURL(a.href), 10000);
+      if (n >= DOWNLOAD_MAX_LINES) SLY.flash(`The file holds the first ${n} lines; GET /api/v1/tasks/${id}/logs pages the rest.`);
+    } catch (e) { SLY.flash("Could not download the log: " + e.message, true); }
+    dlBtn.disabled = false; dlBtn.textContent = "Download";
   });
 
   function setProgress(p) {
@@ -55,7 +118,9 @@
     }
     if (checkpoints.length !== marked) markCheckpoints();
     shown += frag.childNodes.length;
+    if (needle) applyFilter(frag.childNodes);
     log.append(frag);
+    if (needle) countMatches();
     if (shown > MAX_LINES) {
       let note = document.getElementById("log-trimmed");
       if (!note) { note = SLY.el("div", { id: "log-trimmed", class: "hint" }); log.prepend(note); }
@@ -134,10 +199,28 @@
     for (const [i, it] of metricItems.entries()) { if (it.seq > c.seq) break; x = it.epoch ?? i; }
     return x;
   }
+  // Which checkpoints the charts mark (remembered in the browser): only the best (default: one line,
+  // however many were saved), all (the others as small diamonds on the axis), or none.
+  const CK_KEY = "sly.task.checkpoints";
+  let ckMode = ["best", "all", "none"].includes(localStorage.getItem(CK_KEY)) ? localStorage.getItem(CK_KEY) : "best";
   function marks() {
-    return checkpoints.map(c => ({ x: checkpointEpoch(c), label: `checkpoint ${c.id ?? c.subdir ?? c.seq}` + (c.best_now ? " (best)" : "") }))
+    // The best is the last checkpoint that said best_now (a later one may be saved without beating it).
+    const best = checkpoints.reduce((b, c) => (c.best_now ? c : b), null);
+    const count = document.getElementById("ck-count");
+    count.textContent = checkpoints.length ? `(${checkpoints.length})` : "";
+    if (ckMode === "none") return [];
+    return checkpoints.filter(c => ckMode === "all" || c === best)
+      .map(c => ({ x: checkpointEpoch(c), label: `checkpoint ${c.id ?? c.subdir ?? c.seq}` + (c.best_now ? " (best)" : ""),
+        best: c === best, minor: c !== best }))
       .filter(m => m.x !== null);
   }
+  function pickCkMode(mode) {
+    ckMode = mode;
+    localStorage.setItem(CK_KEY, mode);
+    for (const b of document.querySelectorAll("#ck-mode button")) b.setAttribute("aria-pressed", String(b.dataset.mode === mode));
+    markCheckpoints();
+  }
+  for (const b of document.querySelectorAll("#ck-mode button")) b.addEventListener("click", () => pickCkMode(b.dataset.mode));
   function markCheckpoints() {
     marked = checkpoints.length;
     const m = marks();
@@ -225,8 +308,54 @@
     dd.hidden = document.getElementById("t-chain-label").hidden = !parts.length;
     dd.replaceChildren(...parts.flatMap((p, i) => (i ? ["; ", p] : [p])));
   }
+  /** An App's output (`api.task.set_output_*`): its project's page, its file's download, or its
+   * folder in the team files browser. */
+  let outputKey = null;
+  function output(t) {
+    const o = t.output, key = JSON.stringify(o ?? null);
+    if (key === outputKey) return;
+    outputKey = key;
+    const box = document.getElementById("t-output");
+    box.hidden = !o || typeof o !== "object";
+    if (box.hidden) { box.replaceChildren(); return; }
+    const path = typeof o.path === "string" ? o.path : "";
+    const base = path.replace(/\/+$/, "").split("/").pop() || path;
+    const files = dir => `/files?path=${encodeURIComponent(dir || "/")}`;
+    let parts;
+    if (o.type === "project" && o.project_id !== undefined && o.project_id !== null) {
+      parts = ["Output project: ", SLY.el("a", { href: `/projects/${o.project_id}`, id: "t-output-link" }, o.name || `project #${o.project_id}`)];
+    } else if (o.type === "file" && path) {
+      const dir = path.slice(0, path.lastIndexOf("/") + 1) || "/";
+      parts = ["Output file: ", SLY.el("a", { href: `/api/v1/files/download?path=${encodeURIComponent(path)}`, download: base, id: "t-output-link",
+        title: path }, o.name || base), " ", SLY.el("a", { href: files(dir), class: "hint" }, `(in ${dir})`)];
+    } else if (o.type === "directory" && path) {
+      parts = ["Output folder: ", SLY.el("a", { href: files(path), id: "t-output-link", title: path }, o.name || path)];
+    } else if (o.type === "text" && o.name) {
+      parts = [SLY.el("span", { class: o.error ? "error" : "" }, "Output: ", SLY.el("span", { id: "t-output-link" }, o.name)),
+        o.description ? SLY.el("span", { class: "hint" }, ` — ${o.description}`) : ""];
+    } else {
+      parts = ["Output: ", SLY.el("code", {}, key.slice(0, 300))];   // a shape this page does not know: shown as it is
+    }
+    box.dataset.type = o.type || "";
+    box.replaceChildren(...parts);
+  }
+  /** An App's input dataset, by name (from its project's datasets). */
+  function inputDataset(t) {
+    const dd = document.getElementById("t-in-dataset"), has = t.dataset_id !== null && t.dataset_id !== undefined;
+    dd.hidden = document.getElementById("t-in-dataset-label").hidden = !has;
+    if (!has || dd.dataset.id === String(t.dataset_id)) return;
+    dd.dataset.id = String(t.dataset_id);
+    dd.textContent = `dataset #${t.dataset_id}`;
+    if (t.project_id !== null && t.project_id !== undefined) SLY.api("GET", `/api/v1/projects/${t.project_id}`).then(p => {
+      const d = (p.datasets || []).find(x => x.id === t.dataset_id);
+      if (d) { dd.textContent = d.name; dd.title = `dataset #${t.dataset_id}`; }
+    }, () => {});
+  }
+
   let configKey = null;
   function details(t) {
+    output(t);
+    inputDataset(t);
     const cmd = SLY.commandText(t.command), c = document.getElementById("t-command");
     c.textContent = cmd || "(the image's own)"; c.title = cmd;
     linkByName(document.getElementById("t-in-project"), "project", t.project_id);
@@ -307,6 +436,7 @@
     } catch (e) { SLY.flash("Could not delete: " + e.message, true); }
   });
 
+  pickCkMode(ckMode);
   const timer = setInterval(() => { if (!document.hidden) refresh(); }, 2000);
   refresh().then(openStream);
 })();

@@ -4,6 +4,7 @@
   every project get rows here, in their order, and their id in the project's `datasets` summary.
 - `team_files`: a team's file tree (path -> blob), written by Apps through the public API.
 - `app_tokens`: the hash of each App task's API token; it is valid while its task is leased.
+- `projects.revision`: changes to a project's meta and annotations, counted (its kept stats see them);
 - `tasks.dataset_id` (an `app` task's dataset) and `tasks.output` (what the App set with
   `api.task.set_output_*`).
 
@@ -60,6 +61,8 @@ def upgrade() -> None:
     with op.batch_alter_table("tasks") as b:
         b.add_column(sa.Column("dataset_id", sa.Integer(), nullable=True))
         b.add_column(sa.Column("output", sa.JSON(), nullable=True))
+    with op.batch_alter_table("projects") as b:
+        b.add_column(sa.Column("revision", sa.Integer(), nullable=False, server_default="0"))
     if context.is_offline_mode():
         return  # SQL rendered for review: no rows to give ids to
     conn = op.get_bind()
@@ -75,6 +78,8 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("projects") as b:
+        b.drop_column("revision")
     with op.batch_alter_table("tasks") as b:
         b.drop_column("output")
         b.drop_column("dataset_id")
