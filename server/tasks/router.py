@@ -56,9 +56,24 @@ async def list_tasks(
     cursor: str | None = None,
 ):
     """Tasks, newest first, optionally of one agent and/or in one state (`server`: the server's
-    state; `state`: the tasks' state, a query parameter)."""
+    state; `state`: the tasks' state, a query parameter). A queued task's `waiting` says why it
+    waits, as on `GET /api/v1/tasks/{id}` (each node read once per page)."""
     before = cursor_id(cursor)
-    return page(await server.db.run_read(_read, server, service.list_tasks, agent_id, state, limit, before), limit)
+
+    def read(conn):
+        now = time.time()
+        shown = server.contacts.shown()
+        items = service.list_tasks(conn, agent_id, state, limit, before)
+        nodes: dict = {}
+        for t in items[:limit]:
+            t["waiting"] = None
+            if t["state"] == TaskState.QUEUED.value:
+                if t["agent_id"] not in nodes:
+                    nodes[t["agent_id"]] = _node(server, conn, shown, t["agent_id"], now)
+                t["waiting"] = waiting.why_waiting(conn, t, nodes[t["agent_id"]], now)
+        return items
+
+    return page(await server.db.run_read(_read, server, read), limit)
 
 
 def _node(state, conn, shown, agent_id: int, now: float):

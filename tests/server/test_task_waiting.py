@@ -214,3 +214,19 @@ def test_offline_wins_over_refusing_and_gpus():
 
 def test_only_a_queued_task_waits():
     assert why_waiting(None, dict(queued(), state="running"), node(), now=1000.0) is None
+
+
+def test_the_task_list_says_why_each_queued_task_waits(server, client, make_agent):
+    offline = make_agent("list-never-connected")
+    polling = make_agent("list-polling")
+    telemetry(polling, free_slots=0)
+    a = create(server, client, offline.id).json()["id"]
+    b = create(server, client, polling.id).json()["id"]
+    listed = {t["id"]: t for t in client.list_tasks() if t["id"] in (a, b)}
+    assert listed[a]["waiting"]["reason"] == "node_offline" and "never connected" in listed[a]["waiting"]["detail"]
+    assert listed[b]["waiting"]["reason"] == "slots_full"
+    assert listed[a]["waiting"] == waiting(client, a) and listed[b]["waiting"] == waiting(client, b)
+    # a task that runs waits for nothing
+    polling.poll_until("tasks", free_slots=1)
+    polling.state(b, "running")
+    assert next(t for t in client.list_tasks() if t["id"] == b)["waiting"] is None
