@@ -711,7 +711,8 @@ class CheckpointUploader:
 
     def on_event(self, line: dict) -> None:
         """A parsed log line with an event_type (called from the log reader)."""
-        if line.get("event_type") != "checkpoint" or self.kind == "inference":
+        # An App writes its checkpoints through the public API (team files): none are taken here.
+        if line.get("event_type") != "checkpoint" or self.kind in ("inference", "app"):
             return
         rel = line.get("subdir") or line.get("path")
         if isinstance(rel, str) and rel:

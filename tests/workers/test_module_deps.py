@@ -20,6 +20,11 @@ ALLOWED = {
     "http_stream": set(),
     "log_pump": {"http_stream", "logparse"},
     "container": {"container_spec", "errors"},
+    # The App's API forwarder (in the task process) and the relay (inside the sidecar container,
+    # run by the App image's python3 from a copy: it can import nothing of ours).
+    "app_proxy": set(),
+    "app_sidecar": set(),
+    "app": {"app_proxy", "base", "container", "container_spec", "docker_task", "errors"},
 }
 
 
