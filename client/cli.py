@@ -7,7 +7,7 @@ Also runs as `python -m client`.
     projects upload DIR [--name N] [--parallel N] | projects download ID DIR [--force] [--parallel N]
     models upload DIR [--name N] [--parallel N] | models download ID DIR [--force] [--parallel N]
     projects list | models list
-    tasks submit --node ID --type T [--image I --project ID --model ID --config JSON --gpus N --timeout S]
+    tasks submit --node ID --type T [--image I --project ID --dataset ID --model ID --config JSON --gpus N --timeout S]
                  [--retry N [--retry-nodes ID,...]]   a lost task continues from its last checkpoint
     tasks list [--node ID] [--state S] | tasks logs ID [--follow] | tasks stop ID
     files list [REMOTE_DIR] [--recursive] | files download REMOTE_PATH LOCAL_PATH [--force] [--parallel N]
@@ -299,6 +299,7 @@ def tasks_submit(c: UserClient, a) -> int:
         command=a.command,
         config=config,
         project_id=a.project,
+        dataset_id=a.dataset,
         model_id=a.model,
         resources=resources,
         timeout_s=a.timeout,
@@ -500,8 +501,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--image", help="docker image (not needed for cleanup)")
     x.add_argument("--command", help="command, split as a shell would (default: the image's own)")
     x.add_argument("--project", type=int, help="input project id")
+    x.add_argument("--dataset", type=int, help="an app's dataset id (its DATASET_ID; the project is the dataset's)")
     x.add_argument("--model", type=int, help="input model id")
-    x.add_argument("--config", help="task config as JSON")
+    x.add_argument("--config", help="task config as JSON (an app: its modal state, MODAL_STATE)")
     x.add_argument("--gpus", type=int)
     x.add_argument("--cpus", type=float)
     x.add_argument("--memory", help="memory limit, e.g. 2g")

@@ -281,3 +281,18 @@ def test_no_token_and_no_server_are_clear_errors(server, tmp_path):
     assert p.returncode == 1 and "401" in p.stderr and "Zq9NotTheAdminToken" not in p.stderr
     p = cli(server, "--server", "http://127.0.0.1:9", "nodes", "list", ok=False)
     assert p.returncode == 1 and "no answer" in p.stderr
+
+
+def test_submit_an_app_with_a_dataset_and_its_modal_state(server):
+    from client import UserClient
+
+    user = UserClient(server.url, server.admin_token)
+    node = cli_json(server, "nodes", "add", "cli-apps", "--types", "app")
+    p = user.create_project("cli-app-input", [{"name": "train", "items": []}, {"name": "val", "items": []}])
+    ds = next(d for d in p["datasets"] if d["name"] == "val")
+    t = cli_json(
+        server,
+        *("tasks", "submit", "--node", str(node["id"]), "--type", "app", "--image", "my/app:1"),
+        *("--dataset", str(ds["id"]), "--config", '{"format": "yolo"}'),
+    )
+    assert (t["type"], t["dataset_id"], t["project_id"], t["config"]) == ("app", ds["id"], p["id"], {"format": "yolo"})
