@@ -38,6 +38,21 @@ def server(tmp_path_factory):
     srv.close()
 
 
+@pytest.fixture(scope="session")
+def sdk_site():
+    """The real Supervisely SDK (tools/sdk_image.SDK_VERSION) pip-installed into a folder of its own,
+    for a subprocess to import (PYTHONPATH): the public API's tests run it on this host against the
+    test server. Installed once (minutes) and cached; without PyPI the tests that need it skip."""
+    from pathlib import Path
+
+    from tools.sdk_image import SiteUnavailable, ensure_site
+
+    try:
+        return Path(ensure_site(log=lambda *_: None))
+    except SiteUnavailable as e:
+        pytest.skip(f"the Supervisely SDK could not be installed (is PyPI reachable?): {e}")
+
+
 @pytest.fixture
 def fresh_server(tmp_path, request):
     """A server of this test's own, which the test may stop and start again (same port, same data);

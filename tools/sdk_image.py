@@ -1,8 +1,8 @@
 """Build the real Supervisely SDK into local Docker images, with no registry.
 
-    python -m tools.sdk_image [--plugin] [--rebuild] [--check]
+    python -m tools.sdk_image [--plugin] [--apps] [--rebuild] [--check]
 
-Two images, both cached by the pinned SDK version:
+Three images, all cached by the pinned SDK version:
 
 - `sly-test/supervisely-sdk:<version>`: `pip install --target SITE supervisely==<version>`
   (SITE is kept under the cache directory, so a second run skips pip), then a rootfs made from
@@ -15,6 +15,10 @@ Two images, both cached by the pinned SDK version:
 - `sly-test/sdk-plugin:<version>`: the SDK image plus tests/sdk/plugin/src at /workdir/src (the
   legacy plugin layout), built FROM the SDK image. Rebuilt when the sources change (their
   hash is a label on the image).
+- `sly-test/sdk-apps:<version>`: the SDK image plus tests/sdk/apps (headless Supervisely Apps,
+  one folder each) at /app, built the same way. No CMD: an `app` task names the App's script
+  (`python -u /app/export_project/main.py`). SLY_APP_DATA_DIR (where `sly.app.get_data_dir()`
+  puts an App's files) defaults to /tmp/app-data, writable also under a read-only root.
 
 The cache directory is $SLY_CI_CACHE, else /var/cache/sly-ci when writable, else
 ~/.cache/sly-ci; CI keeps it between runs keyed by the version.
@@ -22,6 +26,8 @@ The cache directory is $SLY_CI_CACHE, else /var/cache/sly-ci when writable, else
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import io
 import os
@@ -38,6 +44,8 @@ SDK_IMAGE = f"sly-test/supervisely-sdk:{SDK_VERSION}"
 PLUGIN_IMAGE = f"sly-test/sdk-plugin:{SDK_VERSION}"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLUGIN_SRC = os.path.join(REPO, "tests", "sdk", "plugin", "src")
+APPS_IMAGE = f"sly-test/sdk-apps:{SDK_VERSION}"
+APPS_SRC = os.path.join(REPO, "tests", "sdk", "apps")
 SRC_HASH_LABEL = "sly-test.plugin-src-sha256"
 
 # python-magic finds libmagic with ctypes and libmagic reads its compiled database from its
@@ -70,13 +78,34 @@ def cache_dir() -> str:
     return os.path.join(os.path.expanduser("~"), ".cache", "sly-ci")
 
 
+@contextlib.contextmanager
+def _exclusive(path: str):
+    """Hold an exclusive flock on `path` (made if missing): test workers in parallel (pytest-xdist)
+    wait for the one that installs or builds instead of doing it too, into the same folder."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def ensure_site(version: str = SDK_VERSION, cache: str | None = None, log=print) -> str:
-    """`pip install --target` the SDK into CACHE/supervisely-<version>/site unless it is there."""
+    """`pip install --target` the SDK into CACHE/supervisely-<version>/site unless it is there
+    (one process at a time; the others wait and find it)."""
     root = os.path.join(cache or cache_dir(), f"supervisely-{version}")
     site = os.path.join(root, "site")
     if os.path.isdir(os.path.join(site, "supervisely")):
         log(f"sdk_image: pip SITE cached at {site}")
         return site
+    with _exclusive(root + ".lock"):
+        if os.path.isdir(os.path.join(site, "supervisely")):
+            return site
+        return _install_site(version, root, site, log)
+
+
+def _install_site(version: str, root: str, site: str, log) -> str:
     partial = os.path.join(root, "site.partial")
     shutil.rmtree(partial, ignore_errors=True)
     os.makedirs(root, exist_ok=True)
@@ -253,6 +282,13 @@ def ensure_sdk_image(
         log(f"sdk_image: {tag} exists")
         return tag
     site = ensure_site(version, log=log)
+    with _exclusive(os.path.join(cache_dir(), f"supervisely-{version}.image.lock")):
+        if not rebuild and _have_image(client, tag):
+            return tag  # another process built it while this one waited
+        return _build_sdk_image(client, tag, site, check, log)
+
+
+def _build_sdk_image(client, tag: str, site: str, check: bool, log) -> str:
     old = client.images.get(tag).id if _have_image(client, tag) else None
     t0 = time.monotonic()
     log(f"sdk_image: building the rootfs and importing it as {tag}")
@@ -290,6 +326,38 @@ def ensure_plugin_image(
 
     Skipped when an image with this tag was built from the same base image and sources.
     """
+    return _ensure_derived_image(
+        client,
+        src,
+        base,
+        tag,
+        "COPY src /workdir/src\nENV PYTHONPATH=/workdir:/workdir/src\nWORKDIR /workdir/src\n",
+        rebuild,
+        log,
+    )
+
+
+def ensure_apps_image(
+    client=None, src: str = APPS_SRC, base: str = SDK_IMAGE, tag: str = APPS_IMAGE, rebuild: bool = False, log=print
+) -> str:
+    """Build `tag` FROM `base` with `src` (the Apps' folders) at /app, no CMD.
+
+    Skipped when an image with this tag was built from the same base image and sources.
+    """
+    return _ensure_derived_image(
+        client,
+        src,
+        base,
+        tag,
+        "COPY src /app\nENV SLY_APP_DATA_DIR=/tmp/app-data\nWORKDIR /app\n",
+        rebuild,
+        log,
+    )
+
+
+def _ensure_derived_image(client, src: str, base: str, tag: str, steps: str, rebuild: bool, log) -> str:
+    """`docker build` `tag` FROM `base` with `src` in the context as `src` and the Dockerfile
+    `steps`, labelled with the hash of the base image and the sources (an equal label: no build)."""
     import docker
 
     client = _docker_client(client)
@@ -303,11 +371,7 @@ def ensure_plugin_image(
             return tag
     except docker.errors.ImageNotFound:
         pass
-    dockerfile = (
-        f"FROM {base}\nCOPY src /workdir/src\n"
-        "ENV PYTHONPATH=/workdir:/workdir/src\nWORKDIR /workdir/src\n"
-        f"LABEL {SRC_HASH_LABEL}={digest}\n"
-    ).encode()
+    dockerfile = f"FROM {base}\n{steps}LABEL {SRC_HASH_LABEL}={digest}\n".encode()
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         info = tarfile.TarInfo("Dockerfile")
@@ -339,6 +403,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tools.sdk_image", description=__doc__.splitlines()[0])
     ap.add_argument("--version", default=SDK_VERSION, help=f"SDK version (default {SDK_VERSION})")
     ap.add_argument("--plugin", action="store_true", help=f"also build {PLUGIN_IMAGE}")
+    ap.add_argument("--apps", action="store_true", help=f"also build {APPS_IMAGE}")
     ap.add_argument("--rebuild", action="store_true", help="build even if the image exists")
     ap.add_argument("--check", action="store_true", help="time `import supervisely` in the image")
     args = ap.parse_args(argv)
@@ -349,6 +414,8 @@ def main(argv=None) -> int:
             log(f"sdk_image: `import supervisely` inside takes {check_sdk(tag):.1f} s")
         if args.plugin:
             ensure_plugin_image(base=tag, tag=f"sly-test/sdk-plugin:{args.version}", rebuild=args.rebuild, log=log)
+        if args.apps:
+            ensure_apps_image(base=tag, tag=f"sly-test/sdk-apps:{args.version}", rebuild=args.rebuild, log=log)
     except BuildError as e:
         print(f"sdk_image: {e}", file=sys.stderr)
         return 1

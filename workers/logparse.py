@@ -72,6 +72,19 @@ def structure(line: dict, text: str) -> dict:
     return line
 
 
+def json_start(text: str) -> int:
+    """Where the JSON object of a line starts, or -1. A line normally is one; but the SDK's tqdm
+    bars (stderr, in production too) redraw with `\\r` and cursor moves and end with no newline,
+    so the SDK's next JSON line arrives glued after a bar's last redraw: its object starts at the
+    first `{"` after the line's last `\\r`."""
+    if text.startswith("{"):
+        return 0
+    cr = text.rfind("\r")
+    if cr < 0 or not text.endswith("}"):
+        return -1
+    return text.find('{"', cr)
+
+
 class TimestampParser:
     """RFC 3339 with nanoseconds (Docker's `timestamps=1`) -> ns since the epoch, cached per second."""
 
@@ -196,8 +209,9 @@ class FrameDecoder:
                 self.last_cts = cts
                 text = log[:-1]
                 line = {"ts": cts / 1e9, "cts": cts, "level": "info", "stream": STREAMS[stream], "message": text}
-                if text.startswith("{"):
-                    structure(line, text)
+                start = json_start(text)
+                if start >= 0:
+                    structure(line, text[start:])
                     if "event_type" in line and on_event is not None:
                         on_event(line)
                 append(line)
@@ -288,8 +302,9 @@ class FrameDecoder:
             body = body[MAX_LINE:]
         text = body.decode("utf-8", "replace")
         line = {"ts": cts / 1e9, "cts": cts, "level": "info", "stream": STREAMS[stream], "message": text}
-        if text.startswith("{"):
-            structure(line, text)
+        start = json_start(text)
+        if start >= 0:
+            structure(line, text[start:])
             if "event_type" in line and self.on_event is not None:
                 self.on_event(line)
         out.append(line)

@@ -170,6 +170,8 @@ def test_the_first_run_trained_and_predicted(first_run):
         r"http://\S+/projects/\d+",
         out,
     ), out[-3000:]
+    assert re.search(r"app task \d+ ended finished", out), out[-3000:]
+    assert re.search(r"export: /exports/\d+/demo-project\.tar in team files", out), out[-3000:]
 
 
 @pytest.mark.slow
@@ -194,7 +196,13 @@ def test_training_made_checkpoint_models_and_inference_a_result_project(second_r
     tasks = sorted(client.list_tasks(), key=lambda t: t["id"])
     trains = [t for t in tasks if t["type"] == "train"]
     infers = [t for t in tasks if t["type"] == "inference"]
-    assert len(trains) == 2 and len(infers) == 2, [(t["id"], t["type"], t["state"]) for t in tasks]
+    apps = [t for t in tasks if t["type"] == "app"]
+    assert len(trains) == 2 and len(infers) == 2 and len(apps) == 2, [(t["id"], t["type"], t["state"]) for t in tasks]
+    for app in apps:
+        path = f"/exports/{app['id']}/demo-project.tar"
+        assert app["state"] == "finished" and app["output"]["path"] == path, (app.get("error"), app.get("output"))
+        [entry] = client.list_files(path)
+        assert entry["type"] == "file" and entry["task_id"] == app["id"] and entry["size"] > 0
     models = client.list_models()
     for train, infer in zip(trains, infers, strict=True):
         assert train["state"] == "finished", train.get("error")

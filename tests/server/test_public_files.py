@@ -16,7 +16,6 @@ import subprocess
 import sys
 import tarfile
 import textwrap
-from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, select
@@ -249,16 +248,8 @@ SDK_SCRIPT = textwrap.dedent(
 )
 
 
-def sdk_site():
-    from tools.sdk_image import cache_dir
-
-    return Path(cache_dir()) / "supervisely-6.74.51" / "site"
-
-
-def test_the_real_sdk_uploads_lists_downloads_and_sets_the_output(app, client, tmp_path):
-    site = sdk_site()
-    if not (site / "supervisely").is_dir():
-        pytest.skip(f"the Supervisely SDK 6.74.51 is not unpacked at {site} (tools/sdk_image.py)")
+def test_the_real_sdk_uploads_lists_downloads_and_sets_the_output(app, client, tmp_path, sdk_site):
+    site = sdk_site
     root = f"/t{app.task_id}"
     big, conf = tmp_path / "big.bin", tmp_path / "conf" / "c.json"
     big.write_bytes(os.urandom(int(os.environ.get("SLY_TEST_FILE_MB", "4")) * (1 << 20)))

@@ -428,16 +428,8 @@ print("RESULT " + json.dumps(out))
 """
 
 
-def _sdk_site() -> Path:
-    from tools.sdk_image import cache_dir
-
-    return Path(cache_dir()) / "supervisely-6.74.51" / "site"
-
-
-def test_the_real_sdk_reads_and_downloads_the_project(proj, server, tmp_path):
-    site = _sdk_site()
-    if not (site / "supervisely").is_dir():
-        pytest.skip(f"the Supervisely SDK 6.74.51 is not unpacked at {site} (tools/sdk_image.py fills it)")
+def test_the_real_sdk_reads_and_downloads_the_project(proj, server, tmp_path, sdk_site):
+    site = sdk_site
     script = tmp_path / "sdk_read.py"
     script.write_text(SDK_SCRIPT)
     env = {

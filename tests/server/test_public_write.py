@@ -447,12 +447,8 @@ SDK_SCRIPT = textwrap.dedent(
 )
 
 
-def test_the_real_sdk_creates_uploads_and_upload_projects(server, client, make_agent, tmp_path):
-    from tools.sdk_image import cache_dir
-
-    site = os.path.join(cache_dir(), "supervisely-6.74.51", "site")
-    if not os.path.isdir(os.path.join(site, "supervisely")):
-        pytest.skip(f"the SDK's site folder {site} is absent (python -m tools.sdk_image builds it)")
+def test_the_real_sdk_creates_uploads_and_upload_projects(server, client, make_agent, tmp_path, sdk_site):
+    site = str(sdk_site)
     sample = write_sample_project(str(tmp_path), "sample", {"ds0": 3})
     big = write_sample_project(str(tmp_path), "big", {"ds0": 30, "ds1": 20}, seed=1)
     app = start_app(server, client, make_agent)

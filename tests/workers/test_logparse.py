@@ -81,3 +81,17 @@ def test_not_utf8_and_plain_json_values():
     assert out[0]["message"] == "\ufffd\ufffdok" and out[1]["message"] == "[1, 2]"
     assert out[2]["level"] == "error" and out[2]["data_seq"] == 3 and out[2]["message"] == ""
     assert normalize_event_type("EventType.CHECKPOINT") == "checkpoint"
+
+
+def test_an_sdk_json_line_glued_after_a_tqdm_bar_is_still_structured():
+    # tqdm redraws with \r and cursor moves and ends with no newline: the SDK's next JSON line
+    # arrives after the bar's last redraw, on the same line.
+    bar = b"Uploading:  50%|#####     | 1/2\rUploading: 100%|##########| 2/2\r   \x1b[A"
+    glued = bar + b'{"message": "archive uploaded", "level": "info", "sha256": "ab"}\n'
+    plain_brace = b"weights {not json}\n"
+    no_cr = b'progress {"message": "x"}\n'  # a `{"` without a redraw before it stays text
+    dec, out = FrameDecoder(), []
+    dec.feed(stream_of([(2, glued), (1, plain_brace), (1, no_cr)]), out)
+    assert out[0]["message"] == "archive uploaded" and out[0]["sha256"] == "ab" and out[0]["stream"] == "stderr"
+    assert out[1]["message"] == "weights {not json}" and "sha256" not in out[1]
+    assert out[2]["message"] == 'progress {"message": "x"}'

@@ -5,11 +5,15 @@ one-time sign-in link; adds a node (or reuses `demo-node`) and starts its agent;
 annotated sample project and a base model (or reuses `demo-project` and `demo-base-model`);
 builds a tiny task image locally (busybox, no registry, no SDK); trains on the project while
 printing the live log (SDK-style progress, train and val metrics, checkpoints); runs inference
-with the trained model and prints where to see the predictions. Then it leaves the server and
-the agent running until Ctrl-C, which stops the agent (its tasks first), then the server.
+with the trained model and prints where to see the predictions; then runs one App (an `app` task:
+tools/demo/app/export_project.py, which exports the project to team files through the public
+API, as a Supervisely export App does) and prints where its archive is. Then it leaves the
+server and the agent running until Ctrl-C, which stops the agent (its tasks first), then the
+server.
 
-`--exit-when-done` stops everything once inference ends (exit 0 only if training made a model and
-inference made a project). `--signin-link` prints a fresh one-time link for a running demo.
+`--exit-when-done` stops everything once the App ends (exit 0 only if training made a model,
+inference made a project and the App an archive). `--signin-link` prints a fresh one-time link
+for a running demo.
 """
 
 from __future__ import annotations
@@ -30,12 +34,14 @@ import requests
 
 from client import UserClient
 from protocol import endpoints
+from tools.demo.app_image import APP_COMMAND, ensure_demo_app_image
 from tools.images import ensure_demo_image
 from tools.sample_project import write_sample_project
 
 REPO = Path(__file__).resolve().parents[2]
 NODE, PROJECT, BASE_MODEL = "demo-node", "demo-project", "demo-base-model"
 FINAL = ("finished", "failed", "stopped", "lost")
+TASK_TYPES = ("train", "inference", "app")
 
 
 def pick_port(host: str, preferred: int) -> int:
@@ -209,7 +215,7 @@ class Demo:
         token_file = self.data / "node_token"
         nodes = sorted((a for a in client.list_agents() if a["name"] == NODE), key=lambda a: a["id"])
         if not nodes:
-            made = client.create_agent(NODE, ["train", "inference"])
+            made = client.create_agent(NODE, list(TASK_TYPES))
             node, token, how = made, made["token"], "added"
         else:
             node = nodes[0]
@@ -217,7 +223,7 @@ class Demo:
             how = "reused"
             if not token or not _agent_token_works(url, token):
                 token, how = client.rotate_token(node["id"])["token"], "reused (new token)"
-            missing = [t for t in ("train", "inference") if t not in node["allowed_task_types"]]
+            missing = [t for t in TASK_TYPES if t not in node["allowed_task_types"]]
             if missing:
                 client.patch_agent(node["id"], allowed_task_types=node["allowed_task_types"] + missing)
         fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -317,6 +323,29 @@ class Demo:
         )
         return pid
 
+    def export_app(self, client: UserClient, url: str, node: dict, project: dict) -> str | None:
+        """The App: the project as a .tar in team files (the task's output); that file's path."""
+        image = ensure_demo_app_image()
+        say(f"App image {image} ready (Python's standard library, built locally)")
+        final = self.run_task(
+            client,
+            url,
+            agent_id=node["id"],
+            type="app",
+            image=image,
+            command=APP_COMMAND,
+            config={},
+            project_id=project["id"],
+        )
+        if final["state"] != "finished":
+            return None
+        path = f"/exports/{final['id']}/{project['name']}.tar"
+        say(
+            f"export: {path} in team files, the task's output ({url}/tasks/{final['id']}); "
+            f"download it with: python -m client files download {path} ."
+        )
+        return path
+
     def run(self) -> int:
         url, admin = self.start_server()
         say(f"server on {url} (data in {self.data}, log: {self.data / 'server.log'})")
@@ -332,7 +361,8 @@ class Demo:
         base = self.ensure_base_model(client)
         model_id = self.train(client, url, node, project, base, image)
         predictions = self.infer(client, url, node, project, model_id, image) if model_id else None
-        ok = bool(model_id and predictions)
+        exported = self.export_app(client, url, node, project)
+        ok = bool(model_id and predictions and exported)
         if self.args.exit_when_done:
             return 0 if ok else 1
         say(f"console: {url}/ (a fresh sign-in link: ./run.sh demo --signin-link --data {self.args.data})")
@@ -394,7 +424,7 @@ def main(argv=None) -> int:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8700, help="server port (a free one if it is taken)")
     ap.add_argument("--epochs", type=int, default=5)
-    ap.add_argument("--exit-when-done", action="store_true", help="stop everything when inference ends")
+    ap.add_argument("--exit-when-done", action="store_true", help="stop everything when the App ends")
     ap.add_argument("--signin-link", action="store_true", help="print a fresh one-time sign-in link for a running demo")
     args = ap.parse_args(argv)
     if args.signin_link:
