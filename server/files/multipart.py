@@ -99,17 +99,13 @@ class MultipartReader:
         return True
 
     async def _skip_to_delimiter(self) -> None:
-        """Drop bytes up to and including the next delimiter (the preamble before the first part)."""
-        while True:
-            i = self._buf.find(self._delim)
-            if i >= 0:
-                del self._buf[: i + len(self._delim)]
-                return
-            keep = len(self._delim) - 1
-            if len(self._buf) > keep:
-                del self._buf[: len(self._buf) - keep]
-            if not await self._fill():
-                raise _bad("the body has no multipart delimiter (is the boundary right?)")
+        """Read the first delimiter, which must open the body: RFC 2046 allows a preamble before it,
+        but no client of ours sends one, and a body whose start is mangled would otherwise lose its
+        first part to the "preamble" silently."""
+        await self._need(len(self._delim))
+        if not self._buf.startswith(self._delim):
+            raise _bad("the body does not start with its multipart delimiter (is the boundary right?)")
+        del self._buf[: len(self._delim)]
 
     async def _need(self, n: int) -> None:
         while len(self._buf) < n:

@@ -31,11 +31,7 @@ holds it.
 
 from __future__ import annotations
 
-import hashlib
-import os
-import secrets
 import time
-from collections.abc import AsyncIterator
 
 from sqlalchemy import bindparam, insert, select, text, update
 from starlette.concurrency import run_in_threadpool
@@ -47,6 +43,7 @@ from protocol.sly_format import BadFormat, Budget, Meta, check_ann, check_meta, 
 from server import db
 from server.blobs import refs as blob_refs
 from server.blobs.store import SHA256_RE, BlobStore
+from server.files import intake, multipart
 from server.http.strict import ID_MAX
 from server.projects import service
 from server.projects.images import image_size
@@ -58,9 +55,6 @@ MAX_ENTRIES = 1000  # images or annotations per images.bulk.add / annotations.bu
 MAX_HASHES = 10_000  # hashes per images.internal.hashes.list (the SDK: 900)
 MAX_PARTS = 1000  # parts of one images.bulk.upload (the SDK: 50)
 MAX_UPLOAD_BYTES = bulk.MAX_BYTES  # image bytes of one images.bulk.upload, as one bulk blob upload
-MAX_PART_HEADERS = 16 * 1024  # the header block of one part
-MAX_BOUNDARY = 70  # RFC 2046
-SMALL_PART = 1 << 20  # a part up to this is held in memory; a larger one is spilled to a file as it comes
 ID_BATCH = 500  # ids per query (SQLite binds a bounded number of parameters)
 SCAN_PAGE = 500  # stored annotations read at once when a meta change is checked against them
 # PostgreSQL: projects.add holds this advisory lock while it checks that the name is free and inserts.
@@ -181,172 +175,24 @@ async def hashes_list(call: Call):
 # --- images.bulk.upload: a multipart body streamed into the blob store ----------------------------------
 
 
-def _boundary(content_type: str) -> bytes:
-    """The boundary of a `multipart/form-data` content type, or a 400."""
-    kind, _, params = content_type.partition(";")
-    if kind.strip().lower() != "multipart/form-data":
-        raise APIError(400, "invalid_request", "images.bulk.upload takes a multipart/form-data body")
-    for p in params.split(";"):
-        key, _, value = p.strip().partition("=")
-        if key.lower() == "boundary":
-            b = value.strip().strip('"')
-            if 0 < len(b) <= MAX_BOUNDARY and b.isascii():
-                return b.encode()
-    raise APIError(400, "invalid_request", f"the multipart content type needs a boundary of 1 to {MAX_BOUNDARY} bytes")
-
-
-class BadMultipart(ValueError):
-    """The body is not the multipart/form-data it says it is (or it ends too soon)."""
-
-
-class MultipartReader:
-    """The parts of a multipart/form-data body as it streams in: `next_part()` reads a part's
-    headers, `chunks()` its bytes, handed on as they come (never the whole part in memory). Only
-    the unread tail of the latest chunk and one delimiter's worth of bytes are buffered."""
-
-    def __init__(self, chunks: AsyncIterator[bytes], boundary: bytes):
-        self._it = chunks.__aiter__()
-        self._buf = bytearray()
-        self._delim = b"\r\n--" + boundary
-        self._first = b"--" + boundary
-        self._started = self._done = False
-
-    async def _more(self) -> bool:
-        try:
-            chunk = await self._it.__anext__()
-        except StopAsyncIteration:
-            return False
-        self._buf += chunk
-        return True
-
-    async def _need(self, n: int) -> None:
-        while len(self._buf) < n:
-            if not await self._more():
-                raise BadMultipart("the body ends inside a multipart delimiter")
-
-    async def next_part(self) -> dict[str, str] | None:
-        """The next part's headers (lower-case names), or None after the closing delimiter."""
-        if self._done:
-            return None
-        if not self._started:
-            await self._need(len(self._first))
-            if not self._buf.startswith(self._first):
-                raise BadMultipart("the body does not start with the multipart boundary")
-            del self._buf[: len(self._first)]
-            self._started = True
-        await self._need(2)
-        if self._buf[:2] == b"--":  # the closing delimiter; what follows it is ignored
-            self._done = True
-            return None
-        if self._buf[:2] != b"\r\n":
-            raise BadMultipart("a multipart delimiter is not followed by a line end")
-        del self._buf[:2]
-        while (end := self._buf.find(b"\r\n\r\n")) < 0:
-            if len(self._buf) > MAX_PART_HEADERS:
-                raise BadMultipart(f"a part's headers are longer than {MAX_PART_HEADERS} bytes")
-            if not await self._more():
-                raise BadMultipart("the body ends inside a part's headers")
-        if end > MAX_PART_HEADERS:
-            raise BadMultipart(f"a part's headers are longer than {MAX_PART_HEADERS} bytes")
-        headers = {}
-        for line in bytes(self._buf[:end]).split(b"\r\n"):
-            name, sep, value = line.partition(b":")
-            if sep:
-                headers[name.strip().lower().decode("latin-1")] = value.strip().decode("latin-1")
-        del self._buf[: end + 4]
-        return headers
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        """The current part's bytes, up to the next delimiter (which is left for next_part)."""
-        keep = len(self._delim) - 1  # a delimiter may straddle two chunks
-        while True:
-            at = self._buf.find(self._delim)
-            if at >= 0:
-                if at:
-                    yield bytes(self._buf[:at])
-                del self._buf[: at + len(self._delim)]
-                return
-            if len(self._buf) > keep:
-                out = bytes(self._buf[: len(self._buf) - keep])
-                del self._buf[: len(out)]
-                yield out
-            if not await self._more():
-                raise BadMultipart("the body ends inside a part (no closing delimiter)")
-
-
-class PartSink:
-    """One part's bytes on their way into the store: hashed as they come, held in memory up to
-    SMALL_PART, spilled to a file in the store's tmp/ beyond it (written off the event loop)."""
-
-    def __init__(self, store: BlobStore):
-        self.store = store
-        self.digest = hashlib.sha256()
-        self.held: list[bytes] = []
-        self.held_bytes = self.size = 0
-        self.spill = None  # the open spill file
-        self.spill_path = None
-
-    async def write(self, data: bytes) -> None:
-        self.digest.update(data)
-        self.size += len(data)
-        self.held.append(data)
-        self.held_bytes += len(data)
-        if self.held_bytes > SMALL_PART:
-            await run_in_threadpool(self._flush)
-
-    def _flush(self) -> None:
-        if self.spill is None:
-            self.spill_path = self.store.tmp / f"appup.{secrets.token_hex(8)}"
-            fd = os.open(self.spill_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            self.spill = os.fdopen(fd, "wb")
-        self.spill.writelines(self.held)
-        self.held, self.held_bytes = [], 0
-
-    async def store_it(self) -> str:
-        """Store the part (quota and all, as any blob); its sha256."""
-        sha = self.digest.hexdigest()
-        if self.spill is None:
-            await run_in_threadpool(self.store.put_bytes, sha, b"".join(self.held))
-            return sha
-        await run_in_threadpool(self._flush)
-        self.spill.close()
-        # The store takes a stream whose hash it checks as it copies (quota, an existing blob made
-        # young again): the spilled file is read back once. Only parts over SMALL_PART pay this.
-        await self.store.put_stream(sha, _file_chunks(self.spill_path), self.size)
-        return sha
-
-    def discard(self) -> None:
-        if self.spill is not None:
-            self.spill.close()
-            self.spill_path.unlink(missing_ok=True)
-
-
-async def _file_chunks(path) -> AsyncIterator[bytes]:
-    f = await run_in_threadpool(open, path, "rb")
-    try:
-        while data := await run_in_threadpool(f.read, SMALL_PART):
-            yield data
-    finally:
-        f.close()
-
-
 @method("images.bulk.upload", http="STREAM")
 async def images_bulk_upload(call: Call):
     """Image bytes, one per part of a multipart body (the SDK's `_upload_uniq_images_single_req`):
-    each is hashed as it streams and stored; answered `[{"hash"}]` per part in order, the SDK's
-    hash of the bytes that came (the SDK compares it with its own). The stored ones count as the
-    App's uploads (refs.APP_UPLOAD) also when the body then fails: what was stored stays stored."""
-    boundary = _boundary(call.request.headers.get("content-type", ""))
+    each is hashed as it streams into the store (server/files: the team files' reader and intake);
+    answered `[{"hash"}]` per part in order, the SDK's hash of the bytes that came (the SDK compares
+    it with its own). The stored ones count as the App's uploads (refs.APP_UPLOAD) also when the
+    body then fails: what was stored stays stored."""
+    reader = multipart.MultipartReader(
+        call.request.stream(), multipart.boundary_of(call.request.headers.get("content-type", ""))
+    )
     stored: list[str] = []
     failure: APIError | None = None
     try:
-        await _read_parts(call.state.blobs, MultipartReader(call.request.stream(), boundary), stored)
-    except BadMultipart as e:
-        failure = APIError(400, "bad_multipart", f"part {len(stored)}: {e}; the parts before it are stored")
+        await _read_parts(call.state.blobs, reader, stored)
     except ClientDisconnect:
         failure = APIError(400, "incomplete_upload", "the client went away before the upload ended")
     except APIError as e:
-        failure = e
+        failure = APIError(e.status or 400, e.code, f"part {len(stored)}: {e.detail}; the parts before it are stored")
     if stored:
         await call.state.db.run(_record_uploads, call.state, call.task["id"], stored)
     if failure is not None:
@@ -354,27 +200,17 @@ async def images_bulk_upload(call: Call):
     return [{"hash": infos.sly_hash(h)} for h in stored]
 
 
-async def _read_parts(store: BlobStore, reader: MultipartReader, stored: list[str]) -> None:
+async def _read_parts(store: BlobStore, reader: multipart.MultipartReader, stored: list[str]) -> None:
     total = 0
     # A part's headers (its field name and file name) say nothing its place in the body does not.
-    while await reader.next_part() is not None:
+    async for part in reader:
         if len(stored) >= MAX_PARTS:
             raise APIError(400, "too_many_entries", f"more than {MAX_PARTS} parts; send them in several requests")
-        sink = PartSink(store)
-        try:
-            async for data in reader.chunks():
-                total += len(data)
-                if total > MAX_UPLOAD_BYTES:
-                    raise APIError(
-                        400,
-                        "too_large",
-                        f"part {len(stored)} takes the upload past {MAX_UPLOAD_BYTES} bytes; "
-                        "send the images in several requests",
-                    )
-                await sink.write(data)
-            stored.append(await sink.store_it())
-        finally:
-            sink.discard()
+        sha, size = await intake.receive(
+            store, part.chunks(), MAX_UPLOAD_BYTES - total, what=f"the upload (past {MAX_UPLOAD_BYTES} bytes)"
+        )
+        total += size
+        stored.append(sha)
 
 
 def _record_uploads(state, task_id: int, hashes: list[str]) -> None:

@@ -19,8 +19,9 @@ import pytest
 import server.public.files  # noqa: F401  (see HUGE's comment)
 import server.public.read  # noqa: F401
 import server.public.tasks  # noqa: F401
+from protocol.errors import APIError
 from protocol.sly_format import empty_ann
-from server.public.write import BadMultipart, MultipartReader
+from server.files.multipart import MultipartReader
 from tests.support.apps import start_app
 from tools.sample_project import png_bytes, write_sample_project
 
@@ -318,28 +319,25 @@ def test_multipart_upload_refuses_what_is_not_one_and_keeps_complete_parts(app):
 
 
 def test_multipart_reader_finds_delimiters_across_chunk_edges():
+    """server/files/multipart.py, which images.bulk.upload and the team files share."""
     parts = [b"", b"\r\n--b0und", os.urandom(5000), b"--b0undary"]
     body, _ = multipart(parts)
 
-    async def read(step: int):
+    async def read(data: bytes, step: int):
         async def chunks():
-            for i in range(0, len(body), step):
-                yield body[i : i + step]
+            for i in range(0, len(data), step):
+                yield data[i : i + step]
 
-        reader, out = MultipartReader(chunks(), b"b0undary"), []
-        while (headers := await reader.next_part()) is not None:
-            assert headers["content-type"] == "image/*"
-            out.append(b"".join([c async for c in reader.chunks()]))
+        out = []
+        async for part in MultipartReader(chunks(), b"b0undary"):
+            assert part.content_type == "image/*"
+            out.append(b"".join([c async for c in part.chunks()]))
         return out
 
     for step in (1, 3, 7, 64, len(body)):
-        assert asyncio.run(read(step)) == parts
-    with pytest.raises(BadMultipart):
-        body = body[:-30]
-        asyncio.run(read(5))
-
-
-# --- annotations ---
+        assert asyncio.run(read(body, step)) == parts
+    with pytest.raises(APIError, match="ends"):
+        asyncio.run(read(body[:-30], 5))
 
 
 def test_annotations_are_checked_whole_and_stored_in_pixel_coordinates(app, client):
