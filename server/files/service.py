@@ -157,6 +157,7 @@ def put(conn, team_id: int, path: str, sha256: str, size: int, task_id: int | No
         if old["sha256"] != sha256:
             _drop_ref(conn, old["id"], old["sha256"])
         row = get_by_path(conn, team_id, path)
+    assert row is not None  # written above, in this transaction
     refs.add(conn, refs.TEAM_FILE, row["id"], [sha256])
     return row
 
