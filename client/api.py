@@ -17,7 +17,6 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import requests
@@ -440,15 +439,7 @@ class UserClient:
             if real != root and root not in real.parents:  # a symlinked folder in dest
                 raise download.DownloadError(f"{target} would be written outside {root}; refusing")
             files.append(download.File(e["sha256"], e["size"], target))
-        tally.stage("receiving", len(files), sum(f.size for f in files))
-        with ThreadPoolExecutor(max(1, parallel), thread_name_prefix="sly-download") as pool:
-            receiver = download.Receiver(self, pool, parallel, tally)
-            try:
-                receiver.finish(receiver.submit(files))
-            except BaseException:
-                receiver.stop.set()
-                pool.shutdown(wait=True, cancel_futures=True)
-                raise
+        download.receive_all(self, files, parallel, tally)
         total = sum(f.size for f in files)
         return {"path": folder, "type": "folder", "dest": str(root), "files": len(files), "bytes": total}
 

@@ -351,7 +351,13 @@ def download_model(
         dest = root.joinpath(*e["path"].split("/"))
         dest.parent.mkdir(parents=True, exist_ok=True)
         files.append(File(e["sha256"], int(e.get("size") or 0), _inside(root, dest)))
-    tally = Tally(progress)
+    receive_all(client, files, parallel, Tally(progress))
+    return {**model, "dir": str(root)}
+
+
+def receive_all(client, files: list[File], parallel: int, tally: Tally) -> None:
+    """Fetch `files` (each checked against its sha256 as it is written) on `parallel` threads; on
+    any failure the others stop and the error is raised."""
     tally.stage("receiving", len(files), sum(f.size for f in files))
     with ThreadPoolExecutor(max(1, parallel), thread_name_prefix="sly-download") as pool:
         receiver = Receiver(client, pool, parallel, tally)
@@ -361,4 +367,3 @@ def download_model(
             receiver.stop.set()
             pool.shutdown(wait=True, cancel_futures=True)
             raise
-    return {**model, "dir": str(root)}

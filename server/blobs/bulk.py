@@ -375,17 +375,23 @@ def tar_stream(store: BlobStore, entries: list[tuple[str, int]]) -> Iterator[byt
             break
         with f:
             yield bulk.header(sha, size)
-            left = size
-            while left and (data := f.read(min(PIECE, left))):
-                left -= len(data)
-                yield data
-            if left:
+            if (yield from file_pieces(f, size)) < size:
                 return
         pieces, held = [bulk.padding(size)], -size % bulk.BLOCK
     else:
         pieces.append(bulk.TAR_END)
     if pieces:
         yield b"".join(pieces)
+
+
+def file_pieces(f, size: int):
+    """Yield the first `size` bytes of the open file `f` in pieces of at most PIECE bytes; return
+    how many came (fewer: the file is shorter than it was, and the stream must end there)."""
+    left = size
+    while left and (data := f.read(min(PIECE, left))):
+        left -= len(data)
+        yield data
+    return size - left
 
 
 def read_whole(path, size: int) -> bytes | None:

@@ -53,22 +53,30 @@ def readable(conn, agent_id: int, hashes) -> set[str]:
     mine = select(t.id).where(t.agent_id == agent_id)
     projects = select(t.project_id).where(t.agent_id == agent_id, t.state.in_(leased), t.project_id.is_not(None))
     models = select(t.model_id).where(t.agent_id == agent_id, t.state.in_(leased), t.model_id.is_not(None))
+    return _named(
+        conn,
+        hashes,
+        ((r.kind == UPLOAD) & (r.owner_id == agent_id))
+        | ((r.kind == RESULT) & r.owner_id.in_(mine))
+        | ((r.kind == PROJECT) & r.owner_id.in_(projects))
+        | ((r.kind == MODEL) & r.owner_id.in_(models)),
+    )
+
+
+def app_readable(conn, task_id: int, hashes) -> set[str]:
+    """Those of `hashes` the App of task `task_id` may name (server/public): an image of any project
+    (the one team reads them all), a team file, or its own upload."""
+    r = db.blob_refs.c
+    return _named(conn, hashes, r.kind.in_((PROJECT, TEAM_FILE)) | ((r.kind == APP_UPLOAD) & (r.owner_id == task_id)))
+
+
+def _named(conn, hashes, which) -> set[str]:
+    """Those of `hashes` that a reference matching `which` names (one indexed query per READ_BATCH)."""
+    r = db.blob_refs.c
     hashes = sorted(set(hashes))
     out: set[str] = set()
     for i in range(0, len(hashes), READ_BATCH):
-        q = (
-            select(r.sha256)
-            .distinct()
-            .where(
-                r.sha256.in_(hashes[i : i + READ_BATCH]),
-                (
-                    ((r.kind == UPLOAD) & (r.owner_id == agent_id))
-                    | ((r.kind == RESULT) & r.owner_id.in_(mine))
-                    | ((r.kind == PROJECT) & r.owner_id.in_(projects))
-                    | ((r.kind == MODEL) & r.owner_id.in_(models))
-                ),
-            )
-        )
+        q = select(r.sha256).distinct().where(r.sha256.in_(hashes[i : i + READ_BATCH]), which)
         out.update(conn.execute(q).scalars())
     return out
 

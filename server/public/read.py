@@ -33,7 +33,7 @@ from sqlalchemy import false, func, select
 
 from protocol.errors import APIError
 from server import db
-from server.blobs.bulk import PIECE, read_whole
+from server.blobs.bulk import PIECE, file_pieces, read_whole
 from server.http.strict import ID_MAX, dumps_bytes
 from server.public import infos
 from server.public.registry import Call, method
@@ -638,11 +638,7 @@ def _multipart(store, heads: list[bytes], items: list[dict], end: bytes) -> Iter
         with f:
             yield b"".join([*pieces, head])
             pieces, held = [], 0
-            left = size
-            while left and (data := f.read(min(PIECE, left))):
-                left -= len(data)
-                yield data
-            if left:
+            if (yield from file_pieces(f, size)) < size:
                 return
         pieces, held = [b"\r\n"], 2
     else:

@@ -132,29 +132,9 @@ def _ann_size(ann) -> tuple[int | None, int | None]:
 # --- blobs the App may read --------------------------------------------------------------------------
 
 
-def readable(conn, task_id: int, hashes) -> set[str]:
-    """Those of `hashes` the App of task `task_id` may name: a project's image, a team file, or its
-    own upload (one indexed query per ID_BATCH)."""
-    r = db.blob_refs.c
-    hashes = sorted(set(hashes))
-    out: set[str] = set()
-    for i in range(0, len(hashes), ID_BATCH):
-        q = (
-            select(r.sha256)
-            .distinct()
-            .where(
-                r.sha256.in_(hashes[i : i + ID_BATCH]),
-                r.kind.in_((blob_refs.PROJECT, blob_refs.TEAM_FILE))
-                | ((r.kind == blob_refs.APP_UPLOAD) & (r.owner_id == task_id)),
-            )
-        )
-        out.update(conn.execute(q).scalars())
-    return out
-
-
 def _readable(state, task_id: int, hashes) -> set[str]:
     with state.db.reader() as conn:
-        return readable(conn, task_id, hashes)
+        return blob_refs.app_readable(conn, task_id, hashes)
 
 
 @method("images.internal.hashes.list", http="RAW")
@@ -421,7 +401,7 @@ def _image_sources(state, task_id: int, dataset_id: int, wanted) -> tuple[dict, 
         dataset = infos.dataset_row(conn, dataset_id)
         if dataset is None:
             raise APIError(404, "dataset_not_found", f"no dataset {dataset_id}")
-        ok = readable(conn, task_id, [sha for _, sha, _ in wanted if sha is not None])
+        ok = blob_refs.app_readable(conn, task_id, [sha for _, sha, _ in wanted if sha is not None])
         sources = _items_by_id(conn, [iid for _, _, iid in wanted if iid is not None])
     for i, (title, sha, iid) in enumerate(wanted):
         if sha is not None and sha not in ok:

@@ -90,3 +90,10 @@ def online_agent(server, name: str, types: list[str] | None = None, **system_inf
     agent = FakeAgent(server.url, created["token"], created["id"])
     agent.connect(**system_info)
     return created, agent
+
+
+def create_task(server, agent_id: int, **body) -> dict:
+    """POST /api/v1/tasks as the admin (the body as given); the task."""
+    r = server.admin().post(server.url + "/api/v1/tasks", json={"agent_id": agent_id, **body}, timeout=10)
+    r.raise_for_status()
+    return r.json()

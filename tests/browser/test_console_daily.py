@@ -9,16 +9,11 @@ import pytest
 from PIL import Image
 
 from client.api import UserClient
+from tests.browser.conftest import create_task as _task
 from tests.browser.conftest import online_agent, shot
 
 pytestmark = pytest.mark.browser
 expect = pytest.importorskip("playwright.sync_api").expect
-
-
-def _task(server, agent_id: int, **body) -> dict:
-    r = server.admin().post(server.url + "/api/v1/tasks", json={"agent_id": agent_id, **body}, timeout=10)
-    r.raise_for_status()
-    return r.json()
 
 
 def test_task_list_says_why_queued_tasks_wait(console, server):

@@ -35,3 +35,19 @@ def sample_project(tmp_path_factory):
     from tools.sample_project import write_sample_project
 
     return write_sample_project(str(tmp_path_factory.mktemp("sample")), name="sample")
+
+
+@pytest.fixture(scope="module")
+def user(server):
+    """The user API's client on the session server."""
+    from client import UserClient
+
+    return UserClient(server.url, server.admin_token)
+
+
+@pytest.fixture(scope="module")
+def original(sdk_image, sample_project):
+    """What the SDK itself reads of the sample project (tests/sdk/sdk_check.project_summary)."""
+    from tests.sdk.sdk_check import project_summary
+
+    return project_summary(sample_project["path"], sdk_image)

@@ -82,18 +82,6 @@ def apps_image(docker_client, sdk_image):
 
 
 @pytest.fixture(scope="module")
-def user(server):
-    from client import UserClient
-
-    return UserClient(server.url, server.admin_token)
-
-
-@pytest.fixture(scope="module")
-def original(sdk_image, sample_project):
-    return project_summary(sample_project["path"], sdk_image)
-
-
-@pytest.fixture(scope="module")
 def project(server, sample_project):
     """The sample project, uploaded with the CLI as a user would."""
     from tests.cli.test_cli import cli_json

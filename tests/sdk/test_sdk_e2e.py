@@ -94,18 +94,6 @@ def check_predictions(predicted: dict, original: dict) -> None:
             assert iou(pred["bbox"], truth["bbox"]) >= 0.5, (key, truth, pred)
 
 
-@pytest.fixture(scope="module")
-def user(server):
-    from client import UserClient
-
-    return UserClient(server.url, server.admin_token)
-
-
-@pytest.fixture(scope="module")
-def original(sdk_image, sample_project):
-    return project_summary(sample_project["path"], sdk_image)
-
-
 # --- the handlers, with the annotations as the server sends them ----------------------------
 
 
