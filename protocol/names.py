@@ -1,7 +1,7 @@
 """What no name on the wire may hold: control characters (C0, DEL, C1).
 
 In a name they would rewrite a reader's terminal (the CLI's listings) or split a log line. The
-server refuses them in every name and path (server/schemas.py), the agent skips result files
+server refuses them in every name and path (server/http/fields.py), the agent skips result files
 named with them (workers/safefs.py), and the CLI shows them as escapes (client/term.py).
 """
 

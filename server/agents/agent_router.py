@@ -10,9 +10,9 @@ from fastapi import APIRouter, Query, Request
 
 from protocol import endpoints
 from server.agents import service
+from server.agents.schemas import PollIn
 from server.http.deps import ANY_OBJECT, AgentDep, StateDep, json_object
 from server.http.strict import SafeJSONResponse
-from server.schemas import PollIn
 from server.wakeups import Waiters
 
 router = APIRouter(tags=["agent"])

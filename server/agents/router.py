@@ -9,10 +9,10 @@ from fastapi import APIRouter, Query, Request
 
 from protocol import endpoints
 from server.agents import service
+from server.agents.schemas import AgentIn, AgentPatch
 from server.auth.service import hash_token, new_token
 from server.http.deps import AdminDep, StateDep, conditional_json, cursor_id, page
 from server.http.strict import RowId
-from server.schemas import AgentIn, AgentPatch
 from server.tasks.service import retry_race
 from server.telemetry import service as tele
 

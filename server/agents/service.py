@@ -18,7 +18,7 @@ from protocol.states import FINAL, LEASED, TaskState
 from protocol.tasks import TASK_TYPES
 from server import db
 from server.agents.contact import UnwrittenContacts
-from server.schemas import PollIn
+from server.agents.schemas import PollIn
 from server.tasks.service import LEASED_VALUES, change_state, hand_out
 from server.telemetry import service as tele
 

@@ -8,9 +8,9 @@ from fastapi.responses import RedirectResponse
 
 from protocol import endpoints
 from server.auth.deps import check_browser_write, client_of
+from server.auth.schemas import SessionIn
 from server.auth.service import SESSION_COOKIE, create_link, spend_link, verify_admin_token
 from server.http.deps import AdminDep, StateDep
-from server.schemas import SessionIn
 
 router = APIRouter(tags=["user"])
 

@@ -25,7 +25,7 @@ from protocol import bulk
 from protocol.errors import APIError
 from server.blobs import refs as blob_refs
 from server.blobs.store import SHA256_RE, BlobStore
-from server.schemas import UserIn
+from server.http.fields import UserIn
 from server.state import ServerState
 
 PIECE = 1 << 20  # download: bytes read from disk and handed to the event loop at once

@@ -86,7 +86,7 @@ def install_error_handlers(app: FastAPI) -> None:
         errs = exc.errors()
         if any(e.get("type") == "json_invalid" for e in errs):
             return error_response(400, "malformed_json", "the request body is not valid JSON")
-        # The user API's bodies refuse fields they do not know (server/schemas.py UserIn): most
+        # The user API's bodies refuse fields they do not know (server/http/fields.py UserIn): most
         # often a typo, said first and with its own code, whatever else is wrong.
         unknown = [_where(e) for e in errs if e.get("type") == "extra_forbidden"]
         if unknown:

@@ -10,7 +10,7 @@ from protocol import endpoints
 from server.http.deps import AdminDep, StateDep, cursor_id, page
 from server.http.strict import RowId, query_id
 from server.models import service
-from server.schemas import ModelIn
+from server.models.schemas import ModelIn
 
 router = APIRouter(tags=["user"])
 

@@ -10,7 +10,8 @@ from sqlalchemy import insert, select
 from server import db
 from server.blobs import refs as blob_refs
 from server.db import rows
-from server.schemas import check_files, model_hash
+from server.http.fields import check_files
+from server.models.schemas import model_hash
 from server.tasks import service as tasks
 
 CONFIG_MAX_BYTES = 256 * 1024

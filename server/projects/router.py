@@ -12,8 +12,8 @@ from protocol import endpoints
 from server.http.deps import AdminDep, ParsedJSONRoute, StateDep, cursor_id, page
 from server.http.strict import RowId
 from server.projects import service
+from server.projects.schemas import PAGE_MAX, ProjectIn, ProjectItemsIn
 from server.projects.stats import StatsCache
-from server.schemas import PAGE_MAX, ProjectIn, ProjectItemsIn
 
 router = APIRouter(tags=["user"], route_class=ParsedJSONRoute)
 

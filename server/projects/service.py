@@ -20,8 +20,8 @@ from protocol.sly_format import BadFormat, Budget, Meta, check_ann, check_meta, 
 from server import db
 from server.blobs import refs as blob_refs
 from server.db import rows
+from server.http.fields import check_files, check_relpath
 from server.projects.images import image_size
-from server.schemas import check_files, check_relpath
 
 # Checks running at once per `who` (a node): a check is seconds of CPU in a worker thread, so one
 # node posting many at once would take the thread pool and the cores from everyone else.

@@ -44,12 +44,12 @@ from server import db
 from server.blobs import refs as blob_refs
 from server.blobs.store import SHA256_RE, BlobStore
 from server.files import intake, multipart
+from server.http.fields import check_relpath
 from server.http.strict import ID_MAX
 from server.projects import service
 from server.projects.images import image_size
 from server.public import infos
 from server.public.registry import Call, method
-from server.schemas import check_relpath
 
 MAX_ENTRIES = 1000  # images or annotations per images.bulk.add / annotations.bulk.add / .copy (the SDK: 50)
 MAX_HASHES = 10_000  # hashes per images.internal.hashes.list (the SDK: 900)

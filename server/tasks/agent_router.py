@@ -11,8 +11,9 @@ from starlette.concurrency import run_in_threadpool
 from protocol import endpoints
 from server.http.deps import AgentDep, ParsedJSONRoute, StateDep, cursor_id, page
 from server.http.strict import RowId
-from server.schemas import PAGE_MAX, ResultsIn, StateIn
+from server.projects.schemas import PAGE_MAX
 from server.tasks import results as result_posts
+from server.tasks.schemas import ResultsIn, StateIn
 from server.tasks.service import agent_change_state, own_task, release_task, retry_race, task_project_items
 
 # The results route takes the body the middleware decoded: decoding a project result again

@@ -11,8 +11,11 @@ from protocol.states import FINAL, TaskState
 from server import db
 from server.blobs import refs as blob_refs
 from server.blobs.store import SHA256_RE
+from server.http.fields import check_files, check_relpath
+from server.models.schemas import model_hash
+from server.projects.schemas import DatasetIn, ItemRef
 from server.projects.service import NAME_BATCH, append_items, insert_project, prepare, project_meta, same_project
-from server.schemas import DatasetIn, ItemRef, ResultsIn, check_files, check_relpath, model_hash
+from server.tasks.schemas import ResultsIn
 from server.tasks.service import own_task
 
 _t = db.tasks.c
@@ -45,7 +48,7 @@ def check_fields(body: ResultsIn) -> None:
 
 class Readable:
     """The blob store as one agent sees it: a blob it may not read is missing. The checks of a
-    results post (server.schemas.check_files, server.projects.prepare) read sizes through it, so
+    results post (server.http.fields.check_files, server.projects.prepare) read sizes through it, so
     a forbidden blob gets the answer of a missing one, never its size."""
 
     def __init__(self, blobs, hashes: set[str]):

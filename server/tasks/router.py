@@ -11,8 +11,8 @@ from protocol.states import TaskState
 from server.http.deps import AdminDep, StateDep, cursor_id, page
 from server.http.strict import RowId, query_id
 from server.logs import service as logs
-from server.schemas import TaskIn
 from server.tasks import lost, retention, service, waiting
+from server.tasks.schemas import TaskIn
 from server.tasks.service import public_task, retry_race
 
 router = APIRouter(tags=["user"])

@@ -14,7 +14,7 @@ from protocol.tasks import CONTAINER_TYPES, TASK_TYPES
 from server import db
 from server.db.rows import get_row
 from server.projects.service import items_page
-from server.schemas import RETRY_MAX
+from server.tasks.schemas import RETRY_MAX
 
 LEASED_VALUES = [s.value for s in LEASED]
 

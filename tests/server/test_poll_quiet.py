@@ -14,8 +14,8 @@ from sqlalchemy import delete, insert, select
 
 from protocol.states import LEASED, TaskState
 from server import db
+from server.agents.schemas import PollIn
 from server.agents.service import PEEK, quiet_answer
-from server.schemas import PollIn
 from server.tasks.service import hand_out
 
 STATES = [s.value for s in TaskState]

@@ -20,7 +20,7 @@ from PIL import Image
 from protocol import endpoints, sly_format
 from protocol.errors import APIError
 from server.projects import service as projects
-from server.schemas import DatasetIn, ItemRef
+from server.projects.schemas import DatasetIn, ItemRef
 
 MiB = 1024 * 1024
 

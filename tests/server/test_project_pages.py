@@ -18,7 +18,7 @@ from PIL import Image
 from sqlalchemy import event
 
 from protocol import endpoints
-from server.schemas import PAGE_MAX
+from server.projects.schemas import PAGE_MAX
 from tests.support.server import dataset_counts
 
 META = {
