@@ -265,6 +265,24 @@ def test_upload_hash_check_and_bulk_add_by_hash(app, client):
     assert sorted(stored_items(client, p["id"])) == ["a.png", "b.png"]
 
 
+def test_the_project_stats_see_the_annotations_an_app_writes(app, client, server):
+    p, ds = new_project(app, "w-stats", META)
+    (img,) = add_images(app, ds["id"], {"a.png": png(8, 8, 7)})
+
+    def stats() -> dict:
+        r = server.admin().get(f"{server.url}/api/v1/projects/{p['id']}/stats", timeout=10)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    assert stats()["objects"] == 0  # counted and kept for this version of the project
+    app.json(
+        "annotations.bulk.add",
+        {"datasetId": ds["id"], "annotations": [{"imageId": img["id"], "annotation": box_ann(8, 8)}]},
+    )
+    after = stats()  # same item count, a new revision: counted afresh
+    assert after["objects"] == 2 and after["labelled"] == 1 and after["classes"]["box"]["objects"] == 1
+
+
 def test_copy_by_id_shares_the_blob_and_copies_annotations_only_when_asked(app, client):
     p, ds = new_project(app, "w-copy-src", META)
     (src,) = add_images(app, ds["id"], {"a.png": png(8, 8, 4)})
