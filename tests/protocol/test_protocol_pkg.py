@@ -80,7 +80,8 @@ def test_state_edges_cover_every_state_and_finals_are_terminal():
 
 
 def test_task_types_and_error_decoding():
-    assert tasks.TASK_TYPES == ("train", "inference", "custom", "cleanup")
+    assert tasks.TASK_TYPES == ("train", "inference", "custom", "app", "cleanup")
+    assert tasks.CONTAINER_TYPES == {"train", "inference", "custom", "app"}
     e = errors.decode_error(409, b'{"error":"type_not_allowed","detail":"no","agent_id":3}', method="POST", path="/p")
     assert (e.status, e.code, e.detail, e.extra) == (409, "type_not_allowed", "no", {"agent_id": 3})
     assert isinstance(errors.decode_error(401, b"{}"), errors.AuthError)

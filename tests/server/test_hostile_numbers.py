@@ -301,6 +301,8 @@ def _examples(ids: dict, k: int) -> dict:
                 "name": "p",
                 "datasets": [{"name": "ds", "items": [{"name": "a.jpg", "sha256": ids["sha256"], "size": 4}]}],
             },
+            # a further page of a result project (any project id: one not the task's is a 404)
+            {"kind": "project", "project_id": 1, "files": [{"path": "ds/b.jpg", "sha256": ids["sha256"], "size": 4}]},
         ],
         # The bulk blob lists hold no number: one in a field a newer agent might add (ignored, still strict JSON).
         ("POST", endpoints.AGENT_BLOBS_CHECK): {"sha256": [ids["sha256"]], "newer_field": 1},
