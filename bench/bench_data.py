@@ -274,7 +274,14 @@ def preparation(user, agent_id: int, image: str, project_id: int, timeout: float
     if done["state"] != "finished":
         raise RuntimeError(f"task {task['id']} {done['state']}: {done.get('error')}")
     at = {e["state"]: e["ts"] for e in done["timeline"]}
+    if SHOW_STEPS:  # --steps: the agent's own lines while it prepared, timed from `preparing`
+        for ln in user.iter_logs(task["id"], follow=False):
+            if ln["stream"] == "agent" and ln["ts"] <= at["running"] + 0.5:
+                print(f"      +{ln['ts'] - at['preparing']:6.2f} s  {ln['message'][:110]}", flush=True)
     return at["running"] - at["preparing"]
+
+
+SHOW_STEPS = False
 
 
 def count_images(root: Path) -> int:
@@ -375,7 +382,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=16, help="threads of the plain GET baseline")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds a task may take")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folders (project, server, agent)")
+    ap.add_argument("--steps", action="store_true", help="print the agent's lines of each preparation, timed")
     args = ap.parse_args()
+    global SHOW_STEPS
+    SHOW_STEPS = args.steps
     repo = args.repo.resolve()
     sys.path.insert(0, str(repo))  # the server, client and agent code of the measured checkout
 
