@@ -156,6 +156,9 @@ def test_output_links_and_the_team_files_browser(console, server):
     page.goto(f"{server.url}/files?path={quote(root + '/', safe='')}")
     expect(page.locator("#f-table tbody tr")).to_have_count(2)
     assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    # the names are whole on a phone (wrapped, not cut to "ex…")
+    name = page.locator("#f-table tbody tr td.name .trunc").first
+    assert name.evaluate("e => e.scrollWidth <= e.clientWidth"), name.inner_text()
     shot(page, "files-390")
     page.goto(f"{server.url}/files?path=/no/such/folder/")
     expect(page.locator("#f-missing")).to_contain_text("No team file or folder /no/such/folder/")
