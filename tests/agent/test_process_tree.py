@@ -106,6 +106,7 @@ def test_kill_task_process(server, make_agent):
 @pytest.mark.parametrize(
     "handler, reason", [("segfault", "killed by SIGSEGV"), ("raiser", "handler raised RuntimeError")]
 )
+@pytest.mark.slow  # over 2 s: outside the fast lane
 def test_crashing_handlers(server, make_agent, handler, reason):
     a = make_agent(server).start(handler=handler)
     tid = a.create_task()
@@ -217,6 +218,7 @@ def run_agent(env: dict, timeout: float = 30) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow  # over 2 s: outside the fast lane
 def test_exit_codes(server, tmp_path):
     root = str(tmp_path / "root")
     cases = [

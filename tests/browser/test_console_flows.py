@@ -191,6 +191,7 @@ def test_a_task_that_never_ran_has_no_progress_bar_and_unknown_pages_are_404(con
     assert page.request.get(server.url + "/api/v1/nope").json()["error"] == "not_found"  # the API keeps JSON
 
 
+@pytest.mark.slow  # over 2 s: outside the fast lane
 def test_an_outage_shows_one_notice_that_clears_and_times_keep_counting(console, server):
     online_agent(server, "outage-node")
     page = console

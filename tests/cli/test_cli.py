@@ -44,6 +44,7 @@ def cli_json(server, *args: str):
     return json.loads(cli(server, "--json", *args).stdout)
 
 
+@pytest.mark.slow  # over 2 s: outside the fast lane
 def test_nodes_add_list_edit_rotate(server):
     p = cli(server, "nodes", "add", "cli-node", "--types", "train,custom")
     token = next(ln.split()[1] for ln in p.stdout.splitlines() if ln.startswith("token:"))
@@ -203,6 +204,7 @@ def test_entry_points_run_the_same_cli(server):
         assert p.returncode == 0 and "projects" in p.stdout and "usage: sly" in p.stdout, (module, p.stderr)
 
 
+@pytest.mark.slow  # over 2 s: outside the fast lane
 def test_submit_follow_logs_and_stop(server):
     created = cli_json(server, "nodes", "add", "cli-runner")
     agent = FakeAgent(server.url, created["token"])

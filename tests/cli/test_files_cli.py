@@ -5,12 +5,15 @@ from __future__ import annotations
 import io
 import os
 
+import pytest
+
 from client import UserClient
 from tests.cli.test_cli import cli, cli_json
 from tests.support.apps import start_app
 from tests.support.fake_agent import FakeAgent
 
 
+@pytest.mark.slow  # over 2 s: outside the fast lane
 def test_files_list_and_download_a_file_and_a_folder(server, tmp_path):
     client = UserClient(server.url, server.admin_token)
 

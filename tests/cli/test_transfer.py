@@ -80,6 +80,7 @@ def test_nested_item_names_are_refused_on_download_and_nothing_is_written(server
     assert not out.exists()
 
 
+@pytest.mark.slow  # over 2 s: outside the fast lane
 def test_download_into_a_non_empty_folder_needs_force(server, tmp_path):
     src = tmp_path / "one"
     src.mkdir()

@@ -26,7 +26,8 @@ from tests.support.procs import free_port, poll_for
 
 REPO = Path(__file__).resolve().parents[2]
 EPOCHS = 2
-pytestmark = [pytest.mark.docker, pytest.mark.timeout(600)]
+# The demo runs whole (a server, an agent, five tasks): every test here is outside the fast lane.
+pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(600)]
 # What "looks like an error" in a log: a traceback, or a line at ERROR/CRITICAL level.
 ERROR_LINE = re.compile(r"Traceback|\bERROR\b|\bCRITICAL\b|Exception\b")
 

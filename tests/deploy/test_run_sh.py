@@ -84,6 +84,7 @@ def test_dead_docker_daemon_is_one_clear_sentence(venv):
     assert any(p.name.startswith(".installed-requirements.txt") for p in venv.iterdir())
 
 
+@pytest.mark.slow  # over 2 s: outside the fast lane
 @pytest.mark.docker
 @pytest.mark.timeout(300)
 def test_agent_runs_in_foreground_and_sigterm_exits_zero(clone, venv, server, tmp_path, docker_client):

@@ -21,6 +21,7 @@ DROPPED = {"SETPCAP": 8, "NET_RAW": 13, "SYS_CHROOT": 18, "MKNOD": 27, "AUDIT_WR
 CHOWN = 0
 
 
+@pytest.mark.slow  # over 2 s: outside the fast lane
 def test_token_is_nowhere_a_task_can_look(agent, user, attack_image):
     """Mount table, environment, task files, /etc: neither the token nor its reverse."""
     assert agent.root.is_symlink(), "the documented ~/.supervisely-agent/<token> is a link"

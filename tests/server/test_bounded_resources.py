@@ -54,6 +54,7 @@ def _follow(srv, task_id: int, got: list, done: threading.Event) -> None:
     done.set()
 
 
+@pytest.mark.slow  # over 2 s: outside the fast lane
 @pytest.mark.timeout(300)
 @pytest.mark.server_process("measures the server process's memory")
 def test_three_10_mib_lines_are_cut_to_the_line_limit_and_server_memory_stays_bounded(own_server):

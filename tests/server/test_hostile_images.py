@@ -88,6 +88,7 @@ def test_eps_named_png_never_reaches_ghostscript(tmp_path, monkeypatch, own_serv
     assert r.status_code == 415 and r.json()["error"] == "not_an_image", r.text
 
 
+@pytest.mark.slow  # over 2 s: outside the fast lane
 def test_any_decoder_failure_is_a_415(tmp_path, monkeypatch, own_server):
     src = tmp_path / "x.png"
     src.write_bytes(_png(40, 30, fill=90))

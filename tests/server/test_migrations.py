@@ -232,6 +232,7 @@ def test_server_adopts_a_pre_migration_database_and_keeps_its_data(tmp_path):
         srv.stop()
 
 
+@pytest.mark.slow  # over 2 s: outside the fast lane
 @pytest.mark.sqlite_only("it reads or writes the SQLite file in the data dir directly")
 def test_0002_moves_existing_project_items_into_project_items_with_empty_annotations(tmp_path):
     data = tmp_path / "data"

@@ -248,6 +248,7 @@ SDK_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # over 2 s: outside the fast lane
 def test_the_real_sdk_uploads_lists_downloads_and_sets_the_output(app, client, tmp_path, sdk_site):
     site = sdk_site
     root = f"/t{app.task_id}"

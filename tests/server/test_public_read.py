@@ -428,6 +428,7 @@ print("RESULT " + json.dumps(out))
 """
 
 
+@pytest.mark.slow  # over 2 s: outside the fast lane
 def test_the_real_sdk_reads_and_downloads_the_project(proj, server, tmp_path, sdk_site):
     site = sdk_site
     script = tmp_path / "sdk_read.py"

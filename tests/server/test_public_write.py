@@ -469,6 +469,7 @@ SDK_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # over 2 s: outside the fast lane
 def test_the_real_sdk_creates_uploads_and_upload_projects(server, client, make_agent, tmp_path, sdk_site):
     site = str(sdk_site)
     sample = write_sample_project(str(tmp_path), "sample", {"ds0": 3})

@@ -488,6 +488,7 @@ def prefixed(lines, prefix):
     return json.loads(next(m for m in lines if m.startswith(prefix))[len(prefix) :])
 
 
+@pytest.mark.slow  # over 2 s: outside the fast lane
 @pytest.mark.docker
 def test_an_app_reaches_the_server_only_through_its_relay(server, user, tmp_path, docker_client, app_image, minted):
     from tests.agent.conftest import AgentProcess
