@@ -144,9 +144,9 @@ def _parse_filters(call: Call, fields: set[str]) -> list[tuple[str, str, object]
         if not isinstance(f, dict):
             raise _bad(where, "must be an object {field, operator, value}")
         field, op, value = f.get("field"), f.get("operator"), f.get("value")
-        if field not in fields:
+        if not isinstance(field, str) or field not in fields:
             raise _bad(f"{where}.field", f"must be one of {sorted(fields)} (got {str(field)[:60]!r})")
-        if op not in _OPS:
+        if not isinstance(op, str) or op not in _OPS:
             raise _bad(f"{where}.operator", f"must be one of {sorted(_OPS)} (got {str(op)[:20]!r})")
         _check_value(where, field, op, value)
         out.append((field, op, value))
@@ -214,9 +214,9 @@ def _filters(call: Call, columns: dict) -> list:
 def _order(call: Call, id_col, name_col) -> list:
     sort = call.body.get("sort") or "id"
     order = call.body.get("sort_order") or "asc"
-    if sort not in _SORTS:
+    if not isinstance(sort, str) or sort not in _SORTS:
         raise _bad("sort", f"must be one of {sorted(_SORTS)}")
-    if order not in ("asc", "desc"):
+    if not isinstance(order, str) or order not in ("asc", "desc"):
         raise _bad("sort_order", "must be 'asc' or 'desc'")
     cols = [name_col, id_col] if sort == "name" else [id_col]
     return [c.desc() for c in cols] if order == "desc" else [c.asc() for c in cols]

@@ -29,7 +29,9 @@ class Call:
         """A non-negative id-sized integer field of the body (a GET's query string gives text)."""
         from server.http.strict import ID_MAX
 
-        v = self.body.get(name, default)
+        v = self.body.get(name)
+        if v is None:  # absent, or null: the SDK sends null for a field it leaves to the server
+            v = default
         if v is None:
             if required:
                 raise APIError(400, "invalid_request", f"{name!r} is required")
