@@ -5,12 +5,12 @@ from __future__ import annotations
 import time
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from protocol import endpoints
 from server.http.deps import AdminDep, ParsedJSONRoute, StateDep, cursor_id, page
-from server.http.strict import RowId
+from server.http.strict import RowId, dumps_bytes
 from server.projects import service
 from server.projects.schemas import PAGE_MAX, ProjectIn, ProjectItemsIn
 from server.projects.stats import StatsCache
@@ -71,13 +71,15 @@ async def list_items(
     """A page of the project's items in order, each with its annotation (`ann`); `dataset=` filters."""
     after = cursor_id(cursor)
 
-    def read() -> list[dict]:
+    def read() -> bytes:
         with state.db.engine.connect() as conn:
             service.check_exists(conn, project_id)
-            return service.items_page(conn, project_id, dataset, after, limit)
+            items = service.items_page(conn, project_id, dataset, after, limit)
+        return dumps_bytes(page(items, limit))
 
-    # Annotations are plain JSON already: skip FastAPI's per-value encoder (10x slower on big anns).
-    return JSONResponse(page(await state.db.run(read), limit))
+    # Annotations are plain JSON already: skip FastAPI's per-value encoder (10x slower on big anns),
+    # and encode the page with orjson on the database thread, off the event loop.
+    return Response(await state.db.run(read), media_type="application/json")
 
 
 @router.post(endpoints.PROJECT_ITEMS)

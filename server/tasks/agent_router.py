@@ -5,12 +5,12 @@ from __future__ import annotations
 import time
 
 from fastapi import APIRouter, Query
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from protocol import endpoints
 from server.http.deps import AgentDep, ParsedJSONRoute, StateDep, cursor_id, page
-from server.http.strict import RowId
+from server.http.strict import RowId, dumps_bytes
 from server.projects.schemas import PAGE_MAX
 from server.tasks import results as result_posts
 from server.tasks.schemas import ResultsIn, StateIn
@@ -58,13 +58,15 @@ async def project_items(
     annotation: `{items: [{id, dataset, name, sha256, size, ann}], next}`. Any other task: 404."""
     after = cursor_id(cursor)
 
-    def read() -> list[dict]:
+    def read() -> bytes:
         with state.db.reader() as conn:
-            return task_project_items(conn, agent["id"], task_id, after, limit)
+            items = task_project_items(conn, agent["id"], task_id, after, limit)
+        return dumps_bytes(page(items, limit))
 
     # On the read thread (SQLite): nodes preparing big projects do not hold up the fleet's writes.
-    # Annotations are plain JSON already: no per-value encoding (as the user listing).
-    return JSONResponse(page(await state.db.run_read(read), limit))
+    # Annotations are plain JSON already: no per-value encoding, and the page (megabytes at 5,000
+    # items) is encoded there too, by orjson, off the event loop that serves the long-polls.
+    return Response(await state.db.run_read(read), media_type="application/json")
 
 
 @router.post(endpoints.TASK_RELEASE)
