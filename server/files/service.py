@@ -19,11 +19,11 @@ when the path is written again, so the collector keeps exactly the blobs the tre
 from __future__ import annotations
 
 import time
-import unicodedata
 
 from sqlalchemy import and_, delete, func, select, update
 
 from protocol.errors import APIError
+from protocol.names import CONTROL_RE
 from server import db
 from server.blobs import refs
 
@@ -44,7 +44,7 @@ def check_path(raw, field: str = "path", *, folder: bool = False) -> str:
         raise _bad_path(field, "must be a string")
     if len(raw) > MAX_PATH:
         raise _bad_path(field, f"is longer than {MAX_PATH} characters")
-    if any(unicodedata.category(ch) == "Cc" for ch in raw):
+    if CONTROL_RE.search(raw):
         raise _bad_path(field, "holds a control character")
     segments = [s for s in raw.split("/") if s]
     if any(s in (".", "..") for s in segments):

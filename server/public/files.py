@@ -27,8 +27,6 @@ from __future__ import annotations
 import mimetypes
 import tarfile
 import time
-from base64 import b64encode
-from datetime import UTC, datetime
 
 from fastapi.responses import FileResponse, StreamingResponse
 
@@ -37,7 +35,8 @@ from server import db
 from server.files import intake, service
 from server.files.multipart import MultipartReader, boundary_of
 from server.http.strict import ID_MAX
-from server.public.registry import Call, method
+from server.public import infos
+from server.public.registry import Call, is_id, method
 
 GiB = 1 << 30
 MAX_FILE_BYTES = 16 * GiB  # one team file
@@ -49,18 +48,6 @@ MAX_REMOVE = 1000  # paths in one `file-storage.bulk.remove`
 TAR_PIECE = 1 << 20
 
 
-def iso(ts: float | None) -> str | None:
-    """A timestamp as Supervisely writes dates: ISO 8601 in UTC with milliseconds ('...T09:04:17.959Z')."""
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def b64_hash(sha256_hex: str) -> str:
-    """The SDK's form of a file's hash: base64 of the sha256 digest."""
-    return b64encode(bytes.fromhex(sha256_hex)).decode()
-
-
 def file_info(row: dict) -> dict:
     """A team_files row as the SDK's FileInfo JSON."""
     name = row["path"].rsplit("/", 1)[1]
@@ -70,12 +57,12 @@ def file_info(row: dict) -> dict:
         "teamId": row["team_id"],
         "userId": None,
         "name": name,
-        "hash": b64_hash(row["sha256"]),
+        "hash": infos.sly_hash(row["sha256"]),
         "path": row["path"],
         "storagePath": f"/files/{row['id']}",
         "meta": {"ext": ext, "mime": mimetypes.guess_type(name)[0] or "application/octet-stream", "size": row["size"]},
-        "createdAt": iso(row["created_at"]),
-        "updatedAt": iso(row["updated_at"]),
+        "createdAt": infos.iso(row["created_at"]),
+        "updatedAt": infos.iso(row["updated_at"]),
         "fullStorageUrl": None,
         "isDir": False,
     }
@@ -107,7 +94,7 @@ def _team(call: Call, params: dict) -> int:
         v = int(v)
     if v is None:
         raise APIError(400, "invalid_request", "'teamId' is required", field="teamId")
-    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= ID_MAX:
+    if not is_id(v):
         raise APIError(
             400, "invalid_request", f"'teamId' must be an id (an integer from 0 to {ID_MAX})", field="teamId"
         )

@@ -36,7 +36,7 @@ from server import db
 from server.blobs.bulk import PIECE, file_pieces, read_whole
 from server.http.strict import ID_MAX, dumps_bytes
 from server.public import infos
-from server.public.registry import Call, method
+from server.public.registry import Call, is_id, method
 
 # The instance version `instance.version` answers: the newest one the SDK's own versions.json
 # (6.74.51) maps to an SDK release, so `Api._check_version` finds the instance new enough and
@@ -64,10 +64,6 @@ def _bad(field: str, why: str) -> APIError:
     return APIError(400, "invalid_request", f"{field!r} {why}")
 
 
-def _is_id(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= ID_MAX
-
-
 def _id_list(call: Call, name: str, most: int = MAX_IDS) -> list[int]:
     v = call.body.get(name)
     if not isinstance(v, list):
@@ -75,7 +71,7 @@ def _id_list(call: Call, name: str, most: int = MAX_IDS) -> list[int]:
     if len(v) > most:
         raise _bad(name, f"holds {len(v)} ids; at most {most} per call")
     for i, x in enumerate(v):
-        if not _is_id(x):
+        if not is_id(x):
             raise _bad(f"{name}[{i}]", f"must be an id (an integer from 0 to {ID_MAX})")
     return v
 
@@ -158,11 +154,11 @@ def _check_value(where: str, field: str, op: str, value) -> None:
     if field in ("parentId", "name") and op not in _NAME_OPS:
         raise _bad(f"{where}.operator", f"for {field} must be one of {sorted(_NAME_OPS)}")
     if field == "parentId":  # datasets are never nested: only null is a parent
-        ok, kind = (lambda x: x is None or _is_id(x)), "null or an id"
+        ok, kind = (lambda x: x is None or is_id(x)), "null or an id"
     elif field == "name":
         ok, kind = (lambda x: isinstance(x, str) and len(x) <= MAX_NAME), f"a name (at most {MAX_NAME} characters)"
     else:
-        ok, kind = _is_id, f"an id (0 to {ID_MAX})"
+        ok, kind = is_id, f"an id (0 to {ID_MAX})"
     if op not in ("in", "!in"):
         if not ok(value):
             raise _bad(f"{where}.value", f"must be {kind}")
@@ -422,7 +418,7 @@ _INFO_COLS = (
 
 
 def _tag_ids(meta: dict) -> dict[str, int]:
-    return {t["name"]: t["id"] for t in meta.get("tags") or [] if isinstance(t, dict) and _is_id(t.get("id"))}
+    return {t["name"]: t["id"] for t in meta.get("tags") or [] if isinstance(t, dict) and is_id(t.get("id"))}
 
 
 def _project_bits(conn, pid: int) -> tuple[float, dict]:

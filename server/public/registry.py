@@ -16,6 +16,12 @@ from typing import Any
 from fastapi import Request
 
 from protocol.errors import APIError
+from server.http.strict import ID_MAX
+
+
+def is_id(v) -> bool:
+    """Whether `v` (a decoded JSON value) is an id: an integer, not a bool, from 0 to ID_MAX."""
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= ID_MAX
 
 
 @dataclass
@@ -27,8 +33,6 @@ class Call:
 
     def int_field(self, name: str, *, required: bool = True, default: int | None = None) -> int | None:
         """A non-negative id-sized integer field of the body (a GET's query string gives text)."""
-        from server.http.strict import ID_MAX
-
         v = self.body.get(name)
         if v is None:  # absent, or null: the SDK sends null for a field it leaves to the server
             v = default
@@ -38,7 +42,7 @@ class Call:
             return None
         if isinstance(v, str) and v.isascii() and v.isdigit() and len(v) <= 19:
             v = int(v)
-        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= ID_MAX:
+        if not is_id(v):
             raise APIError(400, "invalid_request", f"{name!r} must be an id (an integer from 0 to {ID_MAX})")
         return v
 

@@ -29,8 +29,8 @@ from protocol.states import TaskState
 from server import db
 from server.files import service as files
 from server.http.strict import ID_MAX
-from server.public.files import iso
-from server.public.registry import Call, method
+from server.public.infos import iso
+from server.public.registry import Call, is_id, method
 
 MAX_TEXT = 1000  # characters of an output's title or description
 FILE_URL_RE = re.compile(r"^/files/([0-9]{1,10})$")
@@ -120,7 +120,7 @@ def parse_output(output) -> tuple[dict, int | None, int | None]:
     if "project" in output:
         p = output["project"]
         pid = p.get("id") if isinstance(p, dict) else None
-        if isinstance(pid, bool) or not isinstance(pid, int) or not 0 <= pid <= ID_MAX:
+        if not is_id(pid):
             raise APIError(
                 400, "invalid_request", "'output.project.id' must be a project id", field="output.project.id"
             )

@@ -49,7 +49,7 @@ from server.http.strict import ID_MAX
 from server.projects import service
 from server.projects.images import image_size
 from server.public import infos
-from server.public.registry import Call, method
+from server.public.registry import Call, is_id, method
 
 MAX_ENTRIES = 1000  # images or annotations per images.bulk.add / annotations.bulk.add / .copy (the SDK: 50)
 MAX_HASHES = 10_000  # hashes per images.internal.hashes.list (the SDK: 900)
@@ -66,7 +66,7 @@ PROJECT_NAME_LOCK = 0x5157_0001
 
 def _id(v, where: str) -> int:
     """An id-sized integer of a body's nested entry, or a 400 naming it."""
-    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= ID_MAX:
+    if not is_id(v):
         raise APIError(400, "invalid_request", f"{where} must be an id (an integer from 0 to {ID_MAX})")
     return v
 
