@@ -196,18 +196,21 @@ def _post_project(
 def result_project_meta(conn, agent_id: int, task_id: int, pid: int) -> dict:
     """The meta of the result project `pid` of agent `agent_id`'s task (the one its first page
     made), which a further page is checked against; 404 `project_not_found` for any other."""
-    task = own_task(conn, agent_id, task_id)
-    if task["results"].get("project_id") != pid:
-        raise APIError(404, "project_not_found", f"project {pid} is not the result project of task {task_id}")
+    _check_result_project(own_task(conn, agent_id, task_id)["results"], task_id, pid)
     return project_meta(conn, pid)
+
+
+def _check_result_project(results: dict, task_id: int, pid: int) -> None:
+    """404 `project_not_found` unless `pid` is the result project the task's results name."""
+    if results.get("project_id") != pid:
+        raise APIError(404, "project_not_found", f"project {pid} is not the result project of task {task_id}")
 
 
 def _append_project(conn, task_id: int, pid: int, prepared: tuple, results: dict, limits) -> int:
     """Add a checked further page to the task's result project `pid`. Items it holds already with
     the same blob (a page posted again after a restart) are skipped; the same name with another
     blob is a 400 `duplicate_path`."""
-    if results.get("project_id") != pid:
-        raise APIError(404, "project_not_found", f"project {pid} is not the result project of task {task_id}")
+    _check_result_project(results, task_id, pid)  # again, under the task's row lock
     _, datasets = prepared
     c = db.project_items.c
     for ds in datasets:

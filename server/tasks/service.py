@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 
-from sqlalchemy import bindparam, delete, insert, select, update
+from sqlalchemy import bindparam, insert, select, update
 
 from protocol.errors import APIError
 from protocol.states import AGENT_REPORTABLE, FINAL, LEASED, IllegalTransition, TaskState, check_transition
@@ -236,7 +236,9 @@ def change_state(conn, task: dict, new: TaskState, now: float | None = None, **v
         raise StateRace(task["id"])
     if new in FINAL and task.get("type") == "app":
         # Dead already (a token is valid only while its task is leased): the row goes too.
-        conn.execute(delete(db.app_tokens).where(db.app_tokens.c.task_id == task["id"]))
+        from server.public import tokens
+
+        tokens.drop(conn, task["id"])
     task = dict(task, **values)
     return task
 
