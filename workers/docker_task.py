@@ -22,6 +22,7 @@ import requests
 
 from workers import cache
 from workers.base import Outcome
+from workers.checkpoints import CHECKPOINTS_FILE, CheckpointUploader
 from workers.container import (
     docker_client,
     find_container,
@@ -31,11 +32,10 @@ from workers.container import (
     stop_container,
 )
 from workers.container_spec import LABEL_AGENT, LABEL_ROLE, LABEL_TASK
-from workers.downloads import Downloader, plan, write_project_files
+from workers.downloads import Downloader, plan_pages, write_project_files
 from workers.errors import StopRequested, TaskError
 from workers.image_pull import ensure_image
 from workers.log_pump import LogPump
-from workers.results import CHECKPOINTS_FILE, CheckpointUploader
 
 TAIL_IN_ERROR = 10
 STOP_POLL_S = 0.1
@@ -114,10 +114,10 @@ def prepare(ctx, download: bool = True) -> dict:
             shutil.rmtree(d)
         d.mkdir()
     (ctx.task_dir / CHECKPOINTS_FILE).unlink(missing_ok=True)
-    jobs = plan(ctx) if download else []
-    summary = Downloader(ctx).prepare(jobs) if jobs else {"files": 0, "cached": 0, "fetched": 0, "bytes": 0}
-    summary["empty_anns"] = write_project_files(ctx, jobs) if download else 0
-    if jobs:
+    downloader = Downloader(ctx)
+    summary = downloader.prepare(plan_pages(ctx) if download else [])
+    summary["empty_anns"] = write_project_files(ctx, downloader.jobs) if download else 0
+    if downloader.jobs:
         ctx.log(
             f"data ready: {summary['files']} files ({summary['cached']} cached, {summary['fetched']} downloaded, "
             f"{summary['bytes'] / cache.MB:.1f} MB)"

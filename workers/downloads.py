@@ -22,7 +22,8 @@ import hashlib
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from protocol import bulk, sly_format
@@ -35,6 +36,7 @@ BLOB_TRIES = 3  # wrong bytes for one blob this many times: the task fails
 FETCH_TRIES = BLOB_TRIES + 2  # failed requests (connection, cut stream) in a row for one blob or batch
 BULK_COUNT = 2000  # blobs per bulk request: a project's batches run in parallel on the download threads
 PROGRESS_EVERY_S = 1.0
+INLINE_PAGE = 5000  # inline items (an older server's poll answer) planned and fetched per page
 # A bulk request that fails with one of these is asked again; any other answer is the server's word.
 RETRY_STATUS = frozenset({None, 408, 429, 500, 502, 503, 504})
 _WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
@@ -81,27 +83,35 @@ def project_dir(ctx) -> Path | None:
 
 
 def plan(ctx) -> list[Job]:
-    """Every file of the task's project and model, with its paths checked. The project's folders
-    are made and the annotations the server sent are written on the way."""
+    """Every file of the task's project and model, with its paths checked (`plan_pages` whole)."""
+    return [job for page in plan_pages(ctx) for job in page]
+
+
+def plan_pages(ctx) -> Iterator[list[Job]]:
+    """The task's files a page at a time, as the server lists them: the model's files first (the
+    largest, fetched one by one), then the project's items, each page's folders made and its
+    annotations written before it is yielded. `Downloader.prepare` fetches a page's missing blobs
+    while the next page is listed and planned."""
     task, cfg = ctx.task, ctx.config
-    jobs: list[Job] = []
-    if task.get("project"):
-        _plan_project(ctx, jobs)
     model = task.get("model")
     if model:
         mhash = _sha(model.get("hash"), "model hash")
         mdir = cache.model_dir(cfg, mhash)
+        jobs: list[Job] = []
         for f in model.get("files") or []:
             fpath = safe_relpath(f.get("path"), "model file path")
             sha = _sha(f.get("sha256"), fpath)
             jobs.append(
                 Job(sha, int(f.get("size") or 0), mdir / fpath, ctx.task_dir / "model" / fpath, f"model/{fpath}")
             )
-    return jobs
+        if jobs:
+            yield jobs
+    if task.get("project"):
+        yield from _plan_project(ctx)
 
 
-def _plan_project(ctx, jobs: list[Job]) -> None:
-    """The project's items into `jobs`: inline datasets first, then the paged ones, each
+def _plan_project(ctx) -> Iterator[list[Job]]:
+    """The project's items, a page at a time: inline datasets first, then the paged ones, each
     dataset's items capped at the `items_count` the poll answer gave (items appended to the
     project after the task was handed out are not the task's)."""
     project = ctx.task["project"]
@@ -122,42 +132,59 @@ def _plan_project(ctx, jobs: list[Job]) -> None:
             count = ds.get("items_count")
             paged[dname] = count if isinstance(count, int) and not isinstance(count, bool) else None
 
-    def add(dname: str, item: dict) -> None:
+    def job(dname: str, item: dict) -> Job:
         iname = safe_name(item.get("name"), "item name")
         sha = _sha(item.get("sha256"), iname)
         ann = item.get("ann")
         if ann is not None:
             dest = f"{pdir}/{dname}/{sly_format.ANN_DIR}/{sly_format.ann_name(iname)}"
             layout.link_text(cache.text_key(ann), lambda: sly_format.dumps(ann), dest)
-        jobs.append(
-            Job(
-                sha,
-                int(item.get("size") or 0),
-                layout.image(sha, iname),
-                f"{pdir}/{dname}/{sly_format.IMG_DIR}/{iname}",
-                f"{dname}/{iname}",
-                needs_ann=ann is None,
-            )
+        return Job(
+            sha,
+            int(item.get("size") or 0),
+            layout.image(sha, iname),
+            f"{pdir}/{dname}/{sly_format.IMG_DIR}/{iname}",
+            f"{dname}/{iname}",
+            needs_ann=ann is None,
         )
 
     for dname, items in inline.items():
-        for item in items:
-            add(dname, item)
+        for start in range(0, len(items), INLINE_PAGE):
+            yield [job(dname, item) for item in items[start : start + INLINE_PAGE]]
     if paged:
-        got = _plan_pages(ctx, paged, inline, add)
-        short = [d for d, n in paged.items() if n is not None and got[d] < n]
-        if short:
-            d = short[0]
-            raise TaskError(
-                f"the server listed {got[d]} of the {paged[d]} items of dataset {d!r} of project "
-                f"{project.get('name')!r}; the project changed while the task was prepared"
-            )
+        yield from _paged_jobs(ctx, paged, inline, job)
 
 
-def _plan_pages(ctx, paged: dict[str, int | None], inline: dict, add) -> dict[str, int]:
-    """Page through the task's project items; `add` each one of a paged dataset. Returns how
-    many were added per dataset. The next page is asked for while this one is planned."""
+def _paged_jobs(ctx, paged: dict[str, int | None], inline: dict, job) -> Iterator[list[Job]]:
+    """The jobs of the paged datasets, a page of the listing at a time."""
     got = dict.fromkeys(paged, 0)
+    for page in _item_pages(ctx):
+        jobs = []
+        for item in page:
+            dname = item.get("dataset") if isinstance(item, dict) else None
+            if dname not in paged:
+                if dname in inline:
+                    continue
+                raise TaskError(
+                    f"the server listed an item of dataset {dname!r}, which is not one of the task's project's datasets"
+                )
+            cap = paged[dname]
+            if cap is not None and got[dname] >= cap:
+                continue
+            got[dname] += 1
+            jobs.append(job(dname, item))
+        yield jobs
+    short = [d for d, n in paged.items() if n is not None and got[d] < n]
+    if short:
+        d = short[0]
+        raise TaskError(
+            f"the server listed {got[d]} of the {paged[d]} items of dataset {d!r} of project "
+            f"{ctx.task['project'].get('name')!r}; the project changed while the task was prepared"
+        )
+
+
+def _item_pages(ctx) -> Iterator[list]:
+    """The pages of the task's project items; the next page is asked for while one is planned."""
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pages") as pool:
         ahead = pool.submit(ctx.api.project_items, ctx.task_id, None)
         while True:
@@ -169,22 +196,9 @@ def _plan_pages(ctx, paged: dict[str, int | None], inline: dict, add) -> dict[st
                 raise StopRequested()
             if cursor:
                 ahead = pool.submit(ctx.api.project_items, ctx.task_id, cursor)
-            for item in items:
-                dname = item.get("dataset") if isinstance(item, dict) else None
-                if dname not in paged:
-                    if dname in inline:
-                        continue
-                    raise TaskError(
-                        f"the server listed an item of dataset {dname!r}, which is not one of the task's "
-                        f"project's datasets"
-                    )
-                cap = paged[dname]
-                if cap is not None and got[dname] >= cap:
-                    continue
-                got[dname] += 1
-                add(dname, item)
+            yield items
             if not cursor:
-                return got
+                return
 
 
 def write_project_files(ctx, jobs: list[Job]) -> int:
@@ -243,97 +257,152 @@ class _Aborted(Exception):
 
 
 class Downloader:
-    """Fetch the planned blobs of one task (bounded pool) and link them into its task dir."""
+    """Fetch the planned blobs of one task (bounded pool) and link them into its task dir, page by
+    page: a page's cached files are checked and linked, and its missing blobs handed to the pool,
+    while the next page is planned."""
 
     def __init__(self, ctx):
         self.ctx = ctx
         self.cfg = ctx.config
         self.layout = cache.Layout(self.cfg)
         self.lock = threading.Lock()
+        self.jobs: list[Job] = []  # every job planned, in order (write_project_files reads them)
         self.done_files = 0
         self.done_bytes = 0  # bytes fetched over the network by this task
         self.total_files = 0
         self.last_report = 0.0
         self.touched: set = set()  # cache entries this task uses (marked used, never evicted for it)
         self.abort = threading.Event()
+        # sha256 -> cache path -> the jobs waiting for that blob, from when it is handed to the pool
+        # until every job of it is linked (a job of a later page finds its blob on the way here)
+        self.waiting: dict[str, dict[str, list[Job]]] = {}
+        self.errors: list[BaseException] = []
 
-    def prepare(self, jobs: list[Job]) -> dict:
-        """Returns {"files", "cached", "fetched", "bytes"}."""
-        ctx, layout = self.ctx, self.layout
-        self.total_files = len(jobs)
-        missing: list[Job] = []
-        changed = []
-        verdicts: dict[str, bool] = {}
-        # Cached files are linked as they are checked, in this thread: a link costs less than a
-        # pool hand-off. Their entries are marked used, and kept by the eviction below.
-        for i, job in enumerate(jobs):
-            ok = verdicts.get(job.cache_path)
-            if ok is None:
-                ok = verdicts[job.cache_path] = layout.verify(job.cache_path, job.sha, job.size)
-                if not ok and os.path.lexists(job.cache_path):
-                    changed.append(job.label)
-            if ok:
-                layout.link_to_task(job.cache_path, job.dest, self.touched)
-                if not i % 1024:
-                    self.done_files = i + 1 - len(missing)
-                    self._report()
-            else:
-                missing.append(job)
+    def prepare(self, pages: Iterable[list[Job]]) -> dict:
+        """Plan, check, fetch and link every page's jobs (`plan_pages`, or one list of jobs given
+        as [jobs]). Returns {"files", "cached", "fetched", "bytes"}."""
+        ctx = self.ctx
+        fetched = 0
+        changed: list[str] = []
+        small: list[tuple[str, int]] = []  # blobs for the next bulk batch
+        small_bytes = 0
+        futures: list[Future] = []
+        pool = ThreadPoolExecutor(max_workers=max(1, self.cfg.download_workers), thread_name_prefix="dl")
+        try:
+            for page in pages:
+                if self.abort.is_set():
+                    break
+                if ctx.stop_event.is_set():
+                    raise StopRequested()
+                new, waiting = self._check_page(page, changed)
+                fetched += waiting
+                if not new:
+                    continue
+                with self.lock:
+                    keep = set(self.touched)
+                need = sum(j.size for j in new)
+                cache.ensure_space(self.cfg, need, log=ctx.log, keep=keep)
+                for job in new:
+                    if job.size > bulk.SMALL_BLOB:
+                        futures.append(pool.submit(self._work, self._fetch_one, job))
+                        continue
+                    if small and (len(small) >= BULK_COUNT or small_bytes + job.size > bulk.MAX_BYTES):
+                        futures.append(pool.submit(self._work, self._fetch_batch, dict(small)))
+                        small, small_bytes = [], 0
+                    small.append((job.sha, job.size))
+                    small_bytes += job.size
+            if small and not self.abort.is_set():
+                futures.append(pool.submit(self._work, self._fetch_batch, dict(small)))
+        except BaseException:
+            self.abort.set()
+            raise
+        finally:
+            pool.shutdown(wait=True)
         if changed:
             ctx.log(
                 f"cache: {len(changed)} cached files changed since they were stored or have no record "
-                f"(e.g. {changed[0]}); downloading them again",
+                f"(e.g. {changed[0]}); downloaded again",
                 level="warning",
             )
-        need = sum(j.size for j in {j.cache_path: j for j in missing}.values())
-        cache.ensure_space(self.cfg, need, log=ctx.log, keep=self.touched)
-        cached = len(jobs) - len(missing)
-        self.done_files = cached
-        if missing:
-            ctx.log(f"downloading {len(missing)} of {len(jobs)} files ({need / cache.MB:.1f} MB); {cached} cached")
-            self._fetch_all(missing)
-        self._report(force=True)
-        return {"files": len(jobs), "cached": cached, "fetched": len(missing), "bytes": self.done_bytes}
-
-    def _fetch_all(self, missing: list[Job]) -> None:
-        """Small blobs in bulk batches, large ones one by one, all on one pool of threads."""
-        by_sha: dict[str, dict[str, list[Job]]] = {}  # sha -> cache path -> jobs
-        for job in missing:
-            by_sha.setdefault(job.sha, {}).setdefault(job.cache_path, []).append(job)
-        units: list = []
-        small: list[tuple[str, int]] = []
-        for sha, paths in by_sha.items():
-            size = next(iter(paths.values()))[0].size
-            if size > bulk.SMALL_BLOB:
-                units.extend(("one", group) for group in paths.values())
-            else:
-                small.append((sha, size))
-        units.extend(("bulk", b) for b in bulk.batches(small, max_count=BULK_COUNT, max_bytes=bulk.MAX_BYTES))
-        errors: list[BaseException] = []
-
-        def work(unit) -> None:
-            if self.abort.is_set() or self.ctx.stop_event.is_set():
-                return
-            try:
-                kind, arg = unit
-                if kind == "one":
-                    self.fetch(arg[0])
-                    self._link(arg)
-                else:
-                    self._fetch_batch(dict(arg), by_sha)
-            except _Aborted:
-                pass
-            except BaseException as e:  # noqa: BLE001 - reported once, below
-                errors.append(e)
-                self.abort.set()
-
-        workers = max(1, min(self.cfg.download_workers, len(units)))
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dl") as pool:
-            list(pool.map(work, units))
-        if errors:
-            raise errors[0]
-        if self.ctx.stop_event.is_set():
+        if self.errors:
+            raise self.errors[0]
+        if ctx.stop_event.is_set():
             raise StopRequested()
+        self._report(force=True)
+        return {
+            "files": len(self.jobs),
+            "cached": len(self.jobs) - fetched,
+            "fetched": fetched,
+            "bytes": self.done_bytes,
+        }
+
+    def _check_page(self, page: list[Job], changed: list[str]) -> tuple[list[Job], int]:
+        """Link the page's cached files (in this thread: a link costs less than a pool hand-off,
+        and their entries are marked used, kept by any eviction); the jobs whose blob is already
+        on its way join it. Returns one job per blob to fetch, and how many jobs wait for a blob."""
+        layout = self.layout
+        new: list[Job] = []
+        waiting = 0
+        self.jobs.extend(page)
+        self.total_files = len(self.jobs)
+        for job in page:
+            with self.lock:
+                paths = self.waiting.get(job.sha)
+                if paths is not None:  # asked for already (an item of a page before, or of this one)
+                    paths.setdefault(job.cache_path, []).append(job)
+                    waiting += 1
+                    continue
+            if layout.verify(job.cache_path, job.sha, job.size):
+                layout.link_to_task(job.cache_path, job.dest, self.touched)
+                with self.lock:
+                    self.done_files += 1
+                continue
+            if os.path.lexists(job.cache_path):
+                changed.append(job.label)
+            with self.lock:
+                self.waiting[job.sha] = {job.cache_path: [job]}
+            new.append(job)
+            waiting += 1
+        self._report()
+        return new, waiting
+
+    def _work(self, fn, arg) -> None:
+        """Run one pool unit; the first error stops the others (between two entries) and planning."""
+        if self.abort.is_set() or self.ctx.stop_event.is_set():
+            return
+        try:
+            fn(arg)
+        except _Aborted:
+            pass
+        except BaseException as e:  # noqa: BLE001 - reported once, by prepare
+            self.errors.append(e)
+            self.abort.set()
+
+    def _fetch_one(self, job: Job) -> None:
+        """A large blob by itself (resumable), then given to every job waiting for it."""
+        self.fetch(job)
+        self._settle(job.sha, job.cache_path, job.size)
+
+    def _settle(self, sha: str, stored: str, size: int) -> None:
+        """Blob `sha` is in the cache at `stored`: each other cache path waiting for it (an item
+        name with another extension) gets a link to the same file, stored and recorded, and every
+        waiting job is linked into the task dir. Jobs that join meanwhile are served before the
+        blob leaves `waiting`."""
+        done = {stored}
+        while True:
+            with self.lock:
+                paths = self.waiting[sha]
+                if not paths:
+                    del self.waiting[sha]
+                    return
+                self.waiting[sha] = {}
+            for path, group in paths.items():
+                if path not in done:
+                    part = cache.unique_part_path(self.layout, sha)
+                    os.link(stored, part)
+                    self.layout.store_fetched(part, path, sha, size)
+                    done.add(path)
+                self._link(group)
 
     def _link(self, group: list[Job]) -> None:
         """Link a just-fetched cache file to its jobs' places in the task dir."""
@@ -348,7 +417,7 @@ class Downloader:
             self.layout.touch(entry)
         self._report()
 
-    def _fetch_batch(self, want: dict[str, int], by_sha: dict[str, dict[str, list[Job]]]) -> None:
+    def _fetch_batch(self, want: dict[str, int]) -> None:
         """Fetch the blobs `want` (sha -> size) in bulk requests until every one is stored: a
         request that fails or is cut short is made again for what is still missing (with backoff,
         up to FETCH_TRIES in a row); a blob whose bytes are wrong BLOB_TRIES times, or that the
@@ -358,13 +427,13 @@ class Downloader:
         left_out: set[str] = set()
         while want:
             try:
-                received = self._bulk_once(want, by_sha, mismatches)
+                received = self._bulk_once(want, mismatches)
             except (APIError, bulk.BadBatch, OSError) as e:
                 if isinstance(e, APIError) and e.status not in RETRY_STATUS:
                     raise TaskError(f"download of {len(want)} blobs failed: {e}") from None
                 failures += 1
                 if failures >= FETCH_TRIES:
-                    label = _label(by_sha, next(iter(want)))
+                    label = self._label(next(iter(want)))
                     raise TaskError(
                         f"download of {len(want)} blobs (e.g. {label}) failed {failures} times: {e}"
                     ) from None
@@ -376,14 +445,14 @@ class Downloader:
                     continue  # its bytes were wrong: asked again
                 if sha in left_out:
                     raise TaskError(
-                        f"download of {_label(by_sha, sha)} failed: the server does not have blob {sha} "
+                        f"download of {self._label(sha)} failed: the server does not have blob {sha} "
                         f"or does not let this node read it"
                     )
                 left_out.add(sha)
             if want:
                 time.sleep(backoff_delay(1, base=0.2, cap=2.0))
 
-    def _bulk_once(self, want: dict[str, int], by_sha, mismatches: dict[str, int]) -> set[str]:
+    def _bulk_once(self, want: dict[str, int], mismatches: dict[str, int]) -> set[str]:
         """One bulk request for `want`: each entry that matches its sha256 is stored, linked and
         taken out of `want`. Returns the sha256s the stream held."""
         received: set[str] = set()
@@ -401,11 +470,11 @@ class Downloader:
                     mismatches[sha] = mismatches.get(sha, 0) + 1
                     if mismatches[sha] >= BLOB_TRIES:
                         raise TaskError(
-                            f"download of {_label(by_sha, sha)} failed: the server's bytes do not match "
+                            f"download of {self._label(sha)} failed: the server's bytes do not match "
                             f"sha256 {sha} ({BLOB_TRIES} tries); nothing was cached"
                         )
                     continue
-                self._store(sha, part, by_sha[sha])
+                self._store(sha, part, want[sha])
                 del want[sha]
         return received
 
@@ -439,18 +508,20 @@ class Downloader:
             raise
         return part
 
-    def _store(self, sha: str, part: str, paths: dict[str, list[Job]]) -> None:
-        """A verified part into the cache (at each cache path the blob has: item names with
-        different extensions, each a link to the one file), then linked to its jobs."""
-        groups = list(paths.values())
-        for i, group in enumerate(groups):
-            nxt = ""
-            if i < len(groups) - 1:  # more cache paths to come: another name for the same file
-                nxt = cache.unique_part_path(self.layout, sha)
-                os.link(part, nxt)
-            self.layout.store_fetched(part, group[0].cache_path, sha, group[0].size)
-            self._link(group)
-            part = nxt
+    def _store(self, sha: str, part: str, size: int) -> None:
+        """A verified part into the cache at the first cache path waiting for it, then given to
+        every job waiting (`_settle`)."""
+        with self.lock:
+            final = next(iter(self.waiting[sha]))
+        self.layout.store_fetched(part, final, sha, size)
+        self._settle(sha, final, size)
+
+    def _label(self, sha: str) -> str:
+        """The task-dir name of one file made of blob `sha` (for an error message)."""
+        with self.lock:
+            paths = self.waiting.get(sha) or {}
+            group = next(iter(paths.values()), None)
+        return group[0].label if group else sha
 
     def _report(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -508,8 +579,3 @@ class Downloader:
             if e.status == 416:  # cannot resume: start over
                 part.unlink(missing_ok=True)
             raise
-
-
-def _label(by_sha: dict[str, dict[str, list[Job]]], sha: str) -> str:
-    """The task-dir name of one file made of blob `sha` (for an error message)."""
-    return next(iter(by_sha[sha].values()))[0].label

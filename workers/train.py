@@ -1,4 +1,4 @@
-"""`train`: run the container; each CHECKPOINT becomes a model while it runs (workers/results.py);
+"""`train`: run the container; each CHECKPOINT becomes a model while it runs (workers/checkpoints.py);
 after exit 0 the task's model is results/model/ when the task wrote one, else the last
 checkpoint; neither fails the task."""
 

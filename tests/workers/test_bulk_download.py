@@ -22,8 +22,8 @@ from node.api import BulkDownload
 from node.config import Config
 from protocol import bulk, sly_format
 from tests.workers.ctx import TestContext
-from workers import cache, custom, downloads, results
-from workers.downloads import Downloader, plan, write_project_files
+from workers import cache, custom, downloads, results, uploads
+from workers.downloads import Downloader, plan, plan_pages, write_project_files
 from workers.errors import StopRequested, TaskError
 
 
@@ -149,9 +149,9 @@ def items_of(blobs: list[bytes], datasets=("a", "b"), ext: str = ".bin", anns: b
 
 
 def prepare(ctx) -> dict:
-    jobs = plan(ctx)
-    summary = Downloader(ctx).prepare(jobs)
-    summary["empty_anns"] = write_project_files(ctx, jobs)
+    downloader = Downloader(ctx)
+    summary = downloader.prepare(plan_pages(ctx))
+    summary["empty_anns"] = write_project_files(ctx, downloader.jobs)
     return summary
 
 
@@ -323,6 +323,45 @@ def test_large_blobs_go_one_by_one_and_one_blob_under_two_names_is_stored_at_bot
     assert (ctx.task_dir / "data/proj/a/img/y.png").stat().st_ino == png.stat().st_ino
 
 
+def test_a_pages_missing_blobs_are_fetched_while_the_next_page_is_planned(tmp_path, monkeypatch):
+    monkeypatch.setattr(downloads, "BULK_COUNT", 50)
+    data = [blob(i) for i in range(300)]
+    items = items_of(data)
+    server = FakeServer({sha(b): b for b in data}, items, page=100)
+    asked = threading.Event()
+    server.on_request = lambda hashes: asked.set()
+    fetching_before_last_page: list[bool] = []
+    # the last page is listed only once a download of the first pages' blobs has been asked for
+    server.on_page = lambda start: start == 200 and fetching_before_last_page.append(asked.wait(10))
+    ctx = make_ctx(tmp_path, server, project=project_of(items), download_workers=2)
+    assert prepare(ctx)["fetched"] == 300
+    assert fetching_before_last_page == [True]
+    assert sorted(h for r in server.requests for h in r) == sorted(sha(b) for b in data), "each blob asked once"
+    got = task_files(ctx)
+    assert all(got[f"proj/{it['dataset']}/img/{it['name']}"] == b for it, b in zip(items, data, strict=True))
+
+
+def test_one_blob_on_several_pages_under_two_names_is_fetched_once_and_given_to_each(tmp_path, monkeypatch):
+    monkeypatch.setattr(downloads, "BULK_COUNT", 3)
+    same = b"the same bytes " * 9
+    data = [blob(i) for i in range(9)]
+    items = items_of(data, datasets=("a",))
+    for i, name in ((0, "s.png"), (4, "t.jpg"), (8, "u.png")):  # pages of 3: the first, second and third
+        items[i] = dict(items[i], name=name, sha256=sha(same), size=len(same))
+    blobs = {sha(b): b for b in data} | {sha(same): same}
+    server = FakeServer(blobs, items, page=3)
+    server.delay = 0.01  # entries trickle in: later pages are planned while the blob is on its way
+    ctx = make_ctx(tmp_path, server, project=project_of(items), download_workers=2)
+    assert prepare(ctx) | {"bytes": 0} == {"files": 9, "cached": 0, "fetched": 9, "bytes": 0, "empty_anns": 4}
+    assert sum(r.count(sha(same)) for r in server.requests) == 1
+    png, jpg = (cache.image_path(ctx.config, sha(same), n) for n in ("s.png", "t.jpg"))
+    assert cache.verify(ctx.config, png, sha(same)) and cache.verify(ctx.config, jpg, sha(same))
+    got = task_files(ctx)
+    assert got["proj/a/img/s.png"] == got["proj/a/img/t.jpg"] == got["proj/a/img/u.png"] == same
+    assert (ctx.task_dir / "data/proj/a/img/u.png").stat().st_ino == png.stat().st_ino
+    assert parts_left(ctx) == [] and ctx.progress_values[-1] == (9, 9)
+
+
 def test_two_tasks_fetching_the_same_blobs_at_once_both_get_them_whole(tmp_path, monkeypatch):
     monkeypatch.setattr(downloads, "BULK_COUNT", 7)
     data = [blob(i) * 20 for i in range(40)]
@@ -472,14 +511,14 @@ def test_small_results_go_up_in_bulk_and_large_ones_by_themselves(tmp_path, monk
     api = RecordingBlobs(have={sha(files["r/1.txt"])})
     api.mismatch_once.add(sha(files["r/7.txt"]))
     pairs = ((rel, open(root / rel, "rb")) for rel in sorted(files))
-    out = results.upload_open_files(api, pairs, workers=2)
+    out = uploads.upload_open_files(api, pairs, workers=2)
     assert out == [{"path": rel, "sha256": sha(files[rel]), "size": len(files[rel])} for rel in sorted(files)]
     assert set(api.stored) == {sha(b) for b in files.values()} - {sha(files["r/1.txt"])}
     assert api.puts == [sha(files["r/7.txt"]), sha(files["big.bin"])] or api.puts == [
         sha(files["big.bin"]),
         sha(files["r/7.txt"]),
     ], "the changed file again by itself, the big one by itself"
-    assert len(api.bulk_uploads) == 3 and all(len(u) <= results.BULK_FILES for u in api.bulk_uploads)
+    assert len(api.bulk_uploads) == 3 and all(len(u) <= uploads.BULK_FILES for u in api.bulk_uploads)
     assert sha(files["r/1.txt"]) not in {h for u in api.bulk_uploads for h in u}, "what the server has is not sent"
 
 

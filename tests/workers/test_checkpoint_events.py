@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from tests.support.procs import poll_for
 from tests.workers.test_results_bounds import Ctx, RecordingAPI
-from workers.results import CheckpointUploader
+from workers.checkpoints import CheckpointUploader
 
 
 class CheckpointAPI(RecordingAPI):

@@ -20,6 +20,11 @@ ALLOWED = {
     "http_stream": set(),
     "log_pump": {"http_stream", "logparse"},
     "container": {"container_spec", "errors"},
+    # results: the per-type collection -> the live uploader -> reading results/ and sending files.
+    "uploads": {"cache", "errors"},
+    "results_dir": {"errors", "safefs", "uploads"},
+    "checkpoints": {"cache", "errors", "results_dir", "results_watch", "safefs", "uploads"},
+    "results": {"checkpoints", "errors", "results_dir", "safefs", "uploads"},
     # The App's API forwarder (in the task process) and the relay (inside the sidecar container,
     # run by the App image's python3 from a copy: it can import nothing of ours).
     "app_proxy": set(),

@@ -17,9 +17,11 @@ import pytest
 from node.config import Config
 from protocol.errors import APIError
 from tests.support.procs import poll_for
-from workers import custom, results, train
-from workers.results import Budget, CheckpointUploader, ResultsLimit, upload_artifacts
+from workers import custom, results_dir, train
+from workers.checkpoints import CheckpointUploader
+from workers.results import upload_artifacts
 from workers.results_watch import WATCH_DIRS, ResultsWatch
+from workers.uploads import Budget, ResultsLimit
 
 
 def inotify_watches(pid: int | str = "self") -> int:
@@ -210,7 +212,7 @@ def test_a_sparse_file_is_not_read(unit):
         f.truncate(2 << 30)
     (ctx.task_dir / "results" / "small").write_text("x")
     budget = Budget(ctx.config)
-    res = results.ResultsDir(ctx).open()
+    res = results_dir.ResultsDir(ctx).open()
     try:
         got = [(rel, f.close()) for rel, f in res.admit(res.files(), budget)]
     finally:
@@ -227,7 +229,7 @@ def test_skips_are_logged_a_bounded_number_of_times(unit):
     for i in range(1000):
         os.symlink("/etc/passwd", r / f"l{i}")
     assert upload_artifacts(ctx, "r") is None
-    assert len(ctx.lines) == results.SKIP_LOG_MAX + 2
+    assert len(ctx.lines) == results_dir.SKIP_LOG_MAX + 2
 
 
 # --- real containers, the real server ------------------------------------------------------
