@@ -19,8 +19,9 @@ Usage: ./run.sh [COMMAND] [ARGS...]
                    the token, the clock), with what to do when one fails; exit 1 if any fails
   test [--fast] [PYTEST ARGS]
                    install what the tests need (Docker engine, Chromium, busybox) and run them;
-                   without named tests, the server and CLI tests run again on a throwaway
-                   PostgreSQL (.ci/pg-up.sh; SLY_TEST_DB_URL=URL picks the database, SLY_TEST_PG=0 skips).
+                   without named tests, the server and CLI tests run again, alongside, on a throwaway
+                   PostgreSQL (.ci/pg-up.sh; SLY_TEST_DB_URL=URL picks the database, SLY_TEST_PG=0 skips;
+                   tests marked any_database run on SQLite only).
                    --fast: only the tests not marked slow (each takes under 2 s), on SQLite
                    (the same as pytest -m "not slow"). SLY_TEST_SERVER=process runs the fixture
                    servers as subprocesses instead of threads of the test process
@@ -198,13 +199,28 @@ case "$cmd" in
     if [ -n "${SLY_TEST_DB_URL:-}" ] || [ "${SLY_TEST_PG:-1}" = 0 ] || names_tests "$@"; then
       exec "$VENV/bin/python" -m pytest "$@"
     fi
-    # The whole suite on SQLite, then the server and CLI tests again on PostgreSQL.
-    rc=0
-    "$VENV/bin/python" -m pytest "${xdist[@]}" "$@" || rc=$?
+    # The whole suite on SQLite and, at the same time, the server and CLI tests again on
+    # PostgreSQL (those marked any_database left out): the SQLite pass waits on Docker engines,
+    # agents and browsers for much of its time, and the PostgreSQL pass fills those gaps. Its
+    # output is shown when it ends.
     pg_url=$(SLY_PG_FAST=1 bash "$HERE/.ci/pg-up.sh") \
       || die "could not start PostgreSQL for the tests (.ci/pg-up.sh); SLY_TEST_PG=0 skips that pass"
-    echo "run.sh: the server and CLI tests on PostgreSQL ($pg_url)" >&2
-    SLY_TEST_DB_URL=$pg_url "$VENV/bin/python" -m pytest "${xdist[@]}" "$@" tests/server tests/cli || rc=$?
+    pg_log=$(mktemp "${TMPDIR:-/tmp}/sly-test-pg.XXXXXX")
+    pg_workers=${SLY_TEST_PG_WORKERS:-2}
+    pg_xdist=()
+    [ "$pg_workers" = 0 ] || pg_xdist=(-n "$pg_workers")
+    SLY_TEST_DB_URL=$pg_url "$VENV/bin/python" -m pytest "${pg_xdist[@]}" -m "not any_database" "$@" \
+      tests/server tests/cli >"$pg_log" 2>&1 &
+    pg_pid=$!
+    trap 'kill "$pg_pid" 2>/dev/null || true' EXIT  # an interrupted run leaves no pass behind
+    rc=0
+    "$VENV/bin/python" -m pytest "${xdist[@]}" "$@" || rc=$?
+    pg_rc=0
+    wait "$pg_pid" || pg_rc=$?
+    echo "run.sh: the server and CLI tests on PostgreSQL ($pg_url), run alongside:" >&2
+    cat "$pg_log"
+    rm -f "$pg_log"
+    [ "$pg_rc" = 0 ] || rc=$pg_rc
     exit $rc ;;
   lint)
     shift

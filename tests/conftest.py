@@ -23,6 +23,10 @@ def pytest_collection_modifyitems(config, items):
         if mark is not None and not on_sqlite:
             why = mark.args[0] if mark.args else "a fact of the SQLite file"
             item.add_marker(pytest.mark.skip(reason=f"SQLite only: {why}"))
+        mark = item.get_closest_marker("any_database")
+        if mark is not None and not on_sqlite:
+            why = mark.args[0] if mark.args else "it does not touch the database"
+            item.add_marker(pytest.mark.skip(reason=f"the same on every database (run on SQLite): {why}"))
 
 
 def _wants_process(request) -> bool:

@@ -24,6 +24,8 @@ from server.http import errors, strict
 from server.http.errors import BodyLimitMiddleware
 from server.settings import Settings
 
+pytestmark = pytest.mark.any_database("a body is held and decoded before any statement runs")
+
 MiB = 1024 * 1024
 META = {"classes": [{"title": "p", "shape": "polygon", "color": "#FF0000"}], "tags": []}
 _OBJ = {

@@ -16,7 +16,10 @@ from protocol import endpoints
 from server.blobs import thumbs
 
 # They measure the server process's memory, or patch Pillow in this process without touching the server's.
-pytestmark = pytest.mark.server_process("measures or patches apart from the server process")
+pytestmark = [
+    pytest.mark.server_process("measures or patches apart from the server process"),
+    pytest.mark.any_database("thumbnails are decoded from blob files, apart from the database"),
+]
 
 # A minimal EPS: Pillow's EPS plugin takes it, and would hand it to Ghostscript to draw.
 EPS = (

@@ -22,6 +22,8 @@ from protocol.errors import APIError
 from server.projects import service as projects
 from server.projects.schemas import DatasetIn, ItemRef
 
+pytestmark = pytest.mark.any_database("the check runs on the decoded body before any statement")
+
 MiB = 1024 * 1024
 
 
