@@ -188,9 +188,11 @@ case "$cmd" in
     cd "$HERE"
     # pytest-xdist workers for the fast lane and the whole suite (SLY_TEST_WORKERS=0: one process).
     # More workers than cores: many tests wait on Docker, a lease or a browser, not on a core.
-    workers=${SLY_TEST_WORKERS:-3}
+    # worksteal: an idle worker takes queued tests from a busy one, so a few long tests at the
+    # end do not leave the other workers idle.
+    workers=${SLY_TEST_WORKERS:-4}
     xdist=()
-    [ "$workers" = 0 ] || xdist=(-n "$workers")
+    [ "$workers" = 0 ] || xdist=(-n "$workers" --dist worksteal)
     if [ "${1:-}" = --fast ]; then   # the fast lane: every test not marked slow, on SQLite, servers in threads
       shift
       exec "$VENV/bin/python" -m pytest -m "not slow" "${xdist[@]}" "$@"
@@ -208,7 +210,7 @@ case "$cmd" in
     pg_log=$(mktemp "${TMPDIR:-/tmp}/sly-test-pg.XXXXXX")
     pg_workers=${SLY_TEST_PG_WORKERS:-2}
     pg_xdist=()
-    [ "$pg_workers" = 0 ] || pg_xdist=(-n "$pg_workers")
+    [ "$pg_workers" = 0 ] || pg_xdist=(-n "$pg_workers" --dist worksteal)
     SLY_TEST_DB_URL=$pg_url "$VENV/bin/python" -m pytest "${pg_xdist[@]}" -m "not any_database" "$@" \
       tests/server tests/cli >"$pg_log" 2>&1 &
     pg_pid=$!

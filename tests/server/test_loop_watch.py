@@ -19,7 +19,7 @@ def test_a_blocked_loop_is_measured_and_logged_once(monkeypatch, caplog):
     monkeypatch.setattr(app, "LAG_WARN_S", 0.3)
     reg = CollectorRegistry()
     state = types.SimpleNamespace(
-        metrics=types.SimpleNamespace(loop_lag=Histogram("lag", "lag", buckets=(0.1, 0.25, 1.0), registry=reg))
+        metrics=types.SimpleNamespace(loop_lag=Histogram("lag", "lag", buckets=(0.1, 0.35, 1.0), registry=reg))
     )
 
     async def scenario():
@@ -34,7 +34,9 @@ def test_a_blocked_loop_is_measured_and_logged_once(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="sly-server"), ThreadPoolExecutor(1) as ex:
         ex.submit(asyncio.run, scenario()).result(timeout=30)
     count = reg.get_sample_value("lag_count")
-    late = count - reg.get_sample_value("lag_bucket", {"le": "0.25"})
+    # the two blocks are about 0.45 s late; a busy machine (a suite on all cores) makes an
+    # on-time check up to a few tenths late, never as late as a block
+    late = count - reg.get_sample_value("lag_bucket", {"le": "0.35"})
     assert count >= 6 and late == 2, (count, late)
     warnings = [r for r in caplog.records if "event loop ran" in r.getMessage()]
     assert len(warnings) == 1, [r.getMessage() for r in warnings]
