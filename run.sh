@@ -190,7 +190,7 @@ case "$cmd" in
     # More workers than cores: many tests wait on Docker, a lease or a browser, not on a core.
     # worksteal: an idle worker takes queued tests from a busy one, so a few long tests at the
     # end do not leave the other workers idle.
-    workers=${SLY_TEST_WORKERS:-4}
+    workers=${SLY_TEST_WORKERS:-3}
     xdist=()
     [ "$workers" = 0 ] || xdist=(-n "$workers" --dist worksteal)
     if [ "${1:-}" = --fast ]; then   # the fast lane: every test not marked slow, on SQLite, servers in threads

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -86,7 +87,10 @@ def test_agent_container_runs_a_task_with_host_paths(agent_image, server, docker
         assert agent["token"] not in logs
         container.stop(timeout=30)
         assert container.wait(timeout=60)["StatusCode"] == 0
-        leftovers = docker_client.containers.list(all=True, filters={"label": f"sly-agent.task={task['id']}"})
+        # this agent's task containers (other tests' agents, at the same time, number their tasks from 1 too)
+        identity = hashlib.sha256(agent["token"].encode()).hexdigest()[:16]
+        labels = [f"sly-agent.task={task['id']}", f"sly-agent.agent={identity}"]
+        leftovers = docker_client.containers.list(all=True, filters={"label": labels})
         assert leftovers == []
     finally:
         container.remove(force=True)
