@@ -191,6 +191,7 @@ def test_secrets_never_reach_disk_or_server(server, make_agent):
     assert a.token not in a.stderr()
 
 
+@pytest.mark.slow
 def test_helper_fatal_is_logged_and_reported(server, make_agent):
     a = make_agent(server).start(CHILD_RESTART_MAX=3, CHILD_RESTART_WINDOW=60)
     for _ in range(3):

@@ -108,6 +108,7 @@ def test_app_form_takes_project_dataset_and_a_checked_modal_state(console, serve
     server.admin().post(f"{server.url}/api/v1/tasks/{tid}/stop", timeout=10)
 
 
+@pytest.mark.slow
 def test_output_links_and_the_team_files_browser(console, server):
     app = _app(server, "app-output-node")
     root = f"/exports/run-{app.task_id}"

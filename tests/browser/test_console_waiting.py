@@ -11,6 +11,7 @@ pytestmark = pytest.mark.browser
 expect = pytest.importorskip("playwright.sync_api").expect
 
 
+@pytest.mark.slow
 def test_task_page_says_why_a_queued_task_waits(console, server):
     created, agent = online_agent(server, "waiting-node")
     agent.poll(free_slots=0, refusing="not enough disk: 120 MB free under /data, 2048 MB required (MIN_FREE_DISK_MB)")

@@ -133,6 +133,7 @@ def test_wheel_holds_every_package_and_the_console_files(wheel):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_console_scripts_work_from_anywhere(venv, tmp_path):
     where = _run(venv, tmp_path, "python", "-c", "import client, server, agent, tools; print(client.__file__)")

@@ -44,6 +44,7 @@ def test_token_is_nowhere_a_task_can_look(agent, user, attack_image):
     assert_serves_next(agent, user, attack_image)
 
 
+@pytest.mark.slow
 def test_inputs_are_read_only(agent, user, attack_image):
     """data/, model/, task_config.json and task_settings.json refuse every write; the cache stays true."""
     blobs = {"a.png": b"original pixels", "b.png": b"more pixels"}
@@ -108,6 +109,7 @@ def test_capabilities_are_dropped(agent, user, attack_image):
     assert_serves_next(agent, user, attack_image)
 
 
+@pytest.mark.slow
 def test_durable_log_is_out_of_reach(agent, user, attack_image):
     done = run_task(agent, user, attack_image, "find_log.sh")
     assert done["state"] == "finished", (done, agent.stderr()[-2000:])

@@ -94,6 +94,7 @@ def test_results_past_the_limits_fail_the_task_cleanly(limited_agent, user, atta
     assert_serves_next(limited_agent, user, attack_image)
 
 
+@pytest.mark.slow
 def test_a_sparse_file_is_not_amplified(agent, user, attack_image):
     """A 2 GiB file of holes (no byte on the node's disk) is skipped, not read and uploaded as 2 GiB."""
     done = run_task(

@@ -247,6 +247,7 @@ def test_the_blob_quota_refuses_with_507_and_keeps_nothing(own_server):
     assert client.session.put(f"{srv.url}/api/v1/blobs/{sha}", data=second).status_code == 507
 
 
+@pytest.mark.slow
 @pytest.mark.sqlite_only("it reads or writes the SQLite file in the data dir directly")
 def test_an_upgraded_database_gets_blob_references_and_log_bytes(tmp_path):
     from tests.support.server import ServerProcess

@@ -153,6 +153,7 @@ def test_the_throttle_doubles_its_wait_and_forgets_quiet_clients_within_its_boun
     assert len(t._clients) == t.MAX_CLIENTS
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("token", ["a", "x" * (MIN_ADMIN_TOKEN - 1)])
 def test_a_short_admin_token_refuses_to_start(tmp_path, token):
     env = dict(os.environ, SERVER_ADMIN_TOKEN=token)

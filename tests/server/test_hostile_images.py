@@ -77,6 +77,7 @@ def test_decompression_bomb_is_refused_from_its_header(own_server):
     assert growth < 50 * 2**20, growth
 
 
+@pytest.mark.slow
 def test_eps_named_png_never_reaches_ghostscript(tmp_path, monkeypatch, own_server):
     opened = []
     monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", lambda self: opened.append(1) or 1 / 0)

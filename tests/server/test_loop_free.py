@@ -284,6 +284,7 @@ def _drive(url: str, token: str) -> None:
     _ok(admin.delete(u(endpoints.AGENT_BY_ID, agent_id=aid), timeout=10))
 
 
+@pytest.mark.slow
 def test_database_work_runs_only_on_the_database_threads(inproc):
     url, token, watch = inproc
     _drive(url, token)

@@ -14,6 +14,8 @@ from server.public import router as _router  # noqa: F401  (imports every method
 from server.public.registry import METHODS
 from tests.support.apps import start_app
 
+pytestmark = pytest.mark.slow  # each method: about 500 bodies, 3-6 s
+
 EXTREMES = [None, True, -1, 0, 2**31, 2**63, -(2**63), 1e308, float("-0"), "1", "", "x" * 10_000, [], {}, [1] * 20_000]
 FIELDS = [
     "id",

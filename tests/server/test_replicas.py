@@ -288,6 +288,7 @@ def _rss_kib(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
+@pytest.mark.slow
 @pytest.mark.server_process("measures the server process's memory")
 def test_huge_lines_are_read_a_page_at_a_time_and_healthz_stays_fast(own_server):
     """Three 10 MiB lines with a follower open: each cut to the line limit, pages bounded in bytes,

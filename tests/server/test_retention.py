@@ -115,6 +115,7 @@ def test_cli_deletes_a_task_and_says_what_it_kept(server, client, make_agent):
     client.get_task(running["id"])  # still there
 
 
+@pytest.mark.slow
 @pytest.mark.server_process("reads the server's log file")
 def test_log_lines_of_tasks_final_longer_than_the_setting_expire(own_server):
     srv, client, agent = own_server("--log-retention-days", "1", "--housekeeping-s", "0.2")

@@ -43,6 +43,7 @@ def adopt(first, last_cts):
     return ctx
 
 
+@pytest.mark.slow
 def test_adopt_running_container_resumes_without_gap_or_duplicate(node, task_image, log_source):
     first, client, container = started_container(node, task_image, 60, 0.02)
     poll_for(lambda: b"line 20" in container.logs(), timeout=20, what="20 lines")

@@ -29,6 +29,7 @@ def stdout(agent, task_id):
     return [ln["message"] for ln in lines if ln["stream"] == "stdout"]
 
 
+@pytest.mark.slow
 def test_train_task_full_life(agent, user, task_image, docker_client):
     agent.start(handler=None, **AGENT_ENV)
     tag = secrets.token_hex(4)
@@ -47,6 +48,7 @@ def test_train_task_full_life(agent, user, task_image, docker_client):
     assert sorted(p.name for p in (agent.root / "tasks" / str(task["id"])).iterdir()) == ["logs"]
 
 
+@pytest.mark.slow
 def test_stop_from_the_server(agent, user, task_image):
     agent.start(handler=None, **AGENT_ENV)
     task = user.create_task(agent.id, "custom", image=task_image, command="forever.sh")

@@ -241,6 +241,7 @@ def test_the_real_token_reaches_the_real_server(tmp_path, node, server):
     assert not f.sock_path.exists()
 
 
+@pytest.mark.slow
 def test_200_mb_each_way_streams_in_bounded_memory(forwarder, upstream):
     sock, tok = forwarder.sock_path, forwarder.local
     n = 200 * MB
@@ -549,6 +550,7 @@ def test_an_image_without_python3_fails_clearly(node, task_image, docker_client)
     assert not (ctx.task_dir / "api" / "api.sock").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.docker
 def test_stopping_an_app_removes_both_containers(node, app_image, docker_client):
     ctx = node.ctx(type="app", image=app_image, command=["sh", "-c", "echo up; sleep 60"])

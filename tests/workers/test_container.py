@@ -147,6 +147,7 @@ def test_reap_orphan_containers(node, task_image, docker_client):
             c.remove(force=True)
 
 
+@pytest.mark.slow
 def test_a_container_of_another_agent_with_our_name_is_left_alone(node, task_image, docker_client, busybox_image):
     """Two agents on one engine (say, of two servers) may both run a task 7: neither breaks the other."""
     ctx = node.ctx(type="custom", image=task_image, command=["sh", "-c", "echo mine"])
