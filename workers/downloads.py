@@ -328,7 +328,8 @@ class Downloader:
             raise self.errors[0]
         if ctx.stop_event.is_set():
             raise StopRequested()
-        self._report(force=True)
+        if self.jobs:  # a task with no files reports no download
+            self._report(force=True)
         return {
             "files": len(self.jobs),
             "cached": len(self.jobs) - fetched,

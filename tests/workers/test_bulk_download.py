@@ -362,6 +362,14 @@ def test_one_blob_on_several_pages_under_two_names_is_fetched_once_and_given_to_
     assert parts_left(ctx) == [] and ctx.progress_values[-1] == (9, 9)
 
 
+def test_a_task_with_no_files_downloads_and_reports_nothing(tmp_path):
+    server = FakeServer({})
+    ctx = make_ctx(tmp_path, server, project=None)
+    assert prepare(ctx) == {"files": 0, "cached": 0, "fetched": 0, "bytes": 0, "empty_anns": 0}
+    assert server.requests == [] and server.pages == [] and ctx.progress_values == []
+    assert not [m for m in ctx.messages("agent") if m.startswith("downloading")]
+
+
 def test_two_tasks_fetching_the_same_blobs_at_once_both_get_them_whole(tmp_path, monkeypatch):
     monkeypatch.setattr(downloads, "BULK_COUNT", 7)
     data = [blob(i) * 20 for i in range(40)]
