@@ -23,7 +23,7 @@ import os
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from protocol import bulk, sly_format
@@ -276,43 +276,21 @@ class Downloader:
         # sha256 -> cache path -> the jobs waiting for that blob, from when it is handed to the pool
         # until every job of it is linked (a job of a later page finds its blob on the way here)
         self.waiting: dict[str, dict[str, list[Job]]] = {}
+        self.fetched = 0  # jobs whose file was not in the cache (planning thread only)
         self.errors: list[BaseException] = []
 
     def prepare(self, pages: Iterable[list[Job]]) -> dict:
         """Plan, check, fetch and link every page's jobs (`plan_pages`, or one list of jobs given
         as [jobs]). Returns {"files", "cached", "fetched", "bytes"}."""
         ctx = self.ctx
-        fetched = 0
         changed: list[str] = []
-        small: list[tuple[str, int]] = []  # blobs for the next bulk batch
-        small_bytes = 0
-        futures: list[Future] = []
         pool = ThreadPoolExecutor(max_workers=max(1, self.cfg.download_workers), thread_name_prefix="dl")
         try:
-            for page in pages:
+            small = self._missing(pages, changed, pool)
+            for batch in bulk.batches(small, max_count=BULK_COUNT, max_bytes=bulk.MAX_BYTES):
                 if self.abort.is_set():
                     break
-                if ctx.stop_event.is_set():
-                    raise StopRequested()
-                new, waiting = self._check_page(page, changed)
-                fetched += waiting
-                if not new:
-                    continue
-                with self.lock:
-                    keep = set(self.touched)
-                need = sum(j.size for j in new)
-                cache.ensure_space(self.cfg, need, log=ctx.log, keep=keep)
-                for job in new:
-                    if job.size > bulk.SMALL_BLOB:
-                        futures.append(pool.submit(self._work, self._fetch_one, job))
-                        continue
-                    if small and (len(small) >= BULK_COUNT or small_bytes + job.size > bulk.MAX_BYTES):
-                        futures.append(pool.submit(self._work, self._fetch_batch, dict(small)))
-                        small, small_bytes = [], 0
-                    small.append((job.sha, job.size))
-                    small_bytes += job.size
-            if small and not self.abort.is_set():
-                futures.append(pool.submit(self._work, self._fetch_batch, dict(small)))
+                pool.submit(self._work, self._fetch_batch, dict(batch))
         except BaseException:
             self.abort.set()
             raise
@@ -332,18 +310,38 @@ class Downloader:
             self._report(force=True)
         return {
             "files": len(self.jobs),
-            "cached": len(self.jobs) - fetched,
-            "fetched": fetched,
+            "cached": len(self.jobs) - self.fetched,
+            "fetched": self.fetched,
             "bytes": self.done_bytes,
         }
 
-    def _check_page(self, page: list[Job], changed: list[str]) -> tuple[list[Job], int]:
+    def _missing(self, pages: Iterable[list[Job]], changed: list[str], pool) -> Iterator[tuple[str, int]]:
+        """(sha256, size) of each small blob the pages lack, as each page is planned and checked;
+        room is made for a page's blobs first, and a large blob goes to the pool by itself here."""
+        for page in pages:
+            if self.abort.is_set():
+                return
+            if self.ctx.stop_event.is_set():
+                raise StopRequested()
+            new = self._check_page(page, changed)
+            if not new:
+                continue
+            with self.lock:
+                keep = set(self.touched)
+            cache.ensure_space(self.cfg, sum(j.size for j in new), log=self.ctx.log, keep=keep)
+            for job in new:
+                if job.size > bulk.SMALL_BLOB:
+                    pool.submit(self._work, self._fetch_one, job)
+                else:
+                    yield job.sha, job.size
+
+    def _check_page(self, page: list[Job], changed: list[str]) -> list[Job]:
         """Link the page's cached files (in this thread: a link costs less than a pool hand-off,
         and their entries are marked used, kept by any eviction); the jobs whose blob is already
-        on its way join it. Returns one job per blob to fetch, and how many jobs wait for a blob."""
+        on its way join it. Returns one job per blob to fetch."""
         layout = self.layout
         new: list[Job] = []
-        waiting = 0
+        linked = 0
         self.jobs.extend(page)
         self.total_files = len(self.jobs)
         for job in page:
@@ -351,21 +349,21 @@ class Downloader:
                 paths = self.waiting.get(job.sha)
                 if paths is not None:  # asked for already (an item of a page before, or of this one)
                     paths.setdefault(job.cache_path, []).append(job)
-                    waiting += 1
                     continue
             if layout.verify(job.cache_path, job.sha, job.size):
                 layout.link_to_task(job.cache_path, job.dest, self.touched)
-                with self.lock:
-                    self.done_files += 1
+                linked += 1
                 continue
             if os.path.lexists(job.cache_path):
                 changed.append(job.label)
             with self.lock:
                 self.waiting[job.sha] = {job.cache_path: [job]}
             new.append(job)
-            waiting += 1
+        self.fetched += len(page) - linked
+        with self.lock:
+            self.done_files += linked
         self._report()
-        return new, waiting
+        return new
 
     def _work(self, fn, arg) -> None:
         """Run one pool unit; the first error stops the others (between two entries) and planning."""
