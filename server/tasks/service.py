@@ -14,6 +14,7 @@ from protocol.tasks import CONTAINER_TYPES, TASK_TYPES
 from server import db
 from server.db.rows import get_row
 from server.projects.service import items_page
+from server.public import tokens
 from server.tasks.schemas import RETRY_MAX
 
 LEASED_VALUES = [s.value for s in LEASED]
@@ -236,8 +237,6 @@ def change_state(conn, task: dict, new: TaskState, now: float | None = None, **v
         raise StateRace(task["id"])
     if new in FINAL and task.get("type") == "app":
         # Dead already (a token is valid only while its task is leased): the row goes too.
-        from server.public import tokens
-
         tokens.drop(conn, task["id"])
     task = dict(task, **values)
     return task
