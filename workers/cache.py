@@ -6,34 +6,39 @@
     storage/records/images/...  records/models/...  records/anns/...  one record per cached file
 
 A blob is stored once: fetched into a part file under tmp/ and hashed on the way, then made
-read-only, renamed into place and recorded, under a short lock that every store of that blob
-takes (`store_lock`). A single large blob is fetched under its own lock file (`blob_lock`: two
-tasks needing it at the same moment fetch it once) into tmp/<sha>.part, kept across tries so
-that a fetch resumes with Range (`store_blob`). Blobs fetched many per request go to part files
-of their own (`open_part`), with no lock while they stream (`Layout.store_fetched`). Cached files are
-read-only (0444) and are only ever hard-linked (copied across filesystems) into a task's data/
-and model/, which the container gets read-only (`link_to_task`); results are copied into the
-cache, never linked. A file's record (its sha256, size, mtime_ns, inode and device, written when
-it was stored) is checked before the file is reused: a file whose size, mtime, inode or mode
-differ, or that has no record, is treated as missing and fetched again into a new inode (a task
-dir still linking the old one keeps it).
+read-only, recorded and renamed into place. A single large blob is fetched under its own lock file
+(`blob_lock`: two tasks needing it at the same moment fetch it once) into tmp/<sha>.part, kept
+across tries so that a fetch resumes with Range (`store_blob`). Blobs fetched many per request go
+to part files of their own (`open_part`), with no lock while they stream (`Layout.store_fetched`).
+Cached files are read-only (0444) and are only ever hard-linked (copied across filesystems) into
+a task's data/ and model/, which the container gets read-only (`link_to_task`); results are
+copied into the cache, never linked. A file's record (its sha256, size and mtime_ns, written
+when it was stored) is checked before the file is reused: a file whose size or mtime differ,
+that is writable, or that has no record, is treated as missing and fetched again into a new inode
+(a task dir still linking the old one keeps it).
 
-A record is a symbolic link whose target is that text (`<sha256> <size> <mtime_ns> <ino> <dev>`,
-never a path that is followed): checking a cached file costs one lstat of it and one readlink of
-its record, no open, read and close (a 20,000-item project is checked in well under a second).
-Records written as JSON files by earlier versions are still read.
+A record is an extended attribute of the cached file itself (`user.sly.record`, the text
+`<sha256> <size> <mtime_ns>`), set on the part file before it is renamed into place: storing a
+blob creates no name besides the file's own, needs no lock (the record travels with its inode,
+so two tasks storing one blob at once each put a whole, recorded file in place), and checking a
+cached file costs one lstat and one getxattr. On a filesystem without user extended attributes
+a record is a symbolic link `storage/records/<images|models>/<same relative path>` whose target
+is that text plus the inode and device (`<sha256> <size> <mtime_ns> <ino> <dev>`, never followed),
+written under the blob's `store_lock` once the file is in place; those, and records written as
+JSON files by earlier versions, are still read.
 
 Annotations are cached too (`Layout.link_text`): a task's ann/<item>.json is a hard link to the
 cached file of that text, so a project prepared again links its annotations instead of creating
-a file for each (creating a file costs several times a link, more on a busy disk). A text is
-derived data, written again whenever in doubt: it has no record, its lstat alone tells whether
-it changed since written (see there).
+a file for each (creating a file costs several times a link, more on a busy disk). A new text is
+written once, into the task dir, and that file is linked into the cache. A text is derived data,
+written again whenever in doubt: it has no record, its lstat alone tells whether it changed since
+written (see there).
 
-A cache entry's last use is the mtime of its record (an image) or of its folder (a model),
-touched each time it is linked into a task dir (the file's own mtime is part of its record and
-is never touched), or the ctime of a text, which each link sets. Evicting an entry never breaks
-a running task: its files are hard links (or copies) in the task dir, so the bytes stay until
-the task dir goes.
+A cache entry's last use is the ctime of its file (an image, a text: each link into a task dir
+sets it, and so does removing that link with the task dir; the file's mtime is part of its record
+and never touched), or the mtime of its folder (a model), touched each time it is linked into a
+task dir. Evicting an entry never breaks a running task: its files are hard links (or copies) in
+the task dir, so the bytes stay until the task dir goes.
 """
 
 from __future__ import annotations
@@ -61,6 +66,9 @@ _EXT_RE = re.compile(r"\.[a-z0-9]{1,10}")
 # through its descriptor), so that storing it needs no chmod.
 _PART_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
 ANNS_DIR = "anns"
+RECORD_XATTR = "user.sly.record"  # a cached file's record (see the module's docstring)
+# A filesystem that keeps no user extended attributes answers one of these to setxattr.
+_NO_XATTR_ERRNOS = {errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM}
 _part_seq = itertools.count(1)
 
 
@@ -88,6 +96,8 @@ class Layout:
         self.records = os.path.join(self.storage, "records")
         self.anns = os.path.join(self.storage, ANNS_DIR)
         self.tmp = os.fspath(config.tmp_dir)
+        # Records are extended attributes until the filesystem refuses one (then symbolic links).
+        self.xattr = True
 
     def image(self, sha: str, name: str) -> str:
         """Cache path of an item blob: the extension of the item's name is kept (tools look at it)."""
@@ -114,30 +124,52 @@ class Layout:
 
     def verify(self, path: str | os.PathLike, sha: str, size: int | None = None) -> bool:
         """Whether the cached file at `path` is the one stored for blob `sha`, unchanged since."""
+        return self.check(path, sha, size) is True
+
+    def check(self, path: str | os.PathLike, sha: str, size: int | None = None) -> bool | None:
+        """`verify`, telling apart a file that is not that blob (False: changed since stored, or
+        no record) from no file at all (None)."""
         try:
             st = os.lstat(path)
+        except OSError:
+            return None
+        if not stat.S_ISREG(st.st_mode) or st.st_mode & 0o222 or (size is not None and st.st_size != size):
+            return False
+        try:
+            fields = os.getxattr(path, RECORD_XATTR, follow_symlinks=False).split(b" ")
+        except OSError as e:
+            if e.errno not in (errno.ENODATA, *_NO_XATTR_ERRNOS):
+                return False
+            return self._verify_link_record(path, st, sha)  # no such attribute: a record as a link?
+        return (
+            len(fields) == 3
+            and fields[0] == sha.encode()
+            and fields[1] == b"%d" % st.st_size
+            and fields[2] == b"%d" % st.st_mtime_ns
+        )
+
+    def _verify_link_record(self, path: str | os.PathLike, st: os.stat_result, sha: str) -> bool:
+        try:
             rec = _read_record(self.record(path))
         except (OSError, ValueError):
             return False
         return (
             rec is not None
-            and stat.S_ISREG(st.st_mode)
-            and not st.st_mode & 0o222
             and rec[0] == sha
             and st.st_size == rec[1]
-            and (size is None or st.st_size == size)
             and st.st_mtime_ns == rec[2]
             and st.st_ino == rec[3]
             and st.st_dev == rec[4]
         )
 
     def touch(self, entry: str) -> None:
-        """Mark a cache entry as used now (LRU): its record (an image) or its folder (a model)."""
-        target = entry if entry.startswith(self._models_sep) else self.record(entry)
-        try:
-            os.utime(target, follow_symlinks=False)
-        except OSError:
-            pass
+        """Mark a model's cache entry (its folder) as used now (LRU). A cached file needs none: each
+        link into a task dir sets its ctime, its last use (a copy sets it too: `link_into`)."""
+        if entry.startswith(self._models_sep):
+            try:
+                os.utime(entry, follow_symlinks=False)
+            except OSError:
+                pass
 
     def link_to_task(self, path: str, dest: str, touched: set) -> None:
         """Give a task the cached file at `path` at `dest`; its entry is marked used once per `touched`."""
@@ -147,11 +179,29 @@ class Layout:
             touched.add(entry)
         link_into(path, dest)
 
+    def _seal(self, path: str | os.PathLike, sha: str) -> os.stat_result | None:
+        """Set the record of the file at `path` (read-only already) on the file itself; its lstat,
+        or None (and records as links from now on) where the filesystem keeps no attributes."""
+        if not self.xattr:
+            return None
+        st = os.lstat(path)
+        try:
+            os.setxattr(path, RECORD_XATTR, b"%s %d %d" % (sha.encode(), st.st_size, st.st_mtime_ns))
+        except OSError as e:
+            if e.errno not in _NO_XATTR_ERRNOS:
+                raise
+            self.xattr = False
+            return None
+        return st
+
     def write_record(self, path: str | os.PathLike, sha: str, chmod: bool = True) -> os.stat_result:
         """Record what a file just stored in the cache looks like; make it read-only first (unless
         it was made read-only: `chmod` False)."""
         if chmod:
             os.chmod(path, 0o444)
+        st = self._seal(path, sha)
+        if st is not None:
+            return st
         st = os.lstat(path)
         rp = self.record(path)
         target = f"{sha} {st.st_size} {st.st_mtime_ns} {st.st_ino} {st.st_dev}"
@@ -178,20 +228,20 @@ class Layout:
         return st
 
     def store_fetched(self, part: str, final: str, sha: str, size: int | None = None) -> bool:
-        """A verified download in a part file of its own (`open_part`) becomes the cached file
-        `final`; returns whether it did. When another task stored the blob meanwhile, the part is
-        dropped and that file kept. Under `store_lock`, so that the record written describes the
-        file in place."""
+        """A verified download in a part file of its own (`open_part`: read-only already) becomes
+        the cached file `final`; returns whether it did. A record on the file is set before it is
+        renamed into place, with no lock. A record as a link is written under `store_lock`, so
+        that it describes the file in place; when another task stored the blob meanwhile, the
+        part is dropped and that file kept."""
+        if self._seal(part, sha) is not None:
+            _replace(part, final)  # a stored copy of the blob replaced by another whole one is no harm
+            return True
         with store_lock(self, sha):
             if self.verify(final, sha, size):
                 os.unlink(part)
                 return False
-            try:
-                os.replace(part, final)  # a new inode: task dirs linking a changed one keep theirs
-            except FileNotFoundError:  # its folder is new, or was evicted meanwhile
-                os.makedirs(os.path.dirname(final), exist_ok=True)
-                os.replace(part, final)
-            self.write_record(final, sha, chmod=False)  # read-only already: open_part made it so
+            _replace(part, final)
+            self.write_record(final, sha, chmod=False)
             return True
 
     def text_path(self, key: str) -> str:
@@ -208,23 +258,68 @@ class Layout:
         its last use. Two tasks writing one text at once write the same bytes."""
         path = self.text_path(key)
         try:
-            st = os.lstat(path)
+            if _text_unchanged(os.lstat(path)):
+                link_into(path, dest)
+                return
         except FileNotFoundError:
-            st = None
-        if st is None or not _text_unchanged(st):
-            tmp, fd = open_part(self, key)
+            pass
+        # Missing or changed: written once, at `dest`, and that file linked into the cache.
+        fd = _create(dest)
+        try:
+            data = make_text().encode()
+            _write_all(fd, data)
+            os.utime(fd, ns=(TEXT_MTIME_NS + len(data), TEXT_MTIME_NS + len(data)))
+        finally:
+            os.close(fd)
+        self._cache_text(dest, path, key)
+
+    def _cache_text(self, dest: str, path: str, key: str) -> None:
+        """Link the text just written at `dest` into the cache at `path`; a changed text there, or
+        one another task wrote meanwhile, is replaced. Across filesystems the task has its file,
+        and the cache goes without."""
+        for _ in range(2):
             try:
-                data = make_text().encode()
-                _write_all(fd, data)
-                os.utime(fd, ns=(TEXT_MTIME_NS + len(data), TEXT_MTIME_NS + len(data)))
-            finally:
-                os.close(fd)
-            try:
-                os.replace(tmp, path)
-            except FileNotFoundError:
+                os.link(dest, path)
+                return
+            except FileNotFoundError:  # the first text of its folder: made, and tried again
                 os.makedirs(os.path.dirname(path), exist_ok=True)
+            except FileExistsError:
+                tmp = unique_part_path(self, key)
+                try:
+                    os.link(dest, tmp)
+                except FileNotFoundError:
+                    os.makedirs(self.tmp, exist_ok=True)
+                    os.link(dest, tmp)
                 os.replace(tmp, path)
-        link_into(path, dest)
+                return
+            except OSError as e:
+                if e.errno not in _COPY_ERRNOS:
+                    raise
+                return
+
+
+def _replace(part: str, final: str) -> None:
+    """Rename `part` to `final` (a new inode: task dirs linking a changed one keep theirs). Its
+    folder is made first: a project's blobs are spread over a million folders, most of them new."""
+    folder = os.path.dirname(final)
+    try:
+        os.mkdir(folder)
+    except FileExistsError:
+        pass
+    except FileNotFoundError:
+        os.makedirs(folder, exist_ok=True)
+    os.replace(part, final)
+
+
+def _create(dest: str) -> int:
+    """A new read-only file at `dest` (what was there replaced, never followed), open to write."""
+    try:
+        return os.open(dest, _PART_FLAGS, 0o444)
+    except FileExistsError:
+        os.unlink(dest)
+    except FileNotFoundError:
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+    return os.open(dest, _PART_FLAGS, 0o444)
 
 
 def _text_unchanged(st: os.stat_result) -> bool:
@@ -359,13 +454,12 @@ def store_blob(config: Config, part: str | os.PathLike, final: str | os.PathLike
     """Under `blob_lock(sha)`: the verified download `part` becomes the cached file `final`."""
     layout = Layout(config)
     os.chmod(part, 0o444)
-    with store_lock(layout, sha):
-        try:
-            os.replace(part, final)  # a new inode: task dirs linking a changed one keep theirs
-        except FileNotFoundError:  # its folder is new, or was evicted by another task meanwhile
-            os.makedirs(os.path.dirname(final), exist_ok=True)
-            os.replace(part, final)
-        layout.write_record(final, sha, chmod=False)
+    if layout._seal(part, sha) is not None:
+        _replace(os.fspath(part), os.fspath(final))
+    else:
+        with store_lock(layout, sha):
+            _replace(os.fspath(part), os.fspath(final))
+            layout.write_record(final, sha, chmod=False)
     # Whoever waits on this lock finds the blob in place; a newcomer makes a new lock file.
     _lock_path(config, sha).unlink(missing_ok=True)
 
@@ -405,24 +499,27 @@ _COPY_ERRNOS = (errno.EXDEV, errno.EPERM, errno.EMLINK)  # another filesystem, n
 def _copy(src: str | os.PathLike, dest: str | os.PathLike) -> None:
     shutil.copyfile(src, dest)
     os.chmod(dest, 0o444)
+    os.chmod(src, 0o444)  # a cached file (0444 already): sets its ctime, its last use, as a link does
 
 
 def touch(config: Config, entry: Path) -> None:
-    """Mark a cache entry as used now (LRU): its record (an image) or its folder (a model)."""
+    """Mark a model's cache entry (its folder) as used now (LRU)."""
     Layout(config).touch(os.fspath(entry))
 
 
 def last_use(config: Config, entry: Path) -> float:
-    """When a cache entry was last used: its record's mtime (an image), its folder's (a model),
-    its ctime (a text: set by each link into a task dir)."""
-    if entry.is_dir():
-        return entry.stat().st_mtime
+    """When a cache entry was last used: its folder's mtime (a model), its file's ctime (an image,
+    a text: each link into a task dir sets it), or the mtime of an image's record as a link, which
+    earlier versions touched instead, when later."""
+    st = os.lstat(entry)
+    if stat.S_ISDIR(st.st_mode):
+        return st.st_mtime
     if entry.parent.parent.name == ANNS_DIR:
-        return os.lstat(entry).st_ctime
+        return st.st_ctime
     try:
-        return os.lstat(record_path(config, entry)).st_mtime
+        return max(st.st_ctime, os.lstat(record_path(config, entry)).st_mtime)
     except OSError:
-        return entry.stat().st_mtime
+        return st.st_ctime
 
 
 def manifest_hash(files: list[dict]) -> str:

@@ -350,11 +350,12 @@ class Downloader:
                 if paths is not None:  # asked for already (an item of a page before, or of this one)
                     paths.setdefault(job.cache_path, []).append(job)
                     continue
-            if layout.verify(job.cache_path, job.sha, job.size):
+            cached = layout.check(job.cache_path, job.sha, job.size)
+            if cached:
                 layout.link_to_task(job.cache_path, job.dest, self.touched)
                 linked += 1
                 continue
-            if os.path.lexists(job.cache_path):
+            if cached is False:
                 changed.append(job.label)
             with self.lock:
                 self.waiting[job.sha] = {job.cache_path: [job]}

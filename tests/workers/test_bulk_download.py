@@ -7,6 +7,7 @@ container that hashes what it was given."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
@@ -15,6 +16,7 @@ import secrets
 import stat
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -397,7 +399,51 @@ def test_two_tasks_fetching_the_same_blobs_at_once_both_get_them_whole(tmp_path,
 # --- the cache: records, annotation texts, a cached project prepared again ------------------
 
 
-def test_a_record_is_a_link_read_in_one_call_and_an_old_json_record_still_counts(tmp_path):
+def test_a_record_is_an_attribute_of_the_file_and_a_change_to_its_bytes_shows(tmp_path):
+    cfg = make_ctx(tmp_path, FakeServer({})).config
+    data = b"cached bytes"
+    path = cache.image_path(cfg, sha(data), "x.png")
+    path.parent.mkdir(parents=True)
+    path.write_bytes(data)
+    rec = cache.write_record(cfg, path, sha(data))
+    assert os.getxattr(path, cache.RECORD_XATTR) == f"{sha(data)} {len(data)} {rec['mtime_ns']}".encode()
+    assert not (cfg.images_dir.parent / "records").exists(), "no name but the file's own"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o444
+    assert cache.verify(cfg, path, sha(data), len(data)) and not cache.verify(cfg, path, sha(data), len(data) + 1)
+    assert not cache.verify(cfg, path, sha(b"other"))
+    # a record copied onto another file does not make it that blob's: its size and mtime differ
+    other = path.with_name(sha(b"forged") + ".png")
+    other.write_bytes(b"forged")
+    os.chmod(other, 0o444)
+    os.setxattr(other, cache.RECORD_XATTR, os.getxattr(path, cache.RECORD_XATTR))
+    assert not cache.verify(cfg, other, sha(data))
+    # a link into a task dir is a use: it sets the file's ctime, the entry's last use
+    used = cache.last_use(cfg, path)
+    time.sleep(0.02)
+    cache.link_into(path, tmp_path / "task.png")
+    assert cache.last_use(cfg, path) > used and cache.verify(cfg, path, sha(data))
+    os.chmod(path, 0o644)
+    assert not cache.verify(cfg, path, sha(data)), "writable"
+    with open(path, "r+b") as f:  # same size, other bytes
+        f.write(b"CACHED")
+    os.chmod(path, 0o444)
+    assert not cache.verify(cfg, path, sha(data))
+    os.removexattr(path, cache.RECORD_XATTR)
+    assert not cache.verify(cfg, path, sha(data)), "no record"
+
+
+def _no_xattrs(monkeypatch):
+    """A filesystem that keeps no user extended attributes (tmpfs before Linux 6.6, some FUSE)."""
+
+    def refuse(*a, **k):
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    monkeypatch.setattr(os, "setxattr", refuse)
+    monkeypatch.setattr(os, "getxattr", refuse)
+
+
+def test_without_extended_attributes_a_record_is_a_link_and_old_records_still_count(tmp_path, monkeypatch):
+    _no_xattrs(monkeypatch)
     cfg = make_ctx(tmp_path, FakeServer({})).config
     data = b"cached bytes"
     path = cache.image_path(cfg, sha(data), "x.png")
@@ -411,10 +457,59 @@ def test_a_record_is_a_link_read_in_one_call_and_an_old_json_record_still_counts
     rp.unlink()
     rp.write_text(json.dumps(rec))
     assert cache.verify(cfg, path, sha(data)), "a record an earlier version wrote"
+    assert cache.last_use(cfg, path) == max(rp.stat().st_mtime, path.stat().st_ctime)
     os.chmod(path, 0o644)
     path.write_bytes(b"changed bytes")
     assert not cache.verify(cfg, path, sha(data))
-    assert cache.last_use(cfg, path) == rp.stat().st_mtime
+
+
+def test_without_extended_attributes_a_project_is_prepared_and_prepared_again_from_the_cache(tmp_path, monkeypatch):
+    _no_xattrs(monkeypatch)
+    data = [blob(i) for i in range(40)]
+    items = items_of(data, ext=".png")
+    server = FakeServer({sha(b): b for b in data}, items)
+    first = make_ctx(tmp_path, server, task_id=1, project=project_of(items))
+    assert prepare(first)["fetched"] == 40
+    records = cache.Layout(first.config).records
+    assert len([p for p in Path(records).rglob("*") if p.is_symlink()]) == 40
+    second = make_ctx(tmp_path, server, task_id=2, project=project_of(items))
+    assert prepare(second)["cached"] == 40
+    assert task_files(first) == task_files(second)
+
+
+def test_a_first_preparation_makes_each_name_once(tmp_path, monkeypatch):
+    """Each item costs its image's part file, that file's rename into the cache and its link into
+    the task dir, and its annotation's one file, linked into the cache: no record file, no lock
+    file, no text written twice."""
+    data = [blob(i) for i in range(200)]
+    items = items_of(data, ext=".png")
+    server = FakeServer({sha(b): b for b in data}, items)
+    ctx = make_ctx(tmp_path, server, project=project_of(items))
+    made = {"open": 0, "link": 0, "replace": 0, "symlink": 0, "utime": 0}  # calls that succeeded
+    for name in made:
+        real = getattr(os, name)
+
+        def counting(*a, _real=real, _name=name, **k):
+            out = _real(*a, **k)
+            made[_name] += 1
+            return out
+
+        monkeypatch.setattr(os, name, counting)
+    summary = prepare(ctx)
+    monkeypatch.undo()
+    assert summary["fetched"] == 200
+    anns = sum(1 for it in items if it["ann"] is not None)
+    texts = anns + 1  # and one empty annotation, the same text for every item without one
+    assert made["open"] == 200 + texts + 1, f"part files, texts, meta.json: {made}"
+    assert made["replace"] == 200 and made["symlink"] == 0, made
+    assert made["link"] == 200 + 200, f"an image into the task dir, an annotation into the cache or out: {made}"
+    assert made["utime"] == texts, f"a text's mtime, no record touched: {made}"
+    assert not list(ctx.config.tmp_dir.glob("*.lock")), "no lock file"
+    for it in items:
+        if it["ann"] is not None:
+            dest = ctx.task_dir / "data/proj" / it["dataset"] / "ann" / f"{it['name']}.json"
+            cached = cache.Layout(ctx.config).text_path(cache.text_key(it["ann"]))
+            assert os.path.samefile(dest, cached) and dest.read_text() == sly_format.dumps(it["ann"])
 
 
 def test_a_cached_project_is_prepared_again_with_no_file_created_per_item(tmp_path, monkeypatch):
