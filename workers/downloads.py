@@ -398,8 +398,7 @@ class Downloader:
                 self.waiting[sha] = {}
             for path, group in paths.items():
                 if path not in done:
-                    part = cache.unique_part_path(self.layout, sha)
-                    os.link(stored, part)
+                    part = cache.link_part(self.layout, stored, sha)
                     self.layout.store_fetched(part, path, sha, size)
                     done.add(path)
                 self._link(group)

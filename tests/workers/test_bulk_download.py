@@ -164,7 +164,7 @@ def task_files(ctx) -> dict[str, bytes]:
 
 def parts_left(ctx) -> list[str]:
     tmp = ctx.config.tmp_dir
-    return sorted(p.name for p in tmp.iterdir() if p.name.endswith(".part")) if tmp.exists() else []
+    return sorted(p.name for p in tmp.rglob("*.part"))
 
 
 # --- planning from pages -------------------------------------------------------------------

@@ -256,7 +256,7 @@ def test_corrupt_blob_fails_after_retries_and_caches_nothing(node, user, server,
     outcome = custom.run(ctx)
     assert outcome.state == "failed" and "do not match sha256" in outcome.error, outcome
     assert not cache.image_path(ctx.config, sha, "x.png").exists()
-    assert not list(ctx.config.tmp_dir.glob(f"{sha}*.part"))
+    assert not list(ctx.config.tmp_dir.rglob(f"{sha}*.part"))
 
 
 def test_unsafe_names_fail_the_task(node, user, project, task_image):
