@@ -9,6 +9,7 @@ schema-driven fuzzing of tests/server/test_fuzz.py does not reach it: this walks
 from __future__ import annotations
 
 import pytest
+import requests
 
 from server.public import router as _router  # noqa: F401  (imports every method module)
 from server.public.registry import METHODS
@@ -51,7 +52,11 @@ def app(server):
         a = client.create_agent(name, types)
         return FakeAgent(server.url, a["token"], a["id"])
 
-    return start_app(server, client, make_agent, name="public-fuzz")
+    app = start_app(server, client, make_agent, name="public-fuzz")
+    # About 500 bodies a method: sent on one keep-alive connection (the public API sets no cookie).
+    app.session = requests.Session()
+    yield app
+    app.session.close()
 
 
 # Lists of records the SDK sends, with a hostile value in each place of a record.

@@ -23,17 +23,21 @@ class AppTask:
     token: str
     agent: FakeAgent
     task: dict  # as the poll answer gave it
+    # Where many calls are made: one keep-alive session for them all (else a connection per call).
+    session: requests.Session | None = None
 
     def call(self, method: str, body: dict | None = None, *, token: str | None = None, **kw) -> requests.Response:
         """POST `method` with a JSON body (or requests' keywords: data=, files=, headers=)."""
         headers = {"x-api-key": self.token if token is None else token, **kw.pop("headers", {})}
         if body is not None:
             kw["json"] = body
-        return requests.post(self.url + PUBLIC + method, headers=headers, timeout=kw.pop("timeout", 30), **kw)
+        http = self.session or requests
+        return http.post(self.url + PUBLIC + method, headers=headers, timeout=kw.pop("timeout", 30), **kw)
 
     def get(self, method: str, params: dict | None = None, **kw) -> requests.Response:
         headers = {"x-api-key": self.token, **kw.pop("headers", {})}
-        return requests.get(self.url + PUBLIC + method, params=params, headers=headers, timeout=30, **kw)
+        http = self.session or requests
+        return http.get(self.url + PUBLIC + method, params=params, headers=headers, timeout=30, **kw)
 
     def json(self, method: str, body: dict | None = None):
         r = self.call(method, body or {})
