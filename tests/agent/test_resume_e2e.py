@@ -129,7 +129,9 @@ def test_a_killed_node_s_training_continues_on_the_other_node_from_the_last_chec
     # stays on its disk)
     poll_for(lambda: len(user.task_metrics(t["id"])) >= 2, timeout=30, interval=0.2, what="2 epochs' metrics")
     a.kill_tree()  # kill -9: the node is gone, and its container with it
-    _container(docker_client, a, t["id"]).kill()
+    dead = _container(docker_client, a, t["id"])
+    dead.kill()
+    dead.remove()  # as the node would on its return: no container left for the tests after this one
     lost = user.wait_task(t["id"], {"lost"}, timeout=LEASE_S + 20)
     shipped = {m["epoch"] for m in user.task_metrics(t["id"])}
     assert {1, 2} <= shipped

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 
 import pytest
@@ -21,6 +22,14 @@ def agent(server, tmp_path, request):
     a = AgentProcess(server, tmp_path / "agent", f"e2e-{request.node.name[:30]}")
     yield a
     a.kill_tree()
+
+
+def task_containers(docker_client, agent, task_id: int) -> list:
+    """This agent's containers of task `task_id` (other tests' agents number their tasks from 1
+    too, and an agent killed by a test may leave its container behind)."""
+    identity = hashlib.sha256(agent.token.encode()).hexdigest()[:16]
+    labels = [f"sly-agent.task={task_id}", f"sly-agent.agent={identity}"]
+    return docker_client.containers.list(all=True, filters={"label": labels})
 
 
 def stdout(agent, task_id):
@@ -44,7 +53,7 @@ def test_train_task_full_life(agent, user, task_image, docker_client):
     assert [m["epoch"] for m in metrics] == [1, 2, 3] and metrics[0]["metrics"] == {"loss": 0.1}
     model = user.get_model(done["results"]["model_id"])
     assert {f["path"] for f in model["files"]} == {"weights.bin"}
-    assert not docker_client.containers.list(all=True, filters={"name": container_name(task["id"])})
+    assert not task_containers(docker_client, agent, task["id"])
     assert sorted(p.name for p in (agent.root / "tasks" / str(task["id"])).iterdir()) == ["logs"]
 
 
@@ -75,4 +84,4 @@ def test_agent_restart_readopts_running_container(agent, user, task_image, docke
     assert done["state"] == "finished", (done, agent.stderr()[-2000:])
     assert stdout(agent, task["id"]) == [f"line {i}" for i in range(1, 151)]
     assert {a["path"] for a in user.task_artifacts(task["id"])} == {"out.txt"}
-    assert not docker_client.containers.list(all=True, filters={"name": container_name(task["id"])})
+    assert not task_containers(docker_client, agent, task["id"])
