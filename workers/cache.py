@@ -463,14 +463,8 @@ def _flock(path: str, folder: str):
 
 def store_blob(config: Config, part: str | os.PathLike, final: str | os.PathLike, sha: str) -> None:
     """Under `blob_lock(sha)`: the verified download `part` becomes the cached file `final`."""
-    layout = Layout(config)
     os.chmod(part, 0o444)
-    if layout._seal(part, sha) is not None:
-        _replace(os.fspath(part), os.fspath(final))
-    else:
-        with store_lock(layout, sha):
-            _replace(os.fspath(part), os.fspath(final))
-            layout.write_record(final, sha, chmod=False)
+    Layout(config).store_fetched(os.fspath(part), os.fspath(final), sha)
     # Whoever waits on this lock finds the blob in place; a newcomer makes a new lock file.
     _lock_path(config, sha).unlink(missing_ok=True)
 
