@@ -399,13 +399,18 @@ def test_two_tasks_fetching_the_same_blobs_at_once_both_get_them_whole(tmp_path,
 # --- the cache: records, annotation texts, a cached project prepared again ------------------
 
 
-def test_a_record_is_an_attribute_of_the_file_and_a_change_to_its_bytes_shows(tmp_path):
+def _recorded_file(tmp_path):
+    """A file put in the cache and recorded by hand: (config, its bytes, its path, the record)."""
     cfg = make_ctx(tmp_path, FakeServer({})).config
     data = b"cached bytes"
     path = cache.image_path(cfg, sha(data), "x.png")
     path.parent.mkdir(parents=True)
     path.write_bytes(data)
-    rec = cache.write_record(cfg, path, sha(data))
+    return cfg, data, path, cache.write_record(cfg, path, sha(data))
+
+
+def test_a_record_is_an_attribute_of_the_file_and_a_change_to_its_bytes_shows(tmp_path):
+    cfg, data, path, rec = _recorded_file(tmp_path)
     assert os.getxattr(path, cache.RECORD_XATTR) == f"{sha(data)} {len(data)} {rec['mtime_ns']}".encode()
     assert not (cfg.images_dir.parent / "records").exists(), "no name but the file's own"
     assert stat.S_IMODE(path.stat().st_mode) == 0o444
@@ -444,12 +449,7 @@ def _no_xattrs(monkeypatch):
 
 def test_without_extended_attributes_a_record_is_a_link_and_old_records_still_count(tmp_path, monkeypatch):
     _no_xattrs(monkeypatch)
-    cfg = make_ctx(tmp_path, FakeServer({})).config
-    data = b"cached bytes"
-    path = cache.image_path(cfg, sha(data), "x.png")
-    path.parent.mkdir(parents=True)
-    path.write_bytes(data)
-    rec = cache.write_record(cfg, path, sha(data))
+    cfg, data, path, rec = _recorded_file(tmp_path)
     rp = cache.record_path(cfg, path)
     assert rp.is_symlink() and os.readlink(rp) == f"{sha(data)} {len(data)} {rec['mtime_ns']} {rec['ino']} {rec['dev']}"
     assert cache.verify(cfg, path, sha(data), len(data)) and not cache.verify(cfg, path, sha(data), len(data) + 1)
