@@ -412,8 +412,8 @@ class Downloader:
             new = entry not in self.touched
             self.touched.add(entry)
             self.done_files += len(group)
-        if new and entry != group[0].cache_path:  # a model's folder (an image's record was just written)
-            self.layout.touch(entry)
+        if new:
+            self.layout.touch(entry)  # a model's folder (a file's link just set its ctime, its last use)
         self._report()
 
     def _fetch_batch(self, want: dict[str, int]) -> None:
