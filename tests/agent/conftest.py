@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -29,6 +30,11 @@ class AgentProcess:
         self.root = root
         self.proc: subprocess.Popen | None = None
         self.stderr_path = root.parent / f"{name}.stderr"
+
+    @property
+    def identity(self) -> str:
+        """The agent's public identity, on its containers' labels (node.config.Config.identity)."""
+        return hashlib.sha256(self.token.encode()).hexdigest()[:16]
 
     def env(self, handler: str | None = "counter", **extra) -> dict:
         env = dict(

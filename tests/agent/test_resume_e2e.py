@@ -13,7 +13,6 @@ the `resume` of its task_config.json.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import types
 
@@ -110,8 +109,7 @@ def _checkpoints(user: UserClient, task_id: int, n: int) -> list[int]:
 def _container(docker_client, node: AgentProcess, task_id: int):
     """The node's container of the task, or None. Found by its labels: another test's agent on
     this engine may hold the name sly_task_<id>, and then ours has the agent's identity appended."""
-    identity = hashlib.sha256(node.token.encode()).hexdigest()[:16]  # node.config.Config.identity
-    return find_container(docker_client, task_id, identity)
+    return find_container(docker_client, task_id, node.identity)
 
 
 @e2e

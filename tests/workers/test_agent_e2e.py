@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 
 import pytest
@@ -10,7 +9,7 @@ import pytest
 from tests.agent.conftest import AgentProcess
 from tests.support.procs import poll_for
 from tests.workers.test_data import make_project
-from workers.container_spec import container_name
+from workers.container_spec import LABEL_AGENT, LABEL_TASK, container_name
 
 pytestmark = pytest.mark.docker
 
@@ -27,8 +26,7 @@ def agent(server, tmp_path, request):
 def task_containers(docker_client, agent, task_id: int) -> list:
     """This agent's containers of task `task_id` (other tests' agents number their tasks from 1
     too, and an agent killed by a test may leave its container behind)."""
-    identity = hashlib.sha256(agent.token.encode()).hexdigest()[:16]
-    labels = [f"sly-agent.task={task_id}", f"sly-agent.agent={identity}"]
+    labels = [f"{LABEL_TASK}={task_id}", f"{LABEL_AGENT}={agent.identity}"]
     return docker_client.containers.list(all=True, filters={"label": labels})
 
 
