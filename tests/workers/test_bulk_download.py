@@ -14,6 +14,7 @@ import json
 import os
 import secrets
 import stat
+import struct
 import threading
 import time
 from pathlib import Path
@@ -411,7 +412,8 @@ def _recorded_file(tmp_path):
 
 def test_a_record_is_an_attribute_of_the_file_and_a_change_to_its_bytes_shows(tmp_path):
     cfg, data, path, rec = _recorded_file(tmp_path)
-    assert os.getxattr(path, cache.RECORD_XATTR) == f"{sha(data)} {len(data)} {rec['mtime_ns']}".encode()
+    value = os.getxattr(path, cache.RECORD_XATTR)
+    assert value == bytes.fromhex(sha(data)) + struct.pack("<Qq", len(data), rec["mtime_ns"])
     assert not (cfg.images_dir.parent / "records").exists(), "no name but the file's own"
     assert stat.S_IMODE(path.stat().st_mode) == 0o444
     assert cache.verify(cfg, path, sha(data), len(data)) and not cache.verify(cfg, path, sha(data), len(data) + 1)
@@ -435,6 +437,25 @@ def test_a_record_is_an_attribute_of_the_file_and_a_change_to_its_bytes_shows(tm
     assert not cache.verify(cfg, path, sha(data))
     os.removexattr(path, cache.RECORD_XATTR)
     assert not cache.verify(cfg, path, sha(data)), "no record"
+
+
+def test_a_record_takes_no_block_of_its_own_and_the_previous_text_form_still_counts(tmp_path):
+    cfg, data, path, rec = _recorded_file(tmp_path)
+    plain = tmp_path / "plain.png"
+    plain.write_bytes(data)
+    # ext4 keeps an attribute of up to about 56 bytes (with this name) inside a 256-byte inode;
+    # a longer one takes a 4 KiB block per file. Filesystems that keep attributes elsewhere
+    # (tmpfs, btrfs, xfs) show no block either way.
+    assert len(os.getxattr(path, cache.RECORD_XATTR)) == 48
+    assert path.stat().st_blocks == plain.stat().st_blocks
+    # a cache the previous version filled: its records are the text `<sha256> <size> <mtime_ns>`
+    os.setxattr(path, cache.RECORD_XATTR, f"{sha(data)} {len(data)} {rec['mtime_ns']}".encode())
+    assert cache.verify(cfg, path, sha(data), len(data))
+    assert not cache.verify(cfg, path, sha(b"other")) and not cache.verify(cfg, path, sha(data), len(data) + 1)
+    os.setxattr(path, cache.RECORD_XATTR, f"{sha(data)} {len(data)} {rec['mtime_ns'] + 1}".encode())
+    assert not cache.verify(cfg, path, sha(data)), "a text record of another mtime"
+    os.setxattr(path, cache.RECORD_XATTR, b"\0" * 48)
+    assert not cache.verify(cfg, path, sha(data)), "48 bytes that are not this file's record"
 
 
 def _no_xattrs(monkeypatch):
