@@ -89,9 +89,10 @@ def plan(ctx) -> list[Job]:
 
 def plan_pages(ctx) -> Iterator[list[Job]]:
     """The task's files a page at a time, as the server lists them: the model's files first (the
-    largest, fetched one by one), then the project's items, each page's folders made and its
-    annotations written before it is yielded. `Downloader.prepare` fetches a page's missing blobs
-    while the next page is listed and planned."""
+    largest, fetched one by one), then the project's items, each page's folders made before it is
+    yielded and its annotations written once the next page is asked for. `Downloader.prepare`
+    fetches a page's missing blobs while its annotations are written and the next page is listed
+    and planned."""
     task, cfg = ctx.task, ctx.config
     model = task.get("model")
     if model:
@@ -132,13 +133,14 @@ def _plan_project(ctx) -> Iterator[list[Job]]:
             count = ds.get("items_count")
             paged[dname] = count if isinstance(count, int) and not isinstance(count, bool) else None
 
+    anns: list[tuple[str, object]] = []  # (task-dir path, annotation) of the page being planned
+
     def job(dname: str, item: dict) -> Job:
         iname = safe_name(item.get("name"), "item name")
         sha = _sha(item.get("sha256"), iname)
         ann = item.get("ann")
         if ann is not None:
-            dest = f"{pdir}/{dname}/{sly_format.ANN_DIR}/{sly_format.ann_name(iname)}"
-            layout.link_text(cache.text_key(ann), lambda: sly_format.dumps(ann), dest)
+            anns.append((f"{pdir}/{dname}/{sly_format.ANN_DIR}/{sly_format.ann_name(iname)}", ann))
         return Job(
             sha,
             int(item.get("size") or 0),
@@ -148,11 +150,20 @@ def _plan_project(ctx) -> Iterator[list[Job]]:
             needs_ann=ann is None,
         )
 
-    for dname, items in inline.items():
-        for start in range(0, len(items), INLINE_PAGE):
-            yield [job(dname, item) for item in items[start : start + INLINE_PAGE]]
-    if paged:
-        yield from _paged_jobs(ctx, paged, inline, job)
+    def pages() -> Iterator[list[Job]]:
+        for dname, items in inline.items():
+            for start in range(0, len(items), INLINE_PAGE):
+                yield [job(dname, item) for item in items[start : start + INLINE_PAGE]]
+        if paged:
+            yield from _paged_jobs(ctx, paged, inline, job)
+
+    for page in pages():
+        yield page
+        # Asked for the next page: this one's missing blobs are on their way, and its annotations
+        # are written while they come (before, the first download waited for 5,000 writes).
+        for dest, ann in anns:
+            layout.link_text(cache.text_key(ann), lambda ann=ann: sly_format.dumps(ann), dest)
+        anns.clear()
 
 
 def _paged_jobs(ctx, paged: dict[str, int | None], inline: dict, job) -> Iterator[list[Job]]:

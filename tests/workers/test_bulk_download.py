@@ -344,6 +344,32 @@ def test_a_pages_missing_blobs_are_fetched_while_the_next_page_is_planned(tmp_pa
     assert all(got[f"proj/{it['dataset']}/img/{it['name']}"] == b for it, b in zip(items, data, strict=True))
 
 
+def test_a_pages_annotations_are_written_while_its_blobs_are_fetched(tmp_path, monkeypatch):
+    monkeypatch.setattr(downloads, "BULK_COUNT", 50)
+    data = [blob(i) for i in range(200)]
+    items = items_of(data)
+    server = FakeServer({sha(b): b for b in data}, items, page=100)
+    asked = threading.Event()
+    server.on_request = lambda hashes: asked.set()
+    link_text = cache.Layout.link_text
+    fetching_before_first_ann: list[bool] = []
+
+    def first_waits(layout, *a, **k):
+        if not fetching_before_first_ann:  # the first annotation waits for a download (10 s at most)
+            fetching_before_first_ann.append(asked.wait(10))
+        return link_text(layout, *a, **k)
+
+    monkeypatch.setattr(cache.Layout, "link_text", first_waits)
+    ctx = make_ctx(tmp_path, server, project=project_of(items), download_workers=2)
+    assert prepare(ctx)["fetched"] == 200
+    assert fetching_before_first_ann == [True], "the first page's blobs were asked for before its annotations"
+    got = task_files(ctx)
+    for it in items:
+        if it["ann"] is not None:
+            assert got[f"proj/{it['dataset']}/ann/{it['name']}.json"] == sly_format.dumps(it["ann"]).encode()
+    assert sum(1 for k in got if "/ann/" in k) == 200, "every item has its annotation, an empty one included"
+
+
 def test_one_blob_on_several_pages_under_two_names_is_fetched_once_and_given_to_each(tmp_path, monkeypatch):
     monkeypatch.setattr(downloads, "BULK_COUNT", 3)
     same = b"the same bytes " * 9
