@@ -5,11 +5,13 @@
     storage/anns/<k[0:2]>/<k>.json                one file per annotation text (k: `text_key`)
     storage/records/images/...  records/models/...  records/anns/...  one record per cached file
 
-A blob is stored once: fetched into a part file under tmp/ and hashed on the way, then made
-read-only, recorded and renamed into place. A single large blob is fetched under its own lock file
+A blob is stored once. Blobs fetched many per request are each written straight into the task
+dir of the first item that needs it (a new read-only file, hashed on the way, `create_file`),
+recorded through the open descriptor (`Layout.seal`) and hard-linked into the cache
+(`Layout.store_written`), with no lock. A single large blob is fetched under its own lock file
 (`blob_lock`: two tasks needing it at the same moment fetch it once) into tmp/<sha>.part, kept
-across tries so that a fetch resumes with Range (`store_blob`). Blobs fetched many per request go
-to part files of their own (`open_part`), with no lock while they stream (`Layout.store_fetched`).
+across tries so that a fetch resumes with Range, then made read-only, recorded and renamed into
+place (`store_blob`).
 Cached files are read-only (0444) and are only ever hard-linked (copied across filesystems) into
 a task's data/ and model/, which the container gets read-only (`link_to_task`); results are
 copied into the cache, never linked. A file's record (its sha256, size and mtime_ns, written
@@ -17,8 +19,8 @@ when it was stored) is checked before the file is reused: a file whose size or m
 that is writable, or that has no record, is treated as missing and fetched again into a new inode
 (a task dir still linking the old one keeps it).
 
-A record is an extended attribute of the cached file itself (`user.sly.record`), set on the part
-file before it is renamed into place: storing a blob creates no name besides the file's own,
+A record is an extended attribute of the cached file itself (`user.sly.record`), set before the
+file is linked or renamed into place: storing a blob creates no name besides the file's own,
 needs no lock (the record travels with its inode, so two tasks storing one blob at once each put
 a whole, recorded file in place), and checking a cached file costs one lstat and one getxattr.
 Its value is the sha256's 32 bytes, then the size and the mtime_ns as little-endian 64-bit
@@ -181,14 +183,15 @@ class Layout:
             touched.add(entry)
         link_into(path, dest)
 
-    def _seal(self, path: str | os.PathLike, sha: str) -> os.stat_result | None:
-        """Set the record of the file at `path` (read-only already) on the file itself; its lstat,
-        or None (and records as links from now on) where the filesystem keeps no attributes."""
+    def _seal(self, target: str | os.PathLike | int, sha: str) -> os.stat_result | None:
+        """Set the record of a file (read-only already; `target`: its path, or a descriptor open on
+        it) on the file itself; its stat, or None (and records as links from now on) where the
+        filesystem keeps no attributes."""
         if not self.xattr:
             return None
-        st = os.lstat(path)
+        st = os.fstat(target) if isinstance(target, int) else os.lstat(target)
         try:
-            os.setxattr(path, RECORD_XATTR, _record_value(sha, st))
+            os.setxattr(target, RECORD_XATTR, _record_value(sha, st))
         except OSError as e:
             if e.errno not in _NO_XATTR_ERRNOS:
                 raise
@@ -246,6 +249,30 @@ class Layout:
             self.write_record(final, sha, chmod=False)
             return True
 
+    def seal(self, fd: int, sha: str) -> bool:
+        """Set the record of the file open at `fd` (written, verified and read-only) before it is
+        closed: no path is looked up. False where the filesystem keeps no attributes (then
+        `store_written` records it as a link)."""
+        return self._seal(fd, sha) is not None
+
+    def store_written(self, path: str, final: str, sha: str, size: int | None, sealed: bool) -> None:
+        """A verified blob written straight into a task dir (`path`, read-only, its record set when
+        `sealed`) becomes the cached file `final` too: hard-linked there, a stale file there (or
+        the copy another task stored meanwhile) replaced. Without records on files, or across
+        filesystems, the cache gets a part file of its own (a link, or a copy) stored as any
+        fetched one (`store_fetched`)."""
+        if sealed and _link_cached(self, path, final, sha, new_folder=True):
+            return
+        try:
+            part = link_part(self, path, sha)
+        except OSError as e:
+            if e.errno not in _COPY_ERRNOS:
+                raise
+            part, fd = open_part(self, sha)
+            with open(fd, "wb") as out, open(path, "rb") as src:
+                shutil.copyfileobj(src, out)
+        self.store_fetched(part, final, sha, size)
+
     def text_path(self, key: str) -> str:
         """Cache path of the text stored under `key` (`text_key`)."""
         check_sha(key)
@@ -265,49 +292,62 @@ class Layout:
                 return
         except FileNotFoundError:
             pass
-        # Missing or changed: written once, at `dest`, and that file linked into the cache.
-        fd = _create(dest)
+        # Missing or changed: written once, at `dest`, and that file linked into the cache (across
+        # filesystems the task has its file, and the cache goes without).
+        fd = create_file(dest)
         try:
             data = make_text().encode()
             _write_all(fd, data)
             os.utime(fd, ns=(TEXT_MTIME_NS + len(data), TEXT_MTIME_NS + len(data)))
         finally:
             os.close(fd)
-        self._cache_text(dest, path, key)
+        _link_cached(self, dest, path, key, new_folder=False)
 
-    def _cache_text(self, dest: str, path: str, key: str) -> None:
-        """Link the text just written at `dest` into the cache at `path`; a changed text there, or
-        one another task wrote meanwhile, is replaced. Across filesystems the task has its file,
-        and the cache goes without."""
-        for _ in range(2):
-            try:
-                os.link(dest, path)
-                return
-            except FileNotFoundError:  # the first text of its folder: made, and tried again
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-            except FileExistsError:
-                os.replace(link_part(self, dest, key), path)
-                return
-            except OSError as e:
-                if e.errno not in _COPY_ERRNOS:
-                    raise
-                return
+
+def _link_cached(layout: Layout, src: str, path: str, key: str, new_folder: bool) -> bool:
+    """Hard-link the file just written at `src` (in a task dir) into the cache at `path`, replacing
+    what is there (a changed file, or one another task stored meanwhile: same bytes, a new inode,
+    so a task dir linking the old one keeps it). False across filesystems, and nothing done.
+    `new_folder`: the folder is likely new (a blob's, of a million), so it is made first; else
+    (a text's, of 256) only when the link finds it missing."""
+    if new_folder:
+        _make_folder(path)
+    for _ in range(2):
+        try:
+            os.link(src, path)
+            return True
+        except FileNotFoundError:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        except FileExistsError:
+            os.replace(link_part(layout, src, key), path)
+            return True
+        except OSError as e:
+            if e.errno not in _COPY_ERRNOS:
+                raise
+            return False
+    os.link(src, path)  # the folder was removed again in between (an eviction): its error says so
+    return True
 
 
 def _replace(part: str, final: str) -> None:
-    """Rename `part` to `final` (a new inode: task dirs linking a changed one keep theirs). Its
-    folder is made first: a project's blobs are spread over a million folders, most of them new."""
-    folder = os.path.dirname(final)
+    """Rename `part` to `final` (a new inode: task dirs linking a changed one keep theirs)."""
+    _make_folder(final)
+    os.replace(part, final)
+
+
+def _make_folder(path: str) -> None:
+    """Make the folder of the cache path `path` if missing, trying the mkdir first: a project's
+    blobs are spread over a million folders, most of them new."""
+    folder = os.path.dirname(path)
     try:
         os.mkdir(folder)
     except FileExistsError:
         pass
     except FileNotFoundError:
         os.makedirs(folder, exist_ok=True)
-    os.replace(part, final)
 
 
-def _create(dest: str) -> int:
+def create_file(dest: str) -> int:
     """A new read-only file at `dest` (what was there replaced, never followed), open to write."""
     try:
         return os.open(dest, _PART_FLAGS, 0o444)

@@ -394,11 +394,11 @@ class Downloader:
         self.fetch(job)
         self._settle(job.sha, job.cache_path, job.size)
 
-    def _settle(self, sha: str, stored: str, size: int) -> None:
+    def _settle(self, sha: str, stored: str, size: int, written: str | None = None) -> None:
         """Blob `sha` is in the cache at `stored`: each other cache path waiting for it (an item
         name with another extension) gets a link to the same file, stored and recorded, and every
-        waiting job is linked into the task dir. Jobs that join meanwhile are served before the
-        blob leaves `waiting`."""
+        waiting job is linked into the task dir (but the file `written` there already). Jobs that
+        join meanwhile are served before the blob leaves `waiting`."""
         done = {stored}
         while True:
             with self.lock:
@@ -412,12 +412,14 @@ class Downloader:
                     part = cache.link_part(self.layout, stored, sha)
                     self.layout.store_fetched(part, path, sha, size)
                     done.add(path)
-                self._link(group)
+                self._link(group, written)
 
-    def _link(self, group: list[Job]) -> None:
-        """Link a just-fetched cache file to its jobs' places in the task dir."""
+    def _link(self, group: list[Job], written: str | None = None) -> None:
+        """Link a just-fetched cache file to its jobs' places in the task dir (but `written`, the
+        file it was written as)."""
         for job in group:
-            cache.link_into(job.cache_path, job.dest)
+            if job.dest != written:
+                cache.link_into(job.cache_path, job.dest)
         entry = self.layout.entry(group[0].cache_path)
         with self.lock:
             new = entry not in self.touched
@@ -475,8 +477,8 @@ class Downloader:
                 if sha not in want or sha in received:
                     continue  # not asked for: skipped (iter_entries reads past it)
                 received.add(sha)
-                part = self._receive(sha, chunks)
-                if part is None:
+                written = self._receive(sha, chunks)
+                if written is None:
                     mismatches[sha] = mismatches.get(sha, 0) + 1
                     if mismatches[sha] >= BLOB_TRIES:
                         raise TaskError(
@@ -484,15 +486,20 @@ class Downloader:
                             f"sha256 {sha} ({BLOB_TRIES} tries); nothing was cached"
                         )
                     continue
-                self._store(sha, part, want[sha])
+                self._store(sha, written, want[sha])
                 del want[sha]
         return received
 
-    def _receive(self, sha: str, chunks) -> str | None:
-        """Stream one entry into a part file of its own, hashing it on the way; the part's path
-        when the bytes match `sha`, else None (and no part left). Whatever goes wrong midway
-        (a cut stream, a full disk), the part is removed."""
-        part, fd = cache.open_part(self.layout, sha)
+    def _receive(self, sha: str, chunks) -> tuple[str, bool] | None:
+        """Stream one entry straight into the task-dir file of the first job waiting for it (a new
+        file, read-only from the start), hashing it on the way. When the bytes match `sha`, its
+        record is set through the open descriptor (`Layout.seal`) and (its path, whether sealed)
+        returned; else None, and no file left. Whatever goes wrong midway (a cut stream, a full
+        disk), the file is removed. The cache gets it as a link (`_store`): a blob costs one new
+        file, and no part file, rename or second path walk."""
+        with self.lock:
+            dest = next(iter(self.waiting[sha].values()))[0].dest
+        fd = cache.create_file(dest)
         h = hashlib.sha256()
         n = 0
         try:
@@ -503,28 +510,31 @@ class Downloader:
                     while view:
                         view = view[os.write(fd, view) :]
                     n += len(b)
+                ok = h.hexdigest() == sha
+                sealed = ok and self.layout.seal(fd, sha)
             finally:
                 os.close(fd)
                 with self.lock:
                     self.done_bytes += n
-            if h.hexdigest() != sha:
-                os.unlink(part)
+            if not ok:
+                os.unlink(dest)
                 return None
         except BaseException:
             try:
-                os.unlink(part)
+                os.unlink(dest)
             except FileNotFoundError:
                 pass
             raise
-        return part
+        return dest, sealed
 
-    def _store(self, sha: str, part: str, size: int) -> None:
-        """A verified part into the cache at the first cache path waiting for it, then given to
-        every job waiting (`_settle`)."""
+    def _store(self, sha: str, written: tuple[str, bool], size: int) -> None:
+        """A verified file written into the task dir (`_receive`) into the cache at the first cache
+        path waiting for it, then given to every other job waiting (`_settle`)."""
+        path, sealed = written
         with self.lock:
             final = next(iter(self.waiting[sha]))
-        self.layout.store_fetched(part, final, sha, size)
-        self._settle(sha, final, size)
+        self.layout.store_written(path, final, sha, size, sealed)
+        self._settle(sha, final, size, written=path)
 
     def _label(self, sha: str) -> str:
         """The task-dir name of one file made of blob `sha` (for an error message)."""

@@ -525,9 +525,9 @@ def test_without_extended_attributes_a_project_is_prepared_and_prepared_again_fr
 
 
 def test_a_first_preparation_makes_each_name_once(tmp_path, monkeypatch):
-    """Each item costs its image's part file, that file's rename into the cache and its link into
-    the task dir, and its annotation's one file, linked into the cache: no record file, no lock
-    file, no text written twice."""
+    """Each item costs its image's one file, written in the task dir and linked into the cache,
+    and its annotation's one file, linked into the cache: no part file, no rename, no record
+    file, no lock file, no text written twice."""
     data = [blob(i) for i in range(200)]
     items = items_of(data, ext=".png")
     server = FakeServer({sha(b): b for b in data}, items)
@@ -547,16 +547,62 @@ def test_a_first_preparation_makes_each_name_once(tmp_path, monkeypatch):
     assert summary["fetched"] == 200
     anns = sum(1 for it in items if it["ann"] is not None)
     texts = anns + 1  # and one empty annotation, the same text for every item without one
-    assert made["open"] == 200 + texts + 1, f"part files, texts, meta.json: {made}"
-    assert made["replace"] == 200 and made["symlink"] == 0, made
-    assert made["link"] == 200 + 200, f"an image into the task dir, an annotation into the cache or out: {made}"
+    assert made["open"] == 200 + texts + 1, f"images, texts, meta.json: {made}"
+    assert made["replace"] == 0 and made["symlink"] == 0, made
+    assert made["link"] == 200 + 200, f"an image into the cache, an annotation into the cache or out: {made}"
+    assert parts_left(ctx) == [] and not list(ctx.config.tmp_dir.glob("parts-*/*")), "no part file"
     assert made["utime"] == texts, f"a text's mtime, no record touched: {made}"
     assert not list(ctx.config.tmp_dir.glob("*.lock")), "no lock file"
-    for it in items:
+    for it, b in zip(items, data, strict=True):
+        img = ctx.task_dir / "data/proj" / it["dataset"] / "img" / it["name"]
+        cached = cache.image_path(ctx.config, sha(b), it["name"])
+        assert os.path.samefile(img, cached) and cache.verify(ctx.config, cached, sha(b), len(b))
+        assert stat.S_IMODE(img.stat().st_mode) == 0o444
         if it["ann"] is not None:
             dest = ctx.task_dir / "data/proj" / it["dataset"] / "ann" / f"{it['name']}.json"
             cached = cache.Layout(ctx.config).text_path(cache.text_key(it["ann"]))
             assert os.path.samefile(dest, cached) and dest.read_text() == sly_format.dumps(it["ann"])
+
+
+def test_a_stale_cached_file_is_replaced_by_the_one_written_and_a_task_linking_it_keeps_its_own(tmp_path):
+    data = [blob(i, "png") for i in range(6)]
+    items = items_of(data, ext=".png")
+    server = FakeServer({sha(b): b for b in data}, items)
+    first = make_ctx(tmp_path, server, task_id=1, project=project_of(items))
+    prepare(first)
+    stale = cache.image_path(first.config, sha(data[0]), items[0]["name"])
+    os.removexattr(stale, cache.RECORD_XATTR)  # a file whose record is gone: fetched again
+    old_ino = stale.stat().st_ino
+    second = make_ctx(tmp_path, server, task_id=2, project=project_of(items))
+    assert prepare(second)["fetched"] == 1
+    img = second.task_dir / "data/proj/a/img" / items[0]["name"]
+    assert os.path.samefile(img, stale) and stale.stat().st_ino != old_ino
+    assert cache.verify(second.config, stale, sha(data[0]), len(data[0]))
+    assert (first.task_dir / "data/proj/a/img" / items[0]["name"]).stat().st_ino == old_ino, "task 1 keeps its file"
+
+
+def test_across_filesystems_the_task_keeps_its_written_file_and_the_cache_gets_a_copy(tmp_path, monkeypatch):
+    data = [blob(i, "png") for i in range(6)]
+    items = items_of(data, ext=".png")
+    server = FakeServer({sha(b): b for b in data}, items)
+    ctx = make_ctx(tmp_path, server, project=project_of(items))
+    storage = os.fspath(ctx.config.images_dir.parent)
+    tasks = os.fspath(ctx.task_dir)
+    real_link = os.link
+
+    def link(src, dst, *a, **k):  # the task dir on one filesystem, storage/ on another
+        if os.fspath(src).startswith(tasks) != os.fspath(dst).startswith(tasks):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return real_link(src, dst, *a, **k)
+
+    monkeypatch.setattr(os, "link", link)
+    assert prepare(ctx)["fetched"] == 6
+    for it, b in zip(items, data, strict=True):
+        img = ctx.task_dir / "data/proj" / it["dataset"] / "img" / it["name"]
+        cached = cache.image_path(ctx.config, sha(b), it["name"])
+        assert img.read_bytes() == b and not os.path.samefile(img, cached)
+        assert cache.verify(ctx.config, cached, sha(b), len(b)) and os.fspath(cached).startswith(storage)
+    assert parts_left(ctx) == [] and not list(ctx.config.tmp_dir.glob("parts-*/*"))
 
 
 def test_a_cached_project_is_prepared_again_with_no_file_created_per_item(tmp_path, monkeypatch):
