@@ -326,13 +326,20 @@ def test_large_blobs_go_one_by_one_and_one_blob_under_two_names_is_stored_at_bot
     assert (ctx.task_dir / "data/proj/a/img/y.png").stat().st_ino == png.stat().st_ino
 
 
-def test_a_pages_missing_blobs_are_fetched_while_the_next_page_is_planned(tmp_path, monkeypatch):
+def _pages_of_100(monkeypatch, n: int):
+    """n items in pages of 100, fetched 50 a request: (blobs, items, server, an Event set once a
+    download has been asked for)."""
     monkeypatch.setattr(downloads, "BULK_COUNT", 50)
-    data = [blob(i) for i in range(300)]
+    data = [blob(i) for i in range(n)]
     items = items_of(data)
     server = FakeServer({sha(b): b for b in data}, items, page=100)
     asked = threading.Event()
     server.on_request = lambda hashes: asked.set()
+    return data, items, server, asked
+
+
+def test_a_pages_missing_blobs_are_fetched_while_the_next_page_is_planned(tmp_path, monkeypatch):
+    data, items, server, asked = _pages_of_100(monkeypatch, 300)
     fetching_before_last_page: list[bool] = []
     # the last page is listed only once a download of the first pages' blobs has been asked for
     server.on_page = lambda start: start == 200 and fetching_before_last_page.append(asked.wait(10))
@@ -345,12 +352,7 @@ def test_a_pages_missing_blobs_are_fetched_while_the_next_page_is_planned(tmp_pa
 
 
 def test_a_pages_annotations_are_written_while_its_blobs_are_fetched(tmp_path, monkeypatch):
-    monkeypatch.setattr(downloads, "BULK_COUNT", 50)
-    data = [blob(i) for i in range(200)]
-    items = items_of(data)
-    server = FakeServer({sha(b): b for b in data}, items, page=100)
-    asked = threading.Event()
-    server.on_request = lambda hashes: asked.set()
+    _, items, server, asked = _pages_of_100(monkeypatch, 200)
     link_text = cache.Layout.link_text
     fetching_before_first_ann: list[bool] = []
 
