@@ -460,11 +460,12 @@ def part_path(config: Config, sha: str) -> Path:
 
 
 def unique_part_path(layout: Layout, sha: str) -> str:
-    """A part file for blob `sha` that no other fetch uses (a bulk fetch takes no lock while it
-    downloads: two tasks fetching the same blob at once each write their own), in one of
-    PART_FOLDERS folders by thread: files made in one folder at once wait on that folder's
-    lock, so each download thread has its own (4,000 part files a second otherwise spend more
-    of the kernel's time waiting than writing). Made with `open_part` or `link_part`."""
+    """A part file for blob `sha` that no other store uses (no lock is held: two tasks storing the
+    same blob at once each make their own), in one of PART_FOLDERS folders by thread: files made
+    in one folder at once wait on that folder's lock, so each download thread has its own. A
+    bulk fetch makes one per blob where records are links or the cache is on another filesystem
+    (`Layout.store_written`), else only to replace a cached file. Made with `open_part` or
+    `link_part`."""
     folder = threading.get_native_id() % PART_FOLDERS
     return f"{layout.tmp}/parts-{folder}/{sha}.{os.getpid()}-{next(_part_seq)}.part"
 

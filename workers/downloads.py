@@ -477,8 +477,11 @@ class Downloader:
                 if sha not in want or sha in received:
                     continue  # not asked for: skipped (iter_entries reads past it)
                 received.add(sha)
-                written = self._receive(sha, chunks)
-                if written is None:
+                with self.lock:  # the first cache path waiting for it, and the first job of that path
+                    final, group = next(iter(self.waiting[sha].items()))
+                dest = group[0].dest
+                sealed = self._receive(sha, dest, chunks)
+                if sealed is None:
                     mismatches[sha] = mismatches.get(sha, 0) + 1
                     if mismatches[sha] >= BLOB_TRIES:
                         raise TaskError(
@@ -486,19 +489,20 @@ class Downloader:
                             f"sha256 {sha} ({BLOB_TRIES} tries); nothing was cached"
                         )
                     continue
-                self._store(sha, written, want[sha])
+                # into the cache too, then given to every other job waiting
+                self.layout.store_written(dest, final, sha, want[sha], sealed)
+                self._settle(sha, final, want[sha], written=dest)
                 del want[sha]
         return received
 
-    def _receive(self, sha: str, chunks) -> tuple[str, bool] | None:
-        """Stream one entry straight into the task-dir file of the first job waiting for it (a new
-        file, read-only from the start), hashing it on the way. When the bytes match `sha`, its
-        record is set through the open descriptor (`Layout.seal`) and (its path, whether sealed)
-        returned; else None, and no file left. Whatever goes wrong midway (a cut stream, a full
-        disk), the file is removed. The cache gets it as a link (`_store`): a blob costs one new
-        file, and no part file, rename or second path walk."""
-        with self.lock:
-            dest = next(iter(self.waiting[sha].values()))[0].dest
+    def _receive(self, sha: str, dest: str, chunks) -> bool | None:
+        """Stream one entry straight into `dest`, the task-dir file of the first job waiting for it
+        (a new file, read-only from the start), hashing it on the way. When the bytes match
+        `sha`, its record is set through the open descriptor (`Layout.seal`) and whether that
+        could be done is returned; else None, and no file left. Whatever goes wrong midway (a
+        cut stream, a full disk), the file is removed. The cache gets it as a link
+        (`Layout.store_written`): a blob costs one new file, and no part file, rename or second
+        path walk."""
         fd = cache.create_file(dest)
         h = hashlib.sha256()
         n = 0
@@ -525,16 +529,7 @@ class Downloader:
             except FileNotFoundError:
                 pass
             raise
-        return dest, sealed
-
-    def _store(self, sha: str, written: tuple[str, bool], size: int) -> None:
-        """A verified file written into the task dir (`_receive`) into the cache at the first cache
-        path waiting for it, then given to every other job waiting (`_settle`)."""
-        path, sealed = written
-        with self.lock:
-            final = next(iter(self.waiting[sha]))
-        self.layout.store_written(path, final, sha, size, sealed)
-        self._settle(sha, final, size, written=path)
+        return sealed
 
     def _label(self, sha: str) -> str:
         """The task-dir name of one file made of blob `sha` (for an error message)."""
